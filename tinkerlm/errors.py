@@ -5,5 +5,5 @@ The CLI prints it to stderr and exits with status 2; anything else is a bug and 
 """
 
 
-class TinkerError(Exception):
+class TinkerError(ValueError):
     """A user-facing error: bad input, a missing file, an unknown name. Message is one line."""

@@ -1,0 +1,67 @@
+"""Tiny random-weight checkpoints of every supported architecture, written with transformers' `save_pretrained`.
+
+Shared by the parity, generation and CLI tests. The tokenizer is byte-level BPE with no merges (every byte is a
+token) plus ChatML special tokens, so any text round-trips and chat templates render.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+VOCAB = 320  # 256 bytes + specials, padded: the model's vocab may exceed the tokenizer's
+
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=128, bos_token_id=256, eos_token_id=258)
+
+CONFIGS = {
+    "llama": ("LlamaConfig", dict(COMMON, num_key_value_heads=2)),
+    "llama3-tied": ("LlamaConfig", dict(COMMON, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500000.0,
+                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    "llama-headdim": ("LlamaConfig", dict(COMMON, num_key_value_heads=1, head_dim=32)),
+    "mistral-window": ("MistralConfig", dict(COMMON, num_key_value_heads=2, sliding_window=8)),
+    "qwen2": ("Qwen2Config", dict(COMMON, num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(COMMON, num_key_value_heads=2, head_dim=32)),
+    "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                bos_token_id=256, eos_token_id=258)),
+}
+
+
+def write_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {ch: byte for byte, ch in bytes_to_unicode().items()}  # token id = byte value
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "chat_template": CHATML, "add_bos_token": False, "model_max_length": 128,
+    }))
+
+
+def make_hf_model(kind: str, path: Path, seed: int = 0):
+    """Save a tiny random `kind` model (a key of CONFIGS) with its tokenizer to `path`; return the HF model."""
+    import torch
+    import transformers
+
+    cfg_name, kwargs = CONFIGS[kind]
+    config = getattr(transformers, cfg_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # larger than default init so that differences would show in the logits
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    write_tokenizer(path)
+    return model

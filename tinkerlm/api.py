@@ -1,0 +1,138 @@
+"""The Python API: `load(name_or_path)` returns an `LLM` with `generate`, `stream` and `chat`.
+
+    import tinkerlm
+    llm = tinkerlm.load("smollm2")            # a store name (pulled if missing), a .gguf file or an HF directory
+    print(llm.chat("Name three primary colours."))
+    for piece in llm.stream("Once upon a time", max_tokens=50):
+        print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from tinkerlm import chat as chat_mod
+from tinkerlm.errors import TinkerError
+from tinkerlm.generate import SamplingParams, generate, stream_generate
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+
+
+def resolve(name_or_path: str, pull: bool = True):
+    """(path, manifest or None) for a file/dir path or a store name; pulls catalogue and hub names when missing."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path, None
+    looks_like_path = name_or_path.endswith((".gguf", ".safetensors", ".json")) or name_or_path.startswith(
+        ("/", "./", "../", "~")
+    )
+    if looks_like_path:
+        raise TinkerError(f"{name_or_path}: file not found (check the path)")
+    from tinkerlm import store
+
+    manifest = store.find(name_or_path)
+    if manifest is None:
+        if not pull:
+            store.get(name_or_path)  # raises, suggesting close names
+        manifest = store.pull(name_or_path)
+    return store.model_path(manifest), manifest
+
+
+def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, generation_config) from a GGUF file or a Hugging Face model directory."""
+    from tinkerlm import models
+    from tinkerlm.formats.tokenizer import Tokenizer
+
+    source = str(path)
+    if path.is_dir():
+        from tinkerlm.formats import hf
+
+        config = hf.load_config(path)
+        model = models.build(config, source)
+        state_dict = models.hf_layout(config, hf.load_state_dict(path), source)
+        tokenizer = Tokenizer.from_hf_dir(path)
+        gen_config = hf.load_generation_config(path)
+    else:
+        from tinkerlm.formats.gguf import read_gguf
+
+        ckpt = read_gguf(path)
+        config = ckpt.config()
+        model = models.build(config, source)
+        state_dict = ckpt.state_dict()
+        tokenizer = ckpt.tokenizer()
+        gen_config = {}
+    models.load_weights(model, state_dict, source, dtype)
+    return model, tokenizer, gen_config
+
+
+class LLM:
+    """A loaded model and its tokenizer, with the generation API shared by the CLI and server."""
+
+    def __init__(self, model, tokenizer, name: str, manifest=None, generation_config: dict | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.manifest = manifest
+        self.generation_config = generation_config or {}
+
+    def __repr__(self) -> str:
+        return f"LLM({self.name!r}, {type(self.model).__name__})"
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+    def _options(self, opts: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(opts) - set(SAMPLING_KEYS) - {"max_tokens", "stop"}
+        if unknown:
+            raise TinkerError(f"generation option {sorted(unknown)[0]!r} is not known (known: max_tokens, stop, "
+                              f"{', '.join(SAMPLING_KEYS)})")
+        sampling = SamplingParams(**{k: opts[k] for k in SAMPLING_KEYS if opts.get(k) is not None})
+        stop = opts.get("stop") or ()
+        return {
+            "max_tokens": opts.get("max_tokens") or 256,
+            "sampling": sampling,
+            "stop": [stop] if isinstance(stop, str) else list(stop),
+        }
+
+    def apply_chat_template(self, messages: str | Sequence[dict], add_generation_prompt: bool = True) -> str:
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        return chat_mod.render(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
+
+    def _chat_ids(self, messages) -> list[int]:
+        # The template writes special tokens itself, so none are added on encoding (as transformers does).
+        return self.tokenizer.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
+    # -- generation ----------------------------------------------------------------------------------------------
+    def generate(self, prompt: str | Sequence[str], **opts) -> str | list[str]:
+        """Continue raw text. A list of prompts runs as one batch and returns a list."""
+        return generate(self.model, self.tokenizer, prompt, **self._options(opts))
+
+    def stream(self, prompt: str, **opts) -> Iterator[str]:
+        """Continue raw text, yielding text pieces as they are generated."""
+        for chunk in stream_generate(self.model, self.tokenizer, [prompt], **self._options(opts)):
+            if chunk.text:
+                yield chunk.text
+
+    def chat(self, messages: str | Sequence[dict], **opts) -> str:
+        """The assistant's answer to a conversation (a list of {role, content}) or a single user message."""
+        return "".join(self.chat_stream(messages, **opts))
+
+    def chat_stream(self, messages: str | Sequence[dict], **opts) -> Iterator[str]:
+        ids = self._chat_ids(messages)
+        for chunk in stream_generate(self.model, self.tokenizer, [ids], **self._options(opts)):
+            if chunk.text:
+                yield chunk.text
+
+
+def load(name_or_path: str, *, dtype: str = "float32", pull: bool = True) -> LLM:
+    """Load a model by store name (pulling catalogue/hub names if missing), GGUF path or HF directory."""
+    torch_dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                   "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise TinkerError(f"dtype: '{dtype}' is not one of float32, bfloat16, float16")
+    path, manifest = resolve(name_or_path, pull=pull)
+    model, tokenizer, gen_config = load_checkpoint(path, torch_dtype)
+    name = manifest.ref if manifest else str(path)
+    return LLM(model, tokenizer, name, manifest, gen_config)

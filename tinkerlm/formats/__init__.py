@@ -1,0 +1,1 @@
+"""Checkpoint formats: GGUF, Hugging Face safetensors + config.json, and tokenizers, read into tensors and configs."""

@@ -1,0 +1,81 @@
+"""Architectures, chosen by the checkpoint's own `model_type`; `build` and `load_weights` are the entry points.
+
+Each architecture module exports `MODEL_TYPES`, a config dataclass with `from_dict`, a `CausalLM` subclass and,
+where its HF checkpoints need a layout change, `from_hf_state_dict`. Adding one touches this table only.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from tinkerlm.errors import TinkerError
+
+# model_type -> (module, config class, model class)
+ARCHITECTURES = {
+    "llama": ("llama", "LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("llama", "LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("llama", "LlamaConfig", "LlamaForCausalLM"),
+    "qwen3": ("llama", "LlamaConfig", "LlamaForCausalLM"),
+    "gpt2": ("gpt2", "GPT2Config", "GPT2LMHeadModel"),
+}
+
+
+def _arch(config: dict, source: str):
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise TinkerError(
+            f"{source}: architecture '{model_type}' is not supported (supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    module_name, cfg_name, model_name = ARCHITECTURES[model_type]
+    module = importlib.import_module(f"tinkerlm.models.{module_name}")
+    return module, getattr(module, cfg_name), getattr(module, model_name)
+
+
+def build(config: dict, source: str = "model", device: str | torch.device = "meta"):
+    """An uninitialised model for an HF-style config dict (parameters on `device`, meta by default)."""
+    module, cfg_cls, model_cls = _arch(config, source)
+    cfg = cfg_cls.from_dict(config, source)
+    with torch.device(device):
+        return model_cls(cfg, source)
+
+
+def hf_layout(config: dict, state_dict: dict, source: str) -> dict:
+    """Apply the architecture's HF-checkpoint layout change, if it has one."""
+    module, _, _ = _arch(config, source)
+    convert = getattr(module, "from_hf_state_dict", None)
+    return convert(state_dict) if convert else state_dict
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict, source: str, dtype: torch.dtype = torch.float32) -> None:
+    """Assign `state_dict` to `model` with strict accounting.
+
+    Raises TinkerError listing tensors the checkpoint has that the model does not use, parameters the checkpoint
+    leaves unset, or a tensor whose shape contradicts the config.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied = model.config.tie_word_embeddings
+    expected = {n for n in params if not (tied and n == "lm_head.weight")}
+    if tied:  # some tied checkpoints still store the head; it repeats the embedding and is not used
+        state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+    unused = sorted(set(state_dict) - expected)
+    missing = sorted(expected - set(state_dict))
+    if unused:
+        raise TinkerError(f"{source}: checkpoint tensors not used by the model: {_few(unused)} (wrong architecture?)")
+    if missing:
+        raise TinkerError(f"{source}: checkpoint is missing tensors: {_few(missing)} (incomplete or wrong config?)")
+    for name in expected:
+        want, got = tuple(params[name].shape), tuple(state_dict[name].shape)
+        if want != got:
+            raise TinkerError(
+                f"{source}: tensor {name} has shape {list(got)}, config implies {list(want)} (config and weights disagree)"
+            )
+    model.load_state_dict({n: state_dict[n].to(dtype) for n in expected}, strict=False, assign=True)
+    model.tie_weights()
+    model.eval()
+    model.requires_grad_(False)
+
+
+def _few(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")

@@ -1,0 +1,200 @@
+"""The Llama family: Llama 2/3/3.1+, Mistral, SmolLM/SmolLM2, Qwen2/2.5 and Qwen3.
+
+One decoder covers them all; each difference is a named config field:
+- `attention_bias`: bias on q/k/v projections (Qwen2).
+- `qk_norm`: RMSNorm over each head of q and k before RoPE (Qwen3).
+- `rope_scaling`: linear or llama3 frequency scaling (Llama 3.1+); `rope_freq_factors`: the same, as GGUF stores it.
+- `sliding_window`: attention limited to the last N positions (Mistral v0.1).
+- `head_dim`: explicit when not hidden_size / num_attention_heads (Qwen3, some Mistrals).
+
+References: Touvron et al. 2023 (Llama 2), Meta Llama 3 model card and reference code, Jiang et al. 2023 (Mistral),
+Qwen2 and Qwen3 technical reports. Parameter names are Hugging Face's, so HF checkpoints load as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinkerlm.models.base import (
+    CausalLM,
+    KVCache,
+    RMSNorm,
+    apply_rope,
+    attend,
+    attention_mask,
+    check_positive,
+    config_from_dict,
+    needs_mask,
+    rope_cos_sin,
+    rope_inv_freq,
+)
+from tinkerlm.errors import TinkerError
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None  # defaults to num_attention_heads (no GQA)
+    head_dim: int | None = None  # defaults to hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    rope_freq_factors: list[float] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # on q/k/v
+    attention_out_bias: bool | None = None  # on o_proj; defaults to attention_bias (Qwen2 has qkv bias only)
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    hidden_act: str = "silu"
+    model_type: str = "llama"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str) -> "LlamaConfig":
+        d = dict(d)
+        # transformers 5 writes `rope_parameters` (with rope_theta inside) where 4.x wrote rope_theta + rope_scaling.
+        params = d.pop("rope_parameters", None)
+        if isinstance(params, dict):
+            d.setdefault("rope_theta", params.get("rope_theta"))
+            if params.get("rope_type", "default") != "default":
+                d.setdefault("rope_scaling", params)
+        scaling = d.get("rope_scaling")
+        if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "default":
+            d["rope_scaling"] = None
+        d.setdefault("qk_norm", d.get("model_type") == "qwen3")
+        if d.get("model_type") == "qwen2":
+            d.setdefault("attention_bias", True)
+            d.setdefault("attention_out_bias", False)
+        # Qwen configs carry a sliding_window that is off unless use_sliding_window is set, and then per layer.
+        if "use_sliding_window" in d or "layer_types" in d:
+            if d.get("use_sliding_window") or "sliding_attention" in (d.get("layer_types") or []):
+                raise TinkerError(f"{source}: per-layer sliding-window attention (layer_types) is not supported yet")
+            d["sliding_window"] = None
+        cfg = config_from_dict(cls, d, source)
+        if cfg.num_key_value_heads is None:
+            cfg.num_key_value_heads = cfg.num_attention_heads
+        if cfg.attention_out_bias is None:
+            cfg.attention_out_bias = cfg.attention_bias
+        if cfg.head_dim is None:
+            cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        check_positive(
+            source,
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads,
+            head_dim=cfg.head_dim,
+        )
+        if cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise TinkerError(
+                f"{source}: num_attention_heads ({cfg.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({cfg.num_key_value_heads})"
+            )
+        if cfg.hidden_act != "silu":
+            raise TinkerError(f"{source}: hidden_act '{cfg.hidden_act}' is not supported (supported: silu)")
+        return cfg
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.attention_out_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, positions, kv_len: int):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd)  # (B, T, H, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd)  # (B, T, n_kv, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, positions, kv_len)  # (B, n_kv, S, hd)
+        y = attend(q, k, v, mask)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, layer, positions, kv_len):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, positions, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(CausalLM):
+    def __init__(self, cfg: LlamaConfig, source: str = "model"):
+        super().__init__()
+        self.config = cfg
+        self.source = source
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.n_layers, self.n_kv_heads, self.head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+        self.max_context = cfg.max_position_embeddings
+        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_freq_factors, source)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, logits_at: torch.Tensor | None = None):
+        """Logits (B, T, V) for `input_ids` (B, T), or (B, 1, V) at per-row index `logits_at` (B,)."""
+        B, T = input_ids.shape
+        positions, k_pos, kv_len = self.step_inputs(input_ids, cache, self.max_context, self.source)
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        window = self.config.sliding_window
+        mask = attention_mask(positions, k_pos, window) if needs_mask(B, T, cache, window) else None
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, cache, i, positions, kv_len)
+        x = self.model.norm(self.select(x, logits_at))
+        return self.lm_head(x)

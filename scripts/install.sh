@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up tinkerlm in ./.venv: the CPU build of torch where no GPU is present, then the package itself.
+#   bash scripts/install.sh          # runtime only
+#   bash scripts/install.sh test     # plus the test extra (pytest, transformers)
+# Idempotent: a second run installs nothing new. Set TORCH_INDEX_URL to choose where torch comes from
+# (for example https://download.pytorch.org/whl/cpu on a machine whose PyPI would hand out a CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extra="${1:-}"
+PY="${PYTHON:-python3}"
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        echo "tinkerlm setup: GPU found, installing torch ${TORCH_VERSION}" >&2
+        "${pip[@]}" "torch==${TORCH_VERSION}"
+    else
+        echo "tinkerlm setup: no GPU, installing the CPU build of torch ${TORCH_VERSION}" >&2
+        if [ -n "${TORCH_INDEX_URL:-}" ]; then
+            "${pip[@]}" "torch==${TORCH_VERSION}" --index-url "$TORCH_INDEX_URL"
+        else
+            "${pip[@]}" "torch==${TORCH_VERSION}"
+        fi
+    fi
+fi
+
+target="."
+[ -n "$extra" ] && target=".[${extra}]"
+"${pip[@]}" -e "$target"

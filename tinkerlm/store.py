@@ -214,7 +214,9 @@ def _read_manifest(path: Path) -> Manifest:
 
 
 def find(name: str) -> Manifest | None:
-    """The stored model called `name` (`NAME[:TAG]`), or None."""
+    """The stored model called `name` (`NAME[:TAG]`), or pulled from `name` if it is an `hf:` source; else None."""
+    if name.startswith("hf:"):
+        return next((m for m in list_models() if m.source.get("uri") == name), None)
     base, tag = parse_name(name)
     path = _model_dir(base, tag) / MANIFEST
     return _read_manifest(path) if path.is_file() else None
@@ -249,6 +251,8 @@ def get(name: str) -> Manifest:
         TinkerError: not in the store; the message lists close matches.
     """
     m = find(name)
+    if m is None and name.startswith("hf:"):
+        raise TinkerError(f"{name} is not in the store ({home()}); fetch it with `tinkerlm pull {name}`")
     if m is None:
         raise _not_found(name, ":".join(parse_name(name)))
     return m
@@ -642,7 +646,8 @@ def _commit(model_dir: Path, final: Path, staging: Path, force: bool) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     old = staging / "old"
     if final.exists():
-        if not force:
+        # A directory without a manifest is debris (e.g. emptied by hand), not a model: replace it.
+        if not force and (final / MANIFEST).exists():
             raise FileExistsError(final)
         os.rename(final, old)
     try:
@@ -809,7 +814,9 @@ def _parse_hf(source: str) -> tuple[str, str | None, str | None]:
     spec, _, rev = source[len("hf:"):].partition("@")
     parts = [p for p in spec.split("/") if p]
     if len(parts) < 2 or (len(parts) > 2 and not parts[-1].endswith(".gguf")):
-        raise TinkerError(f"bad Hub source {source!r}; write hf:ORG/REPO, hf:ORG/REPO/FILE.gguf or hf:ORG/REPO@REVISION")
+        raise TinkerError(
+            f"bad Hub source {source!r}; write hf:ORG/REPO, hf:ORG/REPO/FILE.gguf or hf:ORG/REPO@REVISION"
+        )
     return "/".join(parts[:2]), "/".join(parts[2:]) or None, rev or None
 
 
@@ -821,18 +828,22 @@ def _pull_hub(source: str, name: str | None, force: bool, progress: bool) -> Man
     if (m := _existing(name, tag, src, force)) is not None:
         return m
 
+    import httpx2  # huggingface_hub's HTTP client
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 
-    endpoint = os.environ.get("HF_ENDPOINT") or None  # read now: huggingface_hub reads it once at import
+    endpoint = os.environ.get("HF_ENDPOINT") or None  # read now: huggingface_hub reads it once, at import
     try:
         info = HfApi(endpoint=endpoint).model_info(repo, revision=rev, files_metadata=True)
-    except (HfHubHTTPError, OfflineModeIsEnabled, OSError) as e:
+    except HFValidationError as e:
+        raise TinkerError(f"bad Hub source {source!r}: {e}; write hf:ORG/REPO[/FILE.gguf][@REVISION]")
+    except (HfHubHTTPError, OfflineModeIsEnabled) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TinkerError(f"{source}: cannot read the repo from the Hub ({first}); check the name and revision, "
-                          f"your network, and `hf auth login` for gated repos")
-    except Exception as e:  # httpx transport errors (DNS, refused connection) have no common base with the above
-        raise TinkerError(f"{source}: cannot reach the Hub ({type(e).__name__}: {e}); check your network or HF_ENDPOINT")
+                          f"and run `hf auth login` for gated or private repos")
+    except (httpx2.TransportError, OSError) as e:
+        raise TinkerError(f"{source}: cannot reach the Hub at {endpoint or 'huggingface.co'} "
+                          f"({type(e).__name__}: {e}); check your network, proxy or HF_ENDPOINT")
     siblings = {s.rfilename: s for s in info.siblings or []}
     if file:
         if file not in siblings:
@@ -917,7 +928,7 @@ def _download(
                         done = 0
                     length = r.headers.get("Content-Length")
                     end = done + int(length) if length is not None else None
-                    for chunk in r.iter_raw(_CHUNK):
+                    for chunk in r.iter_raw():  # no chunk_size: a buffered partial chunk would be lost on a drop
                         out.write(chunk)
                         h.update(chunk)
                         done += len(chunk)

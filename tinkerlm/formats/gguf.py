@@ -55,6 +55,7 @@ TENSOR_NAMES = {
         "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
         "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
         "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+        "blk.{i}.attn_output.bias": "model.layers.{i}.self_attn.o_proj.bias",
         "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
         "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
         "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
@@ -133,8 +134,9 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     try:
         reader = GGUFReader(path)
     except Exception as exc:  # the reader fails with IndexError/ValueError/... on cut or corrupt files
+        reason = " ".join(str(exc).split())[:200]
         raise TinkerError(
-            f"{path}: cannot parse the GGUF header ({type(exc).__name__}: {exc}) (file truncated or corrupt? "
+            f"{path}: cannot parse the GGUF header ({type(exc).__name__}: {reason}) (file truncated or corrupt? "
             "download it again)"
         ) from exc
     for t in reader.tensors:
@@ -239,7 +241,7 @@ class GGUFCheckpoint:
                 "(partial rotary embeddings are not supported)"
             )
         config = {
-            "model_type": "qwen2" if arch == "qwen2" else "qwen3" if arch == "qwen3" else "llama",
+            "model_type": arch,  # llama, mistral, qwen2 or qwen3: HF uses the same names
             "vocab_size": self._vocab_size(),
             "hidden_size": hidden,
             "intermediate_size": self._key("feed_forward_length"),
@@ -315,7 +317,7 @@ class GGUFCheckpoint:
             "blk.{i}.attn_norm.weight": (h,), "blk.{i}.ffn_norm.weight": (h,),
             "blk.{i}.attn_q.weight": (q, h), "blk.{i}.attn_k.weight": (kv, h), "blk.{i}.attn_v.weight": (kv, h),
             "blk.{i}.attn_q.bias": (q,), "blk.{i}.attn_k.bias": (kv,), "blk.{i}.attn_v.bias": (kv,),
-            "blk.{i}.attn_output.weight": (h, q),
+            "blk.{i}.attn_output.weight": (h, q), "blk.{i}.attn_output.bias": (h,),
             "blk.{i}.attn_q_norm.weight": (hd,), "blk.{i}.attn_k_norm.weight": (hd,),
             "blk.{i}.ffn_gate.weight": (i_, h), "blk.{i}.ffn_up.weight": (i_, h), "blk.{i}.ffn_down.weight": (h, i_),
         }

@@ -1,0 +1,400 @@
+"""GGUF reading: tiny files written here with `gguf.GGUFWriter`, read back through `read_gguf`.
+
+Checks every tensor against the `gguf` package's own dequantization of the raw bytes, the q/k un-permutation
+against llama.cpp's permutation, the HF config and names, and that bad files fail with one line naming the file.
+"""
+
+import struct
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from tinkerlm.errors import TinkerError
+from tinkerlm.formats.gguf import read_gguf
+
+QTYPES = [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1]
+
+# HF name -> GGUF name, written out independently of the module under test.
+LLAMA_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.o_proj.bias": "attn_output.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+GPT2_LAYER = {
+    "ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+    "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down",
+}
+
+
+def gguf_name(hf: str) -> str:
+    top = {
+        "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight", "transformer.wte.weight": "token_embd.weight",
+        "transformer.wpe.weight": "position_embd.weight", "transformer.ln_f.weight": "output_norm.weight",
+        "transformer.ln_f.bias": "output_norm.bias",
+    }
+    if hf in top:
+        return top[hf]
+    if hf.startswith("model.layers."):
+        _, _, i, rest = hf.split(".", 3)
+        return f"blk.{i}.{LLAMA_LAYER[rest]}"
+    _, _, i, rest = hf.split(".", 3)  # transformer.h.{i}.{module}.{weight|bias}
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{i}.{GPT2_LAYER[module]}.{kind}"
+
+
+def llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's q/k permutation: per head, rows of the two rotary halves interleaved."""
+    head_dim = w.shape[0] // n_head
+    return w.reshape(n_head, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def byte_vocab(n: int) -> tuple[list[str], list[str]]:
+    """A small GPT-2-style vocabulary: <|endoftext|>, single byte characters, two merged tokens."""
+    printable = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    tokens = ["<|endoftext|>", "Ġ", "Ċ", "he", "Ġt", *printable[: n - 5]]
+    return tokens, ["h e", "Ġ t"]
+
+
+def llama_weights(rng, *, vocab=96, hidden=64, layers=2, heads=4, kv=2, ffn=128, head_dim=16, bias=False,
+                  qk_norm=False, tied=False):
+    """HF-layout fp32 weights for a tiny Llama-family model."""
+    def r(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    w = {"model.embed_tokens.weight": r(vocab, hidden), "model.norm.weight": r(hidden)}
+    if not tied:
+        w["lm_head.weight"] = r(vocab, hidden)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        w |= {
+            p + "input_layernorm.weight": r(hidden), p + "post_attention_layernorm.weight": r(hidden),
+            p + "self_attn.q_proj.weight": r(heads * head_dim, hidden),
+            p + "self_attn.k_proj.weight": r(kv * head_dim, hidden),
+            p + "self_attn.v_proj.weight": r(kv * head_dim, hidden),
+            p + "self_attn.o_proj.weight": r(hidden, heads * head_dim),
+            p + "mlp.gate_proj.weight": r(ffn, hidden), p + "mlp.up_proj.weight": r(ffn, hidden),
+            p + "mlp.down_proj.weight": r(hidden, ffn),
+        }
+        if bias:
+            w |= {p + "self_attn.q_proj.bias": r(heads * head_dim), p + "self_attn.k_proj.bias": r(kv * head_dim),
+                  p + "self_attn.v_proj.bias": r(kv * head_dim), p + "self_attn.o_proj.bias": r(hidden)}
+        if qk_norm:
+            w |= {p + "self_attn.q_norm.weight": r(head_dim), p + "self_attn.k_norm.weight": r(head_dim)}
+    return w
+
+
+def gpt2_weights(rng, *, vocab=96, embd=64, layers=2, positions=32, inner=128):
+    def r(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    w = {"transformer.wte.weight": r(vocab, embd), "transformer.wpe.weight": r(positions, embd),
+         "transformer.ln_f.weight": r(embd), "transformer.ln_f.bias": r(embd), "lm_head.weight": r(vocab, embd)}
+    for i in range(layers):
+        p = f"transformer.h.{i}."
+        for name, shape in [("ln_1", (embd,)), ("ln_2", (embd,)), ("attn.c_attn", (3 * embd, embd)),
+                            ("attn.c_proj", (embd, embd)), ("mlp.c_fc", (inner, embd)), ("mlp.c_proj", (embd, inner))]:
+            w[p + name + ".weight"] = r(*shape)
+            w[p + name + ".bias"] = r(shape[0])
+    return w
+
+
+def write_gguf(path, arch: str, weights: dict, *, qtype=Q.F32, meta: dict | None = None, extra=None,
+               heads=4, kv=2, permute=None):
+    """Write HF-layout `weights` as a GGUF file the way llama.cpp's converter would; returns GGUF-layout arrays."""
+    permute = arch in ("llama", "mistral") if permute is None else permute
+    w = gguf.GGUFWriter(str(path), arch)
+    first = next(iter(weights.values()))
+    hidden = first.shape[1]
+    meta = {"block_count": 2, "context_length": 32, "embedding_length": hidden, "feed_forward_length": 128,
+            "attention.head_count": heads, **({} if arch == "gpt2" else {"attention.head_count_kv": kv}),
+            **(meta or {})}
+    for key, value in meta.items():
+        full = key if "." in key and key.split(".")[0] in ("general", "tokenizer") else f"{arch}.{key}"
+        if isinstance(value, bool):
+            w.add_bool(full, value)
+        elif isinstance(value, int):
+            w.add_uint32(full, value)
+        elif isinstance(value, float):
+            w.add_float32(full, value)
+        else:
+            w.add_string(full, value)
+    eps_key = "attention.layer_norm_epsilon" if arch == "gpt2" else "attention.layer_norm_rms_epsilon"
+    if eps_key not in meta:
+        w.add_float32(f"{arch}.{eps_key}", 1e-5)
+    tokens, merges = byte_vocab(first.shape[0])
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types([3] + [1] * (len(tokens) - 1))
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(0)
+    stored = {}
+    for hf, value in weights.items():
+        name = gguf_name(hf)
+        if permute and (".attn_q." in name or ".attn_k." in name):
+            value = llamacpp_permute(value, heads if ".attn_q." in name else kv)
+        stored[name] = value
+        if value.ndim == 1 or qtype == Q.F32:  # norms and biases stay F32, as llama.cpp keeps them
+            w.add_tensor(name, value.astype(np.float32))
+        elif qtype == Q.F16:
+            w.add_tensor(name, value.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
+    for name, value in (extra or {}).items():
+        w.add_tensor(name, value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return stored
+
+
+def raw_dequantized(path) -> dict[str, torch.Tensor]:
+    """Each tensor as the gguf package dequantizes it, in torch shape order."""
+    reader = gguf.GGUFReader(path)
+    return {
+        t.name: torch.from_numpy(
+            np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(
+                tuple(reversed(t.shape.tolist()))))
+        for t in reader.tensors
+    }
+
+
+def unpermute_np(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Inverse of `llamacpp_permute`, found by applying the permutation to row indices."""
+    order = llamacpp_permute(np.arange(w.shape[0]), n_head)  # stored row j holds original row order[j]
+    out = torch.empty_like(w)
+    out[torch.from_numpy(order)] = w
+    return out
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+def test_llama_every_tensor_matches_gguf_dequantize(tmp_path, rng, qtype):
+    weights = llama_weights(rng, bias=True)
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, "llama", weights, qtype=qtype)
+    ckpt = read_gguf(path)
+    sd = ckpt.state_dict()
+    raw = raw_dequantized(path)
+    assert set(sd) == set(weights)
+    for hf, tensor in sd.items():
+        name = gguf_name(hf)
+        expected = raw[name]
+        if ".attn_q." in name or ".attn_k." in name:
+            expected = unpermute_np(expected, 4 if ".attn_q." in name else 2)
+        assert tensor.dtype == torch.float32 and tensor.shape == tuple(weights[hf].shape), hf
+        assert torch.equal(tensor, expected), hf
+        # quantization error stays small, so the un-permuted rows line up with the originals
+        assert torch.allclose(tensor, torch.from_numpy(weights[hf]), atol=0.5 if qtype in (Q.Q4_0, Q.Q4_1) else 0.02)
+    n_2d = sum(v.ndim == 2 for v in weights.values())
+    assert ckpt.tensor_types() == ({"F32": len(weights)} if qtype == Q.F32 else
+                                   {"F32": len(weights) - n_2d, qtype.name: n_2d})
+
+
+def test_llama_unpermute_gives_original_hf_layout(tmp_path, rng):
+    weights = llama_weights(rng, bias=True)
+    path = tmp_path / "tiny.gguf"
+    stored = write_gguf(path, "llama", weights)
+    # the file really holds permuted rows, so a missing un-permute would fail below
+    assert not np.array_equal(stored["blk.0.attn_q.weight"], weights["model.layers.0.self_attn.q_proj.weight"])
+    assert not np.array_equal(stored["blk.1.attn_k.bias"], weights["model.layers.1.self_attn.k_proj.bias"])
+    sd = read_gguf(path).state_dict()
+    for hf, value in weights.items():
+        assert torch.equal(sd[hf], torch.from_numpy(value)), hf
+
+
+def test_llama_config(tmp_path, rng):
+    path = tmp_path / "tiny.gguf"
+    freqs = np.linspace(1, 8, 8).astype(np.float32)
+    write_gguf(path, "llama", llama_weights(rng, tied=True),
+               meta={"rope.freq_base": 500000.0, "rope.scaling.type": "linear", "rope.scaling.factor": 2.0},
+               extra={"rope_freqs.weight": freqs})
+    ckpt = read_gguf(path)
+    config = ckpt.config()
+    assert config == {
+        "model_type": "llama", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "rms_norm_eps": pytest.approx(1e-5), "rope_theta": 500000.0, "max_position_embeddings": 32,
+        "tie_word_embeddings": True, "attention_bias": False, "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+        "rope_freq_factors": freqs.tolist(), "bos_token_id": 0, "eos_token_id": 0,
+    }
+    sd = ckpt.state_dict()
+    assert "lm_head.weight" not in sd and not any("rope" in k for k in sd)
+    assert ckpt.metadata["llama.context_length"] == 32
+    assert ckpt.metadata["tokenizer.ggml.tokens"][:2] == ["<|endoftext|>", "Ġ"]
+    tok = ckpt.tokenizer()
+    assert tok.encode("he the") == [tok.backend.token_to_id(t) for t in ["he", "Ġt", "he"]]
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+def test_qwen3_not_permuted_with_qk_norm_and_head_dim(tmp_path, rng, qtype):
+    # head_dim 32 with hidden 64 and 4 heads: q has 128 rows, so head_dim must come from key_length
+    weights = llama_weights(rng, head_dim=32, qk_norm=True)
+    path = tmp_path / "qwen3.gguf"
+    write_gguf(path, "qwen3", weights, qtype=qtype, meta={"attention.key_length": 32, "attention.value_length": 32})
+    ckpt = read_gguf(path)
+    config = ckpt.config()
+    assert (config["model_type"], config["head_dim"], config["attention_bias"]) == ("qwen3", 32, False)
+    sd = ckpt.state_dict()
+    raw = raw_dequantized(path)
+    assert set(sd) == set(weights)
+    for hf, tensor in sd.items():
+        assert torch.equal(tensor, raw[gguf_name(hf)]), hf
+    if qtype == Q.F32:
+        assert torch.equal(sd["model.layers.0.self_attn.q_proj.weight"],
+                           torch.from_numpy(weights["model.layers.0.self_attn.q_proj.weight"]))
+
+
+def test_qwen2_biases_not_permuted(tmp_path, rng):
+    weights = llama_weights(rng, bias=True)
+    path = tmp_path / "qwen2.gguf"
+    write_gguf(path, "qwen2", weights)
+    ckpt = read_gguf(path)
+    assert ckpt.config()["model_type"] == "qwen2" and ckpt.config()["attention_bias"] is True
+    sd = ckpt.state_dict()
+    for hf, value in weights.items():
+        assert torch.equal(sd[hf], torch.from_numpy(value)), hf
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q4_0], ids=lambda q: q.name)
+def test_gpt2(tmp_path, rng, qtype):
+    weights = gpt2_weights(rng)
+    path = tmp_path / "gpt2.gguf"
+    write_gguf(path, "gpt2", weights, qtype=qtype, meta={"attention.layer_norm_epsilon": 1e-5})
+    ckpt = read_gguf(path)
+    assert ckpt.config() == {
+        "model_type": "gpt2", "vocab_size": 96, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 32,
+        "n_inner": 128, "layer_norm_epsilon": pytest.approx(1e-5), "tie_word_embeddings": False,
+        "bos_token_id": 0, "eos_token_id": 0,
+    }
+    sd = ckpt.state_dict()
+    raw = raw_dequantized(path)
+    assert set(sd) == set(weights)
+    for hf, tensor in sd.items():
+        assert tensor.shape == weights[hf].shape, hf  # nn.Linear layout (out, in)
+        assert torch.equal(tensor, raw[gguf_name(hf)]), hf
+
+
+def test_real_file_dequantizes_like_gguf(smollm2_gguf):
+    """The default model's Q4_1/Q8_0 tensors, spot-checked against the gguf package."""
+    ckpt = read_gguf(smollm2_gguf)
+    assert ckpt.config()["model_type"] == "llama"
+    assert ckpt.tensor_types() == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
+    sd = ckpt.state_dict()
+    reader = gguf.GGUFReader(smollm2_gguf)
+    tensors = {t.name: t for t in reader.tensors}
+    for hf, name in [("model.embed_tokens.weight", "token_embd.weight"),
+                     ("model.layers.3.mlp.down_proj.weight", "blk.3.ffn_down.weight")]:
+        t = tensors[name]
+        expected = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+        assert torch.equal(sd[hf], torch.from_numpy(np.array(expected, dtype=np.float32))), hf
+
+
+# --- bad input: one TinkerError naming the file ---
+
+
+@pytest.fixture
+def valid(tmp_path, rng):
+    path = tmp_path / "valid.gguf"
+    write_gguf(path, "llama", llama_weights(rng, layers=2))
+    return path
+
+
+def fails(path, what="state_dict"):
+    with pytest.raises(TinkerError) as info:
+        ckpt = read_gguf(path)
+        getattr(ckpt, what)()
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message
+    return message
+
+
+def test_missing_file(tmp_path):
+    assert "no such file" in fails(tmp_path / "nope.gguf")
+
+
+def test_wrong_magic(tmp_path, valid):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUX" + valid.read_bytes()[4:])
+    assert "not a GGUF file" in fails(bad)
+
+
+@pytest.mark.parametrize("version", [1, 4])
+def test_unsupported_version(tmp_path, valid, version):
+    data = bytearray(valid.read_bytes())
+    data[4:8] = struct.pack("<I", version)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    assert f"version {version}" in fails(bad)
+
+
+@pytest.mark.parametrize("keep", [-7, -5000, 200, 6])
+def test_truncated(tmp_path, valid, keep):
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(valid.read_bytes()[:keep])
+    assert "truncated" in fails(bad)
+
+
+def test_unknown_architecture(tmp_path, rng):
+    path = tmp_path / "bert.gguf"
+    write_gguf(path, "bert", llama_weights(rng), permute=False)
+    message = fails(path, "config")
+    assert "'bert'" in message and all(a in message for a in ("llama", "mistral", "qwen2", "qwen3", "gpt2"))
+    fails(path, "state_dict")
+
+
+def test_metadata_contradicts_tensor_shape(tmp_path, rng):
+    path = tmp_path / "bad.gguf"
+    write_gguf(path, "llama", llama_weights(rng), meta={"vocab_size": 100})
+    message = fails(path)
+    assert "token_embd.weight" in message and "(96, 64)" in message and "(100, 64)" in message
+
+
+def test_ffn_length_contradicts_tensor_shape(tmp_path, rng):
+    path = tmp_path / "bad.gguf"
+    write_gguf(path, "llama", llama_weights(rng), meta={"feed_forward_length": 96})
+    message = fails(path)
+    assert "blk.0.ffn_gate.weight" in message and "(128, 64)" in message and "(96, 64)" in message
+
+
+def test_unused_tensor(tmp_path, rng):
+    path = tmp_path / "extra.gguf"
+    write_gguf(path, "llama", llama_weights(rng), extra={"blk.0.mystery.weight": np.zeros(64, np.float32),
+                                                           "blk.7.attn_norm.weight": np.zeros(64, np.float32)})
+    message = fails(path)
+    assert "blk.0.mystery.weight" in message and "blk.7.attn_norm.weight" in message
+
+
+def test_missing_tensor(tmp_path, rng):
+    weights = llama_weights(rng)
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    path = tmp_path / "missing.gguf"
+    write_gguf(path, "llama", weights)
+    assert "blk.1.ffn_up.weight" in fails(path)
+
+
+def test_unsupported_rope_scaling(tmp_path, rng):
+    path = tmp_path / "yarn.gguf"
+    write_gguf(path, "llama", llama_weights(rng), meta={"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0})
+    assert "yarn" in fails(path, "config")

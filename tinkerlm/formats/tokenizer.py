@@ -1,0 +1,365 @@
+"""The tokenizer: a `tokenizers.Tokenizer` plus the special tokens, stop ids and chat template a model needs.
+
+Two sources:
+- A Hugging Face directory: `tokenizer.json` is the backend, its post-processor deciding BOS/EOS;
+  `tokenizer_config.json`, `special_tokens_map.json`, `generation_config.json` and `chat_template.jinja` add the
+  special tokens, stop ids and chat template.
+- A GGUF file: the vocabulary, merges or scores and special ids live in `tokenizer.ggml.*` metadata; we rebuild the
+  tokenizer they describe: byte-level BPE ("gpt2") or sentencepiece-style BPE with byte fallback ("llama").
+
+References:
+- tokenizers pipeline (normalizer, pre-tokenizer, model, post-processor, decoder):
+  https://huggingface.co/docs/tokenizers/pipeline
+- GGUF tokenizer keys: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md#tokenizer
+- GPT-2 byte-level BPE: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners";
+  SentencePiece: Kudo & Richardson 2018, https://arxiv.org/abs/1808.06226
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+
+from tinkerlm.errors import TinkerError
+
+# GGUF token types (llama.cpp's llama_token_type).
+CONTROL, USER_DEFINED = 3, 4
+
+# Pre-tokenizer split patterns, chosen by `tokenizer.ggml.pre`. Unlisted names use GPT-2's own pattern.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZER_SPLITS = {
+    **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "dbrx", "smaug-bpe"], _LLAMA3_SPLIT),
+    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "megrez"], _QWEN2_SPLIT),
+    **dict.fromkeys(["gpt-4o", "llama4"], _GPT4O_SPLIT),
+    "tekken": _TEKKEN_SPLIT,
+}
+
+_NAMED = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+class Tokenizer:
+    """Text <-> ids, with the special tokens and chat template that go with them.
+
+    `encode(text, add_special_tokens=True)` gives the ids transformers gives for the same files and flag.
+    """
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        unk_token: str | None = None,
+        pad_token: str | None = None,
+        extra_stop_ids: Iterable[int] = (),
+        chat_template: str | None = None,
+        clean_up_spaces: bool = False,
+    ):
+        self.backend = backend
+        self.bos_token, self.eos_token, self.unk_token, self.pad_token = bos_token, eos_token, unk_token, pad_token
+        self.bos_token_id = _token_id(backend, bos_token)
+        self.eos_token_id = _token_id(backend, eos_token)
+        self.unk_token_id = _token_id(backend, unk_token)
+        self.pad_token_id = _token_id(backend, pad_token)
+        stops = [self.eos_token_id, *extra_stop_ids]
+        self.stop_token_ids: list[int] = list(dict.fromkeys(int(i) for i in stops if i is not None))
+        self.chat_template = chat_template
+        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        self._clean_up_spaces = clean_up_spaces
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids for `text`; `add_special_tokens` adds BOS/EOS where the tokenizer's template says so."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        return _clean_up_spaces(text) if self._clean_up_spaces else text
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.backend.id_to_token(int(i))
+
+    def special_tokens_map(self) -> dict[str, str]:
+        """The named special tokens that are set, as strings: the variables chat templates read."""
+        return {name: getattr(self, name) for name in _NAMED if getattr(self, name) is not None}
+
+    @classmethod
+    def from_hf_dir(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load a Hugging Face tokenizer directory (`tokenizer.json` required).
+
+        Raises:
+            TinkerError: no or unreadable `tokenizer.json`, or unreadable JSON config files.
+        """
+        path = Path(path)
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise TinkerError(
+                f"{file}: not found (only fast tokenizers are supported; save one with transformers' "
+                "tokenizer.save_pretrained)"
+            )
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as exc:
+            raise TinkerError(f"{file}: cannot be read ({exc}) (file corrupt? download it again)") from exc
+        config = _read_json(path / "tokenizer_config.json")
+        token_map = _read_json(path / "special_tokens_map.json")
+        generation = _read_json(path / "generation_config.json")
+        named = {name: _token_text(config.get(name, token_map.get(name))) for name in _NAMED}
+
+        # Named and extra special tokens not yet in the added vocabulary become special, whole-matched tokens.
+        added = {t.content for t in backend.get_added_tokens_decoder().values()}
+        extra = [
+            *_as_list(config.get("additional_special_tokens", token_map.get("additional_special_tokens"))),
+            *_as_list(config.get("extra_special_tokens")),
+        ]
+        missing = [t for t in [*named.values(), *map(_token_text, extra)] if t is not None and t not in added]
+        if missing:
+            backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(missing)])
+
+        # BOS/EOS come from tokenizer.json's post-processor alone: transformers 5 drops tokenizer_config.json's
+        # add_bos_token/add_eos_token whenever a tokenizer.json exists, and adds nothing when it has no post-processor.
+        eos_ids = generation.get("eos_token_id")
+        eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
+        return cls(
+            backend,
+            **named,
+            extra_stop_ids=eos_ids,
+            chat_template=_hf_chat_template(path, config),
+            # transformers skips this clean-up for BPE models, where it would eat real spaces.
+            clean_up_spaces=bool(config.get("clean_up_tokenization_spaces"))
+            and not isinstance(backend.model, models.BPE),
+        )
+
+    @classmethod
+    def from_gguf_metadata(cls, metadata: dict[str, Any], path: str | os.PathLike) -> Tokenizer:
+        """Build the tokenizer a GGUF file's `tokenizer.ggml.*` metadata describes.
+
+        Raises:
+            TinkerError: no vocabulary, an unsupported `tokenizer.ggml.model`, or special ids out of range.
+        """
+        model = metadata.get("tokenizer.ggml.model")
+        tokens = metadata.get("tokenizer.ggml.tokens")
+        if not tokens:
+            raise TinkerError(f"{path}: metadata key tokenizer.ggml.tokens is missing (the file has no tokenizer)")
+        types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if len(types) != len(tokens):
+            raise TinkerError(
+                f"{path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens "
+                "(file inconsistent; re-convert it)"
+            )
+        if model not in ("gpt2", "llama"):
+            raise TinkerError(f"{path}: tokenizer.ggml.model {model!r} is not supported (supported: gpt2, llama)")
+        try:
+            if model == "gpt2":
+                backend, tokens = _byte_level_bpe(tokens, types, metadata)
+            else:
+                backend = _sentencepiece_bpe(tokens, metadata, path)
+        except TinkerError:
+            raise
+        except Exception as exc:  # tokenizers rejects e.g. a merge naming a token not in the vocabulary
+            raise TinkerError(
+                f"{path}: the tokenizer metadata is inconsistent ({exc}) (re-convert the model with llama.cpp)"
+            ) from exc
+
+        # Control tokens are special; user-defined ones are plain added tokens. Both are matched whole in text.
+        backend.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL]
+        )
+        backend.add_tokens(
+            [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED]
+        )
+
+        def token(key: str) -> str | None:
+            i = metadata.get(f"tokenizer.ggml.{key}")
+            if i is None:
+                return None
+            if not 0 <= i < len(tokens):
+                raise TinkerError(
+                    f"{path}: tokenizer.ggml.{key} is {i}, outside the vocabulary of {len(tokens)} tokens "
+                    "(file inconsistent; re-convert it)"
+                )
+            return tokens[i]
+
+        named = {
+            "bos_token": token("bos_token_id"),
+            "eos_token": token("eos_token_id"),
+            "unk_token": token("unknown_token_id"),
+            "pad_token": token("padding_token_id"),
+        }
+        # transformers adds the named tokens as special tokens; the same ids, now also matched whole in text.
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in named.values() if t])
+        # llama.cpp adds BOS to a sentencepiece vocabulary that does not say otherwise.
+        add_bos = metadata.get("tokenizer.ggml.add_bos_token", model == "llama")
+        add_eos = metadata.get("tokenizer.ggml.add_eos_token", False)
+        _set_template(backend, named["bos_token"] if add_bos else None, named["eos_token"] if add_eos else None)
+        # End-of-turn and end-of-message tokens also end generation, as in llama.cpp.
+        extra = [metadata.get(f"tokenizer.ggml.{key}") for key in ("eot_token_id", "eom_token_id")]
+        return cls(
+            backend,
+            **named,
+            extra_stop_ids=[i for i in extra if i is not None and 0 <= i < len(tokens)],
+            chat_template=metadata.get("tokenizer.chat_template"),
+        )
+
+
+def _token_id(backend: tokenizers.Tokenizer, token: str | None) -> int | None:
+    return None if token is None else backend.token_to_id(token)
+
+
+def _token_text(value: Any) -> str | None:
+    """A token as tokenizer_config.json spells it: a string, or an AddedToken dict with "content"."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _read_json(file: Path) -> dict:
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TinkerError(f"{file}: not valid JSON ({exc}) (fix or delete the file)") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def _hf_chat_template(path: Path, config: dict) -> str | None:
+    """chat_template.jinja wins over tokenizer_config.json, as in transformers; chat_template.json comes last."""
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if template is None:
+        template = _read_json(path / "chat_template.json").get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _set_template(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None) -> None:
+    """Post-processor adding `bos` before and `eos` after each sequence (either may be None), as transformers does."""
+    single = f"{bos + ':0 ' if bos else ''}$A:0{' ' + eos + ':0' if eos else ''}"
+    pair = f"{single}{' ' + bos + ':1' if bos else ''} $B:1{' ' + eos + ':1' if eos else ''}"
+    special = [(t, backend.token_to_id(t)) for t in dict.fromkeys(t for t in (bos, eos) if t)]
+    backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+
+
+def _clean_up_spaces(text: str) -> str:
+    """Drop the spaces WordPiece-style decoding leaves before punctuation and English contractions."""
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character map: printable Latin-1 bytes stand for themselves, the rest move to 256+."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(shifted)}}
+
+
+def _byte_level_bpe(tokens: list[str], types: list[int], metadata: dict) -> tuple[tokenizers.Tokenizer, list[str]]:
+    """GPT-2 style BPE over bytes. Returns the backend and the token spellings as the backend knows them."""
+    alphabet = _byte_alphabet()
+    letters = set(alphabet.values())
+    # A normal token outside the byte alphabet could never come out of the byte-level pre-tokenizer; spell it in
+    # the alphabet, as transformers does. Control and user-defined tokens are matched as text and keep their form.
+    spelled = [
+        t if k in (CONTROL, USER_DEFINED) or set(t) <= letters else "".join(alphabet[b] for b in t.encode("utf-8"))
+        for t, k in zip(tokens, types)
+    ]
+    vocab = {t: i for i, t in enumerate(spelled)}
+    merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges") or []]
+    backend = tokenizers.Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
+                   fuse_unk=False)
+    )
+    split = PRE_TOKENIZER_SPLITS.get(metadata.get("tokenizer.ggml.pre"))
+    if split is None:  # GPT-2's own pattern, built into ByteLevel
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(split), behavior="isolated"),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+    backend.decoder = decoders.ByteLevel()
+    return backend, spelled
+
+
+def _sentencepiece_bpe(tokens: list[str], metadata: dict, path: Any) -> tokenizers.Tokenizer:
+    """SentencePiece-style BPE: "▁" marks spaces, merges ranked by score, unknown bytes as <0xNN> tokens."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = metadata.get("tokenizer.ggml.merges")
+    if merges:
+        merges = [tuple(m.split(" ", 1)) for m in merges]
+    else:
+        scores = metadata.get("tokenizer.ggml.scores")
+        if scores is None or len(scores) != len(tokens):
+            raise TinkerError(
+                f"{path}: a sentencepiece vocabulary needs tokenizer.ggml.scores (one per token) or "
+                "tokenizer.ggml.merges (re-convert the model with llama.cpp)"
+            )
+        merges = _merges_from_scores(tokens, scores, vocab)
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, fuse_unk=True,
+                                              byte_fallback=True))
+    # A leading "▁" on the first piece only, as sentencepiece adds one "dummy prefix" per text.
+    # llama.cpp honours add_space_prefix=False; transformers (5.24) always prepends.
+    prefix = metadata.get("tokenizer.ggml.add_space_prefix", True)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never",
+                                                     split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    backend.decoder = decoders.Sequence(steps)
+    return backend
+
+
+def _merges_from_scores(tokens: list[str], scores: list[float], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Recover BPE merges from a vocabulary and its scores: every way to cut a token into two vocabulary tokens.
+
+    A merge ranks by the score of the token it makes (higher first), then by longer left, then longer right
+    piece; ties keep vocabulary order. This is the order transformers derives, so ids match it.
+    """
+    found = []  # (left, right, score of left + right)
+    for merged, score in dict(zip(tokens, scores)).items():
+        cuts = [(merged[:k], merged[k:]) for k in range(1, len(merged))]
+        cuts = [(left, right) for left, right in cuts if left in vocab and right in vocab]
+        cuts.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        found.extend((left, right, score) for left, right in cuts)
+    # Python's sort is stable, also with reverse=True, so equal keys keep the order built above.
+    found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in found]

@@ -378,6 +378,12 @@ class GGUFCheckpoint:
             out[hf_name] = tensor
         return out
 
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor by its GGUF name, dequantized to fp32, in torch shape order (no renaming or permutation)."""
+        if name not in self._tensors:
+            raise TinkerError(f"{self.path}: no tensor named {name}")
+        return self._dequantize(self._tensors[name])
+
     def _dequantize(self, tensor: ReaderTensor) -> torch.Tensor:
         from gguf import GGMLQuantizationType as T
         from gguf.quants import dequantize

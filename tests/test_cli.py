@@ -169,3 +169,75 @@ def test_bad_model_leaves_store_unchanged(tmp_path, store_home):
     assert_user_error(cli("pull", str(bad), "--name", "broken"), "broken")
     after = sorted(p.relative_to(store_home) for p in store_home.rglob("*")) if store_home.exists() else []
     assert [p for p in after if "models" in p.parts] == [p for p in before if "models" in p.parts]
+
+
+def _copy(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k)
+        else:
+            cfg[k] = v
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path, smollm2_gguf):
+    """A real GGUF, copied so it can be damaged."""
+    path = tmp_path / "model.gguf"
+    path.write_bytes(smollm2_gguf.read_bytes())
+    return path
+
+
+def test_truncated_gguf(tiny_gguf):
+    data = tiny_gguf.read_bytes()
+    tiny_gguf.write_bytes(data[: len(data) - 1000])
+    assert_user_error(cli("run", str(tiny_gguf), "hi"), "model.gguf", "truncated")
+
+
+def test_corrupt_gguf_header(tiny_gguf):
+    data = bytearray(tiny_gguf.read_bytes())
+    data[8:24] = b"\xff" * 16  # tensor and metadata counts become absurd
+    tiny_gguf.write_bytes(bytes(data))
+    assert_user_error(cli("run", str(tiny_gguf), "hi"), "model.gguf")
+
+
+def test_corrupt_safetensors(tiny, tmp_path):
+    bad = _copy(tiny, tmp_path / "bad")
+    (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" + b"\0" * 64)
+    assert_user_error(cli("run", str(bad), "hi"), "model.safetensors")
+
+
+def test_config_missing_key(tiny, tmp_path):
+    bad = _copy(tiny, tmp_path / "bad")
+    _edit_config(bad, num_hidden_layers=None)
+    assert_user_error(cli("run", str(bad), "hi"), "config.json", "num_hidden_layers")
+
+
+def test_config_shapes_contradict_tensors(tiny, tmp_path):
+    bad = _copy(tiny, tmp_path / "bad")
+    _edit_config(bad, hidden_size=96)
+    assert_user_error(cli("run", str(bad), "hi"), "bad", "shape")
+
+
+def test_unknown_architecture(tiny, tmp_path):
+    bad = _copy(tiny, tmp_path / "bad")
+    _edit_config(bad, model_type="mamba")
+    assert_user_error(cli("run", str(bad), "hi"), "'mamba' is not supported", "llama", "qwen3", "gpt2")
+
+
+def test_hub_sha_mismatch_via_cli(tiny, store_home):
+    from hubserver import HubServer, Repo
+
+    files = {f.name: f.read_bytes() for f in tiny.iterdir()}
+    with HubServer(repos={"org/tiny": Repo(files)}, wrong_sha={"model.safetensors"}) as hub:
+        proc = cli("pull", "hf:org/tiny", env={"HF_ENDPOINT": hub.url})
+    assert_user_error(proc, "model.safetensors", "sha256")
+    assert not (store_home / "models").exists() or not any((store_home / "models").iterdir())

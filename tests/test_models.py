@@ -75,3 +75,19 @@ def test_prompt_longer_than_context(checkpoints):
     llm = tinkerlm.load(str(path))
     with pytest.raises(TinkerError, match="do not fit the model's context of 128"):
         llm.generate("x" * 200, max_tokens=4)
+
+
+def test_sharded_checkpoint_loads_like_single(tmp_path):
+    """An HF directory saved in several safetensors shards (with index) gives the same logits."""
+    ref = make_hf_model("qwen3", tmp_path / "single")
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    from tiny import write_tokenizer
+
+    write_tokenizer(tmp_path / "sharded")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = ref(ids).logits
+        got = tinkerlm.load(str(tmp_path / "sharded")).model(ids)
+    assert (got - want).abs().max().item() <= 1e-4

@@ -233,10 +233,20 @@ def list_models() -> list[Manifest]:
     return out
 
 
-def _not_found(name: str, ref: str) -> TinkerError:
+def _suggest(name: str, catalogue: bool = True) -> list[str]:
+    """Stored refs (and catalogue names) close to `name`, matching on the full ref or the name part alone."""
+    want = name.partition(":")[0]
     refs = [m.ref for m in list_models()]
-    close = difflib.get_close_matches(ref, refs, n=3, cutoff=0.5)
-    close += [r for r in refs if r.split(":")[0] == ref.split(":")[0] and r not in close]  # same name, other tag
+    close = [r for r in refs if r.partition(":")[0] == want]  # same name, other tag
+    close += [r for r in refs if difflib.get_close_matches(want, [r.partition(":")[0]], cutoff=0.6)]
+    close += difflib.get_close_matches(name, refs, n=3, cutoff=0.5)
+    if catalogue:
+        close += difflib.get_close_matches(want, list(CATALOGUE), n=3, cutoff=0.6)
+    return list(dict.fromkeys(close))[:5]
+
+
+def _not_found(name: str, ref: str) -> TinkerError:
+    close = _suggest(ref, catalogue=False)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     return TinkerError(
         f"model {name!r} ({ref}) is not in the store ({home()}); {hint}"
@@ -326,9 +336,8 @@ def format_manifest(m: Manifest) -> str:
     lines = [f"{k + ':':<{width}} {v}" for k, v in rows]
     lines.append("files:")
     lines += [f"  {f['path']}  {format_size(f['size'])}  sha256:{f['sha256']}" for f in m.files]
-    if m.parents:
-        lines.append("parents:")
-        lines += [f"  {p.get('relation', '?')}: {p.get('name')}  sha256:{p.get('sha256')}" for p in m.parents]
+    lines.append("parents:" if m.parents else "parents:        none (pulled as published, not derived here)")
+    lines += [f"  {p.get('relation', '?')}: {p.get('name')}  sha256:{p.get('sha256')}" for p in m.parents]
     return "\n".join(lines)
 
 
@@ -690,7 +699,7 @@ def pull(source: str, name: str | None = None, *, force: bool = False, progress:
         return _pull_local(path, name, force, progress)
     if "/" in source or os.sep in source or source.endswith(".gguf"):
         raise TinkerError(f"{source}: no such file or directory")
-    close = difflib.get_close_matches(base, list(CATALOGUE), n=3, cutoff=0.5)
+    close = _suggest(source)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise TinkerError(
         f"unknown model {source!r}: not in the catalogue ({', '.join(sorted(CATALOGUE))}) nor a local path; "

@@ -12,7 +12,7 @@ import pytest
 import tinkerlm
 from tiny import CONFIGS, make_hf_model
 
-VERBS = ["pull", "list", "show", "rm", "run", "chat"]
+VERBS = ["pull", "list", "show", "rm", "run", "chat", "serve", "bench"]
 
 
 def cli(*args, input=None, env=None, check=None):

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -126,8 +127,41 @@ class LLM:
                 yield chunk.text
 
 
-def load(name_or_path: str, *, dtype: str = "float32", pull: bool = True) -> LLM:
-    """Load a model by store name (pulling catalogue/hub names if missing), GGUF path or HF directory."""
+def physical_cores() -> int:
+    """Physical CPU cores (hyperthreads share a core's vector units, so they slow matrix work down)."""
+    try:
+        cores = set()
+        phys = core = None
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("physical id"):
+                phys = line.split(":")[1].strip()
+            elif line.startswith("core id"):
+                core = line.split(":")[1].strip()
+                cores.add((phys, core))
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+QUANTS = ("native", "int8", "int4", "bf16", "fp32")
+
+
+def load(name_or_path: str, *, dtype: str = "float32", quant: str = "native", threads: int | None = None,
+         pull: bool = True) -> LLM:
+    """Load a model by store name (pulling catalogue/hub names if missing), GGUF path or HF directory.
+
+    Args:
+        dtype: activation dtype and dtype of unquantized weights.
+        quant: weight format: "native" keeps a GGUF's quantization, "int8"/"int4" quantize, "bf16"/"fp32" dequantize.
+        threads: CPU threads for torch and the kernels; default the number of physical cores.
+    """
+    if quant not in QUANTS:
+        raise TinkerError(f"quant: '{quant}' is not one of {', '.join(QUANTS)}")
+    if threads is not None and threads < 1:
+        raise TinkerError(f"threads: must be >= 1, got {threads}")
+    torch.set_num_threads(threads or physical_cores())
     torch_dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(dtype)
     if torch_dtype is None:

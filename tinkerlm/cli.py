@@ -26,8 +26,17 @@ def _sampling(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag, type=typ, default=default, help=f"{help_} (default: {default})")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text appears; repeatable (default: none)")
+    _model_flags(g)
+
+
+def _model_flags(g) -> None:
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weight and activation dtype (default: float32)")
+                   help="activation dtype and dtype of unquantized weights (default: float32)")
+    g.add_argument("--quant", default="native", choices=["native", "int8", "int4", "bf16", "fp32"],
+                   help="weight format: native keeps a GGUF's quantization (Q4_0/Q4_1/Q8_0, K-quants repacked); "
+                   "int8/int4 quantize; bf16/fp32 dequantize (default: native)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: the number of physical cores)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -71,6 +80,27 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="store name, .gguf path or Hugging Face directory")
     s.add_argument("--system", default=None, help="system prompt")
     _sampling(s)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web playground", formatter_class=fmt,
+                       description="Serve models over an OpenAI-compatible API (/v1/chat/completions, "
+                       "/v1/completions, /v1/models) with continuous batching, and a web playground at /.")
+    s.add_argument("models", nargs="*", default=["smollm2"], help="models to serve (store names or paths)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
+    s.add_argument("--port", type=int, default=8000, help="TCP port")
+    s.add_argument("--api-key", default=None, help="require this bearer token (default: none; env TINKERLM_API_KEY)")
+    s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together in one forward pass")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before 429")
+    _model_flags(s)
+
+    s = sub.add_parser("bench", help="measure load, prefill and decode speed and memory", formatter_class=fmt,
+                       description="Measure load time, prefill tok/s, decode tok/s, time to first token, peak RSS "
+                       "and effective memory bandwidth of one model.")
+    s.add_argument("model", nargs="?", default="smollm2", help="store name, .gguf path or Hugging Face directory")
+    s.add_argument("--prompt-tokens", default="128,512", help="prefill lengths to time, comma-separated")
+    s.add_argument("--decode-tokens", type=int, default=256, help="tokens to decode")
+    s.add_argument("--runs", type=int, default=3, help="repetitions; the median is reported")
+    s.add_argument("--json", action="store_true", help="print results as JSON")
+    _model_flags(s)
     return p
 
 
@@ -116,6 +146,24 @@ def cmd_rm(a) -> None:
     print(f"removed {m.ref}")
 
 
+def _load_options(a) -> dict:
+    return {"dtype": a.dtype, "quant": a.quant, "threads": a.threads}
+
+
+def cmd_serve(a) -> None:
+    from tinkerlm.serve.server import serve
+
+    serve(a.models, host=a.host, port=a.port, api_key=a.api_key, max_batch=a.max_batch, max_queue=a.max_queue,
+          **_load_options(a))
+
+
+def cmd_bench(a) -> None:
+    from tinkerlm.bench import bench
+
+    bench(a.model, prompt_tokens=a.prompt_tokens, decode_tokens=a.decode_tokens, runs=a.runs, json=a.json,
+          **_load_options(a))
+
+
 def cmd_run(a) -> None:
     import tinkerlm
     from tinkerlm.errors import TinkerError
@@ -123,7 +171,7 @@ def cmd_run(a) -> None:
     prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
     if not prompt.strip():
         raise TinkerError("prompt: empty (give a prompt, or pipe one in with '-')")
-    llm = tinkerlm.load(a.model, dtype=a.dtype)
+    llm = tinkerlm.load(a.model, **_load_options(a))
     use_chat = a.chat if a.chat is not None else bool(llm.tokenizer.chat_template)
     if use_chat:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
@@ -142,11 +190,12 @@ def cmd_chat(a) -> None:
     import tinkerlm
     from tinkerlm.chat import repl
 
-    llm = tinkerlm.load(a.model, dtype=a.dtype)
+    llm = tinkerlm.load(a.model, **_load_options(a))
     repl(llm, system=a.system, **_gen_options(a))
 
 
-COMMANDS = {"pull": cmd_pull, "list": cmd_list, "show": cmd_show, "rm": cmd_rm, "run": cmd_run, "chat": cmd_chat}
+COMMANDS = {"pull": cmd_pull, "list": cmd_list, "show": cmd_show, "rm": cmd_rm, "run": cmd_run, "chat": cmd_chat,
+            "serve": cmd_serve, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,8 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def ours(smollm2_gguf):
-    return tinkerlm.load(str(smollm2_gguf))
+    """The fp32 path: the same dequantized weights transformers uses (tests/test_quant.py checks native)."""
+    return tinkerlm.load(str(smollm2_gguf), quant="fp32")
 
 
 @pytest.fixture(scope="module")

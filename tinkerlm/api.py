@@ -42,12 +42,18 @@ def resolve(name_or_path: str, pull: bool = True):
     return store.model_path(manifest), manifest
 
 
-def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer, generation_config) from a GGUF file or a Hugging Face model directory."""
+def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, quant: str = "native"):
+    """(model, tokenizer, generation_config) from a GGUF file or a Hugging Face model directory.
+
+    `quant` picks the weight format (see `load`); quantized layers are module swaps from `tinkerlm.quant`.
+    """
     from tinkerlm import models
+    from tinkerlm import quant as q
     from tinkerlm.formats.tokenizer import Tokenizer
 
     source = str(path)
+    if quant in ("bf16", "fp32"):
+        dtype = torch.bfloat16 if quant == "bf16" else torch.float32
     if path.is_dir():
         from tinkerlm.formats import hf
 
@@ -62,10 +68,17 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32):
         ckpt = read_gguf(path)
         config = ckpt.config()
         model = models.build(config, source)
-        state_dict = ckpt.state_dict()
+        state_dict = ckpt.state_dict(packed=quant == "native" and dtype == torch.float32)
         tokenizer = ckpt.tokenizer()
         gen_config = {}
-    models.load_weights(model, state_dict, source, dtype)
+    packed = {k: v for k, v in state_dict.items() if isinstance(v, q.QTensor)}
+    plain = {k: v for k, v in state_dict.items() if k not in packed}
+    models.load_weights(model, plain, source, dtype, provided=set(packed))
+    q.attach(model, packed, source)
+    if quant in ("int8", "int4"):
+        q.quantize(model, 8 if quant == "int8" else 4)
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers())), "weights left unset"
+    q.fuse(model)
     return model, tokenizer, gen_config
 
 
@@ -166,7 +179,9 @@ def load(name_or_path: str, *, dtype: str = "float32", quant: str = "native", th
                    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise TinkerError(f"dtype: '{dtype}' is not one of float32, bfloat16, float16")
+    if quant in ("int8", "int4") and torch_dtype != torch.float32:
+        raise TinkerError(f"quant: {quant} weights run with float32 activations (drop --dtype {dtype})")
     path, manifest = resolve(name_or_path, pull=pull)
-    model, tokenizer, gen_config = load_checkpoint(path, torch_dtype)
+    model, tokenizer, gen_config = load_checkpoint(path, torch_dtype, quant)
     name = manifest.ref if manifest else str(path)
     return LLM(model, tokenizer, name, manifest, gen_config)

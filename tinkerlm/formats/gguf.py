@@ -38,6 +38,9 @@ SUPPORTED_VERSIONS = (2, 3)
 # general.architecture -> parameter naming family. llama.cpp stores Llama 2/3, Mistral and SmolLM as "llama".
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gpt2": "gpt2"}
 
+# Types read as plain floats even when packing.
+FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
+
 # llama.cpp's converter interleaves the rotary halves of attn_q/attn_k rows for these architectures only.
 ROPE_PERMUTED = {"llama", "mistral"}
 
@@ -361,9 +364,12 @@ class GGUFCheckpoint:
             )
         return plan
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter under its HF name, dequantized to fp32, linear weights as (out_features, in_features).
+    def state_dict(self, packed: bool = False) -> dict[str, "torch.Tensor | QTensor"]:
+        """Every parameter under its HF name, linear weights as (out_features, in_features).
 
+        Args:
+            packed: keep quantized 2-D weights quantized, as `tinkerlm.quant.QTensor` (repacked for the kernels);
+                float tensors and 1-D ones are still returned as fp32 tensors. Default: everything dequantized.
         Raises:
             TinkerError: unused or missing tensors, a shape contradicting the metadata, or an unknown tensor type.
         """
@@ -371,12 +377,30 @@ class GGUFCheckpoint:
         permuted = self.architecture in ROPE_PERMUTED
         out = {}
         for name, (hf_name, template) in self._plan.items():
-            tensor = self._dequantize(self._tensors[name])
+            reader_tensor = self._tensors[name]
+            if packed and reader_tensor.tensor_type.name not in FLOAT_TYPES and len(reader_tensor.shape) == 2:
+                tensor = self._packed(reader_tensor)
+            else:
+                tensor = self._dequantize(reader_tensor)
             if permuted and template.startswith(("blk.{i}.attn_q.", "blk.{i}.attn_k.")):
                 heads = config["num_attention_heads" if ".attn_q." in template else "num_key_value_heads"]
-                tensor = unpermute_rope(tensor, heads)
+                if isinstance(tensor, torch.Tensor):
+                    tensor = unpermute_rope(tensor, heads)
+                else:  # a row permutation: packed rows move whole
+                    tensor = tensor.rows(unpermute_rope(torch.arange(tensor.shape[0]), heads))
             out[hf_name] = tensor
         return out
+
+    def _packed(self, tensor: ReaderTensor):
+        from gguf.quants import dequantize
+
+        from tinkerlm.quant.qtensor import fits, from_gguf
+
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        if not fits(shape, 8):  # rows not in whole blocks of 32: keep it float
+            return self._dequantize(tensor)
+        raw = np.asarray(tensor.data).reshape(shape[0], -1)
+        return from_gguf(raw, tensor.tensor_type.name, shape, lambda r: dequantize(r, tensor.tensor_type))
 
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor by its GGUF name, dequantized to fp32, in torch shape order (no renaming or permutation)."""

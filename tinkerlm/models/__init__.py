@@ -48,8 +48,9 @@ def hf_layout(config: dict, state_dict: dict, source: str) -> dict:
     return convert(state_dict) if convert else state_dict
 
 
-def load_weights(model: torch.nn.Module, state_dict: dict, source: str, dtype: torch.dtype = torch.float32) -> None:
-    """Assign `state_dict` to `model` with strict accounting.
+def load_weights(model: torch.nn.Module, state_dict: dict, source: str, dtype: torch.dtype = torch.float32,
+                 provided: set[str] = frozenset()) -> None:
+    """Assign `state_dict` to `model` with strict accounting; `provided` names are loaded elsewhere (quantized).
 
     Raises TinkerError listing tensors the checkpoint has that the model does not use, parameters the checkpoint
     leaves unset, or a tensor whose shape contradicts the config.
@@ -60,18 +61,18 @@ def load_weights(model: torch.nn.Module, state_dict: dict, source: str, dtype: t
     if tied:  # some tied checkpoints still store the head; it repeats the embedding and is not used
         state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
     unused = sorted(set(state_dict) - expected)
-    missing = sorted(expected - set(state_dict))
+    missing = sorted(expected - set(state_dict) - set(provided))
     if unused:
         raise TinkerError(f"{source}: checkpoint tensors not used by the model: {_few(unused)} (wrong architecture?)")
     if missing:
         raise TinkerError(f"{source}: checkpoint is missing tensors: {_few(missing)} (incomplete or wrong config?)")
-    for name in expected:
+    for name in expected & set(state_dict):
         want, got = tuple(params[name].shape), tuple(state_dict[name].shape)
         if want != got:
             raise TinkerError(
                 f"{source}: tensor {name} has shape {list(got)}, config implies {list(want)} (config and weights disagree)"
             )
-    model.load_state_dict({n: state_dict[n].to(dtype) for n in expected}, strict=False, assign=True)
+    model.load_state_dict({n: state_dict[n].to(dtype) for n in expected & set(state_dict)}, strict=False, assign=True)
     model.tie_weights()
     model.eval()
     model.requires_grad_(False)

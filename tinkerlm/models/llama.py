@@ -186,9 +186,14 @@ class LlamaForCausalLM(CausalLM):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    # A fused one-token decode step (tinkerlm.quant.decode) attached to quantized models; None runs the modules.
+    fused_decode = None
+
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, logits_at: torch.Tensor | None = None):
         """Logits (B, T, V) for `input_ids` (B, T), or (B, 1, V) at per-row index `logits_at` (B,)."""
         B, T = input_ids.shape
+        if self.fused_decode is not None and T == 1 and cache is not None:
+            return self.fused_decode(input_ids, cache)
         positions, k_pos, kv_len = self.step_inputs(input_ids, cache, self.max_context, self.source)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)

@@ -1,0 +1,86 @@
+"""Perplexity of a causal language model on a text, with sliding windows.
+
+The text is tokenized once into ids x_0 .. x_{N-1}. Every token but the first is scored exactly once, so
+
+    PPL = exp( -1/(N-1) * sum_{t=1}^{N-1} log p(x_t | x_{max(0, s_t)} .. x_{t-1}) )
+
+where the conditioning context of x_t is the window it is scored in. Windows hold `context` tokens and start
+every `stride` tokens (default `context // 2`, as in the Hugging Face perplexity guide); a window scores only the
+tokens that no earlier window scored, so each scored token (after the first window) sees at least
+`context - stride` tokens of context. `stride == context` gives disjoint windows (fastest, least context).
+Log-probabilities are `log_softmax` of the logits in fp32, whatever the model's dtype.
+
+Reference: Hugging Face Transformers docs, "Perplexity of fixed-length models".
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from tinkerlm.errors import TinkerError
+
+DATA = Path(__file__).parent / "data"
+DEFAULT_TEXT = DATA / "alice_ch1-2.txt"  # public domain, see data/README.md
+
+
+def shipped_text() -> str:
+    """The fixed public-domain evaluation text shipped with tinkerlm (chapters I-II of Alice in Wonderland)."""
+    return DEFAULT_TEXT.read_text(encoding="utf-8")
+
+
+def windows(n_tokens: int, context: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """(begin, end, first_scored) per window over ids[begin:end]; targets first_scored..end-1 are scored there.
+
+    Every position 1..n_tokens-1 is a target in exactly one window.
+    """
+    scored_to = 1  # position 0 has no context and is never a target
+    begin = 0
+    while scored_to < n_tokens:
+        end = min(begin + context, n_tokens)
+        if end > scored_to:
+            yield begin, end, scored_to
+            scored_to = end
+        begin += stride
+
+
+@torch.inference_mode()
+def token_nll(model, ids: Sequence[int], *, context: int = 512, stride: int | None = None) -> torch.Tensor:
+    """Negative log-likelihood (fp32, nats) of each of ids[1:], shape (N-1,), scored with sliding windows."""
+    if len(ids) < 2:
+        raise TinkerError("perplexity: the text has fewer than 2 tokens (give a longer text)")
+    max_context = getattr(model, "max_context", None)
+    if max_context is not None:
+        context = min(context, max_context)
+    stride = stride or max(1, context // 2)
+    if context < 2 or not 1 <= stride <= context:
+        raise TinkerError(f"perplexity: need context >= 2 and 1 <= stride <= context (got {context}, {stride})")
+    ids_t = torch.as_tensor(list(ids), dtype=torch.long)
+    nll = torch.empty(len(ids) - 1, dtype=torch.float32)
+    for begin, end, first in windows(len(ids), context, stride):
+        logits = model(ids_t[None, begin:end])[0]  # (T, V); logits[i] predicts ids[begin + i + 1]
+        pred = logits[first - 1 - begin : end - 1 - begin].float()  # (n_targets, V)
+        logp = torch.log_softmax(pred, dim=-1)
+        targets = ids_t[first:end]  # (n_targets,)
+        nll[first - 1 : end - 1] = -logp.gather(-1, targets[:, None])[:, 0]
+    return nll
+
+
+def perplexity(model, tokenizer, text: str, *, context: int = 512, stride: int | None = None,
+               add_special_tokens: bool = True) -> float:
+    """exp(mean NLL) of `text` under `model` (see the module docstring for the windows).
+
+    Args:
+        model: a tinkerlm CausalLM (or any callable mapping ids (1, T) to logits (1, T, V)).
+        tokenizer: the model's tokenizer; the text is encoded once, with the tokenizer's BOS if it adds one.
+        context: tokens per window (capped at the model's context).
+        stride: tokens between window starts; default context // 2.
+    Raises:
+        TinkerError: the text has fewer than 2 tokens, or context/stride are out of range.
+    """
+    ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    nll = token_nll(model, ids, context=context, stride=stride)
+    return math.exp(nll.double().mean().item())

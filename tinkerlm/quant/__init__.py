@@ -1,0 +1,92 @@
+"""Quantized weights as module swaps: `attach` packed weights from a GGUF, `quantize` float ones, `fuse` for decode.
+
+Models never subclass or copy for quantization: nn.Linear becomes `QLinear` and nn.Embedding `QEmbedding` in
+place, tied weights stay tied (one packed tensor, two modules), and the fused decode step is attached to a model
+whose layers are all quantized. See qtensor.py for the format and kernels.cpp for the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tinkerlm.errors import TinkerError
+from tinkerlm.quant.linear import QEmbedding, QLinear
+from tinkerlm.quant.qtensor import QTensor, fits
+from tinkerlm.quant.qtensor import quantize as quantize_tensor
+
+__all__ = ["QTensor", "QLinear", "QEmbedding", "attach", "quantize", "fuse", "weight_bytes"]
+
+
+def _swap(model: nn.Module, module_name: str, new: nn.Module) -> None:
+    parent_name, _, attr = module_name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+
+
+def _quantized(module: nn.Module, weight: QTensor) -> nn.Module:
+    if isinstance(module, nn.Embedding):
+        return QEmbedding(weight)
+    bias = module.bias if module.bias is not None and not module.bias.is_meta else None
+    return QLinear(weight, bias)
+
+
+def _holders(model: nn.Module) -> dict[int, list[str]]:
+    """id(weight parameter) -> names of the Linear/Embedding modules holding it (tied weights have several)."""
+    out: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            out.setdefault(id(module.weight), []).append(name)
+    return out
+
+
+def attach(model: nn.Module, packed: dict[str, QTensor], source: str) -> None:
+    """Swap in quantized modules for the weights in `packed` (HF parameter name -> QTensor)."""
+    holders = _holders(model)
+    for name, qt in packed.items():
+        module_name = name.removesuffix(".weight")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            raise TinkerError(f"{source}: checkpoint tensor {name} is not used by the model") from None
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            raise TinkerError(f"{source}: tensor {name} is quantized but its module is a {type(module).__name__}")
+        if tuple(module.weight.shape) != qt.shape:
+            raise TinkerError(f"{source}: tensor {name} has shape {list(qt.shape)}, config implies "
+                              f"{list(module.weight.shape)} (config and weights disagree)")
+        for holder in holders[id(module.weight)]:  # the tied head too
+            _swap(model, holder, _quantized(model.get_submodule(holder), qt))
+
+
+def quantize(model: nn.Module, bits: int) -> None:
+    """Quantize every float nn.Linear and nn.Embedding to `bits` (8, or 4 where rows allow, else 8)."""
+    for ids in _holders(model).values():
+        module = model.get_submodule(ids[0])
+        w = module.weight.detach()
+        b = bits if fits(w.shape, bits) else 8
+        if not fits(w.shape, b):
+            continue  # rows not in whole blocks: stays float
+        qt = quantize_tensor(w, b)
+        for holder in ids:
+            _swap(model, holder, _quantized(model.get_submodule(holder), qt))
+
+
+def fuse(model: nn.Module) -> bool:
+    """Attach the fused C++ decode step where the model and kernels allow it; returns whether it did."""
+    from tinkerlm.quant.decode import FusedLlamaDecoder
+    from tinkerlm.quant.kernels import ops
+
+    if ops() is None or not FusedLlamaDecoder.supports(model):
+        return False
+    model.fused_decode = FusedLlamaDecoder(model)
+    return True
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer, counting shared storage once (what a forward pass reads)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total

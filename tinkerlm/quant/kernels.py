@@ -1,0 +1,79 @@
+"""The C++ kernels (kernels.cpp), built on first use with torch's extension tooling, and pure-PyTorch fallbacks.
+
+`ops()` returns the compiled module, or None where it cannot be built (no compiler) or is turned off with
+TINKERLM_KERNELS=0; every caller then takes the fallback, which computes the same thing: activations quantized
+to int16 per block of 32 exactly as the kernel does, integer block products, the same scales.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from tinkerlm.quant.qtensor import QK, QTensor, unpack
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("kernels.cpp")
+
+
+@lru_cache(maxsize=1)
+def ops():
+    """The compiled kernels, or None (then the PyTorch fallbacks run)."""
+    if os.environ.get("TINKERLM_KERNELS", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import _get_build_directory, load
+
+        name = "tinkerlm_kernels_" + _source_hash()
+        if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
+            print("tinkerlm: compiling CPU kernels (once, about a minute)...", file=sys.stderr, flush=True)
+        return load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler, no ninja, a build error: fall back, say so once
+        log.warning("tinkerlm: CPU kernels unavailable (%s); using the slower PyTorch path", str(e).splitlines()[0])
+        return None
+
+
+def _source_hash() -> str:
+    import hashlib
+
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+
+
+def quantize_activations(x: torch.Tensor):
+    """(N, K) float -> int16 values (N, nb, 32), scales (N, nb), block sums * scale (N, nb); as the kernel does."""
+    blocks = x.float().reshape(x.shape[0], -1, QK)
+    d = blocks.abs().amax(-1) / 32767
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = torch.round(blocks * inv[..., None])
+    return q, d, d * q.sum(-1)
+
+
+def qmatmul(x: torch.Tensor, w: QTensor) -> torch.Tensor:
+    """x (..., K) @ W.T with W packed, activations quantized to int16 blocks."""
+    k = ops()
+    if k is not None:
+        return k.qmatmul(x.float().contiguous(), w.q, w.d, w.m)
+    x2 = x.reshape(-1, x.shape[-1])
+    q, xd, xs = quantize_activations(x2)  # (N, nb, 32), (N, nb), (N, nb)
+    u = unpack(w.q, w.bits, w.d.shape[1]).float()  # (R, nb, 32)
+    isum = torch.einsum("nbk,rbk->nrb", q.double(), u.double()).float()  # exact in float64
+    y = (isum * (w.d.float()[None] * xd[:, None])).sum(-1) + xs @ w.m.float().T
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def dequantize(w: QTensor) -> torch.Tensor:
+    k = ops()
+    return k.dequantize(w.q, w.d, w.m) if k is not None else w.dequantize()
+
+
+def embed(ids: torch.Tensor, w: QTensor) -> torch.Tensor:
+    k = ops()
+    if k is not None:
+        return k.embed(ids, w.q, w.d, w.m)
+    return w.rows(ids.reshape(-1)).dequantize().reshape(*ids.shape, w.shape[1])

@@ -1,0 +1,61 @@
+"""Module swaps for quantized weights: `QLinear` for nn.Linear, `QEmbedding` for nn.Embedding.
+
+Small batches (decode) go through the int8-activation kernel, reading the packed weight once; large ones (prefill)
+dequantize the weight into a scratch matrix and use BLAS, where compute, not memory, is the bound.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinkerlm.quant import kernels
+from tinkerlm.quant.qtensor import QTensor
+
+# Rows of activations up to which the quantized kernel beats dequantize + BLAS (measured with `tinkerlm bench`).
+KERNEL_MAX_ROWS = 8
+
+
+class QLinear(nn.Module):
+    def __init__(self, weight: QTensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.bits = weight.bits
+        self.register_buffer("q", weight.q)
+        self.register_buffer("d", weight.d)
+        self.register_buffer("m", weight.m)
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+
+    @property
+    def qweight(self) -> QTensor:
+        return QTensor(self.q, self.d, self.m, self.bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // self.in_features <= KERNEL_MAX_ROWS:
+            y = kernels.qmatmul(x, self.qweight)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x.float(), kernels.dequantize(self.qweight), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+
+class QEmbedding(nn.Module):
+    def __init__(self, weight: QTensor):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.bits = weight.bits
+        self.register_buffer("q", weight.q)
+        self.register_buffer("d", weight.d)
+        self.register_buffer("m", weight.m)
+
+    @property
+    def qweight(self) -> QTensor:
+        return QTensor(self.q, self.d, self.m, self.bits)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return kernels.embed(ids, self.qweight)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"

@@ -1,0 +1,562 @@
+"""The OpenAI-compatible HTTP server (`tinkerlm serve`): FastAPI app, SSE streaming, metrics, playground, shutdown.
+
+Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, GET /metrics
+(Prometheus text format), GET / (the web playground). Responses and errors follow the OpenAI API reference
+(https://platform.openai.com/docs/api-reference); streaming uses server-sent events ending in `data: [DONE]`.
+Generation runs in one `scheduler.Engine` thread per model; handlers only validate, tokenize and relay events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from tinkerlm import chat as chat_mod
+from tinkerlm.errors import TinkerError
+from tinkerlm.generate import SamplingParams
+from tinkerlm.serve.protocol import APIError, ChatRequest, CompletionRequest, parse
+from tinkerlm.serve.scheduler import Engine, Event, Sequence
+
+log = logging.getLogger("tinkerlm.serve")
+
+MAX_BODY = 8 << 20  # bytes; larger bodies get 413
+# The KV cache is preallocated for max_batch x context positions, so a 128k-context model would need tens of GB;
+# contexts are capped at this unless max_context says otherwise.
+DEFAULT_MAX_CONTEXT = 8192
+STATIC = Path(__file__).parent / "static"
+PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics", "/")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was complete (its sequences are cancelled)."""
+
+
+class _State:
+    def __init__(self, engines: dict[str, Engine], api_key: str | None):
+        self.engines = engines
+        self.aliases = dict(engines)
+        for name, e in engines.items():  # a store ref like "smollm2:latest" also finds the model served as "smollm2"
+            self.aliases.setdefault(e.llm.name, e)
+        self.api_key = api_key
+        self.requests: Counter = Counter()  # (path, status) -> count
+        self.started = int(time.time())
+        self.draining = False
+
+    def engine(self, name: str) -> Engine:
+        e = self.aliases.get(name)
+        if e is None:
+            raise APIError(404, f"The model '{name}' does not exist; served models: {', '.join(self.engines)}",
+                           "model", "model_not_found")
+        return e
+
+    def check_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'", None,
+                           "invalid_api_key")
+
+
+class _CountRequests:
+    """ASGI middleware counting responses by path and status (a plain wrapper: it leaves streaming alone)."""
+
+    def __init__(self, app, state: _State):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"] if scope["path"] in PATHS else "other"
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.state.requests[(path, message["status"])] += 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running a request: sequences in, events out
+
+
+class _Run:
+    """The sequences of one request and the queue their events arrive on."""
+
+    def __init__(self, engine: Engine, seqs: list[Sequence], queue: asyncio.Queue):
+        self.engine, self.seqs, self.queue = engine, seqs, queue
+        self.pending = {s.index for s in seqs}
+
+    async def next(self, request: Request | None = None) -> Event:
+        """The next event; with `request`, also watch for the client going away (then cancel and raise)."""
+        if request is None:
+            ev = await self.queue.get()
+        else:
+            get = asyncio.ensure_future(self.queue.get())
+            gone = asyncio.ensure_future(request.receive())  # the body is read: the next message is a disconnect
+            done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+            gone.cancel()
+            if get not in done:
+                get.cancel()
+                self.cancel()
+                raise ClientGone()
+            ev = get.result()
+        if ev.error is not None:
+            self.cancel()
+            raise ev.error
+        if ev.finish_reason is not None:
+            self.pending.discard(ev.index)
+        return ev
+
+    def cancel(self) -> None:
+        for s in self.seqs:
+            if not s.finished:
+                s.cancel()
+
+    @property
+    def done(self) -> bool:
+        return not self.pending
+
+    def usage(self, prompt_tokens: int) -> dict[str, int]:
+        completion = sum(s.generated for s in self.seqs)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion}
+
+
+def _budget(engine: Engine, n_prompt: int, requested: int | None, param: str) -> int:
+    """max_tokens for a prompt of `n_prompt` tokens: the request's, or what is left of the context."""
+    if n_prompt == 0:
+        raise APIError(400, "the prompt is empty (give at least one token of text)", param)
+    ctx = engine.context
+    if requested is None:
+        if n_prompt >= ctx:
+            raise APIError(400, f"This model's maximum context length is {ctx} tokens, but the prompt has "
+                           f"{n_prompt} tokens. Shorten the prompt.", param, "context_length_exceeded")
+        return ctx - n_prompt
+    if n_prompt + requested > ctx:
+        raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
+                       f"{n_prompt + requested} tokens ({n_prompt} in the prompt, {requested} for the completion). "
+                       "Reduce the prompt or max_tokens.", "max_tokens", "context_length_exceeded")
+    return requested
+
+
+def _start(engine: Engine, prompts: list[list[int]], req, max_tokens: list[int], logprobs: int | None) -> _Run:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def emit(ev: Event) -> None:  # called from the engine thread
+        loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+    json_mode = req.response_format is not None and req.response_format.type == "json_object"
+    seqs = []
+    for p, (ids, budget) in enumerate(zip(prompts, max_tokens)):
+        for j in range(req.n):
+            # Choice j uses seed + j, so choice 0 equals `tinkerlm run --seed SEED`.
+            seed = None if req.seed is None else req.seed + j
+            sampling = SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                                      min_p=req.min_p, repetition_penalty=req.repetition_penalty, seed=seed)
+            seqs.append(Sequence(index=p * req.n + j, prompt=ids, max_tokens=budget, sampling=sampling, emit=emit,
+                                 stop=req.stops(), presence_penalty=req.presence_penalty,
+                                 frequency_penalty=req.frequency_penalty, logprobs=logprobs, json_mode=json_mode))
+    engine.submit(seqs)
+    return _Run(engine, seqs, queue)
+
+
+async def _read_json(request: Request) -> Any:
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > MAX_BODY:
+        raise APIError(413, f"request body of {size} bytes is over the limit of {MAX_BODY} bytes")
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise APIError(413, f"request body is over the limit of {MAX_BODY} bytes")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _token_text(engine: Engine, token: int) -> tuple[str, list[int]]:
+    raw = engine.token_bytes()[token] if token < engine.vocab else None
+    if raw is None:
+        return engine.tokenizer.decode([token], skip_special_tokens=False), []
+    return raw.decode("utf-8", errors="replace"), list(raw)
+
+
+def _chat_logprobs(engine: Engine, tokens) -> dict:
+    content = []
+    for t in tokens:
+        text, raw = _token_text(engine, t.id)
+        top = []
+        for tid, lp in t.top:
+            ttext, traw = _token_text(engine, tid)
+            top.append({"token": ttext, "logprob": lp, "bytes": traw})
+        content.append({"token": text, "logprob": t.logprob, "bytes": raw, "top_logprobs": top})
+    return {"content": content, "refusal": None}
+
+
+def _completion_logprobs(engine: Engine, tokens, offset: int = 0) -> dict:
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for t in tokens:
+        text, _ = _token_text(engine, t.id)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(t.logprob)
+        top: dict[str, float] = {}
+        for tid, lp in t.top:  # keyed by text: tokens with the same text keep the best logprob
+            top.setdefault(_token_text(engine, tid)[0], lp)
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The app
+
+
+def create_app(models: dict[str, Any], *, api_key: str | None = None, max_batch: int = 8, max_queue: int = 64,
+               max_context: int = DEFAULT_MAX_CONTEXT, shutdown_grace: float = 10.0) -> FastAPI:
+    """The FastAPI app serving `models` ({id: tinkerlm.LLM}); engines start and stop with the app's lifespan.
+
+    Args:
+        max_batch: KV-cache slots per model: sequences decoded together in one forward pass.
+        max_queue: sequences that may wait for a slot before requests get 429.
+        max_context: cap on each model's context (the KV cache holds max_batch x max_context positions per model).
+        shutdown_grace: seconds running requests may take to finish when the server stops.
+    """
+    if max_batch < 1 or max_queue < 0:
+        raise TinkerError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
+    engines = {name: Engine(llm, name=name, max_batch=max_batch, max_queue=max_queue, max_context=max_context)
+               for name, llm in models.items()}
+    state = _State(engines, api_key)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        for e in engines.values():
+            e.start()
+        yield
+        await begin_shutdown(0)
+        await asyncio.gather(*(asyncio.to_thread(e.stop) for e in engines.values()))
+
+    async def begin_shutdown(grace: float) -> None:
+        """Refuse new work (503), let accepted sequences finish for `grace` seconds, then cancel them."""
+        state.draining = True
+        for e in engines.values():
+            e.drain()
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(e.pending() for e in engines.values()):
+            await asyncio.sleep(0.05)
+        for e in engines.values():
+            e.cancel_all()
+
+    app = FastAPI(title="tinkerlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.tinkerlm = state
+    app.state.begin_shutdown = begin_shutdown
+    app.state.shutdown_grace = shutdown_grace
+    app.add_middleware(_CountRequests, state=state)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, e: ClientGone):
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it, metrics count it
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        status = e.status_code
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        return JSONResponse(APIError(status, message).body(), status_code=status)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}").body(), status_code=500)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():
+        return HTMLResponse((STATIC / "index.html").read_text())
+
+    @app.get("/health")
+    async def health():
+        if state.draining:
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
+        return {"status": "ok", "models": list(engines)}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        state.check_key(request)
+        return {"object": "list", "data": [_model_card(name, e, state) for name, e in engines.items()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str, request: Request):
+        state.check_key(request)
+        return _model_card(name, state.engine(name), state)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics(request: Request):
+        state.check_key(request)
+        return PlainTextResponse(_metrics(state), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        state.check_key(request)
+        req = parse(ChatRequest, await _read_json(request))
+        engine = state.engine(req.model)
+        if state.draining:
+            raise APIError(503, "the server is shutting down", None, "shutting_down")
+        # "developer" is the newer name of the system role; templates know "system".
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        try:
+            text = chat_mod.render(engine.tokenizer, messages)
+        except TinkerError as e:
+            raise APIError(400, f"{e} (for plain text use /v1/completions)", "messages") from None
+        # The template writes the special tokens itself, so none are added (as `LLM.chat` does).
+        ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        budget = _budget(engine, len(ids), req.max_completion_tokens or req.max_tokens, "messages")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        run = _start(engine, [ids], req, [budget], logprobs)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            return await _stream(request, run, lambda ev: _chat_chunks(engine, req, rid, created, ev),
+                                 _chat_head(req, rid, created), len(ids), req, rid, created, "chat.completion.chunk")
+        texts, tokens, reasons = await _collect(request, run)
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                    "logprobs": _chat_logprobs(engine, tokens[i]) if logprobs is not None else None,
+                    "finish_reason": reasons[i]} for i in range(len(texts))]
+        return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
+                "choices": choices, "usage": run.usage(len(ids))}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        state.check_key(request)
+        req = parse(CompletionRequest, await _read_json(request))
+        engine = state.engine(req.model)
+        if state.draining:
+            raise APIError(503, "the server is shutting down", None, "shutting_down")
+        if isinstance(req.prompt, str):
+            prompts = [engine.tokenizer.encode(req.prompt)]
+        elif isinstance(req.prompt[0], int):
+            bad = [t for t in req.prompt if not 0 <= t < engine.vocab]
+            if bad:
+                raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary [0, {engine.vocab})",
+                               "prompt")
+            prompts = [list(req.prompt)]
+        else:
+            prompts = [engine.tokenizer.encode(p) for p in req.prompt]
+        budgets = [_budget(engine, len(p), req.max_tokens, "prompt") for p in prompts]
+        n_prompt = sum(len(p) for p in prompts)
+        run = _start(engine, prompts, req, budgets, req.logprobs)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            return await _stream(request, run, lambda ev: _completion_chunks(engine, req, rid, created, ev),
+                                 [], n_prompt, req, rid, created, "text_completion")
+        texts, tokens, reasons = await _collect(request, run)
+        choices = [{"index": i, "text": texts[i],
+                    "logprobs": _completion_logprobs(engine, tokens[i]) if req.logprobs is not None else None,
+                    "finish_reason": reasons[i]} for i in range(len(texts))]
+        return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
+                "choices": choices, "usage": run.usage(n_prompt)}
+
+    return app
+
+
+def _model_card(name: str, engine: Engine, state: _State) -> dict:
+    return {"id": name, "object": "model", "created": state.started, "owned_by": "tinkerlm",
+            "context_length": engine.context}
+
+
+async def _collect(request: Request, run: _Run):
+    """Wait for all choices; returns texts, token infos and finish reasons by choice index."""
+    n = len(run.seqs)
+    texts, tokens, reasons = [""] * n, [[] for _ in range(n)], [None] * n
+    while not run.done:
+        ev = await run.next(request)
+        texts[ev.index] += ev.text
+        tokens[ev.index] += ev.tokens
+        if ev.finish_reason:
+            reasons[ev.index] = ev.finish_reason
+    return texts, tokens, reasons
+
+
+async def _stream(request: Request, run: _Run, chunks, head: list, n_prompt: int, req, rid: str, created: int,
+                  obj: str):
+    """An SSE response. The first event is awaited before answering, so errors up to then get their status."""
+    first = await run.next(request)
+    include_usage = req.stream_options is not None and req.stream_options.include_usage
+
+    async def body():
+        try:
+            for c in head:
+                yield _sse(c | ({"usage": None} if include_usage else {}))
+            ev = first
+            while True:
+                for c in chunks(ev):
+                    yield _sse(c | ({"usage": None} if include_usage else {}))
+                if run.done:
+                    break
+                try:
+                    ev = await run.next()
+                except APIError as e:
+                    yield _sse(e.body())
+                    return
+            if include_usage:
+                yield _sse({"id": rid, "object": obj, "created": created, "model": req.model, "choices": [],
+                            "usage": run.usage(n_prompt)})
+            yield "data: [DONE]\n\n"
+        finally:
+            run.cancel()  # the client went away (or we are done): free the slots now
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _chat_head(req, rid, created) -> list[dict]:
+    return [{"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+             "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}]} for i in range(req.n)]
+
+
+def _chat_chunks(engine, req, rid, created, ev: Event) -> list[dict]:
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
+    out = []
+    if ev.text or ev.tokens:
+        lp = _chat_logprobs(engine, ev.tokens) if req.logprobs else None
+        out.append(base | {"choices": [{"index": ev.index, "delta": {"content": ev.text}, "logprobs": lp,
+                                        "finish_reason": None}]})
+    if ev.finish_reason:
+        out.append(base | {"choices": [{"index": ev.index, "delta": {}, "logprobs": None,
+                                        "finish_reason": ev.finish_reason}]})
+    return out
+
+
+def _completion_chunks(engine, req, rid, created, ev: Event) -> list[dict]:
+    if not (ev.text or ev.tokens or ev.finish_reason):
+        return []
+    lp = _completion_logprobs(engine, ev.tokens) if req.logprobs is not None else None
+    return [{"id": rid, "object": "text_completion", "created": created, "model": req.model,
+             "choices": [{"index": ev.index, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}]}]
+
+
+def _metrics(state: _State) -> str:
+    lines = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]):
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+    metric("tinkerlm_http_requests_total", "counter", "HTTP responses by path and status",
+           [(f'{{path="{p}",status="{s}"}}', n) for (p, s), n in sorted(state.requests.items())])
+    per_model = [
+        ("tinkerlm_prompt_tokens_total", "counter", "prompt tokens prefilled", lambda e: e.stats["prompt_tokens"]),
+        ("tinkerlm_generation_tokens_total", "counter", "tokens generated", lambda e: e.stats["generation_tokens"]),
+        ("tinkerlm_decode_steps_total", "counter", "batched decode forward passes", lambda e: e.stats["decode_steps"]),
+        ("tinkerlm_decode_rows_total", "counter", "sequences summed over decode steps (rows/steps = mean batch)",
+         lambda e: e.stats["decode_rows"]),
+        ("tinkerlm_sequences_finished_total", "counter", "sequences that finished", lambda e: e.stats["finished"]),
+        ("tinkerlm_sequences_cancelled_total", "counter", "sequences cancelled (client gone, shutdown)",
+         lambda e: e.stats["cancelled"]),
+        ("tinkerlm_time_to_first_token_seconds_sum", "counter", "total queue+prefill time to first token",
+         lambda e: round(e.stats["ttft_sum"], 6)),
+        ("tinkerlm_time_to_first_token_seconds_count", "counter", "sequences with a first token",
+         lambda e: e.stats["ttft_count"]),
+        ("tinkerlm_slots_busy", "gauge", "KV-cache slots in use", lambda e: e.busy_slots()),
+        ("tinkerlm_slots_total", "gauge", "KV-cache slots", lambda e: e.max_batch),
+        ("tinkerlm_queue_waiting", "gauge", "sequences waiting for a slot", lambda e: len(e.waiting)),
+    ]
+    for name, kind, help_, get in per_model:
+        metric(name, kind, help_, [(f'{{model="{m}"}}', get(e)) for m, e in state.engines.items()])
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `tinkerlm serve`
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+
+
+def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"):
+    """A uvicorn server whose shutdown first drains the engines (503 for new work, grace for running work)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            await app.state.begin_shutdown(app.state.shutdown_grace)
+            await super().shutdown(sockets)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # As uvicorn's, but without re-raising the signal afterwards: a drained shutdown exits with status 0.
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            old = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                            access_log=False)
+    return Server(config)
+
+
+def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_batch: int = 8, max_queue: int = 64, dtype: str = "float32", quant: str = "native",
+          threads: int | None = None, max_context: int = DEFAULT_MAX_CONTEXT) -> None:
+    """Load `models` and serve them until Ctrl-C / SIGTERM (then running requests get a grace period)."""
+    import tinkerlm
+
+    api_key = api_key or os.environ.get("TINKERLM_API_KEY") or None
+    if not models:
+        raise TinkerError("serve: give at least one model")
+    if len(set(models)) != len(models):
+        raise TinkerError("serve: a model is named twice")
+    if not 0 < port < 65536:
+        raise TinkerError(f"port: {port} is not in 1..65535")
+    if not _is_loopback(host) and not api_key:
+        bar = "!" * 100
+        print(f"{bar}\nWARNING: serving on {host} WITHOUT an API key: anyone who can reach this machine can use "
+              f"the models.\nPass --api-key KEY (or set TINKERLM_API_KEY), or bind 127.0.0.1.\n{bar}",
+              file=sys.stderr, flush=True)
+    llms = {}
+    for name in models:
+        print(f"tinkerlm: loading {name} ...", file=sys.stderr, flush=True)
+        llms[name] = tinkerlm.load(name, dtype=dtype, quant=quant, threads=threads)
+    app = create_app(llms, api_key=api_key, max_batch=max_batch, max_queue=max_queue, max_context=max_context)
+    for name, e in app.state.tinkerlm.engines.items():
+        mib = sum(t.numel() * t.element_size() for t in e.cache.k + e.cache.v) / 2**20
+        print(f"tinkerlm: {name}: {max_batch} slots x {e.context} tokens of KV cache ({mib:.0f} MiB)",
+              file=sys.stderr, flush=True)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"tinkerlm: serving {', '.join(models)} at http://{shown}:{port}/ (OpenAI API under /v1)",
+          file=sys.stderr, flush=True)
+    make_server(app, host, port).run()

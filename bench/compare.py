@@ -247,7 +247,7 @@ def write_markdown(path: Path, *, medians, results, skipped, machine, args, comm
         f"Same prompt token ids and {args.threads} threads for every engine; each value is the median of "
         f"{args.runs} runs, each run a fresh process; engines take turns run by run.",
         "",
-        "| metric | " + " | ".join(engines) + " | " + " | ".join(f"tinkerlm / {p}" for p in peers) + " |",
+        "| " + " | ".join(["metric"] + engines + [f"tinkerlm / {p}" for p in peers]) + " |",
         "|---|" + "---:|" * (len(engines) + len(peers)),
     ]
     rows = [("load_s", "load (s, lower is better)", "{:.2f}"),

@@ -7,7 +7,9 @@ The text is tokenized once into ids x_0 .. x_{N-1}. Every token but the first is
 where the conditioning context of x_t is the window it is scored in. Windows hold `context` tokens and start
 every `stride` tokens (default `context // 2`, as in the Hugging Face perplexity guide); a window scores only the
 tokens that no earlier window scored, so each scored token (after the first window) sees at least
-`context - stride` tokens of context. `stride == context` gives disjoint windows (fastest, least context).
+`context - stride` tokens of context. The stride must be below `context` (the first token a window scores needs
+the token before it in the same window); `stride = context - 1` gives almost disjoint windows: fastest, least
+context.
 Log-probabilities are `log_softmax` of the logits in fp32, whatever the model's dtype.
 
 Reference: Hugging Face Transformers docs, "Perplexity of fixed-length models".
@@ -56,8 +58,9 @@ def token_nll(model, ids: Sequence[int], *, context: int = 512, stride: int | No
     if max_context is not None:
         context = min(context, max_context)
     stride = stride or max(1, context // 2)
-    if context < 2 or not 1 <= stride <= context:
-        raise TinkerError(f"perplexity: need context >= 2 and 1 <= stride <= context (got {context}, {stride})")
+    if context < 2 or not 1 <= stride < context:
+        raise TinkerError(f"perplexity: need context >= 2 and 1 <= stride < context (got context {context}, "
+                          f"stride {stride})")
     ids_t = torch.as_tensor(list(ids), dtype=torch.long)
     nll = torch.empty(len(ids) - 1, dtype=torch.float32)
     for begin, end, first in windows(len(ids), context, stride):
@@ -77,7 +80,7 @@ def perplexity(model, tokenizer, text: str, *, context: int = 512, stride: int |
         model: a tinkerlm CausalLM (or any callable mapping ids (1, T) to logits (1, T, V)).
         tokenizer: the model's tokenizer; the text is encoded once, with the tokenizer's BOS if it adds one.
         context: tokens per window (capped at the model's context).
-        stride: tokens between window starts; default context // 2.
+        stride: tokens between window starts, below `context`; default context // 2.
     Raises:
         TinkerError: the text has fewer than 2 tokens, or context/stride are out of range.
     """

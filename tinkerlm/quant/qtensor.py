@@ -12,6 +12,7 @@ GGUF types map onto it without loss where they can (ggml's block formats, see ll
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,7 +107,9 @@ def from_gguf(raw: np.ndarray, type_name: str, shape: tuple[int, int], dequantiz
         w = torch.from_numpy(np.ascontiguousarray(dequantize(raw), dtype=np.float32).reshape(rows, K))
         return quantize(w, 8)
     size, d_off, m_off, q_off = _GGUF_BLOCKS[type_name]
-    blocks = torch.from_numpy(np.ascontiguousarray(raw).reshape(rows, nb, size))
+    with warnings.catch_warnings():  # a read-only memory map: it is only read, every result below is a new tensor
+        warnings.simplefilter("ignore", UserWarning)
+        blocks = torch.from_numpy(np.ascontiguousarray(raw).reshape(rows, nb, size))
     d = blocks[..., d_off : d_off + 2].contiguous().view(torch.float16)[..., 0]
     if type_name == "Q8_0":
         u = blocks[..., q_off:] ^ 0x80  # int8 q -> q + 128 as uint8

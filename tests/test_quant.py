@@ -1,0 +1,182 @@
+"""Quantized weights: repacking round trips, kernels against the PyTorch fallback and float math, the fused decode
+step against the module path, native GGUF loading against the fp32 path, and the fallback without kernels."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+import tinkerlm
+from tinkerlm.quant import kernels
+from tinkerlm.quant.qtensor import QTensor, from_gguf, quantize
+from tiny import make_hf_model
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """The pure-PyTorch path, as on a machine without a compiler."""
+    monkeypatch.setenv("TINKERLM_KERNELS", "0")
+    kernels.ops.cache_clear()
+    yield
+    monkeypatch.delenv("TINKERLM_KERNELS")
+    kernels.ops.cache_clear()
+
+
+def test_kernels_build_here():
+    """CI machines have a compiler: the fast path must be the one tested below, not silently the fallback."""
+    assert kernels.ops() is not None
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0], ids=lambda q: q.name)
+def test_gguf_repack_is_lossless(qtype):
+    w = np.random.default_rng(0).standard_normal((48, 256)).astype(np.float32)
+    raw = gguf.quants.quantize(w, qtype)
+    qt = from_gguf(raw, qtype.name, w.shape)
+    want = gguf.quants.dequantize(raw, qtype).reshape(w.shape)
+    assert torch.equal(qt.dequantize(), torch.from_numpy(want))
+    assert qt.bits == (8 if qtype == Q.Q8_0 else 4)
+
+
+def test_other_types_repack_to_8_bits():
+    """A K-quant: dequantized by gguf, requantized to 8 bits per block of 32 (error <= half a step)."""
+    rng = np.random.default_rng(1)
+    _, type_size = gguf.GGML_QUANT_SIZES[Q.Q6_K]
+    raw = (rng.integers(0, 256, size=(8, type_size), dtype=np.uint8) & 0xBF).astype(np.uint8)
+    ref = torch.from_numpy(gguf.quants.dequantize(raw, Q.Q6_K).reshape(8, 256))
+    qt = from_gguf(raw, "Q6_K", (8, 256), lambda r: gguf.quants.dequantize(r, Q.Q6_K))
+    step = ref.reshape(8, 8, 32).abs().amax(-1) / 127
+    err = (qt.dequantize() - ref).reshape(8, 8, 32).abs().amax(-1)
+    assert qt.bits == 8 and (err <= step * 0.5 + 1e-3 * step.max()).all()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_error_within_half_a_step(bits):
+    w = torch.randn(64, 128)
+    qt = quantize(w, bits)
+    blocks = w.reshape(64, 4, 32)
+    step = (blocks.amax(-1) - blocks.amin(-1)) / 15 if bits == 4 else blocks.abs().amax(-1) / 127
+    err = (qt.dequantize() - w).reshape(64, 4, 32).abs().amax(-1)
+    assert (err <= step * 0.51 + 1e-6).all()
+
+
+def test_row_views_and_cat_round_trip():
+    qt = quantize(torch.randn(10, 64), 4)
+    parts = [qt.rows(slice(0, 3)), qt.rows(slice(3, 10))]
+    assert torch.equal(QTensor.cat(parts).dequantize(), qt.dequantize())
+    perm = torch.randperm(10)
+    assert torch.equal(qt.rows(perm).dequantize(), qt.dequantize()[perm])
+
+
+CASES = [(4, 576, 1), (4, 576, 3), (4, 96 * 2, 5), (8, 96, 9), (8, 576, 4), (4, 1536, 2)]
+
+
+@pytest.mark.parametrize("bits,K,B", CASES)
+def test_kernel_matches_fallback_and_float(bits, K, B, monkeypatch):
+    torch.manual_seed(K + B)
+    qt = quantize(torch.randn(37, K), bits)
+    x = torch.randn(B, K) * torch.logspace(0, 3, K)  # outlier channels, as real hidden states have
+    fast = kernels.qmatmul(x, qt)
+    monkeypatch.setattr(kernels, "ops", lambda: None)
+    slow = kernels.qmatmul(x, qt)
+    exact = x @ qt.dequantize().T
+    scale = exact.abs().max()
+    assert (fast - slow).abs().max() <= 1e-5 * scale
+    assert (fast - exact).abs().max() <= 1e-4 * scale  # int16 activations: as good as float here
+
+
+def test_dequantize_and_embed_kernels():
+    qt = quantize(torch.randn(50, 128), 4)
+    assert torch.equal(kernels.dequantize(qt), qt.dequantize())
+    ids = torch.tensor([[3, 49], [0, 7]])
+    assert torch.equal(kernels.embed(ids, qt), qt.dequantize()[ids])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole models
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("q")
+    kinds = ["llama", "llama3-tied", "mistral-window", "qwen2", "qwen3", "gpt2"]
+    for kind in kinds:
+        make_hf_model(kind, root / kind)
+    return {kind: root / kind for kind in kinds}
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama3-tied", "mistral-window", "qwen2", "qwen3"])
+def test_fused_decode_equals_module_path(kind, tiny_models):
+    llm = tinkerlm.load(str(tiny_models[kind]), quant="int8")
+    model = llm.model
+    assert model.fused_decode is not None
+    ids = torch.randint(0, 300, (3, 20), generator=torch.Generator().manual_seed(0))
+
+    def decode(fused):
+        saved = model.fused_decode
+        model.fused_decode = saved if fused else None
+        cache = model.new_cache(3, 32)
+        cache.lengths = [0, 0, 0]
+        with torch.no_grad():
+            model(ids[:, :5], cache=cache)
+            cache.advance(5)
+            cache.lengths = [5, 3, 4]  # ragged rows: each decodes from its own position
+            steps = []
+            for t in range(5, 20):
+                steps.append(model(ids[:, t : t + 1], cache=cache))
+                cache.advance(1)
+        model.fused_decode = saved
+        return torch.cat(steps, 1)
+
+    fused, modules = decode(True), decode(False)
+    assert (fused - modules).abs().max() <= 1e-4 * modules.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gpt2"])
+@pytest.mark.parametrize("quant,tol", [("int8", 0.02), ("int4", 0.25)])
+def test_int_modes_close_to_fp32(kind, quant, tol, tiny_models):
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(1))
+    ref = tinkerlm.load(str(tiny_models[kind]), quant="fp32").model
+    q = tinkerlm.load(str(tiny_models[kind]), quant=quant).model
+    with torch.no_grad():
+        want, got = ref(ids), q(ids)
+    assert (got - want).abs().max() <= tol * want.abs().max()
+    assert (got - want).abs().max() > 0  # really quantized
+
+
+def test_fallback_without_kernels_equals_kernels(tiny_models, no_kernels):
+    slow = tinkerlm.load(str(tiny_models["qwen3"]), quant="int8")
+    assert slow.model.fused_decode is None
+    text_slow = slow.generate("hello", max_tokens=12)
+    kernels.ops.cache_clear()
+    import os
+
+    os.environ["TINKERLM_KERNELS"] = "1"
+    fast = tinkerlm.load(str(tiny_models["qwen3"]), quant="int8")
+    assert fast.model.fused_decode is not None
+    assert fast.generate("hello", max_tokens=12) == text_slow
+
+
+def test_native_gguf_keeps_weights_packed(smollm2_gguf):
+    llm = tinkerlm.load(str(smollm2_gguf))  # native is the default
+    from tinkerlm.quant import QEmbedding, QLinear, weight_bytes
+
+    layer = llm.model.model.layers[0]
+    assert isinstance(layer.mlp.gate_proj, QLinear) and layer.mlp.gate_proj.bits == 4
+    assert isinstance(llm.model.model.embed_tokens, QEmbedding) and llm.model.lm_head.bits == 8
+    assert llm.model.lm_head.q.data_ptr() == llm.model.model.embed_tokens.q.data_ptr()  # tied: one copy
+    assert weight_bytes(llm.model) < 1.1 * smollm2_gguf.stat().st_size  # nothing dequantized or duplicated
+
+
+def test_native_matches_fp32_on_real_model(smollm2_gguf):
+    """The native path's logits track the fp32-dequantized path, and greedy answers agree."""
+    native = tinkerlm.load(str(smollm2_gguf))
+    ref = tinkerlm.load(str(smollm2_gguf), quant="fp32")
+    ids = torch.tensor([ref.tokenizer.encode(ref.apply_chat_template("What is the capital of France?"),
+                                             add_special_tokens=False)])
+    with torch.no_grad():
+        for rows in (1, ids.shape[1]):  # kernel path (few rows) and dequantize + BLAS path
+            got, want = native.model(ids[:, :rows]), ref.model(ids[:, :rows])
+            assert (got - want).abs().max() <= 0.05
+    for prompt in ["What is the capital of France?", "Write a haiku about the sea."]:
+        assert native.chat(prompt, max_tokens=32) == ref.chat(prompt, max_tokens=32)

@@ -35,7 +35,7 @@ def test_gguf_repack_is_lossless(qtype):
     qt = from_gguf(raw, qtype.name, w.shape)
     want = gguf.quants.dequantize(raw, qtype).reshape(w.shape)
     assert torch.equal(qt.dequantize(), torch.from_numpy(want))
-    assert qt.bits == (8 if qtype == Q.Q8_0 else 4)
+    assert qt.qtype == qtype.name and qt.data.data_ptr() == torch.from_numpy(raw).data_ptr()  # used in place
 
 
 def test_other_types_repack_to_8_bits():
@@ -47,13 +47,16 @@ def test_other_types_repack_to_8_bits():
     qt = from_gguf(raw, "Q6_K", (8, 256), lambda r: gguf.quants.dequantize(r, Q.Q6_K))
     step = ref.reshape(8, 8, 32).abs().amax(-1) / 127
     err = (qt.dequantize() - ref).reshape(8, 8, 32).abs().amax(-1)
-    assert qt.bits == 8 and (err <= step * 0.5 + 1e-3 * step.max()).all()
+    assert qt.qtype == "Q8_0" and (err <= step * 0.5 + 1e-3 * step.max()).all()
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantize_error_within_half_a_step(bits):
     w = torch.randn(64, 128)
     qt = quantize(w, bits)
+    assert qt.qtype == ("Q4_1" if bits == 4 else "Q8_0")
+    raw = qt.data.numpy()  # the blocks are ggml's: the gguf package reads them the same way
+    assert np.array_equal(gguf.quants.dequantize(raw, Q[qt.qtype]).reshape(64, 128), qt.dequantize().numpy())
     blocks = w.reshape(64, 4, 32)
     step = (blocks.amax(-1) - blocks.amin(-1)) / 15 if bits == 4 else blocks.abs().amax(-1) / 127
     err = (qt.dequantize() - w).reshape(64, 4, 32).abs().amax(-1)
@@ -68,13 +71,14 @@ def test_row_views_and_cat_round_trip():
     assert torch.equal(qt.rows(perm).dequantize(), qt.dequantize()[perm])
 
 
-CASES = [(4, 576, 1), (4, 576, 3), (4, 96 * 2, 5), (8, 96, 9), (8, 576, 4), (4, 1536, 2)]
+CASES = [("Q4_1", 576, 1), ("Q4_1", 576, 3), ("Q4_0", 96, 5), ("Q8_0", 96, 9), ("Q8_0", 576, 4), ("Q4_0", 1536, 2)]
 
 
-@pytest.mark.parametrize("bits,K,B", CASES)
-def test_kernel_matches_fallback_and_float(bits, K, B, monkeypatch):
+@pytest.mark.parametrize("qtype,K,B", CASES)
+def test_kernel_matches_fallback_and_float(qtype, K, B, monkeypatch):
     torch.manual_seed(K + B)
-    qt = quantize(torch.randn(37, K), bits)
+    w = torch.randn(37, K).numpy()
+    qt = from_gguf(gguf.quants.quantize(w, Q[qtype]), qtype, w.shape)
     x = torch.randn(B, K) * torch.logspace(0, 3, K)  # outlier channels, as real hidden states have
     fast = kernels.qmatmul(x, qt)
     monkeypatch.setattr(kernels, "ops", lambda: None)
@@ -162,9 +166,9 @@ def test_native_gguf_keeps_weights_packed(smollm2_gguf):
     from tinkerlm.quant import QEmbedding, QLinear, weight_bytes
 
     layer = llm.model.model.layers[0]
-    assert isinstance(layer.mlp.gate_proj, QLinear) and layer.mlp.gate_proj.bits == 4
-    assert isinstance(llm.model.model.embed_tokens, QEmbedding) and llm.model.lm_head.bits == 8
-    assert llm.model.lm_head.q.data_ptr() == llm.model.model.embed_tokens.q.data_ptr()  # tied: one copy
+    assert isinstance(layer.mlp.gate_proj, QLinear) and layer.mlp.gate_proj.qtype == "Q4_1"
+    assert isinstance(llm.model.model.embed_tokens, QEmbedding) and llm.model.lm_head.qtype == "Q8_0"
+    assert llm.model.lm_head.blocks.data_ptr() == llm.model.model.embed_tokens.blocks.data_ptr()  # tied: one copy
     assert weight_bytes(llm.model) < 1.1 * smollm2_gguf.stat().st_size  # nothing dequantized or duplicated
 
 

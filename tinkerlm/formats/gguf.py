@@ -397,7 +397,7 @@ class GGUFCheckpoint:
         from tinkerlm.quant.qtensor import fits, from_gguf
 
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        if not fits(shape, 8):  # rows not in whole blocks of 32: keep it float
+        if not fits(shape):  # rows not in whole blocks of 32: keep it float
             return self._dequantize(tensor)
         raw = np.asarray(tensor.data).reshape(shape[0], -1)
         return from_gguf(raw, tensor.tensor_type.name, shape, lambda r: dequantize(r, tensor.tensor_type))

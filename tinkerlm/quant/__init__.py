@@ -58,14 +58,13 @@ def attach(model: nn.Module, packed: dict[str, QTensor], source: str) -> None:
 
 
 def quantize(model: nn.Module, bits: int) -> None:
-    """Quantize every float nn.Linear and nn.Embedding to `bits` (8, or 4 where rows allow, else 8)."""
+    """Quantize every float nn.Linear and nn.Embedding: bits=8 to Q8_0 blocks, bits=4 to Q4_1 blocks."""
     for ids in _holders(model).values():
         module = model.get_submodule(ids[0])
         w = module.weight.detach()
-        b = bits if fits(w.shape, bits) else 8
-        if not fits(w.shape, b):
-            continue  # rows not in whole blocks: stays float
-        qt = quantize_tensor(w, b)
+        if not fits(w.shape):
+            continue  # rows not in whole blocks of 32: stays float
+        qt = quantize_tensor(w, bits)
         for holder in ids:
             _swap(model, holder, _quantized(model.get_submodule(holder), qt))
 
@@ -85,7 +84,7 @@ def weight_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer, counting shared storage once (what a forward pass reads)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        key = (t.data_ptr(), t.numel())
         if key not in seen:
             seen.add(key)
             total += t.numel() * t.element_size()

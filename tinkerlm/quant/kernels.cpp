@@ -1,16 +1,15 @@
-// Quantized CPU kernels for tinkerlm: int8-activation x 4/8-bit-weight products and a fused Llama decode step.
+// Quantized CPU kernels for tinkerlm: products of 16-bit activations with weights in ggml block formats
+// (Q8_0, Q4_0, Q4_1, read in place from a memory-mapped GGUF), and a fused Llama-family decode step.
 //
-// Weight format ("packed", made by tinkerlm/quant/qtensor.py): rows of K values in blocks of 32, each block with an
-// fp16 scale d and fp16 offset m, value = d * u + m with u an unsigned integer:
-//   bits = 8: u8[rows][K], one byte a value (Q8_0 is stored as q + 128 with m = -128 d);
-//   bits = 4: u8[rows][K / 2]; blocks go in pairs (2p, 2p+1) and byte k of a pair holds u[2p][k] in its low nibble
-//             and u[2p+1][k] in its high one, so unpacking a pair gives 64 values already in order.
-// Activations are quantized per block of 32 to int16 with scale xd and block sum xs = xd * sum(q) (like llama.cpp's
-// Q8_1 blocks, with 16 bits), so a block's dot product is d * xd * sum(u * q) + m * xs: integer products, two float
-// multiplies. With AVX512-VNNI, vpdpwssd multiplies and adds 32 16-bit pairs a step.
+// A weight row is K / 32 blocks; a block holds an fp16 scale d (Q4_1: and an fp16 offset m) and 32 integers u.
+// Activations are quantized per block of 32 to int16 with scale xd and xs = xd * sum(q), so a block's product is
+//   d * xd * sum(u * q) + m * xs        (Q4_0: u - 8 and no m; Q8_0: signed u and no m)
+// i.e. integer multiply-adds (AVX512-VNNI vpdpwssd: 32 pairs a step) and two float operations. 16-bit rather
+// than llama.cpp's 8-bit activations: small models' hidden states carry outliers near 10^4, and 8-bit blocks then
+// cost ~1% error per projection, enough to change greedy answers; 16 bits track float within ~1e-5.
 //
-// The decode step runs a whole Llama-family forward for one new token per sequence in one call, so the per-token
-// cost is the weights' memory traffic, not thousands of PyTorch dispatches.
+// The decode step runs a whole Llama-family forward for one new token per sequence in one call, so a token costs
+// the weights' memory traffic rather than thousands of PyTorch dispatches.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -18,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -28,43 +28,39 @@
 namespace {
 
 constexpr int QK = 32;  // values per block
+enum QType { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2 };
+constexpr int64_t BLOCK_BYTES[] = {34, 18, 20};
 
-inline float half_to_float(uint16_t h) {
-    return c10::detail::fp16_ieee_to_fp32_value(h);
-}
+inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+inline float load_half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return half_to_float(h); }
 
-struct QW {  // a packed weight matrix
-    const uint8_t* q;
-    const uint16_t* d;
-    const uint16_t* m;
-    int64_t rows, K, nb;
-    int bits;
-    int64_t row_bytes() const { return bits == 8 ? K : K / 2; }
+struct QW {  // a weight matrix in blocks
+    const uint8_t* data;
+    int type;
+    int64_t rows, K, nb, row_bytes;
 };
 
-QW as_qw(const at::Tensor& q, const at::Tensor& d, const at::Tensor& m) {
-    TORCH_CHECK(q.is_contiguous() && d.is_contiguous() && m.is_contiguous(), "packed weight must be contiguous");
+QW as_qw(const at::Tensor& data, int64_t type) {
+    TORCH_CHECK(data.dim() == 2 && data.stride(1) == 1 && data.scalar_type() == at::kByte, "weight blocks must be uint8 rows");
+    TORCH_CHECK(type >= 0 && type <= 2, "unknown block type ", type);
     QW w;
-    w.q = q.data_ptr<uint8_t>();
-    w.d = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
-    w.m = reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>());
-    w.rows = q.size(0);
-    w.nb = d.size(1);
+    w.data = data.data_ptr<uint8_t>();
+    w.type = (int)type;
+    w.rows = data.size(0);
+    w.row_bytes = data.stride(0);
+    w.nb = data.size(1) / BLOCK_BYTES[type];
     w.K = w.nb * QK;
-    w.bits = q.size(1) == w.K ? 8 : 4;  // one byte a value, or two values a byte
-    TORCH_CHECK(q.size(1) == (w.bits == 8 ? w.K : w.K / 2), "packed weight: bytes and scales disagree");
+    TORCH_CHECK(data.size(1) == w.nb * BLOCK_BYTES[type], "row bytes are not whole blocks");
     return w;
 }
 
 struct QX {  // quantized activations, B rows of K
     std::vector<int16_t> q;
     std::vector<float> d, s;
-    int64_t B, K, nb;
+    int64_t B = 0, K = 0, nb = 0;
 };
 
-// Quantize B rows of K floats to int16 blocks of 32 (symmetric, round to nearest even). 16 bits rather than
-// llama.cpp's 8: hidden states of small models carry outliers of 10^4, and 8-bit blocks then cost ~1% error
-// per projection, enough to flip greedy choices; 16 bits make the product as good as float.
+// Quantize B rows of K floats to int16 blocks of 32 (symmetric, round to nearest even).
 void quantize_rows(const float* x, int64_t B, int64_t K, QX& out) {
     out.B = B; out.K = K; out.nb = K / QK;
     out.q.resize(B * K); out.d.resize(B * out.nb); out.s.resize(B * out.nb);
@@ -84,108 +80,109 @@ void quantize_rows(const float* x, int64_t B, int64_t K, QX& out) {
     }
 }
 
+// The 32 integers of block `blk` as int16 (scalar path), and d, m.
+inline void block_values(const uint8_t* blk, int type, int16_t* v, float& d, float& m) {
+    d = load_half(blk);
+    m = 0.f;
+    if (type == Q8_0) {
+        for (int k = 0; k < QK; k++) v[k] = (int8_t)blk[2 + k];
+        return;
+    }
+    const uint8_t* qs = blk + (type == Q4_1 ? 4 : 2);
+    const int off = type == Q4_0 ? 8 : 0;
+    for (int k = 0; k < 16; k++) { v[k] = (qs[k] & 0x0F) - off; v[k + 16] = (qs[k] >> 4) - off; }
+    if (type == Q4_1) m = load_half(blk + 2);
+}
+
 // One weight row against up to 4 activation rows: y[t] = sum over blocks of d*xd*dot(u, q) + m*xs.
-void dot_row(const QW& w, int64_t r, const QX& x, int64_t b0, int nt, float* y /* [nt] */) {
-    const uint8_t* wq = w.q + r * w.row_bytes();
-    const uint16_t* wd = w.d + r * w.nb;
-    const uint16_t* wm = w.m + r * w.nb;
+template <int TYPE>
+void dot_row(const QW& w, int64_t r, const QX& x, int64_t b0, int nt, float* y) {
+    const uint8_t* row = w.data + r * w.row_bytes;
     const int64_t nb = w.nb;
+    float mterm[4] = {0, 0, 0, 0};
 #ifdef TINKER_AVX512
-    __m512 acc[4], macc[4];
-    for (int t = 0; t < nt; t++) acc[t] = macc[t] = _mm512_setzero_ps();
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    alignas(64) float sc[4][16];
-    for (int64_t c = 0; c < nb; c += 16) {  // chunks of 16 blocks: their scales in one vector op
-        const int n = (int)std::min<int64_t>(16, nb - c);
-        const __mmask16 mk = (__mmask16)((1u << n) - 1);
-        const __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, wd + c));
-        const __m512 mw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, wm + c));
+    __m512 acc[4];
+    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
+    const __m128i low = _mm_set1_epi8(0x0F);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* blk = row + b * BLOCK_BYTES[TYPE];
+        const float d = load_half(blk);
+        __m512i wv;
+        if (TYPE == Q8_0) {
+            wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(blk + 2)));
+        } else {
+            const __m128i qs = _mm_loadu_si128((const __m128i*)(blk + (TYPE == Q4_1 ? 4 : 2)));
+            const __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), low), _mm_and_si128(qs, low));
+            wv = _mm512_cvtepu8_epi16(u);
+            if (TYPE == Q4_0) wv = _mm512_sub_epi16(wv, _mm512_set1_epi16(8));
+        }
+        const float m = TYPE == Q4_1 ? load_half(blk + 2) : 0.f;
         for (int t = 0; t < nt; t++) {
-            const float* xd = x.d.data() + (b0 + t) * nb + c;
-            const float* xs = x.s.data() + (b0 + t) * nb + c;
-            _mm512_store_ps(sc[t], _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(mk, xd)));
-            macc[t] = _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(mk, xs), macc[t]);
-        }
-        for (int j = 0; j < n; j += 2) {  // a pair of blocks per step (nb is even for 4 bits)
-            const int64_t blk = c + j;
-            __m512i w0, w1;
-            if (w.bits == 4) {
-                const __m256i p = _mm256_loadu_si256((const __m256i*)(wq + blk * 16));
-                w0 = _mm512_cvtepu8_epi16(_mm256_and_si256(p, low));
-                w1 = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(p, 4), low));
-            } else {
-                w0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(wq + blk * QK)));
-                w1 = j + 1 < n ? _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(wq + (blk + 1) * QK)))
-                               : _mm512_setzero_si512();
-            }
-            for (int t = 0; t < nt; t++) {
-                const int16_t* xq = x.q.data() + (b0 + t) * x.K + blk * QK;
-                const __m512i i0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512((const void*)xq));
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_set1_ps(sc[t][j]), acc[t]);
-                if (j + 1 < n) {
-                    const __m512i i1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512((const void*)(xq + QK)));
-                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_set1_ps(sc[t][j + 1]), acc[t]);
-                }
-            }
+            const int64_t xb = (b0 + t) * nb + b;
+            const __m512i a = _mm512_loadu_si512((const void*)(x.q.data() + xb * QK));
+            const __m512i isum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wv, a);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d * x.d[xb]), acc[t]);
+            if (TYPE == Q4_1) mterm[t] += m * x.s[xb];
         }
     }
-    for (int t = 0; t < nt; t++) y[t] = _mm512_reduce_add_ps(acc[t]) + _mm512_reduce_add_ps(macc[t]);
+    for (int t = 0; t < nt; t++) y[t] = _mm512_reduce_add_ps(acc[t]) + mterm[t];
 #else
-    for (int t = 0; t < nt; t++) {
-        const int16_t* xq = x.q.data() + (b0 + t) * x.K;
-        const float* xd = x.d.data() + (b0 + t) * nb;
-        const float* xs = x.s.data() + (b0 + t) * nb;
-        float total = 0.f;
-        for (int64_t b = 0; b < nb; b++) {
+    int16_t v[QK];
+    float total[4] = {0, 0, 0, 0};
+    for (int64_t b = 0; b < nb; b++) {
+        float d, m;
+        block_values(row + b * BLOCK_BYTES[TYPE], TYPE, v, d, m);
+        for (int t = 0; t < nt; t++) {
+            const int64_t xb = (b0 + t) * nb + b;
+            const int16_t* xq = x.q.data() + xb * QK;
             int32_t isum = 0;
-            for (int k = 0; k < QK; k++) {
-                int u;
-                if (w.bits == 8) {
-                    u = wq[b * QK + k];
-                } else {
-                    const uint8_t byte = wq[(b & ~1) * 16 + k];
-                    u = (b & 1) ? (byte >> 4) : (byte & 0x0F);
-                }
-                isum += u * (int32_t)xq[b * QK + k];
-            }
-            total += half_to_float(wd[b]) * xd[b] * (float)isum + half_to_float(wm[b]) * xs[b];
+            for (int k = 0; k < QK; k++) isum += (int32_t)v[k] * xq[k];
+            total[t] += d * x.d[xb] * (float)isum + m * x.s[xb];
         }
-        y[t] = total;
     }
+    for (int t = 0; t < nt; t++) y[t] = total[t] + mterm[t];
 #endif
 }
 
-// y (B, rows) = x (B, K) @ W^T for pre-quantized activations; rows split across threads.
-void qmatmul_into(const QW& w, const QX& x, float* y) {
-    const int64_t B = x.B;
-    const int64_t grain = std::max<int64_t>(1, w.rows / (4 * at::get_num_threads()));
-    at::parallel_for(0, w.rows, grain, [&](int64_t r0, int64_t r1) {
-        float tmp[4];
-        for (int64_t r = r0; r < r1; r++) {
-            for (int64_t b0 = 0; b0 < B; b0 += 4) {
-                const int nt = (int)std::min<int64_t>(4, B - b0);
-                dot_row(w, r, x, b0, nt, tmp);
-                for (int t = 0; t < nt; t++) y[(b0 + t) * w.rows + r] = tmp[t];
+void dot_rows(const QW& w, int64_t r0, int64_t r1, const QX& x, float* y, int64_t ystride) {
+    float tmp[4];
+    for (int64_t r = r0; r < r1; r++) {
+        for (int64_t b0 = 0; b0 < x.B; b0 += 4) {
+            const int nt = (int)std::min<int64_t>(4, x.B - b0);
+            switch (w.type) {
+                case Q8_0: dot_row<Q8_0>(w, r, x, b0, nt, tmp); break;
+                case Q4_0: dot_row<Q4_0>(w, r, x, b0, nt, tmp); break;
+                default: dot_row<Q4_1>(w, r, x, b0, nt, tmp); break;
             }
+            for (int t = 0; t < nt; t++) y[(b0 + t) * ystride + r] = tmp[t];
+        }
+    }
+}
+
+// Several matrices sharing one input (q/k/v, gate/up): y_i (B, rows_i) = x @ W_i^T, all rows split across threads
+// in one parallel region.
+void matmul_multi(const std::vector<QW>& ws, const QX& x, const std::vector<float*>& ys) {
+    std::vector<int64_t> start(ws.size() + 1, 0);
+    for (size_t i = 0; i < ws.size(); i++) start[i + 1] = start[i] + ws[i].rows;
+    const int64_t total = start.back();
+    const int64_t grain = std::max<int64_t>(16, total / (8 * at::get_num_threads()));
+    at::parallel_for(0, total, grain, [&](int64_t g0, int64_t g1) {
+        for (size_t i = 0; i < ws.size(); i++) {
+            const int64_t r0 = std::max(g0, start[i]) - start[i], r1 = std::min(g1, start[i + 1]) - start[i];
+            if (r0 < r1) dot_rows(ws[i], r0, r1, x, ys[i], ws[i].rows);
         }
     });
 }
 
 void dequant_rows(const QW& w, int64_t r0, int64_t r1, float* out) {
+    int16_t v[QK];
     for (int64_t r = r0; r < r1; r++) {
-        const uint8_t* wq = w.q + r * w.row_bytes();
-        float* o = out + (r - r0) * w.K;
+        const uint8_t* row = w.data + r * w.row_bytes;
         for (int64_t b = 0; b < w.nb; b++) {
-            const float d = half_to_float(w.d[r * w.nb + b]), m = half_to_float(w.m[r * w.nb + b]);
-            float* ob = o + b * QK;
-            if (w.bits == 8) {
-                const uint8_t* u = wq + b * QK;
-                for (int k = 0; k < QK; k++) ob[k] = d * (float)u[k] + m;
-            } else {
-                const uint8_t* u = wq + (b & ~1) * 16;
-                const int shift = (b & 1) ? 4 : 0;
-                for (int k = 0; k < QK; k++) ob[k] = d * (float)((u[k] >> shift) & 0x0F) + m;
-            }
+            float d, m;
+            block_values(row + b * BLOCK_BYTES[w.type], w.type, v, d, m);
+            float* o = out + (r - r0) * w.K + b * QK;
+            for (int k = 0; k < QK; k++) o[k] = d * (float)v[k] + m;
         }
     }
 }
@@ -197,15 +194,13 @@ void rmsnorm(const float* x, const float* g, float* out, int64_t n, float eps) {
     for (int64_t i = 0; i < n; i++) out[i] = g[i] * (x[i] * inv);
 }
 
-// Rotate-half RoPE on one head vector at position pos.
-void rope(float* v, int64_t hd, const float* inv_freq, int64_t pos) {
+// Rotate-half RoPE on one head vector with a precomputed cos/sin table for its position.
+void rope(float* v, int64_t hd, const float* cs, const float* sn) {
     const int64_t half = hd / 2;
     for (int64_t i = 0; i < half; i++) {
-        const float f = (float)pos * inv_freq[i];
-        const float c = std::cos(f), s = std::sin(f);
         const float a = v[i], b = v[i + half];
-        v[i] = a * c - b * s;
-        v[i + half] = b * c + a * s;
+        v[i] = a * cs[i] - b * sn[i];
+        v[i + half] = b * cs[i] + a * sn[i];
     }
 }
 
@@ -214,9 +209,9 @@ void rope(float* v, int64_t hd, const float* inv_freq, int64_t pos) {
 // ---------------------------------------------------------------------------------------------------------------
 // Ops exposed to Python
 
-at::Tensor qmatmul(at::Tensor x, at::Tensor q, at::Tensor d, at::Tensor m) {
+at::Tensor qmatmul(at::Tensor x, at::Tensor data, int64_t type) {
     TORCH_CHECK(x.scalar_type() == at::kFloat, "qmatmul: x must be float32");
-    QW w = as_qw(q, d, m);
+    QW w = as_qw(data, type);
     auto x2 = x.reshape({-1, x.size(-1)}).contiguous();
     TORCH_CHECK(x2.size(1) == w.K, "qmatmul: x has ", x2.size(1), " features, weight expects ", w.K);
     QX xq;
@@ -224,21 +219,20 @@ at::Tensor qmatmul(at::Tensor x, at::Tensor q, at::Tensor d, at::Tensor m) {
     auto sizes = x.sizes().vec();
     sizes.back() = w.rows;
     auto y = at::empty(sizes, x.options());
-    qmatmul_into(w, xq, y.data_ptr<float>());
+    matmul_multi({w}, xq, {y.data_ptr<float>()});
     return y;
 }
 
-at::Tensor dequantize(at::Tensor q, at::Tensor d, at::Tensor m) {
-    QW w = as_qw(q, d, m);
+at::Tensor dequantize(at::Tensor data, int64_t type) {
+    QW w = as_qw(data, type);
     auto out = at::empty({w.rows, w.K}, at::kFloat);
     float* o = out.data_ptr<float>();
     at::parallel_for(0, w.rows, 16, [&](int64_t r0, int64_t r1) { dequant_rows(w, r0, r1, o + r0 * w.K); });
     return out;
 }
 
-// Embedding rows from a packed table.
-at::Tensor embed(at::Tensor ids, at::Tensor q, at::Tensor d, at::Tensor m) {
-    QW w = as_qw(q, d, m);
+at::Tensor embed(at::Tensor ids, at::Tensor data, int64_t type) {
+    QW w = as_qw(data, type);
     auto flat = ids.reshape({-1}).contiguous();
     const int64_t n = flat.size(0);
     auto out = at::empty({n, w.K}, at::kFloat);
@@ -252,79 +246,88 @@ at::Tensor embed(at::Tensor ids, at::Tensor q, at::Tensor d, at::Tensor m) {
     return out.reshape(sizes);
 }
 
-// One decode step of a Llama-family model for B sequences, one new token each.
-//
-// layers: per layer, in order: input_norm, qkv (q, d, m), qkv_bias (or empty), q_norm, k_norm (or empty),
-//         o (q, d, m), post_norm, gate_up (q, d, m), down (q, d, m)  -> 17 tensors a layer
-// head:   final_norm, lm_head (q, d, m), embed (q, d, m)
-// k_cache / v_cache: per layer (Bc, n_kv, S, hd) float, rows `rows` of the batch written at `positions`.
+// One decode step of a Llama-family model for B sequences, one new token each, written at `positions` into cache
+// rows `rows`. Per layer, 14 tensors: input_norm, wq, wk, wv, bq, bk, bv (biases may be empty), q_norm, k_norm
+// (may be empty), wo, post_norm, w_gate, w_up, w_down; `types` (L, 7) gives the block type of wq..w_down.
+// head: final_norm, lm_head, embedding; head_types: their two block types. Returns logits (B, V).
 at::Tensor llama_decode(at::Tensor tokens, at::Tensor positions, at::Tensor rows, std::vector<at::Tensor> layers,
-                        std::vector<at::Tensor> head, std::vector<at::Tensor> k_cache, std::vector<at::Tensor> v_cache,
-                        at::Tensor inv_freq, int64_t n_heads, int64_t n_kv, int64_t hd, double eps, int64_t window) {
-    constexpr int PER_LAYER = 17;
+                        at::Tensor types, std::vector<at::Tensor> head, at::Tensor head_types,
+                        std::vector<at::Tensor> k_cache, std::vector<at::Tensor> v_cache, at::Tensor inv_freq,
+                        int64_t n_heads, int64_t n_kv, int64_t hd, double eps, int64_t window) {
+    constexpr int PER_LAYER = 14;
     const int64_t B = tokens.size(0);
     const int64_t L = (int64_t)layers.size() / PER_LAYER;
     const int64_t* tok = tokens.data_ptr<int64_t>();
     const int64_t* pos = positions.data_ptr<int64_t>();
     const int64_t* row = rows.data_ptr<int64_t>();
-    const float* freq = inv_freq.data_ptr<float>();
+    const int64_t* ty = types.data_ptr<int64_t>();
+    const int64_t* hty = head_types.data_ptr<int64_t>();
+    const float feps = (float)eps;
 
-    QW emb = as_qw(head[4], head[5], head[6]);
-    const int64_t C = emb.K;
-    const int64_t q_dim = n_heads * hd, kv_dim = n_kv * hd, qkv_dim = q_dim + 2 * kv_dim;
-    std::vector<float> x(B * C), h(B * C), qkv(B * qkv_dim), att(B * q_dim), tmp(B * C), gu, act;
-    for (int64_t b = 0; b < B; b++) dequant_rows(emb, tok[b], tok[b] + 1, x.data() + b * C);
+    QW emb = as_qw(head[2], hty[1]);
+    const int64_t C = emb.K, half = hd / 2;
+    const int64_t q_dim = n_heads * hd, kv_dim = n_kv * hd;
+    std::vector<float> x(B * C), h(B * C), q(B * q_dim), k(B * kv_dim), v(B * kv_dim), att(B * q_dim), tmp(B * C);
+    std::vector<float> gate, up, cs(B * half), sn(B * half);
+    for (int64_t b = 0; b < B; b++) {
+        dequant_rows(emb, tok[b], tok[b] + 1, x.data() + b * C);
+        for (int64_t i = 0; i < half; i++) {  // RoPE tables: one position per row, shared by every layer
+            const float f = (float)pos[b] * inv_freq.data_ptr<float>()[i];
+            cs[b * half + i] = std::cos(f);
+            sn[b * half + i] = std::sin(f);
+        }
+    }
     QX xq;
-
     for (int64_t l = 0; l < L; l++) {
         const at::Tensor* t = layers.data() + l * PER_LAYER;
+        const int64_t* lt = ty + l * 7;
         // attention
-        for (int64_t b = 0; b < B; b++) rmsnorm(x.data() + b * C, t[0].data_ptr<float>(), h.data() + b * C, C, (float)eps);
-        QW wqkv = as_qw(t[1], t[2], t[3]);
+        for (int64_t b = 0; b < B; b++) rmsnorm(x.data() + b * C, t[0].data_ptr<float>(), h.data() + b * C, C, feps);
         quantize_rows(h.data(), B, C, xq);
-        qmatmul_into(wqkv, xq, qkv.data());
-        if (t[4].numel()) {
-            const float* bias = t[4].data_ptr<float>();
+        matmul_multi({as_qw(t[1], lt[0]), as_qw(t[2], lt[1]), as_qw(t[3], lt[2])}, xq, {q.data(), k.data(), v.data()});
+        for (int i = 0; i < 3; i++) {
+            const at::Tensor& bias = t[4 + i];
+            if (!bias.numel()) continue;
+            float* y = i == 0 ? q.data() : i == 1 ? k.data() : v.data();
+            const int64_t n = bias.numel();
             for (int64_t b = 0; b < B; b++)
-                for (int64_t i = 0; i < qkv_dim; i++) qkv[b * qkv_dim + i] += bias[i];
+                for (int64_t j = 0; j < n; j++) y[b * n + j] += bias.data_ptr<float>()[j];
         }
         for (int64_t b = 0; b < B; b++) {
-            float* qb = qkv.data() + b * qkv_dim;
-            float* kb = qb + q_dim;
-            float* vb = kb + kv_dim;
-            if (t[5].numel()) {  // per-head q/k RMSNorm (Qwen3), before RoPE
-                for (int64_t hh = 0; hh < n_heads; hh++) rmsnorm(qb + hh * hd, t[5].data_ptr<float>(), qb + hh * hd, hd, (float)eps);
-                for (int64_t hh = 0; hh < n_kv; hh++) rmsnorm(kb + hh * hd, t[6].data_ptr<float>(), kb + hh * hd, hd, (float)eps);
+            float* qb = q.data() + b * q_dim;
+            float* kb = k.data() + b * kv_dim;
+            const float* vb = v.data() + b * kv_dim;
+            for (int64_t hh = 0; hh < n_heads; hh++) {
+                if (t[7].numel()) rmsnorm(qb + hh * hd, t[7].data_ptr<float>(), qb + hh * hd, hd, feps);  // Qwen3
+                rope(qb + hh * hd, hd, cs.data() + b * half, sn.data() + b * half);
             }
-            for (int64_t hh = 0; hh < n_heads; hh++) rope(qb + hh * hd, hd, freq, pos[b]);
-            for (int64_t hh = 0; hh < n_kv; hh++) rope(kb + hh * hd, hd, freq, pos[b]);
-            auto& kc = k_cache[l];
-            auto& vc = v_cache[l];
-            const int64_t S = kc.size(2);
+            const int64_t S = k_cache[l].size(2);
             TORCH_CHECK(pos[b] < S, "position ", pos[b], " beyond the cache of ", S);
-            float* kbase = kc.data_ptr<float>() + row[b] * n_kv * S * hd;
-            float* vbase = vc.data_ptr<float>() + row[b] * n_kv * S * hd;
+            float* kbase = k_cache[l].data_ptr<float>() + row[b] * n_kv * S * hd;
+            float* vbase = v_cache[l].data_ptr<float>() + row[b] * n_kv * S * hd;
             for (int64_t hh = 0; hh < n_kv; hh++) {
+                if (t[8].numel()) rmsnorm(kb + hh * hd, t[8].data_ptr<float>(), kb + hh * hd, hd, feps);
+                rope(kb + hh * hd, hd, cs.data() + b * half, sn.data() + b * half);
                 std::copy(kb + hh * hd, kb + (hh + 1) * hd, kbase + (hh * S + pos[b]) * hd);
                 std::copy(vb + hh * hd, vb + (hh + 1) * hd, vbase + (hh * S + pos[b]) * hd);
             }
         }
-        // scores over each row's own keys, (b, head) pairs across threads
+        // each row attends over its own keys; (row, head) pairs across threads
         at::parallel_for(0, B * n_heads, 1, [&](int64_t i0, int64_t i1) {
             std::vector<float> sc;
             for (int64_t i = i0; i < i1; i++) {
                 const int64_t b = i / n_heads, hh = i % n_heads, g = hh / (n_heads / n_kv);
                 const int64_t S = k_cache[l].size(2);
                 const int64_t start = window > 0 ? std::max<int64_t>(0, pos[b] - window + 1) : 0, n = pos[b] + 1 - start;
-                const float* qv = qkv.data() + b * qkv_dim + hh * hd;
-                const float* kbase = k_cache[l].data_ptr<float>() + ((row[b] * n_kv + g) * S + start) * hd;
-                const float* vbase = v_cache[l].data_ptr<float>() + ((row[b] * n_kv + g) * S + start) * hd;
+                const float* qv = q.data() + b * q_dim + hh * hd;
+                const float* kb = k_cache[l].data_ptr<float>() + ((row[b] * n_kv + g) * S + start) * hd;
+                const float* vb = v_cache[l].data_ptr<float>() + ((row[b] * n_kv + g) * S + start) * hd;
                 sc.resize(n);
                 const float scale = 1.f / std::sqrt((float)hd);
                 float mx = -INFINITY;
                 for (int64_t j = 0; j < n; j++) {
                     float s = 0.f;
-                    for (int64_t k = 0; k < hd; k++) s += qv[k] * kbase[j * hd + k];
+                    for (int64_t e = 0; e < hd; e++) s += qv[e] * kb[j * hd + e];
                     sc[j] = s * scale;
                     mx = std::max(mx, sc[j]);
                 }
@@ -334,44 +337,38 @@ at::Tensor llama_decode(at::Tensor tokens, at::Tensor positions, at::Tensor rows
                 std::fill(out, out + hd, 0.f);
                 for (int64_t j = 0; j < n; j++) {
                     const float p = sc[j] / den;
-                    for (int64_t k = 0; k < hd; k++) out[k] += p * vbase[j * hd + k];
+                    for (int64_t e = 0; e < hd; e++) out[e] += p * vb[j * hd + e];
                 }
             }
         });
-        QW wo = as_qw(t[7], t[8], t[9]);
         quantize_rows(att.data(), B, q_dim, xq);
-        qmatmul_into(wo, xq, tmp.data());
+        matmul_multi({as_qw(t[9], lt[3])}, xq, {tmp.data()});
         for (int64_t i = 0; i < B * C; i++) x[i] += tmp[i];
         // MLP
-        for (int64_t b = 0; b < B; b++) rmsnorm(x.data() + b * C, t[10].data_ptr<float>(), h.data() + b * C, C, (float)eps);
-        QW wgu = as_qw(t[11], t[12], t[13]);
-        const int64_t I = wgu.rows / 2;
-        gu.resize(B * 2 * I);
-        act.resize(B * I);
+        for (int64_t b = 0; b < B; b++) rmsnorm(x.data() + b * C, t[10].data_ptr<float>(), h.data() + b * C, C, feps);
+        QW wg = as_qw(t[11], lt[4]), wu = as_qw(t[12], lt[5]), wd = as_qw(t[13], lt[6]);
+        const int64_t I = wg.rows;
+        gate.resize(B * I);
+        up.resize(B * I);
         quantize_rows(h.data(), B, C, xq);
-        qmatmul_into(wgu, xq, gu.data());
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t i = 0; i < I; i++) {
-                const float g = gu[b * 2 * I + i], u = gu[b * 2 * I + I + i];
-                act[b * I + i] = g / (1.f + std::exp(-g)) * u;
-            }
-        QW wdown = as_qw(t[14], t[15], t[16]);
-        quantize_rows(act.data(), B, I, xq);
-        qmatmul_into(wdown, xq, tmp.data());
+        matmul_multi({wg, wu}, xq, {gate.data(), up.data()});
+        for (int64_t i = 0; i < B * I; i++) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+        quantize_rows(gate.data(), B, I, xq);
+        matmul_multi({wd}, xq, {tmp.data()});
         for (int64_t i = 0; i < B * C; i++) x[i] += tmp[i];
     }
-    for (int64_t b = 0; b < B; b++) rmsnorm(x.data() + b * C, head[0].data_ptr<float>(), h.data() + b * C, C, (float)eps);
-    QW lm = as_qw(head[1], head[2], head[3]);
+    for (int64_t b = 0; b < B; b++) rmsnorm(x.data() + b * C, head[0].data_ptr<float>(), h.data() + b * C, C, feps);
+    QW lm = as_qw(head[1], hty[0]);
     auto logits = at::empty({B, lm.rows}, at::kFloat);
     quantize_rows(h.data(), B, C, xq);
-    qmatmul_into(lm, xq, logits.data_ptr<float>());
+    matmul_multi({lm}, xq, {logits.data_ptr<float>()});
     return logits;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-    mod.def("qmatmul", &qmatmul, "y = x @ dequant(W).T with int8 activations");
-    mod.def("dequantize", &dequantize, "packed weight -> float32 (rows, K)");
-    mod.def("embed", &embed, "embedding rows from a packed table");
+    mod.def("qmatmul", &qmatmul, "y = x @ dequant(W).T with int16-quantized activations");
+    mod.def("dequantize", &dequantize, "weight blocks -> float32 (rows, K)");
+    mod.def("embed", &embed, "embedding rows from a table in blocks");
     mod.def("llama_decode", &llama_decode, "one fused decode step of a Llama-family model");
 #ifdef TINKER_AVX512
     mod.attr("isa") = "avx512-vnni";

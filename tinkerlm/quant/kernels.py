@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tinkerlm.quant.qtensor import QK, QTensor, unpack
+from tinkerlm.quant.qtensor import QK, QTensor
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.cpp")
@@ -55,25 +55,27 @@ def quantize_activations(x: torch.Tensor):
 
 
 def qmatmul(x: torch.Tensor, w: QTensor) -> torch.Tensor:
-    """x (..., K) @ W.T with W packed, activations quantized to int16 blocks."""
+    """x (..., K) @ W.T with W in blocks, activations quantized to int16 blocks."""
     k = ops()
     if k is not None:
-        return k.qmatmul(x.float().contiguous(), w.q, w.d, w.m)
+        return k.qmatmul(x.float().contiguous(), w.data, w.code)
     x2 = x.reshape(-1, x.shape[-1])
     q, xd, xs = quantize_activations(x2)  # (N, nb, 32), (N, nb), (N, nb)
-    u = unpack(w.q, w.bits, w.d.shape[1]).float()  # (R, nb, 32)
-    isum = torch.einsum("nbk,rbk->nrb", q.double(), u.double()).float()  # exact in float64
-    y = (isum * (w.d.float()[None] * xd[:, None])).sum(-1) + xs @ w.m.float().T
+    d, m, v = w.fields()  # (R, nb), (R, nb) or None, (R, nb, 32)
+    isum = torch.einsum("nbk,rbk->nrb", q.double(), v.double()).float()  # exact in float64
+    y = (isum * (d[None] * xd[:, None])).sum(-1)
+    if m is not None:
+        y = y + xs @ m.T
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 def dequantize(w: QTensor) -> torch.Tensor:
     k = ops()
-    return k.dequantize(w.q, w.d, w.m) if k is not None else w.dequantize()
+    return k.dequantize(w.data, w.code) if k is not None else w.dequantize()
 
 
 def embed(ids: torch.Tensor, w: QTensor) -> torch.Tensor:
     k = ops()
     if k is not None:
-        return k.embed(ids, w.q, w.d, w.m)
+        return k.embed(ids, w.data, w.code)
     return w.rows(ids.reshape(-1)).dequantize().reshape(*ids.shape, w.shape[1])

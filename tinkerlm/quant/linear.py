@@ -1,6 +1,6 @@
 """Module swaps for quantized weights: `QLinear` for nn.Linear, `QEmbedding` for nn.Embedding.
 
-Small batches (decode) go through the int8-activation kernel, reading the packed weight once; large ones (prefill)
+Small batches (decode) go through the int16-activation kernel, reading the packed weight once; large ones (prefill)
 dequantize the weight into a scratch matrix and use BLAS, where compute, not memory, is the bound.
 """
 
@@ -21,15 +21,13 @@ class QLinear(nn.Module):
     def __init__(self, weight: QTensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.bits = weight.bits
-        self.register_buffer("q", weight.q)
-        self.register_buffer("d", weight.d)
-        self.register_buffer("m", weight.m)
+        self.qtype = weight.qtype
+        self.register_buffer("blocks", weight.data)
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
 
     @property
     def qweight(self) -> QTensor:
-        return QTensor(self.q, self.d, self.m, self.bits)
+        return QTensor(self.blocks, self.qtype, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() // self.in_features <= KERNEL_MAX_ROWS:
@@ -38,24 +36,22 @@ class QLinear(nn.Module):
         return F.linear(x.float(), kernels.dequantize(self.qweight), self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}"
 
 
 class QEmbedding(nn.Module):
     def __init__(self, weight: QTensor):
         super().__init__()
         self.num_embeddings, self.embedding_dim = weight.shape
-        self.bits = weight.bits
-        self.register_buffer("q", weight.q)
-        self.register_buffer("d", weight.d)
-        self.register_buffer("m", weight.m)
+        self.qtype = weight.qtype
+        self.register_buffer("blocks", weight.data)
 
     @property
     def qweight(self) -> QTensor:
-        return QTensor(self.q, self.d, self.m, self.bits)
+        return QTensor(self.blocks, self.qtype, self.embedding_dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return kernels.embed(ids, self.qweight)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype}"

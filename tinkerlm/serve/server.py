@@ -164,7 +164,10 @@ def _start(engine: Engine, prompts: list[list[int]], req, max_tokens: list[int],
     queue: asyncio.Queue = asyncio.Queue()
 
     def emit(ev: Event) -> None:  # called from the engine thread
-        loop.call_soon_threadsafe(queue.put_nowait, ev)
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+        except RuntimeError:  # the event loop is closed (server gone): nobody is listening
+            pass
 
     json_mode = req.response_format is not None and req.response_format.type == "json_object"
     seqs = []

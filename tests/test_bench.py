@@ -1,0 +1,102 @@
+"""`tinkerlm bench` on a tiny model: every field present, positive and consistent (no timing assertions)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import make_hf_model  # noqa: E402
+
+import tinkerlm  # noqa: E402
+from tinkerlm.bench import bench, prompt_ids, weight_bytes  # noqa: E402
+from tinkerlm.errors import TinkerError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "llama"
+    make_hf_model("llama", path)
+    return path
+
+
+def unique_state_bytes(model):
+    """Parameters and buffers (shared ones once), plus tensors kept as plain attributes (e.g. RoPE inv_freq)."""
+    tensors = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        tensors[(t.data_ptr(), t.nbytes)] = t
+    for m in model.modules():
+        for name, t in vars(m).items():
+            if isinstance(t, torch.Tensor) and not name.startswith("_"):
+                tensors[(t.data_ptr(), t.nbytes)] = t
+    return sum(t.nbytes for t in tensors.values())
+
+
+def test_bench_fields(tiny):
+    r = bench(str(tiny), prompt_tokens="16,8", decode_tokens=12, runs=2, quiet=True)
+    assert r["prompt_tokens"] == [8, 16]
+    for key in ("load_s", "warmup_s", "ttft_s", "decode_tok_s", "effective_gb_s", "peak_rss_mb", "weight_bytes"):
+        assert r[key] > 0, key
+    for n in ("8", "16"):
+        assert r["prefill_s"][n] > 0
+        assert r["prefill_tok_s"][n] * r["prefill_s"][n] == pytest.approx(int(n))  # N tokens per prefill
+    assert r["ttft_tokens"] == 8 and r["ttft_s"] == r["prefill_s"]["8"]
+    assert r["decode_tokens"] == 12 and len(r["decode_tok_s_runs"]) == 2
+    assert r["threads"] == torch.get_num_threads() and r["dtype"] == "float32" and r["quant"] == "native"
+    model = tinkerlm.load(str(tiny)).model
+    assert r["weight_bytes"] == r["bytes_per_token"] == unique_state_bytes(model)
+    assert r["weight_bytes"] >= 4 * sum(p.numel() for p in model.parameters())
+    assert r["effective_gb_s"] == pytest.approx(r["weight_bytes"] * r["decode_tok_s"] / 1e9)
+
+
+def test_prompt_is_exactly_n_tokens(tiny):
+    tok = tinkerlm.load(str(tiny)).tokenizer
+    for n in (1, 50, 100_000):  # longer than the shipped text: it repeats
+        assert len(prompt_ids(tok, n)) == n
+
+
+def test_weight_bytes_counts_tied_once_and_packed_buffers(tmp_path):
+    make_hf_model("llama3-tied", tmp_path / "t")
+    model = tinkerlm.load(str(tmp_path / "t")).model
+    assert weight_bytes(model) == unique_state_bytes(model)
+
+    class Packed(torch.nn.Module):  # a quantized layer may keep packed weights as a plain attribute
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("scales", torch.ones(4, dtype=torch.float16))
+            self.packed = torch.zeros(4, 8, dtype=torch.uint8)
+            self.bias = torch.nn.Parameter(torch.zeros(4))
+
+    assert weight_bytes(Packed()) == 4 * 2 + 32 + 4 * 4
+
+
+def test_bench_rejects_what_does_not_fit(tiny):
+    with pytest.raises(TinkerError, match="context of 128"):
+        bench(str(tiny), prompt_tokens="8,128", decode_tokens=4, runs=1, quiet=True)
+    with pytest.raises(TinkerError, match="decode-tokens"):
+        bench(str(tiny), prompt_tokens="8", decode_tokens=200, runs=1, quiet=True)
+    with pytest.raises(TinkerError, match="prompt-tokens"):
+        bench(str(tiny), prompt_tokens="8,x", quiet=True)
+
+
+def test_cli_bench_json(tiny):
+    proc = subprocess.run([sys.executable, "-m", "tinkerlm", "bench", str(tiny), "--prompt-tokens", "8,24",
+                           "--decode-tokens", "8", "--runs", "1", "--json", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["threads"] == 1 and r["prompt_tokens"] == [8, 24] and r["decode_tokens"] == 8
+    assert r["decode_tok_s"] > 0 and r["prefill_tok_s"]["24"] > 0 and r["peak_rss_mb"] > 0
+    assert "prefill 24 tokens" in proc.stderr  # progress goes to stderr, results alone to stdout
+
+
+def test_cli_bench_table(tiny):
+    proc = subprocess.run([sys.executable, "-m", "tinkerlm", "bench", str(tiny), "--prompt-tokens", "8",
+                           "--decode-tokens", "4", "--runs", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for label in ("load", "prefill 8 tokens", "time to first token", "decode 4 tokens", "effective bandwidth",
+                  "peak RSS"):
+        assert label in proc.stdout

@@ -391,7 +391,8 @@ def test_queue_full_429_and_disconnect_frees_slots(slow_server):
     with httpx.Client(timeout=30) as c:
         with c.stream("POST", server + "/v1/completions", json={**long, "stream": True}, headers=headers) as r:
             assert r.status_code == 200
-            next(r.iter_lines())
+            lines = r.iter_lines()  # kept referenced: a dropped iterator closes the connection (a disconnect)
+            next(lines)
             busy = httpx.post(server + "/v1/completions", json=long, headers=headers)
             assert busy.status_code == 429 and busy.json()["error"]["code"] == "queue_full"
             assert metric(server, "tinkerlm_slots_busy") > 0

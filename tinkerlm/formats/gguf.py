@@ -29,7 +29,7 @@ import torch
 from tinkerlm.errors import TinkerError
 
 if TYPE_CHECKING:
-    from gguf import GGUFReader, ReaderTensor
+    from gguf import ReaderTensor
 
     from tinkerlm.formats.tokenizer import Tokenizer
 
@@ -132,11 +132,9 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
             "with a current llama.cpp)"
         )
 
-    from gguf import GGUFReader
-
     try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # the reader fails with IndexError/ValueError/... on cut or corrupt files
+        reader = _Header(path)
+    except Exception as exc:  # struct.error, IndexError, UnicodeDecodeError... on cut or corrupt files
         reason = " ".join(str(exc).split())[:200]
         raise TinkerError(
             f"{path}: cannot parse the GGUF header ({type(exc).__name__}: {reason}) (file truncated or corrupt? "
@@ -155,18 +153,11 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
 class GGUFCheckpoint:
     """A parsed GGUF file. `metadata` holds plain Python values; tensors stay memory-mapped until asked for."""
 
-    def __init__(self, path: Path, reader: GGUFReader):
+    def __init__(self, path: Path, reader: "_Header"):
         self.path = path
         self._reader = reader
         self._tensors: dict[str, ReaderTensor] = {t.name: t for t in reader.tensors}
-        self.metadata: dict[str, Any] = {}
-        for name, field in reader.fields.items():
-            if name.startswith("GGUF."):  # the reader's pseudo-fields for version and counts
-                continue
-            try:
-                self.metadata[name] = field.contents()
-            except Exception as exc:
-                raise TinkerError(f"{path}: metadata key {name} cannot be read ({exc}) (file corrupt?)") from exc
+        self.metadata: dict[str, Any] = reader.metadata
 
     @property
     def architecture(self) -> str:
@@ -445,3 +436,121 @@ def unpermute_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     rest = weight.shape[1:]
     return weight.reshape(n_heads, head_dim // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest)  # (n, 2, hd/2, ...)
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Header parsing. gguf.GGUFReader builds a numpy view per array element (minutes-scale work for a 49k-token
+# vocabulary on a busy machine); this reads the same header with struct in one pass and maps the tensor data.
+
+_U64 = struct.Struct("<Q")
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+          7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+
+
+_PLAIN = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16, "I32": np.int32,
+          "I64": np.int64}
+
+
+class _TensorInfo:
+    __slots__ = ("name", "shape", "tensor_type", "data_offset", "n_bytes", "data")
+
+
+class _Header:
+    """Metadata (plain Python values) and tensor infos of a GGUF v2/v3 file, tensor data memory-mapped."""
+
+    def __init__(self, path: Path):
+        self._mm = np.memmap(path, dtype=np.uint8, mode="r")
+        # The header (vocabulary included) is parsed from a bytes copy of the file's start: slicing bytes is far
+        # cheaper than slicing the map. A header longer than the first read is parsed again from the whole map.
+        with open(path, "rb") as f:
+            head = f.read(1 << 25)
+        try:
+            self._parse(head)
+        except (struct.error, IndexError, ValueError):
+            if len(head) == len(self._mm):
+                raise
+            self._parse(bytes(self._mm))
+
+    def _parse(self, buf: bytes) -> None:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        self._buf, self._pos = buf, 8
+        n_tensors, n_kv = self._unpack("<QQ")
+        self.metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self._string()
+            (vtype,) = self._unpack("<I")
+            self.metadata[key] = self._value(vtype)
+        infos = []
+        for _ in range(n_tensors):
+            t = _TensorInfo()
+            t.name = self._string()
+            (n_dims,) = self._unpack("<I")
+            t.shape = np.array(self._unpack(f"<{n_dims}Q"), dtype=np.int64)
+            ttype, offset = self._unpack("<IQ")
+            t.tensor_type = GGMLQuantizationType(ttype)
+            block, type_size = GGML_QUANT_SIZES[t.tensor_type]
+            count = int(np.prod(t.shape))
+            t.n_bytes = count // block * type_size
+            infos.append((t, offset))
+        align = int(self.metadata.get("general.alignment", 32))
+        start = (self._pos + align - 1) // align * align
+        size = len(self._mm)
+        self.tensors = []
+        for t, offset in infos:
+            t.data_offset = start + offset
+            if t.data_offset + t.n_bytes <= size:  # else read_gguf reports the truncation
+                raw = self._mm[t.data_offset : t.data_offset + t.n_bytes]
+                rows = tuple(int(d) for d in reversed(t.shape.tolist()))
+                if t.tensor_type.name in _PLAIN:
+                    t.data = raw.view(_PLAIN[t.tensor_type.name]).reshape(rows)
+                else:  # blocks: one row of bytes per row of values
+                    t.data = raw.reshape(*rows[:-1], -1) if len(rows) > 1 else raw
+            self.tensors.append(t)
+
+    def _unpack(self, fmt: str):
+        values = struct.unpack_from(fmt, self._buf, self._pos)
+        self._pos += struct.calcsize(fmt)
+        return values
+
+    def _string(self) -> str:
+        (n,) = self._unpack("<Q")
+        if self._pos + n > len(self._buf):
+            raise ValueError("string runs past the end of the file")
+        text = self._buf[self._pos : self._pos + n].decode("utf-8")
+        self._pos += n
+        return text
+
+    def _strings(self, count: int) -> list[str]:
+        """An array of strings (a vocabulary, merges): the hot loop of header parsing, kept tight."""
+        buf, pos, unpack, out = self._buf, self._pos, _U64.unpack_from, [None] * count
+        for i in range(count):
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if pos + n > len(buf):
+                raise ValueError("string runs past the end of the file")
+            out[i] = buf[pos : pos + n].decode("utf-8")
+            pos += n
+        self._pos = pos
+        return out
+
+    def _value(self, vtype: int):
+        if vtype in _SCALARS:
+            return self._unpack(_SCALARS[vtype])[0]
+        if vtype == 8:
+            return self._string()
+        if vtype != 9:
+            raise ValueError(f"unknown metadata value type {vtype}")
+        etype, count = self._unpack("<IQ")
+        if etype in _NUMPY:
+            dt = np.dtype(_NUMPY[etype])
+            end = self._pos + count * dt.itemsize
+            if end > len(self._buf):
+                raise ValueError("array runs past the end of the file")
+            arr = np.frombuffer(self._buf[self._pos : end], dtype=dt)
+            self._pos = end
+            return arr.tolist()
+        if etype == 8:
+            return self._strings(count)
+        return [self._value(etype) for _ in range(count)]

@@ -30,8 +30,15 @@ def ops():
         from torch.utils.cpp_extension import _get_build_directory, load
 
         name = "tinkerlm_kernels_" + _source_hash()
-        if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
-            print("tinkerlm: compiling CPU kernels (once, about a minute)...", file=sys.stderr, flush=True)
+        built = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+        if built.exists():  # import the cached build directly: asking ninja whether it is current costs seconds
+            import importlib.util
+
+            spec = importlib.util.spec_from_file_location(name, built)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        print("tinkerlm: compiling CPU kernels (once, about a minute)...", file=sys.stderr, flush=True)
         return load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a build error: fall back, say so once

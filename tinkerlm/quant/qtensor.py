@@ -42,6 +42,8 @@ class QTensor:
 
     def rows(self, index) -> "QTensor":
         """Rows selected or reordered by `index` (a slice keeps a view; a tensor of indices copies)."""
+        if isinstance(index, torch.Tensor):  # numpy's row gather: torch's byte-wise index_select is ~40x slower
+            return QTensor(torch.from_numpy(self.data.numpy()[index.numpy()]), self.qtype, self.K)
         return QTensor(self.data[index], self.qtype, self.K)
 
     def fields(self):

@@ -203,7 +203,7 @@ class Engine:
         self.slots[s.slot] = s
         self.cache.lengths[s.slot] = 0
         p = s.sampling
-        s.generator = torch.Generator().manual_seed(p.seed if p.seed is not None else int.from_bytes(os.urandom(6)))
+        s.generator = torch.Generator().manual_seed(p.seed if p.seed is not None else int.from_bytes(os.urandom(6), "little"))
         s.detok = _Detok(self.tokenizer, s.stop)
         s.stop_ids = set(self.tokenizer.stop_token_ids)
         s.counts = torch.zeros(self.vocab) if (s.presence_penalty or s.frequency_penalty) else None
@@ -217,11 +217,9 @@ class Engine:
                             logits_at=torch.tensor([n - 1]))[:, -1]  # (1, V)
         self.cache.lengths[s.slot] = n
         self.stats["prompt_tokens"] += n
+        self.stats["ttft_sum"] += time.perf_counter() - s.submitted_at
+        self.stats["ttft_count"] += 1
         self._next_token(s, logits)
-        if not s.finished:
-            ttft = time.perf_counter() - s.submitted_at
-            self.stats["ttft_sum"] += ttft
-            self.stats["ttft_count"] += 1
 
     def _decode(self) -> None:
         """One forward over the busy slots with each one's last token; then each samples its next token."""

@@ -85,8 +85,8 @@ def test_kernel_matches_fallback_and_float(qtype, K, B, monkeypatch):
     slow = kernels.qmatmul(x, qt)
     exact = x @ qt.dequantize().T
     scale = exact.abs().max()
-    assert (fast - slow).abs().max() <= 1e-5 * scale
-    assert (fast - exact).abs().max() <= 1e-4 * scale  # int16 activations: as good as float here
+    assert (fast - slow).abs().max() <= 1e-5 * scale  # the fallback rounds to bfloat16 exactly as the kernel
+    assert (fast - exact).abs().max() <= 1e-2 * scale  # bfloat16 products: ~3 significant digits
 
 
 def test_dequantize_and_embed_kernels():
@@ -133,7 +133,9 @@ def test_fused_decode_equals_module_path(kind, tiny_models):
         return torch.cat(steps, 1)
 
     fused, modules = decode(True), decode(False)
-    assert (fused - modules).abs().max() <= 1e-4 * modules.abs().max()
+    # Both round activations to bfloat16 before each product, so a last-bit difference upstream (another
+    # summation order) can move a value across a rounding boundary: agreement is to bfloat16 precision.
+    assert (fused - modules).abs().max() <= 5e-3 * modules.abs().max()
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3", "gpt2"])
@@ -173,7 +175,8 @@ def test_native_gguf_keeps_weights_packed(smollm2_gguf):
 
 
 def test_native_matches_fp32_on_real_model(smollm2_gguf):
-    """The native path's logits track the fp32-dequantized path, and greedy answers agree."""
+    """The native path's logits track the fp32-dequantized path, and greedy answers agree on these prompts
+    (bench/quality.py counts agreement over more prompts and reports perplexity)."""
     native = tinkerlm.load(str(smollm2_gguf))
     ref = tinkerlm.load(str(smollm2_gguf), quant="fp32")
     ids = torch.tensor([ref.tokenizer.encode(ref.apply_chat_template("What is the capital of France?"),
@@ -181,6 +184,7 @@ def test_native_matches_fp32_on_real_model(smollm2_gguf):
     with torch.no_grad():
         for rows in (1, ids.shape[1]):  # kernel path (few rows) and dequantize + BLAS path
             got, want = native.model(ids[:, :rows]), ref.model(ids[:, :rows])
-            assert (got - want).abs().max() <= 0.05
+            assert (got - want).abs().max() <= 0.05 * want.abs().max()
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
     for prompt in ["What is the capital of France?", "Write a haiku about the sea."]:
         assert native.chat(prompt, max_tokens=32) == ref.chat(prompt, max_tokens=32)

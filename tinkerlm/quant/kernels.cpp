@@ -1,12 +1,12 @@
-// Quantized CPU kernels for tinkerlm: products of 16-bit activations with weights in ggml block formats
-// (Q8_0, Q4_0, Q4_1, read in place from a memory-mapped GGUF), and a fused Llama-family decode step.
+// Quantized CPU kernels for tinkerlm: products of activations with weights in ggml block formats (Q8_0, Q4_0,
+// Q4_1, read in place from a memory-mapped GGUF), and a fused Llama-family decode step.
 //
 // A weight row is K / 32 blocks; a block holds an fp16 scale d (Q4_1: and an fp16 offset m) and 32 integers u.
-// Activations are quantized per block of 32 to int16 with scale xd and xs = xd * sum(q), so a block's product is
-//   d * xd * sum(u * q) + m * xs        (Q4_0: u - 8 and no m; Q8_0: signed u and no m)
-// i.e. integer multiply-adds (AVX512-VNNI vpdpwssd: 32 pairs a step) and two float operations. 16-bit rather
-// than llama.cpp's 8-bit activations: small models' hidden states carry outliers near 10^4, and 8-bit blocks then
-// cost ~1% error per projection, enough to change greedy answers; 16 bits track float within ~1e-5.
+// Activations are rounded to bfloat16; each weight block is expanded once to 32 bfloat16 values (d * u + m) and
+// multiplied with every activation row by AVX512-BF16's vdpbf16ps (32 products summed into fp32 lanes). Not
+// llama.cpp's 8-bit integer activations: small models' hidden states carry outliers near 10^4, and 8-bit blocks
+// then cost ~1% error per projection, enough to change greedy answers, while bfloat16 keeps every value to 3
+// significant digits. Expanding a block once and reusing it for up to 8 rows makes batched decoding cheap.
 //
 // The decode step runs a whole Llama-family forward for one new token per sequence in one call, so a token costs
 // the weights' memory traffic rather than thousands of PyTorch dispatches.
@@ -20,7 +20,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define TINKER_AVX512 1
 #endif
@@ -31,7 +31,12 @@ constexpr int QK = 32;  // values per block
 enum QType { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2 };
 constexpr int64_t BLOCK_BYTES[] = {34, 18, 20};
 
+#ifdef __F16C__
+#include <immintrin.h>
+inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+#else
 inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+#endif
 inline float load_half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return half_to_float(h); }
 
 struct QW {  // a weight matrix in blocks
@@ -54,101 +59,101 @@ QW as_qw(const at::Tensor& data, int64_t type) {
     return w;
 }
 
-struct QX {  // quantized activations, B rows of K
-    std::vector<int16_t> q;
-    std::vector<float> d, s;
-    int64_t B = 0, K = 0, nb = 0;
+struct QX {  // activations rounded to bfloat16, B rows of K
+    std::vector<uint16_t> q;
+    int64_t B = 0, K = 0;
 };
 
-// Quantize B rows of K floats to int16 blocks of 32 (symmetric, round to nearest even).
-void quantize_rows(const float* x, int64_t B, int64_t K, QX& out) {
-    out.B = B; out.K = K; out.nb = K / QK;
-    out.q.resize(B * K); out.d.resize(B * out.nb); out.s.resize(B * out.nb);
-    for (int64_t i = 0; i < B * out.nb; i++) {
-        const float* xb = x + i * QK;
-        float amax = 0.f;
-        for (int j = 0; j < QK; j++) amax = std::max(amax, std::fabs(xb[j]));
-        const float d = amax / 32767.f, id = d > 0 ? 1.f / d : 0.f;
-        int32_t sum = 0;
-        for (int j = 0; j < QK; j++) {
-            const int v = (int)std::nearbyint(xb[j] * id);
-            out.q[i * QK + j] = (int16_t)v;
-            sum += v;
-        }
-        out.d[i] = d;
-        out.s[i] = d * (float)sum;
-    }
+inline uint16_t to_bf16(float f) {  // round to nearest even, as vcvtneps2bf16 does
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
-// The 32 integers of block `blk` as int16 (scalar path), and d, m.
-inline void block_values(const uint8_t* blk, int type, int16_t* v, float& d, float& m) {
-    d = load_half(blk);
-    m = 0.f;
+inline float from_bf16(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+void quantize_rows(const float* x, int64_t B, int64_t K, QX& out) {
+    out.B = B; out.K = K;
+    out.q.resize(B * K);
+    int64_t i = 0;
+#ifdef TINKER_AVX512
+    for (; i + 16 <= B * K; i += 16)
+        _mm256_storeu_si256((__m256i*)(out.q.data() + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+#endif
+    for (; i < B * K; i++) out.q[i] = to_bf16(x[i]);
+}
+
+// The 32 values of block `blk` as floats.
+inline void block_floats(const uint8_t* blk, int type, float* out) {
+    const float d = load_half(blk);
     if (type == Q8_0) {
-        for (int k = 0; k < QK; k++) v[k] = (int8_t)blk[2 + k];
+        for (int k = 0; k < QK; k++) out[k] = d * (float)(int8_t)blk[2 + k];
         return;
     }
     const uint8_t* qs = blk + (type == Q4_1 ? 4 : 2);
-    const int off = type == Q4_0 ? 8 : 0;
-    for (int k = 0; k < 16; k++) { v[k] = (qs[k] & 0x0F) - off; v[k + 16] = (qs[k] >> 4) - off; }
-    if (type == Q4_1) m = load_half(blk + 2);
+    const float m = type == Q4_1 ? load_half(blk + 2) : -8.f * d;
+    for (int k = 0; k < 16; k++) {
+        out[k] = d * (float)(qs[k] & 0x0F) + m;
+        out[k + 16] = d * (float)(qs[k] >> 4) + m;
+    }
 }
 
-// One weight row against up to 4 activation rows: y[t] = sum over blocks of d*xd*dot(u, q) + m*xs.
+// One weight row against up to 8 activation rows. Each block is expanded once to 32 bfloat16 weights
+// (d * u + m), then every activation row takes one vdpbf16ps: 32 multiply-adds into fp32, no per-row scaling.
 template <int TYPE>
 void dot_row(const QW& w, int64_t r, const QX& x, int64_t b0, int nt, float* y) {
     const uint8_t* row = w.data + r * w.row_bytes;
     const int64_t nb = w.nb;
-    float mterm[4] = {0, 0, 0, 0};
 #ifdef TINKER_AVX512
-    __m512 acc[4];
+    __m512 acc[8];
     for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
     const __m128i low = _mm_set1_epi8(0x0F);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t* blk = row + b * BLOCK_BYTES[TYPE];
-        const float d = load_half(blk);
-        __m512i wv;
+        const __m512 d = _mm512_set1_ps(load_half(blk));
+        __m512 lo, hi;
         if (TYPE == Q8_0) {
-            wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(blk + 2)));
+            const __m256i qv = _mm256_loadu_si256((const __m256i*)(blk + 2));
+            lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(qv))));
+            hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(qv, 1))));
         } else {
             const __m128i qs = _mm_loadu_si128((const __m128i*)(blk + (TYPE == Q4_1 ? 4 : 2)));
-            const __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), low), _mm_and_si128(qs, low));
-            wv = _mm512_cvtepu8_epi16(u);
-            if (TYPE == Q4_0) wv = _mm512_sub_epi16(wv, _mm512_set1_epi16(8));
+            const __m512 m = TYPE == Q4_1 ? _mm512_set1_ps(load_half(blk + 2)) : _mm512_mul_ps(d, _mm512_set1_ps(-8.f));
+            lo = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(qs, low))), m);
+            hi = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(qs, 4), low))), m);
         }
-        const float m = TYPE == Q4_1 ? load_half(blk + 2) : 0.f;
+        const __m512bh wv = _mm512_cvtne2ps_pbh(hi, lo);  // values 0..15 in the low half, 16..31 in the high
         for (int t = 0; t < nt; t++) {
-            const int64_t xb = (b0 + t) * nb + b;
-            const __m512i a = _mm512_loadu_si512((const void*)(x.q.data() + xb * QK));
-            const __m512i isum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wv, a);
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d * x.d[xb]), acc[t]);
-            if (TYPE == Q4_1) mterm[t] += m * x.s[xb];
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void*)(x.q.data() + (b0 + t) * x.K + b * QK));
+            acc[t] = _mm512_dpbf16_ps(acc[t], wv, xv);
         }
     }
-    for (int t = 0; t < nt; t++) y[t] = _mm512_reduce_add_ps(acc[t]) + mterm[t];
+    for (int t = 0; t < nt; t++) y[t] = _mm512_reduce_add_ps(acc[t]);
 #else
-    int16_t v[QK];
-    float total[4] = {0, 0, 0, 0};
+    float wf[QK];
+    float total[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int64_t b = 0; b < nb; b++) {
-        float d, m;
-        block_values(row + b * BLOCK_BYTES[TYPE], TYPE, v, d, m);
+        block_floats(row + b * BLOCK_BYTES[TYPE], TYPE, wf);
         for (int t = 0; t < nt; t++) {
-            const int64_t xb = (b0 + t) * nb + b;
-            const int16_t* xq = x.q.data() + xb * QK;
-            int32_t isum = 0;
-            for (int k = 0; k < QK; k++) isum += (int32_t)v[k] * xq[k];
-            total[t] += d * x.d[xb] * (float)isum + m * x.s[xb];
+            const uint16_t* xq = x.q.data() + (b0 + t) * x.K + b * QK;
+            for (int k = 0; k < QK; k++) total[t] += from_bf16(to_bf16(wf[k])) * from_bf16(xq[k]);
         }
     }
-    for (int t = 0; t < nt; t++) y[t] = total[t] + mterm[t];
+    for (int t = 0; t < nt; t++) y[t] = total[t];
 #endif
 }
 
 void dot_rows(const QW& w, int64_t r0, int64_t r1, const QX& x, float* y, int64_t ystride) {
-    float tmp[4];
+    float tmp[8];
     for (int64_t r = r0; r < r1; r++) {
-        for (int64_t b0 = 0; b0 < x.B; b0 += 4) {
-            const int nt = (int)std::min<int64_t>(4, x.B - b0);
+        for (int64_t b0 = 0; b0 < x.B; b0 += 8) {
+            const int nt = (int)std::min<int64_t>(8, x.B - b0);
             switch (w.type) {
                 case Q8_0: dot_row<Q8_0>(w, r, x, b0, nt, tmp); break;
                 case Q4_0: dot_row<Q4_0>(w, r, x, b0, nt, tmp); break;
@@ -175,15 +180,9 @@ void matmul_multi(const std::vector<QW>& ws, const QX& x, const std::vector<floa
 }
 
 void dequant_rows(const QW& w, int64_t r0, int64_t r1, float* out) {
-    int16_t v[QK];
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t* row = w.data + r * w.row_bytes;
-        for (int64_t b = 0; b < w.nb; b++) {
-            float d, m;
-            block_values(row + b * BLOCK_BYTES[w.type], w.type, v, d, m);
-            float* o = out + (r - r0) * w.K + b * QK;
-            for (int k = 0; k < QK; k++) o[k] = d * (float)v[k] + m;
-        }
+        for (int64_t b = 0; b < w.nb; b++) block_floats(row + b * BLOCK_BYTES[w.type], w.type, out + (r - r0) * w.K + b * QK);
     }
 }
 
@@ -366,12 +365,12 @@ at::Tensor llama_decode(at::Tensor tokens, at::Tensor positions, at::Tensor rows
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-    mod.def("qmatmul", &qmatmul, "y = x @ dequant(W).T with int16-quantized activations");
+    mod.def("qmatmul", &qmatmul, "y = x @ dequant(W).T with bfloat16 products");
     mod.def("dequantize", &dequantize, "weight blocks -> float32 (rows, K)");
     mod.def("embed", &embed, "embedding rows from a table in blocks");
     mod.def("llama_decode", &llama_decode, "one fused decode step of a Llama-family model");
 #ifdef TINKER_AVX512
-    mod.attr("isa") = "avx512-vnni";
+    mod.attr("isa") = "avx512-bf16";
 #else
     mod.attr("isa") = "scalar";
 #endif

@@ -1,8 +1,8 @@
 """The C++ kernels (kernels.cpp), built on first use with torch's extension tooling, and pure-PyTorch fallbacks.
 
 `ops()` returns the compiled module, or None where it cannot be built (no compiler) or is turned off with
-TINKERLM_KERNELS=0; every caller then takes the fallback, which computes the same thing: activations quantized
-to int16 per block of 32 exactly as the kernel does, integer block products, the same scales.
+TINKERLM_KERNELS=0; every caller then takes the fallback, which computes the same thing: weights and activations
+rounded to bfloat16 exactly as the kernel rounds them, products summed in fp32.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tinkerlm.quant.qtensor import QK, QTensor
+from tinkerlm.quant.qtensor import QTensor
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.cpp")
@@ -52,28 +52,12 @@ def _source_hash() -> str:
     return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
 
 
-def quantize_activations(x: torch.Tensor):
-    """(N, K) float -> int16 values (N, nb, 32), scales (N, nb), block sums * scale (N, nb); as the kernel does."""
-    blocks = x.float().reshape(x.shape[0], -1, QK)
-    d = blocks.abs().amax(-1) / 32767
-    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
-    q = torch.round(blocks * inv[..., None])
-    return q, d, d * q.sum(-1)
-
-
 def qmatmul(x: torch.Tensor, w: QTensor) -> torch.Tensor:
-    """x (..., K) @ W.T with W in blocks, activations quantized to int16 blocks."""
+    """x (..., K) @ W.T with W in blocks: weights and activations rounded to bfloat16, products summed in fp32."""
     k = ops()
     if k is not None:
         return k.qmatmul(x.float().contiguous(), w.data, w.code)
-    x2 = x.reshape(-1, x.shape[-1])
-    q, xd, xs = quantize_activations(x2)  # (N, nb, 32), (N, nb), (N, nb)
-    d, m, v = w.fields()  # (R, nb), (R, nb) or None, (R, nb, 32)
-    isum = torch.einsum("nbk,rbk->nrb", q.double(), v.double()).float()  # exact in float64
-    y = (isum * (d[None] * xd[:, None])).sum(-1)
-    if m is not None:
-        y = y + xs @ m.T
-    return y.reshape(*x.shape[:-1], w.shape[0])
+    return x.bfloat16().float() @ w.dequantize().bfloat16().float().T
 
 
 def dequantize(w: QTensor) -> torch.Tensor:

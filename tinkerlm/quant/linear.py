@@ -1,6 +1,6 @@
 """Module swaps for quantized weights: `QLinear` for nn.Linear, `QEmbedding` for nn.Embedding.
 
-Small batches (decode) go through the int16-activation kernel, reading the packed weight once; large ones (prefill)
+Small batches (decode) go through the bfloat16 block kernel, reading the packed weight once; large ones (prefill)
 dequantize the weight into a scratch matrix and use BLAS, where compute, not memory, is the bound.
 """
 

@@ -5,7 +5,7 @@ import torch
 
 import tinkerlm
 from tinkerlm.errors import TinkerError
-from tinkerlm.generate import SamplingParams, _Detok, apply_repetition_penalty, sample
+from tinkerlm.generate import SamplingParams, Detokenizer, apply_repetition_penalty, sample
 from tiny import make_hf_model
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, -1.0, 3.0], [0.1, 0.2, 0.3, 0.4, 0.0]])
@@ -113,7 +113,7 @@ def test_streaming_never_splits_characters(llm):
     text = "héllo → 世界 👋🏽 done"
     ids = llm.tokenizer.encode(text, add_special_tokens=False)
     assert len(ids) == len(text.encode("utf-8"))  # the tiny tokenizer has one token per byte
-    row = _Detok(llm.tokenizer, [])
+    row = Detokenizer(llm.tokenizer, [])
     pieces = []
     for t in ids:
         row.push(t)

@@ -90,6 +90,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="require this bearer token (default: none; env TINKERLM_API_KEY)")
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together in one forward pass")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before 429")
+    s.add_argument("--max-context", type=int, default=8192,
+                   help="tokens per sequence slot (the KV cache holds max-batch slots of this size)")
     _model_flags(s)
 
     s = sub.add_parser("bench", help="measure load, prefill and decode speed and memory", formatter_class=fmt,
@@ -154,7 +156,7 @@ def cmd_serve(a) -> None:
     from tinkerlm.serve.server import serve
 
     serve(a.models, host=a.host, port=a.port, api_key=a.api_key, max_batch=a.max_batch, max_queue=a.max_queue,
-          **_load_options(a))
+          max_context=a.max_context, **_load_options(a))
 
 
 def cmd_bench(a) -> None:

@@ -144,7 +144,7 @@ class Chunk:
 
 
 @dataclass
-class _Detok:
+class Detokenizer:
     """Incremental detokenizer for one row: emits only complete characters, holds back possible stop strings."""
 
     tokenizer: object
@@ -196,7 +196,7 @@ def stream_generate(
         prompts = [prompts]
     ids = [tokenizer.encode(p, add_special_tokens=add_special_tokens) if isinstance(p, str) else list(p) for p in prompts]
     stops = tokenizer.stop_token_ids if stop_token_ids is None else list(stop_token_ids)
-    rows = [_Detok(tokenizer, [s for s in stop if s]) for _ in ids]
+    rows = [Detokenizer(tokenizer, [s for s in stop if s]) for _ in ids]
     finished = [False] * len(ids)
     count = [0] * len(ids)
     for step in generate_step(model, ids, max_tokens=max_tokens, sampling=sampling, stop_token_ids=stops):

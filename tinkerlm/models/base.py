@@ -167,6 +167,16 @@ class KVCache:
     def reset_row(self, row: int) -> None:
         self.lengths[row] = 0
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A cache over rows [start, stop) sharing this one's storage (views, no copy); its `lengths` is a new list,
+        so a caller that advances it copies the lengths back."""
+        view = object.__new__(KVCache)
+        view.k = [t[start:stop] for t in self.k]
+        view.v = [t[start:stop] for t in self.v]
+        view.max_len = self.max_len
+        view.lengths = self.lengths[start:stop]
+        return view
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, kv_len: int):
         """Write k, v (B, n_kv, T, hd) at `positions` (B, T); return the first `kv_len` slots of the layer."""
         kc, vc = self.k[layer], self.v[layer]

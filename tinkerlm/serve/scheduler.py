@@ -15,7 +15,6 @@ at the next step boundary.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import threading
@@ -26,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from tinkerlm.generate import SamplingParams, _Detok, apply_repetition_penalty, sample
+from tinkerlm.generate import SamplingParams, Detokenizer, apply_repetition_penalty, sample
 from tinkerlm.serve.jsonmode import JSONConstraint
 from tinkerlm.serve.protocol import APIError
 from tinkerlm.serve.vocab import token_bytes
@@ -76,7 +75,7 @@ class Sequence:
     submitted_at: float = field(default_factory=time.perf_counter)
     last: int = 0  # the token to feed at the next decode step
     generator: torch.Generator | None = field(default=None, repr=False)
-    detok: _Detok | None = field(default=None, repr=False)
+    detok: Detokenizer | None = field(default=None, repr=False)
     stop_ids: set[int] = field(default_factory=set, repr=False)
     seen: torch.Tensor | None = field(default=None, repr=False)  # (1, V) bool, for repetition_penalty
     counts: torch.Tensor | None = field(default=None, repr=False)  # (V,) for presence/frequency penalties
@@ -192,11 +191,7 @@ class Engine:
 
     def _rows(self, start: int, stop: int):
         """A cache over rows [start, stop) of the big cache, sharing its storage (views, no copy)."""
-        view = copy.copy(self.cache)
-        view.k = [t[start:stop] for t in self.cache.k]
-        view.v = [t[start:stop] for t in self.cache.v]
-        view.lengths = self.cache.lengths[start:stop]
-        return view
+        return self.cache.rows(start, stop)
 
     def _prefill(self, s: Sequence) -> None:
         s.slot = self.slots.index(None)
@@ -204,7 +199,7 @@ class Engine:
         self.cache.lengths[s.slot] = 0
         p = s.sampling
         s.generator = torch.Generator().manual_seed(p.seed if p.seed is not None else int.from_bytes(os.urandom(6), "little"))
-        s.detok = _Detok(self.tokenizer, s.stop)
+        s.detok = Detokenizer(self.tokenizer, s.stop)
         s.stop_ids = set(self.tokenizer.stop_token_ids)
         s.counts = torch.zeros(self.vocab) if (s.presence_penalty or s.frequency_penalty) else None
         s.seen = None

@@ -29,6 +29,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -219,7 +220,7 @@ def write_chart(medians: dict, path: Path, title: str) -> None:
     for ax, (key, label, unit, higher) in zip(axes, METRICS):
         values = [medians[e][key] for e in engines]
         bars = ax.bar(engines, values, color=[colours.get(e, "grey") for e in engines])
-        ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], padding=2, fontsize=9)
+        ax.bar_label(bars, labels=[f"{v:.0f}" if v >= 100 else f"{v:.3g}" for v in values], padding=2, fontsize=9)
         ax.set_title(f"{label} ({unit}, {'higher' if higher else 'lower'} is better)", fontsize=10)
         ax.set_ylim(0, max(values) * 1.18)
         ax.tick_params(axis="x", labelsize=9)
@@ -273,6 +274,8 @@ def write_markdown(path: Path, *, medians, results, skipped, machine, args, comm
         f"- CPU: {machine['cpu']}, {machine['physical_cores']} physical cores, {machine['logical_cpus']} logical CPUs",
         f"- CPU flags: {', '.join(machine['flags']) or 'none of avx2/avx512/amx'}",
         f"- RAM: {ram}",
+        f"- 1-minute load average before / after the runs: {machine['load_before']:.2f} / {machine['load_after']:.2f} "
+        f"(near or above the core count means other work shared the cores: rerun on a quiet machine)",
         f"- Python {machine['python']}, torch {machine['torch']}"
         + (f", llama-cpp-python {results['llama.cpp'][0].get('llama_cpp')}" if results.get("llama.cpp") else ""),
         "",
@@ -326,8 +329,11 @@ def main(argv: list[str] | None = None) -> int:
             "decode_tokens": args.decode_tokens, "prefill_ids": prompt_ids(tokenizer, args.prompt_tokens),
             "decode_ids": prompt_ids(tokenizer, DECODE_PROMPT_TOKENS)}
     out = Path(args.out).resolve()
-    spec_file = out.parent / ".compare_spec.json"
-    spec_file.write_text(json.dumps(spec))
+    # Outside the repository, so a run never leaves a stray file to commit.
+    fd, name = tempfile.mkstemp(prefix="tinkerlm-compare-", suffix=".json")
+    spec_file = Path(name)
+    with os.fdopen(fd, "w") as f:
+        json.dump(spec, f)
 
     skipped = {}
     for e in list(engines):
@@ -337,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             skipped[e] = why
             engines.remove(e)
     results: dict[str, list[dict]] = {e: [] for e in engines}
+    load_before = os.getloadavg()[0]  # other work on the machine skews every number: recorded in the report
     try:
         for r in range(args.runs):
             order = engines[r % len(engines):] + engines[: r % len(engines)]  # rotate: no engine always goes first
@@ -349,12 +356,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         spec_file.unlink(missing_ok=True)
 
+    machine = dict(machine_info(), load_before=load_before, load_after=os.getloadavg()[0])
     medians = summarize(results)
     command = " ".join(["python", "bench/compare.py"] + [shlex.quote(a) for a in (argv or sys.argv[1:])])
     chart = Path(args.chart).resolve()
     write_chart(medians, chart, f"{model_path.name}, {args.threads} threads, median of {args.runs} runs "
                                f"(tinkerlm quant={args.quant})")
-    write_markdown(out, medians=medians, results=results, skipped=skipped, machine=machine_info(), args=args,
+    write_markdown(out, medians=medians, results=results, skipped=skipped, machine=machine, args=args,
                    command=command, model_path=model_path, chart=chart)
     print(out.read_text())
     return 0

@@ -6,6 +6,7 @@ where its HF checkpoints need a layout change, `from_hf_state_dict`. Adding one 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import torch
@@ -33,11 +34,26 @@ def _arch(config: dict, source: str):
     return module, getattr(module, cfg_name), getattr(module, model_name)
 
 
+@contextlib.contextmanager
+def _no_init():
+    """Skip random initialisation: the weights are loaded next (and on the meta device the init functions pull in
+    torch's compiler stack, a second of imports)."""
+    classes = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm)
+    saved = [c.reset_parameters for c in classes]
+    for c in classes:
+        c.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        for c, f in zip(classes, saved):
+            c.reset_parameters = f
+
+
 def build(config: dict, source: str = "model", device: str | torch.device = "meta"):
     """An uninitialised model for an HF-style config dict (parameters on `device`, meta by default)."""
     module, cfg_cls, model_cls = _arch(config, source)
     cfg = cfg_cls.from_dict(config, source)
-    with torch.device(device):
+    with torch.device(device), _no_init():
         return model_cls(cfg, source)
 
 

@@ -215,9 +215,16 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None 
     return allowed[:, None]
 
 
+CAUSAL = "causal"  # a mask argument meaning plain causal attention from position 0 (SDPA's fast is_causal path)
+
+
 def attend(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
-    """Scaled dot-product attention with grouped-query heads: q (B, H, T, hd), k/v (B, n_kv, S, hd)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    """Scaled dot-product attention with grouped-query heads: q (B, H, T, hd), k/v (B, n_kv, S, hd).
+
+    `mask` is a boolean (B, 1, T, S) tensor, None (every key visible) or CAUSAL."""
+    causal = isinstance(mask, str)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,6 +270,12 @@ class CausalLM(nn.Module):
         return h[torch.arange(h.shape[0]), logits_at][:, None]
 
 
-def needs_mask(B: int, T: int, cache: KVCache | None, window: int | None) -> bool:
-    """Whether attention needs an explicit mask; a single aligned sequence decoding one token does not."""
-    return not (B == 1 and T == 1 and window is None and cache is not None)
+def make_mask(positions, k_pos, cache: KVCache | None, window: int | None):
+    """The cheapest correct mask: None for one aligned sequence decoding one token, CAUSAL when every row starts at
+    position 0 with no window in play (prefill), else an explicit boolean mask."""
+    B, T = positions.shape
+    if B == 1 and T == 1 and window is None and cache is not None:
+        return None
+    if T > 1 and k_pos.shape[1] == T and (cache is None or cache.uniform_start == 0) and (window is None or window >= T):
+        return CAUSAL
+    return attention_mask(positions, k_pos, window)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinkerlm.errors import TinkerError
-from tinkerlm.models.base import CausalLM, KVCache, attend, attention_mask, check_positive, config_from_dict, needs_mask
+from tinkerlm.models.base import CausalLM, KVCache, attend, check_positive, config_from_dict, make_mask
 
 MODEL_TYPES = ("gpt2",)
 
@@ -131,7 +131,7 @@ class GPT2LMHeadModel(CausalLM):
         B, T = input_ids.shape
         positions, k_pos, kv_len = self.step_inputs(input_ids, cache, self.max_context, self.source)
         x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # (B, T, C)
-        mask = attention_mask(positions, k_pos) if needs_mask(B, T, cache, None) else None
+        mask = make_mask(positions, k_pos, cache, None)
         for i, block in enumerate(self.transformer.h):
             x = block(x, mask, cache, i, positions, kv_len)
         return self.lm_head(self.transformer.ln_f(self.select(x, logits_at)))

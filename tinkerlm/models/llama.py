@@ -26,10 +26,9 @@ from tinkerlm.models.base import (
     RMSNorm,
     apply_rope,
     attend,
-    attention_mask,
     check_positive,
     config_from_dict,
-    needs_mask,
+    make_mask,
     rope_cos_sin,
     rope_inv_freq,
 )
@@ -198,7 +197,7 @@ class LlamaForCausalLM(CausalLM):
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         window = self.config.sliding_window
-        mask = attention_mask(positions, k_pos, window) if needs_mask(B, T, cache, window) else None
+        mask = make_mask(positions, k_pos, cache, window)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache, i, positions, kv_len)
         x = self.model.norm(self.select(x, logits_at))

@@ -104,6 +104,33 @@ inline void block_floats(const uint8_t* blk, int type, float* out) {
     }
 }
 
+#ifdef TINKER_AVX512
+// A block's 32 values as floats (d * u + m): values 0..15 in lo, 16..31 in hi.
+template <int TYPE>
+inline void expand_floats(const uint8_t* blk, __m512& lo, __m512& hi) {
+    const __m512 d = _mm512_set1_ps(load_half(blk));
+    if (TYPE == Q8_0) {
+        const __m256i qv = _mm256_loadu_si256((const __m256i*)(blk + 2));
+        lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(qv))));
+        hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(qv, 1))));
+    } else {
+        const __m128i low = _mm_set1_epi8(0x0F);
+        const __m128i qs = _mm_loadu_si128((const __m128i*)(blk + (TYPE == Q4_1 ? 4 : 2)));
+        const __m512 m = TYPE == Q4_1 ? _mm512_set1_ps(load_half(blk + 2)) : _mm512_mul_ps(d, _mm512_set1_ps(-8.f));
+        lo = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(qs, low))), m);
+        hi = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(qs, 4), low))), m);
+    }
+}
+
+// The same as bfloat16, low half values 0..15, high half 16..31.
+template <int TYPE>
+inline __m512bh expand_block(const uint8_t* blk) {
+    __m512 lo, hi;
+    expand_floats<TYPE>(blk, lo, hi);
+    return _mm512_cvtne2ps_pbh(hi, lo);
+}
+#endif
+
 // One weight row against up to 8 activation rows. Each block is expanded once to 32 bfloat16 weights
 // (d * u + m), then every activation row takes one vdpbf16ps: 32 multiply-adds into fp32, no per-row scaling.
 template <int TYPE>
@@ -111,30 +138,19 @@ void dot_row(const QW& w, int64_t r, const QX& x, int64_t b0, int nt, float* y) 
     const uint8_t* row = w.data + r * w.row_bytes;
     const int64_t nb = w.nb;
 #ifdef TINKER_AVX512
-    __m512 acc[8];
-    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
-    const __m128i low = _mm_set1_epi8(0x0F);
+    // Two accumulators a row (even and odd blocks): vdpbf16ps has a latency of several cycles, and one chain
+    // per row would wait on it every block.
+    __m512 acc[8][2];
+    for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t* blk = row + b * BLOCK_BYTES[TYPE];
-        const __m512 d = _mm512_set1_ps(load_half(blk));
-        __m512 lo, hi;
-        if (TYPE == Q8_0) {
-            const __m256i qv = _mm256_loadu_si256((const __m256i*)(blk + 2));
-            lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(qv))));
-            hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(qv, 1))));
-        } else {
-            const __m128i qs = _mm_loadu_si128((const __m128i*)(blk + (TYPE == Q4_1 ? 4 : 2)));
-            const __m512 m = TYPE == Q4_1 ? _mm512_set1_ps(load_half(blk + 2)) : _mm512_mul_ps(d, _mm512_set1_ps(-8.f));
-            lo = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(qs, low))), m);
-            hi = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(qs, 4), low))), m);
-        }
-        const __m512bh wv = _mm512_cvtne2ps_pbh(hi, lo);  // values 0..15 in the low half, 16..31 in the high
+        const __m512bh wv = expand_block<TYPE>(row + b * BLOCK_BYTES[TYPE]);
+        const uint16_t* xb = x.q.data() + b0 * x.K + b * QK;
         for (int t = 0; t < nt; t++) {
-            const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void*)(x.q.data() + (b0 + t) * x.K + b * QK));
-            acc[t] = _mm512_dpbf16_ps(acc[t], wv, xv);
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void*)(xb + t * x.K));
+            acc[t][b & 1] = _mm512_dpbf16_ps(acc[t][b & 1], wv, xv);
         }
     }
-    for (int t = 0; t < nt; t++) y[t] = _mm512_reduce_add_ps(acc[t]);
+    for (int t = 0; t < nt; t++) y[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
 #else
     float wf[QK];
     float total[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -179,11 +195,53 @@ void matmul_multi(const std::vector<QW>& ws, const QX& x, const std::vector<floa
     });
 }
 
-void dequant_rows(const QW& w, int64_t r0, int64_t r1, float* out) {
+template <int TYPE>
+void dequant_rows_t(const QW& w, int64_t r0, int64_t r1, float* out) {
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t* row = w.data + r * w.row_bytes;
-        for (int64_t b = 0; b < w.nb; b++) block_floats(row + b * BLOCK_BYTES[w.type], w.type, out + (r - r0) * w.K + b * QK);
+        for (int64_t b = 0; b < w.nb; b++) {
+            float* o = out + (r - r0) * w.K + b * QK;
+#ifdef TINKER_AVX512
+            __m512 lo, hi;
+            expand_floats<TYPE>(row + b * BLOCK_BYTES[TYPE], lo, hi);
+            _mm512_storeu_ps(o, lo);
+            _mm512_storeu_ps(o + 16, hi);
+#else
+            block_floats(row + b * BLOCK_BYTES[TYPE], TYPE, o);
+#endif
+        }
     }
+}
+
+void dequant_rows(const QW& w, int64_t r0, int64_t r1, float* out) {
+    switch (w.type) {
+        case Q8_0: dequant_rows_t<Q8_0>(w, r0, r1, out); break;
+        case Q4_0: dequant_rows_t<Q4_0>(w, r0, r1, out); break;
+        default: dequant_rows_t<Q4_1>(w, r0, r1, out); break;
+    }
+}
+
+// Dot product and y += a * x over n floats: the attention's inner loops, vectorized explicitly (a float
+// reduction is not vectorized by the compiler without -ffast-math).
+inline float dot(const float* a, const float* b, int64_t n) {
+    int64_t i = 0;
+    float s = 0.f;
+#ifdef TINKER_AVX512
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    s = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+inline void axpy(float a, const float* x, float* y, int64_t n) {
+    int64_t i = 0;
+#ifdef TINKER_AVX512
+    const __m512 av = _mm512_set1_ps(a);
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+#endif
+    for (; i < n; i++) y[i] += a * x[i];
 }
 
 void rmsnorm(const float* x, const float* g, float* out, int64_t n, float eps) {
@@ -325,19 +383,14 @@ at::Tensor llama_decode(at::Tensor tokens, at::Tensor positions, at::Tensor rows
                 const float scale = 1.f / std::sqrt((float)hd);
                 float mx = -INFINITY;
                 for (int64_t j = 0; j < n; j++) {
-                    float s = 0.f;
-                    for (int64_t e = 0; e < hd; e++) s += qv[e] * kb[j * hd + e];
-                    sc[j] = s * scale;
+                    sc[j] = dot(qv, kb + j * hd, hd) * scale;
                     mx = std::max(mx, sc[j]);
                 }
                 float den = 0.f;
                 for (int64_t j = 0; j < n; j++) { sc[j] = std::exp(sc[j] - mx); den += sc[j]; }
                 float* out = att.data() + b * q_dim + hh * hd;
                 std::fill(out, out + hd, 0.f);
-                for (int64_t j = 0; j < n; j++) {
-                    const float p = sc[j] / den;
-                    for (int64_t e = 0; e < hd; e++) out[e] += p * vb[j * hd + e];
-                }
+                for (int64_t j = 0; j < n; j++) axpy(sc[j] / den, vb + j * hd, out, hd);
             }
         });
         quantize_rows(att.data(), B, q_dim, xq);

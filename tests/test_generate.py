@@ -127,3 +127,14 @@ def test_streaming_never_splits_characters(llm):
 def test_empty_prompt_rejected(llm):
     with pytest.raises(TinkerError, match="empty prompt"):
         list(llm.stream("", max_tokens=3))
+
+
+def test_sampling_follows_the_distribution():
+    """20k draws at temperature 1: each token's frequency within 1.5 points of its softmax probability, and a
+    token of probability 0 (masked by top-k) never drawn."""
+    g = torch.Generator().manual_seed(1)
+    logits = LOGITS[:1].expand(20000, -1)
+    counts = torch.bincount(sample(logits, SamplingParams(temperature=1.0), g), minlength=5).float() / 20000
+    assert (counts - LOGITS[0].softmax(-1)).abs().max() < 0.015
+    top2 = torch.bincount(sample(logits, SamplingParams(temperature=1.0, top_k=2), g), minlength=5)
+    assert top2[[1, 2, 3]].sum() == 0

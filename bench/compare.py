@@ -288,7 +288,14 @@ def write_markdown(path: Path, *, medians, results, skipped, machine, args, comm
         for i, r in enumerate(rs, 1):
             lines.append(f"| {engine} | {i} | {r['load_s']:.2f} | {r['decode_tok_s']:.1f} | "
                          f"{r['prefill_tok_s']:.1f} | {r['peak_rss_mb']:.0f} |")
-    path.write_text("\n".join(lines) + "\n")
+    # Sections written by hand or by other scripts (quality, profile, server) follow a marker and are kept.
+    kept = ""
+    if path.exists() and KEEP_MARKER in path.read_text():
+        kept = path.read_text().split(KEEP_MARKER, 1)[1]
+    path.write_text("\n".join(lines) + "\n\n" + KEEP_MARKER + kept)
+
+
+KEEP_MARKER = "<!-- compare.py regenerates everything above this line and keeps everything below -->"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,59 @@
+"""Where a decode step's time goes: the fused C++ step against the same weights through the PyTorch modules,
+with 2 threads and 1, and the fp32 modules. Prints a Markdown table (pasted into BENCHMARKS.md).
+
+    .venv/bin/python bench/decode_profile.py [MODEL]      # default: smollm2
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+import tinkerlm
+from tinkerlm.generate import SamplingParams, sample
+
+
+def step_ms(model, n: int = 60) -> float:
+    """Milliseconds of one single-sequence decode step at position ~10, averaged over `n` steps."""
+    cache = model.new_cache(1, 512)
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3, 4]]), cache=cache)
+        cache.advance(4)
+        token = torch.tensor([[5]])
+        for _ in range(5):
+            model(token, cache=cache)
+            cache.advance(1)
+        start = time.perf_counter()
+        for _ in range(n):
+            model(token, cache=cache)
+            cache.advance(1)
+    return (time.perf_counter() - start) / n * 1e3
+
+
+def main() -> None:
+    name = sys.argv[1] if len(sys.argv) > 1 else "smollm2"
+    rows = {}
+    for threads in (2, 1):
+        model = tinkerlm.load(name, threads=threads).model
+        fused = step_ms(model)
+        saved, model.fused_decode = model.fused_decode, None
+        rows[threads] = (fused, step_ms(model))
+        model.fused_decode = saved
+    fp32 = step_ms(tinkerlm.load(name, quant="fp32", threads=2).model)
+    logits = torch.randn(1, model.lm_head.out_features)
+    g = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for _ in range(200):
+        sample(logits, SamplingParams(temperature=1.0), g)
+    sample_ms = (time.perf_counter() - start) / 200 * 1e3
+    print("| decode step, one token, 1 sequence | 2 threads | 1 thread |\n|---|---:|---:|")
+    print(f"| fused C++ step | {rows[2][0]:.1f} ms | {rows[1][0]:.1f} ms |")
+    print(f"| same quantized weights through the PyTorch modules | {rows[2][1]:.1f} ms | {rows[1][1]:.1f} ms |")
+    print(f"| fp32 dequantized weights through the PyTorch modules | {fp32:.1f} ms | |")
+    print(f"| sampling one row at temperature 1 | {sample_ms:.2f} ms | |")
+
+
+if __name__ == "__main__":
+    main()

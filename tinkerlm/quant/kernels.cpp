@@ -6,7 +6,7 @@
 // multiplied with every activation row by AVX512-BF16's vdpbf16ps (32 products summed into fp32 lanes). Not
 // llama.cpp's 8-bit integer activations: small models' hidden states carry outliers near 10^4, and 8-bit blocks
 // then cost ~1% error per projection, enough to change greedy answers, while bfloat16 keeps every value to 3
-// significant digits. Expanding a block once and reusing it for up to 8 rows makes batched decoding cheap.
+// significant digits. Expanding a block once and reusing it for up to 16 rows makes batched decoding cheap.
 //
 // The decode step runs a whole Llama-family forward for one new token per sequence in one call, so a token costs
 // the weights' memory traffic rather than thousands of PyTorch dispatches.
@@ -28,6 +28,7 @@
 namespace {
 
 constexpr int QK = 32;  // values per block
+constexpr int TILE = 16;  // activation rows sharing one expansion of a weight block (the batch of a decode step)
 enum QType { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2 };
 constexpr int64_t BLOCK_BYTES[] = {34, 18, 20};
 
@@ -131,29 +132,25 @@ inline __m512bh expand_block(const uint8_t* blk) {
 }
 #endif
 
-// One weight row against up to 8 activation rows. Each block is expanded once to 32 bfloat16 weights
+// One weight row against up to TILE activation rows. Each block is expanded once to 32 bfloat16 weights
 // (d * u + m), then every activation row takes one vdpbf16ps: 32 multiply-adds into fp32, no per-row scaling.
 template <int TYPE>
 void dot_row(const QW& w, int64_t r, const QX& x, int64_t b0, int nt, float* y) {
     const uint8_t* row = w.data + r * w.row_bytes;
     const int64_t nb = w.nb;
 #ifdef TINKER_AVX512
-    // Two accumulators a row (even and odd blocks): vdpbf16ps has a latency of several cycles, and one chain
-    // per row would wait on it every block.
-    __m512 acc[8][2];
-    for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+    __m512 acc[TILE];
+    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const __m512bh wv = expand_block<TYPE>(row + b * BLOCK_BYTES[TYPE]);
         const uint16_t* xb = x.q.data() + b0 * x.K + b * QK;
-        for (int t = 0; t < nt; t++) {
-            const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void*)(xb + t * x.K));
-            acc[t][b & 1] = _mm512_dpbf16_ps(acc[t][b & 1], wv, xv);
-        }
+        for (int t = 0; t < nt; t++)
+            acc[t] = _mm512_dpbf16_ps(acc[t], wv, (__m512bh)_mm512_loadu_si512((const void*)(xb + t * x.K)));
     }
-    for (int t = 0; t < nt; t++) y[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+    for (int t = 0; t < nt; t++) y[t] = _mm512_reduce_add_ps(acc[t]);
 #else
     float wf[QK];
-    float total[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    float total[TILE] = {};
     for (int64_t b = 0; b < nb; b++) {
         block_floats(row + b * BLOCK_BYTES[TYPE], TYPE, wf);
         for (int t = 0; t < nt; t++) {
@@ -166,10 +163,10 @@ void dot_row(const QW& w, int64_t r, const QX& x, int64_t b0, int nt, float* y) 
 }
 
 void dot_rows(const QW& w, int64_t r0, int64_t r1, const QX& x, float* y, int64_t ystride) {
-    float tmp[8];
+    float tmp[TILE];
     for (int64_t r = r0; r < r1; r++) {
-        for (int64_t b0 = 0; b0 < x.B; b0 += 8) {
-            const int nt = (int)std::min<int64_t>(8, x.B - b0);
+        for (int64_t b0 = 0; b0 < x.B; b0 += TILE) {
+            const int nt = (int)std::min<int64_t>(TILE, x.B - b0);
             switch (w.type) {
                 case Q8_0: dot_row<Q8_0>(w, r, x, b0, nt, tmp); break;
                 case Q4_0: dot_row<Q4_0>(w, r, x, b0, nt, tmp); break;

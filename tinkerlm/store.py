@@ -44,6 +44,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+import numpy as np
+
 from tinkerlm.errors import TinkerError
 
 log = logging.getLogger(__name__)
@@ -374,45 +376,30 @@ def describe(path: Path) -> dict:
     raise TinkerError(f"{path}: no such file or directory")
 
 
-def _gguf_value(reader, key: str):
-    f = reader.fields.get(key)
-    if f is None or not f.data:
-        return None
-    part = f.parts[f.data[0]]
-    if f.types and f.types[0].name == "STRING":
-        return bytes(part).decode("utf-8", errors="replace")
-    return part.tolist()[0] if len(part) == 1 else part.tolist()
-
-
 def _dominant(weights: dict[str, int]) -> str:
     return max(weights.items(), key=lambda kv: kv[1])[0] if weights else "unknown"
 
 
 def _describe_gguf(path: Path) -> dict:
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise TinkerError(f"{path}: not a GGUF file (no 'GGUF' magic); pass a .gguf file or a model directory")
-    import gguf  # numpy, not torch: fine for the fast CLI verbs
+    from tinkerlm.formats.gguf import read_gguf  # header and tensor infos only: no torch, no tensor data read
 
-    try:
-        reader = gguf.GGUFReader(str(path), "r")
-    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on damaged files
-        raise TinkerError(f"{path}: unreadable GGUF ({type(e).__name__}: {e}); the file may be truncated")
-    arch = _gguf_value(reader, "general.architecture") or "unknown"
+    ckpt = read_gguf(path)
+    meta = ckpt.metadata
+    arch = meta.get("general.architecture") or "unknown"
     params = 0
     by_type: dict[str, int] = {}
-    for t in reader.tensors:
-        n = int(t.n_elements)
+    for _, shape, type_name in ckpt.tensor_infos():
+        n = int(np.prod(shape))
         params += n
-        if len(t.shape) >= 2:  # norms and biases stay F32 in every quantized file
-            by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + n
+        if len(shape) >= 2:  # norms and biases stay F32 in every quantized file
+            by_type[type_name] = by_type.get(type_name, 0) + n
     return {
         "format": "gguf",
         "architecture": GGUF_ARCHITECTURES.get(arch, arch),
         "parameters": params,
         "quantization": _dominant(by_type),
-        "context_length": int(_gguf_value(reader, f"{arch}.context_length") or 0),
-        "license": _gguf_value(reader, "general.license"),
+        "context_length": int(meta.get(f"{arch}.context_length") or 0),
+        "license": meta.get("general.license"),
     }
 
 

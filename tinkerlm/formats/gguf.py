@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from tinkerlm.errors import TinkerError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where tensors are made, so reading metadata (the store) stays light
+    import torch
     from gguf import ReaderTensor
+
+    from tinkerlm.quant.qtensor import QTensor
 
     from tinkerlm.formats.tokenizer import Tokenizer
 
@@ -169,6 +171,11 @@ class GGUFCheckpoint:
                 f"{self.path}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
             )
         return arch
+
+    def tensor_infos(self) -> list[tuple[str, tuple[int, ...], str]]:
+        """(name, shape in torch order, GGML type name) of every tensor, from the header alone."""
+        return [(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type.name)
+                for t in self._tensors.values()]
 
     def tensor_types(self) -> dict[str, int]:
         """How many tensors of each GGML type the file holds, e.g. {"Q4_1": 210, "F32": 61, "Q8_0": 1}."""
@@ -364,6 +371,8 @@ class GGUFCheckpoint:
         Raises:
             TinkerError: unused or missing tensors, a shape contradicting the metadata, or an unknown tensor type.
         """
+        import torch
+
         config = self._config
         permuted = self.architecture in ROPE_PERMUTED
         out = {}
@@ -400,6 +409,7 @@ class GGUFCheckpoint:
         return self._dequantize(self._tensors[name])
 
     def _dequantize(self, tensor: ReaderTensor) -> torch.Tensor:
+        import torch
         from gguf import GGMLQuantizationType as T
         from gguf.quants import dequantize
 
@@ -435,7 +445,6 @@ def unpermute_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     head_dim = rows // n_heads
     rest = weight.shape[1:]
     return weight.reshape(n_heads, head_dim // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest)  # (n, 2, hd/2, ...)
-
 
 
 # ---------------------------------------------------------------------------------------------------------------

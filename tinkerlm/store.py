@@ -47,6 +47,7 @@ from typing import BinaryIO, Callable
 import numpy as np
 
 from tinkerlm.errors import TinkerError
+from tinkerlm.formats import hf
 
 log = logging.getLogger(__name__)
 
@@ -415,27 +416,6 @@ def safetensors_header(path: Path) -> dict:
         raise TinkerError(f"{path}: unreadable safetensors header ({e}); the file may be truncated or not safetensors")
 
 
-def _index_shards(index: Path) -> list[str]:
-    """The shard files named by a `model.safetensors.index.json`."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, AttributeError) as e:
-        raise TinkerError(f"{index}: unreadable index ({e}); it needs a 'weight_map' of tensor -> shard file")
-
-
-def _hf_weight_files(d: Path) -> list[str]:
-    """The safetensors files of a Hugging Face directory: the shards named by the index, else every top-level one."""
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        shards = _index_shards(index)
-        missing = [s for s in shards if not (d / s).is_file()]
-        if missing:
-            raise TinkerError(f"{index}: shards {missing} are missing from {d}; download them or fix the index")
-        return shards
-    return sorted(p.name for p in d.glob("*.safetensors"))
-
-
 def _readme_license(readme: Path) -> str | None:
     """`license:` from the YAML front matter of a model card."""
     try:
@@ -458,7 +438,7 @@ def _describe_hf(d: Path) -> dict:
     except (OSError, ValueError) as e:
         raise TinkerError(f"{cfg_path}: unreadable ({e})")
     text_cfg = cfg.get("text_config") or {}
-    weights = _hf_weight_files(d)
+    weights = [p.name for p in hf.weight_files(d)]
     params = 0
     shapes: dict[str, list] = {}
     by_dtype: dict[str, int] = {}
@@ -796,7 +776,7 @@ def _hf_plan_local(d: Path) -> list[str]:
     present = {p.name for p in d.iterdir() if p.is_file()}
     plan = _hf_plan(present, str(d))
     if "model.safetensors.index.json" in plan:
-        shards = _hf_weight_files(d)  # also checks every shard is there
+        shards = [p.name for p in hf.weight_files(d)]  # also checks every shard is there
         plan = [p for p in plan if not p.endswith(".safetensors")] + shards
     return plan
 
@@ -875,7 +855,7 @@ def _pull_hub(source: str, name: str | None, force: bool, progress: bool) -> Man
         files = [fetch(rel, model_dir) for rel in rest]
         index = model_dir / "model.safetensors.index.json"
         # With an index, fetch only the shards it names (repos may also hold e.g. a consolidated.safetensors).
-        weights = _index_shards(index) if index.exists() else [f for f in plan if f.endswith(".safetensors")]
+        weights = hf.index_shards(index) if index.exists() else [f for f in plan if f.endswith(".safetensors")]
         files += [fetch(rel, model_dir) for rel in weights]
         return files, {"revision": info.sha, "files": [*rest, *weights]}
 

@@ -41,14 +41,19 @@ def load_generation_config(model_dir: Path) -> dict[str, Any]:
     return read_json(model_dir / "generation_config.json", required=False) or {}
 
 
+def index_shards(index: Path) -> list[str]:
+    """The shard file names a `model.safetensors.index.json` lists, in order of first appearance."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise TinkerError(f"{index}: missing 'weight_map' (re-download the index)")
+    return list(dict.fromkeys(weight_map.values()))
+
+
 def weight_files(model_dir: Path) -> list[Path]:
-    """The safetensors files that hold the weights, in index order when sharded."""
+    """The safetensors files that hold the weights: the shards the index names, else every top-level one."""
     index = model_dir / INDEX
     if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise TinkerError(f"{index}: missing 'weight_map' (re-download the index)")
-        files = [model_dir / name for name in dict.fromkeys(weight_map.values())]
+        files = [model_dir / name for name in index_shards(index)]
         for f in files:
             if not f.is_file():
                 raise TinkerError(f"{index}: lists shard {f.name}, which is not in {model_dir} (download all shards)")

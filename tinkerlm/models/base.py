@@ -144,6 +144,9 @@ class KVCache:
     token overwrites the slot it needs before reading it.
     """
 
+    # Set by `prepare` for the duration of one forward: the common start when all rows are aligned, else None.
+    uniform_start: int | None = None
+
     def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype=torch.float32):
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype) for _ in range(n_layers)]
@@ -163,9 +166,6 @@ class KVCache:
     def advance(self, counts: list[int] | int) -> None:
         counts = [counts] * self.batch if isinstance(counts, int) else counts
         self.lengths = [n + c for n, c in zip(self.lengths, counts)]
-
-    def reset_row(self, row: int) -> None:
-        self.lengths[row] = 0
 
     def rows(self, start: int, stop: int) -> "KVCache":
         """A cache over rows [start, stop) sharing this one's storage (views, no copy); its `lengths` is a new list,
@@ -190,9 +190,6 @@ class KVCache:
             kc[rows, :, positions] = k.transpose(1, 2)  # indexed view is (B, T, n_kv, hd)
             vc[rows, :, positions] = v.transpose(1, 2)
         return kc[:, :, :kv_len], vc[:, :, :kv_len]
-
-    # Set by `prepare` for the duration of one forward: the common start when all rows are aligned.
-    uniform_start: int | None = None
 
     def prepare(self, n_new: int, source: str = "model") -> tuple[torch.Tensor, int]:
         """Positions for `n_new` tokens per row and the key length to attend over; checks the context fits."""

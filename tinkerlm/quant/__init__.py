@@ -7,7 +7,6 @@ whose layers are all quantized. See qtensor.py for the format and kernels.cpp fo
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from tinkerlm.errors import TinkerError

@@ -103,7 +103,99 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--runs", type=int, default=3, help="repetitions; the median is reported")
     s.add_argument("--json", action="store_true", help="print results as JSON")
     _model_flags(s)
+    _finetune_parser(sub, fmt)
+    _merge_parser(sub, fmt)
     return p
+
+
+def _merge_parser(sub, fmt) -> None:
+    s = sub.add_parser("merge", help="merge store models by a mergekit recipe into a new model", formatter_class=fmt,
+                       description="Merge store models (GGUF or Hugging Face; LoRA adapters as BASE+LORA) by a "
+                       "mergekit YAML recipe: linear, slerp, task_arithmetic, ties, dare_linear, dare_ties, "
+                       "passthrough. Streams tensor by tensor; stores an HF model with its lineage and licence.")
+    s.add_argument("recipe", help="mergekit YAML recipe (merge_method, models or slices, base_model, parameters)")
+    s.add_argument("--out", required=True, help="store name NAME[:TAG] of the merged model")
+    s.add_argument("--force", action="store_true", help="replace a model already stored under that name")
+    s.add_argument("--random-seed", type=int, default=None,
+                   help="seed for DARE's random drops when the recipe sets none; unset: one is drawn and saved "
+                   "in the recipe")
+    s.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the tensor arithmetic (default: torch's, i.e. the physical cores or "
+                   "OMP_NUM_THREADS); on a busy machine 1 is often fastest: merging is memory-bound")
+
+
+def _finetune_parser(sub, fmt) -> None:  # plain formatter: the help texts show the Recipe defaults
+    # Defaults live in tinkerlm.tune.recipe.Recipe (shown in help); None here means "not given", so a YAML recipe's
+    # value stands unless the flag is passed.
+    from tinkerlm.tune.recipe import Recipe
+
+    d = Recipe()
+    s = sub.add_parser("finetune", help="fine-tune a model (LoRA or full) on JSONL data",
+                       description="Fine-tune a model on chat ({messages}), prompt/completion or text JSONL. LoRA by "
+                       "default (the adapter is stored in peft's layout; `tinkerlm run` applies it); --full trains "
+                       "every weight. A YAML recipe (-c) takes the same names as the flags; flags override it.")
+    s.add_argument("base", nargs="?", default=None, help="model to fine-tune: store name, .gguf or HF directory")
+    s.add_argument("-c", "--config", default=None, help="YAML recipe with the fields below")
+    s.add_argument("--data", default=None, help="training JSONL")
+    s.add_argument("--eval-data", default=None, help=f"held-out JSONL (default: {d.val_fraction:g} of --data)")
+    s.add_argument("--out", default=None, help="store name for the result NAME[:TAG]")
+    s.add_argument("--resume", action="store_true", help="continue the run writing --out from its last checkpoint")
+    s.add_argument("--force", action="store_true", help="replace a model already stored as --out")
+    g = s.add_argument_group("method")
+    g.add_argument("--full", action="store_true", default=None, help="full fine-tuning instead of LoRA")
+    g.add_argument("--lora-rank", type=int, default=None, help=f"LoRA rank r (default: {d.lora_rank})")
+    g.add_argument("--lora-alpha", type=float, default=None, help=f"LoRA alpha; scale = alpha/r (default: {d.lora_alpha:g})")
+    g.add_argument("--lora-dropout", type=float, default=None, help=f"dropout on LoRA inputs (default: {d.lora_dropout:g})")
+    g.add_argument("--lora-targets", default=None,
+                   help=f"comma-separated module names, or all-linear (default: {','.join(d.lora_targets)})")
+    g.add_argument("--rslora", action="store_true", default=None, help="scale by alpha/sqrt(r) (rank-stabilised)")
+    g.add_argument("--quant", default=None, choices=["native", "fp32", "bf16"],
+                   help=f"base weights under LoRA: native keeps a GGUF's quantization (QLoRA) (default: {d.quant})")
+    g = s.add_argument_group("optimisation")
+    for flag, typ, help_ in [
+        ("--epochs", float, "passes over the data"), ("--max-steps", int, "optimizer steps (overrides --epochs)"),
+        ("--batch-size", int, "packed rows per micro-batch"), ("--grad-accum", int, "micro-batches per step"),
+        ("--seq-len", int, "tokens per packed row; longer examples are cut"), ("--lr", float, "peak learning rate"),
+        ("--min-lr-ratio", float, "cosine decays to lr x this"), ("--warmup-steps", int, "linear warmup steps"),
+        ("--weight-decay", float, "AdamW weight decay"), ("--max-grad-norm", float, "clip gradients to this norm; 0 off"),
+        ("--val-fraction", float, "fraction of --data held out when no --eval-data"), ("--seed", int, "random seed"),
+        ("--eval-every", int, "steps between evaluations; 0 once per epoch"),
+        ("--save-every", int, "steps between checkpoints; 0 only at the end"),
+        ("--threads", int, "CPU threads (default: physical cores)"),
+    ]:
+        default = getattr(d, flag[2:].replace("-", "_"))
+        g.add_argument(flag, type=typ, default=None, help=f"{help_} (default: {default})")
+    g.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast for matmuls")
+    g.add_argument("--grad-checkpointing", action="store_true", default=None,
+                   help="recompute activations in the backward pass (less memory, ~30%% slower)")
+    g.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16"],
+                   help=f"dtype of the saved weights (default: {d.save_dtype})")
+
+    s = sub.add_parser("fuse", help="fold a LoRA adapter into its base as a full model", formatter_class=fmt,
+                       description="Fold a stored LoRA adapter into its base model and store the result as a "
+                       "Hugging Face model, with the adapter and base as parents.")
+    s.add_argument("name", help="the adapter's store name")
+    s.add_argument("--out", required=True, help="store name for the fused model")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the saved weights")
+    s.add_argument("--force", action="store_true", help="replace a model already stored as --out")
+
+
+def cmd_finetune(a) -> None:
+    from tinkerlm.tune import main
+
+    main(a)
+
+
+def cmd_fuse(a) -> None:
+    from tinkerlm.tune import fuse_main
+
+    fuse_main(a)
+
+
+def cmd_merge(a) -> None:
+    from tinkerlm.merge import main
+
+    main(a)
 
 
 def _gen_options(a) -> dict:
@@ -197,7 +289,8 @@ def cmd_chat(a) -> None:
 
 
 COMMANDS = {"pull": cmd_pull, "list": cmd_list, "show": cmd_show, "rm": cmd_rm, "run": cmd_run, "chat": cmd_chat,
-            "serve": cmd_serve, "bench": cmd_bench}
+            "serve": cmd_serve, "bench": cmd_bench, "finetune": cmd_finetune, "fuse": cmd_fuse,
+            "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -370,6 +370,8 @@ def describe(path: Path) -> dict:
         TinkerError: not a GGUF file or Hugging Face directory, or its metadata is unreadable.
     """
     path = Path(path)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return _describe_lora(path)
     if path.is_dir():
         return _describe_hf(path)
     if path.is_file():
@@ -476,6 +478,37 @@ def _describe_hf(d: Path) -> dict:
     }
 
 
+def _describe_lora(d: Path) -> dict:
+    """A PEFT LoRA adapter directory: its own parameters; architecture and context come from the base's manifest."""
+    cfg = hf.read_json(d / "adapter_config.json")
+    params = 0
+    by_dtype: dict[str, int] = {}
+    for f in sorted(d.glob("*.safetensors")):
+        for tname, info in safetensors_header(f).items():
+            if tname != "__metadata__":
+                n = int(np.prod(info["shape"]))
+                params += n
+                by_dtype[info["dtype"]] = by_dtype.get(info["dtype"], 0) + n
+    ref = cfg.get("base_model_name_or_path")
+    base: dict = {}
+    if ref and Path(ref).is_absolute() and Path(ref).exists():
+        base = describe(Path(ref))
+    elif ref:
+        try:
+            m = find(ref)
+            base = {"architecture": m.architecture, "context_length": m.context_length} if m else {}
+        except TinkerError:  # a hub id or other name the store does not know
+            pass
+    return {
+        "format": "lora",
+        "architecture": base.get("architecture", "unknown"),
+        "parameters": params,
+        "quantization": _dominant(by_dtype),
+        "context_length": base.get("context_length", 0),
+        "license": None,
+    }
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Staging: tmp directories, copying with hashes, committing into the store
 
@@ -578,6 +611,7 @@ def _stage(
     force: bool,
     fill: Callable[[Path], tuple[list[dict], dict]],
     license: str | None = None,
+    parents: list[dict] | None = None,
 ) -> Manifest:
     """Run `fill(model_dir)` in a fresh tmp dir, write the manifest, and move the result into the store.
 
@@ -600,7 +634,7 @@ def _stage(
             **info,
             files=files,
             source=source,
-            parents=[],
+            parents=list(parents or []),
             created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         )
         tmp_manifest = model_dir / (MANIFEST + ".tmp")
@@ -634,6 +668,69 @@ def _commit(model_dir: Path, final: Path, staging: Path, force: bool) -> None:
         if final.exists():
             raise FileExistsError(final) from e
         raise
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Remixes: models made here (fine-tunes, adapters, merges) enter the store with their lineage
+
+
+def digest(m: Manifest) -> str:
+    """One sha256 naming a stored model's content: its file's sha256 for a single file, else the sha256 of the
+    `sha256sum`-style listing ("<sha256>  <path>" lines, sorted by path) of all its files."""
+    if len(m.files) == 1:
+        return m.files[0]["sha256"]
+    listing = "".join(f"{f['sha256']}  {f['path']}\n" for f in sorted(m.files, key=lambda f: f["path"]))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def parent_entry(m: Manifest, relation: str) -> dict:
+    """A lineage record for `parents`: {"name", "sha256", "relation", "license"}; relation is e.g. "base",
+    "merge-input" or "adapter"."""
+    return {"name": m.ref, "sha256": digest(m), "relation": relation, "license": m.license}
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def add(name: str, fill: Callable[[Path], None], *, source: dict, parents: list[dict], license: str | None,
+        force: bool = False) -> Manifest:
+    """Store a model made here (a fine-tune, an adapter, a merge) with its lineage, atomically.
+
+    Args:
+        name: store name `NAME[:TAG]` (tag defaults to `latest`).
+        fill: writes the model files (an HF directory or a PEFT adapter) into the directory it is given, a tmp
+            directory inside the store. Whatever it raises propagates and leaves nothing in the store.
+        source: how it was made, e.g. {"type": "finetune", "recipe": {...}, "data": [...]}.
+        parents: lineage records from `parent_entry`.
+        license: the licence terms the model carries (inherited from its parents).
+        force: replace a model already stored under `name`.
+
+    Raises:
+        TinkerError: bad name, or the name is taken and `force` is not set.
+    """
+    name, tag = parse_name(name)
+    if not force and find(f"{name}:{tag}") is not None:
+        raise TinkerError(f"{name}:{tag} is already in the store; pick another name, or replace it with --force")
+
+    def fill_and_hash(model_dir: Path) -> tuple[list[dict], dict]:
+        fill(model_dir)
+        files = []
+        for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+            files.append({"path": f.relative_to(model_dir).as_posix(), "size": f.stat().st_size,
+                          "sha256": _hash_file(f)})
+        if not files:
+            raise TinkerError(f"{name}:{tag}: nothing was written; the model was not stored")
+        return files, {}
+
+    try:
+        return _stage(name, tag, source, force, fill_and_hash, license=license, parents=parents)
+    except FileExistsError:
+        raise TinkerError(f"{name}:{tag} was stored by another process meanwhile; pick another name or use --force")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -82,3 +82,130 @@ def load_state_dict(model_dir: Path) -> dict:
             raise TinkerError(f"{f}: tensor {sorted(dup)[0]} also appears in another shard")
         tensors.update(part)
     return tensors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing: a streaming safetensors writer and config.json, for models made here (merges) without holding them whole
+
+# torch dtype name -> safetensors dtype code (https://github.com/huggingface/safetensors#format)
+SAFETENSORS_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+}
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def safetensors_dtype(dtype) -> str:
+    """The safetensors code of a torch dtype (`torch.bfloat16` -> "BF16"); codes pass through."""
+    name = str(dtype).removeprefix("torch.")
+    if name in _ITEMSIZE:
+        return name
+    if name not in SAFETENSORS_DTYPES:
+        raise TinkerError(f"dtype {name}: cannot be stored in safetensors (use float32, bfloat16 or float16)")
+    return SAFETENSORS_DTYPES[name]
+
+
+class SafetensorsWriter:
+    """Write a safetensors file one tensor at a time, in an order fixed up front, straight to disk.
+
+    The header needs every tensor's byte range, so the full list of (name, dtype, shape) is given first; tensors
+    then arrive in that order and are written as they come, so a merge never holds a whole model. The file is
+    written as `<path>.tmp` and renamed on `close()`; `abort()` (or leaving a `with` block by an exception) removes
+    it. Layout: 8-byte little-endian header length, the JSON header padded with spaces to a multiple of 8, then
+    the tensors' bytes back to back (row-major, little-endian), each at the `data_offsets` the header gives.
+
+        with SafetensorsWriter(path, [("w", torch.float32, (2, 3))]) as w:
+            w.write("w", torch.zeros(2, 3))
+    """
+
+    def __init__(self, path: str | Path, tensors: list[tuple[str, Any, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        import struct
+
+        self.path = Path(path)
+        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._plan: list[tuple[str, str, tuple[int, ...], int]] = []  # (name, dtype code, shape, bytes)
+        header: dict[str, Any] = {"__metadata__": {str(k): str(v) for k, v in (metadata or {"format": "pt"}).items()}}
+        offset = 0
+        for name, dtype, shape in tensors:
+            if name in header:
+                raise ValueError(f"{self.path}: tensor {name} listed twice")
+            code = safetensors_dtype(dtype)
+            shape = tuple(int(s) for s in shape)
+            n = _ITEMSIZE[code]
+            for s in shape:
+                n *= s
+            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            self._plan.append((name, code, shape, n))
+            offset += n
+        blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+        self._next = 0
+        self._file = open(self._tmp, "wb")
+        self._file.write(struct.pack("<Q", len(blob)) + blob)
+
+    def write(self, name: str, tensor) -> None:
+        """Write the next tensor; it must be the one listed next, with that shape (it is cast to that dtype).
+
+        Raises:
+            ValueError: a name out of order, a wrong shape, or more tensors than listed (internal errors).
+        """
+        import torch
+
+        if self._next >= len(self._plan):
+            raise ValueError(f"{self.path}: {name} is one tensor more than the {len(self._plan)} listed")
+        want, code, shape, n = self._plan[self._next]
+        if name != want:
+            raise ValueError(f"{self.path}: got tensor {name}, expected {want} (tensors must come in listed order)")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{self.path}: tensor {name} has shape {list(tensor.shape)}, listed as {list(shape)}")
+        if safetensors_dtype(tensor.dtype) != code:
+            torch_dtype = next(getattr(torch, k) for k, v in SAFETENSORS_DTYPES.items() if v == code)
+            tensor = tensor.to(torch_dtype)
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        assert data.nbytes == n, (name, data.nbytes, n)
+        self._file.write(memoryview(data))
+        self._next += 1
+
+    def close(self) -> None:
+        """Finish the file (every listed tensor must have been written) and rename it into place."""
+        import os
+
+        if self._file.closed:
+            return
+        if self._next != len(self._plan):
+            missing = self._plan[self._next][0]
+            self.abort()
+            raise ValueError(f"{self.path}: closed after {self._next} of {len(self._plan)} tensors ({missing} next)")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Stop and remove the partial file."""
+        if not self._file.closed:
+            self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def save_config(model_dir: str | Path, config: dict[str, Any]) -> Path:
+    """Write `config.json` (sorted keys, indented) atomically: to a tmp name, then renamed."""
+    import os
+
+    path = Path(model_dir) / "config.json"
+    tmp = path.with_name("config.json.tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

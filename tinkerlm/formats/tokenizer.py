@@ -111,6 +111,31 @@ class Tokenizer:
         """The named special tokens that are set, as strings: the variables chat templates read."""
         return {name: getattr(self, name) for name in _NAMED if getattr(self, name) is not None}
 
+    def save_hf(self, model_dir: str | os.PathLike) -> list[str]:
+        """Write this tokenizer as a Hugging Face tokenizer (whatever it was loaded from); returns the file names.
+
+        `tokenizer.json` carries the vocabulary and the BOS/EOS post-processor, `tokenizer_config.json` the named
+        special tokens and `chat_template.jinja` the template, so `from_hf_dir` and transformers read it back the
+        same. Stop ids beyond EOS go to `generation_config.json` (merged into one that is already there).
+        """
+        d = Path(model_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        written = ["tokenizer.json", "tokenizer_config.json"]
+        self.backend.save(str(d / "tokenizer.json"))
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast",
+                                  "clean_up_tokenization_spaces": self._clean_up_spaces}
+        config.update(self.special_tokens_map())
+        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        if self.chat_template is not None:
+            (d / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
+            written.append("chat_template.jinja")
+        if len(self.stop_token_ids) > 1 or (self.stop_token_ids and self.eos_token_id is None):
+            gen = _read_json(d / "generation_config.json")
+            gen["eos_token_id"] = list(self.stop_token_ids)
+            (d / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+            written.append("generation_config.json")
+        return written
+
     @classmethod
     def from_hf_dir(cls, path: str | os.PathLike) -> Tokenizer:
         """Load a Hugging Face tokenizer directory (`tokenizer.json` required).

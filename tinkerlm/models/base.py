@@ -57,6 +57,37 @@ def check_positive(source: str, **values: int) -> None:
 # Norms
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Fused elementwise ops. For float32 on CPU the C++ kernels (tinkerlm/quant/kernels.cpp) compute RMSNorm, RoPE and
+# SwiGLU in one pass each, forward and backward; otherwise (other dtypes, no compiler, TINKERLM_KERNELS=0) the
+# PyTorch formulas below run. Tests hold the two to the same values and gradients.
+
+
+def _kernels(*tensors: torch.Tensor):
+    if not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
+        return None
+    from tinkerlm.quant.kernels import ops
+
+    return ops()
+
+
+class _RMSNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, r = _kernels(x).rms_norm_fwd(x, weight, eps)
+        ctx.save_for_backward(x, weight, r)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, r = ctx.saved_tensors
+        gx = _kernels(x).rms_norm_bwd(grad, x, weight, r) if ctx.needs_input_grad[0] else None
+        gw = None
+        if ctx.needs_input_grad[1]:  # full fine-tuning: sum over rows of g * x / rms
+            gw = (grad.reshape(-1, x.shape[-1]) * x.reshape(-1, x.shape[-1]) * r[:, None]).sum(0)
+        return gx, gw, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -64,10 +95,31 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _kernels(x, self.weight) is not None:
+            return _RMSNormFn.apply(x, self.weight, self.eps)
         # Statistics in fp32 whatever the activation dtype, then cast back before the weight (as HF does).
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+class _SwiGLUFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return _kernels(gate).swiglu_fwd(gate, up)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        return tuple(_kernels(gate).swiglu_bwd(grad, gate, up))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, the gated MLP activation of Llama-family models."""
+    if _kernels(gate, up) is not None:
+        return _SwiGLUFn.apply(gate, up)
+    return F.silu(gate) * up
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,17 +170,31 @@ def rope_inv_freq(
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos and sin tables (B, 1, T, head_dim) for integer positions (B, T), computed in fp32."""
+    """Half-width cos and sin tables (B, T, head_dim/2) for integer positions (B, T), computed in fp32."""
     freqs = positions.to(torch.float32)[..., None] * inv_freq  # (B, T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+class _RopeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _kernels(x).rope_apply(x, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _kernels(grad).rope_apply(grad, cos, sin, True), None, None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, hd) by the tables, in HF's rotate-half layout (first half pairs with second half)."""
+    """Rotate (B, T, H, hd) by the tables (B, T, hd/2), in HF's rotate-half layout (first half pairs with second)."""
+    if _kernels(x, cos, sin) is not None:
+        return _RopeFn.apply(x, cos, sin)
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, :, None], sin[:, :, None]  # (B, T, 1, hd/2), broadcast over heads
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -215,10 +281,59 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None 
 CAUSAL = "causal"  # a mask argument meaning plain causal attention from position 0 (SDPA's fast is_causal path)
 
 
+class PackedDocs:
+    """Where the documents of packed training rows lie, so attention runs per document.
+
+    Rows (B, T) hold several documents side by side (`segments` numbers them per row, -1 marks padding). Gathering
+    each document's tokens into a row of its own, (n_docs, L) right-padded, lets attention run causally per
+    document: the block-diagonal work only, instead of the full (T, T) square under a mask. Padding sits after each
+    document's tokens, so the causal mask already hides it from every real query.
+    """
+
+    def __init__(self, segments: torch.Tensor):
+        B, T = segments.shape
+        flat = segments.reshape(-1)
+        real = flat >= 0
+        start = torch.ones_like(real)
+        start[1:] = flat[1:] != flat[:-1]
+        start[::T] = True  # every row starts a document
+        doc = torch.cumsum(start & real, 0) - 1  # document number of each real token
+        self.tokens = torch.nonzero(real).squeeze(1)  # flat indices of real tokens, document-major
+        doc_of = doc[self.tokens]
+        lengths = torch.bincount(doc_of)
+        first = torch.cumsum(lengths, 0) - lengths
+        pos = torch.arange(len(self.tokens)) - first[doc_of]  # position of each real token in its document
+        n_docs, L = len(lengths), int(lengths.max())
+        self.gather = torch.zeros(n_docs, L, dtype=torch.long)  # padding slots read token 0: never attended to
+        self.gather[doc_of, pos] = self.tokens
+        self.valid = torch.zeros(n_docs, L, dtype=torch.bool)
+        self.valid[doc_of, pos] = True
+        self.positions = torch.zeros(B * T, dtype=torch.long)
+        self.positions[self.tokens] = pos
+        self.positions = self.positions.view(B, T)
+        self.shape = (B, T)
+
+
+def _attend_packed(q, k, v, docs: PackedDocs, scale: float | None) -> torch.Tensor:
+    B, T = docs.shape
+
+    def per_doc(t):  # (B, h, T, hd) -> (n_docs, h, L, hd)
+        flat = t.transpose(1, 2).reshape(B * T, t.shape[1], t.shape[3])
+        return flat[docs.gather].transpose(1, 2)
+
+    y = F.scaled_dot_product_attention(per_doc(q), per_doc(k), per_doc(v), is_causal=True, scale=scale,
+                                       enable_gqa=q.shape[1] != k.shape[1])  # (n_docs, H, L, hd)
+    out = y.new_zeros(B * T, q.shape[1], q.shape[3])
+    out[docs.tokens] = y.transpose(1, 2)[docs.valid]
+    return out.view(B, T, q.shape[1], q.shape[3]).transpose(1, 2)  # (B, H, T, hd)
+
+
 def attend(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention with grouped-query heads: q (B, H, T, hd), k/v (B, n_kv, S, hd).
 
-    `mask` is a boolean (B, 1, T, S) tensor, None (every key visible) or CAUSAL."""
+    `mask` is a boolean (B, 1, T, S) tensor, None (every key visible), CAUSAL, or PackedDocs (training rows)."""
+    if isinstance(mask, PackedDocs):
+        return _attend_packed(q, k, v, mask, scale)
     causal = isinstance(mask, str)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
@@ -232,7 +347,9 @@ class CausalLM(nn.Module):
     """What every architecture implements, so generation, serving and evaluation treat them alike.
 
     Subclasses set `config`, `n_layers`, `n_kv_heads`, `head_dim`, `max_context`, and implement
-    `forward(input_ids, cache=None, logits_at=None)` returning logits (B, T, V), or (B, 1, V) at `logits_at`.
+    `forward(input_ids, cache=None, logits_at=None, segments=None, head=True)` returning logits (B, T, V), or
+    (B, 1, V) at `logits_at`. Training passes `segments` (packed documents, see `segment_inputs`) and `head=False`
+    to get the final normed hidden states (B, T, C) and apply `lm_head` only where the loss needs it.
     """
 
     config: Any
@@ -258,6 +375,31 @@ class CausalLM(nn.Module):
         pos, kv_len = cache.prepare(T, source)
         k_pos = torch.arange(kv_len, dtype=torch.long).expand(B, kv_len)
         return pos, k_pos, kv_len
+
+    # Recompute each layer's activations in the backward pass instead of keeping them (set by the trainer).
+    checkpoint_layers = False
+
+    def run_layer(self, layer: nn.Module, *args) -> torch.Tensor:
+        if self.checkpoint_layers and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
+    @staticmethod
+    def segment_inputs(segments: torch.Tensor, window: int | None = None):
+        """Positions (B, T) and the attention mask for packed training rows: `segments` (B, T) numbers the
+        documents in each row (-1 is padding); positions restart at 0 in each document and a token attends only to
+        earlier tokens of its own. The mask is a PackedDocs, or an explicit (B, 1, T, T) one when a sliding window
+        shorter than a document is in play."""
+        docs = PackedDocs(segments)
+        if window is None or window >= docs.gather.shape[1]:
+            return docs.positions, docs
+        B, T = segments.shape
+        idx = torch.arange(T).expand(B, T)
+        same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, :, None] >= 0)  # (B, T, T)
+        mask = (attention_mask(docs.positions, docs.positions, window) & same[:, None]) | torch.eye(T, dtype=torch.bool)
+        return docs.positions, mask
 
     @staticmethod
     def select(h: torch.Tensor, logits_at: torch.Tensor | None) -> torch.Tensor:

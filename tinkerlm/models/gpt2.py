@@ -126,15 +126,20 @@ class GPT2LMHeadModel(CausalLM):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, logits_at: torch.Tensor | None = None):
-        """Logits (B, T, V) for `input_ids` (B, T), or (B, 1, V) at per-row index `logits_at` (B,)."""
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, logits_at: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None, head: bool = True):
+        """Logits (B, T, V) for `input_ids` (B, T), or (B, 1, V) at per-row index `logits_at` (B,); see CausalLM."""
         B, T = input_ids.shape
         positions, k_pos, kv_len = self.step_inputs(input_ids, cache, self.max_context, self.source)
+        if segments is not None:
+            positions, mask = self.segment_inputs(segments)
+        else:
+            mask = make_mask(positions, k_pos, cache, None)
         x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # (B, T, C)
-        mask = make_mask(positions, k_pos, cache, None)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, mask, cache, i, positions, kv_len)
-        return self.lm_head(self.transformer.ln_f(self.select(x, logits_at)))
+            x = self.run_layer(block, x, mask, cache, i, positions, kv_len)
+        x = self.transformer.ln_f(self.select(x, logits_at))
+        return self.lm_head(x) if head else x
 
 
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tinkerlm.models.base import (
@@ -31,6 +30,7 @@ from tinkerlm.models.base import (
     make_mask,
     rope_cos_sin,
     rope_inv_freq,
+    swiglu,
 )
 from tinkerlm.errors import TinkerError
 
@@ -129,8 +129,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v, positions, kv_len)  # (B, n_kv, S, hd)
         y = attend(q, k, v, mask)  # (B, H, T, hd)
@@ -145,7 +145,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -188,17 +188,21 @@ class LlamaForCausalLM(CausalLM):
     # A fused one-token decode step (tinkerlm.quant.decode) attached to quantized models; None runs the modules.
     fused_decode = None
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, logits_at: torch.Tensor | None = None):
-        """Logits (B, T, V) for `input_ids` (B, T), or (B, 1, V) at per-row index `logits_at` (B,)."""
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, logits_at: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None, head: bool = True):
+        """Logits (B, T, V) for `input_ids` (B, T), or (B, 1, V) at per-row index `logits_at` (B,); see CausalLM."""
         B, T = input_ids.shape
         if self.fused_decode is not None and T == 1 and cache is not None:
             return self.fused_decode(input_ids, cache)
+        window = self.config.sliding_window
         positions, k_pos, kv_len = self.step_inputs(input_ids, cache, self.max_context, self.source)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        if segments is not None:
+            positions, mask = self.segment_inputs(segments, window)
+        else:
+            mask = make_mask(positions, k_pos, cache, window)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        window = self.config.sliding_window
-        mask = make_mask(positions, k_pos, cache, window)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache, i, positions, kv_len)
+            x = self.run_layer(layer, x, cos, sin, mask, cache, i, positions, kv_len)
         x = self.model.norm(self.select(x, logits_at))
-        return self.lm_head(x)
+        return self.lm_head(x) if head else x

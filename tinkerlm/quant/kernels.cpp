@@ -414,7 +414,163 @@ at::Tensor llama_decode(at::Tensor tokens, at::Tensor positions, at::Tensor rows
     return logits;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Fused elementwise ops for prefill and training (float32): each reads its inputs once and writes once, where the
+// PyTorch formulas take five to eight passes over memory, forward and backward.
+
+// RMSNorm over the last dimension: y = w * (x * r) with r = 1 / sqrt(mean(x^2) + eps). Returns {y, r (rows,)}.
+std::vector<at::Tensor> rms_norm_fwd(at::Tensor x, at::Tensor w, double eps) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "rms_norm: float32 only");
+    const int64_t C = x.size(-1);
+    auto x2 = x.reshape({-1, C}).contiguous();
+    const int64_t N = x2.size(0);
+    auto y = at::empty_like(x2);
+    auto r = at::empty({N}, x.options());
+    const float* xp = x2.data_ptr<float>();
+    const float* wp = w.contiguous().data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    float* rp = r.data_ptr<float>();
+    at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; n++) {
+            const float* xr = xp + n * C;
+            const float rr = 1.f / std::sqrt(dot(xr, xr, C) / C + (float)eps);
+            rp[n] = rr;
+            float* yr = yp + n * C;
+            for (int64_t i = 0; i < C; i++) yr[i] = wp[i] * (xr[i] * rr);
+        }
+    });
+    return {y.view(x.sizes()), r};
+}
+
+// Gradient of rms_norm_fwd with respect to x: r * w * g - x * r^3 * sum_j(w_j g_j x_j) / C.
+at::Tensor rms_norm_bwd(at::Tensor g, at::Tensor x, at::Tensor w, at::Tensor r) {
+    const int64_t C = x.size(-1);
+    auto g2 = g.reshape({-1, C}).contiguous();
+    auto x2 = x.reshape({-1, C}).contiguous();
+    const int64_t N = x2.size(0);
+    auto gx = at::empty_like(x2);
+    const float *gp = g2.data_ptr<float>(), *xp = x2.data_ptr<float>(), *rp = r.data_ptr<float>();
+    const float* wp = w.contiguous().data_ptr<float>();
+    float* op = gx.data_ptr<float>();
+    at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+        std::vector<float> wg(C);
+        for (int64_t n = n0; n < n1; n++) {
+            const float *gr = gp + n * C, *xr = xp + n * C;
+            for (int64_t i = 0; i < C; i++) wg[i] = wp[i] * gr[i];
+            const float rr = rp[n];
+            const float k = dot(wg.data(), xr, C) * rr * rr * rr / C;
+            float* o = op + n * C;
+            for (int64_t i = 0; i < C; i++) o[i] = rr * wg[i] - k * xr[i];
+        }
+    });
+    return gx.view(x.sizes());
+}
+
+// Rotate-half RoPE on x (B, T, H, hd) with half-width tables cos, sin (B, T, hd/2); inverse=true rotates back
+// (the backward pass: the transpose of a rotation is the rotation by minus the angle).
+at::Tensor rope_apply(at::Tensor x, at::Tensor cos, at::Tensor sin, bool inverse) {
+    TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "rope: x must be float32 (B, T, H, hd)");
+    auto xc = x.contiguous();
+    auto cc = cos.contiguous(), sc = sin.contiguous();
+    const int64_t B = x.size(0), T = x.size(1), H = x.size(2), hd = x.size(3), half = hd / 2;
+    TORCH_CHECK(cc.numel() == B * T * half && sc.numel() == B * T * half, "rope: tables must be (B, T, hd/2)");
+    auto out = at::empty_like(xc);
+    const float *xp = xc.data_ptr<float>(), *cp = cc.data_ptr<float>(), *sp = sc.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    const float sign = inverse ? -1.f : 1.f;
+    at::parallel_for(0, B * T, 4, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; r++) {
+            const float *c = cp + r * half, *s = sp + r * half;
+            for (int64_t h = 0; h < H; h++) {
+                const float* v = xp + (r * H + h) * hd;
+                float* o = op + (r * H + h) * hd;
+                for (int64_t i = 0; i < half; i++) {
+                    const float a = v[i], b = v[i + half], si = sign * s[i];
+                    o[i] = a * c[i] - b * si;
+                    o[i + half] = b * c[i] + a * si;
+                }
+            }
+        }
+    });
+    return out;
+}
+
+#ifdef TINKER_AVX512
+// exp over 16 floats: 2^k * e^r with k = round(x / ln 2) and |r| <= ln(2) / 2, e^r from Cephes' degree-6
+// polynomial (about 1 ulp); scalef applies 2^k. std::exp is not vectorized without -ffast-math.
+inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, k);
+}
+
+inline __m512 sigmoid16(__m512 g) {
+    const __m512 one = _mm512_set1_ps(1.f);
+    return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+}
+#endif
+
+// SwiGLU: silu(gate) * up, and its gradients {d gate, d up}.
+at::Tensor swiglu_fwd(at::Tensor gate, at::Tensor up) {
+    auto gc = gate.contiguous(), uc = up.contiguous();
+    auto out = at::empty_like(gc);
+    const float *gp = gc.data_ptr<float>(), *up_ = uc.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, gc.numel(), 1 << 14, [&](int64_t i0, int64_t i1) {
+        int64_t i = i0;
+#ifdef TINKER_AVX512
+        for (; i + 16 <= i1; i += 16) {
+            const __m512 g = _mm512_loadu_ps(gp + i);
+            _mm512_storeu_ps(op + i, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid16(g)), _mm512_loadu_ps(up_ + i)));
+        }
+#endif
+        for (; i < i1; i++) op[i] = gp[i] / (1.f + std::exp(-gp[i])) * up_[i];
+    });
+    return out;
+}
+
+std::vector<at::Tensor> swiglu_bwd(at::Tensor grad, at::Tensor gate, at::Tensor up) {
+    auto dc = grad.contiguous(), gc = gate.contiguous(), uc = up.contiguous();
+    auto dg = at::empty_like(gc), du = at::empty_like(uc);
+    const float *dp = dc.data_ptr<float>(), *gp = gc.data_ptr<float>(), *up_ = uc.data_ptr<float>();
+    float *dgp = dg.data_ptr<float>(), *dup = du.data_ptr<float>();
+    at::parallel_for(0, gc.numel(), 1 << 14, [&](int64_t i0, int64_t i1) {
+        int64_t i = i0;
+#ifdef TINKER_AVX512
+        const __m512 one = _mm512_set1_ps(1.f);
+        for (; i + 16 <= i1; i += 16) {
+            const __m512 g = _mm512_loadu_ps(gp + i), d = _mm512_loadu_ps(dp + i), s = sigmoid16(g);
+            _mm512_storeu_ps(dup + i, _mm512_mul_ps(d, _mm512_mul_ps(g, s)));
+            // d * up * s * (1 + g * (1 - s))
+            const __m512 t = _mm512_fmadd_ps(g, _mm512_sub_ps(one, s), one);
+            _mm512_storeu_ps(dgp + i, _mm512_mul_ps(_mm512_mul_ps(d, _mm512_loadu_ps(up_ + i)), _mm512_mul_ps(s, t)));
+        }
+#endif
+        for (; i < i1; i++) {
+            const float g = gp[i], s = 1.f / (1.f + std::exp(-g));
+            dup[i] = dp[i] * g * s;
+            dgp[i] = dp[i] * up_[i] * s * (1.f + g * (1.f - s));
+        }
+    });
+    return {dg, du};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+    mod.def("rms_norm_fwd", &rms_norm_fwd, "RMSNorm forward: {y, 1/rms}");
+    mod.def("rms_norm_bwd", &rms_norm_bwd, "RMSNorm input gradient");
+    mod.def("rope_apply", &rope_apply, "rotate-half RoPE on (B, T, H, hd), or its inverse");
+    mod.def("swiglu_fwd", &swiglu_fwd, "silu(gate) * up");
+    mod.def("swiglu_bwd", &swiglu_bwd, "SwiGLU gradients {d gate, d up}");
     mod.def("qmatmul", &qmatmul, "y = x @ dequant(W).T with bfloat16 products");
     mod.def("dequantize", &dequantize, "weight blocks -> float32 (rows, K)");
     mod.def("embed", &embed, "embedding rows from a table in blocks");

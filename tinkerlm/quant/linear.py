@@ -30,6 +30,8 @@ class QLinear(nn.Module):
         return QTensor(self.blocks, self.qtype, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():  # training through a frozen quantized layer (QLoRA)
+            return _FrozenQLinear.apply(x, self)
         if x.numel() // self.in_features <= KERNEL_MAX_ROWS:
             y = kernels.qmatmul(x, self.qweight)
             return y if self.bias is None else y + self.bias
@@ -37,6 +39,20 @@ class QLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}"
+
+
+class _FrozenQLinear(torch.autograd.Function):
+    """x @ W.T with a frozen packed W, differentiable in x only. The dequantized W is not kept for the backward
+    pass (it is dequantized again there), so training memory holds the packed weights alone, as in QLoRA."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x.float(), kernels.dequantize(layer.qweight), layer.bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ kernels.dequantize(ctx.layer.qweight), None
 
 
 class QEmbedding(nn.Module):

@@ -1,0 +1,62 @@
+"""The C++ elementwise kernels (RMSNorm, RoPE, SwiGLU) against their PyTorch formulas: values and gradients."""
+
+import pytest
+import torch
+
+from tinkerlm.models import base
+from tinkerlm.quant.kernels import ops
+
+pytestmark = pytest.mark.skipif(ops() is None, reason="C++ kernels unavailable (no compiler)")
+
+
+def eager(monkeypatch, fn, *args):
+    """`fn(*args)` with the kernels switched off (the PyTorch formulas)."""
+    with monkeypatch.context() as m:
+        m.setattr(base, "_kernels", lambda *t: None)
+        return fn(*args)
+
+
+def grads(fn, *inputs, seed=0):
+    """Output and the gradients of a random projection of it with respect to every input."""
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    (out * w).sum().backward()
+    return out.detach(), [t.grad for t in inputs]
+
+
+def test_rms_norm_matches_formula(monkeypatch):
+    norm = base.RMSNorm(96, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.3)
+    x = torch.randn(3, 7, 96) * 4
+    fused, (gx, gw) = grads(lambda x, w: base._RMSNormFn.apply(x, w, 1e-5), x, norm.weight)
+    ref, (rx, rw) = grads(lambda x, w: w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)), x, norm.weight)
+    torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, rx, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gw, rw, atol=1e-4, rtol=1e-4)
+    assert torch.equal(norm(x), base._RMSNormFn.apply(x, norm.weight, 1e-5))  # the module takes the kernel
+    torch.testing.assert_close(eager(monkeypatch, norm, x), ref)  # and the fallback is the formula
+
+
+def test_rope_matches_formula_and_inverts(monkeypatch):
+    B, T, H, hd = 2, 9, 3, 16
+    inv = base.rope_inv_freq(hd, 10000.0)
+    pos = torch.tensor([list(range(T)), list(range(5, 5 + T))])
+    cos, sin = base.rope_cos_sin(inv, pos, torch.float32)
+    x = torch.randn(B, T, H, hd)
+    fused, (g,) = grads(lambda x: base.apply_rope(x, cos, sin), x)
+    ref, (rg,) = grads(lambda x: eager(monkeypatch, base.apply_rope, x, cos, sin), x)
+    torch.testing.assert_close(fused, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(g, rg, atol=1e-6, rtol=1e-6)
+    back = ops().rope_apply(fused, cos, sin, True)
+    torch.testing.assert_close(back, x, atol=1e-5, rtol=1e-5)
+
+
+def test_swiglu_matches_formula(monkeypatch):
+    gate, up = torch.randn(4, 50) * 3, torch.randn(4, 50)
+    fused, fg = grads(base.swiglu, gate, up)
+    ref, rg = grads(lambda g, u: eager(monkeypatch, base.swiglu, g, u), gate, up)
+    torch.testing.assert_close(fused, ref, atol=1e-6, rtol=1e-5)
+    for a, b in zip(fg, rg):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,301 @@
+"""`tinkerlm finetune` and `tinkerlm fuse`: LoRA (default) or full fine-tuning into the store, with lineage.
+
+    from tinkerlm.tune import finetune
+    m = finetune(base="smollm2", data="train.jsonl", out="smollm2-dates", epochs=3)   # -> store Manifest
+
+A LoRA result is stored as a peft adapter (format "lora") that `tinkerlm run` applies to its base on load and
+`tinkerlm fuse` folds into a full model; `--full` stores a Hugging Face model. Either way the store keeps the
+resolved recipe (`recipe.yaml`), the loss curve (`loss.csv`, `loss.png`), the chat template the data was rendered
+with (`chat_template.jinja`, which serving uses too), and a manifest naming the base (with sha256), the data files
+(with sha256) and the licence inherited from the base.
+
+Modules: recipe.py (the flags), data.py (JSONL -> packed rows), lora.py (module swap, peft layout),
+trainer.py (the loop, checkpoints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+from tinkerlm.errors import TinkerError
+from tinkerlm.tune.recipe import Recipe, dump_yaml, resolve
+
+log = logging.getLogger(__name__)
+
+__all__ = ["finetune", "fuse", "save_full", "Recipe"]
+
+
+def _base(name_or_path: str):
+    """(path, manifest or None, lineage record) of the base model."""
+    from tinkerlm import store
+    from tinkerlm.api import resolve as resolve_model
+
+    path, manifest = resolve_model(name_or_path)
+    if manifest is not None:
+        if manifest.format == "lora":
+            raise TinkerError(f"base: {manifest.ref} is a LoRA adapter; fuse it first (`tinkerlm fuse "
+                              f"{manifest.ref} --out NAME`) and fine-tune the fused model")
+        return path, manifest, store.parent_entry(manifest, "base")
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    from tinkerlm.tune.data import sha256_file
+
+    listing = "".join(f"{sha256_file(f)}  {f.relative_to(path) if path.is_dir() else f.name}\n" for f in files)
+    digest = sha256_file(path) if path.is_file() else hashlib.sha256(listing.encode()).hexdigest()
+    license = store.describe(path).get("license")
+    return path, None, {"name": str(path.resolve()), "sha256": digest, "relation": "base", "license": license}
+
+
+def _license(parents: list[dict]) -> str | None:
+    """The licence a remix carries: the parents' (through tinkerlm.openness when it is present)."""
+    try:
+        from tinkerlm.openness.licences import inherit
+    except ImportError:
+        lic = {p.get("license") for p in parents if p.get("license")}
+        return lic.pop() if len(lic) == 1 else None
+    terms, obligations, warnings = inherit([p.get("license") for p in parents])
+    for w in warnings:
+        log.warning("%s", w)
+    return terms
+
+
+def _run_dir(out: str) -> Path:
+    from tinkerlm import store
+
+    name, tag = store.parse_name(out)
+    return store.home() / "runs" / name / tag
+
+
+def finetune(*, config: str | None = None, resume: bool = False, force: bool = False, progress: bool = True,
+             stop_after: int | None = None, **flags):
+    """Fine-tune a model and store the result; returns its Manifest.
+
+    Args:
+        config: a YAML recipe; `flags` (the fields of `Recipe`) override it.
+        resume: continue from the newest checkpoint of the run writing `out`.
+        force: replace a model already stored as `out`.
+        stop_after: stop after this step without storing a result, as if killed (tests of resume).
+    Raises:
+        TinkerError: bad recipe, data or base model; `out` already taken without `force`.
+    """
+    import torch
+
+    from tinkerlm import store
+    from tinkerlm.api import load_checkpoint, physical_cores
+    from tinkerlm.tune import data as data_mod
+    from tinkerlm.tune import lora, trainer
+
+    recipe = resolve(config, **flags)
+    out_name, out_tag = store.parse_name(recipe.out)
+    if not force and store.find(f"{out_name}:{out_tag}") is not None:
+        raise TinkerError(f"out: {out_name}:{out_tag} is already in the store; pick another name or pass --force")
+    torch.set_num_threads(recipe.threads or physical_cores())
+
+    path, base_manifest, base_record = _base(recipe.base)
+    quant = "fp32" if recipe.full else recipe.quant
+    model, tokenizer, gen_config = load_checkpoint(path, quant=quant)
+    model.fused_decode = None  # the fused decode step reads the base weights only: not for a model being changed
+
+    if recipe.full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        params = dict(model.named_parameters())
+        method = "full"
+    else:
+        cfg = lora.LoRAConfig(recipe.lora_rank, recipe.lora_alpha, recipe.lora_dropout, recipe.lora_targets,
+                              recipe.rslora)
+        wrapped = lora.apply_lora(model, cfg, seed=recipe.seed)
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        method = "lora"
+    data_files = [("train", Path(recipe.data))] + ([("eval", Path(recipe.eval_data))] if recipe.eval_data else [])
+    data_records = [{"role": role, "path": str(p.resolve()), "sha256": data_mod.sha256_file(p)}
+                    for role, p in data_files if p.is_file()]
+    if recipe.seq_len > model.max_context:
+        print(f"seq_len: {recipe.seq_len} is beyond the model's context; using {model.max_context}", file=sys.stderr)
+        recipe.seq_len = model.max_context
+    examples, stats = data_mod.load_examples(recipe.data, tokenizer, recipe.seq_len)
+    print(f"data: {stats.summary()}", file=sys.stderr)
+    if recipe.eval_data:
+        val, val_stats = data_mod.load_examples(recipe.eval_data, tokenizer, recipe.seq_len)
+        print(f"eval data: {val_stats.summary()}", file=sys.stderr)
+        train_ex = examples
+    else:
+        train_ex, val = data_mod.split(examples, recipe.val_fraction, recipe.seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    train_rows = data_mod.pack(train_ex, recipe.seq_len, pad)
+    val_rows = data_mod.pack(val, recipe.seq_len, pad)
+    print(f"packed {len(train_ex)} training examples into {len(train_rows)} rows of {recipe.seq_len} tokens; "
+          f"{len(val)} held out for evaluation", file=sys.stderr)
+
+    model.checkpoint_layers = recipe.grad_checkpointing
+    n_train = sum(p.numel() for p in params.values())
+    print(f"{method}: training {n_train:,} parameters", file=sys.stderr)
+
+    per_epoch = trainer.steps_per_epoch(len(train_rows), recipe.batch_size, recipe.grad_accum)
+    total = recipe.max_steps or max(1, round(recipe.epochs * per_epoch))
+    tcfg = trainer.TrainConfig(
+        total_steps=total, batch_size=recipe.batch_size, grad_accum=recipe.grad_accum, lr=recipe.lr,
+        min_lr_ratio=recipe.min_lr_ratio, warmup_steps=min(recipe.warmup_steps, total), weight_decay=recipe.weight_decay,
+        max_grad_norm=recipe.max_grad_norm, seed=recipe.seed, bf16=recipe.bf16, eval_every=recipe.eval_every,
+        save_every=recipe.save_every)
+    fixed = {k: v for k, v in recipe.to_dict().items() if k not in Recipe.RESUMABLE_CHANGES}
+    identity = hashlib.sha256(json.dumps([fixed, data_records, base_record["sha256"]], sort_keys=True,
+                                         default=str).encode()).hexdigest()
+    run_dir = _run_dir(recipe.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = trainer.train(model, params, train_rows, val_rows, tcfg, run_dir, resume=resume,
+                          meta={"identity": identity, "recipe": recipe.to_dict()}, progress=progress,
+                          stop_after=stop_after)
+    if stop_after is not None:
+        return None
+
+    template = tokenizer.chat_template
+    save_dtype = torch.bfloat16 if recipe.save_dtype == "bfloat16" else torch.float32
+    base_ref = base_manifest.ref if base_manifest else str(Path(path).resolve())
+
+    def fill(model_dir: Path) -> None:
+        if method == "lora":
+            fan_in_fan_out = getattr(model.config, "model_type", "") == "gpt2"
+            lora.save_adapter(model, model_dir, lora.peft_config(cfg, wrapped, base_ref, fan_in_fan_out),
+                              dtype=save_dtype)
+        else:
+            save_full(model, tokenizer, gen_config, path, model_dir, save_dtype)
+        if template is not None:
+            (model_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
+        (model_dir / "recipe.yaml").write_text(dump_yaml(recipe))
+        (model_dir / "loss.csv").write_text(trainer.history_csv(state.history))
+        trainer.plot_history(state.history, model_dir / "loss.png", f"{recipe.out}: {method} fine-tune of {base_ref}")
+
+    source = {"type": "finetune", "uri": f"finetune:{run_dir.name}", "method": method, "recipe": recipe.to_dict(),
+              "data": data_records, "data_stats": stats.__dict__, "steps": state.step,
+              "final_loss": state.history[-1]["loss"] if state.history else None,
+              "eval_loss": next((r["eval_loss"] for r in reversed(state.history) if r.get("eval_loss") is not None),
+                                None),
+              "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None}
+    parents = [base_record]
+    m = store.add(recipe.out, fill, source=source, parents=parents, license=_license(parents), force=force)
+    print(f"stored {m.ref} ({m.format}); base {base_ref}; licence {m.license or 'unknown'}", file=sys.stderr)
+    return m
+
+
+def _hf_config(model, path: Path) -> dict:
+    """config.json for a model loaded from `path` (an HF directory's own, or the GGUF's as HF keys)."""
+    from tinkerlm.formats import hf
+
+    if path.is_dir():
+        return hf.load_config(path)
+    from tinkerlm.formats.gguf import read_gguf
+
+    config = read_gguf(path).config()
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}.get(config.get("model_type"))
+    if arch:
+        config.setdefault("architectures", [arch])
+    return config
+
+
+def save_full(model, tokenizer, gen_config: dict, base_path: Path, model_dir: Path, dtype=None) -> None:
+    """Write `model` as a Hugging Face directory: config.json, model.safetensors, tokenizer files."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tinkerlm.formats import hf
+
+    dtype = dtype or torch.float32
+    config = _hf_config(model, base_path)
+    config["torch_dtype"] = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    state = {}
+    seen = {}
+    for name, t in model.state_dict().items():
+        if name == "inv_freq" or name.endswith(".inv_freq"):
+            continue
+        key = (t.data_ptr(), tuple(t.shape))
+        if key in seen and config.get("tie_word_embeddings"):
+            continue  # a tied head is stored once, as the embedding
+        seen[key] = name
+        state[name] = t.detach().to(dtype).contiguous()
+    if getattr(model.config, "model_type", "") == "gpt2":
+        from tinkerlm.models.gpt2 import CONV1D
+
+        state = {k: (v.t().contiguous() if k.endswith(CONV1D) else v) for k, v in state.items()}
+    save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    hf.save_config(model_dir, config)
+    if gen_config:
+        (model_dir / "generation_config.json").write_text(json.dumps(gen_config, indent=2) + "\n")
+    tokenizer.save_hf(model_dir)
+
+
+def fuse(name: str, out: str, *, force: bool = False, dtype: str = "float32"):
+    """Fold a stored LoRA adapter into its base and store the full model (Hugging Face format) as `out`.
+
+    Raises:
+        TinkerError: `name` is not an adapter, its base is missing, or `out` is taken without `force`.
+    """
+    import torch
+
+    from tinkerlm import store
+    from tinkerlm.api import load_checkpoint
+    from tinkerlm.tune import lora
+
+    adapter_m = store.get(name)
+    if adapter_m.format != "lora":
+        raise TinkerError(f"{adapter_m.ref} is a {adapter_m.format} model, not a LoRA adapter; nothing to fuse")
+    if not force and store.find(out) is not None:
+        raise TinkerError(f"out: {out} is already in the store; pick another name or pass --force")
+    adapter_dir = store.model_path(adapter_m)
+    adapter = lora.read_adapter(adapter_dir)
+    base_path, base_m = adapter_base(adapter_m, adapter)
+    model, tokenizer, gen_config = load_checkpoint(base_path, quant="fp32")
+    lora.load_adapter(model, adapter, adapter_m.ref)
+    lora.fuse_lora(model)
+    template = adapter_dir / "chat_template.jinja"
+    if template.is_file():
+        tokenizer.chat_template = template.read_text(encoding="utf-8")
+    torch_dtype = torch.bfloat16 if dtype in ("bfloat16", "bf16") else torch.float32
+
+    def fill(model_dir: Path) -> None:
+        save_full(model, tokenizer, gen_config, base_path, model_dir, torch_dtype)
+        for extra in ("recipe.yaml", "loss.csv", "loss.png"):
+            if (adapter_dir / extra).is_file():
+                (model_dir / extra).write_bytes((adapter_dir / extra).read_bytes())
+
+    parents = [store.parent_entry(adapter_m, "adapter")]
+    if base_m is not None:
+        parents.append(store.parent_entry(base_m, "base"))
+    source = {"type": "fuse", "uri": f"fuse:{adapter_m.ref}", "adapter": adapter_m.ref,
+              "base": base_m.ref if base_m else str(base_path)}
+    m = store.add(out, fill, source=source, parents=parents,
+                  license=adapter_m.license or _license(parents), force=force)
+    print(f"stored {m.ref}: {adapter_m.ref} fused into {source['base']}", file=sys.stderr)
+    return m
+
+
+def adapter_base(adapter_m, adapter) -> tuple[Path, object]:
+    """(path, manifest or None) of the base model an adapter in the store was trained on."""
+    from tinkerlm import store
+
+    ref = next((p["name"] for p in adapter_m.parents if p.get("relation") == "base"), None) or adapter.base_model
+    if not ref:
+        raise TinkerError(f"{adapter_m.ref}: the adapter does not name its base model (base_model_name_or_path)")
+    path = Path(ref)
+    if path.is_absolute():
+        if not path.exists():
+            raise TinkerError(f"{adapter_m.ref}: its base {ref} is gone; restore it to use the adapter")
+        return path, None
+    base_m = store.find(ref)
+    if base_m is None:
+        raise TinkerError(f"{adapter_m.ref}: its base model {ref} is not in the store; pull it (`tinkerlm pull "
+                          f"{ref.partition(':')[0]}`) to use the adapter")
+    return store.model_path(base_m), base_m
+
+
+def main(a) -> None:
+    flags = {k: getattr(a, k) for k in Recipe.__dataclass_fields__ if hasattr(a, k)}
+    finetune(config=a.config, resume=a.resume, force=a.force, **flags)
+
+
+def fuse_main(a) -> None:
+    fuse(a.name, a.out, force=a.force, dtype=a.dtype)

@@ -1,0 +1,317 @@
+"""LoRA as a module swap, and adapters in PEFT's on-disk layout.
+
+`apply_lora(model, rank, alpha, ...)` wraps the chosen linear layers in `LoRALinear`: the frozen base layer (float
+`nn.Linear` or quantized `QLinear`, QLoRA-style) plus a trainable low-rank update, y = base(x) + s * B(A(drop(x))),
+with s = alpha / rank (alpha / sqrt(rank) with rsLoRA). A starts like nn.Linear's default init and B at zero, so
+a fresh adapter leaves the model unchanged. `fuse_lora` folds s * B @ A into float weights and swaps the plain
+layers back; `unwrap_lora` drops the adapters.
+
+On disk an adapter is what `peft` writes: `adapter_config.json` + `adapter_model.safetensors` with tensors
+`base_model.model.<module>.lora_A.weight` (rank, in) and `.lora_B.weight` (out, rank), so peft loads ours and we
+load peft's. `read_adapter` gives the per-weight deltas without a model (used by merging).
+
+References: Hu et al. 2021, "LoRA" (https://arxiv.org/abs/2106.09685); Dettmers et al. 2023, "QLoRA"
+(https://arxiv.org/abs/2305.14314); Kalajdzievski 2023, "rsLoRA" (https://arxiv.org/abs/2312.03732);
+PEFT's adapter format (https://huggingface.co/docs/peft).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinkerlm.errors import TinkerError
+from tinkerlm.tune.recipe import DEFAULT_TARGETS
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+# `--lora-targets all-linear`: every linear layer of the decoder blocks (not the output head), as peft does.
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.scaling = alpha / (math.sqrt(rank) if rslora else rank)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's (and peft's) default for A
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., rank)
+        if y.dtype != h.dtype:
+            return y + (F.linear(h, self.lora_B) * self.scaling).to(y.dtype)
+        # y + h @ (s B)^T in one GEMM call: scaling the small B instead of the (tokens, out) product saves a pass
+        # over the output, and addmm adds into it, saving another.
+        out = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), (self.lora_B * self.scaling).t())
+        return out.view(y.shape)
+
+    def delta(self) -> torch.Tensor:
+        """s * B @ A, the (out, in) change to the base weight, in fp32."""
+        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"rank={self.lora_A.shape[0]}, scaling={self.scaling:g}"
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from tinkerlm.quant.linear import QLinear
+
+    return isinstance(module, (nn.Linear, QLinear))
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def target_names(model: nn.Module, targets: list[str] | str) -> list[str]:
+    """Names of the linear modules LoRA wraps: those whose last name part (or full dotted suffix) is in
+    `targets`, or every linear layer but the output head for "all-linear".
+
+    Raises:
+        TinkerError: a target that matches no linear layer (the message lists the names there are).
+    """
+    if isinstance(targets, str):
+        targets = [targets]
+    linear = [n for n, m in model.named_modules() if _is_linear(m) and not isinstance(m, LoRALinear)]
+    linear = [n for n in linear if not n.endswith(".base")]
+    if list(targets) == [ALL_LINEAR]:
+        return [n for n in linear if n != "lm_head"]
+    chosen = []
+    for t in targets:
+        hits = [n for n in linear if n == t or n.endswith("." + t)]
+        if not hits:
+            leaves = sorted({n.rpartition(".")[2] for n in linear})
+            raise TinkerError(f"lora_targets: {t!r} matches no linear layer of this model (it has: "
+                              f"{', '.join(leaves)}; or use {ALL_LINEAR})")
+        chosen += hits
+    return sorted(set(chosen), key=linear.index)
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig, seed: int | None = None) -> list[str]:
+    """Freeze the model and wrap the target linear layers in `LoRALinear`; returns the wrapped module names."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = target_names(model, config.targets)
+    gen_state = torch.random.get_rng_state()
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        for name in names:
+            _swap(model, name, LoRALinear(model.get_submodule(name), config.rank, config.alpha, config.dropout,
+                                          config.rslora))
+    finally:
+        if seed is not None:
+            torch.random.set_rng_state(gen_state)
+    return names
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def fuse_lora(model: nn.Module) -> int:
+    """Fold every adapter into its base weight (W += s * B @ A) and swap the plain layer back; returns how many.
+
+    Quantized bases are dequantized first (a fused quantized weight would need requantizing: use `tinkerlm fuse`,
+    which writes a float model).
+    """
+    from tinkerlm.quant.kernels import dequantize
+    from tinkerlm.quant.linear import QLinear
+
+    fused = 0
+    for name, m in lora_modules(model).items():
+        base = m.base
+        if isinstance(base, QLinear):
+            plain = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+            plain.weight = nn.Parameter(dequantize(base.qweight).float(), requires_grad=False)
+            if base.bias is not None:
+                plain.bias = nn.Parameter(base.bias.detach().float(), requires_grad=False)
+            base = plain
+        with torch.no_grad():
+            base.weight += m.delta().to(base.weight.dtype)
+        _swap(model, name, base)
+        fused += 1
+    return fused
+
+
+def unwrap_lora(model: nn.Module) -> None:
+    """Remove the adapters, putting the untouched base layers back."""
+    for name, m in lora_modules(model).items():
+        _swap(model, name, m.base)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PEFT layout
+
+
+def peft_config(config: LoRAConfig, modules: list[str], base_model: str | None, fan_in_fan_out: bool = False) -> dict:
+    """The `adapter_config.json` peft writes for this LoRA (target_modules as the leaf names wrapped)."""
+    leaves = sorted({n.rpartition(".")[2] for n in modules})
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": leaves,
+        "use_rslora": config.rslora,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "use_dora": False,
+    }
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors under peft's names."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous()
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous()
+    return out
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, config: dict, dtype: torch.dtype = torch.float32):
+    """Write `adapter_config.json` and `adapter_model.safetensors` (peft's layout) into `directory`."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.to(dtype) for k, v in adapter_state_dict(model).items()}
+    save_file(tensors, str(d / WEIGHTS_FILE), metadata={"format": "pt"})
+    (d / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+class Adapter:
+    """A LoRA adapter read from disk (ours or peft's): its config and per-module A, B and scaling."""
+
+    def __init__(self, path: Path, config: dict, tensors: dict[str, torch.Tensor]):
+        self.path = path
+        self.config = config
+        self.base_model: str | None = config.get("base_model_name_or_path")
+        r = config.get("r")
+        alpha = config.get("lora_alpha", r)
+        if not isinstance(r, int) or r < 1:
+            raise TinkerError(f"{path / CONFIG_FILE}: 'r' must be a positive integer, got {r!r}")
+        self.rank = r
+        self.scaling = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+        self.fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+        self.modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            stem = key.removeprefix(PEFT_PREFIX)
+            for part in (".lora_A.weight", ".lora_A.default.weight"):
+                if stem.endswith(part):
+                    module = stem.removesuffix(part)
+                    b = tensors.get(key.replace("lora_A", "lora_B"))
+                    if b is None:
+                        raise TinkerError(f"{path / WEIGHTS_FILE}: {key} has no matching lora_B tensor")
+                    self.modules[module] = (t.float(), b.float())
+        unknown = [k for k in tensors if ".lora_A." not in k and ".lora_B." not in k]
+        if unknown:
+            raise TinkerError(f"{path / WEIGHTS_FILE}: tensor {unknown[0]} is not a LoRA A/B matrix "
+                              "(adapters with modules_to_save, DoRA or biases are not supported)")
+        if not self.modules:
+            raise TinkerError(f"{path / WEIGHTS_FILE}: no lora_A/lora_B tensors found")
+
+    def delta(self, weight_name: str) -> torch.Tensor | None:
+        """fp32 change s * B @ A to the base weight `weight_name` (an HF name such as
+        `model.layers.0.self_attn.q_proj.weight`), in the checkpoint's (out, in) layout, or in (in, out) for
+        fan_in_fan_out adapters (GPT-2's Conv1D); None if the adapter does not touch it."""
+        pair = self.modules.get(weight_name.removesuffix(".weight"))
+        if pair is None:
+            return None
+        a, b = pair
+        d = (b @ a) * self.scaling
+        return d.t() if self.fan_in_fan_out else d
+
+
+def read_adapter(path: str | os.PathLike) -> Adapter:
+    """Read a peft LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
+
+    Raises:
+        TinkerError: missing files, not a LoRA adapter, pickled weights only, or malformed tensors.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from tinkerlm.formats.hf import read_json
+
+    d = Path(path)
+    config = read_json(d / CONFIG_FILE)
+    if config.get("peft_type", "LORA") != "LORA":
+        raise TinkerError(f"{d / CONFIG_FILE}: peft_type is {config.get('peft_type')!r}; only LORA adapters are "
+                          "supported")
+    if config.get("use_dora"):
+        raise TinkerError(f"{d / CONFIG_FILE}: DoRA adapters (use_dora) are not supported")
+    weights = d / WEIGHTS_FILE
+    if not weights.is_file():
+        hint = " (adapter_model.bin is a pickle and is never loaded; re-save with safe_serialization=True)" if (
+            d / "adapter_model.bin").is_file() else ""
+        raise TinkerError(f"{weights}: not found{hint}")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise TinkerError(f"{weights}: cannot read safetensors ({e})") from None
+    return Adapter(d, config, tensors)
+
+
+def load_adapter(model: nn.Module, adapter: Adapter, source: str = "adapter") -> list[str]:
+    """Wrap `model`'s layers with the adapter's weights (for running it unfused); returns the module names.
+
+    Raises:
+        TinkerError: the adapter names a module the model lacks, or shapes disagree (adapter for another base?).
+    """
+    names = []
+    for module, (a, b) in adapter.modules.items():
+        try:
+            base = model.get_submodule(module)
+        except AttributeError:
+            raise TinkerError(f"{source}: the adapter targets {module}, which this base model does not have "
+                              "(is it an adapter for another model?)") from None
+        if not _is_linear(base):
+            raise TinkerError(f"{source}: the adapter targets {module}, a {type(base).__name__}, not a linear layer")
+        if a.shape != (adapter.rank, base.in_features) or b.shape != (base.out_features, adapter.rank):
+            raise TinkerError(f"{source}: {module} has A {list(a.shape)} and B {list(b.shape)}, the base layer is "
+                              f"{base.out_features}x{base.in_features} at rank {adapter.rank} (adapter for another "
+                              "model?)")
+        wrapped = LoRALinear(base, adapter.rank, 1.0)
+        wrapped.scaling = adapter.scaling
+        with torch.no_grad():
+            wrapped.lora_A.copy_(a)
+            wrapped.lora_B.copy_(b)
+        wrapped.requires_grad_(False)
+        _swap(model, module, wrapped)
+        names.append(module)
+    return names

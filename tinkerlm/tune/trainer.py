@@ -1,0 +1,350 @@
+"""The training loop: AdamW, warmup + cosine, gradient accumulation and clipping, checkpoints, exact resume.
+
+Written out by hand so every step is visible:
+
+    for step in range(start, total):
+        for micro-batch in accumulation batch:      # rows of this step, sharded by rank under torchrun
+            loss = sum CE over target tokens / target tokens of the whole step
+            loss.backward()
+        all-reduce grads (torch.distributed only), clip, lr = schedule(step), AdamW step
+
+The data order is a function of (seed, epoch), the schedule of the step, and dropout draws from torch's global
+generator whose state is checkpointed, so a resumed run reproduces an uninterrupted one loss for loss.
+
+Checkpoints (`RUN/checkpoints/step-NNNNNN/`) hold the trainable tensors, AdamW's moments and the RNG state as
+safetensors (never pickle) and the counters as JSON. Each is written into a temporary directory and renamed into
+place, so a kill during a save leaves the previous checkpoint whole; the newest two are kept.
+
+The loss is computed only where it counts: the decoder returns hidden states and the output head runs on the
+target positions alone, in chunks that are recomputed in the backward pass rather than kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinkerlm.errors import TinkerError
+from tinkerlm.tune.data import Rows
+
+CKPT_PREFIX = "step-"
+KEEP_CHECKPOINTS = 2
+HEAD_CHUNK = 2048  # target rows per output-head chunk: bounds the (rows, vocab) logits kept at once
+HISTORY_FIELDS = ("step", "epoch", "lr", "loss", "eval_loss", "tokens", "seconds")
+
+
+@dataclass
+class TrainConfig:
+    total_steps: int
+    batch_size: int
+    grad_accum: int
+    lr: float
+    min_lr_ratio: float
+    warmup_steps: int
+    weight_decay: float
+    max_grad_norm: float
+    seed: int
+    bf16: bool = False
+    eval_every: int = 0
+    save_every: int = 0
+
+
+@dataclass
+class State:
+    step: int = 0
+    tokens: int = 0  # tokens (incl. padding) processed
+    seconds: float = 0.0  # training time, summed across resumes
+    history: list[dict] = field(default_factory=list)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over `warmup_steps`, then cosine decay to lr * min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.total_steps - cfg.warmup_steps - 1)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def steps_per_epoch(n_rows: int, batch_size: int, grad_accum: int) -> int:
+    return math.ceil(n_rows / (batch_size * grad_accum))
+
+
+def step_rows(step: int, n_rows: int, cfg: TrainConfig) -> torch.Tensor:
+    """Row indices of global step `step`: a seeded permutation per epoch, cut into consecutive batches."""
+    per_epoch = steps_per_epoch(n_rows, cfg.batch_size, cfg.grad_accum)
+    epoch, i = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    order = torch.randperm(n_rows, generator=g)
+    size = cfg.batch_size * cfg.grad_accum
+    return order[i * size : (i + 1) * size]
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss
+
+
+def _head_ce(head: nn.Module, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), labels, reduction="sum")
+
+
+def loss_sum(model: nn.Module, ids: torch.Tensor, segments: torch.Tensor, target: torch.Tensor,
+             bf16: bool = False) -> torch.Tensor:
+    """Summed cross-entropy over the target tokens of packed rows (B, T)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        h = model(ids, segments=segments, head=False)  # (B, T, C)
+        want = target[:, 1:]  # token t + 1 is predicted at position t
+        hs = h[:, :-1][want]  # (N, C)
+        labels = ids[:, 1:][want]  # (N,)
+        total = h.new_zeros((), dtype=torch.float32)
+        for a in range(0, hs.shape[0], HEAD_CHUNK):
+            chunk, lab = hs[a : a + HEAD_CHUNK], labels[a : a + HEAD_CHUNK]
+            if torch.is_grad_enabled() and hs.requires_grad:
+                from torch.utils.checkpoint import checkpoint
+
+                total = total + checkpoint(_head_ce, model.lm_head, chunk, lab, use_reentrant=False)
+            else:
+                total = total + _head_ce(model.lm_head, chunk, lab)
+    return total
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, rows: Rows, batch_size: int, bf16: bool = False) -> float:
+    """Mean cross-entropy per target token over all `rows`."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for a in range(0, len(rows), batch_size):
+        sl = slice(a, a + batch_size)
+        total += float(loss_sum(model, rows.ids[sl], rows.segments[sl], rows.target[sl], bf16))
+        count += int(rows.target[sl, 1:].sum())
+    model.train(was)
+    return total / max(count, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (directories are only complete once renamed to step-NNNNNN)."""
+    d = run_dir / "checkpoints"
+    done = sorted(p for p in d.glob(f"{CKPT_PREFIX}*") if p.is_dir() and p.name[len(CKPT_PREFIX):].isdigit())
+    return done[-1] if done else None
+
+
+def save_checkpoint(run_dir: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer, state: State,
+                    meta: dict) -> Path:
+    from safetensors.torch import save_file
+
+    ckpts = run_dir / "checkpoints"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    final = ckpts / f"{CKPT_PREFIX}{state.step:06d}"
+    tmp = ckpts / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: p.detach().contiguous() for k, p in params.items()}, str(tmp / "trainable.safetensors"))
+    moments = {}
+    for name, p in params.items():
+        s = opt.state.get(p)
+        if s:
+            moments[f"{name}.exp_avg"] = s["exp_avg"].contiguous()
+            moments[f"{name}.exp_avg_sq"] = s["exp_avg_sq"].contiguous()
+            moments[f"{name}.step"] = torch.as_tensor(s["step"], dtype=torch.float32).reshape(1)
+    moments["rng.torch"] = torch.get_rng_state()
+    save_file(moments, str(tmp / "optimizer.safetensors"))
+    info = {"step": state.step, "tokens": state.tokens, "seconds": state.seconds, "history": state.history, **meta}
+    (tmp / "state.json").write_text(json.dumps(info, indent=1) + "\n")
+    with open(tmp / "state.json", "rb") as f:
+        os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for old in sorted(p for p in ckpts.glob(f"{CKPT_PREFIX}*") if p.is_dir())[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpts.glob(f".{CKPT_PREFIX}*.tmp-*"):  # left by a process killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer) -> tuple[State, dict]:
+    """Restore parameters, AdamW moments and the RNG from a checkpoint; returns its State and metadata."""
+    from safetensors.torch import load_file
+
+    info = json.loads((path / "state.json").read_text())
+    weights = load_file(str(path / "trainable.safetensors"))
+    missing = sorted(set(params) - set(weights))
+    if missing:
+        raise TinkerError(f"{path}: checkpoint lacks {missing[0]} (written by another recipe? start afresh "
+                          "without --resume)")
+    moments = load_file(str(path / "optimizer.safetensors"))
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+    for name, p in params.items():
+        if f"{name}.exp_avg" in moments:
+            opt.state[p] = {"step": moments[f"{name}.step"][0].clone(), "exp_avg": moments[f"{name}.exp_avg"],
+                            "exp_avg_sq": moments[f"{name}.exp_avg_sq"]}
+    torch.set_rng_state(moments["rng.torch"])
+    state = State(step=info["step"], tokens=info["tokens"], seconds=info["seconds"], history=info["history"])
+    return state, info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# History: CSV and plot
+
+
+def history_csv(history: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: row.get(k, "") for k in HISTORY_FIELDS})
+    return buf.getvalue()
+
+
+def plot_history(history: list[dict], path: Path, title: str) -> None:
+    """Train and eval loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    train = [(r["step"], r["loss"]) for r in history if r.get("loss") not in (None, "")]
+    evals = [(r["step"], r["eval_loss"]) for r in history if r.get("eval_loss") not in (None, "")]
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy per target token")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(model: nn.Module, params: dict[str, nn.Parameter], train_rows: Rows, val_rows: Rows | None,
+          cfg: TrainConfig, run_dir: Path, *, resume: bool = False, meta: dict | None = None,
+          progress: bool = True, stop_after: int | None = None) -> State:
+    """Train `params` (the trainable tensors of `model`, by name) and return the final State.
+
+    Args:
+        run_dir: where checkpoints and `loss.csv` go.
+        resume: continue from the newest checkpoint in `run_dir` (its `meta` must equal this run's).
+        meta: what identifies the run (recipe, data hashes); stored in checkpoints and compared on resume.
+        stop_after: end after this global step as if interrupted (for tests), without a final save.
+    """
+    from tqdm.auto import tqdm
+
+    meta = meta or {}
+    rank, world = _dist()
+    decay = [p for n, p in params.items() if p.ndim >= 2]
+    no_decay = [p for n, p in params.items() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                            foreach=True)
+    state = State()
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise TinkerError(f"{run_dir}: no checkpoint to resume from (run without --resume to start)")
+        state, info = load_checkpoint(ckpt, params, opt)
+        if info.get("identity") != meta.get("identity"):
+            raise TinkerError(f"{ckpt}: was written by a different recipe or data; start afresh without --resume "
+                              "(or restore the original recipe)")
+    else:
+        if rank == 0 and (run_dir / "checkpoints").exists():
+            shutil.rmtree(run_dir / "checkpoints")
+        torch.manual_seed(cfg.seed + 1)  # dropout's draws; a resumed run restores the generator instead
+
+    per_epoch = steps_per_epoch(len(train_rows), cfg.batch_size, cfg.grad_accum)
+    eval_every = cfg.eval_every or per_epoch
+    model.train()
+    bar = tqdm(total=cfg.total_steps, initial=state.step, desc="fine-tune", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    last_save = state.step
+    try:
+        while state.step < cfg.total_steps:
+            t0 = time.perf_counter()
+            step = state.step
+            rows = step_rows(step, len(train_rows), cfg)
+            n_target = int(train_rows.target[rows][:, 1:].sum())  # over the whole step, every rank
+            total = 0.0
+            mine = rows[rank::world]
+            for a in range(0, len(mine), cfg.batch_size):
+                r = mine[a : a + cfg.batch_size]
+                loss = loss_sum(model, train_rows.ids[r], train_rows.segments[r], train_rows.target[r], cfg.bf16)
+                (loss / max(n_target, 1)).backward()
+                total += float(loss.detach())
+            if world > 1:
+                for p in params.values():
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+            lr = lr_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+            state.step += 1
+            state.tokens += int(train_rows.ids[rows].numel())
+            dt = time.perf_counter() - t0
+            state.seconds += dt
+            row = {"step": state.step, "epoch": round(state.step / per_epoch, 4), "lr": lr,
+                   "loss": total / max(n_target, 1), "eval_loss": None, "tokens": state.tokens,
+                   "seconds": round(state.seconds, 3)}
+            if val_rows is not None and (state.step % eval_every == 0 or state.step == cfg.total_steps):
+                row["eval_loss"] = evaluate(model, val_rows, cfg.batch_size, cfg.bf16)
+            state.history.append(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{train_rows.ids[rows].numel() / dt:,.0f}",
+                            **({"eval": f"{row['eval_loss']:.3f}"} if row["eval_loss"] is not None else {}))
+            if stop_after is not None and state.step >= stop_after:
+                return state
+            if rank == 0 and cfg.save_every and state.step % cfg.save_every == 0:
+                save_checkpoint(run_dir, params, opt, state, meta)
+                _atomic_write(run_dir / "loss.csv", history_csv(state.history).encode())
+                last_save = state.step
+    finally:
+        bar.close()
+    if rank == 0 and last_save != state.step:
+        save_checkpoint(run_dir, params, opt, state, meta)
+    if rank == 0:
+        _atomic_write(run_dir / "loss.csv", history_csv(state.history).encode())
+    return state

@@ -8,5 +8,5 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
     echo "tinkerlm tests: installing chromium for the playground test" >&2
     $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
-bash scripts/install.sh test
+bash scripts/install.sh test,mergekit  # mergekit: the merge parity tests compare against it
 exec .venv/bin/python -m pytest -q "$@"

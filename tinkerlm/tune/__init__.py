@@ -41,7 +41,7 @@ def _base(name_or_path: str):
                               f"{manifest.ref} --out NAME`) and fine-tune the fused model")
         return path, manifest, store.parent_entry(manifest, "base")
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    from tinkerlm.tune.data import sha256_file
+    from tinkerlm.store import sha256_file
 
     listing = "".join(f"{sha256_file(f)}  {f.relative_to(path) if path.is_dir() else f.name}\n" for f in files)
     digest = sha256_file(path) if path.is_file() else hashlib.sha256(listing.encode()).hexdigest()
@@ -111,7 +111,7 @@ def finetune(*, config: str | None = None, resume: bool = False, force: bool = F
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         method = "lora"
     data_files = [("train", Path(recipe.data))] + ([("eval", Path(recipe.eval_data))] if recipe.eval_data else [])
-    data_records = [{"role": role, "path": str(p.resolve()), "sha256": data_mod.sha256_file(p)}
+    data_records = [{"role": role, "path": str(p.resolve()), "sha256": store.sha256_file(p)}
                     for role, p in data_files if p.is_file()]
     if recipe.seq_len > model.max_context:
         print(f"seq_len: {recipe.seq_len} is beyond the model's context; using {model.max_context}", file=sys.stderr)

@@ -14,7 +14,6 @@ the speed, not the maths.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -51,14 +50,6 @@ class DataStats:
         if self.dropped:
             text += f"; {self.dropped} dropped (no loss tokens left after cutting)"
         return text
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:

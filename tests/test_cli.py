@@ -110,14 +110,17 @@ def test_chat_ctrl_c_stops_answer_not_session(tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "tinkerlm", "chat", str(path), "--max-tokens", "90000"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc.stdin.write("go on forever\n")
-    proc.stdin.flush()
-    proc.stdout.read(20)  # the answer is streaming
-    proc.send_signal(signal.SIGINT)
-    time.sleep(0.5)
-    proc.stdin.write("/exit\n")
-    proc.stdin.flush()
-    _, err = proc.communicate(timeout=120)
+    try:
+        proc.stdin.write("go on forever\n")
+        proc.stdin.flush()
+        proc.stdout.read(20)  # the answer is streaming
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.stdin.write("/exit\n")
+        proc.stdin.flush()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # never leave a runaway generator behind a failed assertion
     assert proc.returncode == 0, err
     assert "(interrupted)" in err
 

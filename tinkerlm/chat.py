@@ -72,6 +72,16 @@ def render(tokenizer, messages: Sequence[dict[str, Any]], add_generation_prompt:
 HELP = "Commands: /reset clears the history, /system TEXT sets the system prompt, /exit quits. Ctrl-C stops an answer."
 
 
+def _on_sigint(handler):
+    """Install a SIGINT handler and return the previous one (a no-op off the main thread, where Python forbids it)."""
+    import signal
+    import threading
+
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, handler) or signal.default_int_handler
+
+
 def repl(llm, *, system: str | None = None, max_tokens: int = 512, **options) -> None:
     """Interactive chat with history and streaming. Ctrl-C interrupts the current answer, not the session."""
     history: list[dict[str, str]] = []
@@ -106,11 +116,21 @@ def repl(llm, *, system: str | None = None, max_tokens: int = 512, **options) ->
         history.append({"role": "user", "content": text})
         messages = ([{"role": "system", "content": system}] if system else []) + history
         answer = ""
+        # Ctrl-C during an answer sets a flag checked between tokens (rather than raising KeyboardInterrupt at
+        # whatever line is running), so the answer stops cleanly and the session goes on.
+        stop: list[int] = []
+        previous = _on_sigint(lambda *_: stop.append(1))
         try:
             for piece in llm.chat_stream(messages, max_tokens=max_tokens, **options):
                 answer += piece
                 print(piece, end="", flush=True)
+                if stop:
+                    break
         except KeyboardInterrupt:
+            stop.append(1)
+        finally:
+            _on_sigint(previous)
+        if stop:
             print("\n(interrupted)", file=sys.stderr, end="")
         print(flush=True)
         history.append({"role": "assistant", "content": answer})

@@ -434,3 +434,40 @@ def test_cli_finetune_run_fuse_end_to_end(bases, tmp_path):
                           "qkv", "--seq-len", "64"), "lora_targets: 'qkv' matches no linear layer")
     assert sorted(p.name for p in (home / "models").iterdir()) == before
     assert not (home / "tmp").exists() or not list((home / "tmp").iterdir())
+
+
+DDP_SCRIPT = """
+import json, sys
+import torch
+import torch.distributed as dist
+dist.init_process_group("gloo")
+torch.set_num_threads(1)
+from tinkerlm.tune import finetune
+m = finetune(base=sys.argv[1], data=sys.argv[2], out="ddp", seq_len=64, batch_size=2, grad_accum=2, max_steps=6,
+             lr=5e-3, warmup_steps=2, threads=1, progress=False)
+if dist.get_rank() == 0:
+    print(json.dumps(m.source["final_loss"]))
+dist.destroy_process_group()
+"""
+
+
+def test_two_process_torchrun_equals_one_process(bases, tmp_path):
+    """The loop under torchrun (2 ranks, gloo): each step's rows are split between ranks and the gradients summed,
+    so the losses and the adapter equal a single-process run of the same recipe (to float summation order)."""
+    data = write_chat_data(tmp_path / "d.jsonl", 40)
+    single = _ft(bases, data, "single", batch_size=2, grad_accum=2, max_steps=6, threads=1)
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(29500 + os.getpid() % 1000), str(script), str(bases["llama"]), str(data)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp = store.get("ddp")
+    ours, theirs = _losses(single), _losses(ddp)
+    assert len(ours) == len(theirs) == 6
+    for (a, _), (b, _) in zip(ours, theirs):
+        assert a == pytest.approx(b, rel=1e-5)
+    a = lora.read_adapter(store.model_path(single))
+    b = lora.read_adapter(store.model_path(ddp))
+    for k in a.modules:
+        torch.testing.assert_close(a.modules[k][1], b.modules[k][1], atol=1e-5, rtol=1e-4)

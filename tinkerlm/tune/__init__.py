@@ -149,8 +149,8 @@ def finetune(*, config: str | None = None, resume: bool = False, force: bool = F
     state = trainer.train(model, params, train_rows, val_rows, tcfg, run_dir, resume=resume,
                           meta={"identity": identity, "recipe": recipe.to_dict()}, progress=progress,
                           stop_after=stop_after)
-    if stop_after is not None:
-        return None
+    if stop_after is not None or trainer.rank() != 0:
+        return None  # under torchrun only rank 0 stores the result
 
     template = tokenizer.chat_template
     save_dtype = torch.bfloat16 if recipe.save_dtype == "bfloat16" else torch.float32

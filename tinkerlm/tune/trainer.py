@@ -92,6 +92,10 @@ def step_rows(step: int, n_rows: int, cfg: TrainConfig) -> torch.Tensor:
     return order[i * size : (i + 1) * size]
 
 
+def rank() -> int:
+    return _dist()[0]
+
+
 def _dist() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -294,7 +298,7 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], train_rows: Rows, v
     per_epoch = steps_per_epoch(len(train_rows), cfg.batch_size, cfg.grad_accum)
     eval_every = cfg.eval_every or per_epoch
     model.train()
-    bar = tqdm(total=cfg.total_steps, initial=state.step, desc="fine-tune", unit="step", disable=not progress,
+    bar = tqdm(total=cfg.total_steps, initial=state.step, desc="fine-tune", unit="step", disable=not progress or rank,
                dynamic_ncols=True)
     last_save = state.step
     try:
@@ -310,10 +314,13 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], train_rows: Rows, v
                 loss = loss_sum(model, train_rows.ids[r], train_rows.segments[r], train_rows.target[r], cfg.bf16)
                 (loss / max(n_target, 1)).backward()
                 total += float(loss.detach())
-            if world > 1:
+            if world > 1:  # every rank's share of the step's gradient and loss, summed
                 for p in params.values():
                     if p.grad is not None:
                         torch.distributed.all_reduce(p.grad)
+                summed = torch.tensor([total], dtype=torch.float64)
+                torch.distributed.all_reduce(summed)
+                total = float(summed)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
             lr = lr_at(step, cfg)

@@ -134,6 +134,7 @@ def test_llama_config(tmp_path, rng):
         "rms_norm_eps": pytest.approx(1e-5), "rope_theta": 500000.0, "max_position_embeddings": 32,
         "tie_word_embeddings": True, "attention_bias": False, "rope_scaling": {"rope_type": "linear", "factor": 2.0},
         "rope_freq_factors": freqs.tolist(), "bos_token_id": 0, "eos_token_id": 0,
+        "architectures": ["LlamaForCausalLM"],
     }
     sd = ckpt.state_dict()
     assert "lm_head.weight" not in sd and not any("rope" in k for k in sd)
@@ -182,7 +183,7 @@ def test_gpt2(tmp_path, rng, qtype):
     assert ckpt.config() == {
         "model_type": "gpt2", "vocab_size": 96, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 32,
         "n_inner": 128, "layer_norm_epsilon": pytest.approx(1e-5), "tie_word_embeddings": False,
-        "bos_token_id": 0, "eos_token_id": 0,
+        "bos_token_id": 0, "eos_token_id": 0, "architectures": ["GPT2LMHeadModel"],
     }
     sd = ckpt.state_dict()
     raw = raw_dequantized(path)

@@ -229,7 +229,6 @@ def test_packed_rows_equal_separate_examples(bases, tmp_path, kind):
     rows = data_mod.pack(examples, 64, tok.pad_token_id)
     assert len(rows) < len(examples)  # several per row
     logits = model(rows.ids, segments=rows.segments)
-    r = 0
     seen = 0
     for row in range(len(rows)):
         for s in rows.segments[row].unique():

@@ -82,25 +82,6 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, quant: str =
     return model, tokenizer, gen_config
 
 
-def load_with_adapter(manifest, dtype: torch.dtype = torch.float32, quant: str = "native"):
-    """A stored LoRA adapter applied (unfused) to its base: (model, tokenizer, generation_config). The chat template
-    the adapter was trained with, saved beside it, replaces the base's."""
-    from tinkerlm import store
-    from tinkerlm.tune import adapter_base
-    from tinkerlm.tune.lora import load_adapter, read_adapter
-
-    adapter_dir = store.model_path(manifest)
-    adapter = read_adapter(adapter_dir)
-    base_path, _ = adapter_base(manifest, adapter)
-    model, tokenizer, gen_config = load_checkpoint(base_path, dtype, quant)
-    model.fused_decode = None  # the fused step knows only the base weights
-    load_adapter(model, adapter, manifest.ref)
-    template = adapter_dir / "chat_template.jinja"
-    if template.is_file():
-        tokenizer.chat_template = template.read_text(encoding="utf-8")
-    return model, tokenizer, gen_config
-
-
 class LLM:
     """A loaded model and its tokenizer, with the generation API shared by the CLI and server."""
 
@@ -202,7 +183,9 @@ def load(name_or_path: str, *, dtype: str = "float32", quant: str = "native", th
         raise TinkerError(f"quant: {quant} weights run with float32 activations (drop --dtype {dtype})")
     path, manifest = resolve(name_or_path, pull=pull)
     if manifest is not None and manifest.format == "lora":
-        model, tokenizer, gen_config = load_with_adapter(manifest, torch_dtype, quant)
+        from tinkerlm.tune import load_adapted
+
+        model, tokenizer, gen_config, _, _ = load_adapted(manifest, torch_dtype, quant)
     else:
         model, tokenizer, gen_config = load_checkpoint(path, torch_dtype, quant)
     name = manifest.ref if manifest else str(path)

@@ -681,13 +681,18 @@ def _commit(model_dir: Path, final: Path, staging: Path, force: bool) -> None:
 # Remixes: models made here (fine-tunes, adapters, merges) enter the store with their lineage
 
 
-def digest(m: Manifest) -> str:
-    """One sha256 naming a stored model's content: its file's sha256 for a single file, else the sha256 of the
-    `sha256sum`-style listing ("<sha256>  <path>" lines, sorted by path) of all its files."""
-    if len(m.files) == 1:
-        return m.files[0]["sha256"]
-    listing = "".join(f"{f['sha256']}  {f['path']}\n" for f in sorted(m.files, key=lambda f: f["path"]))
+def files_digest(files: list[dict]) -> str:
+    """One sha256 naming a model's content from its files' {"path", "sha256"}: the file's sha256 for a single file,
+    else the sha256 of the `sha256sum`-style listing ("<sha256>  <path>" lines, sorted by path)."""
+    if len(files) == 1:
+        return files[0]["sha256"]
+    listing = "".join(f"{f['sha256']}  {f['path']}\n" for f in sorted(files, key=lambda f: f["path"]))
     return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def digest(m: Manifest) -> str:
+    """One sha256 naming a stored model's content (see `files_digest`)."""
+    return files_digest(m.files)
 
 
 def parent_entry(m: Manifest, relation: str) -> dict:

@@ -40,6 +40,11 @@ SUPPORTED_VERSIONS = (2, 3)
 # general.architecture -> parameter naming family. llama.cpp stores Llama 2/3, Mistral and SmolLM as "llama".
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gpt2": "gpt2"}
 
+# The transformers class of each model_type, for the `architectures` key of config.json (which transformers and
+# mergekit read).
+HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+              "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+
 # Types read as plain floats even when packing.
 FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
 
@@ -196,6 +201,8 @@ class GGUFCheckpoint:
         config = self._gpt2_config() if family == "gpt2" else self._llama_config()
         config["bos_token_id"] = self.metadata.get("tokenizer.ggml.bos_token_id")
         config["eos_token_id"] = self.metadata.get("tokenizer.ggml.eos_token_id")
+        if config["model_type"] in HF_CLASSES:
+            config["architectures"] = [HF_CLASSES[config["model_type"]]]
         return config
 
     def _key(self, name: str, default: Any = ..., kind: type = int) -> Any:

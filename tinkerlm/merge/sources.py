@@ -30,9 +30,6 @@ log = logging.getLogger(__name__)
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                  "BOOL": torch.bool}
-# HF class names for configs rebuilt from GGUF metadata (config.json carries them; mergekit and transformers need them).
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                    "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 # Files of an HF directory that make up its tokenizer and chat template (copied to a merge made from it).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "generation_config.json")
@@ -191,8 +188,7 @@ class GGUFSource(Source):
 
         self.ref, self.manifest, self.path = ref, manifest, path
         self._ckpt = read_gguf(path)
-        self.config = self._ckpt.config()
-        self.config.setdefault("architectures", [HF_ARCHITECTURES.get(self.config["model_type"], "")])
+        self.config = self._ckpt.config()  # with `architectures`, as config.json needs
         arch = self._ckpt.architecture
         self._permuted = arch in ROPE_PERMUTED
         self._conv1d = CONV1D if ARCHITECTURES[arch] == "gpt2" else ()

@@ -396,7 +396,6 @@ class CausalLM(nn.Module):
         if window is None or window >= docs.gather.shape[1]:
             return docs.positions, docs
         B, T = segments.shape
-        idx = torch.arange(T).expand(B, T)
         same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, :, None] >= 0)  # (B, T, T)
         mask = (attention_mask(docs.positions, docs.positions, window) & same[:, None]) | torch.eye(T, dtype=torch.bool)
         return docs.positions, mask

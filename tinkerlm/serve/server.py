@@ -324,13 +324,18 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_batch:
         state.check_key(request)
         return PlainTextResponse(_metrics(state), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def admit(request: Request, kind):
+        """The parsed request and its model's engine, once the key, body and model check out and we take work."""
         state.check_key(request)
-        req = parse(ChatRequest, await _read_json(request))
+        req = parse(kind, await _read_json(request))
         engine = state.engine(req.model)
         if state.draining:
             raise APIError(503, "the server is shutting down", None, "shutting_down")
+        return req, engine
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req, engine = await admit(request, ChatRequest)
         # "developer" is the newer name of the system role; templates know "system".
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
@@ -356,11 +361,7 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_batch:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        state.check_key(request)
-        req = parse(CompletionRequest, await _read_json(request))
-        engine = state.engine(req.model)
-        if state.draining:
-            raise APIError(503, "the server is shutting down", None, "shutting_down")
+        req, engine = await admit(request, CompletionRequest)
         if isinstance(req.prompt, str):
             prompts = [engine.tokenizer.encode(req.prompt)]
         elif isinstance(req.prompt[0], int):

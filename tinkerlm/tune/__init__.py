@@ -41,12 +41,11 @@ def _base(name_or_path: str):
                               f"{manifest.ref} --out NAME`) and fine-tune the fused model")
         return path, manifest, store.parent_entry(manifest, "base")
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    from tinkerlm.store import sha256_file
-
-    listing = "".join(f"{sha256_file(f)}  {f.relative_to(path) if path.is_dir() else f.name}\n" for f in files)
-    digest = sha256_file(path) if path.is_file() else hashlib.sha256(listing.encode()).hexdigest()
+    records = [{"path": f.relative_to(path).as_posix() if path.is_dir() else f.name, "sha256": store.sha256_file(f)}
+               for f in files]
     license = store.describe(path).get("license")
-    return path, None, {"name": str(path.resolve()), "sha256": digest, "relation": "base", "license": license}
+    return path, None, {"name": str(path.resolve()), "sha256": store.files_digest(records), "relation": "base",
+                        "license": license}
 
 
 def _license(parents: list[dict]) -> str | None:
@@ -181,7 +180,7 @@ def finetune(*, config: str | None = None, resume: bool = False, force: bool = F
     return m
 
 
-def _hf_config(model, path: Path) -> dict:
+def _hf_config(path: Path) -> dict:
     """config.json for a model loaded from `path` (an HF directory's own, or the GGUF's as HF keys)."""
     from tinkerlm.formats import hf
 
@@ -189,12 +188,7 @@ def _hf_config(model, path: Path) -> dict:
         return hf.load_config(path)
     from tinkerlm.formats.gguf import read_gguf
 
-    config = read_gguf(path).config()
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}.get(config.get("model_type"))
-    if arch:
-        config.setdefault("architectures", [arch])
-    return config
+    return read_gguf(path).config()
 
 
 def save_full(model, tokenizer, gen_config: dict, base_path: Path, model_dir: Path, dtype=None) -> None:
@@ -205,7 +199,7 @@ def save_full(model, tokenizer, gen_config: dict, base_path: Path, model_dir: Pa
     from tinkerlm.formats import hf
 
     dtype = dtype or torch.float32
-    config = _hf_config(model, base_path)
+    config = _hf_config(base_path)
     config["torch_dtype"] = "bfloat16" if dtype == torch.bfloat16 else "float32"
     state = {}
     seen = {}
@@ -237,7 +231,6 @@ def fuse(name: str, out: str, *, force: bool = False, dtype: str = "float32"):
     import torch
 
     from tinkerlm import store
-    from tinkerlm.api import load_checkpoint
     from tinkerlm.tune import lora
 
     adapter_m = store.get(name)
@@ -246,14 +239,8 @@ def fuse(name: str, out: str, *, force: bool = False, dtype: str = "float32"):
     if not force and store.find(out) is not None:
         raise TinkerError(f"out: {out} is already in the store; pick another name or pass --force")
     adapter_dir = store.model_path(adapter_m)
-    adapter = lora.read_adapter(adapter_dir)
-    base_path, base_m = adapter_base(adapter_m, adapter)
-    model, tokenizer, gen_config = load_checkpoint(base_path, quant="fp32")
-    lora.load_adapter(model, adapter, adapter_m.ref)
+    model, tokenizer, gen_config, base_path, base_m = load_adapted(adapter_m, quant="fp32")
     lora.fuse_lora(model)
-    template = adapter_dir / "chat_template.jinja"
-    if template.is_file():
-        tokenizer.chat_template = template.read_text(encoding="utf-8")
     torch_dtype = torch.bfloat16 if dtype in ("bfloat16", "bf16") else torch.float32
 
     def fill(model_dir: Path) -> None:
@@ -271,6 +258,27 @@ def fuse(name: str, out: str, *, force: bool = False, dtype: str = "float32"):
                   license=adapter_m.license or _license(parents), force=force)
     print(f"stored {m.ref}: {adapter_m.ref} fused into {source['base']}", file=sys.stderr)
     return m
+
+
+def load_adapted(manifest, dtype=None, quant: str = "native"):
+    """A stored LoRA adapter applied (unfused) to its base: (model, tokenizer, generation_config, base path, base
+    manifest or None). The chat template the adapter was trained with, saved beside it, replaces the base's."""
+    import torch
+
+    from tinkerlm import store
+    from tinkerlm.api import load_checkpoint
+    from tinkerlm.tune import lora
+
+    adapter_dir = store.model_path(manifest)
+    adapter = lora.read_adapter(adapter_dir)
+    base_path, base_m = adapter_base(manifest, adapter)
+    model, tokenizer, gen_config = load_checkpoint(base_path, dtype or torch.float32, quant)
+    model.fused_decode = None  # the fused decode step knows only the base weights
+    lora.load_adapter(model, adapter, manifest.ref)
+    template = adapter_dir / "chat_template.jinja"
+    if template.is_file():
+        tokenizer.chat_template = template.read_text(encoding="utf-8")
+    return model, tokenizer, gen_config, base_path, base_m
 
 
 def adapter_base(adapter_m, adapter) -> tuple[Path, object]:

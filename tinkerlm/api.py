@@ -71,7 +71,7 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, quant: str =
         state_dict = ckpt.state_dict(packed=quant == "native" and dtype == torch.float32)
         tokenizer = ckpt.tokenizer()
         gen_config = {}
-    packed = {k: v for k, v in state_dict.items() if isinstance(v, q.QTensor)}
+    packed = {k: v for k, v in state_dict.items() if isinstance(v, (q.QTensor, q.Packed))}
     plain = {k: v for k, v in state_dict.items() if k not in packed}
     models.load_weights(model, plain, source, dtype, provided=set(packed))
     q.attach(model, packed, source)

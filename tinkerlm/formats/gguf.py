@@ -15,6 +15,7 @@ References:
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import struct
@@ -373,12 +374,16 @@ class GGUFCheckpoint:
         """Every parameter under its HF name, linear weights as (out_features, in_features).
 
         Args:
-            packed: keep quantized 2-D weights quantized, as `tinkerlm.quant.QTensor` (repacked for the kernels);
+            packed: keep quantized 2-D weights quantized: `tinkerlm.quant.Packed` (repacked for the kernels, the
+                file's pages released as each is done), or `QTensor` blocks where the kernels are unavailable;
                 float tensors and 1-D ones are still returned as fp32 tensors. Default: everything dequantized.
         Raises:
             TinkerError: unused or missing tensors, a shape contradicting the metadata, or an unknown tensor type.
         """
         import torch
+
+        from tinkerlm.quant import kernels
+        from tinkerlm.quant.qtensor import Packed
 
         config = self._config
         permuted = self.architecture in ROPE_PERMUTED
@@ -395,6 +400,10 @@ class GGUFCheckpoint:
                     tensor = unpermute_rope(tensor, heads)
                 else:  # a row permutation: packed rows move whole
                     tensor = tensor.rows(unpermute_rope(torch.arange(tensor.shape[0]), heads))
+            if not isinstance(tensor, torch.Tensor):
+                tensor = kernels.pack(tensor)
+                if isinstance(tensor, Packed):
+                    self._reader.release(reader_tensor.data)
             out[hf_name] = tensor
         return out
 
@@ -487,6 +496,19 @@ class _Header:
             if len(head) == len(self._mm):
                 raise
             self._parse(bytes(self._mm))
+
+    def release(self, view: np.ndarray) -> None:
+        """Drop the pages under `view` (a slice of the map) from this process's resident memory; touched again,
+        they are read back from the file. Packing tensor by tensor and releasing each keeps the peak of a load at
+        the packed copy plus one tensor, not the packed copy plus the whole file."""
+        mm = getattr(self._mm, "_mmap", None)
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = view.ctypes.data - self._mm.ctypes.data
+        lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the view only
+        hi = (start + view.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if hi > lo:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def _parse(self, buf: bytes) -> None:
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType

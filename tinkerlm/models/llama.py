@@ -122,11 +122,15 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
 
+    # x -> (q, k, v) in one call, set by a speed transform after loading (tinkerlm.quant.fuse); None: three calls.
+    fused_qkv = None
+
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, positions, kv_len: int):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd)  # (B, T, H, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd)  # (B, T, n_kv, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
+        q, k, v = self.fused_qkv(x) if self.fused_qkv else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(B, T, self.n_heads, self.hd)  # (B, T, H, hd)
+        k = k.view(B, T, self.n_kv, self.hd)  # (B, T, n_kv, hd)
+        v = v.view(B, T, self.n_kv, self.hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -144,8 +148,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
+    # x -> silu(gate_proj(x)) * up_proj(x) in one call, set after loading (tinkerlm.quant.fuse); None: two calls.
+    fused_gate_up = None
+
     def forward(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        h = self.fused_gate_up(x) if self.fused_gate_up else swiglu(self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(h)
 
 
 class DecoderLayer(nn.Module):

@@ -11,10 +11,11 @@ from torch import nn
 
 from tinkerlm.errors import TinkerError
 from tinkerlm.quant.linear import QEmbedding, QLinear
-from tinkerlm.quant.qtensor import QTensor, fits
+from tinkerlm.quant.kernels import pack
+from tinkerlm.quant.qtensor import Packed, QTensor, fits
 from tinkerlm.quant.qtensor import quantize as quantize_tensor
 
-__all__ = ["QTensor", "QLinear", "QEmbedding", "attach", "quantize", "fuse", "weight_bytes"]
+__all__ = ["QTensor", "Packed", "QLinear", "QEmbedding", "attach", "quantize", "fuse", "unfuse", "weight_bytes"]
 
 
 def _swap(model: nn.Module, module_name: str, new: nn.Module) -> None:
@@ -22,7 +23,7 @@ def _swap(model: nn.Module, module_name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
 
 
-def _quantized(module: nn.Module, weight: QTensor) -> nn.Module:
+def _quantized(module: nn.Module, weight: QTensor | Packed) -> nn.Module:
     if isinstance(module, nn.Embedding):
         return QEmbedding(weight)
     bias = module.bias if module.bias is not None and not module.bias.is_meta else None
@@ -38,8 +39,8 @@ def _holders(model: nn.Module) -> dict[int, list[str]]:
     return out
 
 
-def attach(model: nn.Module, packed: dict[str, QTensor], source: str) -> None:
-    """Swap in quantized modules for the weights in `packed` (HF parameter name -> QTensor)."""
+def attach(model: nn.Module, packed: dict[str, QTensor | Packed], source: str) -> None:
+    """Swap in quantized modules for the weights in `packed` (HF parameter name -> QTensor or Packed)."""
     holders = _holders(model)
     for name, qt in packed.items():
         module_name = name.removesuffix(".weight")
@@ -52,8 +53,9 @@ def attach(model: nn.Module, packed: dict[str, QTensor], source: str) -> None:
         if tuple(module.weight.shape) != qt.shape:
             raise TinkerError(f"{source}: tensor {name} has shape {list(qt.shape)}, config implies "
                               f"{list(module.weight.shape)} (config and weights disagree)")
+        weight = pack(qt)  # once: tied modules share it
         for holder in holders[id(module.weight)]:  # the tied head too
-            _swap(model, holder, _quantized(model.get_submodule(holder), qt))
+            _swap(model, holder, _quantized(model.get_submodule(holder), weight))
 
 
 def quantize(model: nn.Module, bits: int) -> None:
@@ -63,20 +65,39 @@ def quantize(model: nn.Module, bits: int) -> None:
         w = module.weight.detach()
         if not fits(w.shape):
             continue  # rows not in whole blocks of 32: stays float
-        qt = quantize_tensor(w, bits)
+        qt = pack(quantize_tensor(w, bits))
         for holder in ids:
             _swap(model, holder, _quantized(model.get_submodule(holder), qt))
 
 
 def fuse(model: nn.Module) -> bool:
-    """Attach the fused C++ decode step where the model and kernels allow it; returns whether it did."""
+    """Speed transforms for inference over packed weights: q/k/v and gate/up as one kernel call each (prefill),
+    and the fused C++ decode step where the model allows it (returned: whether it was attached)."""
     from tinkerlm.quant.decode import FusedLlamaDecoder
     from tinkerlm.quant.kernels import ops
+    from tinkerlm.quant.linear import FusedGateUp, FusedQKV
 
-    if ops() is None or not FusedLlamaDecoder.supports(model):
+    if ops() is None:
+        return False
+    packed = lambda *ms: all(isinstance(m, QLinear) and m.packed for m in ms)  # noqa: E731
+    for module in model.modules():
+        if hasattr(module, "fused_qkv") and packed(module.q_proj, module.k_proj, module.v_proj):
+            module.fused_qkv = FusedQKV(module.q_proj, module.k_proj, module.v_proj)
+        if hasattr(module, "fused_gate_up") and packed(module.gate_proj, module.up_proj) \
+                and module.gate_proj.bias is None and module.up_proj.bias is None:
+            module.fused_gate_up = FusedGateUp(module.gate_proj, module.up_proj)
+    if not FusedLlamaDecoder.supports(model):
         return False
     model.fused_decode = FusedLlamaDecoder(model)
     return True
+
+
+def unfuse(model: nn.Module) -> None:
+    """Undo `fuse` (before swapping layers, e.g. for LoRA: the fused calls know only the weights they were given)."""
+    for module in model.modules():
+        for attr in ("fused_qkv", "fused_gate_up", "fused_decode"):
+            if getattr(module, attr, None) is not None:
+                setattr(module, attr, None)
 
 
 def weight_bytes(model: nn.Module) -> int:

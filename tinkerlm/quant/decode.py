@@ -23,6 +23,8 @@ class FusedLlamaDecoder:
 
         if not isinstance(model, LlamaForCausalLM) or not isinstance(model.model.embed_tokens, QEmbedding):
             return False
+        if not all(m.packed for m in model.modules() if isinstance(m, (QLinear, QEmbedding))):
+            return False
         cfg = model.config
         if cfg.attention_out_bias or cfg.mlp_bias or not isinstance(model.lm_head, QLinear):
             return False
@@ -46,11 +48,12 @@ class FusedLlamaDecoder:
             self.layers += [layer.input_layernorm.weight, a.q_proj.blocks, a.k_proj.blocks, a.v_proj.blocks,
                             *biases, *norms, a.o_proj.blocks, layer.post_attention_layernorm.weight,
                             f.gate_proj.blocks, f.up_proj.blocks, f.down_proj.blocks]
-            types.append([m.qweight.code for m in linears])
+            types.append([n for m in linears for n in (m.quantized.fmt, m.out_features)])
         self.types = torch.tensor(types, dtype=torch.long)
         lm, emb = model.lm_head, model.model.embed_tokens
         self.head = [model.model.norm.weight, lm.blocks, emb.blocks]
-        self.head_types = torch.tensor([lm.qweight.code, emb.qweight.code], dtype=torch.long)
+        self.head_types = torch.tensor([lm.quantized.fmt, lm.out_features, emb.quantized.fmt, emb.num_embeddings],
+                                       dtype=torch.long)
         self.args = (model.inv_freq, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                      float(cfg.rms_norm_eps), int(cfg.sliding_window or 0))
 

@@ -1,12 +1,11 @@
 // Quantized CPU kernels for tinkerlm: products of activations with weights in ggml block formats (Q8_0, Q4_0,
 // Q4_1, read in place from a memory-mapped GGUF), and a fused Llama-family decode step.
 //
-// A weight row is K / 32 blocks; a block holds an fp16 scale d (Q4_1: and an fp16 offset m) and 32 integers u.
-// Activations are rounded to bfloat16; each weight block is expanded once to 32 bfloat16 values (d * u + m) and
-// multiplied with every activation row by AVX512-BF16's vdpbf16ps (32 products summed into fp32 lanes). Not
-// llama.cpp's 8-bit integer activations: small models' hidden states carry outliers near 10^4, and 8-bit blocks
-// then cost ~1% error per projection, enough to change greedy answers, while bfloat16 keeps every value to 3
-// significant digits. Expanding a block once and reusing it for up to 16 rows makes batched decoding cheap.
+// GGUF weights arrive as rows of 32-value blocks (an fp16 scale d, for Q4_1 an fp16 offset m, 32 integers). At
+// load they are repacked, losslessly, into groups of 16 rows (see "Packed weights" below) so that the products
+// run on AVX512-VNNI integer dot products with int16 activation blocks and each group's 16 outputs land in one
+// register. Not llama.cpp's 8-bit activations: small models' hidden states carry outliers near 10^4, and 8-bit
+// blocks then cost ~1% error per projection, enough to change greedy answers; int16 blocks keep 16 bits.
 //
 // The decode step runs a whole Llama-family forward for one new token per sequence in one call, so a token costs
 // the weights' memory traffic rather than thousands of PyTorch dispatches.
@@ -15,12 +14,13 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define TINKER_AVX512 1
 #endif
@@ -28,7 +28,6 @@
 namespace {
 
 constexpr int QK = 32;  // values per block
-constexpr int TILE = 16;  // activation rows sharing one expansion of a weight block (the batch of a decode step)
 enum QType { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2 };
 constexpr int64_t BLOCK_BYTES[] = {34, 18, 20};
 
@@ -58,36 +57,6 @@ QW as_qw(const at::Tensor& data, int64_t type) {
     w.K = w.nb * QK;
     TORCH_CHECK(data.size(1) == w.nb * BLOCK_BYTES[type], "row bytes are not whole blocks");
     return w;
-}
-
-struct QX {  // activations rounded to bfloat16, B rows of K
-    std::vector<uint16_t> q;
-    int64_t B = 0, K = 0;
-};
-
-inline uint16_t to_bf16(float f) {  // round to nearest even, as vcvtneps2bf16 does
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
-    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
-
-inline float from_bf16(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
-void quantize_rows(const float* x, int64_t B, int64_t K, QX& out) {
-    out.B = B; out.K = K;
-    out.q.resize(B * K);
-    int64_t i = 0;
-#ifdef TINKER_AVX512
-    for (; i + 16 <= B * K; i += 16)
-        _mm256_storeu_si256((__m256i*)(out.q.data() + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
-#endif
-    for (; i < B * K; i++) out.q[i] = to_bf16(x[i]);
 }
 
 // The 32 values of block `blk` as floats.
@@ -123,74 +92,7 @@ inline void expand_floats(const uint8_t* blk, __m512& lo, __m512& hi) {
     }
 }
 
-// The same as bfloat16, low half values 0..15, high half 16..31.
-template <int TYPE>
-inline __m512bh expand_block(const uint8_t* blk) {
-    __m512 lo, hi;
-    expand_floats<TYPE>(blk, lo, hi);
-    return _mm512_cvtne2ps_pbh(hi, lo);
-}
 #endif
-
-// One weight row against up to TILE activation rows. Each block is expanded once to 32 bfloat16 weights
-// (d * u + m), then every activation row takes one vdpbf16ps: 32 multiply-adds into fp32, no per-row scaling.
-template <int TYPE>
-void dot_row(const QW& w, int64_t r, const QX& x, int64_t b0, int nt, float* y) {
-    const uint8_t* row = w.data + r * w.row_bytes;
-    const int64_t nb = w.nb;
-#ifdef TINKER_AVX512
-    __m512 acc[TILE];
-    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const __m512bh wv = expand_block<TYPE>(row + b * BLOCK_BYTES[TYPE]);
-        const uint16_t* xb = x.q.data() + b0 * x.K + b * QK;
-        for (int t = 0; t < nt; t++)
-            acc[t] = _mm512_dpbf16_ps(acc[t], wv, (__m512bh)_mm512_loadu_si512((const void*)(xb + t * x.K)));
-    }
-    for (int t = 0; t < nt; t++) y[t] = _mm512_reduce_add_ps(acc[t]);
-#else
-    float wf[QK];
-    float total[TILE] = {};
-    for (int64_t b = 0; b < nb; b++) {
-        block_floats(row + b * BLOCK_BYTES[TYPE], TYPE, wf);
-        for (int t = 0; t < nt; t++) {
-            const uint16_t* xq = x.q.data() + (b0 + t) * x.K + b * QK;
-            for (int k = 0; k < QK; k++) total[t] += from_bf16(to_bf16(wf[k])) * from_bf16(xq[k]);
-        }
-    }
-    for (int t = 0; t < nt; t++) y[t] = total[t];
-#endif
-}
-
-void dot_rows(const QW& w, int64_t r0, int64_t r1, const QX& x, float* y, int64_t ystride) {
-    float tmp[TILE];
-    for (int64_t r = r0; r < r1; r++) {
-        for (int64_t b0 = 0; b0 < x.B; b0 += TILE) {
-            const int nt = (int)std::min<int64_t>(TILE, x.B - b0);
-            switch (w.type) {
-                case Q8_0: dot_row<Q8_0>(w, r, x, b0, nt, tmp); break;
-                case Q4_0: dot_row<Q4_0>(w, r, x, b0, nt, tmp); break;
-                default: dot_row<Q4_1>(w, r, x, b0, nt, tmp); break;
-            }
-            for (int t = 0; t < nt; t++) y[(b0 + t) * ystride + r] = tmp[t];
-        }
-    }
-}
-
-// Several matrices sharing one input (q/k/v, gate/up): y_i (B, rows_i) = x @ W_i^T, all rows split across threads
-// in one parallel region.
-void matmul_multi(const std::vector<QW>& ws, const QX& x, const std::vector<float*>& ys) {
-    std::vector<int64_t> start(ws.size() + 1, 0);
-    for (size_t i = 0; i < ws.size(); i++) start[i + 1] = start[i] + ws[i].rows;
-    const int64_t total = start.back();
-    const int64_t grain = std::max<int64_t>(16, total / (8 * at::get_num_threads()));
-    at::parallel_for(0, total, grain, [&](int64_t g0, int64_t g1) {
-        for (size_t i = 0; i < ws.size(); i++) {
-            const int64_t r0 = std::max(g0, start[i]) - start[i], r1 = std::min(g1, start[i + 1]) - start[i];
-            if (r0 < r1) dot_rows(ws[i], r0, r1, x, ys[i], ws[i].rows);
-        }
-    });
-}
 
 template <int TYPE>
 void dequant_rows_t(const QW& w, int64_t r0, int64_t r1, float* out) {
@@ -216,6 +118,348 @@ void dequant_rows(const QW& w, int64_t r0, int64_t r1, float* out) {
         case Q4_0: dequant_rows_t<Q4_0>(w, r0, r1, out); break;
         default: dequant_rows_t<Q4_1>(w, r0, r1, out); break;
     }
+}
+
+#ifdef TINKER_AVX512
+// exp over 16 floats: 2^k * e^r with k = round(x / ln 2) and |r| <= ln(2) / 2, e^r from Cephes' degree-6
+// polynomial (about 1 ulp); scalef applies 2^k. std::exp is not vectorized without -ffast-math.
+inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, k);
+}
+
+inline __m512 sigmoid16(__m512 g) {
+    const __m512 one = _mm512_set1_ps(1.f);
+    return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+}
+
+inline __m512 silu_mul16(__m512 g, __m512 u) { return _mm512_mul_ps(_mm512_mul_ps(g, sigmoid16(g)), u); }
+#endif
+
+// ---- Packed weights: the layout the products read --------------------------------------------------------------
+// At load a block matrix is repacked into groups of 16 rows. For each group and each 32-column block the group
+// holds 16 fp16 scales d, (4-bit only) 16 fp16 offsets m, then the 16 x 32 integers arranged so that one vector
+// load gives, in each 32-bit lane j, row j's integers for two neighbouring columns (2p, 2p+1):
+//   4-bit (Q4_0 as m = -8d, Q4_1): 4 chunks of 64 bytes; in chunk c, 16-bit word 2j+e holds in its nibble i the
+//          integer of row j, column 2(4c+i)+e. One load, three shifts and four ANDs give 4 vectors of int16 pairs.
+//   8-bit (Q8_0): 16 chunks of 32 bytes; chunk p, byte 2j+e = row j, column 2p+e (sign-extended to int16 pairs).
+// Activations are rounded per 32-value block to int16 with their own scale (amax / 32767): relative error
+// 2^-16 of the block's largest value, finer than bfloat16 for the values that matter and safe for the outlier
+// channels (values near 10^4) that 8-bit activations lose. Products run on AVX512-VNNI's vpdpwssd, 32
+// multiply-adds an instruction at two instructions a cycle, so the 16 rows of a group come out in the 16 lanes of
+// one register with no horizontal sums; the fp32 scales are applied once per block:
+//   y[row] += d * dx * sum_k(u * xq)  +  m * sx       (sx = dx * sum_k(xq), the block's activation sum)
+constexpr int GR = 16;  // rows per group
+enum Fmt { X4 = 0, X8 = 1 };
+constexpr int64_t GBLOCK_BYTES[] = {64 + 256, 32 + 512};
+
+struct PW {  // a packed weight matrix
+    const uint8_t* data;
+    int fmt;
+    int64_t rows, K, nb, groups;
+};
+
+PW as_pw(const at::Tensor& data, int64_t fmt, int64_t rows) {
+    TORCH_CHECK(data.dim() == 2 && data.is_contiguous() && data.scalar_type() == at::kByte, "packed weight must be contiguous uint8");
+    TORCH_CHECK(fmt == X4 || fmt == X8, "unknown packed format ", fmt);
+    PW w;
+    w.data = data.data_ptr<uint8_t>();
+    w.fmt = (int)fmt;
+    w.rows = rows;
+    w.groups = data.size(0);
+    w.nb = data.size(1) / GBLOCK_BYTES[fmt];
+    w.K = w.nb * QK;
+    TORCH_CHECK(w.groups == (rows + GR - 1) / GR && data.size(1) == w.nb * GBLOCK_BYTES[fmt], "packed weight has the wrong size");
+    return w;
+}
+
+// Where row j, column k of a group-block lives: 4-bit (byte offset, nibble shift) inside the payload.
+inline void x4_place(int j, int k, int& byte, int& shift) {
+    const int p = k / 2, e = k % 2, c = p / 4, i = p % 4;
+    byte = c * 64 + (2 * j + e) * 2 + i / 2;
+    shift = (i % 2) * 4;
+}
+inline int x8_place(int j, int k) { return (k / 2) * 32 + 2 * j + k % 2; }
+
+at::Tensor pack(at::Tensor data, int64_t type) {
+    QW w = as_qw(data, type);
+    const int fmt = type == Q8_0 ? X8 : X4;
+    const int64_t groups = (w.rows + GR - 1) / GR, GB = GBLOCK_BYTES[fmt];
+    auto out = at::zeros({groups, w.nb * GB}, at::kByte);
+    uint8_t* o = out.data_ptr<uint8_t>();
+    at::parallel_for(0, groups, 16, [&](int64_t g0, int64_t g1) {
+        for (int64_t g = g0; g < g1; g++)
+            for (int64_t b = 0; b < w.nb; b++) {
+                uint8_t* gb = o + (g * w.nb + b) * GB;
+                for (int j = 0; j < GR && g * GR + j < w.rows; j++) {
+                    const uint8_t* blk = w.data + (g * GR + j) * w.row_bytes + b * BLOCK_BYTES[type];
+                    std::memcpy(gb + 2 * j, blk, 2);  // d, bit for bit
+                    if (fmt == X8) {
+                        for (int k = 0; k < QK; k++) gb[32 + x8_place(j, k)] = blk[2 + k];
+                        continue;
+                    }
+                    if (type == Q4_1) {
+                        std::memcpy(gb + 32 + 2 * j, blk + 2, 2);
+                    } else {  // Q4_0: d * (u - 8) = d * u + m with m = -8d (exact in fp16)
+                        const at::Half m = at::Half(-8.f * load_half(blk));
+                        std::memcpy(gb + 32 + 2 * j, &m, 2);
+                    }
+                    const uint8_t* qs = blk + (type == Q4_1 ? 4 : 2);
+                    for (int k = 0; k < QK; k++) {
+                        const int u = k < 16 ? (qs[k] & 0x0F) : (qs[k - 16] >> 4);
+                        int byte, shift;
+                        x4_place(j, k, byte, shift);
+                        gb[64 + byte] |= (uint8_t)(u << shift);
+                    }
+                }
+            }
+    });
+    return out;
+}
+
+// Row r's value at column k of block b, as integer and scales (for unpacking and embedding lookups).
+inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float& d, float& m) {
+    const int64_t GB = GBLOCK_BYTES[w.fmt];
+    const uint8_t* gb = w.data + ((r / GR) * w.nb + b) * GB;
+    const int j = (int)(r % GR);
+    d = load_half(gb + 2 * j);
+    if (w.fmt == X8) {
+        q = (int8_t)gb[32 + x8_place(j, k)];
+        m = 0.f;
+        return;
+    }
+    int byte, shift;
+    x4_place(j, k, byte, shift);
+    q = (gb[64 + byte] >> shift) & 0x0F;
+    m = load_half(gb + 32 + 2 * j);
+}
+
+void packed_dequant_rows(const PW& w, int64_t r0, int64_t r1, float* out) {
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t b = 0; b < w.nb; b++)
+            for (int k = 0; k < QK; k++) {
+                int q; float d, m;
+                packed_entry(w, r, b, k, q, d, m);
+                out[(r - r0) * w.K + b * QK + k] = d * (float)q + m;
+            }
+}
+
+// The inverse of pack: GGUF blocks of `type` again, bit for bit.
+at::Tensor unpack(at::Tensor data, int64_t fmt, int64_t rows, int64_t type) {
+    PW w = as_pw(data, fmt, rows);
+    auto out = at::zeros({rows, w.nb * BLOCK_BYTES[type]}, at::kByte);
+    uint8_t* o = out.data_ptr<uint8_t>();
+    const int64_t GB = GBLOCK_BYTES[w.fmt];
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t b = 0; b < w.nb; b++) {
+            uint8_t* blk = o + r * w.nb * BLOCK_BYTES[type] + b * BLOCK_BYTES[type];
+            const uint8_t* gb = w.data + ((r / GR) * w.nb + b) * GB;
+            const int j = (int)(r % GR);
+            std::memcpy(blk, gb + 2 * j, 2);
+            if (type == Q4_1) std::memcpy(blk + 2, gb + 32 + 2 * j, 2);
+            uint8_t* qs = blk + (type == Q4_1 ? 4 : 2);
+            for (int k = 0; k < QK; k++) {
+                int q; float d, m;
+                packed_entry(w, r, b, k, q, d, m);
+                if (type == Q8_0) qs[k] = (uint8_t)(int8_t)q;
+                else if (k < 16) qs[k] |= (uint8_t)q;
+                else qs[k - 16] |= (uint8_t)(q << 4);
+            }
+        }
+    return out;
+}
+
+struct XQ {  // activations as int16 blocks: T rows of K, with a scale and a sum per 32-value block
+    std::vector<int16_t> q;
+    std::vector<float> dx, sx;
+    int64_t T = 0, K = 0, nb = 0;
+};
+
+// Round each 32-value block to int16: dx = amax / 32767, q = round_half_even(x * (32767 / amax)).
+void quantize_acts(const float* x, int64_t T, int64_t K, XQ& out) {
+    out.T = T; out.K = K; out.nb = K / QK;
+    out.q.resize(T * K);
+    out.dx.resize(T * out.nb);
+    out.sx.resize(T * out.nb);
+    auto block = [&](int64_t i) {  // i: block index over all rows
+        const float* xb = x + i * QK;
+        int16_t* qb = out.q.data() + i * QK;
+#ifdef TINKER_AVX512
+        const __m512 a = _mm512_loadu_ps(xb), c = _mm512_loadu_ps(xb + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
+        const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+        const __m512 iv = _mm512_set1_ps(inv);
+        const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, iv)), qc = _mm512_cvtps_epi32(_mm512_mul_ps(c, iv));
+        _mm256_storeu_si256((__m256i*)qb, _mm512_cvtsepi32_epi16(qa));
+        _mm256_storeu_si256((__m256i*)(qb + 16), _mm512_cvtsepi32_epi16(qc));
+        const int32_t s = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qc));
+#else
+        float amax = 0.f;
+        for (int k = 0; k < QK; k++) amax = std::max(amax, std::fabs(xb[k]));
+        const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+        int32_t s = 0;
+        for (int k = 0; k < QK; k++) { qb[k] = (int16_t)std::nearbyint(xb[k] * inv); s += qb[k]; }
+#endif
+        out.dx[i] = amax / 32767.f;
+        out.sx[i] = out.dx[i] * (float)s;
+    };
+    const int64_t n = T * out.nb;
+    if (n < 1024) { for (int64_t i = 0; i < n; i++) block(i); return; }
+    at::parallel_for(0, n, 256, [&](int64_t i0, int64_t i1) { for (int64_t i = i0; i < i1; i++) block(i); });
+}
+
+// y[t][0 .. 15] = rows g*16 .. g*16+15 of x[t0 + t] @ W^T for t < T: one group of 16 weight rows.
+template <int FMT, int T>
+void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64_t ystride) {
+    const int64_t nb = w.nb, GB = GBLOCK_BYTES[FMT];
+    const uint8_t* gp = w.data + g * nb * GB;
+#ifdef TINKER_AVX512
+    __m512 acc[T];
+    for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
+    const __m512i low = _mm512_set1_epi16(0x0F);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* gb = gp + b * GB;
+        const int32_t* xp[T];
+        for (int t = 0; t < T; t++) xp[t] = (const int32_t*)(x.q.data() + (t0 + t) * x.K + b * QK);
+        // NC independent sums per row: a vpdpwssd waits ~5 cycles for its accumulator, so with few rows one
+        // chain per row would leave the two VNNI ports idle.
+        constexpr int NC = T == 1 ? 4 : T == 2 ? 2 : 1;
+        __m512i tmp[T][NC];
+        for (int t = 0; t < T; t++)
+            for (int c = 0; c < NC; c++) tmp[t][c] = _mm512_setzero_si512();
+        if (FMT == X4) {
+            for (int c = 0; c < 4; c++) {
+                const __m512i v = _mm512_loadu_si512((const void*)(gb + 64 + 64 * c));
+                const __m512i w0 = _mm512_and_si512(v, low), w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                const __m512i w2 = _mm512_and_si512(_mm512_srli_epi16(v, 8), low), w3 = _mm512_srli_epi16(v, 12);
+                for (int t = 0; t < T; t++) {
+                    const int32_t* p = xp[t] + 4 * c;
+                    __m512i* a = tmp[t];
+                    a[0] = _mm512_dpwssd_epi32(a[0], w0, _mm512_set1_epi32(p[0]));
+                    a[1 % NC] = _mm512_dpwssd_epi32(a[1 % NC], w1, _mm512_set1_epi32(p[1]));
+                    a[2 % NC] = _mm512_dpwssd_epi32(a[2 % NC], w2, _mm512_set1_epi32(p[2]));
+                    a[3 % NC] = _mm512_dpwssd_epi32(a[3 % NC], w3, _mm512_set1_epi32(p[3]));
+                }
+            }
+        } else {
+            for (int p = 0; p < 16; p++) {
+                const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(gb + 32 + 32 * p)));
+                for (int t = 0; t < T; t++) tmp[t][p % NC] = _mm512_dpwssd_epi32(tmp[t][p % NC], wv, _mm512_set1_epi32(xp[t][p]));
+            }
+        }
+        for (int t = 0; t < T; t++)
+            for (int c = 1; c < NC; c++) tmp[t][0] = _mm512_add_epi32(tmp[t][0], tmp[t][c]);
+        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)gb));
+        for (int t = 0; t < T; t++) {
+            const int64_t xi = (t0 + t) * x.nb + b;
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tmp[t][0]), _mm512_mul_ps(dv, _mm512_set1_ps(x.dx[xi])), acc[t]);
+        }
+        if (FMT == X4) {
+            const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + 32)));
+            for (int t = 0; t < T; t++) acc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(x.sx[(t0 + t) * x.nb + b]), acc[t]);
+        }
+    }
+    const int64_t valid = std::min<int64_t>(GR, w.rows - g * GR);
+    const __mmask16 mask = (__mmask16)((1u << valid) - 1);
+    for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(y + t * ystride, mask, acc[t]);
+#else
+    float acc[T][GR] = {};
+    for (int64_t b = 0; b < nb; b++)
+        for (int j = 0; j < GR && g * GR + j < w.rows; j++)
+            for (int t = 0; t < T; t++) {
+                const int16_t* xq = x.q.data() + (t0 + t) * x.K + b * QK;
+                int64_t s = 0;
+                int q; float d, m;
+                for (int k = 0; k < QK; k++) { packed_entry(w, g * GR + j, b, k, q, d, m); s += (int64_t)q * xq[k]; }
+                const int64_t xi = (t0 + t) * x.nb + b;
+                acc[t][j] += (float)s * (d * x.dx[xi]) + m * x.sx[xi];
+            }
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < GR && g * GR + j < w.rows; j++) y[t * ystride + j] = acc[t][j];
+#endif
+}
+
+constexpr int TT = 8;  // activation rows per pass over a group (registers: 2 per row)
+
+// Rows t0 .. t0+n-1 (n <= TT) of one group: the register tile for n.
+template <int FMT>
+void group_tile(const PW& w, int64_t g, const XQ& x, int64_t t0, int64_t n, float* y, int64_t ystride) {
+    switch (n) {
+        case 1: group_rows<FMT, 1>(w, g, x, t0, y, ystride); break;
+        case 2: group_rows<FMT, 2>(w, g, x, t0, y, ystride); break;
+        case 3: group_rows<FMT, 3>(w, g, x, t0, y, ystride); break;
+        case 4: group_rows<FMT, 4>(w, g, x, t0, y, ystride); break;
+        case 5: group_rows<FMT, 5>(w, g, x, t0, y, ystride); break;
+        case 6: group_rows<FMT, 6>(w, g, x, t0, y, ystride); break;
+        case 7: group_rows<FMT, 7>(w, g, x, t0, y, ystride); break;
+        case 8: group_rows<FMT, 8>(w, g, x, t0, y, ystride); break;
+        default: break;
+    }
+}
+
+inline void tile(const PW& w, int64_t g, const XQ& x, int64_t t0, int64_t n, float* y, int64_t ystride) {
+    if (w.fmt == X4) group_tile<X4>(w, g, x, t0, n, y, ystride);
+    else group_tile<X8>(w, g, x, t0, n, y, ystride);
+}
+
+// Groups [g0, g1) of W for every activation row: y (T, w.rows). A group's weights stay in L1 across row tiles.
+void groups_rows(const PW& w, int64_t g0, int64_t g1, const XQ& x, float* y) {
+    for (int64_t g = g0; g < g1; g++)
+        for (int64_t t = 0; t < x.T; t += TT) tile(w, g, x, t, std::min<int64_t>(TT, x.T - t), y + t * w.rows + g * GR, w.rows);
+}
+
+// Several matrices sharing one input (q/k/v, gate/up): y_i (T, rows_i) = x @ W_i^T, all groups split across
+// threads in one parallel region.
+void matmul_multi(const std::vector<PW>& ws, const XQ& x, const std::vector<float*>& ys) {
+    std::vector<int64_t> start(ws.size() + 1, 0);
+    for (size_t i = 0; i < ws.size(); i++) start[i + 1] = start[i] + ws[i].groups;
+    const int64_t total = start.back();
+    const int64_t grain = std::max<int64_t>(1, total / (4 * at::get_num_threads()));
+    at::parallel_for(0, total, grain, [&](int64_t g0, int64_t g1) {
+        for (size_t i = 0; i < ws.size(); i++) {
+            const int64_t a = std::max(g0, start[i]) - start[i], z = std::min(g1, start[i + 1]) - start[i];
+            if (a < z) groups_rows(ws[i], a, z, x, ys[i]);
+        }
+    });
+}
+
+// out (T, I) = silu(x @ Wg^T) * (x @ Wu^T): gate and up computed group by group into a small buffer and combined
+// there, so neither (T, I) product goes to memory.
+void matmul_swiglu(const PW& wg, const PW& wu, const XQ& x, float* out) {
+    const int64_t I = wg.rows;
+    TORCH_CHECK(wu.rows == I && wu.K == wg.K, "gate and up projections differ in shape");
+    const int64_t grain = std::max<int64_t>(1, wg.groups / (4 * at::get_num_threads()));
+    at::parallel_for(0, wg.groups, grain, [&](int64_t g0, int64_t g1) {
+        float yg[TT * GR], yu[TT * GR];
+        for (int64_t g = g0; g < g1; g++) {
+            const int64_t valid = std::min<int64_t>(GR, I - g * GR);
+            for (int64_t t = 0; t < x.T; t += TT) {
+                const int64_t n = std::min<int64_t>(TT, x.T - t);
+                tile(wg, g, x, t, n, yg, GR);
+                tile(wu, g, x, t, n, yu, GR);
+                for (int64_t i = 0; i < n; i++) {
+                    float* o = out + (t + i) * I + g * GR;
+#ifdef TINKER_AVX512
+                    const __m512 h = silu_mul16(_mm512_loadu_ps(yg + i * GR), _mm512_loadu_ps(yu + i * GR));
+                    _mm512_mask_storeu_ps(o, (__mmask16)((1u << valid) - 1), h);
+#else
+                    for (int64_t j = 0; j < valid; j++) o[j] = yg[i * GR + j] / (1.f + std::exp(-yg[i * GR + j])) * yu[i * GR + j];
+#endif
+                }
+            }
+        }
+    });
 }
 
 // Dot product and y += a * x over n floats: the attention's inner loops, vectorized explicitly (a float
@@ -263,18 +507,69 @@ void rope(float* v, int64_t hd, const float* cs, const float* sn) {
 // ---------------------------------------------------------------------------------------------------------------
 // Ops exposed to Python
 
-at::Tensor qmatmul(at::Tensor x, at::Tensor data, int64_t type) {
+at::Tensor qmatmul(at::Tensor x, at::Tensor data, int64_t fmt, int64_t rows) {
     TORCH_CHECK(x.scalar_type() == at::kFloat, "qmatmul: x must be float32");
-    QW w = as_qw(data, type);
+    PW w = as_pw(data, fmt, rows);
     auto x2 = x.reshape({-1, x.size(-1)}).contiguous();
     TORCH_CHECK(x2.size(1) == w.K, "qmatmul: x has ", x2.size(1), " features, weight expects ", w.K);
-    QX xq;
-    quantize_rows(x2.data_ptr<float>(), x2.size(0), w.K, xq);
+    XQ xq;
+    quantize_acts(x2.data_ptr<float>(), x2.size(0), w.K, xq);
     auto sizes = x.sizes().vec();
     sizes.back() = w.rows;
     auto y = at::empty(sizes, x.options());
     matmul_multi({w}, xq, {y.data_ptr<float>()});
     return y;
+}
+
+// Several products of one input (q/k/v): the input rounded once, one parallel region.
+std::vector<at::Tensor> qmatmul_multi(at::Tensor x, std::vector<at::Tensor> datas, std::vector<int64_t> fmts,
+                                      std::vector<int64_t> rows) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "qmatmul: x must be float32");
+    auto x2 = x.reshape({-1, x.size(-1)}).contiguous();
+    std::vector<PW> ws;
+    std::vector<at::Tensor> ys;
+    std::vector<float*> yp;
+    for (size_t i = 0; i < datas.size(); i++) {
+        ws.push_back(as_pw(datas[i], fmts[i], rows[i]));
+        TORCH_CHECK(ws[i].K == x2.size(1), "qmatmul: x has ", x2.size(1), " features, weight expects ", ws[i].K);
+        ys.push_back(at::empty({x2.size(0), rows[i]}, x.options()));
+        yp.push_back(ys[i].data_ptr<float>());
+    }
+    XQ xq;
+    quantize_acts(x2.data_ptr<float>(), x2.size(0), x2.size(1), xq);
+    matmul_multi(ws, xq, yp);
+    for (auto& y : ys) {
+        auto sizes = x.sizes().vec();
+        sizes.back() = y.size(1);
+        y = y.view(sizes);
+    }
+    return ys;
+}
+
+// silu(x @ Wg^T) * (x @ Wu^T) without either product going to memory.
+at::Tensor qmatmul_swiglu(at::Tensor x, at::Tensor gate, int64_t gfmt, at::Tensor up, int64_t ufmt, int64_t rows) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "qmatmul: x must be float32");
+    auto x2 = x.reshape({-1, x.size(-1)}).contiguous();
+    PW wg = as_pw(gate, gfmt, rows), wu = as_pw(up, ufmt, rows);
+    TORCH_CHECK(wg.K == x2.size(1), "qmatmul: x has ", x2.size(1), " features, weight expects ", wg.K);
+    XQ xq;
+    quantize_acts(x2.data_ptr<float>(), x2.size(0), x2.size(1), xq);
+    auto sizes = x.sizes().vec();
+    sizes.back() = rows;
+    auto out = at::empty(sizes, x.options());
+    matmul_swiglu(wg, wu, xq, out.data_ptr<float>());
+    return out;
+}
+
+// x rounded to int16 blocks and back, as the products see it (for the fallback and the tests).
+at::Tensor round_acts(at::Tensor x) {
+    auto x2 = x.reshape({-1, x.size(-1)}).contiguous();
+    XQ xq;
+    quantize_acts(x2.data_ptr<float>(), x2.size(0), x2.size(1), xq);
+    auto out = at::empty_like(x2);
+    float* o = out.data_ptr<float>();
+    for (int64_t i = 0; i < x2.numel(); i++) o[i] = xq.dx[i / QK] * (float)xq.q[i];
+    return out.view(x.sizes());
 }
 
 at::Tensor dequantize(at::Tensor data, int64_t type) {
@@ -285,25 +580,49 @@ at::Tensor dequantize(at::Tensor data, int64_t type) {
     return out;
 }
 
-at::Tensor embed(at::Tensor ids, at::Tensor data, int64_t type) {
-    QW w = as_qw(data, type);
+at::Tensor dequantize_packed(at::Tensor data, int64_t fmt, int64_t rows) {
+    PW w = as_pw(data, fmt, rows);
+    auto out = at::empty({w.rows, w.K}, at::kFloat);
+    float* o = out.data_ptr<float>();
+    at::parallel_for(0, w.rows, 16, [&](int64_t r0, int64_t r1) { packed_dequant_rows(w, r0, r1, o + r0 * w.K); });
+    return out;
+}
+
+at::Tensor embed(at::Tensor ids, at::Tensor data, int64_t fmt, int64_t rows) {
+    PW w = as_pw(data, fmt, rows);
     auto flat = ids.reshape({-1}).contiguous();
     const int64_t n = flat.size(0);
     auto out = at::empty({n, w.K}, at::kFloat);
     const int64_t* id = flat.data_ptr<int64_t>();
     for (int64_t i = 0; i < n; i++) {
         TORCH_CHECK(id[i] >= 0 && id[i] < w.rows, "token id ", id[i], " out of range");
-        dequant_rows(w, id[i], id[i] + 1, out.data_ptr<float>() + i * w.K);
+        packed_dequant_rows(w, id[i], id[i] + 1, out.data_ptr<float>() + i * w.K);
     }
     auto sizes = ids.sizes().vec();
     sizes.push_back(w.K);
     return out.reshape(sizes);
 }
 
+// Seconds spent in each phase of llama_decode since profiling was switched on (decode_profile(true)); the
+// phases are named in DECODE_PHASES. Off by default: a clock read costs ~20 ns, 8 a layer.
+constexpr int N_PHASES = 7;
+const char* DECODE_PHASES[N_PHASES] = {"norms, rounding, residuals", "q/k/v products", "RoPE, cache write, attention",
+                                      "o products", "gate/up products + SwiGLU", "down products", "output head"};
+bool PROFILING = false;
+double PROFILE[N_PHASES] = {};
+
+std::vector<std::pair<std::string, double>> decode_profile(bool on) {
+    std::vector<std::pair<std::string, double>> out;
+    for (int i = 0; i < N_PHASES; i++) out.emplace_back(DECODE_PHASES[i], PROFILE[i]);
+    std::fill(PROFILE, PROFILE + N_PHASES, 0.0);
+    PROFILING = on;
+    return out;
+}
+
 // One decode step of a Llama-family model for B sequences, one new token each, written at `positions` into cache
 // rows `rows`. Per layer, 14 tensors: input_norm, wq, wk, wv, bq, bk, bv (biases may be empty), q_norm, k_norm
-// (may be empty), wo, post_norm, w_gate, w_up, w_down; `types` (L, 7) gives the block type of wq..w_down.
-// head: final_norm, lm_head, embedding; head_types: their two block types. Returns logits (B, V).
+// (may be empty), wo, post_norm, w_gate, w_up, w_down (packed); `types` (L, 14) gives the packed format and row
+// count of wq..w_down. head: final_norm, lm_head, embedding; head_types: their formats and rows. Returns (B, V).
 at::Tensor llama_decode(at::Tensor tokens, at::Tensor positions, at::Tensor rows, std::vector<at::Tensor> layers,
                         at::Tensor types, std::vector<at::Tensor> head, at::Tensor head_types,
                         std::vector<at::Tensor> k_cache, std::vector<at::Tensor> v_cache, at::Tensor inv_freq,
@@ -318,27 +637,37 @@ at::Tensor llama_decode(at::Tensor tokens, at::Tensor positions, at::Tensor rows
     const int64_t* hty = head_types.data_ptr<int64_t>();
     const float feps = (float)eps;
 
-    QW emb = as_qw(head[2], hty[1]);
+    PW emb = as_pw(head[2], hty[2], hty[3]);
     const int64_t C = emb.K, half = hd / 2;
     const int64_t q_dim = n_heads * hd, kv_dim = n_kv * hd;
     std::vector<float> x(B * C), h(B * C), q(B * q_dim), k(B * kv_dim), v(B * kv_dim), att(B * q_dim), tmp(B * C);
-    std::vector<float> gate, up, cs(B * half), sn(B * half);
+    std::vector<float> gate, cs(B * half), sn(B * half);
     for (int64_t b = 0; b < B; b++) {
-        dequant_rows(emb, tok[b], tok[b] + 1, x.data() + b * C);
+        TORCH_CHECK(tok[b] >= 0 && tok[b] < emb.rows, "token id ", tok[b], " out of range");
+        packed_dequant_rows(emb, tok[b], tok[b] + 1, x.data() + b * C);
         for (int64_t i = 0; i < half; i++) {  // RoPE tables: one position per row, shared by every layer
             const float f = (float)pos[b] * inv_freq.data_ptr<float>()[i];
             cs[b * half + i] = std::cos(f);
             sn[b * half + i] = std::sin(f);
         }
     }
-    QX xq;
+    XQ xq;
+    auto last = std::chrono::steady_clock::now();
+    auto lap = [&](int phase) {  // time since the previous lap goes to `phase`
+        if (!PROFILING) return;
+        const auto now = std::chrono::steady_clock::now();
+        PROFILE[phase] += std::chrono::duration<double>(now - last).count();
+        last = now;
+    };
     for (int64_t l = 0; l < L; l++) {
         const at::Tensor* t = layers.data() + l * PER_LAYER;
-        const int64_t* lt = ty + l * 7;
+        const int64_t* lt = ty + l * 14;
         // attention
         for (int64_t b = 0; b < B; b++) rmsnorm(x.data() + b * C, t[0].data_ptr<float>(), h.data() + b * C, C, feps);
-        quantize_rows(h.data(), B, C, xq);
-        matmul_multi({as_qw(t[1], lt[0]), as_qw(t[2], lt[1]), as_qw(t[3], lt[2])}, xq, {q.data(), k.data(), v.data()});
+        quantize_acts(h.data(), B, C, xq);
+        lap(0);
+        matmul_multi({as_pw(t[1], lt[0], lt[1]), as_pw(t[2], lt[2], lt[3]), as_pw(t[3], lt[4], lt[5])}, xq, {q.data(), k.data(), v.data()});
+        lap(1);
         for (int i = 0; i < 3; i++) {
             const at::Tensor& bias = t[4 + i];
             if (!bias.numel()) continue;
@@ -390,27 +719,33 @@ at::Tensor llama_decode(at::Tensor tokens, at::Tensor positions, at::Tensor rows
                 for (int64_t j = 0; j < n; j++) axpy(sc[j] / den, vb + j * hd, out, hd);
             }
         });
-        quantize_rows(att.data(), B, q_dim, xq);
-        matmul_multi({as_qw(t[9], lt[3])}, xq, {tmp.data()});
+        lap(2);
+        quantize_acts(att.data(), B, q_dim, xq);
+        lap(0);
+        matmul_multi({as_pw(t[9], lt[6], lt[7])}, xq, {tmp.data()});
+        lap(3);
         for (int64_t i = 0; i < B * C; i++) x[i] += tmp[i];
         // MLP
         for (int64_t b = 0; b < B; b++) rmsnorm(x.data() + b * C, t[10].data_ptr<float>(), h.data() + b * C, C, feps);
-        QW wg = as_qw(t[11], lt[4]), wu = as_qw(t[12], lt[5]), wd = as_qw(t[13], lt[6]);
+        PW wg = as_pw(t[11], lt[8], lt[9]), wu = as_pw(t[12], lt[10], lt[11]), wd = as_pw(t[13], lt[12], lt[13]);
         const int64_t I = wg.rows;
         gate.resize(B * I);
-        up.resize(B * I);
-        quantize_rows(h.data(), B, C, xq);
-        matmul_multi({wg, wu}, xq, {gate.data(), up.data()});
-        for (int64_t i = 0; i < B * I; i++) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-        quantize_rows(gate.data(), B, I, xq);
+        quantize_acts(h.data(), B, C, xq);
+        lap(0);
+        matmul_swiglu(wg, wu, xq, gate.data());
+        lap(4);
+        quantize_acts(gate.data(), B, I, xq);
+        lap(0);
         matmul_multi({wd}, xq, {tmp.data()});
+        lap(5);
         for (int64_t i = 0; i < B * C; i++) x[i] += tmp[i];
     }
     for (int64_t b = 0; b < B; b++) rmsnorm(x.data() + b * C, head[0].data_ptr<float>(), h.data() + b * C, C, feps);
-    QW lm = as_qw(head[1], hty[0]);
+    PW lm = as_pw(head[1], hty[0], hty[1]);
     auto logits = at::empty({B, lm.rows}, at::kFloat);
-    quantize_rows(h.data(), B, C, xq);
+    quantize_acts(h.data(), B, C, xq);
     matmul_multi({lm}, xq, {logits.data_ptr<float>()});
+    lap(6);
     return logits;
 }
 
@@ -495,30 +830,6 @@ at::Tensor rope_apply(at::Tensor x, at::Tensor cos, at::Tensor sin, bool inverse
     return out;
 }
 
-#ifdef TINKER_AVX512
-// exp over 16 floats: 2^k * e^r with k = round(x / ln 2) and |r| <= ln(2) / 2, e^r from Cephes' degree-6
-// polynomial (about 1 ulp); scalef applies 2^k. std::exp is not vectorized without -ffast-math.
-inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
-    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-    return _mm512_scalef_ps(p, k);
-}
-
-inline __m512 sigmoid16(__m512 g) {
-    const __m512 one = _mm512_set1_ps(1.f);
-    return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-}
-#endif
 
 // SwiGLU: silu(gate) * up, and its gradients {d gate, d up}.
 at::Tensor swiglu_fwd(at::Tensor gate, at::Tensor up) {
@@ -531,7 +842,7 @@ at::Tensor swiglu_fwd(at::Tensor gate, at::Tensor up) {
 #ifdef TINKER_AVX512
         for (; i + 16 <= i1; i += 16) {
             const __m512 g = _mm512_loadu_ps(gp + i);
-            _mm512_storeu_ps(op + i, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid16(g)), _mm512_loadu_ps(up_ + i)));
+            _mm512_storeu_ps(op + i, silu_mul16(g, _mm512_loadu_ps(up_ + i)));
         }
 #endif
         for (; i < i1; i++) op[i] = gp[i] / (1.f + std::exp(-gp[i])) * up_[i];
@@ -571,12 +882,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("rope_apply", &rope_apply, "rotate-half RoPE on (B, T, H, hd), or its inverse");
     mod.def("swiglu_fwd", &swiglu_fwd, "silu(gate) * up");
     mod.def("swiglu_bwd", &swiglu_bwd, "SwiGLU gradients {d gate, d up}");
-    mod.def("qmatmul", &qmatmul, "y = x @ dequant(W).T with bfloat16 products");
-    mod.def("dequantize", &dequantize, "weight blocks -> float32 (rows, K)");
-    mod.def("embed", &embed, "embedding rows from a table in blocks");
+    mod.def("pack", &pack, "GGUF blocks -> the packed layout the products read");
+    mod.def("unpack", &unpack, "packed layout -> GGUF blocks, bit for bit");
+    mod.def("qmatmul", &qmatmul, "y = x @ W.T, W packed, x rounded to int16 blocks");
+    mod.def("qmatmul_multi", &qmatmul_multi, "[x @ W_i.T], x rounded once");
+    mod.def("qmatmul_swiglu", &qmatmul_swiglu, "silu(x @ Wg.T) * (x @ Wu.T)");
+    mod.def("round_acts", &round_acts, "x rounded to int16 blocks, as qmatmul sees it");
+    mod.def("dequantize", &dequantize, "GGUF blocks -> float32 (rows, K)");
+    mod.def("dequantize_packed", &dequantize_packed, "packed weight -> float32 (rows, K)");
+    mod.def("embed", &embed, "embedding rows from a packed table");
     mod.def("llama_decode", &llama_decode, "one fused decode step of a Llama-family model");
+    mod.def("decode_profile", &decode_profile, "seconds per llama_decode phase since the last call; on: keep timing");
 #ifdef TINKER_AVX512
-    mod.attr("isa") = "avx512-bf16";
+    mod.attr("isa") = "avx512-vnni";
 #else
     mod.attr("isa") = "scalar";
 #endif

@@ -1,8 +1,9 @@
 """The C++ kernels (kernels.cpp), built on first use with torch's extension tooling, and pure-PyTorch fallbacks.
 
 `ops()` returns the compiled module, or None where it cannot be built (no compiler) or is turned off with
-TINKERLM_KERNELS=0; every caller then takes the fallback, which computes the same thing: weights and activations
-rounded to bfloat16 exactly as the kernel rounds them, products summed in fp32.
+TINKERLM_KERNELS=0; every caller then takes the fallback, which computes the same thing: activations rounded to
+int16 blocks exactly as the kernel rounds them, times the dequantized weights, in fp32. With the kernels, weights
+are held `Packed` (the layout the products read); without them, as the GGUF's blocks.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tinkerlm.quant.qtensor import QTensor
+from tinkerlm.quant.qtensor import TYPE_CODES, Packed, QTensor
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels.cpp")
@@ -52,21 +53,64 @@ def _source_hash() -> str:
     return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
 
 
-def qmatmul(x: torch.Tensor, w: QTensor) -> torch.Tensor:
-    """x (..., K) @ W.T with W in blocks: weights and activations rounded to bfloat16, products summed in fp32."""
+def pack(w: QTensor | Packed) -> QTensor | Packed:
+    """The kernels' layout of `w` (a copy), or `w` itself where already packed or the kernels are unavailable."""
+    k = ops()
+    if isinstance(w, Packed) or k is None:
+        return w
+    return Packed(k.pack(w.data, w.code), w.qtype, *w.shape)
+
+
+def unpack(w: QTensor | Packed) -> QTensor:
+    """GGUF blocks again (bit for bit) from either form."""
+    if isinstance(w, QTensor):
+        return w
+    return QTensor(ops().unpack(w.data, w.fmt, w.rows, TYPE_CODES[w.qtype]), w.qtype, w.K)
+
+
+def round_acts(x: torch.Tensor) -> torch.Tensor:
+    """x rounded per 32-value block to int16 steps of amax / 32767, as the products see it (kernels.cpp)."""
+    xb = x.float().reshape(*x.shape[:-1], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 32767 / amax, torch.zeros_like(amax))
+    return (torch.round(xb * inv) * (amax / 32767)).reshape(x.shape)
+
+
+def qmatmul(x: torch.Tensor, w: QTensor | Packed) -> torch.Tensor:
+    """x (..., K) @ W.T: activations rounded to int16 blocks (`round_acts`), integer products, fp32 scales."""
     k = ops()
     if k is not None:
-        return k.qmatmul(x.float().contiguous(), w.data, w.code)
-    return x.bfloat16().float() @ w.dequantize().bfloat16().float().T
+        if isinstance(w, QTensor):
+            w = pack(w)
+        return k.qmatmul(x.float().contiguous(), w.data, w.fmt, w.rows)
+    return round_acts(x) @ dequantize(w).T
 
 
-def dequantize(w: QTensor) -> torch.Tensor:
+def qmatmul_multi(x: torch.Tensor, ws: list[Packed]) -> list[torch.Tensor]:
+    """[x @ W.T for W in ws] (q/k/v): x rounded once, one parallel region."""
     k = ops()
+    if k is None:
+        return [qmatmul(x, w) for w in ws]
+    return k.qmatmul_multi(x.float().contiguous(), [w.data for w in ws], [w.fmt for w in ws], [w.rows for w in ws])
+
+
+def qmatmul_swiglu(x: torch.Tensor, gate: Packed, up: Packed) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T), neither product written to memory."""
+    k = ops()
+    if k is None:
+        g = qmatmul(x, gate)
+        return torch.nn.functional.silu(g) * qmatmul(x, up)
+    return k.qmatmul_swiglu(x.float().contiguous(), gate.data, gate.fmt, up.data, up.fmt, gate.rows)
+
+
+def dequantize(w: QTensor | Packed) -> torch.Tensor:
+    k = ops()
+    if isinstance(w, Packed):
+        return k.dequantize_packed(w.data, w.fmt, w.rows)
     return k.dequantize(w.data, w.code) if k is not None else w.dequantize()
 
 
-def embed(ids: torch.Tensor, w: QTensor) -> torch.Tensor:
-    k = ops()
-    if k is not None:
-        return k.embed(ids, w.data, w.code)
+def embed(ids: torch.Tensor, w: QTensor | Packed) -> torch.Tensor:
+    if isinstance(w, Packed):
+        return ops().embed(ids, w.data, w.fmt, w.rows)
     return w.rows(ids.reshape(-1)).dequantize().reshape(*ids.shape, w.shape[1])

@@ -1,7 +1,9 @@
 """Module swaps for quantized weights: `QLinear` for nn.Linear, `QEmbedding` for nn.Embedding.
 
-Small batches (decode) go through the bfloat16 block kernel, reading the packed weight once; large ones (prefill)
-dequantize the weight into a scratch matrix and use BLAS, where compute, not memory, is the bound.
+Both hold the weight `Packed` for the C++ kernels (or as GGUF blocks where those are unavailable). Every forward
+pass, decode and prefill alike, runs the packed integer products (kernels.cpp): at decode they read the 4-bit
+weights once instead of an fp32 copy, and at prefill they outrun dequantize-then-BLAS (VNNI int16 products do
+twice the multiply-adds of fp32 FMA). Training through a frozen quantized layer (QLoRA) dequantizes instead.
 """
 
 from __future__ import annotations
@@ -11,31 +13,41 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinkerlm.quant import kernels
-from tinkerlm.quant.qtensor import QTensor
-
-# Rows of activations up to which the quantized kernel beats dequantize + BLAS (measured with `tinkerlm bench`).
-KERNEL_MAX_ROWS = 8
+from tinkerlm.quant.qtensor import Packed, QTensor
 
 
-class QLinear(nn.Module):
-    def __init__(self, weight: QTensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
+class _Quantized(nn.Module):
+    """The weight as a buffer `blocks` (packed or GGUF blocks) and the properties both layers share."""
+
+    def _hold(self, weight: QTensor | Packed) -> None:
         self.qtype = weight.qtype
+        self.packed = isinstance(weight, Packed)
         self.register_buffer("blocks", weight.data)
-        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+
+    @property
+    def quantized(self) -> QTensor | Packed:
+        """The weight as the kernels take it."""
+        rows, K = self._shape
+        return Packed(self.blocks, self.qtype, rows, K) if self.packed else QTensor(self.blocks, self.qtype, K)
 
     @property
     def qweight(self) -> QTensor:
-        return QTensor(self.blocks, self.qtype, self.in_features)
+        """The weight as GGUF blocks (unpacked if need be, bit for bit)."""
+        return kernels.unpack(self.quantized)
+
+
+class QLinear(_Quantized):
+    def __init__(self, weight: QTensor | Packed, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = self._shape = weight.shape
+        self._hold(weight)
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():  # training through a frozen quantized layer (QLoRA)
             return _FrozenQLinear.apply(x, self)
-        if x.numel() // self.in_features <= KERNEL_MAX_ROWS:
-            y = kernels.qmatmul(x, self.qweight)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x.float(), kernels.dequantize(self.qweight), self.bias)
+        y = kernels.qmatmul(x, self.quantized)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}"
@@ -48,26 +60,43 @@ class _FrozenQLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: QLinear) -> torch.Tensor:
         ctx.layer = layer
-        return F.linear(x.float(), kernels.dequantize(layer.qweight), layer.bias)
+        return F.linear(x.float(), kernels.dequantize(layer.quantized), layer.bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad @ kernels.dequantize(ctx.layer.qweight), None
+        return grad @ kernels.dequantize(ctx.layer.quantized), None
 
 
-class QEmbedding(nn.Module):
-    def __init__(self, weight: QTensor):
+class QEmbedding(_Quantized):
+    def __init__(self, weight: QTensor | Packed):
         super().__init__()
-        self.num_embeddings, self.embedding_dim = weight.shape
-        self.qtype = weight.qtype
-        self.register_buffer("blocks", weight.data)
-
-    @property
-    def qweight(self) -> QTensor:
-        return QTensor(self.blocks, self.qtype, self.embedding_dim)
+        self.num_embeddings, self.embedding_dim = self._shape = weight.shape
+        self._hold(weight)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return kernels.embed(ids, self.qweight)
+        return kernels.embed(ids, self.quantized)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype}"
+
+
+class FusedQKV:
+    """x -> (q, k, v) in one kernel call: the input rounded once, the three products in one parallel region.
+    Set as `Attention.fused_qkv` by `tinkerlm.quant.fuse` (a plain object, not a module: no duplicate weights)."""
+
+    def __init__(self, q: QLinear, k: QLinear, v: QLinear):
+        self.layers = (q, k, v)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ys = kernels.qmatmul_multi(x, [m.quantized for m in self.layers])
+        return tuple(y if m.bias is None else y + m.bias for y, m in zip(ys, self.layers))
+
+
+class FusedGateUp:
+    """x -> silu(gate(x)) * up(x) in one kernel call (set as `MLP.fused_gate_up` by `tinkerlm.quant.fuse`)."""
+
+    def __init__(self, gate: QLinear, up: QLinear):
+        self.gate, self.up = gate, up
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.qmatmul_swiglu(x, self.gate.quantized, self.up.quantized)

@@ -7,6 +7,9 @@ A `QTensor` is a (rows, K) matrix stored as rows of 32-value blocks (layouts as 
 (4-bit: byte j holds value j in its low nibble and value j + 16 in its high one.)
 Other GGUF types (K-quants, Q5, IQ...) are dequantized and requantized to Q8_0 at load: ~8.5 bits a weight, more
 precise than the source. `quantize` makes Q8_0 (int8) or Q4_1 (int4) blocks from float weights.
+
+A `Packed` tensor is a QTensor rearranged, losslessly, into the layout the C++ products read (groups of 16 rows;
+kernels.cpp, "Packed weights"); `kernels.pack` and `kernels.unpack` convert between the two.
 """
 
 from __future__ import annotations
@@ -71,6 +74,29 @@ class QTensor:
     def cat(parts: list["QTensor"]) -> "QTensor":
         assert len({(p.qtype, p.K) for p in parts}) == 1
         return QTensor(torch.cat([p.data for p in parts]), parts[0].qtype, parts[0].K)
+
+
+PACKED_FORMATS = {"Q4_0": 0, "Q4_1": 0, "Q8_0": 1}  # as kernels.cpp numbers them: X4 (with offsets), X8
+
+
+@dataclass
+class Packed:
+    data: torch.Tensor  # uint8 (ceil(rows / 16), K // 32 * group block bytes)
+    qtype: str  # the block type it was packed from; unpacking gives those blocks back bit for bit
+    rows: int
+    K: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.K)
+
+    @property
+    def fmt(self) -> int:
+        return PACKED_FORMATS[self.qtype]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
 
 
 def fits(shape) -> bool:

@@ -152,7 +152,7 @@ def fuse_lora(model: nn.Module) -> int:
         base = m.base
         if isinstance(base, QLinear):
             plain = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
-            plain.weight = nn.Parameter(dequantize(base.qweight).float(), requires_grad=False)
+            plain.weight = nn.Parameter(dequantize(base.quantized).float(), requires_grad=False)
             if base.bias is not None:
                 plain.bias = nn.Parameter(base.bias.detach().float(), requires_grad=False)
             base = plain

@@ -1,5 +1,6 @@
 """Where a decode step's time goes: the fused C++ step against the same weights through the PyTorch modules,
-with 2 threads and 1, and the fp32 modules. Prints a Markdown table (pasted into BENCHMARKS.md).
+with 2 threads and 1, and the fp32 modules; then the fused step's phases (kernels.cpp times them when asked).
+Prints Markdown tables (pasted into BENCHMARKS.md).
 
     .venv/bin/python bench/decode_profile.py [MODEL]      # default: smollm2
 """
@@ -32,12 +33,23 @@ def step_ms(model, n: int = 60) -> float:
     return (time.perf_counter() - start) / n * 1e3
 
 
+def phases_ms(model, n: int = 60) -> list[tuple[str, float]]:
+    """Milliseconds a step spends in each phase of the fused step (kernels.cpp: decode_profile)."""
+    from tinkerlm.quant.kernels import ops
+
+    ops().decode_profile(True)
+    step_ms(model, n)
+    prof = ops().decode_profile(False)
+    return [(phase, seconds / (n + 5) * 1e3) for phase, seconds in prof]  # step_ms runs n + 5 one-token steps
+
+
 def main() -> None:
     name = sys.argv[1] if len(sys.argv) > 1 else "smollm2"
-    rows = {}
+    rows, phases = {}, {}
     for threads in (2, 1):
         model = tinkerlm.load(name, threads=threads).model
         fused = step_ms(model)
+        phases[threads] = phases_ms(model)
         saved, model.fused_decode = model.fused_decode, None
         rows[threads] = (fused, step_ms(model))
         model.fused_decode = saved
@@ -53,6 +65,10 @@ def main() -> None:
     print(f"| same quantized weights through the PyTorch modules | {rows[2][1]:.1f} ms | {rows[1][1]:.1f} ms |")
     print(f"| fp32 dequantized weights through the PyTorch modules | {fp32:.1f} ms | |")
     print(f"| sampling one row at temperature 1 | {sample_ms:.2f} ms | |")
+    print("\n| phase of the fused step | 2 threads | 1 thread |\n|---|---:|---:|")
+    for (phase, two), (_, one) in zip(phases[2], phases[1]):
+        print(f"| {phase} | {two:.2f} ms | {one:.2f} ms |")
+    print(f"| total | {sum(v for _, v in phases[2]):.2f} ms | {sum(v for _, v in phases[1]):.2f} ms |")
 
 
 if __name__ == "__main__":

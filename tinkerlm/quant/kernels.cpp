@@ -255,6 +255,48 @@ void packed_dequant_rows(const PW& w, int64_t r0, int64_t r1, float* out) {
             }
 }
 
+// All 16 rows of group g as floats into out (16, K), vectorized (QLoRA dequantizes every weight twice a step).
+// Each int16 pair vector holds rows j = 0..15 at columns (2p, 2p+1): scaled in 32-bit lanes, then each row's
+// pair goes to its place with a 64-bit scatter.
+void packed_dequant_group(const PW& w, int64_t g, float* out) {
+#ifdef TINKER_AVX512
+    const int64_t GB = GBLOCK_BYTES[w.fmt];
+    const __m512i pairs_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i pairs_hi = _mm512_add_epi32(pairs_lo, _mm512_set1_epi32(8));
+    const __m512i rows_lo = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i idx_lo = _mm512_mullo_epi64(rows_lo, _mm512_set1_epi64(w.K / 2));  // in 8-byte units
+    const __m512i idx_hi = _mm512_add_epi64(idx_lo, _mm512_set1_epi64(8 * w.K / 2));
+    const __m512i low = _mm512_set1_epi16(0x0F);
+    for (int64_t b = 0; b < w.nb; b++) {
+        const uint8_t* gb = w.data + (g * w.nb + b) * GB;
+        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)gb));
+        const __m512 mv = w.fmt == X4 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + 32))) : _mm512_setzero_ps();
+        const __m512 d_lo = _mm512_permutexvar_ps(pairs_lo, dv), d_hi = _mm512_permutexvar_ps(pairs_hi, dv);
+        const __m512 m_lo = _mm512_permutexvar_ps(pairs_lo, mv), m_hi = _mm512_permutexvar_ps(pairs_hi, mv);
+        auto put = [&](__m512i words, int p) {  // 32 int16: rows 0..15 x columns (2p, 2p+1)
+            const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(words))), d_lo, m_lo);
+            const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(words, 1))), d_hi, m_hi);
+            double* base = (double*)(out + b * QK + 2 * p);
+            _mm512_i64scatter_pd(base, idx_lo, _mm512_castps_pd(lo), 8);
+            _mm512_i64scatter_pd(base, idx_hi, _mm512_castps_pd(hi), 8);
+        };
+        if (w.fmt == X4) {
+            for (int c = 0; c < 4; c++) {
+                const __m512i v = _mm512_loadu_si512((const void*)(gb + 64 + 64 * c));
+                put(_mm512_and_si512(v, low), 4 * c);
+                put(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), 4 * c + 1);
+                put(_mm512_and_si512(_mm512_srli_epi16(v, 8), low), 4 * c + 2);
+                put(_mm512_srli_epi16(v, 12), 4 * c + 3);
+            }
+        } else {
+            for (int p = 0; p < 16; p++) put(_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(gb + 32 + 32 * p))), p);
+        }
+    }
+#else
+    packed_dequant_rows(w, g * GR, g * GR + GR, out);
+#endif
+}
+
 // The inverse of pack: GGUF blocks of `type` again, bit for bit.
 at::Tensor unpack(at::Tensor data, int64_t fmt, int64_t rows, int64_t type) {
     PW w = as_pw(data, fmt, rows);
@@ -582,10 +624,12 @@ at::Tensor dequantize(at::Tensor data, int64_t type) {
 
 at::Tensor dequantize_packed(at::Tensor data, int64_t fmt, int64_t rows) {
     PW w = as_pw(data, fmt, rows);
-    auto out = at::empty({w.rows, w.K}, at::kFloat);
+    auto out = at::empty({w.groups * GR, w.K}, at::kFloat);  // whole groups; the padding rows are cut off below
     float* o = out.data_ptr<float>();
-    at::parallel_for(0, w.rows, 16, [&](int64_t r0, int64_t r1) { packed_dequant_rows(w, r0, r1, o + r0 * w.K); });
-    return out;
+    at::parallel_for(0, w.groups, 4, [&](int64_t g0, int64_t g1) {
+        for (int64_t g = g0; g < g1; g++) packed_dequant_group(w, g, o + g * GR * w.K);
+    });
+    return out.narrow(0, 0, w.rows);
 }
 
 at::Tensor embed(at::Tensor ids, at::Tensor data, int64_t fmt, int64_t rows) {

@@ -383,15 +383,10 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
         if (FMT == X4) {
             for (int c = 0; c < 4; c++) {
                 const __m512i v = _mm512_loadu_si512((const void*)(gb + 64 + 64 * c));
-                const __m512i w0 = _mm512_and_si512(v, low), w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-                const __m512i w2 = _mm512_and_si512(_mm512_srli_epi16(v, 8), low), w3 = _mm512_srli_epi16(v, 12);
-                for (int t = 0; t < T; t++) {
-                    const int32_t* p = xp[t] + 4 * c;
-                    __m512i* a = tmp[t];
-                    a[0] = _mm512_dpwssd_epi32(a[0], w0, _mm512_set1_epi32(p[0]));
-                    a[1 % NC] = _mm512_dpwssd_epi32(a[1 % NC], w1, _mm512_set1_epi32(p[1]));
-                    a[2 % NC] = _mm512_dpwssd_epi32(a[2 % NC], w2, _mm512_set1_epi32(p[2]));
-                    a[3 % NC] = _mm512_dpwssd_epi32(a[3 % NC], w3, _mm512_set1_epi32(p[3]));
+                for (int i = 0; i < 4; i++) {  // nibble i: the int16 pairs of columns 2(4c+i), 2(4c+i)+1
+                    const __m512i wi = i == 3 ? _mm512_srli_epi16(v, 12) : _mm512_and_si512(_mm512_srli_epi16(v, 4 * i), low);
+                    for (int t = 0; t < T; t++)
+                        tmp[t][i % NC] = _mm512_dpwssd_epi32(tmp[t][i % NC], wi, _mm512_set1_epi32(xp[t][4 * c + i]));
                 }
             }
         } else {
@@ -432,7 +427,7 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
 #endif
 }
 
-constexpr int TT = 8;  // activation rows per pass over a group (registers: 2 per row)
+constexpr int TT = 12;  // activation rows per pass over a group (registers: 2 per row)
 
 // Rows t0 .. t0+n-1 (n <= TT) of one group: the register tile for n.
 template <int FMT>
@@ -446,6 +441,10 @@ void group_tile(const PW& w, int64_t g, const XQ& x, int64_t t0, int64_t n, floa
         case 6: group_rows<FMT, 6>(w, g, x, t0, y, ystride); break;
         case 7: group_rows<FMT, 7>(w, g, x, t0, y, ystride); break;
         case 8: group_rows<FMT, 8>(w, g, x, t0, y, ystride); break;
+        case 9: group_rows<FMT, 9>(w, g, x, t0, y, ystride); break;
+        case 10: group_rows<FMT, 10>(w, g, x, t0, y, ystride); break;
+        case 11: group_rows<FMT, 11>(w, g, x, t0, y, ystride); break;
+        case 12: group_rows<FMT, 12>(w, g, x, t0, y, ystride); break;
         default: break;
     }
 }

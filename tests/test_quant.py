@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType as Q
 
 import tinkerlm
 from tinkerlm.quant import kernels
-from tinkerlm.quant.qtensor import QTensor, from_gguf, quantize
+from tinkerlm.quant.qtensor import PACKED_FORMATS, QTensor, from_gguf, quantize
 from tiny import make_hf_model
 
 
@@ -219,6 +219,49 @@ def test_fallback_without_kernels_equals_kernels(tiny_models, no_kernels):
     fast = tinkerlm.load(str(tiny_models["qwen3"]), quant="int8")
     assert fast.model.fused_decode is not None
     assert fast.generate("hello", max_tokens=12) == text_slow
+
+
+@pytest.fixture(scope="module")
+def portable_ops():
+    """kernels.cpp built without AVX-512, as on an AVX2 machine: its plain C++ loops instead of the vector code."""
+    module = kernels.build(("-mno-avx512f",))
+    assert module.isa == "scalar" and kernels.ops().isa == "avx512-vnni"
+    return module
+
+
+def test_portable_build_matches_vector_build(portable_ops, tiny_models, monkeypatch):
+    fast = kernels.ops()
+    torch.manual_seed(3)
+    x = torch.randn(13, 96) * torch.logspace(0, 3, 96)
+    for qtype in ("Q4_0", "Q4_1", "Q8_0"):
+        qt = from_gguf(gguf.quants.quantize(torch.randn(37, 96).numpy(), Q[qtype]), qtype, (37, 96))
+        packed = fast.pack(qt.data, qt.code)
+        assert torch.equal(portable_ops.pack(qt.data, qt.code), packed)
+        fmt = PACKED_FORMATS[qtype]
+        assert torch.equal(portable_ops.dequantize_packed(packed, fmt, 37), qt.dequantize())
+        want = fast.qmatmul(x, packed, fmt, 37)
+        assert (portable_ops.qmatmul(x, packed, fmt, 37) - want).abs().max() <= 1e-5 * want.abs().max()
+    assert torch.equal(portable_ops.round_acts(x), fast.round_acts(x))
+    q, k, v = torch.randn(1, 4, 20, 32), torch.randn(1, 2, 20, 32), torch.randn(1, 2, 20, 32)
+    torch.testing.assert_close(portable_ops.attention_causal(q, k, v, 0.2), fast.attention_causal(q, k, v, 0.2))
+
+    def logits():  # prefill, then fused decode steps
+        model = tinkerlm.load(str(tiny_models["llama"]), quant="int4").model
+        assert model.fused_decode is not None
+        ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(4))
+        cache = model.new_cache(2, 16)
+        with torch.no_grad():
+            out = [model(ids[:, :8], cache=cache)]
+            cache.advance(8)
+            for t in range(8, 12):
+                out.append(model(ids[:, t : t + 1], cache=cache))
+                cache.advance(1)
+        return torch.cat(out, 1)
+
+    want = logits()
+    monkeypatch.setattr(kernels, "ops", lambda: portable_ops)
+    got = logits()
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
 def test_native_gguf_keeps_weights_packed(smollm2_gguf):

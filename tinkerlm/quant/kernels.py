@@ -28,29 +28,43 @@ def ops():
     if os.environ.get("TINKERLM_KERNELS", "1") == "0":
         return None
     try:
-        from torch.utils.cpp_extension import _get_build_directory, load
-
-        name = "tinkerlm_kernels_" + _source_hash()
-        built = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
-        if built.exists():  # import the cached build directly: asking ninja whether it is current costs seconds
-            import importlib.util
-
-            spec = importlib.util.spec_from_file_location(name, built)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module
-        print("tinkerlm: compiling CPU kernels (once, about a minute)...", file=sys.stderr, flush=True)
-        return load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        return build()
     except Exception as e:  # no compiler, no ninja, a build error: fall back, say so once
         log.warning("tinkerlm: CPU kernels unavailable (%s); using the slower PyTorch path", str(e).splitlines()[0])
         return None
 
 
-def _source_hash() -> str:
-    import hashlib
+def build(flags: tuple[str, ...] = ()):
+    """Compile kernels.cpp for this CPU (-O3 -march=native, then `flags`), or import the cached build; raises on
+    failure. Builds are cached under a name hashing the source, the flags and this CPU's features, so a cache
+    shared between machines never hands one a build for another's instruction set."""
+    from torch.utils.cpp_extension import _get_build_directory, load
 
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    name = "tinkerlm_kernels_" + _build_hash(flags)
+    built = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+    if built.exists():  # import the cached build directly: asking ninja whether it is current costs seconds
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(name, built)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    print("tinkerlm: compiling CPU kernels (once, about a minute)...", file=sys.stderr, flush=True)
+    return load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", *flags, "-fopenmp"],
+                extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def _build_hash(flags: tuple[str, ...]) -> str:
+    import hashlib
+    import platform
+
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return hashlib.sha256(SOURCE.read_bytes() + repr(flags).encode() + cpu.encode()).hexdigest()[:12]
 
 
 def pack(w: QTensor | Packed) -> QTensor | Packed:

@@ -221,11 +221,14 @@ def test_fallback_without_kernels_equals_kernels(tiny_models, no_kernels):
     assert fast.generate("hello", max_tokens=12) == text_slow
 
 
-@pytest.fixture(scope="module")
-def portable_ops():
-    """kernels.cpp built without AVX-512, as on an AVX2 machine: its plain C++ loops instead of the vector code."""
-    module = kernels.build(("-mno-avx512f",))
-    assert module.isa == "scalar" and kernels.ops().isa == "avx512-vnni"
+PORTABLE = {"avx2": ("-mno-avx512f",), "scalar": ("-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-f16c")}
+
+
+@pytest.fixture(scope="module", params=list(PORTABLE))
+def portable_ops(request):
+    """kernels.cpp built as for a CPU without AVX-512 (AVX2 loops) or without AVX2 either (plain C++ loops)."""
+    module = kernels.build(PORTABLE[request.param])
+    assert module.isa == request.param and kernels.ops().isa == "avx512-vnni"
     return module
 
 
@@ -262,6 +265,8 @@ def test_portable_build_matches_vector_build(portable_ops, tiny_models, monkeypa
     monkeypatch.setattr(kernels, "ops", lambda: portable_ops)
     got = logits()
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    x = torch.randn(40, 96)  # more rows than a portable build multiplies itself: dequantize + BLAS, exact fp32
+    torch.testing.assert_close(kernels.qmatmul(x, kernels.Packed(packed, qtype, 37, 96)), x @ qt.dequantize().T)
 
 
 def test_native_gguf_keeps_weights_packed(smollm2_gguf):

@@ -90,9 +90,20 @@ def round_acts(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(xb * inv) * (amax / 32767)).reshape(x.shape)
 
 
+# Builds without AVX-512 (kernels.cpp's AVX2 or plain C++ loops) are for decoding: products of more activation
+# rows than this dequantize the weight and use BLAS instead, as does attention (torch's).
+PORTABLE_MAX_ROWS = 16
+
+
+def prefer_blas(k, x: torch.Tensor) -> bool:
+    return k.isa != "avx512-vnni" and x.numel() // x.shape[-1] > PORTABLE_MAX_ROWS
+
+
 def qmatmul(x: torch.Tensor, w: QTensor | Packed) -> torch.Tensor:
     """x (..., K) @ W.T: activations rounded to int16 blocks (`round_acts`), integer products, fp32 scales."""
     k = ops()
+    if k is not None and prefer_blas(k, x):
+        return x.float() @ dequantize(w).T
     if k is not None:
         if isinstance(w, QTensor):
             w = pack(w)
@@ -103,7 +114,7 @@ def qmatmul(x: torch.Tensor, w: QTensor | Packed) -> torch.Tensor:
 def qmatmul_multi(x: torch.Tensor, ws: list[Packed]) -> list[torch.Tensor]:
     """[x @ W.T for W in ws] (q/k/v): x rounded once, one parallel region."""
     k = ops()
-    if k is None:
+    if k is None or prefer_blas(k, x):
         return [qmatmul(x, w) for w in ws]
     return k.qmatmul_multi(x.float().contiguous(), [w.data for w in ws], [w.fmt for w in ws], [w.rows for w in ws])
 
@@ -111,7 +122,7 @@ def qmatmul_multi(x: torch.Tensor, ws: list[Packed]) -> list[torch.Tensor]:
 def qmatmul_swiglu(x: torch.Tensor, gate: Packed, up: Packed) -> torch.Tensor:
     """silu(x @ gate.T) * (x @ up.T), neither product written to memory."""
     k = ops()
-    if k is None:
+    if k is None or prefer_blas(k, x):
         g = qmatmul(x, gate)
         return torch.nn.functional.silu(g) * qmatmul(x, up)
     return k.qmatmul_swiglu(x.float().contiguous(), gate.data, gate.fmt, up.data, up.fmt, gate.rows)

@@ -732,6 +732,31 @@ inline void scores_tile(const float* q, int64_t qs, const float* kt, int64_t ks,
 #endif
 }
 
+// scores_tile2: the same for 32 keys (two (hd, 16) tiles): each broadcast query value feeds two products.
+template <int NR>
+inline void scores_tile2(const float* q, int64_t qs, const float* kt, int64_t ks, int64_t hd, float scale, float* s) {
+#ifdef TINKER_AVX512
+    __m512 acc[NR][2];
+    for (int r = 0; r < NR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    const float* kt2 = kt + hd * 16;
+    for (int64_t d = 0; d < hd; d++) {
+        const __m512 k0 = _mm512_loadu_ps(kt + d * 16), k1 = _mm512_loadu_ps(kt2 + d * 16);
+        for (int r = 0; r < NR; r++) {
+            const __m512 qv = _mm512_set1_ps(q[r * qs + d]);
+            acc[r][0] = _mm512_fmadd_ps(qv, k0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(qv, k1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        _mm512_storeu_ps(s + r * ks, _mm512_mul_ps(acc[r][0], _mm512_set1_ps(scale)));
+        _mm512_storeu_ps(s + r * ks + 16, _mm512_mul_ps(acc[r][1], _mm512_set1_ps(scale)));
+    }
+#else
+    scores_tile<NR>(q, qs, kt, ks, hd, scale, s);
+    scores_tile<NR>(q, qs, kt + hd * 16, ks, hd, scale, s + 16);
+#endif
+}
+
 // pv_tile: o[r][0 .. 16*ND) = sum_j p[r][j] * v_j[0 .. 16*ND) over keys j < n.
 template <int NR, int ND>
 inline void pv_tile(const float* p, int64_t ps, const float* v, int64_t vs, int64_t n, float* o, int64_t os) {
@@ -796,7 +821,10 @@ at::Tensor attention_causal(at::Tensor q, at::Tensor k, at::Tensor v, double sca
             const float* Q = qp + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2);
             for (int64_t r0 = 0; r0 < nq; r0 += R) {
                 const int nr = (int)std::min<int64_t>(R, nq - r0);
-                for (int64_t j0 = 0; j0 < nk; j0 += 16) {
+                int64_t j0 = 0;
+                for (; nr == R && j0 + 32 <= nk; j0 += 32)
+                    scores_tile2<R>(Q + r0 * q.stride(2), q.stride(2), Kt + j0 * hd, Sp, hd, fscale, sc.data() + r0 * Sp + j0);
+                for (; j0 < nk; j0 += 16) {
                     float* srow = sc.data() + r0 * Sp + j0;
                     const float* qr = Q + r0 * q.stride(2);
                     switch (nr) {  // register tiles need compile-time sizes

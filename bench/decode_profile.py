@@ -43,8 +43,22 @@ def phases_ms(model, n: int = 60) -> list[tuple[str, float]]:
     return [(phase, seconds / (n + 5) * 1e3) for phase, seconds in prof]  # step_ms runs n + 5 one-token steps
 
 
+def read_gb_s(threads: int = 2) -> float:
+    """Memory read bandwidth right now (sum over 1 GiB, best of 3): decode is bound by it, and on a shared machine
+    it moves with the neighbours' load, so the profile is only comparable with it."""
+    torch.set_num_threads(threads)
+    a = torch.ones(1 << 28)
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        a.sum()
+        best = max(best, a.numel() * 4 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
 def main() -> None:
     name = sys.argv[1] if len(sys.argv) > 1 else "smollm2"
+    bandwidth = read_gb_s()
     rows, phases = {}, {}
     for threads in (2, 1):
         model = tinkerlm.load(name, threads=threads).model
@@ -69,6 +83,7 @@ def main() -> None:
     for (phase, two), (_, one) in zip(phases[2], phases[1]):
         print(f"| {phase} | {two:.2f} ms | {one:.2f} ms |")
     print(f"| total | {sum(v for _, v in phases[2]):.2f} ms | {sum(v for _, v in phases[1]):.2f} ms |")
+    print(f"\nmemory read bandwidth at the start (2 threads): {bandwidth:.1f} GB/s")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,12 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -493,24 +495,18 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
 
 constexpr int TT = 12;  // activation rows per pass over a group (registers: 2 per row)
 
-// Rows t0 .. t0+n-1 (n <= TT) of one group: the register tile for n.
+// Rows t0 .. t0+n-1 (1 <= n <= TT) of one group: the register tile for n, from a table of group_rows<FMT, 1..TT>.
+using GroupFn = void (*)(const PW&, int64_t, const XQ&, int64_t, float*, int64_t);
+
+template <int FMT, int... N>
+constexpr std::array<GroupFn, sizeof...(N)> group_table(std::integer_sequence<int, N...>) {
+    return {&group_rows<FMT, N + 1>...};
+}
+
 template <int FMT>
 void group_tile(const PW& w, int64_t g, const XQ& x, int64_t t0, int64_t n, float* y, int64_t ystride) {
-    switch (n) {
-        case 1: group_rows<FMT, 1>(w, g, x, t0, y, ystride); break;
-        case 2: group_rows<FMT, 2>(w, g, x, t0, y, ystride); break;
-        case 3: group_rows<FMT, 3>(w, g, x, t0, y, ystride); break;
-        case 4: group_rows<FMT, 4>(w, g, x, t0, y, ystride); break;
-        case 5: group_rows<FMT, 5>(w, g, x, t0, y, ystride); break;
-        case 6: group_rows<FMT, 6>(w, g, x, t0, y, ystride); break;
-        case 7: group_rows<FMT, 7>(w, g, x, t0, y, ystride); break;
-        case 8: group_rows<FMT, 8>(w, g, x, t0, y, ystride); break;
-        case 9: group_rows<FMT, 9>(w, g, x, t0, y, ystride); break;
-        case 10: group_rows<FMT, 10>(w, g, x, t0, y, ystride); break;
-        case 11: group_rows<FMT, 11>(w, g, x, t0, y, ystride); break;
-        case 12: group_rows<FMT, 12>(w, g, x, t0, y, ystride); break;
-        default: break;
-    }
+    static constexpr auto table = group_table<FMT>(std::make_integer_sequence<int, TT>{});
+    table[n - 1](w, g, x, t0, y, ystride);
 }
 
 inline void tile(const PW& w, int64_t g, const XQ& x, int64_t t0, int64_t n, float* y, int64_t ystride) {

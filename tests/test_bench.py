@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import make_hf_model  # noqa: E402
 
 import tinkerlm  # noqa: E402
+from tinkerlm.quant import kernels  # noqa: E402
 from tinkerlm.bench import bench, prompt_ids, weight_bytes  # noqa: E402
 from tinkerlm.errors import TinkerError  # noqa: E402
 
@@ -46,6 +47,9 @@ def test_bench_fields(tiny):
     assert r["ttft_tokens"] == 8 and r["ttft_s"] == r["prefill_s"]["8"]
     assert r["decode_tokens"] == 12 and len(r["decode_tok_s_runs"]) == 2
     assert r["threads"] == torch.get_num_threads() and r["dtype"] == "float32" and r["quant"] == "native"
+    assert r["kernels"] == "PyTorch (float weights)"  # a float checkpoint at --quant native stays float
+    q = bench(str(tiny), prompt_tokens="8", decode_tokens=4, runs=1, quant="int8", quiet=True)
+    assert q["kernels"] == f"C++ {kernels.ops().isa}, fused decode step" and q["quant"] == "int8"
     model = tinkerlm.load(str(tiny)).model
     assert r["weight_bytes"] == r["bytes_per_token"] == unique_state_bytes(model)
     assert r["weight_bytes"] >= 4 * sum(p.numel() for p in model.parameters())

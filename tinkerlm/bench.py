@@ -13,6 +13,8 @@ What is measured (wall clock, `time.perf_counter`), through the same `load` and 
   attributes such as packed quantized weights), shared storage counted once. Decoding one token reads each
   weight once, so effective_gb_s = weight_bytes * decode_tok_s / 1e9 (a lower bound on memory traffic).
 - peak_rss_mb: the process's peak resident set (VmHWM), including torch itself.
+- kernels: what runs the products: the C++ kernels' instruction set (avx512-vnni, avx2, scalar) and whether the
+  fused decode step is attached, or PyTorch.
 
 Each timed quantity is the median over `runs`, after one untimed warm-up (first-call allocations, thread
 pool start-up).
@@ -199,16 +201,32 @@ def bench(model: str, *, prompt_tokens: str = "128,512", decode_tokens: int = 25
         "bytes_per_token": wbytes,
         "effective_gb_s": wbytes * decode_med / 1e9,
         "peak_rss_mb": peak_rss_mb(),
+        "kernels": kernels_used(m),
     }
     if not quiet:
         print(jsonlib.dumps(result, indent=2) if json else format_table(result))
     return result
 
 
+def kernels_used(model) -> str:
+    """Which products the model runs: the C++ kernels' instruction set (and whether the one-call decode step is
+    attached), or PyTorch."""
+    from tinkerlm.quant import QLinear
+    from tinkerlm.quant.kernels import ops
+
+    if not any(isinstance(m, QLinear) for m in model.modules()):
+        return "PyTorch (float weights)"
+    k = ops()
+    if k is None:
+        return "PyTorch fallback (no C++ kernels)"
+    return f"C++ {k.isa}" + (", fused decode step" if getattr(model, "fused_decode", None) is not None else "")
+
+
 def format_table(r: dict) -> str:
     rows = [
         ("model", r["model"]),
         ("dtype / quant", f"{r['dtype']} / {r['quant']}"),
+        ("kernels", r["kernels"]),
         ("threads", str(r["threads"])),
         ("load", f"{r['load_s']:.2f} s"),
     ]

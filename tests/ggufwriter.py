@@ -59,6 +59,30 @@ def byte_vocab(n: int) -> tuple[list[str], list[str]]:
     return tokens, ["h e", "Ġ t"]
 
 
+def quantize_q4_k(w: np.ndarray) -> np.ndarray:
+    """Float (rows, K) -> Q4_K super-blocks (rows, K / 256 * 144 bytes), written from ggml-common.h's layout (the
+    gguf package cannot quantize K-quants). Plain min/max scales per 32-value sub-block, not llama.cpp's search."""
+    rows, K = w.shape
+    x = w.astype(np.float32).reshape(-1, 8, 32)  # (super-blocks, sub-blocks, values)
+    lo = np.minimum(x.min(-1), 0)
+    scale, minimum = (x.max(-1) - lo) / 15, -lo  # per sub-block: x ~ scale * u - minimum
+    d = (scale.max(-1, keepdims=True) / 63).astype(np.float16).astype(np.float32)
+    dmin = (minimum.max(-1, keepdims=True) / 63).astype(np.float16).astype(np.float32)
+    sc = np.clip(np.round(np.divide(scale, d, out=np.zeros_like(scale), where=d > 0)), 0, 63).astype(np.uint8)
+    mn = np.clip(np.round(np.divide(minimum, dmin, out=np.zeros_like(scale), where=dmin > 0)), 0, 63).astype(np.uint8)
+    step = (d * sc)[..., None]
+    u = np.clip(np.round(np.divide(x + (dmin * mn)[..., None], step, out=np.zeros_like(x), where=step > 0)), 0, 15)
+    u = u.astype(np.uint8)
+    out = np.zeros((len(x), 144), np.uint8)
+    out[:, 0:2] = d.astype(np.float16).view(np.uint8)
+    out[:, 2:4] = dmin.astype(np.float16).view(np.uint8)
+    out[:, 4:8] = (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (mn[:, :4] & 63) | ((mn[:, 4:] >> 4) << 6)
+    out[:, 12:16] = (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4)
+    out[:, 16:] = (u[:, 0::2] | (u[:, 1::2] << 4)).reshape(-1, 128)
+    return out.reshape(rows, K // 256 * 144)
+
+
 def write_gguf(path, arch: str, weights: dict, *, qtype=Q.F32, meta: dict | None = None, extra=None,
                heads=4, kv=2, permute=None):
     """Write HF-layout `weights` as a GGUF file the way llama.cpp's converter would; returns GGUF-layout arrays."""
@@ -99,6 +123,8 @@ def write_gguf(path, arch: str, weights: dict, *, qtype=Q.F32, meta: dict | None
             w.add_tensor(name, value.astype(np.float32))
         elif qtype == Q.F16:
             w.add_tensor(name, value.astype(np.float16))
+        elif qtype == Q.Q4_K:
+            w.add_tensor(name, quantize_q4_k(value), raw_dtype=qtype)
         else:
             w.add_tensor(name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
     for name, value in (extra or {}).items():

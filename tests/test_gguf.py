@@ -295,3 +295,58 @@ def test_unsupported_rope_scaling(tmp_path, rng):
     path = tmp_path / "yarn.gguf"
     write_gguf(path, "llama", llama_weights(rng), meta={"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0})
     assert "yarn" in fails(path, "config")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Q4_K, the usual 4-bit K-quant: kept 4-bit (as Q4_1 blocks), not requantized to 8 bits
+
+
+def test_q4_k_tensor_becomes_q4_1_blocks(rng):
+    from ggufwriter import quantize_q4_k
+
+    from tinkerlm.quant.qtensor import from_gguf
+
+    w = rng.standard_normal((16, 512)).astype(np.float32)
+    raw = quantize_q4_k(w)
+    ref = gguf.quants.dequantize(raw, Q.Q4_K).reshape(16, 512)  # the gguf package's reading of our bytes
+    assert np.abs(ref - w).max() <= 0.55 * (w.max() - w.min()) / 15  # the writer is a real quantizer
+    qt = from_gguf(raw, "Q4_K", (16, 512))
+    assert qt.qtype == "Q4_1" and qt.nbytes == 16 * 512 // 32 * 20
+    err = np.abs(qt.dequantize().numpy() - ref).reshape(16, 16, 32).max(-1)
+    # only each 32-value sub-block's scale d and offset m are rounded (to fp16, <= 2^-11 relative each): the
+    # error is at most 2^-11 * (15 |d| + |m|), plus fp32 rounding
+    d, m, _ = qt.fields()
+    bound = 2.0**-11 * (15 * d.abs() + m.abs()).numpy() * 1.01 + 1e-6
+    assert (err <= bound).all() and err.max() > 0
+
+
+def test_q4_k_model_runs_native_close_to_fp32(tmp_path, rng):
+    import tinkerlm
+    from tinkerlm.quant import QLinear
+
+    path = tmp_path / "q4k.gguf"
+    weights = llama_weights(rng, vocab=96, hidden=256, ffn=512, head_dim=64)
+    write_gguf(path, "llama", {k: v * 0.05 if v.ndim == 2 else v for k, v in weights.items()}, qtype=Q.Q4_K,
+               meta={"feed_forward_length": 512})
+    assert read_gguf(path).tensor_types()["Q4_K"] == 2 + 2 * 7  # embeddings, head, and every layer projection
+    native, ref = tinkerlm.load(str(path)), tinkerlm.load(str(path), quant="fp32")
+    gate = native.model.model.layers[0].mlp.gate_proj
+    assert isinstance(gate, QLinear) and gate.qtype == "Q4_1"  # 4-bit kept, not requantized to 8 bits
+    ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = native.model(ids), ref.model(ids)
+    err = (got - want).abs().max()
+    assert err <= 5e-3 * want.abs().max()
+    top2 = want.topk(2, -1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 2 * err  # random weights have near-ties; elsewhere the argmax holds
+    assert clear.sum() >= 6 and torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+
+
+def test_q5_0_becomes_q8_0_blocks_bit_for_bit(rng):
+    from tinkerlm.quant.qtensor import from_gguf
+
+    w = rng.standard_normal((8, 128)).astype(np.float32)
+    raw = gguf.quants.quantize(w, Q.Q5_0)
+    qt = from_gguf(raw, "Q5_0", (8, 128))
+    assert qt.qtype == "Q8_0"
+    assert np.array_equal(qt.dequantize().numpy(), gguf.quants.dequantize(raw, Q.Q5_0).reshape(8, 128))

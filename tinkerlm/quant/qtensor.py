@@ -5,8 +5,10 @@ A `QTensor` is a (rows, K) matrix stored as rows of 32-value blocks (layouts as 
 - Q4_0: fp16 d, 16 bytes of 4-bit q               value = d * (q - 8)           (18 bytes)
 - Q4_1: fp16 d, fp16 m, 16 bytes of 4-bit q       value = d * q + m             (20 bytes)
 (4-bit: byte j holds value j in its low nibble and value j + 16 in its high one.)
-Other GGUF types (K-quants, Q5, IQ...) are dequantized and requantized to Q8_0 at load: ~8.5 bits a weight, more
-precise than the source. `quantize` makes Q8_0 (int8) or Q4_1 (int4) blocks from float weights.
+Q4_K (the usual 4-bit K-quant) becomes Q4_1 blocks: its 32-value sub-blocks are exactly d * u - m with 4-bit u,
+so only each sub-block's scale and offset are rounded, to fp16 (relative error <= 2^-11 of the scale). Q5_0
+becomes Q8_0 blocks losslessly (same scale, q - 16 in int8). Other GGUF types (Q5_1, Q6_K, IQ...) are dequantized
+and requantized to Q8_0 at load: ~8.5 bits a weight, more precise than the source. `quantize` makes Q8_0 (int8) or Q4_1 (int4) blocks from float weights.
 
 A `Packed` tensor is a QTensor rearranged, losslessly, into the layout the C++ products read (groups of 16 rows;
 kernels.cpp, "Packed weights"); `kernels.pack` and `kernels.unpack` convert between the two.
@@ -127,12 +129,55 @@ def quantize(w: torch.Tensor, bits: int) -> QTensor:
     return QTensor(data.reshape(rows, -1).contiguous(), "Q4_1", K)
 
 
+def q4_k_to_q4_1(raw: np.ndarray, rows: int, K: int) -> np.ndarray:
+    """Q4_K super-blocks (rows, K / 256 * 144 bytes) -> Q4_1 blocks (rows, K / 32 * 20 bytes).
+
+    A Q4_K super-block (ggml-common.h block_q4_K): fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins for its
+    eight 32-value sub-blocks, 128 bytes of 4-bit values (32-byte chunk c: sub-block 2c in the low nibbles,
+    2c + 1 in the high ones). Sub-block s is d * sc[s] * u - dmin * mn[s].
+    """
+    sb = raw.reshape(-1, 144)
+    d = sb[:, 0:2].copy().view(np.float16).astype(np.float32)  # (n, 1)
+    dmin = sb[:, 2:4].copy().view(np.float16).astype(np.float32)
+    s = sb[:, 4:16].astype(np.uint8)
+    sc = np.empty((len(sb), 8), np.float32)
+    mn = np.empty((len(sb), 8), np.float32)
+    sc[:, :4], mn[:, :4] = s[:, 0:4] & 63, s[:, 4:8] & 63
+    sc[:, 4:] = (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)
+    mn[:, 4:] = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
+    qs = sb[:, 16:].reshape(-1, 4, 32)
+    u = np.stack((qs & 0x0F, qs >> 4), axis=2).reshape(-1, 8, 32)  # (n, sub-block, value)
+    out = np.empty((len(sb), 8, 20), np.uint8)
+    out[..., 0:2] = (d * sc).astype(np.float16)[..., None].view(np.uint8)
+    out[..., 2:4] = (-dmin * mn).astype(np.float16)[..., None].view(np.uint8)
+    out[..., 4:] = u[..., :16] | (u[..., 16:] << 4)
+    return out.reshape(rows, K // QK * 20)
+
+
+def q5_0_to_q8_0(raw: np.ndarray, rows: int, K: int) -> np.ndarray:
+    """Q5_0 blocks (fp16 d, 4 bytes of fifth bits, 16 bytes of low nibbles; value d * (q - 16)) -> Q8_0 blocks with
+    the same d and q - 16 as int8: the same values, bit for bit."""
+    b = raw.reshape(-1, 22)
+    qh = b[:, 2:6].copy().view("<u4")  # (n, 1): bit j is value j's fifth bit
+    lo = np.concatenate((b[:, 6:] & 0x0F, b[:, 6:] >> 4), axis=1).astype(np.int16)  # values 0..15, then 16..31
+    high = (qh >> np.arange(32, dtype=np.uint32)) & 1
+    out = np.empty((len(b), 34), np.uint8)
+    out[:, 0:2] = b[:, 0:2]
+    out[:, 2:] = (lo + (high.astype(np.int16) << 4) - 16).astype(np.int8).view(np.uint8)
+    return out.reshape(rows, K // QK * 34)
+
+
 def from_gguf(raw: np.ndarray, type_name: str, shape: tuple[int, int], dequantize=None) -> QTensor:
-    """A GGUF tensor's raw blocks (rows, bytes a row) as a QTensor: zero-copy for Q8_0/Q4_0/Q4_1.
+    """A GGUF tensor's raw blocks (rows, bytes a row) as a QTensor: zero-copy for Q8_0/Q4_0/Q4_1, Q4_K as Q4_1,
+    Q5_0 as Q8_0.
 
     `dequantize(raw) -> float32 array` serves the other types, which are requantized to Q8_0.
     """
     rows, K = shape
+    if type_name == "Q4_K":
+        return QTensor(torch.from_numpy(q4_k_to_q4_1(np.asarray(raw), rows, K)), "Q4_1", K)
+    if type_name == "Q5_0":
+        return QTensor(torch.from_numpy(q5_0_to_q8_0(np.asarray(raw), rows, K)), "Q8_0", K)
     if type_name not in BLOCK_BYTES:
         w = torch.from_numpy(np.ascontiguousarray(dequantize(raw), dtype=np.float32).reshape(rows, K))
         return quantize(w, 8)

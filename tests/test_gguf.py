@@ -320,33 +320,54 @@ def test_q4_k_tensor_becomes_q4_1_blocks(rng):
     assert (err <= bound).all() and err.max() > 0
 
 
-def test_q4_k_model_runs_native_close_to_fp32(tmp_path, rng):
+@pytest.mark.parametrize("qtype,held", [(Q.Q4_K, "Q4_1"), (Q.Q5_0, "Q5_1")], ids=["Q4_K", "Q5_0"])
+def test_k_and_5_bit_models_run_native_close_to_fp32(tmp_path, rng, qtype, held):
     import tinkerlm
     from tinkerlm.quant import QLinear
 
-    path = tmp_path / "q4k.gguf"
+    path = tmp_path / "m.gguf"
     weights = llama_weights(rng, vocab=96, hidden=256, ffn=512, head_dim=64)
-    write_gguf(path, "llama", {k: v * 0.05 if v.ndim == 2 else v for k, v in weights.items()}, qtype=Q.Q4_K,
+    write_gguf(path, "llama", {k: v * 0.05 if v.ndim == 2 else v for k, v in weights.items()}, qtype=qtype,
                meta={"feed_forward_length": 512})
-    assert read_gguf(path).tensor_types()["Q4_K"] == 2 + 2 * 7  # embeddings, head, and every layer projection
+    assert read_gguf(path).tensor_types()[qtype.name] == 2 + 2 * 7  # embeddings, head, every layer projection
     native, ref = tinkerlm.load(str(path)), tinkerlm.load(str(path), quant="fp32")
     gate = native.model.model.layers[0].mlp.gate_proj
-    assert isinstance(gate, QLinear) and gate.qtype == "Q4_1"  # 4-bit kept, not requantized to 8 bits
+    assert isinstance(gate, QLinear) and gate.qtype == held and native.model.fused_decode is not None
     ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got, want = native.model(ids), ref.model(ids)
+        cache = native.model.new_cache(1, 16)
+        native.model(ids[:, :11], cache=cache)
+        cache.advance(11)
+        step = native.model(ids[:, 11:], cache=cache)  # the fused decode step over the same weights
     err = (got - want).abs().max()
     assert err <= 5e-3 * want.abs().max()
+    assert (step[:, 0] - want[:, -1]).abs().max() <= 5e-3 * want.abs().max()
     top2 = want.topk(2, -1).values
     clear = (top2[..., 0] - top2[..., 1]) > 2 * err  # random weights have near-ties; elsewhere the argmax holds
     assert clear.sum() >= 6 and torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
 
 
-def test_q5_0_becomes_q8_0_blocks_bit_for_bit(rng):
+def test_q5_0_becomes_q5_1_blocks_bit_for_bit(rng):
     from tinkerlm.quant.qtensor import from_gguf
 
     w = rng.standard_normal((8, 128)).astype(np.float32)
     raw = gguf.quants.quantize(w, Q.Q5_0)
     qt = from_gguf(raw, "Q5_0", (8, 128))
-    assert qt.qtype == "Q8_0"
+    assert qt.qtype == "Q5_1"
     assert np.array_equal(qt.dequantize().numpy(), gguf.quants.dequantize(raw, Q.Q5_0).reshape(8, 128))
+
+
+def test_q5_k_tensor_becomes_q5_1_blocks(rng):
+    """Random Q5_K bytes (scales kept sane): read by gguf and by tinkerlm, equal up to fp16 scale rounding."""
+    from tinkerlm.quant.qtensor import from_gguf
+
+    raw = rng.integers(0, 256, size=(6, 176), dtype=np.uint8)
+    raw[:, 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)  # d
+    raw[:, 2:4] = np.frombuffer(np.float16(0.02).tobytes(), np.uint8)  # dmin
+    ref = gguf.quants.dequantize(raw, Q.Q5_K).reshape(6, 256)
+    qt = from_gguf(raw, "Q5_K", (6, 256))
+    assert qt.qtype == "Q5_1"
+    d, m, _ = qt.fields()
+    err = np.abs(qt.dequantize().numpy() - ref).reshape(6, 8, 32).max(-1)
+    assert (err <= 2.0**-11 * (31 * d.abs() + m.abs()).numpy() * 1.01 + 1e-6).all()

@@ -71,7 +71,8 @@ def test_row_views_and_cat_round_trip():
     assert torch.equal(qt.rows(perm).dequantize(), qt.dequantize()[perm])
 
 
-CASES = [("Q4_1", 576, 1), ("Q4_1", 576, 3), ("Q4_0", 96, 5), ("Q8_0", 96, 9), ("Q8_0", 576, 4), ("Q4_0", 1536, 2)]
+CASES = [("Q4_1", 576, 1), ("Q4_1", 576, 3), ("Q4_0", 96, 5), ("Q8_0", 96, 9), ("Q8_0", 576, 4), ("Q4_0", 1536, 2),
+         ("Q5_1", 576, 1), ("Q5_0", 96, 13)]
 
 
 @pytest.mark.parametrize("qtype,K,B", CASES)
@@ -91,7 +92,8 @@ def test_kernel_matches_fallback_and_float(qtype, K, B, monkeypatch):
     assert (fast - exact).abs().max() > 0  # the activations really are rounded
 
 
-@pytest.mark.parametrize("qtype,rows", [("Q4_0", 40), ("Q4_1", 37), ("Q8_0", 16), ("Q8_0", 3)])
+@pytest.mark.parametrize("qtype,rows", [("Q4_0", 40), ("Q4_1", 37), ("Q8_0", 16), ("Q8_0", 3), ("Q5_1", 37),
+                                        ("Q5_0", 20)])
 def test_pack_round_trips(qtype, rows):
     """Packing (groups of 16 rows, padded) loses nothing: unpacking gives the GGUF blocks back bit for bit."""
     w = torch.randn(rows, 96).numpy()
@@ -236,7 +238,7 @@ def test_portable_build_matches_vector_build(portable_ops, tiny_models, monkeypa
     fast = kernels.ops()
     torch.manual_seed(3)
     x = torch.randn(13, 96) * torch.logspace(0, 3, 96)
-    for qtype in ("Q4_0", "Q4_1", "Q8_0"):
+    for qtype in ("Q4_0", "Q4_1", "Q8_0", "Q5_1"):
         qt = from_gguf(gguf.quants.quantize(torch.randn(37, 96).numpy(), Q[qtype]), qtype, (37, 96))
         packed = fast.pack(qt.data, qt.code)
         assert torch.equal(portable_ops.pack(qt.data, qt.code), packed)
@@ -266,7 +268,7 @@ def test_portable_build_matches_vector_build(portable_ops, tiny_models, monkeypa
     got = logits()
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
     x = torch.randn(40, 96)  # more rows than a portable build multiplies itself: dequantize + BLAS, exact fp32
-    torch.testing.assert_close(kernels.qmatmul(x, kernels.Packed(packed, qtype, 37, 96)), x @ qt.dequantize().T)
+    torch.testing.assert_close(kernels.qmatmul(x, kernels.Packed(packed, "Q5_1", 37, 96)), x @ qt.dequantize().T)
 
 
 def test_native_gguf_keeps_weights_packed(smollm2_gguf):

@@ -30,8 +30,8 @@
 namespace {
 
 constexpr int QK = 32;  // values per block
-enum QType { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2 };
-constexpr int64_t BLOCK_BYTES[] = {34, 18, 20};
+enum QType { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q5_1 = 3 };
+constexpr int64_t BLOCK_BYTES[] = {34, 18, 20, 24};
 
 #ifdef __F16C__
 #include <immintrin.h>
@@ -49,7 +49,7 @@ struct QW {  // a weight matrix in blocks
 
 QW as_qw(const at::Tensor& data, int64_t type) {
     TORCH_CHECK(data.dim() == 2 && data.stride(1) == 1 && data.scalar_type() == at::kByte, "weight blocks must be uint8 rows");
-    TORCH_CHECK(type >= 0 && type <= 2, "unknown block type ", type);
+    TORCH_CHECK(type >= 0 && type <= 3, "unknown block type ", type);
     QW w;
     w.data = data.data_ptr<uint8_t>();
     w.type = (int)type;
@@ -66,6 +66,16 @@ inline void block_floats(const uint8_t* blk, int type, float* out) {
     const float d = load_half(blk);
     if (type == Q8_0) {
         for (int k = 0; k < QK; k++) out[k] = d * (float)(int8_t)blk[2 + k];
+        return;
+    }
+    if (type == Q5_1) {  // fp16 d, fp16 m, 32 fifth bits, 16 bytes of low nibbles
+        uint32_t qh;
+        std::memcpy(&qh, blk + 4, 4);
+        const float m = load_half(blk + 2);
+        for (int k = 0; k < QK; k++) {
+            const int u = (k < 16 ? blk[8 + k] & 0x0F : blk[8 + k - 16] >> 4) | (((qh >> k) & 1) << 4);
+            out[k] = d * (float)u + m;
+        }
         return;
     }
     const uint8_t* qs = blk + (type == Q4_1 ? 4 : 2);
@@ -103,13 +113,15 @@ void dequant_rows_t(const QW& w, int64_t r0, int64_t r1, float* out) {
         for (int64_t b = 0; b < w.nb; b++) {
             float* o = out + (r - r0) * w.K + b * QK;
 #ifdef TINKER_AVX512
-            __m512 lo, hi;
-            expand_floats<TYPE>(row + b * BLOCK_BYTES[TYPE], lo, hi);
-            _mm512_storeu_ps(o, lo);
-            _mm512_storeu_ps(o + 16, hi);
-#else
-            block_floats(row + b * BLOCK_BYTES[TYPE], TYPE, o);
+            if constexpr (TYPE != Q5_1) {
+                __m512 lo, hi;
+                expand_floats<TYPE>(row + b * BLOCK_BYTES[TYPE], lo, hi);
+                _mm512_storeu_ps(o, lo);
+                _mm512_storeu_ps(o + 16, hi);
+                continue;
+            }
 #endif
+            block_floats(row + b * BLOCK_BYTES[TYPE], TYPE, o);
         }
     }
 }
@@ -118,6 +130,7 @@ void dequant_rows(const QW& w, int64_t r0, int64_t r1, float* out) {
     switch (w.type) {
         case Q8_0: dequant_rows_t<Q8_0>(w, r0, r1, out); break;
         case Q4_0: dequant_rows_t<Q4_0>(w, r0, r1, out); break;
+        case Q5_1: dequant_rows_t<Q5_1>(w, r0, r1, out); break;
         default: dequant_rows_t<Q4_1>(w, r0, r1, out); break;
     }
 }
@@ -156,6 +169,8 @@ inline __m512 silu_mul16(__m512 g, __m512 u) { return _mm512_mul_ps(_mm512_mul_p
 //   4-bit (Q4_0 as m = -8d, Q4_1): 4 chunks of 64 bytes; in chunk c, 16-bit word 2j+e holds in its nibble i the
 //          integer of row j, column 2(4c+i)+e. One load, three shifts and three ANDs give 4 vectors of int16 pairs.
 //   8-bit (Q8_0): 16 chunks of 32 bytes; chunk p, byte 2j+e = row j, column 2p+e (sign-extended to int16 pairs).
+//   5-bit (Q5_1): the 4-bit layout for the low four bits, then a 64-byte plane of fifth bits: 16-bit word 2j+e,
+//          bit p = row j, column 2p+e; two shifts, an AND and a ternary-logic OR add it to each int16 vector.
 // Activations are rounded per 32-value block to int16 with their own scale (amax / 32767): relative error
 // 2^-16 of the block's largest value, finer than bfloat16 for the values that matter and safe for the outlier
 // channels (values near 10^4) that 8-bit activations lose. Products run on AVX512-VNNI's vpdpwssd, 32
@@ -163,8 +178,8 @@ inline __m512 silu_mul16(__m512 g, __m512 u) { return _mm512_mul_ps(_mm512_mul_p
 // one register with no horizontal sums; the fp32 scales are applied once per block:
 //   y[row] += d * dx * sum_k(u * xq)  +  m * sx       (sx = dx * sum_k(xq), the block's activation sum)
 constexpr int GR = 16;  // rows per group
-enum Fmt { X4 = 0, X8 = 1 };
-constexpr int64_t GBLOCK_BYTES[] = {64 + 256, 32 + 512};
+enum Fmt { X4 = 0, X8 = 1, X5 = 2 };
+constexpr int64_t GBLOCK_BYTES[] = {64 + 256, 32 + 512, 64 + 256 + 64};
 
 struct PW {  // a packed weight matrix
     const uint8_t* data;
@@ -174,7 +189,7 @@ struct PW {  // a packed weight matrix
 
 PW as_pw(const at::Tensor& data, int64_t fmt, int64_t rows) {
     TORCH_CHECK(data.dim() == 2 && data.is_contiguous() && data.scalar_type() == at::kByte, "packed weight must be contiguous uint8");
-    TORCH_CHECK(fmt == X4 || fmt == X8, "unknown packed format ", fmt);
+    TORCH_CHECK(fmt == X4 || fmt == X8 || fmt == X5, "unknown packed format ", fmt);
     PW w;
     w.data = data.data_ptr<uint8_t>();
     w.fmt = (int)fmt;
@@ -193,10 +208,31 @@ inline void x4_place(int j, int k, int& byte, int& shift) {
     shift = (i % 2) * 4;
 }
 inline int x8_place(int j, int k) { return (k / 2) * 32 + 2 * j + k % 2; }
+// 5-bit: the fifth bit's (byte offset inside the plane, bit).
+inline void x5_place(int j, int k, int& byte, int& bit) {
+    const int word = 2 * j + k % 2, p = k / 2;
+    byte = word * 2 + p / 8;
+    bit = p % 8;
+}
+constexpr int X5_PLANE = 64 + 256;  // where the fifth bits start in a 5-bit group block
+
+#ifdef TINKER_AVX512
+// Bit p of every 16-bit lane of the fifth-bit plane, moved to bit 4 (the value 16 or 0).
+inline __m512i fifth_bits(__m512i plane, int p) {
+    const __m512i moved = p >= 4 ? _mm512_srli_epi16(plane, (unsigned)(p - 4)) : _mm512_slli_epi16(plane, (unsigned)(4 - p));
+    return _mm512_and_si512(moved, _mm512_set1_epi16(0x10));
+}
+#endif
+#if defined(__AVX2__)
+inline __m256i fifth_bits(__m256i plane, int p) {
+    const __m256i moved = p >= 4 ? _mm256_srli_epi16(plane, p - 4) : _mm256_slli_epi16(plane, 4 - p);
+    return _mm256_and_si256(moved, _mm256_set1_epi16(0x10));
+}
+#endif
 
 at::Tensor pack(at::Tensor data, int64_t type) {
     QW w = as_qw(data, type);
-    const int fmt = type == Q8_0 ? X8 : X4;
+    const int fmt = type == Q8_0 ? X8 : type == Q5_1 ? X5 : X4;
     const int64_t groups = (w.rows + GR - 1) / GR, GB = GBLOCK_BYTES[fmt];
     auto out = at::zeros({groups, w.nb * GB}, at::kByte);
     uint8_t* o = out.data_ptr<uint8_t>();
@@ -211,18 +247,25 @@ at::Tensor pack(at::Tensor data, int64_t type) {
                         for (int k = 0; k < QK; k++) gb[32 + x8_place(j, k)] = blk[2 + k];
                         continue;
                     }
-                    if (type == Q4_1) {
+                    if (type == Q4_1 || type == Q5_1) {
                         std::memcpy(gb + 32 + 2 * j, blk + 2, 2);
                     } else {  // Q4_0: d * (u - 8) = d * u + m with m = -8d (exact in fp16)
                         const at::Half m = at::Half(-8.f * load_half(blk));
                         std::memcpy(gb + 32 + 2 * j, &m, 2);
                     }
-                    const uint8_t* qs = blk + (type == Q4_1 ? 4 : 2);
+                    const uint8_t* qs = blk + (type == Q5_1 ? 8 : type == Q4_1 ? 4 : 2);
+                    uint32_t qh = 0;
+                    if (type == Q5_1) std::memcpy(&qh, blk + 4, 4);
                     for (int k = 0; k < QK; k++) {
                         const int u = k < 16 ? (qs[k] & 0x0F) : (qs[k - 16] >> 4);
                         int byte, shift;
                         x4_place(j, k, byte, shift);
                         gb[64 + byte] |= (uint8_t)(u << shift);
+                        if (type == Q5_1 && ((qh >> k) & 1)) {
+                            int hbyte, bit;
+                            x5_place(j, k, hbyte, bit);
+                            gb[X5_PLANE + hbyte] |= (uint8_t)(1 << bit);
+                        }
                     }
                 }
             }
@@ -244,6 +287,11 @@ inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float
     int byte, shift;
     x4_place(j, k, byte, shift);
     q = (gb[64 + byte] >> shift) & 0x0F;
+    if (w.fmt == X5) {
+        int hbyte, bit;
+        x5_place(j, k, hbyte, bit);
+        q |= ((gb[X5_PLANE + hbyte] >> bit) & 1) << 4;
+    }
     m = load_half(gb + 32 + 2 * j);
 }
 
@@ -272,7 +320,7 @@ void packed_dequant_group(const PW& w, int64_t g, float* out) {
     for (int64_t b = 0; b < w.nb; b++) {
         const uint8_t* gb = w.data + (g * w.nb + b) * GB;
         const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)gb));
-        const __m512 mv = w.fmt == X4 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + 32))) : _mm512_setzero_ps();
+        const __m512 mv = w.fmt != X8 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + 32))) : _mm512_setzero_ps();
         const __m512 d_lo = _mm512_permutexvar_ps(pairs_lo, dv), d_hi = _mm512_permutexvar_ps(pairs_hi, dv);
         const __m512 m_lo = _mm512_permutexvar_ps(pairs_lo, mv), m_hi = _mm512_permutexvar_ps(pairs_hi, mv);
         auto put = [&](__m512i words, int p) {  // 32 int16: rows 0..15 x columns (2p, 2p+1)
@@ -282,13 +330,15 @@ void packed_dequant_group(const PW& w, int64_t g, float* out) {
             _mm512_i64scatter_pd(base, idx_lo, _mm512_castps_pd(lo), 8);
             _mm512_i64scatter_pd(base, idx_hi, _mm512_castps_pd(hi), 8);
         };
-        if (w.fmt == X4) {
+        if (w.fmt != X8) {
+            const __m512i hb = _mm512_loadu_si512((const void*)(gb + X5_PLANE));
             for (int c = 0; c < 4; c++) {
                 const __m512i v = _mm512_loadu_si512((const void*)(gb + 64 + 64 * c));
-                put(_mm512_and_si512(v, low), 4 * c);
-                put(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), 4 * c + 1);
-                put(_mm512_and_si512(_mm512_srli_epi16(v, 8), low), 4 * c + 2);
-                put(_mm512_srli_epi16(v, 12), 4 * c + 3);
+                for (int i = 0; i < 4; i++) {
+                    __m512i wi = _mm512_and_si512(_mm512_srli_epi16(v, 4 * i), low);
+                    if (w.fmt == X5) wi = _mm512_or_si512(wi, fifth_bits(hb, 4 * c + i));
+                    put(wi, 4 * c + i);
+                }
             }
         } else {
             for (int p = 0; p < 16; p++) put(_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(gb + 32 + 32 * p))), p);
@@ -311,15 +361,18 @@ at::Tensor unpack(at::Tensor data, int64_t fmt, int64_t rows, int64_t type) {
             const uint8_t* gb = w.data + ((r / GR) * w.nb + b) * GB;
             const int j = (int)(r % GR);
             std::memcpy(blk, gb + 2 * j, 2);
-            if (type == Q4_1) std::memcpy(blk + 2, gb + 32 + 2 * j, 2);
-            uint8_t* qs = blk + (type == Q4_1 ? 4 : 2);
+            if (type == Q4_1 || type == Q5_1) std::memcpy(blk + 2, gb + 32 + 2 * j, 2);
+            uint8_t* qs = blk + (type == Q5_1 ? 8 : type == Q4_1 ? 4 : 2);
+            uint32_t qh = 0;
             for (int k = 0; k < QK; k++) {
                 int q; float d, m;
                 packed_entry(w, r, b, k, q, d, m);
+                if (type == Q5_1) qh |= (uint32_t)(q >> 4) << k;
                 if (type == Q8_0) qs[k] = (uint8_t)(int8_t)q;
-                else if (k < 16) qs[k] |= (uint8_t)q;
-                else qs[k - 16] |= (uint8_t)(q << 4);
+                else if (k < 16) qs[k] |= (uint8_t)(q & 0x0F);
+                else qs[k - 16] |= (uint8_t)((q & 0x0F) << 4);
             }
+            if (type == Q5_1) std::memcpy(blk + 4, &qh, 4);
         }
     return out;
 }
@@ -382,11 +435,17 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
         __m512i tmp[T][NC];
         for (int t = 0; t < T; t++)
             for (int c = 0; c < NC; c++) tmp[t][c] = _mm512_setzero_si512();
-        if (FMT == X4) {
+        if (FMT != X8) {
+            __m512i hb = _mm512_setzero_si512();  // 5-bit: the plane of fifth bits
+            if (FMT == X5) hb = _mm512_loadu_si512((const void*)(gb + X5_PLANE));
             for (int c = 0; c < 4; c++) {
                 const __m512i v = _mm512_loadu_si512((const void*)(gb + 64 + 64 * c));
                 for (int i = 0; i < 4; i++) {  // nibble i: the int16 pairs of columns 2(4c+i), 2(4c+i)+1
-                    const __m512i wi = i == 3 ? _mm512_srli_epi16(v, 12) : _mm512_and_si512(_mm512_srli_epi16(v, 4 * i), low);
+                    __m512i wi;
+                    if (FMT == X5)  // ((v >> 4i) & 0x0F) | (fifth bit << 4): the AND and OR as one ternary op
+                        wi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4 * i), low, fifth_bits(hb, 4 * c + i), 0xEA);
+                    else
+                        wi = i == 3 ? _mm512_srli_epi16(v, 12) : _mm512_and_si512(_mm512_srli_epi16(v, 4 * i), low);
                     for (int t = 0; t < T; t++)
                         tmp[t][i % NC] = _mm512_dpwssd_epi32(tmp[t][i % NC], wi, _mm512_set1_epi32(xp[t][4 * c + i]));
                 }
@@ -404,7 +463,7 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
             const int64_t xi = (t0 + t) * x.nb + b;
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tmp[t][0]), _mm512_mul_ps(dv, _mm512_set1_ps(x.dx[xi])), acc[t]);
         }
-        if (FMT == X4) {
+        if (FMT != X8) {
             const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + 32)));
             for (int t = 0; t < T; t++) acc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(x.sx[(t0 + t) * x.nb + b]), acc[t]);
         }
@@ -425,11 +484,14 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
             for (int t = 0; t < T; t++) xp[t] = (const int32_t*)(x.q.data() + (t0 + t) * x.K + b * QK);
             __m256i tmp[T];
             for (int t = 0; t < T; t++) tmp[t] = _mm256_setzero_si256();
-            if (FMT == X4) {
+            if (FMT != X8) {
+                __m256i hb = _mm256_setzero_si256();
+                if (FMT == X5) hb = _mm256_loadu_si256((const __m256i*)(gb + X5_PLANE + 32 * hf));
                 for (int c = 0; c < 4; c++) {
                     const __m256i v = _mm256_loadu_si256((const __m256i*)(gb + 64 + 64 * c + 32 * hf));
                     for (int i = 0; i < 4; i++) {
-                        const __m256i wi = i == 3 ? _mm256_srli_epi16(v, 12) : _mm256_and_si256(_mm256_srli_epi16(v, 4 * i), low);
+                        __m256i wi = _mm256_and_si256(_mm256_srli_epi16(v, 4 * i), low);
+                        if (FMT == X5) wi = _mm256_or_si256(wi, fifth_bits(hb, 4 * c + i));
                         for (int t = 0; t < T; t++)
                             tmp[t] = _mm256_add_epi32(tmp[t], _mm256_madd_epi16(wi, _mm256_set1_epi32(xp[t][4 * c + i])));
                     }
@@ -445,7 +507,7 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
                 const int64_t xi = (t0 + t) * x.nb + b;
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tmp[t]), _mm256_mul_ps(dv, _mm256_set1_ps(x.dx[xi])), acc[t]);
             }
-            if (FMT == X4) {
+            if (FMT != X8) {
                 const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 + 16 * hf)));
                 for (int t = 0; t < T; t++) acc[t] = _mm256_fmadd_ps(mv, _mm256_set1_ps(x.sx[(t0 + t) * x.nb + b]), acc[t]);
             }
@@ -467,7 +529,7 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
         const uint8_t* gb = gp + b * GB;
         for (int j = 0; j < GR; j++) {
             d[j] = load_half(gb + 2 * j);
-            m[j] = FMT == X4 ? load_half(gb + 32 + 2 * j) : 0.f;
+            m[j] = FMT != X8 ? load_half(gb + 32 + 2 * j) : 0.f;
             for (int k = 0; k < QK; k++) {
                 if (FMT == X8) {
                     wq[j][k] = (int8_t)gb[32 + x8_place(j, k)];
@@ -475,6 +537,11 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
                     int byte, shift;
                     x4_place(j, k, byte, shift);
                     wq[j][k] = (gb[64 + byte] >> shift) & 0x0F;
+                    if (FMT == X5) {
+                        int hbyte, bit;
+                        x5_place(j, k, hbyte, bit);
+                        wq[j][k] |= ((gb[X5_PLANE + hbyte] >> bit) & 1) << 4;
+                    }
                 }
             }
         }
@@ -510,7 +577,8 @@ void group_tile(const PW& w, int64_t g, const XQ& x, int64_t t0, int64_t n, floa
 }
 
 inline void tile(const PW& w, int64_t g, const XQ& x, int64_t t0, int64_t n, float* y, int64_t ystride) {
-    if (w.fmt == X4) group_tile<X4>(w, g, x, t0, n, y, ystride);
+    if (w.fmt == X5) group_tile<X5>(w, g, x, t0, n, y, ystride);
+    else if (w.fmt == X4) group_tile<X4>(w, g, x, t0, n, y, ystride);
     else group_tile<X8>(w, g, x, t0, n, y, ystride);
 }
 

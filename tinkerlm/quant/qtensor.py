@@ -4,11 +4,12 @@ A `QTensor` is a (rows, K) matrix stored as rows of 32-value blocks (layouts as 
 - Q8_0: fp16 d, 32 x int8 q                       value = d * q                 (34 bytes a block)
 - Q4_0: fp16 d, 16 bytes of 4-bit q               value = d * (q - 8)           (18 bytes)
 - Q4_1: fp16 d, fp16 m, 16 bytes of 4-bit q       value = d * q + m             (20 bytes)
+- Q5_1: fp16 d, fp16 m, 4 bytes of fifth bits, 16 bytes of low nibbles   value = d * q + m   (24 bytes)
 (4-bit: byte j holds value j in its low nibble and value j + 16 in its high one.)
 Q4_K (the usual 4-bit K-quant) becomes Q4_1 blocks: its 32-value sub-blocks are exactly d * u - m with 4-bit u,
-so only each sub-block's scale and offset are rounded, to fp16 (relative error <= 2^-11 of the scale). Q5_0
-becomes Q8_0 blocks losslessly (same scale, q - 16 in int8). Other GGUF types (Q5_1, Q6_K, IQ...) are dequantized
-and requantized to Q8_0 at load: ~8.5 bits a weight, more precise than the source. `quantize` makes Q8_0 (int8) or Q4_1 (int4) blocks from float weights.
+so only each sub-block's scale and offset are rounded, to fp16 (relative error <= 2^-11 of the scale); likewise
+Q5_K becomes Q5_1 blocks, and Q5_0 becomes Q5_1 losslessly (m = -16d). Other GGUF types (Q6_K, Q2_K, Q3_K, IQ...)
+are dequantized and requantized to Q8_0 at load: ~8.5 bits a weight, more precise than the source. `quantize` makes Q8_0 (int8) or Q4_1 (int4) blocks from float weights.
 
 A `Packed` tensor is a QTensor rearranged, losslessly, into the layout the C++ products read (groups of 16 rows;
 kernels.cpp, "Packed weights"); `kernels.pack` and `kernels.unpack` convert between the two.
@@ -23,14 +24,14 @@ import numpy as np
 import torch
 
 QK = 32
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
-TYPE_CODES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2}  # as kernels.cpp numbers them
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_1": 24}
+TYPE_CODES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q5_1": 3}  # as kernels.cpp numbers them
 
 
 @dataclass
 class QTensor:
     data: torch.Tensor  # uint8 (rows, K // 32 * block bytes): the blocks, possibly a view of a memory-mapped file
-    qtype: str  # Q8_0, Q4_0 or Q4_1
+    qtype: str  # Q8_0, Q4_0, Q4_1 or Q5_1
     K: int
 
     @property
@@ -58,8 +59,12 @@ class QTensor:
         d = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0].float()
         if self.qtype == "Q8_0":
             return d, None, blocks[..., 2:].contiguous().view(torch.int8).to(torch.int16)
-        qs = blocks[..., 4:] if self.qtype == "Q4_1" else blocks[..., 2:]
+        qs = blocks[..., {"Q4_0": 2, "Q4_1": 4, "Q5_1": 8}[self.qtype]:]
         u = torch.cat((qs & 0x0F, qs >> 4), dim=-1).to(torch.int16)
+        if self.qtype == "Q5_1":  # fifth bits: bit k of a little-endian uint32 belongs to value k
+            qh = blocks[..., 4:8].to(torch.int32)
+            qh = qh[..., 0] | (qh[..., 1] << 8) | (qh[..., 2] << 16) | (qh[..., 3] << 24)
+            u = u | (((qh[..., None] >> torch.arange(32, dtype=torch.int32)) & 1) << 4).to(torch.int16)
         if self.qtype == "Q4_0":
             return d, None, u - 8
         return d, blocks[..., 2:4].contiguous().view(torch.float16)[..., 0].float(), u
@@ -78,7 +83,7 @@ class QTensor:
         return QTensor(torch.cat([p.data for p in parts]), parts[0].qtype, parts[0].K)
 
 
-PACKED_FORMATS = {"Q4_0": 0, "Q4_1": 0, "Q8_0": 1}  # as kernels.cpp numbers them: X4 (with offsets), X8
+PACKED_FORMATS = {"Q4_0": 0, "Q4_1": 0, "Q8_0": 1, "Q5_1": 2}  # as kernels.cpp numbers them: X4, X8, X5
 
 
 @dataclass
@@ -137,6 +142,48 @@ def q4_k_to_q4_1(raw: np.ndarray, rows: int, K: int) -> np.ndarray:
     2c + 1 in the high ones). Sub-block s is d * sc[s] * u - dmin * mn[s].
     """
     sb = raw.reshape(-1, 144)
+    scales = _k_scales(sb)
+    qs = sb[:, 16:].reshape(-1, 4, 32)
+    u = np.stack((qs & 0x0F, qs >> 4), axis=2).reshape(-1, 8, 32)  # (n, sub-block, value)
+    out = np.empty((len(sb), 8, 20), np.uint8)
+    out[..., 0:4] = scales
+    out[..., 4:] = u[..., :16] | (u[..., 16:] << 4)
+    return out.reshape(rows, K // QK * 20)
+
+
+def q5_0_to_q5_1(raw: np.ndarray, rows: int, K: int) -> np.ndarray:
+    """Q5_0 blocks (fp16 d, 4 bytes of fifth bits, 16 bytes of low nibbles; value d * (q - 16)) -> Q5_1 blocks
+    with m = -16 d (exact in fp16): the same values, bit for bit."""
+    b = raw.reshape(-1, 22)
+    out = np.empty((len(b), 24), np.uint8)
+    out[:, 0:2] = b[:, 0:2]
+    out[:, 2:4] = (b[:, 0:2].copy().view(np.float16) * np.float16(-16)).view(np.uint8)
+    out[:, 4:] = b[:, 2:]
+    return out.reshape(rows, K // QK * 24)
+
+
+def q5_k_to_q5_1(raw: np.ndarray, rows: int, K: int) -> np.ndarray:
+    """Q5_K super-blocks (rows, K / 256 * 176 bytes) -> Q5_1 blocks (rows, K / 32 * 24 bytes).
+
+    A Q5_K super-block (ggml-common.h block_q5_K): fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins (as
+    Q4_K), 32 bytes of fifth bits (bit s of byte l: sub-block s, value l), 128 bytes of low nibbles (as Q4_K).
+    """
+    sb = raw.reshape(-1, 176)
+    scales = _k_scales(sb)
+    qh = sb[:, 16:48]  # (n, 32)
+    qs = sb[:, 48:].reshape(-1, 4, 32)
+    u = np.stack((qs & 0x0F, qs >> 4), axis=2).reshape(-1, 8, 32)
+    high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # (n, sub-block, value)
+    out = np.empty((len(sb), 8, 24), np.uint8)
+    out[..., 0:4] = scales
+    bits = (high.astype(np.uint32) << np.arange(32, dtype=np.uint32)).sum(-1).astype("<u4")  # value l -> bit l
+    out[..., 4:8] = bits[..., None].view(np.uint8)
+    out[..., 8:] = u[..., :16] | (u[..., 16:] << 4)
+    return out.reshape(rows, K // QK * 24)
+
+
+def _k_scales(sb: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K super-blocks -> each sub-block's fp16 scale d * sc and offset -dmin * mn, as bytes (n, 8, 4)."""
     d = sb[:, 0:2].copy().view(np.float16).astype(np.float32)  # (n, 1)
     dmin = sb[:, 2:4].copy().view(np.float16).astype(np.float32)
     s = sb[:, 4:16].astype(np.uint8)
@@ -145,31 +192,15 @@ def q4_k_to_q4_1(raw: np.ndarray, rows: int, K: int) -> np.ndarray:
     sc[:, :4], mn[:, :4] = s[:, 0:4] & 63, s[:, 4:8] & 63
     sc[:, 4:] = (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)
     mn[:, 4:] = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
-    qs = sb[:, 16:].reshape(-1, 4, 32)
-    u = np.stack((qs & 0x0F, qs >> 4), axis=2).reshape(-1, 8, 32)  # (n, sub-block, value)
-    out = np.empty((len(sb), 8, 20), np.uint8)
+    out = np.empty((len(sb), 8, 4), np.uint8)
     out[..., 0:2] = (d * sc).astype(np.float16)[..., None].view(np.uint8)
     out[..., 2:4] = (-dmin * mn).astype(np.float16)[..., None].view(np.uint8)
-    out[..., 4:] = u[..., :16] | (u[..., 16:] << 4)
-    return out.reshape(rows, K // QK * 20)
-
-
-def q5_0_to_q8_0(raw: np.ndarray, rows: int, K: int) -> np.ndarray:
-    """Q5_0 blocks (fp16 d, 4 bytes of fifth bits, 16 bytes of low nibbles; value d * (q - 16)) -> Q8_0 blocks with
-    the same d and q - 16 as int8: the same values, bit for bit."""
-    b = raw.reshape(-1, 22)
-    qh = b[:, 2:6].copy().view("<u4")  # (n, 1): bit j is value j's fifth bit
-    lo = np.concatenate((b[:, 6:] & 0x0F, b[:, 6:] >> 4), axis=1).astype(np.int16)  # values 0..15, then 16..31
-    high = (qh >> np.arange(32, dtype=np.uint32)) & 1
-    out = np.empty((len(b), 34), np.uint8)
-    out[:, 0:2] = b[:, 0:2]
-    out[:, 2:] = (lo + (high.astype(np.int16) << 4) - 16).astype(np.int8).view(np.uint8)
-    return out.reshape(rows, K // QK * 34)
+    return out
 
 
 def from_gguf(raw: np.ndarray, type_name: str, shape: tuple[int, int], dequantize=None) -> QTensor:
-    """A GGUF tensor's raw blocks (rows, bytes a row) as a QTensor: zero-copy for Q8_0/Q4_0/Q4_1, Q4_K as Q4_1,
-    Q5_0 as Q8_0.
+    """A GGUF tensor's raw blocks (rows, bytes a row) as a QTensor: zero-copy for Q8_0/Q4_0/Q4_1/Q5_1, Q4_K as
+    Q4_1, Q5_0 and Q5_K as Q5_1.
 
     `dequantize(raw) -> float32 array` serves the other types, which are requantized to Q8_0.
     """
@@ -177,7 +208,9 @@ def from_gguf(raw: np.ndarray, type_name: str, shape: tuple[int, int], dequantiz
     if type_name == "Q4_K":
         return QTensor(torch.from_numpy(q4_k_to_q4_1(np.asarray(raw), rows, K)), "Q4_1", K)
     if type_name == "Q5_0":
-        return QTensor(torch.from_numpy(q5_0_to_q8_0(np.asarray(raw), rows, K)), "Q8_0", K)
+        return QTensor(torch.from_numpy(q5_0_to_q5_1(np.asarray(raw), rows, K)), "Q5_1", K)
+    if type_name == "Q5_K":
+        return QTensor(torch.from_numpy(q5_k_to_q5_1(np.asarray(raw), rows, K)), "Q5_1", K)
     if type_name not in BLOCK_BYTES:
         w = torch.from_numpy(np.ascontiguousarray(dequantize(raw), dtype=np.float32).reshape(rows, K))
         return quantize(w, 8)

@@ -96,6 +96,7 @@ PORTABLE_MAX_ROWS = 16
 
 
 def prefer_blas(k, x: torch.Tensor) -> bool:
+    """Whether these kernels should hand this product to BLAS (a portable build and a prefill-sized x)."""
     return k.isa != "avx512-vnni" and x.numel() // x.shape[-1] > PORTABLE_MAX_ROWS
 
 

@@ -243,8 +243,8 @@ at::Tensor pack(at::Tensor data, int64_t type) {
                 for (int j = 0; j < GR && g * GR + j < w.rows; j++) {
                     const uint8_t* blk = w.data + (g * GR + j) * w.row_bytes + b * BLOCK_BYTES[type];
                     std::memcpy(gb + 2 * j, blk, 2);  // d, bit for bit
-                    if (fmt == X8) {
-                        for (int k = 0; k < QK; k++) gb[32 + x8_place(j, k)] = blk[2 + k];
+                    if (fmt == X8) {  // the two bytes of columns (2p, 2p+1) go to chunk p, word j
+                        for (int p = 0; p < 16; p++) std::memcpy(gb + 32 + 32 * p + 2 * j, blk + 2 + 2 * p, 2);
                         continue;
                     }
                     if (type == Q4_1 || type == Q5_1) {
@@ -254,17 +254,25 @@ at::Tensor pack(at::Tensor data, int64_t type) {
                         std::memcpy(gb + 32 + 2 * j, &m, 2);
                     }
                     const uint8_t* qs = blk + (type == Q5_1 ? 8 : type == Q4_1 ? 4 : 2);
-                    uint32_t qh = 0;
-                    if (type == Q5_1) std::memcpy(&qh, blk + 4, 4);
-                    for (int k = 0; k < QK; k++) {
-                        const int u = k < 16 ? (qs[k] & 0x0F) : (qs[k - 16] >> 4);
-                        int byte, shift;
-                        x4_place(j, k, byte, shift);
-                        gb[64 + byte] |= (uint8_t)(u << shift);
-                        if (type == Q5_1 && ((qh >> k) & 1)) {
-                            int hbyte, bit;
-                            x5_place(j, k, hbyte, bit);
-                            gb[X5_PLANE + hbyte] |= (uint8_t)(1 << bit);
+                    uint8_t u[QK];
+                    for (int k = 0; k < 16; k++) {
+                        u[k] = qs[k] & 0x0F;
+                        u[k + 16] = qs[k] >> 4;
+                    }
+                    // chunk c, word 2j+e: nibble i holds column 2(4c+i)+e (see x4_place)
+                    for (int c = 0; c < 4; c++)
+                        for (int e = 0; e < 2; e++) {
+                            const uint16_t word = (uint16_t)(u[8 * c + e] | (u[8 * c + 2 + e] << 4) |
+                                                             (u[8 * c + 4 + e] << 8) | (u[8 * c + 6 + e] << 12));
+                            std::memcpy(gb + 64 + 64 * c + 2 * (2 * j + e), &word, 2);
+                        }
+                    if (type == Q5_1) {  // word 2j+e of the plane: bit p = fifth bit of column 2p+e (see x5_place)
+                        uint32_t qh;
+                        std::memcpy(&qh, blk + 4, 4);
+                        for (int e = 0; e < 2; e++) {
+                            uint16_t word = 0;
+                            for (int p = 0; p < 16; p++) word |= (uint16_t)(((qh >> (2 * p + e)) & 1) << p);
+                            std::memcpy(gb + X5_PLANE + 2 * (2 * j + e), &word, 2);
                         }
                     }
                 }

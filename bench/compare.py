@@ -194,6 +194,8 @@ def machine_info() -> dict:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
                 info["ram_gib"] = int(line.split()[1]) / 1024**2
+        # the last-level cache: a model that fits decodes at cache speed when the neighbours let it
+        info["llc"] = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
     except OSError:
         pass
     from tinkerlm.api import physical_cores
@@ -273,7 +275,7 @@ def write_markdown(path: Path, *, medians, results, skipped, machine, args, comm
     lines += [
         f"- CPU: {machine['cpu']}, {machine['physical_cores']} physical cores, {machine['logical_cpus']} logical CPUs",
         f"- CPU flags: {', '.join(machine['flags']) or 'none of avx2/avx512/amx'}",
-        f"- RAM: {ram}",
+        f"- RAM: {ram}; last-level cache: {machine.get('llc', 'unknown')} (shared with whatever else runs on the host)",
         f"- 1-minute load average before / after the runs: {machine['load_before']:.2f} / {machine['load_after']:.2f} "
         f"(near or above the core count means other work shared the cores: rerun on a quiet machine)",
         f"- Python {machine['python']}, torch {machine['torch']}"

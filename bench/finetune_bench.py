@@ -65,7 +65,6 @@ def worker_tinkerlm(spec: dict) -> dict:
     ids, seg, target = _rows(spec)
     path = Path(spec["gguf"] if spec["quant"] == "native" else spec["hf_dir"])
     model, _, _ = load_checkpoint(path, quant=spec["quant"])
-    model.fused_decode = None
     lora.apply_lora(model, lora.LoRAConfig(rank=8, alpha=16, targets=TARGETS), seed=0)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)

@@ -161,6 +161,20 @@ def test_frozen_quantized_layer_gradient_equals_dequantized(bases):
     torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-5)
 
 
+def test_lora_on_a_fused_quantized_model_trains_every_target(bases):
+    """Loading packs and fuses q/k/v, gate/up and the decode step; wrapping layers in LoRA must undo that, or the
+    fused calls would read the base weights alone and the adapters in them would get no gradient."""
+    model, _, _ = load_checkpoint(bases["llama"], quant="int4")
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attn.fused_qkv is not None and mlp.fused_gate_up is not None and model.fused_decode is not None
+    lora.apply_lora(model, lora.LoRAConfig(rank=4, alpha=8, targets=["all-linear"]), seed=0)
+    assert attn.fused_qkv is None and mlp.fused_gate_up is None and model.fused_decode is None
+    randomise_lora(model)
+    model(IDS).square().mean().backward()
+    for name, m in lora.lora_modules(model).items():
+        assert m.lora_A.grad is not None and m.lora_A.grad.abs().sum() > 0, name
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Data: masks, packing, errors
 

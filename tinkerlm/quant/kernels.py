@@ -93,11 +93,12 @@ def round_acts(x: torch.Tensor) -> torch.Tensor:
 # Builds without AVX-512 (kernels.cpp's AVX2 or plain C++ loops) are for decoding: products of more activation
 # rows than this dequantize the weight and use BLAS instead, as does attention (torch's).
 PORTABLE_MAX_ROWS = 16
+FULL_ISA = "avx512-vnni"  # kernels.cpp's `isa` for the build with every vector path (prefill products, attention)
 
 
 def prefer_blas(k, x: torch.Tensor) -> bool:
     """Whether these kernels should hand this product to BLAS (a portable build and a prefill-sized x)."""
-    return k.isa != "avx512-vnni" and x.numel() // x.shape[-1] > PORTABLE_MAX_ROWS
+    return k.isa != FULL_ISA and x.numel() // x.shape[-1] > PORTABLE_MAX_ROWS
 
 
 def qmatmul(x: torch.Tensor, w: QTensor | Packed) -> torch.Tensor:

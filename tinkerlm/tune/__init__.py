@@ -96,9 +96,6 @@ def finetune(*, config: str | None = None, resume: bool = False, force: bool = F
     path, base_manifest, base_record = _base(recipe.base)
     quant = "fp32" if recipe.full else recipe.quant
     model, tokenizer, gen_config = load_checkpoint(path, quant=quant)
-    from tinkerlm.quant import unfuse
-
-    unfuse(model)  # the fused calls read the base weights only: not for a model being changed
 
     if recipe.full:
         for p in model.parameters():
@@ -275,9 +272,6 @@ def load_adapted(manifest, dtype=None, quant: str = "native"):
     adapter = lora.read_adapter(adapter_dir)
     base_path, base_m = adapter_base(manifest, adapter)
     model, tokenizer, gen_config = load_checkpoint(base_path, dtype or torch.float32, quant)
-    from tinkerlm.quant import unfuse
-
-    unfuse(model)  # the fused calls know only the base weights, not the adapter
     lora.load_adapter(model, adapter, manifest.ref)
     template = adapter_dir / "chat_template.jinja"
     if template.is_file():

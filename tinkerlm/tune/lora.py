@@ -118,6 +118,9 @@ def target_names(model: nn.Module, targets: list[str] | str) -> list[str]:
 
 def apply_lora(model: nn.Module, config: LoRAConfig, seed: int | None = None) -> list[str]:
     """Freeze the model and wrap the target linear layers in `LoRALinear`; returns the wrapped module names."""
+    from tinkerlm.quant import unfuse
+
+    unfuse(model)  # fused q/k/v, gate/up and decode calls read the base weights directly: they would skip LoRA
     for p in model.parameters():
         p.requires_grad_(False)
     names = target_names(model, config.targets)
@@ -293,6 +296,9 @@ def load_adapter(model: nn.Module, adapter: Adapter, source: str = "adapter") ->
     Raises:
         TinkerError: the adapter names a module the model lacks, or shapes disagree (adapter for another base?).
     """
+    from tinkerlm.quant import unfuse
+
+    unfuse(model)  # as in apply_lora: the fused calls know only the base weights
     names = []
     for module, (a, b) in adapter.modules.items():
         try:

@@ -198,7 +198,7 @@ def machine_info() -> dict:
         info["llc"] = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
     except OSError:
         pass
-    from tinkerlm.api import physical_cores
+    from tinkerlm.loading import physical_cores
 
     info["physical_cores"] = physical_cores()
     return info
@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         worker_main(args.worker, args.spec)
         return 0
 
-    from tinkerlm.api import physical_cores, resolve
+    from tinkerlm.api import resolve
+    from tinkerlm.loading import physical_cores
     from tinkerlm.bench import prompt_ids
     from tinkerlm.formats.gguf import read_gguf
 

@@ -58,8 +58,9 @@ def _rows(spec):
 def worker_tinkerlm(spec: dict) -> dict:
     import torch
 
-    from tinkerlm.api import load_checkpoint
-    from tinkerlm.tune import lora, trainer
+    from tinkerlm import lora
+    from tinkerlm.loading import load_checkpoint
+    from tinkerlm.tune import trainer
 
     torch.set_num_threads(spec["threads"])
     ids, seg, target = _rows(spec)
@@ -130,7 +131,7 @@ def run(engine: str, spec: dict) -> dict:
 def prepare(args) -> dict:
     """Export the default model's GGUF to an fp32 Hugging Face directory (once) and return the worker spec."""
     from tinkerlm import store
-    from tinkerlm.api import load_checkpoint
+    from tinkerlm.loading import load_checkpoint
     from tinkerlm.tune import save_full
 
     m = store.find("smollm2") or store.pull("smollm2")

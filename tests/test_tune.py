@@ -17,11 +17,12 @@ import torch
 
 from test_cli import assert_user_error, cli
 from tiny import make_hf_model
-from tinkerlm import store
-from tinkerlm.api import load_checkpoint
+from tinkerlm import lora, store
 from tinkerlm.errors import TinkerError
+from tinkerlm.formats.peft import read_adapter
+from tinkerlm.loading import load_checkpoint
 from tinkerlm.tune import data as data_mod
-from tinkerlm.tune import lora, trainer
+from tinkerlm.tune import trainer
 
 ALL = ["llama", "qwen2", "gpt2"]
 
@@ -124,7 +125,7 @@ def test_peft_adapter_reads_back_and_deltas_match(bases, tmp_path):
 
     model, _, _ = load_checkpoint(bases["llama"])
     base_sd = {k: v.clone() for k, v in model.state_dict().items()}
-    adapter = lora.read_adapter(tmp_path)
+    adapter = read_adapter(tmp_path)
     assert lora.load_adapter(model, adapter) and len(lora.lora_modules(model)) == 2 * 3
     torch.testing.assert_close(model(IDS), theirs, atol=2e-5, rtol=1e-5)
     lora.fuse_lora(model)
@@ -141,7 +142,7 @@ def test_adapter_for_another_model_is_refused(bases, tmp_path):
     lora.save_adapter(model, tmp_path, lora.peft_config(lora.LoRAConfig(rank=2), names, None))
     other, _, _ = load_checkpoint(bases["gpt2"])
     with pytest.raises(TinkerError, match="does not have"):
-        lora.load_adapter(other, lora.read_adapter(tmp_path))
+        lora.load_adapter(other, read_adapter(tmp_path))
     with pytest.raises(TinkerError, match="matches no linear layer"):
         lora.apply_lora(other, lora.LoRAConfig(targets=["q_proj"]))
 
@@ -310,8 +311,8 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(bases, tmp_path):
     assert trainer.latest_checkpoint(run).name == "step-000004"
     resumed = _ft(bases, data, "part", max_steps=9, save_every=2, lora_dropout=0.1, eval_every=3, resume=True)
     assert _losses(resumed) == _losses(full)
-    a = lora.read_adapter(store.model_path(full))
-    b = lora.read_adapter(store.model_path(resumed))
+    a = read_adapter(store.model_path(full))
+    b = read_adapter(store.model_path(resumed))
     for k in a.modules:
         assert torch.equal(a.modules[k][1], b.modules[k][1])
 
@@ -481,7 +482,7 @@ def test_two_process_torchrun_equals_one_process(bases, tmp_path):
     assert len(ours) == len(theirs) == 6
     for (a, _), (b, _) in zip(ours, theirs):
         assert a == pytest.approx(b, rel=1e-5)
-    a = lora.read_adapter(store.model_path(single))
-    b = lora.read_adapter(store.model_path(ddp))
+    a = read_adapter(store.model_path(single))
+    b = read_adapter(store.model_path(ddp))
     for k in a.modules:
         torch.testing.assert_close(a.modules[k][1], b.modules[k][1], atol=1e-5, rtol=1e-4)

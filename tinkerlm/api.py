@@ -9,13 +9,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import torch
-
 from tinkerlm import chat as chat_mod
+from tinkerlm import loading
 from tinkerlm.errors import TinkerError
 from tinkerlm.generate import SamplingParams, generate, stream_generate
 
@@ -40,46 +38,6 @@ def resolve(name_or_path: str, pull: bool = True):
             store.get(name_or_path)  # raises, suggesting close names
         manifest = store.pull(name_or_path)
     return store.model_path(manifest), manifest
-
-
-def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, quant: str = "native"):
-    """(model, tokenizer, generation_config) from a GGUF file or a Hugging Face model directory.
-
-    `quant` picks the weight format (see `load`); quantized layers are module swaps from `tinkerlm.quant`.
-    """
-    from tinkerlm import models
-    from tinkerlm import quant as q
-    from tinkerlm.formats.tokenizer import Tokenizer
-
-    source = str(path)
-    if quant in ("bf16", "fp32"):
-        dtype = torch.bfloat16 if quant == "bf16" else torch.float32
-    if path.is_dir():
-        from tinkerlm.formats import hf
-
-        config = hf.load_config(path)
-        model = models.build(config, source)
-        state_dict = models.hf_layout(config, hf.load_state_dict(path), source)
-        tokenizer = Tokenizer.from_hf_dir(path)
-        gen_config = hf.load_generation_config(path)
-    else:
-        from tinkerlm.formats.gguf import read_gguf
-
-        ckpt = read_gguf(path)
-        config = ckpt.config()
-        model = models.build(config, source)
-        state_dict = ckpt.state_dict(packed=quant == "native" and dtype == torch.float32)
-        tokenizer = ckpt.tokenizer()
-        gen_config = {}
-    packed = {k: v for k, v in state_dict.items() if isinstance(v, (q.QTensor, q.Packed))}
-    plain = {k: v for k, v in state_dict.items() if k not in packed}
-    models.load_weights(model, plain, source, dtype, provided=set(packed))
-    q.attach(model, packed, source)
-    if quant in ("int8", "int4"):
-        q.quantize(model, 8 if quant == "int8" else 4)
-    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers())), "weights left unset"
-    q.fuse(model)
-    return model, tokenizer, gen_config
 
 
 class LLM:
@@ -140,25 +98,30 @@ class LLM:
                 yield chunk.text
 
 
-def physical_cores() -> int:
-    """Physical CPU cores (hyperthreads share a core's vector units, so they slow matrix work down)."""
-    try:
-        cores = set()
-        phys = core = None
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("physical id"):
-                phys = line.split(":")[1].strip()
-            elif line.startswith("core id"):
-                core = line.split(":")[1].strip()
-                cores.add((phys, core))
-        if cores:
-            return len(cores)
-    except OSError:
-        pass
-    return os.cpu_count() or 1
+def resolve_adapter(manifest):
+    """(adapter, base path, base manifest or None) of a stored LoRA adapter: the `tinkerlm.formats.peft.Adapter`
+    and the base model it was trained on (named in its lineage, else in its adapter config).
 
+    Raises:
+        TinkerError: the adapter does not name its base, or the base is gone from the disk or the store.
+    """
+    from tinkerlm import store
+    from tinkerlm.formats.peft import read_adapter
 
-QUANTS = ("native", "int8", "int4", "bf16", "fp32")
+    adapter = read_adapter(store.model_path(manifest))
+    ref = next((p["name"] for p in manifest.parents if p.get("relation") == "base"), None) or adapter.base_model
+    if not ref:
+        raise TinkerError(f"{manifest.ref}: the adapter does not name its base model (base_model_name_or_path)")
+    path = Path(ref)
+    if path.is_absolute():
+        if not path.exists():
+            raise TinkerError(f"{manifest.ref}: its base {ref} is gone; restore it to use the adapter")
+        return adapter, path, None
+    base_m = store.find(ref)
+    if base_m is None:
+        raise TinkerError(f"{manifest.ref}: its base model {ref} is not in the store; pull it (`tinkerlm pull "
+                          f"{ref.partition(':')[0]}`) to use the adapter")
+    return adapter, store.model_path(base_m), base_m
 
 
 def load(name_or_path: str, *, dtype: str = "float32", quant: str = "native", threads: int | None = None,
@@ -170,23 +133,12 @@ def load(name_or_path: str, *, dtype: str = "float32", quant: str = "native", th
         quant: weight format: "native" keeps a GGUF's quantization, "int8"/"int4" quantize, "bf16"/"fp32" dequantize.
         threads: CPU threads for torch and the kernels; default the number of physical cores.
     """
-    if quant not in QUANTS:
-        raise TinkerError(f"quant: '{quant}' is not one of {', '.join(QUANTS)}")
-    if threads is not None and threads < 1:
-        raise TinkerError(f"threads: must be >= 1, got {threads}")
-    torch.set_num_threads(threads or physical_cores())
-    torch_dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                   "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(dtype)
-    if torch_dtype is None:
-        raise TinkerError(f"dtype: '{dtype}' is not one of float32, bfloat16, float16")
-    if quant in ("int8", "int4") and torch_dtype != torch.float32:
-        raise TinkerError(f"quant: {quant} weights run with float32 activations (drop --dtype {dtype})")
+    torch_dtype = loading.prepare(dtype, quant, threads)
     path, manifest = resolve(name_or_path, pull=pull)
     if manifest is not None and manifest.format == "lora":
-        from tinkerlm.tune import load_adapted
-
-        model, tokenizer, gen_config, _, _ = load_adapted(manifest, torch_dtype, quant)
+        adapter, base_path, _ = resolve_adapter(manifest)
+        model, tokenizer, gen_config = loading.load_adapted(adapter, base_path, torch_dtype, quant, manifest.ref)
     else:
-        model, tokenizer, gen_config = load_checkpoint(path, torch_dtype, quant)
+        model, tokenizer, gen_config = loading.load_checkpoint(path, torch_dtype, quant)
     name = manifest.ref if manifest else str(path)
     return LLM(model, tokenizer, name, manifest, gen_config)

@@ -1,18 +1,20 @@
 """Hugging Face model directories: `config.json`, `generation_config.json` and safetensors weights.
 
 Weights are single `model.safetensors` or shards listed in `model.safetensors.index.json`. Files are memory-mapped
-through `safetensors`; pickled `*.bin` checkpoints are never opened. Format: https://github.com/huggingface/safetensors
+through `safetensors`; pickled `*.bin` checkpoints are never opened. `write_model` is the one writer of model
+directories made here (fine-tunes, fused adapters, merges). Format: https://github.com/huggingface/safetensors
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from tinkerlm.errors import TinkerError
 
 INDEX = "model.safetensors.index.json"
+WEIGHTS_FILE = "model.safetensors"
 
 
 def read_json(path: Path, required: bool = True) -> dict[str, Any] | None:
@@ -85,7 +87,7 @@ def load_state_dict(model_dir: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Writing: a streaming safetensors writer and config.json, for models made here (merges) without holding them whole
+# Writing: a streaming safetensors writer and config.json, for models made here without holding them whole
 
 # torch dtype name -> safetensors dtype code (https://github.com/huggingface/safetensors#format)
 SAFETENSORS_DTYPES = {
@@ -209,3 +211,33 @@ def save_config(model_dir: str | Path, config: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def write_model(model_dir: str | Path, config: dict[str, Any], layout: list[tuple[str, Any, tuple[int, ...]]],
+                tensors: Iterable[tuple[str, Any]], *, metadata: dict[str, str] | None = None,
+                generation_config: dict[str, Any] | None = None, tokenizer: Callable[[Path], Any] | None = None,
+                chat_template: str | None = None) -> None:
+    """Write a Hugging Face model directory: `model.safetensors`, `config.json`, and optionally
+    `generation_config.json`, the tokenizer files and `chat_template.jinja`.
+
+    The weights stream through `SafetensorsWriter`: `layout` lists every tensor's (name, dtype, shape) in file
+    order, and `tensors` yields (name, tensor) in that order, each cast to its listed dtype and written as it comes,
+    so a caller computing tensors one by one (a merge) never holds a whole model.
+
+    Args:
+        metadata: the safetensors header's `__metadata__` (default {"format": "pt"}).
+        generation_config: written when non-empty, before the tokenizer (which may add stop ids to it).
+        tokenizer: called with the directory to write the tokenizer files (`Tokenizer.save_hf`, or a copy).
+        chat_template: written last, replacing any template the tokenizer wrote.
+    """
+    model_dir = Path(model_dir)
+    with SafetensorsWriter(model_dir / WEIGHTS_FILE, layout, metadata) as writer:
+        for name, tensor in tensors:
+            writer.write(name, tensor)
+    save_config(model_dir, config)
+    if generation_config:
+        (model_dir / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer(model_dir)
+    if chat_template is not None:
+        (model_dir / "chat_template.jinja").write_text(chat_template, encoding="utf-8")

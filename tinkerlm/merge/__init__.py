@@ -29,7 +29,6 @@ from tinkerlm.errors import TinkerError
 log = logging.getLogger(__name__)
 
 RECIPE_FILE = "mergekit_config.yml"
-WEIGHTS_FILE = "model.safetensors"
 
 
 def merge(recipe: str | Path | dict, out: str, *, force: bool = False, progress: bool = True,
@@ -108,22 +107,22 @@ def merge(recipe: str | Path | dict, out: str, *, force: bool = False, progress:
         tok_ref = r.tokenizer_source if r.tokenizer_source not in (None, "base") else \
             (r.base_model or r.slices[0].sources[0].model)
 
+        def merged():
+            """(name, tensor) for each output tensor, merged as it is asked for: one weight in memory at a time."""
+            for task in tqdm(tasks, desc=f"merge {method.name}", unit="tensor", disable=not progress):
+                xs = [src.tensor(n) for src, n in task.inputs]
+                gen = None
+                if method.random:
+                    gen = torch.Generator().manual_seed(_tensor_seed(seed, task.name))
+                out = method.fn(xs, task.base, task.shared, task.per_input, gen)
+                del xs
+                yield task.name, out
+                del out
+
         def fill(model_dir: Path) -> None:
-            header = [(t.name, t.dtype, t.shape) for t in tasks]
-            metadata = {"format": "pt", "merge_method": method.name}
-            with hf.SafetensorsWriter(model_dir / WEIGHTS_FILE, header, metadata) as writer:
-                for task in tqdm(tasks, desc=f"merge {method.name}", unit="tensor", disable=not progress):
-                    xs = [src.tensor(n) for src, n in task.inputs]
-                    gen = None
-                    if method.random:
-                        gen = torch.Generator().manual_seed(_tensor_seed(seed, task.name))
-                    merged = method.fn(xs, task.base, task.shared, task.per_input, gen)
-                    writer.write(task.name, merged)
-                    del xs, merged
-            hf.save_config(model_dir, config)
-            sources[tok_ref].save_tokenizer(model_dir)
-            if r.chat_template is not None:
-                (model_dir / "chat_template.jinja").write_text(r.chat_template, encoding="utf-8")
+            hf.write_model(model_dir, config, [(t.name, t.dtype, t.shape) for t in tasks], merged(),
+                           metadata={"format": "pt", "merge_method": method.name},
+                           tokenizer=sources[tok_ref].save_tokenizer, chat_template=r.chat_template)
             _write_yaml(model_dir / RECIPE_FILE, resolved)
             _write_card(model_dir, name, method.name, parents, licence, terms, resolved)
 

@@ -254,7 +254,7 @@ class LoraSource(Source):
     """A base model with a LoRA adapter added to the weights it targets."""
 
     def __init__(self, ref: str, base: Source, adapter_manifest: store.Manifest):
-        from tinkerlm.tune.lora import read_adapter
+        from tinkerlm.formats.peft import read_adapter
 
         self.ref, self.base, self.manifest = ref, base, base.manifest
         self.adapter_manifest = adapter_manifest

@@ -9,8 +9,8 @@ resolved recipe (`recipe.yaml`), the loss curve (`loss.csv`, `loss.png`), the ch
 with (`chat_template.jinja`, which serving uses too), and a manifest naming the base (with sha256), the data files
 (with sha256) and the licence inherited from the base.
 
-Modules: recipe.py (the flags), data.py (JSONL -> packed rows), lora.py (module swap, peft layout),
-trainer.py (the loop, checkpoints).
+Modules: recipe.py (the flags), data.py (JSONL -> packed rows), trainer.py (the loop, checkpoints); the LoRA
+module swap is `tinkerlm.lora`, the adapter files `tinkerlm.formats.peft`, model loading `tinkerlm.loading`.
 """
 
 from __future__ import annotations
@@ -82,10 +82,10 @@ def finetune(*, config: str | None = None, resume: bool = False, force: bool = F
     """
     import torch
 
-    from tinkerlm import store
-    from tinkerlm.api import load_checkpoint, physical_cores
+    from tinkerlm import lora, store
+    from tinkerlm.loading import load_checkpoint, physical_cores
     from tinkerlm.tune import data as data_mod
-    from tinkerlm.tune import lora, trainer
+    from tinkerlm.tune import trainer
 
     recipe = resolve(config, **flags)
     out_name, out_tag = store.parse_name(recipe.out)
@@ -193,7 +193,6 @@ def _hf_config(path: Path) -> dict:
 def save_full(model, tokenizer, gen_config: dict, base_path: Path, model_dir: Path, dtype=None) -> None:
     """Write `model` as a Hugging Face directory: config.json, model.safetensors, tokenizer files."""
     import torch
-    from safetensors.torch import save_file
 
     from tinkerlm.formats import hf
 
@@ -209,16 +208,15 @@ def save_full(model, tokenizer, gen_config: dict, base_path: Path, model_dir: Pa
         if key in seen and config.get("tie_word_embeddings"):
             continue  # a tied head is stored once, as the embedding
         seen[key] = name
-        state[name] = t.detach().to(dtype).contiguous()
+        state[name] = t.detach()
     if getattr(model.config, "model_type", "") == "gpt2":
         from tinkerlm.models.gpt2 import CONV1D
 
-        state = {k: (v.t().contiguous() if k.endswith(CONV1D) else v) for k, v in state.items()}
-    save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
-    hf.save_config(model_dir, config)
-    if gen_config:
-        (model_dir / "generation_config.json").write_text(json.dumps(gen_config, indent=2) + "\n")
-    tokenizer.save_hf(model_dir)
+        state = {k: (v.t() if k.endswith(CONV1D) else v) for k, v in state.items()}
+    # In name order, as safetensors' own save_file lays out tensors of one dtype; each is cast as it is written.
+    names = sorted(state)
+    hf.write_model(model_dir, config, [(n, dtype, tuple(state[n].shape)) for n in names],
+                   ((n, state[n]) for n in names), generation_config=gen_config, tokenizer=tokenizer.save_hf)
 
 
 def fuse(name: str, out: str, *, force: bool = False, dtype: str = "float32"):
@@ -229,8 +227,9 @@ def fuse(name: str, out: str, *, force: bool = False, dtype: str = "float32"):
     """
     import torch
 
-    from tinkerlm import store
-    from tinkerlm.tune import lora
+    from tinkerlm import lora, store
+    from tinkerlm.api import resolve_adapter
+    from tinkerlm.loading import load_adapted
 
     adapter_m = store.get(name)
     if adapter_m.format != "lora":
@@ -238,7 +237,8 @@ def fuse(name: str, out: str, *, force: bool = False, dtype: str = "float32"):
     if not force and store.find(out) is not None:
         raise TinkerError(f"out: {out} is already in the store; pick another name or pass --force")
     adapter_dir = store.model_path(adapter_m)
-    model, tokenizer, gen_config, base_path, base_m = load_adapted(adapter_m, quant="fp32")
+    adapter, base_path, base_m = resolve_adapter(adapter_m)
+    model, tokenizer, gen_config = load_adapted(adapter, base_path, quant="fp32", source=adapter_m.ref)
     lora.fuse_lora(model)
     torch_dtype = torch.bfloat16 if dtype in ("bfloat16", "bf16") else torch.float32
 
@@ -257,45 +257,6 @@ def fuse(name: str, out: str, *, force: bool = False, dtype: str = "float32"):
                   license=adapter_m.license or _license(parents), force=force)
     print(f"stored {m.ref}: {adapter_m.ref} fused into {source['base']}", file=sys.stderr)
     return m
-
-
-def load_adapted(manifest, dtype=None, quant: str = "native"):
-    """A stored LoRA adapter applied (unfused) to its base: (model, tokenizer, generation_config, base path, base
-    manifest or None). The chat template the adapter was trained with, saved beside it, replaces the base's."""
-    import torch
-
-    from tinkerlm import store
-    from tinkerlm.api import load_checkpoint
-    from tinkerlm.tune import lora
-
-    adapter_dir = store.model_path(manifest)
-    adapter = lora.read_adapter(adapter_dir)
-    base_path, base_m = adapter_base(manifest, adapter)
-    model, tokenizer, gen_config = load_checkpoint(base_path, dtype or torch.float32, quant)
-    lora.load_adapter(model, adapter, manifest.ref)
-    template = adapter_dir / "chat_template.jinja"
-    if template.is_file():
-        tokenizer.chat_template = template.read_text(encoding="utf-8")
-    return model, tokenizer, gen_config, base_path, base_m
-
-
-def adapter_base(adapter_m, adapter) -> tuple[Path, object]:
-    """(path, manifest or None) of the base model an adapter in the store was trained on."""
-    from tinkerlm import store
-
-    ref = next((p["name"] for p in adapter_m.parents if p.get("relation") == "base"), None) or adapter.base_model
-    if not ref:
-        raise TinkerError(f"{adapter_m.ref}: the adapter does not name its base model (base_model_name_or_path)")
-    path = Path(ref)
-    if path.is_absolute():
-        if not path.exists():
-            raise TinkerError(f"{adapter_m.ref}: its base {ref} is gone; restore it to use the adapter")
-        return path, None
-    base_m = store.find(ref)
-    if base_m is None:
-        raise TinkerError(f"{adapter_m.ref}: its base model {ref} is not in the store; pull it (`tinkerlm pull "
-                          f"{ref.partition(':')[0]}`) to use the adapter")
-    return store.model_path(base_m), base_m
 
 
 def main(a) -> None:

@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tinkerlm.errors import TinkerError
-
-# LoRA on every projection of attention and MLP (the QLoRA paper's finding: all linear layers, not just q/v).
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from tinkerlm.formats.peft import DEFAULT_TARGETS
 
 
 @dataclass

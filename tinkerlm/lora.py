@@ -1,4 +1,4 @@
-"""LoRA as a module swap, and adapters in PEFT's on-disk layout.
+"""LoRA as a module swap: `apply_lora`, `fuse_lora`, `unwrap_lora`, and `load_adapter` onto a model.
 
 `apply_lora(model, rank, alpha, ...)` wraps the chosen linear layers in `LoRALinear`: the frozen base layer (float
 `nn.Linear` or quantized `QLinear`, QLoRA-style) plus a trainable low-rank update, y = base(x) + s * B(A(drop(x))),
@@ -6,35 +6,26 @@ with s = alpha / rank (alpha / sqrt(rank) with rsLoRA). A starts like nn.Linear'
 a fresh adapter leaves the model unchanged. `fuse_lora` folds s * B @ A into float weights and swaps the plain
 layers back; `unwrap_lora` drops the adapters.
 
-On disk an adapter is what `peft` writes: `adapter_config.json` + `adapter_model.safetensors` with tensors
-`base_model.model.<module>.lora_A.weight` (rank, in) and `.lora_B.weight` (out, rank), so peft loads ours and we
-load peft's. `read_adapter` gives the per-weight deltas without a model (used by merging).
+On disk an adapter is what `peft` writes (`tinkerlm.formats.peft`: the file format, `read_adapter`);
+`save_adapter` and `load_adapter` here move a model's adapters to and from it.
 
 References: Hu et al. 2021, "LoRA" (https://arxiv.org/abs/2106.09685); Dettmers et al. 2023, "QLoRA"
-(https://arxiv.org/abs/2305.14314); Kalajdzievski 2023, "rsLoRA" (https://arxiv.org/abs/2312.03732);
-PEFT's adapter format (https://huggingface.co/docs/peft).
+(https://arxiv.org/abs/2305.14314); Kalajdzievski 2023, "rsLoRA" (https://arxiv.org/abs/2312.03732).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tinkerlm.errors import TinkerError
-from tinkerlm.tune.recipe import DEFAULT_TARGETS
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
-# `--lora-targets all-linear`: every linear layer of the decoder blocks (not the output head), as peft does.
-ALL_LINEAR = "all-linear"
+from tinkerlm.formats import peft
+from tinkerlm.formats.peft import ALL_LINEAR, DEFAULT_TARGETS, Adapter
 
 
 @dataclass
@@ -173,121 +164,23 @@ def unwrap_lora(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# PEFT layout
+# Adapters on disk: the model's side of `tinkerlm.formats.peft`
 
 
 def peft_config(config: LoRAConfig, modules: list[str], base_model: str | None, fan_in_fan_out: bool = False) -> dict:
     """The `adapter_config.json` peft writes for this LoRA (target_modules as the leaf names wrapped)."""
-    leaves = sorted({n.rpartition(".")[2] for n in modules})
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "r": config.rank,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
-        "target_modules": leaves,
-        "use_rslora": config.rslora,
-        "bias": "none",
-        "fan_in_fan_out": fan_in_fan_out,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-        "use_dora": False,
-    }
+    return peft.adapter_config(rank=config.rank, alpha=config.alpha, dropout=config.dropout, rslora=config.rslora,
+                               modules=modules, base_model=base_model, fan_in_fan_out=fan_in_fan_out)
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors under peft's names."""
-    out = {}
-    for name, m in lora_modules(model).items():
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous()
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous()
-    return out
+def adapter_weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each wrapped module's (A, B)."""
+    return {name: (m.lora_A, m.lora_B) for name, m in lora_modules(model).items()}
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, config: dict, dtype: torch.dtype = torch.float32):
-    """Write `adapter_config.json` and `adapter_model.safetensors` (peft's layout) into `directory`."""
-    from safetensors.torch import save_file
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to(dtype) for k, v in adapter_state_dict(model).items()}
-    save_file(tensors, str(d / WEIGHTS_FILE), metadata={"format": "pt"})
-    (d / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-
-
-class Adapter:
-    """A LoRA adapter read from disk (ours or peft's): its config and per-module A, B and scaling."""
-
-    def __init__(self, path: Path, config: dict, tensors: dict[str, torch.Tensor]):
-        self.path = path
-        self.config = config
-        self.base_model: str | None = config.get("base_model_name_or_path")
-        r = config.get("r")
-        alpha = config.get("lora_alpha", r)
-        if not isinstance(r, int) or r < 1:
-            raise TinkerError(f"{path / CONFIG_FILE}: 'r' must be a positive integer, got {r!r}")
-        self.rank = r
-        self.scaling = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
-        self.fan_in_fan_out = bool(config.get("fan_in_fan_out"))
-        self.modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for key, t in tensors.items():
-            stem = key.removeprefix(PEFT_PREFIX)
-            for part in (".lora_A.weight", ".lora_A.default.weight"):
-                if stem.endswith(part):
-                    module = stem.removesuffix(part)
-                    b = tensors.get(key.replace("lora_A", "lora_B"))
-                    if b is None:
-                        raise TinkerError(f"{path / WEIGHTS_FILE}: {key} has no matching lora_B tensor")
-                    self.modules[module] = (t.float(), b.float())
-        unknown = [k for k in tensors if ".lora_A." not in k and ".lora_B." not in k]
-        if unknown:
-            raise TinkerError(f"{path / WEIGHTS_FILE}: tensor {unknown[0]} is not a LoRA A/B matrix "
-                              "(adapters with modules_to_save, DoRA or biases are not supported)")
-        if not self.modules:
-            raise TinkerError(f"{path / WEIGHTS_FILE}: no lora_A/lora_B tensors found")
-
-    def delta(self, weight_name: str) -> torch.Tensor | None:
-        """fp32 change s * B @ A to the base weight `weight_name` (an HF name such as
-        `model.layers.0.self_attn.q_proj.weight`), in the checkpoint's (out, in) layout, or in (in, out) for
-        fan_in_fan_out adapters (GPT-2's Conv1D); None if the adapter does not touch it."""
-        pair = self.modules.get(weight_name.removesuffix(".weight"))
-        if pair is None:
-            return None
-        a, b = pair
-        d = (b @ a) * self.scaling
-        return d.t() if self.fan_in_fan_out else d
-
-
-def read_adapter(path: str | os.PathLike) -> Adapter:
-    """Read a peft LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
-
-    Raises:
-        TinkerError: missing files, not a LoRA adapter, pickled weights only, or malformed tensors.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from tinkerlm.formats.hf import read_json
-
-    d = Path(path)
-    config = read_json(d / CONFIG_FILE)
-    if config.get("peft_type", "LORA") != "LORA":
-        raise TinkerError(f"{d / CONFIG_FILE}: peft_type is {config.get('peft_type')!r}; only LORA adapters are "
-                          "supported")
-    if config.get("use_dora"):
-        raise TinkerError(f"{d / CONFIG_FILE}: DoRA adapters (use_dora) are not supported")
-    weights = d / WEIGHTS_FILE
-    if not weights.is_file():
-        hint = " (adapter_model.bin is a pickle and is never loaded; re-save with safe_serialization=True)" if (
-            d / "adapter_model.bin").is_file() else ""
-        raise TinkerError(f"{weights}: not found{hint}")
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise TinkerError(f"{weights}: cannot read safetensors ({e})") from None
-    return Adapter(d, config, tensors)
+    """Write the model's adapters in peft's layout (`tinkerlm.formats.peft.save_adapter`) into `directory`."""
+    peft.save_adapter(directory, config, adapter_weights(model), dtype)
 
 
 def load_adapter(model: nn.Module, adapter: Adapter, source: str = "adapter") -> list[str]:

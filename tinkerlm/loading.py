@@ -1,0 +1,123 @@
+"""Checkpoint -> model: a GGUF file or Hugging Face directory (plus, optionally, a LoRA adapter) into a model,
+its tokenizer and generation config.
+
+    model, tokenizer, gen_config = load_checkpoint(Path("model.gguf"), quant="native")
+
+Weights are read by `tinkerlm.formats`, the architecture is built by `tinkerlm.models`, quantized layers are
+module swaps from `tinkerlm.quant` and adapters from `tinkerlm.lora`. Paths only: finding a model by store name is
+`tinkerlm.api`'s (the layer above), which resolves names and passes the paths down.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from tinkerlm.errors import TinkerError
+
+QUANTS = ("native", "int8", "int4", "bf16", "fp32")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def physical_cores() -> int:
+    """Physical CPU cores (hyperthreads share a core's vector units, so they slow matrix work down)."""
+    try:
+        cores = set()
+        phys = core = None
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("physical id"):
+                phys = line.split(":")[1].strip()
+            elif line.startswith("core id"):
+                core = line.split(":")[1].strip()
+                cores.add((phys, core))
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+def prepare(dtype: str = "float32", quant: str = "native", threads: int | None = None) -> torch.dtype:
+    """Check the load options, set torch's thread count, and return the activation dtype.
+
+    Args:
+        dtype: activation dtype and dtype of unquantized weights.
+        quant: weight format: "native" keeps a GGUF's quantization, "int8"/"int4" quantize, "bf16"/"fp32" dequantize.
+        threads: CPU threads for torch and the kernels; default the number of physical cores.
+    Raises:
+        TinkerError: an unknown quant or dtype, threads < 1, or int8/int4 with non-float32 activations.
+    """
+    if quant not in QUANTS:
+        raise TinkerError(f"quant: '{quant}' is not one of {', '.join(QUANTS)}")
+    if threads is not None and threads < 1:
+        raise TinkerError(f"threads: must be >= 1, got {threads}")
+    torch.set_num_threads(threads or physical_cores())
+    torch_dtype = DTYPES.get(dtype)
+    if torch_dtype is None:
+        raise TinkerError(f"dtype: '{dtype}' is not one of float32, bfloat16, float16")
+    if quant in ("int8", "int4") and torch_dtype != torch.float32:
+        raise TinkerError(f"quant: {quant} weights run with float32 activations (drop --dtype {dtype})")
+    return torch_dtype
+
+
+def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, quant: str = "native"):
+    """(model, tokenizer, generation_config) from a GGUF file or a Hugging Face model directory.
+
+    `quant` picks the weight format (see `prepare`); quantized layers are module swaps from `tinkerlm.quant`.
+    """
+    from tinkerlm import models
+    from tinkerlm import quant as q
+    from tinkerlm.formats.tokenizer import Tokenizer
+
+    source = str(path)
+    if quant in ("bf16", "fp32"):
+        dtype = torch.bfloat16 if quant == "bf16" else torch.float32
+    if path.is_dir():
+        from tinkerlm.formats import hf
+
+        config = hf.load_config(path)
+        model = models.build(config, source)
+        state_dict = models.hf_layout(config, hf.load_state_dict(path), source)
+        tokenizer = Tokenizer.from_hf_dir(path)
+        gen_config = hf.load_generation_config(path)
+    else:
+        from tinkerlm.formats.gguf import read_gguf
+
+        ckpt = read_gguf(path)
+        config = ckpt.config()
+        model = models.build(config, source)
+        state_dict = ckpt.state_dict(packed=quant == "native" and dtype == torch.float32)
+        tokenizer = ckpt.tokenizer()
+        gen_config = {}
+    packed = {k: v for k, v in state_dict.items() if isinstance(v, (q.QTensor, q.Packed))}
+    plain = {k: v for k, v in state_dict.items() if k not in packed}
+    models.load_weights(model, plain, source, dtype, provided=set(packed))
+    q.attach(model, packed, source)
+    if quant in ("int8", "int4"):
+        q.quantize(model, 8 if quant == "int8" else 4)
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers())), "weights left unset"
+    q.fuse(model)
+    return model, tokenizer, gen_config
+
+
+def load_adapted(adapter, base_path: Path, dtype: torch.dtype | None = None, quant: str = "native",
+                 source: str = "adapter"):
+    """A LoRA adapter applied (unfused) to its base: (model, tokenizer, generation_config).
+
+    Args:
+        adapter: a `tinkerlm.formats.peft.Adapter` (`read_adapter`); the chat template the adapter was trained
+            with, saved beside it (`chat_template.jinja`), replaces the base's.
+        base_path: the base model's GGUF file or HF directory.
+        source: the adapter's name in error messages.
+    """
+    from tinkerlm import lora
+
+    model, tokenizer, gen_config = load_checkpoint(base_path, dtype or torch.float32, quant)
+    lora.load_adapter(model, adapter, source)
+    template = Path(adapter.path) / "chat_template.jinja"
+    if template.is_file():
+        tokenizer.chat_template = template.read_text(encoding="utf-8")
+    return model, tokenizer, gen_config

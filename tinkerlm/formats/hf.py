@@ -234,6 +234,7 @@ def write_model(model_dir: str | Path, config: dict[str, Any], layout: list[tupl
     with SafetensorsWriter(model_dir / WEIGHTS_FILE, layout, metadata) as writer:
         for name, tensor in tensors:
             writer.write(name, tensor)
+            del tensor  # gone before the next is made: a merge holds one weight per input, never two
     save_config(model_dir, config)
     if generation_config:
         (model_dir / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")

@@ -321,9 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from tinkerlm.api import resolve
-    from tinkerlm.loading import physical_cores
     from tinkerlm.bench import prompt_ids
     from tinkerlm.formats.gguf import read_gguf
+    from tinkerlm.loading import physical_cores
 
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     bad = [e for e in engines if e not in ENGINES]

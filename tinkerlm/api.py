@@ -5,6 +5,8 @@
     print(llm.chat("Name three primary colours."))
     for piece in llm.stream("Once upon a time", max_tokens=50):
         print(piece, end="", flush=True)
+
+This layer finds models by name (the store) and hands paths to `tinkerlm.loading`, which builds the model.
 """
 
 from __future__ import annotations

@@ -211,7 +211,7 @@ def save_full(model, tokenizer, gen_config: dict, base_path: Path, model_dir: Pa
         seen[key] = name
         state[name] = t.detach().to(dtype).contiguous()
     if getattr(model.config, "model_type", "") == "gpt2":
-        from tinkerlm.models.gpt2 import CONV1D
+        from tinkerlm.formats.specs.gpt2 import CONV1D
 
         state = {k: (v.t().contiguous() if k.endswith(CONV1D) else v) for k, v in state.items()}
     save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})

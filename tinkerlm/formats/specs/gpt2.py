@@ -9,18 +9,13 @@ https://github.com/ggml-org/llama.cpp/blob/master/convert_hf_to_gguf.py
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from tinkerlm.formats.specs import Spec
-
-if TYPE_CHECKING:
-    from tinkerlm.formats.gguf import GGUFCheckpoint
+from tinkerlm.formats.specs.base import GGUFMetadata, Spec
 
 # HF name suffixes of the Conv1D weights (stored (in, out) in HF files).
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 
 
-def gguf_config(g: GGUFCheckpoint) -> dict:
+def gguf_config(g: GGUFMetadata) -> dict:
     """The HF config of a GPT-2 GGUF.
 
     Raises:

@@ -14,15 +14,10 @@ References:
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from tinkerlm.errors import TinkerError
-from tinkerlm.formats.specs import Spec
-
-if TYPE_CHECKING:
-    from tinkerlm.formats.gguf import GGUFCheckpoint
+from tinkerlm.formats.specs.base import GGUFMetadata, Spec
 
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
 
@@ -48,7 +43,7 @@ def rope_rows(hf_name: str, config: dict, rows: int) -> np.ndarray | None:
     return np.arange(rows).reshape(heads, head_dim // 2, 2).transpose(0, 2, 1).reshape(rows)  # (n, 2, hd/2)
 
 
-def _rope_scaling(g: GGUFCheckpoint) -> dict | None:
+def _rope_scaling(g: GGUFMetadata) -> dict | None:
     arch = g.architecture
     kind = g.arch_key("rope.scaling.type", None, kind=str)
     factor = g.arch_key("rope.scaling.factor", None, kind=float)
@@ -64,7 +59,7 @@ def _rope_scaling(g: GGUFCheckpoint) -> dict | None:
     raise TinkerError(f"{g.path}: {arch}.rope.scaling.type {kind!r} is not supported (supported: linear)")
 
 
-def gguf_config(g: GGUFCheckpoint) -> dict:
+def gguf_config(g: GGUFMetadata) -> dict:
     """The HF config of a Llama-family GGUF.
 
     Raises:

@@ -163,3 +163,21 @@ def test_shapes_cover_the_name_table(kind):
     spec = specs.for_model_type(config["model_type"])
     assert set(spec.shapes(config)) == set(spec.tensor_names.values())
     assert spec.num_layers(config) == 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_state_dict_rows_equal_hf_tensor(arch, tmp_path, rng):
+    """The packer (tinkerlm.quant) reorders quantized blocks by the spec's row order: each packed weight unpacks to
+    exactly the fp32 reader's tensor."""
+    from tinkerlm.quant import kernels, packed_state_dict
+
+    weights = llama_weights(rng, bias=True)
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, arch, weights, qtype=Q.Q8_0)
+    ckpt = read_gguf(path)
+    packed = packed_state_dict(ckpt)
+    assert list(packed) == ckpt.hf_names()
+    for name, t in packed.items():
+        got = t if isinstance(t, torch.Tensor) else kernels.unpack(t).dequantize()
+        assert isinstance(t, torch.Tensor) == (weights[name].ndim == 1), name
+        assert torch.equal(got, ckpt.hf_tensor(name)), name

@@ -9,6 +9,7 @@ whose layers are all quantized. See qtensor.py for the format and kernels.cpp fo
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,8 +35,6 @@ def packed_state_dict(ckpt) -> dict[str, torch.Tensor | QTensor | Packed]:
     Raises:
         TinkerError: unused or missing tensors, a shape contradicting the metadata, or an unknown tensor type.
     """
-    import numpy as np
-
     out = {}
     for name in ckpt.hf_names():
         raw = ckpt.raw_tensor(name)

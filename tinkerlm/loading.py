@@ -89,7 +89,7 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, quant: str =
         ckpt = read_gguf(path)
         config = ckpt.config()
         model = models.build(config, source)
-        state_dict = ckpt.state_dict(packed=quant == "native" and dtype == torch.float32)
+        state_dict = q.packed_state_dict(ckpt) if quant == "native" and dtype == torch.float32 else ckpt.state_dict()
         tokenizer = ckpt.tokenizer()
         gen_config = {}
     packed = {k: v for k, v in state_dict.items() if isinstance(v, (q.QTensor, q.Packed))}

@@ -2,13 +2,14 @@
 
 GGUF is llama.cpp's single-file format: a header (magic `GGUF`, version, counts), typed key/value metadata, tensor
 infos (name, GGML shape `ne` listed fastest dimension first, type, offset) and aligned tensor data. The `gguf`
-package parses it over a memory map and dequantizes every block type it knows; this module maps llama.cpp's
-tensor and key names back to Hugging Face's, so a GGUF loads through the same model code as a safetensors
-checkpoint.
+package dequantizes every block type it knows; this module maps llama.cpp's tensor and key names back to Hugging
+Face's by asking the architecture's spec (tinkerlm/formats/specs/), so a GGUF loads through the same model code as
+a safetensors checkpoint. Packing quantized blocks for the kernels is `tinkerlm.quant.packed_state_dict`, which
+reads them through `raw_tensor`.
 
 References:
 - GGUF spec: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
-- llama.cpp's converter (tensor names, the q/k row permutation undone here):
+- llama.cpp's converter (tensor names, the q/k row permutation undone by the llama spec):
   https://github.com/ggml-org/llama.cpp/blob/master/convert_hf_to_gguf.py
 - llama.cpp's metadata key names: https://github.com/ggml-org/llama.cpp/blob/master/gguf-py/gguf/constants.py
 """
@@ -17,9 +18,9 @@ from __future__ import annotations
 
 import mmap
 import os
-import re
 import struct
 from collections import Counter
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,96 +28,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tinkerlm.errors import TinkerError
+from tinkerlm.formats import specs
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so reading metadata (the store) stays light
     import torch
-    from gguf import ReaderTensor
 
-    from tinkerlm.quant.qtensor import QTensor
-
+    from tinkerlm.formats.specs import Spec
     from tinkerlm.formats.tokenizer import Tokenizer
 
 SUPPORTED_VERSIONS = (2, 3)
 
-# general.architecture -> parameter naming family. llama.cpp stores Llama 2/3, Mistral and SmolLM as "llama".
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gpt2": "gpt2"}
-
-# The transformers class of each model_type, for the `architectures` key of config.json (which transformers and
-# mergekit read).
-HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-              "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
-
-# Types read as plain floats even when packing.
-FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
-
-# llama.cpp's converter interleaves the rotary halves of attn_q/attn_k rows for these architectures only.
-ROPE_PERMUTED = {"llama", "mistral"}
-
-# The one GGUF -> HF name table. "{i}" is the layer index; a name missing here is an unused tensor.
-TENSOR_NAMES = {
-    "llama": {
-        "token_embd.weight": "model.embed_tokens.weight",
-        "output_norm.weight": "model.norm.weight",
-        "output.weight": "lm_head.weight",
-        "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-        "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
-        "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
-        "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
-        "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
-        "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
-        "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
-        "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
-        "blk.{i}.attn_output.bias": "model.layers.{i}.self_attn.o_proj.bias",
-        "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
-        "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
-        "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-        "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
-        "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
-        "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
-    },
-    "gpt2": {
-        "token_embd.weight": "transformer.wte.weight",
-        "position_embd.weight": "transformer.wpe.weight",
-        "output_norm.weight": "transformer.ln_f.weight",
-        "output_norm.bias": "transformer.ln_f.bias",
-        "output.weight": "lm_head.weight",
-        "blk.{i}.attn_norm.weight": "transformer.h.{i}.ln_1.weight",
-        "blk.{i}.attn_norm.bias": "transformer.h.{i}.ln_1.bias",
-        "blk.{i}.attn_qkv.weight": "transformer.h.{i}.attn.c_attn.weight",
-        "blk.{i}.attn_qkv.bias": "transformer.h.{i}.attn.c_attn.bias",
-        "blk.{i}.attn_output.weight": "transformer.h.{i}.attn.c_proj.weight",
-        "blk.{i}.attn_output.bias": "transformer.h.{i}.attn.c_proj.bias",
-        "blk.{i}.ffn_norm.weight": "transformer.h.{i}.ln_2.weight",
-        "blk.{i}.ffn_norm.bias": "transformer.h.{i}.ln_2.bias",
-        "blk.{i}.ffn_up.weight": "transformer.h.{i}.mlp.c_fc.weight",
-        "blk.{i}.ffn_up.bias": "transformer.h.{i}.mlp.c_fc.bias",
-        "blk.{i}.ffn_down.weight": "transformer.h.{i}.mlp.c_proj.weight",
-        "blk.{i}.ffn_down.bias": "transformer.h.{i}.mlp.c_proj.bias",
-    },
-}
-
-# Tensors every file of a family must have (GGUF names); the rest are optional (biases, qk-norm, untied output).
-REQUIRED = {
-    "llama": (
-        "token_embd.weight", "output_norm.weight", "blk.{i}.attn_norm.weight", "blk.{i}.attn_q.weight",
-        "blk.{i}.attn_k.weight", "blk.{i}.attn_v.weight", "blk.{i}.attn_output.weight", "blk.{i}.ffn_norm.weight",
-        "blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight", "blk.{i}.ffn_down.weight",
-    ),
-    "gpt2": (
-        "token_embd.weight", "position_embd.weight", "output_norm.weight", "blk.{i}.attn_norm.weight",
-        "blk.{i}.attn_qkv.weight", "blk.{i}.attn_output.weight", "blk.{i}.ffn_norm.weight",
-        "blk.{i}.ffn_up.weight", "blk.{i}.ffn_down.weight",
-    ),
-}
-
-# Consumed into the config (`rope_freq_factors`), not a parameter.
-ROPE_FREQS = "rope_freqs.weight"
-
-_BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
-
 
 def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
-    """Open a GGUF file, memory-mapped; tensors are read and dequantized only by `state_dict()`.
+    """Open a GGUF file, memory-mapped; tensors are read and dequantized only when asked for.
 
     Raises:
         TinkerError: the file is missing, is not GGUF, has an unsupported version, or is truncated or corrupt.
@@ -158,13 +82,43 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     return GGUFCheckpoint(path, reader)
 
 
+@dataclass
+class RawTensor:
+    """One tensor as the file stores it, for readers that keep quantized blocks (packing, merging).
+
+    `data` is a view of the memory map: the values for float types, else one row of bytes per row of values.
+    Reordering its rows by `row_order` (where not None) gives the HF tensor's rows: HF row r is stored row
+    `row_order[r]` (the spec's fix, e.g. llama.cpp's q/k permutation).
+    """
+
+    name: str  # the GGUF name
+    type: str  # GGML type name: "F32", "Q4_1", "Q6_K"...
+    shape: tuple[int, ...]  # torch order: the HF parameter's shape as the model holds it
+    data: np.ndarray
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+    row_order: np.ndarray | None
+
+    def dequantize(self, blocks: np.ndarray | None = None) -> np.ndarray:
+        """`blocks` (default: all of `data`) dequantized by the gguf package, as a flat float32 array."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        return dequantize(self.data if blocks is None else blocks, GGMLQuantizationType[self.type])
+
+
 class GGUFCheckpoint:
-    """A parsed GGUF file. `metadata` holds plain Python values; tensors stay memory-mapped until asked for."""
+    """A parsed GGUF file. `metadata` holds plain Python values; tensors stay memory-mapped until asked for.
+
+    Tensors are named as Hugging Face names them (`hf_names`, `hf_shape`, `hf_tensor`), with linear weights as
+    (out_features, in_features), the layout tinkerlm's models hold (HF's GPT-2 files store Conv1D weights the
+    other way: `Spec.conv1d`).
+    """
 
     def __init__(self, path: Path, reader: "_Header"):
         self.path = path
         self._reader = reader
-        self._tensors: dict[str, ReaderTensor] = {t.name: t for t in reader.tensors}
+        self._tensors = {t.name: t for t in reader.tensors}
         self.metadata: dict[str, Any] = reader.metadata
 
     @property
@@ -172,20 +126,25 @@ class GGUFCheckpoint:
         arch = self.metadata.get("general.architecture")
         if arch is None:
             raise TinkerError(f"{self.path}: metadata key general.architecture is missing (not a model file?)")
-        if arch not in ARCHITECTURES:
-            raise TinkerError(
-                f"{self.path}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
-            )
+        specs.for_gguf(arch, str(self.path))  # raises for an unsupported architecture
         return arch
+
+    @cached_property
+    def spec(self) -> Spec:
+        """The architecture spec this file is read by."""
+        return specs.for_gguf(self.architecture, str(self.path))
 
     def tensor_infos(self) -> list[tuple[str, tuple[int, ...], str]]:
         """(name, shape in torch order, GGML type name) of every tensor, from the header alone."""
-        return [(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type.name)
-                for t in self._tensors.values()]
+        return [(t.name, _shape(t), t.tensor_type.name) for t in self._tensors.values()]
 
     def tensor_types(self) -> dict[str, int]:
         """How many tensors of each GGML type the file holds, e.g. {"Q4_1": 210, "F32": 61, "Q8_0": 1}."""
         return dict(Counter(t.tensor_type.name for t in self._tensors.values()))
+
+    def has_tensor(self, name: str) -> bool:
+        """Whether the file holds a tensor of this GGUF name."""
+        return name in self._tensors
 
     def config(self) -> dict:
         """An HF `config.json`-style dict (HF key names, `model_type`) from the metadata and tensor names.
@@ -197,17 +156,20 @@ class GGUFCheckpoint:
 
     @cached_property
     def _config(self) -> dict:
-        arch = self.architecture
-        family = ARCHITECTURES[arch]
-        config = self._gpt2_config() if family == "gpt2" else self._llama_config()
+        spec = self.spec
+        config = spec.gguf_config(self)
         config["bos_token_id"] = self.metadata.get("tokenizer.ggml.bos_token_id")
         config["eos_token_id"] = self.metadata.get("tokenizer.ggml.eos_token_id")
-        if config["model_type"] in HF_CLASSES:
-            config["architectures"] = [HF_CLASSES[config["model_type"]]]
+        if config["model_type"] in spec.hf_classes:
+            config["architectures"] = [spec.hf_classes[config["model_type"]]]
         return config
 
-    def _key(self, name: str, default: Any = ..., kind: type = int) -> Any:
-        """`{arch}.{name}` from the metadata, required unless a default is given."""
+    def arch_key(self, name: str, default: Any = ..., kind: type = int) -> Any:
+        """`{general.architecture}.{name}` from the metadata, required unless a default is given.
+
+        Raises:
+            TinkerError: missing without a default, or not one value of `kind`.
+        """
         key = f"{self.metadata['general.architecture']}.{name}"
         value = self.metadata.get(key, default)
         if value is ...:
@@ -219,8 +181,9 @@ class GGUFCheckpoint:
             )
         return value
 
-    def _vocab_size(self) -> int:
-        size = self._key("vocab_size", None)
+    def vocab_size(self) -> int:
+        """`{arch}.vocab_size`, else the length of the tokenizer's token list."""
+        size = self.arch_key("vocab_size", None)
         if size is None:
             tokens = self.metadata.get("tokenizer.ggml.tokens")
             if tokens is None:
@@ -232,137 +195,38 @@ class GGUFCheckpoint:
             size = len(tokens)
         return size
 
-    def _llama_config(self) -> dict:
-        arch = self.metadata["general.architecture"]
-        hidden = self._key("embedding_length")
-        heads = self._key("attention.head_count")
-        head_dim = self._key("attention.key_length", None) or hidden // heads
-        value_dim = self._key("attention.value_length", None)
-        if value_dim is not None and value_dim != head_dim:
-            raise TinkerError(
-                f"{self.path}: {arch}.attention.value_length {value_dim} differs from key_length {head_dim} "
-                "(not supported)"
-            )
-        rope_dims = self._key("rope.dimension_count", None)
-        if rope_dims is not None and rope_dims != head_dim:
-            raise TinkerError(
-                f"{self.path}: {arch}.rope.dimension_count {rope_dims} differs from the head size {head_dim} "
-                "(partial rotary embeddings are not supported)"
-            )
-        config = {
-            "model_type": arch,  # llama, mistral, qwen2 or qwen3: HF uses the same names
-            "vocab_size": self._vocab_size(),
-            "hidden_size": hidden,
-            "intermediate_size": self._key("feed_forward_length"),
-            "num_hidden_layers": self._key("block_count"),
-            "num_attention_heads": heads,
-            "num_key_value_heads": self._key("attention.head_count_kv", heads),
-            "head_dim": head_dim,
-            "rms_norm_eps": self._key("attention.layer_norm_rms_epsilon", kind=float),
-            "rope_theta": float(self._key("rope.freq_base", 10000.0, kind=float)),
-            "max_position_embeddings": self._key("context_length"),
-            "tie_word_embeddings": "output.weight" not in self._tensors,
-            "attention_bias": "blk.0.attn_q.bias" in self._tensors,
-            "rope_scaling": self._rope_scaling(),
-        }
-        if ROPE_FREQS in self._tensors:
-            # Llama 3.1 files store the llama3 rope scaling as per-frequency divisors of inv_freq.
-            factors = self._dequantize(self._tensors[ROPE_FREQS])
-            if tuple(factors.shape) != (head_dim // 2,):
-                raise TinkerError(
-                    f"{self.path}: tensor {ROPE_FREQS} has shape {tuple(factors.shape)}, expected ({head_dim // 2},) "
-                    "from the head size (file inconsistent; re-convert it)"
-                )
-            config["rope_freq_factors"] = factors.tolist()
-        return config
-
-    def _rope_scaling(self) -> dict | None:
-        arch = self.metadata["general.architecture"]
-        kind = self._key("rope.scaling.type", None, kind=str)
-        factor = self._key("rope.scaling.factor", None, kind=float)
-        legacy = self._key("rope.scale_linear", None, kind=float)  # GGUF v2-era key
-        if kind is None and legacy is not None and legacy != 1.0:
-            kind, factor = "linear", legacy
-        if kind is None or kind == "none":
-            return None
-        if kind == "linear":
-            if factor is None:
-                raise TinkerError(f"{self.path}: {arch}.rope.scaling.type is linear but rope.scaling.factor is missing")
-            return {"rope_type": "linear", "factor": float(factor)}
-        raise TinkerError(f"{self.path}: {arch}.rope.scaling.type {kind!r} is not supported (supported: linear)")
-
-    def _gpt2_config(self) -> dict:
-        return {
-            "model_type": "gpt2",
-            "vocab_size": self._vocab_size(),
-            "n_embd": self._key("embedding_length"),
-            "n_layer": self._key("block_count"),
-            "n_head": self._key("attention.head_count"),
-            "n_positions": self._key("context_length"),
-            "n_inner": self._key("feed_forward_length"),
-            "layer_norm_epsilon": self._key("attention.layer_norm_epsilon", kind=float),
-            "tie_word_embeddings": "output.weight" not in self._tensors,
-        }
-
-    def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        """HF parameter shapes (torch order) the config implies, per GGUF name template."""
-        c = self._config
-        if c["model_type"] == "gpt2":
-            e, n, v, p = c["n_embd"], c["n_inner"], c["vocab_size"], c["n_positions"]
-            return {
-                "token_embd.weight": (v, e), "position_embd.weight": (p, e), "output.weight": (v, e),
-                "output_norm.weight": (e,), "output_norm.bias": (e,),
-                "blk.{i}.attn_norm.weight": (e,), "blk.{i}.attn_norm.bias": (e,),
-                "blk.{i}.attn_qkv.weight": (3 * e, e), "blk.{i}.attn_qkv.bias": (3 * e,),
-                "blk.{i}.attn_output.weight": (e, e), "blk.{i}.attn_output.bias": (e,),
-                "blk.{i}.ffn_norm.weight": (e,), "blk.{i}.ffn_norm.bias": (e,),
-                "blk.{i}.ffn_up.weight": (n, e), "blk.{i}.ffn_up.bias": (n,),
-                "blk.{i}.ffn_down.weight": (e, n), "blk.{i}.ffn_down.bias": (e,),
-            }
-        h, i_, v, hd = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["head_dim"]
-        q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
-        return {
-            "token_embd.weight": (v, h), "output.weight": (v, h), "output_norm.weight": (h,),
-            "blk.{i}.attn_norm.weight": (h,), "blk.{i}.ffn_norm.weight": (h,),
-            "blk.{i}.attn_q.weight": (q, h), "blk.{i}.attn_k.weight": (kv, h), "blk.{i}.attn_v.weight": (kv, h),
-            "blk.{i}.attn_q.bias": (q,), "blk.{i}.attn_k.bias": (kv,), "blk.{i}.attn_v.bias": (kv,),
-            "blk.{i}.attn_output.weight": (h, q), "blk.{i}.attn_output.bias": (h,),
-            "blk.{i}.attn_q_norm.weight": (hd,), "blk.{i}.attn_k_norm.weight": (hd,),
-            "blk.{i}.ffn_gate.weight": (i_, h), "blk.{i}.ffn_up.weight": (i_, h), "blk.{i}.ffn_down.weight": (h, i_),
-        }
-
     @cached_property
-    def _plan(self) -> dict[str, tuple[str, str]]:
-        """GGUF name -> (HF name, GGUF name template), after checking names, layer indices and shapes."""
+    def _plan(self) -> dict[str, str]:
+        """HF name -> GGUF name, in file order, after checking names, layer indices and shapes."""
         config = self._config
-        family = ARCHITECTURES[self.architecture]
-        table = TENSOR_NAMES[family]
-        n_layers = config["n_layer" if family == "gpt2" else "num_hidden_layers"]
-        shapes = self._expected_shapes()
+        spec = self.spec
+        n_layers = spec.num_layers(config)
+        shapes = spec.shapes(config)
         plan, unused = {}, []
         for name, tensor in self._tensors.items():
-            if name == ROPE_FREQS and family == "llama":
+            if name in spec.consumed:
                 continue
-            match = _BLOCK.fullmatch(name)
-            template, layer = (f"blk.{{i}}.{match[2]}", int(match[1])) if match else (name, None)
-            if template not in table or (layer is not None and layer >= n_layers):
+            mapped = spec.hf_name(name)
+            if mapped is None or (mapped[2] is not None and mapped[2] >= n_layers):
                 unused.append(name)
                 continue
-            shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # ne lists the fastest dim first
-            expected = shapes.get(template)
+            hf_name, template, _ = mapped
+            shape = _shape(tensor)
+            expected = shapes.get(spec.tensor_names[template])
             if expected is not None and shape != expected:
                 raise TinkerError(
                     f"{self.path}: tensor {name} has shape {shape}, but the metadata implies {expected} "
                     "(file inconsistent; re-convert it)"
                 )
-            plan[name] = (table[template].format(i=layer), template)
+            plan[hf_name] = name
         if unused:
             raise TinkerError(
                 f"{self.path}: {len(unused)} tensor(s) not used by the {self.architecture} architecture: "
                 f"{', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''} (file from a different architecture?)"
             )
-        required = [t.format(i=i) for t in REQUIRED[family] for i in (range(n_layers) if "{i}" in t else [0])]
-        missing = [name for name in required if name not in plan]
+        found = set(plan.values())
+        required = [t.format(i=i) for t in spec.required for i in (range(n_layers) if "{i}" in t else [0])]
+        missing = [name for name in required if name not in found]
         if missing:
             raise TinkerError(
                 f"{self.path}: {len(missing)} tensor(s) missing: {', '.join(missing[:8])}"
@@ -370,53 +234,60 @@ class GGUFCheckpoint:
             )
         return plan
 
-    def state_dict(self, packed: bool = False) -> dict[str, "torch.Tensor | QTensor"]:
-        """Every parameter under its HF name, linear weights as (out_features, in_features).
+    def hf_names(self) -> list[str]:
+        """Every parameter's HF name, in file order (tensors consumed into the config, e.g. rope_freqs, left out).
 
-        Args:
-            packed: keep quantized 2-D weights quantized: `tinkerlm.quant.Packed` (repacked for the kernels, the
-                file's pages released as each is done), or `QTensor` blocks where the kernels are unavailable;
-                float tensors and 1-D ones are still returned as fp32 tensors. Default: everything dequantized.
         Raises:
-            TinkerError: unused or missing tensors, a shape contradicting the metadata, or an unknown tensor type.
+            TinkerError: unused or missing tensors, or a shape contradicting the metadata.
+        """
+        return list(self._plan)
+
+    def _gguf_name(self, hf_name: str) -> str:
+        name = self._plan.get(hf_name)
+        if name is None:
+            raise TinkerError(f"{self.path}: no tensor {hf_name} in this {self.architecture} file")
+        return name
+
+    def hf_shape(self, hf_name: str) -> tuple[int, ...]:
+        """The shape of an HF-named parameter, as the model holds it (linear weights (out, in))."""
+        return _shape(self._tensors[self._gguf_name(hf_name)])
+
+    def raw_tensor(self, hf_name: str) -> RawTensor:
+        """An HF-named parameter as stored: GGML type, shape, the memory-mapped data and the row order to apply."""
+        t = self._tensors[self._gguf_name(hf_name)]
+        shape = _shape(t)
+        order = self.spec.row_order(hf_name, self._config, shape[0]) if shape else None
+        return RawTensor(t.name, t.tensor_type.name, shape, t.data, t.data_offset, int(t.n_bytes), order)
+
+    def hf_tensor(self, hf_name: str) -> torch.Tensor:
+        """An HF-named parameter dequantized to fp32, the spec's fixes applied (q/k rows in HF's order).
+
+        Raises:
+            TinkerError: no such parameter, or a tensor type the gguf package cannot dequantize.
         """
         import torch
 
-        from tinkerlm.quant import kernels
-        from tinkerlm.quant.qtensor import Packed
+        raw = self.raw_tensor(hf_name)
+        tensor = self._dequantize(self._tensors[raw.name])
+        if raw.row_order is not None:
+            tensor = tensor[torch.from_numpy(raw.row_order)]
+        return tensor
 
-        config = self._config
-        permuted = self.architecture in ROPE_PERMUTED
-        out = {}
-        for name, (hf_name, template) in self._plan.items():
-            reader_tensor = self._tensors[name]
-            if packed and reader_tensor.tensor_type.name not in FLOAT_TYPES and len(reader_tensor.shape) == 2:
-                tensor = self._packed(reader_tensor)
-            else:
-                tensor = self._dequantize(reader_tensor)
-            if permuted and template.startswith(("blk.{i}.attn_q.", "blk.{i}.attn_k.")):
-                heads = config["num_attention_heads" if ".attn_q." in template else "num_key_value_heads"]
-                if isinstance(tensor, torch.Tensor):
-                    tensor = unpermute_rope(tensor, heads)
-                else:  # a row permutation: packed rows move whole
-                    tensor = tensor.rows(unpermute_rope(torch.arange(tensor.shape[0]), heads))
-            if not isinstance(tensor, torch.Tensor):
-                tensor = kernels.pack(tensor)
-                if isinstance(tensor, Packed):
-                    self._reader.release(reader_tensor.data)
-            out[hf_name] = tensor
-        return out
+    def release(self, hf_name: str) -> None:
+        """Drop the file pages under a parameter from this process's resident memory (after copying it, e.g. packed
+        for the kernels); touched again, they are read back from the file. Releasing each tensor as it is done keeps
+        the peak of a load at the copy plus one tensor, not the copy plus the whole file."""
+        self._reader.release(self._tensors[self._gguf_name(hf_name)].data)
 
-    def _packed(self, tensor: ReaderTensor):
-        from gguf.quants import dequantize
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter under its HF name, dequantized to fp32, linear weights as (out_features, in_features).
 
-        from tinkerlm.quant.qtensor import fits, from_gguf
+        Quantized weights kept as blocks for the kernels: `tinkerlm.quant.packed_state_dict(ckpt)`.
 
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        if not fits(shape):  # rows not in whole blocks of 32: keep it float
-            return self._dequantize(tensor)
-        raw = np.asarray(tensor.data).reshape(shape[0], -1)
-        return from_gguf(raw, tensor.tensor_type.name, shape, lambda r: dequantize(r, tensor.tensor_type))
+        Raises:
+            TinkerError: unused or missing tensors, a shape contradicting the metadata, or an unknown tensor type.
+        """
+        return {name: self.hf_tensor(name) for name in self.hf_names()}
 
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor by its GGUF name, dequantized to fp32, in torch shape order (no renaming or permutation)."""
@@ -424,12 +295,12 @@ class GGUFCheckpoint:
             raise TinkerError(f"{self.path}: no tensor named {name}")
         return self._dequantize(self._tensors[name])
 
-    def _dequantize(self, tensor: ReaderTensor) -> torch.Tensor:
+    def _dequantize(self, tensor: _TensorInfo) -> torch.Tensor:
         import torch
         from gguf import GGMLQuantizationType as T
         from gguf.quants import dequantize
 
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # torch order
+        shape = _shape(tensor)
         if tensor.tensor_type in (T.F64, T.I8, T.I16, T.I32, T.I64):
             array = np.asarray(tensor.data)
         else:
@@ -451,16 +322,8 @@ class GGUFCheckpoint:
         return Tokenizer.from_gguf_metadata(self.metadata, self.path)
 
 
-def unpermute_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k row permutation: back from interleaved rotary pairs to HF's rotate-half layout.
-
-    llama.cpp stores each head's rows as pairs (0, hd/2), (1, hd/2 + 1), ...; HF keeps the two halves apart.
-    Works on weights (rows, in_features) and biases (rows,).
-    """
-    rows = weight.shape[0]
-    head_dim = rows // n_heads
-    rest = weight.shape[1:]
-    return weight.reshape(n_heads, head_dim // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest)  # (n, 2, hd/2, ...)
+def _shape(tensor: _TensorInfo) -> tuple[int, ...]:
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))  # ne lists the fastest dimension first
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 
 from tinkerlm.errors import TinkerError
+from tinkerlm.formats import specs
 from tinkerlm.merge.methods import REQUIRED, Method
 from tinkerlm.merge.recipe import InputRef, OutputSlice, Recipe, resolve
 from tinkerlm.merge.sources import Source
@@ -84,7 +85,8 @@ def layout(source: Source) -> Layout:
 
 
 def tied(config: dict) -> bool:
-    return bool(config.get("tie_word_embeddings", config.get("model_type") == "gpt2"))
+    """Whether the output head is the embedding (the model_type's default where config.json does not say)."""
+    return bool(specs.with_defaults(config).get("tie_word_embeddings", False))
 
 
 def _embedding(lay: Layout) -> str | None:

@@ -3,9 +3,9 @@
 - `HFSource`: a Hugging Face directory. Tensors are read with `os.pread` at the byte ranges the safetensors
   headers give, so only the tensor asked for is in memory (a memory map would keep every page it touched
   resident for the whole merge).
-- `GGUFSource`: a GGUF file, dequantized tensor by tensor, renamed to HF names with llama.cpp's q/k row
-  permutation undone, and GPT-2's projections put back in HF's Conv1D (in, out) layout, so a GGUF and an HF
-  checkpoint of one model give the same tensors.
+- `GGUFSource`: a GGUF file, dequantized tensor by tensor, under HF names with the spec's fixes (llama.cpp's q/k
+  row permutation undone), and the spec's Conv1D weights (GPT-2's) put back in HF's (in, out) layout, so a GGUF
+  and an HF checkpoint of one model give the same tensors.
 - `LoraSource`: a base model with a LoRA adapter fused on the fly: W + s * B @ A for the weights it touches
   (mergekit's `BASE+LORA` model syntax).
 
@@ -183,62 +183,50 @@ class HFSource(Source):
 
 class GGUFSource(Source):
     def __init__(self, ref: str, manifest: store.Manifest, path: Path):
-        from tinkerlm.formats.gguf import ARCHITECTURES, ROPE_PERMUTED, read_gguf
-        from tinkerlm.models.gpt2 import CONV1D
+        from tinkerlm.formats.gguf import read_gguf
 
         self.ref, self.manifest, self.path = ref, manifest, path
         self._ckpt = read_gguf(path)
         self.config = self._ckpt.config()  # with `architectures`, as config.json needs
-        arch = self._ckpt.architecture
-        self._permuted = arch in ROPE_PERMUTED
-        self._conv1d = CONV1D if ARCHITECTURES[arch] == "gpt2" else ()
-        shapes = {name: shape for name, shape, _ in self._ckpt.tensor_infos()}
-        # GGUF name -> (HF name, GGUF name template), checked against the metadata by the checkpoint reader.
-        plan = self._ckpt._plan
-        self._index: dict[str, tuple[str, str, tuple[int, ...]]] = {}
-        for gguf_name, (hf_name, template) in plan.items():
-            shape = shapes[gguf_name]
-            if hf_name.endswith(self._conv1d):
-                shape = shape[::-1]
-            self._index[hf_name] = (gguf_name, template, shape)
+        self._spec = self._ckpt.spec
+        # HF name -> shape in HF's file layout (Conv1D weights (in, out)); names checked by the checkpoint reader.
+        self._index: dict[str, tuple[int, ...]] = {}
+        for name in self._ckpt.hf_names():
+            shape = self._ckpt.hf_shape(name)
+            self._index[name] = shape[::-1] if self._spec.is_conv1d(name) else shape
         self.names = list(self._index)
         self._fds: dict[Path, int] = {}
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._index[name][2]
+        return self._index[name]
 
     def dtype(self, name: str) -> str:
         return "F32"
 
     def tensor(self, name: str) -> torch.Tensor:
-        from tinkerlm.formats.gguf import unpermute_rope
-
-        gguf_name, template, _ = self._index[name]
-        t = self._read(gguf_name)
-        if self._permuted and template.startswith(("blk.{i}.attn_q.", "blk.{i}.attn_k.")):
-            heads = self.config["num_attention_heads" if ".attn_q." in template else "num_key_value_heads"]
-            t = unpermute_rope(t, heads)
-        if name.endswith(self._conv1d):
+        t = self._read(name)
+        if self._spec.is_conv1d(name):
             t = t.t()
         return t.contiguous()
 
-    def _read(self, gguf_name: str) -> torch.Tensor:
-        """One tensor as fp32. Float and Q8_0/Q4_0/Q4_1 tensors are read with pread (not through the memory map,
-        whose touched pages would stay resident) and dequantized by the kernels (bit-identical to the gguf
-        package, ten times faster); other types go through the checkpoint reader."""
+    def _read(self, name: str) -> torch.Tensor:
+        """One tensor as fp32, in HF's row order. Float and Q8_0/Q4_0/Q4_1/Q5_1 tensors are read with pread (not
+        through the memory map, whose touched pages would stay resident) and dequantized by the kernels
+        (bit-identical to the gguf package, ten times faster); other types go through the checkpoint reader."""
         from tinkerlm.quant import kernels
         from tinkerlm.quant.qtensor import BLOCK_BYTES, QTensor, fits
 
-        info = self._ckpt._tensors[gguf_name]
-        kind = info.tensor_type.name
-        shape = tuple(int(d) for d in reversed(info.shape.tolist()))  # torch order
+        raw = self._ckpt.raw_tensor(name)
+        kind, shape = raw.type, raw.shape
         if kind not in _GGUF_FLOATS and not (kind in BLOCK_BYTES and fits(shape)):
-            return self._ckpt.tensor(gguf_name)
-        raw = _pread(self.path, self._fds, info.data_offset, int(info.n_bytes), gguf_name)
+            return self._ckpt.hf_tensor(name)
+        data = _pread(self.path, self._fds, raw.offset, raw.nbytes, raw.name)
         if kind in _GGUF_FLOATS:
-            return torch.frombuffer(raw, dtype=_GGUF_FLOATS[kind]).reshape(shape).float()
-        blocks = torch.frombuffer(raw, dtype=torch.uint8).reshape(shape[0], -1)
-        return kernels.dequantize(QTensor(blocks, kind, shape[1]))
+            t = torch.frombuffer(data, dtype=_GGUF_FLOATS[kind]).reshape(shape).float()
+        else:
+            blocks = torch.frombuffer(data, dtype=torch.uint8).reshape(shape[0], -1)
+            t = kernels.dequantize(QTensor(blocks, kind, shape[1]))
+        return t if raw.row_order is None else t[torch.from_numpy(raw.row_order)]
 
     def tokenizer(self):
         return self._ckpt.tokenizer()

@@ -1,7 +1,9 @@
 """Architectures, chosen by the checkpoint's own `model_type`; `build` and `load_weights` are the entry points.
 
-Each architecture module exports `MODEL_TYPES`, a config dataclass with `from_dict`, a `CausalLM` subclass and,
-where its HF checkpoints need a layout change, `from_hf_state_dict`. Adding one touches this table only.
+Which module and classes serve a `model_type`, and its config defaults, come from the architecture specs
+(tinkerlm/formats/specs/). Each architecture module exports a config dataclass with `from_dict`, a `CausalLM`
+subclass and, where its HF checkpoints need a layout change beyond the spec's Conv1D transposition,
+`from_hf_state_dict`. Adding one: docs/adding-a-model.md.
 """
 
 from __future__ import annotations
@@ -12,26 +14,14 @@ import importlib
 import torch
 
 from tinkerlm.errors import TinkerError
-
-# model_type -> (module, config class, model class)
-ARCHITECTURES = {
-    "llama": ("llama", "LlamaConfig", "LlamaForCausalLM"),
-    "mistral": ("llama", "LlamaConfig", "LlamaForCausalLM"),
-    "qwen2": ("llama", "LlamaConfig", "LlamaForCausalLM"),
-    "qwen3": ("llama", "LlamaConfig", "LlamaForCausalLM"),
-    "gpt2": ("gpt2", "GPT2Config", "GPT2LMHeadModel"),
-}
+from tinkerlm.formats import specs
 
 
 def _arch(config: dict, source: str):
-    model_type = config.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise TinkerError(
-            f"{source}: architecture '{model_type}' is not supported (supported: {', '.join(sorted(ARCHITECTURES))})"
-        )
-    module_name, cfg_name, model_name = ARCHITECTURES[model_type]
-    module = importlib.import_module(f"tinkerlm.models.{module_name}")
-    return module, getattr(module, cfg_name), getattr(module, model_name)
+    spec = specs.for_model_type(config.get("model_type"), source)
+    module = importlib.import_module(f"tinkerlm.models.{spec.family}")
+    cfg_name, model_name = spec.model
+    return spec, module, getattr(module, cfg_name), getattr(module, model_name)
 
 
 @contextlib.contextmanager
@@ -50,18 +40,23 @@ def _no_init():
 
 
 def build(config: dict, source: str = "model", device: str | torch.device = "meta"):
-    """An uninitialised model for an HF-style config dict (parameters on `device`, meta by default)."""
-    module, cfg_cls, model_cls = _arch(config, source)
-    cfg = cfg_cls.from_dict(config, source)
+    """An uninitialised model for an HF-style config dict (parameters on `device`, meta by default); the spec's
+    defaults for the config's model_type fill keys the config lacks."""
+    spec, _, cfg_cls, model_cls = _arch(config, source)
+    cfg = cfg_cls.from_dict(spec.with_defaults(config), source)
     with torch.device(device), _no_init():
         return model_cls(cfg, source)
 
 
 def hf_layout(config: dict, state_dict: dict, source: str) -> dict:
-    """Apply the architecture's HF-checkpoint layout change, if it has one."""
-    module, _, _ = _arch(config, source)
+    """An HF checkpoint's tensors in the model's layout: the module's own change (if it has one), then Conv1D weights
+    (the spec's `conv1d`) transposed to nn.Linear's (out, in)."""
+    spec, module, _, _ = _arch(config, source)
     convert = getattr(module, "from_hf_state_dict", None)
-    return convert(state_dict) if convert else state_dict
+    state_dict = convert(state_dict) if convert else state_dict
+    if spec.conv1d:
+        state_dict = {k: (v.t() if spec.is_conv1d(k) else v) for k, v in state_dict.items()}
+    return state_dict
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict, source: str, dtype: torch.dtype = torch.float32,

@@ -1,8 +1,9 @@
 """GPT-2: learned absolute positions, pre-LayerNorm blocks, fused qkv projection, GELU MLP.
 
 Reference: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners", and OpenAI's gpt-2 code.
-Parameter names are Hugging Face's. HF stores GPT-2's projections as `Conv1D` with (in, out) weights;
-`from_hf_state_dict` transposes them once at load so every projection here is a swappable `nn.Linear`.
+Parameter names are Hugging Face's. HF stores GPT-2's projections as `Conv1D` with (in, out) weights; the spec
+(tinkerlm/formats/specs/gpt2.py, `conv1d`) names them and loading transposes them once, so every projection here
+is a swappable `nn.Linear`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from torch import nn
 
 from tinkerlm.errors import TinkerError
 from tinkerlm.models.base import CausalLM, KVCache, attend, check_positive, config_from_dict, make_mask
-
-MODEL_TYPES = ("gpt2",)
 
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -142,18 +141,15 @@ class GPT2LMHeadModel(CausalLM):
         return self.lm_head(x) if head else x
 
 
-CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
-
-
 def from_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF GPT-2 checkpoint -> this module's layout: add the `transformer.` prefix where a bare GPT2Model saved
-    without it, transpose Conv1D (in, out) weights to Linear (out, in), and drop the causal-mask buffers old
-    checkpoints carry."""
+    """HF GPT-2 checkpoint -> this module's names: add the `transformer.` prefix where a bare GPT2Model saved
+    without it, and drop the causal-mask buffers old checkpoints carry. (The Conv1D weights are transposed after
+    this, by `tinkerlm.models.hf_layout`, from the spec.)"""
     out = {}
     for name, t in sd.items():
         if name.endswith(".attn.masked_bias") or (name.endswith(".attn.bias") and t.dim() > 1):
             continue  # a saved causal-mask buffer, not a parameter
         if not name.startswith(("transformer.", "lm_head.")):
             name = "transformer." + name
-        out[name] = t.t() if name.endswith(CONV1D) else t
+        out[name] = t
     return out

@@ -34,8 +34,6 @@ from tinkerlm.models.base import (
 )
 from tinkerlm.errors import TinkerError
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
 
 @dataclass
 class LlamaConfig:
@@ -53,9 +51,11 @@ class LlamaConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # on q/k/v
-    attention_out_bias: bool | None = None  # on o_proj; defaults to attention_bias (Qwen2 has qkv bias only)
+    attention_out_bias: bool | None = None  # on o_proj; defaults to attention_bias
     mlp_bias: bool = False
     qk_norm: bool = False
+    # Per model_type defaults (Qwen2: attention_bias on q/k/v only; Qwen3: qk_norm) are the spec's
+    # (tinkerlm/formats/specs/llama.py), filled in by `tinkerlm.models.build` before this dataclass.
     sliding_window: int | None = None
     hidden_act: str = "silu"
     model_type: str = "llama"
@@ -72,10 +72,6 @@ class LlamaConfig:
         scaling = d.get("rope_scaling")
         if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "default":
             d["rope_scaling"] = None
-        d.setdefault("qk_norm", d.get("model_type") == "qwen3")
-        if d.get("model_type") == "qwen2":
-            d.setdefault("attention_bias", True)
-            d.setdefault("attention_out_bias", False)
         # Qwen configs carry a sliding_window that is off unless use_sliding_window is set, and then per layer.
         if "use_sliding_window" in d or "layer_types" in d:
             if d.get("use_sliding_window") or "sliding_attention" in (d.get("layer_types") or []):

@@ -1,5 +1,7 @@
 """Quantized weights as module swaps: `attach` packed weights from a GGUF, `quantize` float ones, `fuse` for decode.
 
+`packed_state_dict` reads a GGUF checkpoint keeping its quantized weights as blocks (repacked for the kernels).
+
 Models never subclass or copy for quantization: nn.Linear becomes `QLinear` and nn.Embedding `QEmbedding` in
 place, tied weights stay tied (one packed tensor, two modules), and the fused decode step is attached to a model
 whose layers are all quantized. See qtensor.py for the format and kernels.cpp for the kernels.
@@ -7,15 +9,46 @@ whose layers are all quantized. See qtensor.py for the format and kernels.cpp fo
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 from torch import nn
 
 from tinkerlm.errors import TinkerError
 from tinkerlm.quant.linear import QEmbedding, QLinear
 from tinkerlm.quant.kernels import pack
-from tinkerlm.quant.qtensor import Packed, QTensor, fits
+from tinkerlm.quant.qtensor import Packed, QTensor, fits, from_gguf
 from tinkerlm.quant.qtensor import quantize as quantize_tensor
 
-__all__ = ["QTensor", "Packed", "QLinear", "QEmbedding", "attach", "quantize", "fuse", "unfuse", "weight_bytes"]
+__all__ = ["QTensor", "Packed", "QLinear", "QEmbedding", "attach", "quantize", "fuse", "unfuse", "weight_bytes",
+           "packed_state_dict"]
+
+# GGUF types read as plain floats even when packing.
+FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
+
+
+def packed_state_dict(ckpt) -> dict[str, torch.Tensor | QTensor | Packed]:
+    """Every parameter of a GGUF checkpoint (`tinkerlm.formats.gguf.GGUFCheckpoint`) under its HF name, quantized
+    2-D weights kept quantized: `Packed` (repacked for the kernels, the file's pages released as each is done), or
+    `QTensor` blocks where the kernels are unavailable. Float tensors, 1-D ones and rows not in whole blocks of 32
+    come back as fp32 tensors, as `ckpt.state_dict()` gives them.
+
+    Raises:
+        TinkerError: unused or missing tensors, a shape contradicting the metadata, or an unknown tensor type.
+    """
+    out = {}
+    for name in ckpt.hf_names():
+        raw = ckpt.raw_tensor(name)
+        if raw.type in FLOAT_TYPES or len(raw.shape) != 2 or not fits(raw.shape):
+            out[name] = ckpt.hf_tensor(name)
+            continue
+        qt = from_gguf(np.asarray(raw.data).reshape(raw.shape[0], -1), raw.type, raw.shape, raw.dequantize)
+        if raw.row_order is not None:  # a row permutation: blocks move with their rows
+            qt = qt.rows(torch.from_numpy(raw.row_order))
+        qt = pack(qt)
+        if isinstance(qt, Packed):
+            ckpt.release(name)
+        out[name] = qt
+    return out
 
 
 def _swap(model: nn.Module, module_name: str, new: nn.Module) -> None:

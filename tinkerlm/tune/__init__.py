@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from tinkerlm.errors import TinkerError
+from tinkerlm.formats import specs
 from tinkerlm.tune.recipe import Recipe, dump_yaml, resolve
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def finetune(*, config: str | None = None, resume: bool = False, force: bool = F
 
     def fill(model_dir: Path) -> None:
         if method == "lora":
-            fan_in_fan_out = getattr(model.config, "model_type", "") == "gpt2"
+            fan_in_fan_out = bool(specs.for_model_type(model.config.model_type).conv1d)
             lora.save_adapter(model, model_dir, lora.peft_config(cfg, wrapped, base_ref, fan_in_fan_out),
                               dtype=save_dtype)
         else:
@@ -209,10 +210,8 @@ def save_full(model, tokenizer, gen_config: dict, base_path: Path, model_dir: Pa
             continue  # a tied head is stored once, as the embedding
         seen[key] = name
         state[name] = t.detach()
-    if getattr(model.config, "model_type", "") == "gpt2":
-        from tinkerlm.models.gpt2 import CONV1D
-
-        state = {k: (v.t() if k.endswith(CONV1D) else v) for k, v in state.items()}
+    spec = specs.for_model_type(model.config.model_type)
+    state = {k: (v.t() if spec.is_conv1d(k) else v) for k, v in state.items()}  # HF's Conv1D layout: (in, out)
     # In name order, as safetensors' own save_file lays out tensors of one dtype; each is cast as it is written.
     names = sorted(state)
     hf.write_model(model_dir, config, [(n, dtype, tuple(state[n].shape)) for n in names],

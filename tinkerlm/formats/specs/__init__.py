@@ -1,0 +1,79 @@
+"""Architecture specs: what each model family's checkpoints look like, declared once and asked by every reader.
+
+One `Spec` (base.py) per family (llama.py: Llama, Mistral, Qwen2, Qwen3; gpt2.py: GPT-2) declares its Hugging Face
+`model_type`s and GGUF `general.architecture` names, the transformers class of each model_type, the tinkerlm
+model to build, the GGUF <-> HF tensor name table, the tensors a GGUF file must hold, the config read from GGUF
+metadata, the parameter shapes a config implies, per-tensor fixes (llama.cpp's q/k row permutation), which HF
+tensors are Conv1D (stored (in, out), as GPT-2's) and per-model_type config defaults. The GGUF reader, model
+building, merging, fine-tuning and the store ask the registry here (`for_model_type`, `for_gguf`) instead of
+testing a model's name. Adding an architecture: docs/adding-a-model.md.
+
+Imports no torch (the store reads metadata through it) and nothing from `tinkerlm.models` (a lower layer): the
+model to build is named by strings.
+"""
+
+from __future__ import annotations
+
+from tinkerlm.errors import TinkerError
+from tinkerlm.formats.specs import gpt2, llama
+from tinkerlm.formats.specs.base import GGUFMetadata, Spec
+
+__all__ = ["Spec", "GGUFMetadata", "SPECS", "model_types", "gguf_architectures", "find", "for_model_type", "for_gguf",
+           "gguf_model_type", "with_defaults"]
+
+# The registry: one spec per family, in the order error messages list them.
+SPECS: tuple[Spec, ...] = (llama.SPEC, gpt2.SPEC)
+
+
+def model_types() -> list[str]:
+    """Every supported HF model_type, in registry order."""
+    return [t for s in SPECS for t in s.model_types]
+
+
+def gguf_architectures() -> dict[str, str]:
+    """Every supported GGUF general.architecture -> its HF model_type, in registry order."""
+    return {arch: t for s in SPECS for arch, t in s.gguf_architectures.items()}
+
+
+def find(model_type: str | None) -> Spec | None:
+    """The spec covering an HF model_type, or None."""
+    return next((s for s in SPECS if model_type in s.model_types), None)
+
+
+def for_model_type(model_type: str | None, source: str = "model") -> Spec:
+    """The spec covering an HF model_type.
+
+    Raises:
+        TinkerError: no spec covers it (the message lists the supported ones).
+    """
+    spec = find(model_type)
+    if spec is None:
+        raise TinkerError(
+            f"{source}: architecture '{model_type}' is not supported (supported: {', '.join(sorted(model_types()))})"
+        )
+    return spec
+
+
+def for_gguf(architecture: str, source: str = "model") -> Spec:
+    """The spec covering a GGUF general.architecture.
+
+    Raises:
+        TinkerError: no spec covers it (the message lists the supported ones).
+    """
+    spec = next((s for s in SPECS if architecture in s.gguf_architectures), None)
+    if spec is None:
+        raise TinkerError(
+            f"{source}: architecture {architecture!r} is not supported (supported: {', '.join(gguf_architectures())})"
+        )
+    return spec
+
+
+def gguf_model_type(architecture: str) -> str:
+    """The HF model_type of a GGUF general.architecture; an unsupported name comes back unchanged."""
+    return gguf_architectures().get(architecture, architecture)
+
+
+def with_defaults(config: dict) -> dict:
+    """`config` with its model_type's defaults filled in; unchanged (a copy) for a model_type no spec covers."""
+    spec = find(config.get("model_type"))
+    return spec.with_defaults(config) if spec else dict(config)

@@ -1,0 +1,169 @@
+"""The Llama family's spec: Llama 2/3/3.1+, Mistral, SmolLM/SmolLM2, Qwen2/2.5 and Qwen3 (tinkerlm/models/llama.py).
+
+GGUF files name these architectures "llama" (Llama 2/3, SmolLM, most Mistrals), "mistral", "qwen2" and "qwen3";
+HF uses the same names as `model_type`. llama.cpp's converter interleaves the two rotary halves of each head's
+q/k rows for llama and mistral (it undoes HF's own permutation of Meta's checkpoints); `rope_rows` is that
+permutation, read back here and inverted for writers.
+
+References:
+- llama.cpp's converter (tensor names, `LlamaModel.permute`):
+  https://github.com/ggml-org/llama.cpp/blob/master/convert_hf_to_gguf.py
+- llama.cpp's metadata key names: https://github.com/ggml-org/llama.cpp/blob/master/gguf-py/gguf/constants.py
+"""
+
+from __future__ import annotations
+
+import re
+import numpy as np
+
+from tinkerlm.errors import TinkerError
+from tinkerlm.formats.specs.base import GGUFMetadata, Spec
+
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+# Consumed into the config (`rope_freq_factors`), not a parameter.
+ROPE_FREQS = "rope_freqs.weight"
+
+# Model types whose GGUF q/k rows llama.cpp's converter permutes; the config key holding each one's head count.
+ROPE_PERMUTED = ("llama", "mistral")
+_QK = re.compile(r"model\.layers\.\d+\.self_attn\.([qk])_proj\.(weight|bias)")
+_HEADS = {"q": "num_attention_heads", "k": "num_key_value_heads"}
+
+
+def rope_rows(hf_name: str, config: dict, rows: int) -> np.ndarray | None:
+    """HF row r of a q/k projection is GGUF row `order[r]`; None for other tensors and unpermuted model types.
+
+    llama.cpp stores each head's rows as pairs (0, hd/2), (1, hd/2 + 1), ...; HF keeps the two halves apart.
+    """
+    m = _QK.fullmatch(hf_name)
+    if m is None or config.get("model_type") not in ROPE_PERMUTED:
+        return None
+    heads = config.get(_HEADS[m[1]]) or config["num_attention_heads"]  # no num_key_value_heads: no GQA
+    head_dim = rows // heads
+    return np.arange(rows).reshape(heads, head_dim // 2, 2).transpose(0, 2, 1).reshape(rows)  # (n, 2, hd/2)
+
+
+def _rope_scaling(g: GGUFMetadata) -> dict | None:
+    arch = g.architecture
+    kind = g.arch_key("rope.scaling.type", None, kind=str)
+    factor = g.arch_key("rope.scaling.factor", None, kind=float)
+    legacy = g.arch_key("rope.scale_linear", None, kind=float)  # GGUF v2-era key
+    if kind is None and legacy is not None and legacy != 1.0:
+        kind, factor = "linear", legacy
+    if kind is None or kind == "none":
+        return None
+    if kind == "linear":
+        if factor is None:
+            raise TinkerError(f"{g.path}: {arch}.rope.scaling.type is linear but rope.scaling.factor is missing")
+        return {"rope_type": "linear", "factor": float(factor)}
+    raise TinkerError(f"{g.path}: {arch}.rope.scaling.type {kind!r} is not supported (supported: linear)")
+
+
+def gguf_config(g: GGUFMetadata) -> dict:
+    """The HF config of a Llama-family GGUF.
+
+    Raises:
+        TinkerError: a missing key, value and key lengths that differ, partial rotary, or an unknown RoPE scaling.
+    """
+    arch = g.architecture
+    hidden = g.arch_key("embedding_length")
+    heads = g.arch_key("attention.head_count")
+    head_dim = g.arch_key("attention.key_length", None) or hidden // heads
+    value_dim = g.arch_key("attention.value_length", None)
+    if value_dim is not None and value_dim != head_dim:
+        raise TinkerError(
+            f"{g.path}: {arch}.attention.value_length {value_dim} differs from key_length {head_dim} (not supported)"
+        )
+    rope_dims = g.arch_key("rope.dimension_count", None)
+    if rope_dims is not None and rope_dims != head_dim:
+        raise TinkerError(
+            f"{g.path}: {arch}.rope.dimension_count {rope_dims} differs from the head size {head_dim} "
+            "(partial rotary embeddings are not supported)"
+        )
+    config = {
+        "model_type": GGUF_ARCHITECTURES[arch],
+        "vocab_size": g.vocab_size(),
+        "hidden_size": hidden,
+        "intermediate_size": g.arch_key("feed_forward_length"),
+        "num_hidden_layers": g.arch_key("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": g.arch_key("attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": g.arch_key("attention.layer_norm_rms_epsilon", kind=float),
+        "rope_theta": float(g.arch_key("rope.freq_base", 10000.0, kind=float)),
+        "max_position_embeddings": g.arch_key("context_length"),
+        "tie_word_embeddings": not g.has_tensor("output.weight"),
+        "attention_bias": g.has_tensor("blk.0.attn_q.bias"),
+        "rope_scaling": _rope_scaling(g),
+    }
+    if g.has_tensor(ROPE_FREQS):
+        # Llama 3.1 files store the llama3 rope scaling as per-frequency divisors of inv_freq.
+        factors = g.tensor(ROPE_FREQS)
+        if tuple(factors.shape) != (head_dim // 2,):
+            raise TinkerError(
+                f"{g.path}: tensor {ROPE_FREQS} has shape {tuple(factors.shape)}, expected ({head_dim // 2},) "
+                "from the head size (file inconsistent; re-convert it)"
+            )
+        config["rope_freq_factors"] = factors.tolist()
+    return config
+
+
+def shapes(c: dict) -> dict[str, tuple[int, ...]]:
+    """HF parameter shapes (linear weights (out, in)) a config implies, per HF name template."""
+    h, i_, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    heads = c["num_attention_heads"]
+    hd = c.get("head_dim") or h // heads
+    q, kv = heads * hd, (c.get("num_key_value_heads") or heads) * hd
+    a, m = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
+    return {
+        "model.embed_tokens.weight": (v, h), "lm_head.weight": (v, h), "model.norm.weight": (h,),
+        "model.layers.{i}.input_layernorm.weight": (h,), "model.layers.{i}.post_attention_layernorm.weight": (h,),
+        a + "q_proj.weight": (q, h), a + "k_proj.weight": (kv, h), a + "v_proj.weight": (kv, h),
+        a + "q_proj.bias": (q,), a + "k_proj.bias": (kv,), a + "v_proj.bias": (kv,),
+        a + "o_proj.weight": (h, q), a + "o_proj.bias": (h,), a + "q_norm.weight": (hd,), a + "k_norm.weight": (hd,),
+        m + "gate_proj.weight": (i_, h), m + "up_proj.weight": (i_, h), m + "down_proj.weight": (h, i_),
+    }
+
+
+SPEC = Spec(
+    family="llama",
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
+    hf_classes={"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM"},
+    model=("LlamaConfig", "LlamaForCausalLM"),
+    gguf_architectures=GGUF_ARCHITECTURES,
+    tensor_names={
+        "token_embd.weight": "model.embed_tokens.weight",
+        "output_norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+        "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+        "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+        "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+        "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+        "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+        "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+        "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+        "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+        "blk.{i}.attn_output.bias": "model.layers.{i}.self_attn.o_proj.bias",
+        "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+        "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
+        "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+        "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+        "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+        "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+    },
+    required=(
+        "token_embd.weight", "output_norm.weight", "blk.{i}.attn_norm.weight", "blk.{i}.attn_q.weight",
+        "blk.{i}.attn_k.weight", "blk.{i}.attn_v.weight", "blk.{i}.attn_output.weight", "blk.{i}.ffn_norm.weight",
+        "blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight", "blk.{i}.ffn_down.weight",
+    ),
+    gguf_config=gguf_config,
+    shapes=shapes,
+    layers_key="num_hidden_layers",
+    defaults={
+        "qwen2": {"attention_bias": True, "attention_out_bias": False},  # bias on q/k/v only
+        "qwen3": {"qk_norm": True},
+    },
+    row_fix=rope_rows,
+    consumed=(ROPE_FREQS,),
+)

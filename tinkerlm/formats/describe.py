@@ -29,7 +29,7 @@ from tinkerlm.errors import TinkerError
 from tinkerlm.formats import hf
 
 # GGUF `general.architecture` -> Hugging Face `model_type`. Unlisted names pass through unchanged.
-# The one place this mapping lives; it is to be replaced by a lookup in the per-family architecture specs.
+# Used only by `describe`; to be replaced by a lookup in the per-family architecture specs.
 GGUF_ARCHITECTURES = {
     "llama": "llama",
     "mistral": "mistral",
@@ -39,7 +39,6 @@ GGUF_ARCHITECTURES = {
     "gemma3": "gemma3_text",
     "phi3": "phi3",
 }
-
 
 
 def describe(path: Path, find_base: Callable[[str], dict | None] | None = None) -> dict:

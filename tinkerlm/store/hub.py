@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 _HUB_RETRIES = 3  # resumed attempts after a dropped connection
 
 
-
 def _parse_hf(source: str) -> tuple[str, str | None, str | None]:
     """'hf:ORG/REPO[/FILE.gguf][@REVISION]' -> (repo, file, revision)."""
     spec, _, rev = source[len("hf:"):].partition("@")

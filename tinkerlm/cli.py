@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+
 def _sampling(p: argparse.ArgumentParser) -> None:
     """The generation flags, one per field of the declaration `tinkerlm.sampling.SamplingParams` (torch-free).
 

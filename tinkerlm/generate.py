@@ -17,8 +17,6 @@ from tinkerlm.errors import TinkerError
 from tinkerlm.sampling import LENGTH, Sampler, SamplingParams, TextStream, TokenLogprob, new_generator, token_bytes
 
 
-
-
 @torch.inference_mode()
 def _run(model, prompts: Sequence[Sequence[int]], max_tokens: int, sampler_for, stop_token_ids: Sequence[int]):
     """Run the batch; yield per step (tokens with None for finished rows, per-row logprobs or None, sampler).

@@ -30,9 +30,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException
 
 from tinkerlm import chat as chat_mod
+from tinkerlm.batching import BatchGenerator, Event, QueueFull, Sequence, ShuttingDown
 from tinkerlm.errors import TinkerError
-from tinkerlm.batching import BatchGenerator as Engine
-from tinkerlm.batching import Event, QueueFull, Sequence, ShuttingDown
 from tinkerlm.sampling import SamplingParams, token_text
 from tinkerlm.serve.protocol import APIError, ChatRequest, CompletionRequest, params, parse
 
@@ -51,7 +50,7 @@ class ClientGone(Exception):
 
 
 class _State:
-    def __init__(self, engines: dict[str, Engine], llms: dict[str, Any], api_key: str | None):
+    def __init__(self, engines: dict[str, BatchGenerator], llms: dict[str, Any], api_key: str | None):
         self.engines = engines
         self.llms = llms
         self.aliases = dict(engines)
@@ -62,14 +61,14 @@ class _State:
         self.started = int(time.time())
         self.draining = False
 
-    def engine(self, name: str) -> Engine:
+    def engine(self, name: str) -> BatchGenerator:
         e = self.aliases.get(name)
         if e is None:
             raise APIError(404, f"The model '{name}' does not exist; served models: {', '.join(self.engines)}",
                            "model", "model_not_found")
         return e
 
-    def defaults(self, engine: Engine) -> dict[str, Any]:
+    def defaults(self, engine: BatchGenerator) -> dict[str, Any]:
         """The sampling defaults of the model behind `engine` (its generation_config.json)."""
         return self.llms[engine.name].sampling_defaults
 
@@ -109,7 +108,7 @@ class _CountRequests:
 class _Run:
     """The sequences of one request and the queue their events arrive on."""
 
-    def __init__(self, engine: Engine, seqs: list[Sequence], queue: asyncio.Queue):
+    def __init__(self, engine: BatchGenerator, seqs: list[Sequence], queue: asyncio.Queue):
         self.engine, self.seqs, self.queue = engine, seqs, queue
         self.pending = {s.index for s in seqs}
 
@@ -149,7 +148,7 @@ class _Run:
                 "total_tokens": prompt_tokens + completion}
 
 
-def _budget(engine: Engine, n_prompt: int, requested: int | None, param: str) -> int:
+def _budget(engine: BatchGenerator, n_prompt: int, requested: int | None, param: str) -> int:
     """max_tokens for a prompt of `n_prompt` tokens: the request's, or what is left of the context."""
     if n_prompt == 0:
         raise APIError(400, "the prompt is empty (give at least one token of text)", param)
@@ -173,7 +172,7 @@ def _api_error(e: Exception) -> APIError:
     return APIError(500, f"internal error: {type(e).__name__}: {e}")
 
 
-def _start(engine: Engine, prompts: list[list[int]], req, max_tokens: list[int], defaults: dict) -> _Run:
+def _start(engine: BatchGenerator, prompts: list[list[int]], req, max_tokens: list[int], defaults: dict) -> _Run:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -217,11 +216,11 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _token_text(engine: Engine, token: int) -> tuple[str, list[int]]:
+def _token_text(engine: BatchGenerator, token: int) -> tuple[str, list[int]]:
     return token_text(engine.tokenizer, engine.token_bytes(), token)
 
 
-def _chat_logprobs(engine: Engine, tokens) -> dict:
+def _chat_logprobs(engine: BatchGenerator, tokens) -> dict:
     content = []
     for t in tokens:
         text, raw = _token_text(engine, t.id)
@@ -233,7 +232,7 @@ def _chat_logprobs(engine: Engine, tokens) -> dict:
     return {"content": content, "refusal": None}
 
 
-def _completion_logprobs(engine: Engine, tokens, offset: int = 0) -> dict:
+def _completion_logprobs(engine: BatchGenerator, tokens, offset: int = 0) -> dict:
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for t in tokens:
         text, _ = _token_text(engine, t.id)
@@ -264,8 +263,8 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_batch:
     """
     if max_batch < 1 or max_queue < 0:
         raise TinkerError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
-    engines = {name: Engine(llm.model, llm.tokenizer, name=name, max_batch=max_batch, max_queue=max_queue,
-                            max_context=max_context) for name, llm in models.items()}
+    engines = {name: BatchGenerator(llm.model, llm.tokenizer, name=name, max_batch=max_batch, max_queue=max_queue,
+                                    max_context=max_context) for name, llm in models.items()}
     state = _State(engines, models, api_key)
 
     @asynccontextmanager
@@ -402,7 +401,7 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_batch:
     return app
 
 
-def _model_card(name: str, engine: Engine, state: _State) -> dict:
+def _model_card(name: str, engine: BatchGenerator, state: _State) -> dict:
     return {"id": name, "object": "model", "created": state.started, "owned_by": "tinkerlm",
             "context_length": engine.context}
 

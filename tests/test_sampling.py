@@ -65,6 +65,9 @@ def test_every_option_is_validated():
         below = (p.ge if p.ge is not None else p.gt) - 1
         with pytest.raises(TinkerError, match=f"sampling: {name} must be"):
             SamplingParams(**{name: type(sampling.default(f) or 0)(below)}).check()
+    for bad in [dict(logprobs=True), dict(top_k=1.5), dict(temperature="hot"), dict(json=1), dict(stop=[3])]:
+        with pytest.raises(TinkerError, match=f"sampling: {next(iter(bad))} must be"):
+            SamplingParams(**bad).check()
 
 
 # ----------------------------------------------------------------------------------------------------------------

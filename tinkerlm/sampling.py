@@ -92,12 +92,12 @@ class SamplingParams:
 
     def check(self) -> "SamplingParams":
         """Validate every field against its declared range; returns self. Raises TinkerError naming the field."""
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
         for f in dataclasses.fields(self):
             bad = _out_of_range(f, getattr(self, f.name))
             if bad:
                 raise TinkerError(f"sampling: {bad}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
         return self
 
     def replace(self, **changes) -> "SamplingParams":
@@ -113,9 +113,22 @@ def default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
+_KINDS = {"float": "a number", "int": "an integer", "int | None": "an integer", "bool": "true or false",
+          "list[str]": "a list of strings"}
+
+
 def _out_of_range(f: dataclasses.Field, v: Any) -> str | None:
+    """Why `v` is not a valid value of field `f`, or None."""
     p: Param = f.metadata["param"]
-    if v is None or isinstance(v, (bool, str, list, tuple)):
+    if v is None and "None" in f.type:
+        return None
+    ok = {"float": isinstance(v, (int, float)) and not isinstance(v, bool),
+          "bool": isinstance(v, bool),
+          "list[str]": isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v)}.get(
+        f.type, isinstance(v, int) and not isinstance(v, bool))
+    if not ok:
+        return f"{f.name} must be {_KINDS[f.type]} (got {v!r})"
+    if isinstance(v, (bool, list, tuple)):
         return None
     if (p.ge is not None and v < p.ge) or (p.gt is not None and v <= p.gt) or (p.le is not None and v > p.le):
         return f"{f.name} must be {p.range_text()} (got {v})"
@@ -132,8 +145,6 @@ def options(opts: dict[str, Any], defaults: dict[str, Any] | None = None) -> Sam
     if unknown:
         raise TinkerError(f"generation option {unknown[0]!r} is not known (known: {', '.join(known)})")
     given = {**(defaults or {}), **{k: v for k, v in opts.items() if v is not None}}
-    if isinstance(given.get("stop"), str):
-        given["stop"] = [given["stop"]]
     return SamplingParams(**given).check()
 
 

@@ -200,13 +200,11 @@ def cli(*args, **kw):
     return subprocess.run([sys.executable, "-m", "tinkerlm", *args], capture_output=True, text=True, **kw)
 
 
-def test_max_tokens_zero_is_refused(llm, tmp_path):
+def test_max_tokens_zero_is_refused(llm):
     """As OpenAI (max_tokens >= 1): 0 is an error everywhere, never a full answer."""
     with pytest.raises(TinkerError, match="max_tokens must be >= 1"):
         llm.generate("hi", max_tokens=0)
-    path = tmp_path / "m"
-    make_hf_model("llama", path)
-    proc = cli("run", str(path), "hi", "--max-tokens", "0")
+    proc = cli("run", "not-pulled-model", "hi", "--max-tokens", "0")  # refused before any pull or load
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == ["tinkerlm: error: sampling: max_tokens must be >= 1 (got 0)"]
 

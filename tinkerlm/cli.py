@@ -214,7 +214,9 @@ def _gen_options(a) -> dict:
     """The generation flags as `LLM` options (None: not given, the model's or the declared default applies)."""
     from tinkerlm import sampling
 
-    return {k: getattr(a, k, None) for k in sampling.params()}
+    opts = {k: getattr(a, k, None) for k in sampling.params()}
+    sampling.options(opts)  # refuse a bad value (--max-tokens 0) before loading, let alone pulling, the model
+    return opts
 
 
 def cmd_pull(a) -> None:
@@ -279,15 +281,16 @@ def cmd_run(a) -> None:
     prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
     if not prompt.strip():
         raise TinkerError("prompt: empty (give a prompt, or pipe one in with '-')")
+    options = _gen_options(a)
     llm = tinkerlm.load(a.model, **_load_options(a))
     use_chat = a.chat if a.chat is not None else bool(llm.tokenizer.chat_template)
     if use_chat:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
             {"role": "user", "content": prompt}
         ]
-        pieces = llm.chat_stream(messages, **_gen_options(a))
+        pieces = llm.chat_stream(messages, **options)
     else:
-        pieces = llm.stream(prompt, **_gen_options(a))
+        pieces = llm.stream(prompt, **options)
     logprobs = []
     for piece in pieces:
         sys.stdout.write(piece)
@@ -304,8 +307,9 @@ def cmd_chat(a) -> None:
     import tinkerlm
     from tinkerlm.chat import repl
 
+    options = _gen_options(a)
     llm = tinkerlm.load(a.model, **_load_options(a))
-    repl(llm, system=a.system, **_gen_options(a))
+    repl(llm, system=a.system, **options)
 
 
 COMMANDS = {"pull": cmd_pull, "list": cmd_list, "show": cmd_show, "rm": cmd_rm, "run": cmd_run, "chat": cmd_chat,

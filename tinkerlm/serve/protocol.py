@@ -101,10 +101,13 @@ class _Sampling(_Strict):
         return [s for s in stops if s]
 
 
+_MAX_TOKENS, _LOGPROBS = sampling.params()["max_tokens"][1], sampling.params()["logprobs"][1]
+
+
 class _Chat(_Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_completion_tokens: int | None = Field(None, ge=_MAX_TOKENS.ge)  # OpenAI's newer name of max_tokens
+    top_logprobs: int | None = Field(None, ge=_LOGPROBS.ge, le=_LOGPROBS.le)  # chat's spelling of logprobs: k
 
 
 class _Completion(_Sampling):

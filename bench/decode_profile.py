@@ -13,7 +13,7 @@ import time
 import torch
 
 import tinkerlm
-from tinkerlm.generate import SamplingParams, sample
+from tinkerlm.sampling import SamplingParams, sample
 
 
 def step_ms(model, n: int = 60) -> float:

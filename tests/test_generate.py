@@ -5,7 +5,7 @@ import torch
 
 import tinkerlm
 from tinkerlm.errors import TinkerError
-from tinkerlm.generate import SamplingParams, Detokenizer, apply_repetition_penalty, sample
+from tinkerlm.sampling import SamplingParams, Detokenizer, apply_repetition_penalty, sample
 from tiny import make_hf_model
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, -1.0, 3.0], [0.1, 0.2, 0.3, 0.4, 0.0]])

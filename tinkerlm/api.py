@@ -7,19 +7,21 @@
         print(piece, end="", flush=True)
 
 This layer finds models by name (the store) and hands paths to `tinkerlm.loading`, which builds the model.
+
+Generation options are `tinkerlm.sampling.SamplingParams`' fields; answers are `Text` strings that also carry the
+finish reason and, with `logprobs=k`, each token's log-probability.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 from tinkerlm import chat as chat_mod
 from tinkerlm import loading
 from tinkerlm.errors import TinkerError
-from tinkerlm.generate import SamplingParams, generate, stream_generate
-
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+from tinkerlm.generate import stream_generate
+from tinkerlm.sampling import SamplingParams, TokenLogprob, generation_config_defaults, options, token_bytes, token_text
 
 
 def resolve(name_or_path: str, pull: bool = True):
@@ -42,8 +44,33 @@ def resolve(name_or_path: str, pull: bool = True):
     return store.model_path(manifest), manifest
 
 
+class Text(str):
+    """A generated answer or piece: a plain `str`, plus what the engine knows about it.
+
+    Attributes:
+        finish_reason: "stop" (stop token, stop string or closed JSON object), "length" (max_tokens or the
+            context), or None for a streamed piece that is not the last.
+        logprobs: with `logprobs=k`, one `TokenLogprob` per generated token behind this text (`.text`, `.id`,
+            `.logprob`, `.top`: the k most likely [(id, logprob)]); else empty.
+    """
+
+    finish_reason: str | None
+    logprobs: list[TokenLogprob]
+
+    def __new__(cls, text: str = "", finish_reason: str | None = None, logprobs: list[TokenLogprob] | None = None):
+        self = super().__new__(cls, text)
+        self.finish_reason, self.logprobs = finish_reason, list(logprobs or [])
+        return self
+
+
 class LLM:
-    """A loaded model and its tokenizer, with the generation API shared by the CLI and server."""
+    """A loaded model and its tokenizer, with the generation API shared by the CLI and server.
+
+    Generation options (keyword arguments of `generate`, `stream`, `chat`, `chat_stream`) are the fields of
+    `tinkerlm.sampling.SamplingParams`: max_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+    presence_penalty, frequency_penalty, seed, stop, logprobs, json. An option not given (or None) takes the
+    model's generation_config.json value if it sets one (`sampling_defaults`), else the declared default.
+    """
 
     def __init__(self, model, tokenizer, name: str, manifest=None, generation_config: dict | None = None):
         self.model = model
@@ -51,23 +78,15 @@ class LLM:
         self.name = name
         self.manifest = manifest
         self.generation_config = generation_config or {}
+        self.sampling_defaults = generation_config_defaults(self.generation_config, f"{name}: generation_config.json")
 
     def __repr__(self) -> str:
         return f"LLM({self.name!r}, {type(self.model).__name__})"
 
     # -- helpers -------------------------------------------------------------------------------------------------
-    def _options(self, opts: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(opts) - set(SAMPLING_KEYS) - {"max_tokens", "stop"}
-        if unknown:
-            raise TinkerError(f"generation option {sorted(unknown)[0]!r} is not known (known: max_tokens, stop, "
-                              f"{', '.join(SAMPLING_KEYS)})")
-        sampling = SamplingParams(**{k: opts[k] for k in SAMPLING_KEYS if opts.get(k) is not None})
-        stop = opts.get("stop") or ()
-        return {
-            "max_tokens": opts.get("max_tokens") or 256,
-            "sampling": sampling,
-            "stop": [stop] if isinstance(stop, str) else list(stop),
-        }
+    def sampling(self, **opts) -> SamplingParams:
+        """The `SamplingParams` for these options over the model's defaults (TinkerError if unknown or invalid)."""
+        return options(opts, self.sampling_defaults)
 
     def apply_chat_template(self, messages: str | Sequence[dict], add_generation_prompt: bool = True) -> str:
         if isinstance(messages, str):
@@ -78,26 +97,49 @@ class LLM:
         # The template writes special tokens itself, so none are added on encoding (as transformers does).
         return self.tokenizer.encode(self.apply_chat_template(messages), add_special_tokens=False)
 
+    def _pieces(self, prompts: list, params: SamplingParams) -> Iterator[tuple[int, Text]]:
+        """(row, Text piece) as rows generate; a piece only when it has text, logprobs or a finish reason."""
+        table = token_bytes(self.tokenizer, self.model.lm_head.out_features) if params.logprobs is not None else None
+        for chunk in stream_generate(self.model, self.tokenizer, prompts, sampling=params):
+            for t in chunk.logprobs:
+                t.text = token_text(self.tokenizer, table, t.id)[0]
+            if chunk.text or chunk.logprobs or chunk.finish_reason:
+                yield chunk.index, Text(chunk.text, chunk.finish_reason, chunk.logprobs)
+
+    def _stream(self, prompt, params: SamplingParams) -> Iterator[Text]:
+        for _, piece in self._pieces([prompt], params):
+            if piece or piece.logprobs:
+                yield piece
+
+    @staticmethod
+    def _join(pieces: list[Text]) -> Text:
+        reason = next((p.finish_reason for p in pieces if p.finish_reason), None)
+        return Text("".join(pieces), reason, [t for p in pieces for t in p.logprobs])
+
     # -- generation ----------------------------------------------------------------------------------------------
-    def generate(self, prompt: str | Sequence[str], **opts) -> str | list[str]:
+    def generate(self, prompt: str | Sequence[str], **opts) -> Text | list[Text]:
         """Continue raw text. A list of prompts runs as one batch and returns a list."""
-        return generate(self.model, self.tokenizer, prompt, **self._options(opts))
+        params = self.sampling(**opts)
+        single = isinstance(prompt, str)
+        batch = [prompt] if single else list(prompt)
+        pieces: list[list[Text]] = [[] for _ in batch]
+        for i, piece in self._pieces(batch, params):
+            pieces[i].append(piece)
+        texts = [self._join(p) for p in pieces]
+        return texts[0] if single else texts
 
-    def stream(self, prompt: str, **opts) -> Iterator[str]:
-        """Continue raw text, yielding text pieces as they are generated."""
-        for chunk in stream_generate(self.model, self.tokenizer, [prompt], **self._options(opts)):
-            if chunk.text:
-                yield chunk.text
+    def stream(self, prompt: str, **opts) -> Iterator[Text]:
+        """Continue raw text, yielding text pieces as they are generated (with `logprobs`, also pieces whose text
+        is held back, e.g. half a character)."""
+        return self._stream(prompt, self.sampling(**opts))
 
-    def chat(self, messages: str | Sequence[dict], **opts) -> str:
+    def chat(self, messages: str | Sequence[dict], **opts) -> Text:
         """The assistant's answer to a conversation (a list of {role, content}) or a single user message."""
-        return "".join(self.chat_stream(messages, **opts))
+        params = self.sampling(**opts)
+        return self._join([p for _, p in self._pieces([self._chat_ids(messages)], params)])
 
-    def chat_stream(self, messages: str | Sequence[dict], **opts) -> Iterator[str]:
-        ids = self._chat_ids(messages)
-        for chunk in stream_generate(self.model, self.tokenizer, [ids], **self._options(opts)):
-            if chunk.text:
-                yield chunk.text
+    def chat_stream(self, messages: str | Sequence[dict], **opts) -> Iterator[Text]:
+        return self._stream(self._chat_ids(messages), self.sampling(**opts))
 
 
 def resolve_adapter(manifest):

@@ -9,23 +9,32 @@ from __future__ import annotations
 import argparse
 import sys
 
-SAMPLING_FLAGS = [
-    ("--max-tokens", int, 256, "most tokens to generate"),
-    ("--temperature", float, 0.0, "sampling temperature; 0 is greedy"),
-    ("--top-k", int, 0, "sample from the k most likely tokens; 0 is off"),
-    ("--top-p", float, 1.0, "nucleus sampling: smallest set of tokens with this probability; 1 is off"),
-    ("--min-p", float, 0.0, "drop tokens below min_p x the top token's probability; 0 is off"),
-    ("--repetition-penalty", float, 1.0, "penalise tokens already in the text; 1 is off"),
-    ("--seed", int, None, "random seed: the same seed gives the same output"),
-]
-
 
 def _sampling(p: argparse.ArgumentParser) -> None:
+    """The generation flags, one per field of the declaration `tinkerlm.sampling.SamplingParams` (torch-free).
+
+    A flag not given is absent from the namespace (SUPPRESS), so the model's generation_config.json or the declared
+    default applies; help shows the declared default.
+    """
+    from tinkerlm import sampling
+
     g = p.add_argument_group("generation")
-    for flag, typ, default, help_ in SAMPLING_FLAGS:
-        g.add_argument(flag, type=typ, default=default, help=f"{help_} (default: {default})")
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop when this text appears; repeatable (default: none)")
+    for name, (f, param) in sampling.params().items():
+        default = sampling.default(f)
+        flag = param.flag or "--" + name.replace("_", "-")
+        shown = "none" if default in (None, []) else default
+        help_ = f"{param.help} (default: {shown}"
+        if name in sampling.GENERATION_CONFIG_KEYS:
+            help_ += ", or the model's generation_config.json"
+        help_ += ")"
+        if f.type == "bool":
+            g.add_argument(flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_)
+        elif f.type.startswith("list["):
+            g.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS, metavar="TEXT",
+                           help=help_)
+        else:
+            typ = int if f.type.startswith("int") else float
+            g.add_argument(flag, dest=name, type=typ, default=argparse.SUPPRESS, help=help_)
     _model_flags(g)
 
 
@@ -105,6 +114,9 @@ def parser() -> argparse.ArgumentParser:
     _model_flags(s)
     _finetune_parser(sub, fmt)
     _merge_parser(sub, fmt)
+    for s in sub.choices.values():  # --debug after the verb too; SUPPRESS keeps a --debug given before it
+        s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks and debug logs")
     return p
 
 
@@ -199,8 +211,12 @@ def cmd_merge(a) -> None:
 
 
 def _gen_options(a) -> dict:
-    keys = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop")
-    return {k: getattr(a, k) for k in keys}
+    """The generation flags as `LLM` options (None: not given, the model's or the declared default applies)."""
+    from tinkerlm import sampling
+
+    opts = {k: getattr(a, k, None) for k in sampling.params()}
+    sampling.options(opts)  # refuse a bad value (--max-tokens 0) before loading, let alone pulling, the model
+    return opts
 
 
 def cmd_pull(a) -> None:
@@ -265,27 +281,35 @@ def cmd_run(a) -> None:
     prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
     if not prompt.strip():
         raise TinkerError("prompt: empty (give a prompt, or pipe one in with '-')")
+    options = _gen_options(a)
     llm = tinkerlm.load(a.model, **_load_options(a))
     use_chat = a.chat if a.chat is not None else bool(llm.tokenizer.chat_template)
     if use_chat:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
             {"role": "user", "content": prompt}
         ]
-        pieces = llm.chat_stream(messages, **_gen_options(a))
+        pieces = llm.chat_stream(messages, **options)
     else:
-        pieces = llm.stream(prompt, **_gen_options(a))
+        pieces = llm.stream(prompt, **options)
+    logprobs = []
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
+        logprobs += piece.logprobs
     sys.stdout.write("\n")
+    if getattr(a, "logprobs", None) is not None:  # a table on stderr, so stdout stays the answer
+        for t in logprobs:
+            alts = "  ".join(f"{llm.tokenizer.decode([i], skip_special_tokens=False)!r} {lp:.3f}" for i, lp in t.top)
+            print(f"{t.text!r:>16} {t.logprob:8.3f}  {alts}".rstrip(), file=sys.stderr)
 
 
 def cmd_chat(a) -> None:
     import tinkerlm
     from tinkerlm.chat import repl
 
+    options = _gen_options(a)
     llm = tinkerlm.load(a.model, **_load_options(a))
-    repl(llm, system=a.system, **_gen_options(a))
+    repl(llm, system=a.system, **options)
 
 
 COMMANDS = {"pull": cmd_pull, "list": cmd_list, "show": cmd_show, "rm": cmd_rm, "run": cmd_run, "chat": cmd_chat,

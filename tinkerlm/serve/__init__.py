@@ -1,5 +1,6 @@
-"""`tinkerlm serve`: an OpenAI-compatible HTTP server with continuous batching and a web playground.
+"""`tinkerlm serve`: an OpenAI-compatible HTTP server over the continuous-batching engine, with a web playground.
 
-server.py (HTTP API, SSE, metrics, shutdown), scheduler.py (the batching engine), protocol.py (request validation,
-error shapes), jsonmode.py (JSON-constrained decoding), vocab.py (token bytes), static/index.html (playground).
+server.py (HTTP API, SSE, metrics, shutdown), protocol.py (request validation derived from the sampling
+declaration, error shapes), static/index.html (playground). Generation itself is tinkerlm.batching and
+tinkerlm.sampling.
 """

@@ -1,16 +1,21 @@
 """Request validation and error shapes of the OpenAI-compatible API.
 
 Requests are pydantic models with `extra="forbid"`, so a field this server does not implement is refused with a
-400 naming it rather than silently ignored. Field names, ranges and defaults follow the OpenAI API reference
-(https://platform.openai.com/docs/api-reference/chat/create and /completions/create); `top_k`, `min_p` and
-`repetition_penalty` are tinkerlm extensions that mirror the `tinkerlm run` flags.
+400 naming it rather than silently ignored. The generation fields are derived from the one declaration,
+`tinkerlm.sampling.SamplingParams` (names, types, ranges, defaults); `OPENAI`, `CHAT` and `COMPLETION` below list
+where the OpenAI API reference (https://platform.openai.com/docs/api-reference/chat/create and /completions/create)
+spells or bounds an option differently. `top_k`, `min_p` and `repetition_penalty` are tinkerlm extensions that
+mirror the `tinkerlm run` flags; `response_format` on /v1/completions is one too.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+import typing
+from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from tinkerlm import sampling
 
 _TYPE_TAGS = {"str", "int", "float", "bool"}  # pydantic names union members in error locations; not fields
 
@@ -55,20 +60,35 @@ class Message(_Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+# Where OpenAI differs from the declaration: {declared name: (type, Field overrides)}. The field keeps the declared
+# name unless the declaration gives an API name (json -> response_format).
+OPENAI: dict[str, tuple[Any, dict]] = {
+    "temperature": (float, dict(default=1.0, le=2)),  # OpenAI samples by default; its range is [0, 2]
+    "max_tokens": (Optional[int], dict(default=None)),  # None: the rest of the context
+    "stop": (Union[str, list[str], None], dict(default=None)),  # one string or a list (at most 4, see stops())
+    "json": (Optional[ResponseFormat], dict(default=None)),  # {"type": "json_object"}
+}
+# Chat: `logprobs: true` plus `top_logprobs: k` (see `params`); completions: `logprobs: k` with k <= 5.
+CHAT = {**OPENAI, "logprobs": (bool, dict(default=False, ge=None, le=None))}
+COMPLETION = {**OPENAI, "logprobs": (Optional[int], dict(default=None, le=5))}
+
+
+def _fields(overrides: dict[str, tuple[Any, dict]]) -> dict[str, tuple[Any, Any]]:
+    """pydantic field definitions for every declared option, with `overrides` applied."""
+    hints = typing.get_type_hints(sampling.SamplingParams)
+    out = {}
+    for name, (f, p) in sampling.params().items():
+        typ, over = overrides.get(name, (hints[name], {}))
+        kw = {"default": sampling.default(f), "ge": p.ge, "gt": p.gt, "le": p.le, "description": p.help}
+        kw.update(over)
+        out[p.api or name] = (typ, Field(**{k: v for k, v in kw.items() if v is not None or k == "default"}))
+    return out
+
+
 class _Sampling(_Strict):
-    """Fields shared by both endpoints."""
+    """Fields shared by both endpoints besides the declared options."""
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    seed: int | None = None
-    stop: Union[str, list[str], None] = None
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -81,18 +101,45 @@ class _Sampling(_Strict):
         return [s for s in stops if s]
 
 
-class ChatRequest(_Sampling):
+_MAX_TOKENS, _LOGPROBS = sampling.params()["max_tokens"][1], sampling.params()["logprobs"][1]
+
+
+class _Chat(_Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
+    max_completion_tokens: int | None = Field(None, ge=_MAX_TOKENS.ge)  # OpenAI's newer name of max_tokens
+    top_logprobs: int | None = Field(None, ge=_LOGPROBS.ge, le=_LOGPROBS.le)  # chat's spelling of logprobs: k
 
 
-class CompletionRequest(_Sampling):
+class _Completion(_Sampling):
     prompt: Union[str, list[str], list[int]]
-    logprobs: int | None = Field(None, ge=0, le=5)
-    response_format: ResponseFormat | None = None  # tinkerlm extension: JSON mode for plain completions too
+
+
+ChatRequest = create_model("ChatRequest", __base__=_Chat, **_fields(CHAT))
+CompletionRequest = create_model("CompletionRequest", __base__=_Completion, **_fields(COMPLETION))
+
+
+def params(req, defaults: dict[str, Any]) -> dict[str, Any]:
+    """`SamplingParams` keyword arguments for a request (max_tokens aside: the server budgets it per prompt).
+
+    A field the request sets wins; else the model's generation_config.json default (`defaults`); else the
+    request model's (OpenAI's) default.
+    """
+    out = {}
+    for name, (_, p) in sampling.params().items():
+        if name == "max_tokens":
+            continue
+        api = p.api or name
+        value = getattr(req, api)
+        if api not in req.model_fields_set and name in defaults:
+            value = defaults[name]
+        elif name == "stop":
+            value = req.stops()
+        elif name == "json":
+            value = value is not None and value.type == "json_object"
+        elif name == "logprobs" and isinstance(req, ChatRequest):
+            value = (req.top_logprobs or 0) if req.logprobs else None
+        out[name] = value
+    return out
 
 
 def parse(cls: type[_Strict], body: Any) -> _Strict:

@@ -3,7 +3,8 @@
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, GET /metrics
 (Prometheus text format), GET / (the web playground). Responses and errors follow the OpenAI API reference
 (https://platform.openai.com/docs/api-reference); streaming uses server-sent events ending in `data: [DONE]`.
-Generation runs in one `scheduler.Engine` thread per model; handlers only validate, tokenize and relay events.
+Generation runs in one `tinkerlm.batching.BatchGenerator` thread per model; handlers only validate, tokenize and
+relay events.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException
 
 from tinkerlm import chat as chat_mod
+from tinkerlm.batching import BatchGenerator, Event, QueueFull, Sequence, ShuttingDown
 from tinkerlm.errors import TinkerError
-from tinkerlm.generate import SamplingParams
-from tinkerlm.serve.protocol import APIError, ChatRequest, CompletionRequest, parse
-from tinkerlm.serve.scheduler import Engine, Event, Sequence
+from tinkerlm.sampling import SamplingParams, token_text
+from tinkerlm.serve.protocol import APIError, ChatRequest, CompletionRequest, params, parse
 
 log = logging.getLogger("tinkerlm.serve")
 
@@ -49,22 +50,27 @@ class ClientGone(Exception):
 
 
 class _State:
-    def __init__(self, engines: dict[str, Engine], api_key: str | None):
+    def __init__(self, engines: dict[str, BatchGenerator], llms: dict[str, Any], api_key: str | None):
         self.engines = engines
+        self.llms = llms
         self.aliases = dict(engines)
         for name, e in engines.items():  # a store ref like "smollm2:latest" also finds the model served as "smollm2"
-            self.aliases.setdefault(e.llm.name, e)
+            self.aliases.setdefault(llms[name].name, e)
         self.api_key = api_key
         self.requests: Counter = Counter()  # (path, status) -> count
         self.started = int(time.time())
         self.draining = False
 
-    def engine(self, name: str) -> Engine:
+    def engine(self, name: str) -> BatchGenerator:
         e = self.aliases.get(name)
         if e is None:
             raise APIError(404, f"The model '{name}' does not exist; served models: {', '.join(self.engines)}",
                            "model", "model_not_found")
         return e
+
+    def defaults(self, engine: BatchGenerator) -> dict[str, Any]:
+        """The sampling defaults of the model behind `engine` (its generation_config.json)."""
+        return self.llms[engine.name].sampling_defaults
 
     def check_key(self, request: Request) -> None:
         if self.api_key is None:
@@ -102,7 +108,7 @@ class _CountRequests:
 class _Run:
     """The sequences of one request and the queue their events arrive on."""
 
-    def __init__(self, engine: Engine, seqs: list[Sequence], queue: asyncio.Queue):
+    def __init__(self, engine: BatchGenerator, seqs: list[Sequence], queue: asyncio.Queue):
         self.engine, self.seqs, self.queue = engine, seqs, queue
         self.pending = {s.index for s in seqs}
 
@@ -122,7 +128,7 @@ class _Run:
             ev = get.result()
         if ev.error is not None:
             self.cancel()
-            raise ev.error
+            raise _api_error(ev.error)
         if ev.finish_reason is not None:
             self.pending.discard(ev.index)
         return ev
@@ -142,7 +148,7 @@ class _Run:
                 "total_tokens": prompt_tokens + completion}
 
 
-def _budget(engine: Engine, n_prompt: int, requested: int | None, param: str) -> int:
+def _budget(engine: BatchGenerator, n_prompt: int, requested: int | None, param: str) -> int:
     """max_tokens for a prompt of `n_prompt` tokens: the request's, or what is left of the context."""
     if n_prompt == 0:
         raise APIError(400, "the prompt is empty (give at least one token of text)", param)
@@ -159,7 +165,14 @@ def _budget(engine: Engine, n_prompt: int, requested: int | None, param: str) ->
     return requested
 
 
-def _start(engine: Engine, prompts: list[list[int]], req, max_tokens: list[int], logprobs: int | None) -> _Run:
+def _api_error(e: Exception) -> APIError:
+    """The OpenAI-shaped error for an engine error event."""
+    if isinstance(e, ShuttingDown):
+        return APIError(503, str(e), None, "shutting_down")
+    return APIError(500, f"internal error: {type(e).__name__}: {e}")
+
+
+def _start(engine: BatchGenerator, prompts: list[list[int]], req, max_tokens: list[int], defaults: dict) -> _Run:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -169,18 +182,20 @@ def _start(engine: Engine, prompts: list[list[int]], req, max_tokens: list[int],
         except RuntimeError:  # the event loop is closed (server gone): nobody is listening
             pass
 
-    json_mode = req.response_format is not None and req.response_format.type == "json_object"
+    options = params(req, defaults)
     seqs = []
     for p, (ids, budget) in enumerate(zip(prompts, max_tokens)):
         for j in range(req.n):
             # Choice j uses seed + j, so choice 0 equals `tinkerlm run --seed SEED`.
-            seed = None if req.seed is None else req.seed + j
-            sampling = SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                                      min_p=req.min_p, repetition_penalty=req.repetition_penalty, seed=seed)
-            seqs.append(Sequence(index=p * req.n + j, prompt=ids, max_tokens=budget, sampling=sampling, emit=emit,
-                                 stop=req.stops(), presence_penalty=req.presence_penalty,
-                                 frequency_penalty=req.frequency_penalty, logprobs=logprobs, json_mode=json_mode))
-    engine.submit(seqs)
+            seed = None if options["seed"] is None else options["seed"] + j
+            sampling = SamplingParams(**{**options, "seed": seed, "max_tokens": budget})
+            seqs.append(engine.sequence(ids, sampling, index=p * req.n + j, emit=emit))
+    try:
+        engine.submit_all(seqs)
+    except ShuttingDown as e:
+        raise APIError(503, str(e), None, "shutting_down") from None
+    except QueueFull as e:
+        raise APIError(429, str(e), None, "queue_full") from None
     return _Run(engine, seqs, queue)
 
 
@@ -201,14 +216,11 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _token_text(engine: Engine, token: int) -> tuple[str, list[int]]:
-    raw = engine.token_bytes()[token] if token < engine.vocab else None
-    if raw is None:
-        return engine.tokenizer.decode([token], skip_special_tokens=False), []
-    return raw.decode("utf-8", errors="replace"), list(raw)
+def _token_text(engine: BatchGenerator, token: int) -> tuple[str, list[int]]:
+    return token_text(engine.tokenizer, engine.token_bytes(), token)
 
 
-def _chat_logprobs(engine: Engine, tokens) -> dict:
+def _chat_logprobs(engine: BatchGenerator, tokens) -> dict:
     content = []
     for t in tokens:
         text, raw = _token_text(engine, t.id)
@@ -220,7 +232,7 @@ def _chat_logprobs(engine: Engine, tokens) -> dict:
     return {"content": content, "refusal": None}
 
 
-def _completion_logprobs(engine: Engine, tokens, offset: int = 0) -> dict:
+def _completion_logprobs(engine: BatchGenerator, tokens, offset: int = 0) -> dict:
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for t in tokens:
         text, _ = _token_text(engine, t.id)
@@ -251,9 +263,9 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_batch:
     """
     if max_batch < 1 or max_queue < 0:
         raise TinkerError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
-    engines = {name: Engine(llm, name=name, max_batch=max_batch, max_queue=max_queue, max_context=max_context)
-               for name, llm in models.items()}
-    state = _State(engines, api_key)
+    engines = {name: BatchGenerator(llm.model, llm.tokenizer, name=name, max_batch=max_batch, max_queue=max_queue,
+                                    max_context=max_context) for name, llm in models.items()}
+    state = _State(engines, models, api_key)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -347,7 +359,7 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_batch:
         ids = engine.tokenizer.encode(text, add_special_tokens=False)
         budget = _budget(engine, len(ids), req.max_completion_tokens or req.max_tokens, "messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        run = _start(engine, [ids], req, [budget], logprobs)
+        run = _start(engine, [ids], req, [budget], state.defaults(engine))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return await _stream(request, run, lambda ev: _chat_chunks(engine, req, rid, created, ev),
@@ -374,7 +386,7 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_batch:
             prompts = [engine.tokenizer.encode(p) for p in req.prompt]
         budgets = [_budget(engine, len(p), req.max_tokens, "prompt") for p in prompts]
         n_prompt = sum(len(p) for p in prompts)
-        run = _start(engine, prompts, req, budgets, req.logprobs)
+        run = _start(engine, prompts, req, budgets, state.defaults(engine))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return await _stream(request, run, lambda ev: _completion_chunks(engine, req, rid, created, ev),
@@ -389,7 +401,7 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_batch:
     return app
 
 
-def _model_card(name: str, engine: Engine, state: _State) -> dict:
+def _model_card(name: str, engine: BatchGenerator, state: _State) -> dict:
     return {"id": name, "object": "model", "created": state.started, "owned_by": "tinkerlm",
             "context_length": engine.context}
 

@@ -1,4 +1,5 @@
-"""JSON mode (`response_format: {"type": "json_object"}`): decoding constrained to one valid JSON object.
+"""JSON mode (`json=True`, the server's `response_format: {"type": "json_object"}`): decoding constrained to one
+valid JSON object. Part of the sampling engine (sampling.py's `Sampler` drives it).
 
 A byte-level pushdown automaton follows the JSON grammar (RFC 8259): a state is a small hashable tuple
 (mode, open brackets, detail, whitespace run), so token transitions can be memoised. Bytes >= 0x80 appear only

@@ -1,0 +1,320 @@
+"""Continuous batching: one forward pass per step decodes every running sequence, and sequences come and go.
+
+`BatchGenerator` owns a model and a KV cache of `max_batch` rows ("slots"), allocated once. Submitted
+sequences wait in a queue until a slot is free, are prefilled alone into their slot (through a one-row view of
+the big cache, so no copy), then join the shared decode step: one forward with input (rows, 1) over slots
+[0, highest busy slot], idle slots fed a dummy token and ignored. Slots are taken lowest first, so a lone request
+decodes as a batch of one, exactly the computation `tinkerlm run` does.
+
+Each sequence samples through the sampling engine (sampling.py) with its own settings and its own generator,
+consumed exactly as `generate_step` consumes it for a batch of one, so an answer equals `LLM.chat(..., seed=s)` for
+the same seed. Text comes through the same `TextStream` (detokenizer, stop strings, finish reasons).
+
+Two ways to drive it:
+- in the caller's thread: `submit` prompts, then iterate `events()` (it runs steps until every sequence is done);
+- in a background thread (the server): `start()`, `submit(..., emit=callback)`; events arrive through the callback,
+  from the engine thread. A cancelled sequence (client gone) leaves its slot at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from tinkerlm.errors import TinkerError
+from tinkerlm.sampling import Sampler, SamplingParams, TextStream, TokenLogprob, new_generator, token_bytes
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(TinkerError):
+    """`submit` would queue more sequences than `max_queue` allows (the server answers 429)."""
+
+
+class ShuttingDown(TinkerError):
+    """The generator is draining or stopped and takes no new work (the server answers 503)."""
+
+
+@dataclass
+class Event:
+    """Output of sequence `index`: new text, the tokens behind it (with `logprobs`), and on its last event a finish
+    reason ("stop", "length") or an error (`ShuttingDown`, or any other exception for a failed step)."""
+
+    index: int
+    text: str = ""
+    tokens: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: Exception | None = None
+
+
+@dataclass
+class Sequence:
+    """One sequence to generate: its prompt and settings, and (once admitted) its decoding state."""
+
+    index: int
+    prompt: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    cancelled: bool = False
+    # Engine-owned state.
+    slot: int = -1
+    finished: bool = False
+    submitted_at: float = field(default_factory=time.perf_counter)
+    last: int = 0  # the token to feed at the next decode step
+    sampler: Sampler | None = field(default=None, repr=False)
+    text: TextStream | None = field(default=None, repr=False)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.params.max_tokens
+
+    @property
+    def generated(self) -> int:
+        return self.text.generated if self.text is not None else 0
+
+    def cancel(self) -> None:
+        """Called from any thread; the engine frees the slot at its next step."""
+        self.cancelled = True
+
+
+class BatchGenerator:
+    """Continuous batching for one model: `submit` sequences from any thread, get their `Event`s.
+
+    Args:
+        model, tokenizer: what `tinkerlm.load` gives (`llm.model`, `llm.tokenizer`).
+        max_batch: KV-cache slots: sequences decoded together in one forward pass.
+        max_queue: sequences that may wait for a slot before `submit` raises QueueFull.
+        max_context: tokens per slot (default and cap: the model's context).
+        name: for thread names, logs and messages.
+
+    Example (Python API, in the caller's thread):
+        bg = BatchGenerator(llm.model, llm.tokenizer, max_batch=4)
+        seqs = [bg.submit(p, llm.sampling(max_tokens=20)) for p in ["Once", "Twice"]]
+        for ev in bg.events():
+            print(ev.index, ev.text, ev.finish_reason)
+    """
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
+                 name: str = "model"):
+        if max_batch < 1 or max_queue < 0:
+            raise TinkerError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.context = min(max_context or self.model.max_context, self.model.max_context)
+        self.vocab = self.model.lm_head.out_features
+        self.cache = self.model.new_cache(max_batch, self.context)
+        self.slots: list[Sequence | None] = [None] * max_batch
+        self.waiting: deque[Sequence] = deque()
+        self.cond = threading.Condition()
+        self.draining = False
+        self.stopped = False
+        self._next_index = 0
+        self._events: deque[Event] = deque()  # events of sequences submitted without a callback
+        self.stats = dict(prompt_tokens=0, generation_tokens=0, decode_steps=0, decode_rows=0, cancelled=0,
+                          ttft_sum=0.0, ttft_count=0, finished=0)
+        self.thread: threading.Thread | None = None
+
+    # -- submitting (any thread) -------------------------------------------------------------------------------
+    def token_bytes(self) -> list[bytes | None]:
+        """Raw bytes per token id (logprobs, JSON mode); built once per tokenizer."""
+        return token_bytes(self.tokenizer, self.vocab)
+
+    def sequence(self, prompt: str | list[int], params: SamplingParams | None = None, *, index: int | None = None,
+                 emit: Callable[[Event], None] | None = None) -> Sequence:
+        """A `Sequence` ready for `submit_all`. A string prompt is tokenized (with the tokenizer's special tokens).
+
+        Raises TinkerError if the prompt is empty or the prompt plus `max_tokens` do not fit a slot.
+        """
+        params = (params or SamplingParams()).check()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise TinkerError("prompt: empty prompt (give at least one token of text)")
+        if len(ids) + params.max_tokens > self.context:
+            raise TinkerError(f"prompt: {len(ids)} tokens plus max_tokens {params.max_tokens} do not fit the context "
+                              f"of {self.context} tokens (shorten the prompt or lower max_tokens)")
+        if index is None:
+            index, self._next_index = self._next_index, self._next_index + 1
+        return Sequence(index=index, prompt=ids, params=params, emit=emit or self._events.append)
+
+    def submit(self, prompt: str | list[int], params: SamplingParams | None = None, *,
+               emit: Callable[[Event], None] | None = None) -> Sequence:
+        """Queue one prompt; returns its `Sequence` (`.index` names its events, `.cancel()` stops it)."""
+        seq = self.sequence(prompt, params, emit=emit)
+        self.submit_all([seq])
+        return seq
+
+    def submit_all(self, seqs: list[Sequence]) -> None:
+        """Queue sequences together, or raise ShuttingDown / QueueFull (then none is queued)."""
+        if any(s.params.json or s.params.logprobs is not None for s in seqs):
+            self.token_bytes()  # built here, in the caller's thread, not inside the decode loop
+        with self.cond:
+            if self.draining:
+                raise ShuttingDown("the server is shutting down; retry on another instance")
+            free = sum(s is None for s in self.slots)
+            if len(self.waiting) + len(seqs) > self.max_queue + free:
+                raise QueueFull(f"model '{self.name}' is busy: {len(self.waiting)} sequences are waiting "
+                                f"(--max-queue {self.max_queue}); retry later")
+            self.waiting.extend(seqs)
+            self.cond.notify()
+
+    def busy_slots(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    def pending(self) -> int:
+        """Sequences accepted and not yet finished (running or queued)."""
+        return self.busy_slots() + len(self.waiting)
+
+    # -- driving it in the caller's thread ---------------------------------------------------------------------
+    def events(self) -> Iterator[Event]:
+        """Run steps until no sequence is left, yielding the events of sequences submitted without `emit`."""
+        if self.thread is not None:
+            raise TinkerError("events(): this generator runs in its own thread (start()); read events via emit")
+        while True:
+            while self._events:
+                yield self._events.popleft()
+            if not self.pending():
+                return
+            self.step()
+
+    # -- driving it in a background thread ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Run steps in a daemon thread whenever there is work, until `stop()`."""
+        self.thread = threading.Thread(target=self._run, name=f"tinkerlm-engine-{self.name}", daemon=True)
+        self.thread.start()
+
+    def drain(self) -> None:
+        """Refuse new sequences (ShuttingDown); everything already accepted, running or queued, goes on."""
+        with self.cond:
+            self.draining = True
+
+    def cancel_all(self) -> None:
+        """End every accepted sequence with a ShuttingDown error event (the shutdown grace period is over)."""
+        error = ShuttingDown("the server shut down before the answer was complete")
+        with self.cond:
+            queued, self.waiting = list(self.waiting), deque()
+            for s in [*queued, *self.slots]:
+                if s is not None and not s.cancelled:
+                    s.cancel()
+                    s.emit(Event(s.index, error=error))
+            self.cond.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.drain()
+        self.cancel_all()
+        with self.cond:
+            self.stopped = True
+            self.cond.notify()
+        if self.thread is not None and self.thread.is_alive():
+            self.thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopped and not self.waiting and not any(self.slots):
+                    self.cond.wait()
+                if self.stopped:
+                    return
+            self.step()
+
+    # -- one step ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit waiting sequences into free slots (prefill), drop cancelled ones, decode one token for all.
+
+        A failing step (a bug, out of memory) ends the running sequences with an error event; the generator goes on.
+        """
+        with self.cond:
+            admit = []
+            while self.waiting and len(admit) < sum(s is None for s in self.slots):
+                s = self.waiting.popleft()
+                if s.cancelled:
+                    self.stats["cancelled"] += 1
+                else:
+                    admit.append(s)
+        try:
+            for s in admit:
+                self._prefill(s)
+            self._free_cancelled()
+            self._decode()
+        except Exception as e:
+            log.exception("engine %s: step failed", self.name)
+            for s in [*admit, *self.slots]:
+                if s is not None and not s.finished:
+                    s.emit(Event(s.index, error=e))
+                    self._release(s)
+
+    def _rows(self, start: int, stop: int):
+        """A cache over rows [start, stop) of the big cache, sharing its storage (views, no copy)."""
+        return self.cache.rows(start, stop)
+
+    def _prefill(self, s: Sequence) -> None:
+        s.slot = self.slots.index(None)
+        self.slots[s.slot] = s
+        self.cache.lengths[s.slot] = 0
+        p = s.params
+        table = self.token_bytes() if p.json else None
+        s.sampler = Sampler(p, [s.prompt], self.vocab, new_generator(p.seed, always=True), table)
+        s.text = TextStream(self.tokenizer, p.stop, self.tokenizer.stop_token_ids, p.max_tokens)
+        n = len(s.prompt)
+        logits = self.model(torch.tensor([s.prompt]), cache=self._rows(s.slot, s.slot + 1),
+                            logits_at=torch.tensor([n - 1]))[:, -1]  # (1, V)
+        self.cache.lengths[s.slot] = n
+        self.stats["prompt_tokens"] += n
+        self.stats["ttft_sum"] += time.perf_counter() - s.submitted_at
+        self.stats["ttft_count"] += 1
+        self._next_token(s, logits)
+
+    def _decode(self) -> None:
+        """One forward over the busy slots with each one's last token; then each samples its next token."""
+        busy = [s for s in self.slots if s is not None]
+        if not busy:
+            return
+        rows = max(s.slot for s in busy) + 1
+        tokens = torch.zeros(rows, 1, dtype=torch.long)  # idle rows get token 0; their output is ignored
+        for s in busy:
+            tokens[s.slot, 0] = s.last
+        logits = self.model(tokens, cache=self._rows(0, rows))[:, -1]  # (rows, V)
+        for s in busy:
+            self.cache.lengths[s.slot] += 1
+        self.stats["decode_steps"] += 1
+        self.stats["decode_rows"] += len(busy)
+        for s in busy:
+            self._next_token(s, logits[s.slot : s.slot + 1])
+
+    def _next_token(self, s: Sequence, logits: torch.Tensor) -> None:
+        """Sample sequence `s`'s next token from logits (1, V) and emit its text (the engine's `Sampler` and
+        `TextStream`, as `stream_generate` uses them)."""
+        token, infos = s.sampler(logits, s.max_tokens - s.generated)
+        token = int(token[0])
+        self.stats["generation_tokens"] += 1
+        piece = s.text.push(token, s.sampler.json_done(0))
+        info = infos[0] if infos is not None and token not in s.text.stop_ids else []  # a stop token has no text
+        if s.text.finish_reason:
+            return self._finish(s, Event(s.index, piece, info, s.text.finish_reason))
+        s.last = token
+        if (piece or info) and not s.cancelled:
+            s.emit(Event(s.index, piece, info))
+
+    def _finish(self, s: Sequence, event: Event) -> None:
+        self._release(s)
+        self.stats["finished"] += 1
+        if not s.cancelled:
+            s.emit(event)
+
+    def _release(self, s: Sequence) -> None:
+        s.finished = True
+        if 0 <= s.slot < len(self.slots) and self.slots[s.slot] is s:
+            self.slots[s.slot] = None
+            self.cache.lengths[s.slot] = 0
+
+    def _free_cancelled(self) -> None:
+        for s in self.slots:
+            if s is not None and s.cancelled:
+                self._release(s)
+                self.stats["cancelled"] += 1

@@ -123,8 +123,8 @@ def parser() -> argparse.ArgumentParser:
 def _merge_parser(sub, fmt) -> None:
     s = sub.add_parser("merge", help="merge store models by a mergekit recipe into a new model", formatter_class=fmt,
                        description="Merge store models (GGUF or Hugging Face; LoRA adapters as BASE+LORA) by a "
-                       "mergekit YAML recipe: linear, slerp, task_arithmetic, ties, dare_linear, dare_ties, "
-                       "passthrough. Streams tensor by tensor; stores an HF model with its lineage and licence.")
+                       "mergekit YAML recipe (its merge_method: one of those in docs/merge.md; an unknown one is named with "
+                       "the list). Streams tensor by tensor; stores an HF model with its lineage and licence.")
     s.add_argument("recipe", help="mergekit YAML recipe (merge_method, models or slices, base_model, parameters)")
     s.add_argument("--out", required=True, help="store name NAME[:TAG] of the merged model")
     s.add_argument("--force", action="store_true", help="replace a model already stored under that name")

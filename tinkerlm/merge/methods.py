@@ -50,6 +50,10 @@ class Method:
     max_inputs: int | None = None
     random: bool = False  # draws random numbers (DARE): seeded per tensor
     reference: str = ""
+    base_role: str = "the task vectors are taken from"  # what base_model is to it, for a recipe that lacks one
+    inputs_hint: str = ""  # said when a recipe gives the wrong number of inputs
+    # check(shared, inputs) -> None, or why these parameter values cannot merge (checked before writing)
+    check: Callable[[dict, list[dict]], str | None] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -69,8 +73,14 @@ def register(name: str, params: tuple[Param, ...], **kwargs) -> Callable:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _weights_sum_to_zero(shared: dict, inputs: list[dict]) -> str | None:
+    if shared["normalize"] and abs(sum(p["weight"] for p in inputs)) < 1e-12:
+        return "the weights sum to 0, so normalize cannot divide by them; change the weights or set normalize: false"
+    return None
+
+
 @register("linear", (Param("weight", float, "input"), Param("normalize", bool, "shared", True)),
-          reference="https://arxiv.org/abs/2203.05482")
+          check=_weights_sum_to_zero, reference="https://arxiv.org/abs/2203.05482")
 def linear(tensors: list[torch.Tensor], base: int | None, shared: dict, inputs: list[dict],
            generator: torch.Generator | None = None) -> torch.Tensor:
     out = tensors[0].mul_(inputs[0]["weight"])
@@ -82,6 +92,7 @@ def linear(tensors: list[torch.Tensor], base: int | None, shared: dict, inputs: 
 
 
 @register("slerp", (Param("t", float, "shared"),), base="required", min_inputs=2, max_inputs=2,
+          base_role="interpolated from", inputs_hint="the base_model and one other",
           reference="https://en.wikipedia.org/wiki/Slerp")
 def slerp_method(tensors: list[torch.Tensor], base: int | None, shared: dict, inputs: list[dict],
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -240,7 +251,8 @@ for _name, _consensus, _sparsify, _normalize, _rescale, _ref in (
              base="required", random=_sparsify == "random", reference=_ref)(_task_vector_method(_consensus, _sparsify))
 
 
-@register("passthrough", (Param("scale", float, "input", None),), max_inputs=1)
+@register("passthrough", (Param("scale", float, "input", None),), max_inputs=1,
+          inputs_hint="one source per slice; stack models with several slices")
 def passthrough(tensors: list[torch.Tensor], base: int | None, shared: dict, inputs: list[dict],
                 generator: torch.Generator | None = None) -> torch.Tensor:
     scale = inputs[0]["scale"]

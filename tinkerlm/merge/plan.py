@@ -205,8 +205,7 @@ def _check_inputs(recipe: Recipe, method: Method, s: OutputSlice, i: int) -> Non
     base = recipe.base_of(s)
     if method.base == "required":
         if base is None:
-            role = "interpolated from" if method.name == "slerp" else "the task vectors are taken from"
-            raise TinkerError(f"{where}: merge_method {method.name} needs base_model (the model {role}); "
+            raise TinkerError(f"{where}: merge_method {method.name} needs base_model (the model {method.base_role}); "
                               "add `base_model: NAME`")
         if base not in refs:
             raise TinkerError(f"{where}: base_model {base} is not among {what} ({', '.join(refs)}); add it there")
@@ -220,10 +219,8 @@ def _check_inputs(recipe: Recipe, method: Method, s: OutputSlice, i: int) -> Non
         else:
             want = f"at least {method.min_inputs}"
         hint = ""
-        if method.name == "slerp":
-            hint = " (the base_model and one other)"
-        elif method.name == "passthrough":
-            hint = " (one source per slice; stack models with several slices)"
+        if method.inputs_hint:
+            hint = f" ({method.inputs_hint})"
         elif recipe.from_models and recipe.base_model and method.base != "required":
             hint = f" (base_model {recipe.base_model} counts as an input, as in mergekit)"
         raise TinkerError(f"{where}: {method.name} takes {want} input(s){hint}, {what} has {n}")
@@ -257,9 +254,9 @@ def _parameters(recipe: Recipe, method: Method, s: OutputSlice, srcs: list[Input
         scopes = [src.parameters, s.parameters, recipe.parameters]
         per_input.append({p.name: value(p, scopes, name, src.model) for p in method.params
                           if p.scope == "input" or (p.scope == "non_base" and j != base)})
-    if method.name == "linear" and shared["normalize"] and abs(sum(p["weight"] for p in per_input)) < 1e-12:
-        raise TinkerError(f"{where}: the weights for tensor {out_name} sum to 0, so normalize cannot divide by them; "
-                          "change the weights or set normalize: false")
+    problem = method.check(shared, per_input) if method.check else None
+    if problem:
+        raise TinkerError(f"{where}: tensor {out_name}: {problem}")
     return shared, per_input
 
 

@@ -382,7 +382,7 @@ class GGUFCheckpoint:
         """
         import torch
 
-        from tinkerlm.quant import kernels
+        from tinkerlm.quant import qops
         from tinkerlm.quant.qtensor import Packed
 
         config = self._config
@@ -401,7 +401,7 @@ class GGUFCheckpoint:
                 else:  # a row permutation: packed rows move whole
                     tensor = tensor.rows(unpermute_rope(torch.arange(tensor.shape[0]), heads))
             if not isinstance(tensor, torch.Tensor):
-                tensor = kernels.pack(tensor)
+                tensor = qops.pack(tensor)
                 if isinstance(tensor, Packed):
                     self._reader.release(reader_tensor.data)
             out[hf_name] = tensor

@@ -226,7 +226,7 @@ class GGUFSource(Source):
         """One tensor as fp32. Float and Q8_0/Q4_0/Q4_1 tensors are read with pread (not through the memory map,
         whose touched pages would stay resident) and dequantized by the kernels (bit-identical to the gguf
         package, ten times faster); other types go through the checkpoint reader."""
-        from tinkerlm.quant import kernels
+        from tinkerlm.quant import qops
         from tinkerlm.quant.qtensor import BLOCK_BYTES, QTensor, fits
 
         info = self._ckpt._tensors[gguf_name]
@@ -238,7 +238,7 @@ class GGUFSource(Source):
         if kind in _GGUF_FLOATS:
             return torch.frombuffer(raw, dtype=_GGUF_FLOATS[kind]).reshape(shape).float()
         blocks = torch.frombuffer(raw, dtype=torch.uint8).reshape(shape[0], -1)
-        return kernels.dequantize(QTensor(blocks, kind, shape[1]))
+        return qops.dequantize(QTensor(blocks, kind, shape[1]))
 
     def tokenizer(self):
         return self._ckpt.tokenizer()

@@ -7,8 +7,8 @@
 
 namespace {
 
-// Dot product and y += a * x over n floats: the attention's inner loops, vectorized explicitly (a float
-// reduction is not vectorized by the compiler without -ffast-math).
+// Dot product and y += a * x over n floats (the decode step's attention, RMSNorm's sums), vectorized explicitly: a
+// float reduction is not vectorized by the compiler without -ffast-math.
 inline float dot(const float* a, const float* b, int64_t n) {
     int64_t i = 0;
     float s = dot_vec(a, b, n, i);

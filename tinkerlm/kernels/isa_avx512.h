@@ -29,7 +29,7 @@ inline void expand_floats(const uint8_t* blk, __m512& lo, __m512& hi) {
     }
 }
 
-// Block `blk` of a GGUF row as 32 floats (Q5_1 through the plain loop: it is only dequantized, never multiplied).
+// Block `blk` of a GGUF row as 32 floats (Q5_1 through the scalar block_floats: expand_floats has no 5-bit path).
 template <int TYPE>
 inline void dequant_block(const uint8_t* blk, float* o) {
     if constexpr (TYPE != Q5_1) {

@@ -33,7 +33,8 @@ class FusedLlamaDecoder:
         backbone, cfg = getattr(model, "model", None), getattr(model, "config", None)
         if cfg is None or not all(hasattr(backbone, n) for n in ("embed_tokens", "layers", "norm")):
             return False
-        if not isinstance(backbone.embed_tokens, QEmbedding) or not isinstance(model.lm_head, QLinear):
+        head = getattr(model, "lm_head", None)
+        if not isinstance(backbone.embed_tokens, QEmbedding) or not isinstance(head, QLinear):
             return False
         if not isinstance(backbone.norm, RMSNorm) or not isinstance(getattr(model, "inv_freq", None), torch.Tensor):
             return False
@@ -49,7 +50,8 @@ class FusedLlamaDecoder:
             if not all(isinstance(getattr(a, n, None), QLinear) for n in ATTENTION) or \
                     not all(isinstance(getattr(f, n, None), QLinear) for n in MLP):
                 return False
-            if getattr(cfg, "qk_norm", False) and not all(isinstance(getattr(a, n, None), RMSNorm) for n in ("q_norm", "k_norm")):
+            qk_norms = (getattr(a, "q_norm", None), getattr(a, "k_norm", None))
+            if getattr(cfg, "qk_norm", False) and not all(isinstance(n, RMSNorm) for n in qk_norms):
                 return False
         return next(model.parameters()).dtype == torch.float32
 

@@ -1,5 +1,5 @@
 """Where a decode step's time goes: the fused C++ step against the same weights through the PyTorch modules,
-with 2 threads and 1, and the fp32 modules; then the fused step's phases (kernels.cpp times them when asked).
+with 2 threads and 1, and the fp32 modules; then the fused step's phases (kernels/decode.cpp times them when asked).
 Prints Markdown tables (pasted into BENCHMARKS.md).
 
     .venv/bin/python bench/decode_profile.py [MODEL]      # default: smollm2
@@ -34,8 +34,8 @@ def step_ms(model, n: int = 60) -> float:
 
 
 def phases_ms(model, n: int = 60) -> list[tuple[str, float]]:
-    """Milliseconds a step spends in each phase of the fused step (kernels.cpp: decode_profile)."""
-    from tinkerlm.quant.kernels import ops
+    """Milliseconds a step spends in each phase of the fused step (kernels/decode.cpp: decode_profile)."""
+    from tinkerlm.kernels import ops
 
     ops().decode_profile(True)
     step_ms(model, n)

@@ -15,7 +15,7 @@ import torch
 
 import tinkerlm
 from tinkerlm.bench import prompt_ids
-from tinkerlm.quant import kernels
+from tinkerlm import kernels
 
 LABELS = {
     "qmatmul_swiglu": "gate/up products + SwiGLU",

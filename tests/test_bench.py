@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import make_hf_model  # noqa: E402
 
 import tinkerlm  # noqa: E402
-from tinkerlm.quant import kernels  # noqa: E402
+from tinkerlm import kernels  # noqa: E402
 from tinkerlm.bench import bench, prompt_ids, weight_bytes  # noqa: E402
 from tinkerlm.errors import TinkerError  # noqa: E402
 

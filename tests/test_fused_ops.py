@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tinkerlm.models import base
-from tinkerlm.quant.kernels import ops
+from tinkerlm.kernels import ops
 
 pytestmark = pytest.mark.skipif(ops() is None, reason="C++ kernels unavailable (no compiler)")
 

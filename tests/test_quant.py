@@ -8,8 +8,9 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 import tinkerlm
-from tinkerlm.quant import kernels
-from tinkerlm.quant.qtensor import PACKED_FORMATS, QTensor, from_gguf, quantize
+from tinkerlm import kernels
+from tinkerlm.quant import qops
+from tinkerlm.quant.qtensor import PACKED_FORMATS, Packed, QTensor, from_gguf, quantize
 from tiny import make_hf_model
 
 
@@ -81,9 +82,9 @@ def test_kernel_matches_fallback_and_float(qtype, K, B, monkeypatch):
     w = torch.randn(37, K).numpy()
     qt = from_gguf(gguf.quants.quantize(w, Q[qtype]), qtype, w.shape)
     x = torch.randn(B, K) * torch.logspace(0, 3, K)  # outlier channels, as real hidden states have
-    fast = kernels.qmatmul(x, kernels.pack(qt))
+    fast = qops.qmatmul(x, qops.pack(qt))
     monkeypatch.setattr(kernels, "ops", lambda: None)
-    slow = kernels.qmatmul(x, qt)
+    slow = qops.qmatmul(x, qt)
     exact = x @ qt.dequantize().T
     scale = exact.abs().max()
     assert (fast - slow).abs().max() <= 1e-5 * scale  # the fallback rounds activations exactly as the kernel
@@ -98,20 +99,20 @@ def test_pack_round_trips(qtype, rows):
     """Packing (groups of 16 rows, padded) loses nothing: unpacking gives the GGUF blocks back bit for bit."""
     w = torch.randn(rows, 96).numpy()
     qt = from_gguf(gguf.quants.quantize(w, Q[qtype]), qtype, w.shape)
-    packed = kernels.pack(qt)
-    assert isinstance(packed, kernels.Packed) and packed.shape == qt.shape
+    packed = qops.pack(qt)
+    assert isinstance(packed, Packed) and packed.shape == qt.shape
     assert packed.data.shape[0] == -(-rows // 16)
-    assert torch.equal(kernels.unpack(packed).data, qt.data)
-    assert torch.equal(kernels.dequantize(packed), qt.dequantize())
+    assert torch.equal(qops.unpack(packed).data, qt.data)
+    assert torch.equal(qops.dequantize(packed), qt.dequantize())
     ids = torch.tensor([[0, rows - 1], [rows // 2, 1]])
-    assert torch.equal(kernels.embed(ids, packed), qt.dequantize()[ids])
+    assert torch.equal(qops.embed(ids, packed), qt.dequantize()[ids])
 
 
 def test_activation_rounding_matches_fallback():
     x = torch.randn(5, 256) * torch.logspace(-3, 4, 256)
     x[2, :32] = 0  # an all-zero block
     fast = kernels.ops().round_acts(x)
-    assert torch.equal(fast, kernels.round_acts(x))  # bit for bit: the fallback computes what the kernel does
+    assert torch.equal(fast, qops.round_acts(x))  # bit for bit: the fallback computes what the kernel does
     err = (fast - x).reshape(5, 8, 32).abs().amax(-1)
     amax = x.reshape(5, 8, 32).abs().amax(-1)
     assert (err <= amax * (1 / 65534 + 2**-22)).all()  # half a step of amax / 32767, plus fp32 rounding
@@ -120,24 +121,24 @@ def test_activation_rounding_matches_fallback():
 def test_fused_products_equal_separate_ones(monkeypatch):
     torch.manual_seed(0)
     x = torch.randn(11, 128)
-    q, k, v = (kernels.pack(quantize(torch.randn(n, 128), 4)) for n in (64, 32, 32))
-    for got, want in zip(kernels.qmatmul_multi(x, [q, k, v]), (kernels.qmatmul(x, w) for w in (q, k, v))):
+    q, k, v = (qops.pack(quantize(torch.randn(n, 128), 4)) for n in (64, 32, 32))
+    for got, want in zip(qops.qmatmul_multi(x, [q, k, v]), (qops.qmatmul(x, w) for w in (q, k, v))):
         assert torch.equal(got, want)
-    gate, up = (kernels.pack(quantize(torch.randn(80, 128), 8)) for _ in range(2))
-    want = torch.nn.functional.silu(kernels.qmatmul(x, gate)) * kernels.qmatmul(x, up)
-    got = kernels.qmatmul_swiglu(x, gate, up)
+    gate, up = (qops.pack(quantize(torch.randn(80, 128), 8)) for _ in range(2))
+    want = torch.nn.functional.silu(qops.qmatmul(x, gate)) * qops.qmatmul(x, up)
+    got = qops.qmatmul_swiglu(x, gate, up)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
-    blocks = kernels.unpack(gate), kernels.unpack(up)
+    blocks = qops.unpack(gate), qops.unpack(up)
     monkeypatch.setattr(kernels, "ops", lambda: None)
-    slow = kernels.qmatmul_swiglu(x, *blocks)
+    slow = qops.qmatmul_swiglu(x, *blocks)
     assert (got - slow).abs().max() <= 1e-4 * want.abs().max()
 
 
 def test_dequantize_and_embed_kernels():
     qt = quantize(torch.randn(50, 128), 4)
-    assert torch.equal(kernels.dequantize(qt), qt.dequantize())
+    assert torch.equal(qops.dequantize(qt), qt.dequantize())
     ids = torch.tensor([[3, 49], [0, 7]])
-    assert torch.equal(kernels.embed(ids, qt), qt.dequantize()[ids])
+    assert torch.equal(qops.embed(ids, qt), qt.dequantize()[ids])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,7 +229,7 @@ PORTABLE = {"avx2": ("-mno-avx512f",), "scalar": ("-mno-avx512f", "-mno-avx2", "
 
 @pytest.fixture(scope="module", params=list(PORTABLE))
 def portable_ops(request):
-    """kernels.cpp built as for a CPU without AVX-512 (AVX2 loops) or without AVX2 either (plain C++ loops)."""
+    """The kernels built as for a CPU without AVX-512 (AVX2 loops) or without AVX2 either (plain C++ loops)."""
     module = kernels.build(PORTABLE[request.param])
     assert module.isa == request.param and kernels.ops().isa == "avx512-vnni"
     return module
@@ -268,7 +269,7 @@ def test_portable_build_matches_vector_build(portable_ops, tiny_models, monkeypa
     got = logits()
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
     x = torch.randn(40, 96)  # more rows than a portable build multiplies itself: dequantize + BLAS, exact fp32
-    torch.testing.assert_close(kernels.qmatmul(x, kernels.Packed(packed, "Q5_1", 37, 96)), x @ qt.dequantize().T)
+    torch.testing.assert_close(qops.qmatmul(x, Packed(packed, "Q5_1", 37, 96)), x @ qt.dequantize().T)
 
 
 def test_native_gguf_keeps_weights_packed(smollm2_gguf):

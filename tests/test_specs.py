@@ -169,7 +169,7 @@ def test_shapes_cover_the_name_table(kind):
 def test_packed_state_dict_rows_equal_hf_tensor(arch, tmp_path, rng):
     """The packer (tinkerlm.quant) reorders quantized blocks by the spec's row order: each packed weight unpacks to
     exactly the fp32 reader's tensor."""
-    from tinkerlm.quant import kernels, packed_state_dict
+    from tinkerlm.quant import packed_state_dict, qops
 
     weights = llama_weights(rng, bias=True)
     path = tmp_path / "tiny.gguf"
@@ -178,6 +178,6 @@ def test_packed_state_dict_rows_equal_hf_tensor(arch, tmp_path, rng):
     packed = packed_state_dict(ckpt)
     assert list(packed) == ckpt.hf_names()
     for name, t in packed.items():
-        got = t if isinstance(t, torch.Tensor) else kernels.unpack(t).dequantize()
+        got = t if isinstance(t, torch.Tensor) else qops.unpack(t).dequantize()
         assert isinstance(t, torch.Tensor) == (weights[name].ndim == 1), name
         assert torch.equal(got, ckpt.hf_tensor(name)), name

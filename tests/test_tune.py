@@ -150,7 +150,7 @@ def test_adapter_for_another_model_is_refused(bases, tmp_path):
 def test_frozen_quantized_layer_gradient_equals_dequantized(bases):
     """QLoRA: the input gradient through a packed layer equals the one through its dequantized float weight."""
     from tinkerlm import quant
-    from tinkerlm.quant.kernels import dequantize
+    from tinkerlm.quant.qops import dequantize
 
     model, _, _ = load_checkpoint(bases["llama"], quant="int4")
     layer = model.model.layers[0].mlp.up_proj

@@ -212,7 +212,7 @@ def kernels_used(model) -> str:
     """Which products the model runs: the C++ kernels' instruction set (and whether the one-call decode step is
     attached), or PyTorch."""
     from tinkerlm.quant import QLinear
-    from tinkerlm.quant.kernels import ops
+    from tinkerlm.kernels import ops
 
     if not any(isinstance(m, QLinear) for m in model.modules()):
         return "PyTorch (float weights)"

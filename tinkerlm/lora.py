@@ -138,7 +138,7 @@ def fuse_lora(model: nn.Module) -> int:
     Quantized bases are dequantized first (a fused quantized weight would need requantizing: use `tinkerlm fuse`,
     which writes a float model).
     """
-    from tinkerlm.quant.kernels import dequantize
+    from tinkerlm.quant.qops import dequantize
     from tinkerlm.quant.linear import QLinear
 
     fused = 0

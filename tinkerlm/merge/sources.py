@@ -215,7 +215,7 @@ class GGUFSource(Source):
         """One tensor as fp32, in HF's row order. Float and Q8_0/Q4_0/Q4_1/Q5_1 tensors are read with pread (not
         through the memory map, whose touched pages would stay resident) and dequantized by the kernels
         (bit-identical to the gguf package, ten times faster); other types go through the checkpoint reader."""
-        from tinkerlm.quant import kernels
+        from tinkerlm.quant import qops
         from tinkerlm.quant.qtensor import BLOCK_BYTES, QTensor, fits
 
         raw = self._ckpt.raw_tensor(name)
@@ -227,7 +227,7 @@ class GGUFSource(Source):
             t = torch.frombuffer(data, dtype=_GGUF_FLOATS[kind]).reshape(shape).float()
         else:
             blocks = torch.frombuffer(data, dtype=torch.uint8).reshape(shape[0], -1)
-            t = kernels.dequantize(QTensor(blocks, kind, shape[1]))
+            t = qops.dequantize(QTensor(blocks, kind, shape[1]))
         return t if raw.row_order is None else t[torch.from_numpy(raw.row_order)]
 
     def tokenizer(self):

@@ -58,7 +58,7 @@ def check_positive(source: str, **values: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Fused elementwise ops. For float32 on CPU the C++ kernels (tinkerlm/quant/kernels.cpp) compute RMSNorm, RoPE and
+# Fused elementwise ops. For float32 on CPU the C++ kernels (tinkerlm/kernels/) compute RMSNorm, RoPE and
 # SwiGLU in one pass each, forward and backward; otherwise (other dtypes, no compiler, TINKERLM_KERNELS=0) the
 # PyTorch formulas below run. Tests hold the two to the same values and gradients.
 
@@ -66,7 +66,7 @@ def check_positive(source: str, **values: int) -> None:
 def _kernels(*tensors: torch.Tensor):
     if not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
         return None
-    from tinkerlm.quant.kernels import ops
+    from tinkerlm.kernels import ops
 
     return ops()
 
@@ -337,7 +337,7 @@ def attend(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
     causal = isinstance(mask, str)
     if causal and q.shape[-1] % 16 == 0 and not (torch.is_grad_enabled() and q.requires_grad):
         ops = _kernels(q, k, v)
-        from tinkerlm.quant.kernels import FULL_ISA
+        from tinkerlm.kernels import FULL_ISA
 
         if ops is not None and ops.isa == FULL_ISA:  # fp32 inference: ~1.5x torch's flash attention here
             return ops.attention_causal(q, k, v, scale or q.shape[-1] ** -0.5).transpose(1, 2)  # (B, H, T, hd)

@@ -4,7 +4,7 @@
 
 Models never subclass or copy for quantization: nn.Linear becomes `QLinear` and nn.Embedding `QEmbedding` in
 place, tied weights stay tied (one packed tensor, two modules), and the fused decode step is attached to a model
-whose layers are all quantized. See qtensor.py for the format and kernels.cpp for the kernels.
+whose layers are all quantized. See qtensor.py for the format, qops.py for the ops and tinkerlm/kernels/ for the C++.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 
 from tinkerlm.errors import TinkerError
 from tinkerlm.quant.linear import QEmbedding, QLinear
-from tinkerlm.quant.kernels import pack
+from tinkerlm.quant.qops import pack
 from tinkerlm.quant.qtensor import Packed, QTensor, fits, from_gguf
 from tinkerlm.quant.qtensor import quantize as quantize_tensor
 
@@ -107,7 +107,7 @@ def fuse(model: nn.Module) -> bool:
     """Speed transforms for inference over packed weights: q/k/v and gate/up as one kernel call each (prefill),
     and the fused C++ decode step where the model allows it (returned: whether it was attached)."""
     from tinkerlm.quant.decode import FusedLlamaDecoder
-    from tinkerlm.quant.kernels import ops
+    from tinkerlm.kernels import ops
     from tinkerlm.quant.linear import FusedGateUp, FusedQKV
 
     if ops() is None:

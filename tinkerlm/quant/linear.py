@@ -1,7 +1,7 @@
 """Module swaps for quantized weights: `QLinear` for nn.Linear, `QEmbedding` for nn.Embedding.
 
 Both hold the weight `Packed` for the C++ kernels (or as GGUF blocks where those are unavailable). Every forward
-pass, decode and prefill alike, runs the packed integer products (kernels.cpp): at decode they read the 4-bit
+pass, decode and prefill alike, runs the packed integer products (tinkerlm/kernels/): at decode they read the 4-bit
 weights once instead of an fp32 copy, and at prefill they outrun dequantize-then-BLAS (VNNI int16 products do
 twice the multiply-adds of fp32 FMA). Training through a frozen quantized layer (QLoRA) dequantizes instead.
 """
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinkerlm.quant import kernels
+from tinkerlm.quant import qops
 from tinkerlm.quant.qtensor import Packed, QTensor
 
 
@@ -33,7 +33,7 @@ class _Quantized(nn.Module):
     @property
     def qweight(self) -> QTensor:
         """The weight as GGUF blocks (unpacked if need be, bit for bit)."""
-        return kernels.unpack(self.quantized)
+        return qops.unpack(self.quantized)
 
 
 class QLinear(_Quantized):
@@ -46,7 +46,7 @@ class QLinear(_Quantized):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():  # training through a frozen quantized layer (QLoRA)
             return _FrozenQLinear.apply(x, self)
-        y = kernels.qmatmul(x, self.quantized)
+        y = qops.qmatmul(x, self.quantized)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -60,11 +60,11 @@ class _FrozenQLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: QLinear) -> torch.Tensor:
         ctx.layer = layer
-        return F.linear(x.float(), kernels.dequantize(layer.quantized), layer.bias)
+        return F.linear(x.float(), qops.dequantize(layer.quantized), layer.bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad @ kernels.dequantize(ctx.layer.quantized), None
+        return grad @ qops.dequantize(ctx.layer.quantized), None
 
 
 class QEmbedding(_Quantized):
@@ -74,7 +74,7 @@ class QEmbedding(_Quantized):
         self._hold(weight)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return kernels.embed(ids, self.quantized)
+        return qops.embed(ids, self.quantized)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype}"
@@ -88,7 +88,7 @@ class FusedQKV:
         self.layers = (q, k, v)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ys = kernels.qmatmul_multi(x, [m.quantized for m in self.layers])
+        ys = qops.qmatmul_multi(x, [m.quantized for m in self.layers])
         return tuple(y if m.bias is None else y + m.bias for y, m in zip(ys, self.layers))
 
 
@@ -99,4 +99,4 @@ class FusedGateUp:
         self.gate, self.up = gate, up
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.qmatmul_swiglu(x, self.gate.quantized, self.up.quantized)
+        return qops.qmatmul_swiglu(x, self.gate.quantized, self.up.quantized)

@@ -12,7 +12,7 @@ Q5_K becomes Q5_1 blocks, and Q5_0 becomes Q5_1 losslessly (m = -16d). Other GGU
 are dequantized and requantized to Q8_0 at load: ~8.5 bits a weight, more precise than the source. `quantize` makes Q8_0 (int8) or Q4_1 (int4) blocks from float weights.
 
 A `Packed` tensor is a QTensor rearranged, losslessly, into the layout the C++ products read (groups of 16 rows;
-kernels.cpp, "Packed weights"); `kernels.pack` and `kernels.unpack` convert between the two.
+kernels/common.h, "Packed weights"); `qops.pack` and `qops.unpack` convert between the two.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 QK = 32
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_1": 24}
-TYPE_CODES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q5_1": 3}  # as kernels.cpp numbers them
+TYPE_CODES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q5_1": 3}  # as kernels/common.h numbers them
 
 
 @dataclass
@@ -83,7 +83,7 @@ class QTensor:
         return QTensor(torch.cat([p.data for p in parts]), parts[0].qtype, parts[0].K)
 
 
-PACKED_FORMATS = {"Q4_0": 0, "Q4_1": 0, "Q8_0": 1, "Q5_1": 2}  # as kernels.cpp numbers them: X4, X8, X5
+PACKED_FORMATS = {"Q4_0": 0, "Q4_1": 0, "Q8_0": 1, "Q5_1": 2}  # as kernels/common.h numbers them: X4, X8, X5
 
 
 @dataclass

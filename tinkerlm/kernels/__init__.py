@@ -1,0 +1,78 @@
+"""The C++ kernels, built on first use with torch's extension tooling for this CPU, and the build cache.
+
+One source per concern: quantized.cpp (pack/unpack, dequantize, int16 x 4/5/8-bit products), attention.cpp (causal
+prefill attention), elementwise.cpp (RMSNorm, RoPE, SwiGLU forward and backward), decode.cpp (the fused Llama decode
+step); common.h (block formats and the packed layout) and one header per instruction set (isa_avx512.h, isa_avx2.h,
+isa_plain.h) holding the inner loops, chosen at compile time. module.cpp compiles them as one translation unit.
+
+`ops()` returns the compiled module, or None where it cannot be built (no compiler) or is turned off with
+TINKERLM_KERNELS=0; callers then take their PyTorch fallbacks (tinkerlm.quant.qops for the quantized ops,
+tinkerlm.models.base for the elementwise ones). Callers look the module up through `ops()` at each call (as
+`kernels.ops()` or an import inside the function), so replacing `ops` here reaches them all (tests and profilers do).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+HERE = Path(__file__).parent
+MODULE = HERE / "module.cpp"  # includes every other source
+FULL_ISA = "avx512-vnni"  # `ops().isa` of the build with every vector path (prefill products, attention)
+
+
+def sources() -> list[Path]:
+    """Every C++ source and header of the kernels (what the build cache's key covers)."""
+    return sorted(p for p in HERE.iterdir() if p.suffix in (".cpp", ".h"))
+
+
+@lru_cache(maxsize=1)
+def ops():
+    """The compiled kernels, or None (then the PyTorch fallbacks run)."""
+    if os.environ.get("TINKERLM_KERNELS", "1") == "0":
+        return None
+    try:
+        return build()
+    except Exception as e:  # no compiler, no ninja, a build error: fall back, say so once
+        log.warning("tinkerlm: CPU kernels unavailable (%s); using the slower PyTorch path", str(e).splitlines()[0])
+        return None
+
+
+def build(flags: tuple[str, ...] = ()):
+    """Compile the kernels for this CPU (-O3 -march=native, then `flags`), or import the cached build; raises on
+    failure. Builds are cached under a name hashing the sources, the flags and this CPU's features, so a cache
+    shared between machines never hands one a build for another's instruction set."""
+    from torch.utils.cpp_extension import _get_build_directory, load
+
+    name = "tinkerlm_kernels_" + _build_hash(flags)
+    built = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+    if built.exists():  # import the cached build directly: asking ninja whether it is current costs seconds
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(name, built)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    print("tinkerlm: compiling CPU kernels (once, about a minute)...", file=sys.stderr, flush=True)
+    return load(name=name, sources=[str(MODULE)], extra_cflags=["-O3", "-march=native", *flags, "-fopenmp"],
+                extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def _build_hash(flags: tuple[str, ...]) -> str:
+    import hashlib
+    import platform
+
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    digest = hashlib.sha256()
+    for path in sources():
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return hashlib.sha256(digest.digest() + repr(flags).encode() + cpu.encode()).hexdigest()[:12]

@@ -1,0 +1,189 @@
+// What every kernel source shares: the GGUF block formats the weights arrive in, the packed layout the products
+// read, activations rounded to int16 blocks, and (at the end) the instruction set's inner loops, one header per
+// instruction set chosen at compile time. The build is per CPU (-march=native, cached per CPU features:
+// tinkerlm/kernels/__init__.py), so the choice is this CPU's, never another machine's.
+//
+// GGUF weights arrive as rows of 32-value blocks (an fp16 scale d, for Q4_1 an fp16 offset m, 32 integers). At
+// load they are repacked, losslessly, into groups of 16 rows (see "Packed weights" below) so that the products
+// run on AVX512-VNNI integer dot products with int16 activation blocks and each group's 16 outputs land in one
+// register. Not llama.cpp's 8-bit activations: small models' hidden states carry outliers near 10^4, and 8-bit
+// blocks then cost ~1% error per projection, enough to change greedy answers; int16 blocks keep 16 bits.
+
+#pragma once
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int QK = 32;  // values per block
+enum QType { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q5_1 = 3 };
+constexpr int64_t BLOCK_BYTES[] = {34, 18, 20, 24};
+
+#ifdef __F16C__
+inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+#else
+inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+#endif
+inline float load_half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return half_to_float(h); }
+
+struct QW {  // a weight matrix in blocks
+    const uint8_t* data;
+    int type;
+    int64_t rows, K, nb, row_bytes;
+};
+
+QW as_qw(const at::Tensor& data, int64_t type) {
+    TORCH_CHECK(data.dim() == 2 && data.stride(1) == 1 && data.scalar_type() == at::kByte, "weight blocks must be uint8 rows");
+    TORCH_CHECK(type >= 0 && type <= 3, "unknown block type ", type);
+    QW w;
+    w.data = data.data_ptr<uint8_t>();
+    w.type = (int)type;
+    w.rows = data.size(0);
+    w.row_bytes = data.stride(0);
+    w.nb = data.size(1) / BLOCK_BYTES[type];
+    w.K = w.nb * QK;
+    TORCH_CHECK(data.size(1) == w.nb * BLOCK_BYTES[type], "row bytes are not whole blocks");
+    return w;
+}
+
+// The 32 values of block `blk` as floats.
+inline void block_floats(const uint8_t* blk, int type, float* out) {
+    const float d = load_half(blk);
+    if (type == Q8_0) {
+        for (int k = 0; k < QK; k++) out[k] = d * (float)(int8_t)blk[2 + k];
+        return;
+    }
+    if (type == Q5_1) {  // fp16 d, fp16 m, 32 fifth bits, 16 bytes of low nibbles
+        uint32_t qh;
+        std::memcpy(&qh, blk + 4, 4);
+        const float m = load_half(blk + 2);
+        for (int k = 0; k < QK; k++) {
+            const int u = (k < 16 ? blk[8 + k] & 0x0F : blk[8 + k - 16] >> 4) | (((qh >> k) & 1) << 4);
+            out[k] = d * (float)u + m;
+        }
+        return;
+    }
+    const uint8_t* qs = blk + (type == Q4_1 ? 4 : 2);
+    const float m = type == Q4_1 ? load_half(blk + 2) : -8.f * d;
+    for (int k = 0; k < 16; k++) {
+        out[k] = d * (float)(qs[k] & 0x0F) + m;
+        out[k + 16] = d * (float)(qs[k] >> 4) + m;
+    }
+}
+
+// ---- Packed weights: the layout the products read --------------------------------------------------------------
+// At load a block matrix is repacked into groups of 16 rows. For each group and each 32-column block the group
+// holds 16 fp16 scales d, (4-bit only) 16 fp16 offsets m, then the 16 x 32 integers arranged so that one vector
+// load gives, in each 32-bit lane j, row j's integers for two neighbouring columns (2p, 2p+1):
+//   4-bit (Q4_0 as m = -8d, Q4_1): 4 chunks of 64 bytes; in chunk c, 16-bit word 2j+e holds in its nibble i the
+//          integer of row j, column 2(4c+i)+e. One load, three shifts and three ANDs give 4 vectors of int16 pairs.
+//   8-bit (Q8_0): 16 chunks of 32 bytes; chunk p, byte 2j+e = row j, column 2p+e (sign-extended to int16 pairs).
+//   5-bit (Q5_1): the 4-bit layout for the low four bits, then a 64-byte plane of fifth bits: 16-bit word 2j+e,
+//          bit p = row j, column 2p+e; two shifts, an AND and a ternary-logic OR add it to each int16 vector.
+// Activations are rounded per 32-value block to int16 with their own scale (amax / 32767): relative error
+// 2^-16 of the block's largest value, finer than bfloat16 for the values that matter and safe for the outlier
+// channels (values near 10^4) that 8-bit activations lose. Products run on AVX512-VNNI's vpdpwssd, 32
+// multiply-adds an instruction at two instructions a cycle, so the 16 rows of a group come out in the 16 lanes of
+// one register with no horizontal sums; the fp32 scales are applied once per block:
+//   y[row] += d * dx * sum_k(u * xq)  +  m * sx       (sx = dx * sum_k(xq), the block's activation sum)
+constexpr int GR = 16;  // rows per group
+enum Fmt { X4 = 0, X8 = 1, X5 = 2 };
+constexpr int64_t GBLOCK_BYTES[] = {64 + 256, 32 + 512, 64 + 256 + 64};
+
+struct PW {  // a packed weight matrix
+    const uint8_t* data;
+    int fmt;
+    int64_t rows, K, nb, groups;
+};
+
+PW as_pw(const at::Tensor& data, int64_t fmt, int64_t rows) {
+    TORCH_CHECK(data.dim() == 2 && data.is_contiguous() && data.scalar_type() == at::kByte, "packed weight must be contiguous uint8");
+    TORCH_CHECK(fmt == X4 || fmt == X8 || fmt == X5, "unknown packed format ", fmt);
+    PW w;
+    w.data = data.data_ptr<uint8_t>();
+    w.fmt = (int)fmt;
+    w.rows = rows;
+    w.groups = data.size(0);
+    w.nb = data.size(1) / GBLOCK_BYTES[fmt];
+    w.K = w.nb * QK;
+    TORCH_CHECK(w.groups == (rows + GR - 1) / GR && data.size(1) == w.nb * GBLOCK_BYTES[fmt], "packed weight has the wrong size");
+    return w;
+}
+
+// Where row j, column k of a group-block lives: 4-bit (byte offset, nibble shift) inside the payload.
+inline void x4_place(int j, int k, int& byte, int& shift) {
+    const int p = k / 2, e = k % 2, c = p / 4, i = p % 4;
+    byte = c * 64 + (2 * j + e) * 2 + i / 2;
+    shift = (i % 2) * 4;
+}
+inline int x8_place(int j, int k) { return (k / 2) * 32 + 2 * j + k % 2; }
+// 5-bit: the fifth bit's (byte offset inside the plane, bit).
+inline void x5_place(int j, int k, int& byte, int& bit) {
+    const int word = 2 * j + k % 2, p = k / 2;
+    byte = word * 2 + p / 8;
+    bit = p % 8;
+}
+constexpr int X5_PLANE = 64 + 256;  // where the fifth bits start in a 5-bit group block
+
+// Row r's value at column k of block b, as integer and scales (for unpacking and embedding lookups).
+inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float& d, float& m) {
+    const int64_t GB = GBLOCK_BYTES[w.fmt];
+    const uint8_t* gb = w.data + ((r / GR) * w.nb + b) * GB;
+    const int j = (int)(r % GR);
+    d = load_half(gb + 2 * j);
+    if (w.fmt == X8) {
+        q = (int8_t)gb[32 + x8_place(j, k)];
+        m = 0.f;
+        return;
+    }
+    int byte, shift;
+    x4_place(j, k, byte, shift);
+    q = (gb[64 + byte] >> shift) & 0x0F;
+    if (w.fmt == X5) {
+        int hbyte, bit;
+        x5_place(j, k, hbyte, bit);
+        q |= ((gb[X5_PLANE + hbyte] >> bit) & 1) << 4;
+    }
+    m = load_half(gb + 32 + 2 * j);
+}
+
+void packed_dequant_rows(const PW& w, int64_t r0, int64_t r1, float* out) {
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t b = 0; b < w.nb; b++)
+            for (int k = 0; k < QK; k++) {
+                int q; float d, m;
+                packed_entry(w, r, b, k, q, d, m);
+                out[(r - r0) * w.K + b * QK + k] = d * (float)q + m;
+            }
+}
+
+struct XQ {  // activations as int16 blocks: T rows of K, with a scale and a sum per 32-value block
+    std::vector<int16_t> q;
+    std::vector<float> dx, sx;
+    int64_t T = 0, K = 0, nb = 0;
+};
+
+}  // namespace
+
+// The instruction set's inner loops (each header defines the same functions; see isa_plain.h for the list).
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include "isa_avx512.h"
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include "isa_avx2.h"
+#else
+#include "isa_plain.h"
+#endif

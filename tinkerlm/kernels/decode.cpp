@@ -1,0 +1,178 @@
+// The fused decode step: a whole Llama-family forward for one new token per sequence in one call, so a token
+// costs the weights' memory traffic rather than thousands of PyTorch dispatches (tinkerlm/quant/decode.py builds
+// its arguments). Built from the products (quantized.cpp) and the per-vector helpers (elementwise.cpp).
+
+#pragma once
+
+#include "common.h"
+#include "elementwise.cpp"
+#include "quantized.cpp"
+
+namespace {
+
+// A packed weight matrix as the decode step holds it: the packed bytes, their format (Fmt) and the row count.
+struct PackedMatrix {
+    at::Tensor data;
+    int64_t fmt, rows;
+};
+
+PW as_pw(const PackedMatrix& m) { return as_pw(m.data, m.fmt, m.rows); }
+
+// One layer's weights. Norm weights and biases are float32; the biases (Qwen2) and the per-head q/k norms (Qwen3)
+// may be empty tensors.
+struct DecodeLayer {
+    at::Tensor input_norm;
+    PackedMatrix wq, wk, wv;
+    at::Tensor bq, bk, bv, q_norm, k_norm;
+    PackedMatrix wo;
+    at::Tensor post_norm;
+    PackedMatrix w_gate, w_up, w_down;
+};
+
+// The weights outside the layers: the final norm, the output head and the embedding table.
+struct DecodeHead {
+    at::Tensor final_norm;
+    PackedMatrix lm_head, embedding;
+};
+
+}  // namespace
+
+// Seconds spent in each phase of llama_decode since profiling was switched on (decode_profile(true)); the
+// phases are named in DECODE_PHASES. Off by default: a clock read costs ~20 ns, 8 a layer.
+constexpr int N_PHASES = 7;
+const char* DECODE_PHASES[N_PHASES] = {"norms, rounding, residuals", "q/k/v products", "RoPE, cache write, attention",
+                                      "o products", "gate/up products + SwiGLU", "down products", "output head"};
+bool PROFILING = false;
+double PROFILE[N_PHASES] = {};
+
+std::vector<std::pair<std::string, double>> decode_profile(bool on) {
+    std::vector<std::pair<std::string, double>> out;
+    for (int i = 0; i < N_PHASES; i++) out.emplace_back(DECODE_PHASES[i], PROFILE[i]);
+    std::fill(PROFILE, PROFILE + N_PHASES, 0.0);
+    PROFILING = on;
+    return out;
+}
+
+// One decode step of a Llama-family model for B sequences, one new token each, written at `positions` into cache
+// rows `rows`: each layer's weights in `layers`, the final norm, output head and embedding in `head`. Returns (B, V).
+at::Tensor llama_decode(at::Tensor tokens, at::Tensor positions, at::Tensor rows, const std::vector<DecodeLayer>& layers,
+                        const DecodeHead& head,
+                        std::vector<at::Tensor> k_cache, std::vector<at::Tensor> v_cache, at::Tensor inv_freq,
+                        int64_t n_heads, int64_t n_kv, int64_t hd, double eps, int64_t window) {
+    const int64_t B = tokens.size(0);
+    const int64_t L = (int64_t)layers.size();
+    const int64_t* tok = tokens.data_ptr<int64_t>();
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    const int64_t* row = rows.data_ptr<int64_t>();
+    const float feps = (float)eps;
+
+    PW emb = as_pw(head.embedding);
+    const int64_t C = emb.K, half = hd / 2;
+    const int64_t q_dim = n_heads * hd, kv_dim = n_kv * hd;
+    std::vector<float> x(B * C), h(B * C), q(B * q_dim), k(B * kv_dim), v(B * kv_dim), att(B * q_dim), tmp(B * C);
+    std::vector<float> gate, cs(B * half), sn(B * half);
+    for (int64_t b = 0; b < B; b++) {
+        TORCH_CHECK(tok[b] >= 0 && tok[b] < emb.rows, "token id ", tok[b], " out of range");
+        packed_dequant_rows(emb, tok[b], tok[b] + 1, x.data() + b * C);
+        for (int64_t i = 0; i < half; i++) {  // RoPE tables: one position per row, shared by every layer
+            const float f = (float)pos[b] * inv_freq.data_ptr<float>()[i];
+            cs[b * half + i] = std::cos(f);
+            sn[b * half + i] = std::sin(f);
+        }
+    }
+    XQ xq;
+    auto last = std::chrono::steady_clock::now();
+    auto lap = [&](int phase) {  // time since the previous lap goes to `phase`
+        if (!PROFILING) return;
+        const auto now = std::chrono::steady_clock::now();
+        PROFILE[phase] += std::chrono::duration<double>(now - last).count();
+        last = now;
+    };
+    for (int64_t l = 0; l < L; l++) {
+        const DecodeLayer& layer = layers[l];
+        // attention
+        for (int64_t b = 0; b < B; b++) rmsnorm(x.data() + b * C, layer.input_norm.data_ptr<float>(), h.data() + b * C, C, feps);
+        quantize_acts(h.data(), B, C, xq);
+        lap(0);
+        matmul_multi({as_pw(layer.wq), as_pw(layer.wk), as_pw(layer.wv)}, xq, {q.data(), k.data(), v.data()});
+        lap(1);
+        for (int i = 0; i < 3; i++) {
+            const at::Tensor& bias = i == 0 ? layer.bq : i == 1 ? layer.bk : layer.bv;
+            if (!bias.numel()) continue;
+            float* y = i == 0 ? q.data() : i == 1 ? k.data() : v.data();
+            const int64_t n = bias.numel();
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t j = 0; j < n; j++) y[b * n + j] += bias.data_ptr<float>()[j];
+        }
+        for (int64_t b = 0; b < B; b++) {
+            float* qb = q.data() + b * q_dim;
+            float* kb = k.data() + b * kv_dim;
+            const float* vb = v.data() + b * kv_dim;
+            for (int64_t hh = 0; hh < n_heads; hh++) {
+                if (layer.q_norm.numel()) rmsnorm(qb + hh * hd, layer.q_norm.data_ptr<float>(), qb + hh * hd, hd, feps);  // Qwen3
+                rope(qb + hh * hd, hd, cs.data() + b * half, sn.data() + b * half);
+            }
+            const int64_t S = k_cache[l].size(2);
+            TORCH_CHECK(pos[b] < S, "position ", pos[b], " beyond the cache of ", S);
+            float* kbase = k_cache[l].data_ptr<float>() + row[b] * n_kv * S * hd;
+            float* vbase = v_cache[l].data_ptr<float>() + row[b] * n_kv * S * hd;
+            for (int64_t hh = 0; hh < n_kv; hh++) {
+                if (layer.k_norm.numel()) rmsnorm(kb + hh * hd, layer.k_norm.data_ptr<float>(), kb + hh * hd, hd, feps);
+                rope(kb + hh * hd, hd, cs.data() + b * half, sn.data() + b * half);
+                std::copy(kb + hh * hd, kb + (hh + 1) * hd, kbase + (hh * S + pos[b]) * hd);
+                std::copy(vb + hh * hd, vb + (hh + 1) * hd, vbase + (hh * S + pos[b]) * hd);
+            }
+        }
+        // each row attends over its own keys; (row, head) pairs across threads
+        at::parallel_for(0, B * n_heads, 1, [&](int64_t i0, int64_t i1) {
+            std::vector<float> sc;
+            for (int64_t i = i0; i < i1; i++) {
+                const int64_t b = i / n_heads, hh = i % n_heads, g = hh / (n_heads / n_kv);
+                const int64_t S = k_cache[l].size(2);
+                const int64_t start = window > 0 ? std::max<int64_t>(0, pos[b] - window + 1) : 0, n = pos[b] + 1 - start;
+                const float* qv = q.data() + b * q_dim + hh * hd;
+                const float* kb = k_cache[l].data_ptr<float>() + ((row[b] * n_kv + g) * S + start) * hd;
+                const float* vb = v_cache[l].data_ptr<float>() + ((row[b] * n_kv + g) * S + start) * hd;
+                sc.resize(n);
+                const float scale = 1.f / std::sqrt((float)hd);
+                float mx = -INFINITY;
+                for (int64_t j = 0; j < n; j++) {
+                    sc[j] = dot(qv, kb + j * hd, hd) * scale;
+                    mx = std::max(mx, sc[j]);
+                }
+                float den = 0.f;
+                for (int64_t j = 0; j < n; j++) { sc[j] = std::exp(sc[j] - mx); den += sc[j]; }
+                float* out = att.data() + b * q_dim + hh * hd;
+                std::fill(out, out + hd, 0.f);
+                for (int64_t j = 0; j < n; j++) axpy(sc[j] / den, vb + j * hd, out, hd);
+            }
+        });
+        lap(2);
+        quantize_acts(att.data(), B, q_dim, xq);
+        lap(0);
+        matmul_multi({as_pw(layer.wo)}, xq, {tmp.data()});
+        lap(3);
+        for (int64_t i = 0; i < B * C; i++) x[i] += tmp[i];
+        // MLP
+        for (int64_t b = 0; b < B; b++) rmsnorm(x.data() + b * C, layer.post_norm.data_ptr<float>(), h.data() + b * C, C, feps);
+        PW wg = as_pw(layer.w_gate), wu = as_pw(layer.w_up), wd = as_pw(layer.w_down);
+        const int64_t I = wg.rows;
+        gate.resize(B * I);
+        quantize_acts(h.data(), B, C, xq);
+        lap(0);
+        matmul_swiglu(wg, wu, xq, gate.data());
+        lap(4);
+        quantize_acts(gate.data(), B, I, xq);
+        lap(0);
+        matmul_multi({wd}, xq, {tmp.data()});
+        lap(5);
+        for (int64_t i = 0; i < B * C; i++) x[i] += tmp[i];
+    }
+    for (int64_t b = 0; b < B; b++) rmsnorm(x.data() + b * C, head.final_norm.data_ptr<float>(), h.data() + b * C, C, feps);
+    PW lm = as_pw(head.lm_head);
+    auto logits = at::empty({B, lm.rows}, at::kFloat);
+    quantize_acts(h.data(), B, C, xq);
+    matmul_multi({lm}, xq, {logits.data_ptr<float>()});
+    lap(6);
+    return logits;
+}

@@ -1,0 +1,77 @@
+// AVX2 inner loops (with FMA and F16C) for CPUs without AVX-512: the quantized products only, half a group (8
+// rows, one 256-bit register) at a time; everything else is the plain loops (isa_plain.h, included below). Builds
+// without AVX-512 are for decoding: prefill-sized products go to BLAS and attention to torch's (quant/qops.py).
+
+#pragma once
+
+#include <immintrin.h>
+
+#include "common.h"
+
+namespace {
+
+constexpr const char* ISA = "avx2";  // the products only; attention and elementwise ops are plain C++
+
+inline __m256i fifth_bits(__m256i plane, int p) {
+    const __m256i moved = p >= 4 ? _mm256_srli_epi16(plane, p - 4) : _mm256_slli_epi16(plane, 4 - p);
+    return _mm256_and_si256(moved, _mm256_set1_epi16(0x10));
+}
+
+// y[t][0 .. 15] = rows g*16 .. g*16+15 of x[t0 + t] @ W^T for t < T: one group of 16 weight rows.
+template <int FMT, int T>
+void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64_t ystride) {
+    const int64_t nb = w.nb, GB = GBLOCK_BYTES[FMT];
+    const uint8_t* gp = w.data + g * nb * GB;
+    // The same products half a group (8 rows, one 256-bit register) at a time: vpmaddwd then vpaddd per pair.
+    const __m256i low = _mm256_set1_epi16(0x0F);
+    const int64_t valid = std::min<int64_t>(GR, w.rows - g * GR);
+    for (int hf = 0; hf < 2 && hf * 8 < valid; hf++) {
+        __m256 acc[T];
+        for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t* gb = gp + b * GB;
+            const int32_t* xp[T];
+            for (int t = 0; t < T; t++) xp[t] = (const int32_t*)(x.q.data() + (t0 + t) * x.K + b * QK);
+            __m256i tmp[T];
+            for (int t = 0; t < T; t++) tmp[t] = _mm256_setzero_si256();
+            if (FMT != X8) {
+                __m256i hb = _mm256_setzero_si256();
+                if (FMT == X5) hb = _mm256_loadu_si256((const __m256i*)(gb + X5_PLANE + 32 * hf));
+                for (int c = 0; c < 4; c++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i*)(gb + 64 + 64 * c + 32 * hf));
+                    for (int i = 0; i < 4; i++) {
+                        __m256i wi = _mm256_and_si256(_mm256_srli_epi16(v, 4 * i), low);
+                        if (FMT == X5) wi = _mm256_or_si256(wi, fifth_bits(hb, 4 * c + i));
+                        for (int t = 0; t < T; t++)
+                            tmp[t] = _mm256_add_epi32(tmp[t], _mm256_madd_epi16(wi, _mm256_set1_epi32(xp[t][4 * c + i])));
+                    }
+                }
+            } else {
+                for (int p = 0; p < 16; p++) {
+                    const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(gb + 32 + 32 * p + 16 * hf)));
+                    for (int t = 0; t < T; t++) tmp[t] = _mm256_add_epi32(tmp[t], _mm256_madd_epi16(wv, _mm256_set1_epi32(xp[t][p])));
+                }
+            }
+            const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 16 * hf)));
+            for (int t = 0; t < T; t++) {
+                const int64_t xi = (t0 + t) * x.nb + b;
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tmp[t]), _mm256_mul_ps(dv, _mm256_set1_ps(x.dx[xi])), acc[t]);
+            }
+            if (FMT != X8) {
+                const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 + 16 * hf)));
+                for (int t = 0; t < T; t++) acc[t] = _mm256_fmadd_ps(mv, _mm256_set1_ps(x.sx[(t0 + t) * x.nb + b]), acc[t]);
+            }
+        }
+        const int64_t n = std::min<int64_t>(8, valid - hf * 8);
+        for (int t = 0; t < T; t++) {
+            float out[8];
+            _mm256_storeu_ps(out, acc[t]);
+            std::copy(out, out + n, y + t * ystride + 8 * hf);
+        }
+    }
+}
+
+}  // namespace
+
+#define TINKER_ISA_PRODUCTS  // isa_plain.h: the products above replace its group_rows
+#include "isa_plain.h"

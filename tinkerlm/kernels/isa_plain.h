@@ -1,0 +1,122 @@
+// Plain C++ inner loops, for CPUs with neither AVX-512 nor AVX2 (and, but for the products, the AVX2 build):
+// what the compiler vectorizes by itself. Every instruction-set header defines these functions:
+//   dequant_block<TYPE>    one GGUF block as 32 floats                       (quantized.cpp: dequantize)
+//   packed_dequant_group   16 packed rows as floats                          (quantized.cpp: dequantize_packed)
+//   round_block            32 activations rounded to int16                   (quantized.cpp: quantize_acts)
+//   group_rows<FMT, T>     T activation rows times one group of 16 rows      (quantized.cpp: the products)
+//   silu_mul_group         silu(gate) * up for one group's outputs           (quantized.cpp: matmul_swiglu)
+//   dot_vec, axpy_vec, max_vec, exp_sum_vec, swiglu_fwd_vec, swiglu_bwd_vec: the vector part of a loop whose
+//                          scalar tail is its caller's (here: nothing, the tail does it all)
+//   scores_tile, scores_tile2, pv_tile: attention's register tiles           (attention.cpp)
+//   ISA                    the name Python sees as `ops().isa`
+
+#pragma once
+
+#include "common.h"
+
+namespace {
+
+template <int TYPE>
+inline void dequant_block(const uint8_t* blk, float* o) {
+    block_floats(blk, TYPE, o);
+}
+
+// All 16 rows of group g as floats into out (16, K).
+inline void packed_dequant_group(const PW& w, int64_t g, float* out) {
+    packed_dequant_rows(w, g * GR, g * GR + GR, out);
+}
+
+inline void round_block(const float* xb, int16_t* qb, float& amax, int32_t& s) {
+    amax = 0.f;
+    for (int k = 0; k < QK; k++) amax = std::max(amax, std::fabs(xb[k]));
+    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+    s = 0;
+    for (int k = 0; k < QK; k++) { qb[k] = (int16_t)std::nearbyint(xb[k] * inv); s += qb[k]; }
+}
+
+#ifndef TINKER_ISA_PRODUCTS
+constexpr const char* ISA = "scalar";
+
+// y[t][0 .. 15] = rows g*16 .. g*16+15 of x[t0 + t] @ W^T for t < T: one group of 16 weight rows.
+template <int FMT, int T>
+void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64_t ystride) {
+    const int64_t nb = w.nb, GB = GBLOCK_BYTES[FMT];
+    const uint8_t* gp = w.data + g * nb * GB;
+    // Plain C++: unpack the group's block to int16, then integer dot products the compiler can vectorize.
+    const int64_t valid = std::min<int64_t>(GR, w.rows - g * GR);
+    float acc[T][GR] = {};
+    int16_t wq[GR][QK];
+    float d[GR], m[GR];
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* gb = gp + b * GB;
+        for (int j = 0; j < GR; j++) {
+            d[j] = load_half(gb + 2 * j);
+            m[j] = FMT != X8 ? load_half(gb + 32 + 2 * j) : 0.f;
+            for (int k = 0; k < QK; k++) {
+                if (FMT == X8) {
+                    wq[j][k] = (int8_t)gb[32 + x8_place(j, k)];
+                } else {
+                    int byte, shift;
+                    x4_place(j, k, byte, shift);
+                    wq[j][k] = (gb[64 + byte] >> shift) & 0x0F;
+                    if (FMT == X5) {
+                        int hbyte, bit;
+                        x5_place(j, k, hbyte, bit);
+                        wq[j][k] |= ((gb[X5_PLANE + hbyte] >> bit) & 1) << 4;
+                    }
+                }
+            }
+        }
+        for (int t = 0; t < T; t++) {
+            const int16_t* xq = x.q.data() + (t0 + t) * x.K + b * QK;
+            const int64_t xi = (t0 + t) * x.nb + b;
+            for (int j = 0; j < valid; j++) {
+                int32_t s = 0;
+                for (int k = 0; k < QK; k++) s += (int32_t)wq[j][k] * xq[k];
+                acc[t][j] += (float)s * (d[j] * x.dx[xi]) + m[j] * x.sx[xi];
+            }
+        }
+    }
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < valid; j++) y[t * ystride + j] = acc[t][j];
+}
+#endif
+
+inline void silu_mul_group(const float* g, const float* u, float* o, int64_t valid) {
+    for (int64_t j = 0; j < valid; j++) o[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
+}
+
+inline float dot_vec(const float*, const float*, int64_t, int64_t&) { return 0.f; }
+inline void axpy_vec(float, const float*, float*, int64_t, int64_t&) {}
+inline float max_vec(const float*, int64_t, int64_t&) { return -INFINITY; }
+inline float exp_sum_vec(float*, int64_t, float, int64_t&) { return 0.f; }
+inline void swiglu_fwd_vec(const float*, const float*, float*, int64_t, int64_t&) {}
+inline void swiglu_bwd_vec(const float*, const float*, const float*, float*, float*, int64_t, int64_t&) {}
+
+template <int NR>
+inline void scores_tile(const float* q, int64_t qs, const float* kt, int64_t ks, int64_t hd, float scale, float* s) {
+    for (int r = 0; r < NR; r++)
+        for (int j = 0; j < 16; j++) {
+            float a = 0.f;
+            for (int64_t d = 0; d < hd; d++) a += q[r * qs + d] * kt[d * 16 + j];
+            s[r * ks + j] = a * scale;
+        }
+}
+
+template <int NR>
+inline void scores_tile2(const float* q, int64_t qs, const float* kt, int64_t ks, int64_t hd, float scale, float* s) {
+    scores_tile<NR>(q, qs, kt, ks, hd, scale, s);
+    scores_tile<NR>(q, qs, kt + hd * 16, ks, hd, scale, s + 16);
+}
+
+template <int NR, int ND>
+inline void pv_tile(const float* p, int64_t ps, const float* v, int64_t vs, int64_t n, float* o, int64_t os) {
+    for (int r = 0; r < NR; r++)
+        for (int d = 0; d < 16 * ND; d++) {
+            float a = 0.f;
+            for (int64_t j = 0; j < n; j++) a += p[r * ps + j] * v[j * vs + d];
+            o[r * os + d] = a;
+        }
+}
+
+}  // namespace

@@ -1,0 +1,90 @@
+"""The quantized ops (pack, unpack, products, dequantize, embed) on the C++ kernels, with PyTorch fallbacks.
+
+Each op runs `tinkerlm.kernels.ops()` where it is built, else a fallback computing the same thing: activations
+rounded to int16 blocks exactly as the kernels round them, times the dequantized weights, in fp32. With the kernels,
+weights are held `Packed` (the layout the products read: tinkerlm/kernels/common.h); without them, as the GGUF's
+blocks. The kernels are looked up at each call, so replacing `tinkerlm.kernels.ops` reaches these ops too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tinkerlm import kernels
+from tinkerlm.kernels import FULL_ISA
+from tinkerlm.quant.qtensor import TYPE_CODES, Packed, QTensor
+
+
+def pack(w: QTensor | Packed) -> QTensor | Packed:
+    """The kernels' layout of `w` (a copy), or `w` itself where already packed or the kernels are unavailable."""
+    k = kernels.ops()
+    if isinstance(w, Packed) or k is None:
+        return w
+    return Packed(k.pack(w.data, w.code), w.qtype, *w.shape)
+
+
+def unpack(w: QTensor | Packed) -> QTensor:
+    """GGUF blocks again (bit for bit) from either form."""
+    if isinstance(w, QTensor):
+        return w
+    return QTensor(kernels.ops().unpack(w.data, w.fmt, w.rows, TYPE_CODES[w.qtype]), w.qtype, w.K)
+
+
+def round_acts(x: torch.Tensor) -> torch.Tensor:
+    """x rounded per 32-value block to int16 steps of amax / 32767, as the products see it (kernels/quantized.cpp)."""
+    xb = x.float().reshape(*x.shape[:-1], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 32767 / amax, torch.zeros_like(amax))
+    return (torch.round(xb * inv) * (amax / 32767)).reshape(x.shape)
+
+
+# Builds without AVX-512 (the AVX2 or plain C++ loops) are for decoding: products of more activation rows than
+# this dequantize the weight and use BLAS instead, as does attention (torch's).
+PORTABLE_MAX_ROWS = 16
+
+
+def prefer_blas(k, x: torch.Tensor) -> bool:
+    """Whether these kernels should hand this product to BLAS (a portable build and a prefill-sized x)."""
+    return k.isa != FULL_ISA and x.numel() // x.shape[-1] > PORTABLE_MAX_ROWS
+
+
+def qmatmul(x: torch.Tensor, w: QTensor | Packed) -> torch.Tensor:
+    """x (..., K) @ W.T: activations rounded to int16 blocks (`round_acts`), integer products, fp32 scales."""
+    k = kernels.ops()
+    if k is not None and prefer_blas(k, x):
+        return x.float() @ dequantize(w).T
+    if k is not None:
+        if isinstance(w, QTensor):
+            w = pack(w)
+        return k.qmatmul(x.float().contiguous(), w.data, w.fmt, w.rows)
+    return round_acts(x) @ dequantize(w).T
+
+
+def qmatmul_multi(x: torch.Tensor, ws: list[Packed]) -> list[torch.Tensor]:
+    """[x @ W.T for W in ws] (q/k/v): x rounded once, one parallel region."""
+    k = kernels.ops()
+    if k is None or prefer_blas(k, x):
+        return [qmatmul(x, w) for w in ws]
+    return k.qmatmul_multi(x.float().contiguous(), [w.data for w in ws], [w.fmt for w in ws], [w.rows for w in ws])
+
+
+def qmatmul_swiglu(x: torch.Tensor, gate: Packed, up: Packed) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T), neither product written to memory."""
+    k = kernels.ops()
+    if k is None or prefer_blas(k, x):
+        g = qmatmul(x, gate)
+        return torch.nn.functional.silu(g) * qmatmul(x, up)
+    return k.qmatmul_swiglu(x.float().contiguous(), gate.data, gate.fmt, up.data, up.fmt, gate.rows)
+
+
+def dequantize(w: QTensor | Packed) -> torch.Tensor:
+    k = kernels.ops()
+    if isinstance(w, Packed):
+        return k.dequantize_packed(w.data, w.fmt, w.rows)
+    return k.dequantize(w.data, w.code) if k is not None else w.dequantize()
+
+
+def embed(ids: torch.Tensor, w: QTensor | Packed) -> torch.Tensor:
+    if isinstance(w, Packed):
+        return kernels.ops().embed(ids, w.data, w.fmt, w.rows)
+    return w.rows(ids.reshape(-1)).dequantize().reshape(*ids.shape, w.shape[1])

@@ -46,6 +46,7 @@ DECODE_PROMPT_TOKENS = 16
 
 # -- workers: one measurement of one engine, run in a fresh process -------------------------------------------------
 
+
 def _peak_rss_mb() -> float:
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
@@ -98,16 +99,28 @@ def worker_transformers(spec: dict) -> dict:
         x = torch.tensor([ids])
         t0 = time.perf_counter()
         with torch.inference_mode():
-            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, streamer=stamps, pad_token_id=0)
+            model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                streamer=stamps,
+                pad_token_id=0,
+            )
         return t0, stamps.times[1:]  # drop the prompt's put
 
     run(spec["decode_ids"], 5)  # warm-up
     t0, times = run(spec["prefill_ids"], 1)
     prefill_s = times[0] - t0
     _, times = run(spec["decode_ids"], spec["decode_tokens"] + 1)
-    return {"import_s": import_s, "load_s": load_s, "prefill_s": prefill_s, "decode_s": times[-1] - times[0],
-            "steps": len(times) - 1}
+    return {
+        "import_s": import_s,
+        "load_s": load_s,
+        "prefill_s": prefill_s,
+        "decode_s": times[-1] - times[0],
+        "steps": len(times) - 1,
+    }
 
 
 def worker_llamacpp(spec: dict) -> dict:
@@ -117,8 +130,14 @@ def worker_llamacpp(spec: dict) -> dict:
     import_s = time.perf_counter() - t0
     n_ctx = max(len(spec["prefill_ids"]), len(spec["decode_ids"]) + spec["decode_tokens"]) + 8
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=spec["model"], n_ctx=n_ctx, n_batch=max(512, len(spec["prefill_ids"])),
-                          n_threads=spec["threads"], n_threads_batch=spec["threads"], verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=spec["model"],
+        n_ctx=n_ctx,
+        n_batch=max(512, len(spec["prefill_ids"])),
+        n_threads=spec["threads"],
+        n_threads_batch=spec["threads"],
+        verbose=False,
+    )
     load_s = time.perf_counter() - t0
 
     def run(ids, new_tokens):
@@ -136,8 +155,14 @@ def worker_llamacpp(spec: dict) -> dict:
     t0, times = run(spec["prefill_ids"], 1)
     prefill_s = times[0] - t0
     _, times = run(spec["decode_ids"], spec["decode_tokens"] + 1)
-    return {"import_s": import_s, "load_s": load_s, "prefill_s": prefill_s, "decode_s": times[-1] - times[0],
-            "steps": len(times) - 1, "llama_cpp": llama_cpp.__version__}
+    return {
+        "import_s": import_s,
+        "load_s": load_s,
+        "prefill_s": prefill_s,
+        "decode_s": times[-1] - times[0],
+        "steps": len(times) - 1,
+        "llama_cpp": llama_cpp.__version__,
+    }
 
 
 WORKERS = {"tinkerlm": worker_tinkerlm, "transformers": worker_transformers, "llama.cpp": worker_llamacpp}
@@ -153,6 +178,7 @@ def worker_main(engine: str, spec_file: str) -> None:
 
 
 # -- driver ---------------------------------------------------------------------------------------------------------
+
 
 def available(engine: str) -> str | None:
     """None when `engine` can run here, else why not."""
@@ -170,7 +196,7 @@ def run_worker(engine: str, spec_file: Path, threads: int, timeout: float) -> di
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     tail = "\n".join((p.stderr or p.stdout).strip().splitlines()[-15:])
     raise RuntimeError(f"{engine} worker failed (exit {p.returncode}):\n{tail}")
 
@@ -178,8 +204,13 @@ def run_worker(engine: str, spec_file: Path, threads: int, timeout: float) -> di
 def machine_info() -> dict:
     import torch
 
-    info = {"cpu": platform.processor() or "unknown", "logical_cpus": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "flags": []}
+    info = {
+        "cpu": platform.processor() or "unknown",
+        "logical_cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "flags": [],
+    }
     try:
         text = Path("/proc/cpuinfo").read_text()
         for line in text.splitlines():
@@ -188,9 +219,23 @@ def machine_info() -> dict:
                 info["cpu"] = value.strip()
             elif key.strip() == "flags":
                 have = set(value.split())
-                info["flags"] = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni",
-                                             "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
-                                 if f in have]
+                info["flags"] = [
+                    f
+                    for f in (
+                        "avx2",
+                        "fma",
+                        "f16c",
+                        "avx512f",
+                        "avx512bw",
+                        "avx512_vnni",
+                        "avx512_bf16",
+                        "avx_vnni",
+                        "amx_tile",
+                        "amx_int8",
+                        "amx_bf16",
+                    )
+                    if f in have
+                ]
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
                 info["ram_gib"] = int(line.split()[1]) / 1024**2
@@ -205,9 +250,14 @@ def machine_info() -> dict:
 
 
 def summarize(results: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
-    return {e: {k: statistics.median(r[k] for r in rs) for k in ("load_s", "import_s", "decode_tok_s",
-                                                                 "prefill_tok_s", "peak_rss_mb")}
-            for e, rs in results.items() if rs}
+    return {
+        e: {
+            k: statistics.median(r[k] for r in rs)
+            for k in ("load_s", "import_s", "decode_tok_s", "prefill_tok_s", "peak_rss_mb")
+        }
+        for e, rs in results.items()
+        if rs
+    }
 
 
 def write_chart(medians: dict, path: Path, title: str) -> None:
@@ -253,12 +303,17 @@ def write_markdown(path: Path, *, medians, results, skipped, machine, args, comm
         "| " + " | ".join(["metric"] + engines + [f"tinkerlm / {p}" for p in peers]) + " |",
         "|---|" + "---:|" * (len(engines) + len(peers)),
     ]
-    rows = [("load_s", "load (s, lower is better)", "{:.2f}"),
-            ("decode_tok_s", f"decode tok/s ({args.decode_tokens} tokens after a {DECODE_PROMPT_TOKENS}-token prompt)",
-             "{:.1f}"),
-            ("prefill_tok_s", f"prefill tok/s ({args.prompt_tokens}-token prompt)", "{:.1f}"),
-            ("peak_rss_mb", "peak RSS (MiB, lower is better)", "{:.0f}"),
-            ("import_s", "imports before load (s, not in load)", "{:.2f}")]
+    rows = [
+        ("load_s", "load (s, lower is better)", "{:.2f}"),
+        (
+            "decode_tok_s",
+            f"decode tok/s ({args.decode_tokens} tokens after a {DECODE_PROMPT_TOKENS}-token prompt)",
+            "{:.1f}",
+        ),
+        ("prefill_tok_s", f"prefill tok/s ({args.prompt_tokens}-token prompt)", "{:.1f}"),
+        ("peak_rss_mb", "peak RSS (MiB, lower is better)", "{:.0f}"),
+        ("import_s", "imports before load (s, not in load)", "{:.2f}"),
+    ]
     for key, label, fmt in rows:
         cells = [fmt.format(medians[e][key]) for e in engines]
         ratios = [f"{medians['tinkerlm'][key] / medians[p][key]:.2f}x" for p in peers]
@@ -288,8 +343,10 @@ def write_markdown(path: Path, *, medians, results, skipped, machine, args, comm
     ]
     for engine, rs in results.items():
         for i, r in enumerate(rs, 1):
-            lines.append(f"| {engine} | {i} | {r['load_s']:.2f} | {r['decode_tok_s']:.1f} | "
-                         f"{r['prefill_tok_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+            lines.append(
+                f"| {engine} | {i} | {r['load_s']:.2f} | {r['decode_tok_s']:.1f} | "
+                f"{r['prefill_tok_s']:.1f} | {r['peak_rss_mb']:.0f} |"
+            )
     # Sections written by hand or by other scripts (quality, profile, server) follow a marker and are kept.
     kept = ""
     if path.exists() and KEEP_MARKER in path.read_text():
@@ -301,7 +358,9 @@ KEEP_MARKER = "<!-- compare.py regenerates everything above this line and keeps 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", default="smollm2", help="store name or path of a .gguf file")
     p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, from {', '.join(ENGINES)}")
     p.add_argument("--runs", type=int, default=3, help="fresh processes per engine; medians are reported")
@@ -335,9 +394,15 @@ def main(argv: list[str] | None = None) -> int:
     if model_path.suffix != ".gguf":
         p.error(f"--model: {model_path} is not a GGUF file (transformers and llama.cpp are given the same GGUF)")
     tokenizer = read_gguf(model_path).tokenizer()
-    spec = {"model": str(model_path), "threads": args.threads, "quant": args.quant, "dtype": args.dtype,
-            "decode_tokens": args.decode_tokens, "prefill_ids": prompt_ids(tokenizer, args.prompt_tokens),
-            "decode_ids": prompt_ids(tokenizer, DECODE_PROMPT_TOKENS)}
+    spec = {
+        "model": str(model_path),
+        "threads": args.threads,
+        "quant": args.quant,
+        "dtype": args.dtype,
+        "decode_tokens": args.decode_tokens,
+        "prefill_ids": prompt_ids(tokenizer, args.prompt_tokens),
+        "decode_ids": prompt_ids(tokenizer, DECODE_PROMPT_TOKENS),
+    }
     out = Path(args.out).resolve()
     # Outside the repository, so a run never leaves a stray file to commit.
     fd, name = tempfile.mkstemp(prefix="tinkerlm-compare-", suffix=".json")
@@ -356,13 +421,16 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]  # other work on the machine skews every number: recorded in the report
     try:
         for r in range(args.runs):
-            order = engines[r % len(engines):] + engines[: r % len(engines)]  # rotate: no engine always goes first
+            order = engines[r % len(engines) :] + engines[: r % len(engines)]  # rotate: no engine always goes first
             for e in order:
                 print(f"compare: run {r + 1}/{args.runs}: {e} ...", file=sys.stderr, flush=True)
                 res = run_worker(e, spec_file, args.threads, args.timeout)
                 results[e].append(res)
-                print(f"compare:   load {res['load_s']:.2f} s, decode {res['decode_tok_s']:.1f} tok/s, prefill "
-                      f"{res['prefill_tok_s']:.1f} tok/s, peak RSS {res['peak_rss_mb']:.0f} MiB", file=sys.stderr)
+                print(
+                    f"compare:   load {res['load_s']:.2f} s, decode {res['decode_tok_s']:.1f} tok/s, prefill "
+                    f"{res['prefill_tok_s']:.1f} tok/s, peak RSS {res['peak_rss_mb']:.0f} MiB",
+                    file=sys.stderr,
+                )
     finally:
         spec_file.unlink(missing_ok=True)
 
@@ -370,10 +438,22 @@ def main(argv: list[str] | None = None) -> int:
     medians = summarize(results)
     command = " ".join(["python", "bench/compare.py"] + [shlex.quote(a) for a in (argv or sys.argv[1:])])
     chart = Path(args.chart).resolve()
-    write_chart(medians, chart, f"{model_path.name}, {args.threads} threads, median of {args.runs} runs "
-                               f"(tinkerlm quant={args.quant})")
-    write_markdown(out, medians=medians, results=results, skipped=skipped, machine=machine, args=args,
-                   command=command, model_path=model_path, chart=chart)
+    write_chart(
+        medians,
+        chart,
+        f"{model_path.name}, {args.threads} threads, median of {args.runs} runs (tinkerlm quant={args.quant})",
+    )
+    write_markdown(
+        out,
+        medians=medians,
+        results=results,
+        skipped=skipped,
+        machine=machine,
+        args=args,
+        command=command,
+        model_path=model_path,
+        chart=chart,
+    )
     print(out.read_text())
     return 0
 

@@ -93,8 +93,9 @@ def worker_peft(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     ids, _, target = _rows(spec)
     labels = torch.where(target, ids, torch.full_like(ids, -100))
-    model = transformers.AutoModelForCausalLM.from_pretrained(spec["hf_dir"], dtype=torch.float32,
-                                                              attn_implementation="sdpa")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        spec["hf_dir"], dtype=torch.float32, attn_implementation="sdpa"
+    )
     model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
@@ -118,8 +119,9 @@ WORKERS = {"tinkerlm": worker_tinkerlm, "peft": worker_peft}
 
 
 def run(engine: str, spec: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", engine, json.dumps(spec)], capture_output=True,
-                         text=True, timeout=3600)
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", engine, json.dumps(spec)], capture_output=True, text=True, timeout=3600
+    )
     if out.returncode != 0:
         raise RuntimeError(f"{engine} failed:\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -143,8 +145,16 @@ def prepare(args) -> dict:
         tmp.mkdir(parents=True, exist_ok=True)
         save_full(model, tok, gen, gguf, tmp)
         os.replace(tmp, hf_dir)
-    return {"gguf": str(gguf), "hf_dir": str(hf_dir), "data": str(args.data), "seq_len": args.seq_len,
-            "batch_size": args.batch_size, "steps": args.steps, "threads": args.threads, "bf16": False}
+    return {
+        "gguf": str(gguf),
+        "hf_dir": str(hf_dir),
+        "data": str(args.data),
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "threads": args.threads,
+        "bf16": False,
+    }
 
 
 def main(argv=None) -> int:
@@ -165,18 +175,25 @@ def main(argv=None) -> int:
         return 0
 
     spec = prepare(args)
-    configs = [("transformers + peft, fp32", "peft", {}),
-               ("tinkerlm, fp32", "tinkerlm", {"quant": "fp32"}),
-               ("tinkerlm, Q4_1 base (QLoRA)", "tinkerlm", {"quant": "native"})]
+    configs = [
+        ("transformers + peft, fp32", "peft", {}),
+        ("tinkerlm, fp32", "tinkerlm", {"quant": "fp32"}),
+        ("tinkerlm, Q4_1 base (QLoRA)", "tinkerlm", {"quant": "native"}),
+    ]
     if args.bf16:
-        configs += [("transformers + peft, bf16 autocast", "peft", {"bf16": True}),
-                    ("tinkerlm, fp32 weights, bf16 autocast", "tinkerlm", {"quant": "fp32", "bf16": True})]
+        configs += [
+            ("transformers + peft, bf16 autocast", "peft", {"bf16": True}),
+            ("tinkerlm, fp32 weights, bf16 autocast", "tinkerlm", {"quant": "fp32", "bf16": True}),
+        ]
     results = []
     for label, engine, extra in configs:
         r = run(engine, {**spec, "quant": "fp32", **extra})
         results.append((label, r))
-        print(f"{label:40s} {r['tok_s']:8.0f} tok/s  peak RSS {r['peak_rss_mb']:6.0f} MiB  "
-              f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}", flush=True)
+        print(
+            f"{label:40s} {r['tok_s']:8.0f} tok/s  peak RSS {r['peak_rss_mb']:6.0f} MiB  "
+            f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}",
+            flush=True,
+        )
     peer = {False: results[0][1]}
     if args.bf16:
         peer[True] = results[3][1]
@@ -196,8 +213,10 @@ def main(argv=None) -> int:
     ]
     for label, r in results:
         ref = peer[bool("bf16" in label)]
-        lines.append(f"| {label} | {r['tok_s']:.0f} | {r['tok_s'] / ref['tok_s']:.2f}x | {r['peak_rss_mb']:.0f} | "
-                     f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x |")
+        lines.append(
+            f"| {label} | {r['tok_s']:.0f} | {r['tok_s'] / ref['tok_s']:.2f}x | {r['peak_rss_mb']:.0f} | "
+            f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write:
@@ -206,7 +225,7 @@ def main(argv=None) -> int:
         start = body.find(lines[0])
         if start >= 0:
             end = body.find("\n## ", start + 1)
-            body = body[:start] + text + (body[end + 1:] if end >= 0 else "")
+            body = body[:start] + text + (body[end + 1 :] if end >= 0 else "")
         else:
             body = body.rstrip("\n") + "\n\n" + text
         path.write_text(body)

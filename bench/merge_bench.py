@@ -33,14 +33,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 RECIPES = {
-    "slerp": {"merge_method": "slerp", "base_model": "A", "slices": [{"sources": [
-        {"model": "A", "layer_range": [0, 30]}, {"model": "B", "layer_range": [0, 30]}]}],
-        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
-                             {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}},
-    "ties": {"merge_method": "ties", "base_model": "A", "parameters": {"normalize": True},
-             "models": [{"model": "A"}, {"model": "B", "parameters": {"weight": 0.7, "density": 0.5}}]},
-    "linear": {"merge_method": "linear", "models": [{"model": "A", "parameters": {"weight": 0.6}},
-                                                    {"model": "B", "parameters": {"weight": 0.4}}]},
+    "slerp": {
+        "merge_method": "slerp",
+        "base_model": "A",
+        "slices": [{"sources": [{"model": "A", "layer_range": [0, 30]}, {"model": "B", "layer_range": [0, 30]}]}],
+        "parameters": {
+            "t": [
+                {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                {"value": 0.5},
+            ]
+        },
+    },
+    "ties": {
+        "merge_method": "ties",
+        "base_model": "A",
+        "parameters": {"normalize": True},
+        "models": [{"model": "A"}, {"model": "B", "parameters": {"weight": 0.7, "density": 0.5}}],
+    },
+    "linear": {
+        "merge_method": "linear",
+        "models": [{"model": "A", "parameters": {"weight": 0.6}}, {"model": "B", "parameters": {"weight": 0.4}}],
+    },
 }
 
 
@@ -65,8 +79,9 @@ def prepare(work: Path, dtype: str) -> dict[str, str]:
     os.environ["TINKERLM_HOME"] = str(work / "store")
     if store.find("smol-a") is None:
         store.pull(str(src), name="smollm2", progress=False)
-        merge({"merge_method": "passthrough", "models": [{"model": "smollm2"}], "dtype": dtype}, "smol-a",
-              progress=False)
+        merge(
+            {"merge_method": "passthrough", "models": [{"model": "smollm2"}], "dtype": dtype}, "smol-a", progress=False
+        )
     if store.find("smol-b") is None:
         a = store.get("smol-a")
         d = work / "smol-b"
@@ -85,8 +100,12 @@ def prepare(work: Path, dtype: str) -> dict[str, str]:
                 shutil.copyfile(f, d / f.name)
         store.pull(str(d), name="smol-b", progress=False)
         shutil.rmtree(d)
-    return {"A": "smol-a", "B": "smol-b", "A_path": str(store.model_path(store.get("smol-a"))),
-            "B_path": str(store.model_path(store.get("smol-b")))}
+    return {
+        "A": "smol-a",
+        "B": "smol-b",
+        "A_path": str(store.model_path(store.get("smol-a"))),
+        "B_path": str(store.model_path(store.get("smol-b"))),
+    }
 
 
 def run(cmd: list[str], env: dict) -> tuple[float, float]:
@@ -120,8 +139,12 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3, help="runs per engine and method; the median is reported")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="inputs' and output dtype")
     p.add_argument("--work", default="/tmp/tinkerlm-merge-bench", help="scratch directory (inputs, outputs)")
-    p.add_argument("--threads", type=int, default=os.cpu_count(),
-                   help="torch threads for both engines (OMP_NUM_THREADS; tinkerlm also gets --threads)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count(),
+        help="torch threads for both engines (OMP_NUM_THREADS; tinkerlm also gets --threads)",
+    )
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)  # prepare WORK DTYPE | diff DIR DIR
     a = p.parse_args()
     if a.worker:
@@ -146,8 +169,9 @@ def main() -> None:
         raise SystemExit("mergekit-yaml not found: pip install -e '.[mergekit]'")
 
     def worker(*args: str):
-        out = subprocess.run([sys.executable, __file__, "--worker", *args], check=True, capture_output=True,
-                             text=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker", *args], check=True, capture_output=True, text=True
+        ).stdout
         return json.loads(out.strip().splitlines()[-1])
 
     models = worker("prepare", str(work), a.dtype)
@@ -167,14 +191,24 @@ def main() -> None:
             engines = ["tinkerlm", "mergekit"] if i % 2 == 0 else ["mergekit", "tinkerlm"]
             for engine in engines:
                 if engine == "tinkerlm":
-                    cmd = [tinkerlm, "merge", str(ours), "--out", f"bench-{method}", "--force", "--threads",
-                           str(a.threads)]
+                    cmd = [
+                        tinkerlm,
+                        "merge",
+                        str(ours),
+                        "--out",
+                        f"bench-{method}",
+                        "--force",
+                        "--threads",
+                        str(a.threads),
+                    ]
                 else:
                     shutil.rmtree(out_dir, ignore_errors=True)
                     cmd = [mergekit, str(theirs), str(out_dir), "--quiet"]
                 times[engine].append(run(cmd, env))
-                print(f"{method} {engine} run {i + 1}: {times[engine][-1][0]:.1f} s, {times[engine][-1][1]:.0f} MiB",
-                      file=sys.stderr)
+                print(
+                    f"{method} {engine} run {i + 1}: {times[engine][-1][0]:.1f} s, {times[engine][-1][1]:.0f} MiB",
+                    file=sys.stderr,
+                )
         diff = worker("diff", str(work / "store" / "models" / f"bench-{method}" / "latest"), str(out_dir))
         med = {e: (statistics.median(w for w, _ in v), statistics.median(m for _, m in v)) for e, v in times.items()}
         rows.append((method, med, diff))
@@ -182,20 +216,29 @@ def main() -> None:
         shutil.rmtree(out_dir, ignore_errors=True)
     load_after = os.getloadavg()[0]
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor())
-    print(f"`{Path(sys.executable).name} bench/merge_bench.py --methods {a.methods} --runs {a.runs} "
-          f"--dtype {a.dtype} --threads {a.threads}` on {cpu}, {os.cpu_count()} CPUs, torch {_version('torch')}, "
-          f"mergekit {_version('mergekit')}; load average {load_before:.2f} before, {load_after:.2f} after.\n")
-    print("Inputs: SmolLM2-135M-Instruct as HF safetensors and a noised copy, both "
-          f"{a.dtype}; output {a.dtype}. Medians of {a.runs} fresh-process runs per engine, engines alternating.\n")
-    print("| method | tinkerlm s | mergekit s | time ratio | tinkerlm peak RSS MiB | mergekit peak RSS MiB | "
-          "RSS ratio | max abs diff |")
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+        platform.processor(),
+    )
+    print(
+        f"`{Path(sys.executable).name} bench/merge_bench.py --methods {a.methods} --runs {a.runs} "
+        f"--dtype {a.dtype} --threads {a.threads}` on {cpu}, {os.cpu_count()} CPUs, torch {_version('torch')}, "
+        f"mergekit {_version('mergekit')}; load average {load_before:.2f} before, {load_after:.2f} after.\n"
+    )
+    print(
+        "Inputs: SmolLM2-135M-Instruct as HF safetensors and a noised copy, both "
+        f"{a.dtype}; output {a.dtype}. Medians of {a.runs} fresh-process runs per engine, engines alternating.\n"
+    )
+    print(
+        "| method | tinkerlm s | mergekit s | time ratio | tinkerlm peak RSS MiB | mergekit peak RSS MiB | "
+        "RSS ratio | max abs diff |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for method, med, diff in rows:
         (tw, tm), (mw, mm) = med["tinkerlm"], med["mergekit"]
-        print(f"| {method} | {tw:.1f} | {mw:.1f} | {tw / mw:.2f}x | {tm:.0f} | {mm:.0f} | {tm / mm:.2f}x "
-              f"| {diff:.2g} |")
+        print(
+            f"| {method} | {tw:.1f} | {mw:.1f} | {tw / mw:.2f}x | {tm:.0f} | {mm:.0f} | {tm / mm:.2f}x | {diff:.2g} |"
+        )
     print("\nRatios are tinkerlm / mergekit: below 1 is better for both.")
 
 

@@ -14,8 +14,8 @@ import time
 import torch
 
 import tinkerlm
-from tinkerlm.bench import prompt_ids
 from tinkerlm import kernels
+from tinkerlm.bench import prompt_ids
 
 LABELS = {
     "qmatmul_swiglu": "gate/up products + SwiGLU",
@@ -73,14 +73,18 @@ def main() -> None:
     for _ in range(a.runs):
         prefill()
     total = (time.perf_counter() - start) / a.runs
-    print(f"prefill of {a.tokens} tokens: {total * 1e3:.0f} ms ({a.tokens / total:.0f} tok/s), "
-          f"{torch.get_num_threads()} threads, mean of {a.runs}\n")
+    print(
+        f"prefill of {a.tokens} tokens: {total * 1e3:.0f} ms ({a.tokens / total:.0f} tok/s), "
+        f"{torch.get_num_threads()} threads, mean of {a.runs}\n"
+    )
     print("| part | ms | share |\n|---|---:|---:|")
     for name, seconds in spent.most_common():
         ms = seconds / a.runs * 1e3
         print(f"| {LABELS.get(name, name)} | {ms:.1f} | {ms / (total * 1e3):.0%} |")
     rest = total - sum(spent.values()) / a.runs
-    print(f"| the rest (residual adds, cache writes, PyTorch dispatch, Python) | {rest * 1e3:.1f} | {rest / total:.0%} |")
+    print(
+        f"| the rest (residual adds, cache writes, PyTorch dispatch, Python) | {rest * 1e3:.1f} | {rest / total:.0%} |"
+    )
 
 
 if __name__ == "__main__":

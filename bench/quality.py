@@ -19,10 +19,18 @@ import tinkerlm
 from tinkerlm.evaluate.perplexity import perplexity, shipped_text
 
 PROMPTS = [
-    "What is the capital of France?", "Write a haiku about the sea.", "Explain in two sentences why the sky is blue.",
-    "List three fruits.", "Who wrote Hamlet?", "What is 12 times 12?", "Give me a tip for learning Python.",
-    "Translate 'good morning' into Spanish.", "Name a planet with rings.", "What do bees make?",
-    "Describe a cat in one sentence.", "Why do we need sleep?",
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in two sentences why the sky is blue.",
+    "List three fruits.",
+    "Who wrote Hamlet?",
+    "What is 12 times 12?",
+    "Give me a tip for learning Python.",
+    "Translate 'good morning' into Spanish.",
+    "Name a planet with rings.",
+    "What do bees make?",
+    "Describe a cat in one sentence.",
+    "Why do we need sleep?",
 ]
 
 
@@ -46,8 +54,10 @@ def main() -> None:
         same = sum(llm.chat(q, max_tokens=a.max_tokens) == want for q, want in zip(PROMPTS, answers))
         rows.append((f"{quant} (packed kernels)", ppl, same))
         print(f"{quant}: {time.perf_counter() - t:.0f} s", flush=True)
-    print(f"\n| weights | perplexity (context {a.context}) | vs fp32 | greedy {a.max_tokens}-token answers equal "
-          f"to fp32 |\n|---|---:|---:|---:|")
+    print(
+        f"\n| weights | perplexity (context {a.context}) | vs fp32 | greedy {a.max_tokens}-token answers equal "
+        f"to fp32 |\n|---|---:|---:|---:|"
+    )
     for name, ppl, same in rows:
         print(f"| {name} | {ppl:.3f} | {100 * (ppl / ppl_ref - 1):+.2f}% | {same}/{len(PROMPTS)} |")
 

@@ -24,16 +24,23 @@ LLAMA_LAYER = {
     "mlp.down_proj.weight": "ffn_down.weight",
 }
 GPT2_LAYER = {
-    "ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
-    "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down",
+    "ln_1": "attn_norm",
+    "attn.c_attn": "attn_qkv",
+    "attn.c_proj": "attn_output",
+    "ln_2": "ffn_norm",
+    "mlp.c_fc": "ffn_up",
+    "mlp.c_proj": "ffn_down",
 }
 
 
 def gguf_name(hf: str) -> str:
     top = {
-        "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight", "transformer.wte.weight": "token_embd.weight",
-        "transformer.wpe.weight": "position_embd.weight", "transformer.ln_f.weight": "output_norm.weight",
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+        "transformer.wte.weight": "token_embd.weight",
+        "transformer.wpe.weight": "position_embd.weight",
+        "transformer.ln_f.weight": "output_norm.weight",
         "transformer.ln_f.bias": "output_norm.bias",
     }
     if hf in top:
@@ -83,16 +90,23 @@ def quantize_q4_k(w: np.ndarray) -> np.ndarray:
     return out.reshape(rows, K // 256 * 144)
 
 
-def write_gguf(path, arch: str, weights: dict, *, qtype=Q.F32, meta: dict | None = None, extra=None,
-               heads=4, kv=2, permute=None):
+def write_gguf(
+    path, arch: str, weights: dict, *, qtype=Q.F32, meta: dict | None = None, extra=None, heads=4, kv=2, permute=None
+):
     """Write HF-layout `weights` as a GGUF file the way llama.cpp's converter would; returns GGUF-layout arrays."""
     permute = arch in ("llama", "mistral") if permute is None else permute
     w = gguf.GGUFWriter(str(path), arch)
     first = next(iter(weights.values()))
     hidden = first.shape[1]
-    meta = {"block_count": 2, "context_length": 32, "embedding_length": hidden, "feed_forward_length": 128,
-            "attention.head_count": heads, **({} if arch == "gpt2" else {"attention.head_count_kv": kv}),
-            **(meta or {})}
+    meta = {
+        "block_count": 2,
+        "context_length": 32,
+        "embedding_length": hidden,
+        "feed_forward_length": 128,
+        "attention.head_count": heads,
+        **({} if arch == "gpt2" else {"attention.head_count_kv": kv}),
+        **(meta or {}),
+    }
     for key, value in meta.items():
         full = key if "." in key and key.split(".")[0] in ("general", "tokenizer") else f"{arch}.{key}"
         if isinstance(value, bool):
@@ -134,5 +148,3 @@ def write_gguf(path, arch: str, weights: dict, *, qtype=Q.F32, meta: dict | None
     w.write_tensors_to_file()
     w.close()
     return stored
-
-

@@ -87,9 +87,27 @@ def test_bench_rejects_what_does_not_fit(tiny):
 
 
 def test_cli_bench_json(tiny):
-    proc = subprocess.run([sys.executable, "-m", "tinkerlm", "bench", str(tiny), "--prompt-tokens", "8,24",
-                           "--decode-tokens", "8", "--runs", "1", "--json", "--threads", "1"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tinkerlm",
+            "bench",
+            str(tiny),
+            "--prompt-tokens",
+            "8,24",
+            "--decode-tokens",
+            "8",
+            "--runs",
+            "1",
+            "--json",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
     assert r["threads"] == 1 and r["prompt_tokens"] == [8, 24] and r["decode_tokens"] == 8
@@ -98,9 +116,31 @@ def test_cli_bench_json(tiny):
 
 
 def test_cli_bench_table(tiny):
-    proc = subprocess.run([sys.executable, "-m", "tinkerlm", "bench", str(tiny), "--prompt-tokens", "8",
-                           "--decode-tokens", "4", "--runs", "1"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tinkerlm",
+            "bench",
+            str(tiny),
+            "--prompt-tokens",
+            "8",
+            "--decode-tokens",
+            "4",
+            "--runs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
-    for label in ("load", "prefill 8 tokens", "time to first token", "decode 4 tokens", "effective bandwidth",
-                  "peak RSS"):
+    for label in (
+        "load",
+        "prefill 8 tokens",
+        "time to first token",
+        "decode 4 tokens",
+        "effective bandwidth",
+        "peak RSS",
+    ):
         assert label in proc.stdout

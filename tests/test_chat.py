@@ -1,15 +1,19 @@
 """Chat templates: identical text to transformers' apply_chat_template, and rendered in a sandbox."""
 
 import pytest
+from tiny import make_hf_model
 
 import tinkerlm
 from tinkerlm.errors import TinkerError
-from tiny import make_hf_model
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi there!"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-     {"role": "assistant", "content": "4"}, {"role": "user", "content": "Ünïcödé and 👋?"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "Ünïcödé and 👋?"},
+    ],
 ]
 
 

@@ -8,17 +8,22 @@ import sys
 import time
 
 import pytest
+from tiny import CONFIGS, make_hf_model
 
 import tinkerlm
-from tiny import CONFIGS, make_hf_model
 
 VERBS = ["pull", "list", "show", "rm", "run", "chat", "serve", "bench"]
 
 
 def cli(*args, input=None, env=None, check=None):
     # Bytes in, decoded here: text mode would turn a generated "\r" into "\n".
-    proc = subprocess.run([sys.executable, "-m", "tinkerlm", *args], input=None if input is None else input.encode(),
-                          capture_output=True, env={**os.environ, **(env or {})}, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tinkerlm", *args],
+        input=None if input is None else input.encode(),
+        capture_output=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
     proc.stdout, proc.stderr = proc.stdout.decode(), proc.stderr.decode()
     if check is not None:
         assert proc.returncode == check, proc.stderr
@@ -44,10 +49,12 @@ def tiny(tmp_path_factory):
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys\nfrom tinkerlm.cli import main\n"
-            "for argv in [['--help']] + [[v, '--help'] for v in %r]:\n"
-            "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0, argv\n"
-            "assert 'torch' not in sys.modules, 'torch imported'\n" % VERBS)
+    code = (
+        "import sys\nfrom tinkerlm.cli import main\n"
+        f"for argv in [['--help']] + [[v, '--help'] for v in {VERBS!r}]:\n"
+        "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0, argv\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     for verb in VERBS:
@@ -75,8 +82,9 @@ def test_run_raw_equals_python_api(tiny):
 def test_run_chat_with_seed_and_stdin(tiny):
     llm = tinkerlm.load(str(tiny))
     want = llm.chat("what now?", max_tokens=10, temperature=0.7, seed=11)
-    proc = cli("run", str(tiny), "-", "--max-tokens", "10", "--temperature", "0.7", "--seed", "11",
-               input="what now?", check=0)
+    proc = cli(
+        "run", str(tiny), "-", "--max-tokens", "10", "--temperature", "0.7", "--seed", "11", input="what now?", check=0
+    )
     assert proc.stdout == want + "\n"
 
 
@@ -117,8 +125,13 @@ def test_chat_ctrl_c_stops_answer_not_session(tmp_path):
     cfg = json.loads((path / "config.json").read_text())
     cfg["max_position_embeddings"] = 100_000  # room for an answer long enough to interrupt
     (path / "config.json").write_text(json.dumps(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "tinkerlm", "chat", str(path), "--max-tokens", "90000"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tinkerlm", "chat", str(path), "--max-tokens", "90000"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         proc.stdin.write("go on forever\n")
         proc.stdin.flush()

@@ -4,8 +4,8 @@ prefill attention kernel against torch's scaled_dot_product_attention."""
 import pytest
 import torch
 
-from tinkerlm.models import base
 from tinkerlm.kernels import ops
+from tinkerlm.models import base
 
 pytestmark = pytest.mark.skipif(ops() is None, reason="C++ kernels unavailable (no compiler)")
 
@@ -63,8 +63,9 @@ def test_swiglu_matches_formula(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("B,H,n_kv,T,S,hd", [(1, 9, 3, 77, 77, 64), (2, 4, 2, 37, 50, 32), (1, 2, 1, 5, 5, 128),
-                                            (1, 6, 6, 16, 40, 48)])
+@pytest.mark.parametrize(
+    "B,H,n_kv,T,S,hd", [(1, 9, 3, 77, 77, 64), (2, 4, 2, 37, 50, 32), (1, 2, 1, 5, 5, 128), (1, 6, 6, 16, 40, 48)]
+)
 def test_causal_attention_kernel_matches_sdpa(B, H, n_kv, T, S, hd, monkeypatch):
     """Grouped heads, strided cache views, queries at the end of a longer key range (S > T), head sizes 32..128."""
     g = torch.Generator().manual_seed(T)

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tiny import make_hf_model
 
 import tinkerlm
 from tinkerlm.errors import TinkerError
-from tinkerlm.sampling import SamplingParams, Detokenizer, apply_repetition_penalty, sample
-from tiny import make_hf_model
+from tinkerlm.sampling import Detokenizer, SamplingParams, apply_repetition_penalty, sample
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, -1.0, 3.0], [0.1, 0.2, 0.3, 0.4, 0.0]])
 
@@ -49,8 +49,10 @@ def test_repetition_penalty_math():
     assert out.tolist() == [[1.0, 1.0, 0.5, -2.0, 3.0]]
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(min_p=2),
-                                 dict(repetition_penalty=0), dict(top_k=-3)])
+@pytest.mark.parametrize(
+    "bad",
+    [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(min_p=2), dict(repetition_penalty=0), dict(top_k=-3)],
+)
 def test_bad_sampling_params(bad):
     with pytest.raises(TinkerError, match="sampling:"):
         SamplingParams(**bad).check()
@@ -103,8 +105,12 @@ def test_stop_token_ends_generation(llm):
     ids = llm.tokenizer.encode("xyz", add_special_tokens=False)
     tokens = [s[0] for s in generate_step(llm.model, [ids], max_tokens=20, sampling=SamplingParams(1.0, seed=1))]
     stop_at = tokens[5]
-    got = [s[0] for s in generate_step(llm.model, [ids], max_tokens=20, sampling=SamplingParams(1.0, seed=1),
-                                       stop_token_ids=[stop_at])]
+    got = [
+        s[0]
+        for s in generate_step(
+            llm.model, [ids], max_tokens=20, sampling=SamplingParams(1.0, seed=1), stop_token_ids=[stop_at]
+        )
+    ]
     assert got == tokens[: tokens.index(stop_at) + 1]
 
 

@@ -11,16 +11,19 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from ggufwriter import gguf_name, llamacpp_permute, write_gguf
 
 from tinkerlm.errors import TinkerError
 from tinkerlm.formats.gguf import read_gguf
-from ggufwriter import gguf_name, llamacpp_permute, write_gguf
 
 QTYPES = [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1]
 
-def llama_weights(rng, *, vocab=96, hidden=64, layers=2, heads=4, kv=2, ffn=128, head_dim=16, bias=False,
-                  qk_norm=False, tied=False):
+
+def llama_weights(
+    rng, *, vocab=96, hidden=64, layers=2, heads=4, kv=2, ffn=128, head_dim=16, bias=False, qk_norm=False, tied=False
+):
     """HF-layout fp32 weights for a tiny Llama-family model."""
+
     def r(*shape):
         return rng.standard_normal(shape).astype(np.float32)
 
@@ -30,17 +33,23 @@ def llama_weights(rng, *, vocab=96, hidden=64, layers=2, heads=4, kv=2, ffn=128,
     for i in range(layers):
         p = f"model.layers.{i}."
         w |= {
-            p + "input_layernorm.weight": r(hidden), p + "post_attention_layernorm.weight": r(hidden),
+            p + "input_layernorm.weight": r(hidden),
+            p + "post_attention_layernorm.weight": r(hidden),
             p + "self_attn.q_proj.weight": r(heads * head_dim, hidden),
             p + "self_attn.k_proj.weight": r(kv * head_dim, hidden),
             p + "self_attn.v_proj.weight": r(kv * head_dim, hidden),
             p + "self_attn.o_proj.weight": r(hidden, heads * head_dim),
-            p + "mlp.gate_proj.weight": r(ffn, hidden), p + "mlp.up_proj.weight": r(ffn, hidden),
+            p + "mlp.gate_proj.weight": r(ffn, hidden),
+            p + "mlp.up_proj.weight": r(ffn, hidden),
             p + "mlp.down_proj.weight": r(hidden, ffn),
         }
         if bias:
-            w |= {p + "self_attn.q_proj.bias": r(heads * head_dim), p + "self_attn.k_proj.bias": r(kv * head_dim),
-                  p + "self_attn.v_proj.bias": r(kv * head_dim), p + "self_attn.o_proj.bias": r(hidden)}
+            w |= {
+                p + "self_attn.q_proj.bias": r(heads * head_dim),
+                p + "self_attn.k_proj.bias": r(kv * head_dim),
+                p + "self_attn.v_proj.bias": r(kv * head_dim),
+                p + "self_attn.o_proj.bias": r(hidden),
+            }
         if qk_norm:
             w |= {p + "self_attn.q_norm.weight": r(head_dim), p + "self_attn.k_norm.weight": r(head_dim)}
     return w
@@ -50,12 +59,23 @@ def gpt2_weights(rng, *, vocab=96, embd=64, layers=2, positions=32, inner=128):
     def r(*shape):
         return rng.standard_normal(shape).astype(np.float32)
 
-    w = {"transformer.wte.weight": r(vocab, embd), "transformer.wpe.weight": r(positions, embd),
-         "transformer.ln_f.weight": r(embd), "transformer.ln_f.bias": r(embd), "lm_head.weight": r(vocab, embd)}
+    w = {
+        "transformer.wte.weight": r(vocab, embd),
+        "transformer.wpe.weight": r(positions, embd),
+        "transformer.ln_f.weight": r(embd),
+        "transformer.ln_f.bias": r(embd),
+        "lm_head.weight": r(vocab, embd),
+    }
     for i in range(layers):
         p = f"transformer.h.{i}."
-        for name, shape in [("ln_1", (embd,)), ("ln_2", (embd,)), ("attn.c_attn", (3 * embd, embd)),
-                            ("attn.c_proj", (embd, embd)), ("mlp.c_fc", (inner, embd)), ("mlp.c_proj", (embd, inner))]:
+        for name, shape in [
+            ("ln_1", (embd,)),
+            ("ln_2", (embd,)),
+            ("attn.c_attn", (3 * embd, embd)),
+            ("attn.c_proj", (embd, embd)),
+            ("mlp.c_fc", (inner, embd)),
+            ("mlp.c_proj", (embd, inner)),
+        ]:
             w[p + name + ".weight"] = r(*shape)
             w[p + name + ".bias"] = r(shape[0])
     return w
@@ -67,7 +87,9 @@ def raw_dequantized(path) -> dict[str, torch.Tensor]:
     return {
         t.name: torch.from_numpy(
             np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(
-                tuple(reversed(t.shape.tolist()))))
+                tuple(reversed(t.shape.tolist()))
+            )
+        )
         for t in reader.tensors
     }
 
@@ -104,8 +126,9 @@ def test_llama_every_tensor_matches_gguf_dequantize(tmp_path, rng, qtype):
         # quantization error stays small, so the un-permuted rows line up with the originals
         assert torch.allclose(tensor, torch.from_numpy(weights[hf]), atol=0.5 if qtype in (Q.Q4_0, Q.Q4_1) else 0.02)
     n_2d = sum(v.ndim == 2 for v in weights.values())
-    assert ckpt.tensor_types() == ({"F32": len(weights)} if qtype == Q.F32 else
-                                   {"F32": len(weights) - n_2d, qtype.name: n_2d})
+    assert ckpt.tensor_types() == (
+        {"F32": len(weights)} if qtype == Q.F32 else {"F32": len(weights) - n_2d, qtype.name: n_2d}
+    )
 
 
 def test_llama_unpermute_gives_original_hf_layout(tmp_path, rng):
@@ -123,17 +146,33 @@ def test_llama_unpermute_gives_original_hf_layout(tmp_path, rng):
 def test_llama_config(tmp_path, rng):
     path = tmp_path / "tiny.gguf"
     freqs = np.linspace(1, 8, 8).astype(np.float32)
-    write_gguf(path, "llama", llama_weights(rng, tied=True),
-               meta={"rope.freq_base": 500000.0, "rope.scaling.type": "linear", "rope.scaling.factor": 2.0},
-               extra={"rope_freqs.weight": freqs})
+    write_gguf(
+        path,
+        "llama",
+        llama_weights(rng, tied=True),
+        meta={"rope.freq_base": 500000.0, "rope.scaling.type": "linear", "rope.scaling.factor": 2.0},
+        extra={"rope_freqs.weight": freqs},
+    )
     ckpt = read_gguf(path)
     config = ckpt.config()
     assert config == {
-        "model_type": "llama", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-        "rms_norm_eps": pytest.approx(1e-5), "rope_theta": 500000.0, "max_position_embeddings": 32,
-        "tie_word_embeddings": True, "attention_bias": False, "rope_scaling": {"rope_type": "linear", "factor": 2.0},
-        "rope_freq_factors": freqs.tolist(), "bos_token_id": 0, "eos_token_id": 0,
+        "model_type": "llama",
+        "vocab_size": 96,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": pytest.approx(1e-5),
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 32,
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+        "rope_freq_factors": freqs.tolist(),
+        "bos_token_id": 0,
+        "eos_token_id": 0,
         "architectures": ["LlamaForCausalLM"],
     }
     sd = ckpt.state_dict()
@@ -159,8 +198,10 @@ def test_qwen3_not_permuted_with_qk_norm_and_head_dim(tmp_path, rng, qtype):
     for hf, tensor in sd.items():
         assert torch.equal(tensor, raw[gguf_name(hf)]), hf
     if qtype == Q.F32:
-        assert torch.equal(sd["model.layers.0.self_attn.q_proj.weight"],
-                           torch.from_numpy(weights["model.layers.0.self_attn.q_proj.weight"]))
+        assert torch.equal(
+            sd["model.layers.0.self_attn.q_proj.weight"],
+            torch.from_numpy(weights["model.layers.0.self_attn.q_proj.weight"]),
+        )
 
 
 def test_qwen2_biases_not_permuted(tmp_path, rng):
@@ -181,9 +222,18 @@ def test_gpt2(tmp_path, rng, qtype):
     write_gguf(path, "gpt2", weights, qtype=qtype, meta={"attention.layer_norm_epsilon": 1e-5})
     ckpt = read_gguf(path)
     assert ckpt.config() == {
-        "model_type": "gpt2", "vocab_size": 96, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 32,
-        "n_inner": 128, "layer_norm_epsilon": pytest.approx(1e-5), "tie_word_embeddings": False,
-        "bos_token_id": 0, "eos_token_id": 0, "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": 96,
+        "n_embd": 64,
+        "n_layer": 2,
+        "n_head": 4,
+        "n_positions": 32,
+        "n_inner": 128,
+        "layer_norm_epsilon": pytest.approx(1e-5),
+        "tie_word_embeddings": False,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "architectures": ["GPT2LMHeadModel"],
     }
     sd = ckpt.state_dict()
     raw = raw_dequantized(path)
@@ -201,8 +251,10 @@ def test_real_file_dequantizes_like_gguf(smollm2_gguf):
     sd = ckpt.state_dict()
     reader = gguf.GGUFReader(smollm2_gguf)
     tensors = {t.name: t for t in reader.tensors}
-    for hf, name in [("model.embed_tokens.weight", "token_embd.weight"),
-                     ("model.layers.3.mlp.down_proj.weight", "blk.3.ffn_down.weight")]:
+    for hf, name in [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.layers.3.mlp.down_proj.weight", "blk.3.ffn_down.weight"),
+    ]:
         t = tensors[name]
         expected = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
         assert torch.equal(sd[hf], torch.from_numpy(np.array(expected, dtype=np.float32))), hf
@@ -277,8 +329,12 @@ def test_ffn_length_contradicts_tensor_shape(tmp_path, rng):
 
 def test_unused_tensor(tmp_path, rng):
     path = tmp_path / "extra.gguf"
-    write_gguf(path, "llama", llama_weights(rng), extra={"blk.0.mystery.weight": np.zeros(64, np.float32),
-                                                           "blk.7.attn_norm.weight": np.zeros(64, np.float32)})
+    write_gguf(
+        path,
+        "llama",
+        llama_weights(rng),
+        extra={"blk.0.mystery.weight": np.zeros(64, np.float32), "blk.7.attn_norm.weight": np.zeros(64, np.float32)},
+    )
     message = fails(path)
     assert "blk.0.mystery.weight" in message and "blk.7.attn_norm.weight" in message
 
@@ -327,8 +383,13 @@ def test_k_and_5_bit_models_run_native_close_to_fp32(tmp_path, rng, qtype, held)
 
     path = tmp_path / "m.gguf"
     weights = llama_weights(rng, vocab=96, hidden=256, ffn=512, head_dim=64)
-    write_gguf(path, "llama", {k: v * 0.05 if v.ndim == 2 else v for k, v in weights.items()}, qtype=qtype,
-               meta={"feed_forward_length": 512})
+    write_gguf(
+        path,
+        "llama",
+        {k: v * 0.05 if v.ndim == 2 else v for k, v in weights.items()},
+        qtype=qtype,
+        meta={"feed_forward_length": 512},
+    )
     assert read_gguf(path).tensor_types()[qtype.name] == 2 + 2 * 7  # embeddings, head, every layer projection
     native, ref = tinkerlm.load(str(path)), tinkerlm.load(str(path), quant="fp32")
     gate = native.model.model.layers[0].mlp.gate_proj

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from ggufwriter import write_gguf
+from tiny import make_hf_model
 
 import tinkerlm
-from ggufwriter import write_gguf
 from tinkerlm.formats.gguf import read_gguf
-from tiny import make_hf_model
 
 QTYPES = [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1]
 KINDS = ["llama", "llama3-tied", "llama-headdim", "qwen2", "qwen3", "gpt2"]
@@ -44,15 +44,28 @@ def linear_layout(kind, sd):
 def metadata(kind, ref):
     c = ref.config
     if kind == "gpt2":
-        return dict(context_length=c.n_positions, embedding_length=c.n_embd, feed_forward_length=4 * c.n_embd,
-                    block_count=c.n_layer, vocab_size=c.vocab_size, **{"attention.head_count": c.n_head,
-                                              "attention.layer_norm_epsilon": c.layer_norm_epsilon})
+        return dict(
+            context_length=c.n_positions,
+            embedding_length=c.n_embd,
+            feed_forward_length=4 * c.n_embd,
+            block_count=c.n_layer,
+            vocab_size=c.vocab_size,
+            **{"attention.head_count": c.n_head, "attention.layer_norm_epsilon": c.layer_norm_epsilon},
+        )
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return {"context_length": c.max_position_embeddings, "embedding_length": c.hidden_size,
-            "feed_forward_length": c.intermediate_size, "block_count": c.num_hidden_layers, "vocab_size": c.vocab_size,
-            "attention.head_count": c.num_attention_heads, "attention.head_count_kv": c.num_key_value_heads,
-            "attention.key_length": head_dim, "attention.value_length": head_dim,
-            "attention.layer_norm_rms_epsilon": c.rms_norm_eps, "rope.freq_base": c.rope_parameters["rope_theta"]}
+    return {
+        "context_length": c.max_position_embeddings,
+        "embedding_length": c.hidden_size,
+        "feed_forward_length": c.intermediate_size,
+        "block_count": c.num_hidden_layers,
+        "vocab_size": c.vocab_size,
+        "attention.head_count": c.num_attention_heads,
+        "attention.head_count_kv": c.num_key_value_heads,
+        "attention.key_length": head_dim,
+        "attention.value_length": head_dim,
+        "attention.layer_norm_rms_epsilon": c.rms_norm_eps,
+        "rope.freq_base": c.rope_parameters["rope_theta"],
+    }
 
 
 def rope_freqs(ref):

@@ -237,13 +237,20 @@ def test_the_checker_sees_every_kind_of_import(tmp_path):
     (root / "quant" / "linear.py").write_text("def h():\n    from tinkerlm.models import base\n")
     mods, found, missing = imports(root)
     pairs = {(i.source, i.target) for i in found}
-    assert {("tinkerlm", "tinkerlm.api"), ("tinkerlm.api", "tinkerlm.errors"), ("tinkerlm.formats.hf", "tinkerlm.api"),
-            ("tinkerlm.models.base", "tinkerlm.quant.linear"), ("tinkerlm.quant.decode", "tinkerlm.models.base"),
-            ("tinkerlm.lora", "tinkerlm.quant.decode"), ("tinkerlm.tune", "tinkerlm.lora")} <= pairs
+    assert {
+        ("tinkerlm", "tinkerlm.api"),
+        ("tinkerlm.api", "tinkerlm.errors"),
+        ("tinkerlm.formats.hf", "tinkerlm.api"),
+        ("tinkerlm.models.base", "tinkerlm.quant.linear"),
+        ("tinkerlm.quant.decode", "tinkerlm.models.base"),
+        ("tinkerlm.lora", "tinkerlm.quant.decode"),
+        ("tinkerlm.tune", "tinkerlm.lora"),
+    } <= pairs
     assert ("tinkerlm.models", "tinkerlm.models") not in pairs  # import_module of its own submodules
     assert missing == ["tinkerlm/tune/__init__.py:3 imports tinkerlm.gone, which is not a module of tinkerlm"]
     assert upward(found) == ["tinkerlm/formats/hf.py:2: formats (layer 1) imports tinkerlm.api (api, layer 4)"]
     bad = cycles(found)
-    assert len(bad) == 2 and bad[0].startswith("modules import each other: tinkerlm.models.base -> "
-                                               "tinkerlm.quant.linear (tinkerlm/models/base.py:1)")
+    assert len(bad) == 2 and bad[0].startswith(
+        "modules import each other: tinkerlm.models.base -> tinkerlm.quant.linear (tinkerlm/models/base.py:1)"
+    )
     assert bad[1].startswith("packages import each other: models -> quant")

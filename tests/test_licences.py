@@ -17,9 +17,16 @@ def test_same_licence_twice_is_one_licence_without_warnings():
     assert inherit(["mit", "MIT"]) == inherit(["mit"])
 
 
-@pytest.mark.parametrize("spelling,expected", [("Apache 2.0", "apache-2.0"), ("LLAMA3.1", "llama3.1"),
-                                               ("llama-2", "llama2"), ("cc-by-nc", "cc-by-nc-4.0"),
-                                               ("bsd", "bsd-3-clause")])
+@pytest.mark.parametrize(
+    "spelling,expected",
+    [
+        ("Apache 2.0", "apache-2.0"),
+        ("LLAMA3.1", "llama3.1"),
+        ("llama-2", "llama2"),
+        ("cc-by-nc", "cc-by-nc-4.0"),
+        ("bsd", "bsd-3-clause"),
+    ],
+)
 def test_aliases(spelling, expected):
     assert lookup(spelling).id == expected
 

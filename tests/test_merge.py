@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny import make_hf_model
 
 from tinkerlm import cli, store
 from tinkerlm.errors import TinkerError
@@ -19,7 +20,6 @@ from tinkerlm.formats.hf import SafetensorsWriter, save_config
 from tinkerlm.merge import merge
 from tinkerlm.merge.methods import METHODS, linear, slerp
 from tinkerlm.merge.recipe import evaluate
-from tiny import make_hf_model
 
 
 def stored(tmp_path, name, kind="llama", seed=0, licence=None):
@@ -48,8 +48,11 @@ def ab(tmp_path):
 
 
 def two(method, pa=None, pb=None, **top):
-    return {"merge_method": method, "models": [{"model": "a", "parameters": pa or {}},
-                                               {"model": "b", "parameters": pb or {}}], **top}
+    return {
+        "merge_method": method,
+        "models": [{"model": "a", "parameters": pa or {}}, {"model": "b", "parameters": pb or {}}],
+        **top,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -67,8 +70,9 @@ def test_linear_weights_one_zero_is_a(ab):
 def test_linear_normalize(ab):
     a, b = ab
     out = weights(merge(two("linear", {"weight": 1.0}, {"weight": 3.0}), "n", progress=False))
-    raw = weights(merge(two("linear", {"weight": 1.0}, {"weight": 3.0}, parameters={"normalize": False}), "r",
-                        progress=False))
+    raw = weights(
+        merge(two("linear", {"weight": 1.0}, {"weight": 3.0}, parameters={"normalize": False}), "r", progress=False)
+    )
     k = "model.layers.1.mlp.up_proj.weight"
     torch.testing.assert_close(out[k], (a[k] + 3 * b[k]) / 4)
     torch.testing.assert_close(raw[k], a[k] + 3 * b[k])
@@ -159,8 +163,9 @@ def test_dare_drops_and_rescales_to_the_l1_norm():
 
 
 def test_seeded_dare_is_reproducible(ab):
-    recipe = two("dare_ties", {"weight": 0.5, "density": 0.5}, {"weight": 0.5, "density": 0.5}, base_model="a",
-                 random_seed=7)
+    recipe = two(
+        "dare_ties", {"weight": 0.5, "density": 0.5}, {"weight": 0.5, "density": 0.5}, base_model="a", random_seed=7
+    )
     m1, m2 = merge(recipe, "d1", progress=False), merge(recipe, "d2", progress=False)
     sha = lambda m: next(f["sha256"] for f in m.files if f["path"] == "model.safetensors")  # noqa: E731
     assert sha(m1) == sha(m2)  # the same bytes
@@ -177,10 +182,14 @@ def test_seeded_dare_is_reproducible(ab):
 
 def test_passthrough_slices_stack_layers(ab):
     a, b = ab
-    recipe = {"merge_method": "passthrough", "dtype": "float32", "slices": [
-        {"sources": [{"model": "a", "layer_range": [0, 2]}]},
-        {"sources": [{"model": "b", "layer_range": [1, 2]}]},
-    ]}
+    recipe = {
+        "merge_method": "passthrough",
+        "dtype": "float32",
+        "slices": [
+            {"sources": [{"model": "a", "layer_range": [0, 2]}]},
+            {"sources": [{"model": "b", "layer_range": [1, 2]}]},
+        ],
+    }
     m = merge(recipe, "frank", progress=False)
     out = weights(m)
     cfg = json.loads((store.model_path(m) / "config.json").read_text())
@@ -201,8 +210,15 @@ def test_passthrough_slices_stack_layers(ab):
 
 def test_passthrough_scale_with_a_filter(ab):
     a, _ = ab
-    recipe = {"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}],
-              "parameters": {"scale": [{"filter": "o_proj", "value": 0.0}, {"value": 1.0}]}}]}
+    recipe = {
+        "merge_method": "passthrough",
+        "slices": [
+            {
+                "sources": [{"model": "a", "layer_range": [0, 2]}],
+                "parameters": {"scale": [{"filter": "o_proj", "value": 0.0}, {"value": 1.0}]},
+            }
+        ],
+    }
     out = weights(merge(recipe, "scaled", progress=False))
     assert out["model.layers.1.self_attn.o_proj.weight"].abs().max() == 0
     assert torch.equal(out["model.layers.1.self_attn.q_proj.weight"], a["model.layers.1.self_attn.q_proj.weight"])
@@ -226,8 +242,13 @@ def test_parameter_values_filters_and_gradients():
 
 def test_slerp_t_gradient_across_layers(ab):
     a, b = ab
-    recipe = two("slerp", base_model="a", parameters={"t": [{"filter": "self_attn", "value": [0, 1]},
-                                                            {"filter": "mlp", "value": [1, 0]}, {"value": 0.5}]})
+    recipe = two(
+        "slerp",
+        base_model="a",
+        parameters={
+            "t": [{"filter": "self_attn", "value": [0, 1]}, {"filter": "mlp", "value": [1, 0]}, {"value": 0.5}]
+        },
+    )
     out = weights(merge(recipe, "grad", progress=False))
     close = lambda x, y: torch.testing.assert_close(x, y, rtol=0, atol=1e-6)  # noqa: E731
     close(out["model.layers.0.self_attn.q_proj.weight"], a["model.layers.0.self_attn.q_proj.weight"])  # t=0
@@ -241,8 +262,12 @@ def test_slerp_t_gradient_across_layers(ab):
 def test_task_arithmetic_and_ties_through_the_store(tmp_path, ab):
     a, b = ab
     c = stored(tmp_path, "c", seed=2)
-    recipe = {"merge_method": "task_arithmetic", "base_model": "a", "parameters": {"lambda": 0.5},
-              "models": [{"model": "b", "parameters": {"weight": 1.0}}, {"model": "c", "parameters": {"weight": 2.0}}]}
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": "a",
+        "parameters": {"lambda": 0.5},
+        "models": [{"model": "b", "parameters": {"weight": 1.0}}, {"model": "c", "parameters": {"weight": 2.0}}],
+    }
     out = weights(merge(recipe, "ta", progress=False))
     k = "model.layers.0.self_attn.v_proj.weight"
     torch.testing.assert_close(out[k], a[k] + 0.5 * ((b[k] - a[k]) + 2 * (c[k] - a[k])))
@@ -270,8 +295,11 @@ def test_streaming_holds_one_weight_per_input(tmp_path, ab, monkeypatch, method)
 
     monkeypatch.setattr(HFSource, "tensor", tracked)
     params = {"weight": 0.5, "density": 0.5}
-    recipe = {"merge_method": method, "models": [{"model": "a", "parameters": params},
-                                                 {"model": "b", "parameters": params}], "parameters": {"t": 0.3}}
+    recipe = {
+        "merge_method": method,
+        "models": [{"model": "a", "parameters": params}, {"model": "b", "parameters": params}],
+        "parameters": {"t": 0.3},
+    }
     if method != "slerp":
         recipe["models"].append({"model": "c", "parameters": params})
     if method != "linear":
@@ -287,8 +315,14 @@ def test_streaming_holds_one_weight_per_input(tmp_path, ab, monkeypatch, method)
 def test_tied_models_keep_one_embedding(tmp_path):
     stored(tmp_path, "q1", kind="qwen2", seed=0)
     stored(tmp_path, "q2", kind="qwen2", seed=1)
-    m = merge({"merge_method": "linear", "models": [{"model": "q1", "parameters": {"weight": 1}},
-                                                    {"model": "q2", "parameters": {"weight": 1}}]}, "q", progress=False)
+    m = merge(
+        {
+            "merge_method": "linear",
+            "models": [{"model": "q1", "parameters": {"weight": 1}}, {"model": "q2", "parameters": {"weight": 1}}],
+        },
+        "q",
+        progress=False,
+    )
     assert "lm_head.weight" not in weights(m) and "model.layers.0.self_attn.q_proj.bias" in weights(m)
     import tinkerlm
 
@@ -306,8 +340,16 @@ def _store_adapter(tmp_path, name, base_tensors, targets=("q_proj", "v_proj"), r
             tensors[f"base_model.model.{module}.lora_A.weight"] = A
             tensors[f"base_model.model.{module}.lora_B.weight"] = B
             deltas[key] = (alpha / rank) * B @ A
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "a", "r": rank,
-              "lora_alpha": alpha, "target_modules": list(targets), "bias": "none", "fan_in_fan_out": False}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": "a",
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": list(targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+    }
 
     def fill(d):
         save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -320,15 +362,23 @@ def _store_adapter(tmp_path, name, base_tensors, targets=("q_proj", "v_proj"), r
 def test_lora_adapter_fused_on_the_fly(tmp_path, ab):
     a, b = ab
     deltas = _store_adapter(tmp_path, "ad", a)
-    m = merge({"merge_method": "linear", "models": [{"model": "a+ad", "parameters": {"weight": 1.0}},
-                                                    {"model": "b", "parameters": {"weight": 0.0}}]},
-              "fused", progress=False)
+    m = merge(
+        {
+            "merge_method": "linear",
+            "models": [{"model": "a+ad", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": 0.0}}],
+        },
+        "fused",
+        progress=False,
+    )
     out = weights(m)
     for k in a:
         want = a[k] + deltas[k] if k in deltas else a[k]
         torch.testing.assert_close(out[k], want, rtol=0, atol=1e-5)
-    assert {(p["name"], p["relation"]) for p in m.parents} == {("a:latest", "merge-input"), ("ad:latest", "adapter"),
-                                                               ("b:latest", "merge-input")}
+    assert {(p["name"], p["relation"]) for p in m.parents} == {
+        ("a:latest", "merge-input"),
+        ("ad:latest", "adapter"),
+        ("b:latest", "merge-input"),
+    }
     with pytest.raises(TinkerError, match="is a LoRA adapter, not a model; fuse it .* writing a\\+ad"):
         merge({"merge_method": "passthrough", "models": [{"model": "ad"}]}, "x", progress=False)
     with pytest.raises(TinkerError, match="not a LoRA adapter"):
@@ -344,8 +394,9 @@ def test_bf16_inputs_are_read_in_steps(tmp_path, monkeypatch):
     save_file(half, str(d / "model.safetensors"), metadata={"format": "pt"})
     store.pull(str(d), name="h", progress=False)
     monkeypatch.setattr(sources, "_STEP", 100)  # many steps per tensor, one ending mid-way
-    out = weights(merge({"merge_method": "passthrough", "models": [{"model": "h"}], "dtype": "float32"}, "hf32",
-                        progress=False))
+    out = weights(
+        merge({"merge_method": "passthrough", "models": [{"model": "h"}], "dtype": "float32"}, "hf32", progress=False)
+    )
     for k, v in half.items():
         assert out[k].dtype == torch.float32 and torch.equal(out[k], v.float()), k
     default = weights(merge({"merge_method": "passthrough", "models": [{"model": "h"}]}, "hbf", progress=False))
@@ -361,9 +412,17 @@ def test_gguf_inputs_are_dequantized_and_renamed(tmp_path):
     for name, w in (("ga", wa), ("gb", wb)):
         write_gguf(tmp_path / f"{name}.gguf", "llama", w)
         store.pull(str(tmp_path / f"{name}.gguf"), name=name, progress=False)
-    m = merge({"merge_method": "linear", "models": [{"model": "ga", "parameters": {"weight": 0.25}},
-                                                    {"model": "gb", "parameters": {"weight": 0.75}}]},
-              "g", progress=False)
+    m = merge(
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": "ga", "parameters": {"weight": 0.25}},
+                {"model": "gb", "parameters": {"weight": 0.75}},
+            ],
+        },
+        "g",
+        progress=False,
+    )
     out = weights(m)
     assert out.keys() == wa.keys()
     for k in wa:  # HF names and layout: q/k rows un-permuted
@@ -401,8 +460,10 @@ def test_lineage_licence_and_tokenizer(tmp_path, caplog):
     for p in m.parents:
         assert p["sha256"] == store.digest(store.get(p["name"]))
     assert m.license == "apache-2.0 AND cc-by-nc-4.0"
-    assert any("non-commercial" in t for t in m.source["license_terms"]) or "cc-by-nc-4.0: no commercial use" in \
-        m.source["license_terms"]
+    assert (
+        any("non-commercial" in t for t in m.source["license_terms"])
+        or "cc-by-nc-4.0: no commercial use" in m.source["license_terms"]
+    )
     assert "non-commercial" in caplog.text and "differ" in caplog.text
     d = store.model_path(m)
     assert "license: apache-2.0 AND cc-by-nc-4.0" in (d / "README.md").read_text()
@@ -425,9 +486,14 @@ def test_recipe_naming_local_paths_imports_them(tmp_path, ab, monkeypatch, capsy
     other_a = tmp_path / "work" / "a"  # named like the stored model a, but another model
     make_hf_model("llama", other_a, seed=3)
     monkeypatch.chdir(tmp_path / "work")
-    recipe = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1.0}},
-                                                   {"model": "./x", "parameters": {"weight": 0.0}},
-                                                   {"model": str(other_a), "parameters": {"weight": 0.0}}]}
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": "a", "parameters": {"weight": 1.0}},
+            {"model": "./x", "parameters": {"weight": 0.0}},
+            {"model": str(other_a), "parameters": {"weight": 0.0}},
+        ],
+    }
     m = merge(recipe, "mixed", progress=False)
     err = capsys.readouterr().err
     assert "merge: imported ./x into the store as x:latest" in err
@@ -439,8 +505,12 @@ def test_recipe_naming_local_paths_imports_them(tmp_path, ab, monkeypatch, capsy
     assert files["model.safetensors"] == store.sha256_file(x / "model.safetensors")
     by_name = {p["name"]: p for p in m.parents}
     assert set(by_name) == {"a:latest", "x:latest", "a-2:latest"}
-    assert by_name["x:latest"] == {"name": "x:latest", "sha256": store.digest(xm), "relation": "merge-input",
-                                   "license": None}
+    assert by_name["x:latest"] == {
+        "name": "x:latest",
+        "sha256": store.digest(xm),
+        "relation": "merge-input",
+        "license": None,
+    }
     assert by_name["a-2:latest"]["sha256"] == store.digest(am)
     assert weights(m).keys() == a.keys()
     for k in a:
@@ -460,8 +530,12 @@ def test_recipe_naming_a_hub_id_pulls_it(tmp_path, ab, monkeypatch, capsys):
     repos = {"org/tiny-b": Repo({p.name: p.read_bytes() for p in src.iterdir()})}
     with HubServer(repos=repos) as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        recipe = {"merge_method": "slerp", "base_model": "a", "parameters": {"t": 0.0},
-                  "models": [{"model": "a"}, {"model": "org/tiny-b"}]}
+        recipe = {
+            "merge_method": "slerp",
+            "base_model": "a",
+            "parameters": {"t": 0.0},
+            "models": [{"model": "a"}, {"model": "org/tiny-b"}],
+        }
         m = merge(recipe, "hubmix", progress=False)
         assert "merge: imported org/tiny-b into the store as tiny-b:latest" in capsys.readouterr().err
         b = store.get("tiny-b")
@@ -482,8 +556,9 @@ def test_recipe_naming_a_hub_id_pulls_it(tmp_path, ab, monkeypatch, capsys):
 
 
 def test_recipe_chat_template_replaces_the_base(ab):
-    m = merge(two("linear", {"weight": 1}, {"weight": 1}, chat_template="{{ messages[0]['content'] }}"), "ct",
-              progress=False)
+    m = merge(
+        two("linear", {"weight": 1}, {"weight": 1}, chat_template="{{ messages[0]['content'] }}"), "ct", progress=False
+    )
     from tinkerlm.formats.tokenizer import Tokenizer
 
     assert Tokenizer.from_hf_dir(store.model_path(m)).chat_template == "{{ messages[0]['content'] }}"
@@ -523,32 +598,53 @@ dtype: bfloat16
 # Errors: one clear line, nothing stored
 
 
-@pytest.mark.parametrize("recipe,match", [
-    (two("frankenstein"), "merge_method 'frankenstein' is unknown; tinkerlm merges with: dare_linear"),
-    (two("model_stock"), "a mergekit method tinkerlm does not implement"),
-    ({"models": [{"model": "a"}]}, "merge_method is missing"),
-    (two("ties", {"weight": 1}, {"weight": 1}), "ties needs base_model"),
-    (two("slerp", base_model="a"), "parameter t is missing"),
-    (two("linear", {"weight": 1}), "parameter weight is missing for b"),
-    (two("linear", {"weight": 1}, {"weight": -1}), "sum to 0"),
-    (two("ties", {"weight": 1}, {"weight": 1, "density": 1.5}, base_model="a"), "density 1.5 for b .* outside"),
-    (two("slerp", base_model="c", parameters={"t": 0.5}), "'c' \\(c:latest\\) is not in the store"),
-    ({"merge_method": "passthrough", "models": [{"model": "./somewhere/a"}]},
-     r"\./somewhere/a: no such file or directory"),
-    ({**two("linear"), "merge_metod": "linear"}, "unknown key 'merge_metod'; did you mean 'merge_method'"),
-    ({"merge_method": "linear", "models": [{"model": "a"}],
-      "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}]}]},
-     "models: .* or slices:"),
-    ({"merge_method": "passthrough", "models": [{"model": "a"}, {"model": "b"}]}, "passthrough takes exactly 1 input"),
-    ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [0, 3]}]}]},
-     "goes past its 2 layers"),
-    ({"merge_method": "slerp", "base_model": "a", "parameters": {"t": 0.5}, "slices": [{"sources": [
-        {"model": "a", "layer_range": [0, 2]}, {"model": "b", "layer_range": [0, 1]}]}]},
-     "different numbers of layers"),
-    (two("linear", {"weight": 1}, {"weight": 1}, dtype="float8"), "dtype: 'float8' is not one of"),
-    (two("linear", {"weight": {"filter": 3, "value": 1}}), "filter must be a string"),
-    (two("linear", {"weight": 1}, {"weight": 1}, tokenizer_source="union"), "tokenizer_source: 'union'"),
-])
+@pytest.mark.parametrize(
+    "recipe,match",
+    [
+        (two("frankenstein"), "merge_method 'frankenstein' is unknown; tinkerlm merges with: dare_linear"),
+        (two("model_stock"), "a mergekit method tinkerlm does not implement"),
+        ({"models": [{"model": "a"}]}, "merge_method is missing"),
+        (two("ties", {"weight": 1}, {"weight": 1}), "ties needs base_model"),
+        (two("slerp", base_model="a"), "parameter t is missing"),
+        (two("linear", {"weight": 1}), "parameter weight is missing for b"),
+        (two("linear", {"weight": 1}, {"weight": -1}), "sum to 0"),
+        (two("ties", {"weight": 1}, {"weight": 1, "density": 1.5}, base_model="a"), "density 1.5 for b .* outside"),
+        (two("slerp", base_model="c", parameters={"t": 0.5}), "'c' \\(c:latest\\) is not in the store"),
+        (
+            {"merge_method": "passthrough", "models": [{"model": "./somewhere/a"}]},
+            r"\./somewhere/a: no such file or directory",
+        ),
+        ({**two("linear"), "merge_metod": "linear"}, "unknown key 'merge_metod'; did you mean 'merge_method'"),
+        (
+            {
+                "merge_method": "linear",
+                "models": [{"model": "a"}],
+                "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}]}],
+            },
+            "models: .* or slices:",
+        ),
+        (
+            {"merge_method": "passthrough", "models": [{"model": "a"}, {"model": "b"}]},
+            "passthrough takes exactly 1 input",
+        ),
+        (
+            {"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [0, 3]}]}]},
+            "goes past its 2 layers",
+        ),
+        (
+            {
+                "merge_method": "slerp",
+                "base_model": "a",
+                "parameters": {"t": 0.5},
+                "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}, {"model": "b", "layer_range": [0, 1]}]}],
+            },
+            "different numbers of layers",
+        ),
+        (two("linear", {"weight": 1}, {"weight": 1}, dtype="float8"), "dtype: 'float8' is not one of"),
+        (two("linear", {"weight": {"filter": 3, "value": 1}}), "filter must be a string"),
+        (two("linear", {"weight": 1}, {"weight": 1}, tokenizer_source="union"), "tokenizer_source: 'union'"),
+    ],
+)
 def test_bad_recipes(ab, recipe, match):
     with pytest.raises(TinkerError, match=match):
         merge(recipe, "bad", progress=False)
@@ -565,15 +661,23 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 
 def two_named(x, y):
-    return {"merge_method": "linear", "models": [{"model": x, "parameters": {"weight": 1}},
-                                                 {"model": y, "parameters": {"weight": 1}}]}
+    return {
+        "merge_method": "linear",
+        "models": [{"model": x, "parameters": {"weight": 1}}, {"model": y, "parameters": {"weight": 1}}],
+    }
 
 
-@pytest.mark.parametrize("kind,match", [
-    ("qwen2", "architectures differ: a \\(a:latest\\) is llama, z \\(z:latest\\) is qwen2"),
-    ("llama-headdim", "tensor model.layers.0.self_attn.o_proj.weight is \\[64, 64\\] in a .* but \\[64, 128\\] in z"),
-    ("mistral-window", "architectures differ"),
-])
+@pytest.mark.parametrize(
+    "kind,match",
+    [
+        ("qwen2", "architectures differ: a \\(a:latest\\) is llama, z \\(z:latest\\) is qwen2"),
+        (
+            "llama-headdim",
+            "tensor model.layers.0.self_attn.o_proj.weight is \\[64, 64\\] in a .* but \\[64, 128\\] in z",
+        ),
+        ("mistral-window", "architectures differ"),
+    ],
+)
 def test_mismatched_models(tmp_path, kind, match):
     stored(tmp_path, "a", seed=0)
     stored(tmp_path, "z", kind=kind, seed=1)
@@ -614,8 +718,9 @@ def test_failure_while_writing_leaves_nothing(ab, monkeypatch):
 
 def test_linear_function_matches_formula():
     xs = [torch.full((3,), 1.0), torch.full((3,), 5.0)]
-    torch.testing.assert_close(linear(xs, None, {"normalize": True}, [{"weight": 1}, {"weight": 3}]),
-                               torch.full((3,), 4.0))
+    torch.testing.assert_close(
+        linear(xs, None, {"normalize": True}, [{"weight": 1}, {"weight": 3}]), torch.full((3,), 4.0)
+    )
     v0, v1 = torch.randn(8), torch.randn(8)
     out = slerp(0.3, v0, v1)
     assert out is not v0 and torch.equal(slerp(0.3, v0.clone(), v1, inplace=True), out)
@@ -627,17 +732,21 @@ def test_linear_function_matches_formula():
 
 def test_safetensors_writer_follows_the_spec(tmp_path):
     g = torch.Generator().manual_seed(0)
-    tensors = {"b.weight": torch.randn(3, 5, generator=g), "a.bias": torch.randn(7, generator=g).bfloat16(),
-               "empty": torch.zeros(0, 4), "ids": torch.arange(6, dtype=torch.int64).reshape(2, 3),
-               "half": torch.randn(2, 2, generator=g).half()}
+    tensors = {
+        "b.weight": torch.randn(3, 5, generator=g),
+        "a.bias": torch.randn(7, generator=g).bfloat16(),
+        "empty": torch.zeros(0, 4),
+        "ids": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "half": torch.randn(2, 2, generator=g).half(),
+    }
     path = tmp_path / "model.safetensors"
     with SafetensorsWriter(path, [(k, v.dtype, v.shape) for k, v in tensors.items()], {"k": "v"}) as w:
         for k, v in tensors.items():
             w.write(k, v)
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    assert n % 8 == 0 and raw[8 + n - 1:8 + n].strip() in (b"}", b"")  # padded with spaces to 8 bytes
-    header = json.loads(raw[8:8 + n])
+    assert n % 8 == 0 and raw[8 + n - 1 : 8 + n].strip() in (b"}", b"")  # padded with spaces to 8 bytes
+    header = json.loads(raw[8 : 8 + n])
     assert header["__metadata__"] == {"k": "v"}
     assert header["b.weight"] == {"dtype": "F32", "shape": [3, 5], "data_offsets": [0, 60]}
     assert header["a.bias"]["dtype"] == "BF16" and header["a.bias"]["data_offsets"] == [60, 74]

@@ -15,52 +15,111 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from tiny import make_hf_model
 
 from tinkerlm import store
 from tinkerlm.merge import merge
-from tiny import make_hf_model
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("mergekit") is None,
-                                reason="mergekit is not installed (pip install -e '.[mergekit]'; scripts/test.sh does)")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("mergekit") is None,
+    reason="mergekit is not installed (pip install -e '.[mergekit]'; scripts/test.sh does)",
+)
 
 MODELS = ("a", "b", "c")
 
 RECIPES = {
-    "linear": {"merge_method": "linear", "models": [
-        {"model": "a", "parameters": {"weight": 0.3}}, {"model": "b", "parameters": {"weight": 0.5}},
-        {"model": "c", "parameters": {"weight": 0.4}}]},
-    "linear_raw": {"merge_method": "linear", "parameters": {"normalize": False}, "models": [
-        {"model": "a", "parameters": {"weight": 0.3}},
-        {"model": "b", "parameters": {"weight": [{"filter": "mlp", "value": 0.9}, {"value": 0.2}]}}]},
-    "slerp": {"merge_method": "slerp", "base_model": "a", "parameters": {"t": 0.3},
-              "models": [{"model": "a"}, {"model": "b"}]},
-    "slerp_gradient": {"merge_method": "slerp", "base_model": "b", "slices": [{"sources": [
-        {"model": "a", "layer_range": [0, 3]}, {"model": "b", "layer_range": [0, 3]}]}],
-        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
-                             {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}},
-    "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": "a", "parameters": {"lambda": 0.8},
-                        "models": [{"model": "b", "parameters": {"weight": 0.7}},
-                                   {"model": "c", "parameters": {"weight": [0.2, 1.0]}}]},
-    "ties": {"merge_method": "ties", "base_model": "a", "parameters": {"normalize": True, "int8_mask": True},
-             "models": [{"model": "a"}, {"model": "b", "parameters": {"weight": 0.6, "density": 0.5}},
-                        {"model": "c", "parameters": {"weight": 0.5, "density": 0.3}}]},
-    "ties_raw": {"merge_method": "ties", "base_model": "a", "parameters": {"normalize": False, "lambda": 1.3},
-                 "models": [{"model": "b", "parameters": {"weight": 1.0, "density": 0.7}},
-                            {"model": "c", "parameters": {"weight": -0.4, "density": 1.0}}]},
-    "dare_linear": {"merge_method": "dare_linear", "base_model": "a", "models": [
-        {"model": "b", "parameters": {"weight": 0.6, "density": 1.0}},
-        {"model": "c", "parameters": {"weight": 0.4, "density": 1.0}}]},
-    "dare_ties": {"merge_method": "dare_ties", "base_model": "a", "models": [
-        {"model": "b", "parameters": {"weight": 0.6, "density": 1.0}},
-        {"model": "c", "parameters": {"weight": 0.4, "density": 1.0}}]},
-    "passthrough": {"merge_method": "passthrough", "slices": [
-        {"sources": [{"model": "a", "layer_range": [0, 2]}]},
-        {"sources": [{"model": "b", "layer_range": [1, 3]}],
-         "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"filter": "down_proj", "value": 0.0},
-                                  {"value": 1.0}]}},
-        {"sources": [{"model": "c", "layer_range": [2, 3]}]}]},
-    "lora": {"merge_method": "linear", "models": [{"model": "a+lora", "parameters": {"weight": 0.5}},
-                                                  {"model": "b", "parameters": {"weight": 0.5}}]},
+    "linear": {
+        "merge_method": "linear",
+        "models": [
+            {"model": "a", "parameters": {"weight": 0.3}},
+            {"model": "b", "parameters": {"weight": 0.5}},
+            {"model": "c", "parameters": {"weight": 0.4}},
+        ],
+    },
+    "linear_raw": {
+        "merge_method": "linear",
+        "parameters": {"normalize": False},
+        "models": [
+            {"model": "a", "parameters": {"weight": 0.3}},
+            {"model": "b", "parameters": {"weight": [{"filter": "mlp", "value": 0.9}, {"value": 0.2}]}},
+        ],
+    },
+    "slerp": {
+        "merge_method": "slerp",
+        "base_model": "a",
+        "parameters": {"t": 0.3},
+        "models": [{"model": "a"}, {"model": "b"}],
+    },
+    "slerp_gradient": {
+        "merge_method": "slerp",
+        "base_model": "b",
+        "slices": [{"sources": [{"model": "a", "layer_range": [0, 3]}, {"model": "b", "layer_range": [0, 3]}]}],
+        "parameters": {
+            "t": [
+                {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                {"value": 0.5},
+            ]
+        },
+    },
+    "task_arithmetic": {
+        "merge_method": "task_arithmetic",
+        "base_model": "a",
+        "parameters": {"lambda": 0.8},
+        "models": [{"model": "b", "parameters": {"weight": 0.7}}, {"model": "c", "parameters": {"weight": [0.2, 1.0]}}],
+    },
+    "ties": {
+        "merge_method": "ties",
+        "base_model": "a",
+        "parameters": {"normalize": True, "int8_mask": True},
+        "models": [
+            {"model": "a"},
+            {"model": "b", "parameters": {"weight": 0.6, "density": 0.5}},
+            {"model": "c", "parameters": {"weight": 0.5, "density": 0.3}},
+        ],
+    },
+    "ties_raw": {
+        "merge_method": "ties",
+        "base_model": "a",
+        "parameters": {"normalize": False, "lambda": 1.3},
+        "models": [
+            {"model": "b", "parameters": {"weight": 1.0, "density": 0.7}},
+            {"model": "c", "parameters": {"weight": -0.4, "density": 1.0}},
+        ],
+    },
+    "dare_linear": {
+        "merge_method": "dare_linear",
+        "base_model": "a",
+        "models": [
+            {"model": "b", "parameters": {"weight": 0.6, "density": 1.0}},
+            {"model": "c", "parameters": {"weight": 0.4, "density": 1.0}},
+        ],
+    },
+    "dare_ties": {
+        "merge_method": "dare_ties",
+        "base_model": "a",
+        "models": [
+            {"model": "b", "parameters": {"weight": 0.6, "density": 1.0}},
+            {"model": "c", "parameters": {"weight": 0.4, "density": 1.0}},
+        ],
+    },
+    "passthrough": {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": "a", "layer_range": [0, 2]}]},
+            {
+                "sources": [{"model": "b", "layer_range": [1, 3]}],
+                "parameters": {
+                    "scale": [{"filter": "o_proj", "value": 0.5}, {"filter": "down_proj", "value": 0.0}, {"value": 1.0}]
+                },
+            },
+            {"sources": [{"model": "c", "layer_range": [2, 3]}]},
+        ],
+    },
+    "lora": {
+        "merge_method": "linear",
+        "models": [{"model": "a+lora", "parameters": {"weight": 0.5}}, {"model": "b", "parameters": {"weight": 0.5}}],
+    },
 }
 
 # Runs each (recipe, output) pair through mergekit-yaml's own click command in one process.
@@ -76,8 +135,10 @@ for cfg, out in zip(args[0::2], args[1::2]):
 def _with_paths(recipe, paths: dict[str, str]):
     """The recipe with each model name replaced by its directory (what mergekit reads)."""
     if isinstance(recipe, dict):
-        return {k: (_with_paths(v, paths) if k not in ("model", "base_model") else
-                    "+".join(paths[p] for p in v.split("+"))) for k, v in recipe.items()}
+        return {
+            k: (_with_paths(v, paths) if k not in ("model", "base_model") else "+".join(paths[p] for p in v.split("+")))
+            for k, v in recipe.items()
+        }
     if isinstance(recipe, list):
         return [_with_paths(x, paths) for x in recipe]
     return recipe
@@ -94,10 +155,22 @@ def _adapter(path, base: dict, rank=4, alpha=8.0):
             tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(w.shape[0], rank, generator=g) * 0.1
     path.mkdir(parents=True)
     save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "r": rank,
-              "lora_alpha": alpha, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"],
-              "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-              "inference_mode": True, "modules_to_save": None, "init_lora_weights": True}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj", "down_proj"],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+    }
     (path / "adapter_config.json").write_text(json.dumps(config))
 
 

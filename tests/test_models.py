@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from tiny import CONFIGS, make_hf_model
 
 import tinkerlm
 from tinkerlm.errors import TinkerError
-from tiny import CONFIGS, make_hf_model
 
 KINDS = list(CONFIGS)
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from tiny import make_hf_model
 
 import tinkerlm
 from tinkerlm import kernels
 from tinkerlm.quant import qops
 from tinkerlm.quant.qtensor import PACKED_FORMATS, Packed, QTensor, from_gguf, quantize
-from tiny import make_hf_model
 
 
 @pytest.fixture
@@ -72,8 +72,16 @@ def test_row_views_and_cat_round_trip():
     assert torch.equal(qt.rows(perm).dequantize(), qt.dequantize()[perm])
 
 
-CASES = [("Q4_1", 576, 1), ("Q4_1", 576, 3), ("Q4_0", 96, 5), ("Q8_0", 96, 9), ("Q8_0", 576, 4), ("Q4_0", 1536, 2),
-         ("Q5_1", 576, 1), ("Q5_0", 96, 13)]
+CASES = [
+    ("Q4_1", 576, 1),
+    ("Q4_1", 576, 3),
+    ("Q4_0", 96, 5),
+    ("Q8_0", 96, 9),
+    ("Q8_0", 576, 4),
+    ("Q4_0", 1536, 2),
+    ("Q5_1", 576, 1),
+    ("Q5_0", 96, 13),
+]
 
 
 @pytest.mark.parametrize("qtype,K,B", CASES)
@@ -93,8 +101,9 @@ def test_kernel_matches_fallback_and_float(qtype, K, B, monkeypatch):
     assert (fast - exact).abs().max() > 0  # the activations really are rounded
 
 
-@pytest.mark.parametrize("qtype,rows", [("Q4_0", 40), ("Q4_1", 37), ("Q8_0", 16), ("Q8_0", 3), ("Q5_1", 37),
-                                        ("Q5_0", 20)])
+@pytest.mark.parametrize(
+    "qtype,rows", [("Q4_0", 40), ("Q4_1", 37), ("Q8_0", 16), ("Q8_0", 3), ("Q5_1", 37), ("Q5_0", 20)]
+)
 def test_pack_round_trips(qtype, rows):
     """Packing (groups of 16 rows, padded) loses nothing: unpacking gives the GGUF blocks back bit for bit."""
     w = torch.randn(rows, 96).numpy()
@@ -289,8 +298,9 @@ def test_native_matches_fp32_on_real_model(smollm2_gguf):
     perplexity). Same weights on both sides: what differs is int16 activation rounding and summation order."""
     native = tinkerlm.load(str(smollm2_gguf))
     ref = tinkerlm.load(str(smollm2_gguf), quant="fp32")
-    ids = torch.tensor([ref.tokenizer.encode(ref.apply_chat_template("What is the capital of France?"),
-                                             add_special_tokens=False)])
+    ids = torch.tensor(
+        [ref.tokenizer.encode(ref.apply_chat_template("What is the capital of France?"), add_special_tokens=False)]
+    )
     with torch.no_grad():
         for rows in (1, ids.shape[1]):
             got, want = native.model(ids[:, :rows]), ref.model(ids[:, :rows])

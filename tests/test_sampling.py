@@ -10,16 +10,25 @@ import sys
 
 import pytest
 import torch
+from tiny import make_hf_model, penalised_greedy
 
 import tinkerlm
 from tinkerlm import sampling
 from tinkerlm.errors import TinkerError
 from tinkerlm.sampling import Detokenizer, SamplingParams
-from tiny import make_hf_model
 
 # Request fields that are not generation options (the request itself, streaming, OpenAI's spellings).
-NOT_OPTIONS = {"model", "messages", "prompt", "n", "stream", "stream_options", "user", "max_completion_tokens",
-               "top_logprobs"}
+NOT_OPTIONS = {
+    "model",
+    "messages",
+    "prompt",
+    "n",
+    "stream",
+    "stream_options",
+    "user",
+    "max_completion_tokens",
+    "top_logprobs",
+}
 MODEL_FLAGS = {"dtype", "quant", "threads"}
 
 
@@ -40,7 +49,7 @@ def test_cli_flags_are_the_declaration(verb):
     declared = sampling.params()
     flags = _generation_group(verb)
     assert set(flags) - MODEL_FLAGS == set(declared)
-    for name, (f, p) in declared.items():
+    for name, (_, p) in declared.items():
         action = flags[name]
         assert action.option_strings == ["--" + name.replace("_", "-")]
         assert p.help in action.help and "(default: " in action.help
@@ -145,17 +154,7 @@ def test_logprobs_from_the_python_api(llm):
 def test_penalties_from_the_python_api(llm):
     """Greedy with OpenAI's penalties equals a plain loop (as the server's test checks for the server)."""
     ids = llm.tokenizer.encode("penalty test", add_special_tokens=False)
-    counts = torch.zeros(llm.model.lm_head.out_features)
-    seq, out = list(ids), []
-    for _ in range(12):
-        with torch.no_grad():
-            logits = llm.model(torch.tensor([seq]))[0, -1].float()
-        token = int((logits - 1.5 * counts - 0.5 * (counts > 0).float()).argmax())
-        if token in llm.tokenizer.stop_token_ids:
-            break
-        counts[token] += 1
-        seq.append(token)
-        out.append(token)
+    out = penalised_greedy(llm, ids, 12, frequency=1.5, presence=0.5)
     got = llm.generate("penalty test", max_tokens=12, frequency_penalty=1.5, presence_penalty=0.5, logprobs=0)
     assert [t.id for t in got.logprobs] == out
 
@@ -179,8 +178,11 @@ def test_unknown_option_is_refused(llm):
 def test_batch_generator_equals_the_api(llm):
     from tinkerlm.batching import BatchGenerator
 
-    settings = [dict(max_tokens=6), dict(max_tokens=9, temperature=0.8, seed=4), dict(max_tokens=5, top_k=3, seed=1,
-                temperature=1.0, repetition_penalty=1.2)]
+    settings = [
+        dict(max_tokens=6),
+        dict(max_tokens=9, temperature=0.8, seed=4),
+        dict(max_tokens=5, top_k=3, seed=1, temperature=1.0, repetition_penalty=1.2),
+    ]
     bg = BatchGenerator(llm.model, llm.tokenizer, max_batch=2)  # three prompts, two slots: one waits
     seqs = [bg.submit(f"p{i}", llm.sampling(**s)) for i, s in enumerate(settings)]
     texts, reasons = {s.index: "" for s in seqs}, {}
@@ -219,8 +221,15 @@ def test_debug_after_the_verb(tmp_path):
     assert "unrecognized arguments" not in proc.stderr and "Traceback" in proc.stderr
 
 
-GEN_CONFIG = {"do_sample": True, "temperature": 0.7, "top_k": 5, "top_p": 0.9, "repetition_penalty": 1.3,
-              "bos_token_id": 256, "eos_token_id": 258}
+GEN_CONFIG = {
+    "do_sample": True,
+    "temperature": 0.7,
+    "top_k": 5,
+    "top_p": 0.9,
+    "repetition_penalty": 1.3,
+    "bos_token_id": 256,
+    "eos_token_id": 258,
+}
 
 
 @pytest.fixture(scope="module")
@@ -232,8 +241,9 @@ def configured(tmp_path_factory):
 
 
 def test_generation_config_defaults():
-    assert sampling.generation_config_defaults(GEN_CONFIG) == dict(temperature=0.7, top_k=5, top_p=0.9,
-                                                                   repetition_penalty=1.3)
+    assert sampling.generation_config_defaults(GEN_CONFIG) == dict(
+        temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.3
+    )
     assert sampling.generation_config_defaults({"do_sample": False, "temperature": 0.6}) == {"temperature": 0.0}
     assert sampling.generation_config_defaults({"temperature": 0.6, "top_p": 0.8}) == {"top_p": 0.8}
     assert sampling.generation_config_defaults({"top_p": 7, "top_k": "x"}) == {}  # out of range: ignored
@@ -255,7 +265,6 @@ def test_generation_config_sets_api_defaults(configured):
 
 def test_generation_config_sets_server_defaults(configured):
     import openai
-
     from test_serve import live_server
 
     llm = tinkerlm.load(str(configured))

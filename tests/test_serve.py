@@ -19,11 +19,11 @@ import httpx
 import openai
 import pytest
 import torch
+from tiny import make_hf_model, penalised_greedy
 
 import tinkerlm
 from tinkerlm.generate import SamplingParams, generate_step
 from tinkerlm.serve.server import create_app, make_server
-from tiny import make_hf_model
 
 KEY = "test-key"
 
@@ -116,8 +116,13 @@ def chat_ids(llm, messages) -> list[int]:
 
 def count_tokens(llm, ids, max_tokens, **sampling) -> int:
     """Tokens `generate_step` produces for one prompt: what `usage.completion_tokens` must say."""
-    steps = generate_step(llm.model, [ids], max_tokens=max_tokens, sampling=SamplingParams(**sampling),
-                          stop_token_ids=llm.tokenizer.stop_token_ids)
+    steps = generate_step(
+        llm.model,
+        [ids],
+        max_tokens=max_tokens,
+        sampling=SamplingParams(**sampling),
+        stop_token_ids=llm.tokenizer.stop_token_ids,
+    )
     return sum(1 for _ in steps)
 
 
@@ -147,15 +152,23 @@ def test_chat_equals_llm_chat(client, tiny, kind, settings):
 
 def test_streaming_equals_llm_chat_with_exact_usage(client, tiny):
     messages = [{"role": "user", "content": "Stream please"}]
-    stream = client.chat.completions.create(model="llama", messages=messages, max_tokens=24, temperature=0.8,
-                                            seed=3, stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="llama",
+        messages=messages,
+        max_tokens=24,
+        temperature=0.8,
+        seed=3,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == tiny["llama"].chat(messages, max_tokens=24, temperature=0.8, seed=3)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == count_tokens(
-        tiny["llama"], chat_ids(tiny["llama"], messages), 24, temperature=0.8, seed=3)
+        tiny["llama"], chat_ids(tiny["llama"], messages), 24, temperature=0.8, seed=3
+    )
     assert all(c.usage is None for c in chunks[:-1])
 
 
@@ -166,15 +179,17 @@ def test_stop_string_equals_llm_chat(client, tiny):
     want = tiny["llama"].chat(messages, max_tokens=30, temperature=0, stop=[stop])
     r = client.chat.completions.create(model="llama", messages=messages, max_tokens=30, temperature=0, stop=stop)
     assert r.choices[0].message.content == want and r.choices[0].finish_reason == "stop"
-    s = client.chat.completions.create(model="llama", messages=messages, max_tokens=30, temperature=0, stop=[stop],
-                                       stream=True)
+    s = client.chat.completions.create(
+        model="llama", messages=messages, max_tokens=30, temperature=0, stop=[stop], stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in s) == want
 
 
 def test_completions_prompt_list_and_n(client, tiny):
     """Each prompt x n choices; choice j of a prompt uses seed + j, so choice 0 equals `tinkerlm run --seed`."""
-    r = client.completions.create(model="qwen2", prompt=["Once upon", "The cat"], n=2, max_tokens=12,
-                                  temperature=1.0, seed=5)
+    r = client.completions.create(
+        model="qwen2", prompt=["Once upon", "The cat"], n=2, max_tokens=12, temperature=1.0, seed=5
+    )
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     for i, prompt in enumerate(["Once upon", "The cat"]):
         for j in range(2):
@@ -195,14 +210,24 @@ def test_completions_streaming(client, tiny):
 
 def test_async_client_concurrent_equals_sequential(server, tiny):
     """8 simultaneous requests (4 slots, so some queue; two models) give the sequential answers, greedy and seeded."""
-    jobs = [("llama" if i % 3 else "qwen2", f"prompt number {i} " + "x" * i, 6 + 3 * i,
-             dict(temperature=0.0) if i % 2 else dict(temperature=0.7, seed=i)) for i in range(8)]
+    jobs = [
+        (
+            "llama" if i % 3 else "qwen2",
+            f"prompt number {i} " + "x" * i,
+            6 + 3 * i,
+            dict(temperature=0.0) if i % 2 else dict(temperature=0.7, seed=i),
+        )
+        for i in range(8)
+    ]
 
     async def run():
         c = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
-        return await asyncio.gather(*[
-            c.chat.completions.create(model=m, messages=[{"role": "user", "content": p}], max_tokens=n, **s)
-            for m, p, n, s in jobs])
+        return await asyncio.gather(
+            *[
+                c.chat.completions.create(model=m, messages=[{"role": "user", "content": p}], max_tokens=n, **s)
+                for m, p, n, s in jobs
+            ]
+        )
 
     got = [r.choices[0].message.content for r in asyncio.run(run())]
     want = [tiny[m].chat(p, max_tokens=n, **s) for m, p, n, s in jobs]
@@ -216,8 +241,9 @@ def test_async_streaming_concurrent(server, tiny):
 
         async def one(i):
             text = ""
-            async for chunk in await c.completions.create(model="llama", prompt=f"s{i}", max_tokens=10 + i,
-                                                          temperature=0, stream=True):
+            async for chunk in await c.completions.create(
+                model="llama", prompt=f"s{i}", max_tokens=10 + i, temperature=0, stream=True
+            ):
                 text += chunk.choices[0].text
             return text
 
@@ -248,8 +274,14 @@ def test_completion_logprobs_match_the_model(client, tiny):
 
 
 def test_chat_logprobs_shape(client):
-    r = client.chat.completions.create(model="qwen2", messages=[{"role": "user", "content": "x"}], max_tokens=5,
-                                       temperature=0, logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(
+        model="qwen2",
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = r.choices[0].logprobs.content
     assert 1 <= len(content) <= 5
     for t in content:
@@ -261,38 +293,47 @@ def test_presence_and_frequency_penalties_match_reference(client, tiny):
     """Greedy with OpenAI's penalties equals a plain loop: logits - freq * count - presence * (count > 0)."""
     llm = tiny["llama"]
     ids = llm.tokenizer.encode("penalty test")
-    counts = torch.zeros(llm.model.lm_head.out_features)
-    seq, out = list(ids), []
-    for _ in range(12):
-        with torch.no_grad():
-            logits = llm.model(torch.tensor([seq]))[0, -1].float()
-        token = int((logits - 1.5 * counts - 0.5 * (counts > 0).float()).argmax())
-        if token in llm.tokenizer.stop_token_ids:
-            break
-        counts[token] += 1
-        seq.append(token)
-        out.append(token)
-    r = client.completions.create(model="llama", prompt=ids, max_tokens=12, temperature=0, frequency_penalty=1.5,
-                                  presence_penalty=0.5)
+    out = penalised_greedy(llm, ids, 12, frequency=1.5, presence=0.5)
+    r = client.completions.create(
+        model="llama", prompt=ids, max_tokens=12, temperature=0, frequency_penalty=1.5, presence_penalty=0.5
+    )
     # Streamed text holds back an incomplete UTF-8 character at the end, as `tinkerlm run` does.
-    want = max((llm.tokenizer.decode(out[:k]) for k in range(len(out) + 1)
-                if not llm.tokenizer.decode(out[:k]).endswith("\ufffd")), key=len)
+    want = max(
+        (
+            llm.tokenizer.decode(out[:k])
+            for k in range(len(out) + 1)
+            if not llm.tokenizer.decode(out[:k]).endswith("\ufffd")
+        ),
+        key=len,
+    )
     assert r.choices[0].text == want
 
 
 @pytest.mark.parametrize("settings", [dict(temperature=0), dict(temperature=1.0, seed=1)])
 @pytest.mark.parametrize("max_tokens", [3, 12, 60])
 def test_json_mode_gives_a_json_object(client, settings, max_tokens):
-    r = client.chat.completions.create(model="llama", messages=[{"role": "user", "content": "JSON please"}],
-                                       max_tokens=max_tokens, response_format={"type": "json_object"}, **settings)
+    r = client.chat.completions.create(
+        model="llama",
+        messages=[{"role": "user", "content": "JSON please"}],
+        max_tokens=max_tokens,
+        response_format={"type": "json_object"},
+        **settings,
+    )
     content = r.choices[0].message.content
     assert isinstance(json.loads(content), dict), content
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens <= max_tokens
 
 
 def test_json_mode_streaming_completion(client):
-    s = client.completions.create(model="qwen2", prompt="{", max_tokens=20, temperature=0.5, seed=2, stream=True,
-                                  extra_body={"response_format": {"type": "json_object"}})
+    s = client.completions.create(
+        model="qwen2",
+        prompt="{",
+        max_tokens=20,
+        temperature=0.5,
+        seed=2,
+        stream=True,
+        extra_body={"response_format": {"type": "json_object"}},
+    )
     assert isinstance(json.loads("".join(c.choices[0].text for c in s)), dict)
 
 
@@ -302,31 +343,34 @@ def test_json_mode_streaming_completion(client):
 CHAT = {"model": "llama", "messages": [{"role": "user", "content": "hi"}]}
 
 
-@pytest.mark.parametrize("body, status, param", [
-    (b"{not json", 400, None),
-    (b"[1, 2]", 400, None),
-    (b"\xff\xfe", 400, None),
-    (json.dumps({**CHAT, "temperature": "hot"}), 400, "temperature"),
-    (json.dumps({**CHAT, "max_tokens": 1.5}), 400, "max_tokens"),
-    (json.dumps({**CHAT, "n": True}), 400, "n"),
-    (json.dumps({**CHAT, "messages": "hi"}), 400, "messages"),
-    (json.dumps({**CHAT, "messages": []}), 400, "messages"),
-    (json.dumps({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}), 400, "messages.0.role"),
-    (json.dumps({**CHAT, "messages": [{"role": "user", "content": 5}]}), 400, "messages.0.content"),
-    (json.dumps({"messages": CHAT["messages"]}), 400, "model"),
-    (json.dumps({**CHAT, "tools": [{"type": "function"}]}), 400, "tools"),
-    (json.dumps({**CHAT, "logit_bias": {"5": 10}}), 400, "logit_bias"),
-    (json.dumps({**CHAT, "frobnicate": 1}), 400, "frobnicate"),
-    (json.dumps({**CHAT, "response_format": {"type": "json_schema"}}), 400, "response_format.type"),
-    (json.dumps({**CHAT, "top_logprobs": 3}), 400, "top_logprobs"),
-    (json.dumps({**CHAT, "stream_options": {"include_usage": True}}), 400, "stream_options"),
-    (json.dumps({**CHAT, "temperature": 3}), 400, "temperature"),
-    (json.dumps({**CHAT, "stop": ["a", "b", "c", "d", "e"]}), 400, "stop"),
-    (json.dumps({**CHAT, "max_tokens": 10**9}), 400, "max_tokens"),
-    (json.dumps({**CHAT, "max_tokens": 0}), 400, "max_tokens"),
-    (json.dumps({**CHAT, "messages": [{"role": "user", "content": "x" * 500}]}), 400, "messages"),
-    (json.dumps({**CHAT, "model": "nope"}), 404, "model"),
-])
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        (b"{not json", 400, None),
+        (b"[1, 2]", 400, None),
+        (b"\xff\xfe", 400, None),
+        (json.dumps({**CHAT, "temperature": "hot"}), 400, "temperature"),
+        (json.dumps({**CHAT, "max_tokens": 1.5}), 400, "max_tokens"),
+        (json.dumps({**CHAT, "n": True}), 400, "n"),
+        (json.dumps({**CHAT, "messages": "hi"}), 400, "messages"),
+        (json.dumps({**CHAT, "messages": []}), 400, "messages"),
+        (json.dumps({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}), 400, "messages.0.role"),
+        (json.dumps({**CHAT, "messages": [{"role": "user", "content": 5}]}), 400, "messages.0.content"),
+        (json.dumps({"messages": CHAT["messages"]}), 400, "model"),
+        (json.dumps({**CHAT, "tools": [{"type": "function"}]}), 400, "tools"),
+        (json.dumps({**CHAT, "logit_bias": {"5": 10}}), 400, "logit_bias"),
+        (json.dumps({**CHAT, "frobnicate": 1}), 400, "frobnicate"),
+        (json.dumps({**CHAT, "response_format": {"type": "json_schema"}}), 400, "response_format.type"),
+        (json.dumps({**CHAT, "top_logprobs": 3}), 400, "top_logprobs"),
+        (json.dumps({**CHAT, "stream_options": {"include_usage": True}}), 400, "stream_options"),
+        (json.dumps({**CHAT, "temperature": 3}), 400, "temperature"),
+        (json.dumps({**CHAT, "stop": ["a", "b", "c", "d", "e"]}), 400, "stop"),
+        (json.dumps({**CHAT, "max_tokens": 10**9}), 400, "max_tokens"),
+        (json.dumps({**CHAT, "max_tokens": 0}), 400, "max_tokens"),
+        (json.dumps({**CHAT, "messages": [{"role": "user", "content": "x" * 500}]}), 400, "messages"),
+        (json.dumps({**CHAT, "model": "nope"}), 404, "model"),
+    ],
+)
 def test_bad_requests(server, body, status, param):
     r = httpx.post(server + "/v1/chat/completions", content=body, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == status, r.text
@@ -336,14 +380,17 @@ def test_bad_requests(server, body, status, param):
     assert httpx.get(server + "/health").status_code == 200
 
 
-@pytest.mark.parametrize("body, status", [
-    ({"model": "llama", "prompt": [1, 99999]}, 400),
-    ({"model": "llama", "prompt": []}, 400),
-    ({"model": "llama", "prompt": ""}, 400),
-    ({"model": "llama", "prompt": "hi", "logprobs": 9}, 400),
-    ({"model": "llama", "prompt": "hi", "echo": True}, 400),
-    ({"model": "llama", "prompt": "hi", "max_tokens": 200}, 400),
-])
+@pytest.mark.parametrize(
+    "body, status",
+    [
+        ({"model": "llama", "prompt": [1, 99999]}, 400),
+        ({"model": "llama", "prompt": []}, 400),
+        ({"model": "llama", "prompt": ""}, 400),
+        ({"model": "llama", "prompt": "hi", "logprobs": 9}, 400),
+        ({"model": "llama", "prompt": "hi", "echo": True}, 400),
+        ({"model": "llama", "prompt": "hi", "max_tokens": 200}, 400),
+    ],
+)
 def test_bad_completion_requests(server, body, status):
     r = httpx.post(server + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == status, r.text
@@ -373,8 +420,9 @@ def test_unknown_route_and_method_and_huge_body(server):
     r = httpx.get(server + "/v1/nothing")
     assert r.status_code == 404 and "error" in r.json()
     assert httpx.get(server + "/v1/chat/completions").status_code == 405
-    r = httpx.post(server + "/v1/chat/completions", content=b"x" * (9 << 20),
-                   headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(
+        server + "/v1/chat/completions", content=b"x" * (9 << 20), headers={"Authorization": f"Bearer {KEY}"}
+    )
     assert r.status_code == 413
 
 
@@ -396,8 +444,9 @@ def test_queue_full_429_and_disconnect_frees_slots(slow_server):
             busy = httpx.post(server + "/v1/completions", json=long, headers=headers)
             assert busy.status_code == 429 and busy.json()["error"]["code"] == "queue_full"
             assert metric(server, "tinkerlm_slots_busy") > 0
-    assert wait_for(lambda: metric(server, "tinkerlm_slots_busy") == 0 and
-                    metric(server, "tinkerlm_queue_waiting") == 0, timeout=5)
+    assert wait_for(
+        lambda: metric(server, "tinkerlm_slots_busy") == 0 and metric(server, "tinkerlm_queue_waiting") == 0, timeout=5
+    )
     assert metric(server, "tinkerlm_sequences_cancelled_total") > 0
 
 
@@ -406,10 +455,15 @@ def test_non_streaming_client_timeout_frees_slots(slow_server):
     headers = {"Authorization": f"Bearer {KEY}"}
     before = metric(server, "tinkerlm_sequences_cancelled_total")
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(server + "/v1/completions", json={"model": "slow", "prompt": "hi", "n": 16, "max_tokens": 120},
-                   headers=headers, timeout=0.3)
-    assert wait_for(lambda: metric(server, "tinkerlm_slots_busy") == 0 and
-                    metric(server, "tinkerlm_queue_waiting") == 0, timeout=5)
+        httpx.post(
+            server + "/v1/completions",
+            json={"model": "slow", "prompt": "hi", "n": 16, "max_tokens": 120},
+            headers=headers,
+            timeout=0.3,
+        )
+    assert wait_for(
+        lambda: metric(server, "tinkerlm_slots_busy") == 0 and metric(server, "tinkerlm_queue_waiting") == 0, timeout=5
+    )
     assert metric(server, "tinkerlm_sequences_cancelled_total") > before
 
 
@@ -454,8 +508,13 @@ def test_cli_serve_end_to_end(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "tinkerlm", "serve", str(tmp_path / "gpt2"), "--port", str(port),
-                             "--max-batch", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tinkerlm", "serve", str(tmp_path / "gpt2"), "--port", str(port), "--max-batch", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
 
@@ -464,6 +523,7 @@ def test_cli_serve_end_to_end(tmp_path):
                 return httpx.get(base + "/health").status_code == 200
             except httpx.TransportError:
                 return proc.poll() is not None
+
         assert wait_for(up, timeout=60) and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
         c = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
         model = c.models.list().data[0].id
@@ -484,7 +544,9 @@ def test_public_host_without_key_warns(monkeypatch, capsys, tiny):
 
     ran = []
     monkeypatch.setattr(tinkerlm, "load", lambda name, **kw: tiny["llama"])
-    monkeypatch.setattr(server_mod, "make_server", lambda app, host, port: type("S", (), {"run": lambda s: ran.append(host)})())
+    monkeypatch.setattr(
+        server_mod, "make_server", lambda app, host, port: type("S", (), {"run": lambda s: ran.append(host)})()
+    )
     monkeypatch.delenv("TINKERLM_API_KEY", raising=False)
     server_mod.serve(["m"], host="0.0.0.0", max_batch=1, max_context=64)
     assert "WARNING" in capsys.readouterr().err and ran == ["0.0.0.0"]

@@ -6,14 +6,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-import tinkerlm
 from test_serve import live_server
 from tiny import make_hf_model
 
+import tinkerlm
+
 CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")
@@ -34,8 +41,14 @@ def test_playground_chat_streams(tmp_path):
             # The page must ask for a stream and get server-sent events (how fast the browser repaints the pieces
             # of a tiny model's answer depends on timing, so that is not what is checked).
             sent = []
-            page.on("response", lambda r: sent.append((r.request.post_data or "", r.headers.get("content-type", "")))
-                    if r.url.endswith("/v1/chat/completions") else None)
+            page.on(
+                "response",
+                lambda r: (
+                    sent.append((r.request.post_data or "", r.headers.get("content-type", "")))
+                    if r.url.endswith("/v1/chat/completions")
+                    else None
+                ),
+            )
             page.fill("#input", "Hello from the browser")
             page.press("#input", "Enter")
             page.wait_for_selector(".msg.assistant[data-done='1']", timeout=30000)

@@ -50,7 +50,8 @@ def test_committed_files_equal_generator(skill):
     built = md.build(skill)
     for split in ("train", "eval"):
         assert (DATA / skill / f"{split}.jsonl").read_text(encoding="utf-8") == md.to_jsonl(built[split]), (
-            f"examples/data/{skill}/{split}.jsonl is stale: run python examples/skills/make_datasets.py")
+            f"examples/data/{skill}/{split}.jsonl is stale: run python examples/skills/make_datasets.py"
+        )
 
 
 @pytest.mark.parametrize("skill", ["dates", "contacts"])
@@ -71,10 +72,13 @@ def test_sizes_and_disjoint_splits(skill):
 
 
 # -- dates: an independent parser of the written forms ------------------------------------------------------------
-MONTH_PREFIX = {m: i for i, m in enumerate(
-    ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1)}
-SMALL = "first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth thirteenth fourteenth " \
-        "fifteenth sixteenth seventeenth eighteenth nineteenth".split()
+MONTH_PREFIX = {
+    m: i for i, m in enumerate(["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1)
+}
+SMALL = (
+    "first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth thirteenth fourteenth "
+    "fifteenth sixteenth seventeenth eighteenth nineteenth".split()
+)
 WORD_DAY = {w: i for i, w in enumerate(SMALL, 1)} | {"twentieth": 20, "thirtieth": 30}
 WORD_DAY |= {f"{t}-{w}": base + i for t, base in (("twenty", 20), ("thirty", 30)) for i, w in enumerate(SMALL[:9], 1)}
 WEEKDAY = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
@@ -148,8 +152,12 @@ def test_contacts_hold_out_values():
 
     def unseen(p):
         first, last = p["name"].split()
-        return [first not in seen["first"], last not in seen["last"], p["city"] not in seen["city"],
-                p["job"] not in seen["job"]]
+        return [
+            first not in seen["first"],
+            last not in seen["last"],
+            p["city"] not in seen["city"],
+            p["job"] not in seen["job"],
+        ]
 
     flags = [unseen(p) for p in evals]
     assert all(any(col) for col in zip(*flags))  # every field has values met only in eval

@@ -35,8 +35,12 @@ def test_chat_prompt_matches_transformers(ours, reference):
         messages = [{"role": "user", "content": prompt}]
         want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert ours.apply_chat_template(messages) == want
-    convo = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
-             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    convo = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+    ]
     assert ours.apply_chat_template(convo) == tok.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
 
 
@@ -58,11 +62,18 @@ def test_greedy_answers_match_transformers(ours, reference, prompt):
     ids = list(ids)
     assert ours.tokenizer.encode(ours.apply_chat_template(messages), add_special_tokens=False) == ids
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.eos_token_id)
-    want = out[0, len(ids):].tolist()
-    got = [step[0] for step in generate_step(ours.model, [ids], max_tokens=64,
-                                            stop_token_ids=ours.tokenizer.stop_token_ids)]
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=64,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.eos_token_id,
+        )
+    want = out[0, len(ids) :].tolist()
+    got = [
+        step[0]
+        for step in generate_step(ours.model, [ids], max_tokens=64, stop_token_ids=ours.tokenizer.stop_token_ids)
+    ]
     assert got == want
     assert len(got) > 5
 

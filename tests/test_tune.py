@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_cli import assert_user_error, cli
 from tiny import make_hf_model
+
 from tinkerlm import lora, store
 from tinkerlm.errors import TinkerError
 from tinkerlm.formats.peft import read_adapter
@@ -182,9 +182,13 @@ def test_lora_on_a_fused_quantized_model_trains_every_target(bases):
 
 def test_chat_mask_covers_exactly_the_assistant_turns(bases):
     _, tok, _ = load_checkpoint(bases["llama"])
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": "hello there"}, {"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "4"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello there"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
     ex = data_mod.chat_example(tok, msgs, "x")
     from tinkerlm.chat import render
 
@@ -210,14 +214,17 @@ def test_prompt_completion_and_text_masks(bases):
     assert all(ex.target) and ex.ids[-1] == tok.eos_token_id
 
 
-@pytest.mark.parametrize("line, needle", [
-    ("{not json", ":3: not valid JSON"),
-    ('["a"]', ":3: expected a JSON object"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', ":3: no assistant message"),
-    ('{"messages": [{"role": "robot", "content": "hi"}]}', ":3: messages[0].role is 'robot'"),
-    ('{"question": "x"}', ":3: unknown example shape (keys: question)"),
-    ('{"prompt": "x", "completion": 3}', ":3: 'prompt' and 'completion' must be strings"),
-])
+@pytest.mark.parametrize(
+    "line, needle",
+    [
+        ("{not json", ":3: not valid JSON"),
+        ('["a"]', ":3: expected a JSON object"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', ":3: no assistant message"),
+        ('{"messages": [{"role": "robot", "content": "hi"}]}', ":3: messages[0].role is 'robot'"),
+        ('{"question": "x"}', ":3: unknown example shape (keys: question)"),
+        ('{"prompt": "x", "completion": 3}', ":3: 'prompt' and 'completion' must be strings"),
+    ],
+)
 def test_bad_lines_name_file_and_line(bases, tmp_path, line, needle):
     _, tok, _ = load_checkpoint(bases["llama"])
     f = write_chat_data(tmp_path / "d.jsonl", 2)
@@ -267,8 +274,17 @@ def test_packed_rows_equal_separate_examples(bases, tmp_path, kind):
 
 
 def test_schedule_warms_up_then_decays_to_floor():
-    cfg = trainer.TrainConfig(total_steps=20, batch_size=1, grad_accum=1, lr=1.0, min_lr_ratio=0.1, warmup_steps=5,
-                              weight_decay=0, max_grad_norm=0, seed=0)
+    cfg = trainer.TrainConfig(
+        total_steps=20,
+        batch_size=1,
+        grad_accum=1,
+        lr=1.0,
+        min_lr_ratio=0.1,
+        warmup_steps=5,
+        weight_decay=0,
+        max_grad_norm=0,
+        seed=0,
+    )
     lrs = [trainer.lr_at(s, cfg) for s in range(20)]
     assert lrs[:5] == [0.2, 0.4, 0.6, 0.8, 1.0]
     assert all(a >= b for a, b in zip(lrs[5:], lrs[6:])) and lrs[-1] == pytest.approx(0.1)
@@ -281,8 +297,16 @@ def test_schedule_warms_up_then_decays_to_floor():
 def _ft(bases, data, out, **kw):
     from tinkerlm.tune import finetune
 
-    opts = dict(base=str(bases["llama"]), data=str(data), out=out, seq_len=64, batch_size=2, lr=5e-3,
-                warmup_steps=2, progress=False)
+    opts = dict(
+        base=str(bases["llama"]),
+        data=str(data),
+        out=out,
+        seq_len=64,
+        batch_size=2,
+        lr=5e-3,
+        warmup_steps=2,
+        progress=False,
+    )
     opts.update(kw)
     return finetune(**opts)
 
@@ -343,8 +367,9 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_usable(bases, tmp_p
     script = tmp_path / "kill.py"
     script.write_text(KILL_SCRIPT)
     ckpts = store.home() / "runs" / "k" / "latest" / "checkpoints"
-    proc = subprocess.Popen([sys.executable, str(script), str(bases["llama"]), str(data)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(bases["llama"]), str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 120
     try:
         # Wait until a checkpoint exists and the next one is being written, then kill.
@@ -365,8 +390,12 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_usable(bases, tmp_p
     latest = trainer.latest_checkpoint(ckpts.parent)
     assert (latest / "state.json").is_file()
     step = json.loads((latest / "state.json").read_text())["step"]
-    r = subprocess.run([sys.executable, str(script), str(bases["llama"]), str(data), "resume"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(script), str(bases["llama"]), str(data), "resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     m = store.get("k")
     assert m.source["steps"] == 40 and step < 40
@@ -420,8 +449,19 @@ def test_cli_finetune_run_fuse_end_to_end(bases, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"data: {data}\nlora_rank: 4\nseq_len: 64\nbatch_size: 2\nmax_steps: 3\n")
     home = store.home()
-    p = cli("finetune", str(bases["llama"]), "-c", str(recipe), "--eval-data", str(evald), "--lr", "0.01",
-            "--out", "tiny-add", check=0)
+    p = cli(
+        "finetune",
+        str(bases["llama"]),
+        "-c",
+        str(recipe),
+        "--eval-data",
+        str(evald),
+        "--lr",
+        "0.01",
+        "--out",
+        "tiny-add",
+        check=0,
+    )
     assert "stored tiny-add:latest" in p.stderr
     m = store.get("tiny-add")
     assert m.format == "lora" and m.architecture == "llama" and m.license == "apache-2.0"
@@ -444,9 +484,24 @@ def test_cli_finetune_run_fuse_end_to_end(bases, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": []}\n')
     before = sorted(p.name for p in (home / "models").iterdir())
-    assert_user_error(cli("finetune", str(bases["llama"]), "--data", str(bad), "--out", "nope", "--seq-len", "64"), f"{bad}:1:")
-    assert_user_error(cli("finetune", str(bases["llama"]), "--data", str(data), "--out", "nope", "--lora-targets",
-                          "qkv", "--seq-len", "64"), "lora_targets: 'qkv' matches no linear layer")
+    assert_user_error(
+        cli("finetune", str(bases["llama"]), "--data", str(bad), "--out", "nope", "--seq-len", "64"), f"{bad}:1:"
+    )
+    assert_user_error(
+        cli(
+            "finetune",
+            str(bases["llama"]),
+            "--data",
+            str(data),
+            "--out",
+            "nope",
+            "--lora-targets",
+            "qkv",
+            "--seq-len",
+            "64",
+        ),
+        "lora_targets: 'qkv' matches no linear layer",
+    )
     assert sorted(p.name for p in (home / "models").iterdir()) == before
     assert not (home / "tmp").exists() or not list((home / "tmp").iterdir())
 
@@ -473,9 +528,24 @@ def test_two_process_torchrun_equals_one_process(bases, tmp_path):
     single = _ft(bases, data, "single", batch_size=2, grad_accum=2, max_steps=6, threads=1)
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(29500 + os.getpid() % 1000), str(script), str(bases["llama"]), str(data)],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+            str(script),
+            str(bases["llama"]),
+            str(data),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ddp = store.get("ddp")
     ours, theirs = _losses(single), _losses(ddp)

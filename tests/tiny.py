@@ -16,20 +16,43 @@ CHATML = (
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB = 320  # 256 bytes + specials, padded: the model's vocab may exceed the tokenizer's
 
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=128, bos_token_id=256, eos_token_id=258)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+    bos_token_id=256,
+    eos_token_id=258,
+)
 
 CONFIGS = {
     "llama": ("LlamaConfig", dict(COMMON, num_key_value_heads=2)),
-    "llama3-tied": ("LlamaConfig", dict(COMMON, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500000.0,
-                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    "llama3-tied": (
+        "LlamaConfig",
+        dict(
+            COMMON,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        ),
+    ),
     "llama-headdim": ("LlamaConfig", dict(COMMON, num_key_value_heads=1, head_dim=32)),
     "mistral-window": ("MistralConfig", dict(COMMON, num_key_value_heads=2, sliding_window=8)),
     "qwen2": ("Qwen2Config", dict(COMMON, num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(COMMON, num_key_value_heads=2, head_dim=32)),
-    "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                                bos_token_id=256, eos_token_id=258)),
+    "gpt2": (
+        "GPT2Config",
+        dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=256, eos_token_id=258),
+    ),
 }
 
 
@@ -43,10 +66,18 @@ def write_tokenizer(path: Path) -> None:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIALS)
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "chat_template": CHATML, "add_bos_token": False, "model_max_length": 128,
-    }))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|endoftext|>",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "chat_template": CHATML,
+                "add_bos_token": False,
+                "model_max_length": 128,
+            }
+        )
+    )
 
 
 def make_hf_model(kind: str, path: Path, seed: int = 0):
@@ -65,3 +96,22 @@ def make_hf_model(kind: str, path: Path, seed: int = 0):
     model.save_pretrained(path)
     write_tokenizer(path)
     return model
+
+
+def penalised_greedy(llm, ids: list[int], n: int, frequency: float, presence: float) -> list[int]:
+    """Reference for OpenAI's penalties: greedy decoding of up to `n` tokens over the full forward pass, each step's
+    logits lowered by `frequency * count + presence * (count > 0)` of the tokens generated so far."""
+    import torch
+
+    counts = torch.zeros(llm.model.lm_head.out_features)
+    seq, out = list(ids), []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = llm.model(torch.tensor([seq]))[0, -1].float()
+        token = int((logits - frequency * counts - presence * (counts > 0).float()).argmax())
+        if token in llm.tokenizer.stop_token_ids:
+            break
+        counts[token] += 1
+        seq.append(token)
+        out.append(token)
+    return out

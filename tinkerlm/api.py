@@ -14,8 +14,8 @@ finish reason and, with `logprobs=k`, each token's log-probability.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from tinkerlm import chat as chat_mod
 from tinkerlm import loading
@@ -163,13 +163,16 @@ def resolve_adapter(manifest):
         return adapter, path, None
     base_m = store.find(ref)
     if base_m is None:
-        raise TinkerError(f"{manifest.ref}: its base model {ref} is not in the store; pull it (`tinkerlm pull "
-                          f"{ref.partition(':')[0]}`) to use the adapter")
+        raise TinkerError(
+            f"{manifest.ref}: its base model {ref} is not in the store; pull it (`tinkerlm pull "
+            f"{ref.partition(':')[0]}`) to use the adapter"
+        )
     return adapter, store.model_path(base_m), base_m
 
 
-def load(name_or_path: str, *, dtype: str = "float32", quant: str = "native", threads: int | None = None,
-         pull: bool = True) -> LLM:
+def load(
+    name_or_path: str, *, dtype: str = "float32", quant: str = "native", threads: int | None = None, pull: bool = True
+) -> LLM:
     """Load a model by store name (pulling catalogue/hub names if missing), GGUF path or HF directory.
 
     Args:

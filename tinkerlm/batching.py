@@ -22,8 +22,8 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 
@@ -100,8 +100,16 @@ class BatchGenerator:
             print(ev.index, ev.text, ev.finish_reason)
     """
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
-                 name: str = "model"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        max_context: int | None = None,
+        name: str = "model",
+    ):
         if max_batch < 1 or max_queue < 0:
             raise TinkerError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
         self.model, self.tokenizer, self.name = model, tokenizer, name
@@ -116,8 +124,16 @@ class BatchGenerator:
         self.stopped = False
         self._next_index = 0
         self._events: deque[Event] = deque()  # events of sequences submitted without a callback
-        self.stats = dict(prompt_tokens=0, generation_tokens=0, decode_steps=0, decode_rows=0, cancelled=0,
-                          ttft_sum=0.0, ttft_count=0, finished=0)
+        self.stats = dict(
+            prompt_tokens=0,
+            generation_tokens=0,
+            decode_steps=0,
+            decode_rows=0,
+            cancelled=0,
+            ttft_sum=0.0,
+            ttft_count=0,
+            finished=0,
+        )
         self.thread: threading.Thread | None = None
 
     # -- submitting (any thread) -------------------------------------------------------------------------------
@@ -125,8 +141,14 @@ class BatchGenerator:
         """Raw bytes per token id (logprobs, JSON mode); built once per tokenizer."""
         return token_bytes(self.tokenizer, self.vocab)
 
-    def sequence(self, prompt: str | list[int], params: SamplingParams | None = None, *, index: int | None = None,
-                 emit: Callable[[Event], None] | None = None) -> Sequence:
+    def sequence(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        index: int | None = None,
+        emit: Callable[[Event], None] | None = None,
+    ) -> Sequence:
         """A `Sequence` ready for `submit_all`. A string prompt is tokenized (with the tokenizer's special tokens).
 
         Raises TinkerError if the prompt is empty or the prompt plus `max_tokens` do not fit a slot.
@@ -136,14 +158,21 @@ class BatchGenerator:
         if not ids:
             raise TinkerError("prompt: empty prompt (give at least one token of text)")
         if len(ids) + params.max_tokens > self.context:
-            raise TinkerError(f"prompt: {len(ids)} tokens plus max_tokens {params.max_tokens} do not fit the context "
-                              f"of {self.context} tokens (shorten the prompt or lower max_tokens)")
+            raise TinkerError(
+                f"prompt: {len(ids)} tokens plus max_tokens {params.max_tokens} do not fit the context "
+                f"of {self.context} tokens (shorten the prompt or lower max_tokens)"
+            )
         if index is None:
             index, self._next_index = self._next_index, self._next_index + 1
         return Sequence(index=index, prompt=ids, params=params, emit=emit or self._events.append)
 
-    def submit(self, prompt: str | list[int], params: SamplingParams | None = None, *,
-               emit: Callable[[Event], None] | None = None) -> Sequence:
+    def submit(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        emit: Callable[[Event], None] | None = None,
+    ) -> Sequence:
         """Queue one prompt; returns its `Sequence` (`.index` names its events, `.cancel()` stops it)."""
         seq = self.sequence(prompt, params, emit=emit)
         self.submit_all([seq])
@@ -158,8 +187,10 @@ class BatchGenerator:
                 raise ShuttingDown("the server is shutting down; retry on another instance")
             free = sum(s is None for s in self.slots)
             if len(self.waiting) + len(seqs) > self.max_queue + free:
-                raise QueueFull(f"model '{self.name}' is busy: {len(self.waiting)} sequences are waiting "
-                                f"(--max-queue {self.max_queue}); retry later")
+                raise QueueFull(
+                    f"model '{self.name}' is busy: {len(self.waiting)} sequences are waiting "
+                    f"(--max-queue {self.max_queue}); retry later"
+                )
             self.waiting.extend(seqs)
             self.cond.notify()
 
@@ -262,8 +293,9 @@ class BatchGenerator:
         s.sampler = Sampler(p, [s.prompt], self.vocab, new_generator(p.seed, always=True), table)
         s.text = TextStream(self.tokenizer, p.stop, self.tokenizer.stop_token_ids, p.max_tokens)
         n = len(s.prompt)
-        logits = self.model(torch.tensor([s.prompt]), cache=self._rows(s.slot, s.slot + 1),
-                            logits_at=torch.tensor([n - 1]))[:, -1]  # (1, V)
+        logits = self.model(
+            torch.tensor([s.prompt]), cache=self._rows(s.slot, s.slot + 1), logits_at=torch.tensor([n - 1])
+        )[:, -1]  # (1, V)
         self.cache.lengths[s.slot] = n
         self.stats["prompt_tokens"] += n
         self.stats["ttft_sum"] += time.perf_counter() - s.submitted_at

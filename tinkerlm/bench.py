@@ -121,8 +121,18 @@ def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def bench(model: str, *, prompt_tokens: str = "128,512", decode_tokens: int = 256, runs: int = 3, json: bool = False,
-          dtype: str = "float32", quant: str = "native", threads: int | None = None, quiet: bool = False) -> dict:
+def bench(
+    model: str,
+    *,
+    prompt_tokens: str = "128,512",
+    decode_tokens: int = 256,
+    runs: int = 3,
+    json: bool = False,
+    dtype: str = "float32",
+    quant: str = "native",
+    threads: int | None = None,
+    quiet: bool = False,
+) -> dict:
     """Measure one model (see the module docstring); print a table (or JSON) and return the results.
 
     Args:
@@ -152,12 +162,15 @@ def bench(model: str, *, prompt_tokens: str = "128,512", decode_tokens: int = 25
     m = llm.model
     ctx = m.max_context
     if max(lengths) >= ctx:
-        raise TinkerError(f"prompt-tokens: {max(lengths)} does not fit the model's context of {ctx} "
-                          f"(give lengths below {ctx})")
+        raise TinkerError(
+            f"prompt-tokens: {max(lengths)} does not fit the model's context of {ctx} (give lengths below {ctx})"
+        )
     decode_prompt = min(DECODE_PROMPT_TOKENS, lengths[0])
     if decode_prompt + decode_tokens + 1 > ctx:
-        raise TinkerError(f"decode-tokens: {decode_prompt} prompt + {decode_tokens + 1} tokens do not fit the "
-                          f"model's context of {ctx} (give at most {ctx - decode_prompt - 1})")
+        raise TinkerError(
+            f"decode-tokens: {decode_prompt} prompt + {decode_tokens + 1} tokens do not fit the "
+            f"model's context of {ctx} (give at most {ctx - decode_prompt - 1})"
+        )
     prompts = {n: prompt_ids(llm.tokenizer, n) for n in lengths}
     short = prompt_ids(llm.tokenizer, decode_prompt)
 
@@ -211,8 +224,8 @@ def bench(model: str, *, prompt_tokens: str = "128,512", decode_tokens: int = 25
 def kernels_used(model) -> str:
     """Which products the model runs: the C++ kernels' instruction set (and whether the one-call decode step is
     attached), or PyTorch."""
-    from tinkerlm.quant import QLinear
     from tinkerlm.kernels import ops
+    from tinkerlm.quant import QLinear
 
     if not any(isinstance(m, QLinear) for m in model.modules()):
         return "PyTorch (float weights)"
@@ -231,7 +244,9 @@ def format_table(r: dict) -> str:
         ("load", f"{r['load_s']:.2f} s"),
     ]
     for n in r["prompt_tokens"]:
-        rows.append((f"prefill {n} tokens", f"{r['prefill_tok_s'][str(n)]:.1f} tok/s  ({r['prefill_s'][str(n)]:.3f} s)"))
+        rows.append(
+            (f"prefill {n} tokens", f"{r['prefill_tok_s'][str(n)]:.1f} tok/s  ({r['prefill_s'][str(n)]:.3f} s)")
+        )
     rows += [
         (f"time to first token ({r['ttft_tokens']} tokens)", f"{r['ttft_s'] * 1000:.0f} ms"),
         (f"decode {r['decode_tokens']} tokens", f"{r['decode_tok_s']:.1f} tok/s"),

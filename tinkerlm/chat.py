@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 from tinkerlm.errors import TinkerError
 
@@ -119,7 +120,7 @@ def repl(llm, *, system: str | None = None, max_tokens: int = 512, **options) ->
         # Ctrl-C during an answer sets a flag checked between tokens (rather than raising KeyboardInterrupt at
         # whatever line is running), so the answer stops cleanly and the session goes on.
         stop: list[int] = []
-        previous = _on_sigint(lambda *_: stop.append(1))
+        previous = _on_sigint(lambda *_, stop=stop: stop.append(1))
         try:
             for piece in llm.chat_stream(messages, max_tokens=max_tokens, **options):
                 answer += piece

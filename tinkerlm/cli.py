@@ -30,8 +30,7 @@ def _sampling(p: argparse.ArgumentParser) -> None:
         if f.type == "bool":
             g.add_argument(flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_)
         elif f.type.startswith("list["):
-            g.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS, metavar="TEXT",
-                           help=help_)
+            g.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS, metavar="TEXT", help=help_)
         else:
             typ = int if f.type.startswith("int") else float
             g.add_argument(flag, dest=name, type=typ, default=argparse.SUPPRESS, help=help_)
@@ -39,13 +38,20 @@ def _sampling(p: argparse.ArgumentParser) -> None:
 
 
 def _model_flags(g) -> None:
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="activation dtype and dtype of unquantized weights (default: float32)")
-    g.add_argument("--quant", default="native", choices=["native", "int8", "int4", "bf16", "fp32"],
-                   help="weight format: native keeps a GGUF's quantization (Q4_0/Q4_1/Q8_0, K-quants repacked); "
-                   "int8/int4 quantize; bf16/fp32 dequantize (default: native)")
-    g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: the number of physical cores)")
+    g.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="activation dtype and dtype of unquantized weights (default: float32)",
+    )
+    g.add_argument(
+        "--quant",
+        default="native",
+        choices=["native", "int8", "int4", "bf16", "fp32"],
+        help="weight format: native keeps a GGUF's quantization (Q4_0/Q4_1/Q8_0, K-quants repacked); "
+        "int8/int4 quantize; bf16/fp32 dequantize (default: native)",
+    )
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: the number of physical cores)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,9 +61,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="verb", metavar="VERB")
 
-    s = sub.add_parser("pull", help="fetch a model into the store", formatter_class=fmt,
-                       description="Fetch a model into the store: a catalogue name (smollm2), a local .gguf file or "
-                       "Hugging Face directory, or hf:ORG/REPO[/FILE.gguf][@REVISION].")
+    s = sub.add_parser(
+        "pull",
+        help="fetch a model into the store",
+        formatter_class=fmt,
+        description="Fetch a model into the store: a catalogue name (smollm2), a local .gguf file or "
+        "Hugging Face directory, or hf:ORG/REPO[/FILE.gguf][@REVISION].",
+    )
     s.add_argument("source", help="catalogue name, path, or hf:ORG/REPO[/FILE.gguf][@REVISION]")
     s.add_argument("--name", default=None, help="store name NAME[:TAG] (default: derived from the source)")
     s.add_argument("--force", action="store_true", help="fetch again even if the model is present")
@@ -72,40 +82,65 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("rm", help="remove a model from the store", formatter_class=fmt)
     s.add_argument("name", help="model name NAME[:TAG]")
 
-    s = sub.add_parser("run", help="answer one prompt", formatter_class=fmt,
-                       description="Answer one prompt; pulls the model first if it is a catalogue or hub name.")
+    s = sub.add_parser(
+        "run",
+        help="answer one prompt",
+        formatter_class=fmt,
+        description="Answer one prompt; pulls the model first if it is a catalogue or hub name.",
+    )
     s.add_argument("model", help="store name, .gguf path or Hugging Face directory")
     s.add_argument("prompt", nargs="?", default="-", help="the prompt; '-' reads it from stdin")
     mode = s.add_mutually_exclusive_group()
-    mode.add_argument("--chat", dest="chat", action="store_true", default=None,
-                      help="wrap the prompt in the model's chat template (default when it has one)")
+    mode.add_argument(
+        "--chat",
+        dest="chat",
+        action="store_true",
+        default=None,
+        help="wrap the prompt in the model's chat template (default when it has one)",
+    )
     mode.add_argument("--raw", dest="chat", action="store_false", help="continue the prompt as plain text")
     s.add_argument("--system", default=None, help="system prompt (chat mode)")
     _sampling(s)
 
-    s = sub.add_parser("chat", help="chat interactively", formatter_class=fmt,
-                       description="Interactive chat with history and streaming. /reset clears the history, "
-                       "/system TEXT sets the system prompt, /exit quits; Ctrl-C stops the current answer.")
+    s = sub.add_parser(
+        "chat",
+        help="chat interactively",
+        formatter_class=fmt,
+        description="Interactive chat with history and streaming. /reset clears the history, "
+        "/system TEXT sets the system prompt, /exit quits; Ctrl-C stops the current answer.",
+    )
     s.add_argument("model", help="store name, .gguf path or Hugging Face directory")
     s.add_argument("--system", default=None, help="system prompt")
     _sampling(s)
 
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web playground", formatter_class=fmt,
-                       description="Serve models over an OpenAI-compatible API (/v1/chat/completions, "
-                       "/v1/completions, /v1/models) with continuous batching, and a web playground at /.")
+    s = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server with a web playground",
+        formatter_class=fmt,
+        description="Serve models over an OpenAI-compatible API (/v1/chat/completions, "
+        "/v1/completions, /v1/models) with continuous batching, and a web playground at /.",
+    )
     s.add_argument("models", nargs="*", default=["smollm2"], help="models to serve (store names or paths)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
     s.add_argument("--port", type=int, default=8000, help="TCP port")
     s.add_argument("--api-key", default=None, help="require this bearer token (default: none; env TINKERLM_API_KEY)")
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together in one forward pass")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before 429")
-    s.add_argument("--max-context", type=int, default=8192,
-                   help="tokens per sequence slot (the KV cache holds max-batch slots of this size)")
+    s.add_argument(
+        "--max-context",
+        type=int,
+        default=8192,
+        help="tokens per sequence slot (the KV cache holds max-batch slots of this size)",
+    )
     _model_flags(s)
 
-    s = sub.add_parser("bench", help="measure load, prefill and decode speed and memory", formatter_class=fmt,
-                       description="Measure load time, prefill tok/s, decode tok/s, time to first token, peak RSS "
-                       "and effective memory bandwidth of one model.")
+    s = sub.add_parser(
+        "bench",
+        help="measure load, prefill and decode speed and memory",
+        formatter_class=fmt,
+        description="Measure load time, prefill tok/s, decode tok/s, time to first token, peak RSS "
+        "and effective memory bandwidth of one model.",
+    )
     s.add_argument("model", nargs="?", default="smollm2", help="store name, .gguf path or Hugging Face directory")
     s.add_argument("--prompt-tokens", default="128,512", help="prefill lengths to time, comma-separated")
     s.add_argument("--decode-tokens", type=int, default=256, help="tokens to decode")
@@ -115,25 +150,35 @@ def parser() -> argparse.ArgumentParser:
     _finetune_parser(sub, fmt)
     _merge_parser(sub, fmt)
     for s in sub.choices.values():  # --debug after the verb too; SUPPRESS keeps a --debug given before it
-        s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                       help="show tracebacks and debug logs")
+        s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
     return p
 
 
 def _merge_parser(sub, fmt) -> None:
-    s = sub.add_parser("merge", help="merge store models by a mergekit recipe into a new model", formatter_class=fmt,
-                       description="Merge store models (GGUF or Hugging Face; LoRA adapters as BASE+LORA) by a "
-                       "mergekit YAML recipe (its merge_method: one of those in docs/merge.md; an unknown one is named with "
-                       "the list). Streams tensor by tensor; stores an HF model with its lineage and licence.")
+    s = sub.add_parser(
+        "merge",
+        help="merge store models by a mergekit recipe into a new model",
+        formatter_class=fmt,
+        description="Merge store models (GGUF or Hugging Face; LoRA adapters as BASE+LORA) by a "
+        "mergekit YAML recipe (its merge_method: one of those in docs/merge.md; an unknown one is named with "
+        "the list). Streams tensor by tensor; stores an HF model with its lineage and licence.",
+    )
     s.add_argument("recipe", help="mergekit YAML recipe (merge_method, models or slices, base_model, parameters)")
     s.add_argument("--out", required=True, help="store name NAME[:TAG] of the merged model")
     s.add_argument("--force", action="store_true", help="replace a model already stored under that name")
-    s.add_argument("--random-seed", type=int, default=None,
-                   help="seed for DARE's random drops when the recipe sets none; unset: one is drawn and saved "
-                   "in the recipe")
-    s.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for the tensor arithmetic (default: torch's, i.e. the physical cores or "
-                   "OMP_NUM_THREADS); on a busy machine 1 is often fastest: merging is memory-bound")
+    s.add_argument(
+        "--random-seed",
+        type=int,
+        default=None,
+        help="seed for DARE's random drops when the recipe sets none; unset: one is drawn and saved in the recipe",
+    )
+    s.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for the tensor arithmetic (default: torch's, i.e. the physical cores or "
+        "OMP_NUM_THREADS); on a busy machine 1 is often fastest: merging is memory-bound",
+    )
 
 
 def _finetune_parser(sub, fmt) -> None:  # plain formatter: the help texts show the Recipe defaults
@@ -142,10 +187,13 @@ def _finetune_parser(sub, fmt) -> None:  # plain formatter: the help texts show 
     from tinkerlm.tune.recipe import Recipe
 
     d = Recipe()
-    s = sub.add_parser("finetune", help="fine-tune a model (LoRA or full) on JSONL data",
-                       description="Fine-tune a model on chat ({messages}), prompt/completion or text JSONL. LoRA by "
-                       "default (the adapter is stored in peft's layout; `tinkerlm run` applies it); --full trains "
-                       "every weight. A YAML recipe (-c) takes the same names as the flags; flags override it.")
+    s = sub.add_parser(
+        "finetune",
+        help="fine-tune a model (LoRA or full) on JSONL data",
+        description="Fine-tune a model on chat ({messages}), prompt/completion or text JSONL. LoRA by "
+        "default (the adapter is stored in peft's layout; `tinkerlm run` applies it); --full trains "
+        "every weight. A YAML recipe (-c) takes the same names as the flags; flags override it.",
+    )
     s.add_argument("base", nargs="?", default=None, help="model to fine-tune: store name, .gguf or HF directory")
     s.add_argument("-c", "--config", default=None, help="YAML recipe with the fields below")
     s.add_argument("--data", default=None, help="training JSONL")
@@ -156,21 +204,38 @@ def _finetune_parser(sub, fmt) -> None:  # plain formatter: the help texts show 
     g = s.add_argument_group("method")
     g.add_argument("--full", action="store_true", default=None, help="full fine-tuning instead of LoRA")
     g.add_argument("--lora-rank", type=int, default=None, help=f"LoRA rank r (default: {d.lora_rank})")
-    g.add_argument("--lora-alpha", type=float, default=None, help=f"LoRA alpha; scale = alpha/r (default: {d.lora_alpha:g})")
-    g.add_argument("--lora-dropout", type=float, default=None, help=f"dropout on LoRA inputs (default: {d.lora_dropout:g})")
-    g.add_argument("--lora-targets", default=None,
-                   help=f"comma-separated module names, or all-linear (default: {','.join(d.lora_targets)})")
+    g.add_argument(
+        "--lora-alpha", type=float, default=None, help=f"LoRA alpha; scale = alpha/r (default: {d.lora_alpha:g})"
+    )
+    g.add_argument(
+        "--lora-dropout", type=float, default=None, help=f"dropout on LoRA inputs (default: {d.lora_dropout:g})"
+    )
+    g.add_argument(
+        "--lora-targets",
+        default=None,
+        help=f"comma-separated module names, or all-linear (default: {','.join(d.lora_targets)})",
+    )
     g.add_argument("--rslora", action="store_true", default=None, help="scale by alpha/sqrt(r) (rank-stabilised)")
-    g.add_argument("--quant", default=None, choices=["native", "fp32", "bf16"],
-                   help=f"base weights under LoRA: native keeps a GGUF's quantization (QLoRA) (default: {d.quant})")
+    g.add_argument(
+        "--quant",
+        default=None,
+        choices=["native", "fp32", "bf16"],
+        help=f"base weights under LoRA: native keeps a GGUF's quantization (QLoRA) (default: {d.quant})",
+    )
     g = s.add_argument_group("optimisation")
     for flag, typ, help_ in [
-        ("--epochs", float, "passes over the data"), ("--max-steps", int, "optimizer steps (overrides --epochs)"),
-        ("--batch-size", int, "packed rows per micro-batch"), ("--grad-accum", int, "micro-batches per step"),
-        ("--seq-len", int, "tokens per packed row; longer examples are cut"), ("--lr", float, "peak learning rate"),
-        ("--min-lr-ratio", float, "cosine decays to lr x this"), ("--warmup-steps", int, "linear warmup steps"),
-        ("--weight-decay", float, "AdamW weight decay"), ("--max-grad-norm", float, "clip gradients to this norm; 0 off"),
-        ("--val-fraction", float, "fraction of --data held out when no --eval-data"), ("--seed", int, "random seed"),
+        ("--epochs", float, "passes over the data"),
+        ("--max-steps", int, "optimizer steps (overrides --epochs)"),
+        ("--batch-size", int, "packed rows per micro-batch"),
+        ("--grad-accum", int, "micro-batches per step"),
+        ("--seq-len", int, "tokens per packed row; longer examples are cut"),
+        ("--lr", float, "peak learning rate"),
+        ("--min-lr-ratio", float, "cosine decays to lr x this"),
+        ("--warmup-steps", int, "linear warmup steps"),
+        ("--weight-decay", float, "AdamW weight decay"),
+        ("--max-grad-norm", float, "clip gradients to this norm; 0 off"),
+        ("--val-fraction", float, "fraction of --data held out when no --eval-data"),
+        ("--seed", int, "random seed"),
         ("--eval-every", int, "steps between evaluations; 0 once per epoch"),
         ("--save-every", int, "steps between checkpoints; 0 only at the end"),
         ("--threads", int, "CPU threads (default: physical cores)"),
@@ -178,14 +243,26 @@ def _finetune_parser(sub, fmt) -> None:  # plain formatter: the help texts show 
         default = getattr(d, flag[2:].replace("-", "_"))
         g.add_argument(flag, type=typ, default=None, help=f"{help_} (default: {default})")
     g.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast for matmuls")
-    g.add_argument("--grad-checkpointing", action="store_true", default=None,
-                   help="recompute activations in the backward pass (less memory, ~30%% slower)")
-    g.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16"],
-                   help=f"dtype of the saved weights (default: {d.save_dtype})")
+    g.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute activations in the backward pass (less memory, ~30%% slower)",
+    )
+    g.add_argument(
+        "--save-dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help=f"dtype of the saved weights (default: {d.save_dtype})",
+    )
 
-    s = sub.add_parser("fuse", help="fold a LoRA adapter into its base as a full model", formatter_class=fmt,
-                       description="Fold a stored LoRA adapter into its base model and store the result as a "
-                       "Hugging Face model, with the adapter and base as parents.")
+    s = sub.add_parser(
+        "fuse",
+        help="fold a LoRA adapter into its base as a full model",
+        formatter_class=fmt,
+        description="Fold a stored LoRA adapter into its base model and store the result as a "
+        "Hugging Face model, with the adapter and base as parents.",
+    )
     s.add_argument("name", help="the adapter's store name")
     s.add_argument("--out", required=True, help="store name for the fused model")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the saved weights")
@@ -263,15 +340,29 @@ def _load_options(a) -> dict:
 def cmd_serve(a) -> None:
     from tinkerlm.serve.server import serve
 
-    serve(a.models, host=a.host, port=a.port, api_key=a.api_key, max_batch=a.max_batch, max_queue=a.max_queue,
-          max_context=a.max_context, **_load_options(a))
+    serve(
+        a.models,
+        host=a.host,
+        port=a.port,
+        api_key=a.api_key,
+        max_batch=a.max_batch,
+        max_queue=a.max_queue,
+        max_context=a.max_context,
+        **_load_options(a),
+    )
 
 
 def cmd_bench(a) -> None:
     from tinkerlm.bench import bench
 
-    bench(a.model, prompt_tokens=a.prompt_tokens, decode_tokens=a.decode_tokens, runs=a.runs, json=a.json,
-          **_load_options(a))
+    bench(
+        a.model,
+        prompt_tokens=a.prompt_tokens,
+        decode_tokens=a.decode_tokens,
+        runs=a.runs,
+        json=a.json,
+        **_load_options(a),
+    )
 
 
 def cmd_run(a) -> None:
@@ -312,9 +403,19 @@ def cmd_chat(a) -> None:
     repl(llm, system=a.system, **options)
 
 
-COMMANDS = {"pull": cmd_pull, "list": cmd_list, "show": cmd_show, "rm": cmd_rm, "run": cmd_run, "chat": cmd_chat,
-            "serve": cmd_serve, "bench": cmd_bench, "finetune": cmd_finetune, "fuse": cmd_fuse,
-            "merge": cmd_merge}
+COMMANDS = {
+    "pull": cmd_pull,
+    "list": cmd_list,
+    "show": cmd_show,
+    "rm": cmd_rm,
+    "run": cmd_run,
+    "chat": cmd_chat,
+    "serve": cmd_serve,
+    "bench": cmd_bench,
+    "finetune": cmd_finetune,
+    "fuse": cmd_fuse,
+    "merge": cmd_merge,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import logging
 
-    logging.basicConfig(level=logging.DEBUG if a.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if a.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     from tinkerlm.errors import TinkerError
 
     try:

@@ -8,8 +8,8 @@ sampling.py's (`Sampler`, `TextStream`); this module runs the model.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 
@@ -74,8 +74,7 @@ def generate_step(
     sampling = (sampling or SamplingParams()).check()
     max_tokens = sampling.max_tokens if max_tokens is None else max_tokens
     generator = new_generator(sampling.seed)
-    for out, _, _ in _run(model, prompts, max_tokens, lambda p, v: Sampler(sampling, p, v, generator),
-                          stop_token_ids):
+    for out, _, _ in _run(model, prompts, max_tokens, lambda p, v: Sampler(sampling, p, v, generator), stop_token_ids):
         yield out
 
 
@@ -118,7 +117,9 @@ def stream_generate(
     stop = sampling.stop if stop is None else stop
     if isinstance(prompts, str):
         prompts = [prompts]
-    ids = [tokenizer.encode(p, add_special_tokens=add_special_tokens) if isinstance(p, str) else list(p) for p in prompts]
+    ids = [
+        tokenizer.encode(p, add_special_tokens=add_special_tokens) if isinstance(p, str) else list(p) for p in prompts
+    ]
     stops = tokenizer.stop_token_ids if stop_token_ids is None else list(stop_token_ids)
     rows = [TextStream(tokenizer, stop, stops, max_tokens) for _ in ids]
     generator = new_generator(sampling.seed)

@@ -18,8 +18,8 @@ full vocabulary mask after a few misses.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Callable
 
 import torch
 
@@ -140,8 +140,15 @@ def _closing_byte(st) -> int:
         return (0x7D if stack[-1] == "{" else 0x5D) if aux in _NUM_DONE else 0x30
     if mode == LITERAL:
         return aux[0]
-    return {START: 0x7B, KEY_OR_CLOSE: 0x7D, KEY: 0x22, COLON: 0x3A, VALUE: 0x30, VALUE_OR_CLOSE: 0x5D,
-            AFTER: 0x7D if stack and stack[-1] == "{" else 0x5D}[mode]
+    return {
+        START: 0x7B,
+        KEY_OR_CLOSE: 0x7D,
+        KEY: 0x22,
+        COLON: 0x3A,
+        VALUE: 0x30,
+        VALUE_OR_CLOSE: 0x5D,
+        AFTER: 0x7D if stack and stack[-1] == "{" else 0x5D,
+    }[mode]
 
 
 @lru_cache(maxsize=1 << 16)

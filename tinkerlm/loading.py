@@ -18,8 +18,14 @@ import torch
 from tinkerlm.errors import TinkerError
 
 QUANTS = ("native", "int8", "int4", "bf16", "fp32")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def physical_cores() -> int:
@@ -103,8 +109,9 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, quant: str =
     return model, tokenizer, gen_config
 
 
-def load_adapted(adapter, base_path: Path, dtype: torch.dtype | None = None, quant: str = "native",
-                 source: str = "adapter"):
+def load_adapted(
+    adapter, base_path: Path, dtype: torch.dtype | None = None, quant: str = "native", source: str = "adapter"
+):
     """A LoRA adapter applied (unfused) to its base: (model, tokenizer, generation_config).
 
     Args:

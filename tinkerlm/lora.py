@@ -61,7 +61,9 @@ class LoRALinear(nn.Module):
             return y + (F.linear(h, self.lora_B) * self.scaling).to(y.dtype)
         # y + h @ (s B)^T in one GEMM call: scaling the small B instead of the (tokens, out) product saves a pass
         # over the output, and addmm adds into it, saving another.
-        out = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), (self.lora_B * self.scaling).t())
+        out = torch.addmm(
+            y.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), (self.lora_B * self.scaling).t()
+        )
         return out.view(y.shape)
 
     def delta(self) -> torch.Tensor:
@@ -101,8 +103,10 @@ def target_names(model: nn.Module, targets: list[str] | str) -> list[str]:
         hits = [n for n in linear if n == t or n.endswith("." + t)]
         if not hits:
             leaves = sorted({n.rpartition(".")[2] for n in linear})
-            raise TinkerError(f"lora_targets: {t!r} matches no linear layer of this model (it has: "
-                              f"{', '.join(leaves)}; or use {ALL_LINEAR})")
+            raise TinkerError(
+                f"lora_targets: {t!r} matches no linear layer of this model (it has: "
+                f"{', '.join(leaves)}; or use {ALL_LINEAR})"
+            )
         chosen += hits
     return sorted(set(chosen), key=linear.index)
 
@@ -120,8 +124,11 @@ def apply_lora(model: nn.Module, config: LoRAConfig, seed: int | None = None) ->
         torch.manual_seed(seed)
     try:
         for name in names:
-            _swap(model, name, LoRALinear(model.get_submodule(name), config.rank, config.alpha, config.dropout,
-                                          config.rslora))
+            _swap(
+                model,
+                name,
+                LoRALinear(model.get_submodule(name), config.rank, config.alpha, config.dropout, config.rslora),
+            )
     finally:
         if seed is not None:
             torch.random.set_rng_state(gen_state)
@@ -138,8 +145,8 @@ def fuse_lora(model: nn.Module) -> int:
     Quantized bases are dequantized first (a fused quantized weight would need requantizing: use `tinkerlm fuse`,
     which writes a float model).
     """
-    from tinkerlm.quant.qops import dequantize
     from tinkerlm.quant.linear import QLinear
+    from tinkerlm.quant.qops import dequantize
 
     fused = 0
     for name, m in lora_modules(model).items():
@@ -169,8 +176,15 @@ def unwrap_lora(model: nn.Module) -> None:
 
 def peft_config(config: LoRAConfig, modules: list[str], base_model: str | None, fan_in_fan_out: bool = False) -> dict:
     """The `adapter_config.json` peft writes for this LoRA (target_modules as the leaf names wrapped)."""
-    return peft.adapter_config(rank=config.rank, alpha=config.alpha, dropout=config.dropout, rslora=config.rslora,
-                               modules=modules, base_model=base_model, fan_in_fan_out=fan_in_fan_out)
+    return peft.adapter_config(
+        rank=config.rank,
+        alpha=config.alpha,
+        dropout=config.dropout,
+        rslora=config.rslora,
+        modules=modules,
+        base_model=base_model,
+        fan_in_fan_out=fan_in_fan_out,
+    )
 
 
 def adapter_weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -197,14 +211,18 @@ def load_adapter(model: nn.Module, adapter: Adapter, source: str = "adapter") ->
         try:
             base = model.get_submodule(module)
         except AttributeError:
-            raise TinkerError(f"{source}: the adapter targets {module}, which this base model does not have "
-                              "(is it an adapter for another model?)") from None
+            raise TinkerError(
+                f"{source}: the adapter targets {module}, which this base model does not have "
+                "(is it an adapter for another model?)"
+            ) from None
         if not _is_linear(base):
             raise TinkerError(f"{source}: the adapter targets {module}, a {type(base).__name__}, not a linear layer")
         if a.shape != (adapter.rank, base.in_features) or b.shape != (base.out_features, adapter.rank):
-            raise TinkerError(f"{source}: {module} has A {list(a.shape)} and B {list(b.shape)}, the base layer is "
-                              f"{base.out_features}x{base.in_features} at rank {adapter.rank} (adapter for another "
-                              "model?)")
+            raise TinkerError(
+                f"{source}: {module} has A {list(a.shape)} and B {list(b.shape)}, the base layer is "
+                f"{base.out_features}x{base.in_features} at rank {adapter.rank} (adapter for another "
+                "model?)"
+            )
         wrapped = LoRALinear(base, adapter.rank, 1.0)
         wrapped.scaling = adapter.scaling
         with torch.no_grad():

@@ -25,8 +25,9 @@ import dataclasses
 import logging
 import os
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tinkerlm.errors import TinkerError
 
@@ -77,20 +78,32 @@ class SamplingParams:
     top_k: int = _param(0, "sample from the k most likely tokens; 0 is off", ge=0)
     top_p: float = _param(1.0, "nucleus sampling: smallest set of tokens with this probability; 1 is off", gt=0, le=1)
     min_p: float = _param(0.0, "drop tokens below min_p x the top token's probability; 0 is off", ge=0, le=1)
-    repetition_penalty: float = _param(1.0, "penalise tokens already in the prompt or answer (divide positive "
-                                       "logits, multiply negative ones); 1 is off", gt=0)
+    repetition_penalty: float = _param(
+        1.0,
+        "penalise tokens already in the prompt or answer (divide positive logits, multiply negative ones); 1 is off",
+        gt=0,
+    )
     seed: int | None = _param(None, "random seed: the same seed gives the same output")
-    presence_penalty: float = _param(0.0, "subtract this from the logit of every token already generated "
-                                     "(OpenAI); 0 is off", ge=-2, le=2)
-    frequency_penalty: float = _param(0.0, "subtract this times its count from the logit of every token already "
-                                      "generated (OpenAI); 0 is off", ge=-2, le=2)
+    presence_penalty: float = _param(
+        0.0, "subtract this from the logit of every token already generated (OpenAI); 0 is off", ge=-2, le=2
+    )
+    frequency_penalty: float = _param(
+        0.0,
+        "subtract this times its count from the logit of every token already generated (OpenAI); 0 is off",
+        ge=-2,
+        le=2,
+    )
     max_tokens: int = _param(256, "most tokens to generate", ge=1)
     stop: list[str] = _param(list, "stop when this text appears (it is not part of the answer); repeatable")
-    logprobs: int | None = _param(None, "return each generated token's log-probability and the N most likely "
-                                  "alternatives (0: only the chosen token's)", ge=0, le=20)
+    logprobs: int | None = _param(
+        None,
+        "return each generated token's log-probability and the N most likely alternatives (0: only the chosen token's)",
+        ge=0,
+        le=20,
+    )
     json: bool = _param(False, "constrain the answer to one valid JSON object", api="response_format")
 
-    def check(self) -> "SamplingParams":
+    def check(self) -> SamplingParams:
         """Validate every field against its declared range; returns self. Raises TinkerError naming the field."""
         if isinstance(self.stop, str):
             self.stop = [self.stop]
@@ -100,7 +113,7 @@ class SamplingParams:
                 raise TinkerError(f"sampling: {bad}")
         return self
 
-    def replace(self, **changes) -> "SamplingParams":
+    def replace(self, **changes) -> SamplingParams:
         return dataclasses.replace(self, **changes)
 
 
@@ -113,8 +126,13 @@ def default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-_KINDS = {"float": "a number", "int": "an integer", "int | None": "an integer", "bool": "true or false",
-          "list[str]": "a list of strings"}
+_KINDS = {
+    "float": "a number",
+    "int": "an integer",
+    "int | None": "an integer",
+    "bool": "true or false",
+    "list[str]": "a list of strings",
+}
 
 
 def _out_of_range(f: dataclasses.Field, v: Any) -> str | None:
@@ -122,10 +140,11 @@ def _out_of_range(f: dataclasses.Field, v: Any) -> str | None:
     p: Param = f.metadata["param"]
     if v is None and "None" in f.type:
         return None
-    ok = {"float": isinstance(v, (int, float)) and not isinstance(v, bool),
-          "bool": isinstance(v, bool),
-          "list[str]": isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v)}.get(
-        f.type, isinstance(v, int) and not isinstance(v, bool))
+    ok = {
+        "float": isinstance(v, (int, float)) and not isinstance(v, bool),
+        "bool": isinstance(v, bool),
+        "list[str]": isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v),
+    }.get(f.type, isinstance(v, int) and not isinstance(v, bool))
     if not ok:
         return f"{f.name} must be {_KINDS[f.type]} (got {v!r})"
     if isinstance(v, (bool, list, tuple)):
@@ -198,8 +217,9 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
-def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: float,
-                             frequency: float) -> torch.Tensor:
+def apply_presence_frequency(
+    logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float
+) -> torch.Tensor:
     """OpenAI's penalties: logits - frequency * count - presence * (count > 0); `counts` (B, V) of generated tokens."""
     return logits - frequency * counts - presence * (counts > 0).float()
 
@@ -265,8 +285,14 @@ class Sampler:
         table: token bytes (`token_bytes`), needed for `json`.
     """
 
-    def __init__(self, params: SamplingParams, prompts: Sequence[Sequence[int]], vocab: int,
-                 generator: torch.Generator | None = None, table: list[bytes | None] | None = None):
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompts: Sequence[Sequence[int]],
+        vocab: int,
+        generator: torch.Generator | None = None,
+        table: list[bytes | None] | None = None,
+    ):
         import torch
 
         self.params, self.generator = params, generator
@@ -289,8 +315,9 @@ class Sampler:
     def json_done(self, row: int) -> bool:
         return self.json is not None and self.json[row].done
 
-    def __call__(self, logits: torch.Tensor, budget: int | Sequence[int] = 1 << 30,
-                 active: Sequence[bool] | None = None) -> tuple[torch.Tensor, list[list[TokenLogprob]] | None]:
+    def __call__(
+        self, logits: torch.Tensor, budget: int | Sequence[int] = 1 << 30, active: Sequence[bool] | None = None
+    ) -> tuple[torch.Tensor, list[list[TokenLogprob]] | None]:
         """Next tokens (B,) for logits (B, V), and per row its `TokenLogprob` (None unless `logprobs`).
 
         `budget`: tokens each row may still generate, this one included (the JSON constraint closes the object
@@ -336,7 +363,7 @@ class Sampler:
 # ----------------------------------------------------------------------------------------------------------------
 # Token bytes (logprobs' `bytes`, JSON mode)
 
-_TABLES: "weakref.WeakKeyDictionary[Any, list[bytes | None]]" = weakref.WeakKeyDictionary()
+_TABLES: weakref.WeakKeyDictionary[Any, list[bytes | None]] = weakref.WeakKeyDictionary()
 
 
 def token_bytes(tokenizer, vocab_size: int) -> list[bytes | None]:

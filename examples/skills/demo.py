@@ -38,11 +38,11 @@ WEIGHTS = {"dates": 0.8, "contacts": 1.2}
 
 
 def merge_recipe(method: str, fused: dict[str, str], base_ref: str) -> dict:
-    models = [{"model": base_ref}] + [{"model": ref, "parameters": {"weight": WEIGHTS[skill], "density": 0.5}}
-                                      for skill, ref in fused.items()]
+    models = [{"model": base_ref}] + [
+        {"model": ref, "parameters": {"weight": WEIGHTS[skill], "density": 0.5}} for skill, ref in fused.items()
+    ]
     params = {"normalize": False} if method == "ties" else {}
-    return {"merge_method": method, "base_model": base_ref, "models": models, "parameters": params,
-            "dtype": "float32"}
+    return {"merge_method": method, "base_model": base_ref, "models": models, "parameters": params, "dtype": "float32"}
 
 
 def main(argv=None) -> int:
@@ -75,8 +75,11 @@ def main(argv=None) -> int:
         timings[f"merge {method}"] = time.perf_counter() - t
         merges[method] = name
 
-    models = {"SmolLM2-135M-Instruct (base)": BASE, **{f"LoRA fine-tune: {s}": f"smollm2-{s}-lora" for s in SKILLS},
-              **{f"merge: {m}": n for m, n in merges.items()}}
+    models = {
+        "SmolLM2-135M-Instruct (base)": BASE,
+        **{f"LoRA fine-tune: {s}": f"smollm2-{s}-lora" for s in SKILLS},
+        **{f"merge: {m}": n for m, n in merges.items()},
+    }
     results = {}
     for label, ref in models.items():
         llm = tinkerlm.load(ref)

@@ -30,22 +30,56 @@ OUT = Path(__file__).resolve().parent.parent / "data"
 # ---------------------------------------------------------------------------------------------------------------
 # dates
 # ---------------------------------------------------------------------------------------------------------------
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 # Abbreviations as people write them; "Sept" beside "Sep" on purpose.
-MONTH_ABBR = [["Jan"], ["Feb"], ["Mar"], ["Apr"], ["May"], ["Jun"], ["Jul"], ["Aug"], ["Sep", "Sept"], ["Oct"],
-              ["Nov"], ["Dec"]]
+MONTH_ABBR = [
+    ["Jan"],
+    ["Feb"],
+    ["Mar"],
+    ["Apr"],
+    ["May"],
+    ["Jun"],
+    ["Jul"],
+    ["Aug"],
+    ["Sep", "Sept"],
+    ["Oct"],
+    ["Nov"],
+    ["Dec"],
+]
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 _UNITS = ["", "first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth"]
-_TEENS = ["tenth", "eleventh", "twelfth", "thirteenth", "fourteenth", "fifteenth", "sixteenth", "seventeenth",
-          "eighteenth", "nineteenth"]
+_TEENS = [
+    "tenth",
+    "eleventh",
+    "twelfth",
+    "thirteenth",
+    "fourteenth",
+    "fifteenth",
+    "sixteenth",
+    "seventeenth",
+    "eighteenth",
+    "nineteenth",
+]
 YEARS = range(1901, 2050)
 N_HELDOUT_YEARS = 15
 
 DATE_INSTRUCTIONS = [
     "Convert {date} to ISO 8601. Reply with the date only.",
     "What is {date} in YYYY-MM-DD format? Answer with just the date.",
-    "Write the date \"{date}\" as YYYY-MM-DD.",
+    'Write the date "{date}" as YYYY-MM-DD.',
     "ISO 8601 date for: {date}",
     "Rewrite this date in ISO 8601 format (YYYY-MM-DD), nothing else: {date}",
     "Normalize to YYYY-MM-DD: {date}",
@@ -124,20 +158,144 @@ def dates(rng: random.Random) -> tuple[list[dict], list[dict]]:
 # ---------------------------------------------------------------------------------------------------------------
 # contacts
 # ---------------------------------------------------------------------------------------------------------------
-FIRST = ["Maria", "James", "Aisha", "Chen", "Olga", "Tom", "Priya", "Lucas", "Fatima", "Kenji", "Sofia", "David",
-         "Amara", "Ivan", "Grace", "Mateo", "Hannah", "Omar", "Yuki", "Peter", "Leila", "Samuel", "Nina", "Carlos",
-         "Emma", "Ravi", "Zoe", "Ahmed", "Clara", "Felix", "Ingrid", "Kwame", "Lena", "Marco", "Nadia", "Oscar"]
-LAST = ["Lopez", "Smith", "Khan", "Wang", "Petrova", "Brown", "Sharma", "Silva", "Haddad", "Tanaka", "Rossi",
-        "Miller", "Okafor", "Novak", "Kim", "Garcia", "Schmidt", "Ali", "Sato", "Jensen", "Moreau", "Cohen",
-        "Nguyen", "Fischer", "Mensah", "Costa", "Larsen", "Dubois", "Popescu", "Walsh", "Yilmaz", "Berg"]
-CITIES = ["Madrid", "London", "Paris", "Berlin", "Tokyo", "Lagos", "Toronto", "Mumbai", "Cairo", "Lima", "Oslo",
-          "Rome", "Seoul", "Dublin", "Nairobi", "Lisbon", "Chicago", "Sydney", "Vienna", "Warsaw", "New York",
-          "Buenos Aires", "Cape Town", "Hong Kong", "Mexico City", "Kyoto", "Athens", "Prague", "Boston", "Manila",
-          "Accra", "Helsinki"]
-JOBS = ["nurse", "teacher", "engineer", "pilot", "baker", "lawyer", "chef", "architect", "dentist", "plumber",
-        "journalist", "farmer", "pharmacist", "electrician", "designer", "accountant", "librarian", "firefighter",
-        "software developer", "bus driver", "data analyst", "photographer", "veterinarian", "carpenter",
-        "police officer", "translator", "mechanic", "musician", "physiotherapist", "tailor"]
+FIRST = [
+    "Maria",
+    "James",
+    "Aisha",
+    "Chen",
+    "Olga",
+    "Tom",
+    "Priya",
+    "Lucas",
+    "Fatima",
+    "Kenji",
+    "Sofia",
+    "David",
+    "Amara",
+    "Ivan",
+    "Grace",
+    "Mateo",
+    "Hannah",
+    "Omar",
+    "Yuki",
+    "Peter",
+    "Leila",
+    "Samuel",
+    "Nina",
+    "Carlos",
+    "Emma",
+    "Ravi",
+    "Zoe",
+    "Ahmed",
+    "Clara",
+    "Felix",
+    "Ingrid",
+    "Kwame",
+    "Lena",
+    "Marco",
+    "Nadia",
+    "Oscar",
+]
+LAST = [
+    "Lopez",
+    "Smith",
+    "Khan",
+    "Wang",
+    "Petrova",
+    "Brown",
+    "Sharma",
+    "Silva",
+    "Haddad",
+    "Tanaka",
+    "Rossi",
+    "Miller",
+    "Okafor",
+    "Novak",
+    "Kim",
+    "Garcia",
+    "Schmidt",
+    "Ali",
+    "Sato",
+    "Jensen",
+    "Moreau",
+    "Cohen",
+    "Nguyen",
+    "Fischer",
+    "Mensah",
+    "Costa",
+    "Larsen",
+    "Dubois",
+    "Popescu",
+    "Walsh",
+    "Yilmaz",
+    "Berg",
+]
+CITIES = [
+    "Madrid",
+    "London",
+    "Paris",
+    "Berlin",
+    "Tokyo",
+    "Lagos",
+    "Toronto",
+    "Mumbai",
+    "Cairo",
+    "Lima",
+    "Oslo",
+    "Rome",
+    "Seoul",
+    "Dublin",
+    "Nairobi",
+    "Lisbon",
+    "Chicago",
+    "Sydney",
+    "Vienna",
+    "Warsaw",
+    "New York",
+    "Buenos Aires",
+    "Cape Town",
+    "Hong Kong",
+    "Mexico City",
+    "Kyoto",
+    "Athens",
+    "Prague",
+    "Boston",
+    "Manila",
+    "Accra",
+    "Helsinki",
+]
+JOBS = [
+    "nurse",
+    "teacher",
+    "engineer",
+    "pilot",
+    "baker",
+    "lawyer",
+    "chef",
+    "architect",
+    "dentist",
+    "plumber",
+    "journalist",
+    "farmer",
+    "pharmacist",
+    "electrician",
+    "designer",
+    "accountant",
+    "librarian",
+    "firefighter",
+    "software developer",
+    "bus driver",
+    "data analyst",
+    "photographer",
+    "veterinarian",
+    "carpenter",
+    "police officer",
+    "translator",
+    "mechanic",
+    "musician",
+    "physiotherapist",
+    "tailor",
+]
 HELDOUT_COUNTS = {"first": 8, "last": 7, "city": 7, "job": 6}
 AGES = range(18, 81)
 CONTACT_KEYS = ("name", "age", "city", "job")
@@ -176,8 +334,9 @@ def contact_answer(person: dict) -> str:
 
 
 def contact_example(p: dict, rng: random.Random) -> dict:
-    s = rng.choice(CONTACT_TEMPLATES).format(name=p["name"], first=p["name"].split()[0], age=p["age"],
-                                             city=p["city"], job=p["job"], a_job=article(p["job"]))
+    s = rng.choice(CONTACT_TEMPLATES).format(
+        name=p["name"], first=p["name"].split()[0], age=p["age"], city=p["city"], job=p["job"], a_job=article(p["job"])
+    )
     return chat(rng.choice(CONTACT_INSTRUCTIONS).format(s=s), contact_answer(p))
 
 

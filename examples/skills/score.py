@@ -75,14 +75,16 @@ def answer_all(llm, chats: list[list[dict]], max_tokens: int, batch_size: int = 
     answers = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        for chunk in stream_generate(llm.model, llm.tokenizer, [prompts[i] for i in rows], max_tokens=max_tokens,
-                                     sampling=SamplingParams()):
+        for chunk in stream_generate(
+            llm.model, llm.tokenizer, [prompts[i] for i in rows], max_tokens=max_tokens, sampling=SamplingParams()
+        ):
             answers[rows[chunk.index]] += chunk.text
     return answers
 
 
-def exact_match(llm, eval_path: str | Path, limit: int | None = None, batch_size: int = 16,
-                max_tokens: int | None = None) -> tuple[float, list[dict]]:
+def exact_match(
+    llm, eval_path: str | Path, limit: int | None = None, batch_size: int = 16, max_tokens: int | None = None
+) -> tuple[float, list[dict]]:
     """(exact-match accuracy, per-example rows) of `llm` (a tinkerlm.api.LLM) on a chat JSONL eval file.
 
     Args:
@@ -118,8 +120,9 @@ def main(argv=None) -> None:
     ap.add_argument("eval_path", help="chat JSONL, each chat ending with the reference assistant answer")
     ap.add_argument("--limit", type=int, default=None, help="score only the first N examples (default: all)")
     ap.add_argument("--batch-size", type=int, default=16, help="prompts answered together (default: 16)")
-    ap.add_argument("--max-tokens", type=int, default=None,
-                    help="answer budget (default: longest reference in tokens + 24)")
+    ap.add_argument(
+        "--max-tokens", type=int, default=None, help="answer budget (default: longest reference in tokens + 24)"
+    )
     ap.add_argument("--quant", default="native", help="weight format, as tinkerlm.load (default: native)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     ap.add_argument("--show", type=int, default=5, help="failures to print (default: 5)")
@@ -134,8 +137,10 @@ def main(argv=None) -> None:
     acc, rows = exact_match(llm, args.eval_path, args.limit, args.batch_size, args.max_tokens)
     t2 = time.perf_counter()
     scores = summary(rows)
-    print(f"{llm.name} ({args.quant}) on {args.eval_path}: {len(rows)} examples, "
-          f"load {t1 - t0:.1f} s, answer {t2 - t1:.1f} s")
+    print(
+        f"{llm.name} ({args.quant}) on {args.eval_path}: {len(rows)} examples, "
+        f"load {t1 - t0:.1f} s, answer {t2 - t1:.1f} s"
+    )
     print("  " + "   ".join(f"{k} {hits / n:.1%} ({hits}/{n})" for k, (hits, n) in scores.items()))
     for r in [r for r in rows if not r["exact"]][: args.show]:
         print(f"- user:   {r['messages'][-1]['content']!r}\n  want:   {r['reference']!r}\n  got:    {r['answer']!r}")

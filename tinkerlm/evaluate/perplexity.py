@@ -18,8 +18,8 @@ Reference: Hugging Face Transformers docs, "Perplexity of fixed-length models".
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
@@ -59,8 +59,9 @@ def token_nll(model, ids: Sequence[int], *, context: int = 512, stride: int | No
         context = min(context, max_context)
     stride = stride or max(1, context // 2)
     if context < 2 or not 1 <= stride < context:
-        raise TinkerError(f"perplexity: need context >= 2 and 1 <= stride < context (got context {context}, "
-                          f"stride {stride})")
+        raise TinkerError(
+            f"perplexity: need context >= 2 and 1 <= stride < context (got context {context}, stride {stride})"
+        )
     ids_t = torch.as_tensor(list(ids), dtype=torch.long)
     nll = torch.empty(len(ids) - 1, dtype=torch.float32)
     for begin, end, first in windows(len(ids), context, stride):
@@ -72,8 +73,9 @@ def token_nll(model, ids: Sequence[int], *, context: int = 512, stride: int | No
     return nll
 
 
-def perplexity(model, tokenizer, text: str, *, context: int = 512, stride: int | None = None,
-               add_special_tokens: bool = True) -> float:
+def perplexity(
+    model, tokenizer, text: str, *, context: int = 512, stride: int | None = None, add_special_tokens: bool = True
+) -> float:
     """exp(mean NLL) of `text` under `model` (see the module docstring for the windows).
 
     Args:

@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from tinkerlm.errors import TinkerError
 from tinkerlm.formats import hf, specs
+
 
 def describe(path: Path, find_base: Callable[[str], dict | None] | None = None) -> dict:
     """Format, architecture, parameter count, quantization, context length and licence of a model, read cheaply.

@@ -8,8 +8,9 @@ directories made here (fine-tunes, fused adapters, merges). Format: https://gith
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from tinkerlm.errors import TinkerError
 
@@ -78,7 +79,9 @@ def load_state_dict(model_dir: Path) -> dict:
         try:
             part = load_file(f)
         except (SafetensorError, OSError, ValueError) as e:
-            raise TinkerError(f"{f}: cannot read safetensors ({e}); the file is truncated or corrupt, re-download it") from None
+            raise TinkerError(
+                f"{f}: cannot read safetensors ({e}); the file is truncated or corrupt, re-download it"
+            ) from None
         dup = set(part) & set(tensors)
         if dup:
             raise TinkerError(f"{f}: tensor {sorted(dup)[0]} also appears in another shard")
@@ -91,12 +94,33 @@ def load_state_dict(model_dir: Path) -> dict:
 
 # torch dtype name -> safetensors dtype code (https://github.com/huggingface/safetensors#format)
 SAFETENSORS_DTYPES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
-    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3",
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3",
     "float8_e5m2": "F8_E5M2",
 }
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1}
+_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 def safetensors_dtype(dtype) -> str:
@@ -122,8 +146,9 @@ class SafetensorsWriter:
             w.write("w", torch.zeros(2, 3))
     """
 
-    def __init__(self, path: str | Path, tensors: list[tuple[str, Any, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+    def __init__(
+        self, path: str | Path, tensors: list[tuple[str, Any, tuple[int, ...]]], metadata: dict[str, str] | None = None
+    ):
         import struct
 
         self.path = Path(path)
@@ -192,7 +217,7 @@ class SafetensorsWriter:
             self._file.close()
         self._tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "SafetensorsWriter":
+    def __enter__(self) -> SafetensorsWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -213,10 +238,17 @@ def save_config(model_dir: str | Path, config: dict[str, Any]) -> Path:
     return path
 
 
-def write_model(model_dir: str | Path, config: dict[str, Any], layout: list[tuple[str, Any, tuple[int, ...]]],
-                tensors: Iterable[tuple[str, Any]], *, metadata: dict[str, str] | None = None,
-                generation_config: dict[str, Any] | None = None, tokenizer: Callable[[Path], Any] | None = None,
-                chat_template: str | None = None) -> None:
+def write_model(
+    model_dir: str | Path,
+    config: dict[str, Any],
+    layout: list[tuple[str, Any, tuple[int, ...]]],
+    tensors: Iterable[tuple[str, Any]],
+    *,
+    metadata: dict[str, str] | None = None,
+    generation_config: dict[str, Any] | None = None,
+    tokenizer: Callable[[Path], Any] | None = None,
+    chat_template: str | None = None,
+) -> None:
     """Write a Hugging Face model directory: `model.safetensors`, `config.json`, and optionally
     `generation_config.json`, the tokenizer files and `chat_template.jinja`.
 

@@ -32,8 +32,16 @@ ALL_LINEAR = "all-linear"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def adapter_config(*, rank: int, alpha: float, dropout: float, rslora: bool, modules: list[str],
-                   base_model: str | None, fan_in_fan_out: bool = False) -> dict:
+def adapter_config(
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    rslora: bool,
+    modules: list[str],
+    base_model: str | None,
+    fan_in_fan_out: bool = False,
+) -> dict:
     """The `adapter_config.json` peft writes for a LoRA over `modules` (target_modules as their leaf names)."""
     leaves = sorted({n.rpartition(".")[2] for n in modules})
     return {
@@ -63,8 +71,12 @@ def adapter_state_dict(modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) ->
     return out
 
 
-def save_adapter(directory: str | os.PathLike, config: dict, modules: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                 dtype: torch.dtype | None = None) -> None:
+def save_adapter(
+    directory: str | os.PathLike,
+    config: dict,
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    dtype: torch.dtype | None = None,
+) -> None:
     """Write `adapter_config.json` and `adapter_model.safetensors` (peft's layout) into `directory`.
 
     Args:
@@ -107,8 +119,10 @@ class Adapter:
                     self.modules[module] = (t.float(), b.float())
         unknown = [k for k in tensors if ".lora_A." not in k and ".lora_B." not in k]
         if unknown:
-            raise TinkerError(f"{path / WEIGHTS_FILE}: tensor {unknown[0]} is not a LoRA A/B matrix "
-                              "(adapters with modules_to_save, DoRA or biases are not supported)")
+            raise TinkerError(
+                f"{path / WEIGHTS_FILE}: tensor {unknown[0]} is not a LoRA A/B matrix "
+                "(adapters with modules_to_save, DoRA or biases are not supported)"
+            )
         if not self.modules:
             raise TinkerError(f"{path / WEIGHTS_FILE}: no lora_A/lora_B tensors found")
 
@@ -138,14 +152,18 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     d = Path(path)
     config = read_json(d / CONFIG_FILE)
     if config.get("peft_type", "LORA") != "LORA":
-        raise TinkerError(f"{d / CONFIG_FILE}: peft_type is {config.get('peft_type')!r}; only LORA adapters are "
-                          "supported")
+        raise TinkerError(
+            f"{d / CONFIG_FILE}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported"
+        )
     if config.get("use_dora"):
         raise TinkerError(f"{d / CONFIG_FILE}: DoRA adapters (use_dora) are not supported")
     weights = d / WEIGHTS_FILE
     if not weights.is_file():
-        hint = " (adapter_model.bin is a pickle and is never loaded; re-save with safe_serialization=True)" if (
-            d / "adapter_model.bin").is_file() else ""
+        hint = (
+            " (adapter_model.bin is a pickle and is never loaded; re-save with safe_serialization=True)"
+            if (d / "adapter_model.bin").is_file()
+            else ""
+        )
         raise TinkerError(f"{weights}: not found{hint}")
     try:
         tensors = load_file(str(weights))

@@ -122,8 +122,10 @@ class Tokenizer:
         d.mkdir(parents=True, exist_ok=True)
         written = ["tokenizer.json", "tokenizer_config.json"]
         self.backend.save(str(d / "tokenizer.json"))
-        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast",
-                                  "clean_up_tokenization_spaces": self._clean_up_spaces}
+        config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "clean_up_tokenization_spaces": self._clean_up_spaces,
+        }
         config.update(self.special_tokens_map())
         (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         if self.chat_template is not None:
@@ -304,8 +306,18 @@ def _set_template(backend: tokenizers.Tokenizer, bos: str | None, eos: str | Non
 
 def _clean_up_spaces(text: str) -> str:
     """Drop the spaces WordPiece-style decoding leaves before punctuation and English contractions."""
-    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for before, after in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(before, after)
     return text
 
@@ -330,16 +342,24 @@ def _byte_level_bpe(tokens: list[str], types: list[int], metadata: dict) -> tupl
     vocab = {t: i for i, t in enumerate(spelled)}
     merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges") or []]
     backend = tokenizers.Tokenizer(
-        models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
-                   fuse_unk=False)
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
     )
     split = PRE_TOKENIZER_SPLITS.get(metadata.get("tokenizer.ggml.pre"))
     if split is None:  # GPT-2's own pattern, built into ByteLevel
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
         backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(split), behavior="isolated"),
-             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
         )
     backend.decoder = decoders.ByteLevel()
     return backend, spelled
@@ -359,13 +379,15 @@ def _sentencepiece_bpe(tokens: list[str], metadata: dict, path: Any) -> tokenize
                 "tokenizer.ggml.merges (re-convert the model with llama.cpp)"
             )
         merges = _merges_from_scores(tokens, scores, vocab)
-    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, fuse_unk=True,
-                                              byte_fallback=True))
+    backend = tokenizers.Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, dropout=None, fuse_unk=True, byte_fallback=True)
+    )
     # A leading "▁" on the first piece only, as sentencepiece adds one "dummy prefix" per text.
     # llama.cpp honours add_space_prefix=False; transformers (5.24) always prepends.
     prefix = metadata.get("tokenizer.ggml.add_space_prefix", True)
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never",
-                                                     split=False)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if prefix else "never", split=False
+    )
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))

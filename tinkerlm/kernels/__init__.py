@@ -58,8 +58,13 @@ def build(flags: tuple[str, ...] = ()):
         spec.loader.exec_module(module)
         return module
     print("tinkerlm: compiling CPU kernels (once, about a minute)...", file=sys.stderr, flush=True)
-    return load(name=name, sources=[str(MODULE)], extra_cflags=["-O3", "-march=native", *flags, "-fopenmp"],
-                extra_ldflags=["-fopenmp"], verbose=False)
+    return load(
+        name=name,
+        sources=[str(MODULE)],
+        extra_cflags=["-O3", "-march=native", *flags, "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
 
 
 def _build_hash(flags: tuple[str, ...]) -> str:

@@ -31,8 +31,15 @@ log = logging.getLogger(__name__)
 RECIPE_FILE = "mergekit_config.yml"
 
 
-def merge(recipe: str | Path | dict, out: str, *, force: bool = False, progress: bool = True,
-          random_seed: int | None = None, threads: int | None = None) -> Any:
+def merge(
+    recipe: str | Path | dict,
+    out: str,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    random_seed: int | None = None,
+    threads: int | None = None,
+) -> Any:
     """Merge the models a mergekit recipe names into the store model `out`.
 
     Args:
@@ -97,15 +104,20 @@ def merge(recipe: str | Path | dict, out: str, *, force: bool = False, progress:
         try:
             json.dumps(resolved)  # it goes into the manifest: fail now, not after the merge
         except (TypeError, ValueError) as e:
-            raise TinkerError(f"{r.where}: the recipe holds a value that is not plain data ({e}); use numbers, "
-                              "strings, lists and mappings") from None
+            raise TinkerError(
+                f"{r.where}: the recipe holds a value that is not plain data ({e}); use numbers, "
+                "strings, lists and mappings"
+            ) from None
 
         parents = _parents(r, made_of)
         licence, terms, warnings = licences.inherit([p.get("license") for p in parents])
         for w in warnings:
             log.warning("%s: %s", out, w)
-        tok_ref = r.tokenizer_source if r.tokenizer_source not in (None, "base") else \
-            (r.base_model or r.slices[0].sources[0].model)
+        tok_ref = (
+            r.tokenizer_source
+            if r.tokenizer_source not in (None, "base")
+            else (r.base_model or r.slices[0].sources[0].model)
+        )
 
         def merged():
             """(name, tensor) for each output tensor, merged as it is asked for: one weight in memory at a time."""
@@ -120,15 +132,27 @@ def merge(recipe: str | Path | dict, out: str, *, force: bool = False, progress:
                 del out
 
         def fill(model_dir: Path) -> None:
-            hf.write_model(model_dir, config, [(t.name, t.dtype, t.shape) for t in tasks], merged(),
-                           metadata={"format": "pt", "merge_method": method.name},
-                           tokenizer=sources[tok_ref].save_tokenizer, chat_template=r.chat_template)
+            hf.write_model(
+                model_dir,
+                config,
+                [(t.name, t.dtype, t.shape) for t in tasks],
+                merged(),
+                metadata={"format": "pt", "merge_method": method.name},
+                tokenizer=sources[tok_ref].save_tokenizer,
+                chat_template=r.chat_template,
+            )
             _write_yaml(model_dir / RECIPE_FILE, resolved)
             _write_card(model_dir, name, method.name, parents, licence, terms, resolved)
 
         source = {"type": "merge", "method": method.name, "recipe": resolved, "license_terms": terms}
-        return store.add(f"{name}:{tag}", fill, source=source, parents=parents,
-                         license=None if licence == licences.UNKNOWN else licence, force=force)
+        return store.add(
+            f"{name}:{tag}",
+            fill,
+            source=source,
+            parents=parents,
+            license=None if licence == licences.UNKNOWN else licence,
+            force=force,
+        )
     finally:
         for s in sources.values():
             s.close()
@@ -178,7 +202,8 @@ def _check_vocabularies(r, sources) -> None:
             if a.get(i) != b.get(i):
                 raise TinkerError(
                     f"{r.where}: vocabularies differ: token {i} is {a.get(i)!r} in {sources[ref].label} but "
-                    f"{b.get(i)!r} in {s.label}; merged models share one tokenizer, so merge models of one family")
+                    f"{b.get(i)!r} in {s.label}; merged models share one tokenizer, so merge models of one family"
+                )
 
 
 def _write_yaml(path: Path, data: dict) -> None:
@@ -187,22 +212,44 @@ def _write_yaml(path: Path, data: dict) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
-def _write_card(model_dir: Path, name: str, method: str, parents: list[dict], licence: str, terms: list[str],
-                recipe: dict) -> None:
+def _write_card(
+    model_dir: Path, name: str, method: str, parents: list[dict], licence: str, terms: list[str], recipe: dict
+) -> None:
     """README.md: the model card, with the licence and parents in its front matter (as the Hub reads it)."""
     import yaml
 
     front = {"license": licence} if licence != "unknown" else {}
-    front |= {"base_model": [p["name"] for p in parents if p["relation"] != "adapter"],
-             "tags": ["merge", "tinkerlm", method]}
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {name}", "",
-             f"A merge made with tinkerlm (`tinkerlm merge`, method `{method}`).", "", "## Parents", ""]
-    lines += [f"- {p['relation']}: {p['name']} (sha256 `{p['sha256']}`, licence {p.get('license') or 'unknown'})"
-              for p in parents]
+    front |= {
+        "base_model": [p["name"] for p in parents if p["relation"] != "adapter"],
+        "tags": ["merge", "tinkerlm", method],
+    }
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"A merge made with tinkerlm (`tinkerlm merge`, method `{method}`).",
+        "",
+        "## Parents",
+        "",
+    ]
+    lines += [
+        f"- {p['relation']}: {p['name']} (sha256 `{p['sha256']}`, licence {p.get('license') or 'unknown'})"
+        for p in parents
+    ]
     lines += ["", "## Licence", "", f"{licence}. Inherited obligations:", ""]
     lines += [f"- {t}" for t in terms] or ["- none recorded"]
-    lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(json.loads(json.dumps(recipe)), sort_keys=False).rstrip(),
-              "```", ""]
+    lines += [
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        yaml.safe_dump(json.loads(json.dumps(recipe)), sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
     (model_dir / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
 
@@ -215,8 +262,10 @@ def main(args) -> None:
 
     m = merge(args.recipe, args.out, force=args.force, random_seed=args.random_seed, threads=args.threads)
     recipe = m.source.get("recipe", {})
-    print(f"{m.ref}  {m.source.get('method')}  {m.architecture}  {store.format_params(m.parameters)}  "
-          f"{recipe.get('dtype', '')}")
+    print(
+        f"{m.ref}  {m.source.get('method')}  {m.architecture}  {store.format_params(m.parameters)}  "
+        f"{recipe.get('dtype', '')}"
+    )
     print("parents: " + ", ".join(f"{p['name']} ({p['relation']})" for p in m.parents))
     print(f"licence: {m.license}")
     for term in m.source.get("license_terms", []):

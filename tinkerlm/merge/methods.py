@@ -21,8 +21,9 @@ mergekit 0.1.5, so a recipe gives the same weights under both:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -79,10 +80,19 @@ def _weights_sum_to_zero(shared: dict, inputs: list[dict]) -> str | None:
     return None
 
 
-@register("linear", (Param("weight", float, "input"), Param("normalize", bool, "shared", True)),
-          check=_weights_sum_to_zero, reference="https://arxiv.org/abs/2203.05482")
-def linear(tensors: list[torch.Tensor], base: int | None, shared: dict, inputs: list[dict],
-           generator: torch.Generator | None = None) -> torch.Tensor:
+@register(
+    "linear",
+    (Param("weight", float, "input"), Param("normalize", bool, "shared", True)),
+    check=_weights_sum_to_zero,
+    reference="https://arxiv.org/abs/2203.05482",
+)
+def linear(
+    tensors: list[torch.Tensor],
+    base: int | None,
+    shared: dict,
+    inputs: list[dict],
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     out = tensors[0].mul_(inputs[0]["weight"])
     for x, p in zip(tensors[1:], inputs[1:]):
         out.add_(x, alpha=p["weight"])
@@ -91,16 +101,34 @@ def linear(tensors: list[torch.Tensor], base: int | None, shared: dict, inputs: 
     return out
 
 
-@register("slerp", (Param("t", float, "shared"),), base="required", min_inputs=2, max_inputs=2,
-          base_role="interpolated from", inputs_hint="the base_model and one other",
-          reference="https://en.wikipedia.org/wiki/Slerp")
-def slerp_method(tensors: list[torch.Tensor], base: int | None, shared: dict, inputs: list[dict],
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+@register(
+    "slerp",
+    (Param("t", float, "shared"),),
+    base="required",
+    min_inputs=2,
+    max_inputs=2,
+    base_role="interpolated from",
+    inputs_hint="the base_model and one other",
+    reference="https://en.wikipedia.org/wiki/Slerp",
+)
+def slerp_method(
+    tensors: list[torch.Tensor],
+    base: int | None,
+    shared: dict,
+    inputs: list[dict],
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     return slerp(shared["t"], tensors[base], tensors[1 - base], inplace=True)
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8,
-          inplace: bool = False) -> torch.Tensor:
+def slerp(
+    t: float,
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    dot_threshold: float = 0.9995,
+    eps: float = 1e-8,
+    inplace: bool = False,
+) -> torch.Tensor:
     """Spherical interpolation between two tensors seen as flat vectors: `v0` at t=0, `v1` at t=1.
 
     The angle comes from the normalised vectors; the coefficients sin((1-t)θ)/sin θ and sin(tθ)/sin θ apply to the
@@ -155,7 +183,7 @@ def keep_largest_(delta: torch.Tensor, density: float) -> torch.Tensor:
     for start in range(0, n, _CHUNK):  # bf16 inputs give many equal magnitudes: index them a chunk at a time
         if short <= 0:
             break
-        part = flat[start:start + _CHUNK]
+        part = flat[start : start + _CHUNK]
         ties = torch.nonzero((part == cut) | (part == -cut)).reshape(-1)[:short]
         kept[start + ties] = True
         short -= len(ties)
@@ -171,8 +199,13 @@ def drop_random_(delta: torch.Tensor, density: float, generator: torch.Generator
 
 
 def _task_vector_method(consensus: bool, sparsify: str | None) -> Callable:
-    def merge(tensors: list[torch.Tensor], base: int | None, shared: dict, inputs: list[dict],
-              generator: torch.Generator | None = None) -> torch.Tensor:
+    def merge(
+        tensors: list[torch.Tensor],
+        base: int | None,
+        shared: dict,
+        inputs: list[dict],
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         b = tensors[base]
         others = [(x, p) for i, (x, p) in enumerate(zip(tensors, inputs)) if i != base]
         if not others:
@@ -208,15 +241,16 @@ def _task_vector_method(consensus: bool, sparsify: str | None) -> Callable:
     return merge
 
 
-def _elect_and_add(b: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], normalize: bool,
-                   lam: float) -> torch.Tensor:
+def _elect_and_add(
+    b: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], normalize: bool, lam: float
+) -> torch.Tensor:
     """TIES's merge of weighted task vectors, added into `b` in place: per entry, elect the sign of their sum,
     sum the entries that agree with it (zeros agree with neither), and divide by the weights of those entries."""
     b = b.contiguous()
     out = b.view(-1)  # a view: the sums land in b
     flat = [d.reshape(-1) for d in deltas]
     for start in range(0, out.numel(), _CHUNK):
-        part = [d[start:start + _CHUNK] for d in flat]
+        part = [d[start : start + _CHUNK] for d in flat]
         total = part[0].clone()
         for d in part[1:]:
             total.add_(d)
@@ -232,12 +266,16 @@ def _elect_and_add(b: torch.Tensor, deltas: list[torch.Tensor], weights: list[fl
             mixed.div_(divisor)
         if lam != 1:
             mixed.mul_(lam)
-        out[start:start + _CHUNK].add_(mixed)
+        out[start : start + _CHUNK].add_(mixed)
     return b
 
 
-_TASK_PARAMS = (Param("weight", float, "non_base"), Param("density", float, "non_base", 1.0),
-                Param("lambda", float, "shared", 1.0), Param("int8_mask", bool, "shared", False))
+_TASK_PARAMS = (
+    Param("weight", float, "non_base"),
+    Param("density", float, "non_base", 1.0),
+    Param("lambda", float, "shared", 1.0),
+    Param("int8_mask", bool, "shared", False),
+)
 
 for _name, _consensus, _sparsify, _normalize, _rescale, _ref in (
     ("task_arithmetic", False, None, False, False, "https://arxiv.org/abs/2212.04089"),
@@ -246,19 +284,45 @@ for _name, _consensus, _sparsify, _normalize, _rescale, _ref in (
     ("dare_ties", True, "random", False, True, "https://arxiv.org/abs/2311.03099"),
 ):
     # int8_mask only saves memory in mergekit (the sign mask's dtype); it is accepted and changes nothing here.
-    register(_name, _TASK_PARAMS + (Param("normalize", bool, "shared", _normalize),
-                                    Param("rescale", bool, "shared", _rescale)),
-             base="required", random=_sparsify == "random", reference=_ref)(_task_vector_method(_consensus, _sparsify))
+    register(
+        _name,
+        _TASK_PARAMS + (Param("normalize", bool, "shared", _normalize), Param("rescale", bool, "shared", _rescale)),
+        base="required",
+        random=_sparsify == "random",
+        reference=_ref,
+    )(_task_vector_method(_consensus, _sparsify))
 
 
-@register("passthrough", (Param("scale", float, "input", None),), max_inputs=1,
-          inputs_hint="one source per slice; stack models with several slices")
-def passthrough(tensors: list[torch.Tensor], base: int | None, shared: dict, inputs: list[dict],
-                generator: torch.Generator | None = None) -> torch.Tensor:
+@register(
+    "passthrough",
+    (Param("scale", float, "input", None),),
+    max_inputs=1,
+    inputs_hint="one source per slice; stack models with several slices",
+)
+def passthrough(
+    tensors: list[torch.Tensor],
+    base: int | None,
+    shared: dict,
+    inputs: list[dict],
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     scale = inputs[0]["scale"]
     return tensors[0] if scale is None else tensors[0].mul_(scale)
 
 
 # Methods mergekit has that tinkerlm does not (yet): named in the error for an unknown method.
-MERGEKIT_ONLY = ("model_stock", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "sce", "nuslerp",
-                 "multislerp", "karcher", "nearswap", "arcee_fusion", "ram", "ramplus_tl")
+MERGEKIT_ONLY = (
+    "model_stock",
+    "della",
+    "della_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "sce",
+    "nuslerp",
+    "multislerp",
+    "karcher",
+    "nearswap",
+    "arcee_fusion",
+    "ram",
+    "ramplus_tl",
+)

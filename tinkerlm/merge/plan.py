@@ -70,8 +70,10 @@ def layout(source: Source) -> Layout:
             other.append(name)
             continue
         if prefix and m[1] != prefix:
-            raise TinkerError(f"{source.label}: layer tensors under two prefixes ({prefix}, {m[1]}); not a decoder "
-                              "checkpoint tinkerlm can merge")
+            raise TinkerError(
+                f"{source.label}: layer tensors under two prefixes ({prefix}, {m[1]}); not a decoder "
+                "checkpoint tinkerlm can merge"
+            )
         prefix = m[1]
         layers.setdefault(int(m[2]), []).append(m[3])
     n = max(layers) + 1 if layers else 0
@@ -105,8 +107,10 @@ def plan(recipe: Recipe, sources: dict[str, Source], method: Method) -> tuple[li
     arch = reference.config.get("model_type")
     for s in sources.values():
         if s.config.get("model_type") != arch:
-            raise TinkerError(f"{where}: architectures differ: {reference.label} is {arch}, {s.label} is "
-                              f"{s.config.get('model_type')}; merging needs models of one architecture")
+            raise TinkerError(
+                f"{where}: architectures differ: {reference.label} is {arch}, {s.label} is "
+                f"{s.config.get('model_type')}; merging needs models of one architecture"
+            )
     layouts = {ref: layout(s) for ref, s in sources.items()}
     ref_layout = layouts[ref_name]
 
@@ -116,15 +120,19 @@ def plan(recipe: Recipe, sources: dict[str, Source], method: Method) -> tuple[li
             counts = {src.model: layouts[src.model].n_layers for src in s.sources}
             if len(set(counts.values())) > 1:
                 listing = ", ".join(f"{k} {v}" for k, v in counts.items())
-                raise TinkerError(f"{where}: models have different numbers of layers ({listing}); merge layer ranges "
-                                  "of equal length with slices:")
+                raise TinkerError(
+                    f"{where}: models have different numbers of layers ({listing}); merge layer ranges "
+                    "of equal length with slices:"
+                )
             for src in s.sources:
                 src.layer_range = (0, counts[src.model])
         for src in s.sources:
             n = layouts[src.model].n_layers
             if src.layer_range[1] > n:
-                raise TinkerError(f"{where}: slices[{i}]: layer_range {list(src.layer_range)} of {src.model} goes "
-                                  f"past its {n} layers (END is exclusive: at most {n})")
+                raise TinkerError(
+                    f"{where}: slices[{i}]: layer_range {list(src.layer_range)} of {src.model} goes "
+                    f"past its {n} layers (END is exclusive: at most {n})"
+                )
         _check_inputs(recipe, method, s, i)
 
     out_tied = tied(reference.config)
@@ -135,8 +143,10 @@ def plan(recipe: Recipe, sources: dict[str, Source], method: Method) -> tuple[li
     for ref, lay in layouts.items():
         extra = [n for n in lay.other if n not in ref_layout.other and n != _HEAD]
         if extra:
-            raise TinkerError(f"{where}: {sources[ref].label} has tensor {extra[0]}, which {reference.label} lacks; "
-                              "the models differ in architecture")
+            raise TinkerError(
+                f"{where}: {sources[ref].label} has tensor {extra[0]}, which {reference.label} lacks; "
+                "the models differ in architecture"
+            )
 
     tasks: list[TensorTask] = []
     unused: set[str] = set()
@@ -148,26 +158,39 @@ def plan(recipe: Recipe, sources: dict[str, Source], method: Method) -> tuple[li
             if not source.has(name):
                 alias = _embedding(layouts[src.model]) if name == _HEAD and tied(source.config) else None
                 if alias is None:
-                    raise TinkerError(f"{where}: {source.label} has no tensor {name} (which {reference.label} has); "
-                                      "the models differ in architecture")
+                    raise TinkerError(
+                        f"{where}: {source.label} has no tensor {name} (which {reference.label} has); "
+                        "the models differ in architecture"
+                    )
                 name = alias
             inputs.append((source, name))
         shapes = [src.shape(n) for src, n in inputs]
         for (src, n), shape in zip(inputs, shapes):
             if shape != shapes[0]:
-                raise TinkerError(f"{where}: tensor {n} is {list(shapes[0])} in {inputs[0][0].label} but {list(shape)} "
-                                  f"in {src.label}; only models of the same size can be merged")
+                raise TinkerError(
+                    f"{where}: tensor {n} is {list(shapes[0])} in {inputs[0][0].label} but {list(shape)} "
+                    f"in {src.label}; only models of the same size can be merged"
+                )
         base_ref = recipe.base_of(s) if method.base == "required" else None
         base = next((j for j, src in enumerate(srcs) if src.model == base_ref), None)
         shared, per_input = _parameters(recipe, method, s, srcs, names, out_name, base, t, unused)
-        tasks.append(TensorTask(out_name, inputs, base, shared, per_input, shapes[0],
-                                _out_dtype(recipe, [src.dtype(n) for src, n in inputs])))
+        tasks.append(
+            TensorTask(
+                out_name,
+                inputs,
+                base,
+                shared,
+                per_input,
+                shapes[0],
+                _out_dtype(recipe, [src.dtype(n) for src, n in inputs]),
+            )
+        )
 
     first, last = recipe.slices[0], recipe.slices[-1]
     for name in pre:
         add(name, first, first.sources, [name] * len(first.sources), 0.0)
     out_layer = 0
-    for i, s in enumerate(recipe.slices):
+    for s in recipe.slices:
         length = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
         for k in range(length):
             t = k / (length - 1) if length > 1 else 1.0
@@ -175,9 +198,11 @@ def plan(recipe: Recipe, sources: dict[str, Source], method: Method) -> tuple[li
                 have = layouts[src.model].layers[src.layer_range[0] + k]
                 if have != template and sorted(have) != sorted(template):
                     diff = sorted(set(have) ^ set(template))
-                    raise TinkerError(f"{where}: layer {src.layer_range[0] + k} of {sources[src.model].label} and "
-                                      f"layer 0 of {reference.label} differ in tensor {diff[0]}; the models differ "
-                                      "in architecture")
+                    raise TinkerError(
+                        f"{where}: layer {src.layer_range[0] + k} of {sources[src.model].label} and "
+                        f"layer 0 of {reference.label} differ in tensor {diff[0]}; the models differ "
+                        "in architecture"
+                    )
             for suffix in template:
                 names = [f"{layouts[src.model].prefix}{src.layer_range[0] + k}.{suffix}" for src in s.sources]
                 add(f"{ref_layout.prefix}{out_layer}.{suffix}", s, s.sources, names, t)
@@ -186,8 +211,12 @@ def plan(recipe: Recipe, sources: dict[str, Source], method: Method) -> tuple[li
         add(name, last, last.sources, [name] * len(last.sources), 0.0)
 
     if unused:
-        log.warning("%s: parameter(s) %s are not used by %s and are ignored (as mergekit does)", where,
-                    ", ".join(sorted(unused)), method.name)
+        log.warning(
+            "%s: parameter(s) %s are not used by %s and are ignored (as mergekit does)",
+            where,
+            ", ".join(sorted(unused)),
+            method.name,
+        )
 
     config = dict(reference.config)
     key = next((k for k in _LAYER_KEYS if k in config), "num_hidden_layers")
@@ -205,8 +234,10 @@ def _check_inputs(recipe: Recipe, method: Method, s: OutputSlice, i: int) -> Non
     base = recipe.base_of(s)
     if method.base == "required":
         if base is None:
-            raise TinkerError(f"{where}: merge_method {method.name} needs base_model (the model {method.base_role}); "
-                              "add `base_model: NAME`")
+            raise TinkerError(
+                f"{where}: merge_method {method.name} needs base_model (the model {method.base_role}); "
+                "add `base_model: NAME`"
+            )
         if base not in refs:
             raise TinkerError(f"{where}: base_model {base} is not among {what} ({', '.join(refs)}); add it there")
     n = len(refs)
@@ -214,8 +245,11 @@ def _check_inputs(recipe: Recipe, method: Method, s: OutputSlice, i: int) -> Non
         if method.max_inputs == method.min_inputs:
             want = f"exactly {method.min_inputs}"
         elif method.max_inputs is not None:
-            want = f"at most {method.max_inputs}" if method.min_inputs <= 1 else \
-                f"{method.min_inputs} to {method.max_inputs}"
+            want = (
+                f"at most {method.max_inputs}"
+                if method.min_inputs <= 1
+                else f"{method.min_inputs} to {method.max_inputs}"
+            )
         else:
             want = f"at least {method.min_inputs}"
         hint = ""
@@ -226,8 +260,17 @@ def _check_inputs(recipe: Recipe, method: Method, s: OutputSlice, i: int) -> Non
         raise TinkerError(f"{where}: {method.name} takes {want} input(s){hint}, {what} has {n}")
 
 
-def _parameters(recipe: Recipe, method: Method, s: OutputSlice, srcs: list[InputRef], names: list[str],
-                out_name: str, base: int | None, t: float, unused: set[str]) -> tuple[dict, list[dict]]:
+def _parameters(
+    recipe: Recipe,
+    method: Method,
+    s: OutputSlice,
+    srcs: list[InputRef],
+    names: list[str],
+    out_name: str,
+    base: int | None,
+    t: float,
+    unused: set[str],
+) -> tuple[dict, list[dict]]:
     where = recipe.where
     known = {p.name for p in method.params}
     for scope in [recipe.parameters, s.parameters, *(src.parameters for src in srcs)]:
@@ -238,22 +281,34 @@ def _parameters(recipe: Recipe, method: Method, s: OutputSlice, srcs: list[Input
         if v is None:
             if p.default is not REQUIRED:
                 return p.default
-            raise TinkerError(f"{where}: parameter {p.name} is missing for {who} (tensor {tensor}); set it under "
-                              f"that model's parameters or the top-level parameters")
+            raise TinkerError(
+                f"{where}: parameter {p.name} is missing for {who} (tensor {tensor}); set it under "
+                f"that model's parameters or the top-level parameters"
+            )
         if p.kind is float and not math.isfinite(v):
             raise TinkerError(f"{where}: parameter {p.name} is {v} for {who} (tensor {tensor}); give a finite number")
         if p.name == "density" and not 0 <= v <= 1:
-            raise TinkerError(f"{where}: density {v:g} for {who} (tensor {tensor}) is outside [0, 1]; it is the "
-                              "fraction of each task vector kept")
+            raise TinkerError(
+                f"{where}: density {v:g} for {who} (tensor {tensor}) is outside [0, 1]; it is the "
+                "fraction of each task vector kept"
+            )
         return v
 
-    shared = {p.name: value(p, [s.parameters, recipe.parameters], out_name, "the merge")
-              for p in method.params if p.scope == "shared"}
+    shared = {
+        p.name: value(p, [s.parameters, recipe.parameters], out_name, "the merge")
+        for p in method.params
+        if p.scope == "shared"
+    }
     per_input = []
     for j, (src, name) in enumerate(zip(srcs, names)):
         scopes = [src.parameters, s.parameters, recipe.parameters]
-        per_input.append({p.name: value(p, scopes, name, src.model) for p in method.params
-                          if p.scope == "input" or (p.scope == "non_base" and j != base)})
+        per_input.append(
+            {
+                p.name: value(p, scopes, name, src.model)
+                for p in method.params
+                if p.scope == "input" or (p.scope == "non_base" and j != base)
+            }
+        )
     problem = method.check(shared, per_input) if method.check else None
     if problem:
         raise TinkerError(f"{where}: tensor {out_name}: {problem}")

@@ -25,8 +25,20 @@ from tinkerlm.errors import TinkerError
 log = logging.getLogger(__name__)
 
 # Every top-level key mergekit's MergeConfiguration knows, plus tinkerlm's `random_seed`.
-KEYS = ("merge_method", "models", "slices", "modules", "base_model", "parameters", "dtype", "out_dtype",
-        "tokenizer_source", "tokenizer", "chat_template", "random_seed")
+KEYS = (
+    "merge_method",
+    "models",
+    "slices",
+    "modules",
+    "base_model",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+    "random_seed",
+)
 DTYPES = ("float32", "bfloat16", "float16")
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
 
@@ -104,8 +116,9 @@ def load(recipe: str | Path | dict) -> Recipe:
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise TinkerError(f"{path}: not valid YAML{at} ({problem})") from None
     if not isinstance(raw, dict):
-        raise TinkerError(f"{where}: a recipe is a YAML mapping with merge_method and models or slices, "
-                          f"got {type(raw).__name__}")
+        raise TinkerError(
+            f"{where}: a recipe is a YAML mapping with merge_method and models or slices, got {type(raw).__name__}"
+        )
     for key in raw:
         if key not in KEYS:
             close = difflib.get_close_matches(str(key), KEYS, n=1)
@@ -121,16 +134,22 @@ def load(recipe: str | Path | dict) -> Recipe:
         raise TinkerError(f"{where}: give exactly one of models: (whole models) or slices: (layer ranges)")
     for key in ("tokenizer",):
         if raw.get(key) is not None:
-            raise TinkerError(f"{where}: {key}: is not supported; the merged model keeps the base model's tokenizer "
-                              "(tokenizer_source: base), so every input must share it")
+            raise TinkerError(
+                f"{where}: {key}: is not supported; the merged model keeps the base model's tokenizer "
+                "(tokenizer_source: base), so every input must share it"
+            )
     tokenizer_source = raw.get("tokenizer_source")
     if tokenizer_source is not None and (not isinstance(tokenizer_source, str) or tokenizer_source == "union"):
-        raise TinkerError(f"{where}: tokenizer_source: {tokenizer_source!r} is not supported; use base (the default) "
-                          "or one input model's name: inputs must share one vocabulary")
+        raise TinkerError(
+            f"{where}: tokenizer_source: {tokenizer_source!r} is not supported; use base (the default) "
+            "or one input model's name: inputs must share one vocabulary"
+        )
     chat_template = raw.get("chat_template")
     if chat_template is not None and (not isinstance(chat_template, str) or "{" not in chat_template):
-        raise TinkerError(f"{where}: chat_template: give the Jinja template itself (mergekit's named templates and "
-                          "'auto' are not supported); leave it out to keep the base model's")
+        raise TinkerError(
+            f"{where}: chat_template: give the Jinja template itself (mergekit's named templates and "
+            "'auto' are not supported); leave it out to keep the base model's"
+        )
     seed = raw.get("random_seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
         raise TinkerError(f"{where}: random_seed must be a non-negative integer, got {seed!r}")
@@ -158,10 +177,17 @@ def load(recipe: str | Path | dict) -> Recipe:
             what = "models" if raw.get("models") else f"slices[{i}].sources"
             raise TinkerError(f"{where}: {what} lists {dup!r} twice; each input appears once per slice")
     return Recipe(
-        method=method, slices=slices, base_model=base, parameters=parameters,
+        method=method,
+        slices=slices,
+        base_model=base,
+        parameters=parameters,
         dtype=_dtype(raw.get("dtype"), f"{where}: dtype"),
         out_dtype=_dtype(raw.get("out_dtype"), f"{where}: out_dtype"),
-        tokenizer_source=tokenizer_source, chat_template=chat_template, random_seed=seed, raw=raw, where=where,
+        tokenizer_source=tokenizer_source,
+        chat_template=chat_template,
+        random_seed=seed,
+        raw=raw,
+        where=where,
         from_models=bool(raw.get("models")),
     )
 
@@ -189,8 +215,11 @@ def _input(item: Any, where: str, layers: bool) -> InputRef:
     layer_range = None
     if layers:
         lr = item.get("layer_range")
-        if (not isinstance(lr, (list, tuple)) or len(lr) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
-                                                                           for x in lr)):
+        if (
+            not isinstance(lr, (list, tuple))
+            or len(lr) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+        ):
             raise TinkerError(f"{where}.layer_range: expected [START, END] (integers, END exclusive), got {lr!r}")
         if not 0 <= lr[0] < lr[1]:
             raise TinkerError(f"{where}.layer_range: [{lr[0]}, {lr[1]}] is empty or negative; need 0 <= START < END")
@@ -208,10 +237,15 @@ def _slice(item: Any, where: str) -> OutputSlice:
     lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
     if len(lengths) > 1:
         ranges = ", ".join(f"{s.model} {list(s.layer_range)}" for s in sources)
-        raise TinkerError(f"{where}: sources cover different numbers of layers ({ranges}); a slice merges layer by "
-                          "layer, so every layer_range must have the same length")
-    return OutputSlice(sources, _model_ref(item.get("base_model"), f"{where}.base_model", optional=True),
-                       _parameters(item.get("parameters"), f"{where}.parameters"))
+        raise TinkerError(
+            f"{where}: sources cover different numbers of layers ({ranges}); a slice merges layer by "
+            "layer, so every layer_range must have the same length"
+        )
+    return OutputSlice(
+        sources,
+        _model_ref(item.get("base_model"), f"{where}.base_model", optional=True),
+        _parameters(item.get("parameters"), f"{where}.parameters"),
+    )
 
 
 def _dtype(value: Any, where: str) -> str | None:
@@ -261,8 +295,10 @@ def _check_setting(setting: Any, where: str) -> None:
             for i, cond in enumerate(setting):
                 _check_setting(cond, f"{where}[{i}]")
             return
-    raise TinkerError(f"{where}: expected a number, a list of numbers (a gradient over layers) or a list of "
-                      f"{{filter, value}} conditions, got {setting!r}")
+    raise TinkerError(
+        f"{where}: expected a number, a list of numbers (a gradient over layers) or a list of "
+        f"{{filter, value}} conditions, got {setting!r}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

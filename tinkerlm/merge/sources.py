@@ -29,12 +29,27 @@ from tinkerlm.formats.describe import safetensors_header
 
 log = logging.getLogger(__name__)
 
-_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool}
+_TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 # Files of an HF directory that make up its tokenizer and chat template (copied to a merge made from it).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 
 
 _GGUF_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -143,8 +158,11 @@ class HFSource(Source):
             raise TinkerError(f"{file}: tensor {name} has dtype {dtype}, which merging does not read")
         stored = _TORCH_DTYPES[dtype]
         if not stored.is_floating_point:
-            return torch.frombuffer(_pread(file, self._files, offset, size, name), dtype=stored).reshape(shape) \
-                if size else torch.zeros(shape, dtype=stored)
+            return (
+                torch.frombuffer(_pread(file, self._files, offset, size, name), dtype=stored).reshape(shape)
+                if size
+                else torch.zeros(shape, dtype=stored)
+            )
         out = torch.empty(shape, dtype=torch.float32)
         flat = out.view(-1)
         if size == 0:
@@ -159,7 +177,7 @@ class HFSource(Source):
             nbytes = min(step, size - start)
             _pread_into(file, self._files, offset + start, memoryview(buf)[:nbytes], name)
             part = torch.frombuffer(buf, dtype=stored, count=nbytes // item)
-            flat[start // item:start // item + part.numel()].copy_(part)
+            flat[start // item : start // item + part.numel()].copy_(part)
         return out
 
     def tokenizer(self):
@@ -169,8 +187,9 @@ class HFSource(Source):
 
     def vocab_key(self) -> str:
         files = {f["path"]: f["sha256"] for f in self.manifest.files}
-        return "+".join(files.get(n, "-") for n in ("tokenizer.json", "tokenizer_config.json",
-                                                     "special_tokens_map.json"))
+        return "+".join(
+            files.get(n, "-") for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+        )
 
     def save_tokenizer(self, model_dir: Path) -> None:
         import shutil
@@ -253,18 +272,23 @@ class LoraSource(Source):
         named = self.adapter.base_model
         m = base.manifest
         if named and named not in (m.name, m.ref, m.source.get("repo"), m.source.get("uri"), base_ref_of(ref)):
-            log.warning("%s: adapter %s was trained on %s, not %s; fusing it anyway", ref, adapter_manifest.ref,
-                        named, m.ref)
-        for module, (a, b) in self.adapter.modules.items():
+            log.warning(
+                "%s: adapter %s was trained on %s, not %s; fusing it anyway", ref, adapter_manifest.ref, named, m.ref
+            )
+        for module in self.adapter.modules:
             weight = f"{module}.weight"
             if not base.has(weight):
-                raise TinkerError(f"{ref}: adapter {adapter_manifest.ref} targets {module}, which {base.label} "
-                                  "does not have (an adapter for another model?)")
+                raise TinkerError(
+                    f"{ref}: adapter {adapter_manifest.ref} targets {module}, which {base.label} "
+                    "does not have (an adapter for another model?)"
+                )
             delta = self.adapter.delta(weight)
             if tuple(delta.shape) != base.shape(weight):
-                raise TinkerError(f"{ref}: adapter {adapter_manifest.ref} changes {weight} by a {list(delta.shape)} "
-                                  f"matrix, but the weight in {base.label} is {list(base.shape(weight))} "
-                                  "(an adapter for another model?)")
+                raise TinkerError(
+                    f"{ref}: adapter {adapter_manifest.ref} changes {weight} by a {list(delta.shape)} "
+                    f"matrix, but the weight in {base.label} is {list(base.shape(weight))} "
+                    "(an adapter for another model?)"
+                )
 
     @property
     def label(self) -> str:
@@ -359,8 +383,10 @@ def open_source(ref: str, where: str, progress: bool = True) -> tuple[Source, li
     if manifest.format == "lora":
         config = hf.read_json(store.model_path(manifest) / "adapter_config.json", required=False) or {}
         base = config.get("base_model_name_or_path") or "BASE"
-        raise TinkerError(f"{where}: {base_ref} is a LoRA adapter, not a model; fuse it into its base model by "
-                          f"writing {base}+{base_ref}")
+        raise TinkerError(
+            f"{where}: {base_ref} is a LoRA adapter, not a model; fuse it into its base model by "
+            f"writing {base}+{base_ref}"
+        )
     path = store.model_path(manifest)
     source: Source = GGUFSource(ref, manifest, path) if manifest.format == "gguf" else HFSource(ref, manifest, path)
     made_of = [(manifest, "model")]

@@ -59,8 +59,13 @@ def hf_layout(config: dict, state_dict: dict, source: str) -> dict:
     return state_dict
 
 
-def load_weights(model: torch.nn.Module, state_dict: dict, source: str, dtype: torch.dtype = torch.float32,
-                 provided: set[str] = frozenset()) -> None:
+def load_weights(
+    model: torch.nn.Module,
+    state_dict: dict,
+    source: str,
+    dtype: torch.dtype = torch.float32,
+    provided: set[str] = frozenset(),
+) -> None:
     """Assign `state_dict` to `model` with strict accounting; `provided` names are loaded elsewhere (quantized).
 
     Raises TinkerError listing tensors the checkpoint has that the model does not use, parameters the checkpoint

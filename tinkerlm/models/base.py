@@ -156,9 +156,7 @@ def rope_inv_freq(
         medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
         inv_freq = torch.where(medium, smoothed, scaled)
     else:
-        raise TinkerError(
-            f"{source}: rope scaling type '{kind}' is not supported (supported: default, linear, llama3)"
-        )
+        raise TinkerError(f"{source}: rope scaling type '{kind}' is not supported (supported: default, linear, llama3)")
     if freq_factors is not None:
         factors = torch.tensor(freq_factors, dtype=torch.float32, device="cpu")
         if factors.numel() != inv_freq.numel():
@@ -233,7 +231,7 @@ class KVCache:
         counts = [counts] * self.batch if isinstance(counts, int) else counts
         self.lengths = [n + c for n, c in zip(self.lengths, counts)]
 
-    def rows(self, start: int, stop: int) -> "KVCache":
+    def rows(self, start: int, stop: int) -> KVCache:
         """A cache over rows [start, stop) sharing this one's storage (views, no copy); its `lengths` is a new list,
         so a caller that advances it copies the lengths back."""
         view = object.__new__(KVCache)
@@ -321,8 +319,9 @@ def _attend_packed(q, k, v, docs: PackedDocs, scale: float | None) -> torch.Tens
         flat = t.transpose(1, 2).reshape(B * T, t.shape[1], t.shape[3])
         return flat[docs.gather].transpose(1, 2)
 
-    y = F.scaled_dot_product_attention(per_doc(q), per_doc(k), per_doc(v), is_causal=True, scale=scale,
-                                       enable_gqa=q.shape[1] != k.shape[1])  # (n_docs, H, L, hd)
+    y = F.scaled_dot_product_attention(
+        per_doc(q), per_doc(k), per_doc(v), is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )  # (n_docs, H, L, hd)
     out = y.new_zeros(B * T, q.shape[1], q.shape[3])
     out[docs.tokens] = y.transpose(1, 2)[docs.valid]
     return out.view(B, T, q.shape[1], q.shape[3]).transpose(1, 2)  # (B, H, T, hd)
@@ -341,8 +340,9 @@ def attend(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
 
         if ops is not None and ops.isa == FULL_ISA:  # fp32 inference: ~1.5x torch's flash attention here
             return ops.attention_causal(q, k, v, scale or q.shape[-1] ** -0.5).transpose(1, 2)  # (B, H, T, hd)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal, scale=scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=None if causal else mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -420,6 +420,11 @@ def make_mask(positions, k_pos, cache: KVCache | None, window: int | None):
     B, T = positions.shape
     if B == 1 and T == 1 and window is None and cache is not None:
         return None
-    if T > 1 and k_pos.shape[1] == T and (cache is None or cache.uniform_start == 0) and (window is None or window >= T):
+    if (
+        T > 1
+        and k_pos.shape[1] == T
+        and (cache is None or cache.uniform_start == 0)
+        and (window is None or window >= T)
+    ):
         return CAUSAL
     return attention_mask(positions, k_pos, window)

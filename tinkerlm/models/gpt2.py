@@ -42,7 +42,7 @@ class GPT2Config:
     model_type: str = "gpt2"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str) -> "GPT2Config":
+    def from_dict(cls, d: dict[str, Any], source: str) -> GPT2Config:
         cfg = config_from_dict(cls, d, source)
         if cfg.n_inner is None:
             cfg.n_inner = 4 * cfg.n_embd
@@ -125,8 +125,14 @@ class GPT2LMHeadModel(CausalLM):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, logits_at: torch.Tensor | None = None,
-                segments: torch.Tensor | None = None, head: bool = True):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        logits_at: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+        head: bool = True,
+    ):
         """Logits (B, T, V) for `input_ids` (B, T), or (B, 1, V) at per-row index `logits_at` (B,); see CausalLM."""
         B, T = input_ids.shape
         positions, k_pos, kv_len = self.step_inputs(input_ids, cache, self.max_context, self.source)

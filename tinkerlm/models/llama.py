@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tinkerlm.errors import TinkerError
 from tinkerlm.models.base import (
     CausalLM,
     KVCache,
@@ -32,7 +33,6 @@ from tinkerlm.models.base import (
     rope_inv_freq,
     swiglu,
 )
-from tinkerlm.errors import TinkerError
 
 
 @dataclass
@@ -61,7 +61,7 @@ class LlamaConfig:
     model_type: str = "llama"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str) -> "LlamaConfig":
+    def from_dict(cls, d: dict[str, Any], source: str) -> LlamaConfig:
         d = dict(d)
         # transformers 5 writes `rope_parameters` (with rope_theta inside) where 4.x wrote rope_theta + rope_scaling.
         params = d.pop("rope_parameters", None)
@@ -192,8 +192,14 @@ class LlamaForCausalLM(CausalLM):
     # A fused one-token decode step (tinkerlm.quant.decode) attached to quantized models; None runs the modules.
     fused_decode = None
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, logits_at: torch.Tensor | None = None,
-                segments: torch.Tensor | None = None, head: bool = True):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        logits_at: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+        head: bool = True,
+    ):
         """Logits (B, T, V) for `input_ids` (B, T), or (B, 1, V) at per-row index `logits_at` (B,); see CausalLM."""
         B, T = input_ids.shape
         if self.fused_decode is not None and T == 1 and cache is not None:

@@ -19,8 +19,18 @@ from tinkerlm.quant.qops import pack
 from tinkerlm.quant.qtensor import Packed, QTensor, fits, from_gguf
 from tinkerlm.quant.qtensor import quantize as quantize_tensor
 
-__all__ = ["QTensor", "Packed", "QLinear", "QEmbedding", "attach", "quantize", "fuse", "unfuse", "weight_bytes",
-           "packed_state_dict"]
+__all__ = [
+    "QTensor",
+    "Packed",
+    "QLinear",
+    "QEmbedding",
+    "attach",
+    "quantize",
+    "fuse",
+    "unfuse",
+    "weight_bytes",
+    "packed_state_dict",
+]
 
 # GGUF types read as plain floats even when packing.
 FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
@@ -84,8 +94,10 @@ def attach(model: nn.Module, packed: dict[str, QTensor | Packed], source: str) -
         if not isinstance(module, (nn.Linear, nn.Embedding)):
             raise TinkerError(f"{source}: tensor {name} is quantized but its module is a {type(module).__name__}")
         if tuple(module.weight.shape) != qt.shape:
-            raise TinkerError(f"{source}: tensor {name} has shape {list(qt.shape)}, config implies "
-                              f"{list(module.weight.shape)} (config and weights disagree)")
+            raise TinkerError(
+                f"{source}: tensor {name} has shape {list(qt.shape)}, config implies "
+                f"{list(module.weight.shape)} (config and weights disagree)"
+            )
         weight = pack(qt)  # once: tied modules share it
         for holder in holders[id(module.weight)]:  # the tied head too
             _swap(model, holder, _quantized(model.get_submodule(holder), weight))
@@ -106,8 +118,8 @@ def quantize(model: nn.Module, bits: int) -> None:
 def fuse(model: nn.Module) -> bool:
     """Speed transforms for inference over packed weights: q/k/v and gate/up as one kernel call each (prefill),
     and the fused C++ decode step where the model allows it (returned: whether it was attached)."""
-    from tinkerlm.quant.decode import FusedLlamaDecoder
     from tinkerlm.kernels import ops
+    from tinkerlm.quant.decode import FusedLlamaDecoder
     from tinkerlm.quant.linear import FusedGateUp, FusedQKV
 
     if ops() is None:
@@ -116,8 +128,12 @@ def fuse(model: nn.Module) -> bool:
     for module in model.modules():
         if hasattr(module, "fused_qkv") and packed(module.q_proj, module.k_proj, module.v_proj):
             module.fused_qkv = FusedQKV(module.q_proj, module.k_proj, module.v_proj)
-        if hasattr(module, "fused_gate_up") and packed(module.gate_proj, module.up_proj) \
-                and module.gate_proj.bias is None and module.up_proj.bias is None:
+        if (
+            hasattr(module, "fused_gate_up")
+            and packed(module.gate_proj, module.up_proj)
+            and module.gate_proj.bias is None
+            and module.up_proj.bias is None
+        ):
             module.fused_gate_up = FusedGateUp(module.gate_proj, module.up_proj)
     if not FusedLlamaDecoder.supports(model):
         return False

@@ -47,8 +47,9 @@ class FusedLlamaDecoder:
             norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
             if not all(isinstance(n, RMSNorm) for n in norms):
                 return False
-            if not all(isinstance(getattr(a, n, None), QLinear) for n in ATTENTION) or \
-                    not all(isinstance(getattr(f, n, None), QLinear) for n in MLP):
+            if not all(isinstance(getattr(a, n, None), QLinear) for n in ATTENTION) or not all(
+                isinstance(getattr(f, n, None), QLinear) for n in MLP
+            ):
                 return False
             qk_norms = (getattr(a, "q_norm", None), getattr(a, "k_norm", None))
             if getattr(cfg, "qk_norm", False) and not all(isinstance(n, RMSNorm) for n in qk_norms):
@@ -69,20 +70,50 @@ class FusedLlamaDecoder:
             a, f = layer.self_attn, layer.mlp
             bq, bk, bv = (m.bias if m.bias is not None else EMPTY for m in (a.q_proj, a.k_proj, a.v_proj))
             q_norm, k_norm = (a.q_norm.weight, a.k_norm.weight) if getattr(cfg, "qk_norm", False) else (EMPTY, EMPTY)
-            self.layers.append(k.DecodeLayer(
-                input_norm=layer.input_layernorm.weight, wq=packed(a.q_proj), wk=packed(a.k_proj),
-                wv=packed(a.v_proj), bq=bq, bk=bk, bv=bv, q_norm=q_norm, k_norm=k_norm, wo=packed(a.o_proj),
-                post_norm=layer.post_attention_layernorm.weight, w_gate=packed(f.gate_proj), w_up=packed(f.up_proj),
-                w_down=packed(f.down_proj)))
-        self.head = k.DecodeHead(final_norm=model.model.norm.weight, lm_head=packed(model.lm_head),
-                                 embedding=packed(model.model.embed_tokens))
-        self.args = (model.inv_freq, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                     float(cfg.rms_norm_eps), int(cfg.sliding_window or 0))
+            self.layers.append(
+                k.DecodeLayer(
+                    input_norm=layer.input_layernorm.weight,
+                    wq=packed(a.q_proj),
+                    wk=packed(a.k_proj),
+                    wv=packed(a.v_proj),
+                    bq=bq,
+                    bk=bk,
+                    bv=bv,
+                    q_norm=q_norm,
+                    k_norm=k_norm,
+                    wo=packed(a.o_proj),
+                    post_norm=layer.post_attention_layernorm.weight,
+                    w_gate=packed(f.gate_proj),
+                    w_up=packed(f.up_proj),
+                    w_down=packed(f.down_proj),
+                )
+            )
+        self.head = k.DecodeHead(
+            final_norm=model.model.norm.weight,
+            lm_head=packed(model.lm_head),
+            embedding=packed(model.model.embed_tokens),
+        )
+        self.args = (
+            model.inv_freq,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            float(cfg.rms_norm_eps),
+            int(cfg.sliding_window or 0),
+        )
 
     def __call__(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, 1, V) for one new token per row (B, 1), written into `cache` at each row's position."""
         positions, _ = cache.prepare(1, self.model.source)
         rows = torch.arange(input_ids.shape[0])
-        logits = kernels.ops().llama_decode(input_ids[:, 0].contiguous(), positions[:, 0].contiguous(), rows,
-                                            self.layers, self.head, cache.k, cache.v, *self.args)
+        logits = kernels.ops().llama_decode(
+            input_ids[:, 0].contiguous(),
+            positions[:, 0].contiguous(),
+            rows,
+            self.layers,
+            self.head,
+            cache.k,
+            cache.v,
+            *self.args,
+        )
         return logits[:, None]

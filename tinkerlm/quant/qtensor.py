@@ -46,7 +46,7 @@ class QTensor:
     def nbytes(self) -> int:
         return self.data.numel()
 
-    def rows(self, index) -> "QTensor":
+    def rows(self, index) -> QTensor:
         """Rows selected or reordered by `index` (a slice keeps a view; a tensor of indices copies)."""
         if isinstance(index, torch.Tensor):  # numpy's row gather: torch's byte-wise index_select is ~40x slower
             return QTensor(torch.from_numpy(self.data.numpy()[index.numpy()]), self.qtype, self.K)
@@ -59,7 +59,7 @@ class QTensor:
         d = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0].float()
         if self.qtype == "Q8_0":
             return d, None, blocks[..., 2:].contiguous().view(torch.int8).to(torch.int16)
-        qs = blocks[..., {"Q4_0": 2, "Q4_1": 4, "Q5_1": 8}[self.qtype]:]
+        qs = blocks[..., {"Q4_0": 2, "Q4_1": 4, "Q5_1": 8}[self.qtype] :]
         u = torch.cat((qs & 0x0F, qs >> 4), dim=-1).to(torch.int16)
         if self.qtype == "Q5_1":  # fifth bits: bit k of a little-endian uint32 belongs to value k
             qh = blocks[..., 4:8].to(torch.int32)
@@ -78,7 +78,7 @@ class QTensor:
         return w.reshape(self.shape)
 
     @staticmethod
-    def cat(parts: list["QTensor"]) -> "QTensor":
+    def cat(parts: list[QTensor]) -> QTensor:
         assert len({(p.qtype, p.K) for p in parts}) == 1
         return QTensor(torch.cat([p.data for p in parts]), parts[0].qtype, parts[0].K)
 

@@ -11,7 +11,7 @@ mirror the `tinkerlm run` flags; `response_format` on /v1/completions is one too
 from __future__ import annotations
 
 import typing
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
@@ -23,16 +23,28 @@ _TYPE_TAGS = {"str", "int", "float", "bool"}  # pydantic names union members in 
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+    TYPES = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "invalid_request_error",
+        413: "invalid_request_error",
+        429: "rate_limit_error",
+        503: "service_unavailable",
+    }
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.TYPES.get(self.status, "server_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 class _Strict(BaseModel):
@@ -54,7 +66,7 @@ class TextPart(_Strict):
 
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    content: str | list[TextPart]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -64,13 +76,13 @@ class Message(_Strict):
 # name unless the declaration gives an API name (json -> response_format).
 OPENAI: dict[str, tuple[Any, dict]] = {
     "temperature": (float, dict(default=1.0, le=2)),  # OpenAI samples by default; its range is [0, 2]
-    "max_tokens": (Optional[int], dict(default=None)),  # None: the rest of the context
-    "stop": (Union[str, list[str], None], dict(default=None)),  # one string or a list (at most 4, see stops())
-    "json": (Optional[ResponseFormat], dict(default=None)),  # {"type": "json_object"}
+    "max_tokens": (int | None, dict(default=None)),  # None: the rest of the context
+    "stop": (str | list[str] | None, dict(default=None)),  # one string or a list (at most 4, see stops())
+    "json": (ResponseFormat | None, dict(default=None)),  # {"type": "json_object"}
 }
 # Chat: `logprobs: true` plus `top_logprobs: k` (see `params`); completions: `logprobs: k` with k <= 5.
 CHAT = {**OPENAI, "logprobs": (bool, dict(default=False, ge=None, le=None))}
-COMPLETION = {**OPENAI, "logprobs": (Optional[int], dict(default=None, le=5))}
+COMPLETION = {**OPENAI, "logprobs": (int | None, dict(default=None, le=5))}
 
 
 def _fields(overrides: dict[str, tuple[Any, dict]]) -> dict[str, tuple[Any, Any]]:
@@ -111,7 +123,7 @@ class _Chat(_Sampling):
 
 
 class _Completion(_Sampling):
-    prompt: Union[str, list[str], list[int]]
+    prompt: str | list[str] | list[int]
 
 
 ChatRequest = create_model("ChatRequest", __base__=_Chat, **_fields(CHAT))
@@ -157,8 +169,9 @@ def parse(cls: type[_Strict], body: Any) -> _Strict:
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"] if p not in _TYPE_TAGS and "[" not in str(p)) or None
         if err["type"] == "extra_forbidden":
-            raise APIError(400, f"Unsupported parameter: '{param}' is not supported by this server",
-                           param, "unsupported_parameter") from None
+            raise APIError(
+                400, f"Unsupported parameter: '{param}' is not supported by this server", param, "unsupported_parameter"
+            ) from None
         if err["type"] == "missing":
             raise APIError(400, f"Missing required parameter: '{param}'", param, "missing_required_parameter") from None
         raise APIError(400, f"Invalid value for '{param}': {err['msg']}", param, "invalid_value") from None

@@ -64,8 +64,12 @@ class _State:
     def engine(self, name: str) -> BatchGenerator:
         e = self.aliases.get(name)
         if e is None:
-            raise APIError(404, f"The model '{name}' does not exist; served models: {', '.join(self.engines)}",
-                           "model", "model_not_found")
+            raise APIError(
+                404,
+                f"The model '{name}' does not exist; served models: {', '.join(self.engines)}",
+                "model",
+                "model_not_found",
+            )
         return e
 
     def defaults(self, engine: BatchGenerator) -> dict[str, Any]:
@@ -78,8 +82,9 @@ class _State:
         auth = request.headers.get("authorization", "")
         given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'", None,
-                           "invalid_api_key")
+            raise APIError(
+                401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'", None, "invalid_api_key"
+            )
 
 
 class _CountRequests:
@@ -144,8 +149,11 @@ class _Run:
 
     def usage(self, prompt_tokens: int) -> dict[str, int]:
         completion = sum(s.generated for s in self.seqs)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        }
 
 
 def _budget(engine: BatchGenerator, n_prompt: int, requested: int | None, param: str) -> int:
@@ -155,13 +163,23 @@ def _budget(engine: BatchGenerator, n_prompt: int, requested: int | None, param:
     ctx = engine.context
     if requested is None:
         if n_prompt >= ctx:
-            raise APIError(400, f"This model's maximum context length is {ctx} tokens, but the prompt has "
-                           f"{n_prompt} tokens. Shorten the prompt.", param, "context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {ctx} tokens, but the prompt has "
+                f"{n_prompt} tokens. Shorten the prompt.",
+                param,
+                "context_length_exceeded",
+            )
         return ctx - n_prompt
     if n_prompt + requested > ctx:
-        raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
-                       f"{n_prompt + requested} tokens ({n_prompt} in the prompt, {requested} for the completion). "
-                       "Reduce the prompt or max_tokens.", "max_tokens", "context_length_exceeded")
+        raise APIError(
+            400,
+            f"This model's maximum context length is {ctx} tokens. However, you requested "
+            f"{n_prompt + requested} tokens ({n_prompt} in the prompt, {requested} for the completion). "
+            "Reduce the prompt or max_tokens.",
+            "max_tokens",
+            "context_length_exceeded",
+        )
     return requested
 
 
@@ -251,8 +269,15 @@ def _completion_logprobs(engine: BatchGenerator, tokens, offset: int = 0) -> dic
 # The app
 
 
-def create_app(models: dict[str, Any], *, api_key: str | None = None, max_batch: int = 8, max_queue: int = 64,
-               max_context: int = DEFAULT_MAX_CONTEXT, shutdown_grace: float = 10.0) -> FastAPI:
+def create_app(
+    models: dict[str, Any],
+    *,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    max_context: int = DEFAULT_MAX_CONTEXT,
+    shutdown_grace: float = 10.0,
+) -> FastAPI:
     """The FastAPI app serving `models` ({id: tinkerlm.LLM}); engines start and stop with the app's lifespan.
 
     Args:
@@ -263,8 +288,12 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_batch:
     """
     if max_batch < 1 or max_queue < 0:
         raise TinkerError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
-    engines = {name: BatchGenerator(llm.model, llm.tokenizer, name=name, max_batch=max_batch, max_queue=max_queue,
-                                    max_context=max_context) for name, llm in models.items()}
+    engines = {
+        name: BatchGenerator(
+            llm.model, llm.tokenizer, name=name, max_batch=max_batch, max_queue=max_queue, max_context=max_context
+        )
+        for name, llm in models.items()
+    }
     state = _State(engines, models, api_key)
 
     @asynccontextmanager
@@ -349,8 +378,7 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_batch:
     async def chat_completions(request: Request):
         req, engine = await admit(request, ChatRequest)
         # "developer" is the newer name of the system role; templates know "system".
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         try:
             text = chat_mod.render(engine.tokenizer, messages)
         except TinkerError as e:
@@ -362,14 +390,35 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_batch:
         run = _start(engine, [ids], req, [budget], state.defaults(engine))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return await _stream(request, run, lambda ev: _chat_chunks(engine, req, rid, created, ev),
-                                 _chat_head(req, rid, created), len(ids), req, rid, created, "chat.completion.chunk")
+            return await _stream(
+                request,
+                run,
+                lambda ev: _chat_chunks(engine, req, rid, created, ev),
+                _chat_head(req, rid, created),
+                len(ids),
+                req,
+                rid,
+                created,
+                "chat.completion.chunk",
+            )
         texts, tokens, reasons = await _collect(request, run)
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                    "logprobs": _chat_logprobs(engine, tokens[i]) if logprobs is not None else None,
-                    "finish_reason": reasons[i]} for i in range(len(texts))]
-        return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
-                "choices": choices, "usage": run.usage(len(ids))}
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": texts[i]},
+                "logprobs": _chat_logprobs(engine, tokens[i]) if logprobs is not None else None,
+                "finish_reason": reasons[i],
+            }
+            for i in range(len(texts))
+        ]
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": req.model,
+            "choices": choices,
+            "usage": run.usage(len(ids)),
+        }
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -379,8 +428,9 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_batch:
         elif isinstance(req.prompt[0], int):
             bad = [t for t in req.prompt if not 0 <= t < engine.vocab]
             if bad:
-                raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary [0, {engine.vocab})",
-                               "prompt")
+                raise APIError(
+                    400, f"prompt: token id {bad[0]} is outside the vocabulary [0, {engine.vocab})", "prompt"
+                )
             prompts = [list(req.prompt)]
         else:
             prompts = [engine.tokenizer.encode(p) for p in req.prompt]
@@ -389,21 +439,47 @@ def create_app(models: dict[str, Any], *, api_key: str | None = None, max_batch:
         run = _start(engine, prompts, req, budgets, state.defaults(engine))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return await _stream(request, run, lambda ev: _completion_chunks(engine, req, rid, created, ev),
-                                 [], n_prompt, req, rid, created, "text_completion")
+            return await _stream(
+                request,
+                run,
+                lambda ev: _completion_chunks(engine, req, rid, created, ev),
+                [],
+                n_prompt,
+                req,
+                rid,
+                created,
+                "text_completion",
+            )
         texts, tokens, reasons = await _collect(request, run)
-        choices = [{"index": i, "text": texts[i],
-                    "logprobs": _completion_logprobs(engine, tokens[i]) if req.logprobs is not None else None,
-                    "finish_reason": reasons[i]} for i in range(len(texts))]
-        return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-                "choices": choices, "usage": run.usage(n_prompt)}
+        choices = [
+            {
+                "index": i,
+                "text": texts[i],
+                "logprobs": _completion_logprobs(engine, tokens[i]) if req.logprobs is not None else None,
+                "finish_reason": reasons[i],
+            }
+            for i in range(len(texts))
+        ]
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": req.model,
+            "choices": choices,
+            "usage": run.usage(n_prompt),
+        }
 
     return app
 
 
 def _model_card(name: str, engine: BatchGenerator, state: _State) -> dict:
-    return {"id": name, "object": "model", "created": state.started, "owned_by": "tinkerlm",
-            "context_length": engine.context}
+    return {
+        "id": name,
+        "object": "model",
+        "created": state.started,
+        "owned_by": "tinkerlm",
+        "context_length": engine.context,
+    }
 
 
 async def _collect(request: Request, run: _Run):
@@ -419,8 +495,9 @@ async def _collect(request: Request, run: _Run):
     return texts, tokens, reasons
 
 
-async def _stream(request: Request, run: _Run, chunks, head: list, n_prompt: int, req, rid: str, created: int,
-                  obj: str):
+async def _stream(
+    request: Request, run: _Run, chunks, head: list, n_prompt: int, req, rid: str, created: int, obj: str
+):
     """An SSE response. The first event is awaited before answering, so errors up to then get their status."""
     first = await run.next(request)
     include_usage = req.stream_options is not None and req.stream_options.include_usage
@@ -441,20 +518,38 @@ async def _stream(request: Request, run: _Run, chunks, head: list, n_prompt: int
                     yield _sse(e.body())
                     return
             if include_usage:
-                yield _sse({"id": rid, "object": obj, "created": created, "model": req.model, "choices": [],
-                            "usage": run.usage(n_prompt)})
+                yield _sse(
+                    {
+                        "id": rid,
+                        "object": obj,
+                        "created": created,
+                        "model": req.model,
+                        "choices": [],
+                        "usage": run.usage(n_prompt),
+                    }
+                )
             yield "data: [DONE]\n\n"
         finally:
             run.cancel()  # the client went away (or we are done): free the slots now
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 def _chat_head(req, rid, created) -> list[dict]:
-    return [{"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-             "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}]} for i in range(req.n)]
+    return [
+        {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": req.model,
+            "choices": [
+                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            ],
+        }
+        for i in range(req.n)
+    ]
 
 
 def _chat_chunks(engine, req, rid, created, ev: Event) -> list[dict]:
@@ -462,11 +557,14 @@ def _chat_chunks(engine, req, rid, created, ev: Event) -> list[dict]:
     out = []
     if ev.text or ev.tokens:
         lp = _chat_logprobs(engine, ev.tokens) if req.logprobs else None
-        out.append(base | {"choices": [{"index": ev.index, "delta": {"content": ev.text}, "logprobs": lp,
-                                        "finish_reason": None}]})
+        out.append(
+            base
+            | {"choices": [{"index": ev.index, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}]}
+        )
     if ev.finish_reason:
-        out.append(base | {"choices": [{"index": ev.index, "delta": {}, "logprobs": None,
-                                        "finish_reason": ev.finish_reason}]})
+        out.append(
+            base | {"choices": [{"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}]}
+        )
     return out
 
 
@@ -474,8 +572,15 @@ def _completion_chunks(engine, req, rid, created, ev: Event) -> list[dict]:
     if not (ev.text or ev.tokens or ev.finish_reason):
         return []
     lp = _completion_logprobs(engine, ev.tokens) if req.logprobs is not None else None
-    return [{"id": rid, "object": "text_completion", "created": created, "model": req.model,
-             "choices": [{"index": ev.index, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}]}]
+    return [
+        {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": req.model,
+            "choices": [{"index": ev.index, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}],
+        }
+    ]
 
 
 def _metrics(state: _State) -> str:
@@ -486,21 +591,41 @@ def _metrics(state: _State) -> str:
         lines.append(f"# TYPE {name} {kind}")
         lines.extend(f"{name}{labels} {value}" for labels, value in samples)
 
-    metric("tinkerlm_http_requests_total", "counter", "HTTP responses by path and status",
-           [(f'{{path="{p}",status="{s}"}}', n) for (p, s), n in sorted(state.requests.items())])
+    metric(
+        "tinkerlm_http_requests_total",
+        "counter",
+        "HTTP responses by path and status",
+        [(f'{{path="{p}",status="{s}"}}', n) for (p, s), n in sorted(state.requests.items())],
+    )
     per_model = [
         ("tinkerlm_prompt_tokens_total", "counter", "prompt tokens prefilled", lambda e: e.stats["prompt_tokens"]),
         ("tinkerlm_generation_tokens_total", "counter", "tokens generated", lambda e: e.stats["generation_tokens"]),
         ("tinkerlm_decode_steps_total", "counter", "batched decode forward passes", lambda e: e.stats["decode_steps"]),
-        ("tinkerlm_decode_rows_total", "counter", "sequences summed over decode steps (rows/steps = mean batch)",
-         lambda e: e.stats["decode_rows"]),
+        (
+            "tinkerlm_decode_rows_total",
+            "counter",
+            "sequences summed over decode steps (rows/steps = mean batch)",
+            lambda e: e.stats["decode_rows"],
+        ),
         ("tinkerlm_sequences_finished_total", "counter", "sequences that finished", lambda e: e.stats["finished"]),
-        ("tinkerlm_sequences_cancelled_total", "counter", "sequences cancelled (client gone, shutdown)",
-         lambda e: e.stats["cancelled"]),
-        ("tinkerlm_time_to_first_token_seconds_sum", "counter", "total queue+prefill time to first token",
-         lambda e: round(e.stats["ttft_sum"], 6)),
-        ("tinkerlm_time_to_first_token_seconds_count", "counter", "sequences with a first token",
-         lambda e: e.stats["ttft_count"]),
+        (
+            "tinkerlm_sequences_cancelled_total",
+            "counter",
+            "sequences cancelled (client gone, shutdown)",
+            lambda e: e.stats["cancelled"],
+        ),
+        (
+            "tinkerlm_time_to_first_token_seconds_sum",
+            "counter",
+            "total queue+prefill time to first token",
+            lambda e: round(e.stats["ttft_sum"], 6),
+        ),
+        (
+            "tinkerlm_time_to_first_token_seconds_count",
+            "counter",
+            "sequences with a first token",
+            lambda e: e.stats["ttft_count"],
+        ),
         ("tinkerlm_slots_busy", "gauge", "KV-cache slots in use", lambda e: e.busy_slots()),
         ("tinkerlm_slots_total", "gauge", "KV-cache slots", lambda e: e.max_batch),
         ("tinkerlm_queue_waiting", "gauge", "sequences waiting for a slot", lambda e: len(e.waiting)),
@@ -540,14 +665,25 @@ def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_lev
                 for sig, handler in old.items():
                     signal.signal(sig, handler)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
-                            access_log=False)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, access_log=False
+    )
     return Server(config)
 
 
-def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch: int = 8, max_queue: int = 64, dtype: str = "float32", quant: str = "native",
-          threads: int | None = None, max_context: int = DEFAULT_MAX_CONTEXT) -> None:
+def serve(
+    models: list[str],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    dtype: str = "float32",
+    quant: str = "native",
+    threads: int | None = None,
+    max_context: int = DEFAULT_MAX_CONTEXT,
+) -> None:
     """Load `models` and serve them until Ctrl-C / SIGTERM (then running requests get a grace period)."""
     import tinkerlm
 
@@ -560,9 +696,12 @@ def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_k
         raise TinkerError(f"port: {port} is not in 1..65535")
     if not _is_loopback(host) and not api_key:
         bar = "!" * 100
-        print(f"{bar}\nWARNING: serving on {host} WITHOUT an API key: anyone who can reach this machine can use "
-              f"the models.\nPass --api-key KEY (or set TINKERLM_API_KEY), or bind 127.0.0.1.\n{bar}",
-              file=sys.stderr, flush=True)
+        print(
+            f"{bar}\nWARNING: serving on {host} WITHOUT an API key: anyone who can reach this machine can use "
+            f"the models.\nPass --api-key KEY (or set TINKERLM_API_KEY), or bind 127.0.0.1.\n{bar}",
+            file=sys.stderr,
+            flush=True,
+        )
     llms = {}
     for name in models:
         print(f"tinkerlm: loading {name} ...", file=sys.stderr, flush=True)
@@ -570,9 +709,15 @@ def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_k
     app = create_app(llms, api_key=api_key, max_batch=max_batch, max_queue=max_queue, max_context=max_context)
     for name, e in app.state.tinkerlm.engines.items():
         mib = sum(t.numel() * t.element_size() for t in e.cache.k + e.cache.v) / 2**20
-        print(f"tinkerlm: {name}: {max_batch} slots x {e.context} tokens of KV cache ({mib:.0f} MiB)",
-              file=sys.stderr, flush=True)
+        print(
+            f"tinkerlm: {name}: {max_batch} slots x {e.context} tokens of KV cache ({mib:.0f} MiB)",
+            file=sys.stderr,
+            flush=True,
+        )
     shown = f"[{host}]" if ":" in host else host
-    print(f"tinkerlm: serving {', '.join(models)} at http://{shown}:{port}/ (OpenAI API under /v1)",
-          file=sys.stderr, flush=True)
+    print(
+        f"tinkerlm: serving {', '.join(models)} at http://{shown}:{port}/ (OpenAI API under /v1)",
+        file=sys.stderr,
+        flush=True,
+    )
     make_server(app, host, port).run()

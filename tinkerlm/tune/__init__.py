@@ -38,15 +38,22 @@ def _base(name_or_path: str):
     path, manifest = resolve_model(name_or_path)
     if manifest is not None:
         if manifest.format == "lora":
-            raise TinkerError(f"base: {manifest.ref} is a LoRA adapter; fuse it first (`tinkerlm fuse "
-                              f"{manifest.ref} --out NAME`) and fine-tune the fused model")
+            raise TinkerError(
+                f"base: {manifest.ref} is a LoRA adapter; fuse it first (`tinkerlm fuse "
+                f"{manifest.ref} --out NAME`) and fine-tune the fused model"
+            )
         return path, manifest, store.parent_entry(manifest, "base")
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    records = [{"path": f.relative_to(path).as_posix() if path.is_dir() else f.name, "sha256": store.sha256_file(f)}
-               for f in files]
+    records = [
+        {"path": f.relative_to(path).as_posix() if path.is_dir() else f.name, "sha256": store.sha256_file(f)}
+        for f in files
+    ]
     license = store.describe(path).get("license")
-    return path, None, {"name": str(path.resolve()), "sha256": store.files_digest(records), "relation": "base",
-                        "license": license}
+    return (
+        path,
+        None,
+        {"name": str(path.resolve()), "sha256": store.files_digest(records), "relation": "base", "license": license},
+    )
 
 
 def _license(parents: list[dict]) -> str | None:
@@ -69,8 +76,15 @@ def _run_dir(out: str) -> Path:
     return store.home() / "runs" / name / tag
 
 
-def finetune(*, config: str | None = None, resume: bool = False, force: bool = False, progress: bool = True,
-             stop_after: int | None = None, **flags):
+def finetune(
+    *,
+    config: str | None = None,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    **flags,
+):
     """Fine-tune a model and store the result; returns its Manifest.
 
     Args:
@@ -104,14 +118,18 @@ def finetune(*, config: str | None = None, resume: bool = False, force: bool = F
         params = dict(model.named_parameters())
         method = "full"
     else:
-        cfg = lora.LoRAConfig(recipe.lora_rank, recipe.lora_alpha, recipe.lora_dropout, recipe.lora_targets,
-                              recipe.rslora)
+        cfg = lora.LoRAConfig(
+            recipe.lora_rank, recipe.lora_alpha, recipe.lora_dropout, recipe.lora_targets, recipe.rslora
+        )
         wrapped = lora.apply_lora(model, cfg, seed=recipe.seed)
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         method = "lora"
     data_files = [("train", Path(recipe.data))] + ([("eval", Path(recipe.eval_data))] if recipe.eval_data else [])
-    data_records = [{"role": role, "path": str(p.resolve()), "sha256": store.sha256_file(p)}
-                    for role, p in data_files if p.is_file()]
+    data_records = [
+        {"role": role, "path": str(p.resolve()), "sha256": store.sha256_file(p)}
+        for role, p in data_files
+        if p.is_file()
+    ]
     if recipe.seq_len > model.max_context:
         print(f"seq_len: {recipe.seq_len} is beyond the model's context; using {model.max_context}", file=sys.stderr)
         recipe.seq_len = model.max_context
@@ -126,8 +144,11 @@ def finetune(*, config: str | None = None, resume: bool = False, force: bool = F
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     train_rows = data_mod.pack(train_ex, recipe.seq_len, pad)
     val_rows = data_mod.pack(val, recipe.seq_len, pad)
-    print(f"packed {len(train_ex)} training examples into {len(train_rows)} rows of {recipe.seq_len} tokens; "
-          f"{len(val)} held out for evaluation", file=sys.stderr)
+    print(
+        f"packed {len(train_ex)} training examples into {len(train_rows)} rows of {recipe.seq_len} tokens; "
+        f"{len(val)} held out for evaluation",
+        file=sys.stderr,
+    )
 
     model.checkpoint_layers = recipe.grad_checkpointing
     n_train = sum(p.numel() for p in params.values())
@@ -136,18 +157,37 @@ def finetune(*, config: str | None = None, resume: bool = False, force: bool = F
     per_epoch = trainer.steps_per_epoch(len(train_rows), recipe.batch_size, recipe.grad_accum)
     total = recipe.max_steps or max(1, round(recipe.epochs * per_epoch))
     tcfg = trainer.TrainConfig(
-        total_steps=total, batch_size=recipe.batch_size, grad_accum=recipe.grad_accum, lr=recipe.lr,
-        min_lr_ratio=recipe.min_lr_ratio, warmup_steps=min(recipe.warmup_steps, total), weight_decay=recipe.weight_decay,
-        max_grad_norm=recipe.max_grad_norm, seed=recipe.seed, bf16=recipe.bf16, eval_every=recipe.eval_every,
-        save_every=recipe.save_every)
+        total_steps=total,
+        batch_size=recipe.batch_size,
+        grad_accum=recipe.grad_accum,
+        lr=recipe.lr,
+        min_lr_ratio=recipe.min_lr_ratio,
+        warmup_steps=min(recipe.warmup_steps, total),
+        weight_decay=recipe.weight_decay,
+        max_grad_norm=recipe.max_grad_norm,
+        seed=recipe.seed,
+        bf16=recipe.bf16,
+        eval_every=recipe.eval_every,
+        save_every=recipe.save_every,
+    )
     fixed = {k: v for k, v in recipe.to_dict().items() if k not in Recipe.RESUMABLE_CHANGES}
-    identity = hashlib.sha256(json.dumps([fixed, data_records, base_record["sha256"]], sort_keys=True,
-                                         default=str).encode()).hexdigest()
+    identity = hashlib.sha256(
+        json.dumps([fixed, data_records, base_record["sha256"]], sort_keys=True, default=str).encode()
+    ).hexdigest()
     run_dir = _run_dir(recipe.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = trainer.train(model, params, train_rows, val_rows, tcfg, run_dir, resume=resume,
-                          meta={"identity": identity, "recipe": recipe.to_dict()}, progress=progress,
-                          stop_after=stop_after)
+    state = trainer.train(
+        model,
+        params,
+        train_rows,
+        val_rows,
+        tcfg,
+        run_dir,
+        resume=resume,
+        meta={"identity": identity, "recipe": recipe.to_dict()},
+        progress=progress,
+        stop_after=stop_after,
+    )
     if stop_after is not None or trainer.rank() != 0:
         return None  # under torchrun only rank 0 stores the result
 
@@ -158,8 +198,9 @@ def finetune(*, config: str | None = None, resume: bool = False, force: bool = F
     def fill(model_dir: Path) -> None:
         if method == "lora":
             fan_in_fan_out = bool(specs.for_model_type(model.config.model_type).conv1d)
-            lora.save_adapter(model, model_dir, lora.peft_config(cfg, wrapped, base_ref, fan_in_fan_out),
-                              dtype=save_dtype)
+            lora.save_adapter(
+                model, model_dir, lora.peft_config(cfg, wrapped, base_ref, fan_in_fan_out), dtype=save_dtype
+            )
         else:
             save_full(model, tokenizer, gen_config, path, model_dir, save_dtype)
         if template is not None:
@@ -168,12 +209,18 @@ def finetune(*, config: str | None = None, resume: bool = False, force: bool = F
         (model_dir / "loss.csv").write_text(trainer.history_csv(state.history))
         trainer.plot_history(state.history, model_dir / "loss.png", f"{recipe.out}: {method} fine-tune of {base_ref}")
 
-    source = {"type": "finetune", "uri": f"finetune:{run_dir.name}", "method": method, "recipe": recipe.to_dict(),
-              "data": data_records, "data_stats": stats.__dict__, "steps": state.step,
-              "final_loss": state.history[-1]["loss"] if state.history else None,
-              "eval_loss": next((r["eval_loss"] for r in reversed(state.history) if r.get("eval_loss") is not None),
-                                None),
-              "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None}
+    source = {
+        "type": "finetune",
+        "uri": f"finetune:{run_dir.name}",
+        "method": method,
+        "recipe": recipe.to_dict(),
+        "data": data_records,
+        "data_stats": stats.__dict__,
+        "steps": state.step,
+        "final_loss": state.history[-1]["loss"] if state.history else None,
+        "eval_loss": next((r["eval_loss"] for r in reversed(state.history) if r.get("eval_loss") is not None), None),
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
+    }
     parents = [base_record]
     m = store.add(recipe.out, fill, source=source, parents=parents, license=_license(parents), force=force)
     print(f"stored {m.ref} ({m.format}); base {base_ref}; licence {m.license or 'unknown'}", file=sys.stderr)
@@ -214,8 +261,14 @@ def save_full(model, tokenizer, gen_config: dict, base_path: Path, model_dir: Pa
     state = {k: (v.t() if spec.is_conv1d(k) else v) for k, v in state.items()}  # HF's Conv1D layout: (in, out)
     # In name order, as safetensors' own save_file lays out tensors of one dtype; each is cast as it is written.
     names = sorted(state)
-    hf.write_model(model_dir, config, [(n, dtype, tuple(state[n].shape)) for n in names],
-                   ((n, state[n]) for n in names), generation_config=gen_config, tokenizer=tokenizer.save_hf)
+    hf.write_model(
+        model_dir,
+        config,
+        [(n, dtype, tuple(state[n].shape)) for n in names],
+        ((n, state[n]) for n in names),
+        generation_config=gen_config,
+        tokenizer=tokenizer.save_hf,
+    )
 
 
 def fuse(name: str, out: str, *, force: bool = False, dtype: str = "float32"):
@@ -250,10 +303,15 @@ def fuse(name: str, out: str, *, force: bool = False, dtype: str = "float32"):
     parents = [store.parent_entry(adapter_m, "adapter")]
     if base_m is not None:
         parents.append(store.parent_entry(base_m, "base"))
-    source = {"type": "fuse", "uri": f"fuse:{adapter_m.ref}", "adapter": adapter_m.ref,
-              "base": base_m.ref if base_m else str(base_path)}
-    m = store.add(out, fill, source=source, parents=parents,
-                  license=adapter_m.license or _license(parents), force=force)
+    source = {
+        "type": "fuse",
+        "uri": f"fuse:{adapter_m.ref}",
+        "adapter": adapter_m.ref,
+        "base": base_m.ref if base_m else str(base_path),
+    }
+    m = store.add(
+        out, fill, source=source, parents=parents, license=adapter_m.license or _license(parents), force=force
+    )
     print(f"stored {m.ref}: {adapter_m.ref} fused into {source['base']}", file=sys.stderr)
     return m
 

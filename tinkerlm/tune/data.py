@@ -116,8 +116,10 @@ def chat_example(tokenizer, messages: list[dict], where: str) -> Example:
         before = render(tokenizer, messages[:i], add_generation_prompt=True)
         upto = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not (upto.startswith(before) and full.startswith(upto)):
-            raise TinkerError(f"{where}: the chat template does not render this conversation as a growing prefix, "
-                              "so assistant tokens cannot be located for the loss mask")
+            raise TinkerError(
+                f"{where}: the chat template does not render this conversation as a growing prefix, "
+                "so assistant tokens cannot be located for the loss mask"
+            )
         spans.append((len(before), len(upto)))
     return _mask_by_spans(tokenizer, full, spans)
 
@@ -150,8 +152,10 @@ def load_examples(path: str | Path, tokenizer, seq_len: int) -> tuple[list[Examp
         where = f"{path}:{n}"
         if "messages" in obj:
             if not tokenizer.chat_template:
-                raise TinkerError(f"{where}: chat example, but the base model has no chat template (use "
-                                  "prompt/completion or text lines, or a base with a template)")
+                raise TinkerError(
+                    f"{where}: chat example, but the base model has no chat template (use "
+                    "prompt/completion or text lines, or a base with a template)"
+                )
             ex, kind = chat_example(tokenizer, _check_messages(obj["messages"], where), where), "chat"
         elif "prompt" in obj and "completion" in obj:
             if not isinstance(obj["prompt"], str) or not isinstance(obj["completion"], str):
@@ -163,8 +167,10 @@ def load_examples(path: str | Path, tokenizer, seq_len: int) -> tuple[list[Examp
             ex, kind = plain_example(tokenizer, obj["text"], None), "text"
         else:
             keys = ", ".join(sorted(obj)) or "none"
-            raise TinkerError(f"{where}: unknown example shape (keys: {keys}); expected 'messages', "
-                              "'prompt' + 'completion', or 'text'")
+            raise TinkerError(
+                f"{where}: unknown example shape (keys: {keys}); expected 'messages', "
+                "'prompt' + 'completion', or 'text'"
+            )
         stats.formats[kind] = stats.formats.get(kind, 0) + 1
         if len(ex.ids) > seq_len:
             stats.truncated += 1

@@ -65,8 +65,13 @@ class Recipe:
             raise TinkerError("data: a training JSONL file is required (--data train.jsonl)")
         if not self.out:
             raise TinkerError("out: a store name for the result is required (--out NAME)")
-        positive = {"lora_rank": self.lora_rank, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "seq_len": self.seq_len, "lr": self.lr}
+        positive = {
+            "lora_rank": self.lora_rank,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "seq_len": self.seq_len,
+            "lr": self.lr,
+        }
         for k, v in positive.items():
             if not v > 0:
                 raise TinkerError(f"{k}: must be > 0, got {v}")

@@ -110,8 +110,9 @@ def _head_ce(head: nn.Module, h: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return F.cross_entropy(head(h).float(), labels, reduction="sum")
 
 
-def loss_sum(model: nn.Module, ids: torch.Tensor, segments: torch.Tensor, target: torch.Tensor,
-             bf16: bool = False) -> torch.Tensor:
+def loss_sum(
+    model: nn.Module, ids: torch.Tensor, segments: torch.Tensor, target: torch.Tensor, bf16: bool = False
+) -> torch.Tensor:
     """Summed cross-entropy over the target tokens of packed rows (B, T)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         h = model(ids, segments=segments, head=False)  # (B, T, C)
@@ -157,12 +158,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint (directories are only complete once renamed to step-NNNNNN)."""
     d = run_dir / "checkpoints"
-    done = sorted(p for p in d.glob(f"{CKPT_PREFIX}*") if p.is_dir() and p.name[len(CKPT_PREFIX):].isdigit())
+    done = sorted(p for p in d.glob(f"{CKPT_PREFIX}*") if p.is_dir() and p.name[len(CKPT_PREFIX) :].isdigit())
     return done[-1] if done else None
 
 
-def save_checkpoint(run_dir: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer, state: State,
-                    meta: dict) -> Path:
+def save_checkpoint(
+    run_dir: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer, state: State, meta: dict
+) -> Path:
     from safetensors.torch import save_file
 
     ckpts = run_dir / "checkpoints"
@@ -203,16 +205,20 @@ def load_checkpoint(path: Path, params: dict[str, nn.Parameter], opt: torch.opti
     weights = load_file(str(path / "trainable.safetensors"))
     missing = sorted(set(params) - set(weights))
     if missing:
-        raise TinkerError(f"{path}: checkpoint lacks {missing[0]} (written by another recipe? start afresh "
-                          "without --resume)")
+        raise TinkerError(
+            f"{path}: checkpoint lacks {missing[0]} (written by another recipe? start afresh without --resume)"
+        )
     moments = load_file(str(path / "optimizer.safetensors"))
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name])
     for name, p in params.items():
         if f"{name}.exp_avg" in moments:
-            opt.state[p] = {"step": moments[f"{name}.step"][0].clone(), "exp_avg": moments[f"{name}.exp_avg"],
-                            "exp_avg_sq": moments[f"{name}.exp_avg_sq"]}
+            opt.state[p] = {
+                "step": moments[f"{name}.step"][0].clone(),
+                "exp_avg": moments[f"{name}.exp_avg"],
+                "exp_avg_sq": moments[f"{name}.exp_avg_sq"],
+            }
     torch.set_rng_state(moments["rng.torch"])
     state = State(step=info["step"], tokens=info["tokens"], seconds=info["seconds"], history=info["history"])
     return state, info
@@ -261,9 +267,19 @@ def plot_history(history: list[dict], path: Path, title: str) -> None:
 # The loop
 
 
-def train(model: nn.Module, params: dict[str, nn.Parameter], train_rows: Rows, val_rows: Rows | None,
-          cfg: TrainConfig, run_dir: Path, *, resume: bool = False, meta: dict | None = None,
-          progress: bool = True, stop_after: int | None = None) -> State:
+def train(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    train_rows: Rows,
+    val_rows: Rows | None,
+    cfg: TrainConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    meta: dict | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> State:
     """Train `params` (the trainable tensors of `model`, by name) and return the final State.
 
     Args:
@@ -279,8 +295,7 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], train_rows: Rows, v
     decay = [p for n, p in params.items() if p.ndim >= 2]
     no_decay = [p for n, p in params.items() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-                            foreach=True)
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
     state = State()
     if resume:
         ckpt = latest_checkpoint(run_dir)
@@ -288,8 +303,10 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], train_rows: Rows, v
             raise TinkerError(f"{run_dir}: no checkpoint to resume from (run without --resume to start)")
         state, info = load_checkpoint(ckpt, params, opt)
         if info.get("identity") != meta.get("identity"):
-            raise TinkerError(f"{ckpt}: was written by a different recipe or data; start afresh without --resume "
-                              "(or restore the original recipe)")
+            raise TinkerError(
+                f"{ckpt}: was written by a different recipe or data; start afresh without --resume "
+                "(or restore the original recipe)"
+            )
     else:
         if rank == 0 and (run_dir / "checkpoints").exists():
             shutil.rmtree(run_dir / "checkpoints")
@@ -298,8 +315,14 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], train_rows: Rows, v
     per_epoch = steps_per_epoch(len(train_rows), cfg.batch_size, cfg.grad_accum)
     eval_every = cfg.eval_every or per_epoch
     model.train()
-    bar = tqdm(total=cfg.total_steps, initial=state.step, desc="fine-tune", unit="step", disable=not progress or rank,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.total_steps,
+        initial=state.step,
+        desc="fine-tune",
+        unit="step",
+        disable=not progress or rank,
+        dynamic_ncols=True,
+    )
     last_save = state.step
     try:
         while state.step < cfg.total_steps:
@@ -333,15 +356,24 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], train_rows: Rows, v
             state.tokens += int(train_rows.ids[rows].numel())
             dt = time.perf_counter() - t0
             state.seconds += dt
-            row = {"step": state.step, "epoch": round(state.step / per_epoch, 4), "lr": lr,
-                   "loss": total / max(n_target, 1), "eval_loss": None, "tokens": state.tokens,
-                   "seconds": round(state.seconds, 3)}
+            row = {
+                "step": state.step,
+                "epoch": round(state.step / per_epoch, 4),
+                "lr": lr,
+                "loss": total / max(n_target, 1),
+                "eval_loss": None,
+                "tokens": state.tokens,
+                "seconds": round(state.seconds, 3),
+            }
             if val_rows is not None and (state.step % eval_every == 0 or state.step == cfg.total_steps):
                 row["eval_loss"] = evaluate(model, val_rows, cfg.batch_size, cfg.bf16)
             state.history.append(row)
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{train_rows.ids[rows].numel() / dt:,.0f}",
-                            **({"eval": f"{row['eval_loss']:.3f}"} if row["eval_loss"] is not None else {}))
+            bar.set_postfix(
+                loss=f"{row['loss']:.3f}",
+                tok_s=f"{train_rows.ids[rows].numel() / dt:,.0f}",
+                **({"eval": f"{row['eval_loss']:.3f}"} if row["eval_loss"] is not None else {}),
+            )
             if stop_after is not None and state.step >= stop_after:
                 return state
             if rank == 0 and cfg.save_every and state.step % cfg.save_every == 0:

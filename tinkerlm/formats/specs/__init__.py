@@ -18,8 +18,18 @@ from tinkerlm.errors import TinkerError
 from tinkerlm.formats.specs import gpt2, llama
 from tinkerlm.formats.specs.base import GGUFMetadata, Spec
 
-__all__ = ["Spec", "GGUFMetadata", "SPECS", "model_types", "gguf_architectures", "find", "for_model_type", "for_gguf",
-           "gguf_model_type", "with_defaults"]
+__all__ = [
+    "Spec",
+    "GGUFMetadata",
+    "SPECS",
+    "model_types",
+    "gguf_architectures",
+    "find",
+    "for_model_type",
+    "for_gguf",
+    "gguf_model_type",
+    "with_defaults",
+]
 
 # The registry: one spec per family, in the order error messages list them.
 SPECS: tuple[Spec, ...] = (llama.SPEC, gpt2.SPEC)

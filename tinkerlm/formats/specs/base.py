@@ -8,9 +8,10 @@ Imports no torch and neither the GGUF reader nor the models: `gguf_config` reads
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 

@@ -14,6 +14,7 @@ References:
 from __future__ import annotations
 
 import re
+
 import numpy as np
 
 from tinkerlm.errors import TinkerError
@@ -116,20 +117,36 @@ def shapes(c: dict) -> dict[str, tuple[int, ...]]:
     q, kv = heads * hd, (c.get("num_key_value_heads") or heads) * hd
     a, m = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
     return {
-        "model.embed_tokens.weight": (v, h), "lm_head.weight": (v, h), "model.norm.weight": (h,),
-        "model.layers.{i}.input_layernorm.weight": (h,), "model.layers.{i}.post_attention_layernorm.weight": (h,),
-        a + "q_proj.weight": (q, h), a + "k_proj.weight": (kv, h), a + "v_proj.weight": (kv, h),
-        a + "q_proj.bias": (q,), a + "k_proj.bias": (kv,), a + "v_proj.bias": (kv,),
-        a + "o_proj.weight": (h, q), a + "o_proj.bias": (h,), a + "q_norm.weight": (hd,), a + "k_norm.weight": (hd,),
-        m + "gate_proj.weight": (i_, h), m + "up_proj.weight": (i_, h), m + "down_proj.weight": (h, i_),
+        "model.embed_tokens.weight": (v, h),
+        "lm_head.weight": (v, h),
+        "model.norm.weight": (h,),
+        "model.layers.{i}.input_layernorm.weight": (h,),
+        "model.layers.{i}.post_attention_layernorm.weight": (h,),
+        a + "q_proj.weight": (q, h),
+        a + "k_proj.weight": (kv, h),
+        a + "v_proj.weight": (kv, h),
+        a + "q_proj.bias": (q,),
+        a + "k_proj.bias": (kv,),
+        a + "v_proj.bias": (kv,),
+        a + "o_proj.weight": (h, q),
+        a + "o_proj.bias": (h,),
+        a + "q_norm.weight": (hd,),
+        a + "k_norm.weight": (hd,),
+        m + "gate_proj.weight": (i_, h),
+        m + "up_proj.weight": (i_, h),
+        m + "down_proj.weight": (h, i_),
     }
 
 
 SPEC = Spec(
     family="llama",
     model_types=("llama", "mistral", "qwen2", "qwen3"),
-    hf_classes={"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM"},
+    hf_classes={
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
+    },
     model=("LlamaConfig", "LlamaForCausalLM"),
     gguf_architectures=GGUF_ARCHITECTURES,
     tensor_names={
@@ -153,9 +170,17 @@ SPEC = Spec(
         "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
     },
     required=(
-        "token_embd.weight", "output_norm.weight", "blk.{i}.attn_norm.weight", "blk.{i}.attn_q.weight",
-        "blk.{i}.attn_k.weight", "blk.{i}.attn_v.weight", "blk.{i}.attn_output.weight", "blk.{i}.ffn_norm.weight",
-        "blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight", "blk.{i}.ffn_down.weight",
+        "token_embd.weight",
+        "output_norm.weight",
+        "blk.{i}.attn_norm.weight",
+        "blk.{i}.attn_q.weight",
+        "blk.{i}.attn_k.weight",
+        "blk.{i}.attn_v.weight",
+        "blk.{i}.attn_output.weight",
+        "blk.{i}.ffn_norm.weight",
+        "blk.{i}.ffn_gate.weight",
+        "blk.{i}.ffn_up.weight",
+        "blk.{i}.ffn_down.weight",
     ),
     gguf_config=gguf_config,
     shapes=shapes,

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tinkerlm"
 
 # The layers, lowest first; a module may import its own line and the lines above it.
 TABLE = [
-    ("errors", "kernels"),  # the one exception type; C++ kernels
+    ("errors", "limits", "kernels"),  # the one exception type; resource bounds; C++ kernels
     ("formats",),  # gguf, hf (+ the one HF writer), peft adapter files, tokenizer, specs
     ("models", "quant", "lora"),  # architectures; module swaps for quantization and LoRA
     ("loading", "sampling", "generate", "batching", "chat", "jsonmode"),  # checkpoint -> model; generation

@@ -41,7 +41,19 @@ MAX_JSON_DEPTH = 64  # nesting of a request body, a JSONL line, a recipe
 # -- recipes (YAML) and training data (JSONL) -------------------------------------------------------------------
 MAX_YAML_ALIASES = 64  # alias references in one recipe (alias bombs expand exponentially)
 MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = MAX_YAML_BYTES // 2  # values with aliases expanded: no more than an alias-free file could hold
 MAX_JSONL_LINE_BYTES = 1 << 24
+# fine-tune recipe values (far above real runs, far below what exhausts memory or overflows counters)
+MAX_LORA_RANK = 1 << 12
+MAX_STEPS = 1 << 31  # max_steps, warmup_steps, eval_every, save_every
+MAX_EPOCHS = 1e6
+MAX_BATCH = 1 << 16  # batch_size, grad_accum
+MAX_THREADS = 1 << 10
+MAX_LR = 10.0
+# merge recipes
+MAX_MERGE_SLICES = 1 << 10  # slices in one recipe (output layers are bounded by MAX_LAYERS too)
+MAX_MERGE_INPUTS = 1 << 8  # models merged into one tensor
+MAX_MERGE_FACTOR = 1e4  # |weight|, |lambda|, |scale|: beyond this fp32 weights overflow or mean nothing
 
 
 def check(value: int, limit: int, what: str, hint: str = "the file is corrupt or hostile") -> int:

@@ -100,21 +100,10 @@ def load(recipe: str | Path | dict) -> Recipe:
     if isinstance(recipe, dict):
         raw, where = recipe, "recipe"
     else:
-        import yaml
+        from tinkerlm.formats import safe_yaml
 
-        path = Path(recipe)
-        where = str(path)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise TinkerError(f"{path}: no such recipe file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise TinkerError(f"{path}: cannot read the recipe ({e})") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise TinkerError(f"{path}: not valid YAML{at} ({problem})") from None
+        where = str(recipe)
+        raw = safe_yaml.load(recipe)
     if not isinstance(raw, dict):
         raise TinkerError(
             f"{where}: a recipe is a YAML mapping with merge_method and models or slices, got {type(raw).__name__}"

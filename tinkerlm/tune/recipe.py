@@ -8,10 +8,12 @@ This module imports no torch, so `tinkerlm finetune --help` stays fast.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from tinkerlm import limits
 from tinkerlm.errors import TinkerError
 from tinkerlm.formats.peft import DEFAULT_TARGETS
 
@@ -58,38 +60,82 @@ class Recipe:
     RESUMABLE_CHANGES = ("max_steps", "epochs", "eval_every", "save_every", "threads")
 
     def check(self) -> None:
-        """Raises TinkerError naming the first out-of-range field."""
+        """Raises TinkerError naming the first field of the wrong type or out of range (`tinkerlm.limits`)."""
         if not self.base:
             raise TinkerError("base: which model to fine-tune? (a store name such as smollm2, or a path)")
         if not self.data:
             raise TinkerError("data: a training JSONL file is required (--data train.jsonl)")
         if not self.out:
             raise TinkerError("out: a store name for the result is required (--out NAME)")
-        positive = {
-            "lora_rank": self.lora_rank,
-            "batch_size": self.batch_size,
-            "grad_accum": self.grad_accum,
-            "seq_len": self.seq_len,
-            "lr": self.lr,
+        for name in ("base", "data", "out", "eval_data", "quant", "save_dtype"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or len(value) > 4096 or "\0" in value):
+                raise TinkerError(f"{name}: must be a string (a name or path), got {_short(value)}")
+        for name in ("full", "rslora", "bf16", "grad_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise TinkerError(f"{name}: must be true or false, got {_short(getattr(self, name))}")
+        ints = {  # name: (lowest, highest)
+            "lora_rank": (1, limits.MAX_LORA_RANK),
+            "batch_size": (1, limits.MAX_BATCH),
+            "grad_accum": (1, limits.MAX_BATCH),
+            "seq_len": (1, limits.MAX_CONTEXT),
+            "warmup_steps": (0, limits.MAX_STEPS),
+            "eval_every": (0, limits.MAX_STEPS),
+            "save_every": (0, limits.MAX_STEPS),
+            "max_steps": (1, limits.MAX_STEPS),
+            "threads": (1, limits.MAX_THREADS),
+            "seed": (0, 2**63 - 1),
         }
-        for k, v in positive.items():
-            if not v > 0:
-                raise TinkerError(f"{k}: must be > 0, got {v}")
-        if self.max_steps is None and not self.epochs > 0:
-            raise TinkerError(f"epochs: must be > 0, got {self.epochs}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise TinkerError(f"max_steps: must be >= 1, got {self.max_steps}")
-        if not 0 <= self.lora_dropout < 1:
-            raise TinkerError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
-        if not 0 < self.val_fraction < 1:
-            raise TinkerError(f"val_fraction: must be in (0, 1), got {self.val_fraction}")
+        for name, (lo, hi) in ints.items():
+            value = getattr(self, name)
+            if value is None and name in ("max_steps", "threads"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TinkerError(f"{name}: must be an integer, got {_short(value)}")
+            if not lo <= value <= hi:
+                raise TinkerError(f"{name}: must be between {lo} and {hi:,}, got {_short(value)}")
+        floats = {  # name: (lowest, highest, lowest excluded, highest excluded)
+            "lr": (0.0, limits.MAX_LR, True, False),
+            "lora_alpha": (0.0, 1e6, True, False),
+            "lora_dropout": (0.0, 1.0, False, True),
+            "val_fraction": (0.0, 1.0, True, True),
+            "min_lr_ratio": (0.0, 1.0, False, False),
+            "weight_decay": (0.0, 1e3, False, False),
+            "max_grad_norm": (0.0, 1e9, False, False),  # 0: no clipping
+            "epochs": (0.0, limits.MAX_EPOCHS, self.max_steps is None, False),
+        }
+        for name, (lo, hi, open_lo, open_hi) in floats.items():
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise TinkerError(f"{name}: must be a finite number, got {_short(value)}")
+            if value < lo or value > hi or (open_lo and value == lo) or (open_hi and value == hi):
+                span = f"{'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}"
+                raise TinkerError(f"{name}: must be in {span}, got {_short(value)}")
         if self.quant not in ("native", "fp32", "bf16"):
             raise TinkerError(f"quant: must be native, fp32 or bf16, got {self.quant!r}")
         if self.save_dtype not in ("float32", "bfloat16"):
             raise TinkerError(f"save_dtype: must be float32 or bfloat16, got {self.save_dtype!r}")
-        for k in ("warmup_steps", "eval_every", "save_every"):
-            if getattr(self, k) < 0:
-                raise TinkerError(f"{k}: must be >= 0, got {getattr(self, k)}")
+        targets = self.lora_targets
+        if (
+            not isinstance(targets, list)
+            or not targets
+            or len(targets) > 256
+            or not all(isinstance(t, str) and 0 < len(t) <= 256 for t in targets)
+        ):
+            raise TinkerError(
+                f"lora_targets: must be a non-empty list of module names (such as q_proj, v_proj), got {_short(targets)}"
+            )
+
+
+def _short(value: Any) -> str:
+    """repr(value), cut to one short line (a hostile recipe may hold megabytes in one value)."""
+    text = (
+        repr(value)
+        if not isinstance(value, int) or abs(value) < 10**30
+        else f"an integer of {len(str(abs(value)))} digits"
+    )
+    text = text.replace("\n", " ")
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 FIELDS = {f.name: f for f in fields(Recipe)}
@@ -110,12 +156,14 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         if not isinstance(value, bool):
             raise TinkerError(f"{where}: {name} must be true or false, got {value!r}")
         return value
-    bad = TinkerError(f"{where}: {name} must be {kind.__name__}, got {value!r}")
+    bad = TinkerError(f"{where}: {name} must be {kind.__name__}, got {_short(value)}")
     if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
         raise bad
+    if not isinstance(value, (str, int, float)) or (kind is str and not isinstance(value, str)):
+        raise bad  # str() of a list or mapping is not a name, and int() of one is not a number
     try:
         return kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # int("1e9"), int(float("inf"))
         raise bad from None
 
 
@@ -125,15 +173,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     Raises:
         TinkerError: unreadable YAML, unknown keys (with the closest known name), values of the wrong type.
     """
-    import yaml
+    from tinkerlm.formats import safe_yaml
 
     path = Path(path)
     if not path.is_file():
         raise TinkerError(f"{path}: recipe file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise TinkerError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = safe_yaml.load(path) or {}
     if not isinstance(data, dict):
         raise TinkerError(f"{path}: expected a mapping of recipe fields at the top level")
     out = {}

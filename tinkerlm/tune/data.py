@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from tinkerlm import limits
 from tinkerlm.errors import TinkerError
 
 ROLES = ("system", "user", "assistant")
@@ -55,6 +57,10 @@ class DataStats:
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line.
 
+    Lines are read as bytes, at most `limits.MAX_JSONL_LINE_BYTES` each, so a file without newlines cannot fill
+    memory; each is checked for UTF-8, JSON, nesting depth (`limits.MAX_JSON_DEPTH`) and lone surrogates (which
+    JSON's `\\ud800` escapes can produce but no tokenizer can encode).
+
     Raises:
         TinkerError: missing file, or a line that is not a JSON object (naming file and line).
     """
@@ -62,20 +68,63 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise TinkerError(f"{path}: data file not found")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    limit = limits.MAX_JSONL_LINE_BYTES
+    with open(path, "rb") as f:
+        n = 0
+        while raw := f.readline(limit + 1):
+            n += 1
+            where = f"{path}:{n}"
+            if len(raw) > limit and not raw.endswith(b"\n"):
+                raise TinkerError(f"{where}: line longer than {limit:,} bytes; split the example or check the file")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TinkerError(f"{where}: not UTF-8 text (bad byte at column {e.start + 1})") from None
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TinkerError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise TinkerError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            obj = parse_line(line, where)
             rows.append((n, obj))
     if not rows:
         raise TinkerError(f"{path}: no examples (the file is empty)")
     return rows
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_line(line: str, where: str) -> dict:
+    """One JSONL line as a JSON object, within the depth limit and free of lone surrogates.
+
+    Raises:
+        TinkerError: naming `where` (file:line).
+    """
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise TinkerError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise TinkerError(f"{where}: JSON nested deeper than {limits.MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:  # an integer of more than 4,300 digits
+        raise TinkerError(f"{where}: a value cannot be read ({str(e).split(':')[0]})") from None
+    if not isinstance(obj, dict):
+        raise TinkerError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    stack = [(obj, 1)]
+    while stack:  # iterative: depth is what is being checked
+        value, depth = stack.pop()
+        if depth > limits.MAX_JSON_DEPTH:
+            raise TinkerError(f"{where}: JSON nested deeper than {limits.MAX_JSON_DEPTH} levels")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if _SURROGATE.search(k):
+                    raise TinkerError(f"{where}: key {k!r} holds a lone surrogate (an unpaired \\uD800-\\uDFFF escape)")
+                stack.append((v, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, str) and _SURROGATE.search(value):
+            raise TinkerError(
+                f"{where}: a string holds a lone surrogate (an unpaired \\uD800-\\uDFFF escape); fix the file"
+            )
+    return obj
 
 
 def _check_messages(messages, where: str) -> list[dict]:

@@ -198,28 +198,70 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer) -> tuple[State, dict]:
-    """Restore parameters, AdamW moments and the RNG from a checkpoint; returns its State and metadata."""
+    """Restore parameters, AdamW moments and the RNG from a checkpoint; returns its State and metadata.
+
+    Everything is checked before anything is restored (safetensors only, never pickle), so a truncated or foreign
+    checkpoint is an error that names it, and the run's tensors are untouched.
+
+    Raises:
+        TinkerError: unreadable, truncated or mismatched checkpoint files.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    info = json.loads((path / "state.json").read_text())
-    weights = load_file(str(path / "trainable.safetensors"))
+    def bad(what: str) -> TinkerError:
+        return TinkerError(
+            f"{path}: {what}; the checkpoint is damaged (a disk full or a kill while saving?): delete that "
+            "directory to resume from the one before, or start afresh without --resume"
+        )
+
+    try:
+        info = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        weights = load_file(str(path / "trainable.safetensors"))
+        moments = load_file(str(path / "optimizer.safetensors"))
+    except FileNotFoundError as e:
+        raise bad(f"{Path(e.filename or '').name or 'a file'} is missing") from None
+    except (OSError, ValueError, SafetensorError, RecursionError) as e:  # ValueError covers JSON and UTF-8 errors
+        raise bad(f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    counters = {"step": int, "tokens": int, "seconds": (int, float), "history": list}
+    if (
+        not isinstance(info, dict)
+        or any(not isinstance(info.get(k), t) or isinstance(info.get(k), bool) for k, t in counters.items())
+        or info["step"] < 0
+        or not all(isinstance(r, dict) for r in info["history"])
+    ):
+        raise bad("state.json lacks step, tokens, seconds or history")
     missing = sorted(set(params) - set(weights))
     if missing:
         raise TinkerError(
             f"{path}: checkpoint lacks {missing[0]} (written by another recipe? start afresh without --resume)"
         )
-    moments = load_file(str(path / "optimizer.safetensors"))
+    for name, p in params.items():
+        if tuple(weights[name].shape) != tuple(p.shape):
+            raise bad(f"{name} is {list(weights[name].shape)} in the checkpoint, the model's is {list(p.shape)}")
+        if f"{name}.exp_avg" in moments:
+            for key in (f"{name}.exp_avg", f"{name}.exp_avg_sq"):
+                if tuple(moments[key].shape) != tuple(p.shape):
+                    raise bad(f"{key} has shape {list(moments[key].shape)}, expected {list(p.shape)}")
+            if moments.get(f"{name}.step") is None or moments[f"{name}.step"].numel() != 1:
+                raise bad(f"{name}.step is missing")
+    rng = moments.get("rng.torch")
+    if rng is None or rng.dtype != torch.uint8 or tuple(rng.shape) != tuple(torch.get_rng_state().shape):
+        raise bad("rng.torch is missing or not a random generator state")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name])
     for name, p in params.items():
         if f"{name}.exp_avg" in moments:
             opt.state[p] = {
-                "step": moments[f"{name}.step"][0].clone(),
-                "exp_avg": moments[f"{name}.exp_avg"],
-                "exp_avg_sq": moments[f"{name}.exp_avg_sq"],
+                "step": moments[f"{name}.step"].reshape(-1)[0].clone(),
+                "exp_avg": moments[f"{name}.exp_avg"].to(p.dtype),
+                "exp_avg_sq": moments[f"{name}.exp_avg_sq"].to(p.dtype),
             }
-    torch.set_rng_state(moments["rng.torch"])
+    try:
+        torch.set_rng_state(rng)
+    except RuntimeError as e:
+        raise bad(f"rng.torch is not a valid generator state ({e})") from None
     state = State(step=info["step"], tokens=info["tokens"], seconds=info["seconds"], history=info["history"])
     return state, info
 

@@ -21,9 +21,11 @@ import hashlib
 import json
 import logging
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
+from tinkerlm import limits
 from tinkerlm.errors import TinkerError
 
 log = logging.getLogger(__name__)
@@ -65,13 +67,13 @@ def merge(
     from tinkerlm.formats import hf
     from tinkerlm.merge import methods
     from tinkerlm.merge import recipe as recipe_mod
-    from tinkerlm.merge.plan import plan
+    from tinkerlm.merge.plan import output_bytes, plan
     from tinkerlm.merge.sources import open_source
     from tinkerlm.openness import licences
 
     if threads is not None:
-        if threads < 1:
-            raise TinkerError(f"threads: must be >= 1, got {threads}")
+        if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= limits.MAX_THREADS:
+            raise TinkerError(f"threads: must be between 1 and {limits.MAX_THREADS}, got {threads!r}")
         torch.set_num_threads(threads)
     r = recipe_mod.load(recipe)
     method = methods.METHODS.get(r.method)
@@ -93,6 +95,15 @@ def merge(
             made_of += [(m, kind, ref) for m, kind in parts]
         tasks, config = plan(r, sources, method)
         _check_vocabularies(r, sources)
+        # Before anything is written: what the merge will write, said, and refused past the store's free space.
+        size = output_bytes(tasks)
+        print(
+            f"{name}:{tag}: {len(tasks)} tensors, {config.get('num_hidden_layers', config.get('n_layer', '?'))} "
+            f"layers, {store.format_size(size)} of weights to write",
+            file=sys.stderr,
+            flush=True,
+        )
+        store.check_space(size, f"merge into {name}:{tag}")
 
         seed = r.random_seed if r.random_seed is not None else random_seed
         if method.random and seed is None:

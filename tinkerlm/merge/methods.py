@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from tinkerlm import limits
+
 REQUIRED = object()
 
 
@@ -39,6 +41,11 @@ class Param:
     kind: type  # float or bool
     scope: str
     default: Any = REQUIRED
+    # The range a float value must lie in (checked by the planner for every tensor, before anything is written):
+    # by default a factor whose magnitude is bounded, since fp32 weights times 1e308 are only inf and nan.
+    lo: float = -limits.MAX_MERGE_FACTOR
+    hi: float = limits.MAX_MERGE_FACTOR
+    meaning: str = ""  # what the value is, said when it is out of range
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,7 @@ def linear(
 
 @register(
     "slerp",
-    (Param("t", float, "shared"),),
+    (Param("t", float, "shared", lo=0.0, hi=1.0, meaning="the position from the base (0) to the other model (1)"),),
     base="required",
     min_inputs=2,
     max_inputs=2,
@@ -272,7 +279,7 @@ def _elect_and_add(
 
 _TASK_PARAMS = (
     Param("weight", float, "non_base"),
-    Param("density", float, "non_base", 1.0),
+    Param("density", float, "non_base", 1.0, lo=0.0, hi=1.0, meaning="the fraction of each task vector kept"),
     Param("lambda", float, "shared", 1.0),
     Param("int8_mask", bool, "shared", False),
 )

@@ -17,6 +17,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from tinkerlm import limits
 from tinkerlm.errors import TinkerError
 from tinkerlm.formats import specs
 from tinkerlm.merge.methods import REQUIRED, Method
@@ -135,6 +136,12 @@ def plan(recipe: Recipe, sources: dict[str, Source], method: Method) -> tuple[li
                 )
         _check_inputs(recipe, method, s, i)
 
+    n_out = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in recipe.slices)
+    if n_out > limits.MAX_LAYERS:
+        raise TinkerError(
+            f"{where}: the slices stack {n_out:,} layers; at most {limits.MAX_LAYERS} (repeat fewer layers)"
+        )
+
     out_tied = tied(reference.config)
     template = ref_layout.layers.get(0, [])
     other = [n for n in ref_layout.other if not (out_tied and n == _HEAD)]
@@ -227,6 +234,14 @@ def plan(recipe: Recipe, sources: dict[str, Source], method: Method) -> tuple[li
     return tasks, config
 
 
+_ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def output_bytes(tasks: list[TensorTask]) -> int:
+    """The size of the merged weights as written: the sum over output tensors of elements x bytes per element."""
+    return sum(math.prod(t.shape) * _ITEMSIZE.get(t.dtype, 4) for t in tasks)
+
+
 def _check_inputs(recipe: Recipe, method: Method, s: OutputSlice, i: int) -> None:
     where = recipe.where
     refs = [src.model for src in s.sources]
@@ -287,10 +302,10 @@ def _parameters(
             )
         if p.kind is float and not math.isfinite(v):
             raise TinkerError(f"{where}: parameter {p.name} is {v} for {who} (tensor {tensor}); give a finite number")
-        if p.name == "density" and not 0 <= v <= 1:
+        if p.kind is float and not p.lo <= v <= p.hi:
+            why = f"; it is {p.meaning}" if p.meaning else ""
             raise TinkerError(
-                f"{where}: density {v:g} for {who} (tensor {tensor}) is outside [0, 1]; it is the "
-                "fraction of each task vector kept"
+                f"{where}: {p.name} {v:g} for {who} (tensor {tensor}) is outside [{p.lo:g}, {p.hi:g}]{why}"
             )
         return v
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tinkerlm import limits
 from tinkerlm.errors import TinkerError
 
 log = logging.getLogger(__name__)
@@ -140,8 +142,8 @@ def load(recipe: str | Path | dict) -> Recipe:
             "'auto' are not supported); leave it out to keep the base model's"
         )
     seed = raw.get("random_seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-        raise TinkerError(f"{where}: random_seed must be a non-negative integer, got {seed!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
+        raise TinkerError(f"{where}: random_seed must be an integer from 0 to 2**63 - 1, got {_short(seed)}")
 
     base = _model_ref(raw.get("base_model"), f"{where}: base_model", optional=True)
     parameters = _parameters(raw.get("parameters"), f"{where}: parameters")
@@ -149,6 +151,8 @@ def load(recipe: str | Path | dict) -> Recipe:
         models = raw["models"]
         if not isinstance(models, list):
             raise TinkerError(f"{where}: models must be a list of {{model: NAME, parameters: {{...}}}} entries")
+        if len(models) > limits.MAX_MERGE_INPUTS:
+            raise TinkerError(f"{where}: models lists {len(models)} models; at most {limits.MAX_MERGE_INPUTS} merge")
         sources = [_input(m, f"{where}: models[{i}]", layers=False) for i, m in enumerate(models)]
         if base and base not in [s.model for s in sources]:
             # As mergekit does: the base joins the inputs (task vectors are taken from it).
@@ -158,6 +162,8 @@ def load(recipe: str | Path | dict) -> Recipe:
         items = raw["slices"]
         if not isinstance(items, list):
             raise TinkerError(f"{where}: slices must be a list of {{sources: [{{model, layer_range}}, ...]}} entries")
+        if len(items) > limits.MAX_MERGE_SLICES:
+            raise TinkerError(f"{where}: {len(items)} slices; at most {limits.MAX_MERGE_SLICES} (join adjacent ones)")
         slices = [_slice(s, f"{where}: slices[{i}]") for i, s in enumerate(items)]
     for i, s in enumerate(slices):
         refs = [src.model for src in s.sources]
@@ -186,8 +192,10 @@ def _model_ref(value: Any, where: str, optional: bool = False) -> str | None:
         return None
     if isinstance(value, dict) and "model" in value:  # mergekit's long form {model: {path: ...}, lora: ...}
         raise TinkerError(f"{where}: write the model as a string: NAME, or BASE+LORA for an adapter")
-    if not isinstance(value, str) or not value.strip():
-        raise TinkerError(f"{where}: expected a model name (a store name such as smollm2, or BASE+LORA), got {value!r}")
+    if not isinstance(value, str) or not value.strip() or len(value) > 1024:
+        raise TinkerError(
+            f"{where}: expected a model name (a store name such as smollm2, or BASE+LORA), got {_short(value)}"
+        )
     return value.strip()
 
 
@@ -209,7 +217,7 @@ def _input(item: Any, where: str, layers: bool) -> InputRef:
             or len(lr) != 2
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
         ):
-            raise TinkerError(f"{where}.layer_range: expected [START, END] (integers, END exclusive), got {lr!r}")
+            raise TinkerError(f"{where}.layer_range: expected [START, END] (integers, END exclusive), got {_short(lr)}")
         if not 0 <= lr[0] < lr[1]:
             raise TinkerError(f"{where}.layer_range: [{lr[0]}, {lr[1]}] is empty or negative; need 0 <= START < END")
         layer_range = (lr[0], lr[1])
@@ -222,6 +230,13 @@ def _slice(item: Any, where: str) -> OutputSlice:
     for key in item:
         if key not in ("sources", "base_model", "parameters", "residual_weight"):
             raise TinkerError(f"{where}: unknown key {key!r} (allowed: sources, base_model, parameters)")
+    if len(item["sources"]) > limits.MAX_MERGE_INPUTS:
+        raise TinkerError(f"{where}: {len(item['sources'])} sources; at most {limits.MAX_MERGE_INPUTS} merge")
+    residual = item.get("residual_weight")  # mergekit's key, accepted for compatibility and unused (as there)
+    if residual is not None and (
+        not isinstance(residual, (int, float)) or isinstance(residual, bool) or not math.isfinite(residual)
+    ):
+        raise TinkerError(f"{where}.residual_weight: expected a finite number, got {_short(residual)}")
     sources = [_input(s, f"{where}.sources[{j}]", layers=True) for j, s in enumerate(item["sources"])]
     lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
     if len(lengths) > 1:
@@ -240,10 +255,12 @@ def _slice(item: Any, where: str) -> OutputSlice:
 def _dtype(value: Any, where: str) -> str | None:
     if value is None:
         return None
-    name = str(value).removeprefix("torch.")
+    if not isinstance(value, str):
+        raise TinkerError(f"{where}: {_short(value)} is not one of {', '.join(DTYPES)}")
+    name = value.removeprefix("torch.")
     name = _DTYPE_ALIASES.get(name, name)
     if name not in DTYPES:
-        raise TinkerError(f"{where}: {value!r} is not one of {', '.join(DTYPES)}")
+        raise TinkerError(f"{where}: {_short(value)} is not one of {', '.join(DTYPES)}")
     return name
 
 
@@ -251,10 +268,18 @@ def _parameters(value: Any, where: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise TinkerError(f"{where}: expected a mapping of parameter names to values, got {value!r}")
+        raise TinkerError(f"{where}: expected a mapping of parameter names to values, got {_short(value)}")
     for name, setting in value.items():
         _check_setting(setting, f"{where}.{name}")
     return dict(value)
+
+
+def _short(value: Any) -> str:
+    """repr(value) on one short line (a hostile recipe may hold megabytes, or a 4,000-digit integer, in a value)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _is_scalar(v: Any) -> bool:
@@ -264,18 +289,31 @@ def _is_scalar(v: Any) -> bool:
 def _check_setting(setting: Any, where: str) -> None:
     """A value is a scalar, a non-empty gradient of scalars, a {filter, value} condition, or a list of them."""
     if _is_scalar(setting):
+        if isinstance(setting, str) and len(setting) > 256:
+            raise TinkerError(f"{where}: expected a number or true/false, got a string of {len(setting):,} characters")
         return
+    if isinstance(setting, list) and len(setting) > limits.MAX_LAYERS:
+        # each entry is looked at for every tensor: a long list costs time, and no model has more layers
+        raise TinkerError(
+            f"{where}: a list of {len(setting):,} entries; a gradient or condition list has at most {limits.MAX_LAYERS}"
+        )
     if isinstance(setting, dict):
         for key in setting:
             if key not in ("filter", "value"):
                 raise TinkerError(f"{where}: a condition has keys filter and value, not {key!r}")
         if "value" not in setting:
             raise TinkerError(f"{where}: a condition needs a value: {{filter: self_attn, value: 0.5}}")
-        if setting.get("filter") is not None and not isinstance(setting["filter"], str):
-            raise TinkerError(f"{where}: filter must be a string (a part of tensor names), got {setting['filter']!r}")
+        if setting.get("filter") is not None and (
+            not isinstance(setting["filter"], str) or len(setting["filter"]) > 1024
+        ):
+            raise TinkerError(
+                f"{where}: filter must be a string (a part of tensor names), got {_short(setting['filter'])}"
+            )
         inner = setting["value"]
+        if isinstance(inner, list) and len(inner) > limits.MAX_LAYERS:
+            raise TinkerError(f"{where}: a gradient of {len(inner):,} entries; at most {limits.MAX_LAYERS}")
         if not (_is_scalar(inner) or (isinstance(inner, list) and inner and all(_is_scalar(x) for x in inner))):
-            raise TinkerError(f"{where}: a condition's value is a number or a list of numbers, got {inner!r}")
+            raise TinkerError(f"{where}: a condition's value is a number or a list of numbers, got {_short(inner)}")
         return
     if isinstance(setting, list) and setting:
         if all(_is_scalar(x) for x in setting):
@@ -286,7 +324,7 @@ def _check_setting(setting: Any, where: str) -> None:
             return
     raise TinkerError(
         f"{where}: expected a number, a list of numbers (a gradient over layers) or a list of "
-        f"{{filter, value}} conditions, got {setting!r}"
+        f"{{filter, value}} conditions, got {_short(setting)}"
     )
 
 
@@ -297,13 +335,13 @@ def _check_setting(setting: Any, where: str) -> None:
 def to_float(value: Any, where: str) -> float:
     """A number; numeric strings count (YAML 1.1 reads `1e-3` as a string)."""
     if isinstance(value, bool):
-        raise TinkerError(f"{where}: expected a number, got {value!r}")
+        raise TinkerError(f"{where}: expected a number, got {_short(value)}")
     if isinstance(value, (int, float)):
         return float(value)
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise TinkerError(f"{where}: expected a number, got {value!r}") from None
+        raise TinkerError(f"{where}: expected a number, got {_short(value)}") from None
 
 
 def to_bool(value: Any, where: str) -> bool:
@@ -313,7 +351,7 @@ def to_bool(value: Any, where: str) -> bool:
         return bool(value)
     if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
         return value.lower() in ("true", "yes", "on")
-    raise TinkerError(f"{where}: expected true or false, got {value!r}")
+    raise TinkerError(f"{where}: expected true or false, got {_short(value)}")
 
 
 def evaluate(setting: Any, tensor_name: str, t: float, kind: type, where: str) -> Any:

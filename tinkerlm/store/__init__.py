@@ -37,7 +37,7 @@ from tinkerlm.store.manifest import (
     sha256_file,
 )
 from tinkerlm.store.pulls import import_model, pull
-from tinkerlm.store.staging import HF_OPTIONAL_FILES, add
+from tinkerlm.store.staging import HF_OPTIONAL_FILES, add, check_space
 
 __all__ = [
     "CATALOGUE",
@@ -47,6 +47,7 @@ __all__ = [
     "MANIFEST",
     "Manifest",
     "add",
+    "check_space",
     "describe",
     "digest",
     "files_digest",

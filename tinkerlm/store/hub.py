@@ -20,7 +20,7 @@ from pathlib import Path
 from tinkerlm.errors import TinkerError
 from tinkerlm.formats import hf
 from tinkerlm.store.manifest import Manifest, _sanitise
-from tinkerlm.store.staging import _PROGRESS_MIN_BYTES, _check_space, _existing, _hf_plan, _stage, _target
+from tinkerlm.store.staging import _PROGRESS_MIN_BYTES, _existing, _hf_plan, _stage, _target, check_space
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _pull_hub(source: str, name: str | None, force: bool, progress: bool) -> Man
                 f"{source}: {repo} has {len(ggufs)} GGUF files ({', '.join(ggufs)}); pick one with "
                 f"`tinkerlm pull hf:{repo}/FILE.gguf`"
             )
-    _check_space(sum(siblings[f].size or 0 for f in plan))
+    check_space(sum(siblings[f].size or 0 for f in plan))
 
     def fetch(rel: str, model_dir: Path) -> dict:
         s = siblings.get(rel)

@@ -23,7 +23,6 @@ from tinkerlm.store.hub import _default_name as _hub_default_name
 from tinkerlm.store.hub import _parse_hf, _pull_hub
 from tinkerlm.store.manifest import Manifest, _sanitise, _suggest, describe, find, list_models, parse_name
 from tinkerlm.store.staging import (
-    _check_space,
     _copy_file,
     _copy_hashing,
     _existing,
@@ -31,6 +30,7 @@ from tinkerlm.store.staging import (
     _same_source,
     _stage,
     _target,
+    check_space,
 )
 
 
@@ -180,7 +180,7 @@ def _pull_local(path: Path, name: str | None, force: bool, progress: bool) -> Ma
     name, tag = _target(name, _local_default_name(path))
     if (m := _existing(name, tag, src, force)) is not None:
         return m
-    _check_space(sum((path / p if path.is_dir() else path).stat().st_size for p in plan))
+    check_space(sum((path / p if path.is_dir() else path).stat().st_size for p in plan), f"a copy of {path}")
 
     def fill(model_dir: Path) -> tuple[list[dict], dict]:
         files = []

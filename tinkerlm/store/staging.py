@@ -105,13 +105,18 @@ def _copy_file(src: Path, dst: Path, progress: bool) -> dict:
     return {"path": dst.name, "size": size, "sha256": digest}
 
 
-def _check_space(need: int) -> None:
+def check_space(need: int, what: str = "this") -> None:
+    """Refuse, before writing, a model of `need` bytes that the store's disk cannot hold.
+
+    Raises:
+        TinkerError: naming `what`, the size needed and the space free.
+    """
     root = home()
     root.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(root).free
     if need > free:
         raise TinkerError(
-            f"not enough disk space in {root}: need {format_size(need)}, {format_size(free)} free; "
+            f"not enough disk space in {root} for {what}: need {format_size(need)}, {format_size(free)} free; "
             f"free some space (`tinkerlm rm`) or set TINKERLM_HOME to another disk"
         )
 

@@ -3,8 +3,8 @@
 Serves, on 127.0.0.1 and a free port, from repos held in memory:
     GET /api/models/ORG/REPO[/revision/REV]?blobs=True   what `HfApi.model_info(..., files_metadata=True)` reads
     GET /ORG/REPO/resolve/REV/FILE                       file bytes, with Content-Length and Range support
-Knobs to test failure handling: advertise a wrong sha256 for some files, and drop the connection after N bytes
-for the first K file requests.
+Knobs to test failure handling: advertise a wrong sha256 for some files, drop the connection after N bytes
+for the first K file requests, and (a hostile endpoint) stream far more bytes than a file's listed size.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ class HubServer:
     drop_after: int | None = None  # bytes of a file body sent before the connection is dropped ...
     drop_times: int = 0  # ... for this many file requests
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
+    flood: dict[str, int] = field(
+        default_factory=dict
+    )  # file name -> bytes streamed for it instead (listing unchanged)
+    sent: dict[str, int] = field(default_factory=dict)  # file name -> bytes of a flood the client accepted
 
     def __enter__(self) -> HubServer:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -101,9 +105,28 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 if data is None:
                     self._json(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
                     return
+                if m.group(3) in hub.flood:
+                    self._flood(m.group(3), hub.flood[m.group(3)])
+                    return
                 self._file(data)
                 return
             self._json(404, {"error": "not found"})
+
+        def _flood(self, name: str, total: int) -> None:
+            """Stream `total` bytes (as one declared body), until done or the client hangs up."""
+            self.send_response(200)
+            self.send_header("Content-Length", str(total))
+            self.end_headers()
+            chunk = b"\0" * (1 << 16)
+            hub.sent[name] = 0
+            try:
+                while hub.sent[name] < total:
+                    n = min(len(chunk), total - hub.sent[name])
+                    self.wfile.write(chunk[:n])
+                    hub.sent[name] += n
+            except OSError:  # the client closed the connection: what a download that stops looks like
+                pass
+            self.close_connection = True
 
         def _file(self, data: bytes) -> None:
             start, status, headers = 0, 200, {"Accept-Ranges": "bytes"}

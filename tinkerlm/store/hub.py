@@ -89,7 +89,14 @@ def _pull_hub(source: str, name: str | None, force: bool, progress: bool) -> Man
                 f"{source}: {repo} has {len(ggufs)} GGUF files ({', '.join(ggufs)}); pick one with "
                 f"`tinkerlm pull hf:{repo}/FILE.gguf`"
             )
-    check_space(sum(siblings[f].size or 0 for f in plan))
+    for f in plan:
+        listed = siblings[f].lfs.size if siblings[f].lfs else siblings[f].size
+        if not isinstance(listed, int) or isinstance(listed, bool) or listed < 0:
+            raise TinkerError(
+                f"{source}: the Hub lists no valid size for {f} ({listed!r}); tinkerlm downloads only what a "
+                "listing bounds (check HF_ENDPOINT)"
+            )
+    check_space(sum((siblings[f].lfs.size if siblings[f].lfs else siblings[f].size) for f in plan), source)
 
     def fetch(rel: str, model_dir: Path) -> dict:
         s = siblings.get(rel)
@@ -160,9 +167,16 @@ def _download(
                         h = hashlib.sha256()
                         bar.reset(total=size)
                         done = 0
-                    length = r.headers.get("Content-Length")
-                    end = done + int(length) if length is not None else None
+                    length = r.headers.get("Content-Length", "")
+                    end = done + int(length) if length.isdigit() and len(length) < 20 else None
                     for chunk in r.iter_raw():  # no chunk_size: a buffered partial chunk would be lost on a drop
+                        if size is not None and done + len(chunk) > size:
+                            # A server that sends more than its own listing is broken or hostile: stop at once
+                            # (leaving the block closes the connection), never write past the listed size.
+                            raise TinkerError(
+                                f"hf:{repo}/{filename}: the server sent more than the {size:,} bytes the Hub "
+                                f"lists for it; stopped, nothing was stored (check HF_ENDPOINT)"
+                            )
                         out.write(chunk)
                         h.update(chunk)
                         done += len(chunk)

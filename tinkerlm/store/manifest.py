@@ -159,17 +159,60 @@ def _read_manifest(path: Path) -> Manifest:
         raise TinkerError(f"{path}: unreadable manifest ({e}); remove the model with `tinkerlm rm` and pull it again")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):  # not a pid this system could have
+        return False
+    return True
+
+
+def _recover_replacements() -> None:
+    """Put back a model whose replacement (`pull --force`, `merge --force`, ...) was killed halfway.
+
+    A replacement renames the stored directory aside into its tmp dir (`tmp/PID-.../old`), renames the new one in,
+    then deletes the tmp dir. A process killed between the two renames leaves `old` there and nothing in place: the
+    next look at the store (by any process) renames it back, so the old copy survives a kill at any point.
+    """
+    tmp = home() / "tmp"
+    try:
+        entries = list(tmp.iterdir())
+    except OSError:
+        return
+    for d in entries:
+        old = d / "old"
+        pid = d.name.split("-", 1)[0]
+        if not pid.isdigit() or _pid_alive(int(pid)) or not (old / MANIFEST).is_file():
+            continue
+        try:
+            m = _read_manifest(old / MANIFEST)
+            final = _model_dir(*parse_name(f"{m.name}:{m.tag}"))
+            if not final.exists() and not final.is_symlink():
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(old, final)
+                log.warning("%s: restored after an interrupted replacement", m.ref)
+        except (OSError, TinkerError) as e:
+            log.warning("%s: could not restore an interrupted replacement (%s)", old, e)
+
+
 def find(name: str) -> Manifest | None:
     """The stored model called `name` (`NAME[:TAG]`), or pulled from `name` if it is an `hf:` source; else None."""
     if name.startswith("hf:"):
         return next((m for m in list_models() if m.source.get("uri") == name), None)
     base, tag = parse_name(name)
     path = _model_dir(base, tag) / MANIFEST
+    if not path.is_file():
+        _recover_replacements()
     return _read_manifest(path) if path.is_file() else None
 
 
 def list_models() -> list[Manifest]:
     """Every stored model, sorted by `name:tag`. Unreadable manifests are logged and skipped."""
+    _recover_replacements()
     out = []
     for path in sorted(_models_dir().glob(f"*/*/{MANIFEST}")):
         try:
@@ -217,14 +260,30 @@ def get(name: str) -> Manifest:
 def rm(name: str) -> Manifest:
     """Remove a stored model and return its manifest. The directory is renamed into tmp/ first, then deleted.
 
+    Symbolic links are never followed: a model directory (`models/NAME/TAG`) that is a link is unlinked, its target
+    untouched; a `models/NAME` link is unlinked when the model is its only tag, and refused otherwise (deleting
+    through it would delete inside the target).
+
     Raises:
-        TinkerError: not in the store; the message lists close matches.
+        TinkerError: not in the store (the message lists close matches), or reached through a shared link.
     """
     m = get(name)
     d = _model_dir(m.name, m.tag)
-    trash = _new_tmp_dir("rm")
-    os.rename(d, trash / "model")
-    shutil.rmtree(trash, ignore_errors=True)
+    if d.parent.is_symlink():
+        tags = [p.name for p in d.parent.iterdir()]
+        if tags != [d.name]:
+            raise TinkerError(
+                f"{d.parent} is a symbolic link to {os.readlink(d.parent)} holding tags {', '.join(sorted(tags))}; "
+                f"tinkerlm does not delete through links: remove the link yourself"
+            )
+        d.parent.unlink()
+        return m
+    if d.is_symlink():
+        d.unlink()
+    else:
+        trash = _new_tmp_dir("rm")
+        os.rename(d, trash / "model")
+        shutil.rmtree(trash, ignore_errors=True)  # (rmtree unlinks links inside, never following them)
     try:
         d.parent.rmdir()  # the NAME directory, once its last tag is gone
     except OSError:

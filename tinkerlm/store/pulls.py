@@ -168,10 +168,11 @@ def _pull_catalogue(source: str, name: str | None, force: bool, progress: bool) 
 
 
 def _pull_local(path: Path, name: str | None, force: bool, progress: bool) -> Manifest:
-    path = path.resolve()
+    path = path.resolve()  # the path the user named may itself be a link: that one is theirs to follow
     src = {"type": "local", "uri": str(path)}
+    real: dict[str, Path] = {}  # file in the plan -> the file copied (a link's checked target)
     if path.is_dir():
-        plan = _hf_plan_local(path)
+        plan = _hf_plan_local(path, real)
     else:
         if path.suffix.lower() != ".gguf":
             raise TinkerError(f"{path}: not a .gguf file; pull a .gguf file or a Hugging Face model directory")
@@ -185,7 +186,7 @@ def _pull_local(path: Path, name: str | None, force: bool, progress: bool) -> Ma
     def fill(model_dir: Path) -> tuple[list[dict], dict]:
         files = []
         for rel in plan:
-            f = _copy_file(path / rel if path.is_dir() else path, model_dir / rel, progress)
+            f = _copy_file(real.get(rel, path / rel) if path.is_dir() else path, model_dir / rel, progress)
             files.append({**f, "path": rel})
         return files, {}
 
@@ -197,10 +198,42 @@ def _local_default_name(path: Path) -> str:
     return _sanitise(path.name if path.is_dir() else path.stem)
 
 
-def _hf_plan_local(d: Path) -> list[str]:
+def _hf_plan_local(d: Path, real: dict[str, Path]) -> list[str]:
+    """The files of a local Hugging Face directory to copy; `real` gets the checked target of each link."""
     present = {p.name for p in d.iterdir() if p.is_file()}
     plan = _hf_plan(present, str(d))
+    for rel in plan:  # before any of them is read (the index below)
+        real[rel] = _confined(d, rel)
     if "model.safetensors.index.json" in plan:
         shards = [p.name for p in hf.weight_files(d)]  # also checks every shard is there
         plan = [p for p in plan if not p.endswith(".safetensors")] + shards
+        for rel in shards:
+            real[rel] = _confined(d, rel)
     return plan
+
+
+def _confined(d: Path, rel: str) -> Path:
+    """The file to copy for `d/rel`: itself, or where its symbolic link points when that is inside the model's own
+    folder. Links elsewhere are refused: a folder from a stranger could hold `tokenizer.json -> ~/.ssh/id_rsa`,
+    and the pull would copy the key into the store (and from there into anything shared).
+
+    The Hugging Face cache is the one layout where links leave the folder: a snapshot
+    (`models--ORG--NAME/snapshots/REV/`) holds links to `../../blobs/SHA`. Refusing those would make every cached
+    model unpullable, so links into the same `models--ORG--NAME` directory are followed too.
+
+    Raises:
+        TinkerError: a link that leads out of those folders, or to something other than a regular file.
+    """
+    p = d / rel
+    if not p.is_symlink():
+        return p
+    target = p.resolve()
+    roots = [d]
+    if d.parent.name == "snapshots" and d.parent.parent.name.startswith("models--"):
+        roots.append(d.parent.parent)
+    if not any(target.is_relative_to(r) for r in roots) or not target.is_file():
+        raise TinkerError(
+            f"{p}: a symbolic link to {target}, outside the model folder; tinkerlm does not copy through links "
+            f"that leave it (copy the file itself into {d} if you trust it)"
+        )
+    return target

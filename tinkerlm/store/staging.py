@@ -30,6 +30,8 @@ from tinkerlm.store.manifest import (
     Manifest,
     _model_dir,
     _new_tmp_dir,
+    _pid_alive,
+    _recover_replacements,
     describe,
     find,
     home,
@@ -51,18 +53,10 @@ HF_OPTIONAL_FILES = (
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _clean_stale_tmp() -> None:
-    """Remove tmp dirs of pulls whose process is gone (killed with SIGKILL, power loss) or that are very old."""
+    """Remove tmp dirs of pulls whose process is gone (killed with SIGKILL, power loss) or that are very old,
+    after putting back any model a killed replacement had moved aside."""
+    _recover_replacements()
     tmp = home() / "tmp"
     if not tmp.is_dir():
         return
@@ -190,19 +184,23 @@ def _stage(
 
 
 def _commit(model_dir: Path, final: Path, staging: Path, force: bool) -> None:
+    """Move the staged model to `final`: the old copy (if any, replaced with force) is renamed aside into the
+    staging dir, the new one renamed in, and the old deleted with the staging dir. Any exception between the
+    renames (Ctrl-C included) puts the old copy back here; a kill there leaves it for `_recover_replacements`,
+    which the next look at the store runs."""
     final.parent.mkdir(parents=True, exist_ok=True)
     old = staging / "old"
-    if final.exists():
+    if final.exists() or final.is_symlink():
         # A directory without a manifest is debris (e.g. emptied by hand), not a model: replace it.
         if not force and (final / MANIFEST).exists():
             raise FileExistsError(final)
         os.rename(final, old)
     try:
         os.rename(model_dir, final)
-    except OSError as e:
-        if old.exists():
+    except BaseException as e:
+        if (old.exists() or old.is_symlink()) and not final.exists():
             os.rename(old, final)  # put the previous model back
-        if final.exists():
+        if isinstance(e, OSError) and final.exists():
             raise FileExistsError(final) from e
         raise
 

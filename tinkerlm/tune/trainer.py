@@ -215,12 +215,13 @@ def load_checkpoint(path: Path, params: dict[str, nn.Parameter], opt: torch.opti
             "directory to resume from the one before, or start afresh without --resume"
         )
 
+    for name in ("state.json", "trainable.safetensors", "optimizer.safetensors"):
+        if not (path / name).is_file():
+            raise bad(f"{name} is missing")
     try:
         info = json.loads((path / "state.json").read_text(encoding="utf-8"))
         weights = load_file(str(path / "trainable.safetensors"))
         moments = load_file(str(path / "optimizer.safetensors"))
-    except FileNotFoundError as e:
-        raise bad(f"{Path(e.filename or '').name or 'a file'} is missing") from None
     except (OSError, ValueError, SafetensorError, RecursionError) as e:  # ValueError covers JSON and UTF-8 errors
         raise bad(f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
     counters = {"step": int, "tokens": int, "seconds": (int, float), "history": list}

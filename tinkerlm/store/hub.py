@@ -89,21 +89,14 @@ def _pull_hub(source: str, name: str | None, force: bool, progress: bool) -> Man
                 f"{source}: {repo} has {len(ggufs)} GGUF files ({', '.join(ggufs)}); pick one with "
                 f"`tinkerlm pull hf:{repo}/FILE.gguf`"
             )
-    for f in plan:
-        listed = siblings[f].lfs.size if siblings[f].lfs else siblings[f].size
-        if not isinstance(listed, int) or isinstance(listed, bool) or listed < 0:
-            raise TinkerError(
-                f"{source}: the Hub lists no valid size for {f} ({listed!r}); tinkerlm downloads only what a "
-                "listing bounds (check HF_ENDPOINT)"
-            )
-    check_space(sum((siblings[f].lfs.size if siblings[f].lfs else siblings[f].size) for f in plan), source)
+    check_space(sum(_listed_size(siblings[f], source) for f in plan), source)
 
     def fetch(rel: str, model_dir: Path) -> dict:
         s = siblings.get(rel)
         if s is None:
             raise TinkerError(f"{source}: {repo} has no {rel!r}, though its safetensors index names it")
         dst = model_dir / Path(rel).name  # a GGUF from a subfolder is stored flat
-        size = s.lfs.size if s.lfs else s.size
+        size = _listed_size(s, source)
         digest = _download(repo, rel, info.sha, endpoint, dst, size, s.lfs.sha256 if s.lfs else None, progress)
         return {"path": dst.name, "size": dst.stat().st_size, "sha256": digest}
 
@@ -117,6 +110,17 @@ def _pull_hub(source: str, name: str | None, force: bool, progress: bool) -> Man
         return files, {"revision": info.sha, "files": [*rest, *weights]}
 
     return _stage(name, tag, src, force, fill)
+
+
+def _listed_size(sibling, source: str) -> int:
+    """The size the Hub lists for a file: downloads stop there, so a listing without one is refused."""
+    size = sibling.lfs.size if sibling.lfs else sibling.size
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise TinkerError(
+            f"{source}: the Hub lists no valid size for {sibling.rfilename} ({size!r}); tinkerlm downloads only "
+            "what a listing bounds (check HF_ENDPOINT)"
+        )
+    return size
 
 
 class _ShortRead(Exception):

@@ -184,19 +184,25 @@ def _recover_replacements() -> None:
     except OSError:
         return
     for d in entries:
-        old = d / "old"
         pid = d.name.split("-", 1)[0]
-        if not pid.isdigit() or _pid_alive(int(pid)) or not (old / MANIFEST).is_file():
-            continue
-        try:
-            m = _read_manifest(old / MANIFEST)
-            final = _model_dir(*parse_name(f"{m.name}:{m.tag}"))
-            if not final.exists() and not final.is_symlink():
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(old, final)
-                log.warning("%s: restored after an interrupted replacement", m.ref)
-        except (OSError, TinkerError) as e:
-            log.warning("%s: could not restore an interrupted replacement (%s)", old, e)
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            _restore_aside(d)
+
+
+def _restore_aside(d: Path) -> None:
+    """Rename `d/old` (a model a replacement moved aside) back to its place in the store if that place is empty."""
+    old = d / "old"
+    if not (old / MANIFEST).is_file():
+        return
+    try:
+        m = _read_manifest(old / MANIFEST)
+        final = _model_dir(*parse_name(f"{m.name}:{m.tag}"))
+        if not final.exists() and not final.is_symlink():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(old, final)
+            log.warning("%s: restored after an interrupted replacement", m.ref)
+    except (OSError, TinkerError) as e:
+        log.warning("%s: could not restore an interrupted replacement (%s)", old, e)
 
 
 def find(name: str) -> Manifest | None:

@@ -31,7 +31,7 @@ from tinkerlm.store.manifest import (
     _model_dir,
     _new_tmp_dir,
     _pid_alive,
-    _recover_replacements,
+    _restore_aside,
     describe,
     find,
     home,
@@ -56,7 +56,6 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 def _clean_stale_tmp() -> None:
     """Remove tmp dirs of pulls whose process is gone (killed with SIGKILL, power loss) or that are very old,
     after putting back any model a killed replacement had moved aside."""
-    _recover_replacements()
     tmp = home() / "tmp"
     if not tmp.is_dir():
         return
@@ -74,6 +73,7 @@ def _clean_stale_tmp() -> None:
         else:
             stale = age > 3600
         if stale:
+            _restore_aside(d)
             shutil.rmtree(d, ignore_errors=True)
 
 

@@ -472,3 +472,31 @@ def test_hub_listing_without_a_size_is_refused(hub, store_home, monkeypatch):  #
     with pytest.raises(TinkerError, match="lists no valid size for gguf/Tiny.Q8_0.gguf"):
         store.pull("hf:org/tiny-gguf", progress=False)
     assert_store_clean(store_home)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Through the CLI: exit 2 and one line, no traceback
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["merge", "{bomb}", "--out", "x"],
+        ["finetune", "-c", "{bomb}"],
+        ["finetune", "smollm2", "--data", "d.jsonl", "--out", "o", "--lora-rank", "1000000000"],
+        ["finetune", "smollm2", "--data", "d.jsonl", "--out", "o", "--threads", "-5"],
+        ["merge", "{weights}", "--out", "x"],
+    ],
+    ids=["merge-bomb", "finetune-bomb", "lora-rank", "threads", "merge-weight"],
+)
+def test_cli_exit_2_with_one_line(tmp_path, capsys, argv):
+    from tinkerlm import cli
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(alias_bomb())
+    weights = tmp_path / "w.yaml"
+    weights.write_text("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1e308}\n")
+    argv = [x.format(bomb=bomb, weights=weights) for x in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tinkerlm: error: "), err

@@ -11,6 +11,7 @@ import sys
 import time
 import tracemalloc
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -229,7 +230,7 @@ def test_merge_threads_checked(ab):
 def test_merge_output_size_is_shown_and_refused_past_free_space(ab, monkeypatch, capsys):
     recipe = stack(8)  # 16 layers from a 2-layer model
     free = shutil.disk_usage(store.home()).free
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=10**9 - 1000, free=1000))
     with pytest.raises(
         TinkerError, match=r"not enough disk space in .* for merge into m:latest: need 2.5 MB, 1.0 kB free"
     ):
@@ -240,7 +241,7 @@ def test_merge_output_size_is_shown_and_refused_past_free_space(ab, monkeypatch,
     tmp = store.home() / "tmp"
     assert not tmp.exists() or not any(tmp.iterdir())
     # With room, the estimate is the size of the weights actually written.
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(free, 0, free))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=free, used=0, free=free))
     m = merge(recipe, "m", progress=False)
     written = (store.model_path(m) / "model.safetensors").stat().st_size
     from safetensors import safe_open

@@ -32,6 +32,7 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache, wraps
+from itertools import compress, repeat
 from pathlib import Path
 from typing import Any
 
@@ -76,15 +77,32 @@ def _bounds() -> _Bounds:
     return b if b is not None else _Bounds(limits.TEMPLATE_SECONDS, None)
 
 
-def _size(x: Any, depth: int = 0) -> int:
-    """Characters and items a value holds (what printing or copying it costs)."""
+def _size(x: Any) -> int:
+    """Characters and items a value holds (what printing or copying it costs). The scans over items are C-level
+    (map/compress), so the trace function does not fire per item."""
     if isinstance(x, str):
         return len(x)
-    if isinstance(x, (list, tuple)):
-        return len(x) + sum(_size(v, depth + 1) for v in x if isinstance(v, (str, list, tuple, dict)))
     if isinstance(x, dict):
-        return len(x) + sum(_size(k) + _size(v, depth + 1) for k, v in x.items())
+        return len(x) + _size(list(x.keys())) + _size(list(x.values()))
+    if isinstance(x, (list, tuple)):
+        texts = sum(map(len, compress(x, map(isinstance, x, repeat(str)))))
+        nested = compress(x, map(isinstance, x, repeat((list, tuple, dict))))
+        return len(x) + texts + sum(map(_size, nested))
     return 1
+
+
+def _shallow(x: Any) -> int:
+    """What copying a value costs: characters of a string, references of a container (items are shared)."""
+    return len(x) if isinstance(x, (str, list, tuple, dict)) else 1
+
+
+def _text(x: Any, b: _Bounds, what: str) -> str:
+    """`str(x)`, with a container's printed size charged before it is printed."""
+    if isinstance(x, str):
+        return x
+    if isinstance(x, (list, tuple, dict)):
+        b.charge(_size(x), what)
+    return str(x)
 
 
 def _int_arg(value: Any, what: str) -> None:
@@ -168,7 +186,7 @@ def _guard(f, name: str, skip: int = 0):
         if (
             name == "join" and skip and value_args and len(value_args) <= 2 and not kwargs.get("attribute")
         ):  # the separator repeats once per item: size it before joining
-            items = [str(v) for v in value_args[0]]
+            items = [_text(v, b, "join") for v in value_args[0]]
             sep = value_args[1] if len(value_args) > 1 else kwargs.get("d", "")
             b.charge(sum(map(len, items)) + len(str(sep)) * max(0, len(items) - 1), "join")
             args = (*args[: skip - 1], items, *value_args[1:])
@@ -180,7 +198,7 @@ def _guard(f, name: str, skip: int = 0):
                 b.charge(est, name)
         out = f(*args, **kwargs)
         if isinstance(out, (str, list, tuple, dict)):
-            b.charge(_size(out), name)
+            b.charge(_shallow(out), name)
         return out
 
     return guarded
@@ -231,7 +249,7 @@ def _environment():
         def bounded_concat(self, parts):
             b = _bounds()
             b.tick()
-            texts = [str(p) for p in parts]
+            texts = [_text(p, b, "'~'") for p in parts]
             b.charge(sum(map(len, texts)), "'~'")
             return "".join(texts)
 
@@ -242,15 +260,15 @@ def _environment():
             ints = isinstance(left, int) and isinstance(right, int)
             if operator == "*":
                 if isinstance(left, sized) and isinstance(right, int):
-                    b.charge(_size(left) * max(0, right), "'*'")
+                    b.charge(len(left) * max(0, right), "'*'")
                 elif isinstance(right, sized) and isinstance(left, int):
-                    b.charge(_size(right) * max(0, left), "'*'")
+                    b.charge(len(right) * max(0, left), "'*'")
                 elif ints and left.bit_length() + right.bit_length() > limits.TEMPLATE_INT_BITS:
                     raise _Stop(f"'*' would build an integer of over {limits.TEMPLATE_INT_BITS} bits")
             elif operator == "**" and ints and right > 0 and left.bit_length() * right > limits.TEMPLATE_INT_BITS:
                 raise _Stop(f"'**' would build an integer of over {limits.TEMPLATE_INT_BITS} bits")
             elif operator == "+" and isinstance(left, sized) and isinstance(right, sized):
-                b.charge(_size(left) + _size(right), "'+'")
+                b.charge(len(left) + len(right), "'+'")
             elif operator == "%" and isinstance(left, str):
                 _check_widths(left, "'%'")
             return super().call_binop(context, operator, left, right)
@@ -264,7 +282,7 @@ def _environment():
             owner = getattr(__obj, "__self__", None)
             if isinstance(owner, str):
                 if name == "join" and args:
-                    items = [str(v) for v in args[0]]
+                    items = [_text(v, b, "join") for v in args[0]]
                     b.charge(sum(map(len, items)) + len(owner) * max(0, len(items) - 1), "join")
                     args = (items, *args[1:])
                 else:
@@ -273,7 +291,7 @@ def _environment():
                         b.charge(est, name)
             out = super().call(__context, __obj, *args, **kwargs)
             if isinstance(out, (str, list, tuple, dict)):
-                b.charge(_size(out), f"'{name}'")
+                b.charge(_shallow(out), f"'{name}'")
             return out
 
         def wrap_str_format(self, value):
@@ -282,7 +300,13 @@ def _environment():
                 _check_widths(value.__self__, "str.format")
             return fmt
 
-    env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    def finalize(value):
+        # Every `{{ ... }}` value passes here before Jinja prints it: a container's printed size is checked first.
+        if isinstance(value, (list, tuple, dict)):
+            _bounds().charge(_size(value), "printing a value")
+        return value
+
+    env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols], finalize=finalize)
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -420,28 +444,19 @@ def render(
         return _render(tokenizer, template, source, messages, add_generation_prompt, extra)
 
 
-def render_with_spans(
-    tokenizer,
-    messages: Sequence[dict[str, Any]],
-    add_generation_prompt: bool = True,
-    *,
-    cancel: threading.Event | None = None,
-    **extra,
-) -> tuple[str, list[tuple[int, int]]]:
-    """`render`'s text and the (start, end) character spans the message contents fill in it.
+def _render_marked(tokenizer, messages, add_generation_prompt, cancel) -> tuple[str, list[tuple[int, int]], str]:
+    """`render`'s text, the (start, end) spans message contents fill in it, and the text with placeholders.
 
     The template is rendered a second time with a unique placeholder for each string content; where that render,
     with the contents put back, equals the real one, the placeholders give the spans exactly. Templates that
-    transform contents (trim, split) do not; then each content is looked up in the text in message order, and one
-    that cannot be found while it holds special-token text is an error (it could not be kept as text).
+    transform contents (trim, split) do not; then each content is looked up in the text in message order.
     """
     messages = check_messages(messages)
     template, source = _template(tokenizer)
     with _bounded(source, cancel):
-        text = _render(tokenizer, template, source, messages, add_generation_prompt, extra)
+        text = _render(tokenizer, template, source, messages, add_generation_prompt, {})
         nonce = secrets.token_hex(8)
-        holders = {}
-        marked = []
+        holders, marked = {}, []
         for i, m in enumerate(messages):
             if isinstance(m["content"], str) and m["content"]:
                 holder = f"TinkerContent{nonce}N{i}E"
@@ -449,8 +464,8 @@ def render_with_spans(
                 m = {**m, "content": holder}
             marked.append(m)
         if not holders:
-            return text, []
-        rendered = _render(tokenizer, template, source, marked, add_generation_prompt, extra)
+            return text, [], text
+        rendered = _render(tokenizer, template, source, marked, add_generation_prompt, {})
     spans, parts, pos = [], [], 0
     for piece in re.split(f"(TinkerContent{nonce}N\\d+E)", rendered):
         content = holders.get(piece)
@@ -459,22 +474,16 @@ def render_with_spans(
             spans.append((pos, pos + len(content)))
         pos += len(parts[-1])
     if "".join(parts) == text:
-        return text, spans
+        return text, spans, rendered
     spans, pos = [], 0
-    for i, m in enumerate(messages):
-        content = m["content"]
-        if not isinstance(content, str) or not content:
-            continue
-        at = text.find(content, pos)
-        if at >= 0:
-            spans.append((at, at + len(content)))
-            pos = at + len(content)
-        elif tokenizer.encode_spans(content, [(0, len(content))]) != tokenizer.encode(content, False):
-            raise TinkerError(
-                f"messages[{i}].content: holds special-token text that the chat template ({source}) rewrites, so "
-                "it cannot be kept as plain text (remove it, or pass parse_special=True)"
-            )
-    return text, spans
+    for content in holders.values():
+        for form in (content, content.strip()):  # `| trim` is the common rewrite
+            at = text.find(form, pos) if form else -1
+            if at >= 0:
+                spans.append((at, at + len(form)))
+                pos = at + len(form)
+                break
+    return text, spans, rendered
 
 
 def prompt_ids(
@@ -490,12 +499,28 @@ def prompt_ids(
     The template writes its special tokens itself, so no BOS/EOS is added (as transformers does). With
     `parse_special=False` (the default) special-token text inside message contents is tokenized as plain text, so a
     message cannot forge turns; ordinary conversations get the same ids either way. Blocking and bounded (about
-    limits.TEMPLATE_SECONDS for the template, plus tokenization): servers call it from a worker thread.
+    limits.TEMPLATE_SECONDS for the template, plus tokenization): servers call it from a worker thread, e.g.
+    `await asyncio.to_thread(prompt_ids, tokenizer, messages, cancel=event)`.
+
+    Raises:
+        TinkerError: as `render`; or a template rewrote a content holding special-token text so that it cannot be
+            located in the prompt (it could not be kept as text).
     """
     if parse_special:
         return tokenizer.encode(render(tokenizer, messages, add_generation_prompt, cancel=cancel), False)
-    text, spans = render_with_spans(tokenizer, messages, add_generation_prompt, cancel=cancel)
-    return tokenizer.encode_spans(text, spans)
+    text, spans, marked = _render_marked(tokenizer, messages, add_generation_prompt, cancel)
+    ids = tokenizer.encode_spans(text, spans)
+    # Whatever the spans, the prompt must hold the control tokens of the template's own markup and no more: those
+    # of the render with placeholders (which hold no special-token text).
+    special = {i for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special}
+    own = [i for i in tokenizer.encode(marked, False) if i in special]
+    if [i for i in ids if i in special] != own:
+        source = getattr(tokenizer, "chat_template_source", None) or "chat template"
+        raise TinkerError(
+            f"messages: a content holds special-token text that the chat template ({source}) rewrites, so it cannot "
+            "be kept as plain text (remove it, or pass parse_special=True)"
+        )
+    return ids
 
 
 HELP = "Commands: /reset clears the history, /system TEXT sets the system prompt, /exit quits. Ctrl-C stops an answer."

@@ -123,11 +123,17 @@ def test_source_size_is_bounded():
 def test_rendering_in_a_worker_thread_is_cancellable():
     cancel, result = threading.Event(), []
 
+    def caller_tracer(frame, event, arg):
+        return None
+
     def work():
+        sys.settrace(caller_tracer)
         try:
             render("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", cancel=cancel)
         except TinkerError as e:
             result.append(str(e))
+        result.append(sys.gettrace())
+        sys.settrace(None)
 
     thread = threading.Thread(target=work)
     thread.start()
@@ -137,7 +143,7 @@ def test_rendering_in_a_worker_thread_is_cancellable():
     thread.join(2)
     assert not thread.is_alive() and time.monotonic() - t0 < 1
     assert "cancelled" in result[0]
-    assert sys.gettrace() is None or sys.gettrace() is not None  # the caller's own tracer is untouched (no crash)
+    assert result[1] is caller_tracer  # the thread's own trace function is restored
 
 
 def test_ordinary_template_features_still_work():

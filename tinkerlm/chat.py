@@ -332,17 +332,26 @@ class _bounded:
 
     def __enter__(self):
         self.bounds = _local.bounds = _Bounds(limits.TEMPLATE_SECONDS, self.cancel)
-        tick = self.bounds.tick
+        tick, self.active = self.bounds.tick, [True]
+        active = self.active
 
+        # Called on every Python call (and generator resume) this thread makes meanwhile, and on every line of
+        # template code (templates compile to Python), so even a loop with no output and no calls stops. Lines of
+        # other code are not traced: Jinja's and our helpers' loops are bounded by the size checks, and tracing
+        # them would make rendering several times slower. Inactive after the block: a frame left suspended (a
+        # generator closed later) keeps this function.
         def trace(frame, event, arg):
+            if not active[0]:
+                return None
             tick()
-            return trace
+            return trace if frame.f_code.co_filename == "<template>" else None
 
         self.previous = sys.gettrace()
         sys.settrace(trace)
         return self.bounds
 
     def __exit__(self, kind, exc, tb):
+        self.active[0] = False
         sys.settrace(self.previous)
         _local.bounds = None
         if exc is None or isinstance(exc, (TinkerError, KeyboardInterrupt, SystemExit)):
@@ -404,12 +413,16 @@ def _render(tokenizer, template, source, messages, add_generation_prompt, extra)
         "messages": messages,
         "add_generation_prompt": add_generation_prompt,
     }
-    for piece in template.generate(**variables):
-        n += len(piece)
-        if n > limits.TEMPLATE_OUTPUT_CHARS:
-            raise _Stop(f"the output passed {limits.TEMPLATE_OUTPUT_CHARS:,} characters")
-        b.tick()
-        out.append(piece)
+    pieces = template.generate(**variables)
+    try:
+        for piece in pieces:
+            n += len(piece)
+            if n > limits.TEMPLATE_OUTPUT_CHARS:
+                raise _Stop(f"the output passed {limits.TEMPLATE_OUTPUT_CHARS:,} characters")
+            b.tick()
+            out.append(piece)
+    finally:
+        pieces.close()
     return "".join(out)
 
 

@@ -101,9 +101,9 @@ class Tokenizer:
         """Ids of `text` (no BOS/EOS added) with special tokens parsed except inside the `plain` character spans,
         whose special-token text stays text (message contents in a rendered chat template).
 
-        Special tokens cut text into pieces that are tokenized independently, so only the pieces around special
-        tokens found inside `plain` are re-tokenized, by a copy of the backend that does not match special tokens;
-        a text whose special tokens all lie outside `plain` gets exactly `encode(text, False)`.
+        Special tokens cut text into pieces that are tokenized independently. A text whose special tokens all lie
+        outside `plain` gets exactly `encode(text, False)`; otherwise the special tokens outside `plain` are kept
+        and the text between them is tokenized by a copy of the backend that matches no special tokens.
         """
         enc = self.backend.encode(text, add_special_tokens=False)
         spans = sorted((a, b) for a, b in plain if b > a)

@@ -89,13 +89,17 @@ class LLM:
         return options(opts, self.sampling_defaults)
 
     def apply_chat_template(self, messages: str | Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text the model's chat template makes of `messages` (bounded; see `tinkerlm.chat`)."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         return chat_mod.render(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
 
-    def _chat_ids(self, messages) -> list[int]:
-        # The template writes special tokens itself, so none are added on encoding (as transformers does).
-        return self.tokenizer.encode(self.apply_chat_template(messages), add_special_tokens=False)
+    def chat_ids(self, messages: str | Sequence[dict], parse_special: bool = False) -> list[int]:
+        """The prompt ids for `messages`. Special-token text inside message contents stays plain text unless
+        `parse_special=True` (which lets a message write control tokens, e.g. forge a system turn)."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        return chat_mod.prompt_ids(self.tokenizer, messages, parse_special=parse_special)
 
     def _pieces(self, prompts: list, params: SamplingParams) -> Iterator[tuple[int, Text]]:
         """(row, Text piece) as rows generate; a piece only when it has text, logprobs or a finish reason."""
@@ -133,13 +137,16 @@ class LLM:
         is held back, e.g. half a character)."""
         return self._stream(prompt, self.sampling(**opts))
 
-    def chat(self, messages: str | Sequence[dict], **opts) -> Text:
-        """The assistant's answer to a conversation (a list of {role, content}) or a single user message."""
-        params = self.sampling(**opts)
-        return self._join([p for _, p in self._pieces([self._chat_ids(messages)], params)])
+    def chat(self, messages: str | Sequence[dict], *, parse_special: bool = False, **opts) -> Text:
+        """The assistant's answer to a conversation (a list of {role, content}) or a single user message.
 
-    def chat_stream(self, messages: str | Sequence[dict], **opts) -> Iterator[Text]:
-        return self._stream(self._chat_ids(messages), self.sampling(**opts))
+        `parse_special=True` reads special-token text in message contents as control tokens (see `chat_ids`)."""
+        params = self.sampling(**opts)
+        ids = self.chat_ids(messages, parse_special)
+        return self._join([p for _, p in self._pieces([ids], params)])
+
+    def chat_stream(self, messages: str | Sequence[dict], *, parse_special: bool = False, **opts) -> Iterator[Text]:
+        return self._stream(self.chat_ids(messages, parse_special), self.sampling(**opts))
 
 
 def resolve_adapter(manifest):
@@ -185,7 +192,10 @@ def load(
     if manifest is not None and manifest.format == "lora":
         adapter, base_path, _ = resolve_adapter(manifest)
         model, tokenizer, gen_config = loading.load_adapted(adapter, base_path, torch_dtype, quant, manifest.ref)
+        own = Path(adapter.path) / "chat_template.jinja"  # an adapter's template replaces its base's
+        tokenizer.chat_template_source = str(own) if own.is_file() else chat_mod.template_source(base_path)
     else:
         model, tokenizer, gen_config = loading.load_checkpoint(path, torch_dtype, quant)
+        tokenizer.chat_template_source = chat_mod.template_source(path)
     name = manifest.ref if manifest else str(path)
     return LLM(model, tokenizer, name, manifest, gen_config)

@@ -100,6 +100,12 @@ def parser() -> argparse.ArgumentParser:
     )
     mode.add_argument("--raw", dest="chat", action="store_false", help="continue the prompt as plain text")
     s.add_argument("--system", default=None, help="system prompt (chat mode)")
+    s.add_argument(
+        "--parse-special",
+        action="store_true",
+        default=False,
+        help="chat mode: read special-token text in the prompt (e.g. <|im_start|>) as control tokens, not as text",
+    )
     _sampling(s)
 
     s = sub.add_parser(
@@ -379,7 +385,7 @@ def cmd_run(a) -> None:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
             {"role": "user", "content": prompt}
         ]
-        pieces = llm.chat_stream(messages, **options)
+        pieces = llm.chat_stream(messages, parse_special=a.parse_special, **options)
     else:
         pieces = llm.stream(prompt, **options)
     logprobs = []

@@ -33,6 +33,8 @@ MAX_JSON_BYTES = 1 << 26  # config.json, tokenizer.json, an index or a safetenso
 TEMPLATE_SECONDS = 5.0  # wall-clock time to render one prompt
 TEMPLATE_OUTPUT_CHARS = 1 << 23  # characters one rendering may produce
 TEMPLATE_SOURCE_CHARS = 1 << 20  # characters of template source
+TEMPLATE_WORK_CHARS = 1 << 26  # characters (or list items) all sized operations of one rendering may build
+TEMPLATE_INT_BITS = 1 << 16  # bits of an integer a template computes (`**`, `*`)
 
 # -- server requests --------------------------------------------------------------------------------------------
 MAX_BODY_BYTES = 8 << 20  # request body, enforced while it streams in

@@ -97,6 +97,29 @@ class Tokenizer:
         """Token ids for `text`; `add_special_tokens` adds BOS/EOS where the tokenizer's template says so."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_spans(self, text: str, plain: Iterable[tuple[int, int]]) -> list[int]:
+        """Ids of `text` (no BOS/EOS added) with special tokens parsed except inside the `plain` character spans,
+        whose special-token text stays text (message contents in a rendered chat template).
+
+        Special tokens cut text into pieces that are tokenized independently. A text whose special tokens all lie
+        outside `plain` gets exactly `encode(text, False)`; otherwise the special tokens outside `plain` are kept
+        and the text between them is tokenized by a copy of the backend that matches no special tokens.
+        """
+        enc = self.backend.encode(text, add_special_tokens=False)
+        spans = sorted((a, b) for a, b in plain if b > a)
+        special = _special_ids(self)
+        cuts, forged, j = [], False, 0
+        for i, (a, b) in zip(enc.ids, enc.offsets):
+            if i not in special:
+                continue
+            while j < len(spans) and spans[j][1] <= a:
+                j += 1
+            if j < len(spans) and spans[j][0] < b:  # overlaps a content span: it came from a message
+                forged = True
+            else:
+                cuts.append((a, b, i))
+        return _encode_between(self, text, cuts) if forged else list(enc.ids)
+
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
@@ -255,6 +278,51 @@ class Tokenizer:
             extra_stop_ids=[i for i in extra if i is not None and 0 <= i < len(tokens)],
             chat_template=metadata.get("tokenizer.chat_template"),
         )
+
+
+# Stands for "a special token was here" when a piece is re-tokenized alone: a noncharacter no text holds.
+_SENTINEL = "\U0010fffe<tinkerlm-cut>\U0010fffe"
+
+
+def _special_ids(tok: Tokenizer) -> set[int]:
+    """The ids of the backend's special added tokens (cached on the tokenizer)."""
+    ids = tok.__dict__.get("_special_id_set")
+    if ids is None:
+        ids = {i for i, t in tok.backend.get_added_tokens_decoder().items() if t.special}
+        tok.__dict__["_special_id_set"] = ids
+    return ids
+
+
+def _encode_between(tok: Tokenizer, text: str, cuts: list[tuple[int, int, int]]) -> list[int]:
+    """Ids of `text` with the special tokens at `cuts` ((start, end, id), in order) kept and the text between them
+    tokenized with no special tokens matched.
+
+    Each piece is tokenized as the normal path tokenizes it, as a piece that follows a special token (where a
+    sentencepiece "first" prefix is not added): a sentinel added token stands for that special token.
+    """
+    plain = tok.__dict__.get("_plain_backend")
+    if plain is None:
+        plain = tokenizers.Tokenizer.from_str(tok.backend.to_str())
+        plain.encode_special_tokens = True  # special tokens are not matched; non-special added tokens still are
+        plain.add_tokens([AddedToken(_SENTINEL, special=False, normalized=False)])
+        tok.__dict__["_plain_backend"] = plain
+    sentinel = plain.token_to_id(_SENTINEL)
+    ids: list[int] = []
+    pos = 0
+    for a, b, i in [*cuts, (len(text), len(text), None)]:
+        piece = text[pos:a]
+        if _SENTINEL in piece:
+            raise TinkerError("text: holds tinkerlm's internal cut marker (U+10FFFE); remove it")
+        if piece and pos == 0:
+            ids += plain.encode(piece, add_special_tokens=False).ids
+        elif piece:
+            got = plain.encode(_SENTINEL + piece, add_special_tokens=False).ids
+            assert got[0] == sentinel, "the sentinel is an added token, matched first"
+            ids += got[1:]
+        if i is not None:
+            ids.append(i)
+        pos = b
+    return ids
 
 
 def _token_id(backend: tokenizers.Tokenizer, token: str | None) -> int | None:

@@ -169,7 +169,7 @@ def _fits(t: int, v) -> bool:
     try:
         struct.pack("<" + GGUF_FMT[t], v)
         return True
-    except (struct.error, KeyError, TypeError):
+    except (struct.error, KeyError, TypeError, OverflowError):
         return False
 
 
@@ -182,7 +182,10 @@ def _random_value(rng: random.Random):
         it = rng.choice([4, 5, 6, 8, 11])
         item = _random_value(rng)[1] if it != STRING else rng.choice(STRINGS)
         n = rng.choice([0, 1, 3, 100])
-        return t, (it, [item if _fits(it, item) or it == STRING else 0 for _ in range(n)] if it != STRING else [item] * n)
+        return t, (
+            it,
+            [item if _fits(it, item) or it == STRING else 0 for _ in range(n)] if it != STRING else [item] * n,
+        )
     if t == 7:
         return t, rng.random() < 0.5
     cands = [v for v in (FLOATS if t in (6, 12) else INTS) if _fits(t, v)]
@@ -273,7 +276,7 @@ def gen_gguf(rng: random.Random, seeds: Path, tokenizer_only: bool = False) -> b
             _mutate_tensor(rng, g)
     if tokenizer_only and rng.random() < 0.3:  # a SentencePiece ("llama") vocabulary, scores and all
         g.kvs = [kv for kv in g.kvs if kv[0] != "tokenizer.ggml.model"] + [["tokenizer.ggml.model", STRING, "llama"]]
-        n = next(len(v[1]) for k, _, v in g.kvs if k == "tokenizer.ggml.tokens")
+        n = next((len(v[1]) for k, t, v in g.kvs if k == "tokenizer.ggml.tokens" and t == ARRAY), 96)
         if rng.random() < 0.7:
             g.kvs.append(["tokenizer.ggml.scores", ARRAY, (6, [float(-i) for i in range(n)])])
     try:
@@ -663,7 +666,9 @@ def gen_request(rng: random.Random, seeds: Path) -> bytes:
         headers["authorization"] = "Bearer " + "x" * 10000
     path = "/v1/chat/completions" if chat else "/v1/completions"
     if rng.random() < 0.05:
-        path = rng.choice(["/v1/models/../../etc/passwd", "/v1/embeddings", "/%00", "/v1/chat/completions?x=" + "a" * 5000])
+        path = rng.choice(
+            ["/v1/models/../../etc/passwd", "/v1/embeddings", "/%00", "/v1/chat/completions?x=" + "a" * 5000]
+        )
     case = {"method": "POST", "path": path, "headers": headers, "body_b64": base64.b64encode(raw).decode()}
     return json.dumps(case, indent=1).encode()
 
@@ -699,7 +704,9 @@ def make_seeds(out: Path) -> Path:
         write_gguf(out / "tiny.gguf", "llama", layer_weights("model.", vocab), meta={"block_count": 1, "feed_forward_length": ff},
                    extra=None)  # fmt: skip
         g = _read_gguf((out / "tiny.gguf").read_bytes())
-        g.kvs.append(["tokenizer.chat_template", STRING, CHATML.replace("<|im_start|>", "he").replace("<|im_end|>", "")])
+        g.kvs.append(
+            ["tokenizer.chat_template", STRING, CHATML.replace("<|im_start|>", "he").replace("<|im_end|>", "")]
+        )
         (out / "tiny.gguf").write_bytes(_write_gguf(g)[0])
     hf_dir = out / "hf"
     if not (hf_dir / "config.json").exists():
@@ -708,7 +715,9 @@ def make_seeds(out: Path) -> Path:
 
         hf_dir.mkdir(exist_ok=True)
         v = 264
-        save_file({k: x.astype(np.float16) for k, x in layer_weights("model.", v).items()}, hf_dir / "model.safetensors")
+        save_file(
+            {k: x.astype(np.float16) for k, x in layer_weights("model.", v).items()}, hf_dir / "model.safetensors"
+        )
         cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=v, hidden_size=hidden,
                    intermediate_size=ff, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                    max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
@@ -851,7 +860,9 @@ def run_jsonl(case: Path, ctx: Context) -> None:
 def run_request(case: Path, ctx: Context) -> None:
     spec = json.loads(case.read_text())
     client = ctx.client()
-    r = client.request(spec["method"], spec["path"], headers=spec["headers"], content=base64.b64decode(spec["body_b64"]))
+    r = client.request(
+        spec["method"], spec["path"], headers=spec["headers"], content=base64.b64decode(spec["body_b64"])
+    )
     if r.status_code >= 500:
         raise ServerError(f"HTTP {r.status_code} for a bad request: {r.text[:300]}")
     ok = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
@@ -1046,6 +1057,7 @@ def fuzz(runner: Runner, target: str, seed: int, cases: int | None, seconds: flo
     rng = random.Random(f"{seed}:{target}")
     known = set() if known is None else known
     tried, failures, t0 = 0, [], time.monotonic()
+    outcomes: dict[str, int] = {}
     tmp = Path(tempfile.mkdtemp(prefix="tinkerlm-fuzz-cases-"))
     try:
         while (cases is None or tried < cases) and (seconds is None or time.monotonic() - t0 < seconds):
@@ -1054,6 +1066,7 @@ def fuzz(runner: Runner, target: str, seed: int, cases: int | None, seconds: flo
             case.write_bytes(data)
             res = runner.run(target, case)
             tried += 1
+            outcomes[res["outcome"]] = outcomes.get(res["outcome"], 0) + 1
             if not res["ok"]:
                 key = (target, res["outcome"], res.get("where"))
                 if key not in known:
@@ -1061,6 +1074,7 @@ def fuzz(runner: Runner, target: str, seed: int, cases: int | None, seconds: flo
                     failures.append((key, save_case(data, target, folder), res))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    fuzz.outcomes = outcomes  # for reports: how many cases succeeded, were refused, failed
     return tried, failures
 
 

@@ -506,7 +506,8 @@ MERGE_VALUES = [0, -1, 1e308, -1e308, float("nan"), float("inf"), 10**9, "x", No
 def _walk_mutate(rng: random.Random, obj, depth: int = 0):
     """Replace one value somewhere in a nested recipe (or one key's value at the top)."""
     if isinstance(obj, dict) and obj:
-        k = rng.choice(list(obj))
+        keys = [k for k in obj if depth > 0 or k != "merge_method" or rng.random() < 0.1]  # keep the method mostly
+        k = rng.choice(keys or list(obj))
         if depth > 0 and rng.random() < 0.35 or not isinstance(obj[k], dict | list):
             r = rng.random()
             if r < 0.6:
@@ -746,6 +747,10 @@ def make_seeds(out: Path) -> Path:
 class ServerError(Exception):
     """An HTTP 5xx, or a normal request failing after a hostile one (the engine did not survive)."""
 
+    def __init__(self, message: str, response):
+        super().__init__(message)
+        self.where = f"HTTP {response.status_code} {response.text[:80]}"  # the server's own words: what broke
+
 
 class Context:
     """Per-worker state: the seeds, a store with the models recipes name ("a", "b"), a loaded tiny LLM, a client."""
@@ -830,14 +835,19 @@ def run_template(case: Path, ctx: Context) -> None:
 
 def run_ft_recipe(case: Path, ctx: Context) -> None:
     from tinkerlm.tune import finetune
-    from tinkerlm.tune.recipe import resolve
 
     path = ctx.work / "recipe.yaml"
     shutil.copyfile(case, path)
-    resolve(str(path))
-    # a real (one-step) run with the recipe's values; base, data and out are the seeds'
-    finetune(config=str(path), base=str(ctx.seeds / "hf"), data=str(ctx.seeds / "data.jsonl"), out="ft",
-             max_steps=1, force=True, progress=False)  # fmt: skip
+    # a real one-step run with the recipe's values; base, data and out are the seeds' (given as flags, as users do)
+    finetune(
+        config=str(path),
+        base=str(ctx.seeds / "hf"),
+        data=str(ctx.seeds / "data.jsonl"),
+        out="ft",
+        max_steps=1,
+        force=True,
+        progress=False,
+    )
 
 
 def run_merge_recipe(case: Path, ctx: Context) -> None:
@@ -864,11 +874,11 @@ def run_request(case: Path, ctx: Context) -> None:
         spec["method"], spec["path"], headers=spec["headers"], content=base64.b64decode(spec["body_b64"])
     )
     if r.status_code >= 500:
-        raise ServerError(f"HTTP {r.status_code} for a bad request: {r.text[:300]}")
+        raise ServerError(f"HTTP {r.status_code} for a bad request: {r.text[:300]}", r)
     ok = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
                                                    "max_tokens": 2})  # fmt: skip
     if ok.status_code != 200:
-        raise ServerError(f"a normal request after this one got HTTP {ok.status_code}: {ok.text[:300]}")
+        raise ServerError(f"a normal request after this one got HTTP {ok.status_code}: {ok.text[:300]}", ok)
 
 
 @dataclass
@@ -941,7 +951,7 @@ def run_one(target: str, case: Path, ctx: Context, deadline: float = DEADLINE_S)
     except BaseException as e:  # noqa: BLE001 - anything else breaks the contract, SystemExit included
         signal.setitimer(signal.ITIMER_REAL, 0)
         kind = "hang" if isinstance(e, CaseTimeout) else type(e).__name__
-        return {"ok": False, "outcome": kind, "where": _location(e.__traceback__), "message": str(e)[:500],
+        return {"ok": False, "outcome": kind, "where": getattr(e, "where", None) or _location(e.__traceback__), "message": str(e)[:500],
                 "traceback": "".join(traceback.format_exception(e))[-6000:]}  # fmt: skip
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)

@@ -1,8 +1,8 @@
 """A longer fuzz run of tinkerlm's untrusted inputs: the harness of tests/fuzz.py for N cases or T seconds per target.
 
 Prints, per target, the cases tried, how they ended (success, TinkerError, failures) and each distinct failure
-(outcome and file:line), and writes every new failing case into a folder (default $TMPDIR/tinkerlm-fuzz-found/): copy the ones
-worth keeping into tests/fuzz_cases/, where tests/test_fuzz.py replays them in every run.
+(outcome and file:line), and writes every new failing case into a folder (default $TMPDIR/tinkerlm-fuzz-found/):
+copy the ones worth keeping into tests/fuzz_cases/, where tests/test_fuzz.py replays them in every run.
 
     .venv/bin/python bench/fuzz.py                                   # every target, 3 minutes each, seed 0
     .venv/bin/python bench/fuzz.py --seconds 60 --targets template,request --seed 7

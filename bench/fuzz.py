@@ -48,8 +48,8 @@ def main() -> None:
     try:
         for target in targets:
             t0 = time.monotonic()
-            tried, failures = fuzz.fuzz(runner, target, a.seed, a.cases, a.seconds, a.out, known)
-            outcomes = dict(fuzz.fuzz.outcomes)
+            outcomes: dict[str, int] = {}
+            tried, failures = fuzz.fuzz(runner, target, a.seed, a.cases, a.seconds, a.out, known, outcomes)
             rows.append((target, tried, outcomes, failures, time.monotonic() - t0))
             ok = outcomes.get("success", 0), outcomes.get("TinkerError", 0)
             bad = tried - sum(ok)

@@ -1070,14 +1070,23 @@ def report(target: str, case: Path, res: dict) -> str:
             f"{res.get('traceback', '')}")  # fmt: skip
 
 
-def fuzz(runner: Runner, target: str, seed: int, cases: int | None, seconds: float | None, folder: Path,
-         known: set | None = None):  # fmt: skip
+def fuzz(
+    runner: Runner,
+    target: str,
+    seed: int,
+    cases: int | None,
+    seconds: float | None,
+    folder: Path,
+    known: set | None = None,
+    outcomes: dict | None = None,
+):
     """Generate and run cases for one target until `cases` or `seconds` run out. Returns (tried, failures): each
-    failure (key, path, result), one per distinct (outcome, where); failing cases are saved into `folder`."""
+    failure (key, path, result), one per distinct (outcome, where) not in `known`; failing cases are saved into
+    `folder`; `outcomes` counts how cases ended (success, TinkerError, each failure kind)."""
     rng = random.Random(f"{seed}:{target}")
     known = set() if known is None else known
     tried, failures, t0 = 0, [], time.monotonic()
-    outcomes: dict[str, int] = {}
+    outcomes = {} if outcomes is None else outcomes  # outcome -> count: success, TinkerError, failures
     tmp = Path(tempfile.mkdtemp(prefix="tinkerlm-fuzz-cases-"))
     try:
         while (cases is None or tried < cases) and (seconds is None or time.monotonic() - t0 < seconds):
@@ -1094,7 +1103,6 @@ def fuzz(runner: Runner, target: str, seed: int, cases: int | None, seconds: flo
                     failures.append((key, save_case(data, target, folder), res))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    fuzz.outcomes = outcomes  # for reports: how many cases succeeded, were refused, failed
     return tried, failures
 
 

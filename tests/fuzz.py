@@ -1115,8 +1115,12 @@ def main(argv: list[str]) -> None:
         os.environ.update(OFFLINE_ENV)
         work = Path(tempfile.mkdtemp(prefix="tinkerlm-fuzz-"))
         os.environ["TINKERLM_HOME"] = str(work / "store")
-        res = run_one(target_of(case), case, Context(seeds, work / "case"), 1e6)
+        try:
+            res = run_one(target_of(case), case, Context(seeds, work / "case"), 1e6)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         print(report(target_of(case), case, res) if not res["ok"] else res)
+        sys.exit(0 if res["ok"] else 1)
     else:
         sys.exit(f"usage: {sys.argv[0]} worker SEEDS | replay CASE")
 

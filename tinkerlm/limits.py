@@ -37,6 +37,7 @@ TEMPLATE_SOURCE_CHARS = 1 << 20  # characters of template source
 # -- server requests --------------------------------------------------------------------------------------------
 MAX_BODY_BYTES = 8 << 20  # request body, enforced while it streams in
 MAX_JSON_DEPTH = 64  # nesting of a request body, a JSONL line, a recipe
+MAX_STOP_CHARS = 512  # one stop sequence (holding back a possible stop string is quadratic in its length)
 
 # -- recipes (YAML) and training data (JSONL) -------------------------------------------------------------------
 MAX_YAML_ALIASES = 64  # alias references in one recipe (alias bombs expand exponentially)

@@ -126,21 +126,21 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--api-key",
         default=None,
-        help="require this bearer token (default: none); other users can read it in `ps`: prefer --api-key-file "
-        "or the TINKERLM_API_KEY environment variable",
+        help="require this bearer token; other users can read it in `ps`: prefer --api-key-file or the "
+        "TINKERLM_API_KEY environment variable",
     )
-    s.add_argument("--api-key-file", default=None, help="require the bearer token stored in this file (default: none)")
+    s.add_argument("--api-key-file", default=None, help="require the bearer token stored in this file")
     s.add_argument(
         "--allowed-hosts",
         default=None,
         help="Host names accepted besides localhost and IP addresses, comma-separated ('.example.com' takes its "
-        "subdomains, '*' any); blocks DNS rebinding (default: none)",
+        "subdomains, '*' any); blocks DNS rebinding",
     )
     s.add_argument(
         "--allowed-origins",
         default=None,
         help="web origins besides this server that may call it from a browser, comma-separated "
-        "('http://localhost:3000', '*' any); they get CORS headers (default: none)",
+        "('http://localhost:3000', '*' any); they get CORS headers",
     )
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together in one forward pass")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before 429")

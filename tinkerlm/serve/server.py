@@ -857,7 +857,7 @@ def serve(
         bar = "!" * 100
         print(
             f"{bar}\nWARNING: serving on {host} WITHOUT an API key: anyone who can reach this machine can use "
-            f"the models.\nPass --api-key KEY (or set TINKERLM_API_KEY), or bind 127.0.0.1.\n{bar}",
+            f"the models.\nSet TINKERLM_API_KEY or pass --api-key-file PATH, or bind 127.0.0.1.\n{bar}",
             file=sys.stderr,
             flush=True,
         )

@@ -251,14 +251,19 @@ class BatchGenerator:
                     self.cond.wait()
                 if self.stopped:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception:  # step() ends failed sequences itself; the thread must outlive anything else
+                log.exception("engine %s: step failed outside a sequence", self.name)
 
     # -- one step ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> None:
         """Admit waiting sequences into free slots (prefill), drop cancelled ones, decode one token for all.
 
-        A failing step (a bug, out of memory) ends the running sequences with an error event; the generator goes on.
+        Failures are isolated: an exception while serving one sequence (its prefill, its sampling, its text) ends
+        that sequence with an error event and the others go on; only a failing shared forward pass (a bug, out of
+        memory) ends every running sequence. The generator itself always goes on.
         """
         with self.cond:
             admit = []
@@ -268,17 +273,33 @@ class BatchGenerator:
                     self.stats["cancelled"] += 1
                 else:
                     admit.append(s)
+        for s in admit:
+            self._isolated(s, self._prefill, s)
+        self._free_cancelled()
         try:
-            for s in admit:
-                self._prefill(s)
-            self._free_cancelled()
             self._decode()
         except Exception as e:
-            log.exception("engine %s: step failed", self.name)
-            for s in [*admit, *self.slots]:
+            log.exception("engine %s: decode step failed", self.name)
+            for s in self.slots:
                 if s is not None and not s.finished:
-                    s.emit(Event(s.index, error=e))
-                    self._release(s)
+                    self._fail(s, e)
+
+    def _isolated(self, s: Sequence, fn, *args) -> None:
+        """Run `fn(*args)` for sequence `s`; if it raises, `s` alone ends with the error."""
+        try:
+            fn(*args)
+        except Exception as e:
+            log.exception("engine %s: sequence %d failed", self.name, s.index)
+            self._fail(s, e)
+
+    def _fail(self, s: Sequence, error: Exception) -> None:
+        """End `s` with an error event and free its slot."""
+        self._release(s)
+        if not s.cancelled:
+            try:
+                s.emit(Event(s.index, error=error))
+            except Exception:  # a broken callback must not take the engine down with it
+                log.exception("engine %s: could not report the failure of sequence %d", self.name, s.index)
 
     def _rows(self, start: int, stop: int):
         """A cache over rows [start, stop) of the big cache, sharing its storage (views, no copy)."""
@@ -317,7 +338,7 @@ class BatchGenerator:
         self.stats["decode_steps"] += 1
         self.stats["decode_rows"] += len(busy)
         for s in busy:
-            self._next_token(s, logits[s.slot : s.slot + 1])
+            self._isolated(s, self._next_token, s, logits[s.slot : s.slot + 1])
 
     def _next_token(self, s: Sequence, logits: torch.Tensor) -> None:
         """Sample sequence `s`'s next token from logits (1, V) and emit its text (the engine's `Sampler` and

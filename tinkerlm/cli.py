@@ -129,7 +129,25 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("models", nargs="*", default=["smollm2"], help="models to serve (store names or paths)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
     s.add_argument("--port", type=int, default=8000, help="TCP port")
-    s.add_argument("--api-key", default=None, help="require this bearer token (default: none; env TINKERLM_API_KEY)")
+    s.add_argument(
+        "--api-key",
+        default=None,
+        help="require this bearer token; other users can read it in `ps`: prefer --api-key-file or the "
+        "TINKERLM_API_KEY environment variable",
+    )
+    s.add_argument("--api-key-file", default=None, help="require the bearer token stored in this file")
+    s.add_argument(
+        "--allowed-hosts",
+        default=None,
+        help="Host names accepted besides localhost and IP addresses, comma-separated ('.example.com' takes its "
+        "subdomains, '*' any); blocks DNS rebinding",
+    )
+    s.add_argument(
+        "--allowed-origins",
+        default=None,
+        help="web origins besides this server that may call it from a browser, comma-separated "
+        "('http://localhost:3000', '*' any); they get CORS headers",
+    )
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together in one forward pass")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before 429")
     s.add_argument(
@@ -351,6 +369,9 @@ def cmd_serve(a) -> None:
         host=a.host,
         port=a.port,
         api_key=a.api_key,
+        api_key_file=a.api_key_file,
+        allowed_hosts=a.allowed_hosts,
+        allowed_origins=a.allowed_origins,
         max_batch=a.max_batch,
         max_queue=a.max_queue,
         max_context=a.max_context,

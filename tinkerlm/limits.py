@@ -39,6 +39,7 @@ TEMPLATE_INT_BITS = 1 << 16  # bits of an integer a template computes (`**`, `*`
 # -- server requests --------------------------------------------------------------------------------------------
 MAX_BODY_BYTES = 8 << 20  # request body, enforced while it streams in
 MAX_JSON_DEPTH = 64  # nesting of a request body, a JSONL line, a recipe
+MAX_STOP_CHARS = 512  # one stop sequence (holding back a possible stop string is quadratic in its length)
 
 # -- recipes (YAML) and training data (JSONL) -------------------------------------------------------------------
 MAX_YAML_ALIASES = 64  # alias references in one recipe (alias bombs expand exponentially)

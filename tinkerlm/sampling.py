@@ -83,7 +83,8 @@ class SamplingParams:
         "penalise tokens already in the prompt or answer (divide positive logits, multiply negative ones); 1 is off",
         gt=0,
     )
-    seed: int | None = _param(None, "random seed: the same seed gives the same output")
+    # A signed 64-bit range (OpenAI's): torch seeds take [-2^63, 2^64), so choice j of n <= 16 may use seed + j.
+    seed: int | None = _param(None, "random seed: the same seed gives the same output", ge=-(2**63), le=2**63 - 1)
     presence_penalty: float = _param(
         0.0, "subtract this from the logit of every token already generated (OpenAI); 0 is off", ge=-2, le=2
     )

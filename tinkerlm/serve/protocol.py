@@ -6,16 +6,24 @@ Requests are pydantic models with `extra="forbid"`, so a field this server does 
 where the OpenAI API reference (https://platform.openai.com/docs/api-reference/chat/create and /completions/create)
 spells or bounds an option differently. `top_k`, `min_p` and `repetition_penalty` are tinkerlm extensions that
 mirror the `tinkerlm run` flags; `response_format` on /v1/completions is one too.
+
+Bodies come from untrusted clients, so `decode_json` refuses what Python's json module would accept but the rest
+of the server cannot take (RFC 8259 requires UTF-8; NaN and Infinity are not JSON; lone UTF-16 surrogates cannot
+be encoded; nesting deeper than limits.MAX_JSON_DEPTH would recurse in the parser and validator), each with a 400.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import typing
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from tinkerlm import sampling
+from tinkerlm import limits, sampling
 
 _TYPE_TAGS = {"str", "int", "float", "bool"}  # pydantic names union members in error locations; not fields
 
@@ -26,8 +34,10 @@ class APIError(Exception):
     TYPES = {
         400: "invalid_request_error",
         401: "authentication_error",
+        403: "permission_error",
         404: "invalid_request_error",
         413: "invalid_request_error",
+        415: "invalid_request_error",
         429: "rate_limit_error",
         503: "service_unavailable",
     }
@@ -110,6 +120,9 @@ class _Sampling(_Strict):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4:
             raise APIError(400, "stop: at most 4 stop sequences", "stop")
+        # The detokenizer holds back any tail that could begin a stop string, at a cost quadratic in its length.
+        if any(len(s) > limits.MAX_STOP_CHARS for s in stops):
+            raise APIError(400, f"stop: a stop sequence is longer than {limits.MAX_STOP_CHARS} characters", "stop")
         return [s for s in stops if s]
 
 
@@ -186,3 +199,57 @@ def parse(cls: type[_Strict], body: Any) -> _Strict:
         raise APIError(400, "prompt: empty list", "prompt")
     req.stops()
     return req
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding bodies
+
+# A JSON string literal, escapes included; an unterminated one runs to the end (else each later quote would rescan
+# the rest of the body: quadratic).
+_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # the only way a surrogate gets into decoded UTF-8 JSON
+
+
+def _depth(body: bytes) -> int:
+    """Deepest nesting of arrays and objects in a JSON text (brackets inside strings do not count)."""
+    brackets = np.frombuffer(_STRING.sub(b"", body).translate(None, _NOT_BRACKET), np.uint8)
+    if not brackets.size:
+        return 0
+    opens = (brackets == ord("[")) | (brackets == ord("{"))
+    return int(np.cumsum(np.where(opens, 1, -1)).max())
+
+
+def _constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def decode_json(body: bytes) -> Any:
+    """A request body as a Python value, or an APIError(400) saying what is wrong with it."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"request body is not valid UTF-8 (byte {e.start}); send JSON encoded as UTF-8") from None
+    if _depth(body) > limits.MAX_JSON_DEPTH:
+        raise APIError(400, f"request body: JSON nested deeper than {limits.MAX_JSON_DEPTH} levels")
+    try:
+        value = json.loads(text, parse_constant=_constant, parse_float=_finite)
+    except RecursionError:
+        raise APIError(400, f"request body: JSON nested deeper than {limits.MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:  # JSONDecodeError, NaN/Infinity, integers beyond Python's digit limit
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(
+                400, "request body: a string holds a lone UTF-16 surrogate (\\ud800-\\udfff); send valid Unicode"
+            ) from None
+    return value

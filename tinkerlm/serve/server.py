@@ -4,7 +4,14 @@ Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET 
 (Prometheus text format), GET / (the web playground). Responses and errors follow the OpenAI API reference
 (https://platform.openai.com/docs/api-reference); streaming uses server-sent events ending in `data: [DONE]`.
 Generation runs in one `tinkerlm.batching.BatchGenerator` thread per model; handlers only validate, tokenize and
-relay events.
+relay events. Work that grows with the request (decoding and validating the body, rendering the chat template,
+tokenizing) runs in worker threads, so one big or slow request never stalls the event loop (/health, other models).
+
+Trust boundaries (docs/security.md): a request body is limited while it streams in (limits.MAX_BODY_BYTES, chunked
+bodies too). Without an API key, any web page the user visits could otherwise drive a loopback server, so every
+request's `Host` must be a loopback name, an IP address or an allowed host (against DNS rebinding), its `Origin`,
+when a browser sends one, must be this server or an allowed origin (against cross-site requests), and POST bodies
+must be `application/json` (a cross-site form or `text/plain` fetch cannot send that without a CORS preflight).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -28,16 +36,16 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 
-from tinkerlm import chat as chat_mod
+from tinkerlm import limits
 from tinkerlm.batching import BatchGenerator, Event, QueueFull, Sequence, ShuttingDown
 from tinkerlm.errors import TinkerError
 from tinkerlm.sampling import SamplingParams, token_text
-from tinkerlm.serve.protocol import APIError, ChatRequest, CompletionRequest, params, parse
+from tinkerlm.serve.protocol import APIError, ChatRequest, CompletionRequest, decode_json, params, parse
 
 log = logging.getLogger("tinkerlm.serve")
 
-MAX_BODY = 8 << 20  # bytes; larger bodies get 413
 # The KV cache is preallocated for max_batch x context positions, so a 128k-context model would need tens of GB;
 # contexts are capped at this unless max_context says otherwise.
 DEFAULT_MAX_CONTEXT = 8192
@@ -104,6 +112,80 @@ class _CountRequests:
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header or an origin's netloc: lowercased, without port, brackets or trailing dot."""
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:8000
+        return host[1 : host.find("]")] if "]" in host else host
+    if host.count(":") == 1:
+        host = host.split(":")[0]
+    return host.rstrip(".")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+class _TrustBoundary:
+    """ASGI middleware refusing (403) requests whose Host or Origin this server does not trust.
+
+    Host: loopback names (localhost, *.localhost) and IP addresses pass (DNS rebinding needs a name the attacker
+    controls), as do `allowed_hosts` ("name", ".domain" for its subdomains, "*" for any). Origin, when present (a
+    browser's cross-site or POST request): it passes if it is this server (its host:port equals the Host header) or
+    is in `allowed_origins` ("http://host:port", "*" for any); "null" (sandboxed frames, files) never does.
+    """
+
+    def __init__(self, app, allowed_hosts, allowed_origins):
+        self.app = app
+        self.hosts = {h.strip().lower().rstrip(".") for h in allowed_hosts if h.strip()}
+        self.origins = {o.strip().lower().rstrip("/") for o in allowed_origins if o.strip()}
+
+    def host_ok(self, host: str) -> bool:
+        name = _host_name(host)
+        if "*" in self.hosts or name in self.hosts or _is_ip(name):
+            return True
+        if name == "localhost" or name.endswith(".localhost"):
+            return True
+        return any(h.startswith(".") and (name.endswith(h) or name == h[1:]) for h in self.hosts)
+
+    def origin_ok(self, origin: str, host: str | None) -> bool:
+        origin = origin.strip().lower().rstrip("/")
+        if "*" in self.origins or origin in self.origins:
+            return True
+        netloc = origin.partition("://")[2]
+        return origin.startswith(("http://", "https://")) and host is not None and netloc == host.strip().lower()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        host, origin = headers.get("host"), headers.get("origin")
+        error = None
+        if host is not None and not self.host_ok(host):
+            error = APIError(
+                403,
+                f"Host '{host}' is not allowed (DNS rebinding protection); serve with --allowed-hosts "
+                f"{_host_name(host)} if this is your server's name",
+                None,
+                "host_not_allowed",
+            )
+        elif origin is not None and not self.origin_ok(origin, host):
+            error = APIError(
+                403,
+                f"Origin '{origin}' is not allowed (cross-site request protection); serve with --allowed-origins "
+                f"{origin} to let pages from there use this server",
+                None,
+                "origin_not_allowed",
+            )
+        if error is not None:
+            return await JSONResponse(error.body(), status_code=403)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,7 +269,15 @@ def _api_error(e: Exception) -> APIError:
     """The OpenAI-shaped error for an engine error event."""
     if isinstance(e, ShuttingDown):
         return APIError(503, str(e), None, "shutting_down")
+    if isinstance(e, TinkerError):  # a value only the engine could check: the request's fault
+        return APIError(400, str(e))
     return APIError(500, f"internal error: {type(e).__name__}: {e}")
+
+
+async def _token_table(engine: BatchGenerator, req) -> None:
+    """Build the model's token-bytes table (logprobs, JSON mode) in a worker thread the first time it is needed."""
+    if req.response_format is not None or (req.logprobs is not None and req.logprobs is not False):
+        await asyncio.to_thread(engine.token_bytes)
 
 
 def _start(engine: BatchGenerator, prompts: list[list[int]], req, max_tokens: list[int], defaults: dict) -> _Run:
@@ -217,17 +307,35 @@ def _start(engine: BatchGenerator, prompts: list[list[int]], req, max_tokens: li
     return _Run(engine, seqs, queue)
 
 
-async def _read_json(request: Request) -> Any:
+def _check_content_type(request: Request) -> None:
+    """POST bodies are JSON. A body without a Content-Type is read as JSON (curl, scripts); a browser sends an
+    Origin header with every POST, so a cross-site one is refused before it gets here."""
+    given = request.headers.get("content-type")
+    if given is None:
+        return
+    media = given.split(";")[0].strip().lower()
+    if media != "application/json":
+        raise APIError(
+            415,
+            f"Content-Type '{given}' is not supported: send the body as JSON with 'Content-Type: application/json'",
+            None,
+            "unsupported_media_type",
+        )
+
+
+async def _read_body(request: Request) -> bytes:
+    """The request body, refused with 413 as soon as it passes limits.MAX_BODY_BYTES (declared or streamed)."""
+    limit = limits.MAX_BODY_BYTES
     size = request.headers.get("content-length")
-    if size is not None and size.isdigit() and int(size) > MAX_BODY:
-        raise APIError(413, f"request body of {size} bytes is over the limit of {MAX_BODY} bytes")
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise APIError(413, f"request body is over the limit of {MAX_BODY} bytes")
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    if size is not None and size.isdigit() and int(size) > limit:
+        raise APIError(413, f"request body of {size} bytes is over the limit of {limit} bytes")
+    chunks, n = [], 0
+    async for chunk in request.stream():  # chunked bodies declare no length: count as they arrive
+        n += len(chunk)
+        if n > limit:
+            raise APIError(413, f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _sse(obj: Any) -> str:
@@ -277,6 +385,8 @@ def create_app(
     max_queue: int = 64,
     max_context: int = DEFAULT_MAX_CONTEXT,
     shutdown_grace: float = 10.0,
+    allowed_hosts: list[str] | tuple[str, ...] = (),
+    allowed_origins: list[str] | tuple[str, ...] = (),
 ) -> FastAPI:
     """The FastAPI app serving `models` ({id: tinkerlm.LLM}); engines start and stop with the app's lifespan.
 
@@ -285,6 +395,9 @@ def create_app(
         max_queue: sequences that may wait for a slot before requests get 429.
         max_context: cap on each model's context (the KV cache holds max_batch x max_context positions per model).
         shutdown_grace: seconds running requests may take to finish when the server stops.
+        allowed_hosts: Host names accepted besides loopback names and IP addresses ("name", ".domain", "*").
+        allowed_origins: browser origins besides this server's own that may call it ("http://host:port", "*");
+            they also get CORS headers, so their pages can read the answers.
     """
     if max_batch < 1 or max_queue < 0:
         raise TinkerError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
@@ -319,7 +432,15 @@ def create_app(
     app.state.tinkerlm = state
     app.state.begin_shutdown = begin_shutdown
     app.state.shutdown_grace = shutdown_grace
-    app.add_middleware(_CountRequests, state=state)
+    if allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=["*"] if "*" in allowed_origins else [o.rstrip("/") for o in allowed_origins],
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type"],
+        )
+    app.add_middleware(_TrustBoundary, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)
+    app.add_middleware(_CountRequests, state=state)  # outermost: refused requests are counted too
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -368,7 +489,9 @@ def create_app(
     async def admit(request: Request, kind):
         """The parsed request and its model's engine, once the key, body and model check out and we take work."""
         state.check_key(request)
-        req = parse(kind, await _read_json(request))
+        _check_content_type(request)
+        body = await _read_body(request)
+        req = await asyncio.to_thread(lambda: parse(kind, decode_json(body)))  # 8 MB of JSON takes a while
         engine = state.engine(req.model)
         if state.draining:
             raise APIError(503, "the server is shutting down", None, "shutting_down")
@@ -379,14 +502,13 @@ def create_app(
         req, engine = await admit(request, ChatRequest)
         # "developer" is the newer name of the system role; templates know "system".
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        try:
-            text = chat_mod.render(engine.tokenizer, messages)
+        try:  # the prompt `LLM.chat` would build, rendered and tokenized off the event loop
+            ids = await asyncio.to_thread(state.llms[engine.name]._chat_ids, messages)
         except TinkerError as e:
             raise APIError(400, f"{e} (for plain text use /v1/completions)", "messages") from None
-        # The template writes the special tokens itself, so none are added (as `LLM.chat` does).
-        ids = engine.tokenizer.encode(text, add_special_tokens=False)
         budget = _budget(engine, len(ids), req.max_completion_tokens or req.max_tokens, "messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        await _token_table(engine, req)
         run = _start(engine, [ids], req, [budget], state.defaults(engine))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
@@ -423,19 +545,21 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request):
         req, engine = await admit(request, CompletionRequest)
-        if isinstance(req.prompt, str):
-            prompts = [engine.tokenizer.encode(req.prompt)]
-        elif isinstance(req.prompt[0], int):
+        if isinstance(req.prompt, str) or isinstance(req.prompt[0], str):
+            # In a worker thread, through encode_batch: the tokenizers library releases the GIL there (not in
+            # encode), so a megabyte prompt does not stall the other requests.
+            texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+            prompts = await asyncio.to_thread(engine.tokenizer.encode_batch, texts)
+        else:
             bad = [t for t in req.prompt if not 0 <= t < engine.vocab]
             if bad:
                 raise APIError(
                     400, f"prompt: token id {bad[0]} is outside the vocabulary [0, {engine.vocab})", "prompt"
                 )
             prompts = [list(req.prompt)]
-        else:
-            prompts = [engine.tokenizer.encode(p) for p in req.prompt]
         budgets = [_budget(engine, len(p), req.max_tokens, "prompt") for p in prompts]
         n_prompt = sum(len(p) for p in prompts)
+        await _token_table(engine, req)
         run = _start(engine, prompts, req, budgets, state.defaults(engine))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
@@ -643,6 +767,23 @@ def _is_loopback(host: str) -> bool:
     return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
 
 
+def read_api_key(path: str) -> str:
+    """The API key in file `path` (its only word; surrounding whitespace and the final newline are dropped)."""
+    try:
+        key = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TinkerError(f"api_key_file: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not key or any(c.isspace() for c in key):
+        raise TinkerError(f"api_key_file: {path} must hold the key alone, on one line")
+    return key
+
+
+def _names(value: list[str] | str | None) -> list[str]:
+    """A list of host names or origins from a list or a comma-separated string."""
+    items = value.split(",") if isinstance(value, str) else list(value or [])
+    return [v.strip() for v in items if v.strip()]
+
+
 def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"):
     """A uvicorn server whose shutdown first drains the engines (503 for new work, grace for running work)."""
     import uvicorn
@@ -677,6 +818,9 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
+    api_key_file: str | None = None,
+    allowed_hosts: list[str] | str | None = None,
+    allowed_origins: list[str] | str | None = None,
     max_batch: int = 8,
     max_queue: int = 64,
     dtype: str = "float32",
@@ -684,10 +828,25 @@ def serve(
     threads: int | None = None,
     max_context: int = DEFAULT_MAX_CONTEXT,
 ) -> None:
-    """Load `models` and serve them until Ctrl-C / SIGTERM (then running requests get a grace period)."""
+    """Load `models` and serve them until Ctrl-C / SIGTERM (then running requests get a grace period).
+
+    The API key comes from `api_key`, else the first line of `api_key_file`, else $TINKERLM_API_KEY (a file or
+    the environment keep it out of `ps`). `allowed_hosts` / `allowed_origins` (lists or comma-separated) widen
+    the Host and Origin checks, see `create_app`.
+    """
     import tinkerlm
 
+    if api_key and api_key_file:
+        raise TinkerError("serve: give --api-key or --api-key-file, not both")
+    if api_key_file:
+        api_key = read_api_key(api_key_file)
     api_key = api_key or os.environ.get("TINKERLM_API_KEY") or None
+    allowed_hosts, allowed_origins = _names(allowed_hosts), _names(allowed_origins)
+    bad = [o for o in allowed_origins if o != "*" and not o.startswith(("http://", "https://"))]
+    if bad:
+        raise TinkerError(f"allowed_origins: {bad[0]!r} is not an origin (write it as http://host:port, or *)")
+    if host not in ("0.0.0.0", "::", ""):  # the name the server was told to bind is one its clients use
+        allowed_hosts.append(host)
     if not models:
         raise TinkerError("serve: give at least one model")
     if len(set(models)) != len(models):
@@ -698,7 +857,7 @@ def serve(
         bar = "!" * 100
         print(
             f"{bar}\nWARNING: serving on {host} WITHOUT an API key: anyone who can reach this machine can use "
-            f"the models.\nPass --api-key KEY (or set TINKERLM_API_KEY), or bind 127.0.0.1.\n{bar}",
+            f"the models.\nSet TINKERLM_API_KEY or pass --api-key-file PATH, or bind 127.0.0.1.\n{bar}",
             file=sys.stderr,
             flush=True,
         )
@@ -706,7 +865,15 @@ def serve(
     for name in models:
         print(f"tinkerlm: loading {name} ...", file=sys.stderr, flush=True)
         llms[name] = tinkerlm.load(name, dtype=dtype, quant=quant, threads=threads)
-    app = create_app(llms, api_key=api_key, max_batch=max_batch, max_queue=max_queue, max_context=max_context)
+    app = create_app(
+        llms,
+        api_key=api_key,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_context=max_context,
+        allowed_hosts=allowed_hosts,
+        allowed_origins=allowed_origins,
+    )
     for name, e in app.state.tinkerlm.engines.items():
         mib = sum(t.numel() * t.element_size() for t in e.cache.k + e.cache.v) / 2**20
         print(

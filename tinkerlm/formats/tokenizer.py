@@ -95,7 +95,9 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for `text`; `add_special_tokens` adds BOS/EOS where the tokenizer's template says so."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode does not): a server tokenizing a huge prompt in a
+        # worker thread keeps answering other requests. The ids are the same.
+        return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def encode_spans(self, text: str, plain: Iterable[tuple[int, int]]) -> list[int]:
         """Ids of `text` (no BOS/EOS added) with special tokens parsed except inside the `plain` character spans,
@@ -105,7 +107,7 @@ class Tokenizer:
         outside `plain` gets exactly `encode(text, False)`; otherwise the special tokens outside `plain` are kept
         and the text between them is tokenized by a copy of the backend that matches no special tokens.
         """
-        enc = self.backend.encode(text, add_special_tokens=False)
+        enc = self.backend.encode_batch([text], add_special_tokens=False)[0]  # GIL released, as in `encode`
         spans = sorted((a, b) for a, b in plain if b > a)
         special = _special_ids(self)
         cuts, forged, j = [], False, 0

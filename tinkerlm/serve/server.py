@@ -503,7 +503,7 @@ def create_app(
         # "developer" is the newer name of the system role; templates know "system".
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         try:  # the prompt `LLM.chat` would build, rendered and tokenized off the event loop
-            ids = await asyncio.to_thread(state.llms[engine.name]._chat_ids, messages)
+            ids = await asyncio.to_thread(state.llms[engine.name].chat_ids, messages)
         except TinkerError as e:
             raise APIError(400, f"{e} (for plain text use /v1/completions)", "messages") from None
         budget = _budget(engine, len(ids), req.max_completion_tokens or req.max_tokens, "messages")

@@ -56,9 +56,13 @@ class Param:
     off: str = ""  # what the default means, for help texts ("0 is greedy")
 
     def range_text(self) -> str:
-        low = f">= {self.ge:g}" if self.ge is not None else f"> {self.gt:g}" if self.gt is not None else ""
-        high = f"<= {self.le:g}" if self.le is not None else ""
+        low = f">= {_num(self.ge)}" if self.ge is not None else f"> {_num(self.gt)}" if self.gt is not None else ""
+        high = f"<= {_num(self.le)}" if self.le is not None else ""
         return " and ".join(t for t in (low, high) if t)
+
+
+def _num(v: float) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"  # integer bounds (seed: 2^63 - 1) exactly
 
 
 def _param(default: Any, help: str, **meta) -> Any:

@@ -509,3 +509,19 @@ def test_json_files_bounded(tmp_path, monkeypatch):
     (d / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(TinkerError, match="config.json"):
         hf.load_config(d)
+
+
+def test_header_longer_than_first_read_parsed_from_the_map(tmp_path, monkeypatch):
+    """A header past the first read is parsed again from an mmap of the file: same result, same bounds."""
+    from tinkerlm.formats import gguf
+
+    path = tmp_path / "m.gguf"
+    write_gguf(path, "llama", llama_weights())
+    whole = read_gguf(path)
+    monkeypatch.setattr(gguf, "HEAD_BYTES", 100)
+    again = read_gguf(path)
+    assert again.metadata == whole.metadata and again.tensor_infos() == whole.tensor_infos()
+    assert (again.tensor("blk.0.ffn_up.weight") == whole.tensor("blk.0.ffn_up.weight")).all()
+    bad = raw_gguf(tmp_path / "bad.gguf", [_kv("x", 9, struct.pack("<IQ", 8, 3) + _str("a") * 2 + struct.pack("<Q", 100))])
+    with pytest.raises(TinkerError, match=r"metadata key x, item 2 runs past the end of the file"):
+        read_gguf(bad)

@@ -377,6 +377,9 @@ class _TensorInfo:
     __slots__ = ("name", "shape", "tensor_type", "data_offset", "n_bytes", "data")
 
 
+HEAD_BYTES = 1 << 25  # the first read of a file, enough for the header (vocabulary included) of most models
+
+
 class _Reparse(Exception):
     """The header runs past the first read of the file: parse it again from the whole (memory-mapped) file."""
 
@@ -397,7 +400,7 @@ class _Header:
         # cheaper than slicing the map. A header longer than the first read is parsed again from an mmap of the
         # whole file (slices of an mmap are bytes too; the file is not copied into memory).
         with open(path, "rb") as f:
-            head = f.read(1 << 25)
+            head = f.read(HEAD_BYTES)
         try:
             self._parse(head)
         except _Reparse:

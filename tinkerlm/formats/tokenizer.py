@@ -328,9 +328,11 @@ def _as_list(value: Any) -> list:
 def _read_json(file: Path) -> dict:
     if not file.is_file():
         return {}
+    if file.stat().st_size > limits.MAX_JSON_BYTES:
+        raise TinkerError(f"{file}: over the limit of {limits.MAX_JSON_BYTES} bytes for a JSON file")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise TinkerError(f"{file}: not valid JSON ({exc}) (fix or delete the file)") from exc
     return data if isinstance(data, dict) else {}
 

@@ -25,7 +25,9 @@ MAX_WIDTH = 1 << 18  # hidden / intermediate size, heads x head_dim
 MAX_HEADS = 1 << 12  # attention heads
 MAX_HEAD_DIM = 1 << 12
 MAX_CONTEXT = 1 << 24  # positions (also caps the KV cache a config can ask for)
-MAX_DIMS = 4  # dimensions of one tensor
+MAX_DIMS = 4  # dimensions of one tensor (ggml's own maximum)
+MAX_SAFETENSORS_DIMS = 8  # dimensions of one safetensors tensor (vision towers hold 5-D convolutions)
+MAX_ARRAY_DEPTH = 4  # GGUF arrays nested in arrays (real files nest none)
 MAX_ELEMENTS = 1 << 40  # elements of one tensor (also checked against the bytes the file holds)
 MAX_JSON_BYTES = 1 << 26  # config.json, tokenizer.json, an index or a safetensors header
 

@@ -98,6 +98,12 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, quant: str =
         state_dict = q.packed_state_dict(ckpt) if quant == "native" and dtype == torch.float32 else ckpt.state_dict()
         tokenizer = ckpt.tokenizer()
         gen_config = {}
+    # A token id past the embedding would fail only at generation (an index error mid-stream): refuse it here.
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise TinkerError(
+            f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding (vocab_size) has "
+            f"{model.config.vocab_size} rows (tokenizer and weights from different models?)"
+        )
     packed = {k: v for k, v in state_dict.items() if isinstance(v, (q.QTensor, q.Packed))}
     plain = {k: v for k, v in state_dict.items() if k not in packed}
     models.load_weights(model, plain, source, dtype, provided=set(packed))

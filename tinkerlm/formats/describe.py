@@ -18,13 +18,13 @@ Imports no torch and nothing from the store (`describe` takes the store's lookup
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
+from tinkerlm import limits
 from tinkerlm.errors import TinkerError
 from tinkerlm.formats import hf, specs
 
@@ -64,13 +64,14 @@ def _dominant(weights: dict[str, int]) -> str:
 def _describe_gguf(path: Path) -> dict:
     from tinkerlm.formats.gguf import read_gguf  # header and tensor infos only: no torch, no tensor data read
 
-    ckpt = read_gguf(path)
+    ckpt = read_gguf(path)  # every count and shape bounded by tinkerlm.limits and the file's size
     meta = ckpt.metadata
-    arch = meta.get("general.architecture") or "unknown"
+    arch = meta.get("general.architecture")
+    arch = arch if isinstance(arch, str) and arch else "unknown"
     params = 0
     by_type: dict[str, int] = {}
     for _, shape, type_name in ckpt.tensor_infos():
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         params += n
         if len(shape) >= 2:  # norms and biases stay F32 in every quantized file
             by_type[type_name] = by_type.get(type_name, 0) + n
@@ -79,21 +80,98 @@ def _describe_gguf(path: Path) -> dict:
         "architecture": specs.gguf_model_type(arch),
         "parameters": params,
         "quantization": _dominant(by_type),
-        "context_length": int(meta.get(f"{arch}.context_length") or 0),
-        "license": meta.get("general.license"),
+        "context_length": _count(meta.get(f"{arch}.context_length")),
+        "license": _text(meta.get("general.license")),
     }
 
 
+def _count(value: object) -> int:
+    """A context length as a store entry shows it: a non-negative int, else 0 (unknown); metadata may be wrong-typed."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limits.MAX_CONTEXT else 0
+
+
+def _text(value: object) -> str | None:
+    """A short string from metadata or None: a licence named by a list or a number is not shown."""
+    return value[:200] if isinstance(value, str) else None
+
+
+# safetensors dtype code -> bytes per element (https://github.com/huggingface/safetensors#format)
+SAFETENSORS_ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F6_E2M3": 1, "F6_E3M2": 1,
+    "F4": 1, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+_SUB_BYTE = {"F4": 2, "F6_E2M3": 4 / 3, "F6_E3M2": 4 / 3}  # elements a byte holds where less than a byte each
+
+
 def safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file: {tensor name: {"dtype", "shape", "data_offsets"}, "__metadata__"}."""
+    """The JSON header of a safetensors file: {tensor name: {"dtype", "shape", "data_offsets"}, "__metadata__"}.
+
+    The file is untrusted: the header's length is bounded (`limits.MAX_JSON_BYTES`) and must fit in the file, and
+    each tensor's dtype, shape and offsets are type-checked, its elements bounded (`limits.MAX_ELEMENTS`), its
+    elements times item size equal to its byte range and the range inside the file, so nothing read from it
+    later (a merge, a load) allocates more than the file holds.
+
+    Raises:
+        TinkerError: an unreadable or inconsistent header, naming the file and the tensor.
+    """
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100 << 20:
-                raise ValueError(f"header length {n} is implausible")
-            return json.loads(f.read(n))
-    except (OSError, ValueError, struct.error) as e:
-        raise TinkerError(f"{path}: unreadable safetensors header ({e}); the file may be truncated or not safetensors")
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("the file is shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > limits.MAX_JSON_BYTES or 8 + n > size:
+                raise ValueError(f"header length {n} is implausible for a file of {size} bytes")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error, RecursionError) as e:
+        raise TinkerError(
+            f"{path}: unreadable safetensors header ({e}); the file may be truncated or not safetensors"
+        ) from None
+    if not isinstance(header, dict):
+        raise TinkerError(f"{path}: the safetensors header is not a JSON object (file corrupt)")
+    data_size = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            if info is not None and not isinstance(info, dict):
+                raise TinkerError(f"{path}: __metadata__ in the safetensors header is not an object (file corrupt)")
+            continue
+        _check_tensor(path, name, info, data_size)
+    return header
+
+
+def _check_tensor(path: Path, name: str, info: object, data_size: int) -> None:
+    def bad(problem: str) -> TinkerError:
+        return TinkerError(f"{path}: tensor {name!r:.100} {problem} (file truncated, corrupt or hostile)")
+
+    if not isinstance(info, dict):
+        raise bad("has no {dtype, shape, data_offsets} entry")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_ITEMSIZE:
+        raise bad(f"has unknown dtype {dtype!r:.40}")
+    ints = (list, tuple)
+    if not isinstance(shape, ints) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+        raise bad(f"has shape {shape!r:.80}, expected a list of integers")
+    if len(shape) > limits.MAX_SAFETENSORS_DIMS or any(s < 0 for s in shape):
+        raise bad(f"has shape {list(shape)!r:.80} (at most {limits.MAX_SAFETENSORS_DIMS} non-negative dimensions)")
+    if (
+        not isinstance(offsets, ints)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise bad(f"has data_offsets {offsets!r:.80}, expected [begin, end]")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_size:
+        raise bad(f"has data_offsets [{begin}, {end}] outside the {data_size} bytes of data in the file")
+    elements = 1
+    for s in shape:
+        elements *= s
+        if elements > limits.MAX_ELEMENTS:
+            raise bad(f"declares {elements} elements or more, over the limit of {limits.MAX_ELEMENTS}")
+    per_byte = _SUB_BYTE.get(dtype)
+    expected = math.ceil(elements / per_byte) if per_byte else elements * SAFETENSORS_ITEMSIZE[dtype]
+    if end - begin != expected:
+        raise bad(f"of dtype {dtype} and shape {list(shape)} needs {expected} bytes, but its range holds {end - begin}")
 
 
 def _readme_license(readme: Path) -> str | None:
@@ -111,13 +189,11 @@ def _readme_license(readme: Path) -> str | None:
 
 def _describe_hf(d: Path) -> dict:
     cfg_path = d / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
+    if not cfg_path.is_file():
         raise TinkerError(f"{d}: no config.json; a Hugging Face model directory needs config.json + *.safetensors")
-    except (OSError, ValueError) as e:
-        raise TinkerError(f"{cfg_path}: unreadable ({e})")
-    text_cfg = cfg.get("text_config") or {}
+    cfg = hf.read_json(cfg_path)  # size-bounded; must be a JSON object
+    text_cfg = cfg.get("text_config")
+    text_cfg = text_cfg if isinstance(text_cfg, dict) else {}
     weights = [p.name for p in hf.weight_files(d)]
     params = 0
     shapes: dict[str, list] = {}
@@ -126,9 +202,7 @@ def _describe_hf(d: Path) -> dict:
         for tname, info in safetensors_header(d / fname).items():
             if tname == "__metadata__":
                 continue
-            n = 1
-            for s in info["shape"]:
-                n *= s
+            n = math.prod(info["shape"])  # checked by safetensors_header
             params += n
             shapes[tname] = info["shape"]
             if len(info["shape"]) >= 2:
@@ -136,23 +210,21 @@ def _describe_hf(d: Path) -> dict:
     # A checkpoint may store a tied lm_head as well as the embedding; it is one parameter.
     tied = cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", True))
     if tied and "lm_head.weight" in shapes and any(k.endswith("embed_tokens.weight") for k in shapes):
-        n = 1
-        for s in shapes["lm_head.weight"]:
-            n *= s
-        params -= n
+        params -= math.prod(shapes["lm_head.weight"])
     ctx = 0
     for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-        ctx = cfg.get(key) or text_cfg.get(key) or 0
+        ctx = _count(cfg.get(key)) or _count(text_cfg.get(key))
         if ctx:
             break
-    quant = cfg.get("quantization_config", {}).get("quant_method")
+    quant = cfg.get("quantization_config")
+    quant = _text(quant.get("quant_method")) if isinstance(quant, dict) else None
     return {
         "format": "hf",
-        "architecture": cfg.get("model_type") or text_cfg.get("model_type") or "unknown",
+        "architecture": _text(cfg.get("model_type")) or _text(text_cfg.get("model_type")) or "unknown",
         "parameters": params,
         "quantization": quant.upper() if quant else _dominant(by_dtype),
-        "context_length": int(ctx),
-        "license": _readme_license(d / "README.md") or cfg.get("license"),
+        "context_length": ctx,
+        "license": _readme_license(d / "README.md") or _text(cfg.get("license")),
     }
 
 
@@ -164,10 +236,10 @@ def _describe_lora(d: Path, find_base: Callable[[str], dict | None] | None) -> d
     for f in sorted(d.glob("*.safetensors")):
         for tname, info in safetensors_header(f).items():
             if tname != "__metadata__":
-                n = int(np.prod(info["shape"]))
+                n = math.prod(info["shape"])
                 params += n
                 by_dtype[info["dtype"]] = by_dtype.get(info["dtype"], 0) + n
-    ref = cfg.get("base_model_name_or_path")
+    ref = _text(cfg.get("base_model_name_or_path"))
     base: dict = {}
     if ref and Path(ref).is_absolute() and Path(ref).exists():
         base = describe(Path(ref), find_base)

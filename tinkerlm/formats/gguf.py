@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tinkerlm import limits
 from tinkerlm.errors import TinkerError
 from tinkerlm.formats import specs
 
@@ -48,7 +49,6 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     path = Path(path)
     if not path.is_file():
         raise TinkerError(f"{path}: no such file (check the path, or pull the model first)")
-    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
     if len(head) < 4 or head[:4] != b"GGUF":
@@ -66,20 +66,15 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
 
     try:
         reader = _Header(path)
+    except TinkerError:
+        raise
     except Exception as exc:  # struct.error, IndexError, UnicodeDecodeError... on cut or corrupt files
         reason = " ".join(str(exc).split())[:200]
         raise TinkerError(
             f"{path}: cannot parse the GGUF header ({type(exc).__name__}: {reason}) (file truncated or corrupt? "
             "download it again)"
         ) from exc
-    for t in reader.tensors:
-        end = t.data_offset + int(t.n_bytes)
-        if end > size:
-            raise TinkerError(
-                f"{path}: tensor {t.name} ends at byte {end}, but the file has {size} bytes "
-                "(file truncated? download it again)"
-            )
-    return GGUFCheckpoint(path, reader)
+    return GGUFCheckpoint(path, reader)  # _Header checked every tensor's byte range against the file
 
 
 @dataclass
@@ -126,6 +121,8 @@ class GGUFCheckpoint:
         arch = self.metadata.get("general.architecture")
         if arch is None:
             raise TinkerError(f"{self.path}: metadata key general.architecture is missing (not a model file?)")
+        if not isinstance(arch, str):
+            raise TinkerError(f"{self.path}: metadata key general.architecture is {arch!r}, expected a string")
         specs.for_gguf(arch, str(self.path))  # raises for an unsupported architecture
         return arch
 
@@ -158,32 +155,48 @@ class GGUFCheckpoint:
     def _config(self) -> dict:
         spec = self.spec
         config = spec.gguf_config(self)
-        config["bos_token_id"] = self.metadata.get("tokenizer.ggml.bos_token_id")
-        config["eos_token_id"] = self.metadata.get("tokenizer.ggml.eos_token_id")
+        for key in ("bos_token_id", "eos_token_id"):
+            value = self.metadata.get(f"tokenizer.ggml.{key}")
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise TinkerError(f"{self.path}: metadata key tokenizer.ggml.{key} is {value!r:.80}, expected an int")
+            config[key] = value
         if config["model_type"] in spec.hf_classes:
             config["architectures"] = [spec.hf_classes[config["model_type"]]]
         return config
 
-    def arch_key(self, name: str, default: Any = ..., kind: type = int) -> Any:
+    def arch_key(self, name: str, default: Any = ..., kind: type = int, limit: int | None = None) -> Any:
         """`{general.architecture}.{name}` from the metadata, required unless a default is given.
 
+        Args:
+            kind: the type the value must have (int: not a bool or float; float: an int is accepted).
+            limit: for an int, the largest value allowed (from `tinkerlm.limits`); the value must then be >= 1.
+
         Raises:
-            TinkerError: missing without a default, or not one value of `kind`.
+            TinkerError: missing without a default, not one value of `kind`, or outside 1..limit.
         """
-        key = f"{self.metadata['general.architecture']}.{name}"
+        key = f"{self.architecture}.{name}"
         value = self.metadata.get(key, default)
         if value is ...:
             raise TinkerError(f"{self.path}: metadata key {key} is missing (re-convert the model with llama.cpp)")
-        if value is not None and not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+        if value is None or value is default:
+            return value
+        ok = isinstance(value, kind) and not isinstance(value, bool) or kind is bool and isinstance(value, bool)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
             raise TinkerError(
-                f"{self.path}: metadata key {key} is {value!r}, expected one {kind.__name__} "
+                f"{self.path}: metadata key {key} is {value!r:.80}, expected one {kind.__name__} "
                 "(per-layer values are not supported)"
+            )
+        if limit is not None and not 1 <= value <= limit:
+            raise TinkerError(
+                f"{self.path}: metadata key {key} is {value}, outside 1..{limit} (the file is corrupt or hostile)"
             )
         return value
 
     def vocab_size(self) -> int:
         """`{arch}.vocab_size`, else the length of the tokenizer's token list."""
-        size = self.arch_key("vocab_size", None)
+        size = self.arch_key("vocab_size", None, limit=limits.MAX_VOCAB)
         if size is None:
             tokens = self.metadata.get("tokenizer.ggml.tokens")
             if tokens is None:
@@ -192,7 +205,9 @@ class GGUFCheckpoint:
                     f"{self.path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens is in the metadata "
                     "(re-convert the model with llama.cpp)"
                 )
-            size = len(tokens)
+            if not isinstance(tokens, list):
+                raise TinkerError(f"{self.path}: metadata key tokenizer.ggml.tokens is not an array of strings")
+            size = limits.check(len(tokens), limits.MAX_VOCAB, f"{self.path}: tokenizer.ggml.tokens: the vocabulary")
         return size
 
     @cached_property
@@ -362,21 +377,40 @@ class _TensorInfo:
     __slots__ = ("name", "shape", "tensor_type", "data_offset", "n_bytes", "data")
 
 
+HEAD_BYTES = 1 << 25  # the first read of a file, enough for the header (vocabulary included) of most models
+
+
+class _Reparse(Exception):
+    """The header runs past the first read of the file: parse it again from the whole (memory-mapped) file."""
+
+
 class _Header:
-    """Metadata (plain Python values) and tensor infos of a GGUF v2/v3 file, tensor data memory-mapped."""
+    """Metadata (plain Python values) and tensor infos of a GGUF v2/v3 file, tensor data memory-mapped.
+
+    The file is untrusted: every count and length it declares is checked against `tinkerlm.limits` and against the
+    bytes left in the file before anything of that size is allocated, so a 600 KB file cannot ask for gigabytes.
+    Errors are TinkerErrors naming the file and the key or tensor.
+    """
 
     def __init__(self, path: Path):
+        self.path = path
         self._mm = np.memmap(path, dtype=np.uint8, mode="r")
+        self._size = len(self._mm)
         # The header (vocabulary included) is parsed from a bytes copy of the file's start: slicing bytes is far
-        # cheaper than slicing the map. A header longer than the first read is parsed again from the whole map.
+        # cheaper than slicing the map. A header longer than the first read is parsed again from an mmap of the
+        # whole file (slices of an mmap are bytes too; the file is not copied into memory).
         with open(path, "rb") as f:
-            head = f.read(1 << 25)
+            head = f.read(HEAD_BYTES)
         try:
             self._parse(head)
-        except (struct.error, IndexError, ValueError):
-            if len(head) == len(self._mm):
-                raise
-            self._parse(bytes(self._mm))
+        except _Reparse:
+            with open(path, "rb") as f:
+                whole = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            try:
+                self._parse(whole)
+            finally:
+                self._buf = b""
+                whole.close()
 
     def release(self, view: np.ndarray) -> None:
         """Drop the pages under `view` (a slice of the map) from this process's resident memory; touched again,
@@ -391,41 +425,101 @@ class _Header:
         if hi > lo:
             mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
-    def _parse(self, buf: bytes) -> None:
+    # -- bounds ------------------------------------------------------------------------------------------------
+
+    def _fail(self, what: str, problem: str) -> TinkerError:
+        return TinkerError(f"{self.path}: {what} {problem} (file truncated, corrupt or hostile; download it again)")
+
+    def _need(self, n: int, what: str) -> None:
+        """`n` more bytes must follow the read position, in the buffer (else parse again from the whole file)."""
+        if self._pos + n > len(self._buf):
+            if len(self._buf) < self._size:
+                raise _Reparse
+            raise self._fail(what, f"runs past the end of the file (needs {n} bytes at byte {self._pos})")
+
+    def _count(self, value: int, limit: int, what: str, min_bytes: int) -> int:
+        """A declared count: within `limit`, and its items (at least `min_bytes` each) fit in the rest of the file."""
+        limits.check(value, limit, f"{self.path}: {what}")
+        if value * min_bytes > self._size - self._pos:
+            raise self._fail(
+                what, f"declares {value} items, but only {self._size - self._pos} bytes of the file are left"
+            )
+        return value
+
+    # -- parsing -----------------------------------------------------------------------------------------------
+
+    def _parse(self, buf) -> None:
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
         self._buf, self._pos = buf, 8
+        self._need(16, "the tensor and key counts")
         n_tensors, n_kv = self._unpack("<QQ")
+        # Each key is at least its length (8), its type (4) and one byte of value; each tensor info at least its
+        # name length (8), n_dims (4), type (4) and offset (8).
+        self._count(n_kv, limits.MAX_METADATA_KEYS, "the metadata key count", 13)
+        self._count(n_tensors, limits.MAX_TENSORS, "the tensor count", 24)
         self.metadata: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = self._string()
+        for i in range(n_kv):
+            key = self._string(f"metadata key #{i}")
+            self._need(4, f"metadata key {key}")
             (vtype,) = self._unpack("<I")
-            self.metadata[key] = self._value(vtype)
+            self.metadata[key] = self._value(vtype, f"metadata key {key}", 0)
         infos = []
-        for _ in range(n_tensors):
+        names = set()
+        for i in range(n_tensors):
             t = _TensorInfo()
-            t.name = self._string()
+            t.name = self._string(f"tensor info #{i}")
+            what = f"tensor {t.name}"
+            if t.name in names:
+                raise self._fail(what, "appears twice")
+            names.add(t.name)
+            self._need(4, what)
             (n_dims,) = self._unpack("<I")
-            t.shape = np.array(self._unpack(f"<{n_dims}Q"), dtype=np.int64)
+            limits.check(n_dims, limits.MAX_DIMS, f"{self.path}: {what}: the number of dimensions")
+            self._need(8 * n_dims + 12, what)
+            dims = self._unpack(f"<{n_dims}Q")
+            count = 1
+            for d in dims:  # Python ints: a product of uint64s cannot overflow here
+                if d < 1:
+                    raise self._fail(what, f"has a dimension of {d} (shape {list(dims)})")
+                count *= d
+                limits.check(count, limits.MAX_ELEMENTS, f"{self.path}: {what}: the element count")
             ttype, offset = self._unpack("<IQ")
-            t.tensor_type = GGMLQuantizationType(ttype)
-            block, type_size = GGML_QUANT_SIZES[t.tensor_type]
-            count = int(np.prod(t.shape))
+            try:
+                t.tensor_type = GGMLQuantizationType(ttype)
+                block, type_size = GGML_QUANT_SIZES[t.tensor_type]
+            except (ValueError, KeyError):
+                raise self._fail(what, f"has unknown tensor type {ttype} (a newer llama.cpp format?)") from None
+            # ggml stores whole blocks along the first (fastest) dimension: a row not a multiple of the block size
+            # would make the byte range disagree with the elements (K-quants: rows of 256).
+            if dims and dims[0] % block:
+                raise self._fail(
+                    what,
+                    f"has rows of {dims[0]} values, not a multiple of the {block}-value blocks of type "
+                    f"{t.tensor_type.name}",
+                )
+            t.shape = np.array(dims, dtype=np.int64)
             t.n_bytes = count // block * type_size
             infos.append((t, offset))
-        align = int(self.metadata.get("general.alignment", 32))
+        align = self.metadata.get("general.alignment", 32)
+        if not isinstance(align, int) or isinstance(align, bool) or not 1 <= align <= 1 << 16 or align & (align - 1):
+            raise self._fail("metadata key general.alignment", f"is {align!r}, expected a power of two up to 65536")
         start = (self._pos + align - 1) // align * align
-        size = len(self._mm)
         self.tensors = []
         for t, offset in infos:
             t.data_offset = start + offset
-            if t.data_offset + t.n_bytes <= size:  # else read_gguf reports the truncation
-                raw = self._mm[t.data_offset : t.data_offset + t.n_bytes]
-                rows = tuple(int(d) for d in reversed(t.shape.tolist()))
-                if t.tensor_type.name in _PLAIN:
-                    t.data = raw.view(_PLAIN[t.tensor_type.name]).reshape(rows)
-                else:  # blocks: one row of bytes per row of values
-                    t.data = raw.reshape(*rows[:-1], -1) if len(rows) > 1 else raw
+            end = t.data_offset + t.n_bytes
+            if end > self._size:
+                raise TinkerError(
+                    f"{self.path}: tensor {t.name} ends at byte {end}, but the file has {self._size} bytes "
+                    "(file truncated? download it again)"
+                )
+            raw = self._mm[t.data_offset : end]
+            rows = tuple(int(d) for d in reversed(t.shape.tolist()))
+            if t.tensor_type.name in _PLAIN:
+                t.data = raw.view(_PLAIN[t.tensor_type.name]).reshape(rows)
+            else:  # blocks: one row of bytes per row of values
+                t.data = raw.reshape(*rows[:-1], -1) if len(rows) > 1 else raw
             self.tensors.append(t)
 
     def _unpack(self, fmt: str):
@@ -433,43 +527,64 @@ class _Header:
         self._pos += struct.calcsize(fmt)
         return values
 
-    def _string(self) -> str:
+    def _string(self, what: str) -> str:
+        self._need(8, what)
         (n,) = self._unpack("<Q")
-        if self._pos + n > len(self._buf):
-            raise ValueError("string runs past the end of the file")
-        text = self._buf[self._pos : self._pos + n].decode("utf-8")
+        limits.check(n, limits.MAX_STRING_BYTES, f"{self.path}: {what}: the string length")
+        self._need(n, what)
+        try:
+            text = self._buf[self._pos : self._pos + n].decode("utf-8")
+        except UnicodeDecodeError:
+            raise self._fail(what, "is not valid UTF-8") from None
         self._pos += n
         return text
 
-    def _strings(self, count: int) -> list[str]:
+    def _strings(self, count: int, what: str) -> list[str]:
         """An array of strings (a vocabulary, merges): the hot loop of header parsing, kept tight."""
         buf, pos, unpack, out = self._buf, self._pos, _U64.unpack_from, [None] * count
-        for i in range(count):
-            (n,) = unpack(buf, pos)
-            pos += 8
-            if pos + n > len(buf):
-                raise ValueError("string runs past the end of the file")
-            out[i] = buf[pos : pos + n].decode("utf-8")
-            pos += n
+        end, max_len = len(buf), limits.MAX_STRING_BYTES
+        try:
+            for i in range(count):
+                if pos + 8 > end:
+                    self._pos = pos
+                    self._need(8, f"{what}, item {i}")
+                (n,) = unpack(buf, pos)
+                pos += 8
+                if n > max_len or pos + n > end:
+                    self._pos = pos
+                    limits.check(n, max_len, f"{self.path}: {what}, item {i}: the string length")
+                    self._need(n, f"{what}, item {i}")
+                out[i] = buf[pos : pos + n].decode("utf-8")
+                pos += n
+        except UnicodeDecodeError:
+            raise self._fail(f"{what}, item {i}", "is not valid UTF-8") from None
         self._pos = pos
         return out
 
-    def _value(self, vtype: int):
+    def _value(self, vtype: int, what: str, depth: int):
         if vtype in _SCALARS:
-            return self._unpack(_SCALARS[vtype])[0]
+            fmt = _SCALARS[vtype]
+            self._need(struct.calcsize(fmt), what)
+            return self._unpack(fmt)[0]
         if vtype == 8:
-            return self._string()
+            return self._string(what)
         if vtype != 9:
-            raise ValueError(f"unknown metadata value type {vtype}")
+            raise self._fail(what, f"has unknown value type {vtype}")
+        limits.check(depth, limits.MAX_ARRAY_DEPTH - 1, f"{self.path}: {what}: the nesting of arrays")
+        self._need(12, what)
         etype, count = self._unpack("<IQ")
+        # Each item takes at least a byte (numbers: their size; strings: an 8-byte length; arrays: 12 bytes).
+        item = np.dtype(_NUMPY[etype]).itemsize if etype in _NUMPY else {8: 8, 9: 12}.get(etype, 1)
+        self._count(count, limits.MAX_ARRAY_ITEMS, f"{what}: the array length", item)
         if etype in _NUMPY:
             dt = np.dtype(_NUMPY[etype])
+            self._need(count * dt.itemsize, what)
             end = self._pos + count * dt.itemsize
-            if end > len(self._buf):
-                raise ValueError("array runs past the end of the file")
             arr = np.frombuffer(self._buf[self._pos : end], dtype=dt)
             self._pos = end
             return arr.tolist()
         if etype == 8:
-            return self._strings(count)
-        return [self._value(etype) for _ in range(count)]
+            return self._strings(count, what)
+        if etype != 9:
+            raise self._fail(what, f"is an array of unknown value type {etype}")
+        return [self._value(etype, what, depth + 1) for _ in range(count)]

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from tinkerlm import limits
 from tinkerlm.errors import TinkerError
 
 INDEX = "model.safetensors.index.json"
@@ -24,10 +25,13 @@ def read_json(path: Path, required: bool = True) -> dict[str, Any] | None:
         if required:
             raise TinkerError(f"{path}: file not found (a Hugging Face model directory needs it)")
         return None
+    size = path.stat().st_size
+    if size > limits.MAX_JSON_BYTES:
+        raise TinkerError(f"{path}: {size} bytes, over the limit of {limits.MAX_JSON_BYTES} for a JSON file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TinkerError(f"{path}: not valid JSON ({e}); re-download or fix the file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise TinkerError(f"{path}: not valid JSON ({e!s:.200}); re-download or fix the file") from None
     if not isinstance(data, dict):
         raise TinkerError(f"{path}: expected a JSON object at the top level")
     return data
@@ -45,19 +49,37 @@ def load_generation_config(model_dir: Path) -> dict[str, Any]:
 
 
 def index_shards(index: Path) -> list[str]:
-    """The shard file names a `model.safetensors.index.json` lists, in order of first appearance."""
+    """The shard file names a `model.safetensors.index.json` lists, in order of first appearance.
+
+    Raises:
+        TinkerError: no weight_map, or a shard name that is not a relative path inside the folder (`..`, an
+            absolute path, a drive): an index from a stranger must not make tinkerlm open files elsewhere.
+    """
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise TinkerError(f"{index}: missing 'weight_map' (re-download the index)")
-    return list(dict.fromkeys(weight_map.values()))
+    shards = list(dict.fromkeys(v if isinstance(v, str) else repr(v) for v in weight_map.values()))
+    for name in shards:
+        parts = PurePosixPath(name.replace("\\", "/")).parts
+        if not parts or name.startswith(("/", "\\")) or ":" in name or ".." in parts or "\0" in name:
+            raise TinkerError(
+                f"{index}: shard name {name!r:.200} is not a file name inside the model folder (index corrupt or "
+                "hostile; re-download it)"
+            )
+    return shards
 
 
 def weight_files(model_dir: Path) -> list[Path]:
-    """The safetensors files that hold the weights: the shards the index names, else every top-level one."""
+    """The safetensors files that hold the weights: the shards the index names, else every top-level one.
+
+    Raises:
+        TinkerError: a missing shard, or a weights file that is a symlink leading out of the folder.
+    """
     index = model_dir / INDEX
     if index.is_file():
         files = [model_dir / name for name in index_shards(index)]
         for f in files:
+            _inside(model_dir, f, index)
             if not f.is_file():
                 raise TinkerError(f"{index}: lists shard {f.name}, which is not in {model_dir} (download all shards)")
         return files
@@ -66,7 +88,19 @@ def weight_files(model_dir: Path) -> list[Path]:
         pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt*")]
         hint = " (pickled checkpoints are not loaded: convert them to safetensors)" if pickles else ""
         raise TinkerError(f"{model_dir}: no *.safetensors weights found{hint}")
+    for f in files:
+        _inside(model_dir, f, f)
     return files
+
+
+def _inside(model_dir: Path, file: Path, source: Path) -> None:
+    """`file`, symlinks resolved, must lie inside `model_dir` (itself resolved, so a linked folder is fine)."""
+    root, target = model_dir.resolve(), file.resolve()
+    if not target.is_relative_to(root):
+        raise TinkerError(
+            f"{source}: weights file {file.name} leads to {target}, outside the model folder {root} (a symlink? "
+            "copy the real files into the folder)"
+        )
 
 
 def load_state_dict(model_dir: Path) -> dict:

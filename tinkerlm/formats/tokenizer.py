@@ -26,6 +26,7 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
+from tinkerlm import limits
 from tinkerlm.errors import TinkerError
 
 # GGUF token types (llama.cpp's llama_token_type).
@@ -218,15 +219,7 @@ class Tokenizer:
             TinkerError: no vocabulary, an unsupported `tokenizer.ggml.model`, or special ids out of range.
         """
         model = metadata.get("tokenizer.ggml.model")
-        tokens = metadata.get("tokenizer.ggml.tokens")
-        if not tokens:
-            raise TinkerError(f"{path}: metadata key tokenizer.ggml.tokens is missing (the file has no tokenizer)")
-        types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        if len(types) != len(tokens):
-            raise TinkerError(
-                f"{path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens "
-                "(file inconsistent; re-convert it)"
-            )
+        tokens, types = _gguf_vocabulary(metadata, path)
         if model not in ("gpt2", "llama"):
             raise TinkerError(f"{path}: tokenizer.ggml.model {model!r} is not supported (supported: gpt2, llama)")
         try:
@@ -253,7 +246,7 @@ class Tokenizer:
             i = metadata.get(f"tokenizer.ggml.{key}")
             if i is None:
                 return None
-            if not 0 <= i < len(tokens):
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(tokens):
                 raise TinkerError(
                     f"{path}: tokenizer.ggml.{key} is {i}, outside the vocabulary of {len(tokens)} tokens "
                     "(file inconsistent; re-convert it)"
@@ -277,8 +270,10 @@ class Tokenizer:
         return cls(
             backend,
             **named,
-            extra_stop_ids=[i for i in extra if i is not None and 0 <= i < len(tokens)],
-            chat_template=metadata.get("tokenizer.chat_template"),
+            extra_stop_ids=[
+                i for i in extra if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(tokens)
+            ],
+            chat_template=_gguf_string(metadata, "tokenizer.chat_template", path),
         )
 
 
@@ -327,6 +322,64 @@ def _encode_between(tok: Tokenizer, text: str, cuts: list[tuple[int, int, int]])
     return ids
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# GGUF tokenizer metadata comes from untrusted files: its arrays are checked for type, length and token size
+# (tinkerlm/limits.py) before a tokenizer is built from them.
+
+
+def _gguf_vocabulary(metadata: dict[str, Any], path: Any) -> tuple[list[str], list[int]]:
+    """The checked `tokenizer.ggml.tokens` and `tokenizer.ggml.token_type` (default: all normal) of a GGUF file;
+    the scores and merges are checked too.
+
+    Raises:
+        TinkerError: no vocabulary, one over `limits.MAX_VOCAB` tokens or with a token over `limits.MAX_TOKEN_BYTES`,
+            or arrays of the wrong type or length, naming the key.
+    """
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise TinkerError(f"{path}: metadata key tokenizer.ggml.tokens is missing (the file has no tokenizer)")
+    _gguf_array(tokens, str, "tokenizer.ggml.tokens", path)
+    limits.check(len(tokens), limits.MAX_VOCAB, f"{path}: tokenizer.ggml.tokens: the vocabulary size")
+    for i, t in enumerate(tokens):
+        # Characters first (cheap); UTF-8 takes at most 4 bytes a character.
+        if len(t) * 4 > limits.MAX_TOKEN_BYTES and len(t.encode("utf-8")) > limits.MAX_TOKEN_BYTES:
+            raise TinkerError(
+                f"{path}: tokenizer.ggml.tokens item {i} is {len(t.encode('utf-8'))} bytes long, over the limit of "
+                f"{limits.MAX_TOKEN_BYTES} (the file is corrupt or hostile)"
+            )
+    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    _gguf_array(types, int, "tokenizer.ggml.token_type", path)
+    scores = metadata.get("tokenizer.ggml.scores")
+    if scores is not None:
+        _gguf_array(scores, float, "tokenizer.ggml.scores", path)
+    for key, values in (("tokenizer.ggml.token_type", types), ("tokenizer.ggml.scores", scores)):
+        if values is not None and len(values) != len(tokens):
+            raise TinkerError(
+                f"{path}: {key} has {len(values)} entries for {len(tokens)} tokens (file inconsistent; re-convert it)"
+            )
+    merges = metadata.get("tokenizer.ggml.merges")
+    if merges is not None:
+        _gguf_array(merges, str, "tokenizer.ggml.merges", path)
+    return tokens, types
+
+
+def _gguf_array(values: Any, kind: type, key: str, path: Any) -> None:
+    """A GGUF metadata array must be a list of `kind` (float: any number; never a bool for a number)."""
+    kinds = (int, float) if kind is float else (kind,)
+    if not isinstance(values, list) or not all(
+        isinstance(v, kinds) and (kind is str or not isinstance(v, bool)) for v in values
+    ):
+        expected = {str: "strings", int: "integers", float: "numbers"}[kind]
+        raise TinkerError(f"{path}: metadata key {key} is not an array of {expected} (file corrupt; re-convert it)")
+
+
+def _gguf_string(metadata: dict[str, Any], key: str, path: Any) -> str | None:
+    value = metadata.get(key)
+    if value is not None and not isinstance(value, str):
+        raise TinkerError(f"{path}: metadata key {key} is {value!r:.80}, expected a string (file corrupt)")
+    return value
+
+
 def _token_id(backend: tokenizers.Tokenizer, token: str | None) -> int | None:
     return None if token is None else backend.token_to_id(token)
 
@@ -345,9 +398,11 @@ def _as_list(value: Any) -> list:
 def _read_json(file: Path) -> dict:
     if not file.is_file():
         return {}
+    if file.stat().st_size > limits.MAX_JSON_BYTES:
+        raise TinkerError(f"{file}: over the limit of {limits.MAX_JSON_BYTES} bytes for a JSON file")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise TinkerError(f"{file}: not valid JSON ({exc}) (fix or delete the file)") from exc
     return data if isinstance(data, dict) else {}
 
@@ -473,8 +528,15 @@ def _merges_from_scores(tokens: list[str], scores: list[float], vocab: dict[str,
     """
     found = []  # (left, right, score of left + right)
     for merged, score in dict(zip(tokens, scores)).items():
-        cuts = [(merged[:k], merged[k:]) for k in range(1, len(merged))]
-        cuts = [(left, right) for left, right in cuts if left in vocab and right in vocab]
+        # Only the cuts found in the vocabulary are kept: listing every cut's two strings first would take memory
+        # quadratic in the token's length (a hostile 45,000-character token: gigabytes).
+        cuts = []
+        for k in range(1, len(merged)):
+            left = merged[:k]
+            if left in vocab:
+                right = merged[k:]
+                if right in vocab:
+                    cuts.append((left, right))
         cuts.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
         found.extend((left, right, score) for left, right in cuts)
     # Python's sort is stable, also with reverse=True, so equal keys keep the order built above.

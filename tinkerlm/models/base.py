@@ -27,24 +27,58 @@ log = logging.getLogger(__name__)
 # Config
 
 
-def config_from_dict(cls, d: dict[str, Any], source: str, renames: dict[str, str] | None = None):
-    """Build the dataclass `cls` from an HF-style config dict.
+def config_from_dict(
+    cls, d: dict[str, Any], source: str, renames: dict[str, str] | None = None, bounds: dict[str, int] | None = None
+):
+    """Build the dataclass `cls` from an HF-style config dict, checking each value's type and size.
 
-    Fields without a default are required: a missing one raises `TinkerError` naming `source` and the key.
+    Fields without a default are required: a missing one raises `TinkerError` naming `source` and the key. Each
+    value must have its field's annotated type (an int field takes no float, string, list or bool; a float field
+    takes an int), and an int field named in `bounds` must lie in 0..bounds[name] (the limits of
+    `tinkerlm.limits`), so a hostile config.json cannot ask for a model of 2^31 layers before any weight is read.
     Keys the dataclass does not know are logged (at debug level), never silently relied on.
     """
+    if not isinstance(d, dict):
+        raise TinkerError(f"{source}: config is not a JSON object")
     d = {(renames or {}).get(k, k): v for k, v in d.items()}
     names = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, f in names.items():
         if name in d and d[name] is not None:
-            kwargs[name] = d[name]
+            kwargs[name] = _checked(source, name, d[name], f.type, (bounds or {}).get(name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise TinkerError(f"{source}: config is missing required key '{name}' (is this a complete config.json?)")
     unknown = sorted(set(d) - set(names))
     if unknown:
         log.debug("%s: config keys not used by %s: %s", source, cls.__name__, ", ".join(unknown))
     return cls(**kwargs)
+
+
+def _checked(source: str, key: str, value: Any, annotation: Any, bound: int | None) -> Any:
+    """`value` if it has the type a config field is annotated with ("int | None", "float", "dict[str, Any] | None",
+    "list[float] | None", "bool", "str") and an int lies within `bound`; else a TinkerError naming the key."""
+    kind = str(annotation).split("|")[0].split("[")[0].strip()
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": number and math.isfinite(value),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "dict": isinstance(value, dict),
+        "list": isinstance(value, list)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value),
+    }.get(kind, True)
+    if not ok:
+        expected = {"list": "a list of numbers", "dict": "an object", "int": "an integer", "float": "a number"}
+        raise TinkerError(
+            f"{source}: config key '{key}' is {value!r:.80}, expected {expected.get(kind, 'a ' + kind)} "
+            "(fix config.json)"
+        )
+    if kind == "int" and bound is not None and not 0 <= value <= bound:
+        raise TinkerError(
+            f"{source}: config key '{key}' is {value}, outside 0..{bound} (the config is corrupt or hostile)"
+        )
+    return value
 
 
 def check_positive(source: str, **values: int) -> None:
@@ -139,6 +173,13 @@ def rope_inv_freq(
     `freq_factors` is llama.cpp's per-frequency divisor (GGUF `rope_freqs.weight`), how GGUF stores llama3 scaling.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    try:
+        return _scaled(inv_freq, scaling, freq_factors, source)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:  # a value missing or of the wrong type
+        raise TinkerError(f"{source}: rope_scaling {scaling!r:.200} is malformed ({exc!r}) (fix config.json)") from None
+
+
+def _scaled(inv_freq: torch.Tensor, scaling: dict[str, Any] | None, freq_factors, source: str) -> torch.Tensor:
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "default":
         pass

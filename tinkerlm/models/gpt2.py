@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinkerlm import limits
 from tinkerlm.errors import TinkerError
 from tinkerlm.models.base import CausalLM, KVCache, attend, check_positive, config_from_dict, make_mask
 
@@ -23,6 +24,17 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu": F.gelu,
     "relu": F.relu,
+}
+
+
+# Largest value of each size a config may declare (tinkerlm/limits.py), checked before anything is allocated.
+BOUNDS = {
+    "vocab_size": limits.MAX_VOCAB,
+    "n_embd": limits.MAX_WIDTH,
+    "n_layer": limits.MAX_LAYERS,
+    "n_head": limits.MAX_HEADS,
+    "n_positions": limits.MAX_CONTEXT,
+    "n_inner": limits.MAX_WIDTH,
 }
 
 
@@ -43,7 +55,7 @@ class GPT2Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str) -> GPT2Config:
-        cfg = config_from_dict(cls, d, source)
+        cfg = config_from_dict(cls, d, source, bounds=BOUNDS)
         if cfg.n_inner is None:
             cfg.n_inner = 4 * cfg.n_embd
         check_positive(source, vocab_size=cfg.vocab_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tinkerlm import limits
 from tinkerlm.errors import TinkerError
 from tinkerlm.models.base import (
     CausalLM,
@@ -33,6 +34,19 @@ from tinkerlm.models.base import (
     rope_inv_freq,
     swiglu,
 )
+
+# Largest value of each size a config may declare (tinkerlm/limits.py), checked before anything is allocated.
+BOUNDS = {
+    "vocab_size": limits.MAX_VOCAB,
+    "hidden_size": limits.MAX_WIDTH,
+    "intermediate_size": limits.MAX_WIDTH,
+    "num_hidden_layers": limits.MAX_LAYERS,
+    "num_attention_heads": limits.MAX_HEADS,
+    "num_key_value_heads": limits.MAX_HEADS,
+    "head_dim": limits.MAX_HEAD_DIM,
+    "max_position_embeddings": limits.MAX_CONTEXT,
+    "sliding_window": limits.MAX_CONTEXT,
+}
 
 
 @dataclass
@@ -74,16 +88,24 @@ class LlamaConfig:
             d["rope_scaling"] = None
         # Qwen configs carry a sliding_window that is off unless use_sliding_window is set, and then per layer.
         if "use_sliding_window" in d or "layer_types" in d:
-            if d.get("use_sliding_window") or "sliding_attention" in (d.get("layer_types") or []):
+            layer_types = d.get("layer_types")
+            layer_types = layer_types if isinstance(layer_types, list) else []
+            if d.get("use_sliding_window") or "sliding_attention" in layer_types:
                 raise TinkerError(f"{source}: per-layer sliding-window attention (layer_types) is not supported yet")
             d["sliding_window"] = None
-        cfg = config_from_dict(cls, d, source)
+        cfg = config_from_dict(cls, d, source, bounds=BOUNDS)
+        check_positive(source, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads)
         if cfg.num_key_value_heads is None:
             cfg.num_key_value_heads = cfg.num_attention_heads
         if cfg.attention_out_bias is None:
             cfg.attention_out_bias = cfg.attention_bias
         if cfg.head_dim is None:
             cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        if cfg.num_attention_heads * cfg.head_dim > limits.MAX_WIDTH:
+            raise TinkerError(
+                f"{source}: num_attention_heads x head_dim ({cfg.num_attention_heads} x {cfg.head_dim}) exceeds "
+                f"{limits.MAX_WIDTH} (the config is corrupt or hostile)"
+            )
         check_positive(
             source,
             vocab_size=cfg.vocab_size,

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tinkerlm.errors import TinkerError
+
 QK = 32
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_1": 24}
 TYPE_CODES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q5_1": 3}  # as kernels/common.h numbers them
@@ -198,13 +200,38 @@ def _k_scales(sb: np.ndarray) -> np.ndarray:
     return out
 
 
-def from_gguf(raw: np.ndarray, type_name: str, shape: tuple[int, int], dequantize=None) -> QTensor:
+K_QUANT_BLOCK = 256  # values in a K-quant super-block
+# Bytes per block of the types read here block by block (ggml-common.h).
+_STORED_BYTES = {**BLOCK_BYTES, "Q5_0": 22, "Q4_K": 144, "Q5_K": 176}
+
+
+def from_gguf(
+    raw: np.ndarray, type_name: str, shape: tuple[int, int], dequantize=None, source: str = "model"
+) -> QTensor:
     """A GGUF tensor's raw blocks (rows, bytes a row) as a QTensor: zero-copy for Q8_0/Q4_0/Q4_1/Q5_1, Q4_K as
     Q4_1, Q5_0 and Q5_K as Q5_1.
 
     `dequantize(raw) -> float32 array` serves the other types, which are requantized to Q8_0.
+
+    Raises:
+        TinkerError: rows not a multiple of the type's block (256 values for K-quants, else 32), or a byte count
+            that disagrees with the shape; `source` names the file and tensor.
     """
     rows, K = shape
+    # A block never spans two rows: a row length that is not a multiple of the block would shift every later
+    # row's blocks and load silently wrong weights (K-quants: 256-value super-blocks).
+    block = K_QUANT_BLOCK if type_name.endswith("_K") else QK
+    if type_name not in ("F32", "F16", "BF16", "F64") and K % block:
+        raise TinkerError(
+            f"{source}: tensor of type {type_name} has rows of {K} values, not a multiple of its {block}-value "
+            "blocks (file corrupt or hostile; re-convert it)"
+        )
+    expected = rows * K // block * _STORED_BYTES.get(type_name, 0)
+    if type_name in _STORED_BYTES and np.asarray(raw).nbytes != expected:
+        raise TinkerError(
+            f"{source}: tensor of type {type_name} and shape {[rows, K]} holds {np.asarray(raw).nbytes} bytes, "
+            f"expected {expected} (file corrupt or hostile)"
+        )
     if type_name == "Q4_K":
         return QTensor(torch.from_numpy(q4_k_to_q4_1(np.asarray(raw), rows, K)), "Q4_1", K)
     if type_name == "Q5_0":

@@ -25,8 +25,9 @@ class GGUFMetadata(Protocol):
     path: Path
     architecture: str  # general.architecture
 
-    def arch_key(self, name: str, default: Any = ..., kind: type = int) -> Any:
-        """`{architecture}.{name}` from the metadata; raises TinkerError when missing without a default."""
+    def arch_key(self, name: str, default: Any = ..., kind: type = int, limit: int | None = None) -> Any:
+        """`{architecture}.{name}` from the metadata; raises TinkerError when missing without a default, of another
+        type than `kind`, or (given a `limit`) outside 1..limit."""
 
     def vocab_size(self) -> int: ...
 

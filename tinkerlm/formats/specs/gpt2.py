@@ -9,6 +9,7 @@ https://github.com/ggml-org/llama.cpp/blob/master/convert_hf_to_gguf.py
 
 from __future__ import annotations
 
+from tinkerlm import limits
 from tinkerlm.formats.specs.base import GGUFMetadata, Spec
 
 # HF name suffixes of the Conv1D weights (stored (in, out) in HF files).
@@ -24,11 +25,11 @@ def gguf_config(g: GGUFMetadata) -> dict:
     return {
         "model_type": "gpt2",
         "vocab_size": g.vocab_size(),
-        "n_embd": g.arch_key("embedding_length"),
-        "n_layer": g.arch_key("block_count"),
-        "n_head": g.arch_key("attention.head_count"),
-        "n_positions": g.arch_key("context_length"),
-        "n_inner": g.arch_key("feed_forward_length"),
+        "n_embd": g.arch_key("embedding_length", limit=limits.MAX_WIDTH),
+        "n_layer": g.arch_key("block_count", limit=limits.MAX_LAYERS),
+        "n_head": g.arch_key("attention.head_count", limit=limits.MAX_HEADS),
+        "n_positions": g.arch_key("context_length", limit=limits.MAX_CONTEXT),
+        "n_inner": g.arch_key("feed_forward_length", limit=limits.MAX_WIDTH),
         "layer_norm_epsilon": g.arch_key("attention.layer_norm_epsilon", kind=float),
         "tie_word_embeddings": not g.has_tensor("output.weight"),
     }

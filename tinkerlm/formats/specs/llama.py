@@ -17,6 +17,7 @@ import re
 
 import numpy as np
 
+from tinkerlm import limits
 from tinkerlm.errors import TinkerError
 from tinkerlm.formats.specs.base import GGUFMetadata, Spec
 
@@ -67,15 +68,20 @@ def gguf_config(g: GGUFMetadata) -> dict:
         TinkerError: a missing key, value and key lengths that differ, partial rotary, or an unknown RoPE scaling.
     """
     arch = g.architecture
-    hidden = g.arch_key("embedding_length")
-    heads = g.arch_key("attention.head_count")
-    head_dim = g.arch_key("attention.key_length", None) or hidden // heads
-    value_dim = g.arch_key("attention.value_length", None)
+    hidden = g.arch_key("embedding_length", limit=limits.MAX_WIDTH)
+    heads = g.arch_key("attention.head_count", limit=limits.MAX_HEADS)
+    head_dim = g.arch_key("attention.key_length", None, limit=limits.MAX_HEAD_DIM) or hidden // heads
+    if not 1 <= head_dim <= limits.MAX_HEAD_DIM or heads * head_dim > limits.MAX_WIDTH:
+        raise TinkerError(
+            f"{g.path}: {arch}.attention.head_count {heads} x head size {head_dim} is outside the supported sizes "
+            f"(head size 1..{limits.MAX_HEAD_DIM}, product up to {limits.MAX_WIDTH}; the file is corrupt or hostile)"
+        )
+    value_dim = g.arch_key("attention.value_length", None, limit=limits.MAX_HEAD_DIM)
     if value_dim is not None and value_dim != head_dim:
         raise TinkerError(
             f"{g.path}: {arch}.attention.value_length {value_dim} differs from key_length {head_dim} (not supported)"
         )
-    rope_dims = g.arch_key("rope.dimension_count", None)
+    rope_dims = g.arch_key("rope.dimension_count", None, limit=limits.MAX_HEAD_DIM)
     if rope_dims is not None and rope_dims != head_dim:
         raise TinkerError(
             f"{g.path}: {arch}.rope.dimension_count {rope_dims} differs from the head size {head_dim} "
@@ -85,14 +91,14 @@ def gguf_config(g: GGUFMetadata) -> dict:
         "model_type": GGUF_ARCHITECTURES[arch],
         "vocab_size": g.vocab_size(),
         "hidden_size": hidden,
-        "intermediate_size": g.arch_key("feed_forward_length"),
-        "num_hidden_layers": g.arch_key("block_count"),
+        "intermediate_size": g.arch_key("feed_forward_length", limit=limits.MAX_WIDTH),
+        "num_hidden_layers": g.arch_key("block_count", limit=limits.MAX_LAYERS),
         "num_attention_heads": heads,
-        "num_key_value_heads": g.arch_key("attention.head_count_kv", heads),
+        "num_key_value_heads": g.arch_key("attention.head_count_kv", heads, limit=limits.MAX_HEADS),
         "head_dim": head_dim,
         "rms_norm_eps": g.arch_key("attention.layer_norm_rms_epsilon", kind=float),
         "rope_theta": float(g.arch_key("rope.freq_base", 10000.0, kind=float)),
-        "max_position_embeddings": g.arch_key("context_length"),
+        "max_position_embeddings": g.arch_key("context_length", limit=limits.MAX_CONTEXT),
         "tie_word_embeddings": not g.has_tensor("output.weight"),
         "attention_bias": g.has_tensor("blk.0.attn_q.bias"),
         "rope_scaling": _rope_scaling(g),

@@ -498,6 +498,32 @@ def test_linked_model_folder_and_shard_inside_accepted(tmp_path):
     assert [p.name for p in hf.weight_files(tmp_path / "link")] == ["model-00001.safetensors"]
 
 
+def test_hugging_face_cache_snapshot_loads(tmp_path):
+    """A Hub cache snapshot's files link to `../../blobs/SHA`: followed for loading (and pulling), nothing else."""
+    from tiny import make_hf_model
+
+    import tinkerlm
+
+    src = tmp_path / "src"
+    make_hf_model("llama", src)
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for i, f in enumerate(sorted(p for p in src.iterdir() if p.is_file())):
+        (blobs / f"sha{i}").write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("../../blobs") / f"sha{i}")
+    assert [p.name for p in hf.weight_files(snap)] == [p.name for p in hf.weight_files(src)]
+    want = tinkerlm.load(str(src)).generate("hi", max_tokens=3)
+    assert tinkerlm.load(str(snap)).generate("hi", max_tokens=3) == want
+    (tmp_path / "secret.safetensors").write_bytes(b"x")
+    weights = next(snap.glob("*.safetensors"))
+    weights.unlink()
+    weights.symlink_to(tmp_path / "secret.safetensors")  # out of the repository folder: refused
+    with pytest.raises(TinkerError, match="outside the model folder"):
+        hf.weight_files(snap)
+
+
 def test_json_files_bounded(tmp_path, monkeypatch):
     d = hf_dir(tmp_path / "model", ["a.safetensors"])
     monkeypatch.setattr(limits, "MAX_JSON_BYTES", 16)
@@ -522,6 +548,8 @@ def test_header_longer_than_first_read_parsed_from_the_map(tmp_path, monkeypatch
     again = read_gguf(path)
     assert again.metadata == whole.metadata and again.tensor_infos() == whole.tensor_infos()
     assert (again.tensor("blk.0.ffn_up.weight") == whole.tensor("blk.0.ffn_up.weight")).all()
-    bad = raw_gguf(tmp_path / "bad.gguf", [_kv("x", 9, struct.pack("<IQ", 8, 3) + _str("a") * 2 + struct.pack("<Q", 100))])
+    bad = raw_gguf(
+        tmp_path / "bad.gguf", [_kv("x", 9, struct.pack("<IQ", 8, 3) + _str("a") * 2 + struct.pack("<Q", 100))]
+    )
     with pytest.raises(TinkerError, match=r"metadata key x, item 2 runs past the end of the file"):
         read_gguf(bad)

@@ -93,13 +93,24 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
+def model_roots(model_dir: Path) -> list[Path]:
+    """The folders a model folder's files (symlinks resolved) may lie in: the folder itself and, for a Hugging Face
+    cache snapshot (`models--ORG--NAME/snapshots/REV/`, whose files link to `../../blobs/SHA`), its repository
+    folder. A link anywhere else could make a stranger's folder read `~/.ssh/id_rsa` as a weights file."""
+    d = Path(model_dir)
+    roots = [d.resolve()]
+    if d.parent.name == "snapshots" and d.parent.parent.name.startswith("models--"):
+        roots.append(d.parent.parent.resolve())
+    return roots
+
+
 def _inside(model_dir: Path, file: Path, source: Path) -> None:
-    """`file`, symlinks resolved, must lie inside `model_dir` (itself resolved, so a linked folder is fine)."""
-    root, target = model_dir.resolve(), file.resolve()
-    if not target.is_relative_to(root):
+    """`file`, symlinks resolved, must lie inside `model_roots(model_dir)` (a linked model folder itself is fine)."""
+    target = file.resolve()
+    if not any(target.is_relative_to(r) for r in model_roots(model_dir)):
         raise TinkerError(
-            f"{source}: weights file {file.name} leads to {target}, outside the model folder {root} (a symlink? "
-            "copy the real files into the folder)"
+            f"{source}: weights file {file.name} leads to {target}, outside the model folder {model_dir.resolve()} "
+            "(a symlink? copy the real files into the folder)"
         )
 
 

@@ -228,10 +228,7 @@ def _confined(d: Path, rel: str) -> Path:
     if not p.is_symlink():
         return p
     target = p.resolve()
-    roots = [d]
-    if d.parent.name == "snapshots" and d.parent.parent.name.startswith("models--"):
-        roots.append(d.parent.parent)
-    if not any(target.is_relative_to(r) for r in roots) or not target.is_file():
+    if not any(target.is_relative_to(r) for r in hf.model_roots(d)) or not target.is_file():
         raise TinkerError(
             f"{p}: a symbolic link to {target}, outside the model folder; tinkerlm does not copy through links "
             f"that leave it (copy the file itself into {d} if you trust it)"

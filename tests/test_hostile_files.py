@@ -553,3 +553,18 @@ def test_header_longer_than_first_read_parsed_from_the_map(tmp_path, monkeypatch
     )
     with pytest.raises(TinkerError, match=r"metadata key x, item 2 runs past the end of the file"):
         read_gguf(bad)
+
+
+def test_tokenizer_json_bounded(tmp_path, monkeypatch):
+    """tokenizer.json is size-checked before the tokenizers library parses it."""
+    from tiny import make_hf_model
+
+    make_hf_model("llama", tmp_path)
+    Tokenizer.from_hf_dir(tmp_path)  # within the limits
+    monkeypatch.setattr(limits, "MAX_JSON_BYTES", 1024)
+    with pytest.raises(TinkerError, match=r"tokenizer.json: \d+ bytes, over the limit of 1024"):
+        Tokenizer.from_hf_dir(tmp_path)
+    monkeypatch.undo()
+    monkeypatch.setattr(limits, "MAX_VOCAB", 10)
+    with pytest.raises(TinkerError, match="tokenizer.json: the vocabulary size is"):
+        Tokenizer.from_hf_dir(tmp_path)

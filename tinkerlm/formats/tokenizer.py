@@ -178,10 +178,14 @@ class Tokenizer:
                 f"{file}: not found (only fast tokenizers are supported; save one with transformers' "
                 "tokenizer.save_pretrained)"
             )
+        size = file.stat().st_size
+        if size > limits.MAX_JSON_BYTES:  # checked before `tokenizers` parses (and holds) it all
+            raise TinkerError(f"{file}: {size} bytes, over the limit of {limits.MAX_JSON_BYTES} for a JSON file")
         try:
             backend = tokenizers.Tokenizer.from_file(str(file))
         except Exception as exc:
             raise TinkerError(f"{file}: cannot be read ({exc}) (file corrupt? download it again)") from exc
+        limits.check(backend.get_vocab_size(), limits.MAX_VOCAB, f"{file}: the vocabulary size")
         config = _read_json(path / "tokenizer_config.json")
         token_map = _read_json(path / "special_tokens_map.json")
         generation = _read_json(path / "generation_config.json")

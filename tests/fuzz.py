@@ -298,28 +298,33 @@ def gen_safetensors(rng: random.Random, seeds: Path) -> bytes:
         name = rng.choice(names)
         entry = header.get(name)
         op = rng.randrange(8)
-        if entry is None:
+        if not isinstance(entry, dict):  # already replaced by a non-object (op 7) or deleted (op 4)
             continue
-        if op == 0:
-            entry["dtype"] = rng.choice(["F64", "I64", "U8", "BOOL", "F8_E4M3", "Q4", "", 7, None])
-        elif op == 1:
-            shape = list(entry["shape"])
-            if shape:
-                shape[rng.randrange(len(shape))] = rng.choice([0, -1, 2**33, 2**63, 3, "4", 1.5, None])
-            entry["shape"] = shape
-        elif op == 2:
-            entry["shape"] = entry["shape"] + [1] * rng.choice([1, 10, 100]) if rng.random() < 0.5 else [2**20] * 3
-        elif op == 3:
-            a, b = entry["data_offsets"]
-            entry["data_offsets"] = rng.choice([[b, a], [a, a], [a, len(body) + 100], [-8, b], [0, 2**64], [a], "0"])
-        elif op == 4:
-            del header[name]
-        elif op == 5:
-            header[rng.choice(["x", "model.layers.9.mlp.up_proj.weight", "../evil", ""])] = dict(entry)
-        elif op == 6:
-            header["__metadata__"] = rng.choice([{"format": 7}, [1], "x", {"a": {"b": 1}}, None])
-        else:
-            header[name] = rng.choice([None, [], "x", 1, {"dtype": "F16"}])
+        try:  # an earlier mutation may have left this entry's fields malformed: then this one is skipped
+            if op == 0:
+                entry["dtype"] = rng.choice(["F64", "I64", "U8", "BOOL", "F8_E4M3", "Q4", "", 7, None])
+            elif op == 1:
+                shape = list(entry["shape"])
+                if shape:
+                    shape[rng.randrange(len(shape))] = rng.choice([0, -1, 2**33, 2**63, 3, "4", 1.5, None])
+                entry["shape"] = shape
+            elif op == 2:
+                entry["shape"] = entry["shape"] + [1] * rng.choice([1, 10, 100]) if rng.random() < 0.5 else [2**20] * 3
+            elif op == 3:
+                a, b = entry["data_offsets"]
+                entry["data_offsets"] = rng.choice(
+                    [[b, a], [a, a], [a, len(body) + 100], [-8, b], [0, 2**64], [a], "0"]
+                )
+            elif op == 4:
+                del header[name]
+            elif op == 5:
+                header[rng.choice(["x", "model.layers.9.mlp.up_proj.weight", "../evil", ""])] = dict(entry)
+            elif op == 6:
+                header["__metadata__"] = rng.choice([{"format": 7}, [1], "x", {"a": {"b": 1}}, None])
+            else:
+                header[name] = rng.choice([None, [], "x", 1, {"dtype": "F16"}])
+        except (TypeError, ValueError, KeyError):
+            continue
     text = json.dumps(header).encode()
     if rng.random() < 0.15:
         text = text[: rng.randrange(len(text))]

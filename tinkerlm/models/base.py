@@ -172,6 +172,9 @@ def rope_inv_freq(
     `scaling` is HF's `rope_scaling` / `rope_parameters` dict: types default, linear and llama3 are supported.
     `freq_factors` is llama.cpp's per-frequency divisor (GGUF `rope_freqs.weight`), how GGUF stores llama3 scaling.
     """
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 1.0 < float(theta) < math.inf:
+        raise TinkerError(f"{source}: rope_theta {theta!r:.40} must be a finite number above 1 (fix the config)")
+    theta = float(theta)  # an int past 2^63 would overflow torch's pow
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     try:
         return _scaled(inv_freq, scaling, freq_factors, source)

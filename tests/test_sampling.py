@@ -274,3 +274,12 @@ def test_generation_config_sets_server_defaults(configured):
         assert r.choices[0].text == llm.generate("hello", max_tokens=12, seed=3)
         r = client.completions.create(model="m", prompt="hello", max_tokens=12, temperature=0)
         assert r.choices[0].text == llm.generate("hello", max_tokens=12, temperature=0)
+
+
+def test_extreme_values_stay_finite():
+    """A tiny temperature samples the top token (no inf - inf = NaN); penalties that would overflow are refused."""
+    logits = torch.tensor([[30.0, 29.0, -5.0], [1.0, 8.0, 2.0]])
+    gen = torch.Generator().manual_seed(0)
+    assert sampling.sample(logits, SamplingParams(temperature=1e-30), gen).tolist() == [0, 1]
+    with pytest.raises(TinkerError, match="repetition_penalty must be >= 0.01"):
+        SamplingParams(repetition_penalty=1e-300).check()

@@ -85,7 +85,8 @@ class SamplingParams:
     repetition_penalty: float = _param(
         1.0,
         "penalise tokens already in the prompt or answer (divide positive logits, multiply negative ones); 1 is off",
-        gt=0,
+        ge=0.01,
+        le=100,
     )
     # A signed 64-bit range (OpenAI's): torch seeds take [-2^63, 2^64), so choice j of n <= 16 may use seed + j.
     seed: int | None = _param(None, "random seed: the same seed gives the same output", ge=-(2**63), le=2**63 - 1)
@@ -235,7 +236,9 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
 
     if p.temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / p.temperature
+    # Shifted so the largest is 0 before dividing: a tiny temperature then sends the rest to -inf, never to
+    # inf - inf = NaN (softmax is unchanged by the shift).
+    logits = (logits.float() - logits.float().amax(-1, keepdim=True)) / p.temperature
     if p.top_k > 0:
         kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -351,7 +354,9 @@ class Sampler:
             token = torch.tensor(picks)
         infos = None
         if p.logprobs is not None:
-            lp = torch.log_softmax(logits.float(), -1)  # (B, V)
+            # -inf (a token the penalties or the model rule out) is reported as -9999.0, as the OpenAI API does: JSON
+            # has no infinities.
+            lp = torch.log_softmax(logits.float(), -1).nan_to_num_(nan=-9999.0, neginf=-9999.0).clamp_(min=-9999.0)
             chosen = lp.gather(-1, token[:, None])[:, 0].tolist()
             tops = torch.topk(lp, p.logprobs, dim=-1) if p.logprobs else None
             infos = []

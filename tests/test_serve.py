@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -501,40 +502,43 @@ def test_graceful_shutdown(slow_llm, grace):
         assert json.loads(data[-1][6:])["error"]["code"] == "shutting_down"
 
 
-def test_cli_serve_end_to_end(tmp_path):
-    """`tinkerlm serve MODEL --port P` answers on 127.0.0.1 and exits cleanly on SIGINT."""
-    make_hf_model("gpt2", tmp_path / "gpt2")
+@contextlib.contextmanager
+def cli_server(model: Path, *flags: str, env: dict | None = None):
+    """`tinkerlm serve MODEL --port P FLAGS` in a subprocess on a free loopback port, once /health answers:
+    yields (process, base URL); the process is killed on the way out if it is still running."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tinkerlm", "serve", str(tmp_path / "gpt2"), "--port", str(port), "--max-batch", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
+    cmd = [sys.executable, "-m", "tinkerlm", "serve", str(model), "--port", str(port), *flags]
+    env = dict(os.environ, PYTHONUNBUFFERED="1") if env is None else env
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            return httpx.get(base + "/health").status_code == 200
+        except httpx.TransportError:
+            return proc.poll() is not None
+
     try:
-        base = f"http://127.0.0.1:{port}"
-
-        def up():
-            try:
-                return httpx.get(base + "/health").status_code == 200
-            except httpx.TransportError:
-                return proc.poll() is not None
-
         assert wait_for(up, timeout=60) and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+        yield proc, base
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_serve_end_to_end(tmp_path):
+    """`tinkerlm serve MODEL --port P` answers on 127.0.0.1 and exits cleanly on SIGINT."""
+    make_hf_model("gpt2", tmp_path / "gpt2")
+    with cli_server(tmp_path / "gpt2", "--max-batch", "2") as (proc, base):
         c = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
         model = c.models.list().data[0].id
         r = c.completions.create(model=model, prompt="hello", max_tokens=5, temperature=0)
         assert r.choices[0].text == tinkerlm.load(str(tmp_path / "gpt2")).generate("hello", max_tokens=5)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert "serving" in proc.stderr.read()
 
 

@@ -8,15 +8,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import openai
 import pytest
-from test_serve import SlowModel, live_server, wait_for
+from test_serve import SlowModel, cli_server, live_server
 from tiny import make_hf_model
 
 import tinkerlm
@@ -352,37 +350,14 @@ def test_api_key_from_file_end_to_end(tmp_path):
     make_hf_model("gpt2", tmp_path / "gpt2")
     key_file = tmp_path / "key"
     key_file.write_text("s3cret-from-file\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "TINKERLM_API_KEY"}
-    cmd = [sys.executable, "-m", "tinkerlm", "serve", str(tmp_path / "gpt2"), "--port", str(port)]
-    proc = subprocess.Popen(
-        [*cmd, "--max-batch", "1", "--api-key-file", str(key_file)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
-
-        def up():
-            try:
-                return httpx.get(base + "/health").status_code == 200
-            except httpx.TransportError:
-                return proc.poll() is not None
-
-        assert wait_for(up, timeout=60) and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+    with cli_server(tmp_path / "gpt2", "--max-batch", "1", "--api-key-file", str(key_file), env=env) as (proc, base):
         assert httpx.get(base + "/v1/models").status_code == 401
         assert httpx.get(base + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         good = openai.OpenAI(base_url=base + "/v1", api_key="s3cret-from-file", max_retries=0)
         assert good.models.list().data
         with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
             assert b"s3cret" not in f.read()
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_api_key_sources(monkeypatch, tmp_path, llm):

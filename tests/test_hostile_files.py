@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 from ggufwriter import write_gguf
+from test_gguf import llama_weights as gguf_llama_weights
 
 from tinkerlm import limits
 from tinkerlm.errors import TinkerError
@@ -147,32 +148,9 @@ def test_k_quant_row_rule_in_from_gguf():
 # -- 2. metadata -> config; config.json -> config -------------------------------------------------------------------
 
 
-def llama_weights(vocab=40, hidden=64, layers=2, heads=4, kv=2, ffn=128):
-    rng = np.random.default_rng(0)
-
-    def r(*shape):
-        return rng.standard_normal(shape).astype(np.float32)
-
-    hd = hidden // heads
-    w = {
-        "model.embed_tokens.weight": r(vocab, hidden),
-        "model.norm.weight": r(hidden),
-        "lm_head.weight": r(vocab, hidden),
-    }
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        w |= {
-            p + "input_layernorm.weight": r(hidden),
-            p + "post_attention_layernorm.weight": r(hidden),
-            p + "self_attn.q_proj.weight": r(heads * hd, hidden),
-            p + "self_attn.k_proj.weight": r(kv * hd, hidden),
-            p + "self_attn.v_proj.weight": r(kv * hd, hidden),
-            p + "self_attn.o_proj.weight": r(hidden, heads * hd),
-            p + "mlp.gate_proj.weight": r(ffn, hidden),
-            p + "mlp.up_proj.weight": r(ffn, hidden),
-            p + "mlp.down_proj.weight": r(hidden, ffn),
-        }
-    return w
+def llama_weights(vocab=40):
+    """A tiny Llama's HF-layout weights (test_gguf's builder, fixed seed)."""
+    return gguf_llama_weights(np.random.default_rng(0), vocab=vocab)
 
 
 @pytest.fixture(scope="module")

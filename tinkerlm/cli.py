@@ -292,6 +292,68 @@ def _finetune_parser(sub, fmt) -> None:  # plain formatter: the help texts show 
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the saved weights")
     s.add_argument("--force", action="store_true", help="replace a model already stored as --out")
 
+    types = "f32 f16 bf16 q8_0 q6_k q5_k_m q5_k_s q5_0 q5_1 q4_k_m q4_k_s q4_0 q4_1 q3_k_m q2_k"
+    s = sub.add_parser(
+        "export",
+        help="write a model as a GGUF file or a Hugging Face directory, verified",
+        formatter_class=fmt,
+        description="Write a stored model (GGUF, HF, LoRA adapter applied on the fly, fused, merged) as a GGUF file "
+        "of any type, or as a Hugging Face directory, with its tokenizer, chat template, licence and lineage. The "
+        "written model is read back and compared with the source (KL divergence, top-1 agreement, perplexity) "
+        "before it is put in place. See docs/export.md.",
+    )
+    s.add_argument("name", help="store name, GGUF file or Hugging Face directory")
+    s.add_argument("--to", default="gguf", choices=["gguf", "hf"], help="the format to write")
+    s.add_argument("--type", default="f16", metavar="TYPE", help=f"GGUF file type: {types}")
+    s.add_argument("--out", required=True, help="the .gguf file or directory to write")
+    s.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="HF export: dtype of the weights (auto: as stored; float32 for a GGUF's dequantized weights)",
+    )
+    _quant_flags(s)
+    s.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside the GGUF")
+    s.add_argument("--force", action="store_true", help="replace an existing --out")
+
+    s = sub.add_parser(
+        "quantize",
+        help="quantize a model into a new store model (GGUF), verified",
+        formatter_class=fmt,
+        description="Quantize a stored model to a GGUF file type as a new store model whose parent is the source "
+        "(relation: quantized). An importance matrix (--imatrix, or computed from --calibration text) weights the "
+        "rounding. The verification figures are kept in the manifest (`tinkerlm show`).",
+    )
+    s.add_argument("name", help="store name, GGUF file or Hugging Face directory")
+    s.add_argument("--type", required=True, metavar="TYPE", help=f"GGUF file type: {types}")
+    s.add_argument("--out", required=True, help="store name for the quantized model")
+    _quant_flags(s)
+    s.add_argument("--force", action="store_true", help="replace a model already stored as --out")
+
+
+def _quant_flags(s) -> None:
+    s.add_argument("--imatrix", default=None, help="importance matrix file (ours, or llama.cpp's .dat or .gguf)")
+    s.add_argument("--calibration", default=None, help="text file to compute an importance matrix from (default: none)")
+    s.add_argument(
+        "--no-verify", dest="verify", action="store_false", help="skip reading the written model back (default: verify)"
+    )
+    s.add_argument(
+        "--eval-text", default=None, help="text to verify on (default: the shipped evaluation text, 1024 tokens)"
+    )
+    s.add_argument("--report", action="store_true", help="print each tensor's type, bits per weight and error")
+
+
+def cmd_export(a) -> None:
+    from tinkerlm.export import export_main
+
+    export_main(a)
+
+
+def cmd_quantize(a) -> None:
+    from tinkerlm.export import quantize_main
+
+    quantize_main(a)
+
 
 def cmd_finetune(a) -> None:
     from tinkerlm.tune import main
@@ -442,6 +504,8 @@ COMMANDS = {
     "finetune": cmd_finetune,
     "fuse": cmd_fuse,
     "merge": cmd_merge,
+    "export": cmd_export,
+    "quantize": cmd_quantize,
 }
 
 

@@ -253,3 +253,37 @@ def _describe_lora(d: Path, find_base: Callable[[str], dict | None] | None) -> d
         "context_length": base.get("context_length", 0),
         "license": None,
     }
+
+
+def gguf_lineage(path: Path) -> list[dict]:
+    """The parents a GGUF written by `tinkerlm export` records (`tinkerlm.lineage`), else those named by the
+    standard `general.base_model.{i}.*` keys (name, and sha256 where given), relation "base"; [] for neither.
+
+    Untrusted: the JSON is bounded by the GGUF string limits, and entries that are not objects with a string
+    name are dropped, never raised on (a pull of a file with odd lineage still works).
+    """
+    from tinkerlm.formats.gguf import read_gguf
+
+    meta = read_gguf(path).metadata
+    raw = meta.get("tinkerlm.lineage")
+    if isinstance(raw, str):
+        try:
+            parents = json.loads(raw).get("parents", [])
+        except (ValueError, AttributeError):
+            parents = []
+        if isinstance(parents, list):
+            return [p for p in parents if isinstance(p, dict) and isinstance(p.get("name"), str)]
+    count = meta.get("general.base_model.count")
+    out = []
+    if isinstance(count, int) and not isinstance(count, bool):
+        for i in range(min(count, 64)):
+            name = meta.get(f"general.base_model.{i}.name")
+            if not isinstance(name, str):
+                continue
+            entry = {"name": name, "relation": "base"}
+            for key in ("sha256", "repo_url", "organization"):
+                value = meta.get(f"general.base_model.{i}.{key}")
+                if isinstance(value, str):
+                    entry[key] = value
+            out.append(entry)
+    return out

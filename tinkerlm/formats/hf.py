@@ -293,6 +293,7 @@ def write_model(
     generation_config: dict[str, Any] | None = None,
     tokenizer: Callable[[Path], Any] | None = None,
     chat_template: str | None = None,
+    max_shard_bytes: int | None = None,
 ) -> None:
     """Write a Hugging Face model directory: `model.safetensors`, `config.json`, and optionally
     `generation_config.json`, the tokenizer files and `chat_template.jinja`.
@@ -306,12 +307,26 @@ def write_model(
         generation_config: written when non-empty, before the tokenizer (which may add stop ids to it).
         tokenizer: called with the directory to write the tokenizer files (`Tokenizer.save_hf`, or a copy).
         chat_template: written last, replacing any template the tokenizer wrote.
+        max_shard_bytes: past this many bytes of weights, shards `model-0000i-of-0000n.safetensors` (each at most
+            this size unless one tensor is larger) listed in `model.safetensors.index.json`, as transformers writes.
     """
     model_dir = Path(model_dir)
-    with SafetensorsWriter(model_dir / WEIGHTS_FILE, layout, metadata) as writer:
-        for name, tensor in tensors:
-            writer.write(name, tensor)
-            del tensor  # gone before the next is made: a merge holds one weight per input, never two
+    shards = _shards(layout, max_shard_bytes)
+    files = [WEIGHTS_FILE] if len(shards) == 1 else [_shard_name(i, len(shards)) for i in range(len(shards))]
+    tensors = iter(tensors)
+    for file, shard in zip(files, shards):
+        with SafetensorsWriter(model_dir / file, shard, metadata) as writer:
+            for _ in shard:
+                name, tensor = next(tensors)
+                writer.write(name, tensor)
+                del tensor  # gone before the next is made: a merge holds one weight per input, never two
+    if len(shards) > 1:
+        total = sum(_nbytes(dtype, shape) for _, dtype, shape in layout)
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {name: file for file, shard in zip(files, shards) for name, _, _ in shard},
+        }
+        (model_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     save_config(model_dir, config)
     if generation_config:
         (model_dir / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
@@ -319,3 +334,29 @@ def write_model(
         tokenizer(model_dir)
     if chat_template is not None:
         (model_dir / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+
+
+def _nbytes(dtype, shape: tuple[int, ...]) -> int:
+    n = _ITEMSIZE[safetensors_dtype(dtype)]
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _shards(layout: list, max_bytes: int | None) -> list[list]:
+    """`layout` cut, in order, into shards of at most `max_bytes` (a bigger tensor gets a shard of its own)."""
+    if not max_bytes:
+        return [layout]
+    shards, size = [[]], 0
+    for entry in layout:
+        n = _nbytes(entry[1], entry[2])
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += n
+    return shards
+
+
+def _shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"

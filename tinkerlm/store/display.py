@@ -42,6 +42,9 @@ def _source_text(src: dict) -> str:
         return f"merge ({src.get('method')})"
     if kind == "fuse":
         return f"adapter {src.get('adapter')} fused into {src.get('base')}"
+    if kind == "quantize":
+        how = " with an importance matrix" if src.get("imatrix") or src.get("calibration") else ""
+        return f"{src.get('uri', '').removeprefix('quantize:')} quantized to {src.get('file_type')}{how}"
     return f"{kind} {src.get('uri')}"
 
 
@@ -66,7 +69,21 @@ def format_manifest(m: Manifest) -> str:
     lines += [f"  {f['path']}  {format_size(f['size'])}  sha256:{f['sha256']}" for f in m.files]
     lines.append("parents:" if m.parents else "parents:        none (pulled as published, not derived here)")
     lines += [f"  {p.get('relation', '?')}: {p.get('name')}  sha256:{p.get('sha256')}" for p in m.parents]
+    if m.verification:
+        lines.append("verification:   " + format_verification(m.verification))
     return "\n".join(lines)
+
+
+def format_verification(v: dict) -> str:
+    """One line of verification figures (KL divergence, top-1 agreement, perplexities) against the source."""
+    try:
+        ppl = f"PPL {v['ppl_reference']:.3f} -> {v['ppl_candidate']:.3f}"
+        return (
+            f"KL mean {v['kl_mean']:.5f}, p99 {v['kl_p99']:.5f}; top-1 {100 * v['top1']:.1f}%; {ppl} "
+            f"over {v['tokens']} tokens of the {v.get('text', 'evaluation text')}"
+        )
+    except (KeyError, TypeError, ValueError):
+        return str(v)
 
 
 def format_table(ms: list[Manifest]) -> str:

@@ -56,6 +56,8 @@ class Manifest:
     source: dict  # {"type": "catalogue"|"local"|"hf", "uri", ...}
     parents: list[dict] = field(default_factory=list)  # remix lineage: [{"name", "sha256", "relation"}]
     created: str = ""  # ISO-8601 UTC
+    # How the model compares with its source, where it was written from one (quantize): KL divergence, top-1, PPL.
+    verification: dict = field(default_factory=dict)
 
     @property
     def ref(self) -> str:
@@ -84,6 +86,7 @@ class Manifest:
             source=dict(d.get("source", {})),
             parents=list(d.get("parents", [])),
             created=d.get("created", ""),
+            verification=dict(d.get("verification") or {}),
         )
 
 

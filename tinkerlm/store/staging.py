@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from tinkerlm.errors import TinkerError
+from tinkerlm.formats import describe as formats_describe
 from tinkerlm.store.display import _source_text, format_size
 from tinkerlm.store.manifest import (
     _CHUNK,
@@ -143,11 +144,14 @@ def _stage(
     fill: Callable[[Path], tuple[list[dict], dict]],
     license: str | None = None,
     parents: list[dict] | None = None,
+    verification: dict | None = None,
 ) -> Manifest:
     """Run `fill(model_dir)` in a fresh tmp dir, write the manifest, and move the result into the store.
 
     `fill` writes the model files and returns (files, extra source fields). `license` is used when the model's
-    own metadata has none. On any exception, Ctrl-C included, the tmp dir is removed.
+    own metadata has none; `parents` default to the lineage a GGUF file carries (`tinkerlm.lineage`, written by
+    `tinkerlm export`). `verification` is read after `fill` (which may fill it in). On any exception, Ctrl-C
+    included, the tmp dir is removed.
     """
     _clean_stale_tmp()
     staging = _new_tmp_dir("pull")
@@ -159,6 +163,8 @@ def _stage(
         is_gguf = len(files) == 1 and files[0]["path"].endswith(".gguf")
         info = describe(model_dir / files[0]["path"] if is_gguf else model_dir)
         info["license"] = info["license"] or license
+        if not parents and is_gguf:
+            parents = formats_describe.gguf_lineage(model_dir / files[0]["path"])
         m = Manifest(
             name=name,
             tag=tag,
@@ -167,6 +173,7 @@ def _stage(
             source=source,
             parents=list(parents or []),
             created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            verification=dict(verification or {}),
         )
         tmp_manifest = model_dir / (MANIFEST + ".tmp")
         tmp_manifest.write_text(json.dumps(m.to_json(), indent=2) + "\n")
@@ -217,6 +224,7 @@ def add(
     parents: list[dict],
     license: str | None,
     force: bool = False,
+    verification: dict | None = None,
 ) -> Manifest:
     """Store a model made here (a fine-tune, an adapter, a merge) with its lineage, atomically.
 
@@ -248,7 +256,9 @@ def add(
         return files, {}
 
     try:
-        return _stage(name, tag, source, force, fill_and_hash, license=license, parents=parents)
+        return _stage(
+            name, tag, source, force, fill_and_hash, license=license, parents=parents, verification=verification
+        )
     except FileExistsError:
         raise TinkerError(f"{name}:{tag} was stored by another process meanwhile; pick another name or use --force")
 

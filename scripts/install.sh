@@ -29,4 +29,13 @@ fi
 
 target="."
 [ -n "$extra" ] && target=".[${extra}]"
+# llama-cpp-python compiles llama.cpp: for a fixed instruction set (AVX-512 with VNNI, which every machine of this
+# project has), never -march=native, whose build crashes on a machine with more features (AMX) or fewer.
+if [[ ",$extra," == *",llamacpp,"* || ",$extra," == *",bench,"* ]] && [ -z "${CMAKE_ARGS:-}" ]; then
+    export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+-DGGML_AVX512_VNNI=ON -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF"
+    if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+        echo "tinkerlm setup: installing llama-cpp-python (built from source once, ~10 minutes; pip caches it)" >&2
+    fi
+fi
 "${pip[@]}" -e "$target"

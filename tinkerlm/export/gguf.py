@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +101,35 @@ def plan(source: Source, ftype: types_mod.FileType, has_imatrix: bool = False) -
     chosen = types_mod.choose(
         [(g, s) for _, g, s in rows], ftype, spec.num_layers(config), max(1, heads // kv), has_imatrix
     )
+    _check_mixture(source.ref, ftype, [(g, s, chosen[g]) for _, g, s in rows])
     return [(h, g, chosen[g], s) for h, g, s in rows]
+
+
+def _check_mixture(ref: str, ftype: types_mod.FileType, rows: list[tuple[str, tuple, str]]) -> None:
+    """Refuse a quantized type no tensor can take (rows not in whole blocks of 32); say when the file is mostly
+    another type than its name (K-quants on rows that are not whole 256-value blocks), as llama.cpp only logs."""
+    if ftype.default in types_mod.FLOAT:
+        return
+    weights = [(math.prod(s), t, s[-1]) for g, s, t in rows if types_mod.quantizable(g, s)]
+    if weights and all(t == "F16" for _, t, _ in weights):
+        cols = sorted({c for _, _, c in weights})
+        raise TinkerError(
+            f"--type {ftype.name}: {ref} cannot take it: its rows of {', '.join(map(str, cols))} values are not whole "
+            "blocks of 32 (use --type f16 or f32)"
+        )
+    total = sum(n for n, _, _ in weights)
+    share = sum(n for n, t, _ in weights if t == ftype.default) / max(total, 1)
+    if share < 0.5:
+        by_type: dict[str, int] = {}
+        for n, t, _ in weights:
+            by_type[t] = by_type.get(t, 0) + n
+        mix = ", ".join(f"{t} {100 * n / total:.0f}%" for t, n in sorted(by_type.items(), key=lambda kv: -kv[1]))
+        print(
+            f"note: {ftype.name} of {ref} is {100 * share:.0f}% {ftype.default} ({mix}): rows that are not whole "
+            f"{types_mod.block_size(ftype.default)}-value blocks fall back to other types, as llama.cpp does "
+            "(--report lists every tensor)",
+            file=sys.stderr,
+        )
 
 
 def _shape(source: Source, hf_name: str) -> tuple[int, ...]:

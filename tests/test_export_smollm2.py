@@ -1,0 +1,190 @@
+"""Exports of the real default model (SmolLM2-135M-Instruct, Q4_1) to every GGUF type, checked against peers:
+llama.cpp (llama-cpp-python, the `llamacpp` extra) loads each file and decodes the same greedy tokens as tinkerlm
+on it, the `gguf` package dequantizes our blocks to what tinkerlm's loader holds, and a fine-tuned remix exports
+and runs in llama.cpp too. Importance matrices from calibration text go end to end through `tinkerlm quantize`.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tinkerlm
+from tinkerlm import store
+from tinkerlm.export import export, quantize
+from tinkerlm.export.types import FILE_TYPES
+from tinkerlm.formats.gguf import read_gguf
+from tinkerlm.generate import generate_step
+from tinkerlm.sampling import SamplingParams
+
+PROMPT = "<|im_start|>user\nWhat is the capital of France? Answer in one sentence.<|im_end|>\n<|im_start|>assistant\n"
+STEPS = 24
+MIXED = "Grüße, 世界! Ça va? def f(x):\n    return x**2  # 🙂🚀 Привет мир <|im_end|>"
+
+
+@pytest.fixture(scope="module")
+def eval_text(tmp_path_factory) -> Path:
+    """A short verification text (the shipped one is used by default; this keeps 15 exports quick)."""
+    from tinkerlm.evaluate.perplexity import shipped_text
+
+    path = tmp_path_factory.mktemp("eval") / "eval.txt"
+    path.write_text(shipped_text()[:1500], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def exports(smollm2_gguf, eval_text, tmp_path_factory):
+    """SmolLM2 written as every GGUF type, each verified: {type: (path, result)}."""
+    root = tmp_path_factory.mktemp("exports")
+    out = {}
+    for name in FILE_TYPES:
+        path = root / f"smollm2-{name}.gguf"
+        out[name] = (path, export(str(smollm2_gguf), type=name, out=str(path), eval_text=str(eval_text),
+                                  progress=False))  # fmt: skip
+    return out
+
+
+def tinkerlm_greedy(path, ids: list[int], n: int = STEPS) -> list[int]:
+    llm = tinkerlm.load(str(path))
+    stops = llm.tokenizer.stop_token_ids
+    out = []
+    for step in generate_step(llm.model, [ids], max_tokens=n, sampling=SamplingParams(temperature=0.0)):
+        if step[0] is None or step[0] in stops:
+            break
+        out.append(step[0])
+    return out
+
+
+def llamacpp_greedy(path, ids: list[int], n: int = STEPS) -> list[int]:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, n_batch=256, verbose=False)
+    out = []
+    for tok in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+        if tok == llm.token_eos() or len(out) >= n:
+            break
+        out.append(tok)
+    return out
+
+
+def prompt_ids(path) -> list[int]:
+    return tinkerlm.load(str(path)).tokenizer.encode(PROMPT)
+
+
+@pytest.mark.parametrize("name", list(FILE_TYPES))
+def test_llamacpp_decodes_our_export_like_tinkerlm(exports, name):
+    path, _ = exports[name]
+    ids = prompt_ids(path)
+    ours = tinkerlm_greedy(path, ids)
+    assert len(ours) >= 8
+    assert llamacpp_greedy(path, ids) == ours
+
+
+@pytest.mark.parametrize("name", list(FILE_TYPES))
+def test_every_type_dequantizes_in_gguf_as_tinkerlm_holds_it(exports, name):
+    """Our loader's weights (native blocks where the kernels take the type as it is) equal the gguf package's
+    dequantization of the written blocks; types the loader converts (K-quants to 32-value blocks) within the
+    conversion's documented rounding."""
+    from tinkerlm import quant
+    from tinkerlm.quant.qtensor import Packed, QTensor
+
+    path, _ = exports[name]
+    ckpt = read_gguf(path)
+    packed = quant.packed_state_dict(read_gguf(path))
+    for hf_name in ckpt.hf_names():
+        theirs = ckpt.hf_tensor(hf_name)  # gguf.quants.dequantize of the file's blocks, rows in HF order
+        ours = packed[hf_name]
+        if isinstance(ours, Packed):
+            ours = quant.qops.unpack(ours)
+        if isinstance(ours, QTensor):
+            kind = ckpt.raw_tensor(hf_name).type
+            ours = ours.dequantize()
+            if kind in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+                assert torch.equal(ours, theirs), hf_name
+            else:  # K-quants become 32-value blocks: scales rounded to fp16 (Q4_K, Q5_K) or requantized to Q8_0
+                err = (ours - theirs).norm() / theirs.norm()
+                assert err < 0.01, (hf_name, kind, err.item())
+        else:
+            assert torch.equal(ours, theirs), hf_name
+
+
+def test_verification_figures_follow_the_bits(exports):
+    kl = {name: result["verification"]["kl_mean"] for name, (_, result) in exports.items()}
+    assert kl["f32"] == 0 and kl["q4_1"] == 0  # the source is Q4_1: written again, its blocks are copied
+    assert kl["q8_0"] < kl["q6_k"] * 1.5 < kl["q4_k_m"] * 1.5 and kl["q4_k_m"] < kl["q3_k_m"] < kl["q2_k"]
+    for name in ("q8_0", "q6_k", "q5_k_m"):
+        assert exports[name][1]["verification"]["top1"] > 0.95, name
+    sizes = {name: path.stat().st_size for name, (path, _) in exports.items()}
+    assert sizes["f32"] > sizes["f16"] > sizes["q8_0"] > sizes["q4_k_m"] > sizes["q2_k"]
+
+
+def test_written_gguf_carries_tokenizer_template_licence_and_lineage(exports, smollm2_gguf):
+    path, _ = exports["q4_k_m"]
+    meta = read_gguf(path).metadata
+    src = read_gguf(smollm2_gguf).metadata
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"):  # fmt: skip
+        assert meta[key] == src[key], key
+    assert meta["general.license"] == "apache-2.0"
+    assert meta["general.file_type"] == 15
+    assert meta["general.base_model.count"] == 1
+    assert meta["general.base_model.0.sha256"] == store.sha256_file(smollm2_gguf)
+    assert json.loads(meta["tinkerlm.lineage"])["parents"][0]["relation"] == "quantized"
+
+
+def test_llamacpp_tokenizes_our_export_like_tinkerlm(exports):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path, _ = exports["q8_0"]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, vocab_only=True)
+    ours = tinkerlm.load(str(path)).tokenizer.encode(MIXED, add_special_tokens=False)
+    assert llm.tokenize(MIXED.encode(), add_bos=False, special=True) == ours
+
+
+def test_ollama_modelfile_for_chatml(smollm2_gguf, tmp_path):
+    out = tmp_path / "m.gguf"
+    export(str(smollm2_gguf), type="q8_0", out=str(out), ollama=True, verify=False, progress=False)
+    text = (tmp_path / "Modelfile").read_text()
+    assert text.startswith("FROM ./m.gguf") and "<|im_start|>" in text and 'PARAMETER stop "<|im_end|>"' in text
+
+
+def test_a_finetuned_remix_exports_and_runs_in_llamacpp(smollm2_gguf, tmp_path):
+    from test_tune import write_chat_data
+
+    from tinkerlm.tune import finetune
+
+    store.pull(str(smollm2_gguf), name="smol", progress=False)
+    data = write_chat_data(tmp_path / "d.jsonl", 16)
+    finetune(base="smol", data=str(data), out="smol-ft", seq_len=64, batch_size=2, max_steps=2, lr=2e-3,
+             progress=False)  # fmt: skip
+    for name in ("q8_0", "q4_k_m"):
+        path = tmp_path / f"ft-{name}.gguf"
+        result = export("smol-ft", type=name, out=str(path), progress=False)
+        assert result["verification"]["top1"] > 0.8
+        ids = prompt_ids(path)
+        ours = tinkerlm_greedy(path, ids)
+        assert len(ours) >= 8 and llamacpp_greedy(path, ids) == ours, name
+
+
+def test_quantize_with_calibration_and_with_the_saved_imatrix(smollm2_gguf, eval_text, tmp_path):
+    from tinkerlm.export import imatrix as im
+    from tinkerlm.export.source import open_source
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 40 + MIXED * 5, encoding="utf-8")
+    store.pull(str(smollm2_gguf), name="smol", progress=False)
+    a = quantize("smol", type="q4_k_m", out="smol-a", calibration=str(calib), eval_text=str(eval_text),
+                 progress=False)  # fmt: skip
+    assert a.source["calibration_sha256"] == store.sha256_file(calib)
+    assert a.parents[0]["relation"] == "quantized" and 0 < a.verification["kl_mean"] < 0.5
+    src = open_source("smol")
+    matrix = im.compute(src.model(), src.tokenizer.encode(calib.read_text(encoding="utf-8")), progress=False)
+    matrix.save(tmp_path / "imatrix.gguf")
+    b = quantize("smol", type="q4_k_m", out="smol-b", imatrix=str(tmp_path / "imatrix.gguf"), verify=False,
+                 progress=False)  # fmt: skip
+    assert a.files[0]["sha256"] == b.files[0]["sha256"]  # the same importance matrix, the same blocks
+    plain = quantize("smol", type="q4_k_m", out="smol-c", verify=False, progress=False)
+    assert plain.files[0]["sha256"] != a.files[0]["sha256"]
+    blocks = [np.asarray(read_gguf(store.model_path(m)).raw_tensor("model.layers.0.mlp.down_proj.weight").data)
+              for m in (a, plain)]  # fmt: skip
+    assert not np.array_equal(*blocks)

@@ -202,3 +202,11 @@ def test_truncated_gguf_and_missing_file(tmp_path):
         imatrix.load(tmp_path / "missing.gguf")
     with pytest.raises(TinkerError, match="no entries"):
         Imatrix().save(tmp_path / "empty.gguf")
+
+
+def test_gpt2_names(tmp_path):
+    make_hf_model("gpt2", tmp_path / "g")
+    im = imatrix.compute(tinkerlm.load(str(tmp_path / "g")).model, IDS, progress=False)
+    layer = {"attn_qkv", "attn_output", "ffn_up", "ffn_down"}
+    assert set(im.entries) == {"token_embd.weight"} | {f"blk.{i}.{t}.weight" for i in range(2) for t in layer}
+    assert im.entries["blk.0.ffn_down.weight"][0].shape == (256,)  # n_inner = 4 * n_embd

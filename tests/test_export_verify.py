@@ -14,7 +14,7 @@ from tiny import make_hf_model  # noqa: E402
 
 import tinkerlm  # noqa: E402
 from tinkerlm.errors import TinkerError  # noqa: E402
-from tinkerlm.evaluate.perplexity import token_nll  # noqa: E402
+from tinkerlm.evaluate.perplexity import shipped_text, token_nll  # noqa: E402
 from tinkerlm.export.verify import compare, format_verification, tensor_error, text_ids  # noqa: E402
 
 
@@ -23,7 +23,9 @@ def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("verify") / "m"
     make_hf_model("llama", path)
     llm = tinkerlm.load(str(path))
-    return llm.model, text_ids(llm.tokenizer, max_tokens=300)
+    ids = text_ids(llm.tokenizer, max_tokens=300)
+    assert ids == llm.tokenizer.encode(shipped_text())[:300]  # the shipped text by default
+    return llm.model, ids
 
 
 def perturbed(model, scale: float, seed: int = 1):
@@ -77,7 +79,7 @@ def test_kl_equals_torch_kl_div():
     g = torch.Generator().manual_seed(0)
     ref, cand = torch.randn(7, 7, generator=g) * 3, torch.randn(7, 7, generator=g) * 3
     ids = torch.randint(0, 7, (40,), generator=g).tolist()
-    d = compare(Bigram(ref), Bigram(cand), ids, context=8)
+    d = compare(Bigram(ref), Bigram(cand), ids, context=8, progress=True)
     prev = torch.tensor(ids[:-1])
     logp, logq = F.log_softmax(ref[prev], -1), F.log_softmax(cand[prev], -1)
     kl = F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1).double()  # KL(P || Q) per position

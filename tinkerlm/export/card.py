@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 
 from tinkerlm.errors import TinkerError
-from tinkerlm.export.verify import format_verification
 from tinkerlm.openness import licences
+from tinkerlm.store.display import format_verification
 
 RELATIONS = ("adapter", "merge", "quantized", "finetune")
 

@@ -22,6 +22,7 @@ import torch
 
 from tinkerlm.errors import TinkerError
 from tinkerlm.evaluate.perplexity import shipped_text, windows
+from tinkerlm.store.display import format_verification  # noqa: F401  (one line, shared with `tinkerlm show`)
 
 
 @torch.inference_mode()
@@ -111,15 +112,6 @@ def text_ids(tokenizer, text: str | None = None, max_tokens: int = 1024) -> list
         raise TinkerError(f"verify: max_tokens must be at least 2 (got {max_tokens})")
     ids = tokenizer.encode(shipped_text() if text is None else text)
     return list(ids[:max_tokens])
-
-
-def format_verification(d: dict) -> str:
-    """One human line: "KL mean 0.0123, p99 0.0456; top-1 97.8%; PPL 12.31 -> 12.45 (+1.1%) over 1023 tokens"."""
-    change = 100.0 * (d["ppl_candidate"] / d["ppl_reference"] - 1.0)
-    return (
-        f"KL mean {d['kl_mean']:.4f}, p99 {d['kl_p99']:.4f}; top-1 {100.0 * d['top1']:.1f}%; "
-        f"PPL {d['ppl_reference']:.2f} -> {d['ppl_candidate']:.2f} ({change:+.1f}%) over {d['tokens']} tokens"
-    )
 
 
 def tensor_error(reference: torch.Tensor, written: torch.Tensor) -> float:

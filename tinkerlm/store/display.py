@@ -75,14 +75,15 @@ def format_manifest(m: Manifest) -> str:
 
 
 def format_verification(v: dict) -> str:
-    """One line of verification figures (KL divergence, top-1 agreement, perplexities) against the source."""
+    """One line of verification figures against the source: "KL mean 0.0123, p99 0.0456; top-1 97.8%;
+    PPL 12.31 -> 12.45 (+1.1%) over 1023 tokens" (KL to three significant digits: Q8_0's are around 1e-4)."""
     try:
-        ppl = f"PPL {v['ppl_reference']:.3f} -> {v['ppl_candidate']:.3f}"
+        change = 100.0 * (v["ppl_candidate"] / v["ppl_reference"] - 1.0)
         return (
-            f"KL mean {v['kl_mean']:.5f}, p99 {v['kl_p99']:.5f}; top-1 {100 * v['top1']:.1f}%; {ppl} "
-            f"over {v['tokens']} tokens of the {v.get('text', 'evaluation text')}"
+            f"KL mean {v['kl_mean']:.3g}, p99 {v['kl_p99']:.3g}; top-1 {100.0 * v['top1']:.1f}%; "
+            f"PPL {v['ppl_reference']:.2f} -> {v['ppl_candidate']:.2f} ({change:+.1f}%) over {v['tokens']} tokens"
         )
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):  # a manifest edited by hand
         return str(v)
 
 

@@ -126,6 +126,32 @@ def test_produced_size_or_dtype_differing_from_the_plan_is_an_internal_error(tmp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_tensors_are_produced_one_at_a_time(tmp_path):
+    """Peak memory is one tensor (plus the header), not the file: each tensor is made when written, then dropped."""
+    import tracemalloc
+
+    size = 1 << 20  # 4 MiB of float32 a tensor, 32 MiB in all
+    alive = []
+
+    def make(i):
+        def produce():
+            alive.append(i)
+            return np.full(size, i, np.float32)
+
+        return produce
+
+    plans = [TensorPlan(f"t{i}", "F32", (size,), make(i)) for i in range(8)]
+    tracemalloc.start()
+    try:
+        path = write_gguf(tmp_path / "m.gguf", {}, plans)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert alive == list(range(8))
+    assert size * 4 <= peak < 2.5 * size * 4, peak  # one tensor is seen, never three
+    assert read_gguf(path).tensor("t7")[0] == 7
+
+
 def test_bad_plans_and_values_are_refused_before_writing(tmp_path):
     out = tmp_path / "m.gguf"
     with pytest.raises(TinkerError, match="rows of 100 values are not whole 256-value blocks of type Q4_K"):
@@ -308,6 +334,7 @@ def test_smollm2_tokenizer_from_tokenizer_json(tmp_path, smollm2_gguf):
 
 def test_tiny_byte_level_tokenizer_padded_to_the_model_vocabulary(tmp_path):
     write_tokenizer(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [258, 256]}))
     tok = Tokenizer.from_hf_dir(tmp_path)
     meta = tok.gguf_metadata(vocab_size=VOCAB)
     assert meta["tokenizer.ggml.model"] == "gpt2"
@@ -317,6 +344,7 @@ def test_tiny_byte_level_tokenizer_padded_to_the_model_vocabulary(tmp_path):
     assert meta["tokenizer.ggml.token_type"][256:260] == [3, 3, 3, 5]  # control for the specials, then unused
     assert meta["tokenizer.ggml.add_bos_token"] is False
     assert meta["tokenizer.ggml.merges"] == []
+    assert meta["tokenizer.ggml.eot_token_id"] == 256  # a stop id beyond EOS
     back = through_file(tmp_path, meta)
     assert back.vocab_size == VOCAB
     assert_same_tokenizer(tok, back)

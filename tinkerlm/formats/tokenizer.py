@@ -7,10 +7,16 @@ Two sources:
 - A GGUF file: the vocabulary, merges or scores and special ids live in `tokenizer.ggml.*` metadata; we rebuild the
   tokenizer they describe: byte-level BPE ("gpt2") or sentencepiece-style BPE with byte fallback ("llama").
 
+And one destination besides `save_hf`: `gguf_metadata()` gives the `tokenizer.ggml.*` keys llama.cpp reads. A
+tokenizer read from GGUF gives back its file's keys; one read from tokenizer.json is described as llama.cpp's
+converter (convert_hf_to_gguf.py) describes it, `tokenizer.ggml.pre` named from the pre-tokenizer's pattern.
+
 References:
 - tokenizers pipeline (normalizer, pre-tokenizer, model, post-processor, decoder):
   https://huggingface.co/docs/tokenizers/pipeline
 - GGUF tokenizer keys: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md#tokenizer
+- llama.cpp's pre-tokenizer names and their patterns: src/llama-vocab.cpp (`llama_vocab::impl::load`,
+  `llm_tokenizer_bpe`); its converter's vocabulary export: convert_hf_to_gguf.py (`get_vocab_base`)
 - GPT-2 byte-level BPE: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners";
   SentencePiece: Kudo & Richardson 2018, https://arxiv.org/abs/1808.06226
 """
@@ -18,7 +24,9 @@ References:
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -29,8 +37,10 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tinkerlm import limits
 from tinkerlm.errors import TinkerError
 
+log = logging.getLogger(__name__)
+
 # GGUF token types (llama.cpp's llama_token_type).
-CONTROL, USER_DEFINED = 3, 4
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # Pre-tokenizer split patterns, chosen by `tokenizer.ggml.pre`. Unlisted names use GPT-2's own pattern.
 _LLAMA3_SPLIT = (
@@ -58,7 +68,22 @@ PRE_TOKENIZER_SPLITS = {
     "tekken": _TEKKEN_SPLIT,
 }
 
+# llama.cpp's pre-tokenizers that isolate every digit, then split as GPT-2 does (SmolLM, StarCoder...).
+DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2")
+
+# For writers: the `tokenizer.ggml.pre` named for each split pattern (llama.cpp's converter names it by hashing a
+# test string's ids, which matches only the exact vocabularies it lists; the pattern matches their fine-tunes too).
+PRE_NAMES = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2", _GPT4O_SPLIT: "gpt-4o", _TEKKEN_SPLIT: "tekken"}
+FALLBACK_PRE = "gpt-2"  # GPT-2's pattern, which both llama.cpp and tinkerlm apply for this name
+
 _NAMED = ("bos_token", "eos_token", "unk_token", "pad_token")
+_GGUF_IDS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class Tokenizer:
@@ -90,6 +115,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         self._clean_up_spaces = clean_up_spaces
+        self._gguf_source: dict[str, Any] | None = None  # the tokenizer.* keys of the GGUF file it was read from
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
@@ -271,7 +297,7 @@ class Tokenizer:
         _set_template(backend, named["bos_token"] if add_bos else None, named["eos_token"] if add_eos else None)
         # End-of-turn and end-of-message tokens also end generation, as in llama.cpp.
         extra = [metadata.get(f"tokenizer.ggml.{key}") for key in ("eot_token_id", "eom_token_id")]
-        return cls(
+        tok = cls(
             backend,
             **named,
             extra_stop_ids=[
@@ -279,6 +305,117 @@ class Tokenizer:
             ],
             chat_template=_gguf_string(metadata, "tokenizer.chat_template", path),
         )
+        # Kept to be written back as they were (`gguf_metadata`): the file's own description is exact for llama.cpp.
+        tok._gguf_source = {k: v for k, v in metadata.items() if k.startswith("tokenizer.")}
+        return tok
+
+    def gguf_metadata(self, vocab_size: int | None = None, pre: str | None = None) -> dict[str, Any]:
+        """The `tokenizer.ggml.*` keys llama.cpp reads, and `tokenizer.chat_template`, describing this tokenizer.
+
+        Read from GGUF: that file's tokenizer keys, unchanged but for the chat template (this tokenizer's). Read from
+        tokenizer.json: byte-level BPE becomes model "gpt2" (tokens, types, merges, `pre` named from the
+        pre-tokenizer: `PRE_NAMES`, "gpt-2", "smollm"), sentencepiece-style BPE (byte fallback, "▁" for spaces)
+        model "llama" (tokens, scores ranked as the merges, types; the merges too, which tinkerlm reads first).
+
+        Args:
+            vocab_size: the model's vocabulary (embedding rows); the token list is padded to it with unused
+                "[PAD{i}]" tokens, as llama.cpp's converter does, since llama.cpp sizes the model by the token list.
+            pre: `tokenizer.ggml.pre` to write instead of the one found (a llama.cpp pre-tokenizer name).
+
+        Raises:
+            TinkerError: a tokenizer GGUF cannot describe (WordPiece, Unigram, merges of pieces holding spaces), or
+                more tokens than `vocab_size`.
+        """
+        source = self._gguf_source
+        if source is not None:
+            meta = dict(source)
+            if pre is not None:
+                meta["tokenizer.ggml.pre"] = pre
+        else:
+            meta = self._gguf_from_backend(pre)
+        meta.pop("tokenizer.chat_template", None)
+        if self.chat_template is not None:
+            meta["tokenizer.chat_template"] = self.chat_template
+        n = len(meta["tokenizer.ggml.tokens"])
+        if vocab_size is not None and vocab_size != n:
+            if vocab_size < n:
+                raise TinkerError(
+                    f"tokenizer: {n} tokens, more than the model's vocabulary of {vocab_size} (embedding rows); "
+                    "resize the model's embeddings to the tokenizer"
+                )
+            pad = range(n, vocab_size)
+            meta["tokenizer.ggml.tokens"] = [*meta["tokenizer.ggml.tokens"], *(f"[PAD{i}]" for i in pad)]
+            types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * n
+            meta["tokenizer.ggml.token_type"] = [*types, *(UNUSED for _ in pad)]
+            if meta.get("tokenizer.ggml.scores") is not None:
+                meta["tokenizer.ggml.scores"] = [*meta["tokenizer.ggml.scores"], *(-10000.0 for _ in pad)]
+        return meta
+
+    def _gguf_from_backend(self, pre: str | None) -> dict[str, Any]:
+        """`gguf_metadata` of a tokenizer read from tokenizer.json."""
+        spec = json.loads(self.backend.to_str())
+        model = spec.get("model") or {}
+        if model.get("type") != "BPE":
+            raise TinkerError(
+                f"tokenizer: a {model.get('type')} tokenizer cannot be written to GGUF (supported: byte-level BPE, "
+                "sentencepiece-style BPE)"
+            )
+        byte_level = _has_step(spec.get("pre_tokenizer"), "ByteLevel") or _has_step(spec.get("decoder"), "ByteLevel")
+        if not byte_level and not (model.get("byte_fallback") or _has_step(spec.get("pre_tokenizer"), "Metaspace")):
+            raise TinkerError(
+                "tokenizer: a BPE tokenizer neither byte-level nor sentencepiece-style (no byte fallback or "
+                "Metaspace) cannot be written to GGUF"
+            )
+        vocab = self.backend.get_vocab(with_added_tokens=False)
+        added = self.backend.get_added_tokens_decoder()
+        n = max([*vocab.values(), *added, -1]) + 1
+        tokens = [f"[PAD{i}]" for i in range(n)]
+        types = [UNUSED] * n
+        for token, i in vocab.items():
+            tokens[i] = token
+            types[i] = BYTE if not byte_level and _BYTE_TOKEN.fullmatch(token) else NORMAL
+        for i, t in added.items():
+            tokens[i] = t.content
+            types[i] = CONTROL if t.special else USER_DEFINED
+        # Sentencepiece marks its unknown piece; byte-level vocabularies (which need none) keep the converter's types.
+        if self.unk_token_id is not None and not byte_level:
+            types[self.unk_token_id] = UNKNOWN
+        merges = []
+        for m in model.get("merges") or []:
+            left, right = m.split(" ", 1) if isinstance(m, str) else m
+            if " " in left or " " in right:
+                raise TinkerError(f"tokenizer: merge {[left, right]!r} holds a space, which GGUF merges cannot")
+            merges.append(f"{left} {right}")
+
+        meta: dict[str, Any] = {"tokenizer.ggml.model": "gpt2" if byte_level else "llama"}
+        if byte_level:
+            meta["tokenizer.ggml.pre"] = pre or _pre_name(spec.get("pre_tokenizer"))
+        else:
+            meta["tokenizer.ggml.pre"] = pre or "default"  # as the converter writes for sentencepiece
+        meta["tokenizer.ggml.tokens"] = tokens
+        if not byte_level:
+            meta["tokenizer.ggml.scores"] = _scores_from_merges(tokens, types, merges)
+        meta["tokenizer.ggml.token_type"] = types
+        meta["tokenizer.ggml.merges"] = merges  # llama.cpp's "llama" model reads only the scores; tinkerlm these
+        if not byte_level:
+            meta["tokenizer.ggml.add_space_prefix"] = _prepends_space(spec)
+        first, last = _template_ends(spec.get("post_processor"))
+        ids = {name: getattr(self, f"{name}_id") for name in _GGUF_IDS}
+        # GGUF adds BOS/EOS by id: a template adding another token than the named one names it (with a warning).
+        for name, end in (("bos_token", first), ("eos_token", last)):
+            if end is not None and ids[name] != end:
+                if ids[name] is not None:
+                    log.warning("tokenizer: the post-processor adds token %d, not %s %d", end, name, ids[name])
+                ids[name] = end
+        for name, key in _GGUF_IDS.items():
+            if ids[name] is not None:
+                meta[f"tokenizer.ggml.{key}"] = ids[name]
+        extra = [i for i in self.stop_token_ids if i != self.eos_token_id]
+        if extra:  # llama.cpp ends generation at the end-of-turn token too (it finds others by their text)
+            meta["tokenizer.ggml.eot_token_id"] = extra[0]
+        meta["tokenizer.ggml.add_bos_token"] = first is not None
+        meta["tokenizer.ggml.add_eos_token"] = last is not None
+        return meta
 
 
 # Stands for "a special token was here" when a piece is re-tokenized alone: a noncharacter no text holds.
@@ -433,6 +570,90 @@ def _set_template(backend: tokenizers.Tokenizer, bos: str | None, eos: str | Non
     backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
 
+def _steps(node: Any) -> list[dict]:
+    """The steps of a tokenizer.json pipeline component (a Sequence's items, or the one step)."""
+    if not isinstance(node, dict):
+        return []
+    if node.get("type") == "Sequence":
+        items = node.get("pretokenizers") or node.get("decoders") or node.get("processors") or []
+        return [step for item in items for step in _steps(item)]
+    return [node]
+
+
+def _has_step(node: Any, kind: str) -> bool:
+    return any(step.get("type") == kind for step in _steps(node))
+
+
+def _pre_name(pre_tokenizer: Any) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` for a byte-level tokenizer.json pre-tokenizer (see `PRE_NAMES`)."""
+    steps = _steps(pre_tokenizer)
+    kinds = [step.get("type") for step in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
+        return "gpt-2"
+    if (
+        kinds == ["Digits", "ByteLevel"]
+        and steps[0].get("individual_digits")
+        and steps[1].get("use_regex", True)
+        and not steps[1].get("add_prefix_space")
+    ):
+        return "smollm"
+    if (
+        kinds == ["Split", "ByteLevel"]
+        and not steps[1].get("use_regex", True)
+        and steps[0].get("behavior") == "Isolated"
+        and not steps[0].get("invert")
+        and (steps[0].get("pattern") or {}).get("Regex") in PRE_NAMES
+    ):
+        return PRE_NAMES[steps[0]["pattern"]["Regex"]]
+    log.warning(
+        "tokenizer: no llama.cpp pre-tokenizer is known for %s; writing tokenizer.ggml.pre %r (GPT-2's pattern), "
+        "so text may split differently from the original tokenizer",
+        json.dumps(pre_tokenizer)[:300],
+        FALLBACK_PRE,
+    )
+    return FALLBACK_PRE
+
+
+def _prepends_space(spec: dict) -> bool:
+    """Whether a sentencepiece-style tokenizer adds "▁" before the text (Metaspace, or a Prepend normalizer)."""
+    for step in _steps(spec.get("pre_tokenizer")):
+        if step.get("type") == "Metaspace":
+            scheme = step.get("prepend_scheme", "always" if step.get("add_prefix_space", True) else "never")
+            return scheme != "never"
+    normalizers = spec.get("normalizer") or {}
+    items = normalizers.get("normalizers", [normalizers]) if isinstance(normalizers, dict) else []
+    return any(isinstance(n, dict) and n.get("type") == "Prepend" for n in items)
+
+
+def _template_ends(post_processor: Any) -> tuple[int | None, int | None]:
+    """The ids of the special tokens a post-processor puts first and last around a single sequence."""
+    for step in _steps(post_processor):
+        if step.get("type") != "TemplateProcessing":
+            continue
+        single = step.get("single") or []
+        ids = {k: (v.get("ids") or [None])[0] for k, v in (step.get("special_tokens") or {}).items()}
+        ends = []
+        for item in (single[:1], single[-1:]):
+            special = item[0].get("SpecialToken") if item else None
+            ends.append(ids.get(special["id"]) if special else None)
+        return ends[0], ends[1]
+    return None, None
+
+
+def _scores_from_merges(tokens: list[str], types: list[int], merges: list[str]) -> list[float]:
+    """Sentencepiece scores that rank tokens as the BPE merges do: the token the r-th merge makes scores -r
+    (llama.cpp's sentencepiece tokenizer merges the best-scoring pair first); tokens no merge makes score below all
+    (by id), and byte, control and added tokens score 0, as in sentencepiece's own files."""
+    rank: dict[str, int] = {}
+    for r, m in enumerate(merges):
+        rank.setdefault(m.replace(" ", "", 1), r)
+    last = len(merges)
+    return [
+        0.0 if k in (BYTE, CONTROL, USER_DEFINED, UNKNOWN) else -float(rank.get(t, last + i))
+        for i, (t, k) in enumerate(zip(tokens, types))
+    ]
+
+
 def _clean_up_spaces(text: str) -> str:
     """Drop the spaces WordPiece-style decoding leaves before punctuation and English contractions."""
     for before, after in (
@@ -480,8 +701,13 @@ def _byte_level_bpe(tokens: list[str], types: list[int], metadata: dict) -> tupl
             fuse_unk=False,
         )
     )
-    split = PRE_TOKENIZER_SPLITS.get(metadata.get("tokenizer.ggml.pre"))
-    if split is None:  # GPT-2's own pattern, built into ByteLevel
+    pre = metadata.get("tokenizer.ggml.pre")
+    split = PRE_TOKENIZER_SPLITS.get(pre)
+    if pre in DIGITS_THEN_GPT2:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
+    elif split is None:  # GPT-2's own pattern, built into ByteLevel
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
         backend.pre_tokenizer = pre_tokenizers.Sequence(

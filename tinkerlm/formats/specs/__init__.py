@@ -3,7 +3,7 @@
 One `Spec` (base.py) per family (llama.py: Llama, Mistral, Qwen2, Qwen3; gpt2.py: GPT-2) declares its Hugging Face
 `model_type`s and GGUF `general.architecture` names, the transformers class of each model_type, the tinkerlm
 model to build, the GGUF <-> HF tensor name table, the tensors a GGUF file must hold, the config read from GGUF
-metadata, the parameter shapes a config implies, per-tensor fixes (llama.cpp's q/k row permutation), which HF
+metadata and its inverse for writers, the parameter shapes a config implies, per-tensor fixes (llama.cpp's q/k row permutation), which HF
 tensors are Conv1D (stored (in, out), as GPT-2's) and per-model_type config defaults. The GGUF reader, model
 building, merging, fine-tuning and the store ask the registry here (`for_model_type`, `for_gguf`) instead of
 testing a model's name. Adding an architecture: docs/adding-a-model.md.
@@ -28,6 +28,7 @@ __all__ = [
     "for_model_type",
     "for_gguf",
     "gguf_model_type",
+    "gguf_architecture",
     "with_defaults",
 ]
 
@@ -81,6 +82,16 @@ def for_gguf(architecture: str, source: str = "model") -> Spec:
 def gguf_model_type(architecture: str) -> str:
     """The HF model_type of a GGUF general.architecture; an unsupported name comes back unchanged."""
     return gguf_architectures().get(architecture, architecture)
+
+
+def gguf_architecture(model_type: str | None, source: str = "model") -> str:
+    """The GGUF general.architecture to write for an HF model_type (Mistral is written as "llama", as llama.cpp's
+    converter does; the others under their own names).
+
+    Raises:
+        TinkerError: no spec covers the model_type.
+    """
+    return for_model_type(model_type, source).gguf_architecture(model_type)
 
 
 def with_defaults(config: dict) -> dict:

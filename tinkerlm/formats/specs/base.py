@@ -2,7 +2,9 @@
 for the registry and docs/adding-a-model.md for how to add one).
 
 Imports no torch and neither the GGUF reader nor the models: `gguf_config` reads the metadata through the
-`GGUFMetadata` protocol, which `tinkerlm.formats.gguf.GGUFCheckpoint` implements.
+`GGUFMetadata` protocol, which `tinkerlm.formats.gguf.GGUFCheckpoint` implements. Writers go the other way:
+`gguf_metadata` (config -> `{arch}.*` keys) and `gguf_extra_tensors` (config -> tensors llama.cpp keeps the config
+in, e.g. `rope_freqs.weight`), the inverse of `gguf_config`.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class Spec:
     tensor_names: dict[str, str]  # GGUF name template -> HF name template; a name not here is an unused tensor
     required: tuple[str, ...]  # GGUF name templates every file must hold; the rest are optional
     gguf_config: Callable[[GGUFMetadata], dict]  # an HF-style config (model_type, HF keys) from GGUF metadata
+    # The inverse, for writers: an HF config -> general.architecture and the `{arch}.*` keys llama.cpp reads.
+    gguf_metadata: Callable[[dict], dict[str, Any]]
     shapes: Callable[[dict], dict[str, tuple[int, ...]]]  # config -> HF name template -> shape, as the model holds it
     layers_key: str  # the config key holding the number of layers
     defaults: dict[str, dict] = field(default_factory=dict)  # model_type -> config keys set when a config lacks them
@@ -56,6 +60,21 @@ class Spec:
     row_fix: Callable[[str, dict, int], np.ndarray | None] | None = None
     conv1d: tuple[str, ...] = ()  # HF name suffixes of weights HF files store (in, out): transposed at the boundary
     consumed: tuple[str, ...] = ()  # GGUF tensors read into the config (rope_freqs.weight), not parameters
+    # For writers: config -> the `consumed` tensors that hold part of it (GGUF name -> float32 array).
+    gguf_extra_tensors: Callable[[dict], dict[str, np.ndarray]] = lambda config: {}
+    # For writers: model_type -> the general.architecture llama.cpp loads it as, where that is not the name it is
+    # read under (llama.cpp has no "mistral" architecture: its converter writes Mistral as "llama").
+    write_architectures: dict[str, str] = field(default_factory=dict)
+
+    def gguf_architecture(self, model_type: str) -> str:
+        """The GGUF general.architecture a writer gives an HF model_type (the inverse of `gguf_architectures`).
+
+        Raises:
+            KeyError: this spec does not cover the model_type.
+        """
+        if model_type in self.write_architectures:
+            return self.write_architectures[model_type]
+        return {t: arch for arch, t in self.gguf_architectures.items()}[model_type]
 
     def num_layers(self, config: dict) -> int:
         return config[self.layers_key]

@@ -35,6 +35,20 @@ def gguf_config(g: GGUFMetadata) -> dict:
     }
 
 
+def gguf_metadata(config: dict) -> dict:
+    """GGUF metadata for a GPT-2 HF config, the keys llama.cpp's converter writes (the inverse of `gguf_config`)."""
+    return {
+        "general.architecture": "gpt2",
+        "gpt2.vocab_size": config["vocab_size"],
+        "gpt2.context_length": config.get("n_positions", 1024),
+        "gpt2.embedding_length": config["n_embd"],
+        "gpt2.block_count": config["n_layer"],
+        "gpt2.feed_forward_length": config.get("n_inner") or 4 * config["n_embd"],
+        "gpt2.attention.head_count": config["n_head"],
+        "gpt2.attention.layer_norm_epsilon": float(config.get("layer_norm_epsilon", 1e-5)),
+    }
+
+
 def shapes(c: dict) -> dict[str, tuple[int, ...]]:
     """HF parameter shapes as the model holds them (Conv1D weights as nn.Linear (out, in)), per HF name template."""
     e, v, p = c["n_embd"], c["vocab_size"], c.get("n_positions", 1024)
@@ -98,6 +112,7 @@ SPEC = Spec(
         "blk.{i}.ffn_down.weight",
     ),
     gguf_config=gguf_config,
+    gguf_metadata=gguf_metadata,
     shapes=shapes,
     layers_key="n_layer",
     defaults={"gpt2": {"tie_word_embeddings": True}},  # transformers' GPT2Config ties the head by default

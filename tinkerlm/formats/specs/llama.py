@@ -1,7 +1,8 @@
 """The Llama family's spec: Llama 2/3/3.1+, Mistral, SmolLM/SmolLM2, Qwen2/2.5 and Qwen3 (tinkerlm/models/llama.py).
 
 GGUF files name these architectures "llama" (Llama 2/3, SmolLM, most Mistrals), "mistral", "qwen2" and "qwen3";
-HF uses the same names as `model_type`. llama.cpp's converter interleaves the two rotary halves of each head's
+HF uses the same names as `model_type`. Writers give Mistral "llama", as llama.cpp's converter does: llama.cpp has
+no "mistral" architecture (and no sliding window for "llama", so Mistral v0.1's `sliding_window` is not written). llama.cpp's converter interleaves the two rotary halves of each head's
 q/k rows for llama and mistral (it undoes HF's own permutation of Meta's checkpoints); `rope_rows` is that
 permutation, read back here and inverted for writers.
 
@@ -22,6 +23,8 @@ from tinkerlm.errors import TinkerError
 from tinkerlm.formats.specs.base import GGUFMetadata, Spec
 
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+# model_type -> the architecture llama.cpp loads it as, for writers (where not the same name).
+WRITE_ARCHITECTURES = {"mistral": "llama"}
 
 # Consumed into the config (`rope_freq_factors`), not a parameter.
 ROPE_FREQS = "rope_freqs.weight"
@@ -115,6 +118,88 @@ def gguf_config(g: GGUFMetadata) -> dict:
     return config
 
 
+def _rope(config: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling or None) from transformers 4's keys or transformers 5's `rope_parameters`."""
+    params = config.get("rope_parameters")
+    params = params if isinstance(params, dict) else {}
+    theta = config.get("rope_theta")
+    if theta is None:
+        theta = params.get("rope_theta", 10000.0)
+    scaling = config.get("rope_scaling")
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = params
+    if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None
+    return float(theta), scaling
+
+
+def _head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def gguf_metadata(config: dict) -> dict:
+    """GGUF metadata (general.architecture and `{arch}.*`) for a Llama-family HF config: the keys llama.cpp's
+    converter writes, so that `gguf_config` reads the same config back. Tied embeddings and biases are told by which
+    tensors the file holds; llama3 RoPE scaling goes into the `rope_freqs.weight` tensor (`gguf_extra_tensors`).
+
+    Raises:
+        TinkerError: a RoPE scaling other than linear or llama3, which GGUF (as tinkerlm reads it) cannot hold.
+    """
+    model_type = config.get("model_type")
+    arch = WRITE_ARCHITECTURES.get(model_type, model_type)
+    if arch not in GGUF_ARCHITECTURES:
+        raise TinkerError(f"config: model_type {model_type!r} is not a Llama-family model")
+    heads = config["num_attention_heads"]
+    theta, scaling = _rope(config)
+    meta = {
+        "general.architecture": arch,
+        f"{arch}.vocab_size": config["vocab_size"],
+        f"{arch}.context_length": config.get("max_position_embeddings", 2048),
+        f"{arch}.embedding_length": config["hidden_size"],
+        f"{arch}.block_count": config["num_hidden_layers"],
+        f"{arch}.feed_forward_length": config["intermediate_size"],
+        f"{arch}.attention.head_count": heads,
+        f"{arch}.attention.head_count_kv": config.get("num_key_value_heads") or heads,
+        f"{arch}.attention.layer_norm_rms_epsilon": float(config.get("rms_norm_eps", 1e-6)),
+        f"{arch}.rope.freq_base": theta,
+        f"{arch}.rope.dimension_count": _head_dim(config),
+    }
+    if config.get("head_dim") is not None:  # as the converter does; needed where it is not hidden / heads
+        meta[f"{arch}.attention.key_length"] = meta[f"{arch}.attention.value_length"] = config["head_dim"]
+    kind = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        meta[f"{arch}.rope.scaling.type"] = "linear"
+        meta[f"{arch}.rope.scaling.factor"] = float(scaling["factor"])
+    elif kind not in (None, "llama3"):
+        raise TinkerError(
+            f"config: rope scaling type {kind!r} cannot be written to GGUF (supported: linear, llama3); "
+            "export a model without it"
+        )
+    return meta
+
+
+def gguf_extra_tensors(config: dict) -> dict[str, np.ndarray]:
+    """`rope_freqs.weight` for llama3 RoPE scaling (or a config read from GGUF with `rope_freq_factors`): the
+    per-frequency divisors of the inverse frequencies, as llama.cpp's converter computes them."""
+    if config.get("rope_freq_factors") is not None:
+        return {ROPE_FREQS: np.asarray(config["rope_freq_factors"], dtype=np.float32)}
+    theta, scaling = _rope(config)
+    if scaling is None or scaling.get("rope_type", scaling.get("type")) != "llama3":
+        return {}
+    dim = _head_dim(config)
+    inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    factor = float(scaling.get("factor", 8.0))
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * np.pi / inv_freq.astype(np.float64)
+    # Short wavelengths keep their frequency, long ones are divided by `factor`, the band between interpolates.
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    factors = np.where(
+        wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, 1 / ((1 - smooth) / factor + smooth))
+    )
+    return {ROPE_FREQS: factors.astype(np.float32)}
+
+
 def shapes(c: dict) -> dict[str, tuple[int, ...]]:
     """HF parameter shapes (linear weights (out, in)) a config implies, per HF name template."""
     h, i_, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
@@ -189,6 +274,7 @@ SPEC = Spec(
         "blk.{i}.ffn_down.weight",
     ),
     gguf_config=gguf_config,
+    gguf_metadata=gguf_metadata,
     shapes=shapes,
     layers_key="num_hidden_layers",
     defaults={
@@ -197,4 +283,6 @@ SPEC = Spec(
     },
     row_fix=rope_rows,
     consumed=(ROPE_FREQS,),
+    gguf_extra_tensors=gguf_extra_tensors,
+    write_architectures=WRITE_ARCHITECTURES,
 )

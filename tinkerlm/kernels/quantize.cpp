@@ -64,6 +64,23 @@ inline int nearest_int(float f) {
     return (i & 0x007fffff) - 0x00400000;
 }
 
+// Candidate scales are tried 8 at a time, one per lane: each lane runs the scalar arithmetic unchanged (same
+// operations, same order over the values), so the vector search picks exactly what the scalar one would.
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+constexpr int LANES = 8;
+
+inline v8f splat(float f) { return v8f{f, f, f, f, f, f, f, f}; }
+inline v8i nearest_int(v8f f, int lo, int hi) {  // nearest_int per lane, then clamped to [lo, hi]
+    const v8f v = f + 12582912.f;
+    v8i i;
+    std::memcpy(&i, &v, sizeof(i));
+    i = (i & 0x007fffff) - 0x00400000;
+    i = i < lo ? lo : i;
+    return i > hi ? hi : i;
+}
+inline v8f to_float(v8i i) { return __builtin_convertvector(i, v8f); }
+
 inline uint16_t f2h(float f) { return c10::detail::fp16_ieee_from_fp32_value(f); }  // round to nearest even
 inline float h2f(uint16_t h) { return half_to_float(h); }
 inline void put_half(uint8_t* p, float f) { uint16_t h = f2h(f); std::memcpy(p, &h, 2); }
@@ -95,21 +112,35 @@ float fit_symmetric(int n, int nmax, const float* x, int8_t* L, const float* w) 
     }
     float scale = suml2 ? sumlx / suml2 : 0.0f;
     float best = scale * sumlx;
-    for (int is = -9; is <= 9; is++) {
-        if (is == 0) continue;
-        iscale = -(nmax + 0.1f * is) / max;
-        sumlx = suml2 = 0;
+    // the 18 candidates -(nmax + 0.1 is) / max, is = -9..9 but 0, in 3 groups of lanes (the last 6 lanes idle)
+    float wx[32], wv[32];
+    for (int i = 0; i < n; i++) {
+        wv[i] = weight(i);
+        wx[i] = wv[i] * x[i];
+    }
+    constexpr int NC = 18;
+    float cand[24];
+    for (int c = 0; c < 24; c++) {
+        const int is = c < 9 ? c - 9 : c - 8;
+        cand[c] = -(nmax + 0.1f * std::min(is, 9)) / max;
+    }
+    for (int c0 = 0; c0 < NC; c0 += LANES) {
+        v8f is_v;
+        std::memcpy(&is_v, cand + c0, sizeof(is_v));
+        v8f slx = splat(0), sl2 = splat(0);
         for (int i = 0; i < n; i++) {
-            const int l = std::max(-nmax, std::min(nmax - 1, nearest_int(iscale * x[i])));
-            const float wi = weight(i);
-            sumlx += wi * x[i] * l;
-            suml2 += wi * l * l;
+            const v8f l = to_float(nearest_int(is_v * x[i], -nmax, nmax - 1));
+            slx += wx[i] * l;
+            sl2 += wv[i] * l * l;
         }
-        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
-            for (int i = 0; i < n; i++)
-                L[i] = (int8_t)(nmax + std::max(-nmax, std::min(nmax - 1, nearest_int(iscale * x[i]))));
-            scale = sumlx / suml2;
-            best = scale * sumlx;
+        for (int c = c0; c < std::min(c0 + LANES, NC); c++) {  // in the scalar search's order
+            const float sx = slx[c - c0], s2 = sl2[c - c0];
+            if (s2 > 0 && sx * sx > best * s2) {
+                for (int i = 0; i < n; i++)
+                    L[i] = (int8_t)(nmax + std::max(-nmax, std::min(nmax - 1, nearest_int(cand[c] * x[i]))));
+                scale = sx / s2;
+                best = scale * sx;
+            }
         }
     }
     return scale;
@@ -196,38 +227,59 @@ float fit_affine(int n, int nmax, const float* x, const float* w, uint8_t* L, fl
         *neg_min = -min;
         return scale;
     }
-    for (int is = 0; is <= nstep; is++) {
-        iscale = (rmin + rdelta * is + nmax) / (max - min);
-        float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+    // Each step's candidate scale and its rounding depend on the offset kept so far, which an improving step
+    // changes: lanes past a step that moved it are recomputed from the next step on.
+    float xm[32];
+    v8f lv[32];
+    for (int s0 = 0; s0 <= nstep;) {  // steps s0 .. s0 + 7, one per lane
+        for (int i = 0; i < n; i++) xm[i] = x[i] - min;
+        v8f is_v;
+        for (int k = 0; k < LANES; k++) is_v[k] = (rmin + rdelta * std::min(s0 + k, nstep) + nmax) / (max - min);
+        v8f sum_l = splat(0), sum_l2 = splat(0), sum_xl = splat(0);
         for (int i = 0; i < n; i++) {
-            const int l = std::max(0, std::min(nmax, nearest_int(iscale * (x[i] - min))));
-            Laux[i] = (uint8_t)l;
-            sum_l += w[i] * l;
-            sum_l2 += w[i] * l * l;
-            sum_xl += w[i] * l * x[i];
+            const v8f l = to_float(nearest_int(is_v * xm[i], 0, nmax));
+            lv[i] = l;
+            const v8f wl = w[i] * l;
+            sum_l += wl;
+            sum_l2 += wl * l;
+            sum_xl += wl * x[i];
         }
-        const float D = sum_w * sum_l2 - sum_l * sum_l;
-        if (D > 0) {
-            float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
-            float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
-            if (this_min > 0) {
-                this_min = 0;
-                this_scale = sum_xl / sum_l2;
+        const v8f D = sum_w * sum_l2 - sum_l * sum_l;
+        v8f this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+        v8f this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+        const auto clip = this_min > 0;
+        this_scale = clip ? sum_xl / sum_l2 : this_scale;
+        this_min = clip ? splat(0) : this_min;
+        v8f err = splat(0);
+        for (int i = 0; i < n; i++) {
+            v8f diff = this_scale * lv[i] + this_min - x[i];
+            if (mad) {
+                v8i bits;
+                std::memcpy(&bits, &diff, sizeof(bits));
+                bits &= 0x7fffffff;
+                std::memcpy(&diff, &bits, sizeof(diff));
+            } else {
+                diff = diff * diff;
             }
-            float err = 0;
-            for (int i = 0; i < n; i++) {
-                float diff = this_scale * Laux[i] + this_min - x[i];
-                diff = mad ? std::fabs(diff) : diff * diff;
-                err += w[i] * diff;
-            }
-            if (err < best) {
-                std::memcpy(L, Laux, n);
-                best = err;
-                scale = this_scale;
-                min = this_min;
+            err += w[i] * diff;
+        }
+        int next = s0 + LANES;
+        for (int k = 0; k < LANES && s0 + k <= nstep; k++) {  // in the scalar search's order
+            if (D[k] > 0 && err[k] < best) {
+                for (int i = 0; i < n; i++) L[i] = (uint8_t)lv[i][k];
+                best = err[k];
+                scale = this_scale[k];
+                const bool moved = this_min[k] != min;
+                min = this_min[k];
+                if (moved) {
+                    next = s0 + k + 1;
+                    break;
+                }
             }
         }
+        s0 = next;
     }
+    (void)Laux;
     *neg_min = -min;
     return scale;
 }

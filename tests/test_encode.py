@@ -135,6 +135,9 @@ def test_fallback_without_kernels(monkeypatch):
         encode(w, "Q4_K")
     with pytest.raises(TinkerError, match="Q4_0 with an imatrix needs tinkerlm's C\\+\\+ kernels"):
         encode(w, "Q4_0", torch.ones(256))
+    w[7, 3] = float("nan")
+    with pytest.raises(TinkerError, match="row 7 holds NaN"):
+        encode(w, "Q8_0")
 
 
 # ---------------------------------------------------------------- equality with llama.cpp

@@ -18,6 +18,7 @@
 
 #include "common.h"
 
+#include <atomic>
 #include <cfloat>
 #include <optional>
 
@@ -841,8 +842,22 @@ at::Tensor quantize_rows(at::Tensor x, int64_t type, std::optional<at::Tensor> i
     auto out = at::empty({rows, row_bytes}, at::kByte);
     const float* src = x.data_ptr<float>();
     uint8_t* dst = out.data_ptr<uint8_t>();
+    // A NaN or infinity would make garbage scales (and ggml's rounding trick assumes |x| < 2^22): such rows are
+    // reported, the first one by index, instead of quantized.
+    std::atomic<int64_t> bad{rows};
     at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; r++) encq::quantize_row(type, src + r * K, dst + r * row_bytes, K, qw);
+        for (int64_t r = r0; r < r1; r++) {
+            const float* xr = src + r * K;
+            bool finite = true;
+            for (int64_t j = 0; j < K; j++) finite &= std::isfinite(xr[j]);
+            if (!finite) {
+                int64_t cur = bad.load();
+                while (r < cur && !bad.compare_exchange_weak(cur, r)) {}
+                continue;
+            }
+            encq::quantize_row(type, xr, dst + r * row_bytes, K, qw);
+        }
     });
+    TORCH_CHECK(bad.load() == rows, "non-finite value in row ", bad.load());
     return out;
 }

@@ -14,6 +14,8 @@ one chunk of float32 rows.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
@@ -108,10 +110,10 @@ def encode(w: torch.Tensor, qtype: str, imatrix: torch.Tensor | None = None, nam
     step = max(1, CHUNK_VALUES // max(K, 1))
     for r0 in range(0, rows, step):
         chunk = w[r0 : r0 + step].detach().to(device="cpu", dtype=torch.float32).contiguous()
-        if qtype not in FLOAT_TYPES and not bool(torch.isfinite(chunk).all()):  # block scales would be garbage
-            bad = r0 + int((~torch.isfinite(chunk)).any(dim=1).nonzero()[0, 0])
-            raise TinkerError(f"{name}: row {bad} holds NaN or infinite values; refusing to encode it")
-        out[r0 : r0 + step] = _encode_chunk(chunk, qtype, type_id, im, ops)
+        try:
+            out[r0 : r0 + step] = _encode_chunk(chunk, qtype, type_id, im, ops)
+        except NonFinite as e:  # block scales would be garbage
+            raise TinkerError(f"{name}: row {r0 + e.row} holds NaN or infinite values; refusing to encode it") from None
     return out
 
 
@@ -136,11 +138,25 @@ def _encode_chunk(x: torch.Tensor, qtype: str, type_id: int, im, ops) -> np.ndar
     if qtype == "BF16":
         return _bf16_bits(x.numpy())
     if ops is not None:
-        return ops.quantize_rows(x, type_id, im).numpy()
+        try:
+            return ops.quantize_rows(x, type_id, im).numpy()
+        except RuntimeError as e:  # the kernel checks each row as it goes
+            found = re.search(r"non-finite value in row (\d+)", str(e))
+            if found is None:
+                raise
+            raise NonFinite(int(found.group(1))) from None
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
+    finite = np.isfinite(x.numpy()).all(axis=1)
+    if not finite.all():
+        raise NonFinite(int(np.argmin(finite)))
     return quantize(x.numpy(), GGMLQuantizationType[qtype])
+
+
+class NonFinite(Exception):
+    def __init__(self, row: int):
+        self.row = row
 
 
 def _bf16_bits(x: np.ndarray) -> np.ndarray:

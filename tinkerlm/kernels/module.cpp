@@ -7,6 +7,7 @@
 #include "attention.cpp"
 #include "elementwise.cpp"
 #include "decode.cpp"
+#include "quantize.cpp"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("rms_norm_fwd", &rms_norm_fwd, "RMSNorm forward: {y, 1/rms}");
@@ -23,6 +24,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("dequantize", &dequantize, "GGUF blocks -> float32 (rows, K)");
     mod.def("dequantize_packed", &dequantize_packed, "packed weight -> float32 (rows, K)");
     mod.def("embed", &embed, "embedding rows from a packed table");
+    mod.def("quantize_rows", &quantize_rows, "float32 (rows, K) -> ggml blocks, as ggml_quantize_chunk",
+            pybind11::arg("x"), pybind11::arg("ggml_type"), pybind11::arg("imatrix") = pybind11::none());
     mod.def("attention_causal", &attention_causal, "causal grouped-query attention for prefill -> (B, T, H, hd)");
     // The decode step's weights, built once per model (tinkerlm/quant/decode.py). module_local: builds for two
     // instruction sets can be loaded in one process (the tests do) without their types colliding.

@@ -1,7 +1,7 @@
 """Time tinkerlm's quantizers (tinkerlm.quant.encode) against llama.cpp's ggml_quantize_chunk on a real model.
 
-    .venv/bin/python bench/quantize_bench.py                          # smollm2, Q4_K Q6_K Q2_K, with and without imatrix
-    .venv/bin/python bench/quantize_bench.py --types Q4_0,Q8_0 --gguf model.gguf
+    .venv/bin/python bench/quantize_kernels.py                        # smollm2, Q4_K Q6_K Q2_K, with and without imatrix
+    .venv/bin/python bench/quantize_kernels.py --types Q4_0,Q8_0 --gguf model.gguf
 
 Every 2-D weight of the GGUF is dequantized to float32 once, then cut into rows of 1536 values where its row
 length allows and of 256 otherwise (SmolLM2's 576-wide rows do not split into 256-value super-blocks; the cost of

@@ -6,6 +6,7 @@ The real model (every type, llama.cpp interop, importance matrices) is tests/tes
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -185,7 +186,10 @@ def test_bad_input_is_one_line_and_leaves_nothing(tinies, tmp_path):
     assert_user_error(cli("export", src, "--to", "hf", "--type", "q4_0", "--out", str(out / "h")), "--type")
     assert_user_error(cli("export", "nosuchmodel", "--out", str(out / "a.gguf"), env=_env()), "nosuchmodel")
     assert_user_error(cli("quantize", src, "--type", "q8_0", "--out", "Bad Name!", env=_env()))
-    assert_user_error(cli("export", src, "--out", str(out / "a.gguf"), "--ollama"), "Ollama")
+    odd = out.parent / "odd-template"
+    shutil.copytree(src, odd)
+    (odd / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}")
+    assert_user_error(cli("export", str(odd), "--out", str(out / "a.gguf"), "--ollama"), "Ollama")
     assert sorted(p.name for p in out.iterdir()) == ["exists.gguf"]
 
 

@@ -304,7 +304,7 @@ def _finetune_parser(sub, fmt) -> None:  # plain formatter: the help texts show 
     )
     s.add_argument("name", help="store name, GGUF file or Hugging Face directory")
     s.add_argument("--to", default="gguf", choices=["gguf", "hf"], help="the format to write")
-    s.add_argument("--type", default="f16", metavar="TYPE", help=f"GGUF file type: {types}")
+    s.add_argument("--type", default=None, metavar="TYPE", help=f"GGUF file type: {types} (default: f16)")
     s.add_argument("--out", required=True, help="the .gguf file or directory to write")
     s.add_argument(
         "--dtype",

@@ -120,7 +120,7 @@ def export(
     name: str,
     *,
     to: str = "gguf",
-    type: str = "f16",
+    type: str | None = None,
     out: str,
     dtype: str = "auto",
     imatrix: str | None = None,
@@ -136,7 +136,8 @@ def export(
 
     Args:
         to: "gguf" or "hf".
-        type: the GGUF file type (f32 f16 bf16 q8_0 q6_k q5_k_m q5_k_s q5_0 q5_1 q4_k_m q4_k_s q4_0 q4_1 q3_k_m q2_k).
+        type: the GGUF file type (f32 f16 bf16 q8_0 q6_k q5_k_m q5_k_s q5_0 q5_1 q4_k_m q4_k_s q4_0 q4_1 q3_k_m q2_k);
+            default f16. Not for HF exports (their weights are floats: `dtype`).
         dtype: HF export: auto (each tensor's stored dtype; float32 for GGUF sources), float32, bfloat16, float16.
         imatrix / calibration: an importance matrix file (ours or llama.cpp's), or text to compute one from.
         verify: read the written model back and compare it with the source (False: skip).
@@ -157,9 +158,13 @@ def export(
 
     if to not in ("gguf", "hf"):
         raise TinkerError(f"--to: {to!r} is not one of gguf, hf")
-    ftype = types_mod.file_type(type) if to == "gguf" else None
+    if to == "hf" and type is not None:
+        raise TinkerError(f"--type {type}: HF exports hold float weights, not GGUF types (use --dtype, or --to gguf)")
+    ftype = types_mod.file_type(type or "f16") if to == "gguf" else None
     if to == "hf" and (imatrix or calibration or ollama):
         raise TinkerError("--imatrix, --calibration and --ollama are for --to gguf")
+    if to == "gguf" and dtype != "auto":
+        raise TinkerError("--dtype is for --to hf (a GGUF's types are chosen by --type)")
     out_path = Path(out).expanduser()
     if to == "gguf" and out_path.suffix.lower() != ".gguf":
         raise TinkerError(f"--out: {out_path} should end in .gguf")
@@ -169,6 +174,10 @@ def export(
     if ollama:
         check_writable(out_path.with_name("Modelfile"), force)
     source = open_source(name)
+    if ollama:  # before writing anything: a template we cannot translate fails fast
+        from tinkerlm.export.ollama import modelfile
+
+        text = modelfile(out_path.name, getattr(source.tokenizer, "chat_template", None), source.tokenizer)
     tmp = _tmp_beside(out_path)
     try:
         if to == "gguf":
@@ -177,10 +186,6 @@ def export(
             )
         else:
             result = _export_hf(source, tmp, dtype, verify, eval_text, progress)
-        if ollama:
-            from tinkerlm.export.ollama import modelfile
-
-            text = modelfile(out_path.name, getattr(source.tokenizer, "chat_template", None), source.tokenizer)
         if out_path.is_dir() and force:
             shutil.rmtree(out_path)
         os.replace(tmp, out_path)

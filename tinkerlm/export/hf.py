@@ -47,7 +47,9 @@ def write(
     spec = source.spec
     chosen = dtypes(source, dtype)
     config = dict(source.config)
-    config.pop("rope_freq_factors", None)  # a GGUF-only key (Llama 3.1): its rope_scaling is what HF reads
+    factors = config.pop("rope_freq_factors", None)  # a GGUF's form of Llama 3.1's rope scaling: HF reads rope_scaling
+    if factors is not None:
+        config["rope_scaling"] = llama3_scaling(factors, config, source.ref)
     widest = max(chosen.values(), key=lambda t: torch.finfo(t).bits, default=torch.float32)
     config["torch_dtype"] = str(widest).removeprefix("torch.")
 
@@ -72,3 +74,47 @@ def write(
     if card is not None:
         (out / "README.md").write_text(card, encoding="utf-8")
     return chosen
+
+
+def llama3_scaling(factors: list[float], config: dict, source: str) -> dict:
+    """The `rope_scaling` (rope_type llama3) whose per-frequency divisors are `factors`, as a GGUF stores them.
+
+    GGUF keeps only the divisors; HF's config keeps the four numbers they come from (Meta's formula: wavelengths
+    shorter than original_max / high_freq_factor are kept, longer than original_max / low_freq_factor divided by
+    `factor`, those between interpolated). The numbers are found by trying the values Llama 3.x releases use.
+
+    Raises:
+        TinkerError: no such numbers reproduce the divisors (then config.json cannot express this model).
+    """
+    import math
+
+    theta = config.get("rope_theta", 10000.0)
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    inv = [theta ** (-2 * i / head_dim) for i in range(head_dim // 2)]
+    factor = max(factors)
+    candidates = [2**k for k in range(4, 21)] + [config.get("max_position_embeddings", 0)]
+    for orig in candidates:
+        for low in (1.0, 2.0, 0.5):
+            for high in (4.0, 2.0, 8.0, 1.0):
+                got = []
+                for f in inv:
+                    wavelen = 2 * math.pi / f
+                    if wavelen < orig / high:
+                        got.append(1.0)
+                    elif wavelen > orig / low:
+                        got.append(factor)
+                    else:
+                        smooth = (orig / wavelen - low) / (high - low)
+                        got.append(1.0 / ((1 - smooth) / factor + smooth))
+                if all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(got, factors)):
+                    return {
+                        "rope_type": "llama3",
+                        "factor": float(factor),
+                        "low_freq_factor": low,
+                        "high_freq_factor": high,
+                        "original_max_position_embeddings": int(orig),
+                    }
+    raise TinkerError(
+        f"{source}: its rope_freqs (Llama 3 rope scaling) match no llama3 rope_scaling that config.json can hold; "
+        "export it --to gguf instead"
+    )

@@ -67,7 +67,12 @@ def open_source(name_or_path: str) -> Source:
 
     path, manifest = resolve(name_or_path, pull=False)
     ref = manifest.ref if manifest is not None else str(path)
-    license = manifest.license if manifest is not None else None
+    if manifest is not None:
+        license = manifest.license
+    else:  # a path: the licence its own metadata names (GGUF general.license, a model card's front matter)
+        from tinkerlm.formats.describe import describe
+
+        license = describe(path).get("license")
     if manifest is not None and manifest.format == "lora":
         from tinkerlm import lora
 
@@ -102,16 +107,10 @@ def open_source(name_or_path: str) -> Source:
 
     ckpt = read_gguf(path)
     tokenizer = ckpt.tokenizer()
-    license = license or _gguf_license(ckpt.metadata)
     return Source(
         ref, "gguf", path, ckpt.config(), tokenizer, {}, _ordered(dict.fromkeys(ckpt.hf_names())), ckpt.hf_tensor,
         ckpt.raw_tensor, manifest, license, lambda: load_checkpoint(path, torch.float32, "fp32")[0],
     )  # fmt: skip
-
-
-def _gguf_license(metadata: dict) -> str | None:
-    value = metadata.get("general.license")
-    return value if isinstance(value, str) else None
 
 
 def _config(path: Path) -> dict:

@@ -29,6 +29,7 @@
 #pragma GCC optimize("fp-contract=off")
 #endif
 
+namespace {
 namespace encq {
 
 constexpr int QKK = 256;               // values per K-quant super-block
@@ -861,3 +862,5 @@ at::Tensor quantize_rows(at::Tensor x, int64_t type, std::optional<at::Tensor> i
     TORCH_CHECK(bad.load() == rows, "non-finite value in row ", bad.load());
     return out;
 }
+
+}  // namespace

@@ -9,6 +9,8 @@ quantizing is per super-block, so the reshaping changes neither side's work). Bo
 same threads: tinkerlm its OpenMP pool (torch.get_num_threads()), llama.cpp as llama-quantize runs it, one
 ggml_quantize_chunk call per thread on its share of the rows (ctypes releases the GIL). The imatrix runs use one
 random imatrix per tensor. Each figure is the best of --runs; the blocks are checked byte-identical too.
+On a machine shared with other work, OpenMP's spin-waiting threads add ~5-8 ms to each of the 211 calls (the
+small tensors suffer most); OMP_WAIT_POLICY=passive removes that, and the results note which policy ran.
 Needs llama-cpp-python (its libggml-base).
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -84,7 +87,8 @@ def main(argv=None):
     threads = torch.get_num_threads()
     tensors = load_rows(path)
     n = sum(t.size for t in tensors)
-    print(f"{path.name}: {len(tensors)} tensors, {n / 1e6:.1f}M weights, {threads} threads")
+    policy = os.environ.get("OMP_WAIT_POLICY", "default")
+    print(f"{path.name}: {len(tensors)} tensors, {n / 1e6:.1f}M weights, {threads} threads, OMP_WAIT_POLICY {policy}")
     ggml = ggml_quantizer(threads)
     rng = np.random.default_rng(0)
     imats = [(rng.random(t.shape[1], dtype=np.float32) ** 4 * 10) for t in tensors]

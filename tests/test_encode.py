@@ -188,3 +188,15 @@ def test_blocks_equal_llama_cpp(qtype, ggml, smollm2_ffn_down):
             ours, theirs = encode(w, qtype, imatrix), ggml(w, qtype, imatrix)
             same = (ours == theirs).mean()
             assert same == 1.0, f"{qtype} {label} {'with' if imatrix is not None else 'without'} imatrix: {same:.4%}"
+
+
+def test_portable_build_quantizes_alike():
+    """The build for a CPU without AVX2, FMA or F16C (as tests/test_quant.py makes it) writes the same blocks."""
+    portable = kernels.build(("-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-f16c"))
+    w, im = normal_rows(16, 512, seed=5), torch.rand(512) + 0.5
+    for qtype in QUANT_TYPES:
+        type_id = GGML_TYPES[qtype][0]
+        for imatrix in (None, im):
+            assert torch.equal(
+                portable.quantize_rows(w, type_id, imatrix), kernels.ops().quantize_rows(w, type_id, imatrix)
+            )

@@ -2,8 +2,9 @@
 
 One source per concern: quantized.cpp (pack/unpack, dequantize, int16 x 4/5/8-bit products), attention.cpp (causal
 prefill attention), elementwise.cpp (RMSNorm, RoPE, SwiGLU forward and backward), decode.cpp (the fused Llama decode
-step); common.h (block formats and the packed layout) and one header per instruction set (isa_avx512.h, isa_avx2.h,
-isa_plain.h) holding the inner loops, chosen at compile time. module.cpp compiles them as one translation unit.
+step), quantize.cpp (float rows -> ggml's block formats, as llama.cpp quantizes them); common.h (block formats
+and the packed layout) and one header per instruction set (isa_avx512.h, isa_avx2.h, isa_plain.h) holding the
+inner loops, chosen at compile time. module.cpp compiles them as one translation unit.
 
 `ops()` returns the compiled module, or None where it cannot be built (no compiler) or is turned off with
 TINKERLM_KERNELS=0; callers then take their PyTorch fallbacks (tinkerlm.quant.qops for the quantized ops,

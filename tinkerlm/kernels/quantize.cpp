@@ -6,7 +6,10 @@
 // ggml_quantize_chunk): per type, the same entry ggml_quantize_chunk takes (the `*_ref` quantizer without an
 // imatrix, the weighted `*_impl` one with it; Q8_0 ignores the imatrix, IQ4_NL always takes its search path). To
 // stay bit-equal, no multiply-add may be fused here (ggml's own build is plain SSE2 and rounds every product), so
-// contraction is turned off for this file, and every sum runs in the same order as ggml's.
+// contraction is turned off for this file, and every sum runs in the same order as ggml's. The speed comes from
+// the scale searches (most of the time): their candidate scales are tried 8 at a time, one per vector lane (GCC
+// vector extensions, so any instruction set), each lane doing the scalar arithmetic; bench/quantize_bench.py
+// measures 2-4x llama.cpp's own quantizer for the K-quants. Rows run in parallel (at::parallel_for).
 //
 // Formats (bytes per block): Q4_0 fp16 d + 16 nibble bytes (18), Q4_1 d, m + 16 (20), Q5_0 d + 4 high-bit bytes +
 // 16 (22), Q5_1 d, m + 4 + 16 (24), Q8_0 d + 32 int8 (34), IQ4_NL d + 16 nibbles indexing a 16-value table (18);
@@ -29,6 +32,7 @@
 #pragma GCC optimize("fp-contract=off")
 #endif
 
+namespace {
 namespace encq {
 
 constexpr int QKK = 256;               // values per K-quant super-block
@@ -861,3 +865,5 @@ at::Tensor quantize_rows(at::Tensor x, int64_t type, std::optional<at::Tensor> i
     TORCH_CHECK(bad.load() == rows, "non-finite value in row ", bad.load());
     return out;
 }
+
+}  // namespace

@@ -47,14 +47,9 @@ def exports(smollm2_gguf, eval_text, tmp_path_factory):
 
 
 def tinkerlm_greedy(path, ids: list[int], n: int = STEPS) -> list[int]:
+    """`n` greedy tokens (past any end of turn, so every run compares the same number of tokens)."""
     llm = tinkerlm.load(str(path))
-    stops = llm.tokenizer.stop_token_ids
-    out = []
-    for step in generate_step(llm.model, [ids], max_tokens=n, sampling=SamplingParams(temperature=0.0)):
-        if step[0] is None or step[0] in stops:
-            break
-        out.append(step[0])
-    return out
+    return [step[0] for step in generate_step(llm.model, [ids], max_tokens=n, sampling=SamplingParams(temperature=0))]
 
 
 def llamacpp_greedy(path, ids: list[int], n: int = STEPS) -> list[int]:
@@ -62,10 +57,9 @@ def llamacpp_greedy(path, ids: list[int], n: int = STEPS) -> list[int]:
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, n_batch=256, verbose=False)
     out = []
     for tok in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
-        if tok == llm.token_eos() or len(out) >= n:
-            break
         out.append(tok)
-    return out
+        if len(out) == n:
+            return out
 
 
 def prompt_ids(path) -> list[int]:
@@ -77,7 +71,7 @@ def test_llamacpp_decodes_our_export_like_tinkerlm(exports, name):
     path, _ = exports[name]
     ids = prompt_ids(path)
     ours = tinkerlm_greedy(path, ids)
-    assert len(ours) >= 8
+    assert len(ours) == STEPS
     assert llamacpp_greedy(path, ids) == ours
 
 
@@ -163,7 +157,7 @@ def test_a_finetuned_remix_exports_and_runs_in_llamacpp(smollm2_gguf, tmp_path):
         assert result["verification"]["top1"] > 0.8
         ids = prompt_ids(path)
         ours = tinkerlm_greedy(path, ids)
-        assert len(ours) >= 8 and llamacpp_greedy(path, ids) == ours, name
+        assert llamacpp_greedy(path, ids) == ours, name
 
 
 def test_quantize_with_calibration_and_with_the_saved_imatrix(smollm2_gguf, eval_text, tmp_path):

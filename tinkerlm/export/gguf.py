@@ -180,11 +180,27 @@ def write(
         tensors.append(
             TensorPlan(gguf_name, qtype, shape, _producer(source, hf_name, gguf_name, qtype, rep, imatrix, report))
         )
+    requantized = sorted({r.source_type for r in reports if _requantized(r)})
+    if requantized:
+        print(
+            f"note: {source.ref} holds {'/'.join(requantized)} weights; quantizing them again adds a second rounding "
+            "error (llama.cpp refuses without --allow-requantize): quantize from a full-precision source when you "
+            "have one",
+            file=sys.stderr,
+        )
     for name, value in spec.gguf_extra_tensors(config).items():  # e.g. Llama 3.1's rope_freqs
         value = np.ascontiguousarray(value, dtype=np.float32)
         tensors.append(TensorPlan(name, "F32", tuple(value.shape), lambda v=value: v))
     write_gguf(out, metadata, tensors, progress=progress)
     return reports
+
+
+def _requantized(r: TensorReport) -> bool:
+    """A tensor stored in quantized blocks, written as other lossy blocks."""
+    lossy = ("F32", "F16", "BF16", "F64")
+    return (
+        not r.copied and r.source_type not in lossy and r.type not in ("F32",) and r.source_type.startswith(("Q", "I"))
+    )
 
 
 def _producer(source: Source, hf_name: str, gguf_name: str, qtype: str, rep: TensorReport, imatrix, report: bool):

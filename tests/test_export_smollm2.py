@@ -24,10 +24,6 @@ PROMPTS = [
     "<|im_start|>user\nName three colours of the rainbow.<|im_end|>\n<|im_start|>assistant\n",
 ]
 STEPS = 24
-# llama.cpp rounds activations to 8 bits for quantized products: on the very same file, its logits and tinkerlm's
-# (or transformers') differ by up to ~1.4 (measured: 0.78 on llama.cpp's own Q4_1 file of SmolLM2, 0.007 on an F32
-# file). Where the top two tokens are closer than that, either engine's pick is right; the comparison stops there.
-MARGIN = 1.5
 MIXED = "Grüße, 世界! Ça va? def f(x):\n    return x**2  # 🙂🚀 Привет мир <|im_end|>"
 
 
@@ -53,49 +49,49 @@ def exports(smollm2_gguf, eval_text, tmp_path_factory):
     return out
 
 
-def greedy_pair(path, prompt: str, n: int = STEPS) -> tuple[list[int], list[int], int]:
-    """(tinkerlm's greedy tokens, llama.cpp's, how many lead up to the first near tie in tinkerlm's logits), both
-    decoding `prompt` on the same file until the end of the turn or `n` tokens."""
+# llama.cpp rounds activations to 8 bits for quantized products, so on the very same file its logits and tinkerlm's
+# differ slightly (by up to ~0.8 on single logits of llama.cpp's own Q4_1 file of SmolLM2; 0.007 on an F32 file).
+# Where tinkerlm's top two tokens are closer than NEAR_TIE, either engine's pick is right (measured: every
+# disagreement on these files was at a top-2 margin under 0.23 in both engines); everywhere else they must agree.
+NEAR_TIE = 0.25
+
+
+def greedy_against_llamacpp(path, prompt: str, n: int = STEPS) -> int:
+    """Decode `prompt` greedily with tinkerlm (n tokens, through any end of turn), then check llama.cpp on the same
+    file: fed the same tokens, it picks the same next token at every position that is not a near tie, and decoding
+    freely it produces the same tokens up to the first near tie. Returns the number of positions checked."""
     llama_cpp = pytest.importorskip("llama_cpp")
     llm = tinkerlm.load(str(path))
     ids = llm.tokenizer.encode(prompt)
-    stops = llm.tokenizer.stop_token_ids
-    ours = []
-    for step in generate_step(llm.model, [ids], max_tokens=n, sampling=SamplingParams(temperature=0)):
-        if step[0] is None:
-            break
-        ours.append(step[0])
-        if step[0] in stops:
-            break
+    ours = [s[0] for s in generate_step(llm.model, [ids], max_tokens=n, sampling=SamplingParams(temperature=0))]
     with torch.no_grad():
-        logits = llm.model(torch.tensor([ids + ours]))[0, len(ids) - 1 : len(ids) - 1 + len(ours)]
+        logits = llm.model(torch.tensor([ids + ours]))[0, len(ids) - 1 : len(ids) - 1 + n]
     top2 = torch.topk(logits, 2).values
-    close = ((top2[:, 0] - top2[:, 1]) < MARGIN).nonzero()
-    sure = int(close[0]) if len(close) else len(ours)
-    cpp = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, n_batch=256, verbose=False)
-    theirs = []
+    sure = (top2[:, 0] - top2[:, 1]) >= NEAR_TIE
+    cpp = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, n_batch=256, logits_all=True, verbose=False)
+    cpp.eval(ids + ours)
+    theirs = np.asarray(cpp.scores[len(ids) - 1 : len(ids) - 1 + n])[:, : logits.shape[1]].argmax(-1)
+    picked = torch.as_tensor(ours)
+    assert torch.equal(torch.as_tensor(theirs)[sure], picked[sure]), (prompt, theirs.tolist(), ours)
+    first_tie = int((~sure).nonzero()[0]) if (~sure).any() else n
+    cpp.reset()
+    free = []
     for tok in cpp.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
-        theirs.append(tok)
-        if tok in stops or len(theirs) == len(ours):
+        free.append(tok)
+        if len(free) == first_tie + 1:
             break
-    return ours, theirs, sure
+    assert free[:first_tie] == ours[:first_tie], prompt
+    return int(sure.sum())
 
 
-def assert_same_greedy(path) -> int:
-    compared = 0
-    for prompt in PROMPTS:
-        ours, theirs, sure = greedy_pair(path, prompt)
-        assert theirs[:sure] == ours[:sure], (prompt, sure)
-        if sure == len(ours):
-            assert theirs == ours
-        compared += sure
-    return compared
+def assert_same_greedy(path) -> None:
+    checked = sum(greedy_against_llamacpp(path, prompt) for prompt in PROMPTS)
+    assert checked >= STEPS, checked  # most positions are not near ties: the check has teeth
 
 
 @pytest.mark.parametrize("name", list(FILE_TYPES))
 def test_llamacpp_decodes_our_export_like_tinkerlm(exports, name):
-    path, _ = exports[name]
-    assert assert_same_greedy(path) >= 6
+    assert_same_greedy(exports[name][0])
 
 
 @pytest.mark.parametrize("name", list(FILE_TYPES))
@@ -181,7 +177,7 @@ def test_a_finetuned_remix_exports_and_runs_in_llamacpp(smollm2_gguf, tmp_path):
         path = tmp_path / f"ft-{name}.gguf"
         result = export("smol-ft", type=name, out=str(path), progress=False)
         assert result["verification"]["top1"] > 0.8
-        assert assert_same_greedy(path) >= 6, name
+        assert_same_greedy(path)
 
 
 def test_quantize_with_calibration_and_with_the_saved_imatrix(smollm2_gguf, eval_text, tmp_path):

@@ -4,7 +4,7 @@ quality against the source (BENCHMARKS.md, "Export and quantization").
     .venv/bin/python bench/quantize_bench.py --llama-bin /path/to/llama.cpp/build/bin [--runs 3]
 
 The source: SmolLM2-135M-Instruct after a short full fine-tune (so its weights are off the Q4_1 grid it ships on),
-written as an f32 GGUF by `tinkerlm export`. For each type, with and without an importance matrix, both quantizers
+written as an f32 GGUF by `tinkerlm export` (and pulled into the store: tinkerlm exports the stored copy). For each type, with and without an importance matrix, both quantizers
 write a GGUF from that same f32 file in their own process (time = wall clock of the process, and for tinkerlm
 also the writing alone, as the export reports it; peak RSS = the process's VmHWM). The importance matrix is
 llama.cpp's own (`llama-imatrix` on the calibration text), fed to both quantizers, so tinkerlm also shows it reads
@@ -109,6 +109,11 @@ def main() -> None:
     os.environ.setdefault("TINKERLM_HOME", str(work / "store"))
     bin_dir = Path(a.llama_bin)
     source = make_source(work)
+    from tinkerlm import store
+
+    # tinkerlm quantizes the store's copy (as its users do: the parent's sha256 is then the manifest's, not re-hashed)
+    if store.find("bench-f32") is None:
+        store.pull(str(source), name="bench-f32", progress=False)
     calib, held = texts(work)
     imatrix = work / "imatrix.gguf"
     if not imatrix.exists():
@@ -136,7 +141,7 @@ def main() -> None:
                 for _ in range(a.runs):
                     out.unlink(missing_ok=True)
                     if engine == "tinkerlm":
-                        cmd = [sys.executable, "-m", "tinkerlm", "export", str(source), "--type", qtype, "--out",
+                        cmd = [sys.executable, "-m", "tinkerlm", "export", "bench-f32", "--type", qtype, "--out",
                                str(out), "--no-verify"]  # fmt: skip
                         cmd += ["--imatrix", str(imatrix)] if use_im else []
                     else:

@@ -225,6 +225,7 @@ def _producer(source: Source, hf_name: str, gguf_name: str, qtype: str, rep: Ten
                 "matrix of another model?)"
             )
         data = encode(w if w.dim() == 2 else w[None], qtype, None if weights is None else torch.as_tensor(weights))
+        source.release(hf_name)
         if w.dim() != 2:
             data = data.reshape(w.shape) if qtype in ("F32", "F16") else data
         if report:

@@ -55,6 +55,9 @@ class Source:
 
     _dtypes: dict = field(default_factory=dict, repr=False)
 
+    def release(self, name: str) -> None:
+        """Done with a tensor: a GGUF source drops its file pages from memory (peak: one tensor, not the file)."""
+
 
 def open_source(name_or_path: str) -> Source:
     """The model `name_or_path` names (store name, GGUF file or HF directory), ready to export.
@@ -67,12 +70,7 @@ def open_source(name_or_path: str) -> Source:
 
     path, manifest = resolve(name_or_path, pull=False)
     ref = manifest.ref if manifest is not None else str(path)
-    if manifest is not None:
-        license = manifest.license
-    else:  # a path: the licence its own metadata names (GGUF general.license, a model card's front matter)
-        from tinkerlm.formats.describe import describe
-
-        license = describe(path).get("license")
+    license = manifest.license if manifest is not None else None
     if manifest is not None and manifest.format == "lora":
         from tinkerlm import lora
 
@@ -91,6 +89,10 @@ def open_source(name_or_path: str) -> Source:
         from tinkerlm.formats.tokenizer import Tokenizer
 
         config = hf.load_config(path)
+        if manifest is None:  # a path: the licence its model card names
+            from tinkerlm.formats.describe import describe
+
+            license = describe(path).get("license")
         stored = hf.load_state_dict(path)
         dtypes = {k: hf.safetensors_dtype(v.dtype) for k, v in stored.items()}
         state = models.hf_layout(config, stored, ref)
@@ -106,11 +108,14 @@ def open_source(name_or_path: str) -> Source:
     from tinkerlm.formats.gguf import read_gguf
 
     ckpt = read_gguf(path)
-    tokenizer = ckpt.tokenizer()
-    return Source(
-        ref, "gguf", path, ckpt.config(), tokenizer, {}, _ordered(dict.fromkeys(ckpt.hf_names())), ckpt.hf_tensor,
-        ckpt.raw_tensor, manifest, license, lambda: load_checkpoint(path, torch.float32, "fp32")[0],
+    if license is None and isinstance(ckpt.metadata.get("general.license"), str):
+        license = ckpt.metadata["general.license"]
+    src = Source(
+        ref, "gguf", path, ckpt.config(), ckpt.tokenizer(), {}, _ordered(dict.fromkeys(ckpt.hf_names())),
+        ckpt.hf_tensor, ckpt.raw_tensor, manifest, license, lambda: load_checkpoint(path, torch.float32, "fp32")[0],
     )  # fmt: skip
+    src.release = ckpt.release
+    return src
 
 
 def _config(path: Path) -> dict:

@@ -148,6 +148,9 @@ def write_gguf(
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     tmp = Path(tmp_name)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make the file private; a model file is as open() makes it
         with os.fdopen(fd, "wb") as f:
             f.write(header)
             f.write(b"\0" * _pad(len(header), alignment))

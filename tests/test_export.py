@@ -235,3 +235,27 @@ def test_unknown_architecture_is_refused(tmp_path):
     with pytest.raises(TinkerError, match="bert"):
         export(str(d), to="gguf", type="f16", out=str(tmp_path / "b.gguf"), progress=False)
     assert not (tmp_path / "b.gguf").exists()
+
+
+def test_a_file_that_does_not_read_back_exactly_is_not_kept(tinies, tmp_path, monkeypatch):
+    import tinkerlm.quant.encode as enc
+
+    real = enc.encode
+
+    def off_by_one(w, qtype, imatrix=None, **kw):  # a writer bug: one weight of each F32 matrix changes
+        data = real(w, qtype, imatrix, **kw)
+        if qtype == "F32" and data.shape[0] > 1:
+            data = data.copy()
+            data[0, 0] += 1.0
+        return data
+
+    monkeypatch.setattr(enc, "encode", off_by_one)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(TinkerError, match="does not read back identically"):
+        export(str(tinies["llama"]), type="f32", out=str(out / "m.gguf"), progress=False)
+    assert list(out.iterdir()) == []
+    store.pull(str(tinies["llama"]), name="src", progress=False)
+    with pytest.raises(TinkerError, match="does not read back identically"):
+        quantize("src", type="f32", out="bad", progress=False)
+    assert store.find("bad") is None

@@ -202,3 +202,27 @@ def test_quantize_with_calibration_and_with_the_saved_imatrix(smollm2_gguf, eval
     blocks = [np.asarray(read_gguf(store.model_path(m)).raw_tensor("model.layers.0.mlp.down_proj.weight").data)
               for m in (a, plain)]  # fmt: skip
     assert not np.array_equal(*blocks)
+
+
+QUANTIZED = [name for name, ft in FILE_TYPES.items() if ft.default not in ("F32", "F16", "BF16")]
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_whole_file_equals_llama_quantize(exports, name, tmp_path):
+    """llama.cpp's own quantizer (llama_model_quantize, what llama-quantize runs) on our f32 file gives, tensor for
+    tensor, the types our export chose (its per-tensor rules and fallbacks) and the same bytes (its quantizers)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    f32, _ = exports["f32"]
+    ours = tmp_path / "ours.gguf"
+    export(str(f32), type=name, out=str(ours), verify=False, progress=False)
+    theirs = tmp_path / "theirs.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FILE_TYPES[name].code
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), params) == 0
+    a, b = read_gguf(ours), read_gguf(theirs)
+    assert {n: t for n, _, t in a.tensor_infos()} == {n: t for n, _, t in b.tensor_infos()}
+    for hf_name in a.hf_names():
+        ra, rb = a.raw_tensor(hf_name), b.raw_tensor(hf_name)
+        assert np.array_equal(np.asarray(ra.data).view(np.uint8), np.asarray(rb.data).view(np.uint8)), hf_name
+    assert b.metadata["general.file_type"] == a.metadata["general.file_type"]

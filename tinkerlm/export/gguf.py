@@ -162,7 +162,7 @@ def write(
 
     spec, config = source.spec, source.config
     metadata = {**spec.gguf_metadata(config)}
-    metadata.update(source.tokenizer.gguf_metadata())
+    metadata.update(source.tokenizer.gguf_metadata(vocab_size=config.get("vocab_size")))
     template = getattr(source.tokenizer, "chat_template", None)
     if template:
         metadata["tokenizer.chat_template"] = template

@@ -116,7 +116,8 @@ def main() -> None:
         store.pull(str(source), name="bench-f32", progress=False)
     calib, held = texts(work)
     imatrix = work / "imatrix.gguf"
-    if not imatrix.exists():
+    made_by = work / "imatrix.source"  # who computed the cached importance matrix
+    if not imatrix.exists() or not made_by.exists():
         if (bin_dir / "llama-imatrix").exists():
             run([str(bin_dir / "llama-imatrix"), "-m", str(source), "-f", str(calib), "-o", str(imatrix), "-c", "512",
                  "-t", str(a.threads), "--no-ppl"])  # fmt: skip
@@ -128,8 +129,9 @@ def main() -> None:
             src = open_source(str(source))
             im.compute(src.model(), src.tokenizer.encode(calib.read_text()), progress=True).save(imatrix)
             imatrix_from = "tinkerlm"
+        made_by.write_text(imatrix_from)
     else:
-        imatrix_from = "cached"
+        imatrix_from = made_by.read_text()
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
     rows = []
     for qtype in a.types.split(","):

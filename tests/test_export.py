@@ -91,6 +91,8 @@ def test_hf_export_loads_in_transformers_with_equal_logits(tinies, kind, tmp_pat
     assert tok(text)["input_ids"] == load_checkpoint(gguf, torch.float32, "fp32")[1].encode(text)
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "base_model" in card and "apache-2.0" in card
+    gen = transformers.GenerationConfig.from_pretrained(out)
+    assert gen.eos_token_id == theirs.config.eos_token_id == 258
 
 
 def test_hf_export_shards_past_the_size_limit(tinies, tmp_path):

@@ -66,7 +66,7 @@ def write(
         config,
         layout,
         ((n, hf_tensor(n)) for n in source.names),
-        generation_config=source.generation_config,
+        generation_config=source.generation_config or _generation_config(config),
         tokenizer=source.tokenizer.save_hf,
         chat_template=getattr(source.tokenizer, "chat_template", None),
         max_shard_bytes=max_shard_bytes,
@@ -74,6 +74,12 @@ def write(
     if card is not None:
         (out / "README.md").write_text(card, encoding="utf-8")
     return chosen
+
+
+def _generation_config(config: dict) -> dict:
+    """generation_config.json for a source that has none (a GGUF): its special token ids, as transformers writes."""
+    out = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
+    return {**out, "_from_model_config": True} if out else {}
 
 
 def llama3_scaling(factors: list[float], config: dict, source: str) -> dict:

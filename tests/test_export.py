@@ -261,3 +261,14 @@ def test_a_file_that_does_not_read_back_exactly_is_not_kept(tinies, tmp_path, mo
     with pytest.raises(TinkerError, match="does not read back identically"):
         quantize("src", type="f32", out="bad", progress=False)
     assert store.find("bad") is None
+
+
+def test_recorded_lineage_from_hostile_metadata_is_dropped_not_raised():
+    from tinkerlm.formats.describe import gguf_lineage
+
+    assert gguf_lineage({"tinkerlm.lineage": "[" * 100_000}) == []  # nested past the recursion limit
+    assert gguf_lineage({"tinkerlm.lineage": "not json"}) == []
+    assert gguf_lineage({"tinkerlm.lineage": '["a list"]'}) == []
+    assert gguf_lineage({"tinkerlm.lineage": '{"parents": [{"name": "a"}, 3, {"name": 4}]}'}) == [{"name": "a"}]
+    meta = {"general.base_model.count": 10**9, "general.base_model.0.name": "org/base", "general.base_model.1.name": 7}
+    assert gguf_lineage(meta) == [{"name": "org/base", "relation": "base"}]

@@ -143,11 +143,15 @@ def test_legacy_dat_is_read(tmp_path):
 
 
 def gguf_with(tmp_path, entries, kind="imatrix") -> Path:
-    """A GGUF file with arbitrary (name, array) tensors, through the module's own writer."""
-    kv = [("general.type", imatrix._STRING, kind), ("imatrix.chunk_count", imatrix._U32, 1)]
-    path = tmp_path / "bad.gguf"
-    path.write_bytes(imatrix._gguf_bytes(kv, [(n, np.asarray(a, dtype=np.float32)) for n, a in entries]))
-    return path
+    """A GGUF file with arbitrary (name, array) tensors, through tinkerlm's GGUF writer."""
+    from tinkerlm.formats.gguf_write import TensorPlan, Typed, write_gguf
+
+    plans = []
+    for name, values in entries:
+        array = np.asarray(values, dtype=np.float32)
+        plans.append(TensorPlan(name, "F32", array.shape, lambda v=array: v))
+    meta = {"general.type": kind, "imatrix.chunk_count": Typed(1, "UINT32")}
+    return write_gguf(tmp_path / "bad.gguf", meta, plans)
 
 
 @pytest.mark.parametrize(

@@ -69,6 +69,17 @@ def prepare(dtype: str = "float32", quant: str = "native", threads: int | None =
     return torch_dtype
 
 
+def checkpoint_config(path: Path) -> dict:
+    """The HF config.json keys of a checkpoint: an HF directory's own, or a GGUF's metadata as HF keys."""
+    if path.is_dir():
+        from tinkerlm.formats import hf
+
+        return hf.load_config(path)
+    from tinkerlm.formats.gguf import read_gguf
+
+    return read_gguf(path).config()
+
+
 def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, quant: str = "native"):
     """(model, tokenizer, generation_config) from a GGUF file or a Hugging Face model directory.
 

@@ -79,35 +79,38 @@ def _eval_text(eval_text: str | None) -> str:
         raise TinkerError(f"--eval-text: {path} is not UTF-8 text") from None
 
 
-def _verify_gguf(source, written: Path, reports, eval_text: str | None) -> dict:
-    """Compare the written GGUF with its source; raises where it should be exact and is not."""
+def _verify(source, written: Path, exact: list[str], eval_text: str | None) -> dict:
+    """Load the written model (weights dequantized exactly) and compare it with the source: the tensors named in
+    `exact` must equal the source's bit for bit, then the figures of `_compare`."""
     import torch
 
-    from tinkerlm.formats.gguf import read_gguf
     from tinkerlm.loading import load_checkpoint
 
-    ckpt = read_gguf(written)
-    for hf_name, rep in zip(source.names, reports):
-        if rep.lossless and not torch.equal(ckpt.hf_tensor(hf_name), source.tensor(hf_name)):
+    model, tokenizer, _ = load_checkpoint(written, torch.float32, "fp32")
+    mine = model.state_dict()
+    for name in exact:
+        if not torch.equal(mine[name], source.tensor(name)):
             raise TinkerError(
-                f"{written}: tensor {rep.name} ({rep.type}) does not read back identically to the source; "
-                "the file was not kept (please report this bug)"
+                f"{written}: tensor {name} does not read back identically to the source; it was not kept (please "
+                "report this bug)"
             )
-    return _compare(source, load_checkpoint(written, torch.float32, "fp32")[:2], eval_text, written)
+    return _compare(source, model, tokenizer, eval_text, written)
 
 
-def _compare(source, loaded, eval_text: str | None, written: Path) -> dict:
+def _compare(source, model, tokenizer, eval_text: str | None, written: Path) -> dict:
     """Verification figures of a loaded written model against the source; its tokenizer must encode the text alike."""
     from tinkerlm.export import verify as v
 
-    model, tokenizer = loaded
     text = _eval_text(eval_text)
-    if tokenizer.encode(text) != source.tokenizer.encode(text):
+    ids = source.tokenizer.encode(text)
+    if tokenizer.encode(text) != ids:
         raise TinkerError(
             f"{written}: the written tokenizer encodes the evaluation text differently from the source's; it was "
             "not kept (please report this bug)"
         )
-    result = v.compare(source.model(), model, v.text_ids(source.tokenizer, text, VERIFY_TOKENS))
+    if len(ids) < 2:
+        raise TinkerError(f"--eval-text: {eval_text} has fewer than 2 tokens; give a longer text")
+    result = v.compare(source.model(), model, ids[:VERIFY_TOKENS])
     result["text"] = Path(eval_text).name if eval_text else "shipped evaluation text"
     return result
 
@@ -205,6 +208,11 @@ def export(
     return result
 
 
+def _exact(source, reports) -> list[str]:
+    """The tensors a GGUF write should have kept exactly (F32, or blocks copied), by HF name."""
+    return [name for name, rep in zip(source.names, reports) if rep.lossless]
+
+
 def _export_gguf(source, tmp, out_path, ftype, imatrix, calibration, verify, eval_text, report, progress) -> dict:
     from tinkerlm.export import gguf as gguf_mod
 
@@ -215,17 +223,14 @@ def _export_gguf(source, tmp, out_path, ftype, imatrix, calibration, verify, eva
         _log(gguf_mod.format_report(reports))
     verification = None
     if verify:
-        verification = _verify_gguf(source, tmp, reports, eval_text)
+        verification = _verify(source, tmp, _exact(source, reports), eval_text)
         _log(f"verified {out_path.name} against {source.ref}: {format_verification(verification)}")
     return {"verification": verification, "tensors": [r.__dict__ for r in reports]}
 
 
 def _export_hf(source, tmp: Path, dtype: str, verify: bool, eval_text: str | None, progress: bool) -> dict:
-    import torch
-
     from tinkerlm.export import card as card_mod
     from tinkerlm.export import hf as hf_mod
-    from tinkerlm.loading import load_checkpoint
 
     chosen = hf_mod.dtypes(source, dtype)
     exact = hf_mod.lossless(source, chosen)
@@ -233,39 +238,24 @@ def _export_hf(source, tmp: Path, dtype: str, verify: bool, eval_text: str | Non
     hf_mod.write(source, tmp, dtype)
     verification = None
     if verify:
-        model, tokenizer, _ = load_checkpoint(tmp, torch.float32, "fp32")
-        if exact:
-            mine = dict(model.state_dict())
-            for name in source.names:
-                if name in mine and not torch.equal(mine[name].float(), source.tensor(name)):
-                    raise TinkerError(
-                        f"{tmp}: tensor {name} does not read back identically to the source; the directory was not "
-                        "kept (please report this bug)"
-                    )
-        verification = _compare(source, (model, tokenizer), eval_text, tmp)
+        verification = _verify(source, tmp, source.names if exact else [], eval_text)
         _log(f"verified against {source.ref}: {format_verification(verification)}")
+    written_dtypes = ", ".join(sorted({str(t).removeprefix("torch.") for t in chosen.values()}))
     m = source.manifest
-    lineage = [{"name": source.ref, "sha256": _digest(source), "relation": "source", "license": source.license}]
+    lineage = [{"name": source.ref, "sha256": source.digest, "relation": "source", "license": source.license}]
     lineage += list(m.parents) if m is not None else []
     card = card_mod.model_card(
         name=source.ref,
         license=source.license,
         base_models=[source.ref],
         relation=None if exact else "quantized",
-        description=f"{source.ref} exported by tinkerlm as a Hugging Face model ({', '.join(sorted({str(t).removeprefix('torch.') for t in chosen.values()}))}).",
+        description=f"{source.ref} exported by tinkerlm as a Hugging Face model ({written_dtypes}).",
         lineage=lineage,
         verification=verification,
         files=sorted(p.name for p in tmp.iterdir()),
     )
     (tmp / "README.md").write_text(card, encoding="utf-8")
     return {"verification": verification, "tensors": []}
-
-
-def _digest(source) -> str:
-    from tinkerlm import store
-    from tinkerlm.export.gguf import _path_digest
-
-    return store.digest(source.manifest) if source.manifest is not None else _path_digest(source.path)
 
 
 def quantize(
@@ -310,13 +300,13 @@ def quantize(
         if report:
             _log(gguf_mod.format_report(reports))
         if verify:
-            details.update(_verify_gguf(source, path, reports, eval_text))
+            details.update(_verify(source, path, _exact(source, reports), eval_text))
             _log(f"verified against {source.ref}: {format_verification(details)}")
 
     parents = (
         [store.parent_entry(source.manifest, "quantized")]
         if source.manifest is not None
-        else [{"name": str(source.path), "sha256": _digest(source), "relation": "quantized", "license": source.license}]
+        else [{"name": str(source.path), "sha256": source.digest, "relation": "quantized", "license": source.license}]
     )
     m = store.add(
         out,

@@ -50,34 +50,21 @@ class TensorReport:
 
 def lineage_metadata(source: Source, relation: str) -> dict:
     """`general.*` licence and lineage keys, and `tinkerlm.lineage`, naming `source` as the file's one parent."""
-    from tinkerlm import store
 
     meta: dict = {"general.name": source.ref}
     if source.license:
         meta["general.license"] = source.license
-    parent: dict = {"name": source.ref, "relation": relation, "license": source.license}
+    parent: dict = {"name": source.ref, "relation": relation, "license": source.license, "sha256": source.digest}
     m = source.manifest
     if m is not None:
-        parent["sha256"] = store.digest(m)
         parent["parents"] = m.parents
         if m.source.get("type") == "hf" and m.source.get("repo"):
             meta["general.base_model.0.repo_url"] = f"https://huggingface.co/{m.source['repo']}"
-    else:
-        parent["sha256"] = _path_digest(source.path)
     meta["general.base_model.count"] = 1
     meta["general.base_model.0.name"] = source.ref
     meta["general.base_model.0.sha256"] = parent["sha256"]
     meta["tinkerlm.lineage"] = json.dumps({"parents": [parent]}, sort_keys=True)
     return meta
-
-
-def _path_digest(path: Path) -> str:
-    from tinkerlm import store
-
-    if path.is_file():
-        return store.sha256_file(path)
-    files = [{"path": p.relative_to(path).as_posix(), "sha256": store.sha256_file(p)} for p in sorted(path.rglob("*"))]
-    return store.files_digest([f for f in files if (path / f["path"]).is_file()])
 
 
 def plan(source: Source, ftype: types_mod.FileType, has_imatrix: bool = False) -> list[tuple[str, str, str, tuple]]:
@@ -95,7 +82,7 @@ def plan(source: Source, ftype: types_mod.FileType, has_imatrix: bool = False) -
                 f"{source.ref}: tensor {hf_name} has no GGUF name in the {spec.family} spec (the GGUF writer does "
                 "not know this architecture's layout)"
             )
-        rows.append((hf_name, gguf_name, _shape(source, hf_name)))
+        rows.append((hf_name, gguf_name, tuple(source.shape(hf_name))))
     heads = config["num_attention_heads"] if "num_attention_heads" in config else config.get("n_head", 1)
     kv = config.get("num_key_value_heads") or heads
     chosen = types_mod.choose(
@@ -130,11 +117,6 @@ def _check_mixture(ref: str, ftype: types_mod.FileType, rows: list[tuple[str, tu
             "(--report lists every tensor)",
             file=sys.stderr,
         )
-
-
-def _shape(source: Source, hf_name: str) -> tuple[int, ...]:
-    raw = source.raw(hf_name)
-    return tuple(raw.shape) if raw is not None else tuple(source.tensor(hf_name).shape)
 
 
 def write(
@@ -196,23 +178,19 @@ def write(
 
 
 def _requantized(r: TensorReport) -> bool:
-    """A tensor stored in quantized blocks, written as other lossy blocks."""
-    lossy = ("F32", "F16", "BF16", "F64")
-    return (
-        not r.copied and r.source_type not in lossy and r.type not in ("F32",) and r.source_type.startswith(("Q", "I"))
-    )
+    """A tensor stored in quantized blocks (Q*, IQ*, TQ*), written as other lossy blocks."""
+    return not r.copied and r.type != "F32" and r.source_type.startswith(("Q", "IQ", "TQ"))
 
 
 def _producer(source: Source, hf_name: str, gguf_name: str, qtype: str, rep: TensorReport, imatrix, report: bool):
+    from tinkerlm.export.verify import tensor_error
     from tinkerlm.quant.encode import encode
 
     def produce() -> np.ndarray:
-        raw = source.raw(hf_name)
         if rep.copied:  # the file's own blocks, already in GGUF row order
-            data = np.asarray(raw.data)
             if report:
                 rep.error = 0.0
-            return data
+            return np.asarray(source.raw(hf_name).data)
         w = source.tensor(hf_name)
         order = source.spec.row_order(hf_name, source.config, w.shape[0], to_gguf=True) if w.dim() else None
         if order is not None:
@@ -224,32 +202,24 @@ def _producer(source: Source, hf_name: str, gguf_name: str, qtype: str, rep: Ten
                 f"imatrix: {gguf_name} has {len(weights)} columns, the tensor has {w.shape[-1]} (an importance "
                 "matrix of another model?)"
             )
-        data = encode(w if w.dim() == 2 else w[None], qtype, None if weights is None else torch.as_tensor(weights))
+        data = encode(w.reshape(-1, w.shape[-1]), qtype, None if weights is None else torch.as_tensor(weights))
         source.release(hf_name)
-        if w.dim() != 2:
-            data = data.reshape(w.shape) if qtype in ("F32", "F16") else data
+        data = data.reshape(w.shape) if w.dim() == 1 else data  # norms and biases: F32, always (types.choose)
         if report:
-            rep.error = _error(w, data, qtype)
+            rep.error = tensor_error(w, _values(data, qtype).reshape(w.shape))
         return data
 
     return produce
 
 
-def _error(w: torch.Tensor, data: np.ndarray, qtype: str) -> float:
-    """Relative RMS error of the written values against `w`."""
+def _values(data: np.ndarray, qtype: str) -> torch.Tensor:
+    """The float32 values written `data` holds (the `gguf` package dequantizes blocks)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    if qtype == "F32":
-        back = np.asarray(data, dtype=np.float32)
-    elif qtype == "F16":
-        back = np.asarray(data).astype(np.float32)
-    else:
-        back = dequantize(np.asarray(data), GGMLQuantizationType[qtype])
-    ref = w.numpy().reshape(-1).astype(np.float64)
-    diff = back.reshape(-1).astype(np.float64) - ref
-    norm = math.sqrt(float(np.dot(ref, ref)))
-    return math.sqrt(float(np.dot(diff, diff))) / norm if norm else math.sqrt(float(np.dot(diff, diff)))
+    if qtype in ("F32", "F16"):
+        return torch.from_numpy(np.asarray(data, dtype=np.float32))
+    return torch.from_numpy(dequantize(np.asarray(data), GGMLQuantizationType[qtype]))
 
 
 def format_report(reports: list[TensorReport]) -> str:

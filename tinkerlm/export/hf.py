@@ -59,7 +59,7 @@ def write(
 
     layout = []
     for name in source.names:
-        shape = tuple(source.tensor(name).shape) if source.raw(name) is None else tuple(source.raw(name).shape)
+        shape = tuple(source.shape(name))
         layout.append((name, chosen[name], shape[::-1] if spec.is_conv1d(name) and len(shape) == 2 else shape))
     hf.write_model(
         out,

@@ -40,7 +40,6 @@ from tinkerlm.errors import TinkerError
 from tinkerlm.formats import specs
 from tinkerlm.quant.linear import QEmbedding, QLinear
 
-GGUF_ALIGNMENT = 32  # llama.cpp's default; written files carry no general.alignment key
 GGML_MAX_NAME = 64  # ggml's tensor name buffer, NUL included: llama.cpp cannot read a longer name
 MAX_COUNT = 1 << 53  # a count stored as float32/int32 is exact far below this; anything above is corrupt
 
@@ -73,21 +72,24 @@ class Imatrix:
         path = Path(path)
         if not self.entries:
             raise TinkerError(f"{path}: the importance matrix has no entries (nothing was computed)")
+        from tinkerlm.formats.gguf_write import TensorPlan, Typed, write_gguf
+
         tensors = []
         for name in sorted(self.entries):
             sums, count = self.entries[name]
             if len(name) + len(".in_sum2") >= GGML_MAX_NAME:
                 raise TinkerError(f"{path}: tensor name {name!r} is too long for llama.cpp's imatrix format")
-            tensors.append((f"{name}.in_sum2", np.ascontiguousarray(sums, dtype=np.float32).reshape(-1)))
-            tensors.append((f"{name}.counts", np.array([count], dtype=np.float32)))
-        kv = [
-            ("general.type", _STRING, "imatrix"),
-            ("imatrix.datasets", _ARRAY, list(self.datasets)),
-            ("imatrix.chunk_count", _U32, self.chunk_count),
-            ("imatrix.chunk_size", _U32, self.chunk_size),
-        ]
-        path.write_bytes(_gguf_bytes(kv, tensors))
-        return path
+            sums = np.ascontiguousarray(sums, dtype=np.float32).reshape(-1)
+            counts = np.array([count], dtype=np.float32)
+            tensors.append(TensorPlan(f"{name}.in_sum2", "F32", sums.shape, lambda v=sums: v))
+            tensors.append(TensorPlan(f"{name}.counts", "F32", counts.shape, lambda v=counts: v))
+        metadata = {
+            "general.type": "imatrix",
+            "imatrix.datasets": list(self.datasets),
+            "imatrix.chunk_count": Typed(self.chunk_count, "UINT32"),
+            "imatrix.chunk_size": Typed(self.chunk_size, "UINT32"),
+        }
+        return write_gguf(path, metadata, tensors)  # atomic: a temp file renamed into place
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,39 +195,6 @@ def _unfused(model: nn.Module):
     finally:
         for module, attr, value in saved:
             setattr(module, attr, value)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Writing GGUF (a few keys and 1-D F32 tensors: simpler written here than through gguf.GGUFWriter, which adds a
-# general.architecture key an imatrix file does not have)
-
-_U32, _STRING, _ARRAY = 4, 8, 9
-_F32 = 0  # GGML type
-
-
-def _gguf_string(s: str) -> bytes:
-    b = s.encode("utf-8")
-    return struct.pack("<Q", len(b)) + b
-
-
-def _gguf_bytes(kv: list[tuple[str, int, object]], tensors: list[tuple[str, np.ndarray]]) -> bytes:
-    out = [b"GGUF", struct.pack("<IQQ", 3, len(tensors), len(kv))]
-    for key, vtype, value in kv:
-        out.append(_gguf_string(key) + struct.pack("<I", vtype))
-        if vtype == _U32:
-            out.append(struct.pack("<I", value))
-        elif vtype == _STRING:
-            out.append(_gguf_string(value))
-        else:  # an array of strings
-            out.append(struct.pack("<IQ", _STRING, len(value)) + b"".join(_gguf_string(s) for s in value))
-    offset, data = 0, []
-    for name, array in tensors:
-        out.append(_gguf_string(name) + struct.pack("<IQIQ", 1, array.size, _F32, offset))
-        pad = -array.nbytes % GGUF_ALIGNMENT
-        data.append(array.astype("<f4").tobytes() + b"\0" * pad)
-        offset += array.nbytes + pad
-    head = b"".join(out)
-    return head + b"\0" * (-len(head) % GGUF_ALIGNMENT) + b"".join(data)
 
 
 # ----------------------------------------------------------------------------------------------------------------

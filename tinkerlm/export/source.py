@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -26,37 +27,50 @@ from tinkerlm.formats import specs
 @dataclass
 class Source:
     ref: str  # the store name (NAME:TAG) or the path, as messages name it
-    kind: str  # "gguf" | "hf" | "lora"
     path: Path  # the weights: GGUF file, HF directory, or (adapters) the base's
     config: dict  # HF config.json keys
     tokenizer: object  # tinkerlm.formats.tokenizer.Tokenizer
     generation_config: dict
     names: list[str]  # parameters in file order (a tied head left out)
     tensor: Callable[[str], torch.Tensor]  # name -> fp32 tensor, the model's layout
-    raw: Callable[[str], object | None]  # name -> the GGUF's RawTensor (its own blocks), or None
+    shape: Callable[[str], tuple[int, ...]]  # name -> its shape (the model's layout), without reading it
+    model_factory: Callable[[], torch.nn.Module] = field(repr=False)
+    raw: Callable[[str], object | None] = lambda name: None  # name -> a GGUF's RawTensor (its own blocks)
+    release: Callable[[str], None] = lambda name: None  # done with a tensor: a GGUF drops its pages from memory
+    dtypes: dict[str, str] = field(default_factory=dict)  # name -> safetensors dtype (HF sources)
     manifest: object | None = None  # the store's Manifest, where the source is a stored model
     license: str | None = None
-    model_factory: Callable[[], torch.nn.Module] | None = field(default=None, repr=False)
 
     @property
     def spec(self) -> specs.Spec:
         return specs.for_model_type(self.config.get("model_type"), self.ref)
 
+    @cached_property
+    def _model(self) -> torch.nn.Module:
+        return self.model_factory()
+
     def model(self) -> torch.nn.Module:
         """The source as an fp32 model (what verification and importance matrices run), built once."""
-        if not hasattr(self, "_model"):
-            self._model = self.model_factory()
         return self._model
+
+    @cached_property
+    def digest(self) -> str:
+        """One sha256 of the source: the store's digest of a stored model, else of its file or directory's files."""
+        from tinkerlm import store
+
+        if self.manifest is not None:
+            return store.digest(self.manifest)
+        if self.path.is_file():
+            return store.sha256_file(self.path)
+        files = sorted(p for p in self.path.rglob("*") if p.is_file())
+        return store.files_digest(
+            [{"path": f.relative_to(self.path).as_posix(), "sha256": store.sha256_file(f)} for f in files]
+        )
 
     def dtype(self, name: str) -> str:
         """The stored type of a tensor: GGML type name for GGUF sources, safetensors dtype for HF ones."""
         raw = self.raw(name)
-        return raw.type if raw is not None else self._dtypes.get(name, "F32")
-
-    _dtypes: dict = field(default_factory=dict, repr=False)
-
-    def release(self, name: str) -> None:
-        """Done with a tensor: a GGUF source drops its file pages from memory (peak: one tensor, not the file)."""
+        return raw.type if raw is not None else self.dtypes.get(name, "F32")
 
 
 def open_source(name_or_path: str) -> Source:
@@ -66,7 +80,7 @@ def open_source(name_or_path: str) -> Source:
         TinkerError: not in the store and not a path, an unreadable checkpoint, or an adapter whose base is gone.
     """
     from tinkerlm.api import resolve, resolve_adapter
-    from tinkerlm.loading import load_adapted, load_checkpoint
+    from tinkerlm.loading import checkpoint_config, load_adapted, load_checkpoint
 
     path, manifest = resolve(name_or_path, pull=False)
     ref = manifest.ref if manifest is not None else str(path)
@@ -77,11 +91,11 @@ def open_source(name_or_path: str) -> Source:
         adapter, base_path, _ = resolve_adapter(manifest)
         model, tokenizer, gen = load_adapted(adapter, base_path, torch.float32, "fp32", ref)
         lora.fuse_lora(model)
-        config = _config(base_path)
+        config = checkpoint_config(base_path)
         state = _state(model, config)
         return Source(
-            ref, "lora", base_path, config, tokenizer, gen, list(state), state.__getitem__, lambda n: None,
-            manifest, license, lambda: model,
+            ref, base_path, config, tokenizer, gen, _ordered(state), state.__getitem__, lambda n: tuple(state[n].shape),
+            lambda: model, manifest=manifest, license=license,
         )  # fmt: skip
     if path.is_dir():
         from tinkerlm import models
@@ -98,34 +112,21 @@ def open_source(name_or_path: str) -> Source:
         state = models.hf_layout(config, stored, ref)
         if config.get("tie_word_embeddings"):
             state.pop("lm_head.weight", None)
-        src = Source(
-            ref, "hf", path, config, Tokenizer.from_hf_dir(path), hf.load_generation_config(path), _ordered(state),
-            lambda n: state[n].float(), lambda n: None, manifest, license,
-            lambda: load_checkpoint(path, torch.float32, "fp32")[0],
+        return Source(
+            ref, path, config, Tokenizer.from_hf_dir(path), hf.load_generation_config(path), _ordered(state),
+            lambda n: state[n].float(), lambda n: tuple(state[n].shape),
+            lambda: load_checkpoint(path, torch.float32, "fp32")[0], dtypes=dtypes, manifest=manifest, license=license,
         )  # fmt: skip
-        src._dtypes = dtypes
-        return src
     from tinkerlm.formats.gguf import read_gguf
 
     ckpt = read_gguf(path)
     if license is None and isinstance(ckpt.metadata.get("general.license"), str):
         license = ckpt.metadata["general.license"]
-    src = Source(
-        ref, "gguf", path, ckpt.config(), ckpt.tokenizer(), {}, _ordered(dict.fromkeys(ckpt.hf_names())),
-        ckpt.hf_tensor, ckpt.raw_tensor, manifest, license, lambda: load_checkpoint(path, torch.float32, "fp32")[0],
+    return Source(
+        ref, path, ckpt.config(), ckpt.tokenizer(), {}, _ordered(dict.fromkeys(ckpt.hf_names())), ckpt.hf_tensor,
+        ckpt.hf_shape, lambda: load_checkpoint(path, torch.float32, "fp32")[0], raw=ckpt.raw_tensor,
+        release=ckpt.release, manifest=manifest, license=license,
     )  # fmt: skip
-    src.release = ckpt.release
-    return src
-
-
-def _config(path: Path) -> dict:
-    from tinkerlm.formats import hf
-
-    if path.is_dir():
-        return hf.load_config(path)
-    from tinkerlm.formats.gguf import read_gguf
-
-    return read_gguf(path).config()
 
 
 def _state(model: torch.nn.Module, config: dict) -> dict[str, torch.Tensor]:
@@ -135,7 +136,7 @@ def _state(model: torch.nn.Module, config: dict) -> dict[str, torch.Tensor]:
         if name.endswith("inv_freq") or (config.get("tie_word_embeddings") and name == "lm_head.weight"):
             continue
         out[name] = t.detach().float()
-    return _ordered_dict(out)
+    return out
 
 
 def _layer(name: str) -> tuple[int, int]:
@@ -151,10 +152,6 @@ def _layer(name: str) -> tuple[int, int]:
 
 def _ordered(state: dict) -> list[str]:
     return sorted(state, key=_layer)  # stable: within a layer, the checkpoint's own order
-
-
-def _ordered_dict(state: dict) -> dict:
-    return {k: state[k] for k in _ordered(state)}
 
 
 def check_writable(out: Path, force: bool) -> None:

@@ -42,7 +42,8 @@ def describe(path: Path, find_base: Callable[[str], dict | None] | None = None) 
             model's {"architecture", "context_length"} or None (the store passes its own lookup).
 
     Returns:
-        {"format", "architecture" (HF model_type), "parameters", "quantization", "context_length", "license"}.
+        {"format", "architecture" (HF model_type), "parameters", "quantization", "context_length", "license",
+        "parents"}: "parents" is the lineage a GGUF file records (`gguf_lineage`), [] for other checkpoints.
 
     Raises:
         TinkerError: not a GGUF file or Hugging Face directory, or its metadata is unreadable.
@@ -82,6 +83,7 @@ def _describe_gguf(path: Path) -> dict:
         "quantization": _dominant(by_type),
         "context_length": _count(meta.get(f"{arch}.context_length")),
         "license": _text(meta.get("general.license")),
+        "parents": gguf_lineage(meta),
     }
 
 
@@ -225,6 +227,7 @@ def _describe_hf(d: Path) -> dict:
         "quantization": quant.upper() if quant else _dominant(by_dtype),
         "context_length": ctx,
         "license": _readme_license(d / "README.md") or _text(cfg.get("license")),
+        "parents": [],
     }
 
 
@@ -252,24 +255,22 @@ def _describe_lora(d: Path, find_base: Callable[[str], dict | None] | None) -> d
         "quantization": _dominant(by_dtype),
         "context_length": base.get("context_length", 0),
         "license": None,
+        "parents": [],
     }
 
 
-def gguf_lineage(path: Path) -> list[dict]:
-    """The parents a GGUF written by `tinkerlm export` records (`tinkerlm.lineage`), else those named by the
-    standard `general.base_model.{i}.*` keys (name, and sha256 where given), relation "base"; [] for neither.
+def gguf_lineage(meta: dict) -> list[dict]:
+    """The parents a GGUF's metadata records: those `tinkerlm export` wrote (`tinkerlm.lineage`), else those the
+    standard `general.base_model.{i}.*` keys name (name, and sha256 where given), relation "base"; [] for neither.
 
     Untrusted: the JSON is bounded by the GGUF string limits, and entries that are not objects with a string
     name are dropped, never raised on (a pull of a file with odd lineage still works).
     """
-    from tinkerlm.formats.gguf import read_gguf
-
-    meta = read_gguf(path).metadata
     raw = meta.get("tinkerlm.lineage")
     if isinstance(raw, str):
         try:
             parents = json.loads(raw).get("parents", [])
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, nested too deep
             parents = []
         if isinstance(parents, list):
             return [p for p in parents if isinstance(p, dict) and isinstance(p.get("name"), str)]

@@ -93,15 +93,21 @@ inline float rounded(float f) { return h2f(f2h(f)); }  // the value a reader see
 
 // ---------------------------------------------------------------- scale searches shared by the K-quants
 
-// Symmetric: L[i] in [0, 2 nmax) with x ~ scale * (L[i] - nmax). Starts at the scale that maps the largest
-// magnitude to -nmax, then (weighted least squares, `w` or x^2) tries 18 nearby scales and keeps the best fit.
-float fit_symmetric(int n, int nmax, const float* x, int8_t* L, const float* w) {
+// The value of largest magnitude (the first of equals): the symmetric fits start from the scale mapping it to -nmax.
+inline float largest_magnitude(int n, const float* x) {
     float amax = 0, max = 0;
     for (int i = 0; i < n; i++) {
         const float a = std::fabs(x[i]);
         if (a > amax) { amax = a; max = x[i]; }
     }
-    if (amax < TINY_GROUP) {
+    return max;
+}
+
+// Symmetric: L[i] in [0, 2 nmax) with x ~ scale * (L[i] - nmax). Starts at the scale that maps the largest
+// magnitude to -nmax, then (weighted least squares, `w` or x^2) tries 18 nearby scales and keeps the best fit.
+float fit_symmetric(int n, int nmax, const float* x, int8_t* L, const float* w) {
+    const float max = largest_magnitude(n, x);
+    if (std::fabs(max) < TINY_GROUP) {
         for (int i = 0; i < n; i++) L[i] = 0;
         return 0.f;
     }
@@ -154,12 +160,8 @@ float fit_symmetric(int n, int nmax, const float* x, int8_t* L, const float* w) 
 // Q3_K's symmetric fit (weights x^2): from the max-magnitude scale, move single values to their best level while
 // that improves the weighted fit, up to 5 sweeps. L[i] ends in [0, 2 nmax) (or all 0 for an all-zero group).
 float fit_symmetric_sweeps(int n, int nmax, const float* x, int8_t* L) {
-    float amax = 0, max = 0;
-    for (int i = 0; i < n; i++) {
-        const float a = std::fabs(x[i]);
-        if (a > amax) { amax = a; max = x[i]; }
-    }
-    if (amax < TINY_GROUP) {
+    const float max = largest_magnitude(n, x);
+    if (std::fabs(max) < TINY_GROUP) {
         for (int i = 0; i < n; i++) L[i] = 0;
         return 0.f;
     }

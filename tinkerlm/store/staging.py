@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 from tinkerlm.errors import TinkerError
-from tinkerlm.formats import describe as formats_describe
 from tinkerlm.store.display import _source_text, format_size
 from tinkerlm.store.manifest import (
     _CHUNK,
@@ -163,8 +162,8 @@ def _stage(
         is_gguf = len(files) == 1 and files[0]["path"].endswith(".gguf")
         info = describe(model_dir / files[0]["path"] if is_gguf else model_dir)
         info["license"] = info["license"] or license
-        if not parents and is_gguf:
-            parents = formats_describe.gguf_lineage(model_dir / files[0]["path"])
+        recorded = info.pop("parents")  # the lineage the file itself records (a GGUF written by `tinkerlm export`)
+        parents = parents or recorded
         m = Manifest(
             name=name,
             tag=tag,

@@ -227,25 +227,15 @@ def finetune(
     return m
 
 
-def _hf_config(path: Path) -> dict:
-    """config.json for a model loaded from `path` (an HF directory's own, or the GGUF's as HF keys)."""
-    from tinkerlm.formats import hf
-
-    if path.is_dir():
-        return hf.load_config(path)
-    from tinkerlm.formats.gguf import read_gguf
-
-    return read_gguf(path).config()
-
-
 def save_full(model, tokenizer, gen_config: dict, base_path: Path, model_dir: Path, dtype=None) -> None:
     """Write `model` as a Hugging Face directory: config.json, model.safetensors, tokenizer files."""
     import torch
 
     from tinkerlm.formats import hf
+    from tinkerlm.loading import checkpoint_config
 
     dtype = dtype or torch.float32
-    config = _hf_config(base_path)
+    config = checkpoint_config(base_path)
     config["torch_dtype"] = "bfloat16" if dtype == torch.bfloat16 else "float32"
     state = {}
     seen = {}

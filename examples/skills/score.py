@@ -9,6 +9,10 @@ reference. Three scores per example:
 - found: the reference occurs inside the answer (for JSON: some {...} inside it parses equal), i.e. the model knew
          the answer but wrapped it in other text.
 
+The work is tinkerlm.evaluate.generation's (what `tinkerlm eval MODEL --tasks examples/data/dates/eval.jsonl` runs):
+this script reads the file as a generation task, answers with `generation.answer` and scores with `generation.judge`
+(the default "exact" rule), so both give the same numbers; it adds a failure listing and a per-row JSONL dump.
+
     python examples/skills/score.py smollm2 examples/data/dates/eval.jsonl [--limit N] [--batch-size 16]
 """
 
@@ -20,66 +24,33 @@ import sys
 import time
 from pathlib import Path
 
+from tinkerlm.evaluate import generation
+from tinkerlm.evaluate.tasks import GenerationItem, load_task
+
+
+def chat_task(path: str | Path, limit: int | None = None):
+    """The file as a tinkerlm generation task; every line must be a chat ending with the reference answer."""
+    task = load_task(str(path), limit=limit)
+    if task.kind != "generate" or any(it.messages is None for it in task.items):
+        raise ValueError(f"{path}: not a chat file (each line {{'messages': [..., assistant reference]}})")
+    return task
+
 
 def load_examples(path: str | Path, limit: int | None = None) -> list[dict]:
-    """The chats of a JSONL file; each must end with an assistant turn (the reference)."""
-    rows = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        messages = json.loads(line)["messages"]
-        if not messages or messages[-1]["role"] != "assistant":
-            raise ValueError(f"{path}:{n}: the last message must be the assistant's reference answer")
-        rows.append({"messages": messages[:-1], "reference": messages[-1]["content"].strip()})
-    return rows[:limit] if limit is not None else rows
-
-
-def parse_json(text: str):
-    try:
-        return json.loads(text)
-    except ValueError:
-        return ValueError  # a sentinel no parsed value equals
-
-
-def embedded_json_equal(text: str, want) -> bool:
-    """Whether some balanced {...} span of `text` parses to `want`."""
-    starts = [i for i, c in enumerate(text) if c == "{"]
-    for i in starts:
-        depth = 0
-        for j in range(i, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                if parse_json(text[i : j + 1]) == want:
-                    return True
-                break
-    return False
+    """The chats of a JSONL file, each {"messages": the chat up to its answer, "reference": the answer, stripped}."""
+    return [{"messages": list(it.messages), "reference": it.reference} for it in chat_task(path, limit).items]
 
 
 def judge(answer: str, reference: str) -> dict:
-    answer = answer.strip()
-    ref_json = parse_json(reference)
-    is_json = isinstance(ref_json, (dict, list))
-    return {
-        "exact": answer == reference,
-        "json": (parse_json(answer) == ref_json) if is_json else None,
-        "found": embedded_json_equal(answer, ref_json) if is_json else reference in answer,
-    }
+    """{"exact", "json", "found"} of one answer (booleans; json None when the reference is not JSON)."""
+    scores = generation.judge(answer, GenerationItem("", reference.strip()))
+    return {k: None if v is None else bool(v) for k, v in scores.items()}
 
 
 def answer_all(llm, chats: list[list[dict]], max_tokens: int, batch_size: int = 16) -> list[str]:
     """Greedy answers to each chat, batched; prompts of similar length share a batch (less padding)."""
-    from tinkerlm.generate import SamplingParams, stream_generate
-
-    prompts = [llm.tokenizer.encode(llm.apply_chat_template(m), add_special_tokens=False) for m in chats]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        for chunk in stream_generate(
-            llm.model, llm.tokenizer, [prompts[i] for i in rows], max_tokens=max_tokens, sampling=SamplingParams()
-        ):
-            answers[rows[chunk.index]] += chunk.text
-    return answers
+    prompts = [llm.chat_ids(m) for m in chats]
+    return generation.answer(llm, prompts, [max_tokens] * len(prompts), batch_size=batch_size)
 
 
 def exact_match(
@@ -94,11 +65,10 @@ def exact_match(
     Returns:
         accuracy in [0, 1], and one dict per example: messages, reference, answer, exact, json, found.
     """
-    examples = load_examples(eval_path, limit)
-    if not examples:
-        raise ValueError(f"{eval_path}: no examples")
+    task = chat_task(eval_path, limit)
+    examples = [{"messages": list(it.messages), "reference": it.reference} for it in task.items]
     if max_tokens is None:
-        max_tokens = max(len(llm.tokenizer.encode(e["reference"], add_special_tokens=False)) for e in examples) + 24
+        max_tokens = generation.default_budget(llm.tokenizer, task.items)
     answers = answer_all(llm, [e["messages"] for e in examples], max_tokens, batch_size)
     rows = [{**e, "answer": a.strip(), **judge(a, e["reference"])} for e, a in zip(examples, answers)]
     return sum(r["exact"] for r in rows) / len(rows), rows

@@ -18,10 +18,12 @@ Every answer, stripped of surrounding whitespace, gets three scores (as examples
 
 JSON values are compared by value with key order and spacing ignored, and with types kept (true is not 1).
 
-With the default rule, the numbers equal examples/skills/score.py's on the same file, limit and batch size: the same
-prompts (the chat template, no BOS added), the same default budget (the longest reference in tokens + 24), the same
-batches (prompts sorted by token length, then cut into batches of `batch_size`) and the same comparison.
-tests/test_eval_generation.py checks it on SmolLM2.
+examples/skills/score.py (the skills demo's scorer) answers and judges through this module, so `tinkerlm eval` on a
+skills eval file gives its numbers. Both keep its original algorithm: the chat template with no BOS added, the
+default budget (the longest reference in tokens + 24), batches made by sorting prompts by token length and cutting
+them into `batch_size` rows, and its comparisons; tests/test_eval_generation.py checks score_generation's answers
+and numbers on SmolLM2 against that original loop. (One change: a JSON-array reference the whole answer equals now
+counts as found; the original looked only inside {...} spans.)
 """
 
 from __future__ import annotations
@@ -108,7 +110,10 @@ def judge(output: str, item: GenerationItem) -> dict:
         found = exact or any(_field_equal(v, item.field_path, want) for v in embedded_json(answer))
     else:
         exact = answer == reference
-        found = any(same(v, ref) for v in embedded_json(answer)) if is_json else reference in answer
+        if is_json:
+            found = exact or json_score == 1 or any(same(v, ref) for v in embedded_json(answer))
+        else:
+            found = reference in answer
     return {"exact": int(exact), "json": json_score, "found": int(found)}
 
 

@@ -55,6 +55,10 @@ Generation lines are answered greedily and scored by a rule, per line or for the
                              256 when no line has a reference)
     "stop": [str, ...]       stop strings (text lines: e.g. ["\\n"]); EOS always stops
 
+Few-shot examples of a user task are drawn (seeded) from the same file, never the item itself: multiple choice and
+text lines get them as text before the item ("{prompt} {reference}\\n\\n" each), chat lines as earlier turns of the
+conversation. An "id" key names an item (default "{file stem}:{line}"); other keys are kept as metadata.
+
 See tinkerlm.evaluate.generation for the scores each answer gets.
 """
 

@@ -159,6 +159,21 @@ def test_chat_scores_the_rendered_requests(tiny, qa):
     assert plain[3]["ll"] != pytest.approx(items[3]["ll"])
 
 
+@needs_data
+def test_chat_puts_the_mmlu_description_in_a_system_message(tiny):
+    res = evaluate(tiny, ["mmlu_anatomy"], limit=1, shots=1, chat=True, store=False)
+    task = tinkerlm.evaluate.tasks.load_task("mmlu_anatomy", limit=1, shots=1)
+    item = task.items[0]
+    description = "The following are multiple choice questions (with answers) about anatomy.\n\n"
+    context, _ = task.requests(item)[0]
+    assert context.startswith(description) and context.count("\nAnswer:") == 2  # one shot, then the question
+    messages = [{"role": "system", "content": description}, {"role": "user", "content": context[len(description) :]}]
+    rendered = tiny.apply_chat_template(messages)
+    reqs = [encode_pair(tiny.tokenizer, rendered, c.removeprefix(" ")) for c in item.choices]
+    expected = [ll for ll, _ in loglikelihoods(tiny.model, reqs)]
+    assert res["tasks"]["mmlu_anatomy"]["items"][0]["ll"] == pytest.approx(expected, abs=1e-5)
+
+
 def test_same_seed_and_limit_reproduce_the_run(tiny, qa):
     a = evaluate(tiny, [str(qa)], shots=2, limit=3, seed=7, store=False)["tasks"]["qa"]
     b = evaluate(tiny, [str(qa)], shots=2, limit=3, seed=7, store=False, batch_size=2)["tasks"]["qa"]

@@ -4,7 +4,7 @@
     results = evaluate("smollm2", ["arc_easy", "hellaswag"], limit=100)
     results["tasks"]["arc_easy"]["metrics"]["acc"]
 
-Task kinds (the results format, `tinkerlm-eval/1`, is documented in docs/eval.md and `evaluate`):
+Task kinds (the results format, `tinkerlm-eval/1`, is described in `evaluate`'s docstring):
 - multiple_choice (`tasks.load_task`: the standard benchmarks, users' JSONL): every choice is a (context,
   continuation) request scored by `scoring.loglikelihoods`. Requests are tokenized as lm-evaluation-harness's
   HFLM does (`encode_pair`): trailing whitespace of the context moves onto the continuation, context +
@@ -13,10 +13,10 @@ Task kinds (the results format, `tinkerlm-eval/1`, is documented in docs/eval.md
   acc = argmax of the log-likelihoods; acc_norm = argmax of ll / len(choice) in characters, the choice without
   its target delimiter (the harness's acc_norm, `len(str)`); acc_bytes = the same in UTF-8 bytes (the harness's
   acc_bytes). Stderr = sample standard deviation / sqrt(n) (the harness's mean_stderr).
-  With chat=True the context (few-shot examples included, as one user message: the harness's
-  --apply_chat_template without --fewshot_as_multiturn) is rendered with the model's chat template, generation
-  prompt added, and the choice, without its target delimiter (the harness drops it under a chat template), is
-  scored as the start of the assistant's answer.
+  With chat=True the context is rendered with the model's chat template as the harness's --apply_chat_template
+  without --fewshot_as_multiturn does: the task description (MMLU's) as a system message, the few-shot examples
+  and the question as one user message, the generation prompt added; the choice, without its target delimiter
+  (the harness drops it under a chat template), is scored as the start of the assistant's answer.
 - generate (users' JSONL with generation lines): scored by `tinkerlm.evaluate.generation.score_generation`.
 - perplexity: the shipped public-domain text (`perplexity.shipped_text`) or any `*.txt` file, in the windows of
   `perplexity.perplexity` (512 tokens every 256, BOS as the tokenizer adds it); items are windows with their
@@ -31,6 +31,7 @@ so `tinkerlm compare` on models already evaluated is cheap. The summary goes int
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -148,11 +149,20 @@ def _bar(total: int, desc: str, unit: str, progress: bool):
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not progress, leave=False)
 
 
-def chat_request(llm, context: str, continuation: str) -> tuple[str, str]:
-    """The (context, continuation) strings of a request under the model's chat template: the context as the one
-    user message, the generation prompt added; the continuation without its target delimiter."""
-    rendered = llm.apply_chat_template([{"role": "user", "content": context}], add_generation_prompt=True)
+def chat_request(llm, context: str, continuation: str, system: str = "") -> tuple[str, str]:
+    """The (context, continuation) strings of a request under the model's chat template: the task's description
+    (MMLU's) as a system message, the rest of the context (few-shot examples and question) as one user message,
+    the generation prompt added; the continuation without its target delimiter. As lm-evaluation-harness's
+    --apply_chat_template without --fewshot_as_multiturn."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": context}]
+    rendered = llm.apply_chat_template(messages, add_generation_prompt=True)
     return rendered, _choice_text(continuation)
+
+
+def _description(task, item) -> str:
+    """The task description before `item`'s few-shot examples (MMLU's "The following are ..."), else ""."""
+    description = getattr(task, "_fewshot", {}).get(item.group, ("", []))[0]
+    return description if isinstance(description, str) else ""
 
 
 def _multiple_choice(llm, task, *, chat: bool, batch_size: int, progress: bool) -> tuple[dict, list[dict], str]:
@@ -163,10 +173,14 @@ def _multiple_choice(llm, task, *, chat: bool, batch_size: int, progress: bool) 
     requests, spans = [], []
     for item in task.items:
         start = len(requests)
+        system = _description(task, item) if chat else ""
         for context, continuation in task.requests(item):
             if chat:
                 if context not in rendered:
-                    rendered[context] = chat_request(llm, context, "")[0]
+                    if system and context.startswith(system):
+                        rendered[context] = chat_request(llm, context[len(system) :], "", system)[0]
+                    else:
+                        rendered[context] = chat_request(llm, context, "")[0]
                 context, continuation = rendered[context], _choice_text(continuation)
             requests.append(encode_pair(llm.tokenizer, context, continuation, add_bos=add_bos))
         spans.append((start, len(requests)))
@@ -301,7 +315,14 @@ def _spec(name: str, *, limit, shots, seed) -> _Spec:
         except UnicodeDecodeError as e:
             raise TinkerError(f"{name}: not UTF-8 text (byte {e.start}); save it as UTF-8")
         return _Spec(name, "perplexity", path.stem, f"file:{_sha256_bytes(raw)}", text=text)
-    task = tasks_mod.load_task(name, limit=limit, shots=shots, seed=seed)
+    try:
+        task = tasks_mod.load_task(name, limit=limit, shots=shots, seed=seed)
+    except TinkerError as e:
+        if not str(e).startswith("unknown task"):
+            raise
+        close = difflib.get_close_matches(name, SPECIAL_TASKS, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise TinkerError(f"{e}; also perplexity, kl, or a .txt file (perplexity){hint}") from None
     kind = getattr(task, "kind", "multiple_choice")
     if not (name == "mmlu" or name in tasks_mod._TASKS):  # a user file: its content is its version
         data = f"file:{_sha256_bytes(Path(name).read_bytes())}"
@@ -429,7 +450,12 @@ def _run_task(llm, spec: _Spec, *, settings: dict, reference, progress: bool) ->
         metrics, items, main = generation.score_generation(
             llm, task, batch_size=settings["batch_size"], progress=progress
         )
-        base.update(source=task.source, licence=task.licence, split=task.split, shots=task.shots)
+        base.update(
+            source=getattr(task, "source", spec.name),
+            licence=getattr(task, "licence", "user's"),
+            split=getattr(task, "split", "file"),
+            shots=getattr(task, "shots", 0),
+        )
     elif spec.kind == "perplexity":
         metrics, items, main = _perplexity(llm, spec.text, spec.label, settings["limit"], progress)
         base.update(**_text_source(spec), shots=0)
@@ -486,7 +512,8 @@ def evaluate(
         chat: render the prompts with the model's chat template (see the module docstring).
         batch_size: requests scored per forward pass (the scores do not depend on it beyond float rounding).
         seed: seeds the few-shot draw; the same seed and limit give the same items and prompts.
-        quant: weight format to load `model` with (default "native"); for an `LLM`, what it was loaded with.
+        quant: weight format to load `model` with (default "native"); for an `LLM`, the one it was loaded with
+            (default "native", `tinkerlm.load`'s): it is part of the identity under which records are reused.
         reference: the model `kl` compares against (a store name or path, loaded with the same `quant`).
         progress: progress bars with an ETA on stderr.
         store: for store models, keep per-item records under ROOT/evals/ and the summary in the manifest.

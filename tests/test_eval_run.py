@@ -134,6 +134,22 @@ def test_split_follows_lm_eval_on_tricky_contexts(smol):
     assert encode_pair(tok, "", "Hello") == ([prefix], tok.encode("Hello", add_special_tokens=False))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="needs lm-evaluation-harness")
+def test_split_equals_lm_eval_own_code(smol):
+    from lm_eval.api.model import TemplateLM
+
+    class HFLMTokens:  # what HFLM's _encode_pair reads: a causal backend, tok_encode without special tokens
+        backend = "causal"
+        AUTO_MODEL_CLASS = None
+
+        def tok_encode(self, string, add_special_tokens=None, **kwargs):
+            return smol.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+
+    for context, continuation in [("Paris is the capital of ", "France"), ("A line\n", "x"), ("don", "'t")]:
+        want = TemplateLM._encode_pair(HFLMTokens(), context, continuation)
+        assert encode_pair(smol.tokenizer, context, continuation) == (list(want[0]), list(want[1]))
+
+
 def test_chat_renders_the_question_as_a_user_turn(smol):
     context, continuation = chat_request(smol, "Question: What is 2+2?\nAnswer:", " 4")
     expected = smol.apply_chat_template([{"role": "user", "content": "Question: What is 2+2?\nAnswer:"}])

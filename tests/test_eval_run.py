@@ -340,6 +340,19 @@ def test_model_card_shows_scores_and_model_index():
     assert "| piqa | acc | 0.7000 | 8 | 0 | limit 8 |" in card
 
 
+def test_hf_export_card_carries_the_stored_scores(tiny_dir, qa, tmp_path):
+    from tinkerlm.export import export
+
+    store.pull(str(tiny_dir), name="tiny", progress=False)
+    evaluate("tiny", [str(qa)])
+    out = tmp_path / "hf"
+    export("tiny", to="hf", out=str(out), verify=False, progress=False)  # a lossless copy: the scores hold
+    meta = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
+    result = meta["model-index"][0]["results"][0]
+    assert result["dataset"]["name"] == "qa" and result["metrics"][0]["type"] == "acc"
+    assert result["metrics"][0]["value"] == store.get("tiny").evaluations["qa"]["metrics"]["acc"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The CLI
 

@@ -3,7 +3,9 @@ model is, where it came from, how well it survived export and how to run it.
 
 Front matter keys (https://huggingface.co/docs/hub/model-cards): `license` (a Hub licence identifier; any other
 licence is `other` with `license_name`), `base_model` (the parents' Hub ids), `base_model_relation` (adapter,
-merge, quantized or finetune: how the Hub draws the model tree), `library_name`, `tags`, `pipeline_tag`.
+merge, quantized or finetune: how the Hub draws the model tree), `library_name`, `tags`, `pipeline_tag`, and
+`model-index` (https://huggingface.co/docs/hub/model-cards#evaluation-results): the scores `tinkerlm eval` stored
+for the model, one result per task scored in full, metrics as fractions.
 
 Names, descriptions and licences come from users and from other people's model files, so the front matter is
 written with every string value double-quoted by PyYAML (newlines, quotes and `---` become escapes inside one
@@ -163,7 +165,6 @@ def _model_index(name: str, evaluations: dict) -> list[str]:
             shots = e.get("shots", 0)
             label = f"{metric} ({shots}-shot)" if isinstance(shots, int) else metric
             lines += [f"    - type: {_quoted(metric)}", f"      value: {value!r}", f"      name: {_quoted(label)}"]
-        lines += ["    source:", f"      name: {_quoted('tinkerlm eval')}"]
     return lines
 
 

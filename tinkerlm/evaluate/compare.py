@@ -437,3 +437,79 @@ def plot(results: Sequence[dict], path: str | Path, *, title: str = "") -> Path:
     """The PNG of `stats.plot_scores` for the tasks' main metrics (acc_norm and the like are in the table)."""
     main = [dict(r, task=r["label"]) for r in results if r.get("main", True)]
     return stats.plot_scores(main or list(results), path, title=title)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `tinkerlm compare`
+
+EVAL_FLAGS = ("limit", "shots", "chat", "batch_size", "seed", "quant", "reference")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_out(path: str | None, flag: str) -> None:
+    if path is not None and not Path(path).resolve().parent.is_dir():
+        raise TinkerError(f"{flag}: {Path(path).parent} is not a directory")
+
+
+def _write_json(path: str | Path, data: dict) -> None:
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def main(a) -> None:
+    """`tinkerlm compare` (see cli.py for the flags): evaluate the models (or read --results files), compare, print."""
+    import sys
+
+    models, files = list(a.models or []), list(a.results or [])
+    if models and files:
+        raise TinkerError("compare: give models or --results files, not both")
+    tasks = [t.strip() for t in (a.tasks or "").split(",") if t.strip()] or None
+    _check_out(a.out, "--out")
+    _check_out(a.plot, "--plot")
+    if files:
+        given = [_flag(k) for k in EVAL_FLAGS if getattr(a, k, None) is not None]
+        given += ["--no-store"] if hasattr(a, "store") else []
+        if given:
+            raise TinkerError(
+                f"compare: {given[0]} applies when models are evaluated; saved --results files keep their settings"
+            )
+        if len(files) < 2:
+            raise TinkerError("compare: give at least two --results files (the baseline first)")
+        runs = [load_results(f) for f in files]
+    else:
+        if len(models) < 2:
+            raise TinkerError("compare: give at least two models (the baseline first), or --results FILE FILE ...")
+        if not tasks:
+            raise TinkerError("compare: --tasks is needed with models (e.g. --tasks arc_easy,piqa)")
+        from tinkerlm.evaluate.run import evaluate
+
+        opts = {k: getattr(a, k) for k in EVAL_FLAGS if getattr(a, k, None) is not None}
+        keep = getattr(a, "store", True)
+        runs = []
+        for m in models:
+            print(f"tinkerlm: evaluating {m} on {', '.join(tasks)} ...", file=sys.stderr, flush=True)
+            runs.append(evaluate(m, tasks, progress=True, store=keep, reuse=keep, **opts))
+        tasks = None  # every task evaluated, under the names the results give them
+    results = compare_runs(runs, tasks=tasks, n_boot=a.n_boot, seed=a.boot_seed)
+    record = report(results, runs)
+    if a.out:
+        _write_json(a.out, record)
+    if a.plot:
+        plot(results, a.plot)
+    if a.json:
+        print(json.dumps(record, indent=2, ensure_ascii=False))
+    else:
+        print(format_comparison(results))
+    for what, path in (("comparison", a.out), ("plot", a.plot)):
+        if path:
+            print(f"wrote the {what} to {path}", file=sys.stderr)

@@ -1,0 +1,261 @@
+"""`tinkerlm compare` and the playground's Results view: runs paired by item id (known answers, shuffled order,
+mismatch errors, lower-is-better verdicts), the terminal table and PNG, the CLI on saved results and on the real
+default model, and the stored scores served at /v1/tinkerlm/evaluations and drawn in a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tinkerlm.errors import TinkerError
+from tinkerlm.evaluate import stats
+from tinkerlm.evaluate.compare import compare_runs, format_comparison, plot
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def mc_run(ref: str, acc, acc_norm=None, *, task: str = "arc_easy", shuffle: bool = False, **settings) -> dict:
+    """A multiple-choice run in the results format, item ids q0, q1, ... (in another order with shuffle)."""
+    acc_norm = acc if acc_norm is None else acc_norm
+    items = [
+        {"id": f"q{i}", "gold": 0, "acc": int(a), "acc_norm": int(n)} for i, (a, n) in enumerate(zip(acc, acc_norm))
+    ]
+    if shuffle:
+        random.Random(7).shuffle(items)
+    s = {"limit": None, "shots": 0, "chat": False, "batch_size": 16, "seed": 1234, **settings}
+    metrics = {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm))}
+    task_ = {"kind": "multiple_choice", "shots": s["shots"], "n": len(items), "main": "acc", "higher_is_better": True}
+    return {
+        "format": "tinkerlm-eval/1",
+        "model": {"ref": ref, "sha256": None, "quant": "native"},
+        "settings": s,
+        "tasks": {task: {**task_, "metrics": metrics, "items": items}},
+    }
+
+
+def ppl_run(ref: str, nll, tokens) -> dict:
+    items = [{"id": f"w{i}", "nll": float(x), "tokens": int(t)} for i, (x, t) in enumerate(zip(nll, tokens))]
+    task = {"kind": "perplexity", "shots": 0, "n": len(items), "main": "ppl", "higher_is_better": False}
+    metrics = {"ppl": float(np.exp(np.sum(nll) / np.sum(tokens)))}
+    return {
+        "format": "tinkerlm-eval/1",
+        "model": {"ref": ref, "sha256": None, "quant": "native"},
+        "settings": {"limit": None, "shots": 0, "chat": False, "batch_size": 16, "seed": 1234},
+        "tasks": {"wikitext": {**task, "metrics": metrics, "items": items}},
+    }
+
+
+def outcomes(b01: int, b10: int, both_right: int, both_wrong: int):
+    a = [0] * b01 + [1] * b10 + [1] * both_right + [0] * both_wrong
+    b = [1] * b01 + [0] * b10 + [1] * both_right + [0] * both_wrong
+    return a, b
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Known answers
+
+
+def test_identical_runs_differ_by_nothing():
+    rng = np.random.default_rng(0)
+    acc = rng.integers(0, 2, 120)
+    res = compare_runs([mc_run("m:1", acc), mc_run("m:1", acc)], n_boot=500)
+    assert [(r["task"], r["metric"], r["main"]) for r in res] == [
+        ("arc_easy", "acc", True),
+        ("arc_easy", "acc_norm", False),
+    ]
+    for r in res:
+        assert r["name_a"] == "m:1" and r["name_b"] == "m:1 #2"
+        assert r["diff"] == 0 and r["ci"] == (0.0, 0.0) and r["p"] == 1.0 and r["p_holm"] == 1.0
+        assert r["verdict"] == "no significant difference"
+        assert r["summary"].startswith("no significant difference between m:1 #2 and m:1 on arc_easy")
+
+
+def test_known_mcnemar_counts_and_answer():
+    # 40 items only B gets right, 10 only A: B - A = 30/500 = 6 points; McNemar chi-square (|40-10|-1)^2/50 = 16.82
+    a, b = outcomes(b01=40, b10=10, both_right=300, both_wrong=150)
+    res = compare_runs([mc_run("a:x", a), mc_run("b:x", b, shuffle=True)], n_boot=2000)
+    r = res[0]
+    assert r["mcnemar"]["b01"] == 40 and r["mcnemar"]["b10"] == 10 and r["mcnemar"]["method"] == "chi2"
+    assert r["mcnemar"]["statistic"] == pytest.approx(29**2 / 50)
+    assert r["p"] == pytest.approx(4.108e-5, rel=1e-3)  # scipy.stats.chi2.sf(16.82, 1)
+    assert r["mean_a"] == pytest.approx(62.0) and r["mean_b"] == pytest.approx(68.0) and r["diff"] == pytest.approx(6.0)
+    assert 3.0 < r["ci"][0] < 6.0 < r["ci"][1] < 9.0
+    assert r["verdict"] == "better"
+    assert r["summary"].startswith("b:x is better than a:x on arc_easy by 6.0 points (95% CI ")
+    # the same pairs given in the baseline's order give the very same numbers: pairing is by id, not position
+    same = compare_runs([mc_run("a:x", a), mc_run("b:x", b)], n_boot=2000)[0]
+    assert {k: same[k] for k in ("diff", "ci", "p", "se")} == {k: r[k] for k in ("diff", "ci", "p", "se")}
+    # the other way round: worse, by the same amount
+    back = compare_runs([mc_run("b:x", b), mc_run("a:x", a)], n_boot=2000)[0]
+    assert back["verdict"] == "worse" and back["summary"].startswith("a:x is worse than b:x on arc_easy by 6.0 points")
+
+
+def test_shuffled_pairing_equals_positional_pairing():
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, 2, 300), rng.integers(0, 2, 300)
+    by_id = compare_runs([mc_run("a:x", a), mc_run("b:x", b, shuffle=True)], n_boot=1000)[0]
+    direct = stats.compare(a, b, n_boot=1000, seed=0)
+    assert by_id["diff"] == pytest.approx(direct["diff"]) and by_id["ci"] == direct["ci"] and by_id["p"] == direct["p"]
+
+
+def test_holm_over_several_models():
+    a, b = outcomes(b01=12, b10=2, both_right=100, both_wrong=86)
+    c = list(a)
+    res = compare_runs([mc_run("a:x", a), mc_run("b:x", b), mc_run("c:x", c)], n_boot=500)
+    acc = [r for r in res if r["metric"] == "acc"]
+    assert stats.holm([r["p"] for r in acc]) == [r["p_holm"] for r in acc]
+    assert acc[0]["p_holm"] == pytest.approx(min(1, 2 * acc[0]["p"]))
+
+
+def test_lower_is_better_perplexity():
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(200, 400, 30)
+    nll_a = tokens * rng.uniform(2.9, 3.1, 30)
+    nll_b = nll_a - tokens * 0.1  # B's loss is 0.1 nats per token lower everywhere: a lower (better) perplexity
+    res = compare_runs([ppl_run("a:x", nll_a, tokens), ppl_run("b:x", nll_b, tokens)], n_boot=1000)
+    (r,) = res
+    ppl_a, ppl_b = np.exp(nll_a.sum() / tokens.sum()), np.exp(nll_b.sum() / tokens.sum())
+    assert r["mean_a"] == pytest.approx(ppl_a) and r["mean_b"] == pytest.approx(ppl_b)
+    assert r["diff"] < 0 and r["ci"][1] < 0 and r["p"] is None and r["higher_is_better"] is False
+    assert r["verdict"] == "better" and r["units"] == "ppl"
+    assert re.match(r"b:x is better than a:x on wikitext by \d+\.\d+ ppl \(95% CI \d", r["summary"])
+    back = compare_runs([ppl_run("b:x", nll_b, tokens), ppl_run("a:x", nll_a, tokens)], n_boot=1000)[0]
+    assert back["verdict"] == "worse" and back["summary"].startswith("a:x is worse than b:x on wikitext")
+    same = compare_runs([ppl_run("a:x", nll_a, tokens), ppl_run("a:x", nll_a, tokens)], n_boot=200)[0]
+    assert same["diff"] == 0 and same["verdict"] == "no significant difference"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mismatches
+
+
+@pytest.mark.parametrize(
+    "other,match",
+    [
+        (mc_run("b:x", [1, 0, 1], limit=3), r"arc_easy: the runs differ in limit: a:x has None, b:x has 3; .*--limit"),
+        (mc_run("b:x", [1, 0, 1, 1], shots=5), r"arc_easy: the runs differ in shots: a:x has 0, b:x has 5; .*--shots"),
+        (mc_run("b:x", [1, 0, 1, 1], chat=True), r"differ in chat: a:x has False, b:x has True"),
+        (
+            mc_run("b:x", [1, 0, 1]),
+            r"arc_easy: a:x has 4 items, b:x has 3, and they are not the same items \(e.g. 'q3'\)",
+        ),
+        (mc_run("b:x", [1, 0, 1, 1], task="piqa"), r"arc_easy: not in the results of b:x \(it has piqa\)"),
+        ({"format": "other"}, r"b:x: format is 'other', not 'tinkerlm-eval/1'"),
+    ],
+)
+def test_mismatched_runs_are_refused_in_one_line(other, match):
+    base = mc_run("a:x", [1, 0, 1, 1])
+    with pytest.raises(TinkerError, match=match) as e:
+        compare_runs([base, other], tasks=["arc_easy"], names=["a:x", "b:x"], n_boot=100)
+    assert "\n" not in str(e.value)
+
+
+def test_seed_matters_only_with_few_shot_prompts():
+    acc = [1, 0, 1, 1]
+    compare_runs([mc_run("a:x", acc), mc_run("b:x", acc, seed=1)], n_boot=100)  # zero-shot: the seed draws nothing
+    with pytest.raises(TinkerError, match="differ in seed: a:x has 1234, b:x has 1"):
+        compare_runs([mc_run("a:x", acc, shots=3), mc_run("b:x", acc, shots=3, seed=1)], n_boot=100)
+    with pytest.raises(TinkerError, match="no task"):
+        compare_runs([mc_run("a:x", acc), mc_run("b:x", acc, task="piqa")], n_boot=100)
+    with pytest.raises(TinkerError, match="at least two"):
+        compare_runs([mc_run("a:x", acc)])
+    bad = mc_run("b:x", acc)
+    del bad["tasks"]["arc_easy"]["items"][2]["acc"]
+    with pytest.raises(TinkerError, match="item 'q2' of b:x has no 'acc' score"):
+        compare_runs([mc_run("a:x", acc), bad], n_boot=100)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reports
+
+
+def test_terminal_table_and_png(tmp_path):
+    a, b = outcomes(b01=40, b10=10, both_right=300, both_wrong=150)
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(200, 400, 20)
+    nll = tokens * 3.0
+    runs = [mc_run("base:x", a), mc_run("tuned:x", b), mc_run("base:x", a)]
+    for run, x in zip(runs, (nll, nll - tokens * 0.2, nll)):
+        run["tasks"].update(ppl_run("", x, tokens)["tasks"])
+    res = compare_runs(runs, n_boot=500)
+    text = format_comparison(res, width=100)
+    assert "arc_easy: acc in points (higher is better), 500 items paired by id" in text
+    assert "wikitext: ppl (lower is better), 20 items paired by id" in text
+    lines = text.splitlines()
+    row = next(ln for ln in lines if ln.startswith("  tuned:x ") and "better" in ln)
+    assert re.search(r"tuned:x\s+68\.0\s+\S+\s+\+6\.0\s+\S+\s+< 0\.001\s+better$", row)
+    assert re.search(r"base:x #2\s+62\.0\s+\S+\s+\+0\.0\s+0\.0–0\.0\s+1\.00\s+no significant difference$", text, re.M)
+    assert any(ln.startswith("  base:x ") and "(baseline)" in ln for ln in lines)
+    bars = [ln for ln in lines if "█" in ln and "[" in ln]
+    assert len(bars) == 9 and all(len(ln) <= 100 for ln in lines if "█" in ln)
+    assert "Summary:" in text and "  tuned:x is better than base:x on arc_easy by 6.0 points (95% CI " in text
+    assert "tuned:x is better than base:x on wikitext by " in text
+    out = plot(res, tmp_path / "cmp.png")
+    assert out.read_bytes()[:8] == PNG
+    many = compare_runs([mc_run(f"m{i}:x", a if i % 2 else b) for i in range(12)], n_boot=200)
+    assert plot(many, tmp_path / "many.png").read_bytes()[:8] == PNG
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CLI on saved results
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """`tinkerlm ARGS` in this process: (exit status, stdout, stderr)."""
+    from tinkerlm.cli import main
+
+    capsys.readouterr()
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_results_files_end_to_end(tmp_path, capsys):
+    a, b = outcomes(b01=40, b10=10, both_right=300, both_wrong=150)
+    fa, fb, fc = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    fa.write_text(json.dumps(mc_run("base:x", a)))
+    fb.write_text(json.dumps(mc_run("tuned:x", b, shuffle=True)))
+    fc.write_text(json.dumps(mc_run("short:x", b[:100], limit=100)))
+    png, out = tmp_path / "cmp.png", tmp_path / "cmp.json"
+    rc, stdout, stderr = cli(
+        capsys, "compare", "--results", str(fa), str(fb), "--plot", str(png), "--out", str(out), "--n-boot", "1000"
+    )
+    assert rc == 0, stderr
+    assert "tuned:x is better than base:x on arc_easy by 6.0 points" in stdout
+    assert png.read_bytes()[:8] == PNG
+    record = json.loads(out.read_text())
+    assert record["format"] == "tinkerlm-compare/1" and [m["ref"] for m in record["models"]] == ["base:x", "tuned:x"]
+    assert record["comparisons"][0]["mcnemar"]["b01"] == 40 and len(record["summary"]) == 2
+    for args, message in [
+        (["--results", str(fa), str(fc)], "arc_easy: the runs differ in limit: base:x has None, short:x has 100"),
+        (["--results", str(fa), str(tmp_path / "none.json")], "none.json: cannot read it"),
+        (["--results", str(fa), str(fa), "--limit", "3"], "--limit applies when models are evaluated"),
+        (["--results", str(fa)], "at least two --results files"),
+        (["--results", str(fa), str(fb), "--tasks", "piqa"], "piqa: not in the results of base:x"),
+        (["smollm2"], "at least two models"),
+        (["a", "b"], "--tasks is needed"),
+    ]:
+        rc, stdout, stderr = cli(capsys, "compare", *args)
+        assert rc == 2, (args, stdout, stderr)
+        assert message in stderr and stderr.count("\n") == 1, (args, stderr)
+    (tmp_path / "bad.json").write_text("{not json")
+    rc, _, stderr = cli(capsys, "compare", "--results", str(fa), str(tmp_path / "bad.json"))
+    assert rc == 2 and "bad.json: not a JSON file" in stderr
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys\nfrom tinkerlm.cli import main\ntry:\n    main(['compare', '--help'])\n"
+        "except SystemExit as e:\n    assert e.code == 0\nassert 'torch' not in sys.modules\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "--results" in r.stdout and "(default: 10000)" in r.stdout

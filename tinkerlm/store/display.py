@@ -71,7 +71,39 @@ def format_manifest(m: Manifest) -> str:
     lines += [f"  {p.get('relation', '?')}: {p.get('name')}  sha256:{p.get('sha256')}" for p in m.parents]
     if m.verification:
         lines.append("verification:   " + format_verification(m.verification))
+    if m.evaluations:
+        lines.append("evaluations:")
+        lines += ["  " + line for line in format_evaluations(m.evaluations)]
     return "\n".join(lines)
+
+
+def format_evaluation(e: dict) -> str:
+    """One stored score: "acc 0.5800 ± 0.0200, acc_norm 0.5500 (570 items, 0-shot, limit 8, chat, native)"."""
+    try:
+        metrics, main = e["metrics"], e["main"]
+        parts = [
+            f"{main} {_number(metrics[main])}" + (f" ± {_number(s)}" if (s := metrics.get(f"{main}_stderr")) else "")
+        ]
+        if main == "acc" and metrics.get("acc_norm") is not None:
+            parts.append(f"acc_norm {_number(metrics['acc_norm'])}")
+        how = [f"{e.get('n')} items", f"{e.get('shots', 0)}-shot"]
+        how += [f"limit {e['limit']}"] if e.get("limit") is not None else []
+        how += ["chat"] if e.get("chat") else []
+        how += [str(e["quant"])] if e.get("quant") else []
+        how += [str(e["created"])] if e.get("created") else []
+        return ", ".join(parts) + f" ({', '.join(how)})"
+    except (KeyError, TypeError, ValueError):  # a manifest edited by hand
+        return str(e)
+
+
+def format_evaluations(evaluations: dict) -> list[str]:
+    """One aligned line per stored task score, for `tinkerlm show`."""
+    width = max((len(k) for k in evaluations), default=0)
+    return [f"{task:<{width}}  {format_evaluation(e)}" for task, e in evaluations.items()]
+
+
+def _number(x) -> str:
+    return f"{x:.4f}" if isinstance(x, float) and abs(x) < 1000 else f"{x:.1f}" if isinstance(x, float) else str(x)
 
 
 def format_verification(v: dict) -> str:

@@ -24,7 +24,8 @@ import os
 import re
 import secrets
 import shutil
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from tinkerlm.errors import TinkerError
@@ -58,6 +59,9 @@ class Manifest:
     created: str = ""  # ISO-8601 UTC
     # How the model compares with its source, where it was written from one (quantize): KL divergence, top-1, PPL.
     verification: dict = field(default_factory=dict)
+    # Benchmark scores (`tinkerlm eval`): task -> {"metrics", "main", "higher_is_better", "n", "shots", "limit",
+    # "chat", "seed", "quant", "created", "tinkerlm"}; the latest run of each task.
+    evaluations: dict = field(default_factory=dict)
 
     @property
     def ref(self) -> str:
@@ -87,7 +91,15 @@ class Manifest:
             parents=list(d.get("parents", [])),
             created=d.get("created", ""),
             verification=dict(d.get("verification") or {}),
+            evaluations=_dict_of_dicts(d.get("evaluations")),
         )
+
+
+def _dict_of_dicts(value) -> dict:
+    """A manifest's dict-of-dicts field as stored, dropping entries a hand edit broke (so `list` still works)."""
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): v for k, v in value.items() if isinstance(v, dict)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,3 +362,73 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Updating a stored model's record (scores, verification figures): locked read-modify-write, atomic rename
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write `data` as JSON to `path` through a temporary file in the same directory and one `os.replace`, so a
+    reader sees the old file or the new one, never half of one; the temporary file is removed on any failure."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextmanager
+def _locked(name: str, tag: str):
+    """An exclusive lock on one model's manifest across processes (`ROOT/locks/NAME@TAG.lock`, flock); no-op where
+    flock does not exist. Two `tinkerlm eval` runs on one model then both keep their scores."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: writes stay atomic, concurrent updates may lose one
+        yield
+        return
+    locks = home() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{name}@{tag}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def update(name: str, *, expect_sha256: str | None = None, **changes) -> Manifest:
+    """Change fields of a stored model's manifest, under a lock, written atomically.
+
+    A dict field (`evaluations`, `verification`) is merged one level deep: the keys given replace those stored, the
+    others stay (`update("smollm2", evaluations={"arc_easy": {...}})` keeps the other tasks' scores). Other fields
+    are replaced.
+
+    Args:
+        expect_sha256: the model's digest when the caller read it; if its files changed since (replaced with
+            `pull --force`), nothing is written.
+    Returns:
+        The manifest as written.
+    Raises:
+        TinkerError: not in the store, or its digest is not `expect_sha256`.
+        ValueError: a field name that `Manifest` does not have (a bug in the caller).
+    """
+    known = {f.name for f in fields(Manifest)} - {"name", "tag", "files"}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise ValueError(f"manifest fields {unknown} cannot be updated (known: {sorted(known)})")
+    first = get(name)
+    base, tag = first.name, first.tag
+    with _locked(base, tag):
+        m = get(f"{base}:{tag}")
+        if expect_sha256 is not None and digest(m) != expect_sha256:
+            raise TinkerError(f"{m.ref}: its files changed since it was read (replaced?); run the command again")
+        d = m.to_json()
+        for key, value in changes.items():
+            d[key] = {**d[key], **value} if isinstance(d.get(key), dict) and isinstance(value, dict) else value
+        new = Manifest.from_json(d)
+        write_json_atomic(_model_dir(base, tag) / MANIFEST, new.to_json())
+    return new

@@ -136,6 +136,24 @@ def test_lower_is_better_perplexity():
     assert same["diff"] == 0 and same["verdict"] == "no significant difference"
 
 
+def test_kl_is_token_weighted_and_lower_is_better():
+    def kl_run(ref, kl, tokens):
+        items = [{"id": f"kl:{i}", "kl": float(k), "tokens": int(t)} for i, (k, t) in enumerate(zip(kl, tokens))]
+        metrics = {"kl_mean": float(np.sum(np.asarray(kl) * tokens) / np.sum(tokens))}
+        task = {"kind": "kl", "shots": 0, "n": len(items), "main": "kl_mean", "higher_is_better": False}
+        run = ppl_run(ref, [1.0], [1])
+        run["tasks"] = {"kl": {**task, "metrics": metrics, "items": items}}
+        return run
+
+    tokens = np.array([100, 300, 50, 200] * 5)
+    kl_a = np.array([0.02, 0.01, 0.05, 0.03] * 5)
+    res = compare_runs([kl_run("q8:x", kl_a, tokens), kl_run("q4:x", kl_a * 3, tokens)], n_boot=500)
+    (r,) = res
+    assert r["mean_a"] == pytest.approx(float(np.sum(kl_a * tokens) / tokens.sum()))  # the run's own kl_mean
+    assert r["mean_b"] == pytest.approx(3 * r["mean_a"]) and r["units"] == "nats"
+    assert r["verdict"] == "worse" and r["summary"].startswith("q4:x is worse than q8:x on kl by 0.0")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Mismatches
 
@@ -399,3 +417,44 @@ def test_results_view_in_the_browser(served, tmp_path):
             assert not errors, errors
         finally:
             browser.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real default model, end to end
+
+
+def test_compare_smollm2_with_itself(smollm2_gguf, tmp_path, capsys):
+    from tinkerlm import store
+
+    store.pull(str(smollm2_gguf), name="smollm2:135m-instruct-q4_1", progress=False)
+    out = tmp_path / "cmp.json"
+    args = [
+        "compare",
+        "smollm2",
+        "smollm2",
+        "--tasks",
+        "arc_easy",
+        "--limit",
+        "8",
+        "--out",
+        str(out),
+        "--n-boot",
+        "500",
+    ]
+    rc, stdout, stderr = cli(capsys, *args)
+    assert rc == 0, stderr
+    assert "arc_easy: acc in points (higher is better), 8 items paired by id" in stdout
+    assert (
+        "no significant difference between smollm2:135m-instruct-q4_1 #2 and smollm2:135m-instruct-q4_1 on " in stdout
+    )
+    record = json.loads(out.read_text())
+    for r in record["comparisons"]:
+        assert r["n"] == 8 and r["diff"] == 0 and r["p"] == 1.0 and r["verdict"] == "no significant difference"
+    assert record["models"][0]["sha256"] == store.digest(store.get("smollm2"))
+    # the run kept its scores in the manifest, where the playground finds them
+    kept = store.get("smollm2").evaluations["arc_easy"]
+    assert (
+        kept["limit"] == 8
+        and kept["n"] == 8
+        and kept["metrics"]["acc"] == pytest.approx(record["comparisons"][0]["mean_a"] / 100)
+    )

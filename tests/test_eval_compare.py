@@ -152,6 +152,12 @@ def test_kl_is_token_weighted_and_lower_is_better():
     assert r["mean_a"] == pytest.approx(float(np.sum(kl_a * tokens) / tokens.sum()))  # the run's own kl_mean
     assert r["mean_b"] == pytest.approx(3 * r["mean_a"]) and r["units"] == "nats"
     assert r["verdict"] == "worse" and r["summary"].startswith("q4:x is worse than q8:x on kl by 0.0")
+    a, b = kl_run("q8:x", kl_a, tokens), kl_run("q4:x", kl_a, tokens)
+    a["tasks"]["kl"]["reference"], b["tasks"]["kl"]["reference"] = "f16:x", "bf16:x"
+    with pytest.raises(
+        TinkerError, match="kl: the runs differ in reference model: q8:x has 'f16:x', q4:x has 'bf16:x'"
+    ):
+        compare_runs([a, b], n_boot=100)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ Scores that are not means of per-item scores are bootstrapped as what they are, 
 perplexity is exp(sum of the items' nll / sum of their tokens), a token-weighted KL is sum(kl x tokens) /
 sum(tokens). Their verdicts rest on the interval alone (no McNemar), and a lower score is the better one.
 
-Runs compare only when they scored the same items the same way: the same item ids, --limit, --shots, --chat and
-(with few-shot prompts, which the seed draws) --seed. Anything else is a one-line error naming the task and what
+Runs compare only when they scored the same items the same way: the same item ids, --limit, --shots, --chat,
+(with few-shot prompts, which the seed draws) --seed and (for kl) --reference. Anything else is a one-line error naming the task and what
 differs. The quantization and batch size may differ (the first is often the question; the second changes nothing).
 """
 
@@ -104,6 +104,8 @@ def _check_same(task: str, runs: list[dict], labels: list[str]) -> None:
     checks += [("chat", "chat", "--chat/--no-chat")]
     if shots:  # the seed draws the few-shot examples
         checks.append(("seed", "seed", "--seed"))
+    if t[0].get("kind") == "kl":  # KL is to a reference: the same one for every run
+        checks.append(("reference", "reference model", "--reference"))
     for key, what, flag in checks:
         base = _setting(runs[0], t[0], key)
         for run, tk, label in zip(runs[1:], t[1:], labels[1:]):

@@ -11,8 +11,9 @@ perplexity is exp(sum of the items' nll / sum of their tokens), a token-weighted
 sum(tokens). Their verdicts rest on the interval alone (no McNemar), and a lower score is the better one.
 
 Runs compare only when they scored the same items the same way: the same item ids, --limit, --shots, --chat,
-(with few-shot prompts, which the seed draws) --seed and (for kl) --reference. Anything else is a one-line error naming the task and what
-differs. The quantization and batch size may differ (the first is often the question; the second changes nothing).
+(with few-shot prompts, which the seed draws) --seed and (for kl) --reference. Anything else is a one-line error
+naming the task and what differs. The quantization and batch size may differ (the first is often the question; the
+second changes nothing).
 """
 
 from __future__ import annotations
@@ -173,6 +174,12 @@ def _ratio_compare(
 ) -> dict:
     """Like `stats.paired_difference` for the score f(sum(num) / sum(den)): the same items resampled for both."""
     n = a[0].size
+    if not isinstance(n_boot, (int, np.integer)) or n_boot < 2:
+        raise TinkerError(f"n_boot is {n_boot!r}; give an integer of at least 2 (10000 is usual)")
+    if not 0 < confidence < 1:
+        raise TinkerError(f"confidence is {confidence!r}; give a level between 0 and 1, e.g. 0.95")
+    if n == 0:
+        raise TinkerError("no items to compare")
     if (a[1] <= 0).any() or (b[1] <= 0).any():
         raise TinkerError("an item has no tokens; its score is undefined")
     rng = np.random.default_rng(seed)

@@ -2,10 +2,10 @@
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, GET /metrics
 (Prometheus text format), GET / (the web playground), GET /v1/tinkerlm/evaluations (the benchmark scores kept in
-the store's manifests by `tinkerlm eval`, for the playground's Results view). Responses and errors follow the OpenAI API reference
-(https://platform.openai.com/docs/api-reference); streaming uses server-sent events ending in `data: [DONE]`.
-Generation runs in one `tinkerlm.batching.BatchGenerator` thread per model; handlers only validate, tokenize and
-relay events. Work that grows with the request (decoding and validating the body, rendering the chat template,
+the store's manifests by `tinkerlm eval`, for the playground's Results view). Responses and errors follow the
+OpenAI API reference (https://platform.openai.com/docs/api-reference); streaming uses server-sent events ending
+in `data: [DONE]`. Generation runs in one `tinkerlm.batching.BatchGenerator` thread per model; handlers only
+validate, tokenize and relay events. Work that grows with the request (decoding and validating the body, rendering the chat template,
 tokenizing) runs in worker threads, so one big or slow request never stalls the event loop (/health, other models).
 
 Trust boundaries (docs/security.md): a request body is limited while it streams in (limits.MAX_BODY_BYTES, chunked

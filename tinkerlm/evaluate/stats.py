@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -411,10 +412,14 @@ def plot_scores(results: Sequence[dict], path: str | os.PathLike, *, title: str 
     cmap = plt.get_cmap("tab10" if nm <= 10 else "tab20" if nm <= 20 else "viridis")
     colours = [cmap(j if nm <= 20 else j / max(1, nm - 1)) for j in range(nm)]
     widths = [max(2.2, 0.8 + len(p) * nm * 0.35) for p in panels]
+    fig_w = min(40.0, max(5.5, sum(widths)))
+    chars = int(fig_w * 11)  # characters of 9-10 pt text across the figure
+    ncol = max(1, min(nm, chars // (max(len(m) for m in models) + 6)))
+    legend_rows = -(-nm // ncol)
     fig, axes = plt.subplots(
         1,
         len(panels),
-        figsize=(min(40.0, max(5.0, sum(widths))), 4.2 + 0.25 * (nm // 4)),
+        figsize=(fig_w, 4.2 + 0.22 * legend_rows),
         dpi=110,
         squeeze=False,
         gridspec_kw={"width_ratios": widths},
@@ -443,10 +448,11 @@ def plot_scores(results: Sequence[dict], path: str | os.PathLike, *, title: str 
         ax.set_ylabel(u if up else f"{u} (lower is better)")
         ax.grid(axis="y", alpha=0.3)
     conf = results[0].get("confidence", 0.95)
-    fig.suptitle(title or f"scores with {100 * conf:g}% bootstrap intervals (* differs from {models[0]})", fontsize=11)
+    title = title or f"scores with {100 * conf:g}% bootstrap intervals (* differs from {models[0]})"
+    fig.suptitle(textwrap.fill(title, chars), fontsize=11)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(nm, 4), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 + 0.05 * ((nm - 1) // 4), 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, (0.12 + 0.19 * legend_rows) / fig.get_figheight(), 1, 1))  # room for the legend
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")

@@ -464,3 +464,30 @@ def test_compare_smollm2_with_itself(smollm2_gguf, tmp_path, capsys):
         and kept["n"] == 8
         and kept["metrics"]["acc"] == pytest.approx(record["comparisons"][0]["mean_a"] / 100)
     )
+
+
+def test_compare_a_model_with_its_quantized_export(tmp_path, capsys):
+    """Store model against its Q4_0 child, on a user task and perplexity: the CLI end to end on tiny models."""
+    from tiny import make_hf_model
+
+    from tinkerlm import store
+    from tinkerlm.export import quantize
+
+    make_hf_model("llama", tmp_path / "llama")
+    store.pull(str(tmp_path / "llama"), name="base", progress=False)
+    quantize("base", type="q4_0", out="base-q4", verify=False, progress=False)
+    task = tmp_path / "colours.jsonl"
+    rows = [{"context": f"Colour {i}:", "choices": ["red", "green", "blue"], "gold": i % 3} for i in range(12)]
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png = tmp_path / "cmp.png"
+    rc, stdout, stderr = cli(
+        capsys, "compare", "base", "base-q4", "--tasks", f"{task},perplexity", "--limit", "2", "--plot", str(png),
+        "--n-boot", "300",
+    )  # fmt: skip
+    assert rc == 0, stderr
+    assert "colours: acc in points (higher is better), 2 items paired by id" in stdout
+    assert "perplexity: ppl (lower is better), 2 items paired by id" in stdout
+    assert re.search(r"base-q4:latest (is (better|worse) than|and) base:latest", stdout)
+    assert png.read_bytes()[:8] == PNG
+    rc, _, stderr = cli(capsys, "compare", "base", "nothere", "--tasks", str(task), "--limit", "2")
+    assert rc == 2 and "nothere" in stderr and stderr.count("\n") == 1

@@ -500,8 +500,11 @@ def main(a) -> None:
             raise TinkerError("compare: give at least two models (the baseline first), or --results FILE FILE ...")
         if not tasks:
             raise TinkerError("compare: --tasks is needed with models (e.g. --tasks arc_easy,piqa)")
+        from tinkerlm.api import resolve
         from tinkerlm.evaluate.run import evaluate
 
+        for m in models + ([a.reference] if getattr(a, "reference", None) else []):
+            resolve(m)  # every model found (or pulled) before the first is evaluated: a typo fails at once
         opts = {k: getattr(a, k) for k in EVAL_FLAGS if getattr(a, k, None) is not None}
         keep = getattr(a, "store", True)
         runs = []

@@ -174,6 +174,7 @@ def parser() -> argparse.ArgumentParser:
     _finetune_parser(sub, fmt)
     _merge_parser(sub, fmt)
     _eval_parser(sub, fmt)
+    _compare_parser(sub, fmt)
     for s in sub.choices.values():  # --debug after the verb too; SUPPRESS keeps a --debug given before it
         s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
     return p
@@ -249,6 +250,74 @@ def _eval_parser(sub, fmt) -> None:
         action="store_false",
         help="neither keep the records and scores in the store nor reuse stored ones",
     )
+
+
+def _compare_parser(sub, fmt) -> None:  # plain formatter: the help texts say their defaults
+    s = sub.add_parser(
+        "compare",
+        help="compare models on the same benchmark items, with intervals and tests",
+        description="Evaluate each model on the same items (as `tinkerlm eval`; stored per-item records of the same "
+        "settings are reused) and compare each with the first: per task the difference in points, its paired 95% "
+        "bootstrap interval, McNemar's test (Holm-adjusted over the models), a verdict, a table with bars and a "
+        "summary sentence. Store models, adapters, merges and quantized exports alike. --results compares saved "
+        "`tinkerlm eval --out` files instead, without loading any model.",
+    )
+    s.add_argument("models", nargs="*", default=[], help="models to compare, the baseline first (store name or path)")
+    s.add_argument(
+        "--results",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="compare these `tinkerlm eval --out` files (the baseline first) instead of evaluating models "
+        "(default: none)",
+    )
+    s.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated tasks (as `tinkerlm eval`); needed with models; with --results, default: the tasks "
+        "every file has",
+    )
+    g = s.add_argument_group("evaluation (with models; a saved file keeps its own settings)")
+    g.add_argument("--limit", type=int, default=None, help="the first N items of each task (default: all)")
+    g.add_argument("--shots", type=int, default=None, help="few-shot examples per question (default: 0)")
+    g.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="render prompts with each model's chat template (default: --no-chat)",
+    )
+    g.add_argument("--batch-size", type=int, default=None, help="requests per forward pass (default: 16)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the few-shot draw (default: 1234)")
+    g.add_argument(
+        "--quant",
+        default=None,
+        choices=["native", "int8", "int4", "bf16", "fp32"],
+        help="weight format every model is loaded with (default: native)",
+    )
+    g.add_argument("--reference", default=None, help="the model the kl task measures against (default: none)")
+    g.add_argument(
+        "--no-store",
+        dest="store",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="neither reuse nor keep per-item records and scores in the store (default: reuse and keep)",
+    )
+    g = s.add_argument_group("statistics and output")
+    g.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples (default: 10000)")
+    g.add_argument("--boot-seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
+    g.add_argument(
+        "--plot", default=None, metavar="PNG", help="write a bar chart of the scores with intervals (default: none)"
+    )
+    g.add_argument("--out", default=None, metavar="JSON", help="write the comparison as JSON (default: none)")
+    g.add_argument(
+        "--json", action="store_true", help="print the comparison as JSON instead of the table (default: the table)"
+    )
+
+
+def cmd_compare(a) -> None:
+    from tinkerlm.evaluate.compare import main
+
+    main(a)
 
 
 def _finetune_parser(sub, fmt) -> None:  # plain formatter: the help texts show the Recipe defaults
@@ -563,6 +632,7 @@ COMMANDS = {
     "export": cmd_export,
     "quantize": cmd_quantize,
     "eval": cmd_eval,
+    "compare": cmd_compare,
 }
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -321,17 +322,28 @@ def significant(result: dict) -> bool:
     return (lo > 0 or hi < 0) and (p is None or p < alpha)
 
 
+def verdict(result: dict) -> str:
+    """ "better", "worse" (B against A, by `significant`, minding `higher_is_better`) or "no significant difference"."""
+    if not significant(result):
+        return "no significant difference"
+    higher = result["ci"][0] > 0
+    return "better" if higher == result.get("higher_is_better", True) else "worse"
+
+
 def summary_line(task: str, name_a: str, name_b: str, result: dict) -> str:
     """One sentence that never overclaims, e.g.
 
     "B is better than A on arc_easy by 3.1 points (95% CI 1.2–5.0, McNemar p = 0.003)"
     "B is worse than A on arc_easy by 3.1 points (95% CI 1.2–5.0, McNemar p = 0.003)"  (the interval of A - B)
     "no significant difference between B and A on arc_easy: B - A = 0.4 points (95% CI -1.2 to 2.0, McNemar p = 0.62)"
+
+    `result["higher_is_better"]` False (perplexity, KL) makes a lower B the better one; `result["units"]` other than
+    "points" (e.g. "ppl") is written after the numbers as it is.
     """
     diff, (lo, hi) = result["diff"], result["ci"]
     conf = f"{100 * result['confidence']:g}% CI"
     pts = result.get("units") == "points"
-    units = " points" if pts else ""
+    units = f" {result['units']}" if result.get("units") else ""
     stats = []
     if result.get("p_holm") is not None:
         stats.append(f"Holm-adjusted McNemar {_p(result['p_holm'])}")
@@ -339,8 +351,11 @@ def summary_line(task: str, name_a: str, name_b: str, result: dict) -> str:
         stats.append(f"McNemar {_p(result['p'])}")
     tail = "".join(", " + s for s in stats)
     if significant(result):
-        # "worse" reports A - B and its interval, so both verdicts read with positive numbers
-        word, size, (lo, hi) = ("better", diff, (lo, hi)) if lo > 0 else ("worse", -diff, (-hi, -lo))
+        # the size and interval are of B - A where B is higher and of A - B where it is lower, so every verdict
+        # reads with positive numbers; for a lower-is-better score (perplexity, KL) higher is worse
+        higher = lo > 0
+        size, (lo, hi) = (diff, (lo, hi)) if higher else (-diff, (-hi, -lo))
+        word = "better" if higher == result.get("higher_is_better", True) else "worse"
         stats_text = f"{conf} {_interval(lo, hi, pts)}{tail}"
         return f"{name_b} is {word} than {name_a} on {task} by {_num(size, pts)}{units} ({stats_text})"
     d = _num(diff, pts)
@@ -359,6 +374,9 @@ def plot_scores(results: Sequence[dict], path: str | os.PathLike, *, title: str 
             tasks; each gives the scores of its two models. A model better or worse than the baseline (by
             `significant`) is marked with * above its bar. Overlapping bars do not mean "no difference": the
             paired interval of the difference is the test, and it is usually much narrower.
+            Tasks scored in points share one panel; a task in other units (perplexity, KL: "units", with
+            "higher_is_better" False marked "lower is better") gets a panel of its own, since their scales differ.
+            Any number of models: colours cycle through a qualitative palette, the legend sits below.
 
     Returns:
         The path written.
@@ -373,9 +391,11 @@ def plot_scores(results: Sequence[dict], path: str | os.PathLike, *, title: str 
     tasks: list[str] = []
     models: list[str] = []
     cells: dict[tuple[str, str], tuple[float, float, float, bool]] = {}  # (task, model) -> score, low, high, signif
+    units: dict[str, tuple[str, bool]] = {}  # task -> (units, higher is better)
     for r in results:
         task = r.get("task") or "task"
         tasks += [task] if task not in tasks else []
+        units.setdefault(task, (r.get("units") or "score", r.get("higher_is_better", True)))
         for side in ("a", "b"):
             name = r.get(f"name_{side}") or side.upper()
             models += [name] if name not in models else []
@@ -384,32 +404,55 @@ def plot_scores(results: Sequence[dict], path: str | os.PathLike, *, title: str 
             if side == "a" and (task, name) in cells:
                 continue
             cells[(task, name)] = (r[f"mean_{side}"], lo, hi, sig)
-    units = results[0].get("units") or "score"
 
-    width = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + len(tasks) * len(models) * 0.5), 4), dpi=110)
-    for j, model in enumerate(models):
-        xs, ys, err, marks = [], [], [[], []], []
-        for i, task in enumerate(tasks):
-            if (task, model) not in cells:
-                continue
-            y, lo, hi, sig = cells[(task, model)]
-            xs.append(i - 0.4 + width * (j + 0.5))
-            ys.append(y)
-            err[0].append(max(0.0, y - lo))
-            err[1].append(max(0.0, hi - y))
-            marks.append(sig)
-        ax.bar(xs, ys, width * 0.9, yerr=err, capsize=3, label=model)
-        for x, y, e, sig in zip(xs, ys, err[1], marks):
-            if sig:
-                ax.text(x, y + e, "*", ha="center", va="bottom")
-    ax.set_xticks(range(len(tasks)), tasks)
-    ax.set_ylabel(units)
+    # panels: every task in points together, then one per task in other units
+    panels = [[t for t in tasks if units[t][0] == "points"]] + [[t] for t in tasks if units[t][0] != "points"]
+    panels = [p for p in panels if p]
+    nm = len(models)
+    cmap = plt.get_cmap("tab10" if nm <= 10 else "tab20" if nm <= 20 else "viridis")
+    colours = [cmap(j if nm <= 20 else j / max(1, nm - 1)) for j in range(nm)]
+    widths = [max(2.2, 0.8 + len(p) * nm * 0.35) for p in panels]
+    fig_w = min(40.0, max(5.5, sum(widths)))
+    chars = int(fig_w * 11)  # characters of 9-10 pt text across the figure
+    ncol = max(1, min(nm, chars // (max(len(m) for m in models) + 6)))
+    legend_rows = -(-nm // ncol)
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(fig_w, 4.2 + 0.22 * legend_rows),
+        dpi=110,
+        squeeze=False,
+        gridspec_kw={"width_ratios": widths},
+    )
+    width = 0.8 / nm
+    for ax, panel in zip(axes[0], panels):
+        for j, model in enumerate(models):
+            xs, ys, err, marks = [], [], [[], []], []
+            for i, task in enumerate(panel):
+                if (task, model) not in cells:
+                    continue
+                y, lo, hi, sig = cells[(task, model)]
+                xs.append(i - 0.4 + width * (j + 0.5))
+                ys.append(y)
+                err[0].append(max(0.0, y - lo))
+                err[1].append(max(0.0, hi - y))
+                marks.append(sig)
+            ax.bar(xs, ys, width * 0.9, yerr=err, capsize=min(3, 12 / nm), color=colours[j], label=model)
+            for x, y, e, sig in zip(xs, ys, err[1], marks):
+                if sig:
+                    ax.text(x, y + e, "*", ha="center", va="bottom")
+        ax.set_xticks(
+            range(len(panel)), panel, rotation=30 if len(panel) > 4 else 0, ha="right" if len(panel) > 4 else "center"
+        )
+        u, up = units[panel[0]]
+        ax.set_ylabel(u if up else f"{u} (lower is better)")
+        ax.grid(axis="y", alpha=0.3)
     conf = results[0].get("confidence", 0.95)
-    ax.set_title(title or f"scores with {100 * conf:g}% bootstrap intervals (* differs from {models[0]})")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    title = title or f"scores with {100 * conf:g}% bootstrap intervals (* differs from {models[0]})"
+    fig.suptitle(textwrap.fill(title, chars), fontsize=11)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, (0.12 + 0.19 * legend_rows) / fig.get_figheight(), 1, 1))  # room for the legend
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")

@@ -1,10 +1,11 @@
 """The OpenAI-compatible HTTP server (`tinkerlm serve`): FastAPI app, SSE streaming, metrics, playground, shutdown.
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, GET /metrics
-(Prometheus text format), GET / (the web playground). Responses and errors follow the OpenAI API reference
-(https://platform.openai.com/docs/api-reference); streaming uses server-sent events ending in `data: [DONE]`.
-Generation runs in one `tinkerlm.batching.BatchGenerator` thread per model; handlers only validate, tokenize and
-relay events. Work that grows with the request (decoding and validating the body, rendering the chat template,
+(Prometheus text format), GET / (the web playground), GET /v1/tinkerlm/evaluations (the benchmark scores kept in
+the store's manifests by `tinkerlm eval`, for the playground's Results view). Responses and errors follow the
+OpenAI API reference (https://platform.openai.com/docs/api-reference); streaming uses server-sent events ending
+in `data: [DONE]`. Generation runs in one `tinkerlm.batching.BatchGenerator` thread per model; handlers only
+validate, tokenize and relay events. Work that grows with the request (decoding and validating the body, rendering the chat template,
 tokenizing) runs in worker threads, so one big or slow request never stalls the event loop (/health, other models).
 
 Trust boundaries (docs/security.md): a request body is limited while it streams in (limits.MAX_BODY_BYTES, chunked
@@ -50,7 +51,8 @@ log = logging.getLogger("tinkerlm.serve")
 # contexts are capped at this unless max_context says otherwise.
 DEFAULT_MAX_CONTEXT = 8192
 STATIC = Path(__file__).parent / "static"
-PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics", "/")
+EVALUATIONS = "/v1/tinkerlm/evaluations"
+PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics", "/", EVALUATIONS)
 
 
 class ClientGone(Exception):
@@ -481,6 +483,11 @@ def create_app(
         state.check_key(request)
         return _model_card(name, state.engine(name), state)
 
+    @app.get(EVALUATIONS)
+    async def evaluations(request: Request):
+        state.check_key(request)
+        return await asyncio.to_thread(_evaluations, state)  # reads manifests from disk: off the event loop
+
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(request: Request):
         state.check_key(request)
@@ -604,6 +611,50 @@ def _model_card(name: str, engine: BatchGenerator, state: _State) -> dict:
         "owned_by": "tinkerlm",
         "context_length": engine.context,
     }
+
+
+def _evaluations(state: _State) -> dict:
+    """The stored scores of the served models, then of the other stored models that have any.
+
+    Read from the manifests at each request, so scores `tinkerlm eval` stores while the server runs appear. A served
+    model whose stored copy was replaced since it was loaded (another digest) keeps the scores it was loaded with.
+    Each entry: {"id" (the served id, or the store ref), "ref" (None for a model served from a path), "served",
+    "sha256", "architecture", "quantization", "evaluations": {task: {"metrics", "main", "higher_is_better", "n",
+    "shots", "limit", "chat", "seed", "quant", "created", "tinkerlm"}}}.
+    """
+    from tinkerlm import store
+
+    def entry(id_: str, m, served: bool) -> dict:
+        return {
+            "id": id_,
+            "ref": m.ref if m else None,
+            "served": served,
+            "sha256": store.digest(m) if m else None,
+            "architecture": m.architecture if m else None,
+            "quantization": m.quantization if m else None,
+            "evaluations": dict(m.evaluations) if m else {},
+        }
+
+    out, seen = [], set()
+    for name in state.engines:
+        loaded = state.llms[name].manifest
+        m = loaded
+        if loaded is not None:
+            try:
+                now = store.find(loaded.ref)
+            except TinkerError:
+                now = None
+            if now is not None and store.digest(now) == store.digest(loaded):
+                m = now
+            seen.add(loaded.ref)
+        out.append(entry(name, m, True))
+    try:
+        stored = store.list_models()
+    except (OSError, TinkerError) as e:
+        log.warning("evaluations: cannot list the store (%s)", e)
+        stored = []
+    out += [entry(m.ref, m, False) for m in stored if m.evaluations and m.ref not in seen]
+    return {"object": "list", "data": out}
 
 
 async def _collect(request: Request, run: _Run):

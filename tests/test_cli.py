@@ -12,7 +12,7 @@ from tiny import CONFIGS, make_hf_model
 
 import tinkerlm
 
-VERBS = ["pull", "list", "show", "rm", "run", "chat", "serve", "bench"]
+VERBS = ["pull", "list", "show", "rm", "run", "chat", "serve", "bench", "eval", "compare"]
 
 
 def cli(*args, input=None, env=None, check=None):

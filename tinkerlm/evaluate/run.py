@@ -196,7 +196,7 @@ def _multiple_choice(llm, task, *, chat: bool, batch_size: int, progress: bool) 
     items = []
     for item, (a, b) in zip(task.items, spans):
         items.append({"id": item.id, **score_item([ll for ll, _ in scores[a:b]], item.choices, item.gold)})
-    return _accuracy_metrics(items), items, "acc"
+    return _accuracy_metrics(items), items, getattr(task, "main", "acc")
 
 
 def _window_spans(max_context: int, n_tokens: int, limit: int | None) -> list[tuple[int, int, int]]:
@@ -668,8 +668,8 @@ def main(a) -> None:
         quant=a.quant,
         reference=a.reference,
         progress=True,
-        store=a.store,
-        reuse=a.store,
+        store=getattr(a, "store", True),
+        reuse=getattr(a, "store", True),
     )
     if a.out:
         out = Path(a.out)

@@ -176,3 +176,11 @@ def test_smollm2_native_close_to_fp32(smollm2_gguf, smollm2_fp32):
     for (a, ga), (b, gb), (_, k) in zip(ours, fp32, reqs):  # Q4_1 kernels, q8 activations: measured <= 3e-3
         assert abs(a - b) <= 2e-3 * len(k) and ga == gb, (a, b)
     assert ours[0][0] > max(lp for lp, _ in ours[1:4])
+
+
+def test_many_choices_split_into_rows_that_fit(tiny):
+    """30 choices of one context do not fit one row of the model's 128 tokens: the scorer splits them across rows
+    (each holding the context again), and nothing changes."""
+    hf, model = tiny
+    reqs = questions(7, 2, context=(40, 60), continuation=(2, 8), choices=30)
+    close(loglikelihoods(model, reqs, batch_size=64), [reference(hf, c, k) for c, k in reqs], 1e-4)

@@ -7,13 +7,20 @@ For a request (c, k) with context ids c_1..c_m and continuation ids k_1..k_n the
 exactly what lm-evaluation-harness's `loglikelihood` returns. Log-probabilities are `log_softmax` of fp32 logits.
 
 Speed comes from three things, each checked against the plain computation in tests/test_eval_scoring.py:
-- Shared prefixes: the choices of one question share their context. Each distinct context is prefilled once (all
-  but its last token), its KV-cache row is copied once per choice, and the choices then run as rows of a batch,
-  each input `[c_m] + k_<n` scored at every position (also at batch_size 1: one prefill, then one choice a pass).
-- Batching by length: requests are grouped by context, groups sorted by length (longest first, as the harness
-  does, so a batch that does not fit in memory fails at once) and packed into batches of `batch_size` choices
-  (their contexts prefilled together); inputs are right-padded and every row keeps its own positions in the cache.
-- Only the hidden states that are scored go through the output head (the padding does not).
+- Shared prefixes without a cache: the choices of one question run as one row, their context first and then each
+  continuation's input `k_<n` side by side (`tinkerlm.models.base.Branches`): a continuation's tokens take the
+  positions that follow the context and attend to the context and to their own earlier tokens only, so the context
+  is computed once and no KV cache is copied per choice.
+- Batching by length: rows are sorted by length (longest first, as the harness does, so a batch that does not fit in
+  memory fails at once) and packed into forward passes of about `batch_size` choices, many questions each.
+- Only the hidden states that are scored go through the output head (the context's last one once for all its
+  choices; the padding not at all), a chunk of states at a time.
+
+Numbers: the layout (shared row or not, batch, padding) changes only fp32 rounding: ~5e-5 nats on a HellaSwag request
+in fp32. Quantized ("native") models round every activation block to int16 before each product; that rounding turns
+such fp32-level differences (another attention kernel or row layout: ~1e-7 relative) into ~1e-3 nats per request
+(measured up to 4.5e-3 on HellaSwag requests, as much as between two full forwards differing only in the attention
+kernel, the causal C++ one or torch's SDPA): the activations' rounding, not a difference in what is computed.
 
 Long inputs are cut from the left as the harness does: the model sees the last `max_context` tokens of
 context + continuation[:-1]. A request whose continuation alone does not fit raises TinkerError.
@@ -38,19 +45,16 @@ Request = tuple[Sequence[int], Sequence[int]]
 
 
 @dataclass
-class _Group:
-    """Requests (by index) sharing one context."""
+class _Row:
+    """Requests (by index) sharing one context, run as one row: the context, then each continuation but its last
+    token."""
 
     context: tuple[int, ...]
     items: list[tuple[int, tuple[int, ...]]]  # (request index, continuation)
 
     @property
-    def rows(self) -> int:
-        return len(self.items)
-
-    @property
-    def length(self) -> int:  # tokens one row of this group runs through the model
-        return len(self.context) - 1 + max(len(k) for _, k in self.items)
+    def length(self) -> int:
+        return len(self.context) + sum(len(k) - 1 for _, k in self.items)
 
 
 def _cut(context: Sequence[int], continuation: Sequence[int], max_context: int, index: int) -> tuple[tuple, tuple]:
@@ -72,32 +76,39 @@ def _cut(context: Sequence[int], continuation: Sequence[int], max_context: int, 
     return context[-keep:], continuation
 
 
-def _groups(requests: Sequence[Request], max_context: int, share_prefix: bool) -> list[_Group]:
+def _rows(requests: Sequence[Request], max_context: int, share_prefix: bool) -> list[_Row]:
+    """One row per distinct context (per request without sharing), split where its choices would not fit in
+    `max_context` tokens together (each one alone does: see `_cut`); longest first."""
     by_context: dict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]] = {}
-    groups = []
+    rows = []
     for i, (c, k) in enumerate(requests):
         c, k = _cut(c, k, max_context, i)
         if share_prefix:
             by_context.setdefault(c, []).append((i, k))
         else:
-            groups.append(_Group(c, [(i, k)]))
-    groups += [_Group(c, items) for c, items in by_context.items()]
+            rows.append(_Row(c, [(i, k)]))
+    for c, items in by_context.items():
+        row = _Row(c, [])
+        for i, k in items:
+            if row.items and row.length + len(k) - 1 > max_context:
+                rows.append(row)
+                row = _Row(c, [])
+            row.items.append((i, k))
+        rows.append(row)
     # Longest first; ties broken by the context so that equal lengths of one question stay together.
-    groups.sort(key=lambda g: (-g.length, g.context))
-    return groups
+    rows.sort(key=lambda r: (-r.length, r.context))
+    return rows
 
 
-def _batches(groups: list[_Group], batch_size: int, max_context: int) -> list[list[_Group]]:
-    """Consecutive groups, up to `batch_size` rows a batch (a larger group alone), such that every row padded to the
-    batch's widest continuation still fits the context (the longest prefix plus the widest continuation)."""
-    batches, current, rows, prefix, width = [], [], 0, 0, 0
-    for g in groups:
-        p, w = len(g.context) - 1, max(len(k) for _, k in g.items)
-        if current and (rows + g.rows > batch_size or max(prefix, p) + max(width, w) > max_context):
+def _batches(rows: list[_Row], batch_size: int) -> list[list[_Row]]:
+    """Consecutive rows, up to `batch_size` requests a batch (a larger row alone)."""
+    batches, current, n = [], [], 0
+    for r in rows:
+        if current and n + len(r.items) > batch_size:
             batches.append(current)
-            current, rows, prefix, width = [], 0, 0, 0
-        current.append(g)
-        rows, prefix, width = rows + g.rows, max(prefix, p), max(width, w)
+            current, n = [], 0
+        current.append(r)
+        n += len(r.items)
     if current:
         batches.append(current)
     return batches
@@ -110,58 +121,64 @@ def _head(model):
     return head
 
 
-def _score_batch(model, groups: list[_Group], batch_size: int) -> list[tuple[int, float, bool]]:
-    """Prefill each group's context but its last token once, then score the choices `batch_size` rows at a time,
-    each row starting from a copy of its group's cache row."""
-    prefixes = [len(g.context) - 1 for g in groups]
-    longest = max(prefixes)
-    if longest > 0:  # right-padded prefill; padding slots are overwritten or never attended to (see KVCache)
-        prefill = model.new_cache(len(groups), longest)
-        ids = torch.zeros(len(groups), longest, dtype=torch.long)
-        for gi, g in enumerate(groups):
-            ids[gi, : prefixes[gi]] = torch.tensor(g.context[:-1], dtype=torch.long)
-        model(ids, cache=prefill, logits_at=torch.zeros(len(groups), dtype=torch.long), head=False)
-
-    # (group, request index, input ids, targets); widest first so that each chunk pads little.
-    rows = [(gi, i, g.context[-1:] + k[:-1], k) for gi, g in enumerate(groups) for i, k in g.items]
-    rows.sort(key=lambda r: -len(r[3]))
-    out = []
-    for s in range(0, len(rows), batch_size):
-        out += _score_rows(model, rows[s : s + batch_size], prefixes, prefill if longest > 0 else None)
-    return out
+HEAD_CHUNK = 128  # hidden states through the output head at a time: (128, vocabulary) fp32 logits, 25 MB at 49k
 
 
-def _score_rows(model, rows, prefixes: list[int], prefill) -> list[tuple[int, float, bool]]:
-    width = max(len(r[2]) for r in rows)
-    owner = torch.tensor([r[0] for r in rows])
-    longest = max(prefixes[r[0]] for r in rows)
-    cache = model.new_cache(len(rows), longest + width)
-    if prefill is not None and longest > 0:  # the shared prefix, computed once, copied to each choice's row
-        for layer in range(len(cache.k)):
-            cache.k[layer][:, :, :longest] = prefill.k[layer][owner, :, :longest]
-            cache.v[layer][:, :, :longest] = prefill.v[layer][owner, :, :longest]
-    cache.lengths = [prefixes[r[0]] for r in rows]
+def _score_batch(model, rows: list[_Row]) -> list[tuple[int, float, bool]]:
+    """One forward over the rows (right-padded), then the head over the scored hidden states only."""
+    from tinkerlm.models.base import Branches
 
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    for j, (_, _, inp, _) in enumerate(rows):
-        ids[j, : len(inp)] = torch.tensor(inp, dtype=torch.long)
-    if width == 1:  # one token per row: a decode step (quantized models' fused step returns logits directly)
-        logits = model(ids, cache=cache)[:, 0].float()  # (R, V)
-    else:
-        hidden = model(ids, cache=cache, head=False)  # (R, width, C)
-        counts = torch.tensor([len(r[3]) for r in rows])
-        scored = torch.arange(width)[None, :] < counts[:, None]  # (R, width): positions whose next token is scored
-        logits = _head(model)(hidden[scored]).float()  # (n_scored, V), row-major: row 0's positions first
-    logp = torch.log_softmax(logits, dim=-1)
-    targets = torch.tensor([t for r in rows for t in r[3]], dtype=torch.long)
-    token_logp = logp.gather(-1, targets[:, None])[:, 0]  # (n_scored,)
-    greedy = logp.argmax(-1) == targets
+    B, T = len(rows), max(r.length for r in rows)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    branch = torch.full((B, T), -1, dtype=torch.long)
+    positions = torch.zeros(B, T, dtype=torch.long)
+    flat_ids, flat_branch, flat_pos = [], [], []  # filled as Python lists, copied into the tensors once
+    scored, targets, owners = [], [], []  # hidden state (flat index) per target token; target; request of each
+    for b, r in enumerate(rows):
+        m, base = len(r.context), b * T
+        row_ids, row_branch, row_pos = list(r.context), [0] * m, list(range(m))
+        last = base + m - 1  # the context's last state predicts every continuation's first token
+        for n, (i, k) in enumerate(r.items, 1):
+            at = base + len(row_ids)
+            scored += [last] + list(range(at, at + len(k) - 1))
+            targets += k
+            owners.append((i, len(k)))
+            row_ids += k[:-1]
+            row_branch += [n] * (len(k) - 1)
+            row_pos += range(m, m + len(k) - 1)
+        flat_ids.append(row_ids)
+        flat_branch.append(row_branch)
+        flat_pos.append(row_pos)
+    for b in range(B):
+        L = len(flat_ids[b])
+        ids[b, :L] = torch.tensor(flat_ids[b])
+        branch[b, :L] = torch.tensor(flat_branch[b])
+        positions[b, :L] = torch.tensor(flat_pos[b])
+
+    hidden = model(ids, segments=Branches(branch, positions), head=False).reshape(B * T, -1)  # (B*T, C)
+    # Each distinct scored state through the head once (the context's last state serves every choice).
+    scored_t = torch.tensor(scored, dtype=torch.long)
+    states, which = torch.unique(scored_t, return_inverse=True)  # sorted flat indices; target -> its state
+    targets_t = torch.tensor(targets, dtype=torch.long)
+    token_logp = torch.empty(len(targets), dtype=torch.float32)
+    greedy = torch.empty(len(targets), dtype=torch.bool)
+    head = _head(model)
+    order = torch.argsort(which, stable=True)  # targets grouped by state, so each chunk's targets are one slice
+    sorted_which = which[order]
+    for s in range(0, len(states), HEAD_CHUNK):
+        # fp32 log_softmax as the harness takes it (measured faster here than logsumexp + argmax of the logits)
+        logp = torch.log_softmax(head(hidden[states[s : s + HEAD_CHUNK]]).float(), dim=-1)  # (n, V)
+        argmax = logp.argmax(-1)
+        lo, hi = torch.searchsorted(sorted_which, torch.tensor([s, s + HEAD_CHUNK])).tolist()
+        sel = order[lo:hi]
+        local = which[sel] - s
+        token_logp[sel] = logp[local, targets_t[sel]]
+        greedy[sel] = argmax[local] == targets_t[sel]
 
     out, start = [], 0
-    for _, i, _, k in rows:
-        end = start + len(k)
-        out.append((i, float(token_logp[start:end].double().sum()), bool(greedy[start:end].all())))
-        start = end
+    for i, n in owners:
+        out.append((i, float(token_logp[start : start + n].double().sum()), bool(greedy[start : start + n].all())))
+        start += n
     return out
 
 
@@ -179,7 +196,7 @@ def loglikelihoods(
     Args:
         model: a tinkerlm CausalLM (`tinkerlm.load(...).model`), any dtype or quantization.
         requests: (context ids, continuation ids) pairs; both non-empty (lm-eval puts EOS before an empty context).
-        batch_size: choices scored per forward pass.
+        batch_size: choices scored per forward pass (the questions of a pass run as its rows).
         share_prefix: prefill each distinct context once for all its continuations (False: once per request;
             the same numbers, slower; kept for tests and benchmarks).
         progress: print requests done, rate and ETA to stderr.
@@ -192,13 +209,13 @@ def loglikelihoods(
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise TinkerError(f"batch_size must be a positive integer (got {batch_size!r})")
-    groups = _groups(requests, model.max_context, share_prefix)
+    rows = _rows(requests, model.max_context, share_prefix)
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     done, t0 = 0, time.perf_counter()
-    for batch in _batches(groups, batch_size, model.max_context):
-        for i, logp, greedy in _score_batch(model, batch, batch_size):
+    for batch in _batches(rows, batch_size):
+        for i, logp, greedy in _score_batch(model, batch):
             results[i] = (logp, greedy)
-        done += sum(g.rows for g in batch)
+        done += sum(len(r.items) for r in batch)
         if progress:
             rate = done / max(time.perf_counter() - t0, 1e-9)
             eta = (len(requests) - done) / rate

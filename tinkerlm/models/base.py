@@ -356,6 +356,31 @@ class PackedDocs:
         self.shape = (B, T)
 
 
+class Branches:
+    """Rows holding a shared context followed by several continuations ("branches") side by side, as scoring
+    multiple-choice questions needs: the choices of one question run in one row, their context computed once.
+
+    `branch` (B, T) numbers each token's part of its row (0: the context, 1, 2, ...: the continuations, -1: padding
+    at the end) and `positions` (B, T) holds its position (a continuation's tokens continue from the context's
+    length, whatever comes before them in the row). A token attends to the earlier tokens of the context and of its
+    own branch: exactly what it would see in a row holding only the context and its own continuation. Passed to a
+    model's forward as `segments` (see `CausalLM.segment_inputs`).
+    """
+
+    def __init__(self, branch: torch.Tensor, positions: torch.Tensor):
+        self.branch, self.positions = branch, positions
+
+    def mask(self, window: int | None = None) -> torch.Tensor:
+        """Boolean (B, 1, T, T): query i sees key j <= i of the context or of its own branch (within `window`)."""
+        T = self.branch.shape[1]
+        idx = torch.arange(T)
+        key, query = self.branch[:, None, :], self.branch[:, :, None]
+        allowed = (idx[:, None] >= idx[None, :]) & ((key == 0) | (key == query))  # (B, T, T)
+        if window is not None:
+            allowed &= (self.positions[:, :, None] - self.positions[:, None, :]) < window
+        return allowed[:, None]
+
+
 def _attend_packed(q, k, v, docs: PackedDocs, scale: float | None) -> torch.Tensor:
     B, T = docs.shape
 
@@ -441,7 +466,9 @@ class CausalLM(nn.Module):
         """Positions (B, T) and the attention mask for packed training rows: `segments` (B, T) numbers the
         documents in each row (-1 is padding); positions restart at 0 in each document and a token attends only to
         earlier tokens of its own. The mask is a PackedDocs, or an explicit (B, 1, T, T) one when a sliding window
-        shorter than a document is in play."""
+        shorter than a document is in play. `segments` may also be `Branches` (a context shared by continuations)."""
+        if isinstance(segments, Branches):  # a context and its continuations (scoring), not packed documents
+            return segments.positions, segments.mask(window)
         docs = PackedDocs(segments)
         if window is None or window >= docs.gather.shape[1]:
             return docs.positions, docs

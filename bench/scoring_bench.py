@@ -2,11 +2,12 @@
 
     .venv/bin/python bench/scoring_bench.py                       # smollm2 native, 4 choices, 100 + 20 tokens
     .venv/bin/python bench/scoring_bench.py --quant fp32 --questions 64 --batch-sizes 1,16
-    .venv/bin/python bench/scoring_bench.py --task hellaswag --limit 200 --batch-sizes 64 --shared-only
+    .venv/bin/python bench/scoring_bench.py --task hellaswag --limit 60 --batch-sizes 16 --shared-only
 
-With `--task`, the questions are the first `--limit` items of a standard task (tinkerlm.evaluate.tasks), each
-choice's context encoded as the tokenizer does (its BOS if it adds one) and the continuation without special
-tokens; otherwise they are synthetic: a ~`context`-token context cut from the shipped public-domain text and `choices`
+With `--task`, the questions are `--limit` items of a standard task (tinkerlm.evaluate.tasks) spread evenly over it
+(`--first`: its first ones; HellaSwag's first items are ActivityNet's, about half as long as its WikiHow ones), each
+choice's context encoded as the tokenizer does (its BOS if it adds one) and its continuation without special tokens.
+Otherwise they are synthetic: a ~`context`-token context cut from the shipped public-domain text and `choices`
 continuations of ~`continuation` tokens each (lengths vary by +-20% so that batching by length has work to do).
 Each configuration (shared prefix or not, batch size) scores the same requests after one warm-up batch.
 """
@@ -35,16 +36,21 @@ def make_requests(tokenizer, questions: int, choices: int, context: int, continu
     return [(c, span(continuation)) for c in (span(context) for _ in range(questions)) for _ in range(choices)]
 
 
-def task_requests(tokenizer, name: str, limit: int):
-    """(context ids, continuation ids) of every choice of the first `limit` items of task `name`."""
+def task_requests(tokenizer, name: str, limit: int | None, first: bool = False):
+    """(context ids, continuation ids) of every choice of `limit` items of task `name` (all: None), spread evenly over
+    the task (HellaSwag's first items come from ActivityNet and are half as long as its WikiHow ones), or its first
+    `limit` items; and the number of items."""
     from tinkerlm.evaluate.tasks import load_task
 
-    task = load_task(name, limit=limit)
+    task = load_task(name, limit=limit if first else None)
+    items = task.items
+    if limit is not None and not first and limit < len(items):
+        items = [items[i * len(items) // limit] for i in range(limit)]
     reqs = []
-    for item in task.items:
+    for item in items:
         for c, k in task.requests(item):
             reqs.append((tokenizer.encode(c), tokenizer.encode(k, add_special_tokens=False)))
-    return reqs, len(task.items)
+    return reqs, len(items)
 
 
 def main(argv=None) -> None:
@@ -57,7 +63,10 @@ def main(argv=None) -> None:
     ap.add_argument("--continuation", type=int, default=20, help="continuation tokens, about (default 20)")
     ap.add_argument("--batch-sizes", default="1,8,16", help="comma-separated (default 1,8,16)")
     ap.add_argument("--task", default=None, help="score a standard task's items instead (e.g. hellaswag)")
-    ap.add_argument("--limit", type=int, default=100, help="with --task: items scored (default 100)")
+    ap.add_argument(
+        "--limit", type=int, default=100, help="with --task: items scored, spread over the task (default 100)"
+    )
+    ap.add_argument("--first", action="store_true", help="with --task: the first --limit items instead")
     ap.add_argument("--shared-only", action="store_true", help="skip the runs without prefix sharing")
     ap.add_argument("--repeat", type=int, default=1, help="runs per configuration; the median is printed")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
@@ -65,7 +74,7 @@ def main(argv=None) -> None:
 
     llm = tinkerlm.load(args.model, quant=args.quant, threads=args.threads)
     if args.task:
-        reqs, questions = task_requests(llm.tokenizer, args.task, args.limit)
+        reqs, questions = task_requests(llm.tokenizer, args.task, args.limit, args.first)
         tokens = sum(len(c) for c, _ in reqs[:: max(1, len(reqs) // questions)]) + sum(len(k) for _, k in reqs)
         what = f"{args.task}: {questions} questions, {len(reqs)} requests, {tokens} tokens (contexts once)"
     else:

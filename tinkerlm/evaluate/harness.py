@@ -15,7 +15,7 @@ stock backends such as `hf` stay registered: `get_model` only imports them into 
 The model (`TinkerLM`), model_args: model= a store ref, GGUF file or HF directory (as `tinkerlm.load`);
 quant=native|fp32|bf16|int8|int4; dtype=float32|bfloat16|float16; threads=N; share_prefix=true|false;
 add_bos_token=true|false (default: the tokenizer's own setting, as HFLM). lm-eval's --batch_size (choices scored per
-forward pass; "auto" means 16) and --device (cpu only) arrive as keyword arguments too.
+forward pass; "auto" means 16) and --device (ignored: tinkerlm runs on the CPU) arrive as keyword arguments too.
 - loglikelihood: lm-eval's own tokenization (`TemplateLM._encode_pair`, HFLM's `tok_encode` rule), then
   `tinkerlm.evaluate.scoring.loglikelihoods`: the choices of a question share their context's KV cache, requests
   are batched by length, and quantized models use the native kernels. Inputs longer than the model's context are
@@ -120,8 +120,8 @@ class TinkerLM(TemplateLM):
             )
         if not model:
             raise TinkerError("model_args: model= is missing (a store name, GGUF file or HF directory)")
-        if device not in (None, "cpu"):
-            raise TinkerError(f"device {device!r}: tinkerlm runs on the CPU (drop --device or pass cpu)")
+        if device not in (None, "cpu"):  # lm-eval's CLI passes cuda:0 unless told otherwise
+            log.info("tinkerlm runs on the CPU (device=%s ignored)", device)
         self._batch = _batch_size(batch_size)
         self.share_prefix = _bool(share_prefix, "share_prefix")
         self.add_bos_token = None if add_bos_token is None else _bool(add_bos_token, "add_bos_token")
@@ -361,7 +361,8 @@ _TEMP_DIRS: list[Path] = []
 
 class _QuietOverrides(logging.Filter):
     """Drops lm-eval's "Task X from <our directory> overrides existing task" warnings: replacing the stock
-    definitions is the point of the directory (one line per task, 65 of them, said nothing new)."""
+    definitions is the point of the directory (one line per task, 65 of them, said nothing new); also those of the
+    stock tags (`ai2_arc`, `mmlu_stem_tasks`) that our tasks declare again through their included YAMLs."""
 
     def __init__(self, directory: Path):
         super().__init__()
@@ -369,8 +370,10 @@ class _QuietOverrides(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
-        ours = len(args) > 1 and str(args[1]).startswith(self.directory)
-        return not (ours and "overrides existing task" in str(record.msg))
+        if "overrides existing task" not in str(record.msg) or len(args) < 3:
+            return True
+        # Our task, or a tag our tasks share with their stock YAMLs (`ai2_arc`; no file of its own: None).
+        return not (str(args[1]).startswith(self.directory) or args[1] is args[2] is None)
 
 
 def task_dir() -> Path:

@@ -3,7 +3,8 @@
     .venv/bin/python bench/eval_speed.py                                   # hellaswag + arc_easy, 100 items each
     .venv/bin/python bench/eval_speed.py --tasks hellaswag --limit 200 --rounds 2 --threads 2
 
-Same machine, same run, same items (the first `--limit` of each task, zero-shot, lm-eval's prompts as loaded by
+Same machine, same run, same items (`--limit` items spread evenly over each task, or with `--first` its first ones:
+HellaSwag's first items are its short ActivityNet ones, half the tokens of the average question; zero-shot, lm-eval's prompts as loaded by
 `tinkerlm.evaluate.tasks`), same batch size and threads:
 - tinkerlm: the items' (context, continuation) strings tokenized as lm-eval does (context + continuation encoded
   whole, the continuation is what follows the context's ids), then `scoring.loglikelihoods` (shared-prefix KV,
@@ -81,7 +82,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", help="store name or GGUF path (default smollm2)")
     ap.add_argument("--tasks", default="hellaswag,arc_easy", help="comma-separated (default hellaswag,arc_easy)")
-    ap.add_argument("--limit", type=int, default=100, help="first N items of each task (default 100)")
+    ap.add_argument("--limit", type=int, default=100, help="N items of each task, spread over it (default 100)")
+    ap.add_argument("--first", action="store_true", help="the first N items instead of N spread over the task")
     ap.add_argument("--batch-size", type=int, default=16, help="requests per forward pass, both engines (default 16)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads, both engines (default: physical cores)")
     ap.add_argument("--quants", default="native,fp32", help="tinkerlm weight formats (default native,fp32)")
@@ -104,28 +106,36 @@ def main(argv=None) -> None:
 
     load = os.getloadavg()
     print(f"{args.model}, batch {args.batch_size}, {torch_threads} threads, load average {load[0]:.2f} at start")
-    print(f"{'task':<12} {'engine':<18} {'items':>5} {'seconds':>8} {'q/s':>7} {'x hf':>6} {'acc':>6} {'acc_norm':>8}")
+    print(
+        f"{'task':<12} {'engine':<18} {'items':>5} {'seconds':>8} {'q/s':>7} {'x hf':>6} {'cpu s':>7} {'x hf':>6} "
+        f"{'acc':>6} {'acc_norm':>8}"
+    )
     for name in args.tasks.split(","):
-        task = load_task(name, limit=args.limit)
+        task = load_task(name, limit=args.limit if args.first else None)
+        if not args.first:
+            task.items = task.items[:: max(1, len(task.items) // args.limit)][: args.limit]
         requests = [r for item in task.items for r in task.requests(item)]
         warm = [r for item in task.items[:2] for r in task.requests(item)]
         times: dict[str, list[float]] = {e.name: [] for e in engines}
+        cpu: dict[str, list[float]] = {e.name: [] for e in engines}  # process CPU seconds: fairer on a busy host
         scores: dict[str, list[float]] = {}
         for e in engines:
             e(warm)
         for r in range(args.rounds):
             for e in engines[r % len(engines) :] + engines[: r % len(engines)]:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 scores[e.name] = e(requests)
                 times[e.name].append(time.perf_counter() - t0)
+                cpu[e.name].append(time.process_time() - c0)
         hf_rate = len(task.items) / statistics.median(times["lm-eval hf fp32"])
+        hf_cpu = statistics.median(cpu["lm-eval hf fp32"])
         for e in engines:
-            seconds = statistics.median(times[e.name])
+            seconds, cpu_s = statistics.median(times[e.name]), statistics.median(cpu[e.name])
             rate = len(task.items) / seconds
             acc, norm = accuracy(task, scores[e.name])
             print(
                 f"{name:<12} {e.name:<18} {len(task.items):>5} {seconds:>8.1f} {rate:>7.2f} {rate / hf_rate:>6.2f} "
-                f"{acc:>6.3f} {norm:>8.3f}"
+                f"{cpu_s:>7.1f} {hf_cpu / cpu_s:>6.2f} {acc:>6.3f} {norm:>8.3f}"
             )
         ref = scores["lm-eval hf fp32"]
         for e in engines:

@@ -9,8 +9,9 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
     echo "tinkerlm tests: installing chromium for the playground test" >&2
     $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
-# mergekit: the merge parity tests compare against it; llamacpp: the export interop tests load our GGUFs in llama.cpp
-bash scripts/install.sh test,mergekit,llamacpp
+# mergekit: the merge parity tests compare against it; llamacpp: the export interop tests load our GGUFs in llama.cpp;
+# lmeval: the lm-evaluation-harness backend's parity tests against its `hf` model
+bash scripts/install.sh test,mergekit,llamacpp,lmeval
 # The linter first: formatting and a small rule set (pyproject.toml [tool.ruff]); `ruff format .` and
 # `ruff check --fix .` repair most of what it reports.
 .venv/bin/ruff format --check --quiet . || { echo "tinkerlm tests: run '.venv/bin/ruff format .'" >&2; exit 1; }

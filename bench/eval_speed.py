@@ -29,18 +29,9 @@ from pathlib import Path
 import torch
 
 import tinkerlm
+from tinkerlm.evaluate.run import encode_pair  # lm-eval's request split
 from tinkerlm.evaluate.scoring import loglikelihoods
 from tinkerlm.evaluate.tasks import load_task
-
-
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's TemplateLM._encode_pair with HFLM's tok_encode (no BOS added for SmolLM2-style tokenizers)."""
-    n = len(context) - len(context.rstrip())
-    if n:
-        context, continuation = context[:-n], context[-n:] + continuation
-    whole = tokenizer.encode(context + continuation)
-    ids = tokenizer.encode(context)
-    return ids, whole[len(ids) :]
 
 
 def accuracy(task, lls: list[float]) -> tuple[float, float]:

@@ -387,3 +387,17 @@ def test_cli_bad_input_is_one_line_and_exit_2(tiny_dir, tmp_path, capsys, tasks,
     assert cli.main(["eval", str(tiny_dir), "--tasks", tasks]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tinkerlm: error:") and message in err and "\n" not in err
+
+
+def test_split_named_files_get_distinct_names_and_families_are_standard(tiny, tmp_path):
+    # Two files named eval.jsonl (the skills demo's layout) are two tasks, `dates/eval` and `contacts/eval`.
+    for folder in ("dates", "contacts"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "eval.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS[:2]))
+    files = [str(tmp_path / "dates" / "eval.jsonl"), str(tmp_path / "contacts" / "eval.jsonl")]
+    out = evaluate(tiny, files, store=False)
+    assert sorted(out["tasks"]) == ["contacts/eval", "dates/eval"]
+    assert out["tasks"]["dates/eval"]["items"][0]["id"] == "eval:1"
+    # mmlu_cloze is a standard family (its data version is the package's, not a file's digest).
+    spec = run._spec("mmlu_cloze", limit=1, shots=0, seed=0)
+    assert spec.data.startswith(tasks.PACKAGE) and len(spec.task.items) == len(tasks.MMLU_SUBJECTS)

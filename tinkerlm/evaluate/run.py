@@ -324,7 +324,7 @@ def _spec(name: str, *, limit, shots, seed) -> _Spec:
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise TinkerError(f"{e}; also perplexity, kl, or a .txt file (perplexity){hint}") from None
     kind = getattr(task, "kind", "multiple_choice")
-    if not (name == "mmlu" or name in tasks_mod._TASKS):  # a user file: its content is its version
+    if not (name in tasks_mod._FAMILIES or name in tasks_mod._TASKS):  # a user file: its content is its version
         data = f"file:{_sha256_bytes(Path(name).read_bytes())}"
     else:
         data = f"{tasks_mod.PACKAGE} {tasks_mod.package_version()}"

@@ -606,6 +606,18 @@ def _kind(where: str, obj: dict) -> str:
     return _KINDS[keys[0]]
 
 
+GENERIC_STEMS = frozenset({"eval", "test", "train", "dev", "valid", "validation", "data", "tasks", "heldout"})
+
+
+def user_task_name(path: Path) -> str:
+    """A user file's task name: its stem, or `folder/stem` for split-like stems (`dates/eval` for
+    examples/data/dates/eval.jsonl), so that two such files in one run get distinct, stable names."""
+    path = Path(path)
+    stem = path.stem
+    parent = path.resolve().parent.name
+    return f"{parent}/{stem}" if stem.lower() in GENERIC_STEMS and parent else stem
+
+
 def _load_jsonl(path: Path, limit: int | None, shots: int, seed: int) -> Task:
     if not path.is_file():
         raise TinkerError(f"{path}: no such task file")
@@ -654,11 +666,13 @@ def _load_jsonl(path: Path, limit: int | None, shots: int, seed: int) -> Task:
     if first[0] == "multiple-choice":
         fewshot = {"": ("", _fewshot_candidates(items, shots, random.Random(seed)))}
         items = items[:limit] if limit is not None else items
-        return Task(path.stem, items, source, "user's", "file", shots, fewshot)
+        return Task(user_task_name(path), items, source, "user's", "file", shots, fewshot)
     rng = random.Random(seed)  # drawn as for multiple choice: shots + 1, so `shots` remain after skipping the item
     examples = [items[i] for i in rng.sample(range(len(items)), min(len(items), shots + 1))] if shots else []
     items = items[:limit] if limit is not None else items
-    return Task(path.stem, items, source, "user's", "file", shots, kind="generate", main="exact", _examples=examples)
+    return Task(
+        user_task_name(path), items, source, "user's", "file", shots, kind="generate", main="exact", _examples=examples
+    )
 
 
 def load_task(

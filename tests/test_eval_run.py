@@ -284,6 +284,12 @@ def test_scores_stored_shown_and_reused(tiny_dir, qa, monkeypatch, capsys):
     assert len(calls) == 3
     assert set(store.get("tiny").evaluations) == {"qa", "perplexity"}  # merged, one entry per task
 
+    # A whole-task score stays in the manifest when a --limit run follows; a later whole run replaces it.
+    full = evaluate("tiny", [str(qa)])
+    evaluate("tiny", [str(qa)], limit=1)
+    kept = store.get("tiny").evaluations["qa"]
+    assert kept["limit"] is None and kept["metrics"] == full["tasks"]["qa"]["metrics"]
+
 
 def test_update_merges_checks_the_digest_and_reads_old_manifests(tiny_dir):
     m = store.pull(str(tiny_dir), name="tiny", progress=False)

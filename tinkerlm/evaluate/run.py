@@ -606,6 +606,16 @@ def _store_summary(manifest, model_sha: str, results: dict) -> None:
         }
         for label, e in results["tasks"].items()
     }
+    # A score on the whole task is not replaced by a later --limit run's (the records of both are kept).
+    current = store.find(manifest.ref)
+    stored = (current.evaluations if current is not None else None) or {}
+    summary = {
+        k: v
+        for k, v in summary.items()
+        if not (v["limit"] is not None and isinstance(stored.get(k), dict) and stored[k].get("limit") is None)
+    }
+    if not summary:
+        return
     try:
         store.update(manifest.ref, expect_sha256=store.digest(manifest), evaluations=summary)
     except TinkerError as e:  # removed or replaced meanwhile: the results are still returned

@@ -89,3 +89,26 @@ def perplexity(
     ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
     nll = token_nll(model, ids, context=context, stride=stride)
     return math.exp(nll.double().mean().item())
+
+
+def divergence(reference, model, x: torch.Tensor, rows: slice, targets: torch.Tensor, *, what: str = "kl") -> tuple:
+    """Per scored position of one window `x` (1, T): KL(P || Q) of the next-token distributions (P the reference's),
+    whether the argmaxes agree, and both models' NLL of `targets` (n, 1). `rows` picks the scored logits.
+
+    A model whose vocabulary is padded larger than the reference's (GGUF writers may pad) is cut to it: the mass it
+    puts on the padding is lost from its side; a smaller one is a TinkerError (`what` names the caller).
+    Returns float64 (kl, nll_reference, nll_model) tensors of shape (n,) and a bool (n,) agreement tensor.
+    """
+    logp = torch.log_softmax(reference(x)[0, rows].float(), dim=-1)  # (n, V)
+    logq = torch.log_softmax(model(x)[0, rows].float(), dim=-1)
+    v_ref, v_model = logp.shape[-1], logq.shape[-1]
+    if v_model < v_ref:
+        raise TinkerError(
+            f"{what}: the model has {v_model} vocabulary entries, its reference {v_ref} (not the same tokenizer?)"
+        )
+    logq = logq[..., :v_ref]
+    # exp(logp) is exactly 0 where logp is -inf, and 0 * (-inf - x) would be nan: those terms are 0.
+    terms = torch.where(logp.isneginf(), 0.0, logp.exp() * (logp - logq))
+    kl = terms.sum(-1).double().clamp_min(0.0)  # rounding can leave -1e-9 where P == Q
+    agree = logp.argmax(-1) == logq.argmax(-1)
+    return kl, -logp.gather(-1, targets)[:, 0].double(), -logq.gather(-1, targets)[:, 0].double(), agree

@@ -241,8 +241,10 @@ def _perplexity(llm, text: str, name: str, limit: int | None, progress: bool) ->
 
 def _kl(llm, reference, text: str, limit: int | None, progress: bool) -> tuple[dict, list[dict], str]:
     """KL(P || Q) per scored token, P the reference's next-token distribution and Q the model's, in the
-    perplexity windows (as `tinkerlm.export.verify.compare`); one item per window."""
+    perplexity windows (`perplexity.divergence`, which `tinkerlm.export.verify.compare` uses too); one item per window."""
     import torch
+
+    from tinkerlm.evaluate.perplexity import divergence
 
     ids = list(llm.tokenizer.encode(text))
     ids_t = torch.as_tensor(ids, dtype=torch.long)
@@ -252,20 +254,10 @@ def _kl(llm, reference, text: str, limit: int | None, progress: bool) -> tuple[d
         for k, (begin, end, first) in enumerate(spans):
             x = ids_t[None, begin:end]
             rows = slice(first - 1 - begin, end - 1 - begin)  # logits[i] predicts ids[begin + i + 1]
-            logp = torch.log_softmax(reference.model(x)[0, rows].float(), dim=-1)  # (n, V)
-            logq = torch.log_softmax(llm.model(x)[0, rows].float(), dim=-1)
-            if logq.shape[-1] < logp.shape[-1]:
-                raise TinkerError(
-                    f"kl: the model has {logq.shape[-1]} vocabulary entries, the reference {logp.shape[-1]} "
-                    "(not the same tokenizer?)"
-                )
-            logq = logq[..., : logp.shape[-1]]  # a vocabulary padded larger: the padding's mass is lost
-            terms = torch.where(logp.isneginf(), 0.0, logp.exp() * (logp - logq))
-            kl = terms.sum(-1).double().clamp_min(0.0)  # (n,)
-            targets = ids_t[first:end, None]
-            nll_p += float(-logp.gather(-1, targets).double().sum())
-            nll_q += float(-logq.gather(-1, targets).double().sum())
-            agree += int((logp.argmax(-1) == logq.argmax(-1)).sum())
+            kl, p_nll, q_nll, agrees = divergence(reference.model, llm.model, x, rows, ids_t[first:end, None])
+            nll_p += float(p_nll.sum())
+            nll_q += float(q_nll.sum())
+            agree += int(agrees.sum())
             kls.append(kl)
             items.append({"id": f"kl:{k}", "kl": float(kl.mean()), "tokens": int(kl.numel())})
             bar.update(1)

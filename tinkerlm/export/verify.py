@@ -21,7 +21,7 @@ import math
 import torch
 
 from tinkerlm.errors import TinkerError
-from tinkerlm.evaluate.perplexity import shipped_text, windows
+from tinkerlm.evaluate.perplexity import divergence, shipped_text, windows
 from tinkerlm.store.display import format_verification  # noqa: F401  (one line, shared with `tinkerlm show`)
 
 
@@ -66,17 +66,10 @@ def compare(reference, candidate, ids: list[int], *, context: int = 512, progres
     for begin, end, first in spans:
         x = ids_t[None, begin:end]
         rows = slice(first - 1 - begin, end - 1 - begin)  # logits[i] predicts ids[begin + i + 1]
-        logp = torch.log_softmax(reference(x)[0, rows].float(), dim=-1)  # (n_targets, V)
-        logq = torch.log_softmax(candidate(x)[0, rows].float(), dim=-1)
-        logq = _same_vocab(logp, logq)
         out = slice(first - 1, end - 1)
-        # exp(logp) is exactly 0 where logp is -inf, and 0 * (-inf - x) would be nan: those terms are 0.
-        terms = torch.where(logp.isneginf(), 0.0, logp.exp() * (logp - logq))
-        kl[out] = terms.sum(-1).double().clamp_min(0.0)  # rounding can leave -1e-9 where P == Q
-        agree[out] = logp.argmax(-1) == logq.argmax(-1)
-        targets = ids_t[first:end, None]
-        nll_ref[out] = -logp.gather(-1, targets)[:, 0].double()
-        nll_cand[out] = -logq.gather(-1, targets)[:, 0].double()
+        kl[out], nll_ref[out], nll_cand[out], agree[out] = divergence(
+            reference, candidate, x, rows, ids_t[first:end, None], what="verify"
+        )
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -90,19 +83,6 @@ def compare(reference, candidate, ids: list[int], *, context: int = 512, progres
         "ppl_reference": math.exp(nll_ref.mean().item()),
         "ppl_candidate": math.exp(nll_cand.mean().item()),
     }
-
-
-def _same_vocab(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """The candidate's log-probabilities over the reference's vocabulary. A candidate padded to a larger vocabulary
-    (GGUF writers may pad) is cut to the reference's: the mass it puts on padding is lost from its side."""
-    v_ref, v_cand = logp.shape[-1], logq.shape[-1]
-    if v_cand == v_ref:
-        return logq
-    if v_cand < v_ref:
-        raise TinkerError(
-            f"verify: the written model has {v_cand} vocabulary entries, its source {v_ref} (not the same model?)"
-        )
-    return logq[..., :v_ref]
 
 
 def text_ids(tokenizer, text: str | None = None, max_tokens: int = 1024) -> list[int]:

@@ -21,11 +21,12 @@ line, unless `lenient=True`, which treats any other string as the MOT does: a li
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tinkerlm.errors import TinkerError
-from tinkerlm.openness import mof
+from tinkerlm.openness import licences, mof
 
 UNLICENSED = "unlicensed"
 _INHERIT = object()  # the component names no licence of its own: the global one applies
@@ -104,7 +105,7 @@ def _mapping(node, where: str, what: str) -> dict:
     """A mapping node's entries: key -> value node (keys are scalars)."""
     import yaml
 
-    if isinstance(node, yaml.ScalarNode) and node.value in ("", "~", "null") and node.tag.endswith(":null"):
+    if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
         return {}
     if not isinstance(node, yaml.MappingNode):
         raise TinkerError(f"{where}: line {_line(node)}: {what} should be a mapping (key: value lines)")
@@ -136,7 +137,8 @@ def _licence(value: str | None, node, where: str, what: str, lenient: bool) -> s
     r = mof.rules()
     if value in r.licences or value in r.open_other or value.startswith("LicenseRef-") or lenient:
         return value
-    hint = r.spdx(value)
+    row = licences.lookup(value)  # a spelling seen in model cards ("Apache 2.0", "llama-3")
+    hint = r.spdx(value) or r.spdx(re.sub(r"\s+", "-", value)) or (r.spdx(row.id) if row else None)
     suggestion = (
         f"write {hint!r}"
         if hint

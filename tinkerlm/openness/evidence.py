@@ -27,6 +27,7 @@ from tinkerlm.openness import licences as lic_mod
 from tinkerlm.openness import mof
 
 CONFIRMED, DECLARED = "confirmed", "declared"
+NEUTRAL = "nothing added"  # a remix step that adds nothing to a component (a merge's training data): parents decide
 TINKERLM_LICENCE = "Apache-2.0"
 TINKERLM_URL = "https://pypi.org/project/tinkerlm/"
 # Supporting libraries every remix here used, with their SPDX licences.
@@ -68,7 +69,7 @@ class Evidence:
 
     licence: str | None
     where: str | None
-    source: str  # CONFIRMED | DECLARED
+    source: str  # CONFIRMED | DECLARED (| NEUTRAL, for a remix step only)
     note: str | None = None
 
 
@@ -199,12 +200,12 @@ def remix_step(manifest, model_dir: Path | None) -> dict[str, Evidence]:
         out["Supporting libraries and tools"] = Evidence(TINKERLM_LICENCE, LIBRARIES, CONFIRMED)
         out["Model metadata"] = Evidence(weights, f"{manifest.ref}: merge recipe", CONFIRMED)
         for name in ("Datasets", "Data preprocessing code", "Data card", "Model parameters (Intermediate)"):
-            out[name] = Evidence(weights, "none: a merge trains on no data", CONFIRMED, "nothing added")
+            out[name] = Evidence(None, "a merge trains on no data", NEUTRAL)
     elif stype in ("quantize", "fuse"):
         out["Training code"] = _tinkerlm("tinkerlm/export/ (quantization)" if stype == "quantize" else "tinkerlm/tune/")
         out["Supporting libraries and tools"] = Evidence(TINKERLM_LICENCE, LIBRARIES, CONFIRMED)
         for name in ("Datasets", "Data preprocessing code", "Data card", "Model parameters (Intermediate)"):
-            out[name] = Evidence(weights, f"none: a {stype} adds no data", CONFIRMED, "nothing added")
+            out[name] = Evidence(None, f"a {stype} adds no data", NEUTRAL)
         out["Model metadata"] = Evidence(weights, f"{manifest.ref}: manifest source record", CONFIRMED)
     return out
 
@@ -236,17 +237,19 @@ def declared(decl: decl_mod.Declaration) -> dict[str, Evidence]:
     r = mof.rules()
     out = {}
     for cid, lic in decl.licences().items():
-        out[r.components[cid].name] = Evidence(lic, decl.where(cid), DECLARED, f"declared in {Path(decl.path).name}")
+        out[r.components[cid].name] = Evidence(lic, decl.where(cid) or f"declared in {Path(decl.path).name}", DECLARED)
     return out
 
 
 def combine(parts: list[dict[str, Evidence]]) -> dict[str, Evidence]:
-    """Evidence that every part must provide (a remix's "both" components): present only if in every part; licences
-    ANDed; declared if any part is declared."""
+    """Evidence that every part must provide (a remix's "both" components): present only if in every part (a NEUTRAL
+    step counts as present and adds no licence); licences ANDed; declared if any part is declared."""
     out = {}
     names = set.intersection(*(set(p) for p in parts)) if parts else set()
     for name in names:
-        items = [p[name] for p in parts]
+        items = [p[name] for p in parts if p[name].source != NEUTRAL]  # a step that adds nothing does not vote
+        if not items:
+            continue
         out[name] = Evidence(
             _and(*(e.licence for e in items)),
             "; ".join(dict.fromkeys(e.where for e in items if e.where)),
@@ -257,10 +260,11 @@ def combine(parts: list[dict[str, Evidence]]) -> dict[str, Evidence]:
 
 
 def overlay(base: dict[str, Evidence], extra: dict[str, Evidence]) -> dict[str, Evidence]:
-    """`base` with `extra`'s components added where `base` has none (confirmed evidence is never replaced)."""
+    """`base` with `extra`'s components where `base` has none or only declared ones: a later declaration (the
+    user's over tinkerlm's built-in one) replaces an earlier, and confirmed evidence is never replaced."""
     out = dict(base)
     for name, e in extra.items():
-        if name not in out:
+        if name not in out or out[name].source == DECLARED:
             out[name] = e
     return out
 

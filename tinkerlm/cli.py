@@ -175,6 +175,7 @@ def parser() -> argparse.ArgumentParser:
     _merge_parser(sub, fmt)
     _eval_parser(sub, fmt)
     _compare_parser(sub, fmt)
+    _openness_parser(sub, fmt)
     _share_parser(sub, fmt)
     for s in sub.choices.values():  # --debug after the verb too; SUPPRESS keeps a --debug given before it
         s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
@@ -369,6 +370,37 @@ def _compare_parser(sub, fmt) -> None:  # plain formatter: the help texts say th
 
 def cmd_compare(a) -> None:
     from tinkerlm.evaluate.compare import main
+
+    main(a)
+
+
+def _openness_parser(sub, fmt) -> None:
+    s = sub.add_parser(
+        "openness",
+        help="how open a model is: its Model Openness Framework class and the OSI definition's verdict",
+        formatter_class=fmt,
+        description="Grade a stored model by the Model Openness Framework (Class III open model, II open tooling, "
+        "I open science) from what the store proves (confirmed) and what a declaration says (declared), component "
+        "by component, with what the next class needs, and check it against the Open Source AI Definition 1.0. "
+        "Remixes are judged from their parents plus what the remix added.",
+    )
+    s.add_argument("name", help="a model in the store (NAME[:TAG])")
+    s.add_argument(
+        "--declaration",
+        default=None,
+        metavar="YML",
+        help="a Model Openness Tool model file (its YAML format) declaring what was published",
+    )
+    s.add_argument(
+        "--lenient",
+        action="store_true",
+        help="accept free-text licences in the declaration as the MOT does (as licences that are not open)",
+    )
+    s.add_argument("--json", action="store_true", help="print the assessment as JSON")
+
+
+def cmd_openness(a) -> None:
+    from tinkerlm.openness.report import main
 
     main(a)
 
@@ -686,6 +718,7 @@ COMMANDS = {
     "quantize": cmd_quantize,
     "eval": cmd_eval,
     "compare": cmd_compare,
+    "openness": cmd_openness,
     "card": cmd_card,
     "push": cmd_push,
 }

@@ -87,6 +87,7 @@ def test_lora_finetune_card_is_an_adapter(base, tmp_path):
     assert "- **ad:latest**: licence `apache-2.0`" in body
     assert "  - **base:latest** (base): licence `apache-2.0`" in body
     assert "apache-2.0: keep the copyright and licence notices" in body  # the obligations it inherits
+    assert "## Openness" in body and "| Training code |" in body  # the assessment of the adapter
 
 
 def test_full_finetune_card_is_a_finetune(base, tmp_path):
@@ -210,7 +211,7 @@ def test_openness_goes_into_front_matter_and_body():
         "| Model parameters (Final) | 3 | yes | included | confirmed | model.safetensors | Apache-2.0 | yes |" in body
     )
     assert "| Training code | 2 | yes | missing | - | - | - | - |" in body
-    assert "Missing for class II: Training code." in body
+    assert "Missing for class II:\n\n- Training code\n" in body
     assert "does not meet the OSI's Open Source AI Definition" in body and "- training code is not published" in body
     assert "- apache-2.0: keep the copyright and licence notices of the parent weights" in body
     assert "- **ad:latest**: licence `apache-2.0`, MOF class III, sha256 `abababababab`" in body
@@ -254,6 +255,10 @@ def test_smollm2_card(smollm2_stored, tmp_path, monkeypatch):
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in body
     assert "include the Apache-2.0 licence text" in body
     assert "  - **HuggingFaceTB/SmolLM2-135M-Instruct** (quantized): licence `apache-2.0`" in body
+    # the openness assessment: its datasets in the front matter, its class, table and OSAID verdict in the body
+    assert "HuggingFaceTB/smollm-corpus" in meta["datasets"]
+    assert "## Openness" in body and "| Model parameters (Final) | 3 | yes | included | confirmed |" in body
+    assert "Open Source AI Definition 1.0" in body
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -270,4 +275,5 @@ def test_card_verb_refuses_to_overwrite_without_force(base, tmp_path):
     assert meta["license"] == "apache-2.0"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
     assert_user_error(cli("card", "nosuch", "--out", str(tmp_path / "x.md")), "nosuch")
+    assert_user_error(cli("card", "base", "--out", str(tmp_path / "x.md"), "--declaration", "no.yml"), "no.yml")
     assert not (tmp_path / "x.md").exists()

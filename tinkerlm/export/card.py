@@ -337,8 +337,14 @@ def _openness(d: dict) -> list[str]:
         out.append("")
     nxt = d.get("next_class")
     if isinstance(nxt, dict) and nxt.get("missing"):
-        missing = ", ".join(_cell(x) for x in nxt["missing"])
-        out += [f"Missing for class {_roman(nxt.get('class'))}: {missing}.", ""]
+        items = []
+        for x in nxt["missing"]:  # "Training code", or {"component": ..., "why": ...}
+            if isinstance(x, dict):
+                why = f" ({_cell(x.get('why'))})" if x.get("why") else ""
+                items.append(_cell(x.get("component")) + why)
+            else:
+                items.append(_cell(x))
+        out += [f"Missing for class {_roman(nxt.get('class'))}:", ""] + [f"- {i}" for i in items] + [""]
     osaid = d.get("osaid")
     if isinstance(osaid, dict):
         verdict = "meets" if osaid.get("open_source_ai") else "does not meet"
@@ -512,6 +518,10 @@ def store_card(
         openness = {"lineage": tree}
     elif not isinstance(openness.get("lineage"), dict):
         openness = {**openness, "lineage": tree}
+    elif tree["parents"] and not m.parents:  # a catalogue file: show the Hub model it was made from
+        root = openness["lineage"]
+        if not root.get("parents"):
+            openness = {**openness, "lineage": {**root, "parents": tree["parents"]}}
     flat = [
         {"name": p.get("name"), "sha256": p.get("sha256"), "relation": p.get("relation"), "licence": p.get("license")}
         for p in m.parents

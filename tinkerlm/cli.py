@@ -176,9 +176,60 @@ def parser() -> argparse.ArgumentParser:
     _eval_parser(sub, fmt)
     _compare_parser(sub, fmt)
     _openness_parser(sub, fmt)
+    _share_parser(sub, fmt)
     for s in sub.choices.values():  # --debug after the verb too; SUPPRESS keeps a --debug given before it
         s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
     return p
+
+
+def _share_parser(sub, fmt) -> None:
+    s = sub.add_parser(
+        "card",
+        help="write a Hugging Face model card (README.md) for a stored model",
+        formatter_class=fmt,
+        description="Write a model's Hugging Face card: front matter (license, base_model, base_model_relation, "
+        "datasets, tags, model-index from `tinkerlm eval`) and a body with its lineage tree, openness class, "
+        "component table, OSAID verdict and the obligations it inherits. See docs/share.md.",
+    )
+    s.add_argument("name", help="store name NAME[:TAG]")
+    s.add_argument("--out", default="README.md", help="the file to write")
+    s.add_argument("--declaration", default=None, help="MOT-format YAML declaring components (default: none)")
+    s.add_argument("--force", action="store_true", help="replace an existing --out")
+
+    s = sub.add_parser(
+        "push",
+        help="publish a stored model to the Hugging Face Hub with its card",
+        formatter_class=fmt,
+        description="Upload a stored model (its GGUF, HF files or LoRA adapter), its model card and, with --gguf, "
+        "GGUF exports made on the fly, to hf:ORG/REPO in one commit. The token comes from HF_TOKEN or "
+        "`hf auth login`, the Hub from HF_ENDPOINT. See docs/share.md.",
+    )
+    s.add_argument("name", help="store name NAME[:TAG]")
+    s.add_argument("target", help="hf:ORG/REPO")
+    s.add_argument(
+        "--private", action="store_true", help="create the repo private (an existing repo keeps its setting)"
+    )
+    s.add_argument(
+        "--gguf",
+        action="append",
+        default=None,
+        metavar="TYPE",
+        help="also upload a GGUF export of this type (repeatable; default: none)",
+    )
+    s.add_argument("--message", default=None, help="the commit message (default: 'Upload NAME with tinkerlm')")
+    s.add_argument("--declaration", default=None, help="MOT-format YAML for the card's openness (default: none)")
+
+
+def cmd_card(a) -> None:
+    from tinkerlm.export.card import main
+
+    main(a)
+
+
+def cmd_push(a) -> None:
+    from tinkerlm.export.push import main
+
+    main(a)
 
 
 def _merge_parser(sub, fmt) -> None:
@@ -668,6 +719,8 @@ COMMANDS = {
     "eval": cmd_eval,
     "compare": cmd_compare,
     "openness": cmd_openness,
+    "card": cmd_card,
+    "push": cmd_push,
 }
 
 

@@ -128,7 +128,7 @@ def test_playground_openness_view(kid, monkeypatch):
             assert "licence: mit" in nodes["b:latest"].text_content()
             edges = {
                 (e.get_attribute("data-from"), e.get_attribute("data-to"), e.get_attribute("data-relation"))
-                for e in page.query_selector_all("#lineage svg line.edge")
+                for e in page.query_selector_all("#lineage svg path.edge")
             }
             assert edges == {("kid:latest", "a:latest", "base"), ("kid:latest", "b:latest", "merge-input")}
             assert {t.text_content() for t in page.query_selector_all("#lineage svg text.relation")} == {

@@ -275,14 +275,17 @@ def test_a_finetune_and_a_merge_are_judged_from_their_parents(smol, tmp_path):
     # OSAID asks for data information, not open data: the merge is open source AI (on declared evidence)
     assert mg["class"] == 0 and mg["osaid"]["open_source_ai"] is True and mg["osaid"]["evidence"] == "declared"
     # Class III needs evaluation results and a report (or paper) under an open licence: with a declaration of the
-    # paper's licence, the merge lacks only results; once `tinkerlm eval` has scored it, it is Class III.
+    # paper's licence, the merge lacks only results. Once `tinkerlm eval` has scored it on ARC (open data), the
+    # evaluation code and data are there too, and with tinkerlm's training code it is Class II.
     decl = tmp_path / "paper.yml"
     decl.write_text("release:\n  name: x\n  components:\n    - name: Research paper\n      license: CC-BY-4.0\n")
     before = assess(m.ref, declaration=str(decl))
     assert before.cls == 0 and [x["component"] for x in before.next_class()["missing"]] == ["Evaluation results"]
     evaluate(m.ref, ["arc_easy"], limit=4, progress=False)
     after = assess(m.ref, declaration=str(decl)).to_json()
-    assert after["class"] == 3 and after["evidence"] == "declared"
+    assert after["class"] == 2 and after["label"] == "Class II - Open Tooling Model" and after["evidence"] == "declared"
+    missing = {x["component"] for x in after["next_class"]["missing"]}
+    assert missing == {"Datasets", "Model parameters (Intermediate)"}  # the fine-tune's data has no licence
     assert _component(after, "Evaluation results")["evidence"] == "confirmed"
     assert _component(after, "Evaluation data")["licence"] == "CC-BY-SA-4.0"  # ARC's
 

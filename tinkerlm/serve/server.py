@@ -726,40 +726,15 @@ def _openness(state: _State, name: str) -> dict:
 
 
 def _card(state: _State, name: str) -> str:
-    """The model card (README.md text) of the served or stored model `name`.
-
-    Uses the card builder of `tinkerlm.export.card` (`card_text(ref)`, or `store_card(ref, openness=...)`) when
-    this tinkerlm has one, else `_minimal_card` from the openness assessment.
-    """
-    from tinkerlm.export import card as card_mod
+    """The model card (README.md text) of the served or stored model `name`, as `tinkerlm card` writes it."""
+    from tinkerlm.export.card import store_card
 
     ref = _stored_ref(state, name)
+    d = _openness(state, ref)
     try:
-        build = getattr(card_mod, "card_text", None)
-        if build is not None:
-            return build(ref)
-        d = _openness(state, ref)
-        build = getattr(card_mod, "store_card", None)
-        return build(ref, openness=d) if build is not None else _minimal_card(d)
+        return store_card(ref, openness=d)
     except TinkerError as e:
         raise APIError(500, f"model card of {ref}: {e}", None, "card_failed") from None
-
-
-def _minimal_card(d: dict) -> str:
-    """A short Markdown card from an openness assessment: title, licence, MOF class, parents, obligations."""
-    lines = [f"# {d['model']}", "", f"Licence: `{d.get('licence') or 'unknown'}`", ""]
-    level = f" ({d['evidence']})" if d.get("evidence") else ""
-    lines += [f"Model Openness Framework: **{d['label']}**{level}", ""]
-    parents = d.get("lineage", {}).get("parents", [])
-    if parents:
-        lines += ["## Parents", ""]
-        lines += [
-            f"- {p.get('name')} ({p.get('relation') or '?'}), licence `{p.get('licence') or '?'}`" for p in parents
-        ]
-        lines.append("")
-    if d.get("obligations"):
-        lines += ["## Obligations", ""] + [f"- {o}" for o in d["obligations"]] + [""]
-    return "\n".join(lines)
 
 
 async def _collect(request: Request, run: _Run):

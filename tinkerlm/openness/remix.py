@@ -33,11 +33,14 @@ class Terms:
         licence: the inherited licence ("A AND B" when the parents' differ), None when no parent's is known.
         obligations: what distributing the result obliges, one line each, prefixed by the licence it comes from.
         conflicts: the licence conflicts accepted with `--accept-licence-conflict` (empty otherwise).
+        warnings: what else to take care over (restrictions, unknown licences, naming rules); `announce` logs them
+            once the remix is made, so a remix that fails for another reason says only why.
     """
 
     licence: str | None
     obligations: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def check(parents: list[str | None], *, kind: str, name: str, accept_licence_conflict: bool = False) -> Terms:
@@ -47,7 +50,7 @@ def check(parents: list[str | None], *, kind: str, name: str, accept_licence_con
         parents: each parent's licence identifier (None when unknown).
         kind: one of `licences.REMIX_KINDS`.
         name: the result's name (store name or output file), for messages and naming rules.
-        accept_licence_conflict: make the remix despite conflicts; they are then warned about and returned.
+        accept_licence_conflict: make the remix despite conflicts; they are then returned (and `announce` warns).
     Raises:
         TinkerError: the licences conflict and `accept_licence_conflict` is not set; the message names the licences,
             the reasons and the flag.
@@ -60,16 +63,16 @@ def check(parents: list[str | None], *, kind: str, name: str, accept_licence_con
             "(the conflict is recorded with it)"
         )
     licence, obligations, warnings = licences.inherit(parents)
-    for w in warnings + licences.cautions(parents, kind=kind, name=name):
-        log.warning("%s: %s", name, w)
-    for r in reasons:
-        log.warning("%s: licence conflict accepted (%s): %s", name, FLAG, r)
-    return Terms(None if licence == licences.UNKNOWN else licence, obligations, reasons)
+    warnings += licences.cautions(parents, kind=kind, name=name)
+    return Terms(None if licence == licences.UNKNOWN else licence, obligations, reasons, warnings)
 
 
 def announce(ref: str, terms: Terms, *, assess: bool = True) -> None:
-    """Print to stderr the obligations the remix `ref` inherits, the conflicts accepted, and (for a stored model,
-    `assess`) its openness class. An assessment that fails is logged, never raised: the remix is already made."""
+    """Log the warnings of the remix `ref`, print to stderr the obligations it inherits and the conflicts
+    accepted, and (for a stored model, `assess`) its openness class. An assessment that fails is logged, never
+    raised: the remix is already made."""
+    for w in terms.warnings:
+        log.warning("%s: %s", ref, w)
     lines = ["obligations this model inherits:"]
     lines += [f"  {o}" for o in terms.obligations] or ["  none recorded: read the parents' licences before sharing it"]
     if terms.conflicts:

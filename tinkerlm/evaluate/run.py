@@ -589,6 +589,7 @@ def _store_summary(manifest, model_sha: str, results: dict) -> None:
             "higher_is_better": e["higher_is_better"],
             "n": e["n"],
             "shots": e.get("shots", 0),
+            "licence": e.get("licence"),  # the task data's, for `tinkerlm openness` (Evaluation data)
             "limit": s["limit"],
             "chat": s["chat"],
             "seed": s["seed"],

@@ -274,6 +274,14 @@ def _export_hf(source, tmp: Path, dtype: str, verify: bool, eval_text: str | Non
         _log(f"verified against {source.ref}: {format_verification(verification)}")
     written_dtypes = ", ".join(sorted({str(t).removeprefix("torch.") for t in chosen.values()}))
     m = source.manifest
+    files = sorted(p.name for p in tmp.iterdir())
+    description = f"{source.ref} exported by tinkerlm as a Hugging Face model ({written_dtypes})."
+    if m is not None:  # a stored model: its full card (lineage, openness, obligations), for the copy written
+        text = card_mod.store_card(
+            m.ref, files=files, verification=verification, description=description, evaluations=exact, copy_of=not exact
+        )
+        (tmp / "README.md").write_text(text, encoding="utf-8")
+        return {"verification": verification, "tensors": []}
     lineage = [{"name": source.ref, "sha256": source.digest, "relation": "source", "license": source.license}]
     lineage += list(m.parents) if m is not None else []
     card = card_mod.model_card(
@@ -281,10 +289,10 @@ def _export_hf(source, tmp: Path, dtype: str, verify: bool, eval_text: str | Non
         license=source.license,
         base_models=[source.ref],
         relation=None if exact else "quantized",
-        description=f"{source.ref} exported by tinkerlm as a Hugging Face model ({written_dtypes}).",
+        description=description,
         lineage=lineage,
         verification=verification,
-        files=sorted(p.name for p in tmp.iterdir()),
+        files=files,
         # The source's scores hold for a lossless copy only (a dtype change is another model: evaluate it).
         evaluations=m.evaluations if m is not None and exact else None,
     )

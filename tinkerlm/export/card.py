@@ -1,5 +1,7 @@
-"""A Hugging Face model card (README.md) for an exported model: YAML front matter the Hub reads, then what the
-model is, where it came from, how well it survived export and how to run it.
+"""`tinkerlm card NAME`: a Hugging Face model card (README.md) for a stored or exported model: YAML front matter the
+Hub reads, then what the model is, where it came from (its lineage tree), how open it is (the Model Openness
+Framework class with its component table, the OSI's Open Source AI Definition verdict), what its licences oblige,
+how well it survived export and how to run it. `tinkerlm push` and `tinkerlm export --to hf` publish the same card.
 
 Front matter keys (https://huggingface.co/docs/hub/model-cards): `license` (a Hub licence identifier; any other
 licence is `other` with `license_name`), `base_model` (the parents' Hub ids), `base_model_relation` (adapter,
@@ -16,7 +18,11 @@ breaks escaped.
 from __future__ import annotations
 
 import math
+import os
 import re
+import secrets
+import sys
+from pathlib import Path
 
 from tinkerlm.errors import TinkerError
 from tinkerlm.openness import licences
@@ -36,6 +42,8 @@ def model_card(
     verification: dict | None,
     files: list[str],
     evaluations: dict | None = None,
+    openness: dict | None = None,
+    obligations: list[str] | None = None,
 ) -> str:
     """The README.md text of an exported model.
 
@@ -51,6 +59,10 @@ def model_card(
         files: the files written beside the card (decide `library_name`: gguf, peft or transformers).
         evaluations: stored scores (`Manifest.evaluations`: task -> {"metrics", "main", "n", "shots", "limit",
             ...}): a table in the body, and `model-index` results in the front matter for runs over whole tasks.
+        openness: `tinkerlm.openness.assess(...).to_json()`, or None: its "datasets" go in the front matter, its
+            lineage tree, class, component table and OSAID verdict in the body, its class in the tags.
+        obligations: what the model's licences ask of whoever shares it (default: the openness dict's, else
+            `licences.inherit([license])`'s).
     Raises:
         TinkerError: an unknown relation.
     """
@@ -70,12 +82,23 @@ def model_card(
     library = _library(files)
     if library:
         meta["library_name"] = library
+    datasets = [d for d in (openness or {}).get("datasets") or [] if isinstance(d, str) and d.strip()]
+    if datasets:
+        meta["datasets"] = list(dict.fromkeys(datasets))
     tags = ["tinkerlm"] + ([library] if library == "gguf" else []) + ([relation] if relation else [])
+    cls = (openness or {}).get("class")
+    if isinstance(cls, int) and not isinstance(cls, bool) and cls in (1, 2, 3):
+        tags.append(f"mof-class-{cls}")
     meta["tags"] = tags
     meta["pipeline_tag"] = "text-generation"
     evaluations = {k: v for k, v in (evaluations or {}).items() if isinstance(v, dict) and _scores(v)}
+    if obligations is None:
+        obligations = (openness or {}).get("obligations")
+    if obligations is None:
+        obligations = licences.inherit([license])[1] if license else []
     head = front_matter(meta, _model_index(name, evaluations))
-    return head + "\n" + _body(name, license, description, lineage, verification, files, library, evaluations)
+    body = _body(name, license, description, lineage, verification, files, library, evaluations, openness, obligations)
+    return head + "\n" + body
 
 
 def front_matter(meta: dict[str, object], extra: list[str] | None = None) -> str:
@@ -185,7 +208,9 @@ def _evaluation_rows(evaluations: dict) -> list[str]:
     return out + [""]
 
 
-def _body(name, license, description, lineage, verification, files, library, evaluations=None) -> str:  # noqa: A002
+def _body(  # noqa: A002
+    name, license, description, lineage, verification, files, library, evaluations=None, openness=None, obligations=()
+) -> str:
     title = " ".join(name.split()) or "model"
     out = [f"# {title}", "", description.strip() or "A model exported with tinkerlm.", ""]
     out += ["## Licence", ""]
@@ -195,7 +220,13 @@ def _body(name, license, description, lineage, verification, files, library, eva
         else "No licence was recorded: read the licences of the models in the lineage below before using it."
     )
     out.append("")
-    if lineage:
+    if obligations:
+        out += ["Sharing or using this model obliges you to:", ""] + [f"- {_cell(o)}" for o in obligations] + [""]
+    tree = (openness or {}).get("lineage")
+    if isinstance(tree, dict):
+        out += ["## Lineage", "", "Each model with how the one above was made from it, its licence and MOF class:", ""]
+        out += _tree(tree) + [""]
+    elif lineage:
         out += ["## Lineage", "", "| Model | sha256 | Relation | Licence |", "|---|---|---|---|"]
         for item in lineage:
             sha = item.get("sha256")
@@ -204,6 +235,8 @@ def _body(name, license, description, lineage, verification, files, library, eva
                 f"{_cell(item.get('relation'))} | {_cell(item.get('licence', item.get('license')))} |"
             )
         out.append("")
+    if openness and "class" in openness:  # an assessment, not only a lineage tree
+        out += _openness(openness)
     out += ["## Verification", ""]
     if verification:
         out.append(
@@ -234,6 +267,94 @@ def _body(name, license, description, lineage, verification, files, library, eva
     return "\n".join(out) + "\n"
 
 
+def _tree(node: dict, depth: int = 0, limit: int = 200) -> list[str]:
+    """The lineage as a nested Markdown list: one line per model (name, relation, licence, class, short sha256),
+    its parents indented below it. At most `limit` lines, 16 levels deep (a hostile record cannot blow it up)."""
+    out: list[str] = []
+
+    def visit(n: dict, depth: int) -> None:
+        if len(out) >= limit or depth > 16 or not isinstance(n, dict):
+            return
+        sha = n.get("sha256")
+        cls = n.get("class")
+        parts = [f"**{_cell(n.get('name'))}**"]
+        if n.get("relation"):
+            parts.append(f"({_cell(n.get('relation'))})")
+        parts.append(f"licence `{_cell(n.get('licence') or n.get('license') or 'unknown')}`")
+        if isinstance(cls, int) and not isinstance(cls, bool):
+            parts.append(f"MOF class {_roman(cls)}")
+        if isinstance(sha, str) and sha:
+            parts.append(f"sha256 `{_cell(sha)[:12]}`")
+        head = parts.pop(0) + (f" {parts.pop(0)}" if n.get("relation") else "")
+        out.append("  " * depth + f"- {head}: " + ", ".join(parts))
+        for p in n.get("parents") or []:
+            visit(p, depth + 1)
+
+    visit(node, depth)
+    return out
+
+
+def _roman(cls: int) -> str:
+    return {1: "I", 2: "II", 3: "III"}.get(cls, "unclassified")
+
+
+def _openness(d: dict) -> list[str]:
+    """The openness section: MOF class and its evidence, the component table, what the next class needs, OSAID."""
+    out = ["## Openness", ""]
+    cls = d.get("class")
+    label = d.get("label") or (f"Class {_roman(cls)}" if isinstance(cls, int) else "unclassified")
+    evidence = d.get("evidence")
+    how = {
+        "confirmed": "confirmed: every component the class needs is proven by the files tinkerlm holds",
+        "declared": "declared: some components the class needs are only declared (a model card or MOT form says so)",
+    }.get(evidence, "no evidence")
+    out += [
+        f"Model Openness Framework (https://isitopen.ai): **{_cell(label)}** ({how}).",
+        "",
+    ]
+    progress = d.get("progress")
+    if isinstance(progress, dict) and progress:
+        shown = ", ".join(
+            f"class {_roman(int(k)) if str(k).isdigit() else _cell(k)} {v:.0f}%"
+            for k, v in sorted(progress.items(), key=lambda kv: str(kv[0]), reverse=True)
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        )
+        if shown:
+            out += [f"Components present per class: {shown}.", ""]
+    comps = [c for c in d.get("components") or [] if isinstance(c, dict)]
+    if comps:
+        out += [
+            "| Component | Class | Required | Status | Evidence | Where | Licence | Licence fits |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in comps:
+            fits = "yes" if c.get("open") and c.get("type_appropriate") else "no" if c.get("licence") else "-"
+            out.append(
+                f"| {_cell(c.get('name'))} | {_cell(c.get('class'))} | {'yes' if c.get('required') else 'no'} | "
+                f"{_cell(c.get('status'))} | {_cell(c.get('evidence'))} | {_cell(c.get('where'))} | "
+                f"{_cell(c.get('licence'))} | {fits} |"
+            )
+        out.append("")
+    nxt = d.get("next_class")
+    if isinstance(nxt, dict) and nxt.get("missing"):
+        items = []
+        for x in nxt["missing"]:  # "Training code", or {"component": ..., "why": ...}
+            if isinstance(x, dict):
+                why = f" ({_cell(x.get('why'))})" if x.get("why") else ""
+                items.append(_cell(x.get("component")) + why)
+            else:
+                items.append(_cell(x))
+        out += [f"Missing for class {_roman(nxt.get('class'))}:", ""] + [f"- {i}" for i in items] + [""]
+    osaid = d.get("osaid")
+    if isinstance(osaid, dict):
+        verdict = "meets" if osaid.get("open_source_ai") else "does not meet"
+        out += ["### Open Source AI Definition", "", f"This model {verdict} the OSI's Open Source AI Definition 1.0."]
+        reasons = [r for r in osaid.get("reasons") or [] if r]
+        out += ([""] + [f"- {_cell(r)}" for r in reasons]) if reasons else []
+        out.append("")
+    return out
+
+
 def _store_name(name: str) -> str:
     """A store name from the model's name: the last path part, with characters a shell needs quoted replaced."""
     return re.sub(r"[^A-Za-z0-9._:-]+", "-", name.rsplit("/", 1)[-1]).strip("-") or "model"
@@ -243,3 +364,217 @@ def _shell(word: str) -> str:
     import shlex
 
     return shlex.quote(word)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The card of a stored model (`tinkerlm card`, `tinkerlm push`, `tinkerlm export --to hf`)
+
+# How the Hub draws a model made here from its parents, by the manifest's source type.
+_RELATION = {"fuse": "finetune", "merge": "merge", "quantize": "quantized"}
+
+
+def relation_of(m) -> str | None:
+    """`base_model_relation` of a stored model: a LoRA fine-tune is an adapter, a full one (or a fused adapter) a
+    finetune, a merge a merge, a quantization quantized; a catalogue file says itself (SmolLM2's GGUF: quantized);
+    a GGUF pulled back from an export keeps its recorded relation. None: a model as published."""
+    from tinkerlm.store import CATALOGUE
+
+    kind = m.source.get("type")
+    if kind == "finetune":
+        return "adapter" if m.format == "lora" else "finetune"
+    if kind in _RELATION:
+        return _RELATION[kind]
+    if kind == "catalogue":
+        entry = CATALOGUE.get(str(m.source.get("uri", "")).partition(":")[0])
+        return entry.hub_relation if entry else None
+    rels = {p.get("relation") for p in m.parents}
+    return "quantized" if rels == {"quantized"} else None
+
+
+def hub_id(m) -> str | None:
+    """The Hub id a stored model is published under: the repo it was pulled from, the catalogue entry's Hub model,
+    or the last repo `tinkerlm push` sent it to."""
+    from tinkerlm.store import CATALOGUE
+    from tinkerlm.store.hub import _parse_hf
+
+    src = m.source
+    if src.get("type") == "hf":
+        try:
+            return src.get("repo") or _parse_hf(str(src.get("uri", "")))[0]
+        except Exception:  # a hand-edited manifest: no id rather than a crash
+            return None
+    if src.get("type") == "catalogue":
+        entry = CATALOGUE.get(str(src.get("uri", "")).partition(":")[0])
+        return entry.hub_id if entry else None
+    pushed = src.get("pushed")
+    return pushed[-1] if isinstance(pushed, list) and pushed and isinstance(pushed[-1], str) else None
+
+
+def _parent_manifest(entry: dict):
+    """The stored model a lineage record names, if it is still the same model (same digest)."""
+    from tinkerlm import store
+    from tinkerlm.errors import TinkerError
+
+    try:
+        m = store.find(str(entry.get("name", "")))
+    except TinkerError:  # a path or Hub id, not a store name
+        return None
+    return m if m is not None and store.digest(m) == entry.get("sha256") else None
+
+
+def base_models(m) -> list[str]:
+    """`base_model` of a stored model: the Hub ids of its parents (adapters folded into a merge or fuse are not
+    bases); for a model with no parents made here, the Hub model its catalogue file was made from. Parents the
+    Hub does not know (local models never pushed) are left out: the Hub refuses ids it does not have."""
+    from tinkerlm.store import CATALOGUE
+
+    if not m.parents:
+        if m.source.get("type") == "catalogue":
+            entry = CATALOGUE.get(str(m.source.get("uri", "")).partition(":")[0])
+            return [entry.hub_id] if entry and entry.hub_id else []
+        return []
+    ids = []
+    for p in m.parents:
+        if p.get("relation") == "adapter" and m.source.get("type") in ("merge", "fuse"):
+            continue
+        parent = _parent_manifest(p)
+        if parent is not None and (hid := hub_id(parent)):
+            ids.append(hid)
+    return list(dict.fromkeys(ids))
+
+
+def _lineage_tree(m, depth: int = 0) -> dict:
+    """The lineage as the openness API's tree shape, from the store's records alone (no classes)."""
+    from tinkerlm import store
+    from tinkerlm.store import CATALOGUE
+
+    node = {"name": m.ref, "sha256": store.digest(m), "relation": None, "licence": m.license, "parents": []}
+    entry = (
+        CATALOGUE.get(str(m.source.get("uri", "")).partition(":")[0]) if m.source.get("type") == "catalogue" else None
+    )
+    if entry is not None and entry.hub_id:  # the Hub model the catalogue file was made from
+        node["parents"].append({"name": entry.hub_id, "relation": entry.hub_relation, "licence": entry.license})
+    for p in m.parents:
+        parent = _parent_manifest(p) if depth < 16 else None
+        child = _lineage_tree(parent, depth + 1) if parent is not None else {**p, "parents": p.get("parents") or []}
+        child["relation"] = p.get("relation")
+        child.setdefault("licence", p.get("license"))
+        node["parents"].append(child)
+    return node
+
+
+def assessment(name: str, declaration: str | None = None) -> dict | None:
+    """`tinkerlm.openness.assess(name, declaration).to_json()`, or None where this tinkerlm has no assessor (a
+    declaration is then an error: it could not be honoured)."""
+    try:
+        from tinkerlm.openness import assess
+    except ImportError:
+        if declaration:
+            raise TinkerError("--declaration: this tinkerlm cannot assess openness yet; leave the flag out")
+        return None
+    return assess(name, declaration=declaration).to_json()
+
+
+def store_card(
+    name: str,
+    *,
+    declaration: str | None = None,
+    openness: dict | None = None,
+    files: list[str] | None = None,
+    verification: dict | None = None,
+    description: str | None = None,
+    evaluations: bool = True,
+    copy_of: bool = False,
+) -> str:
+    """The README.md of a stored model: front matter from its manifest (licence, Hub ids of its parents, relation,
+    scores) and its openness assessment (datasets, class), the body with its lineage, openness and obligations.
+
+    Args:
+        name: store name NAME[:TAG] (or hf:ORG/REPO of a pulled model).
+        declaration: a MOT-format YAML file for the assessment.
+        openness: an assessment dict to use instead of computing one (`assess(...).to_json()`).
+        files: the files published beside the card (default: the model's stored files, without its README.md).
+        verification: export verification figures, if the card is for a written copy.
+        description: the paragraph under the title (default: what the store knows of where the model came from).
+        evaluations: put the stored `tinkerlm eval` scores in (False for a copy that is not the same model).
+        copy_of: the card is for a lossy copy (an export to other dtypes): a published model becomes its base,
+            relation quantized.
+    Raises:
+        TinkerError: not in the store, or an assessment error.
+    """
+    from tinkerlm import store
+    from tinkerlm.store.display import _source_text
+
+    m = store.get(name)
+    if openness is None:
+        openness = assessment(m.ref, declaration)
+    if files is None:
+        files = [f["path"] for f in m.files if f["path"] != "README.md"]
+    rel, bases = relation_of(m), base_models(m)
+    if copy_of and (hid := hub_id(m)):
+        rel, bases = "quantized", [hid]
+    tree = _lineage_tree(m)
+    if openness is None:
+        openness = {"lineage": tree}
+    elif not isinstance(openness.get("lineage"), dict):
+        openness = {**openness, "lineage": tree}
+    elif tree["parents"] and not m.parents:  # a catalogue file: show the Hub model it was made from
+        root = openness["lineage"]
+        if not root.get("parents"):
+            openness = {**openness, "lineage": {**root, "parents": tree["parents"]}}
+    flat = [
+        {"name": p.get("name"), "sha256": p.get("sha256"), "relation": p.get("relation"), "licence": p.get("license")}
+        for p in m.parents
+    ]
+    kind = {"adapter": "a LoRA adapter", "merge": "a merge", "quantized": "a quantization", "finetune": "a fine-tune"}
+    what = f"{kind[rel]} made with tinkerlm" if rel in kind and m.parents else "a model in tinkerlm's store"
+    text = description or f"{m.ref}: {what} ({m.format}, {m.architecture}); source: {_source_text(m.source)}."
+    return model_card(
+        name=m.ref,
+        license=m.license,
+        base_models=bases,
+        relation=rel,
+        description=text,
+        lineage=flat,
+        verification=verification or (m.verification or None),
+        files=files,
+        evaluations=m.evaluations if evaluations else None,
+        openness=openness,
+    )
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file beside it and one `os.replace`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(3)}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def card(name: str, *, out: str = "README.md", declaration: str | None = None, force: bool = False) -> Path:
+    """`tinkerlm card NAME`: write the Hugging Face model card of a stored model to `out`.
+
+    Raises:
+        TinkerError: not in the store, `out` exists without `force` or cannot be written, a bad declaration.
+    """
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise TinkerError(f"--out: {path} is a directory; give a file name (e.g. {path / 'README.md'})")
+    if path.exists() and not force:
+        raise TinkerError(f"--out: {path} exists; pass --force to replace it")
+    if declaration and not Path(declaration).is_file():
+        raise TinkerError(f"--declaration: {declaration}: no such file")
+    text = store_card(name, declaration=declaration)
+    try:
+        write_atomic(path, text)
+    except OSError as e:
+        raise TinkerError(f"--out: cannot write {path} ({e.strerror or e}); choose another path")
+    return path
+
+
+def main(a) -> None:
+    path = card(a.name, out=a.out, declaration=a.declaration, force=a.force)
+    print(f"wrote {path}", file=sys.stderr)

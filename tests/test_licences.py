@@ -83,3 +83,58 @@ def test_unknown_and_missing_licences_warn():
 def test_a_merge_of_merges_flattens_conjunctions():
     licence, _, _ = inherit(["apache-2.0 AND mit", "mit"])
     assert licence == "apache-2.0 AND mit"
+
+
+@pytest.mark.parametrize(
+    "licence,commercial,derivatives,share_alike",
+    [
+        ("cc-by-nd-4.0", True, False, False),
+        ("cc-by-nc-nd-3.0", False, False, False),
+        ("cc-by-sa-3.0", True, True, True),
+        ("cc-by-nc-sa-3.0", False, True, True),
+        ("gpl-2.0", True, True, True),
+        ("gpl-3.0", True, True, True),
+        ("lgpl-3.0", True, True, True),
+        ("agpl-3.0", True, True, True),
+        ("openmdw-1.0", True, True, False),
+        ("cc0-1.0", True, True, False),
+        ("odc-by", True, True, False),
+    ],
+)
+def test_added_rows(licence, commercial, derivatives, share_alike):
+    row = LICENCES[licence]
+    assert (row.commercial, row.derivatives, row.share_alike, row.use_policy) == (
+        commercial,
+        derivatives,
+        share_alike,
+        None,
+    )
+    assert row.url.startswith("https://")
+    assert row.permissive == (commercial and derivatives and not share_alike)
+
+
+@pytest.mark.parametrize(
+    "spelling,expected",
+    [("GPL-3.0-only", "gpl-3.0"), ("AGPL-3.0-or-later", "agpl-3.0"), ("CC0", "cc0-1.0"), ("CC-BY-ND", "cc-by-nd-4.0")],
+)
+def test_spdx_aliases(spelling, expected):
+    assert lookup(spelling).id == expected
+
+
+def test_public_domain_dedication_obliges_nothing():
+    assert inherit(["cc0-1.0"]) == ("cc0-1.0", [], [])
+
+
+def test_compatibility_rows_name_known_licences():
+    for row in LICENCES.values():
+        for other in row.compatible_with:
+            assert LICENCES[other].share_alike and row.share_alike, (row.id, other)
+        assert all(i in LICENCES for i in row.incompatible), row.id
+
+
+def test_llama3_naming_and_attribution_are_its_own():
+    _, terms, _ = inherit(["llama3"])
+    assert 'llama3: the model name must begin with "Llama 3" when the model is distributed' in terms
+    assert any("Built with Meta Llama 3" in t for t in terms)
+    assert all(LICENCES[i].name_rule for i in ("llama3", "llama3.1", "llama3.2", "llama3.3"))
+    assert LICENCES["llama2"].name_rule is None

@@ -244,6 +244,7 @@ def _merge_parser(sub, fmt) -> None:
     s.add_argument("recipe", help="mergekit YAML recipe (merge_method, models or slices, base_model, parameters)")
     s.add_argument("--out", required=True, help="store name NAME[:TAG] of the merged model")
     s.add_argument("--force", action="store_true", help="replace a model already stored under that name")
+    _licence_flag(s)
     s.add_argument(
         "--random-seed",
         type=int,
@@ -422,9 +423,16 @@ def _finetune_parser(sub, fmt) -> None:  # plain formatter: the help texts show 
     s.add_argument("-c", "--config", default=None, help="YAML recipe with the fields below")
     s.add_argument("--data", default=None, help="training JSONL")
     s.add_argument("--eval-data", default=None, help=f"held-out JSONL (default: {d.val_fraction:g} of --data)")
+    s.add_argument(
+        "--data-license",
+        default=None,
+        help="SPDX id of the training data's licence, e.g. CC-BY-4.0; recorded in the recipe for `tinkerlm "
+        "openness` (default: none)",
+    )
     s.add_argument("--out", default=None, help="store name for the result NAME[:TAG]")
     s.add_argument("--resume", action="store_true", help="continue the run writing --out from its last checkpoint")
     s.add_argument("--force", action="store_true", help="replace a model already stored as --out")
+    _licence_flag(s)
     g = s.add_argument_group("method")
     g.add_argument("--full", action="store_true", default=None, help="full fine-tuning instead of LoRA")
     g.add_argument("--lora-rank", type=int, default=None, help=f"LoRA rank r (default: {d.lora_rank})")
@@ -491,6 +499,7 @@ def _finetune_parser(sub, fmt) -> None:  # plain formatter: the help texts show 
     s.add_argument("--out", required=True, help="store name for the fused model")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the saved weights")
     s.add_argument("--force", action="store_true", help="replace a model already stored as --out")
+    _licence_flag(s)
 
     types = "f32 f16 bf16 q8_0 q6_k q5_k_m q5_k_s q5_0 q5_1 q4_k_m q4_k_s q4_0 q4_1 q3_k_m q2_k"
     s = sub.add_parser(
@@ -515,6 +524,7 @@ def _finetune_parser(sub, fmt) -> None:  # plain formatter: the help texts show 
     _quant_flags(s)
     s.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside the GGUF")
     s.add_argument("--force", action="store_true", help="replace an existing --out")
+    _licence_flag(s)
 
     s = sub.add_parser(
         "quantize",
@@ -529,6 +539,16 @@ def _finetune_parser(sub, fmt) -> None:  # plain formatter: the help texts show 
     s.add_argument("--out", required=True, help="store name for the quantized model")
     _quant_flags(s)
     s.add_argument("--force", action="store_true", help="replace a model already stored as --out")
+    _licence_flag(s)
+
+
+def _licence_flag(s) -> None:
+    s.add_argument(
+        "--accept-licence-conflict",
+        action="store_true",
+        help="make the remix even though its parents' licences conflict (no derivatives, share-alike with added "
+        "restrictions); the conflict is recorded with it, and it may not be shared (default: refuse)",
+    )
 
 
 def _quant_flags(s) -> None:

@@ -12,6 +12,11 @@ percentile), top-1 agreement and both perplexities. A tensor that should be exac
 not, or a tokenizer that encodes the text differently after the round trip, is an error: the file is not put in
 place (it is written to a temp name beside the target and renamed only once verified) and nothing enters the store.
 
+A quantization or export of a model whose licence forbids derivatives is allowed (a technical modification, with a
+warning); one of a model whose own licence is a conflicting conjunction (a merge made with
+--accept-licence-conflict) is refused unless `accept_licence_conflict` is set (`tinkerlm.openness.remix`). The
+obligations the written model inherits are printed, and a quantization stores them in its manifest.
+
 Modules: source.py (what is read), types.py (llama.cpp's per-tensor type rules), gguf.py and hf.py (the writers),
 verify.py (the comparison), imatrix.py (importance matrices), ollama.py (Modelfiles), card.py (model cards).
 """
@@ -115,6 +120,23 @@ def _compare(source, model, tokenizer, eval_text: str | None, written: Path) -> 
     return result
 
 
+def _licence_terms(name: str, kind: str, out: str, accept_licence_conflict: bool):
+    """The licence terms (`tinkerlm.openness.remix.Terms`) of a quantization or export of `name`, read from its
+    manifest or its own metadata before the model is loaded; refuses a licence conflict.
+
+    Raises:
+        TinkerError: `name` is not in the store and not a path, or the licence conflicts without
+            `accept_licence_conflict`.
+    """
+    from tinkerlm import store
+    from tinkerlm.api import resolve
+    from tinkerlm.openness import remix
+
+    path, manifest = resolve(name, pull=False)
+    licence = manifest.license if manifest is not None else store.describe(path).get("license")
+    return remix.check([licence], kind=kind, name=out, accept_licence_conflict=accept_licence_conflict)
+
+
 def _tmp_beside(out: Path) -> Path:
     return out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
 
@@ -134,6 +156,7 @@ def export(
     ollama: bool = False,
     force: bool = False,
     progress: bool = True,
+    accept_licence_conflict: bool = False,
 ) -> dict:
     """Write the model `name` (store name, GGUF file or HF directory) as a GGUF file or HF directory `out`.
 
@@ -148,13 +171,16 @@ def export(
         report: print each tensor's type, bits per weight and relative error.
         ollama: write an Ollama Modelfile beside the GGUF.
         force: replace an existing `out`.
+        accept_licence_conflict: export a model whose licence is a conflicting conjunction anyway.
 
     Returns:
-        {"out", "verification" (or None), "tensors" (the per-tensor report rows)}.
+        {"out", "verification" (or None), "tensors" (the per-tensor report rows), "obligations" (what sharing the
+        written model obliges), "licence_conflicts" (those accepted)}.
 
     Raises:
         TinkerError: an unknown type or target, an existing or unwritable output, a model the writer does not
-            know, or a written file that fails verification (nothing is left at `out`).
+            know, a licence conflict without `accept_licence_conflict`, or a written file that fails verification
+            (nothing is left at `out`).
     """
     from tinkerlm.export import types as types_mod
     from tinkerlm.export.source import check_writable, open_source
@@ -176,6 +202,8 @@ def export(
         _eval_text(eval_text)  # a missing --eval-text fails before anything is written
     if ollama:
         check_writable(out_path.with_name("Modelfile"), force)
+    stem = out_path.name.removesuffix(out_path.suffix) if to == "gguf" else out_path.name
+    terms = _licence_terms(name, "export", stem, accept_licence_conflict)
     source = open_source(name)
     if ollama:  # before writing anything: a template we cannot translate fails fast
         from tinkerlm.export.ollama import modelfile
@@ -204,7 +232,11 @@ def export(
         elif tmp.exists():
             tmp.unlink()
     result["out"] = str(out_path)
+    result["obligations"], result["licence_conflicts"] = terms.obligations, terms.conflicts
     _log(f"wrote {out_path}")
+    from tinkerlm.openness import remix
+
+    remix.announce(str(out_path), terms, assess=False)  # not a store model: nothing to assess
     return result
 
 
@@ -280,6 +312,7 @@ def quantize(
     report: bool = False,
     force: bool = False,
     progress: bool = True,
+    accept_licence_conflict: bool = False,
 ):
     """Quantize the model `name` into a new store model `out` (a GGUF of file type `type`), its parent `name`
     (relation "quantized"), verified against it and the figures kept in its manifest.
@@ -291,6 +324,7 @@ def quantize(
     from tinkerlm.export import gguf as gguf_mod
     from tinkerlm.export import types as types_mod
     from tinkerlm.export.source import open_source
+    from tinkerlm.openness import remix
 
     ftype = types_mod.file_type(type)
     store_name, tag = store.parse_name(out)
@@ -298,6 +332,7 @@ def quantize(
         raise TinkerError(f"--out: {store_name}:{tag} is already in the store; pick another name or pass --force")
     if verify:
         _eval_text(eval_text)
+    terms = _licence_terms(name, "quantize", store_name, accept_licence_conflict)
     source = open_source(name)
     im, im_source = _imatrix(source, imatrix, calibration, progress)
     details: dict = {}  # filled by `fill` with the verification figures, which the manifest then records
@@ -326,8 +361,11 @@ def quantize(
         license=source.license,
         force=force,
         verification=details,
+        obligations=terms.obligations,
+        licence_conflicts=terms.conflicts,
     )
     _log(f"stored {m.ref}: {source.ref} quantized to {ftype.name}")
+    remix.announce(m.ref, terms)
     return m
 
 
@@ -335,7 +373,7 @@ def export_main(a) -> None:
     export(
         a.name, to=a.to, type=getattr(a, "type", None), out=a.out, dtype=a.dtype, imatrix=a.imatrix,
         calibration=a.calibration, verify=getattr(a, "verify", True), eval_text=a.eval_text, report=a.report,
-        ollama=a.ollama, force=a.force,
+        ollama=a.ollama, force=a.force, accept_licence_conflict=a.accept_licence_conflict,
     )  # fmt: skip
 
 
@@ -343,4 +381,5 @@ def quantize_main(a) -> None:
     quantize(
         a.name, type=a.type, out=a.out, imatrix=a.imatrix, calibration=a.calibration,
         verify=getattr(a, "verify", True), eval_text=a.eval_text, report=a.report, force=a.force,
+        accept_licence_conflict=a.accept_licence_conflict,
     )  # fmt: skip

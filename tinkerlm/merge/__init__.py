@@ -4,8 +4,9 @@ The merge streams: for each output tensor it reads that tensor from every input 
 adapters), merges it, and writes it straight into the output safetensors file, so memory holds about one weight
 across the inputs, never whole models. The result is a Hugging Face directory in the store with the base model's
 config, tokenizer and chat template, the resolved recipe (`mergekit_config.yml`), a model card, and a manifest
-whose lineage names every parent with its sha256, the recipe and the method; its licence is inherited from the
-parents' (`tinkerlm.openness.licences.inherit`).
+whose lineage names every parent with its sha256, the recipe and the method; its licence and obligations are
+inherited from the parents' (`tinkerlm.openness.licences.inherit`), and parents whose licences conflict are refused
+before anything is read unless `accept_licence_conflict` is set (`tinkerlm.openness.remix`).
 
     from tinkerlm.merge import merge
     merge({"merge_method": "slerp", "base_model": "a", "models": [{"model": "a"}, {"model": "b"}],
@@ -41,6 +42,7 @@ def merge(
     progress: bool = True,
     random_seed: int | None = None,
     threads: int | None = None,
+    accept_licence_conflict: bool = False,
 ) -> Any:
     """Merge the models a mergekit recipe names into the store model `out`.
 
@@ -52,13 +54,16 @@ def merge(
         random_seed: seed for the random methods (DARE) when the recipe has no `random_seed`; without either a
             seed is drawn, and recorded in the saved recipe so the merge can be repeated.
         threads: CPU threads for torch's arithmetic; default: torch's own setting.
+        accept_licence_conflict: merge even parents whose licences conflict (`tinkerlm.openness.licences.conflicts`);
+            the conflicts are recorded in the manifest.
 
     Returns:
         The new model's `store.Manifest`.
 
     Raises:
         TinkerError: a bad recipe (unknown method, missing base model, parameters that do not fit), inputs not in
-            the store, or inputs that differ in architecture, tensors, shapes or vocabulary. Nothing is stored then.
+            the store, inputs that differ in architecture, tensors, shapes or vocabulary, or parents whose licences
+            conflict without `accept_licence_conflict`. Nothing is stored then.
     """
     import torch
     from tqdm.auto import tqdm
@@ -69,7 +74,7 @@ def merge(
     from tinkerlm.merge import recipe as recipe_mod
     from tinkerlm.merge.plan import output_bytes, plan
     from tinkerlm.merge.sources import open_source
-    from tinkerlm.openness import licences
+    from tinkerlm.openness import remix
 
     if threads is not None:
         if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= limits.MAX_THREADS:
@@ -93,6 +98,13 @@ def merge(
         for ref in r.models():
             sources[ref], parts = open_source(ref, r.where, progress)
             made_of += [(m, kind, ref) for m, kind in parts]
+        parents = _parents(r, made_of)
+        terms = remix.check(
+            [p.get("license") for p in parents],
+            kind="merge",
+            name=name,
+            accept_licence_conflict=accept_licence_conflict,
+        )
         tasks, config = plan(r, sources, method)
         _check_vocabularies(r, sources)
         # Before anything is written: what the merge will write, said, and refused past the store's free space.
@@ -120,10 +132,6 @@ def merge(
                 "strings, lists and mappings"
             ) from None
 
-        parents = _parents(r, made_of)
-        licence, terms, warnings = licences.inherit([p.get("license") for p in parents])
-        for w in warnings:
-            log.warning("%s: %s", out, w)
         tok_ref = (
             r.tokenizer_source
             if r.tokenizer_source not in (None, "base")
@@ -153,17 +161,21 @@ def merge(
                 chat_template=r.chat_template,
             )
             _write_yaml(model_dir / RECIPE_FILE, resolved)
-            _write_card(model_dir, name, method.name, parents, licence, terms, resolved)
+            _write_card(model_dir, name, method.name, parents, terms, resolved)
 
-        source = {"type": "merge", "method": method.name, "recipe": resolved, "license_terms": terms}
-        return store.add(
+        source = {"type": "merge", "method": method.name, "recipe": resolved}
+        m = store.add(
             f"{name}:{tag}",
             fill,
             source=source,
             parents=parents,
-            license=None if licence == licences.UNKNOWN else licence,
+            license=terms.licence,
             force=force,
+            obligations=terms.obligations,
+            licence_conflicts=terms.conflicts,
         )
+        remix.announce(m.ref, terms)
+        return m
     finally:
         for s in sources.values():
             s.close()
@@ -223,13 +235,13 @@ def _write_yaml(path: Path, data: dict) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
-def _write_card(
-    model_dir: Path, name: str, method: str, parents: list[dict], licence: str, terms: list[str], recipe: dict
-) -> None:
-    """README.md: the model card, with the licence and parents in its front matter (as the Hub reads it)."""
+def _write_card(model_dir: Path, name: str, method: str, parents: list[dict], terms, recipe: dict) -> None:
+    """README.md: the model card, with the licence and parents in its front matter (as the Hub reads it), and the
+    obligations (`terms`, a `tinkerlm.openness.remix.Terms`) and accepted licence conflicts in its body."""
     import yaml
 
-    front = {"license": licence} if licence != "unknown" else {}
+    licence = terms.licence or "unknown"
+    front = {"license": licence} if terms.licence else {}
     front |= {
         "base_model": [p["name"] for p in parents if p["relation"] != "adapter"],
         "tags": ["merge", "tinkerlm", method],
@@ -251,7 +263,10 @@ def _write_card(
         for p in parents
     ]
     lines += ["", "## Licence", "", f"{licence}. Inherited obligations:", ""]
-    lines += [f"- {t}" for t in terms] or ["- none recorded"]
+    lines += [f"- {t}" for t in terms.obligations] or ["- none recorded"]
+    if terms.conflicts:
+        lines += ["", "Licence conflicts accepted by its maker (--accept-licence-conflict): do not share it.", ""]
+        lines += [f"- {c}" for c in terms.conflicts]
     lines += [
         "",
         "## Recipe",
@@ -265,13 +280,21 @@ def _write_card(
 
 
 def main(args) -> None:
-    """CLI: `tinkerlm merge RECIPE --out NAME [--force] [--random-seed N] [--threads N]`; prints the result and
-    its licence terms."""
+    """CLI: `tinkerlm merge RECIPE --out NAME [--force] [--random-seed N] [--threads N]
+    [--accept-licence-conflict]`; prints the result and its licence (the obligations go to stderr with the
+    merge's other messages)."""
     import sys
 
     from tinkerlm import store
 
-    m = merge(args.recipe, args.out, force=args.force, random_seed=args.random_seed, threads=args.threads)
+    m = merge(
+        args.recipe,
+        args.out,
+        force=args.force,
+        random_seed=args.random_seed,
+        threads=args.threads,
+        accept_licence_conflict=args.accept_licence_conflict,
+    )
     recipe = m.source.get("recipe", {})
     print(
         f"{m.ref}  {m.source.get('method')}  {m.architecture}  {store.format_params(m.parameters)}  "
@@ -279,6 +302,4 @@ def main(args) -> None:
     )
     print("parents: " + ", ".join(f"{p['name']} ({p['relation']})" for p in m.parents))
     print(f"licence: {m.license}")
-    for term in m.source.get("license_terms", []):
-        print(f"  - {term}")
     sys.stdout.flush()

@@ -69,6 +69,12 @@ def format_manifest(m: Manifest) -> str:
     lines += [f"  {f['path']}  {format_size(f['size'])}  sha256:{f['sha256']}" for f in m.files]
     lines.append("parents:" if m.parents else "parents:        none (pulled as published, not derived here)")
     lines += [f"  {p.get('relation', '?')}: {p.get('name')}  sha256:{p.get('sha256')}" for p in m.parents]
+    if m.obligations:
+        lines.append("obligations:")
+        lines += [f"  {o}" for o in m.obligations]
+    if m.licence_conflicts:
+        lines.append("licence conflicts accepted (--accept-licence-conflict):")
+        lines += [f"  {c}" for c in m.licence_conflicts]
     if m.verification:
         lines.append("verification:   " + format_verification(m.verification))
     if m.evaluations:

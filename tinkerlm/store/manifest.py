@@ -62,6 +62,11 @@ class Manifest:
     # Benchmark scores (`tinkerlm eval`): task -> {"metrics", "main", "higher_is_better", "n", "shots", "limit",
     # "chat", "seed", "quant", "created", "tinkerlm"}; the latest run of each task.
     evaluations: dict = field(default_factory=dict)
+    # What distributing a model made here obliges, inherited from its parents' licences, one line each
+    # ("apache-2.0: keep the copyright ..."; `tinkerlm.openness.licences.inherit`), and the licence conflicts its
+    # maker accepted with --accept-licence-conflict (`tinkerlm.openness.licences.conflicts`).
+    obligations: list[str] = field(default_factory=list)
+    licence_conflicts: list[str] = field(default_factory=list)
 
     @property
     def ref(self) -> str:
@@ -92,7 +97,15 @@ class Manifest:
             created=d.get("created", ""),
             verification=dict(d.get("verification") or {}),
             evaluations=_dict_of_dicts(d.get("evaluations")),
+            # Merges stored before `obligations` existed kept them in source["license_terms"].
+            obligations=_strings(d.get("obligations", (d.get("source") or {}).get("license_terms"))),
+            licence_conflicts=_strings(d.get("licence_conflicts")),
         )
+
+
+def _strings(value) -> list[str]:
+    """A manifest's list-of-strings field as stored; anything else (missing, a hand edit) reads as empty."""
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
 def _dict_of_dicts(value) -> dict:

@@ -144,6 +144,8 @@ def _stage(
     license: str | None = None,
     parents: list[dict] | None = None,
     verification: dict | None = None,
+    obligations: list[str] | None = None,
+    licence_conflicts: list[str] | None = None,
 ) -> Manifest:
     """Run `fill(model_dir)` in a fresh tmp dir, write the manifest, and move the result into the store.
 
@@ -173,6 +175,8 @@ def _stage(
             parents=list(parents or []),
             created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             verification=dict(verification or {}),
+            obligations=list(obligations or []),
+            licence_conflicts=list(licence_conflicts or []),
         )
         tmp_manifest = model_dir / (MANIFEST + ".tmp")
         tmp_manifest.write_text(json.dumps(m.to_json(), indent=2) + "\n")
@@ -224,6 +228,8 @@ def add(
     license: str | None,
     force: bool = False,
     verification: dict | None = None,
+    obligations: list[str] | None = None,
+    licence_conflicts: list[str] | None = None,
 ) -> Manifest:
     """Store a model made here (a fine-tune, an adapter, a merge) with its lineage, atomically.
 
@@ -235,6 +241,8 @@ def add(
         parents: lineage records from `parent_entry`.
         license: the licence terms the model carries (inherited from its parents).
         force: replace a model already stored under `name`.
+        obligations: what distributing it obliges, inherited from the parents' licences (`tinkerlm.openness`).
+        licence_conflicts: the parents' licence conflicts accepted with --accept-licence-conflict.
 
     Raises:
         TinkerError: bad name, or the name is taken and `force` is not set.
@@ -256,7 +264,16 @@ def add(
 
     try:
         return _stage(
-            name, tag, source, force, fill_and_hash, license=license, parents=parents, verification=verification
+            name,
+            tag,
+            source,
+            force,
+            fill_and_hash,
+            license=license,
+            parents=parents,
+            verification=verification,
+            obligations=obligations,
+            licence_conflicts=licence_conflicts,
         )
     except FileExistsError:
         raise TinkerError(f"{name}:{tag} was stored by another process meanwhile; pick another name or use --force")

@@ -7,7 +7,9 @@ A LoRA result is stored as a peft adapter (format "lora") that `tinkerlm run` ap
 `tinkerlm fuse` folds into a full model; `--full` stores a Hugging Face model. Either way the store keeps the
 resolved recipe (`recipe.yaml`), the loss curve (`loss.csv`, `loss.png`), the chat template the data was rendered
 with (`chat_template.jinja`, which serving uses too), and a manifest naming the base (with sha256), the data files
-(with sha256) and the licence inherited from the base.
+(with sha256, and their licence when `data_license` says it), the licence inherited from the base and the
+obligations it brings. A base whose licence forbids derivatives is refused unless `accept_licence_conflict` is set
+(`tinkerlm.openness.remix`).
 
 Modules: recipe.py (the flags), data.py (JSONL -> packed rows), trainer.py (the loop, checkpoints); the LoRA
 module swap is `tinkerlm.lora`, the adapter files `tinkerlm.formats.peft`, model loading `tinkerlm.loading`.
@@ -56,19 +58,6 @@ def _base(name_or_path: str):
     )
 
 
-def _license(parents: list[dict]) -> str | None:
-    """The licence a remix carries: the parents' (through tinkerlm.openness when it is present)."""
-    try:
-        from tinkerlm.openness.licences import inherit
-    except ImportError:
-        lic = {p.get("license") for p in parents if p.get("license")}
-        return lic.pop() if len(lic) == 1 else None
-    terms, obligations, warnings = inherit([p.get("license") for p in parents])
-    for w in warnings:
-        log.warning("%s", w)
-    return terms
-
-
 def _run_dir(out: str) -> Path:
     from tinkerlm import store
 
@@ -83,6 +72,7 @@ def finetune(
     force: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    accept_licence_conflict: bool = False,
     **flags,
 ):
     """Fine-tune a model and store the result; returns its Manifest.
@@ -92,13 +82,17 @@ def finetune(
         resume: continue from the newest checkpoint of the run writing `out`.
         force: replace a model already stored as `out`.
         stop_after: stop after this step without storing a result, as if killed (tests of resume).
+        accept_licence_conflict: fine-tune even a base whose licence forbids it (no derivatives); the conflict is
+            recorded in the manifest.
     Raises:
-        TinkerError: bad recipe, data or base model; `out` already taken without `force`.
+        TinkerError: bad recipe, data or base model; `out` already taken without `force`; the base's licence
+            forbids fine-tunes and `accept_licence_conflict` is not set.
     """
     import torch
 
     from tinkerlm import lora, store
     from tinkerlm.loading import load_checkpoint, physical_cores
+    from tinkerlm.openness import remix
     from tinkerlm.tune import data as data_mod
     from tinkerlm.tune import trainer
 
@@ -109,6 +103,12 @@ def finetune(
     torch.set_num_threads(recipe.threads or physical_cores())
 
     path, base_manifest, base_record = _base(recipe.base)
+    terms = remix.check(
+        [base_record.get("license")],
+        kind="finetune" if recipe.full else "adapter",
+        name=out_name,
+        accept_licence_conflict=accept_licence_conflict,
+    )
     quant = "fp32" if recipe.full else recipe.quant
     model, tokenizer, gen_config = load_checkpoint(path, quant=quant)
 
@@ -222,8 +222,18 @@ def finetune(
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
     }
     parents = [base_record]
-    m = store.add(recipe.out, fill, source=source, parents=parents, license=_license(parents), force=force)
+    m = store.add(
+        recipe.out,
+        fill,
+        source=source,
+        parents=parents,
+        license=terms.licence,
+        force=force,
+        obligations=terms.obligations,
+        licence_conflicts=terms.conflicts,
+    )
     print(f"stored {m.ref} ({m.format}); base {base_ref}; licence {m.license or 'unknown'}", file=sys.stderr)
+    remix.announce(m.ref, terms)
     return m
 
 
@@ -261,17 +271,22 @@ def save_full(model, tokenizer, gen_config: dict, base_path: Path, model_dir: Pa
     )
 
 
-def fuse(name: str, out: str, *, force: bool = False, dtype: str = "float32"):
+def fuse(name: str, out: str, *, force: bool = False, dtype: str = "float32", accept_licence_conflict: bool = False):
     """Fold a stored LoRA adapter into its base and store the full model (Hugging Face format) as `out`.
 
+    Args:
+        accept_licence_conflict: fuse even where the licences forbid it (a no-derivatives base); the conflict is
+            recorded in the manifest.
     Raises:
-        TinkerError: `name` is not an adapter, its base is missing, or `out` is taken without `force`.
+        TinkerError: `name` is not an adapter, its base is missing, `out` is taken without `force`, or the
+            licences conflict without `accept_licence_conflict`.
     """
     import torch
 
     from tinkerlm import lora, store
     from tinkerlm.api import resolve_adapter
     from tinkerlm.loading import load_adapted
+    from tinkerlm.openness import remix
 
     adapter_m = store.get(name)
     if adapter_m.format != "lora":
@@ -280,6 +295,15 @@ def fuse(name: str, out: str, *, force: bool = False, dtype: str = "float32"):
         raise TinkerError(f"out: {out} is already in the store; pick another name or pass --force")
     adapter_dir = store.model_path(adapter_m)
     adapter, base_path, base_m = resolve_adapter(adapter_m)
+    parents = [store.parent_entry(adapter_m, "adapter")]
+    if base_m is not None:
+        parents.append(store.parent_entry(base_m, "base"))
+    terms = remix.check(
+        [p.get("license") for p in parents],
+        kind="fuse",
+        name=store.parse_name(out)[0],
+        accept_licence_conflict=accept_licence_conflict,
+    )
     model, tokenizer, gen_config = load_adapted(adapter, base_path, quant="fp32", source=adapter_m.ref)
     lora.fuse_lora(model)
     torch_dtype = torch.bfloat16 if dtype in ("bfloat16", "bf16") else torch.float32
@@ -290,9 +314,6 @@ def fuse(name: str, out: str, *, force: bool = False, dtype: str = "float32"):
             if (adapter_dir / extra).is_file():
                 (model_dir / extra).write_bytes((adapter_dir / extra).read_bytes())
 
-    parents = [store.parent_entry(adapter_m, "adapter")]
-    if base_m is not None:
-        parents.append(store.parent_entry(base_m, "base"))
     source = {
         "type": "fuse",
         "uri": f"fuse:{adapter_m.ref}",
@@ -300,16 +321,30 @@ def fuse(name: str, out: str, *, force: bool = False, dtype: str = "float32"):
         "base": base_m.ref if base_m else str(base_path),
     }
     m = store.add(
-        out, fill, source=source, parents=parents, license=adapter_m.license or _license(parents), force=force
+        out,
+        fill,
+        source=source,
+        parents=parents,
+        license=adapter_m.license or terms.licence,
+        force=force,
+        obligations=terms.obligations,
+        licence_conflicts=terms.conflicts,
     )
     print(f"stored {m.ref}: {adapter_m.ref} fused into {source['base']}", file=sys.stderr)
+    remix.announce(m.ref, terms)
     return m
 
 
 def main(a) -> None:
     flags = {k: getattr(a, k) for k in Recipe.__dataclass_fields__ if hasattr(a, k)}
-    finetune(config=a.config, resume=a.resume, force=a.force, **flags)
+    finetune(
+        config=a.config,
+        resume=a.resume,
+        force=a.force,
+        accept_licence_conflict=a.accept_licence_conflict,
+        **flags,
+    )
 
 
 def fuse_main(a) -> None:
-    fuse(a.name, a.out, force=a.force, dtype=a.dtype)
+    fuse(a.name, a.out, force=a.force, dtype=a.dtype, accept_licence_conflict=a.accept_licence_conflict)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ class Recipe:
     data: str = ""  # training JSONL
     out: str = ""  # store name for the result
     eval_data: str | None = None  # held-out JSONL; default: val_fraction of data
+    data_license: str | None = None  # SPDX id of the training data's licence ("CC-BY-4.0"), for openness
     val_fraction: float = 0.05
     # method
     full: bool = False  # full fine-tuning instead of LoRA
@@ -57,7 +59,7 @@ class Recipe:
         return asdict(self)
 
     # Fields a resumed run may change without invalidating its checkpoint.
-    RESUMABLE_CHANGES = ("max_steps", "epochs", "eval_every", "save_every", "threads")
+    RESUMABLE_CHANGES = ("max_steps", "epochs", "eval_every", "save_every", "threads", "data_license")
 
     def check(self) -> None:
         """Raises TinkerError naming the first field of the wrong type or out of range (`tinkerlm.limits`)."""
@@ -67,10 +69,15 @@ class Recipe:
             raise TinkerError("data: a training JSONL file is required (--data train.jsonl)")
         if not self.out:
             raise TinkerError("out: a store name for the result is required (--out NAME)")
-        for name in ("base", "data", "out", "eval_data", "quant", "save_dtype"):
+        for name in ("base", "data", "out", "eval_data", "data_license", "quant", "save_dtype"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or len(value) > 4096 or "\0" in value):
                 raise TinkerError(f"{name}: must be a string (a name or path), got {_short(value)}")
+        if self.data_license is not None and not _SPDX.fullmatch(self.data_license):
+            raise TinkerError(
+                f"data_license: must be an SPDX licence id or expression such as CC-BY-4.0 or "
+                f"Apache-2.0 AND CC-BY-4.0, got {_short(self.data_license)}"
+            )
         for name in ("full", "rslora", "bf16", "grad_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise TinkerError(f"{name}: must be true or false, got {_short(getattr(self, name))}")
@@ -125,6 +132,11 @@ class Recipe:
             raise TinkerError(
                 f"lora_targets: must be a non-empty list of module names (such as q_proj, v_proj), got {_short(targets)}"
             )
+
+
+# An SPDX licence id (LicenseRef-... included) or a simple expression of them joined by AND / OR / WITH.
+_SPDX_ID = r"[A-Za-z0-9][A-Za-z0-9.+-]{0,99}"
+_SPDX = re.compile(rf"{_SPDX_ID}(?: (?:AND|OR|WITH) {_SPDX_ID}){{0,15}}")
 
 
 def _short(value: Any) -> str:

@@ -303,3 +303,21 @@ def test_gemma_is_not_open_source_ai_and_says_why(gemma_gguf):
         "next_class"
     ]["missing"]
     assert any("Gemma Prohibited Use Policy" in o for o in d["obligations"])
+
+
+def test_a_pulled_model_card_declares_its_paper_and_datasets(tmp_path):
+    from tiny import make_hf_model
+
+    d = tmp_path / "m"
+    make_hf_model("llama", d)
+    (d / "README.md").write_text(
+        "---\nlicense: mit\ndatasets:\n- org/corpus\n---\n# M\n\nSee https://arxiv.org/abs/2401.12345 for details.\n"
+    )
+    store.pull(str(d), name="carded", progress=False)
+    out = assess("carded").to_json()
+    card = _component(out, "Model card")
+    assert card["evidence"] == "confirmed" and card["licence"] == "MIT" and card["status"] == "included"
+    paper = _component(out, "Research paper")
+    assert paper["evidence"] == "declared" and paper["status"] == "unlicensed"
+    assert paper["where"] == "https://arxiv.org/abs/2401.12345"
+    assert _component(out, "Datasets")["status"] == "unlicensed" and out["datasets"] == ["org/corpus"]

@@ -126,8 +126,10 @@ def own(manifest, model_dir: Path | None) -> dict[str, Evidence]:
     if spec is not None:
         out["Model architecture"] = _tinkerlm(f"tinkerlm/models/{spec.family}.py")
         out["Inference code"] = _tinkerlm("tinkerlm/generate.py, tinkerlm/models/")
-    if any(f.rsplit("/", 1)[-1].lower() == "readme.md" for f in files):
+    readme = next((f for f in files if f.rsplit("/", 1)[-1].lower() == "readme.md"), None)
+    if readme:
         out["Model card"] = Evidence(weights, f"{manifest.ref}: README.md", CONFIRMED, "licence: the model's")
+        out.update(card_claims(manifest, readme))
     stype = (manifest.source or {}).get("type")
     if stype in ("finetune", "merge", "quantize", "fuse"):
         # The card is written from the store's record (`tinkerlm card`), under the model's licence.
@@ -141,6 +143,39 @@ def own(manifest, model_dir: Path | None) -> dict[str, Evidence]:
         )
         out["Evaluation code"] = _tinkerlm("tinkerlm/evaluate/")
         out["Evaluation data"] = _evaluation_data(evals)
+    return out
+
+
+def card_claims(manifest, readme: str) -> dict[str, Evidence]:
+    """What a stored model card says was published, as declared evidence: the papers or reports it links
+    (arxiv.org) and the datasets its front matter names (`datasets:`), licences not stated (so they do not count
+    until a declaration gives them)."""
+    from tinkerlm import store
+    from tinkerlm.formats import safe_yaml
+
+    path = store.model_path(manifest) / readme if manifest.format != "gguf" else None
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")[: 1 << 20] if path else ""
+    except OSError:
+        return {}
+    out: dict[str, Evidence] = {}
+    papers = list(dict.fromkeys(re.findall(r"arxiv\.org/(?:abs|pdf)/(\d{4}\.\d{4,5})", text)))
+    if papers:
+        where = "; ".join(f"https://arxiv.org/abs/{p}" for p in papers[:5])
+        out["Research paper"] = Evidence(None, where, DECLARED, "linked in the model card; its licence is not stated")
+    head = re.match(r"---\n(.*?)\n---", text, re.S)
+    meta = None
+    if head:
+        try:
+            meta = safe_yaml.loads(head.group(1), f"{manifest.ref}: README.md front matter")
+        except Exception:  # noqa: BLE001 - a card's front matter is someone else's text: unreadable means no claim
+            meta = None
+    datasets = meta.get("datasets") if isinstance(meta, dict) else None
+    if isinstance(datasets, str):
+        datasets = [datasets]
+    if isinstance(datasets, list) and datasets:
+        where = "; ".join(f"https://huggingface.co/datasets/{d}" for d in datasets[:20] if isinstance(d, str))
+        out["Datasets"] = Evidence(None, where, DECLARED, "named in the model card; their licence is not stated")
     return out
 
 

@@ -303,6 +303,9 @@ def test_gemma_is_not_open_source_ai_and_says_why(gemma_gguf):
         "next_class"
     ]["missing"]
     assert any("Gemma Prohibited Use Policy" in o for o in d["obligations"])
+    # its built-in declaration: open architecture code, but no training code or data
+    assert _component(d, "Model architecture")["evidence"] == "declared"
+    assert d["osaid"]["reasons"][1] == "code: training code is not published; data preprocessing code is not published"
 
 
 def test_a_pulled_model_card_declares_its_paper_and_datasets(tmp_path):

@@ -37,6 +37,8 @@ LIBRARIES = "tinkerlm (Apache-2.0), PyTorch (BSD-3-Clause), safetensors (Apache-
 BUILTIN = {
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53": "smollm2-135m-instruct.yml",
     "huggingfacetb/smollm2-135m-instruct": "smollm2-135m-instruct.yml",
+    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818": "gemma-3-270m.yml",
+    "google/gemma-3-270m": "gemma-3-270m.yml",
 }
 
 # How a remix's component relates to its parents': "own" (the remix's own evidence only), "both" (every parent's

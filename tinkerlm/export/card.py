@@ -443,36 +443,16 @@ def base_models(m) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def _lineage_tree(m, depth: int = 0) -> dict:
-    """The lineage as the openness API's tree shape, from the store's records alone (no classes)."""
-    from tinkerlm import store
+def _hub_origin(m) -> list[dict]:
+    """For a catalogue file: the Hub model it was made from, as a lineage parent (the store records no parent)."""
     from tinkerlm.store import CATALOGUE
 
-    node = {"name": m.ref, "sha256": store.digest(m), "relation": None, "licence": m.license, "parents": []}
-    entry = (
-        CATALOGUE.get(str(m.source.get("uri", "")).partition(":")[0]) if m.source.get("type") == "catalogue" else None
-    )
-    if entry is not None and entry.hub_id:  # the Hub model the catalogue file was made from
-        node["parents"].append({"name": entry.hub_id, "relation": entry.hub_relation, "licence": entry.license})
-    for p in m.parents:
-        parent = _parent_manifest(p) if depth < 16 else None
-        child = _lineage_tree(parent, depth + 1) if parent is not None else {**p, "parents": p.get("parents") or []}
-        child["relation"] = p.get("relation")
-        child.setdefault("licence", p.get("license"))
-        node["parents"].append(child)
-    return node
-
-
-def assessment(name: str, declaration: str | None = None) -> dict | None:
-    """`tinkerlm.openness.assess(name, declaration).to_json()`, or None where this tinkerlm has no assessor (a
-    declaration is then an error: it could not be honoured)."""
-    try:
-        from tinkerlm.openness import assess
-    except ImportError:
-        if declaration:
-            raise TinkerError("--declaration: this tinkerlm cannot assess openness yet; leave the flag out")
-        return None
-    return assess(name, declaration=declaration).to_json()
+    if m.source.get("type") != "catalogue":
+        return []
+    entry = CATALOGUE.get(str(m.source.get("uri", "")).partition(":")[0])
+    if entry is None or not entry.hub_id:
+        return []
+    return [{"name": entry.hub_id, "relation": entry.hub_relation, "licence": entry.license, "parents": []}]
 
 
 def store_card(
@@ -507,21 +487,17 @@ def store_card(
 
     m = store.get(name)
     if openness is None:
-        openness = assessment(m.ref, declaration)
+        from tinkerlm.openness import assess
+
+        openness = assess(m.ref, declaration=declaration).to_json()
     if files is None:
         files = [f["path"] for f in m.files if f["path"] != "README.md"]
     rel, bases = relation_of(m), base_models(m)
     if copy_of and (hid := hub_id(m)):
         rel, bases = "quantized", [hid]
-    tree = _lineage_tree(m)
-    if openness is None:
-        openness = {"lineage": tree}
-    elif not isinstance(openness.get("lineage"), dict):
-        openness = {**openness, "lineage": tree}
-    elif tree["parents"] and not m.parents:  # a catalogue file: show the Hub model it was made from
-        root = openness["lineage"]
-        if not root.get("parents"):
-            openness = {**openness, "lineage": {**root, "parents": tree["parents"]}}
+    root = openness.get("lineage") if isinstance(openness.get("lineage"), dict) else None
+    if root is not None and not root.get("parents") and (origin := _hub_origin(m)):
+        openness = {**openness, "lineage": {**root, "parents": origin}}  # show the Hub model it was made from
     flat = [
         {"name": p.get("name"), "sha256": p.get("sha256"), "relation": p.get("relation"), "licence": p.get("license")}
         for p in m.parents

@@ -85,11 +85,8 @@ def announce(ref: str, terms: Terms, *, assess: bool = True) -> None:
 
 def openness(ref: str) -> None:
     """Print `openness: <label> (<evidence>)` for the stored model `ref`; a failure is logged as a warning."""
-    try:
-        from tinkerlm.openness import assess
-    except ImportError:  # the assessment is not part of this build
-        log.debug("tinkerlm.openness.assess is not available")
-        return
+    from tinkerlm.openness import assess
+
     try:
         a = assess(ref).to_json()
         print(f"openness: {a['label']} ({a.get('evidence') or 'not confirmed'})", file=sys.stderr, flush=True)

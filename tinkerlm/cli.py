@@ -156,6 +156,13 @@ def parser() -> argparse.ArgumentParser:
         default=8192,
         help="tokens per sequence slot (the KV cache holds max-batch slots of this size)",
     )
+    s.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=256,
+        help="MiB per model keeping the KV cache of recent prompts and answers, reused by requests that share a "
+        "prefix (system prompts, multi-turn chats); 0 disables",
+    )
     _model_flags(s)
 
     s = sub.add_parser(
@@ -667,6 +674,7 @@ def cmd_serve(a) -> None:
         max_batch=a.max_batch,
         max_queue=a.max_queue,
         max_context=a.max_context,
+        prefix_cache_mb=a.prefix_cache_mb,
         **_load_options(a),
     )
 

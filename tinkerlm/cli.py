@@ -700,7 +700,7 @@ def cmd_run(a) -> None:
     if not prompt.strip():
         raise TinkerError("prompt: empty (give a prompt, or pipe one in with '-')")
     options = _gen_options(a)
-    llm = tinkerlm.load(a.model, **_load_options(a))
+    llm = tinkerlm.load(a.model, prefix_cache_mb=0, **_load_options(a))  # one call: nothing to reuse
     use_chat = a.chat if a.chat is not None else bool(llm.tokenizer.chat_template)
     if use_chat:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [

@@ -327,9 +327,8 @@ class BatchGenerator:
         start = self.prefix_cache.restore(self.cache, s.slot, s.prompt)  # 0 on a miss
         row = self._rows(s.slot, s.slot + 1)
         row.lengths = [start]
-        logits = self.model(torch.tensor([s.prompt[start:]]), cache=row, logits_at=torch.tensor([n - start - 1]))[
-            :, -1
-        ]  # (1, V)
+        rest = torch.tensor([s.prompt[start:]])  # (1, n - start): what the cache did not hold
+        logits = self.model(rest, cache=row, logits_at=torch.tensor([n - start - 1]))[:, -1]  # (1, V)
         self.cache.lengths[s.slot] = n
         self._keep(s)  # the prompt, for requests that share it while this one decodes
         self.stats["prompt_tokens"] += n

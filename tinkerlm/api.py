@@ -21,6 +21,7 @@ from tinkerlm import chat as chat_mod
 from tinkerlm import loading
 from tinkerlm.errors import TinkerError
 from tinkerlm.generate import stream_generate
+from tinkerlm.prefix_cache import DEFAULT_MB, PrefixCache
 from tinkerlm.sampling import SamplingParams, TokenLogprob, generation_config_defaults, options, token_bytes, token_text
 
 
@@ -70,15 +71,28 @@ class LLM:
     `tinkerlm.sampling.SamplingParams`: max_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
     presence_penalty, frequency_penalty, seed, stop, logprobs, json. An option not given (or None) takes the
     model's generation_config.json value if it sets one (`sampling_defaults`), else the declared default.
+
+    `prefix_cache` (a `tinkerlm.prefix_cache.PrefixCache` of `prefix_cache_mb` MiB, 0 disables it) keeps the keys
+    and values of recent prompts and answers across calls, so a multi-turn `chat` or prompts sharing a system
+    prompt prefill only what is new. It forgets everything when the model's weights change.
     """
 
-    def __init__(self, model, tokenizer, name: str, manifest=None, generation_config: dict | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        name: str,
+        manifest=None,
+        generation_config: dict | None = None,
+        prefix_cache_mb: float = DEFAULT_MB,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.manifest = manifest
         self.generation_config = generation_config or {}
         self.sampling_defaults = generation_config_defaults(self.generation_config, f"{name}: generation_config.json")
+        self.prefix_cache = PrefixCache(prefix_cache_mb)
 
     def __repr__(self) -> str:
         return f"LLM({self.name!r}, {type(self.model).__name__})"
@@ -104,7 +118,9 @@ class LLM:
     def _pieces(self, prompts: list, params: SamplingParams) -> Iterator[tuple[int, Text]]:
         """(row, Text piece) as rows generate; a piece only when it has text, logprobs or a finish reason."""
         table = token_bytes(self.tokenizer, self.model.lm_head.out_features) if params.logprobs is not None else None
-        for chunk in stream_generate(self.model, self.tokenizer, prompts, sampling=params):
+        for chunk in stream_generate(
+            self.model, self.tokenizer, prompts, sampling=params, prefix_cache=self.prefix_cache
+        ):
             for t in chunk.logprobs:
                 t.text = token_text(self.tokenizer, table, t.id)[0]
             if chunk.text or chunk.logprobs or chunk.finish_reason:
@@ -178,7 +194,13 @@ def resolve_adapter(manifest):
 
 
 def load(
-    name_or_path: str, *, dtype: str = "float32", quant: str = "native", threads: int | None = None, pull: bool = True
+    name_or_path: str,
+    *,
+    dtype: str = "float32",
+    quant: str = "native",
+    threads: int | None = None,
+    pull: bool = True,
+    prefix_cache_mb: float = DEFAULT_MB,
 ) -> LLM:
     """Load a model by store name (pulling catalogue/hub names if missing), GGUF path or HF directory.
 
@@ -186,6 +208,7 @@ def load(
         dtype: activation dtype and dtype of unquantized weights.
         quant: weight format: "native" keeps a GGUF's quantization, "int8"/"int4" quantize, "bf16"/"fp32" dequantize.
         threads: CPU threads for torch and the kernels; default the number of physical cores.
+        prefix_cache_mb: memory for reusing the KV cache of earlier prompts and answers (see `LLM`); 0 disables.
     """
     torch_dtype = loading.prepare(dtype, quant, threads)
     path, manifest = resolve(name_or_path, pull=pull)
@@ -198,4 +221,4 @@ def load(
         model, tokenizer, gen_config = loading.load_checkpoint(path, torch_dtype, quant)
         tokenizer.chat_template_source = chat_mod.template_source(path)
     name = manifest.ref if manifest else str(path)
-    return LLM(model, tokenizer, name, manifest, gen_config)
+    return LLM(model, tokenizer, name, manifest, gen_config, prefix_cache_mb=prefix_cache_mb)

@@ -10,6 +10,11 @@ Each sequence samples through the sampling engine (sampling.py) with its own set
 consumed exactly as `generate_step` consumes it for a batch of one, so an answer equals `LLM.chat(..., seed=s)` for
 the same seed. Text comes through the same `TextStream` (detokenizer, stop strings, finish reasons).
 
+A `PrefixCache` (prefix_cache.py) lets a sequence start from the cached keys and values of the longest prefix it
+shares with earlier prompts and answers (copied into its slot; the rest is prefilled at its true positions). Each
+sequence's prompt is cached after its prefill, its prompt and answer when it ends, so a chat's next turn, or
+another request with the same system prompt, prefills only what is new.
+
 Two ways to drive it:
 - in the caller's thread: `submit` prompts, then iterate `events()` (it runs steps until every sequence is done);
 - in a background thread (the server): `start()`, `submit(..., emit=callback)`; events arrive through the callback,
@@ -28,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tinkerlm.errors import TinkerError
+from tinkerlm.prefix_cache import DEFAULT_MB, PrefixCache
 from tinkerlm.sampling import Sampler, SamplingParams, TextStream, TokenLogprob, new_generator, token_bytes
 
 log = logging.getLogger(__name__)
@@ -67,6 +73,7 @@ class Sequence:
     finished: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
     last: int = 0  # the token to feed at the next decode step
+    fed: list[int] = field(default_factory=list, repr=False)  # generated tokens whose keys and values are cached
     sampler: Sampler | None = field(default=None, repr=False)
     text: TextStream | None = field(default=None, repr=False)
 
@@ -92,6 +99,7 @@ class BatchGenerator:
         max_queue: sequences that may wait for a slot before `submit` raises QueueFull.
         max_context: tokens per slot (default and cap: the model's context).
         name: for thread names, logs and messages.
+        prefix_cache_mb: memory for reusing the KV cache of earlier prompts and answers (MiB; 0 disables).
 
     Example (Python API, in the caller's thread):
         bg = BatchGenerator(llm.model, llm.tokenizer, max_batch=4)
@@ -109,6 +117,7 @@ class BatchGenerator:
         max_queue: int = 64,
         max_context: int | None = None,
         name: str = "model",
+        prefix_cache_mb: float = DEFAULT_MB,
     ):
         if max_batch < 1 or max_queue < 0:
             raise TinkerError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
@@ -117,6 +126,7 @@ class BatchGenerator:
         self.context = min(max_context or self.model.max_context, self.model.max_context)
         self.vocab = self.model.lm_head.out_features
         self.cache = self.model.new_cache(max_batch, self.context)
+        self.prefix_cache = PrefixCache(prefix_cache_mb)  # the model's weights never change here: no bind()
         self.slots: list[Sequence | None] = [None] * max_batch
         self.waiting: deque[Sequence] = deque()
         self.cond = threading.Condition()
@@ -314,10 +324,13 @@ class BatchGenerator:
         s.sampler = Sampler(p, [s.prompt], self.vocab, new_generator(p.seed, always=True), table)
         s.text = TextStream(self.tokenizer, p.stop, self.tokenizer.stop_token_ids, p.max_tokens)
         n = len(s.prompt)
-        logits = self.model(
-            torch.tensor([s.prompt]), cache=self._rows(s.slot, s.slot + 1), logits_at=torch.tensor([n - 1])
-        )[:, -1]  # (1, V)
+        start = self.prefix_cache.restore(self.cache, s.slot, s.prompt)  # 0 on a miss
+        row = self._rows(s.slot, s.slot + 1)
+        row.lengths = [start]
+        rest = torch.tensor([s.prompt[start:]])  # (1, n - start): what the cache did not hold
+        logits = self.model(rest, cache=row, logits_at=torch.tensor([n - start - 1]))[:, -1]  # (1, V)
         self.cache.lengths[s.slot] = n
+        self._keep(s)  # the prompt, for requests that share it while this one decodes
         self.stats["prompt_tokens"] += n
         self.stats["ttft_sum"] += time.perf_counter() - s.submitted_at
         self.stats["ttft_count"] += 1
@@ -335,6 +348,7 @@ class BatchGenerator:
         logits = self.model(tokens, cache=self._rows(0, rows))[:, -1]  # (rows, V)
         for s in busy:
             self.cache.lengths[s.slot] += 1
+            s.fed.append(s.last)
         self.stats["decode_steps"] += 1
         self.stats["decode_rows"] += len(busy)
         for s in busy:
@@ -355,10 +369,20 @@ class BatchGenerator:
             s.emit(Event(s.index, piece, info))
 
     def _finish(self, s: Sequence, event: Event) -> None:
+        self._keep(s)
         self._release(s)
         self.stats["finished"] += 1
         if not s.cancelled:
             s.emit(event)
+
+    def _keep(self, s: Sequence) -> None:
+        """Cache the prompt and fed answer tokens of `s`, still in its slot (a failed sequence's are not kept).
+        A failure here is logged, never the sequence's."""
+        if 0 <= s.slot < len(self.slots) and self.slots[s.slot] is s:
+            try:
+                self.prefix_cache.insert(self.cache, s.slot, s.prompt + s.fed)
+            except Exception:
+                log.exception("engine %s: could not cache the prefix of sequence %d", self.name, s.index)
 
     def _release(self, s: Sequence) -> None:
         s.finished = True
@@ -369,5 +393,6 @@ class BatchGenerator:
     def _free_cancelled(self) -> None:
         for s in self.slots:
             if s is not None and s.cancelled:
+                self._keep(s)
                 self._release(s)
                 self.stats["cancelled"] += 1

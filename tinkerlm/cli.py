@@ -156,6 +156,13 @@ def parser() -> argparse.ArgumentParser:
         default=8192,
         help="tokens per sequence slot (the KV cache holds max-batch slots of this size)",
     )
+    s.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=256,
+        help="MiB per model keeping the KV cache of recent prompts and answers, reused by requests that share a "
+        "prefix (system prompts, multi-turn chats); 0 disables",
+    )
     _model_flags(s)
 
     s = sub.add_parser(
@@ -667,6 +674,7 @@ def cmd_serve(a) -> None:
         max_batch=a.max_batch,
         max_queue=a.max_queue,
         max_context=a.max_context,
+        prefix_cache_mb=a.prefix_cache_mb,
         **_load_options(a),
     )
 
@@ -692,7 +700,7 @@ def cmd_run(a) -> None:
     if not prompt.strip():
         raise TinkerError("prompt: empty (give a prompt, or pipe one in with '-')")
     options = _gen_options(a)
-    llm = tinkerlm.load(a.model, **_load_options(a))
+    llm = tinkerlm.load(a.model, prefix_cache_mb=0, **_load_options(a))  # one call: nothing to reuse
     use_chat = a.chat if a.chat is not None else bool(llm.tokenizer.chat_template)
     if use_chat:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [

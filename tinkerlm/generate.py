@@ -14,14 +14,24 @@ from dataclasses import dataclass, field
 import torch
 
 from tinkerlm.errors import TinkerError
+from tinkerlm.prefix_cache import PrefixCache
 from tinkerlm.sampling import LENGTH, Sampler, SamplingParams, TextStream, TokenLogprob, new_generator, token_bytes
 
 
 @torch.inference_mode()
-def _run(model, prompts: Sequence[Sequence[int]], max_tokens: int, sampler_for, stop_token_ids: Sequence[int]):
+def _run(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_tokens: int,
+    sampler_for,
+    stop_token_ids: Sequence[int],
+    prefix_cache: PrefixCache | None = None,
+):
     """Run the batch; yield per step (tokens with None for finished rows, per-row logprobs or None, sampler).
 
-    `sampler_for(prompts, vocab)` builds the step's `Sampler` (kept here so the prompt checks come first).
+    `sampler_for(prompts, vocab)` builds the step's `Sampler` (kept here so the prompt checks come first). With a
+    `prefix_cache`, every row starts from the longest cached prefix all rows share in length (rows stay aligned),
+    and each row's prompt, then its prompt and fed answer tokens, are cached for later calls.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise TinkerError("prompt: empty prompt (give at least one token of text)")
@@ -37,24 +47,41 @@ def _run(model, prompts: Sequence[Sequence[int]], max_tokens: int, sampler_for, 
     sampler = sampler_for(prompts, model_vocab(model))
     stop_set = set(stop_token_ids)
 
-    # Right-pad; padded slots get written but are never attended to (see KVCache).
-    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+    reuse = 0
+    if prefix_cache is not None and prefix_cache.enabled:
+        prefix_cache.bind(model)
+        reuse = min(prefix_cache.match(list(p)) for p in prompts)
+        for i, p in enumerate(prompts):
+            prefix_cache.restore(cache, i, list(p), limit=reuse)
+    cache.lengths = [reuse] * len(prompts)
 
-    logits = model(ids, cache=cache, logits_at=torch.tensor(lengths) - 1)[:, -1]  # (B, V)
+    # Right-pad the rest of each prompt; padded slots get written but are never attended to (see KVCache).
+    ids = torch.zeros(len(prompts), longest - reuse, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p) - reuse] = torch.as_tensor(list(p)[reuse:], dtype=torch.long)
+
+    logits = model(ids, cache=cache, logits_at=torch.tensor(lengths) - reuse - 1)[:, -1]  # (B, V)
     cache.lengths = list(lengths)
+    fed = [list(p) for p in prompts]  # per row, the tokens whose keys and values the cache holds
     done = [False] * len(prompts)
-    for step in range(max_tokens):
-        token, infos = sampler(logits, max_tokens - step, [not d for d in done])  # (B,)
-        tokens = token.tolist()  # the one host sync per step
-        out = [None if d else t for d, t in zip(done, tokens)]
-        yield out, infos, sampler
-        done = [d or t in stop_set or sampler.json_done(i) for i, (d, t) in enumerate(zip(done, out))]
-        if all(done) or step == max_tokens - 1:
-            return
-        logits = model(token[:, None], cache=cache)[:, -1]
-        cache.advance(1)
+    try:
+        for step in range(max_tokens):
+            token, infos = sampler(logits, max_tokens - step, [not d for d in done])  # (B,)
+            tokens = token.tolist()  # the one host sync per step
+            out = [None if d else t for d, t in zip(done, tokens)]
+            yield out, infos, sampler
+            done = [d or t in stop_set or sampler.json_done(i) for i, (d, t) in enumerate(zip(done, out))]
+            if all(done) or step == max_tokens - 1:
+                return
+            logits = model(token[:, None], cache=cache)[:, -1]
+            cache.advance(1)
+            for row, t in zip(fed, out):
+                if t is not None:  # a finished row's later tokens are filler, not worth keeping
+                    row.append(t)
+    finally:  # also when the caller stops early: what was fed is valid
+        if prefix_cache is not None:
+            for i, row in enumerate(fed):
+                prefix_cache.insert(cache, i, row)
 
 
 def generate_step(
@@ -64,17 +91,22 @@ def generate_step(
     max_tokens: int | None = None,
     sampling: SamplingParams | None = None,
     stop_token_ids: Sequence[int] = (),
+    prefix_cache: PrefixCache | None = None,
 ) -> Iterator[list[int | None]]:
     """Yield, per step, the new token of every row (None for rows already finished).
 
     A row finishes after emitting a stop token (which is yielded) or `max_tokens` tokens (default
     `sampling.max_tokens`). All rows share `sampling` and one generator. The prompt and the tokens to come must fit
-    the model's context, else TinkerError. JSON mode needs the tokenizer: use `stream_generate`.
+    the model's context, else TinkerError. JSON mode needs the tokenizer: use `stream_generate`. A `prefix_cache`
+    (tinkerlm.prefix_cache) reuses the keys and values of prompt prefixes seen before and keeps these prompts'.
     """
     sampling = (sampling or SamplingParams()).check()
     max_tokens = sampling.max_tokens if max_tokens is None else max_tokens
     generator = new_generator(sampling.seed)
-    for out, _, _ in _run(model, prompts, max_tokens, lambda p, v: Sampler(sampling, p, v, generator), stop_token_ids):
+    steps = _run(
+        model, prompts, max_tokens, lambda p, v: Sampler(sampling, p, v, generator), stop_token_ids, prefix_cache
+    )
+    for out, _, _ in steps:
         yield out
 
 
@@ -107,10 +139,11 @@ def stream_generate(
     stop: Sequence[str] | None = None,
     stop_token_ids: Sequence[int] | None = None,
     add_special_tokens: bool = True,
+    prefix_cache: PrefixCache | None = None,
 ) -> Iterator[Chunk]:
     """Yield text `Chunk`s as rows generate. Prompts are strings (tokenized here) or token id lists.
 
-    `max_tokens` and `stop` default to `sampling`'s.
+    `max_tokens` and `stop` default to `sampling`'s; `prefix_cache` as for `generate_step`.
     """
     sampling = (sampling or SamplingParams()).check()
     max_tokens = sampling.max_tokens if max_tokens is None else max_tokens
@@ -129,7 +162,7 @@ def stream_generate(
         return Sampler(sampling, prompts, vocab, generator, table)
 
     finished = [False] * len(ids)
-    for step, infos, sampler in _run(model, ids, max_tokens, sampler_for, stops):
+    for step, infos, sampler in _run(model, ids, max_tokens, sampler_for, stops, prefix_cache):
         for i, token in enumerate(step):
             if token is None or finished[i]:
                 continue

@@ -285,6 +285,20 @@ class KVCache:
         view.lengths = self.lengths[start:stop]
         return view
 
+    def read(self, row: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of row `row`'s keys and values at positions [start, stop), layers stacked: (L, n_kv, n, hd) each
+        (what the prefix cache keeps)."""
+        return torch.stack([t[row, :, start:stop] for t in self.k]), torch.stack(
+            [t[row, :, start:stop] for t in self.v]
+        )
+
+    def write(self, row: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write keys and values (L, n_kv, n, hd), as `read` returns them, at positions [start, start + n) of `row`."""
+        n = k.shape[2]
+        for layer, (kc, vc) in enumerate(zip(self.k, self.v)):
+            kc[row, :, start : start + n] = k[layer]
+            vc[row, :, start : start + n] = v[layer]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, kv_len: int):
         """Write k, v (B, n_kv, T, hd) at `positions` (B, T); return the first `kv_len` slots of the layer."""
         kc, vc = self.k[layer], self.v[layer]

@@ -44,6 +44,7 @@ from starlette.middleware.cors import CORSMiddleware
 from tinkerlm import limits
 from tinkerlm.batching import BatchGenerator, Event, QueueFull, Sequence, ShuttingDown
 from tinkerlm.errors import TinkerError
+from tinkerlm.prefix_cache import DEFAULT_MB
 from tinkerlm.sampling import SamplingParams, token_text
 from tinkerlm.serve.protocol import APIError, ChatRequest, CompletionRequest, decode_json, params, parse
 
@@ -401,6 +402,7 @@ def create_app(
     max_batch: int = 8,
     max_queue: int = 64,
     max_context: int = DEFAULT_MAX_CONTEXT,
+    prefix_cache_mb: float = DEFAULT_MB,
     shutdown_grace: float = 10.0,
     allowed_hosts: list[str] | tuple[str, ...] = (),
     allowed_origins: list[str] | tuple[str, ...] = (),
@@ -411,6 +413,8 @@ def create_app(
         max_batch: KV-cache slots per model: sequences decoded together in one forward pass.
         max_queue: sequences that may wait for a slot before requests get 429.
         max_context: cap on each model's context (the KV cache holds max_batch x max_context positions per model).
+        prefix_cache_mb: memory per model for the keys and values of recent prompts and answers, reused by requests
+            that share a prefix (system prompts, multi-turn chats); 0 disables.
         shutdown_grace: seconds running requests may take to finish when the server stops.
         allowed_hosts: Host names accepted besides loopback names and IP addresses ("name", ".domain", "*").
         allowed_origins: browser origins besides this server's own that may call it ("http://host:port", "*");
@@ -420,7 +424,13 @@ def create_app(
         raise TinkerError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
     engines = {
         name: BatchGenerator(
-            llm.model, llm.tokenizer, name=name, max_batch=max_batch, max_queue=max_queue, max_context=max_context
+            llm.model,
+            llm.tokenizer,
+            name=name,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            max_context=max_context,
+            prefix_cache_mb=prefix_cache_mb,
         )
         for name, llm in models.items()
     }
@@ -853,7 +863,12 @@ def _metrics(state: _State) -> str:
         [(f'{{path="{p}",status="{s}"}}', n) for (p, s), n in sorted(state.requests.items())],
     )
     per_model = [
-        ("tinkerlm_prompt_tokens_total", "counter", "prompt tokens prefilled", lambda e: e.stats["prompt_tokens"]),
+        (
+            "tinkerlm_prompt_tokens_total",
+            "counter",
+            "prompt tokens (prefilled, or reused from the prefix cache)",
+            lambda e: e.stats["prompt_tokens"],
+        ),
         ("tinkerlm_generation_tokens_total", "counter", "tokens generated", lambda e: e.stats["generation_tokens"]),
         ("tinkerlm_decode_steps_total", "counter", "batched decode forward passes", lambda e: e.stats["decode_steps"]),
         (
@@ -884,6 +899,32 @@ def _metrics(state: _State) -> str:
         ("tinkerlm_slots_busy", "gauge", "KV-cache slots in use", lambda e: e.busy_slots()),
         ("tinkerlm_slots_total", "gauge", "KV-cache slots", lambda e: e.max_batch),
         ("tinkerlm_queue_waiting", "gauge", "sequences waiting for a slot", lambda e: len(e.waiting)),
+        (
+            "tinkerlm_prefix_cache_hits_total",
+            "counter",
+            "prefills that started from a cached prefix",
+            lambda e: e.prefix_cache.stats["hits"],
+        ),
+        (
+            "tinkerlm_prefix_cache_misses_total",
+            "counter",
+            "prefills with no cached prefix",
+            lambda e: e.prefix_cache.stats["misses"],
+        ),
+        (
+            "tinkerlm_prefix_cache_reused_tokens_total",
+            "counter",
+            "prompt tokens whose keys and values came from the prefix cache instead of a prefill",
+            lambda e: e.prefix_cache.stats["tokens_reused"],
+        ),
+        (
+            "tinkerlm_prefix_cache_evictions_total",
+            "counter",
+            "prefix-cache blocks evicted (least recently used first)",
+            lambda e: e.prefix_cache.stats["evictions"],
+        ),
+        ("tinkerlm_prefix_cache_bytes", "gauge", "memory held by the prefix cache", lambda e: e.prefix_cache.bytes),
+        ("tinkerlm_prefix_cache_budget_bytes", "gauge", "the prefix cache's budget", lambda e: e.prefix_cache.budget),
     ]
     for name, kind, help_, get in per_model:
         metric(name, kind, help_, [(f'{{model="{m}"}}', get(e)) for m, e in state.engines.items()])
@@ -958,6 +999,7 @@ def serve(
     quant: str = "native",
     threads: int | None = None,
     max_context: int = DEFAULT_MAX_CONTEXT,
+    prefix_cache_mb: float = DEFAULT_MB,
 ) -> None:
     """Load `models` and serve them until Ctrl-C / SIGTERM (then running requests get a grace period).
 
@@ -995,13 +1037,15 @@ def serve(
     llms = {}
     for name in models:
         print(f"tinkerlm: loading {name} ...", file=sys.stderr, flush=True)
-        llms[name] = tinkerlm.load(name, dtype=dtype, quant=quant, threads=threads)
+        # The engines keep their own prefix cache; the LLM's would stay empty.
+        llms[name] = tinkerlm.load(name, dtype=dtype, quant=quant, threads=threads, prefix_cache_mb=0)
     app = create_app(
         llms,
         api_key=api_key,
         max_batch=max_batch,
         max_queue=max_queue,
         max_context=max_context,
+        prefix_cache_mb=prefix_cache_mb,
         allowed_hosts=allowed_hosts,
         allowed_origins=allowed_origins,
     )

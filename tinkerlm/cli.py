@@ -54,6 +54,49 @@ def _model_flags(g) -> None:
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: the number of physical cores)")
 
 
+def _speculative_flags(s) -> None:
+    """Speculative decoding (tinkerlm.speculative): options of loading, like --quant, not of sampling."""
+    from tinkerlm.speculative import DRAFT_TOKENS, LOOKUP_NGRAM, MAX_DRAFT_TOKENS, MAX_LOOKUP_NGRAM
+
+    g = s.add_argument_group(
+        "speculative decoding", "draft tokens cheaply, check them in one forward: the same output, faster"
+    )
+    which = g.add_mutually_exclusive_group()
+    which.add_argument(
+        "--draft",
+        default=None,
+        metavar="MODEL",
+        help="draft with this smaller model of the same tokenizer (store name or path; default: none)",
+    )
+    which.add_argument(
+        "--prompt-lookup",
+        action="store_true",
+        help="draft by looking up the last few tokens earlier in the prompt and answer (no second model)",
+    )
+    g.add_argument(
+        "--draft-tokens",
+        type=int,
+        default=DRAFT_TOKENS,
+        help=f"tokens drafted per step, 1..{MAX_DRAFT_TOKENS} (default: {DRAFT_TOKENS})",
+    )
+    g.add_argument(
+        "--lookup-ngram",
+        type=int,
+        default=LOOKUP_NGRAM,
+        help=f"longest n-gram prompt lookup matches, shorter ones tried next, 1..{MAX_LOOKUP_NGRAM} "
+        f"(default: {LOOKUP_NGRAM})",
+    )
+
+
+def _speculative_options(a) -> dict:
+    return {
+        "draft": a.draft,
+        "prompt_lookup": a.prompt_lookup,
+        "draft_tokens": a.draft_tokens,
+        "lookup_ngram": a.lookup_ngram,
+    }
+
+
 def parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(prog="tinkerlm", description="Run, inspect and share open-weight language models.")
@@ -107,6 +150,7 @@ def parser() -> argparse.ArgumentParser:
         help="chat mode: read special-token text in the prompt (e.g. <|im_start|>) as control tokens, not as text",
     )
     _sampling(s)
+    _speculative_flags(s)
 
     s = sub.add_parser(
         "chat",
@@ -118,6 +162,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="store name, .gguf path or Hugging Face directory")
     s.add_argument("--system", default=None, help="system prompt")
     _sampling(s)
+    _speculative_flags(s)
 
     s = sub.add_parser(
         "serve",
@@ -700,7 +745,8 @@ def cmd_run(a) -> None:
     if not prompt.strip():
         raise TinkerError("prompt: empty (give a prompt, or pipe one in with '-')")
     options = _gen_options(a)
-    llm = tinkerlm.load(a.model, prefix_cache_mb=0, **_load_options(a))  # one call: nothing to reuse
+    # one call: nothing to reuse, so no prefix cache
+    llm = tinkerlm.load(a.model, prefix_cache_mb=0, **_load_options(a), **_speculative_options(a))
     use_chat = a.chat if a.chat is not None else bool(llm.tokenizer.chat_template)
     if use_chat:
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
@@ -719,6 +765,8 @@ def cmd_run(a) -> None:
         for t in logprobs:
             alts = "  ".join(f"{llm.tokenizer.decode([i], skip_special_tokens=False)!r} {lp:.3f}" for i, lp in t.top)
             print(f"{t.text!r:>16} {t.logprob:8.3f}  {alts}".rstrip(), file=sys.stderr)
+    if llm.last_speculation is not None:  # on stderr too: stdout stays the answer
+        print(llm.last_speculation.summary(), file=sys.stderr)
 
 
 def cmd_chat(a) -> None:
@@ -726,7 +774,7 @@ def cmd_chat(a) -> None:
     from tinkerlm.chat import repl
 
     options = _gen_options(a)
-    llm = tinkerlm.load(a.model, **_load_options(a))
+    llm = tinkerlm.load(a.model, **_load_options(a), **_speculative_options(a))
     repl(llm, system=a.system, **options)
 
 

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from tinkerlm.errors import TinkerError
 from tinkerlm.prefix_cache import PrefixCache
 from tinkerlm.sampling import LENGTH, Sampler, SamplingParams, TextStream, TokenLogprob, new_generator, token_bytes
+
+if TYPE_CHECKING:
+    from tinkerlm.speculative import Speculative
 
 
 @torch.inference_mode()
@@ -140,10 +144,13 @@ def stream_generate(
     stop_token_ids: Sequence[int] | None = None,
     add_special_tokens: bool = True,
     prefix_cache: PrefixCache | None = None,
+    speculative: Speculative | None = None,
 ) -> Iterator[Chunk]:
     """Yield text `Chunk`s as rows generate. Prompts are strings (tokenized here) or token id lists.
 
-    `max_tokens` and `stop` default to `sampling`'s; `prefix_cache` as for `generate_step`.
+    `max_tokens` and `stop` default to `sampling`'s; `prefix_cache` as for `generate_step`. `speculative`
+    (tinkerlm.speculative) drafts tokens and verifies them, one row after another, with the same output; it
+    prefills from scratch (the prefix cache is not used on that path).
     """
     sampling = (sampling or SamplingParams()).check()
     max_tokens = sampling.max_tokens if max_tokens is None else max_tokens
@@ -162,7 +169,11 @@ def stream_generate(
         return Sampler(sampling, prompts, vocab, generator, table)
 
     finished = [False] * len(ids)
-    for step, infos, sampler in _run(model, ids, max_tokens, sampler_for, stops, prefix_cache):
+    if speculative is None:
+        steps = _run(model, ids, max_tokens, sampler_for, stops, prefix_cache)
+    else:  # reads `finished` to leave a row a stop string ended
+        steps = speculative.run(model, ids, max_tokens, sampler_for, stops, finished)
+    for step, infos, sampler in steps:
         for i, token in enumerate(step):
             if token is None or finished[i]:
                 continue

@@ -117,3 +117,20 @@ class FusedLlamaDecoder:
             *self.args,
         )
         return logits[:, None]
+
+    def run_row(self, tokens: torch.Tensor, cache: KVCache, row: int = 0) -> torch.Tensor:
+        """Logits (T, V) for T consecutive new tokens (T,) of one row, written at positions lengths[row] onwards.
+
+        The kernel takes one token per entry; here every entry is the same cache row at successive positions. Each
+        layer writes all entries' keys and values before any entry attends, and an entry attends over the slots up
+        to its own position: causal attention over the T tokens, reading each weight block once for all of them
+        (speculative decoding's verification step). Each entry's arithmetic is a one-token step's. The caller
+        checks the slots fit and advances `cache.lengths`.
+        """
+        start = cache.lengths[row]
+        T = tokens.shape[0]
+        positions = torch.arange(start, start + T, dtype=torch.long)
+        rows = torch.full((T,), row, dtype=torch.long)
+        return kernels.ops().llama_decode(
+            tokens.contiguous(), positions, rows, self.layers, self.head, cache.k, cache.v, *self.args
+        )

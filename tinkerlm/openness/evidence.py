@@ -19,7 +19,7 @@ itself (its weights, its card, its evaluation) are the remix's own. Licences com
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from tinkerlm.openness import declaration as decl_mod
@@ -304,7 +304,3 @@ def overlay(base: dict[str, Evidence], extra: dict[str, Evidence]) -> dict[str, 
         if name not in out or out[name].source == DECLARED:
             out[name] = e
     return out
-
-
-def with_source(e: Evidence, source: str) -> Evidence:
-    return replace(e, source=source)

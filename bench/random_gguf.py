@@ -3,7 +3,7 @@
     .venv/bin/python bench/random_gguf.py --shape llama3.2-1b --type q4_k_m --out /tmp/llama1b-q4_k_m.gguf
 
 Shapes are the published configs (hidden size, layers, heads, vocabulary, tied embeddings, RoPE) of Llama 3.2 1B and
-3B, Qwen2.5 1.5B and Llama 3.1 8B. Weights are normal(0, 0.02) (norms 1), generated tensor by tensor and written
+3B, Qwen2.5 1.5B and Llama 3.1 8B, and `tiny-llama3` (Llama 3's layout at a size tests can afford). Weights are normal(0, 0.02) (norms 1), generated tensor by tensor and written
 through tinkerlm's own GGUF writer and quantizers, so memory stays at one tensor; the tokenizer is SmolLM2's (from the
 store's `smollm2`), padded with unused tokens to the shape's vocabulary, so the file loads and runs anywhere.
 """
@@ -36,6 +36,14 @@ SHAPES = {
         num_key_value_heads=2, head_dim=128, vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0,
         rms_norm_eps=1e-6, max_position_embeddings=32768, attention_bias=True,
     ),
+    # Not a published model: Llama 3's layout (GQA, llama3 RoPE scaling, tied output) at a size tests can afford.
+    "tiny-llama3": dict(
+        model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, vocab_size=49280, tie_word_embeddings=True, rope_theta=500000.0,
+        rms_norm_eps=1e-5, max_position_embeddings=131072,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+    ),
     "llama3.1-8b": dict(
         model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
@@ -64,7 +72,9 @@ def tensors(config: dict) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def write(shape: str, file_type: str, out: Path, seed: int = 0) -> Path:
+def write(shape: str, file_type: str, out: Path, seed: int = 0, tokenizer_gguf: Path | None = None) -> Path:
+    """Write the random GGUF; the tokenizer comes from `tokenizer_gguf` (default: the store's smollm2, pulled if
+    missing). Returns `out`."""
     from tinkerlm import store
     from tinkerlm.export import types as types_mod
     from tinkerlm.formats import specs
@@ -75,7 +85,9 @@ def write(shape: str, file_type: str, out: Path, seed: int = 0) -> Path:
     config = dict(SHAPES[shape])
     spec = specs.for_model_type(config["model_type"])
     ftype = types_mod.file_type(file_type)
-    tokenizer = read_gguf(store.model_path(store.find("smollm2") or store.pull("smollm2"))).tokenizer()
+    if tokenizer_gguf is None:
+        tokenizer_gguf = store.model_path(store.find("smollm2") or store.pull("smollm2"))
+    tokenizer = read_gguf(tokenizer_gguf).tokenizer()
     metadata = {**spec.gguf_metadata(config), **tokenizer.gguf_metadata(vocab_size=config["vocab_size"])}
     metadata["general.name"] = f"random {shape}"
     metadata["general.file_type"] = ftype.code

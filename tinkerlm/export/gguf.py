@@ -195,7 +195,7 @@ def _producer(source: Source, hf_name: str, gguf_name: str, qtype: str, rep: Ten
         order = source.spec.row_order(hf_name, source.config, w.shape[0], to_gguf=True) if w.dim() else None
         if order is not None:
             w = w[torch.from_numpy(order)]
-        w = w.float().contiguous()
+        w = (w.float() + source.spec.value_shift(hf_name)).contiguous()  # Gemma's norms are stored as 1 + w
         weights = imatrix.weights(gguf_name) if imatrix is not None and w.dim() == 2 else None
         if weights is not None and len(weights) != w.shape[-1]:
             raise TinkerError(

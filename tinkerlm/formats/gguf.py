@@ -83,7 +83,8 @@ class RawTensor:
 
     `data` is a view of the memory map: the values for float types, else one row of bytes per row of values.
     Reordering its rows by `row_order` (where not None) gives the HF tensor's rows: HF row r is stored row
-    `row_order[r]` (the spec's fix, e.g. llama.cpp's q/k permutation).
+    `row_order[r]` (the spec's fix, e.g. llama.cpp's q/k permutation); subtracting `value_shift` from its values gives the
+    HF values (1.0 for Gemma's norms, stored as `1 + w`).
     """
 
     name: str  # the GGUF name
@@ -93,6 +94,7 @@ class RawTensor:
     offset: int  # absolute byte offset of the data in the file
     nbytes: int
     row_order: np.ndarray | None
+    value_shift: float = 0.0
 
     def dequantize(self, blocks: np.ndarray | None = None) -> np.ndarray:
         """`blocks` (default: all of `data`) dequantized by the gguf package, as a flat float32 array."""
@@ -272,10 +274,12 @@ class GGUFCheckpoint:
         t = self._tensors[self._gguf_name(hf_name)]
         shape = _shape(t)
         order = self.spec.row_order(hf_name, self._config, shape[0]) if shape else None
-        return RawTensor(t.name, t.tensor_type.name, shape, t.data, t.data_offset, int(t.n_bytes), order)
+        shift = self.spec.value_shift(hf_name)
+        return RawTensor(t.name, t.tensor_type.name, shape, t.data, t.data_offset, int(t.n_bytes), order, shift)
 
     def hf_tensor(self, hf_name: str) -> torch.Tensor:
-        """An HF-named parameter dequantized to fp32, the spec's fixes applied (q/k rows in HF's order).
+        """An HF-named parameter dequantized to fp32, the spec's fixes applied (q/k rows in HF's order, Gemma's
+        norms less their stored offset of 1).
 
         Raises:
             TinkerError: no such parameter, or a tensor type the gguf package cannot dequantize.
@@ -286,6 +290,8 @@ class GGUFCheckpoint:
         tensor = self._dequantize(self._tensors[raw.name])
         if raw.row_order is not None:
             tensor = tensor[torch.from_numpy(raw.row_order)]
+        if raw.value_shift:
+            tensor -= raw.value_shift
         return tensor
 
     def release(self, hf_name: str) -> None:

@@ -247,7 +247,8 @@ class GGUFSource(Source):
         else:
             blocks = torch.frombuffer(data, dtype=torch.uint8).reshape(shape[0], -1)
             t = qops.dequantize(QTensor(blocks, kind, shape[1]))
-        return t if raw.row_order is None else t[torch.from_numpy(raw.row_order)]
+        t = t if raw.row_order is None else t[torch.from_numpy(raw.row_order)]
+        return t - raw.value_shift if raw.value_shift else t  # Gemma's norms: stored as 1 + w
 
     def tokenizer(self):
         return self._ckpt.tokenizer()

@@ -65,6 +65,8 @@ class Spec:
     # For writers: model_type -> the general.architecture llama.cpp loads it as, where that is not the name it is
     # read under (llama.cpp has no "mistral" architecture: its converter writes Mistral as "llama").
     write_architectures: dict[str, str] = field(default_factory=dict)
+    # HF name suffixes of weights GGUF files store as `1 + w` (Gemma's norms, which scale by `1 + w`; HF keeps `w`).
+    unit_offset: tuple[str, ...] = ()
 
     def gguf_architecture(self, model_type: str) -> str:
         """The GGUF general.architecture a writer gives an HF model_type (the inverse of `gguf_architectures`).
@@ -111,6 +113,10 @@ class Spec:
         if order is None or not to_gguf:
             return order
         return np.argsort(order)
+
+    def value_shift(self, hf_name: str) -> float:
+        """What a GGUF file adds to this HF tensor's values: 1.0 for a `unit_offset` weight, else 0.0."""
+        return 1.0 if self.unit_offset and hf_name.endswith(self.unit_offset) else 0.0
 
     def is_conv1d(self, hf_name: str) -> bool:
         """Whether HF checkpoints store this weight as Conv1D (in, out) rather than nn.Linear's (out, in)."""

@@ -226,6 +226,9 @@ def test_config_round_trip(tmp_path, kind):
     want["model_type"] = specs.gguf_model_type(arch)  # Mistral comes back as llama, as llama.cpp's converter writes
     if config["model_type"] == "gpt2":
         want["n_inner"] = want.get("n_inner") or 4 * want["n_embd"]
+    elif config["model_type"] == "gemma3_text":  # RoPE per layer type; the rest llama.cpp fixes for gemma3
+        want["rope_theta"] = config["rope_parameters"]["full_attention"]["rope_theta"]
+        want["rope_local_base_freq"] = config["rope_parameters"]["sliding_attention"]["rope_theta"]
     else:
         params = config.get("rope_parameters") or {}
         want["rope_theta"] = params.get("rope_theta", 10000.0)
@@ -458,7 +461,7 @@ def test_llama_cpp_runs_a_written_model_as_transformers_does(tmp_path, kind):
     for hf, tensor in model.state_dict().items():
         if hf == "lm_head.weight" and config.get("tie_word_embeddings"):
             continue
-        array = tensor.float().numpy()
+        array = tensor.float().numpy() + spec.value_shift(hf)  # Gemma's norms are stored as 1 + w
         if spec.is_conv1d(hf):
             array = array.T
         order = spec.row_order(hf, config, array.shape[0], to_gguf=True)
@@ -474,4 +477,6 @@ def test_llama_cpp_runs_a_written_model_as_transformers_does(tmp_path, kind):
     llm.eval(ids)
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].numpy()
-    np.testing.assert_allclose(np.asarray(llm.scores[: len(ids)]), want, atol=2e-3, rtol=1e-3)
+    # ggml's GELU (Gemma's MLP) reads an fp16 table: a few logits differ by up to ~0.006 there.
+    atol = 1e-2 if config["model_type"] == "gemma3_text" else 2e-3
+    np.testing.assert_allclose(np.asarray(llm.scores[: len(ids)]), want, atol=atol, rtol=1e-3)

@@ -52,6 +52,7 @@ def test_registry_lookups():
         "mistral": "mistral",
         "qwen2": "qwen2",
         "qwen3": "qwen3",
+        "gemma3": "gemma3_text",
         "gpt2": "gpt2",
     }
     assert set(specs.gguf_architectures().values()) <= set(specs.model_types())
@@ -167,7 +168,7 @@ def test_shapes_cover_the_name_table(kind):
     config = dict(kwargs, model_type=getattr(transformers, cfg_name).model_type)
     spec = specs.for_model_type(config["model_type"])
     assert set(spec.shapes(config)) == set(spec.tensor_names.values())
-    assert spec.num_layers(config) == 2
+    assert spec.num_layers(config) == kwargs.get("num_hidden_layers", 2)  # GPT-2: n_layer=2
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

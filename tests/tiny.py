@@ -49,6 +49,11 @@ CONFIGS = {
     "mistral-window": ("MistralConfig", dict(COMMON, num_key_value_heads=2, sliding_window=8)),
     "qwen2": ("Qwen2Config", dict(COMMON, num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(COMMON, num_key_value_heads=2, head_dim=32)),
+    # Six layers: five sliding (window 4) and one global, as Gemma 3 alternates them; query scale != head_dim ** -0.5.
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(COMMON, num_hidden_layers=6, num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=16),
+    ),
     "gpt2": (
         "GPT2Config",
         dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=256, eos_token_id=258),

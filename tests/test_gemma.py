@@ -109,6 +109,9 @@ def test_real_greedy_answers_equal_transformers(prompt, hf_gemma, gemma_fp32, ge
         logits = hf_gemma(torch.tensor([ids + native])).logits[0, len(ids) - 1 : -1]  # (n, V): the step of each
     gaps = logits.max(-1).values - logits[torch.arange(n), torch.tensor(native)]
     assert len(native) == n and gaps.max() < 0.1, gaps
+    # Llama's fused decode step must not be attached to Gemma's different layers; q/k/v run as one packed call.
+    assert getattr(gemma_native.model, "fused_decode", None) is None
+    assert gemma_native.model.model.layers[0].self_attn.fused_qkv is not None
 
 
 def test_gguf_export_stores_norms_plus_one(tmp_path):

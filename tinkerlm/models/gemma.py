@@ -177,11 +177,15 @@ class Attention(nn.Module):
         self.k_norm = GemmaRMSNorm(self.hd, cfg.rms_norm_eps)
         self.scale = cfg.query_pre_attn_scalar**-0.5
 
+    # x -> (q, k, v) in one call, set by a speed transform after loading (tinkerlm.quant.fuse); None: three calls.
+    fused_qkv = None
+
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, positions, kv_len: int):
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.hd))  # (B, T, H, hd)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.hd))  # (B, T, n_kv, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
+        q, k, v = self.fused_qkv(x) if self.fused_qkv else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = self.q_norm(q.view(B, T, self.n_heads, self.hd))  # (B, T, H, hd)
+        k = self.k_norm(k.view(B, T, self.n_kv, self.hd))  # (B, T, n_kv, hd)
+        v = v.view(B, T, self.n_kv, self.hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
@@ -242,10 +246,10 @@ class GemmaForCausalLM(CausalLM):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    # No fused one-token decode step (tinkerlm.quant.decode is Llama's): quantized Gemma decodes through its
-    # modules (QLinear on packed weights). The fused step would need the (1 + w) norms folded into its weights, the
-    # post-attention and post-MLP norms, q/k norms, GELU-tanh, the embedding scale and a window and RoPE base per layer.
-    fused_decode = None
+    # No `fused_decode` attribute on purpose: tinkerlm.quant.decode's step computes Llama's layers, so declaring one
+    # would attach it here. Quantized Gemma decodes through its modules (QLinear on packed weights). The step
+    # would need the (1 + w) norms (foldable into its weights at attach), the post-attention and post-MLP norms,
+    # GELU-tanh, the embedding scale, the query scale, and a window and RoPE table per layer.
 
     def forward(
         self,

@@ -1000,6 +1000,7 @@ def serve(
     threads: int | None = None,
     max_context: int = DEFAULT_MAX_CONTEXT,
     prefix_cache_mb: float = DEFAULT_MB,
+    kv_cache: str = "f32",
 ) -> None:
     """Load `models` and serve them until Ctrl-C / SIGTERM (then running requests get a grace period).
 
@@ -1038,7 +1039,9 @@ def serve(
     for name in models:
         print(f"tinkerlm: loading {name} ...", file=sys.stderr, flush=True)
         # The engines keep their own prefix cache; the LLM's would stay empty.
-        llms[name] = tinkerlm.load(name, dtype=dtype, quant=quant, threads=threads, prefix_cache_mb=0)
+        llms[name] = tinkerlm.load(
+            name, dtype=dtype, quant=quant, threads=threads, prefix_cache_mb=0, kv_cache=kv_cache
+        )
     app = create_app(
         llms,
         api_key=api_key,
@@ -1050,7 +1053,7 @@ def serve(
         allowed_origins=allowed_origins,
     )
     for name, e in app.state.tinkerlm.engines.items():
-        mib = sum(t.numel() * t.element_size() for t in e.cache.k + e.cache.v) / 2**20
+        mib = e.cache.nbytes / 2**20
         print(
             f"tinkerlm: {name}: {max_batch} slots x {e.context} tokens of KV cache ({mib:.0f} MiB)",
             file=sys.stderr,

@@ -62,8 +62,7 @@ def prepare(
     """
     if quant not in QUANTS:
         raise TinkerError(f"quant: '{quant}' is not one of {', '.join(QUANTS)}")
-    if kv_cache not in KV_CACHES:
-        raise TinkerError(f"kv_cache: '{kv_cache}' is not one of {', '.join(KV_CACHES)}")
+    check_kv_cache(kv_cache)
     if threads is not None and threads < 1:
         raise TinkerError(f"threads: must be >= 1, got {threads}")
     torch.set_num_threads(threads or physical_cores())
@@ -136,9 +135,13 @@ def set_kv_cache(model, kv_cache: str) -> None:
     """Make `model.new_cache` build caches of this format: "f32" keeps keys and values in the activations' dtype,
     "q8" as 8-bit records with one fp32 scale per token and head (~3.8x less memory; `tinkerlm.models.base.KVCache`),
     read in place by the fused decode step."""
+    check_kv_cache(kv_cache)
+    model.kv_cache = kv_cache
+
+
+def check_kv_cache(kv_cache: str) -> None:
     if kv_cache not in KV_CACHES:
         raise TinkerError(f"kv_cache: '{kv_cache}' is not one of {', '.join(KV_CACHES)}")
-    model.kv_cache = kv_cache
 
 
 def load_adapted(

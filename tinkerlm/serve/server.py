@@ -44,6 +44,7 @@ from starlette.middleware.cors import CORSMiddleware
 from tinkerlm import limits
 from tinkerlm.batching import BatchGenerator, Event, QueueFull, Sequence, ShuttingDown
 from tinkerlm.errors import TinkerError
+from tinkerlm.loading import check_kv_cache
 from tinkerlm.prefix_cache import DEFAULT_MB
 from tinkerlm.sampling import SamplingParams, token_text
 from tinkerlm.serve.protocol import APIError, ChatRequest, CompletionRequest, decode_json, params, parse
@@ -1023,6 +1024,7 @@ def serve(
         allowed_hosts.append(host)
     if not models:
         raise TinkerError("serve: give at least one model")
+    check_kv_cache(kv_cache)  # before loading anything
     if len(set(models)) != len(models):
         raise TinkerError("serve: a model is named twice")
     if not 0 < port < 65536:

@@ -249,3 +249,16 @@ def test_kv_cache_rows_share_records():
     view.update(0, k, k, torch.tensor([[0, 1, 2], [0, 1, 2]]), 3)
     torch.testing.assert_close(dequantize_kv(cache.k[0][1:, :, :3]), k, atol=k.abs().max().item() / 254, rtol=0)
     assert not cache.k[0][0].any()
+
+
+@pytest.mark.parametrize("quant", ["native", "int8"])  # int8: the fused decode step verifies drafts (run_row)
+def test_speculative_with_q8_is_plain_q8_decoding(tiny, quant):
+    path = str(tiny / "llama")
+    plain = tinkerlm.load(path, quant=quant, kv_cache="q8", prefix_cache_mb=0)
+    lookup = tinkerlm.load(path, quant=quant, kv_cache="q8", prefix_cache_mb=0, prompt_lookup=True, draft_tokens=5)
+    drafted = 0
+    for w in ("abc", "hello", "the", "zz"):
+        prompt = f"{w} {w} {w} the cat sat on the mat, the cat sat on the {w}"
+        assert lookup.generate(prompt, max_tokens=30) == plain.generate(prompt, max_tokens=30), prompt
+        drafted += lookup.last_speculation.drafted
+    assert drafted > 0

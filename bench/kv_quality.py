@@ -93,6 +93,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=2000, help="prompt length before timed decode")
     p.add_argument("--decode-tokens", type=int, default=64, help="decode steps timed")
     p.add_argument("--runs", type=int, default=3, help="decode timings; the median is reported")
+    p.add_argument("--prompts", type=int, default=len(PROMPTS), help="chat prompts answered (the first N)")
     a = p.parse_args()
 
     llm = tinkerlm.load(a.model, quant=a.quant, prefix_cache_mb=0)
@@ -102,7 +103,8 @@ def main() -> None:
     context = min(a.context, model.max_context)
     long_prompt = text_ids[: context - a.max_tokens]
     speed_prompt = (text_ids * (a.prompt_tokens // len(text_ids) + 1))[: a.prompt_tokens]
-    chats = [llm.chat_ids(q) for q in PROMPTS]
+    prompts = PROMPTS[: a.prompts]
+    chats = [llm.chat_ids(q) for q in prompts]
     print(f"{a.model} ({a.quant}), fused decode: {model.fused_decode is not None}", flush=True)
 
     results = {}
@@ -126,12 +128,12 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---:|---:|"
     )
     print(
-        f"| f32 | {f32['ppl']:.4f} | {f32['mib_per_1k']:.1f} | {f32['tok_s']:.1f} | {len(PROMPTS)}/{len(PROMPTS)} "
+        f"| f32 | {f32['ppl']:.4f} | {f32['mib_per_1k']:.1f} | {f32['tok_s']:.1f} | {len(prompts)}/{len(prompts)} "
         "| 100% | 100% |"
     )
     print(
         f"| q8 | {q8['ppl']:.4f} ({(q8['ppl'] / f32['ppl'] - 1) * 100:+.2f}%) | {q8['mib_per_1k']:.1f} "
-        f"({f32['mib_per_1k'] / q8['mib_per_1k']:.2f}x less) | {q8['tok_s']:.1f} | {same}/{len(PROMPTS)} "
+        f"({f32['mib_per_1k'] / q8['mib_per_1k']:.2f}x less) | {q8['tok_s']:.1f} | {same}/{len(prompts)} "
         f"| {100 * sum(chat_agree) / len(chat_agree):.1f}% | {100 * agreement(f32['long'], q8['long']):.1f}% |"
     )
 

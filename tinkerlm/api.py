@@ -238,7 +238,7 @@ def load(
         threads: CPU threads for torch and the kernels; default the number of physical cores.
         prefix_cache_mb: memory for reusing the KV cache of earlier prompts and answers (see `LLM`); 0 disables.
         kv_cache: "f32" keeps keys and values in the activations' dtype; "q8" stores them in 8 bits with one scale
-            per token and head (~3.8x less memory for long contexts, logits within ~1e-2).
+            per token and head (~3.8x less memory for long contexts; logits move by ~2% of their range).
         draft: speculative decoding with this smaller model of the same vocabulary (a name or path, loaded with
             the same dtype and quant, or a loaded `LLM`).
         prompt_lookup: speculative decoding with drafts looked up in the prompt (no second model).

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from tinkerlm.errors import TinkerError
+from tinkerlm.models.base import KV_CACHES
 
 QUANTS = ("native", "int8", "int4", "bf16", "fp32")
-KV_CACHES = ("f32", "q8")  # tinkerlm.models.base.KV_CACHES (kept here too: the CLI's help imports no torch)
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,

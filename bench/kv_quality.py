@@ -4,6 +4,7 @@ speed after a long prompt. Prints a Markdown table (pasted into BENCHMARKS.md).
 
     .venv/bin/python bench/kv_quality.py                          # smollm2, context 2048
     .venv/bin/python bench/kv_quality.py --model ./m.gguf --context 4096 --prompt-tokens 4000
+    .venv/bin/python bench/kv_quality.py --speed-only --runs 5     # memory and decode speed only
 
 Perplexity runs each window through a fresh cache of the format under test (prefill from position 0, so every
 attention reads keys and values as the cache stores them). Greedy agreement is measured per answer as the tokens
@@ -94,6 +95,7 @@ def main() -> None:
     p.add_argument("--decode-tokens", type=int, default=64, help="decode steps timed")
     p.add_argument("--runs", type=int, default=3, help="decode timings; the median is reported")
     p.add_argument("--prompts", type=int, default=len(PROMPTS), help="chat prompts answered (the first N)")
+    p.add_argument("--speed-only", action="store_true", help="only memory and decode speed (no quality runs)")
     a = p.parse_args()
 
     llm = tinkerlm.load(a.model, quant=a.quant, prefix_cache_mb=0)
@@ -112,13 +114,19 @@ def main() -> None:
         set_kv_cache(model, kv)
         t = time.perf_counter()
         r = results[kv] = {}
-        r["ppl"] = cached_perplexity(model, text_ids, context)
-        r["answers"] = [greedy(model, c, a.max_tokens, stop) for c in chats]
-        r["long"] = greedy(model, long_prompt, a.max_tokens, [])
+        if not a.speed_only:
+            r["ppl"] = cached_perplexity(model, text_ids, context)
+            r["answers"] = [greedy(model, c, a.max_tokens, stop) for c in chats]
+            r["long"] = greedy(model, long_prompt, a.max_tokens, [])
         r["mib_per_1k"] = model.new_cache(1, 1024).nbytes / 2**20
         r["tok_s"] = decode_speed(model, speed_prompt, a.decode_tokens, a.runs)
         print(f"{kv}: {time.perf_counter() - t:.0f} s", flush=True)
     f32, q8 = results["f32"], results["q8"]
+    if a.speed_only:
+        print(f"\n| KV cache | KV MiB per 1k tokens | decode tok/s after {a.prompt_tokens} tokens |\n|---|---:|---:|")
+        for kv, r in results.items():
+            print(f"| {kv} | {r['mib_per_1k']:.1f} | {r['tok_s']:.1f} |")
+        return
     chat_agree = [agreement(x, y) for x, y in zip(f32["answers"], q8["answers"])]
     same = sum(x == y for x, y in zip(f32["answers"], q8["answers"]))
     print(

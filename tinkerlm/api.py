@@ -224,6 +224,7 @@ def load(
     threads: int | None = None,
     pull: bool = True,
     prefix_cache_mb: float = DEFAULT_MB,
+    kv_cache: str = "f32",
     draft: str | LLM | None = None,
     prompt_lookup: bool = False,
     draft_tokens: int = DRAFT_TOKENS,
@@ -236,6 +237,8 @@ def load(
         quant: weight format: "native" keeps a GGUF's quantization, "int8"/"int4" quantize, "bf16"/"fp32" dequantize.
         threads: CPU threads for torch and the kernels; default the number of physical cores.
         prefix_cache_mb: memory for reusing the KV cache of earlier prompts and answers (see `LLM`); 0 disables.
+        kv_cache: "f32" keeps keys and values in the activations' dtype; "q8" stores them in 8 bits with one scale
+            per token and head (~3.8x less memory for long contexts; logits move by ~2% of their range).
         draft: speculative decoding with this smaller model of the same vocabulary (a name or path, loaded with
             the same dtype and quant, or a loaded `LLM`).
         prompt_lookup: speculative decoding with drafts looked up in the prompt (no second model).
@@ -245,7 +248,7 @@ def load(
         TinkerError: besides loading errors, a draft of another vocabulary, or both drafters at once.
     """
     check_options(draft is not None, prompt_lookup, draft_tokens, lookup_ngram)  # before loading anything
-    torch_dtype = loading.prepare(dtype, quant, threads)
+    torch_dtype = loading.prepare(dtype, quant, threads, kv_cache)
     path, manifest = resolve(name_or_path, pull=pull)
     if manifest is not None and manifest.format == "lora":
         adapter, base_path, _ = resolve_adapter(manifest)
@@ -255,10 +258,11 @@ def load(
     else:
         model, tokenizer, gen_config = loading.load_checkpoint(path, torch_dtype, quant)
         tokenizer.chat_template_source = chat_mod.template_source(path)
+    loading.set_kv_cache(model, kv_cache)
     name = manifest.ref if manifest else str(path)
     llm = LLM(model, tokenizer, name, manifest, gen_config, prefix_cache_mb=prefix_cache_mb)
     if isinstance(draft, str):
-        draft = load(draft, dtype=dtype, quant=quant, threads=threads, pull=pull, prefix_cache_mb=0)
+        draft = load(draft, dtype=dtype, quant=quant, threads=threads, pull=pull, prefix_cache_mb=0, kv_cache=kv_cache)
     llm.speculative = speculative(
         tokenizer,
         name,

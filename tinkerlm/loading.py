@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from tinkerlm.errors import TinkerError
+from tinkerlm.models.base import KV_CACHES
 
 QUANTS = ("native", "int8", "int4", "bf16", "fp32")
 DTYPES = {
@@ -46,18 +47,22 @@ def physical_cores() -> int:
     return os.cpu_count() or 1
 
 
-def prepare(dtype: str = "float32", quant: str = "native", threads: int | None = None) -> torch.dtype:
+def prepare(
+    dtype: str = "float32", quant: str = "native", threads: int | None = None, kv_cache: str = "f32"
+) -> torch.dtype:
     """Check the load options, set torch's thread count, and return the activation dtype.
 
     Args:
         dtype: activation dtype and dtype of unquantized weights.
         quant: weight format: "native" keeps a GGUF's quantization, "int8"/"int4" quantize, "bf16"/"fp32" dequantize.
         threads: CPU threads for torch and the kernels; default the number of physical cores.
+        kv_cache: KV cache format: "f32" (the activations' dtype) or "q8" (8 bits, see `set_kv_cache`).
     Raises:
-        TinkerError: an unknown quant or dtype, threads < 1, or int8/int4 with non-float32 activations.
+        TinkerError: an unknown quant, dtype or kv_cache, threads < 1, or int8/int4 with non-float32 activations.
     """
     if quant not in QUANTS:
         raise TinkerError(f"quant: '{quant}' is not one of {', '.join(QUANTS)}")
+    check_kv_cache(kv_cache)
     if threads is not None and threads < 1:
         raise TinkerError(f"threads: must be >= 1, got {threads}")
     torch.set_num_threads(threads or physical_cores())
@@ -124,6 +129,19 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, quant: str =
     assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers())), "weights left unset"
     q.fuse(model)
     return model, tokenizer, gen_config
+
+
+def set_kv_cache(model, kv_cache: str) -> None:
+    """Make `model.new_cache` build caches of this format: "f32" keeps keys and values in the activations' dtype,
+    "q8" as 8-bit records with one fp32 scale per token and head (~3.8x less memory; `tinkerlm.models.base.KVCache`),
+    read in place by the fused decode step."""
+    check_kv_cache(kv_cache)
+    model.kv_cache = kv_cache
+
+
+def check_kv_cache(kv_cache: str) -> None:
+    if kv_cache not in KV_CACHES:
+        raise TinkerError(f"kv_cache: '{kv_cache}' is not one of {', '.join(KV_CACHES)}")
 
 
 def load_adapted(

@@ -35,6 +35,66 @@ struct DecodeHead {
     PackedMatrix lm_head, embedding;
 };
 
+// The 8-bit KV cache (kv_cache="q8", tinkerlm/models/base.py KVCache): per (token, head) one record of hd int8
+// values then their fp32 scale. Rounding as base.py's quantize_kv (x * (127 / amax), half to even), so the decode
+// step writes the bytes the PyTorch path would. The scale multiplies a whole key's score or value's weight once.
+inline void kv_quantize(const float* x, int64_t hd, int8_t* rec) {
+    float amax = 0.f;
+    for (int64_t d = 0; d < hd; d++) amax = std::max(amax, std::fabs(x[d]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f, scale = amax / 127.f;
+    for (int64_t d = 0; d < hd; d++) rec[d] = (int8_t)std::nearbyint(x[d] * inv);
+    std::memcpy(rec + hd, &scale, sizeof(float));
+}
+
+inline float kv_scale(const int8_t* rec, int64_t hd) {
+    float s;
+    std::memcpy(&s, rec + hd, sizeof(float));
+    return s;
+}
+
+// a . float(b) and y += a * float(x) over int8 values, widened 16 (AVX-512) or 8 (AVX2) at a time.
+inline float dot_i8(const float* a, const int8_t* b, int64_t n) {
+    int64_t i = 0;
+    float s = 0.f;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        const __m512 bf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + i))));
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), bf, acc);
+    }
+    s = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        const __m256 bf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(b + i))));
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), bf, acc);
+    }
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_hadd_ps(h, h);
+    s = _mm_cvtss_f32(_mm_hadd_ps(h, h));
+#endif
+    for (; i < n; i++) s += a[i] * (float)b[i];
+    return s;
+}
+
+inline void axpy_i8(float a, const int8_t* x, float* y, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    const __m512 av = _mm512_set1_ps(a);
+    for (; i + 16 <= n; i += 16) {
+        const __m512 xf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(x + i))));
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, xf, _mm512_loadu_ps(y + i)));
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    const __m256 av = _mm256_set1_ps(a);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 xf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(x + i))));
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, xf, _mm256_loadu_ps(y + i)));
+    }
+#endif
+    for (; i < n; i++) y[i] += a * (float)x[i];
+}
+
 }  // namespace
 
 // Seconds spent in each phase of llama_decode since profiling was switched on (decode_profile(true)); the
@@ -69,6 +129,17 @@ at::Tensor llama_decode(at::Tensor tokens, at::Tensor positions, at::Tensor rows
     PW emb = as_pw(head.embedding);
     const int64_t C = emb.K, half = hd / 2;
     const int64_t q_dim = n_heads * hd, kv_dim = n_kv * hd;
+    // The cache: float32 (B, n_kv, S, hd) per layer, or 8-bit records (B, n_kv, S, hd + 4) int8 (kv_cache="q8")
+    TORCH_CHECK(k_cache.size() == layers.size() && v_cache.size() == layers.size(), "one cache tensor per layer");
+    const bool q8 = L > 0 && k_cache[0].scalar_type() == at::kChar;
+    const int64_t rec = hd + 4;  // bytes per record
+    for (int64_t l = 0; l < L; l++)
+        for (const at::Tensor& c : {k_cache[l], v_cache[l]}) {
+            TORCH_CHECK(c.dim() == 4 && c.is_contiguous() && c.size(1) == n_kv && c.size(3) == (q8 ? rec : hd) &&
+                            c.scalar_type() == (q8 ? at::kChar : at::kFloat),
+                        "decode: cache tensors must be contiguous (B, n_kv, S, hd) float32 or (B, n_kv, S, hd + 4) int8");
+            for (int64_t b = 0; b < B; b++) TORCH_CHECK(row[b] >= 0 && row[b] < c.size(0), "cache row out of range");
+        }
     std::vector<float> x(B * C), h(B * C), q(B * q_dim), k(B * kv_dim), v(B * kv_dim), att(B * q_dim), tmp(B * C);
     std::vector<float> gate, cs(B * half), sn(B * half);
     for (int64_t b = 0; b < B; b++) {
@@ -114,13 +185,17 @@ at::Tensor llama_decode(at::Tensor tokens, at::Tensor positions, at::Tensor rows
             }
             const int64_t S = k_cache[l].size(2);
             TORCH_CHECK(pos[b] < S, "position ", pos[b], " beyond the cache of ", S);
-            float* kbase = k_cache[l].data_ptr<float>() + row[b] * n_kv * S * hd;
-            float* vbase = v_cache[l].data_ptr<float>() + row[b] * n_kv * S * hd;
             for (int64_t hh = 0; hh < n_kv; hh++) {
                 if (layer.k_norm.numel()) rmsnorm(kb + hh * hd, layer.k_norm.data_ptr<float>(), kb + hh * hd, hd, feps);
                 rope(kb + hh * hd, hd, cs.data() + b * half, sn.data() + b * half);
-                std::copy(kb + hh * hd, kb + (hh + 1) * hd, kbase + (hh * S + pos[b]) * hd);
-                std::copy(vb + hh * hd, vb + (hh + 1) * hd, vbase + (hh * S + pos[b]) * hd);
+                const int64_t slot = (row[b] * n_kv + hh) * S + pos[b];
+                if (q8) {
+                    kv_quantize(kb + hh * hd, hd, k_cache[l].data_ptr<int8_t>() + slot * rec);
+                    kv_quantize(vb + hh * hd, hd, v_cache[l].data_ptr<int8_t>() + slot * rec);
+                } else {
+                    std::copy(kb + hh * hd, kb + (hh + 1) * hd, k_cache[l].data_ptr<float>() + slot * hd);
+                    std::copy(vb + hh * hd, vb + (hh + 1) * hd, v_cache[l].data_ptr<float>() + slot * hd);
+                }
             }
         }
         // each row attends over its own keys; (row, head) pairs across threads
@@ -131,20 +206,34 @@ at::Tensor llama_decode(at::Tensor tokens, at::Tensor positions, at::Tensor rows
                 const int64_t S = k_cache[l].size(2);
                 const int64_t start = window > 0 ? std::max<int64_t>(0, pos[b] - window + 1) : 0, n = pos[b] + 1 - start;
                 const float* qv = q.data() + b * q_dim + hh * hd;
-                const float* kb = k_cache[l].data_ptr<float>() + ((row[b] * n_kv + g) * S + start) * hd;
-                const float* vb = v_cache[l].data_ptr<float>() + ((row[b] * n_kv + g) * S + start) * hd;
+                const int64_t first = (row[b] * n_kv + g) * S + start;  // the slot of key `start`
                 sc.resize(n);
                 const float scale = 1.f / std::sqrt((float)hd);
                 float mx = -INFINITY;
-                for (int64_t j = 0; j < n; j++) {
-                    sc[j] = dot(qv, kb + j * hd, hd) * scale;
-                    mx = std::max(mx, sc[j]);
+                if (q8) {  // 8-bit records read in place: the scale applies to the whole score
+                    const int8_t* kb = k_cache[l].data_ptr<int8_t>() + first * rec;
+                    for (int64_t j = 0; j < n; j++) {
+                        sc[j] = dot_i8(qv, kb + j * rec, hd) * (kv_scale(kb + j * rec, hd) * scale);
+                        mx = std::max(mx, sc[j]);
+                    }
+                } else {
+                    const float* kb = k_cache[l].data_ptr<float>() + first * hd;
+                    for (int64_t j = 0; j < n; j++) {
+                        sc[j] = dot(qv, kb + j * hd, hd) * scale;
+                        mx = std::max(mx, sc[j]);
+                    }
                 }
                 float den = 0.f;
                 for (int64_t j = 0; j < n; j++) { sc[j] = std::exp(sc[j] - mx); den += sc[j]; }
                 float* out = att.data() + b * q_dim + hh * hd;
                 std::fill(out, out + hd, 0.f);
-                for (int64_t j = 0; j < n; j++) axpy(sc[j] / den, vb + j * hd, out, hd);
+                if (q8) {  // and to the whole value's softmax weight
+                    const int8_t* vb = v_cache[l].data_ptr<int8_t>() + first * rec;
+                    for (int64_t j = 0; j < n; j++) axpy_i8(sc[j] / den * kv_scale(vb + j * rec, hd), vb + j * rec, out, hd);
+                } else {
+                    const float* vb = v_cache[l].data_ptr<float>() + first * hd;
+                    for (int64_t j = 0; j < n; j++) axpy(sc[j] / den, vb + j * hd, out, hd);
+                }
             }
         });
         lap(2);

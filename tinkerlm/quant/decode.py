@@ -3,7 +3,9 @@
 Eager PyTorch spends ~10 ms a token dispatching a few thousand small operations for a 30-layer model, more than
 reading a 4-bit model's weights takes. `kernels/decode.cpp: llama_decode` runs norms, projections (q/k/v and gate/up
 as one parallel region each), RoPE, the cache write and attention for every layer, reading the same weight blocks the
-modules hold. Prefill and everything else still go through the modules.
+modules hold. Prefill and everything else still go through the modules. An 8-bit KV cache (kv_cache="q8", see
+`KVCache`) is written and read in place as int8 records: the step quantizes each new key and value and applies a
+record's scale once per key, so no float copy of the cache is made.
 
 Which models it runs is decided by structure, not by class: a model opts in by declaring a `fused_decode`
 attribute (its forward hands one-token steps to it; declare it only where the layers compute what `llama_decode`

@@ -44,6 +44,7 @@ from starlette.middleware.cors import CORSMiddleware
 from tinkerlm import limits
 from tinkerlm.batching import BatchGenerator, Event, QueueFull, Sequence, ShuttingDown
 from tinkerlm.errors import TinkerError
+from tinkerlm.loading import check_kv_cache
 from tinkerlm.prefix_cache import DEFAULT_MB
 from tinkerlm.sampling import SamplingParams, token_text
 from tinkerlm.serve.protocol import APIError, ChatRequest, CompletionRequest, decode_json, params, parse
@@ -1000,6 +1001,7 @@ def serve(
     threads: int | None = None,
     max_context: int = DEFAULT_MAX_CONTEXT,
     prefix_cache_mb: float = DEFAULT_MB,
+    kv_cache: str = "f32",
 ) -> None:
     """Load `models` and serve them until Ctrl-C / SIGTERM (then running requests get a grace period).
 
@@ -1022,6 +1024,7 @@ def serve(
         allowed_hosts.append(host)
     if not models:
         raise TinkerError("serve: give at least one model")
+    check_kv_cache(kv_cache)  # before loading anything
     if len(set(models)) != len(models):
         raise TinkerError("serve: a model is named twice")
     if not 0 < port < 65536:
@@ -1038,7 +1041,9 @@ def serve(
     for name in models:
         print(f"tinkerlm: loading {name} ...", file=sys.stderr, flush=True)
         # The engines keep their own prefix cache; the LLM's would stay empty.
-        llms[name] = tinkerlm.load(name, dtype=dtype, quant=quant, threads=threads, prefix_cache_mb=0)
+        llms[name] = tinkerlm.load(
+            name, dtype=dtype, quant=quant, threads=threads, prefix_cache_mb=0, kv_cache=kv_cache
+        )
     app = create_app(
         llms,
         api_key=api_key,
@@ -1050,7 +1055,7 @@ def serve(
         allowed_origins=allowed_origins,
     )
     for name, e in app.state.tinkerlm.engines.items():
-        mib = sum(t.numel() * t.element_size() for t in e.cache.k + e.cache.v) / 2**20
+        mib = e.cache.nbytes / 2**20
         print(
             f"tinkerlm: {name}: {max_batch} slots x {e.context} tokens of KV cache ({mib:.0f} MiB)",
             file=sys.stderr,

@@ -11,8 +11,12 @@ from __future__ import annotations
 import torch
 
 from tinkerlm import kernels
+from tinkerlm.errors import TinkerError
 from tinkerlm.kernels import FULL_ISA
-from tinkerlm.quant.qtensor import TYPE_CODES, Packed, QTensor
+from tinkerlm.quant.qtensor import K_TYPES, TYPE_CODES, Packed, QTensor
+
+# The 32-value blocks a packed K-quant unpacks to (their sub-blocks' scales as the packed layout rounded them).
+UNPACKED = {"Q4_K": "Q4_1", "Q5_K": "Q5_1"}
 
 
 def pack(w: QTensor | Packed) -> QTensor | Packed:
@@ -24,10 +28,18 @@ def pack(w: QTensor | Packed) -> QTensor | Packed:
 
 
 def unpack(w: QTensor | Packed) -> QTensor:
-    """GGUF blocks again (bit for bit) from either form."""
+    """GGUF blocks again (bit for bit) from either form; Q4_K and Q5_K come back as the Q4_1 and Q5_1 blocks
+    they were packed as.
+
+    Raises:
+        TinkerError: a packed Q6_K, Q3_K or Q2_K (its super-blocks' scales cannot be recovered; use `dequantize`).
+    """
     if isinstance(w, QTensor):
         return w
-    return QTensor(kernels.ops().unpack(w.data, w.fmt, w.rows, TYPE_CODES[w.qtype]), w.qtype, w.K)
+    qtype = UNPACKED.get(w.qtype, w.qtype)
+    if qtype in K_TYPES:
+        raise TinkerError(f"a packed {w.qtype} weight has no GGUF blocks to unpack to (dequantize it instead)")
+    return QTensor(kernels.ops().unpack(w.data, w.fmt, w.rows, TYPE_CODES[qtype]), qtype, w.K)
 
 
 def round_acts(x: torch.Tensor) -> torch.Tensor:
@@ -81,6 +93,8 @@ def dequantize(w: QTensor | Packed) -> torch.Tensor:
     k = kernels.ops()
     if isinstance(w, Packed):
         return k.dequantize_packed(w.data, w.fmt, w.rows)
+    if k is not None and w.qtype in K_TYPES:  # super-blocks: through the packed layout
+        return dequantize(pack(w))
     return k.dequantize(w.data, w.code) if k is not None else w.dequantize()
 
 

@@ -36,7 +36,11 @@ enum KType { K_Q4 = 4, K_Q5 = 5, K_Q6 = 6, K_Q3 = 7, K_Q2 = 8 };
 constexpr int64_t SB_BYTES[] = {0, 0, 0, 0, 144, 176, 210, 110, 84};  // bytes of a 256-value super-block
 constexpr int KFMT[] = {0, 0, 0, 0, X4, X5, X6, X3, X2};
 
+#ifdef __F16C__
+inline uint16_t f16_bits(float v) { return (uint16_t)_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); }
+#else
 inline uint16_t f16_bits(float v) { return at::Half(v).x; }
+#endif
 
 // One row's 32-column block as the packer writes it: the unsigned integers u and the fp16 scale rows (X4/X5: d, m;
 // X6/X3: the halves' scales; X2: the halves' scales then offsets).
@@ -131,6 +135,27 @@ inline void put_block(uint8_t* gb, int fmt, int j, const KBlock& kb) {
     for (int i = 0; i < nscales; i++) std::memcpy(gb + 32 * i + 2 * j, &kb.s[i], 2);
     const uint8_t* u = kb.u;
     uint8_t* payload = gb + PAYLOAD[fmt];
+#if defined(__AVX2__) && defined(__BMI2__)
+    // Output byte 4c + 2e + h = u[8c+e+4h] | u[8c+2+e+4h] << 4: two byte shuffles of each 16-value half, one OR.
+    const __m128i A = _mm_loadu_si128((const __m128i*)u), B = _mm_loadu_si128((const __m128i*)(u + 16));
+    const __m128i lo_idx = _mm_setr_epi8(0, 4, 1, 5, 8, 12, 9, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m128i hi_idx = _mm_setr_epi8(2, 6, 3, 7, 10, 14, 11, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(_mm_unpacklo_epi64(_mm_shuffle_epi8(A, lo_idx), _mm_shuffle_epi8(B, lo_idx)), m4);
+    const __m128i hi = _mm_and_si128(_mm_unpacklo_epi64(_mm_shuffle_epi8(A, hi_idx), _mm_shuffle_epi8(B, hi_idx)), m4);
+    alignas(16) uint32_t words[4];
+    _mm_store_si128((__m128i*)words, _mm_or_si128(lo, _mm_slli_epi16(hi, 4)));
+    for (int c = 0; c < 4; c++) std::memcpy(payload + 64 * c + 4 * j, &words[c], 4);
+    if (fmt == X5 || fmt == X6) {  // bit p of word 2j+e: that bit of column 2p+e, from a byte mask and pext
+        const __m256i uv = _mm256_loadu_si256((const __m256i*)u);
+        for (int plane = 0; plane < (fmt == X6 ? 2 : 1); plane++) {
+            const uint32_t bits = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(uv, 3 - plane));  // bit 4+plane -> 7
+            const uint16_t even = (uint16_t)_pext_u32(bits, 0x55555555u), odd = (uint16_t)_pext_u32(bits, 0xAAAAAAAAu);
+            std::memcpy(gb + X5_PLANE + 64 * plane + 4 * j, &even, 2);
+            std::memcpy(gb + X5_PLANE + 64 * plane + 4 * j + 2, &odd, 2);
+        }
+    }
+#else
     for (int c = 0; c < 4; c++)  // chunk c, word 2j+e: nibble i holds column 2(4c+i)+e (see x4_place)
         for (int e = 0; e < 2; e++) {
             const uint16_t word = (uint16_t)((u[8 * c + e] & 0x0F) | ((u[8 * c + 2 + e] & 0x0F) << 4) |
@@ -144,6 +169,7 @@ inline void put_block(uint8_t* gb, int fmt, int j, const KBlock& kb) {
                 for (int p = 0; p < 16; p++) word |= (uint16_t)(((u[2 * p + e] >> (4 + plane)) & 1) << p);
                 std::memcpy(gb + X5_PLANE + 64 * plane + 2 * (2 * j + e), &word, 2);
             }
+#endif
 }
 
 // K-quant super-blocks (rows, K / 256 * SB_BYTES) -> packed (X4 for Q4_K, X5 Q5_K, X6 Q6_K, X3 Q3_K, X2 Q2_K), in
@@ -154,8 +180,9 @@ at::Tensor pack_k(const at::Tensor& data, int64_t type) {
     TORCH_CHECK(data.size(1) == nsb * SB_BYTES[type], "row bytes are not whole super-blocks");
     const int fmt = KFMT[type];
     const int64_t groups = (rows + GR - 1) / GR, GB = GBLOCK_BYTES[fmt];
-    auto out = at::zeros({groups, nb * GB}, at::kByte);
+    auto out = at::empty({groups, nb * GB}, at::kByte);  // every byte is written but the last group's padding rows
     uint8_t* o = out.data_ptr<uint8_t>();
+    if (rows % GR) out.select(0, groups - 1).zero_();
     const uint8_t* src = data.data_ptr<uint8_t>();
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
         KBlock kb[8];

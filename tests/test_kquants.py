@@ -62,6 +62,7 @@ def loaded(qtype: str, rows: int, K: int, seed: int = 0):
 def test_packed_k_quants_dequantize_as_gguf_within_the_fp16_scale_rounding(qtype, rows):
     qt, packed, ref, bound = loaded(qtype, rows, 512)
     assert qt.qtype == qtype and packed.fmt == PACKED_FORMATS[qtype]
+    assert packed.qtype == {"Q4_K": "Q4_1", "Q5_K": "Q5_1"}.get(qtype, qtype)
     assert packed.nbytes * 8 / (-(-rows // 16) * 16 * 512) == BITS[qtype]
     ours = qops.dequantize(packed)
     assert ours.shape == ref.shape
@@ -123,6 +124,23 @@ def test_packed_q6_k_cannot_be_unpacked_to_blocks():
     _, packed, _, _ = loaded("Q6_K", 16, 256)
     with pytest.raises(TinkerError, match="dequantize it instead"):
         qops.unpack(packed)
+
+
+def test_other_types_still_requantize_to_8_bits():
+    """A type without a packed format of its own (IQ4_NL): dequantized by gguf, requantized to Q8_0 blocks (error
+    <= half a step of each 32-value block)."""
+    rng = np.random.default_rng(1)
+    _, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.IQ4_NL]
+    raw = (rng.integers(0, 256, size=(8, 8 * type_size), dtype=np.uint8) & 0xBF).astype(np.uint8)  # finite fp16 d
+
+    def deq(r):
+        return gguf.quants.dequantize(r, gguf.GGMLQuantizationType.IQ4_NL)
+
+    ref = torch.from_numpy(deq(raw).reshape(8, 256))
+    qt = from_gguf(raw, "IQ4_NL", (8, 256), deq)
+    step = ref.reshape(8, 8, 32).abs().amax(-1) / 127
+    err = (qt.dequantize() - ref).reshape(8, 8, 32).abs().amax(-1)
+    assert qt.qtype == "Q8_0" and (err <= step * 0.5 + 1e-3 * step.max()).all()
 
 
 def test_without_kernels_k_quants_dequantize_in_numpy(monkeypatch):
@@ -188,7 +206,8 @@ def test_llama_cpp_agrees_on_a_k_quant_model(mix, tmp_path):
     llm.eval(ids)
     want = torch.from_numpy(np.asarray(llm.scores[: len(ids)]).copy())
     ours = tinkerlm.load(str(path))
-    assert {m.qtype for m in ours.model.modules() if hasattr(m, "qtype")} == set(types)
+    held = {m.qtype for m in ours.model.modules() if hasattr(m, "qtype")}
+    assert held == {{"Q4_K": "Q4_1", "Q5_K": "Q5_1"}.get(t, t) for t in types}
     with torch.no_grad():
         got = ours.model(torch.tensor([ids]))[0]
     tol = 0.03 * (want.max() - want.min())

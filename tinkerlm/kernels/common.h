@@ -3,8 +3,9 @@
 // instruction set chosen at compile time. The build is per CPU (-march=native, cached per CPU features:
 // tinkerlm/kernels/__init__.py), so the choice is this CPU's, never another machine's.
 //
-// GGUF weights arrive as rows of 32-value blocks (an fp16 scale d, for Q4_1 an fp16 offset m, 32 integers). At
-// load they are repacked, losslessly, into groups of 16 rows (see "Packed weights" below) so that the products
+// GGUF weights arrive as rows of 32-value blocks (an fp16 scale d, for Q4_1 an fp16 offset m, 32 integers) or of
+// 256-value K-quant super-blocks (Q2_K ... Q6_K: quantized.cpp, k_blocks). At load they are repacked, their
+// integers kept exactly (the K-quants' sub-block scales rounded to fp16), into groups of 16 rows (see "Packed weights" below) so that the products
 // run on AVX512-VNNI integer dot products with int16 activation blocks and each group's 16 outputs land in one
 // register. Not llama.cpp's 8-bit activations: small models' hidden states carry outliers near 10^4, and 8-bit
 // blocks then cost ~1% error per projection, enough to change greedy answers; int16 blocks keep 16 bits.

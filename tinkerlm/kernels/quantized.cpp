@@ -1,5 +1,5 @@
-// Quantized weights: GGUF blocks repacked into the layout the products read (and back, bit for bit),
-// dequantized to float, and the products y = x @ W^T with activations rounded to int16 blocks (see common.h for
+// Quantized weights: GGUF blocks repacked into the layout the products read (and back, bit for bit), K-quant
+// super-blocks converted straight into it (one pass, groups of rows in parallel), dequantized to float, and the products y = x @ W^T with activations rounded to int16 blocks (see common.h for
 // both layouts). The products' inner loops are the instruction set's group_rows (isa_*.h); this file tiles them
 // over rows and threads.
 

@@ -90,6 +90,11 @@ class QTensor:
             w = w + m[..., None]
         return w.reshape(self.shape)
 
+    def as_blocks(self) -> QTensor:
+        """Q4_K and Q5_K super-blocks as the Q4_1 and Q5_1 blocks the kernels pack them as (numpy; a copy)."""
+        convert = {"Q4_K": (q4_k_to_q4_1, "Q4_1"), "Q5_K": (q5_k_to_q5_1, "Q5_1")}[self.qtype]
+        return QTensor(torch.from_numpy(convert[0](self.data.numpy(), *self.shape)), convert[1], self.K)
+
     @staticmethod
     def cat(parts: list[QTensor]) -> QTensor:
         assert len({(p.qtype, p.K) for p in parts}) == 1
@@ -103,8 +108,8 @@ PACKED_FORMATS = {"Q4_0": 0, "Q4_1": 0, "Q8_0": 1, "Q5_1": 2, "Q4_K": 0, "Q5_K":
 @dataclass
 class Packed:
     data: torch.Tensor  # uint8 (ceil(rows / 16), K // 32 * group block bytes)
-    qtype: str  # the block type it was packed from; unpacking gives those blocks back bit for bit (Q4_K, Q5_K:
-    # their Q4_1, Q5_1 blocks; Q6_K, Q3_K, Q2_K: none)
+    qtype: str  # the block type it was packed from; unpacking gives those blocks back bit for bit (Q4_K and Q5_K
+    # are packed as Q4_1 and Q5_1 blocks; Q6_K, Q3_K and Q2_K have no blocks to unpack to)
     rows: int
     K: int
 
@@ -220,10 +225,8 @@ def _f16(x: np.ndarray) -> np.ndarray:
 def k_dequantize(raw: np.ndarray, qtype: str, rows: int, K: int) -> np.ndarray:
     """K-quant super-blocks (rows, K / 256 * bytes) as float32 (rows, K), the scales rounded to fp16 as the
     packed layout holds them (kernels/quantized.cpp, k_blocks); the reference for the kernels' dequantization."""
-    if qtype == "Q4_K":
-        return QTensor(torch.from_numpy(q4_k_to_q4_1(raw, rows, K)), "Q4_1", K).dequantize().numpy()
-    if qtype == "Q5_K":
-        return QTensor(torch.from_numpy(q5_k_to_q5_1(raw, rows, K)), "Q5_1", K).dequantize().numpy()
+    if qtype in ("Q4_K", "Q5_K"):
+        return QTensor(torch.from_numpy(np.ascontiguousarray(raw)), qtype, K).as_blocks().dequantize().numpy()
     sb = np.ascontiguousarray(raw).reshape(-1, K_TYPES[qtype][1])
     n = len(sb)
     # values v (n, 2, 4, 32): 128-value half, 32-value run j (shift 2j, ...), element; scales (n, 2, 4, 2)

@@ -27,7 +27,7 @@ from tinkerlm import kernels
 kernels.ops()
 t = time.perf_counter()
 llm = tinkerlm.load(sys.argv[1])
-print(time.perf_counter() - t)
+print(tinkerlm.__file__, time.perf_counter() - t)
 """
 
 
@@ -47,10 +47,18 @@ def main() -> None:
         warm(path)
         times = []
         for _ in range(args.runs):
-            out = subprocess.run([sys.executable, "-c", CHILD, path], env=env, capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, "-c", CHILD, str(Path(path).resolve())],
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+            )
             if out.returncode:
                 sys.exit(out.stderr)
-            times.append(float(out.stdout.split()[-1]))
+            where, seconds = out.stdout.split()[-2:]
+            assert where.startswith(str(ROOT)), where  # this checkout's tinkerlm
+            times.append(float(seconds))
         gb = os.path.getsize(path) / 1e9
         best = min(times)
         print(f"{Path(path).name}: {gb:.2f} GB, load {best:.2f} s (best of {args.runs}), {best / gb:.3f} s/GB")

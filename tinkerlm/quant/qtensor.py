@@ -16,8 +16,9 @@ The integers are exact; only each sub-block's scale d * sc (and offset -dmin * m
 error <= 2^-11 of the scale). Other GGUF types (IQ...) are dequantized and requantized to Q8_0 at load.
 `quantize` makes Q8_0 (int8) or Q4_1 (int4) blocks from float weights.
 
-A `Packed` tensor is a QTensor rearranged, losslessly, into the layout the C++ products read (groups of 16 rows;
-kernels/common.h, "Packed weights"); `qops.pack` and `qops.unpack` convert between the two.
+A `Packed` tensor is a QTensor rearranged into the layout the C++ products read (groups of 16 rows; kernels/common.h,
+"Packed weights"), losslessly for the 32-value block types; `qops.pack` and `qops.unpack` convert between the two
+(Q6_K, Q3_K and Q2_K do not unpack: `qops.dequantize` them).
 """
 
 from __future__ import annotations

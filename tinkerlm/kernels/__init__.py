@@ -1,6 +1,6 @@
 """The C++ kernels, built on first use with torch's extension tooling for this CPU, and the build cache.
 
-One source per concern: quantized.cpp (pack/unpack, dequantize, int16 x 4/5/8-bit products), attention.cpp (causal
+One source per concern: quantized.cpp (pack/unpack incl. K-quant super-blocks, dequantize, int16 x 2..8-bit products), attention.cpp (causal
 prefill attention), elementwise.cpp (RMSNorm, RoPE, SwiGLU forward and backward), decode.cpp (the fused Llama decode
 step), quantize.cpp (float rows -> ggml's block formats, as llama.cpp quantizes them); common.h (block formats
 and the packed layout) and one header per instruction set (isa_avx512.h, isa_avx2.h, isa_plain.h) holding the

@@ -3,8 +3,9 @@
 // instruction set chosen at compile time. The build is per CPU (-march=native, cached per CPU features:
 // tinkerlm/kernels/__init__.py), so the choice is this CPU's, never another machine's.
 //
-// GGUF weights arrive as rows of 32-value blocks (an fp16 scale d, for Q4_1 an fp16 offset m, 32 integers). At
-// load they are repacked, losslessly, into groups of 16 rows (see "Packed weights" below) so that the products
+// GGUF weights arrive as rows of 32-value blocks (an fp16 scale d, for Q4_1 an fp16 offset m, 32 integers) or of
+// 256-value K-quant super-blocks (Q2_K ... Q6_K: quantized.cpp, k_blocks). At load they are repacked, their
+// integers kept exactly (the K-quants' sub-block scales rounded to fp16), into groups of 16 rows (see "Packed weights" below) so that the products
 // run on AVX512-VNNI integer dot products with int16 activation blocks and each group's 16 outputs land in one
 // register. Not llama.cpp's 8-bit activations: small models' hidden states carry outliers near 10^4, and 8-bit
 // blocks then cost ~1% error per projection, enough to change greedy answers; int16 blocks keep 16 bits.
@@ -92,17 +93,31 @@ inline void block_floats(const uint8_t* blk, int type, float* out) {
 //   4-bit (Q4_0 as m = -8d, Q4_1): 4 chunks of 64 bytes; in chunk c, 16-bit word 2j+e holds in its nibble i the
 //          integer of row j, column 2(4c+i)+e. One load, three shifts and three ANDs give 4 vectors of int16 pairs.
 //   8-bit (Q8_0): 16 chunks of 32 bytes; chunk p, byte 2j+e = row j, column 2p+e (sign-extended to int16 pairs).
-//   5-bit (Q5_1): the 4-bit layout for the low four bits, then a 64-byte plane of fifth bits: 16-bit word 2j+e,
-//          bit p = row j, column 2p+e; two shifts, an AND and a ternary-logic OR add it to each int16 vector.
+//   5-bit (Q5_1, Q5_K): the 4-bit layout for the low four bits, then a 64-byte plane of fifth bits: 16-bit word
+//          2j+e, bit p = row j, column 2p+e; two shifts, an AND and a ternary-logic OR add it to each int16 vector.
+// The K-quants with 16-value sub-blocks (Q6_K, Q3_K, Q2_K) keep a scale per half block (columns 0-15 are chunks
+// 0-1 of the 4-bit layout, columns 16-31 chunks 2-3), so their two halves are summed apart and scaled apart:
+//   X6 (Q6_K): 16 fp16 scales of columns 0-15, 16 of columns 16-31 (d * sc), the 4-bit layout of the low four
+//          bits, the fifth-bit plane, then a plane of sixth bits (same places); integer = u - 32. 7 bits a weight.
+//   X3 (Q3_K): the two scale rows (d * (sc - 32)), then the 4-bit layout of u (0..7); integer = u - 4. 5 bits.
+//   X2 (Q2_K): the two scale rows (d * sc), two offset rows (-dmin * mn) for the halves, then the 4-bit layout
+//          of u (0..3); value = scale * u + offset, the offset times the half block's activation sum. 6 bits.
+// Q4_K and Q5_K (32-value sub-blocks) are X4 and X5 with d = d * sc, m = -dmin * mn. K-quant scales are
+// products rounded to fp16 (relative error <= 2^-11 of the scale); the integers are kept exactly.
 // Activations are rounded per 32-value block to int16 with their own scale (amax / 32767): relative error
 // 2^-16 of the block's largest value, finer than bfloat16 for the values that matter and safe for the outlier
 // channels (values near 10^4) that 8-bit activations lose. Products run on AVX512-VNNI's vpdpwssd, 32
 // multiply-adds an instruction at two instructions a cycle, so the 16 rows of a group come out in the 16 lanes of
 // one register with no horizontal sums; the fp32 scales are applied once per block:
 //   y[row] += d * dx * sum_k(u * xq)  +  m * sx       (sx = dx * sum_k(xq), the block's activation sum)
+// (X6, X3, X2: the same per half block, with the half blocks' activation sums for X2's offsets.)
 constexpr int GR = 16;  // rows per group
-enum Fmt { X4 = 0, X8 = 1, X5 = 2 };
-constexpr int64_t GBLOCK_BYTES[] = {64 + 256, 32 + 512, 64 + 256 + 64};
+enum Fmt { X4 = 0, X8 = 1, X5 = 2, X6 = 3, X3 = 4, X2 = 5 };
+constexpr int N_FMT = 6;
+constexpr int64_t GBLOCK_BYTES[] = {64 + 256, 32 + 512, 64 + 256 + 64, 64 + 256 + 128, 64 + 256, 128 + 256};
+// Where the 4-bit payload starts in a group block (after the scale rows).
+constexpr int64_t PAYLOAD[] = {64, 32, 64, 64, 64, 128};
+constexpr bool HALVES[] = {false, false, false, true, true, true};  // a scale per 16-column half block
 
 struct PW {  // a packed weight matrix
     const uint8_t* data;
@@ -112,7 +127,7 @@ struct PW {  // a packed weight matrix
 
 PW as_pw(const at::Tensor& data, int64_t fmt, int64_t rows) {
     TORCH_CHECK(data.dim() == 2 && data.is_contiguous() && data.scalar_type() == at::kByte, "packed weight must be contiguous uint8");
-    TORCH_CHECK(fmt == X4 || fmt == X8 || fmt == X5, "unknown packed format ", fmt);
+    TORCH_CHECK(fmt >= 0 && fmt < N_FMT, "unknown packed format ", fmt);
     PW w;
     w.data = data.data_ptr<uint8_t>();
     w.fmt = (int)fmt;
@@ -137,27 +152,37 @@ inline void x5_place(int j, int k, int& byte, int& bit) {
     byte = word * 2 + p / 8;
     bit = p % 8;
 }
-constexpr int X5_PLANE = 64 + 256;  // where the fifth bits start in a 5-bit group block
+constexpr int X5_PLANE = 64 + 256;  // where the fifth bits start in a 5-bit group block (and X6)
+constexpr int X6_PLANE = X5_PLANE + 64;  // X6's sixth bits
 
 // Row r's value at column k of block b, as integer and scales (for unpacking and embedding lookups).
 inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float& d, float& m) {
     const int64_t GB = GBLOCK_BYTES[w.fmt];
     const uint8_t* gb = w.data + ((r / GR) * w.nb + b) * GB;
     const int j = (int)(r % GR);
-    d = load_half(gb + 2 * j);
     if (w.fmt == X8) {
+        d = load_half(gb + 2 * j);
         q = (int8_t)gb[32 + x8_place(j, k)];
         m = 0.f;
         return;
     }
     int byte, shift;
     x4_place(j, k, byte, shift);
-    q = (gb[64 + byte] >> shift) & 0x0F;
-    if (w.fmt == X5) {
+    q = (gb[PAYLOAD[w.fmt] + byte] >> shift) & 0x0F;
+    if (w.fmt == X5 || w.fmt == X6) {
         int hbyte, bit;
         x5_place(j, k, hbyte, bit);
         q |= ((gb[X5_PLANE + hbyte] >> bit) & 1) << 4;
+        if (w.fmt == X6) q = (q | (((gb[X6_PLANE + hbyte] >> bit) & 1) << 5)) - 32;
     }
+    if (HALVES[w.fmt]) {
+        const int h = k / 16;
+        d = load_half(gb + 32 * h + 2 * j);
+        m = w.fmt == X2 ? load_half(gb + 64 + 32 * h + 2 * j) : 0.f;
+        if (w.fmt == X3) q -= 4;
+        return;
+    }
+    d = load_half(gb + 2 * j);
     m = load_half(gb + 32 + 2 * j);
 }
 
@@ -173,7 +198,7 @@ void packed_dequant_rows(const PW& w, int64_t r0, int64_t r1, float* out) {
 
 struct XQ {  // activations as int16 blocks: T rows of K, with a scale and a sum per 32-value block
     std::vector<int16_t> q;
-    std::vector<float> dx, sx;
+    std::vector<float> dx, sx, sh;  // sh: dx * the sum of the block's first 16 values (X2's half-block offsets)
     int64_t T = 0, K = 0, nb = 0;
 };
 

@@ -34,6 +34,44 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
             for (int t = 0; t < T; t++) xp[t] = (const int32_t*)(x.q.data() + (t0 + t) * x.K + b * QK);
             __m256i tmp[T];
             for (int t = 0; t < T; t++) tmp[t] = _mm256_setzero_si256();
+            if constexpr (HALVES[FMT]) {  // X6/X3/X2: each 16-column half (chunks 2h, 2h+1) scaled apart
+                __m256i h5 = _mm256_setzero_si256(), h6 = _mm256_setzero_si256();
+                if (FMT == X6) {
+                    h5 = _mm256_loadu_si256((const __m256i*)(gb + X5_PLANE + 32 * hf));
+                    h6 = _mm256_loadu_si256((const __m256i*)(gb + X6_PLANE + 32 * hf));
+                }
+                const __m256i bias = _mm256_set1_epi16(FMT == X6 ? 32 : FMT == X3 ? 4 : 0);
+                for (int h = 0; h < 2; h++) {
+                    for (int c = 2 * h; c < 2 * h + 2; c++) {
+                        const __m256i v = _mm256_loadu_si256((const __m256i*)(gb + PAYLOAD[FMT] + 64 * c + 32 * hf));
+                        for (int i = 0; i < 4; i++) {
+                            const int p = 4 * c + i;
+                            __m256i wi = _mm256_and_si256(_mm256_srli_epi16(v, 4 * i), low);
+                            if (FMT == X6) {
+                                const __m256i b6 = p >= 5 ? _mm256_srli_epi16(h6, p - 5) : _mm256_slli_epi16(h6, 5 - p);
+                                wi = _mm256_or_si256(_mm256_or_si256(wi, fifth_bits(h5, p)), _mm256_and_si256(b6, _mm256_set1_epi16(0x20)));
+                            }
+                            wi = _mm256_sub_epi16(wi, bias);
+                            for (int t = 0; t < T; t++)
+                                tmp[t] = _mm256_add_epi32(tmp[t], _mm256_madd_epi16(wi, _mm256_set1_epi32(xp[t][p])));
+                        }
+                    }
+                    const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 * h + 16 * hf)));
+                    for (int t = 0; t < T; t++) {
+                        const int64_t xi = (t0 + t) * x.nb + b;
+                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tmp[t]), _mm256_mul_ps(dv, _mm256_set1_ps(x.dx[xi])), acc[t]);
+                        tmp[t] = _mm256_setzero_si256();
+                    }
+                    if (FMT == X2) {
+                        const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 64 + 32 * h + 16 * hf)));
+                        for (int t = 0; t < T; t++) {
+                            const int64_t xi = (t0 + t) * x.nb + b;
+                            acc[t] = _mm256_fmadd_ps(mv, _mm256_set1_ps(h == 0 ? x.sh[xi] : x.sx[xi] - x.sh[xi]), acc[t]);
+                        }
+                    }
+                }
+                continue;
+            }
             if (FMT != X8) {
                 __m256i hb = _mm256_setzero_si256();
                 if (FMT == X5) hb = _mm256_loadu_si256((const __m256i*)(gb + X5_PLANE + 32 * hf));

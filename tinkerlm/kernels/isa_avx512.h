@@ -77,6 +77,10 @@ inline __m512i fifth_bits(__m512i plane, int p) {
 // Each int16 pair vector holds rows j = 0..15 at columns (2p, 2p+1): scaled in 32-bit lanes, then each row's
 // pair goes to its place with a 64-bit scatter.
 void packed_dequant_group(const PW& w, int64_t g, float* out) {
+    if (HALVES[w.fmt]) {  // X6/X3/X2 (K-quants with 16-value sub-blocks): the scalar loop
+        packed_dequant_rows(w, g * GR, std::min<int64_t>(w.rows, g * GR + GR), out);
+        return;
+    }
     const int64_t GB = GBLOCK_BYTES[w.fmt];
     const __m512i pairs_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
     const __m512i pairs_hi = _mm512_add_epi32(pairs_lo, _mm512_set1_epi32(8));
@@ -143,6 +147,46 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
         __m512i tmp[T][NC];
         for (int t = 0; t < T; t++)
             for (int c = 0; c < NC; c++) tmp[t][c] = _mm512_setzero_si512();
+        if (HALVES[FMT]) {  // X6/X3/X2: each 16-column half (chunks 2h, 2h+1) summed, then scaled, apart
+            __m512i h5 = _mm512_setzero_si512(), h6 = _mm512_setzero_si512();
+            if (FMT == X6) {
+                h5 = _mm512_loadu_si512((const void*)(gb + X5_PLANE));
+                h6 = _mm512_loadu_si512((const void*)(gb + X6_PLANE));
+            }
+            const __m512i bias = _mm512_set1_epi16(FMT == X6 ? 32 : FMT == X3 ? 4 : 0);
+            for (int h = 0; h < 2; h++) {
+                for (int c = 2 * h; c < 2 * h + 2; c++) {
+                    const __m512i v = _mm512_loadu_si512((const void*)(gb + PAYLOAD[FMT] + 64 * c));
+                    for (int i = 0; i < 4; i++) {
+                        const int p = 4 * c + i;
+                        __m512i wi = i == 3 ? _mm512_srli_epi16(v, 12) : _mm512_and_si512(_mm512_srli_epi16(v, 4 * i), low);
+                        if (FMT == X6) {  // | fifth bit << 4 | sixth bit << 5, as one ternary op
+                            const __m512i b6 = p >= 5 ? _mm512_srli_epi16(h6, (unsigned)(p - 5)) : _mm512_slli_epi16(h6, (unsigned)(5 - p));
+                            wi = _mm512_ternarylogic_epi32(wi, fifth_bits(h5, p), _mm512_and_si512(b6, _mm512_set1_epi16(0x20)), 0xFE);
+                        }
+                        if (FMT != X2) wi = _mm512_sub_epi16(wi, bias);
+                        for (int t = 0; t < T; t++)
+                            tmp[t][i % NC] = _mm512_dpwssd_epi32(tmp[t][i % NC], wi, _mm512_set1_epi32(xp[t][p]));
+                    }
+                }
+                const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + 32 * h)));
+                for (int t = 0; t < T; t++) {
+                    for (int c = 1; c < NC; c++) tmp[t][0] = _mm512_add_epi32(tmp[t][0], tmp[t][c]);
+                    const int64_t xi = (t0 + t) * x.nb + b;
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tmp[t][0]), _mm512_mul_ps(dv, _mm512_set1_ps(x.dx[xi])), acc[t]);
+                    for (int c = 0; c < NC; c++) tmp[t][c] = _mm512_setzero_si512();
+                }
+                if (FMT == X2) {
+                    const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + 64 + 32 * h)));
+                    for (int t = 0; t < T; t++) {
+                        const int64_t xi = (t0 + t) * x.nb + b;
+                        const float s = h == 0 ? x.sh[xi] : x.sx[xi] - x.sh[xi];
+                        acc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(s), acc[t]);
+                    }
+                }
+            }
+            continue;
+        }
         if (FMT != X8) {
             __m512i hb = _mm512_setzero_si512();  // 5-bit: the plane of fifth bits
             if (FMT == X5) hb = _mm512_loadu_si512((const void*)(gb + X5_PLANE));
@@ -150,7 +194,7 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
                 const __m512i v = _mm512_loadu_si512((const void*)(gb + 64 + 64 * c));
                 for (int i = 0; i < 4; i++) {  // nibble i: the int16 pairs of columns 2(4c+i), 2(4c+i)+1
                     __m512i wi;
-                    if (FMT == X5)  // ((v >> 4i) & 0x0F) | (fifth bit << 4): the AND and OR as one ternary op
+                    if constexpr (FMT == X5)  // ((v >> 4i) & 0x0F) | (fifth bit << 4): the AND and OR as one ternary op
                         wi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4 * i), low, fifth_bits(hb, 4 * c + i), 0xEA);
                     else
                         wi = i == 3 ? _mm512_srli_epi16(v, 12) : _mm512_and_si512(_mm512_srli_epi16(v, 4 * i), low);

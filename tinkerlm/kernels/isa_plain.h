@@ -40,40 +40,33 @@ constexpr const char* ISA = "scalar";
 // y[t][0 .. 15] = rows g*16 .. g*16+15 of x[t0 + t] @ W^T for t < T: one group of 16 weight rows.
 template <int FMT, int T>
 void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64_t ystride) {
-    const int64_t nb = w.nb, GB = GBLOCK_BYTES[FMT];
-    const uint8_t* gp = w.data + g * nb * GB;
-    // Plain C++: unpack the group's block to int16, then integer dot products the compiler can vectorize.
+    const int64_t nb = w.nb;
+    // Plain C++: unpack the group's block to int16, then integer dot products the compiler can vectorize (per
+    // 16-column half for the formats with a scale per half, X6/X3/X2).
     const int64_t valid = std::min<int64_t>(GR, w.rows - g * GR);
     float acc[T][GR] = {};
     int16_t wq[GR][QK];
-    float d[GR], m[GR];
+    float d[2][GR], m[2][GR];
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t* gb = gp + b * GB;
-        for (int j = 0; j < GR; j++) {
-            d[j] = load_half(gb + 2 * j);
-            m[j] = FMT != X8 ? load_half(gb + 32 + 2 * j) : 0.f;
+        for (int j = 0; j < GR; j++)
             for (int k = 0; k < QK; k++) {
-                if (FMT == X8) {
-                    wq[j][k] = (int8_t)gb[32 + x8_place(j, k)];
-                } else {
-                    int byte, shift;
-                    x4_place(j, k, byte, shift);
-                    wq[j][k] = (gb[64 + byte] >> shift) & 0x0F;
-                    if (FMT == X5) {
-                        int hbyte, bit;
-                        x5_place(j, k, hbyte, bit);
-                        wq[j][k] |= ((gb[X5_PLANE + hbyte] >> bit) & 1) << 4;
-                    }
-                }
+                int q; float dd, mm;
+                packed_entry(w, g * GR + j, b, k, q, dd, mm);
+                wq[j][k] = (int16_t)q;
+                d[k / 16][j] = dd;
+                m[k / 16][j] = mm;
             }
-        }
         for (int t = 0; t < T; t++) {
             const int16_t* xq = x.q.data() + (t0 + t) * x.K + b * QK;
             const int64_t xi = (t0 + t) * x.nb + b;
             for (int j = 0; j < valid; j++) {
-                int32_t s = 0;
-                for (int k = 0; k < QK; k++) s += (int32_t)wq[j][k] * xq[k];
-                acc[t][j] += (float)s * (d[j] * x.dx[xi]) + m[j] * x.sx[xi];
+                int32_t s[2] = {0, 0};
+                for (int k = 0; k < QK; k++) s[k / 16] += (int32_t)wq[j][k] * xq[k];
+                if (HALVES[FMT])
+                    acc[t][j] += (float)s[0] * (d[0][j] * x.dx[xi]) + (float)s[1] * (d[1][j] * x.dx[xi]) +
+                                 m[0][j] * x.sh[xi] + m[1][j] * (x.sx[xi] - x.sh[xi]);
+                else
+                    acc[t][j] += (float)(s[0] + s[1]) * (d[0][j] * x.dx[xi]) + m[0][j] * x.sx[xi];
             }
         }
     }

@@ -1,5 +1,5 @@
-// Quantized weights: GGUF blocks repacked into the layout the products read (and back, bit for bit),
-// dequantized to float, and the products y = x @ W^T with activations rounded to int16 blocks (see common.h for
+// Quantized weights: GGUF blocks repacked into the layout the products read (and back, bit for bit), K-quant
+// super-blocks converted straight into it (one pass, groups of rows in parallel), dequantized to float, and the products y = x @ W^T with activations rounded to int16 blocks (see common.h for
 // both layouts). The products' inner loops are the instruction set's group_rows (isa_*.h); this file tiles them
 // over rows and threads.
 
@@ -29,7 +29,178 @@ void dequant_rows(const QW& w, int64_t r0, int64_t r1, float* out) {
     }
 }
 
+
+// ---- K-quant super-blocks straight into the packed layout ------------------------------------------------------
+// GGUF K-quant types as pack() numbers them (after the 32-value block types of common.h's QType).
+enum KType { K_Q4 = 4, K_Q5 = 5, K_Q6 = 6, K_Q3 = 7, K_Q2 = 8 };
+constexpr int64_t SB_BYTES[] = {0, 0, 0, 0, 144, 176, 210, 110, 84};  // bytes of a 256-value super-block
+constexpr int KFMT[] = {0, 0, 0, 0, X4, X5, X6, X3, X2};
+
+#ifdef __F16C__
+inline uint16_t f16_bits(float v) { return (uint16_t)_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); }
+#else
+inline uint16_t f16_bits(float v) { return at::Half(v).x; }
+#endif
+
+// One row's 32-column block as the packer writes it: the unsigned integers u and the fp16 scale rows (X4/X5: d, m;
+// X6/X3: the halves' scales; X2: the halves' scales then offsets).
+struct KBlock {
+    uint8_t u[QK];
+    uint16_t s[4];
+};
+
+// Q4_K/Q5_K 6-bit scale and min of sub-block i (ggml's get_scale_min_k4).
+inline void k4_scale_min(const uint8_t* q, int i, int& sc, int& mn) {
+    if (i < 4) { sc = q[i] & 63; mn = q[i + 4] & 63; }
+    else { sc = (q[i + 4] & 0x0F) | ((q[i - 4] >> 6) << 4); mn = (q[i + 4] >> 4) | ((q[i] >> 6) << 4); }
+}
+
+// The 8 32-column blocks of one super-block (ggml-common.h layouts, dequantized as ggml's dequantize_row_*).
+void k_blocks(const uint8_t* sb, int type, KBlock* out) {
+    if (type == K_Q4 || type == K_Q5) {  // d, dmin, 12 scale bytes, (Q5_K: 32 bytes of fifth bits), 128 nibbles
+        const float d = load_half(sb), dmin = load_half(sb + 2);
+        const uint8_t* qh = sb + 16;
+        const uint8_t* qs = sb + (type == K_Q5 ? 48 : 16);
+        for (int s = 0; s < 8; s++) {  // 32-byte chunk s/2: sub-block s in the low (even s) or high nibbles
+            int sc, mn;
+            k4_scale_min(sb + 4, s, sc, mn);
+            KBlock& o = out[s];
+            o.s[0] = f16_bits(d * (float)sc);
+            o.s[1] = f16_bits(-dmin * (float)mn);
+            for (int l = 0; l < QK; l++) {
+                int u = (qs[32 * (s / 2) + l] >> (4 * (s % 2))) & 0x0F;
+                if (type == K_Q5) u |= ((qh[l] >> s) & 1) << 4;
+                o.u[l] = (uint8_t)u;
+            }
+        }
+        return;
+    }
+    if (type == K_Q6) {  // 128 low-nibble bytes, 64 bytes of 2-bit highs, 16 int8 scales, d
+        const uint8_t* ql = sb;
+        const uint8_t* qh = sb + 128;
+        const int8_t* sc = (const int8_t*)(sb + 192);
+        const float d = load_half(sb + 208);
+        for (int n = 0; n < 2; n++)  // 128-value halves: ql += 64, qh += 32, sc += 8 each
+            for (int j = 0; j < 4; j++) {  // 32 values l of half n: value 32j + l
+                KBlock& o = out[4 * n + j];
+                const uint8_t* lq = ql + 64 * n + (j % 2) * 32;
+                for (int l = 0; l < QK; l++)
+                    o.u[l] = (uint8_t)(((lq[l] >> (4 * (j / 2))) & 0x0F) | (((qh[32 * n + l] >> (2 * j)) & 3) << 4));
+                o.s[0] = f16_bits(d * (float)sc[8 * n + 2 * j]);
+                o.s[1] = f16_bits(d * (float)sc[8 * n + 2 * j + 1]);
+            }
+        return;
+    }
+    if (type == K_Q3) {  // 32 bytes of high bits, 64 bytes of 2-bit lows, 12 bytes of 6-bit scales, d
+        const uint8_t* hm = sb;
+        const uint8_t* qs = sb + 32;
+        const float d = load_half(sb + 108);
+        uint32_t aux[4];
+        std::memcpy(aux, sb + 96, 12);
+        const uint32_t k1 = 0x03030303, k2 = 0x0f0f0f0f, tmp = aux[2];
+        aux[2] = ((aux[0] >> 4) & k2) | (((tmp >> 4) & k1) << 4);
+        aux[3] = ((aux[1] >> 4) & k2) | (((tmp >> 6) & k1) << 4);
+        aux[0] = (aux[0] & k2) | (((tmp >> 0) & k1) << 4);
+        aux[1] = (aux[1] & k2) | (((tmp >> 2) & k1) << 4);
+        const int8_t* scales = (const int8_t*)aux;
+        for (int n = 0; n < 2; n++)
+            for (int j = 0; j < 4; j++) {  // shift 2j, high-bit mask 1 << (4n + j)
+                KBlock& o = out[4 * n + j];
+                for (int l = 0; l < QK; l++)
+                    o.u[l] = (uint8_t)(((qs[32 * n + l] >> (2 * j)) & 3) | (((hm[l] >> (4 * n + j)) & 1) << 2));
+                o.s[0] = f16_bits(d * (float)(scales[8 * n + 2 * j] - 32));
+                o.s[1] = f16_bits(d * (float)(scales[8 * n + 2 * j + 1] - 32));
+            }
+        return;
+    }
+    // Q2_K: 16 bytes of 4-bit scale (low) and min (high), 64 bytes of 2-bit values, d, dmin
+    const uint8_t* sc = sb;
+    const uint8_t* qs = sb + 16;
+    const float d = load_half(sb + 80), dmin = load_half(sb + 82);
+    for (int n = 0; n < 2; n++)
+        for (int j = 0; j < 4; j++) {
+            KBlock& o = out[4 * n + j];
+            for (int l = 0; l < QK; l++) o.u[l] = (uint8_t)((qs[32 * n + l] >> (2 * j)) & 3);
+            for (int h = 0; h < 2; h++) {
+                const uint8_t b = sc[8 * n + 2 * j + h];
+                o.s[h] = f16_bits(d * (float)(b & 0x0F));
+                o.s[2 + h] = f16_bits(-dmin * (float)(b >> 4));
+            }
+        }
+}
+
+// Row j's block into group block gb (format fmt): the scale rows, the nibbles, the bit planes.
+inline void put_block(uint8_t* gb, int fmt, int j, const KBlock& kb) {
+    const int nscales = fmt == X2 ? 4 : 2;
+    for (int i = 0; i < nscales; i++) std::memcpy(gb + 32 * i + 2 * j, &kb.s[i], 2);
+    const uint8_t* u = kb.u;
+    uint8_t* payload = gb + PAYLOAD[fmt];
+#if defined(__AVX2__) && defined(__BMI2__)
+    // Output byte 4c + 2e + h = u[8c+e+4h] | u[8c+2+e+4h] << 4: two byte shuffles of each 16-value half, one OR.
+    const __m128i A = _mm_loadu_si128((const __m128i*)u), B = _mm_loadu_si128((const __m128i*)(u + 16));
+    const __m128i lo_idx = _mm_setr_epi8(0, 4, 1, 5, 8, 12, 9, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m128i hi_idx = _mm_setr_epi8(2, 6, 3, 7, 10, 14, 11, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(_mm_unpacklo_epi64(_mm_shuffle_epi8(A, lo_idx), _mm_shuffle_epi8(B, lo_idx)), m4);
+    const __m128i hi = _mm_and_si128(_mm_unpacklo_epi64(_mm_shuffle_epi8(A, hi_idx), _mm_shuffle_epi8(B, hi_idx)), m4);
+    alignas(16) uint32_t words[4];
+    _mm_store_si128((__m128i*)words, _mm_or_si128(lo, _mm_slli_epi16(hi, 4)));
+    for (int c = 0; c < 4; c++) std::memcpy(payload + 64 * c + 4 * j, &words[c], 4);
+    if (fmt == X5 || fmt == X6) {  // bit p of word 2j+e: that bit of column 2p+e, from a byte mask and pext
+        const __m256i uv = _mm256_loadu_si256((const __m256i*)u);
+        for (int plane = 0; plane < (fmt == X6 ? 2 : 1); plane++) {
+            const uint32_t bits = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(uv, 3 - plane));  // bit 4+plane -> 7
+            const uint16_t even = (uint16_t)_pext_u32(bits, 0x55555555u), odd = (uint16_t)_pext_u32(bits, 0xAAAAAAAAu);
+            std::memcpy(gb + X5_PLANE + 64 * plane + 4 * j, &even, 2);
+            std::memcpy(gb + X5_PLANE + 64 * plane + 4 * j + 2, &odd, 2);
+        }
+    }
+#else
+    for (int c = 0; c < 4; c++)  // chunk c, word 2j+e: nibble i holds column 2(4c+i)+e (see x4_place)
+        for (int e = 0; e < 2; e++) {
+            const uint16_t word = (uint16_t)((u[8 * c + e] & 0x0F) | ((u[8 * c + 2 + e] & 0x0F) << 4) |
+                                             ((u[8 * c + 4 + e] & 0x0F) << 8) | ((u[8 * c + 6 + e] & 0x0F) << 12));
+            std::memcpy(payload + 64 * c + 2 * (2 * j + e), &word, 2);
+        }
+    if (fmt == X5 || fmt == X6)  // word 2j+e of a plane: bit p = that bit of column 2p+e (see x5_place)
+        for (int plane = 0; plane < (fmt == X6 ? 2 : 1); plane++)
+            for (int e = 0; e < 2; e++) {
+                uint16_t word = 0;
+                for (int p = 0; p < 16; p++) word |= (uint16_t)(((u[2 * p + e] >> (4 + plane)) & 1) << p);
+                std::memcpy(gb + X5_PLANE + 64 * plane + 2 * (2 * j + e), &word, 2);
+            }
+#endif
+}
+
+// K-quant super-blocks (rows, K / 256 * SB_BYTES) -> packed (X4 for Q4_K, X5 Q5_K, X6 Q6_K, X3 Q3_K, X2 Q2_K), in
+// one pass, groups of rows in parallel.
+at::Tensor pack_k(const at::Tensor& data, int64_t type) {
+    TORCH_CHECK(data.dim() == 2 && data.stride(1) == 1 && data.scalar_type() == at::kByte, "weight blocks must be uint8 rows");
+    const int64_t rows = data.size(0), nsb = data.size(1) / SB_BYTES[type], nb = nsb * 8, row_bytes = data.stride(0);
+    TORCH_CHECK(data.size(1) == nsb * SB_BYTES[type], "row bytes are not whole super-blocks");
+    const int fmt = KFMT[type];
+    const int64_t groups = (rows + GR - 1) / GR, GB = GBLOCK_BYTES[fmt];
+    auto out = at::empty({groups, nb * GB}, at::kByte);  // every byte is written but the last group's padding rows
+    uint8_t* o = out.data_ptr<uint8_t>();
+    if (rows % GR) out.select(0, groups - 1).zero_();
+    const uint8_t* src = data.data_ptr<uint8_t>();
+    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+        KBlock kb[8];
+        for (int64_t g = g0; g < g1; g++)
+            for (int j = 0; j < GR && g * GR + j < rows; j++) {
+                const uint8_t* row = src + (g * GR + j) * row_bytes;
+                for (int64_t s = 0; s < nsb; s++) {
+                    k_blocks(row + s * SB_BYTES[type], (int)type, kb);
+                    for (int i = 0; i < 8; i++) put_block(o + (g * nb + 8 * s + i) * GB, fmt, j, kb[i]);
+                }
+            }
+    });
+    return out;
+}
+
+// GGUF blocks (QType) or K-quant super-blocks (KType) -> the packed layout.
 at::Tensor pack(at::Tensor data, int64_t type) {
+    if (type >= K_Q4 && type <= K_Q2) return pack_k(data, type);
     QW w = as_qw(data, type);
     const int fmt = type == Q8_0 ? X8 : type == Q5_1 ? X5 : X4;
     const int64_t groups = (w.rows + GR - 1) / GR, GB = GBLOCK_BYTES[fmt];
@@ -83,6 +254,8 @@ at::Tensor pack(at::Tensor data, int64_t type) {
 // The inverse of pack: GGUF blocks of `type` again, bit for bit.
 at::Tensor unpack(at::Tensor data, int64_t fmt, int64_t rows, int64_t type) {
     PW w = as_pw(data, fmt, rows);
+    TORCH_CHECK(type >= 0 && type <= 3 && fmt == (type == Q8_0 ? X8 : type == Q5_1 ? X5 : X4),
+                "unpack: packed format ", fmt, " has no GGUF block type ", type);
     auto out = at::zeros({rows, w.nb * BLOCK_BYTES[type]}, at::kByte);
     uint8_t* o = out.data_ptr<uint8_t>();
     const int64_t GB = GBLOCK_BYTES[w.fmt];
@@ -114,6 +287,7 @@ void quantize_acts(const float* x, int64_t T, int64_t K, XQ& out) {
     out.q.resize(T * K);
     out.dx.resize(T * out.nb);
     out.sx.resize(T * out.nb);
+    out.sh.resize(T * out.nb);
     auto block = [&](int64_t i) {  // i: block index over all rows
         const float* xb = x + i * QK;
         int16_t* qb = out.q.data() + i * QK;
@@ -122,6 +296,9 @@ void quantize_acts(const float* x, int64_t T, int64_t K, XQ& out) {
         round_block(xb, qb, amax, s);
         out.dx[i] = amax / 32767.f;
         out.sx[i] = out.dx[i] * (float)s;
+        int32_t h = 0;
+        for (int k = 0; k < 16; k++) h += qb[k];
+        out.sh[i] = out.dx[i] * (float)h;
     };
     const int64_t n = T * out.nb;
     if (n < 1024) { for (int64_t i = 0; i < n; i++) block(i); return; }
@@ -145,9 +322,14 @@ void group_tile(const PW& w, int64_t g, const XQ& x, int64_t t0, int64_t n, floa
 }
 
 inline void tile(const PW& w, int64_t g, const XQ& x, int64_t t0, int64_t n, float* y, int64_t ystride) {
-    if (w.fmt == X5) group_tile<X5>(w, g, x, t0, n, y, ystride);
-    else if (w.fmt == X4) group_tile<X4>(w, g, x, t0, n, y, ystride);
-    else group_tile<X8>(w, g, x, t0, n, y, ystride);
+    switch (w.fmt) {
+        case X4: group_tile<X4>(w, g, x, t0, n, y, ystride); break;
+        case X5: group_tile<X5>(w, g, x, t0, n, y, ystride); break;
+        case X6: group_tile<X6>(w, g, x, t0, n, y, ystride); break;
+        case X3: group_tile<X3>(w, g, x, t0, n, y, ystride); break;
+        case X2: group_tile<X2>(w, g, x, t0, n, y, ystride); break;
+        default: group_tile<X8>(w, g, x, t0, n, y, ystride); break;
+    }
 }
 
 // Groups [g0, g1) of W for every activation row: y (T, w.rows). A group's weights stay in L1 across row tiles.

@@ -6,13 +6,19 @@ A `QTensor` is a (rows, K) matrix stored as rows of 32-value blocks (layouts as 
 - Q4_1: fp16 d, fp16 m, 16 bytes of 4-bit q       value = d * q + m             (20 bytes)
 - Q5_1: fp16 d, fp16 m, 4 bytes of fifth bits, 16 bytes of low nibbles   value = d * q + m   (24 bytes)
 (4-bit: byte j holds value j in its low nibble and value j + 16 in its high one.)
-Q4_K (the usual 4-bit K-quant) becomes Q4_1 blocks: its 32-value sub-blocks are exactly d * u - m with 4-bit u,
-so only each sub-block's scale and offset are rounded, to fp16 (relative error <= 2^-11 of the scale); likewise
-Q5_K becomes Q5_1 blocks, and Q5_0 becomes Q5_1 losslessly (m = -16d). Other GGUF types (Q6_K, Q2_K, Q3_K, IQ...)
-are dequantized and requantized to Q8_0 at load: ~8.5 bits a weight, more precise than the source. `quantize` makes Q8_0 (int8) or Q4_1 (int4) blocks from float weights.
+The K-quants (Q4_K, Q5_K, Q6_K, Q3_K, Q2_K: 256-value super-blocks) are held as the file's super-blocks, zero-copy,
+and `qops.pack` converts them in C++, in one pass, straight into the kernels' layout (kernels/common.h):
+- Q4_K -> X4 and Q5_K -> X5 (as Q4_1/Q5_1 blocks): each 32-value sub-block is d * sc * u - dmin * mn.
+- Q6_K -> X6 (7 bits a weight): the 6-bit integers u - 32 kept, a scale per 16-value sub-block.
+- Q3_K -> X3 (5 bits a weight): the 3-bit integers u - 4 in nibbles, a scale per 16-value sub-block.
+- Q2_K -> X2 (6 bits a weight): the 2-bit integers in nibbles, a scale and an offset per 16-value sub-block.
+The integers are exact; only each sub-block's scale d * sc (and offset -dmin * mn) is rounded, to fp16 (relative
+error <= 2^-11 of the scale). Other GGUF types (IQ...) are dequantized and requantized to Q8_0 at load.
+`quantize` makes Q8_0 (int8) or Q4_1 (int4) blocks from float weights.
 
-A `Packed` tensor is a QTensor rearranged, losslessly, into the layout the C++ products read (groups of 16 rows;
-kernels/common.h, "Packed weights"); `qops.pack` and `qops.unpack` convert between the two.
+A `Packed` tensor is a QTensor rearranged into the layout the C++ products read (groups of 16 rows; kernels/common.h,
+"Packed weights"), losslessly for the 32-value block types; `qops.pack` and `qops.unpack` convert between the two
+(Q6_K, Q3_K and Q2_K do not unpack: `qops.dequantize` them).
 """
 
 from __future__ import annotations
@@ -27,13 +33,15 @@ from tinkerlm.errors import TinkerError
 
 QK = 32
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_1": 24}
-TYPE_CODES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q5_1": 3}  # as kernels/common.h numbers them
+# K-quant super-blocks: (type code, bytes of 256 values) as kernels/quantized.cpp (KType) numbers them.
+K_TYPES = {"Q4_K": (4, 144), "Q5_K": (5, 176), "Q6_K": (6, 210), "Q3_K": (7, 110), "Q2_K": (8, 84)}
+TYPE_CODES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q5_1": 3, **{t: c for t, (c, _) in K_TYPES.items()}}
 
 
 @dataclass
 class QTensor:
     data: torch.Tensor  # uint8 (rows, K // 32 * block bytes): the blocks, possibly a view of a memory-mapped file
-    qtype: str  # Q8_0, Q4_0, Q4_1 or Q5_1
+    qtype: str  # Q8_0, Q4_0, Q4_1, Q5_1, or a K-quant's super-blocks (K_TYPES)
     K: int
 
     @property
@@ -55,7 +63,9 @@ class QTensor:
         return QTensor(self.data[index], self.qtype, self.K)
 
     def fields(self):
-        """(d, m or None, values) with values as int16 (rows, nb, 32), the integers the kernels multiply."""
+        """(d, m or None, values) with values as int16 (rows, nb, 32), the integers the kernels multiply (32-value
+        block types only)."""
+        assert self.qtype in BLOCK_BYTES, self.qtype
         rows, nb = self.data.shape[0], self.K // QK
         blocks = self.data.reshape(rows, nb, BLOCK_BYTES[self.qtype])
         d = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0].float()
@@ -72,12 +82,19 @@ class QTensor:
         return d, blocks[..., 2:4].contiguous().view(torch.float16)[..., 0].float(), u
 
     def dequantize(self) -> torch.Tensor:
-        """The float32 (rows, K) matrix, in pure PyTorch."""
+        """The float32 (rows, K) matrix, in pure PyTorch (K-quants: numpy), with the packed layout's fp16 scales."""
+        if self.qtype in K_TYPES:
+            return torch.from_numpy(k_dequantize(self.data.numpy(), self.qtype, *self.shape))
         d, m, v = self.fields()
         w = d[..., None] * v.float()
         if m is not None:
             w = w + m[..., None]
         return w.reshape(self.shape)
+
+    def as_blocks(self) -> QTensor:
+        """Q4_K and Q5_K super-blocks as the Q4_1 and Q5_1 blocks the kernels pack them as (numpy; a copy)."""
+        convert = {"Q4_K": (q4_k_to_q4_1, "Q4_1"), "Q5_K": (q5_k_to_q5_1, "Q5_1")}[self.qtype]
+        return QTensor(torch.from_numpy(convert[0](self.data.numpy(), *self.shape)), convert[1], self.K)
 
     @staticmethod
     def cat(parts: list[QTensor]) -> QTensor:
@@ -85,13 +102,15 @@ class QTensor:
         return QTensor(torch.cat([p.data for p in parts]), parts[0].qtype, parts[0].K)
 
 
-PACKED_FORMATS = {"Q4_0": 0, "Q4_1": 0, "Q8_0": 1, "Q5_1": 2}  # as kernels/common.h numbers them: X4, X8, X5
+# The packed format of each block type, as kernels/common.h numbers them: X4, X8, X5, X6, X3, X2.
+PACKED_FORMATS = {"Q4_0": 0, "Q4_1": 0, "Q8_0": 1, "Q5_1": 2, "Q4_K": 0, "Q5_K": 2, "Q6_K": 3, "Q3_K": 4, "Q2_K": 5}
 
 
 @dataclass
 class Packed:
     data: torch.Tensor  # uint8 (ceil(rows / 16), K // 32 * group block bytes)
-    qtype: str  # the block type it was packed from; unpacking gives those blocks back bit for bit
+    qtype: str  # the block type it was packed from; unpacking gives those blocks back bit for bit (Q4_K and Q5_K
+    # are packed as Q4_1 and Q5_1 blocks; Q6_K, Q3_K and Q2_K have no blocks to unpack to)
     rows: int
     K: int
 
@@ -200,16 +219,63 @@ def _k_scales(sb: np.ndarray) -> np.ndarray:
     return out
 
 
+def _f16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32).astype(np.float16).astype(np.float32)
+
+
+def k_dequantize(raw: np.ndarray, qtype: str, rows: int, K: int) -> np.ndarray:
+    """K-quant super-blocks (rows, K / 256 * bytes) as float32 (rows, K), the scales rounded to fp16 as the
+    packed layout holds them (kernels/quantized.cpp, k_blocks); the reference for the kernels' dequantization."""
+    if qtype in ("Q4_K", "Q5_K"):
+        return QTensor(torch.from_numpy(np.ascontiguousarray(raw)), qtype, K).as_blocks().dequantize().numpy()
+    sb = np.ascontiguousarray(raw).reshape(-1, K_TYPES[qtype][1])
+    n = len(sb)
+    # values v (n, 2, 4, 32): 128-value half, 32-value run j (shift 2j, ...), element; scales (n, 2, 4, 2)
+    offset = np.zeros((n, 2, 4, 2), np.float32)
+    if qtype == "Q6_K":
+        ql, qh = sb[:, :128].reshape(n, 2, 2, 32), sb[:, 128:192].reshape(n, 2, 1, 32)
+        d = sb[:, 208:210].copy().view(np.float16).astype(np.float32).reshape(n, 1, 1, 1)
+        low = np.stack((ql[:, :, 0] & 15, ql[:, :, 1] & 15, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4), axis=2)
+        high = (qh >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]) & 3
+        v = (low | (high << 4)).astype(np.int32) - 32
+        scale = _f16(d * sb[:, 192:208].view(np.int8).astype(np.float32).reshape(n, 2, 4, 2))
+    elif qtype == "Q3_K":
+        hm, qs = sb[:, :32], sb[:, 32:96].reshape(n, 2, 1, 32)
+        d = sb[:, 108:110].copy().view(np.float16).astype(np.float32).reshape(n, 1, 1, 1)
+        a = sb[:, 96:108].astype(np.int32)
+        sc = np.empty((n, 16), np.int32)
+        sc[:, 0:4] = (a[:, 0:4] & 15) | (((a[:, 8:12] >> 0) & 3) << 4)
+        sc[:, 4:8] = (a[:, 4:8] & 15) | (((a[:, 8:12] >> 2) & 3) << 4)
+        sc[:, 8:12] = (a[:, 0:4] >> 4) | (((a[:, 8:12] >> 4) & 3) << 4)
+        sc[:, 12:16] = (a[:, 4:8] >> 4) | (((a[:, 8:12] >> 6) & 3) << 4)
+        j = np.arange(4, dtype=np.uint8)[None, None, :, None]
+        low = (qs >> (2 * j)) & 3
+        high = (hm[:, None, None, :] >> (4 * np.arange(2, dtype=np.uint8)[None, :, None, None] + j)) & 1
+        v = (low | (high << 2)).astype(np.int32) - 4
+        scale = _f16(d * (sc - 32).astype(np.float32).reshape(n, 2, 4, 2))
+    elif qtype == "Q2_K":
+        sc, qs = sb[:, :16].reshape(n, 2, 4, 2), sb[:, 16:80].reshape(n, 2, 1, 32)
+        d = sb[:, 80:82].copy().view(np.float16).astype(np.float32).reshape(n, 1, 1, 1)
+        dmin = sb[:, 82:84].copy().view(np.float16).astype(np.float32).reshape(n, 1, 1, 1)
+        v = ((qs >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]) & 3).astype(np.int32)
+        scale, offset = _f16(d * (sc & 15).astype(np.float32)), _f16(-dmin * (sc >> 4).astype(np.float32))
+    else:
+        raise ValueError(qtype)
+    half = np.arange(32) // 16  # each element's sub-block within its 32-value run
+    w = v * scale[..., half] + offset[..., half]
+    return w.astype(np.float32).reshape(rows, K)
+
+
 K_QUANT_BLOCK = 256  # values in a K-quant super-block
 # Bytes per block of the types read here block by block (ggml-common.h).
-_STORED_BYTES = {**BLOCK_BYTES, "Q5_0": 22, "Q4_K": 144, "Q5_K": 176}
+_STORED_BYTES = {**BLOCK_BYTES, "Q5_0": 22, **{t: b for t, (_, b) in K_TYPES.items()}}
 
 
 def from_gguf(
     raw: np.ndarray, type_name: str, shape: tuple[int, int], dequantize=None, source: str = "model"
 ) -> QTensor:
-    """A GGUF tensor's raw blocks (rows, bytes a row) as a QTensor: zero-copy for Q8_0/Q4_0/Q4_1/Q5_1, Q4_K as
-    Q4_1, Q5_0 and Q5_K as Q5_1.
+    """A GGUF tensor's raw blocks (rows, bytes a row) as a QTensor: zero-copy for Q8_0/Q4_0/Q4_1/Q5_1 and the
+    K-quants (K_TYPES; `qops.pack` converts them), Q5_0 as Q5_1.
 
     `dequantize(raw) -> float32 array` serves the other types, which are requantized to Q8_0.
 
@@ -232,16 +298,12 @@ def from_gguf(
             f"{source}: tensor of type {type_name} and shape {[rows, K]} holds {np.asarray(raw).nbytes} bytes, "
             f"expected {expected} (file corrupt or hostile)"
         )
-    if type_name == "Q4_K":
-        return QTensor(torch.from_numpy(q4_k_to_q4_1(np.asarray(raw), rows, K)), "Q4_1", K)
     if type_name == "Q5_0":
         return QTensor(torch.from_numpy(q5_0_to_q5_1(np.asarray(raw), rows, K)), "Q5_1", K)
-    if type_name == "Q5_K":
-        return QTensor(torch.from_numpy(q5_k_to_q5_1(np.asarray(raw), rows, K)), "Q5_1", K)
-    if type_name not in BLOCK_BYTES:
+    if type_name not in BLOCK_BYTES and type_name not in K_TYPES:
         w = torch.from_numpy(np.ascontiguousarray(dequantize(raw), dtype=np.float32).reshape(rows, K))
         return quantize(w, 8)
     with warnings.catch_warnings():  # a read-only memory map: kernels only read it
         warnings.simplefilter("ignore", UserWarning)
-        data = torch.from_numpy(raw.reshape(rows, K // QK * BLOCK_BYTES[type_name]))
+        data = torch.from_numpy(np.asarray(raw).reshape(rows, -1))
     return QTensor(data, type_name, K)

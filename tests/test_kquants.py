@@ -1,0 +1,224 @@
+"""K-quants kept in their own bits: Q4_K, Q5_K, Q6_K, Q3_K and Q2_K super-blocks packed straight into the kernels'
+layout (X4, X5, X6, X3, X2: kernels/common.h), their integers exact and their sub-block scales rounded to fp16.
+
+Bounds used below. Packing changes a weight only through its sub-block's scale d * sc and offset -dmin * mn, each
+rounded to fp16 (relative error <= 2^-11), so |w_ours - w_ref| <= 2^-11 * (|w_ref - offset| + |offset|) + fp32
+slack, elementwise; a product's error is then <= 2^-11 * (|x| @ that bound^T) plus fp32 accumulation slack. The
+activations are rounded to int16 blocks as the kernels see them (`round_acts`), so the references use them too.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from tiny import VOCAB, write_tokenizer
+
+from tinkerlm import kernels
+from tinkerlm.quant import qops
+from tinkerlm.quant.encode import encode
+from tinkerlm.quant.qtensor import PACKED_FORMATS, _k_scales, from_gguf, k_dequantize
+
+pytestmark = pytest.mark.skipif(kernels.ops() is None, reason="needs the C++ kernels")
+
+TYPES = ["Q6_K", "Q3_K", "Q2_K", "Q4_K", "Q5_K"]
+BITS = {"Q6_K": 7.0, "Q3_K": 5.0, "Q2_K": 6.0, "Q4_K": 5.0, "Q5_K": 6.0}  # packed bits a weight (scales included)
+EPS = 2.0**-11
+
+
+def weights(rows: int, K: int, seed: int) -> np.ndarray:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, K, generator=g) * torch.logspace(-1, 1, K)[torch.randperm(K, generator=g)]
+    return (w + 0.3 * torch.rand(rows, 1, generator=g)).numpy()  # an offset per row: the mins matter
+
+
+def offsets(raw: np.ndarray, qtype: str) -> np.ndarray:
+    """|offset| of every weight's sub-block (zero for the symmetric types), shape of the dequantized matrix."""
+    rows = raw.shape[0]
+    if qtype in ("Q4_K", "Q5_K"):
+        sb = raw.reshape(-1, {"Q4_K": 144, "Q5_K": 176}[qtype])
+        m = _k_scales(sb)[..., 2:4].copy().view(np.float16).astype(np.float32)  # (n, 8, 1)
+        return np.abs(np.repeat(m, 32, axis=-1)).reshape(rows, -1)
+    if qtype == "Q2_K":
+        sb = raw.reshape(-1, 84)
+        dmin = sb[:, 82:84].copy().view(np.float16).astype(np.float32)
+        m = dmin * (sb[:, :16] >> 4).astype(np.float32)  # (n, 16): one per 16 values
+        return np.abs(np.repeat(m, 16, axis=-1)).reshape(rows, -1)
+    return np.zeros((rows, raw.shape[1] // {"Q6_K": 210, "Q3_K": 110}[qtype] * 256), np.float32)
+
+
+def loaded(qtype: str, rows: int, K: int, seed: int = 0):
+    w = weights(rows, K, seed)
+    raw = encode(torch.from_numpy(w), qtype)
+    qt = from_gguf(raw, qtype, (rows, K))
+    ref = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).reshape(rows, K))
+    bound = torch.from_numpy(EPS * (np.abs(ref.numpy()) + 2 * offsets(raw, qtype)) + 1e-6 * np.abs(ref.numpy()))
+    return qt, qops.pack(qt), ref, bound
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("rows", [48, 37])
+def test_packed_k_quants_dequantize_as_gguf_within_the_fp16_scale_rounding(qtype, rows):
+    qt, packed, ref, bound = loaded(qtype, rows, 512)
+    assert qt.qtype == qtype and packed.fmt == PACKED_FORMATS[qtype]
+    assert packed.qtype == {"Q4_K": "Q4_1", "Q5_K": "Q5_1"}.get(qtype, qtype)
+    assert packed.nbytes * 8 / (-(-rows // 16) * 16 * 512) == BITS[qtype]
+    ours = qops.dequantize(packed)
+    assert ours.shape == ref.shape
+    assert ((ours - ref).abs() <= bound).all(), (ours - ref).abs().max().item()
+    # the scalar entry point (embedding rows, unpacking) and the PyTorch fallback agree with the vector one
+    ids = torch.tensor([[0, rows - 1], [rows // 2, 3]])
+    assert torch.equal(qops.embed(ids, packed), ours[ids])
+    torch.testing.assert_close(qt.dequantize(), ours, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.from_numpy(k_dequantize(qt.data.numpy(), qtype, rows, 512)), ours)
+    if qtype in ("Q4_K", "Q5_K"):  # as the 32-value blocks they pack as, bit for bit
+        assert torch.equal(qops.unpack(packed).dequantize(), ours)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("T", [1, 2, 5, 12, 29])  # decode sizes (1, 2) and prefill tiles
+def test_products_of_k_quants(qtype, T):
+    rows, K = 37, 768
+    qt, packed, ref, bound = loaded(qtype, rows, K, seed=T)
+    g = torch.Generator().manual_seed(100 + T)
+    x = torch.randn(T, K, generator=g) * torch.logspace(0, 3, K)  # outlier channels too
+    xr = qops.round_acts(x)
+    want = xr @ ref.T
+    tol = xr.abs() @ (bound + 1e-5 * ref.abs()).T + 1e-6 * (xr.abs() @ ref.abs().T)
+    assert ((qops.qmatmul(x, packed) - want).abs() <= tol).all()
+    assert ((qops.qmatmul(x, qt) - want).abs() <= tol).all()  # a QTensor of super-blocks packs on the fly
+    y_multi = qops.qmatmul_multi(x, [packed, packed])
+    assert torch.equal(y_multi[0], qops.qmatmul(x, packed)) and torch.equal(y_multi[1], y_multi[0])
+    _, up, ref_up, bound_up = loaded(qtype, rows, K, seed=T + 50)
+    got = qops.qmatmul_swiglu(x, packed, up)
+    want_up = xr @ ref_up.T
+    tol_up = xr.abs() @ (bound_up + 1e-5 * ref_up.abs()).T + 1e-6 * (xr.abs() @ ref_up.abs().T)
+    lo = torch.nn.functional.silu(want) * want_up
+    # silu is 1-Lipschitz-ish (|silu'| <= 1.1): the product's error from both inputs' bounds
+    err = 1.1 * tol * want_up.abs() + (want.abs() + 1.1 * tol) * tol_up
+    assert ((got - lo).abs() <= err + 1e-4 * lo.abs().max()).all()
+
+
+PORTABLE = {"avx2": ("-mno-avx512f",), "scalar": ("-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-f16c")}
+
+
+@pytest.mark.parametrize("isa", list(PORTABLE))
+def test_portable_builds_compute_the_k_formats_as_the_vector_build(isa):
+    fast, slow = kernels.ops(), kernels.build(PORTABLE[isa])
+    assert slow.isa == isa
+    x = torch.randn(13, 512) * torch.logspace(0, 3, 512)
+    for qtype in TYPES:
+        qt, packed, _, _ = loaded(qtype, 37, 512)
+        assert torch.equal(slow.pack(qt.data, qt.code), packed.data)
+        assert torch.equal(slow.dequantize_packed(packed.data, packed.fmt, 37), qops.dequantize(packed))
+        for n in (1, 13):
+            want = fast.qmatmul(x[:n], packed.data, packed.fmt, 37)
+            got = slow.qmatmul(x[:n], packed.data, packed.fmt, 37)
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max(), qtype
+
+
+def test_packed_q6_k_cannot_be_unpacked_to_blocks():
+    from tinkerlm.errors import TinkerError
+
+    _, packed, _, _ = loaded("Q6_K", 16, 256)
+    with pytest.raises(TinkerError, match="dequantize it instead"):
+        qops.unpack(packed)
+
+
+def test_other_types_still_requantize_to_8_bits():
+    """A type without a packed format of its own (IQ4_NL): dequantized by gguf, requantized to Q8_0 blocks (error
+    <= half a step of each 32-value block)."""
+    rng = np.random.default_rng(1)
+    _, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.IQ4_NL]
+    raw = (rng.integers(0, 256, size=(8, 8 * type_size), dtype=np.uint8) & 0xBF).astype(np.uint8)  # finite fp16 d
+
+    def deq(r):
+        return gguf.quants.dequantize(r, gguf.GGMLQuantizationType.IQ4_NL)
+
+    ref = torch.from_numpy(deq(raw).reshape(8, 256))
+    qt = from_gguf(raw, "IQ4_NL", (8, 256), deq)
+    step = ref.reshape(8, 8, 32).abs().amax(-1) / 127
+    err = (qt.dequantize() - ref).reshape(8, 8, 32).abs().amax(-1)
+    assert qt.qtype == "Q8_0" and (err <= step * 0.5 + 1e-3 * step.max()).all()
+
+
+def test_without_kernels_k_quants_dequantize_in_numpy(monkeypatch):
+    qt, packed, ref, bound = loaded("Q3_K", 20, 256)
+    monkeypatch.setattr(kernels, "ops", lambda: None)
+    x = torch.randn(3, 256)
+    ours = qops.dequantize(qt)
+    assert ((ours - ref).abs() <= bound).all()
+    torch.testing.assert_close(qops.qmatmul(x, qt), qops.round_acts(x) @ ours.T)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end: a llama GGUF whose weights are Q6_K, Q3_K and Q2_K, run by tinkerlm and by llama.cpp
+
+MIXES = {"q6_k": ["Q6_K"], "q3_k_m": ["Q3_K", "Q6_K", "Q4_K"], "q2_k": ["Q2_K", "Q3_K", "Q5_K"]}
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_llama_cpp_agrees_on_a_k_quant_model(mix, tmp_path):
+    """The same file's logits from tinkerlm (prefill products and the fused decode step) and from llama.cpp.
+    llama.cpp rounds activations to 8 bits (Q8_K) for K-quant products, we to 16: the tolerance is that of 8-bit
+    activations, ~2^-8 of each projection's scale compounded over 2 layers, taken as 3% of the logits' range."""
+    import transformers
+
+    import tinkerlm
+    from tinkerlm.formats import specs
+    from tinkerlm.formats.gguf_write import TensorPlan, write_gguf
+    from tinkerlm.formats.tokenizer import Tokenizer
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=256, eos_token_id=258,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    write_tokenizer(tmp_path)
+    tok = Tokenizer.from_hf_dir(tmp_path)
+    spec = specs.for_model_type("llama")
+    cfg = config.to_dict()
+    metadata = {**spec.gguf_metadata(cfg), **tok.gguf_metadata(vocab_size=VOCAB)}
+    metadata["general.file_type"] = 0
+    plans, types = [], MIXES[mix]
+    for i, (hf, tensor) in enumerate(model.state_dict().items()):
+        array = tensor.float().numpy()
+        order = spec.row_order(hf, cfg, array.shape[0], to_gguf=True)
+        array = np.ascontiguousarray(array if order is None else array[order])
+        if array.ndim == 2:
+            qtype = types[i % len(types)]
+            data = encode(torch.from_numpy(array), qtype)
+            plans.append(TensorPlan(spec.gguf_name(hf), qtype, array.shape, lambda d=data: d))
+        else:
+            plans.append(TensorPlan(spec.gguf_name(hf), "F32", array.shape, lambda a=array: a))
+    path = write_gguf(tmp_path / "m.gguf", metadata, plans)
+    written = {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert set(types) <= written
+
+    ids = list(range(40, 64))
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False)
+    llm.eval(ids)
+    want = torch.from_numpy(np.asarray(llm.scores[: len(ids)]).copy())
+    ours = tinkerlm.load(str(path))
+    held = {m.qtype for m in ours.model.modules() if hasattr(m, "qtype")}
+    assert held == {{"Q4_K": "Q4_1", "Q5_K": "Q5_1"}.get(t, t) for t in types}
+    with torch.no_grad():
+        got = ours.model(torch.tensor([ids]))[0]
+    tol = 0.03 * (want.max() - want.min())
+    assert (got - want).abs().max() <= tol, ((got - want).abs().max(), tol)
+    # the fused decode step on the same weights: the last token after a prefill of the others
+    model = ours.model
+    assert model.fused_decode is not None
+    cache = model.new_cache(1, 64)
+    with torch.no_grad():
+        model(torch.tensor([ids[:-1]]), cache=cache)
+        cache.advance(len(ids) - 1)
+        step = model(torch.tensor([ids[-1:]]), cache=cache)[0, -1]
+    assert (step - want[-1]).abs().max() <= tol
+    assert (step - got[-1]).abs().max() <= 1e-3 * tol  # ours, both paths: the same int16 products

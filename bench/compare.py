@@ -165,11 +165,29 @@ def worker_llamacpp(spec: dict) -> dict:
     }
 
 
+def worker_bandwidth(spec: dict) -> dict:
+    """Memory read bandwidth now, with the engines' thread count: the best of 5 sums over 1 GiB (bigger than any
+    cache). Measured between the engines' runs, since on a shared host it moves with the neighbours' load."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    a = torch.ones(1 << 28)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t0)
+    return {"read_gb_s": a.numel() * 4 / best / 1e9}
+
+
 WORKERS = {"tinkerlm": worker_tinkerlm, "transformers": worker_transformers, "llama.cpp": worker_llamacpp}
 
 
 def worker_main(engine: str, spec_file: str) -> None:
     spec = json.loads(Path(spec_file).read_text())
+    if engine == "bandwidth":
+        print("RESULT " + json.dumps(worker_bandwidth(spec)), flush=True)
+        return
     r = WORKERS[engine](spec)
     r["prefill_tok_s"] = len(spec["prefill_ids"]) / r["prefill_s"]
     r["decode_tok_s"] = r["steps"] / r["decode_s"]
@@ -249,6 +267,17 @@ def machine_info() -> dict:
     return info
 
 
+def decode_bytes(model_path: Path) -> int:
+    """Bytes of weights one decode step reads, as the GGUF stores them: every tensor except the token embedding,
+    which a step only gathers one row of, unless the output projection is tied to it (then it is read whole)."""
+    from gguf import GGUFReader
+
+    sizes = {t.name: int(t.n_bytes) for t in GGUFReader(model_path).tensors}
+    if "output.weight" in sizes:
+        sizes.pop("token_embd.weight", None)
+    return sum(sizes.values())
+
+
 def summarize(results: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
     return {
         e: {
@@ -318,10 +347,26 @@ def write_markdown(path: Path, *, medians, results, skipped, machine, args, comm
         cells = [fmt.format(medians[e][key]) for e in engines]
         ratios = [f"{medians['tinkerlm'][key] / medians[p][key]:.2f}x" for p in peers]
         lines.append(f"| {label} | " + " | ".join(cells + ratios) + " |")
+    # Decode streams every weight once a token: as a rate of bytes it can be set against the machine's bandwidth.
+    gb = machine["decode_bytes"] / 1e9
+    bw = statistics.median(machine["bandwidth"])
+    rates = [medians[e]["decode_tok_s"] * gb for e in engines]
+    lines.append("| decode, weights read (GB/s) | " + " | ".join(f"{r:.1f}" for r in rates) + " |" + " |" * len(peers))
+    lines.append(
+        f"| decode as a fraction of the measured bandwidth ({bw:.1f} GB/s) | "
+        + " | ".join(f"{r / bw:.0%}" for r in rates)
+        + " |"
+        + " |" * len(peers)
+    )
     lines += [
         "",
         "Ratios are tinkerlm's value divided by the peer's: above 1 is better for tok/s, below 1 is better for load "
         "time and memory.",
+        f"Weights read per decode step: {machine['decode_bytes'] / 1e6:.0f} MB (the GGUF's tensors, less the token "
+        "embedding when the output projection is not tied to it). Memory read bandwidth: a 1 GiB sum with the same "
+        "threads, once a round between the engines' runs: "
+        + ", ".join(f"{b:.1f}" for b in machine["bandwidth"])
+        + " GB/s (median above).",
     ]
     for engine, why in skipped.items():
         lines.append(f"\n**{engine} skipped:** {why}")
@@ -418,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             skipped[e] = why
             engines.remove(e)
     results: dict[str, list[dict]] = {e: [] for e in engines}
+    bandwidth: list[float] = []  # GB/s, measured once a round
     load_before = os.getloadavg()[0]  # other work on the machine skews every number: recorded in the report
     try:
         for r in range(args.runs):
@@ -431,10 +477,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"{res['prefill_tok_s']:.1f} tok/s, peak RSS {res['peak_rss_mb']:.0f} MiB",
                     file=sys.stderr,
                 )
+            bandwidth.append(run_worker("bandwidth", spec_file, args.threads, args.timeout)["read_gb_s"])
+            print(f"compare:   memory read bandwidth {bandwidth[-1]:.1f} GB/s", file=sys.stderr)
     finally:
         spec_file.unlink(missing_ok=True)
 
     machine = dict(machine_info(), load_before=load_before, load_after=os.getloadavg()[0])
+    machine["bandwidth"] = bandwidth
+    machine["decode_bytes"] = decode_bytes(model_path)
     medians = summarize(results)
     command = " ".join(["python", "bench/compare.py"] + [shlex.quote(a) for a in (argv or sys.argv[1:])])
     chart = Path(args.chart).resolve()

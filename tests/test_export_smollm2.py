@@ -108,6 +108,10 @@ def test_every_type_dequantizes_in_gguf_as_tinkerlm_holds_it(exports, name):
     for hf_name in ckpt.hf_names():
         theirs = ckpt.hf_tensor(hf_name)  # gguf.quants.dequantize of the file's blocks, rows in HF order
         ours = packed[hf_name]
+        if isinstance(ours, Packed) and ours.qtype in ("Q6_K", "Q3_K", "Q2_K"):  # kept in their own bits: no blocks
+            err = (quant.qops.dequantize(ours) - theirs).norm() / theirs.norm()
+            assert err < 2.0**-10, (hf_name, ours.qtype, err.item())  # sub-block scales rounded to fp16
+            continue
         if isinstance(ours, Packed):
             ours = quant.qops.unpack(ours)
         if isinstance(ours, QTensor):

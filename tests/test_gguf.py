@@ -366,7 +366,7 @@ def test_q4_k_tensor_becomes_q4_1_blocks(rng):
     raw = quantize_q4_k(w)
     ref = gguf.quants.dequantize(raw, Q.Q4_K).reshape(16, 512)  # the gguf package's reading of our bytes
     assert np.abs(ref - w).max() <= 0.55 * (w.max() - w.min()) / 15  # the writer is a real quantizer
-    qt = from_gguf(raw, "Q4_K", (16, 512))
+    qt = from_gguf(raw, "Q4_K", (16, 512)).as_blocks()
     assert qt.qtype == "Q4_1" and qt.nbytes == 16 * 512 // 32 * 20
     err = np.abs(qt.dequantize().numpy() - ref).reshape(16, 16, 32).max(-1)
     # only each 32-value sub-block's scale d and offset m are rounded (to fp16, <= 2^-11 relative each): the
@@ -427,7 +427,7 @@ def test_q5_k_tensor_becomes_q5_1_blocks(rng):
     raw[:, 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)  # d
     raw[:, 2:4] = np.frombuffer(np.float16(0.02).tobytes(), np.uint8)  # dmin
     ref = gguf.quants.dequantize(raw, Q.Q5_K).reshape(6, 256)
-    qt = from_gguf(raw, "Q5_K", (6, 256))
+    qt = from_gguf(raw, "Q5_K", (6, 256)).as_blocks()
     assert qt.qtype == "Q5_1"
     d, m, _ = qt.fields()
     err = np.abs(qt.dequantize().numpy() - ref).reshape(6, 8, 32).max(-1)

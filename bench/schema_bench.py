@@ -4,9 +4,9 @@
     .venv/bin/python bench/schema_bench.py --prompts 3 --runs 1                 # a quick check
 
 Each prompt is answered greedily under a schema (an object with strings, an enum, an integer, an array of
-strings and an optional nested object); then the same prompt unconstrained, with max_tokens set to the number of
-tokens the constrained answer took and no stop tokens, so both decode the same count. Reported: decode ms/token
-both ways (wall time of `LLM.generate` over the tokens it produced, prefill included in both), and the time the
+strings and an optional nested object); then the same prompt unconstrained (`stream_generate`, the path `LLM.chat` takes), with max_tokens set to the
+number of tokens the constrained answer took and no stop tokens, so both decode the same count. Reported: decode ms/token
+both ways (wall time of the call over the tokens it produced, prefill included in both), and the time the
 constraint itself takes per token (its `pick` and `push`, measured inside the run): cold (first run: memo
 tables empty, each new state and token transition computed) and warm (later runs, the same schema).
 """
@@ -124,10 +124,10 @@ def main() -> None:
 
 
 def _free(llm, ids: list[int], n: int) -> None:
-    """`n` unconstrained greedy tokens after `ids` (no stop token, so exactly n)."""
-    from tinkerlm.generate import generate_step
+    """`n` unconstrained greedy tokens after `ids` (no stop token, so exactly n), through the same text path."""
+    from tinkerlm.generate import stream_generate
 
-    for _ in generate_step(llm.model, [ids], max_tokens=n):
+    for _ in stream_generate(llm.model, llm.tokenizer, [ids], max_tokens=n, stop_token_ids=[]):
         pass
 
 

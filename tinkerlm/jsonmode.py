@@ -170,11 +170,12 @@ class JSONConstraint:
     def __init__(self, table: list[bytes | None]):
         self.table = table
         self.state = INITIAL
-        # One single-byte token per byte value, for forced closing.
-        self.byte_token = {}
-        for i, b in enumerate(table):
-            if b is not None and len(b) == 1:
-                self.byte_token.setdefault(b[0], i)
+        # One single-byte token per byte value, for forced closing (built once per vocabulary).
+        self.byte_token = _table_cache(_BYTE_TOKEN, table)
+        if not self.byte_token:
+            for i, b in enumerate(table):
+                if b is not None and len(b) == 1:
+                    self.byte_token.setdefault(b[0], i)
 
     @property
     def done(self) -> bool:
@@ -225,7 +226,8 @@ class JSONConstraint:
 
     def _force(self) -> int | None:
         """The first token of the shortest closing from the current state, or None."""
-        return self.byte_token.get(self._closing(self.state)[0])
+        need = self._closing(self.state)
+        return self.byte_token.get(need[0]) if need else None
 
     def allowed(self, token: int, budget_after: int) -> bool:
         if token >= len(self.table) or not self.table[token]:
@@ -271,6 +273,7 @@ class JSONConstraint:
 
 _MASKS: dict[int, tuple[list, dict]] = {}  # per vocabulary: {state: allowed token ids}
 _FIRST: dict[int, tuple[list, dict]] = {}  # per vocabulary: {first byte: token ids}
+_BYTE_TOKEN: dict[int, tuple[list, dict]] = {}  # per vocabulary: {byte: a single-byte token}
 
 
 def _table_cache(caches: dict, table: list) -> dict:

@@ -20,7 +20,17 @@ TABLE = [
     ("errors", "limits", "kernels"),  # the one exception type; resource bounds; C++ kernels
     ("formats",),  # gguf, hf (+ the one HF writer), peft adapter files, tokenizer, specs
     ("models", "quant", "lora"),  # architectures; module swaps for quantization and LoRA
-    ("loading", "sampling", "generate", "batching", "chat", "jsonmode", "prefix_cache", "speculative"),  # generation
+    (
+        "loading",
+        "sampling",
+        "generate",
+        "batching",
+        "chat",
+        "jsonmode",
+        "jsonschema",
+        "prefix_cache",
+        "speculative",
+    ),  # generation
     ("api", "store"),  # `tinkerlm.load()` and `LLM`; the local store
     ("tune", "merge", "export", "evaluate", "train", "openness", "serve", "bench"),  # the verbs
     ("cli", "__main__"),  # `tinkerlm <verb>`

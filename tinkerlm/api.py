@@ -81,8 +81,9 @@ class LLM:
 
     Generation options (keyword arguments of `generate`, `stream`, `chat`, `chat_stream`) are the fields of
     `tinkerlm.sampling.SamplingParams`: max_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-    presence_penalty, frequency_penalty, seed, stop, logprobs, json. An option not given (or None) takes the
-    model's generation_config.json value if it sets one (`sampling_defaults`), else the declared default.
+    presence_penalty, frequency_penalty, seed, stop, logprobs, json, json_schema (a dict). An option not given (or
+    None) takes the model's generation_config.json value if it sets one (`sampling_defaults`), else the declared
+    default.
 
     `prefix_cache` (a `tinkerlm.prefix_cache.PrefixCache` of `prefix_cache_mb` MiB, 0 disables it) keeps the keys
     and values of recent prompts and answers across calls, so a multi-turn `chat` or prompts sharing a system

@@ -29,6 +29,8 @@ def _sampling(p: argparse.ArgumentParser) -> None:
         help_ += ")"
         if f.type == "bool":
             g.add_argument(flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_)
+        elif f.type.startswith("dict"):
+            g.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar="FILE", help=help_)
         elif f.type.startswith("list["):
             g.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS, metavar="TEXT", help=help_)
         else:
@@ -673,8 +675,31 @@ def _gen_options(a) -> dict:
     from tinkerlm import sampling
 
     opts = {k: getattr(a, k, None) for k in sampling.params()}
+    if opts.get("json_schema") is not None:
+        opts["json_schema"] = _read_schema(opts["json_schema"])
     sampling.options(opts)  # refuse a bad value (--max-tokens 0) before loading, let alone pulling, the model
     return opts
+
+
+def _read_schema(path: str) -> dict:
+    """--json-schema FILE: the schema it holds (TinkerError naming the file if it cannot be read or is not JSON)."""
+    import json
+
+    from tinkerlm.errors import TinkerError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            schema = json.load(f)
+    except OSError as e:
+        raise TinkerError(f"--json-schema {path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:
+        raise TinkerError(f"--json-schema {path}: not valid JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise TinkerError(f"--json-schema {path}: the schema must be a JSON object")
+    # OpenAI's wrapper {"name": ..., "schema": {...}, "strict": true} is accepted too.
+    if isinstance(schema.get("schema"), dict) and set(schema) <= {"name", "schema", "strict", "description"}:
+        schema = schema["schema"]
+    return schema
 
 
 def cmd_pull(a) -> None:

@@ -11,9 +11,11 @@ forced one token each. So the output always ends as a complete object (unless ma
 outside strings are capped, which stops models from looping on newlines. Generation ends as soon as the object
 closes.
 
-Selecting a token: greedy scans candidates in descending logit order; sampling draws, and on a disallowed draw
-masks that token and draws again (rejection sampling gives exactly the masked distribution), falling back to a
-full vocabulary mask after a few misses.
+Selecting a token: greedy takes the top token if it is allowed, else the best of the tokens allowed in this state;
+sampling draws, and on a disallowed draw masks that token and draws again (rejection sampling gives exactly the
+masked distribution), falling back to the mask of allowed tokens after a few misses. The allowed tokens of a state
+(`allowed_ids`) are computed once per state and vocabulary, trying only tokens whose first byte can follow, and
+kept: structural states (after `{`, a key, `:`) recur all the time.
 """
 
 from __future__ import annotations
@@ -168,41 +170,89 @@ class JSONConstraint:
     def __init__(self, table: list[bytes | None]):
         self.table = table
         self.state = INITIAL
-        # One single-byte token per byte value, for forced closing.
-        self.byte_token = {}
-        for i, b in enumerate(table):
-            if b is not None and len(b) == 1:
-                self.byte_token.setdefault(b[0], i)
+        # One single-byte token per byte value, for forced closing (built once per vocabulary).
+        self.byte_token = _table_cache(_BYTE_TOKEN, table)
+        if not self.byte_token:
+            for i, b in enumerate(table):
+                if b is not None and len(b) == 1:
+                    self.byte_token.setdefault(b[0], i)
 
     @property
     def done(self) -> bool:
         return self.state[0] == END
 
     def _next(self, token: int):
-        return _transition(self.state, self.table[token])
+        return self._advance(self.state, self.table[token])
+
+    def _closing(self, state) -> bytes:
+        return closing(state)
+
+    def _dead(self):
+        return (END, "", None, 0)
+
+    def _advance(self, state, data: bytes):
+        return _transition(state, data)
+
+    def _mask_cache(self) -> dict:
+        return _table_cache(_MASKS, self.table)
+
+    def allowed_ids(self, state) -> torch.Tensor:
+        """Ids of the tokens that can follow `state` (the budget aside), computed once per state and vocabulary
+        (structured-generation libraries' precomputed masks): only tokens whose first byte can follow are tried."""
+        cache = self._mask_cache()
+        ids = cache.get(state)
+        if ids is None:
+            by_first = _table_cache(_FIRST, self.table)
+            if not by_first:
+                for i, b in enumerate(self.table):
+                    if b:
+                        by_first.setdefault(b[0], []).append(i)
+            ids = [
+                t
+                for c, tokens in by_first.items()
+                if self._advance(state, bytes((c,))) is not None
+                for t in tokens
+                if self._advance(state, self.table[t]) is not None
+            ]
+            ids = torch.tensor(sorted(ids), dtype=torch.long)
+            if len(cache) >= 1 << 12:
+                cache.clear()
+            cache[state] = ids
+        return ids
+
+    def _cost(self, state) -> int:
+        """Tokens the shortest closing from `state` takes (here one per byte)."""
+        return len(self._closing(state))
+
+    def _force(self) -> int | None:
+        """The first token of the shortest closing from the current state, or None."""
+        need = self._closing(self.state)
+        return self.byte_token.get(need[0]) if need else None
 
     def allowed(self, token: int, budget_after: int) -> bool:
         if token >= len(self.table) or not self.table[token]:
             return False
         new = self._next(token)
-        return new is not None and len(closing(new)) <= budget_after
+        return new is not None and self._cost(new) <= budget_after
 
     def push(self, token: int) -> None:
         # Only the last-resort pick below can be disallowed; then the document cannot be finished: end it.
-        self.state = self._next(token) or (END, "", None, 0)
+        new = self._next(token) if token < len(self.table) and self.table[token] else None
+        self.state = self._dead() if new is None else new
 
     def pick(self, logits: torch.Tensor, budget: int, greedy: bool, draw: Callable[[torch.Tensor], int]) -> int:
         """Choose a token from logits (1, V), `budget` = tokens still allowed including this one."""
-        need = closing(self.state)
-        if len(need) >= budget and need[0] in self.byte_token:
-            return self.byte_token[need[0]]
+        forced = self._force() if self._cost(self.state) >= budget else None
+        if forced is not None:
+            return forced
         if greedy:
             best = int(logits[0].argmax())
             if self.allowed(best, budget - 1):
                 return best
-            for t in torch.argsort(logits[0], descending=True).tolist():
-                if self.allowed(t, budget - 1):
-                    return t
+            ids = self.allowed_ids(self.state)
+            for i in torch.argsort(logits[0, ids], descending=True).tolist():
+                if self.allowed(int(ids[i]), budget - 1):
+                    return int(ids[i])
         else:
             logits = logits.clone()
             for _ in range(16):
@@ -210,11 +260,30 @@ class JSONConstraint:
                 if self.allowed(t, budget - 1):
                     return t
                 logits[0, t] = float("-inf")
-            mask = torch.tensor([not self.allowed(t, budget - 1) for t in range(logits.shape[-1])])
-            if not bool(mask.all()):
+            ids = self.allowed_ids(self.state)
+            ids = ids[[self.allowed(int(t), budget - 1) for t in ids.tolist()]]
+            if ids.numel():
+                mask = torch.ones(logits.shape[-1], dtype=torch.bool)
+                mask[ids] = False
                 return draw(logits.masked_fill(mask[None], float("-inf")))
         # No token fits (a vocabulary without single-byte tokens): close as best we can.
-        return self.byte_token.get(need[0], int(logits.argmax()))
+        forced = self._force()
+        return int(logits.argmax()) if forced is None else forced
+
+
+_MASKS: dict[int, tuple[list, dict]] = {}  # per vocabulary: {state: allowed token ids}
+_FIRST: dict[int, tuple[list, dict]] = {}  # per vocabulary: {first byte: token ids}
+_BYTE_TOKEN: dict[int, tuple[list, dict]] = {}  # per vocabulary: {byte: a single-byte token}
+
+
+def _table_cache(caches: dict, table: list) -> dict:
+    """The dict `caches` keeps for this token table (by identity; a few tables at most)."""
+    hit = caches.get(id(table))
+    if hit is None or hit[0] is not table:
+        if len(caches) >= 8:
+            caches.clear()
+        hit = caches[id(table)] = (table, {})
+    return hit[1]
 
 
 @lru_cache(maxsize=1 << 18)

@@ -9,7 +9,7 @@ The pipeline for B rows that share one `SamplingParams` (`generate_step` runs on
 continuous-batching engine one per sequence, each with its own generator):
   logits (B, V) -> repetition penalty (CTRL, Keskar et al. 2019) -> presence/frequency penalties (OpenAI API
   reference) -> temperature, top-k, top-p (Holtzman et al. 2019), min-p (Nguyen et al. 2024) -> one draw per row,
-  or the JSON constraint's pick (see jsonmode.py) -> log-probabilities of the processed logits, if asked.
+  or the JSON (or JSON-schema) constraint's pick (see jsonmode.py, jsonschema.py) -> log-probabilities of the processed logits, if asked.
 Text comes out through `TextStream`: an incremental detokenizer that decodes only the tokens since the last emitted
 character boundary (linear in answer length), holds back incomplete UTF-8 characters and possible stop strings,
 and decides the finish reason ("stop": a stop token, stop string or a closed JSON object; "length": max_tokens or
@@ -108,6 +108,10 @@ class SamplingParams:
         le=20,
     )
     json: bool = _param(False, "constrain the answer to one valid JSON object", api="response_format")
+    # A dict (the CLI reads it from a file: --json-schema FILE); implies `json` (check() sets it), see jsonschema.py.
+    json_schema: dict | None = _param(
+        None, "constrain the answer to JSON valid against this JSON schema (a file)", api="response_format"
+    )
 
     def check(self) -> SamplingParams:
         """Validate every field against its declared range; returns self. Raises TinkerError naming the field."""
@@ -117,6 +121,11 @@ class SamplingParams:
             bad = _out_of_range(f, getattr(self, f.name))
             if bad:
                 raise TinkerError(f"sampling: {bad}")
+        if self.json_schema is not None:
+            from tinkerlm.jsonschema import compile_schema
+
+            compile_schema(self.json_schema)  # refuse what cannot be enforced now, naming the keyword
+            self.json = True  # the schema constraint takes JSON mode's place (token bytes, the "stop" at the end)
         return self
 
     def replace(self, **changes) -> SamplingParams:
@@ -138,6 +147,7 @@ _KINDS = {
     "int | None": "an integer",
     "bool": "true or false",
     "list[str]": "a list of strings",
+    "dict | None": "a JSON schema (an object)",
 }
 
 
@@ -150,10 +160,11 @@ def _out_of_range(f: dataclasses.Field, v: Any) -> str | None:
         "float": isinstance(v, (int, float)) and not isinstance(v, bool),
         "bool": isinstance(v, bool),
         "list[str]": isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v),
+        "dict | None": isinstance(v, dict),
     }.get(f.type, isinstance(v, int) and not isinstance(v, bool))
     if not ok:
         return f"{f.name} must be {_KINDS[f.type]} (got {v!r})"
-    if isinstance(v, (bool, list, tuple)):
+    if isinstance(v, (bool, list, tuple, dict)):
         return None
     if (p.ge is not None and v < p.ge) or (p.gt is not None and v <= p.gt) or (p.le is not None and v > p.le):
         return f"{f.name} must be {p.range_text()} (got {v})"
@@ -318,7 +329,13 @@ class Sampler:
                 raise TinkerError("json: JSON mode needs the tokenizer's token bytes (use stream_generate or the API)")
             from tinkerlm.jsonmode import JSONConstraint
 
-            self.json = [JSONConstraint(table) for _ in range(b)]
+            if params.json_schema is not None:
+                from tinkerlm.jsonschema import SchemaConstraint, compile_schema
+
+                schema = compile_schema(params.json_schema)
+                self.json = [SchemaConstraint(table, schema) for _ in range(b)]
+            else:
+                self.json = [JSONConstraint(table) for _ in range(b)]
 
     def json_done(self, row: int) -> bool:
         return self.json is not None and self.json[row].done

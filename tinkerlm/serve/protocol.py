@@ -65,8 +65,19 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Strict):
+    """OpenAI's `response_format.json_schema`: {"name", "schema", "strict", "description"}. The schema is enforced
+    whatever `strict` says (jsonschema.py); one we cannot enforce is refused (see `parse`)."""
+
+    name: str = Field("response", max_length=64)
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
 class ResponseFormat(_Strict):
-    type: Literal["text", "json_object"]
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
 
 
 class TextPart(_Strict):
@@ -89,6 +100,7 @@ OPENAI: dict[str, tuple[Any, dict]] = {
     "max_tokens": (int | None, dict(default=None)),  # None: the rest of the context
     "stop": (str | list[str] | None, dict(default=None)),  # one string or a list (at most 4, see stops())
     "json": (ResponseFormat | None, dict(default=None)),  # {"type": "json_object"}
+    "json_schema": (ResponseFormat | None, dict(default=None)),  # {"type": "json_schema", "json_schema": {...}}
 }
 # Chat: `logprobs: true` plus `top_logprobs: k` (see `params`); completions: `logprobs: k` with k <= 5.
 CHAT = {**OPENAI, "logprobs": (bool, dict(default=False, ge=None, le=None))}
@@ -161,6 +173,8 @@ def params(req, defaults: dict[str, Any]) -> dict[str, Any]:
             value = req.stops()
         elif name == "json":
             value = value is not None and value.type == "json_object"
+        elif name == "json_schema":
+            value = value.json_schema.schema_ if value is not None and value.type == "json_schema" else None
         elif name == "logprobs" and isinstance(req, ChatRequest):
             value = (req.top_logprobs or 0) if req.logprobs else None
         out[name] = value
@@ -197,8 +211,29 @@ def parse(cls: type[_Strict], body: Any) -> _Strict:
             raise APIError(400, "give max_tokens or max_completion_tokens, not both", "max_tokens")
     if isinstance(req, CompletionRequest) and not req.prompt:
         raise APIError(400, "prompt: empty list", "prompt")
+    _check_response_format(req.response_format)
     req.stops()
     return req
+
+
+def _check_response_format(fmt: ResponseFormat | None) -> None:
+    """`json_schema` goes with type "json_schema" only, and its schema must be one we can enforce (400 naming the
+    keyword and where it is otherwise, never a schema silently ignored)."""
+    if fmt is None:
+        return
+    if fmt.type != "json_schema":
+        if fmt.json_schema is not None:
+            raise APIError(400, "response_format.json_schema needs type 'json_schema'", "response_format.json_schema")
+        return
+    if fmt.json_schema is None:
+        raise APIError(400, "Missing required parameter: 'response_format.json_schema'", "response_format.json_schema")
+    from tinkerlm.errors import TinkerError
+    from tinkerlm.jsonschema import compile_schema
+
+    try:
+        compile_schema(fmt.json_schema.schema_)
+    except TinkerError as e:
+        raise APIError(400, str(e), "response_format.json_schema.schema", "invalid_value") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -148,7 +148,10 @@ async def one_request(c: httpx.AsyncClient, base: str, model: str, prompt: list[
 async def run_round(base: str, model: str, prompts: list[list[list[int]]], max_tokens: int) -> dict:
     """`len(prompts)` clients, client i sending prompts[i] one after another; the round's figures."""
     clients = len(prompts)
-    async with httpx.AsyncClient(timeout=1800, limits=httpx.Limits(max_connections=clients + 4)) as c:
+    # A new connection per request: llama-server closes a kept-alive connection after a streamed answer, and the
+    # next request on it would fail; both servers get the same treatment.
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=1800, limits=limits) as c:
 
         async def client(mine: list[list[int]]) -> list[dict]:
             return [await one_request(c, base, model, p, max_tokens) for p in mine]

@@ -29,7 +29,7 @@ NOT_OPTIONS = {
     "max_completion_tokens",
     "top_logprobs",
 }
-MODEL_FLAGS = {"dtype", "quant", "threads"}
+MODEL_FLAGS = {"dtype", "quant", "threads", "kv_cache"}  # options of loading, listed beside sampling's
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import statistics
 import time
 
 import torch
+from quality import PROMPTS  # bench/quality.py: the same chat prompts the weight formats are judged on
 
 import tinkerlm
 from tinkerlm.evaluate.perplexity import shipped_text
@@ -26,20 +27,6 @@ from tinkerlm.generate import generate_step
 from tinkerlm.loading import set_kv_cache
 from tinkerlm.sampling import SamplingParams
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain in two sentences why the sky is blue.",
-    "List three fruits.",
-    "Who wrote Hamlet?",
-    "What is 12 times 12?",
-    "Give me a tip for learning Python.",
-    "Translate 'good morning' into Spanish.",
-    "Name a planet with rings.",
-    "What do bees make?",
-    "Describe a cat in one sentence.",
-    "Why do we need sleep?",
-]
 GREEDY = SamplingParams(temperature=0.0)
 
 

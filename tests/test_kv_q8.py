@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_cli import assert_user_error, cli
+from test_prefix_cache import prefill, tokens
 from tiny import make_hf_model
 
 import tinkerlm
@@ -33,10 +34,6 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf):
     return tinkerlm.load(str(smollm2_gguf), prefix_cache_mb=0)
-
-
-def tokens(n: int, seed: int) -> list[int]:
-    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 @torch.inference_mode()
@@ -169,30 +166,18 @@ def test_smollm2_logits_and_greedy_agreement(smollm2):
 @pytest.mark.parametrize("kind", KINDS)
 def test_prefix_cache_hit_gives_cold_q8_logits(tiny, kind):
     model = tinkerlm.load(str(tiny / kind), kv_cache="q8", prefix_cache_mb=0).model
-
-    @torch.inference_mode()
-    def prefill(ids, pc):
-        cache = model.new_cache(1, 128)
-        start = pc.restore(cache, 0, ids) if pc is not None else 0
-        cache.lengths = [start]
-        logits = model(torch.tensor([ids[start:]]), cache=cache)[0, -1]
-        cache.lengths = [len(ids)]
-        if pc is not None:
-            pc.insert(cache, 0, ids)
-        return logits
-
     pc = PrefixCache(block=16)
     first = tokens(50, 0)
-    prefill(first, pc)  # caches blocks [0, 48) as 8-bit records
+    prefill(model, first, pc)  # caches blocks [0, 48) as 8-bit records
     node = next(iter(pc.lru))
     assert node.k.dtype == torch.int8 and node.k.shape[-1] == model.head_dim + 4
     assert pc.bytes == 3 * 2 * model.n_layers * model.n_kv_heads * 16 * (model.head_dim + 4)
     for n_shared, want_reused in [(40, 32), (48, 48)]:
         second = first[:n_shared] + tokens(20, n_shared)
         before = pc.stats["tokens_reused"]
-        got = prefill(second, pc)
+        got = prefill(model, second, pc)
         assert pc.stats["tokens_reused"] - before == want_reused
-        torch.testing.assert_close(got, prefill(second, None), atol=1e-5, rtol=0)
+        torch.testing.assert_close(got, prefill(model, second, None), atol=1e-5, rtol=0)
 
 
 def test_smollm2_multi_turn_chat_with_prefix_cache(smollm2_gguf):

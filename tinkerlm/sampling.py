@@ -9,7 +9,8 @@ The pipeline for B rows that share one `SamplingParams` (`generate_step` runs on
 continuous-batching engine one per sequence, each with its own generator):
   logits (B, V) -> repetition penalty (CTRL, Keskar et al. 2019) -> presence/frequency penalties (OpenAI API
   reference) -> temperature, top-k, top-p (Holtzman et al. 2019), min-p (Nguyen et al. 2024) -> one draw per row,
-  or the JSON (or JSON-schema) constraint's pick (see jsonmode.py, jsonschema.py) -> log-probabilities of the processed logits, if asked.
+  or the JSON (or JSON-schema) constraint's pick (see jsonmode.py, jsonschema.py) -> log-probabilities of the
+  processed logits, if asked.
 Text comes out through `TextStream`: an incremental detokenizer that decodes only the tokens since the last emitted
 character boundary (linear in answer length), holds back incomplete UTF-8 characters and possible stop strings,
 and decides the finish reason ("stop": a stop token, stop string or a closed JSON object; "length": max_tokens or

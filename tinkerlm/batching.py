@@ -6,6 +6,11 @@ the big cache, so no copy), then join the shared decode step: one forward with i
 [0, highest busy slot], idle slots fed a dummy token and ignored. Slots are taken lowest first, so a lone request
 decodes as a batch of one, exactly the computation `tinkerlm run` does.
 
+Chunked prefill: while other sequences are decoding, a step prefills at most `prefill_chunk` prompt tokens (the
+oldest admitted prompt first, in pieces at their true positions) before the decode step, so a burst of new or long
+prompts delays the running answers' next token by one chunk's prefill, not by every prompt's. When nothing is
+decoding, admitted prompts are prefilled whole, as one forward each.
+
 Each sequence samples through the sampling engine (sampling.py) with its own settings and its own generator,
 consumed exactly as `generate_step` consumes it for a batch of one, so an answer equals `LLM.chat(..., seed=s)` for
 the same seed. Text comes through the same `TextStream` (detokenizer, stop strings, finish reasons).
@@ -37,6 +42,9 @@ from tinkerlm.prefix_cache import DEFAULT_MB, PrefixCache
 from tinkerlm.sampling import Sampler, SamplingParams, TextStream, TokenLogprob, new_generator, token_bytes
 
 log = logging.getLogger(__name__)
+
+# Prompt tokens prefilled per step while others decode: on two cores, about a decode step's time for a 1B model.
+DEFAULT_PREFILL_CHUNK = 256
 
 
 class QueueFull(TinkerError):
@@ -73,6 +81,7 @@ class Sequence:
     finished: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
     last: int = 0  # the token to feed at the next decode step
+    prefilled: int = 0  # prompt tokens whose keys and values are in the slot
     fed: list[int] = field(default_factory=list, repr=False)  # generated tokens whose keys and values are cached
     sampler: Sampler | None = field(default=None, repr=False)
     text: TextStream | None = field(default=None, repr=False)
@@ -84,6 +93,11 @@ class Sequence:
     @property
     def generated(self) -> int:
         return self.text.generated if self.text is not None else 0
+
+    @property
+    def prefilling(self) -> bool:
+        """Admitted to a slot, with part of its prompt still to prefill."""
+        return self.slot >= 0 and self.prefilled < len(self.prompt)
 
     def cancel(self) -> None:
         """Called from any thread; the engine frees the slot at its next step."""
@@ -100,6 +114,7 @@ class BatchGenerator:
         max_context: tokens per slot (default and cap: the model's context).
         name: for thread names, logs and messages.
         prefix_cache_mb: memory for reusing the KV cache of earlier prompts and answers (MiB; 0 disables).
+        prefill_chunk: prompt tokens prefilled per step while other sequences decode (0: whole prompts at once).
 
     Example (Python API, in the caller's thread):
         bg = BatchGenerator(llm.model, llm.tokenizer, max_batch=4)
@@ -118,9 +133,13 @@ class BatchGenerator:
         max_context: int | None = None,
         name: str = "model",
         prefix_cache_mb: float = DEFAULT_MB,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
         if max_batch < 1 or max_queue < 0:
             raise TinkerError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
+        if prefill_chunk < 0:
+            raise TinkerError(f"prefill_chunk must be >= 0 (got {prefill_chunk})")
+        self.prefill_chunk = prefill_chunk
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = min(max_context or self.model.max_context, self.model.max_context)
@@ -136,6 +155,7 @@ class BatchGenerator:
         self._events: deque[Event] = deque()  # events of sequences submitted without a callback
         self.stats = dict(
             prompt_tokens=0,
+            prefill_chunks=0,
             generation_tokens=0,
             decode_steps=0,
             decode_rows=0,
@@ -269,7 +289,8 @@ class BatchGenerator:
     # -- one step ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit waiting sequences into free slots (prefill), drop cancelled ones, decode one token for all.
+        """Admit waiting sequences into free slots, drop cancelled ones, prefill (whole prompts, or one chunk
+        while others decode), decode one token for every sequence whose prompt is in.
 
         Failures are isolated: an exception while serving one sequence (its prefill, its sampling, its text) ends
         that sequence with an error event and the others go on; only a failing shared forward pass (a bug, out of
@@ -284,8 +305,9 @@ class BatchGenerator:
                 else:
                     admit.append(s)
         for s in admit:
-            self._isolated(s, self._prefill, s)
+            self._isolated(s, self._admit, s)
         self._free_cancelled()
+        self._prefill()
         try:
             self._decode()
         except Exception as e:
@@ -315,7 +337,8 @@ class BatchGenerator:
         """A cache over rows [start, stop) of the big cache, sharing its storage (views, no copy)."""
         return self.cache.rows(start, stop)
 
-    def _prefill(self, s: Sequence) -> None:
+    def _admit(self, s: Sequence) -> None:
+        """Give `s` a slot, its sampler and text stream, and the cached keys and values of its longest known prefix."""
         s.slot = self.slots.index(None)
         self.slots[s.slot] = s
         self.cache.lengths[s.slot] = 0
@@ -323,13 +346,37 @@ class BatchGenerator:
         table = self.token_bytes() if p.json else None
         s.sampler = Sampler(p, [s.prompt], self.vocab, new_generator(p.seed, always=True), table)
         s.text = TextStream(self.tokenizer, p.stop, self.tokenizer.stop_token_ids, p.max_tokens)
-        n = len(s.prompt)
-        start = self.prefix_cache.restore(self.cache, s.slot, s.prompt)  # 0 on a miss
+        s.prefilled = self.prefix_cache.restore(self.cache, s.slot, s.prompt)  # 0 on a miss
+        self.cache.lengths[s.slot] = s.prefilled
+
+    def _prefill(self) -> None:
+        """Prefill admitted prompts, oldest first: all of them whole when nothing decodes, else up to
+        `prefill_chunk` tokens in all (at least one piece, so a prompt always advances)."""
+        waiting = sorted((s for s in self.slots if s is not None and s.prefilling), key=lambda s: s.submitted_at)
+        if not waiting:
+            return
+        decoding = any(s is not None and not s.prefilling for s in self.slots)
+        budget = self.prefill_chunk if decoding and self.prefill_chunk else None
+        for s in waiting:
+            if budget is not None and budget <= 0:
+                break
+            before = s.prefilled
+            self._isolated(s, self._prefill_piece, s, budget)
+            if budget is not None:
+                budget -= max(s.prefilled - before, 1)  # a failed piece still counts, so the loop ends
+
+    def _prefill_piece(self, s: Sequence, budget: int | None) -> None:
+        """Prefill the next `budget` tokens of `s`'s prompt (all the rest if None); at its end, sample the first token."""
+        n, start = len(s.prompt), s.prefilled
+        stop = n if budget is None else min(n, start + budget)
         row = self._rows(s.slot, s.slot + 1)
         row.lengths = [start]
-        rest = torch.tensor([s.prompt[start:]])  # (1, n - start): what the cache did not hold
-        logits = self.model(rest, cache=row, logits_at=torch.tensor([n - start - 1]))[:, -1]  # (1, V)
-        self.cache.lengths[s.slot] = n
+        piece = torch.tensor([s.prompt[start:stop]])  # (1, stop - start): the next tokens the cache does not hold
+        logits = self.model(piece, cache=row, logits_at=torch.tensor([stop - start - 1]))[:, -1]  # (1, V)
+        s.prefilled = self.cache.lengths[s.slot] = stop
+        self.stats["prefill_chunks"] += 1
+        if stop < n:
+            return
         self._keep(s)  # the prompt, for requests that share it while this one decodes
         self.stats["prompt_tokens"] += n
         self.stats["ttft_sum"] += time.perf_counter() - s.submitted_at
@@ -337,8 +384,10 @@ class BatchGenerator:
         self._next_token(s, logits)
 
     def _decode(self) -> None:
-        """One forward over the busy slots with each one's last token; then each samples its next token."""
-        busy = [s for s in self.slots if s is not None]
+        """One forward over the busy slots with each one's last token; then each samples its next token. Rows still
+        prefilling are fed a dummy token like idle ones: it lands past their cached prompt, where the next piece
+        overwrites it."""
+        busy = [s for s in self.slots if s is not None and not s.prefilling]
         if not busy:
             return
         rows = max(s.slot for s in busy) + 1
@@ -378,9 +427,9 @@ class BatchGenerator:
     def _keep(self, s: Sequence) -> None:
         """Cache the prompt and fed answer tokens of `s`, still in its slot (a failed sequence's are not kept).
         A failure here is logged, never the sequence's."""
-        if 0 <= s.slot < len(self.slots) and self.slots[s.slot] is s:
+        if 0 <= s.slot < len(self.slots) and self.slots[s.slot] is s and s.prefilled:
             try:
-                self.prefix_cache.insert(self.cache, s.slot, s.prompt + s.fed)
+                self.prefix_cache.insert(self.cache, s.slot, s.prompt[: s.prefilled] + s.fed)
             except Exception:
                 log.exception("engine %s: could not cache the prefix of sequence %d", self.name, s.index)
 

@@ -222,6 +222,13 @@ def parser() -> argparse.ArgumentParser:
         help="MiB per model keeping the KV cache of recent prompts and answers, reused by requests that share a "
         "prefix (system prompts, multi-turn chats); 0 disables",
     )
+    s.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=256,
+        help="prompt tokens prefilled per step while other answers decode, so new prompts stall them by one "
+        "chunk, not a whole prompt; 0 prefills whole prompts",
+    )
     _model_flags(s)
     _kv_cache_flag(s)
 
@@ -758,6 +765,7 @@ def cmd_serve(a) -> None:
         max_queue=a.max_queue,
         max_context=a.max_context,
         prefix_cache_mb=a.prefix_cache_mb,
+        prefill_chunk=a.prefill_chunk,
         kv_cache=a.kv_cache,
         **_load_options(a),
     )

@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from tinkerlm import limits
-from tinkerlm.batching import BatchGenerator, Event, QueueFull, Sequence, ShuttingDown
+from tinkerlm.batching import DEFAULT_PREFILL_CHUNK, BatchGenerator, Event, QueueFull, Sequence, ShuttingDown
 from tinkerlm.errors import TinkerError
 from tinkerlm.loading import check_kv_cache
 from tinkerlm.prefix_cache import DEFAULT_MB
@@ -404,6 +404,7 @@ def create_app(
     max_queue: int = 64,
     max_context: int = DEFAULT_MAX_CONTEXT,
     prefix_cache_mb: float = DEFAULT_MB,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     shutdown_grace: float = 10.0,
     allowed_hosts: list[str] | tuple[str, ...] = (),
     allowed_origins: list[str] | tuple[str, ...] = (),
@@ -416,6 +417,8 @@ def create_app(
         max_context: cap on each model's context (the KV cache holds max_batch x max_context positions per model).
         prefix_cache_mb: memory per model for the keys and values of recent prompts and answers, reused by requests
             that share a prefix (system prompts, multi-turn chats); 0 disables.
+        prefill_chunk: prompt tokens prefilled per engine step while other answers decode, which bounds how long a
+            burst of new prompts stalls them (0: whole prompts at once).
         shutdown_grace: seconds running requests may take to finish when the server stops.
         allowed_hosts: Host names accepted besides loopback names and IP addresses ("name", ".domain", "*").
         allowed_origins: browser origins besides this server's own that may call it ("http://host:port", "*");
@@ -432,6 +435,7 @@ def create_app(
             max_queue=max_queue,
             max_context=max_context,
             prefix_cache_mb=prefix_cache_mb,
+            prefill_chunk=prefill_chunk,
         )
         for name, llm in models.items()
     }
@@ -1001,6 +1005,7 @@ def serve(
     threads: int | None = None,
     max_context: int = DEFAULT_MAX_CONTEXT,
     prefix_cache_mb: float = DEFAULT_MB,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     kv_cache: str = "f32",
 ) -> None:
     """Load `models` and serve them until Ctrl-C / SIGTERM (then running requests get a grace period).
@@ -1025,6 +1030,8 @@ def serve(
     if not models:
         raise TinkerError("serve: give at least one model")
     check_kv_cache(kv_cache)  # before loading anything
+    if prefill_chunk < 0:
+        raise TinkerError(f"prefill_chunk: {prefill_chunk} must be >= 0 (0 prefills whole prompts)")
     if len(set(models)) != len(models):
         raise TinkerError("serve: a model is named twice")
     if not 0 < port < 65536:
@@ -1051,6 +1058,7 @@ def serve(
         max_queue=max_queue,
         max_context=max_context,
         prefix_cache_mb=prefix_cache_mb,
+        prefill_chunk=prefill_chunk,
         allowed_hosts=allowed_hosts,
         allowed_origins=allowed_origins,
     )

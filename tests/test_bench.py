@@ -84,6 +84,8 @@ def test_bench_rejects_what_does_not_fit(tiny):
         bench(str(tiny), prompt_tokens="8", decode_tokens=200, runs=1, quiet=True)
     with pytest.raises(TinkerError, match="prompt-tokens"):
         bench(str(tiny), prompt_tokens="8,x", quiet=True)
+    with pytest.raises(TinkerError, match="kv_cache: 'q4'"):
+        bench(str(tiny), prompt_tokens="8", kv_cache="q4", quiet=True)
 
 
 def test_cli_bench_json(tiny):
@@ -103,6 +105,8 @@ def test_cli_bench_json(tiny):
             "--json",
             "--threads",
             "1",
+            "--kv-cache",
+            "q8",
         ],
         capture_output=True,
         text=True,
@@ -110,7 +114,7 @@ def test_cli_bench_json(tiny):
     )
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
-    assert r["threads"] == 1 and r["prompt_tokens"] == [8, 24] and r["decode_tokens"] == 8
+    assert r["kv_cache"] == "q8" and r["threads"] == 1 and r["prompt_tokens"] == [8, 24] and r["decode_tokens"] == 8
     assert r["decode_tok_s"] > 0 and r["prefill_tok_s"]["24"] > 0 and r["peak_rss_mb"] > 0
     assert "prefill 24 tokens" in proc.stderr  # progress goes to stderr, results alone to stdout
 

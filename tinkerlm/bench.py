@@ -131,6 +131,7 @@ def bench(
     dtype: str = "float32",
     quant: str = "native",
     threads: int | None = None,
+    kv_cache: str = "f32",
     quiet: bool = False,
 ) -> dict:
     """Measure one model (see the module docstring); print a table (or JSON) and return the results.
@@ -141,6 +142,7 @@ def bench(
         decode_tokens: one-token decode steps to time.
         runs: repetitions of each timing; medians are reported.
         json: print JSON instead of a table.
+        kv_cache: "f32" or "q8" (8-bit keys and values, see `tinkerlm.load`).
         quiet: print nothing (the results are returned).
     Raises:
         TinkerError: bad arguments, or prompt lengths that do not fit the model's context.
@@ -157,7 +159,7 @@ def bench(
 
     say(f"bench: loading {model} (dtype={dtype}, quant={quant}) ...")
     t0 = time.perf_counter()
-    llm = tinkerlm.load(model, dtype=dtype, quant=quant, threads=threads)
+    llm = tinkerlm.load(model, dtype=dtype, quant=quant, threads=threads, kv_cache=kv_cache)
     load_s = time.perf_counter() - t0
     m = llm.model
     ctx = m.max_context
@@ -196,6 +198,7 @@ def bench(
         "model": llm.name,
         "dtype": dtype,
         "quant": quant,
+        "kv_cache": kv_cache,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "runs": runs,
@@ -238,7 +241,7 @@ def kernels_used(model) -> str:
 def format_table(r: dict) -> str:
     rows = [
         ("model", r["model"]),
-        ("dtype / quant", f"{r['dtype']} / {r['quant']}"),
+        ("dtype / quant / KV cache", f"{r['dtype']} / {r['quant']} / {r['kv_cache']}"),
         ("kernels", r["kernels"]),
         ("threads", str(r["threads"])),
         ("load", f"{r['load_s']:.2f} s"),

@@ -64,7 +64,7 @@ def _kv_cache_flag(g) -> None:
         default="f32",
         metavar="{f32,q8}",
         help="KV cache format: f32 keeps keys and values in the activations' dtype; q8 stores them in 8 bits "
-        "(one scale per token and head: ~3.8x less memory for long contexts) (default: f32)",
+        "(one scale per token and head: ~3.8x less memory for long contexts)",
     )
 
 
@@ -245,6 +245,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--runs", type=int, default=3, help="repetitions; the median is reported")
     s.add_argument("--json", action="store_true", help="print results as JSON")
     _model_flags(s)
+    _kv_cache_flag(s)
     _finetune_parser(sub, fmt)
     _merge_parser(sub, fmt)
     _eval_parser(sub, fmt)
@@ -780,6 +781,7 @@ def cmd_bench(a) -> None:
         decode_tokens=a.decode_tokens,
         runs=a.runs,
         json=a.json,
+        kv_cache=a.kv_cache,
         **_load_options(a),
     )
 

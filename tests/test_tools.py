@@ -189,6 +189,28 @@ def test_openai_call_shape():
     assert toolcalls.openai_call(SUM)["id"] != c["id"]
 
 
+def test_stream_chunks_number_the_calls():
+    """The server's chunks for an answer with two (equal) calls: content first, then one `delta.tool_calls` entry
+    per call, indexed 0 and 1, with fresh ids, and finish_reason tool_calls."""
+    from tinkerlm.batching import Event
+    from tinkerlm.serve.server import _chat_chunks
+
+    text = PARSE_CASES["hermes with text and two calls"][0].replace(
+        '"city": "Paris", "unit": "celsius"', '"a": 1, "b": 2.5'
+    )
+    text = text.replace("get_weather", "add")
+    req = SimpleNamespace(model="m", logprobs=False)
+    parsers = {0: CallParser(("add",))}
+    chunks = _chat_chunks(None, req, "id", 0, Event(0, text[:20]), parsers)
+    chunks += _chat_chunks(None, req, "id", 0, Event(0, text[20:], finish_reason="stop"), parsers)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert "".join(d.get("content", "") for d in deltas) == "Let me check."
+    calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    assert [c["index"] for c in calls] == [0, 1] and calls[0]["id"] != calls[1]["id"]
+    assert all(json.loads(c["function"]["arguments"]) == SUM["arguments"] for c in calls)
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "tool_calls"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The constrained call
 
@@ -216,6 +238,39 @@ def test_call_schema_one_and_several_tools():
     assert parse_calls('{"name":"add","arguments":{"a":1,"b":2}}', ("add",))[1] == [
         {"name": "add", "arguments": {"a": 1, "b": 2}}
     ]
+
+
+def test_call_schema_keeps_each_tools_defs():
+    """`$ref`s resolve against the call schema's root: two tools with a definition of the same name, and one that
+    recurses through `#`, keep their own meaning."""
+    tree = tool(
+        "tree",
+        {
+            "type": "object",
+            "properties": {
+                "label": {"$ref": "#/$defs/item"},
+                "kids": {"type": "array", "items": {"$ref": "#"}, "maxItems": 2},
+            },
+            "required": ["label", "kids"],
+            "$defs": {"item": {"type": "string", "maxLength": 3}},
+        },
+    )
+    count = tool(
+        "count",
+        {
+            "type": "object",
+            "properties": {"n": {"$ref": "#/definitions/item"}},
+            "required": ["n"],
+            "definitions": {"item": {"type": "integer"}},
+        },
+    )
+    schema = toolcalls.call_schema(toolcalls.check_tools([tree, count]))
+    assert accepts(schema, '{"name":"tree","arguments":{"label":"a","kids":[{"label":"b","kids":[]}]}}')
+    assert not accepts(schema, '{"name":"tree","arguments":{"label":"abcd","kids":[]}}')
+    assert not accepts(schema, '{"name":"tree","arguments":{"label":"a","kids":[{"n":1}]}}')
+    assert accepts(schema, '{"name":"count","arguments":{"n":3}}')
+    assert not accepts(schema, '{"name":"count","arguments":{"n":"abc"}}')
+    validator.validate({"name": "tree", "arguments": {"label": "a", "kids": [{"label": "b", "kids": []}]}}, schema)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -457,7 +512,7 @@ def test_conversation_end_to_end(base):
     assert call.type == "function" and call.id.startswith("call_")
     validate_call(call, [WEATHER, SEARCH])
     messages += [
-        choice.message.model_dump(exclude_none=True),
+        choice.message,  # as the OpenAI cookbook appends it
         {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 18, "sky": "sunny"})},
     ]
     final = c.chat.completions.create(
@@ -595,3 +650,12 @@ def test_python_api_equals_server(base, smollm2):
     )
     # Without tools the answer is the plain chat answer.
     assert smollm2.chat(messages, max_tokens=8).tool_calls == []
+    # The tool turns render (Hermes fallback) without tools too, and the final answer is text.
+    messages += [
+        {"role": "assistant", "content": None, "tool_calls": answer.tool_calls},
+        {"role": "tool", "tool_call_id": call["id"], "content": "42"},
+    ]
+    final = smollm2.chat(messages, max_tokens=20)
+    assert final and final.tool_calls == []
+    r = client(base).chat.completions.create(model="smollm2", messages=messages, max_tokens=20, temperature=0)
+    assert r.choices[0].message.content == final

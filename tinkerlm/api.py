@@ -200,13 +200,14 @@ class LLM:
         calls found (OpenAI's shape, arguments as JSON text), its text is the content outside them, and its
         finish_reason is "tool_calls" when there are any. Messages may hold assistant `tool_calls` and `role:
         "tool"` results (with `tool_call_id`)."""
-        if tools is None and tool_choice is None:
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        turns = any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool") for m in messages)
+        if tools is None and tool_choice is None and not turns:
             params = self.sampling(**opts)
             return self._join([p for _, p in self._pieces([self.chat_ids(messages, parse_special)], params)])
         from tinkerlm import toolcalls
 
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
         plan = toolcalls.plan(self.tokenizer, list(messages), tools, tool_choice, parallel_tool_calls)
         if plan.schema is not None:
             if opts.get("json_schema") is not None or opts.get("json"):

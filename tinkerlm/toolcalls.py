@@ -100,20 +100,19 @@ def check_tools(tools: Any) -> list[dict]:
         if name in seen:
             raise _fail(f"{at}.function.name", f"'{name}' names two tools")
         seen.add(name)
-        if not isinstance(fn.get("description", ""), str):
+        if not isinstance(fn.get("description") or "", str):
             raise _fail(f"{at}.function.description", "must be a string")
-        if not isinstance(fn.get("strict", False), bool):
+        if fn.get("strict") not in (None, True, False):
             raise _fail(f"{at}.function.strict", "must be true or false")
-        params = fn.get("parameters", {"type": "object", "properties": {}})
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
         if not isinstance(params, dict) or params.get("type") != "object":
             raise _fail(f"{at}.function.parameters", 'must be a JSON schema with "type": "object"')
         try:
             compile_schema(params)
         except TinkerError as e:
             raise _fail(f"{at}.function.parameters", str(e).removeprefix("json_schema: ")) from None
-        out.append(
-            {"name": name, **({"description": fn["description"]} if "description" in fn else {}), "parameters": params}
-        )
+        described = {"description": fn["description"]} if fn.get("description") is not None else {}
+        out.append({"name": name, **described, "parameters": params})
     return out
 
 
@@ -233,17 +232,48 @@ def plan(tokenizer, messages: list[dict], tools=None, tool_choice=None, parallel
 
 
 def call_schema(functions: list[dict]) -> dict:
-    """The JSON schema of one call to any of `functions`: {"name": const, "arguments": its parameters}."""
+    """The JSON schema of one call to any of `functions`: {"name": const, "arguments": its parameters}.
+
+    A `$ref` resolves against the root, so each function's `$defs` move to the root under "NAME-" prefixes, and
+    its refs (`#` included: its parameters) are rewritten to match."""
+    defs: dict[str, Any] = {}
     alts = [
         {
             "type": "object",
-            "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
+            "properties": {"name": {"const": f["name"]}, "arguments": _hoist(f["parameters"], f["name"], defs)},
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }
         for f in functions
     ]
-    return alts[0] if len(alts) == 1 else {"anyOf": alts}
+    schema = alts[0] if len(alts) == 1 else {"anyOf": alts}
+    return {**schema, "$defs": defs} if defs else schema
+
+
+def _hoist(params: dict, prefix: str, defs: dict) -> dict:
+    """`params` without its root `$defs`, which go into `defs` as `prefix-NAME` (itself as `prefix`), refs rewritten."""
+
+    def ref(target: str) -> str:
+        if target == "#":
+            return f"#/$defs/{prefix}"
+        parts = target.split("/")
+        if len(parts) == 3 and parts[0] == "#" and parts[1] in ("$defs", "definitions"):
+            return f"#/$defs/{prefix}-{parts[2]}"
+        return target  # not one we resolve: compile_schema refused it already
+
+    def walk(x):
+        if isinstance(x, dict):
+            return {k: ref(v) if k == "$ref" and isinstance(v, str) else walk(v) for k, v in x.items()}
+        return [walk(v) for v in x] if isinstance(x, list) else x
+
+    if "$ref" not in json.dumps(params):
+        return params
+    body = walk({k: v for k, v in params.items() if k not in ("$defs", "definitions")})
+    for key in ("$defs", "definitions"):
+        for name, sub in (params.get(key) or {}).items():
+            defs[f"{prefix}-{name}"] = walk(sub)
+    defs[prefix] = body
+    return body
 
 
 def _native(m: dict) -> dict:

@@ -867,8 +867,8 @@ def _chat_chunks(engine, req, rid, created, ev: Event, parsers: dict | None = No
         out.append(
             base | {"choices": [{"index": ev.index, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}]}
         )
-    for c in calls:
-        k = parser.calls.index(c)
+    for j, c in enumerate(calls):  # the calls just parsed are the parser's last ones
+        k = len(parser.calls) - len(calls) + j
         delta = {"tool_calls": [{"index": k, **toolcalls.openai_call(c)}]}
         out.append(base | {"choices": [{"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": None}]})
     if reason:

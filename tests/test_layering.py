@@ -30,6 +30,7 @@ TABLE = [
         "jsonschema",
         "prefix_cache",
         "speculative",
+        "toolcalls",
     ),  # generation
     ("api", "store"),  # `tinkerlm.load()` and `LLM`; the local store
     ("tune", "merge", "export", "evaluate", "train", "openness", "serve", "bench"),  # the verbs

@@ -65,14 +65,17 @@ class Text(str):
             context), or None for a streamed piece that is not the last.
         logprobs: with `logprobs=k`, one `TokenLogprob` per generated token behind this text (`.text`, `.id`,
             `.logprob`, `.top`: the k most likely [(id, logprob)]); else empty.
+        tool_calls: with `chat(tools=...)`, the calls in the answer, as OpenAI returns them ({"id", "type":
+            "function", "function": {"name", "arguments": JSON text}}); the text is then what is outside them.
     """
 
     finish_reason: str | None
     logprobs: list[TokenLogprob]
+    tool_calls: list[dict]
 
     def __new__(cls, text: str = "", finish_reason: str | None = None, logprobs: list[TokenLogprob] | None = None):
         self = super().__new__(cls, text)
-        self.finish_reason, self.logprobs = finish_reason, list(logprobs or [])
+        self.finish_reason, self.logprobs, self.tool_calls = finish_reason, list(logprobs or []), []
         return self
 
 
@@ -127,12 +130,15 @@ class LLM:
             messages = [{"role": "user", "content": messages}]
         return chat_mod.render(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
 
-    def chat_ids(self, messages: str | Sequence[dict], parse_special: bool = False) -> list[int]:
+    def chat_ids(
+        self, messages: str | Sequence[dict], parse_special: bool = False, tools: list[dict] | None = None
+    ) -> list[int]:
         """The prompt ids for `messages`. Special-token text inside message contents stays plain text unless
-        `parse_special=True` (which lets a message write control tokens, e.g. forge a system turn)."""
+        `parse_special=True` (which lets a message write control tokens, e.g. forge a system turn). `tools` becomes
+        the template's `tools` variable (see `tinkerlm.toolcalls.plan`)."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        return chat_mod.prompt_ids(self.tokenizer, messages, parse_special=parse_special)
+        return chat_mod.prompt_ids(self.tokenizer, messages, parse_special=parse_special, tools=tools)
 
     def _pieces(self, prompts: list, params: SamplingParams) -> Iterator[tuple[int, Text]]:
         """(row, Text piece) as rows generate; a piece only when it has text, logprobs or a finish reason."""
@@ -177,13 +183,46 @@ class LLM:
         is held back, e.g. half a character)."""
         return self._stream(prompt, self.sampling(**opts))
 
-    def chat(self, messages: str | Sequence[dict], *, parse_special: bool = False, **opts) -> Text:
+    def chat(
+        self,
+        messages: str | Sequence[dict],
+        *,
+        parse_special: bool = False,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool = True,
+        **opts,
+    ) -> Text:
         """The assistant's answer to a conversation (a list of {role, content}) or a single user message.
 
-        `parse_special=True` reads special-token text in message contents as control tokens (see `chat_ids`)."""
+        `parse_special=True` reads special-token text in message contents as control tokens (see `chat_ids`).
+        `tools` and `tool_choice` as in OpenAI's API (`tinkerlm.toolcalls`): the answer's `tool_calls` lists the
+        calls found (OpenAI's shape, arguments as JSON text), its text is the content outside them, and its
+        finish_reason is "tool_calls" when there are any. Messages may hold assistant `tool_calls` and `role:
+        "tool"` results (with `tool_call_id`)."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        turns = any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool") for m in messages)
+        if tools is None and tool_choice is None and not turns:
+            params = self.sampling(**opts)
+            return self._join([p for _, p in self._pieces([self.chat_ids(messages, parse_special)], params)])
+        from tinkerlm import toolcalls
+
+        plan = toolcalls.plan(self.tokenizer, list(messages), tools, tool_choice, parallel_tool_calls)
+        if plan.schema is not None:
+            if opts.get("json_schema") is not None or opts.get("json"):
+                raise TinkerError("tool_choice: a required call is JSON already; leave out json and json_schema")
+            opts["json_schema"] = plan.schema
         params = self.sampling(**opts)
-        ids = self.chat_ids(messages, parse_special)
-        return self._join([p for _, p in self._pieces([ids], params)])
+        ids = self.chat_ids(plan.messages, parse_special, tools=plan.tools)
+        text = self._join([p for _, p in self._pieces([ids], params)])
+        if plan.names is None or (plan.schema is None and params.json):  # no calls, or a JSON answer was asked for
+            return text
+        content, calls = toolcalls.parse_calls(text, plan.names, plan.parallel)
+        reason = "tool_calls" if calls and text.finish_reason == "stop" else text.finish_reason
+        out = Text(content or "", reason, text.logprobs)
+        out.tool_calls = [toolcalls.openai_call(c) for c in calls]
+        return out
 
     def chat_stream(self, messages: str | Sequence[dict], *, parse_special: bool = False, **opts) -> Iterator[Text]:
         return self._stream(self.chat_ids(messages, parse_special), self.sampling(**opts))

@@ -381,6 +381,21 @@ def _compile(template: str, source: str):
         return env.from_string(ast)
 
 
+@lru_cache(maxsize=16)
+def _variables(template: str, source: str) -> frozenset[str]:
+    from jinja2 import meta
+
+    _compile(template, source)  # the same checks (size, refused tags) as rendering
+    with _bounded(source):
+        return frozenset(meta.find_undeclared_variables(_environment().parse(template)))
+
+
+def template_variables(tokenizer) -> frozenset[str]:
+    """The names a model's chat template reads from its context (`messages`, `tools`, `add_generation_prompt`...)."""
+    _, source = _template(tokenizer)
+    return _variables(tokenizer.chat_template, source)
+
+
 def template_source(path: str | Path) -> str:
     """Where a model's chat template comes from, for error messages: a file, or a GGUF file and its key."""
     path = Path(path)
@@ -457,7 +472,9 @@ def render(
         return _render(tokenizer, template, source, messages, add_generation_prompt, extra)
 
 
-def _render_marked(tokenizer, messages, add_generation_prompt, cancel) -> tuple[str, list[tuple[int, int]], str]:
+def _render_marked(
+    tokenizer, messages, add_generation_prompt, cancel, extra: dict
+) -> tuple[str, list[tuple[int, int]], str]:
     """`render`'s text, the (start, end) spans message contents fill in it, and the text with placeholders.
 
     The template is rendered a second time with a unique placeholder for each string content; where that render,
@@ -467,7 +484,7 @@ def _render_marked(tokenizer, messages, add_generation_prompt, cancel) -> tuple[
     messages = check_messages(messages)
     template, source = _template(tokenizer)
     with _bounded(source, cancel):
-        text = _render(tokenizer, template, source, messages, add_generation_prompt, {})
+        text = _render(tokenizer, template, source, messages, add_generation_prompt, extra)
         nonce = secrets.token_hex(8)
         holders, marked = {}, []
         for i, m in enumerate(messages):
@@ -478,7 +495,7 @@ def _render_marked(tokenizer, messages, add_generation_prompt, cancel) -> tuple[
             marked.append(m)
         if not holders:
             return text, [], text
-        rendered = _render(tokenizer, template, source, marked, add_generation_prompt, {})
+        rendered = _render(tokenizer, template, source, marked, add_generation_prompt, extra)
     spans, parts, pos = [], [], 0
     for piece in re.split(f"(TinkerContent{nonce}N\\d+E)", rendered):
         content = holders.get(piece)
@@ -506,6 +523,7 @@ def prompt_ids(
     *,
     parse_special: bool = False,
     cancel: threading.Event | None = None,
+    tools: list[dict] | None = None,
 ) -> list[int]:
     """The token ids of a conversation rendered with the chat template, ready to generate from.
 
@@ -513,15 +531,17 @@ def prompt_ids(
     `parse_special=False` (the default) special-token text inside message contents is tokenized as plain text, so a
     message cannot forge turns; ordinary conversations get the same ids either way. Blocking and bounded (about
     limits.TEMPLATE_SECONDS for the template, plus tokenization): servers call it from a worker thread, e.g.
-    `await asyncio.to_thread(prompt_ids, tokenizer, messages, cancel=event)`.
+    `await asyncio.to_thread(prompt_ids, tokenizer, messages, cancel=event)`. `tools` is passed to the template as
+    its `tools` variable (OpenAI's list; tinkerlm.toolcalls decides when).
 
     Raises:
         TinkerError: as `render`; or a template rewrote a content holding special-token text so that it cannot be
             located in the prompt (it could not be kept as text).
     """
+    extra = {} if tools is None else {"tools": tools}
     if parse_special:
-        return tokenizer.encode(render(tokenizer, messages, add_generation_prompt, cancel=cancel), False)
-    text, spans, marked = _render_marked(tokenizer, messages, add_generation_prompt, cancel)
+        return tokenizer.encode(render(tokenizer, messages, add_generation_prompt, cancel=cancel, **extra), False)
+    text, spans, marked = _render_marked(tokenizer, messages, add_generation_prompt, cancel, extra)
     ids = tokenizer.encode_spans(text, spans)
     # Whatever the spans, the prompt must hold the control tokens of the template's own markup and no more: those
     # of the render with placeholders (which hold no special-token text).

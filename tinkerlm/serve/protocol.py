@@ -86,11 +86,27 @@ class TextPart(_Strict):
 
 
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    """A chat message. Tool turns (tinkerlm.toolcalls checks them): an assistant message may carry `tool_calls`
+    (content null), a `tool` message answers one with `tool_call_id`."""
 
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str | None:
+        if self.content is None or isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+    def to_dict(self) -> dict[str, Any]:
+        # "developer" is the newer name of the system role; templates know "system".
+        out = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls is not None:
+            out["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 # Where OpenAI differs from the declaration: {declared name: (type, Field overrides)}. The field keeps the declared
@@ -143,6 +159,10 @@ _MAX_TOKENS, _LOGPROBS = sampling.params()["max_tokens"][1], sampling.params()["
 
 class _Chat(_Sampling):
     messages: list[Message] = Field(min_length=1)
+    # Checked by tinkerlm.toolcalls (one checker for the server and the Python API), see `parse`.
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
     max_completion_tokens: int | None = Field(None, ge=_MAX_TOKENS.ge)  # OpenAI's newer name of max_tokens
     top_logprobs: int | None = Field(None, ge=_LOGPROBS.ge, le=_LOGPROBS.le)  # chat's spelling of logprobs: k
 
@@ -194,7 +214,7 @@ def parse(cls: type[_Strict], body: Any) -> _Strict:
         req = cls.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"] if p not in _TYPE_TAGS and "[" not in str(p)) or None
+        param = _param([p for p in err["loc"] if p not in _TYPE_TAGS and "[" not in str(p)])
         if err["type"] == "extra_forbidden":
             raise APIError(
                 400, f"Unsupported parameter: '{param}' is not supported by this server", param, "unsupported_parameter"
@@ -212,8 +232,35 @@ def parse(cls: type[_Strict], body: Any) -> _Strict:
     if isinstance(req, CompletionRequest) and not req.prompt:
         raise APIError(400, "prompt: empty list", "prompt")
     _check_response_format(req.response_format)
+    if isinstance(req, ChatRequest):
+        _check_tools(req)
     req.stops()
     return req
+
+
+def _param(loc: list) -> str | None:
+    """A field's location as OpenAI spells it: `messages[0].content`."""
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else f".{p}" if out else str(p)
+    return out or None
+
+
+def _check_tools(req) -> None:
+    """`tools`, `tool_choice` and the tool turns of `messages` (tinkerlm.toolcalls), 400 naming the field."""
+    from tinkerlm import toolcalls
+    from tinkerlm.errors import TinkerError
+
+    try:
+        functions = toolcalls.check_tools(req.tools)
+        choice = toolcalls.check_choice(req.tool_choice, functions)
+        toolcalls.check_messages([m.to_dict() for m in req.messages])
+    except TinkerError as e:
+        raise APIError(400, str(e), getattr(e, "param", None), "invalid_value") from None
+    if choice not in ("none", "auto") and req.response_format is not None and req.response_format.type != "text":
+        raise APIError(
+            400, "response_format: a required tool call is JSON already; leave out response_format", "response_format"
+        )
 
 
 def _check_response_format(fmt: ResponseFormat | None) -> None:

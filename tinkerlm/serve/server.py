@@ -41,7 +41,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from tinkerlm import limits
+from tinkerlm import limits, toolcalls
 from tinkerlm.batching import DEFAULT_PREFILL_CHUNK, BatchGenerator, Event, QueueFull, Sequence, ShuttingDown
 from tinkerlm.errors import TinkerError
 from tinkerlm.loading import check_kv_cache
@@ -293,13 +293,20 @@ def _api_error(e: Exception) -> APIError:
     return APIError(500, f"internal error: {type(e).__name__}: {e}")
 
 
-async def _token_table(engine: BatchGenerator, req) -> None:
+async def _token_table(engine: BatchGenerator, req, constrained: bool = False) -> None:
     """Build the model's token-bytes table (logprobs, JSON mode) in a worker thread the first time it is needed."""
-    if req.response_format is not None or (req.logprobs is not None and req.logprobs is not False):
+    if req.response_format is not None or constrained or (req.logprobs is not None and req.logprobs is not False):
         await asyncio.to_thread(engine.token_bytes)
 
 
-def _start(engine: BatchGenerator, prompts: list[list[int]], req, max_tokens: list[int], defaults: dict) -> _Run:
+def _start(
+    engine: BatchGenerator,
+    prompts: list[list[int]],
+    req,
+    max_tokens: list[int],
+    defaults: dict,
+    overrides: dict | None = None,
+) -> _Run:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -309,7 +316,7 @@ def _start(engine: BatchGenerator, prompts: list[list[int]], req, max_tokens: li
         except RuntimeError:  # the event loop is closed (server gone): nobody is listening
             pass
 
-    options = params(req, defaults)
+    options = params(req, defaults) | (overrides or {})
     seqs = []
     for p, (ids, budget) in enumerate(zip(prompts, max_tokens)):
         for j in range(req.n):
@@ -548,22 +555,34 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req, engine = await admit(request, ChatRequest)
-        # "developer" is the newer name of the system role; templates know "system".
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        try:  # the prompt `LLM.chat` would build, rendered and tokenized off the event loop
-            ids = await asyncio.to_thread(state.llms[engine.name].chat_ids, messages)
+        llm = state.llms[engine.name]
+        messages = [m.to_dict() for m in req.messages]
+
+        def prompt():  # the prompt `LLM.chat` would build, rendered and tokenized off the event loop
+            p = toolcalls.plan(llm.tokenizer, messages, req.tools, req.tool_choice, req.parallel_tool_calls)
+            return p, llm.chat_ids(p.messages, tools=p.tools)
+
+        try:
+            plan, ids = await asyncio.to_thread(prompt)
         except TinkerError as e:
+            if getattr(e, "param", None):  # a tool field (parse checked them already)
+                raise APIError(400, str(e), e.param, "invalid_value") from None
             raise APIError(400, f"{e} (for plain text use /v1/completions)", "messages") from None
         budget = _budget(engine, len(ids), req.max_completion_tokens or req.max_tokens, "messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        await _token_table(engine, req)
-        run = _start(engine, [ids], req, [budget], state.defaults(engine))
+        await _token_table(engine, req, plan.schema is not None)
+        overrides = {"json_schema": plan.schema} if plan.schema is not None else None
+        run = _start(engine, [ids], req, [budget], state.defaults(engine), overrides)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        # Calls are parsed unless a JSON answer was asked for (response_format) instead of a call.
+        answer_format = req.response_format is not None and req.response_format.type != "text"
+        parse_calls = plan.names is not None and (plan.schema is not None or not answer_format)
         if req.stream:
+            parsers = {i: plan.parser() for i in range(req.n)} if parse_calls else None
             return await _stream(
                 request,
                 run,
-                lambda ev: _chat_chunks(engine, req, rid, created, ev),
+                lambda ev: _chat_chunks(engine, req, rid, created, ev, parsers),
                 _chat_head(req, rid, created),
                 len(ids),
                 req,
@@ -572,15 +591,26 @@ def create_app(
                 "chat.completion.chunk",
             )
         texts, tokens, reasons = await _collect(request, run)
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": texts[i]},
-                "logprobs": _chat_logprobs(engine, tokens[i]) if logprobs is not None else None,
-                "finish_reason": reasons[i],
-            }
-            for i in range(len(texts))
-        ]
+        choices = []
+        for i in range(len(texts)):
+            message = {"role": "assistant", "content": texts[i]}
+            if parse_calls:
+                content, calls = toolcalls.parse_calls(texts[i], plan.names, plan.parallel)
+                if calls:
+                    message = {
+                        "role": "assistant",
+                        "content": content,
+                        "tool_calls": list(map(toolcalls.openai_call, calls)),
+                    }
+                    reasons[i] = "tool_calls" if reasons[i] == "stop" else reasons[i]
+            choices.append(
+                {
+                    "index": i,
+                    "message": message,
+                    "logprobs": _chat_logprobs(engine, tokens[i]) if logprobs is not None else None,
+                    "finish_reason": reasons[i],
+                }
+            )
         return {
             "id": rid,
             "object": "chat.completion",
@@ -822,19 +852,31 @@ def _chat_head(req, rid, created) -> list[dict]:
     ]
 
 
-def _chat_chunks(engine, req, rid, created, ev: Event) -> list[dict]:
+def _chat_chunks(engine, req, rid, created, ev: Event, parsers: dict | None = None) -> list[dict]:
+    """The chunks of one event. With `parsers` ({choice: toolcalls.CallParser}), text that may be a tool call is
+    held back, and each call goes out whole, once parsed, as one `delta.tool_calls` entry."""
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
     out = []
-    if ev.text or ev.tokens:
+    text, calls, reason = ev.text, [], ev.finish_reason
+    parser = parsers.get(ev.index) if parsers else None
+    if parser is not None:
+        text, calls = parser.feed(ev.text)
+        if ev.finish_reason:
+            more, rest = parser.finish()
+            text, calls = text + more, calls + rest
+            if parser.calls and reason == "stop":
+                reason = "tool_calls"
+    if text or ev.tokens:
         lp = _chat_logprobs(engine, ev.tokens) if req.logprobs else None
         out.append(
-            base
-            | {"choices": [{"index": ev.index, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}]}
+            base | {"choices": [{"index": ev.index, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}]}
         )
-    if ev.finish_reason:
-        out.append(
-            base | {"choices": [{"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}]}
-        )
+    for j, c in enumerate(calls):  # the calls just parsed are the parser's last ones
+        k = len(parser.calls) - len(calls) + j
+        delta = {"tool_calls": [{"index": k, **toolcalls.openai_call(c)}]}
+        out.append(base | {"choices": [{"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": None}]})
+    if reason:
+        out.append(base | {"choices": [{"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": reason}]})
     return out
 
 

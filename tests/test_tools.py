@@ -497,7 +497,8 @@ def client(base):
 def test_conversation_end_to_end(base):
     """Call (tool_choice required), tool result (role tool), final answer (tool_choice none, then auto)."""
     c = client(base)
-    messages = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
+    # `name` (the participant) and `refusal` are OpenAI message fields clients send back; accepted, not rendered
+    messages = [{"role": "user", "name": "ana", "content": "What is the weather like in Paris right now?"}]
     r = c.chat.completions.create(
         model="smollm2",
         messages=messages,
@@ -513,6 +514,7 @@ def test_conversation_end_to_end(base):
     validate_call(call, [WEATHER, SEARCH])
     messages += [
         choice.message,  # as the OpenAI cookbook appends it
+        {"role": "assistant", "content": "One moment.", "refusal": None},
         {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 18, "sky": "sunny"})},
     ]
     final = c.chat.completions.create(

@@ -93,6 +93,8 @@ class Message(_Strict):
     content: str | list[TextPart] | None = None
     tool_calls: list[Any] | None = None
     tool_call_id: str | None = None
+    name: str | None = None  # the participant's name; passed to the template (most ignore it)
+    refusal: str | None = None  # an earlier assistant refusal, as OpenAI returns it; not rendered
 
     def text(self) -> str | None:
         if self.content is None or isinstance(self.content, str):
@@ -106,6 +108,8 @@ class Message(_Strict):
             out["tool_calls"] = self.tool_calls
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
         return out
 
 

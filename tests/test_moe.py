@@ -21,6 +21,7 @@ from tinkerlm import kernels
 from tinkerlm.errors import TinkerError
 from tinkerlm.formats import specs
 from tinkerlm.formats.gguf import read_gguf
+from tinkerlm.formats.gguf_write import TensorPlan, write_gguf
 from tinkerlm.formats.tokenizer import Tokenizer
 from tinkerlm.models.moe import SparseMoE
 
@@ -129,47 +130,40 @@ def write_moe_gguf(path, kind: str, ref, hf_dir, qtype=Q.F32) -> dict:
     c = ref.config
     arch = "llama" if kind == "mixtral" else "qwen3moe"
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    w = gguf.GGUFWriter(str(path), arch)
     meta = {
-        "context_length": c.max_position_embeddings,
-        "embedding_length": c.hidden_size,
-        "feed_forward_length": c.intermediate_size,
-        "block_count": c.num_hidden_layers,
-        "attention.head_count": c.num_attention_heads,
-        "attention.head_count_kv": c.num_key_value_heads,
-        "attention.key_length": head_dim,
-        "attention.value_length": head_dim,
-        "rope.dimension_count": head_dim,
-        "expert_count": c.num_local_experts if kind == "mixtral" else c.num_experts,
-        "expert_used_count": c.num_experts_per_tok,
+        "general.architecture": arch,
+        "general.file_type": 0 if qtype == Q.F32 else 7,
+        **{
+            f"{arch}.{key}": value
+            for key, value in {
+                "context_length": c.max_position_embeddings,
+                "embedding_length": c.hidden_size,
+                "feed_forward_length": c.intermediate_size,
+                "block_count": c.num_hidden_layers,
+                "attention.head_count": c.num_attention_heads,
+                "attention.head_count_kv": c.num_key_value_heads,
+                "attention.key_length": head_dim,
+                "attention.value_length": head_dim,
+                "attention.layer_norm_rms_epsilon": float(c.rms_norm_eps),
+                "rope.dimension_count": head_dim,
+                "rope.freq_base": float(c.rope_parameters["rope_theta"]),
+                "expert_count": c.num_local_experts if kind == "mixtral" else c.num_experts,
+                "expert_used_count": c.num_experts_per_tok,
+            }.items()
+        },
+        **Tokenizer.from_hf_dir(hf_dir).gguf_metadata(vocab_size=c.vocab_size),
     }
     if kind != "mixtral":
-        meta["expert_feed_forward_length"] = c.moe_intermediate_size
-    for key, value in meta.items():
-        w.add_uint32(f"{arch}.{key}", value)
-    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
-    w.add_float32(f"{arch}.rope.freq_base", c.rope_parameters["rope_theta"])
-    w.add_uint32("general.file_type", 0 if qtype == Q.F32 else 7)
-    tok = Tokenizer.from_hf_dir(hf_dir).gguf_metadata(vocab_size=c.vocab_size)
-    for key, value in tok.items():
-        if isinstance(value, list) and value and isinstance(value[0], str):
-            w.add_array(key, value)
-        elif isinstance(value, list):
-            w.add_array(key, value)
-        elif isinstance(value, bool):
-            w.add_bool(key, value)
-        elif isinstance(value, int):
-            w.add_uint32(key, value)
-        else:
-            w.add_string(key, value)
+        meta[f"{arch}.expert_feed_forward_length"] = c.moe_intermediate_size
+    plans = []
 
     def add(name: str, a: np.ndarray) -> np.ndarray:
         """Write `a` (torch order) as `qtype` where llama.cpp quantizes it; return what reading it back gives."""
         if a.ndim == 1 or qtype == Q.F32 or name.endswith("ffn_gate_inp.weight"):  # llama.cpp keeps the router F32
-            w.add_tensor(name, a)
+            plans.append(TensorPlan(name, "F32", a.shape, lambda a=a: a))
             return a
         q = gguf.quants.quantize(a, qtype)
-        w.add_tensor(name, q, raw_dtype=qtype)
+        plans.append(TensorPlan(name, qtype.name, a.shape, lambda q=q, a=a: q.reshape(-1, q.shape[-1])))
         return gguf.quants.dequantize(q, qtype).reshape(a.shape)
 
     back = {}
@@ -208,10 +202,7 @@ def write_moe_gguf(path, kind: str, ref, hf_dir, qtype=Q.F32) -> dict:
                 back[name] = stored.reshape(heads, head_dim // 2, 2, -1).swapaxes(1, 2).reshape(a.shape)  # unpermute
             else:
                 back[name] = add(g, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gguf(path, meta, plans)
     return {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in back.items()}
 
 
@@ -240,10 +231,10 @@ def test_gguf_is_read_as_moe(kind, hf, tmp_path):
 
 
 def test_llama_gguf_without_experts_stays_llama(tmp_path):
-    from ggufwriter import write_gguf
+    from ggufwriter import write_gguf as write_llama
     from test_gguf import llama_weights
 
-    write_gguf(tmp_path / "l.gguf", "llama", llama_weights(np.random.default_rng(0)))
+    write_llama(tmp_path / "l.gguf", "llama", llama_weights(np.random.default_rng(0)))
     assert read_gguf(tmp_path / "l.gguf").config()["model_type"] == "llama"
 
 

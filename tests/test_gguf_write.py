@@ -276,8 +276,9 @@ def test_config_read_from_gguf_writes_back_the_same_metadata(tmp_path):
 def test_gguf_architecture_inverts_gguf_architectures():
     for model_type in specs.model_types():
         arch = specs.gguf_architecture(model_type)
-        assert specs.for_gguf(arch) is specs.for_model_type(model_type)
-        assert specs.gguf_model_type(arch) == ("llama" if model_type == "mistral" else model_type)
+        metadata = {f"{arch}.expert_count": 8} if model_type == "mixtral" else {}  # "llama" with experts
+        assert specs.for_gguf(arch, metadata=metadata) is specs.for_model_type(model_type)
+        assert specs.gguf_model_type(arch) == ("llama" if model_type in ("mistral", "mixtral") else model_type)
     with pytest.raises(TinkerError, match="'bert' is not supported"):
         specs.gguf_architecture("bert")
 

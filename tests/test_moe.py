@@ -275,7 +275,7 @@ def test_fused_decode_takes_the_dense_model_but_not_moe(hf, tmp_path):
     assert not FusedLlamaDecoder.supports(moe) and moe.fused_decode is None
 
 
-@pytest.mark.parametrize(("qtype", "tol"), [(Q.F32, 2e-3), (Q.Q8_0, 3e-2), (Q.Q4_0, 6e-2)], ids=lambda v: str(v))
+@pytest.mark.parametrize(("qtype", "tol"), [(Q.F32, 2e-3), (Q.Q8_0, 3e-2), (Q.Q4_0, 3e-2)], ids=lambda v: str(v))
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3-moe"])
 def test_llama_cpp_runs_the_same_moe_file(kind, qtype, tol, hf, tmp_path):
     """llama.cpp on the same file: F32 logits equal transformers'; quantized ones equal tinkerlm's within the

@@ -35,7 +35,6 @@ from tinkerlm.errors import TinkerError
 from tinkerlm.models.base import check_positive
 from tinkerlm.models.llama import MLP, LlamaConfig, LlamaForCausalLM
 
-
 MAX_EXPERTS = 1 << 12  # experts per layer a config may declare (real models: 8 to 512)
 
 

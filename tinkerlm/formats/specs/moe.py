@@ -131,7 +131,9 @@ SPEC = Spec(
     },
     # Dense or sparse feed-forward varies by layer (Qwen3-MoE's mlp_only_layers): the model's strict accounting
     # finds a layer's missing ones.
-    required=tuple(t for t in llama.SPEC.required if not t.startswith("blk.{i}.ffn_") or t == "blk.{i}.ffn_norm.weight"),
+    required=tuple(
+        t for t in llama.SPEC.required if not t.startswith("blk.{i}.ffn_") or t == "blk.{i}.ffn_norm.weight"
+    ),
     gguf_config=gguf_config,
     gguf_metadata=gguf_metadata,
     shapes=shapes,

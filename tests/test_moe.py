@@ -298,6 +298,27 @@ def test_llama_cpp_runs_the_same_moe_file(kind, qtype, tol, hf, tmp_path):
 # Writers: not supported yet, refused by name
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3-moe"])
+def test_hf_export_loads_in_transformers(kind, hf, tmp_path):
+    """HF writers give each model_type's own checkpoint names (Mixtral: block_sparse_moe.experts.N.w1/w3/w2)."""
+    import transformers
+
+    from tinkerlm.export import export
+
+    path, ref = hf[kind]
+    export(str(path), to="hf", out=str(tmp_path / "out"), progress=False)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert (logits(again, IDS) - logits(ref, IDS)).abs().max().item() <= 1e-5
+
+
+def test_gguf_export_is_refused(hf, tmp_path):
+    from tinkerlm.export import export
+
+    with pytest.raises(TinkerError, match="experts.0.gate_proj.weight has no GGUF name"):
+        export(str(hf["mixtral"][0]), to="gguf", type="f32", out=str(tmp_path / "m.gguf"), progress=False)
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_gguf_names_of_experts_are_refused_for_writers():
     spec = specs.for_model_type("mixtral")
     assert spec.gguf_name("model.layers.0.mlp.gate.weight") == "blk.0.ffn_gate_inp.weight"

@@ -73,6 +73,10 @@ class Spec:
     # Files another family's architecture name covers that this spec reads instead: (general.architecture,
     # metadata) -> whether it claims the file (Mixtral is written as "llama" with `llama.expert_count`).
     claims: Callable[[str, dict], bool] | None = None
+    # For HF writers: (parameter name, model_type) -> the name that model_type's HF checkpoints store it under, where
+    # the model's names differ (Mixtral's experts: w1/w3/w2 under `block_sparse_moe`); the inverse of the model
+    # module's `from_hf_state_dict`. Applied by `formats.hf.write_model`.
+    hf_save_name: Callable[[str, str], str] | None = None
 
     def gguf_architecture(self, model_type: str) -> str:
         """The GGUF general.architecture a writer gives an HF model_type (the inverse of `gguf_architectures`).

@@ -13,6 +13,8 @@ References:
 
 from __future__ import annotations
 
+import re
+
 from tinkerlm import limits
 from tinkerlm.errors import TinkerError
 from tinkerlm.formats.specs import llama
@@ -116,6 +118,20 @@ def shapes(c: dict) -> dict[str, tuple[int, ...]]:
     }
 
 
+_EXPERT = re.compile(r"(model\.layers\.\d+)\.mlp\.(gate|experts\.\d+\.(gate|up|down)_proj)\.weight")
+_W = {"gate": "w1", "down": "w2", "up": "w3"}
+
+
+def hf_save_name(name: str, model_type: str) -> str:
+    """Mixtral checkpoints (transformers 5 saves them so too) name the block `block_sparse_moe` and each expert's
+    projections w1 (gate), w3 (up), w2 (down); Qwen3-MoE's per-expert names are the model's."""
+    m = _EXPERT.fullmatch(name)
+    if model_type != "mixtral" or m is None:
+        return name
+    part = "gate" if m[2] == "gate" else f"{m[2].rsplit('.', 1)[0]}.{_W[m[3]]}"
+    return f"{m[1]}.block_sparse_moe.{part}.weight"
+
+
 SPEC = Spec(
     family="moe",
     model_types=("mixtral", "qwen3_moe"),
@@ -145,4 +161,5 @@ SPEC = Spec(
     write_architectures=WRITE_ARCHITECTURES,
     experts=experts,
     claims=claims,
+    hf_save_name=hf_save_name,
 )

@@ -222,6 +222,7 @@ def test_gguf_is_read_as_moe(kind, hf, tmp_path):
     config = ckpt.config()
     assert config["model_type"] == ("mixtral" if kind == "mixtral" else "qwen3_moe")
     assert config["num_experts_per_tok"] == 2
+    assert specs.gguf_model_type(ckpt.architecture, ckpt.metadata) == config["model_type"]  # the store's entry
     names = ckpt.hf_names()
     assert "model.layers.1.mlp.experts.3.down_proj.weight" in names and "model.layers.0.mlp.gate.weight" in names
     up = ref.model.layers[1].mlp.experts.gate_up_proj[2].detach()
@@ -341,3 +342,11 @@ def test_spec_metadata_is_the_converters(kind, hf, tmp_path):
     assert {f"{arch}.expert_count", f"{arch}.expert_used_count", f"{arch}.block_count"} <= set(shared)
     for key in shared:
         assert meta[key] == pytest.approx(ckpt.metadata[key]), key
+
+
+def test_ragged_batch_generates_as_single_rows(hf):
+    """Right-padded prompts of different lengths in one batch decode exactly as each alone (greedy): padding tokens
+    are routed too, but each token's experts depend on that token alone."""
+    llm = tinkerlm.load(str(hf["mixtral"][0]))
+    prompts = ["a", "hello there, a longer prompt", "mid size"]
+    assert llm.generate(prompts, max_tokens=12) == [llm.generate(p, max_tokens=12) for p in prompts]

@@ -85,8 +85,13 @@ def for_gguf(architecture: str, source: str = "model", metadata: dict | None = N
     return spec
 
 
-def gguf_model_type(architecture: str) -> str:
-    """The HF model_type of a GGUF general.architecture; an unsupported name comes back unchanged."""
+def gguf_model_type(architecture: str, metadata: dict | None = None) -> str:
+    """The HF model_type of a GGUF general.architecture (given the file's `metadata`, a spec's claim first: Mixtral
+    for "llama" with experts); an unsupported name comes back unchanged."""
+    for spec in SPECS:
+        claimed = spec.claims(architecture, metadata) if spec.claims and metadata is not None else None
+        if claimed:
+            return claimed
     return gguf_architectures().get(architecture, architecture)
 
 

@@ -71,8 +71,9 @@ class Spec:
     # (n_experts, rows, cols); its HF name template holds `{e}`, one parameter per expert (`Spec.hf_name` keeps it).
     experts: Callable[[dict], int] = lambda config: 0
     # Files another family's architecture name covers that this spec reads instead: (general.architecture,
-    # metadata) -> whether it claims the file (Mixtral is written as "llama" with `llama.expert_count`).
-    claims: Callable[[str, dict], bool] | None = None
+    # metadata) -> the model_type of a file it claims, else None (Mixtral is written as "llama" with
+    # `llama.expert_count`).
+    claims: Callable[[str, dict], str | None] | None = None
     # For HF writers: (parameter name, model_type) -> the name that model_type's HF checkpoints store it under, where
     # the model's names differ (Mixtral's experts: w1/w3/w2 under `block_sparse_moe`); the inverse of the model
     # module's `from_hf_state_dict`. Applied by `formats.hf.write_model`.

@@ -26,10 +26,11 @@ GGUF_ARCHITECTURES = {"qwen3moe": "qwen3_moe"}
 WRITE_ARCHITECTURES = {"mixtral": "llama"}  # llama.cpp has no "mixtral" architecture
 
 
-def claims(architecture: str, metadata: dict) -> bool:
+def claims(architecture: str, metadata: dict) -> str | None:
     """A "llama" file with experts is Mixtral's."""
     count = metadata.get(f"{architecture}.expert_count")
-    return architecture == "llama" and isinstance(count, int) and not isinstance(count, bool) and count > 0
+    ok = architecture == "llama" and isinstance(count, int) and not isinstance(count, bool) and count > 0
+    return "mixtral" if ok else None
 
 
 class _Shared:

@@ -1,7 +1,8 @@
 """Mixture-of-experts (tinkerlm/models/moe.py): Mixtral and Qwen3-MoE against transformers (the tiny rows of
 tests/tiny.py run through tests/test_models.py too), from HF safetensors in both expert layouts and from GGUF files
 written here as llama.cpp's converter writes them, compared with transformers and with llama.cpp itself; experts kept
-quantized; the batched expert products against a per-token loop; the fused decode step refusing MoE models."""
+quantized; the batched expert products against a per-token loop; the fused decode step refusing MoE models; the
+writers (HF export and merges in each model's own checkpoint names, GGUF export refused), LoRA through experts."""
 
 from __future__ import annotations
 
@@ -350,3 +351,41 @@ def test_ragged_batch_generates_as_single_rows(hf):
     llm = tinkerlm.load(str(hf["mixtral"][0]))
     prompts = ["a", "hello there, a longer prompt", "mid size"]
     assert llm.generate(prompts, max_tokens=12) == [llm.generate(p, max_tokens=12) for p in prompts]
+
+
+def test_lora_trains_through_the_experts(hf):
+    """LoRA on every linear layer (router and experts included): B=0 leaves the logits as they were, and the loss
+    sends gradients to the experts a token was routed to, through the grouped products."""
+    from tinkerlm import lora
+
+    model = tinkerlm.load(str(hf["qwen3-moe"][0])).model
+    before = logits(model, IDS)
+    names = lora.apply_lora(model, lora.LoRAConfig(rank=4, targets="all-linear"), seed=0)
+    assert "model.layers.0.mlp.experts.3.down_proj" in names and "model.layers.0.mlp.gate" in names
+    assert torch.equal(logits(model, IDS), before)
+    model.train()
+    model(IDS).logsumexp(-1).mean().backward()
+    grads = [m.lora_B.grad for n, m in lora.lora_modules(model).items() if ".experts." in n]
+    assert sum(g is not None and g.abs().sum() > 0 for g in grads) > len(grads) // 2
+
+
+def test_merge_known_answer(tmp_path):
+    """A linear merge with weights [1, 0] of two Mixtrals is the first, saved as transformers reads Mixtral."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from tinkerlm import store
+    from tinkerlm.merge import merge
+
+    refs = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        refs[name] = make_hf_model("mixtral", tmp_path / "src" / name, seed=seed)
+        store.pull(str(tmp_path / "src" / name), name=name, progress=False)
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": 0.0}}],
+    }
+    out = store.model_path(merge(recipe, "m", progress=False))
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in load_file(out / "model.safetensors")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert (logits(merged, IDS) - logits(refs["a"], IDS)).abs().max().item() <= 1e-5

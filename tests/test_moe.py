@@ -125,7 +125,7 @@ def test_bad_configs(hf):
 # GGUF, written here as llama.cpp's converter writes Mixtral ("llama" with experts) and Qwen3-MoE ("qwen3moe")
 
 
-def write_moe_gguf(path, kind: str, ref, hf_dir, qtype=Q.F32) -> dict:
+def write_moe_gguf(path, kind: str, ref, hf_dir, qtype=Q.F32, override: dict | None = None) -> dict:
     """The converter's tensors and keys, from the transformers model (fused experts split into the three stacks
     gate/up/down, q/k rows permuted for Mixtral); returns the round-tripped HF state dict (the reference weights)."""
     c = ref.config
@@ -156,6 +156,7 @@ def write_moe_gguf(path, kind: str, ref, hf_dir, qtype=Q.F32) -> dict:
     }
     if kind != "mixtral":
         meta[f"{arch}.expert_feed_forward_length"] = c.moe_intermediate_size
+    meta.update({f"{arch}.{key}": value for key, value in (override or {}).items()})
     plans = []
 
     def add(name: str, a: np.ndarray) -> np.ndarray:
@@ -230,6 +231,18 @@ def test_gguf_is_read_as_moe(kind, hf, tmp_path):
     assert torch.equal(ckpt.hf_tensor("model.layers.1.mlp.experts.2.up_proj.weight"), up[up.shape[0] // 2 :])
     llm = tinkerlm.load(str(tmp_path / "m.gguf"), quant="fp32")
     assert (logits(llm.model, IDS) - logits(ref, IDS)).abs().max().item() <= 1e-4
+
+
+def test_inconsistent_expert_metadata_is_refused(hf, tmp_path):
+    path, ref = hf["qwen3-moe"]
+    write_moe_gguf(tmp_path / "a.gguf", "qwen3-moe", ref, path, override={"expert_count": 3})
+    with pytest.raises(
+        TinkerError, match=r"ffn_gate_exps.weight has shape \(4, 64, 64\), but the metadata implies \(3,"
+    ):
+        read_gguf(tmp_path / "a.gguf").hf_names()
+    write_moe_gguf(tmp_path / "b.gguf", "qwen3-moe", ref, path, override={"expert_used_count": 5})
+    with pytest.raises(TinkerError, match="expert_used_count is 5, outside 1..4"):
+        read_gguf(tmp_path / "b.gguf").config()
 
 
 def test_llama_gguf_without_experts_stays_llama(tmp_path):

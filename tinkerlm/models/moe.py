@@ -6,7 +6,8 @@ layer is a router and `num_experts` gated MLPs, of which each token uses `num_ex
 - `norm_topk_prob`: the k kept probabilities renormalised to sum to 1 (Mixtral always: the softmax of the top-k
   logits; Qwen3-MoE as its config says), as transformers computes it;
 - output: sum over the k chosen experts of weight * expert(x).
-Qwen3-MoE may keep some layers dense (`mlp_only_layers`, `decoder_sparse_step`): those have Llama's MLP.
+Qwen3-MoE may keep some layers dense (`mlp_only_layers`, `decoder_sparse_step`): those have Llama's MLP. Mixtral's
+`router_jitter_noise` is training-time noise transformers adds only in training mode; it is not applied here.
 
 Products are batched per expert: the tokens routed to an expert are gathered, that expert runs once on them, and
 its weighted output is added back with `index_add_`. Each expert is a `llama.MLP` (parameters

@@ -201,9 +201,12 @@ def config_plans(spec, config: dict) -> list[TensorPlan]:
 
 
 LINEAR = dict(CONFIGS["llama"][1], rope_scaling={"rope_type": "linear", "factor": 4.0})
+# Mixture-of-experts rows: GGUF stacks each layer's experts in one tensor, which the writer does not build yet
+# (tinkerlm/formats/specs/moe.py); tests/test_moe.py covers their metadata round trip and llama.cpp's logits.
+WRITABLE = [kind for kind in CONFIGS if CONFIGS[kind][0] not in ("MixtralConfig", "Qwen3MoeConfig")]
 
 
-@pytest.mark.parametrize("kind", [*CONFIGS, "llama-linear"])
+@pytest.mark.parametrize("kind", [*WRITABLE, "llama-linear"])
 def test_config_round_trip(tmp_path, kind):
     from tinkerlm.models.base import rope_inv_freq
 
@@ -273,8 +276,9 @@ def test_config_read_from_gguf_writes_back_the_same_metadata(tmp_path):
 def test_gguf_architecture_inverts_gguf_architectures():
     for model_type in specs.model_types():
         arch = specs.gguf_architecture(model_type)
-        assert specs.for_gguf(arch) is specs.for_model_type(model_type)
-        assert specs.gguf_model_type(arch) == ("llama" if model_type == "mistral" else model_type)
+        metadata = {f"{arch}.expert_count": 8} if model_type == "mixtral" else {}  # "llama" with experts
+        assert specs.for_gguf(arch, metadata=metadata) is specs.for_model_type(model_type)
+        assert specs.gguf_model_type(arch) == ("llama" if model_type in ("mistral", "mixtral") else model_type)
     with pytest.raises(TinkerError, match="'bert' is not supported"):
         specs.gguf_architecture("bert")
 
@@ -443,7 +447,7 @@ def test_pre_is_named_from_the_split_pattern(tmp_path, caplog, pattern, pre):
         assert_same_tokenizer(tok, Tokenizer.from_gguf_metadata(meta, "m.gguf"))
 
 
-@pytest.mark.parametrize("kind", list(CONFIGS))
+@pytest.mark.parametrize("kind", WRITABLE)
 def test_llama_cpp_runs_a_written_model_as_transformers_does(tmp_path, kind):
     """llama.cpp accepts every key's type, tokenizes as tinkerlm does and reads the config as transformers means it
     (RoPE base and scaling, head sizes, epsilons): its logits equal transformers' on the same weights."""

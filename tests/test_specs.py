@@ -54,6 +54,7 @@ def test_registry_lookups():
         "qwen3": "qwen3",
         "gemma3": "gemma3_text",
         "gpt2": "gpt2",
+        "qwen3moe": "qwen3_moe",
     }
     assert set(specs.gguf_architectures().values()) <= set(specs.model_types())
     assert specs.for_gguf("qwen2") is specs.for_model_type("qwen2")

@@ -56,6 +56,20 @@ CONFIGS = {
             COMMON, num_hidden_layers=6, num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=16
         ),
     ),
+    # Four experts, two per token; every layer sparse, as llama.cpp runs them (tests/test_moe.py: dense layers).
+    "mixtral": ("MixtralConfig", dict(COMMON, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3-moe": (
+        "Qwen3MoeConfig",
+        dict(
+            COMMON,
+            num_key_value_heads=2,
+            head_dim=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=64,
+            norm_topk_prob=True,
+        ),
+    ),
     "gpt2": (
         "GPT2Config",
         dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=256, eos_token_id=258),

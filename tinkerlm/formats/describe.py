@@ -78,7 +78,7 @@ def _describe_gguf(path: Path) -> dict:
             by_type[type_name] = by_type.get(type_name, 0) + n
     return {
         "format": "gguf",
-        "architecture": specs.gguf_model_type(arch),
+        "architecture": specs.gguf_model_type(arch, meta),
         "parameters": params,
         "quantization": _dominant(by_type),
         "context_length": _count(meta.get(f"{arch}.context_length")),

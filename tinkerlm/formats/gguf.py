@@ -131,7 +131,7 @@ class GGUFCheckpoint:
     @cached_property
     def spec(self) -> Spec:
         """The architecture spec this file is read by."""
-        return specs.for_gguf(self.architecture, str(self.path))
+        return specs.for_gguf(self.architecture, str(self.path), self.metadata)
 
     def tensor_infos(self) -> list[tuple[str, tuple[int, ...], str]]:
         """(name, shape in torch order, GGML type name) of every tensor, from the header alone."""
@@ -213,8 +213,9 @@ class GGUFCheckpoint:
         return size
 
     @cached_property
-    def _plan(self) -> dict[str, str]:
-        """HF name -> GGUF name, in file order, after checking names, layer indices and shapes."""
+    def _plan(self) -> dict[str, tuple[str, int | None]]:
+        """HF name -> (GGUF name, expert index or None), in file order, after checking names, layer indices and
+        shapes. A stack of experts (n_experts, rows, cols) is one parameter per expert (`Spec.experts`)."""
         config = self._config
         spec = self.spec
         n_layers = spec.num_layers(config)
@@ -230,18 +231,24 @@ class GGUFCheckpoint:
             hf_name, template, _ = mapped
             shape = _shape(tensor)
             expected = shapes.get(spec.tensor_names[template])
+            stacked = "{e}" in hf_name
+            if stacked and expected is not None:
+                expected = (spec.experts(config), *expected)
             if expected is not None and shape != expected:
                 raise TinkerError(
                     f"{self.path}: tensor {name} has shape {shape}, but the metadata implies {expected} "
                     "(file inconsistent; re-convert it)"
                 )
-            plan[hf_name] = name
+            if stacked:
+                plan.update({hf_name.format(e=e): (name, e) for e in range(shape[0])})
+            else:
+                plan[hf_name] = (name, None)
         if unused:
             raise TinkerError(
                 f"{self.path}: {len(unused)} tensor(s) not used by the {self.architecture} architecture: "
                 f"{', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''} (file from a different architecture?)"
             )
-        found = set(plan.values())
+        found = {name for name, _ in plan.values()}
         required = [t.format(i=i) for t in spec.required for i in (range(n_layers) if "{i}" in t else [0])]
         missing = [name for name in required if name not in found]
         if missing:
@@ -259,23 +266,28 @@ class GGUFCheckpoint:
         """
         return list(self._plan)
 
-    def _gguf_name(self, hf_name: str) -> str:
-        name = self._plan.get(hf_name)
-        if name is None:
+    def _planned(self, hf_name: str) -> tuple[str, int | None]:
+        planned = self._plan.get(hf_name)
+        if planned is None:
             raise TinkerError(f"{self.path}: no tensor {hf_name} in this {self.architecture} file")
-        return name
+        return planned
 
     def hf_shape(self, hf_name: str) -> tuple[int, ...]:
         """The shape of an HF-named parameter, as the model holds it (linear weights (out, in))."""
-        return _shape(self._tensors[self._gguf_name(hf_name)])
+        return self.raw_tensor(hf_name).shape
 
     def raw_tensor(self, hf_name: str) -> RawTensor:
-        """An HF-named parameter as stored: GGML type, shape, the memory-mapped data and the row order to apply."""
-        t = self._tensors[self._gguf_name(hf_name)]
-        shape = _shape(t)
+        """An HF-named parameter as stored: GGML type, shape, the memory-mapped data and the row order to apply
+        (one expert of a stack: its rows, a view of the stack's)."""
+        name, expert = self._planned(hf_name)
+        t = self._tensors[name]
+        shape, data, offset, nbytes = _shape(t), t.data, t.data_offset, int(t.n_bytes)
+        if expert is not None:  # each expert's rows are contiguous: (n_experts, rows, bytes a row)
+            nbytes //= shape[0]
+            shape, data, offset = shape[1:], data[expert], offset + expert * nbytes
         order = self.spec.row_order(hf_name, self._config, shape[0]) if shape else None
         shift = self.spec.value_shift(hf_name)
-        return RawTensor(t.name, t.tensor_type.name, shape, t.data, t.data_offset, int(t.n_bytes), order, shift)
+        return RawTensor(t.name, t.tensor_type.name, shape, data, offset, nbytes, order, shift)
 
     def hf_tensor(self, hf_name: str) -> torch.Tensor:
         """An HF-named parameter dequantized to fp32, the spec's fixes applied (q/k rows in HF's order, Gemma's
@@ -287,7 +299,7 @@ class GGUFCheckpoint:
         import torch
 
         raw = self.raw_tensor(hf_name)
-        tensor = self._dequantize(self._tensors[raw.name])
+        tensor = self._dequantize(self._tensors[raw.name], raw.data, raw.shape)
         if raw.row_order is not None:
             tensor = tensor[torch.from_numpy(raw.row_order)]
         if raw.value_shift:
@@ -298,7 +310,7 @@ class GGUFCheckpoint:
         """Drop the file pages under a parameter from this process's resident memory (after copying it, e.g. packed
         for the kernels); touched again, they are read back from the file. Releasing each tensor as it is done keeps
         the peak of a load at the copy plus one tensor, not the copy plus the whole file."""
-        self._reader.release(self._tensors[self._gguf_name(hf_name)].data)
+        self._reader.release(self.raw_tensor(hf_name).data)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every parameter under its HF name, dequantized to fp32, linear weights as (out_features, in_features).
@@ -316,17 +328,18 @@ class GGUFCheckpoint:
             raise TinkerError(f"{self.path}: no tensor named {name}")
         return self._dequantize(self._tensors[name])
 
-    def _dequantize(self, tensor: _TensorInfo) -> torch.Tensor:
+    def _dequantize(self, tensor: _TensorInfo, data: np.ndarray | None = None, shape=None) -> torch.Tensor:
+        """`tensor` (or the part of its `data` of this `shape`: one expert) as fp32."""
         import torch
         from gguf import GGMLQuantizationType as T
         from gguf.quants import dequantize
 
-        shape = _shape(tensor)
+        data, shape = (tensor.data, _shape(tensor)) if data is None else (data, shape)
         if tensor.tensor_type in (T.F64, T.I8, T.I16, T.I32, T.I64):
-            array = np.asarray(tensor.data)
+            array = np.asarray(data)
         else:
             try:
-                array = dequantize(tensor.data, tensor.tensor_type)
+                array = dequantize(data, tensor.tensor_type)
             except NotImplementedError as exc:
                 raise TinkerError(
                     f"{self.path}: tensor {tensor.name} has type {tensor.tensor_type.name}, which the installed "

@@ -14,6 +14,7 @@ from typing import Any
 
 from tinkerlm import limits
 from tinkerlm.errors import TinkerError
+from tinkerlm.formats import specs
 
 INDEX = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -311,6 +312,11 @@ def write_model(
             this size unless one tensor is larger) listed in `model.safetensors.index.json`, as transformers writes.
     """
     model_dir = Path(model_dir)
+    spec = specs.find(config.get("model_type"))
+    if spec is not None and spec.hf_save_name is not None:  # the model's names -> the checkpoint's (Mixtral)
+        rename = lambda name: spec.hf_save_name(name, config["model_type"])  # noqa: E731
+        layout = [(rename(name), dtype, shape) for name, dtype, shape in layout]
+        tensors = ((rename(name), tensor) for name, tensor in tensors)
     shards = _shards(layout, max_shard_bytes)
     files = [WEIGHTS_FILE] if len(shards) == 1 else [_shard_name(i, len(shards)) for i in range(len(shards))]
     tensors = iter(tensors)

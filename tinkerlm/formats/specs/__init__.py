@@ -1,6 +1,7 @@
 """Architecture specs: what each model family's checkpoints look like, declared once and asked by every reader.
 
-One `Spec` (base.py) per family (llama.py: Llama, Mistral, Qwen2, Qwen3; gemma.py: Gemma 3; gpt2.py: GPT-2) declares its Hugging Face
+One `Spec` (base.py) per family (llama.py: Llama, Mistral, Qwen2, Qwen3; gemma.py: Gemma 3; gpt2.py: GPT-2; moe.py:
+Mixtral, Qwen3-MoE) declares its Hugging Face
 `model_type`s and GGUF `general.architecture` names, the transformers class of each model_type, the tinkerlm
 model to build, the GGUF <-> HF tensor name table, the tensors a GGUF file must hold, the config read from GGUF
 metadata and its inverse for writers, the parameter shapes a config implies, per-tensor fixes (llama.cpp's q/k row permutation, Gemma's norms stored as 1 + w), which HF
@@ -15,7 +16,7 @@ model to build is named by strings.
 from __future__ import annotations
 
 from tinkerlm.errors import TinkerError
-from tinkerlm.formats.specs import gemma, gpt2, llama
+from tinkerlm.formats.specs import gemma, gpt2, llama, moe
 from tinkerlm.formats.specs.base import GGUFMetadata, Spec
 
 __all__ = [
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 # The registry: one spec per family, in the order error messages list them.
-SPECS: tuple[Spec, ...] = (llama.SPEC, gemma.SPEC, gpt2.SPEC)
+SPECS: tuple[Spec, ...] = (llama.SPEC, gemma.SPEC, gpt2.SPEC, moe.SPEC)
 
 
 def model_types() -> list[str]:
@@ -65,12 +66,17 @@ def for_model_type(model_type: str | None, source: str = "model") -> Spec:
     return spec
 
 
-def for_gguf(architecture: str, source: str = "model") -> Spec:
-    """The spec covering a GGUF general.architecture.
+def for_gguf(architecture: str, source: str = "model", metadata: dict | None = None) -> Spec:
+    """The spec covering a GGUF general.architecture; given the file's `metadata`, a spec that claims the file
+    (`Spec.claims`: Mixtral, written as "llama" with experts) comes first.
 
     Raises:
         TinkerError: no spec covers it (the message lists the supported ones).
     """
+    if metadata is not None:
+        spec = next((s for s in SPECS if s.claims and s.claims(architecture, metadata)), None)
+        if spec is not None:
+            return spec
     spec = next((s for s in SPECS if architecture in s.gguf_architectures), None)
     if spec is None:
         raise TinkerError(
@@ -79,8 +85,13 @@ def for_gguf(architecture: str, source: str = "model") -> Spec:
     return spec
 
 
-def gguf_model_type(architecture: str) -> str:
-    """The HF model_type of a GGUF general.architecture; an unsupported name comes back unchanged."""
+def gguf_model_type(architecture: str, metadata: dict | None = None) -> str:
+    """The HF model_type of a GGUF general.architecture (given the file's `metadata`, a spec's claim first: Mixtral
+    for "llama" with experts); an unsupported name comes back unchanged."""
+    for spec in SPECS:
+        claimed = spec.claims(architecture, metadata) if spec.claims and metadata is not None else None
+        if claimed:
+            return claimed
     return gguf_architectures().get(architecture, architecture)
 
 

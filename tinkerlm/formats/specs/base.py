@@ -67,6 +67,17 @@ class Spec:
     write_architectures: dict[str, str] = field(default_factory=dict)
     # HF name suffixes of weights GGUF files store as `1 + w` (Gemma's norms, which scale by `1 + w`; HF keeps `w`).
     unit_offset: tuple[str, ...] = ()
+    # Mixture-of-experts: config -> experts per sparse layer. GGUF stacks the experts' matrices in one tensor
+    # (n_experts, rows, cols); its HF name template holds `{e}`, one parameter per expert (`Spec.hf_name` keeps it).
+    experts: Callable[[dict], int] = lambda config: 0
+    # Files another family's architecture name covers that this spec reads instead: (general.architecture,
+    # metadata) -> the model_type of a file it claims, else None (Mixtral is written as "llama" with
+    # `llama.expert_count`).
+    claims: Callable[[str, dict], str | None] | None = None
+    # For HF writers: (parameter name, model_type) -> the name that model_type's HF checkpoints store it under, where
+    # the model's names differ (Mixtral's experts: w1/w3/w2 under `block_sparse_moe`); the inverse of the model
+    # module's `from_hf_state_dict`. Applied by `formats.hf.write_model`.
+    hf_save_name: Callable[[str, str], str] | None = None
 
     def gguf_architecture(self, model_type: str) -> str:
         """The GGUF general.architecture a writer gives an HF model_type (the inverse of `gguf_architectures`).
@@ -89,12 +100,13 @@ class Spec:
         return out
 
     def hf_name(self, gguf_name: str) -> tuple[str, str, int | None] | None:
-        """(HF name, GGUF template, layer) of a GGUF tensor name, or None where the family has no such tensor."""
+        """(HF name, GGUF template, layer) of a GGUF tensor name, or None where the family has no such tensor; the
+        HF name of a stack of experts keeps its `{e}`."""
         m = _LAYER.fullmatch(gguf_name)
         template, layer = (f"{m[1]}{{i}}{m[3]}", int(m[2])) if m else (gguf_name, None)
         if template not in self.tensor_names:
             return None
-        return self.tensor_names[template].format(i=layer), template, layer
+        return self.tensor_names[template].format(i=layer, e="{e}"), template, layer
 
     def gguf_name(self, hf_name: str) -> str | None:
         """The GGUF name of an HF tensor name (for writers), or None where GGUF has no such tensor."""

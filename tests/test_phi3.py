@@ -231,3 +231,32 @@ def test_bad_configs_are_refused_by_name():
         models.build(yarn, "config.json")
     with pytest.raises(TinkerError, match="partial_rotary_factor 0.1 gives 1 rotary dims"):
         models.build(dict(base, rope_parameters=dict(base["rope_parameters"], partial_rotary_factor=0.1)), "c.json")
+
+
+def test_phi3_mini_4k_plain_rope_and_sliding_window(tmp_path):
+    """Phi-3-mini-4k's shape: no RoPE scaling (no factor tensors in GGUF) and a sliding window (2047 there, 8 here),
+    which transformers applies and so does tinkerlm, from HF files and GGUF alike."""
+    import transformers
+
+    config = hf_config(1.0, False)
+    config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}
+    config.sliding_window = 8
+    torch.manual_seed(0)
+    ref = transformers.Phi3ForCausalLM._from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.2)
+    ref.save_pretrained(tmp_path / "hf")
+    write_tokenizer(tmp_path / "hf")
+    export(str(tmp_path / "hf"), to="gguf", type="f32", out=str(tmp_path / "m.gguf"), progress=False)
+    ckpt = read_gguf(tmp_path / "m.gguf")
+    assert "rope_factors_long.weight" not in {name for name, _, _ in ckpt.tensor_infos()}
+    assert ckpt.config()["sliding_window"] == 8 and ckpt.config()["rope_scaling"] is None
+    ids = ids_of(1, 24, seed=7)
+    with torch.no_grad():
+        want = ref(ids).logits
+        for path in (tmp_path / "hf", tmp_path / "m.gguf"):
+            model = tinkerlm.load(str(path)).model
+            assert (model(ids) - want).abs().max().item() <= 1e-4, path
+        model.config.sliding_window = None  # the window is really applied
+        assert (model(ids)[:, 8:] - want[:, 8:]).abs().max().item() > 1e-3

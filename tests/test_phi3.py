@@ -201,14 +201,17 @@ def test_quantized_gguf_decodes_through_its_modules(checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("orig, n_ctx, n", [(256, 256, 12), (16, 32, 24)], ids=["short-factors", "long-factors"])
-def test_llama_cpp_runs_the_written_phi3_as_transformers_does(tmp_path, orig, n_ctx, n):
+def test_llama_cpp_runs_the_written_phi3_as_transformers_does(tmp_path, monkeypatch, orig, n_ctx, n):
     """llama.cpp reads our phi3 GGUF (fused q/k/v and gate/up, partial rotary, the factor tensors, the attention
     factor) as transformers means it. llama.cpp picks the factors by its context size (padded to 256), so each case
     sets the original length where both choose the same ones."""
     llama_cpp = pytest.importorskip("llama_cpp")
     ref = make_phi3(tmp_path / "hf", partial=0.75, tied=True, orig=orig, max_pos=4 * orig)
     out = tmp_path / "m.gguf"
-    export(str(tmp_path / "hf"), to="gguf", type="f32", out=str(out), progress=False)
+    # A relative source: general.name is "hf", whatever the temporary path (llama.cpp fails to load this test
+    # vocabulary under a general.name that contains "phi3", as a --basetemp may).
+    monkeypatch.chdir(tmp_path)
+    export("./hf", to="gguf", type="f32", out=str(out), progress=False)
     llm = llama_cpp.Llama(str(out), n_ctx=n_ctx, logits_all=True, verbose=False)
     ids = ids_of(1, n, seed=6)[0].tolist()
     llm.eval(ids)

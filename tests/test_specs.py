@@ -53,6 +53,7 @@ def test_registry_lookups():
         "qwen2": "qwen2",
         "qwen3": "qwen3",
         "gemma3": "gemma3_text",
+        "phi3": "phi3",
         "gpt2": "gpt2",
         "qwen3moe": "qwen3_moe",
     }

@@ -70,6 +70,38 @@ CONFIGS = {
             norm_topk_prob=True,
         ),
     ),
+    # LongRoPE over an original context of 4 (of 128): the shared tests run on the long factors, with the attention
+    # factor; tests/test_phi3.py covers the short ones and the switch. Phi-4-mini: rotary on 3/4 of each head, tied.
+    "phi3": (
+        "Phi3Config",
+        dict(
+            COMMON,
+            num_key_value_heads=2,
+            pad_token_id=256,
+            original_max_position_embeddings=4,
+            rope_scaling={
+                "rope_type": "longrope",
+                "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 4.0],
+                "long_factor": [1.0, 1.5, 2.3, 3.4, 5.1, 7.6, 11.4, 17.1],
+            },
+        ),
+    ),
+    "phi4-mini": (
+        "Phi3Config",
+        dict(
+            COMMON,
+            num_key_value_heads=2,
+            pad_token_id=256,
+            tie_word_embeddings=True,
+            partial_rotary_factor=0.75,
+            original_max_position_embeddings=4,
+            rope_scaling={
+                "rope_type": "longrope",
+                "short_factor": [1.0, 1.2, 1.5, 1.9, 2.4, 3.0],
+                "long_factor": [1.0, 2.0, 3.9, 7.7, 15.2, 30.1],
+            },
+        ),
+    ),
     "gpt2": (
         "GPT2Config",
         dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=256, eos_token_id=258),

@@ -1,7 +1,7 @@
 """Architecture specs: what each model family's checkpoints look like, declared once and asked by every reader.
 
-One `Spec` (base.py) per family (llama.py: Llama, Mistral, Qwen2, Qwen3; gemma.py: Gemma 3; gpt2.py: GPT-2; moe.py:
-Mixtral, Qwen3-MoE) declares its Hugging Face
+One `Spec` (base.py) per family (llama.py: Llama, Mistral, Qwen2, Qwen3; gemma.py: Gemma 3; phi3.py: Phi-3,
+Phi-4-mini; gpt2.py: GPT-2; moe.py: Mixtral, Qwen3-MoE) declares its Hugging Face
 `model_type`s and GGUF `general.architecture` names, the transformers class of each model_type, the tinkerlm
 model to build, the GGUF <-> HF tensor name table, the tensors a GGUF file must hold, the config read from GGUF
 metadata and its inverse for writers, the parameter shapes a config implies, per-tensor fixes (llama.cpp's q/k row permutation, Gemma's norms stored as 1 + w), which HF
@@ -16,7 +16,7 @@ model to build is named by strings.
 from __future__ import annotations
 
 from tinkerlm.errors import TinkerError
-from tinkerlm.formats.specs import gemma, gpt2, llama, moe
+from tinkerlm.formats.specs import gemma, gpt2, llama, moe, phi3
 from tinkerlm.formats.specs.base import GGUFMetadata, Spec
 
 __all__ = [
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 # The registry: one spec per family, in the order error messages list them.
-SPECS: tuple[Spec, ...] = (llama.SPEC, gemma.SPEC, gpt2.SPEC, moe.SPEC)
+SPECS: tuple[Spec, ...] = (llama.SPEC, gemma.SPEC, phi3.SPEC, gpt2.SPEC, moe.SPEC)
 
 
 def model_types() -> list[str]:

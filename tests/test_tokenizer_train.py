@@ -17,6 +17,7 @@ from tinkerlm import __version__, store
 from tinkerlm import tokenizer_train as tt
 from tinkerlm.chat import prompt_ids, render
 from tinkerlm.cli import main
+from tinkerlm.errors import TinkerError
 from tinkerlm.formats.tokenizer import Tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -112,6 +113,27 @@ def test_loads_in_transformers_with_the_same_ids(trained):
     assert len(ours.encode(" return")) == 1
 
 
+def test_llamacpp_tokenizes_it_the_same(trained, tmp_path):
+    """Written as GGUF tokenizer metadata (as `tinkerlm export` writes it, pre-tokenizer `llama-bpe`), llama.cpp and
+    tinkerlm's GGUF reader give the same ids as the stored tokenizer."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from tinkerlm.formats.gguf import read_gguf
+    from tinkerlm.formats.gguf_write import write_gguf
+
+    tok = Tokenizer.from_hf_dir(trained[1])
+    hparams = {"context_length": 64, "embedding_length": 8, "block_count": 1, "feed_forward_length": 8}
+    hparams |= {"attention.head_count": 1, "attention.head_count_kv": 1, "attention.layer_norm_rms_epsilon": 1e-5}
+    meta = {"general.architecture": "llama", **{f"llama.{k}": v for k, v in hparams.items()}, **tok.gguf_metadata()}
+    assert meta["tokenizer.ggml.pre"] == "llama-bpe"
+    path = write_gguf(tmp_path / "vocab.gguf", meta, [])
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, vocab_only=True)
+    again = read_gguf(path).tokenizer()
+    for text in TEXTS + [(STDLIB / "this.py").read_text()]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
+        assert again.encode(text) == tok.encode(text), text
+
+
 def test_chat_template_renders_with_the_special_tokens(trained):
     from transformers import AutoTokenizer
 
@@ -161,14 +183,14 @@ def test_compression_is_reported_against_smollm2(trained, smollm2_gguf):
     assert 0.04 < held["bytes"] / src["data_bytes"] < 0.06
     assert held["start"]["path"] == str((STDLIB / SOURCES[-1]).resolve())
     ours = figures["tokenizers"]["pytok:latest"]
-    ref = figures["tokenizers"][str(smollm2_gguf)]
+    ref = figures["tokenizers"][smollm2_gguf.name]
     assert 1.0 < ours["bytes_per_token"] < 8.0
     assert 1.0 < ref["bytes_per_token"] < 8.0
     # A 49k vocabulary compresses better than a 700-token one.
     assert ref["bytes_per_token"] > ours["bytes_per_token"]
     assert ours["tokens"] * ours["bytes_per_token"] == pytest.approx(held["bytes"], rel=1e-3)
     report = "\n".join(result.lines)
-    assert "bytes/token" in report and str(smollm2_gguf) in report
+    assert "bytes/token" in report and smollm2_gguf.name in report and figures["compare"] == str(smollm2_gguf)
 
 
 @pytest.mark.parametrize("chunk", [3, 7, 64, 1 << 20])
@@ -236,6 +258,19 @@ def test_small_data_warns_of_a_smaller_vocabulary(tmp_path):
     assert 259 < trained < 5000
     assert result.lines[0].startswith(f"warning: the data gave {trained} tokens")
     assert not (store.model_path(result.manifest) / "chat_template.jinja").exists()
+    from tinkerlm.api import resolve
+
+    with pytest.raises(TinkerError, match="tiny:latest is a tokenizer, not a model"):
+        resolve("tiny")  # what `tinkerlm run/export/eval` look models up with
+
+
+def test_same_data_same_tokenizer(sources):
+    """What the manifest records is enough to make the tokenizer again, byte for byte."""
+    digests = []
+    for tag in ("a", "b"):
+        m = tt.train_tokenizer(sources[:4], 500, f"again:{tag}", compare="none", progress=False).manifest
+        digests.append(next(f["sha256"] for f in m.files if f["path"] == "tokenizer.json"))
+    assert digests[0] == digests[1]
 
 
 def snapshot(root: Path) -> dict:

@@ -293,8 +293,9 @@ def compression(tokenizer, text: str) -> dict:
 
 
 def reference_tokenizer(compare: str):
-    """(name, tokenizer) of the model or tokenizer to compare with: a store name, a .gguf file or a Hugging Face
-    directory; (name, None) when it is a store name not in the store (nothing is pulled)."""
+    """(name, tokenizer) of the model or tokenizer to compare with: a store name (named by its ref), a .gguf file or
+    a Hugging Face directory (named by its file name); (name, None) when it is a store name not in the store
+    (nothing is pulled)."""
     from tinkerlm import store
     from tinkerlm.formats.tokenizer import Tokenizer
 
@@ -308,11 +309,12 @@ def reference_tokenizer(compare: str):
         if m.format == "lora":
             raise TinkerError(f"--compare {compare}: a LoRA adapter has its base's tokenizer; compare with the base")
         where = store.model_path(m)
+    name = m.ref if m else path.resolve().name  # the file or directory name: a short column in the report
     if where.is_file():
         from tinkerlm.formats.gguf import read_gguf
 
-        return (m.ref if m else str(path)), read_gguf(where).tokenizer()
-    return (m.ref if m else str(path)), Tokenizer.from_hf_dir(where)
+        return name, read_gguf(where).tokenizer()
+    return name, Tokenizer.from_hf_dir(where)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -417,7 +419,7 @@ def train_tokenizer(
         text = corpus.heldout
         heldout_record = {"from": "data", "fraction": HELDOUT_FRACTION, "max_bytes": HELDOUT_MAX_BYTES}
         heldout_record.update(start=corpus.heldout_start, bytes=len(text.encode("utf-8")))
-    figures: dict = {"heldout_bytes": len(text.encode("utf-8")), "tokenizers": {}}
+    figures: dict = {"heldout_bytes": len(text.encode("utf-8")), "compare": compare, "tokenizers": {}}
     if text:
         figures["tokenizers"][f"{name}:{tag}"] = compression(tok, text)
         if reference is not None:

@@ -250,13 +250,20 @@ def test_cli_trains_and_stores(tmp_path, store_home, sources):
     assert m.source["compression"]["tokenizers"]["small:v1"]["bytes_per_token"] > 1
 
 
-def test_small_data_warns_of_a_smaller_vocabulary(tmp_path):
+def test_small_data_warns_of_a_smaller_vocabulary_and_heldout_file(tmp_path):
     data = tmp_path / "d.txt"
     data.write_text("the cat sat on the mat\n" * 20 + "a dog\n")
-    result = tt.train_tokenizer([data], 5000, "tiny", compare="none", chat_template="none", progress=False)
-    trained = result.manifest.source["vocab_size_trained"]
+    result = tt.train_tokenizer(
+        [data], 5000, "tiny", heldout=data, compare="none", chat_template="none", progress=False
+    )
+    src = result.manifest.source
+    trained = src["vocab_size_trained"]
     assert 259 < trained < 5000
-    assert result.lines[0].startswith(f"warning: the data gave {trained} tokens")
+    assert result.lines[0] == f"warning: --heldout {data} is also in --data: compression is measured on trained text"
+    assert result.lines[1].startswith(f"warning: the data gave {trained} tokens")
+    assert src["training_bytes"] == src["data_bytes"] == data.stat().st_size  # nothing held out of the data
+    assert src["heldout"]["files"][0]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    assert src["compression"]["tokenizers"]["tiny:latest"]["bytes_per_token"] > 1
     assert not (store.model_path(result.manifest) / "chat_template.jinja").exists()
     from tinkerlm.api import resolve
 

@@ -661,7 +661,7 @@ def _tokenizer_verb(sub, fmt) -> None:
         "--heldout",
         default=None,
         metavar="FILE",
-        help="text to measure compression on; if not given, the data's last 5%% (at most 8 MiB) is held out of "
+        help="text file (or directory) to measure compression on; if not given, the data's last 5%% (at most 8 MiB) is held out of "
         "training and used",
     )
     t.add_argument("--min-frequency", type=int, default=2, help="merge only pairs seen at least this often")

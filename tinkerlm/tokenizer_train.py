@@ -345,7 +345,8 @@ def train_tokenizer(
         special_tokens: added first (ids 0, 1, ...), never split; the first is EOS, the end-of-document token.
         chat_template: "chatml" (needs <|im_start|> and <|im_end|>; <|im_end|> then also stops generation), "none",
             or a Jinja template file.
-        heldout: a text file to measure compression on; None holds out the data's last 5% (at most 8 MiB).
+        heldout: a text file (or directory, as in `data`) to measure compression on; None holds out the data's
+            last 5% (at most 8 MiB).
         min_frequency: a pair must occur this often to be merged.
         compare: the tokenizer to compare compression with (a store name, .gguf file or HF directory; "none"
             skips it). A store name not in the store is skipped with a note; nothing is pulled.
@@ -373,7 +374,8 @@ def train_tokenizer(
     tokens = check_special_tokens(special_tokens, vocab_size, chat_template)
     template, template_record = read_chat_template(chat_template)
     files = expand_data(data)
-    heldout_file = expand_data([heldout], "--heldout")[0] if heldout is not None else None
+    heldout_files = expand_data([heldout], "--heldout") if heldout is not None else []
+    overlap = [str(f.path) for f in heldout_files if f.path in {d.path for d in files}]
     total = sum(f.size for f in files)
     ref_name, reference = (compare, None) if compare == "none" else reference_tokenizer(compare)
 
@@ -390,7 +392,7 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show and sys.stdout.isatty(),  # (its bars write newlines to stdout even when hidden)
     )
-    cut = total if heldout_file is not None else heldout_cut(total)
+    cut = total if heldout_files else heldout_cut(total)
     with tqdm(total=total, unit="B", unit_scale=True, desc="reading", disable=not show) as bar:
         corpus = Corpus(files, cut, bar)
         backend.train_from_iterator(corpus.training_text(), trainer)
@@ -398,6 +400,8 @@ def train_tokenizer(
         raise TinkerError("--data: no text left to train on after holding out the tail; give more data or --heldout")
     trained = backend.get_vocab_size(with_added_tokens=True)
     warnings = []
+    if overlap:
+        warnings.append(f"--heldout {', '.join(overlap)} is also in --data: compression is measured on trained text")
     if trained < vocab_size:
         warnings.append(
             f"the data gave {trained} tokens, fewer than --vocab-size {vocab_size} (too little text, or "
@@ -412,9 +416,9 @@ def train_tokenizer(
         render(tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
 
     # Compression on the held-out text, ours and the reference's.
-    if heldout_file is not None:
-        text = _read_heldout(heldout_file)
-        heldout_record = {"from": "file", **heldout_file.record("heldout")}
+    if heldout_files:
+        text = "".join(map(_read_heldout, heldout_files))
+        heldout_record = {"from": "file", "files": [f.record("heldout") for f in heldout_files]}
     else:
         text = corpus.heldout
         heldout_record = {"from": "data", "fraction": HELDOUT_FRACTION, "max_bytes": HELDOUT_MAX_BYTES}
@@ -491,7 +495,7 @@ def report(m: Manifest, source: dict) -> list[str]:
     ]
     figures = source["compression"]
     held = source["heldout"]
-    where = held["path"] if held["from"] == "file" else "the data's last 5%"
+    where = ", ".join(f["path"] for f in held["files"]) if held["from"] == "file" else "the data's last 5%"
     lines.append(f"compression on {format_size(figures['heldout_bytes'])} of held-out text ({where}):")
     width = max(map(len, figures["tokenizers"]), default=0)
     for ref, c in figures["tokenizers"].items():

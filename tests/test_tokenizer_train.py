@@ -273,11 +273,13 @@ def test_small_data_warns_of_a_smaller_vocabulary_and_heldout_file(tmp_path):
 
 def test_same_data_same_tokenizer(sources):
     """What the manifest records is enough to make the tokenizer again, byte for byte."""
-    digests = []
-    for tag in ("a", "b"):
-        m = tt.train_tokenizer(sources[:4], 500, f"again:{tag}", compare="none", progress=False).manifest
+    digests, figures = [], []
+    for tag, compare in (("a", "none"), ("b", "again:a")):  # b is compared with a, by store name
+        m = tt.train_tokenizer(sources[:4], 500, f"again:{tag}", compare=compare, progress=False).manifest
         digests.append(next(f["sha256"] for f in m.files if f["path"] == "tokenizer.json"))
+        figures.append(m.source["compression"]["tokenizers"])
     assert digests[0] == digests[1]
+    assert figures[1]["again:b"] == figures[1]["again:a"] == figures[0]["again:a"]
 
 
 def snapshot(root: Path) -> dict:

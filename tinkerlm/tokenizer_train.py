@@ -390,12 +390,24 @@ def train_tokenizer(
         min_frequency=min_frequency,
         special_tokens=tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=show and sys.stdout.isatty(),  # (its bars write newlines to stdout even when hidden)
+        # Its own bars would fight tqdm's for the line, and write newlines to stdout even when hidden.
+        show_progress=False,
     )
     cut = total if heldout_files else heldout_cut(total)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="reading", disable=not show) as bar:
-        corpus = Corpus(files, cut, bar)
-        backend.train_from_iterator(corpus.training_text(), trainer)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="reading", disable=not show)
+    corpus = Corpus(files, cut, bar)
+
+    def pieces() -> Iterator[str]:
+        # Reading is most of the time; what follows it gets one line.
+        yield from corpus.training_text()
+        bar.close()
+        if show:
+            print(f"counting pairs and learning up to {vocab_size - len(tokens) - BYTES} merges ...", file=sys.stderr)
+
+    try:
+        backend.train_from_iterator(pieces(), trainer)
+    finally:
+        bar.close()
     if corpus.training_bytes == 0:
         raise TinkerError("--data: no text left to train on after holding out the tail; give more data or --heldout")
     trained = backend.get_vocab_size(with_added_tokens=True)

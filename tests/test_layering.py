@@ -33,7 +33,7 @@ TABLE = [
         "toolcalls",
     ),  # generation
     ("api", "store"),  # `tinkerlm.load()` and `LLM`; the local store
-    ("tune", "merge", "export", "evaluate", "train", "openness", "serve", "bench"),  # the verbs
+    ("tune", "merge", "export", "evaluate", "train", "openness", "serve", "bench", "tokenizer_train"),  # the verbs
     ("cli", "__main__"),  # `tinkerlm <verb>`
 ]
 LAYERS = {unit: i for i, units in enumerate(TABLE) for unit in units}

@@ -54,6 +54,8 @@ def resolve(name_or_path: str, pull: bool = True):
         if not pull:
             store.get(name_or_path)  # raises, suggesting close names
         manifest = store.pull(name_or_path)
+    if manifest.format == "tokenizer":  # `tinkerlm tokenizer train` made it: no weights
+        raise TinkerError(f"{manifest.ref} is a tokenizer, not a model: it has no weights to run or remix")
     return store.model_path(manifest), manifest
 
 

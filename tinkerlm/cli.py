@@ -616,6 +616,64 @@ def _finetune_parser(sub, fmt) -> None:  # plain formatter: the help texts show 
     s.add_argument("--force", action="store_true", help="replace a model already stored as --out")
     _licence_flag(s)
 
+    _tokenizer_verb(sub, fmt)
+
+
+def _tokenizer_verb(sub, fmt) -> None:
+    """`tinkerlm tokenizer train` (tinkerlm.tokenizer_train)."""
+    from tinkerlm.tokenizer_train import DATA_SUFFIXES, DEFAULT_SPECIAL_TOKENS
+
+    s = sub.add_parser("tokenizer", help="train a tokenizer", description="Tokenizers made here.")
+    actions = s.add_subparsers(dest="action", metavar="ACTION", required=True, help="what to do: train")
+    t = actions.add_parser(
+        "train",
+        help="train a byte-level BPE tokenizer on text files into the store",
+        formatter_class=fmt,
+        description="Train a byte-level BPE tokenizer (tokenizers library, Llama-3 pre-tokenizer pattern) on UTF-8 "
+        "text and store it as a tokenizer entry recording each data file's sha256. Prints compression (bytes per "
+        "token) on held-out text, against SmolLM2's tokenizer when it is in the store. See docs/pretrain.md.",
+    )
+    t.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help=f"UTF-8 text files; a directory stands for its {' '.join('*' + x for x in DATA_SUFFIXES)} files",
+    )
+    t.add_argument(
+        "--vocab-size", type=int, required=True, help="vocabulary size, special tokens and 256 bytes included"
+    )
+    t.add_argument("--out", required=True, help="store name NAME[:TAG] for the tokenizer")
+    t.add_argument(
+        "--special-tokens",
+        nargs="*",
+        default=list(DEFAULT_SPECIAL_TOKENS),
+        metavar="TOKEN",
+        help="special tokens, ids 0, 1, ...; the first is EOS (end of document)",
+    )
+    t.add_argument(
+        "--chat-template",
+        default="chatml",
+        metavar="{chatml,none,FILE}",
+        help="chat template: chatml (needs <|im_start|> <|im_end|>), none, or a Jinja file",
+    )
+    t.add_argument(
+        "--heldout",
+        default=None,
+        metavar="FILE",
+        help="text file (or directory) to measure compression on; if not given, the data's last 5%% (at most 8 MiB) is held out of "
+        "training and used",
+    )
+    t.add_argument("--min-frequency", type=int, default=2, help="merge only pairs seen at least this often")
+    t.add_argument(
+        "--compare",
+        default="smollm2",
+        help="tokenizer to compare compression with: store name, .gguf file or HF directory, or none "
+        "(a store name not in the store is skipped; nothing is pulled)",
+    )
+    t.add_argument("--license", default=None, help="licence recorded for the tokenizer, e.g. its data's (PSF-2.0)")
+    t.add_argument("--force", action="store_true", help="replace a tokenizer already stored as --out")
+
 
 def _licence_flag(s) -> None:
     s.add_argument(
@@ -658,6 +716,12 @@ def cmd_quantize(a) -> None:
     from tinkerlm.export import quantize_main
 
     quantize_main(a)
+
+
+def cmd_tokenizer(a) -> None:
+    from tinkerlm.tokenizer_train import main
+
+    main(a)
 
 
 def cmd_finetune(a) -> None:
@@ -846,6 +910,7 @@ COMMANDS = {
     "openness": cmd_openness,
     "card": cmd_card,
     "push": cmd_push,
+    "tokenizer": cmd_tokenizer,
 }
 
 

@@ -38,6 +38,9 @@ def _source_text(src: dict) -> str:
     if kind == "finetune":
         data = ", ".join(Path(d["path"]).name for d in src.get("data", []))
         return f"{src.get('method')} fine-tune on {data} ({src.get('steps')} steps)"
+    if kind == "tokenizer":
+        n, vocab = len(src.get("data", [])), src.get("vocab_size_trained")
+        return f"{src.get('method')} tokenizer trained here on {n} file{'s' * (n != 1)}, vocab {vocab}"
     if kind == "merge":
         return f"merge ({src.get('method')})"
     if kind == "fuse":

@@ -146,12 +146,14 @@ def _stage(
     verification: dict | None = None,
     obligations: list[str] | None = None,
     licence_conflicts: list[str] | None = None,
+    info: dict | None = None,
 ) -> Manifest:
     """Run `fill(model_dir)` in a fresh tmp dir, write the manifest, and move the result into the store.
 
     `fill` writes the model files and returns (files, extra source fields). `license` is used when the model's
     own metadata has none; `parents` default to the lineage a GGUF file carries (`tinkerlm.lineage`, written by
-    `tinkerlm export`). `verification` is read after `fill` (which may fill it in). On any exception, Ctrl-C
+    `tinkerlm export`). `verification` is read after `fill` (which may fill it in). `info` replaces what
+    `describe` reads from the files (for entries that are not models: a tokenizer). On any exception, Ctrl-C
     included, the tmp dir is removed.
     """
     _clean_stale_tmp()
@@ -162,7 +164,7 @@ def _stage(
         files, extra = fill(model_dir)
         source = {**source, **extra}
         is_gguf = len(files) == 1 and files[0]["path"].endswith(".gguf")
-        info = describe(model_dir / files[0]["path"] if is_gguf else model_dir)
+        info = dict(info) if info is not None else describe(model_dir / files[0]["path"] if is_gguf else model_dir)
         info["license"] = info["license"] or license
         recorded = info.pop("parents")  # the lineage the file itself records (a GGUF written by `tinkerlm export`)
         parents = parents or recorded
@@ -230,6 +232,7 @@ def add(
     verification: dict | None = None,
     obligations: list[str] | None = None,
     licence_conflicts: list[str] | None = None,
+    info: dict | None = None,
 ) -> Manifest:
     """Store a model made here (a fine-tune, an adapter, a merge) with its lineage, atomically.
 
@@ -243,6 +246,8 @@ def add(
         force: replace a model already stored under `name`.
         obligations: what distributing it obliges, inherited from the parents' licences (`tinkerlm.openness`).
         licence_conflicts: the parents' licence conflicts accepted with --accept-licence-conflict.
+        info: {"format", "architecture", "parameters", "quantization", "context_length", "license", "parents"} for
+            an entry that is not a model (a tokenizer: format "tokenizer"), instead of describing its files.
 
     Raises:
         TinkerError: bad name, or the name is taken and `force` is not set.
@@ -274,6 +279,7 @@ def add(
             verification=verification,
             obligations=obligations,
             licence_conflicts=licence_conflicts,
+            info=info,
         )
     except FileExistsError:
         raise TinkerError(f"{name}:{tag} was stored by another process meanwhile; pick another name or use --force")

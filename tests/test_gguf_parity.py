@@ -53,14 +53,15 @@ def metadata(kind, ref):
             **{"attention.head_count": c.n_head, "attention.layer_norm_epsilon": c.layer_norm_epsilon},
         )
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    rope = c.rope_parameters
-    yarn = {
-        "rope.scaling.type": "yarn",
-        "rope.scaling.factor": rope["factor"],
-        "rope.scaling.original_context_length": rope["original_max_position_embeddings"],
-    }
+    rope, yarn = c.rope_parameters, {}
+    if rope.get("rope_type") == "yarn":
+        yarn = {
+            "rope.scaling.type": "yarn",
+            "rope.scaling.factor": rope["factor"],
+            "rope.scaling.original_context_length": rope["original_max_position_embeddings"],
+        }
     return {
-        **(yarn if rope["rope_type"] == "yarn" else {}),
+        **yarn,
         "context_length": c.max_position_embeddings,
         "embedding_length": c.hidden_size,
         "feed_forward_length": c.intermediate_size,

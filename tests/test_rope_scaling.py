@@ -357,6 +357,16 @@ def test_what_gguf_cannot_hold_is_refused(extra, match):
     assert "qwen2.context_length" in specs.for_model_type("qwen2").gguf_metadata(qwen)
 
 
+def test_gemma_refuses_yarn_and_dynamic():
+    """Gemma 3's forward (models/gemma.py) applies neither YaRN's attention factor nor dynamic frequencies."""
+    from tinkerlm import models
+
+    gemma = dict(COMMON, model_type="gemma3_text", num_key_value_heads=2, head_dim=16)
+    for kind in ("yarn", "dynamic"):
+        with pytest.raises(TinkerError, match=f"'{kind}' is not supported for Gemma 3"):
+            models.build(dict(gemma, rope_scaling={"rope_type": kind, "factor": 4.0}), "config.json")
+
+
 def test_config_json_keys_are_kept(tmp_path):
     """transformers 5 writes `rope_parameters` with rope_theta inside; the yarn keys survive into the config."""
     hf_model(tmp_path, "LlamaConfig", rope_scaling=YARN_GGUF)

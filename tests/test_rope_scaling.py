@@ -374,3 +374,28 @@ def test_config_json_keys_are_kept(tmp_path):
     assert saved["rope_parameters"]["rope_type"] == "yarn"
     model = tinkerlm.load(str(tmp_path)).model
     assert model.rope_scale == 1.25 and model.max_context == 128
+
+
+def test_llama_cpp_runs_a_yarn_gguf_as_tinkerlm_does(tmp_path):
+    """A random-weight YaRN model exported to GGUF (f32): llama.cpp computes tinkerlm's logits at all 40 positions
+    of a prompt longer than the original context of 32. (llama.cpp's llama architecture reads only the factor and
+    the original context: it takes beta 32/1 and the attention factor from the factor, HF's defaults.)"""
+    import numpy as np
+
+    from tinkerlm.export import export
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    hf_model(tmp_path / "hf", "LlamaConfig", head_dim=32, rope_scaling=yarn)
+    export(str(tmp_path / "hf"), to="gguf", type="f32", out=str(tmp_path / "m.gguf"), progress=False, verify=False)
+    ids = ids_of(1, 40, 8)[0].tolist()
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0)
+    llm.eval(ids)
+    want = np.asarray(llm.scores[: len(ids)])
+    with torch.no_grad():
+        got = tinkerlm.load(str(tmp_path / "m.gguf")).model(torch.tensor([ids]))[0].numpy()
+    np.testing.assert_allclose(got, want, atol=2e-3, rtol=1e-3)
+    plain = tinkerlm.load(str(tmp_path / "m.gguf")).model
+    plain.inv_freq, plain.rope_scale = rope_inv_freq(32, 10000.0), 1.0  # without YaRN the logits differ
+    with torch.no_grad():
+        assert np.abs(plain(torch.tensor([ids]))[0].numpy() - want).max() > 1e-2

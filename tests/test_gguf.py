@@ -348,9 +348,9 @@ def test_missing_tensor(tmp_path, rng):
 
 
 def test_unsupported_rope_scaling(tmp_path, rng):
-    path = tmp_path / "yarn.gguf"
-    write_gguf(path, "llama", llama_weights(rng), meta={"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0})
-    assert "yarn" in fails(path, "config")
+    path = tmp_path / "longrope.gguf"
+    write_gguf(path, "llama", llama_weights(rng), meta={"rope.scaling.type": "longrope", "rope.scaling.factor": 4.0})
+    assert "longrope" in fails(path, "config")
 
 
 # ----------------------------------------------------------------------------------------------------------------

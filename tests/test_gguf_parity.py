@@ -18,7 +18,7 @@ import tinkerlm
 from tinkerlm.formats.gguf import read_gguf
 
 QTYPES = [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1]
-KINDS = ["llama", "llama3-tied", "llama-headdim", "qwen2", "qwen3", "gpt2"]
+KINDS = ["llama", "llama3-tied", "llama-headdim", "llama-yarn", "qwen2", "qwen3", "gpt2"]
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 
 
@@ -53,7 +53,15 @@ def metadata(kind, ref):
             **{"attention.head_count": c.n_head, "attention.layer_norm_epsilon": c.layer_norm_epsilon},
         )
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    rope, yarn = c.rope_parameters, {}
+    if rope.get("rope_type") == "yarn":
+        yarn = {
+            "rope.scaling.type": "yarn",
+            "rope.scaling.factor": rope["factor"],
+            "rope.scaling.original_context_length": rope["original_max_position_embeddings"],
+        }
     return {
+        **yarn,
         "context_length": c.max_position_embeddings,
         "embedding_length": c.hidden_size,
         "feed_forward_length": c.intermediate_size,
@@ -89,7 +97,7 @@ def refs(tmp_path_factory):
 def test_gguf_logits_match_hf(kind, qtype, refs, tmp_path):
     ref = refs[kind]
     weights = linear_layout(kind, ref.state_dict())
-    arch = {"llama3-tied": "llama", "llama-headdim": "llama"}.get(kind, kind)
+    arch = {"llama3-tied": "llama", "llama-headdim": "llama", "llama-yarn": "llama"}.get(kind, kind)
     extra = {"rope_freqs.weight": rope_freqs(ref)} if kind == "llama3-tied" else None
     path = tmp_path / f"{kind}.gguf"
     heads = ref.config.n_head if kind == "gpt2" else ref.config.num_attention_heads

@@ -19,7 +19,7 @@ from tinkerlm.models.base import KVCache
 from tinkerlm.prefix_cache import PrefixCache
 from tinkerlm.sampling import SamplingParams
 
-KINDS = ("llama", "gpt2", "mistral-window", "qwen3")
+KINDS = ("llama", "gpt2", "mistral-window", "qwen3", "qwen2-window")
 
 
 @pytest.fixture(scope="module")

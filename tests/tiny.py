@@ -46,9 +46,25 @@ CONFIGS = {
         ),
     ),
     "llama-headdim": ("LlamaConfig", dict(COMMON, num_key_value_heads=1, head_dim=32)),
+    # YaRN over a 512-token original context (its ramp then spans frequencies 1..8 of 16), 4x longer.
+    "llama-yarn": (
+        "LlamaConfig",
+        dict(
+            COMMON,
+            num_key_value_heads=2,
+            head_dim=32,
+            max_position_embeddings=2048,
+            rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512},
+        ),
+    ),
     "mistral-window": ("MistralConfig", dict(COMMON, num_key_value_heads=2, sliding_window=8)),
     "qwen2": ("Qwen2Config", dict(COMMON, num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(COMMON, num_key_value_heads=2, head_dim=32)),
+    # Qwen's per-layer windows: layer 0 attends to everything, layer 1 (from max_window_layers on) to 8 positions.
+    "qwen2-window": (
+        "Qwen2Config",
+        dict(COMMON, num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=1),
+    ),
     # Six layers: five sliding (window 4) and one global, as Gemma 3 alternates them; query scale != head_dim ** -0.5.
     "gemma3": (
         "Gemma3TextConfig",

@@ -1,7 +1,8 @@
 """Blocks shared by every architecture: config parsing, norms, rotary embeddings, attention, KV cache.
 
 References: RMSNorm (Zhang & Sennrich 2019), RoPE (Su et al. 2021, "RoFormer"), Llama 3.1 frequency scaling
-(Meta's reference code), grouped-query attention (Ainslie et al. 2023), sliding-window attention (Mistral 7B).
+(Meta's reference code), YaRN (Peng et al. 2023) and dynamic NTK scaling (as transformers' `modeling_rope_utils`),
+grouped-query attention (Ainslie et al. 2023), sliding-window attention (Mistral 7B).
 
 Conventions: activations are (B, T, C); attention tensors are (B, heads, T, head_dim); every sequence in a batch
 has its own positions, so right-padded prompts of different lengths share one forward pass and one cache.
@@ -166,24 +167,32 @@ def rope_inv_freq(
     scaling: dict[str, Any] | None = None,
     freq_factors: list[float] | None = None,
     source: str = "config",
+    seq_len: int | None = None,
 ) -> torch.Tensor:
     """Inverse frequencies (head_dim // 2,) in fp32 for the given RoPE variant.
 
-    `scaling` is HF's `rope_scaling` / `rope_parameters` dict: types default, linear and llama3 are supported.
-    `freq_factors` is llama.cpp's per-frequency divisor (GGUF `rope_freqs.weight`), how GGUF stores llama3 scaling.
+    `scaling` is HF's `rope_scaling` / `rope_parameters` dict: types default, linear, llama3, yarn and dynamic are
+    supported (as transformers' `modeling_rope_utils` computes them). `freq_factors` is llama.cpp's per-frequency
+    divisor (GGUF `rope_freqs.weight`), how GGUF stores llama3 scaling. `seq_len` is for dynamic NTK scaling only:
+    the length of the sequence in hand (see `rope_dynamic_seq_len`); None gives the unscaled frequencies.
     """
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 1.0 < float(theta) < math.inf:
         raise TinkerError(f"{source}: rope_theta {theta!r:.40} must be a finite number above 1 (fix the config)")
     theta = float(theta)  # an int past 2^63 would overflow torch's pow
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     try:
-        return _scaled(inv_freq, scaling, freq_factors, source)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:  # a value missing or of the wrong type
+        return _scaled(inv_freq, head_dim, theta, scaling, freq_factors, source, seq_len)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:  # missing, of the wrong type
         raise TinkerError(f"{source}: rope_scaling {scaling!r:.200} is malformed ({exc!r}) (fix config.json)") from None
 
 
-def _scaled(inv_freq: torch.Tensor, scaling: dict[str, Any] | None, freq_factors, source: str) -> torch.Tensor:
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+def rope_type(scaling: dict[str, Any] | None) -> str:
+    """The RoPE variant a `rope_scaling` dict names ("default" for None)."""
+    return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+
+
+def _scaled(inv_freq: torch.Tensor, dim: int, theta: float, scaling, freq_factors, source: str, seq_len):
+    kind = rope_type(scaling)
     if kind == "default":
         pass
     elif kind == "linear":
@@ -199,8 +208,37 @@ def _scaled(inv_freq: torch.Tensor, scaling: dict[str, Any] | None, freq_factors
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
         inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "yarn":
+        # YaRN (Peng et al. 2023): frequencies of few rotations over the original context (below `beta_slow`) are
+        # interpolated (divided by `factor`), those of many (above `beta_fast`) kept, a linear ramp between.
+        factor, old_ctx = _factor(scaling), float(scaling["original_max_position_embeddings"])
+        fast, slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
+        low, high = (dim * math.log(old_ctx / (n * 2 * math.pi)) / (2 * math.log(theta)) for n in (fast, slow))
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        ramp = torch.clamp(
+            (torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low or 0.001), 0, 1
+        )
+        kept = 1 - ramp  # 1: extrapolated (original frequency), 0: interpolated
+        interpolated = 1.0 / (factor * theta ** (torch.arange(0, dim, 2, device="cpu").float() / dim))
+        inv_freq = interpolated * (1 - kept) + inv_freq * kept
+        rope_attention_factor(scaling)  # checked here, so that a malformed value is reported as the others are
+    elif kind == "dynamic":
+        # Dynamic NTK: past the original context (the config's `max_position_embeddings`, which the model copies to
+        # `original_max_position_embeddings`) the base grows with the sequence.
+        old_ctx = int(scaling["original_max_position_embeddings"])
+        if seq_len is not None and seq_len > old_ctx:
+            factor = _factor(scaling)
+            # in fp32 tensors, as transformers computes it from a tensor length
+            base = theta * ((factor * torch.tensor(seq_len, device="cpu") / old_ctx) - (factor - 1)) ** (
+                dim / (dim - 2)
+            )
+            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     else:
-        raise TinkerError(f"{source}: rope scaling type '{kind}' is not supported (supported: default, linear, llama3)")
+        raise TinkerError(
+            f"{source}: rope scaling type '{kind}' is not supported (supported: default, linear, llama3, yarn, dynamic)"
+        )
     if freq_factors is not None:
         factors = torch.tensor(freq_factors, dtype=torch.float32, device="cpu")
         if factors.numel() != inv_freq.numel():
@@ -211,10 +249,38 @@ def _scaled(inv_freq: torch.Tensor, scaling: dict[str, Any] | None, freq_factors
     return inv_freq
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """Half-width cos and sin tables (B, T, head_dim/2) for integer positions (B, T), computed in fp32."""
+def _factor(scaling: dict[str, Any]) -> float:
+    factor = float(scaling["factor"])
+    if not 0 < factor < math.inf:
+        raise ValueError(f"factor {factor} is not a positive number")
+    return factor
+
+
+def rope_attention_factor(scaling: dict[str, Any] | None) -> float:
+    """What cos and sin are multiplied by: YaRN's attention temperature (`attention_factor`, else from `mscale` and
+    `mscale_all_dim` or 0.1 ln(factor) + 1), 1.0 for the other types."""
+    if rope_type(scaling) != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = float(scaling["factor"])
+    mscale = lambda m: 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0  # noqa: E731
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return float(mscale(scaling["mscale"]) / mscale(scaling["mscale_all_dim"]))
+    return mscale(1)
+
+
+def rope_dynamic_seq_len(scaling: dict[str, Any] | None, positions: torch.Tensor) -> int | None:
+    """For dynamic NTK scaling, the sequence length its frequencies follow: the largest position + 1 in the batch
+    (as transformers takes it from `position_ids`); None for the other types, whose frequencies are fixed."""
+    return int(positions.max()) + 1 if rope_type(scaling) == "dynamic" else None
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, attention_factor: float = 1.0):
+    """Half-width cos and sin tables (B, T, head_dim/2) for integer positions (B, T), computed in fp32 and
+    multiplied by `attention_factor` (YaRN's; see `rope_attention_factor`)."""
     freqs = positions.to(torch.float32)[..., None] * inv_freq  # (B, T, hd/2)
-    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+    return (freqs.cos() * attention_factor).to(dtype), (freqs.sin() * attention_factor).to(dtype)
 
 
 class _RopeFn(torch.autograd.Function):

@@ -39,6 +39,7 @@ from tinkerlm.models.base import (
     make_mask,
     rope_cos_sin,
     rope_inv_freq,
+    rope_type,
 )
 
 BOUNDS = {
@@ -138,6 +139,11 @@ class GemmaConfig:
         if cfg.final_logit_softcapping is not None and not cfg.final_logit_softcapping > 0:
             raise TinkerError(f"{source}: config key 'final_logit_softcapping' must be positive or null")
         # Gemma 2's attention softcapping cannot run through scaled_dot_product_attention; Gemma 3 has none.
+        if rope_type(cfg.rope_scaling) in ("yarn", "dynamic"):  # the forward applies neither's extra step
+            raise TinkerError(
+                f"{source}: rope scaling type '{rope_type(cfg.rope_scaling)}' is not supported for Gemma 3 "
+                "(supported: linear, llama3)"
+            )
         if cfg.attn_logit_softcapping is not None:
             raise TinkerError(f"{source}: attn_logit_softcapping is not supported (Gemma 3 has none; Gemma 2 does)")
         if cfg.use_bidirectional_attention:

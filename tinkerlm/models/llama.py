@@ -3,8 +3,10 @@
 One decoder covers them all; each difference is a named config field:
 - `attention_bias`: bias on q/k/v projections (Qwen2).
 - `qk_norm`: RMSNorm over each head of q and k before RoPE (Qwen3).
-- `rope_scaling`: linear or llama3 frequency scaling (Llama 3.1+); `rope_freq_factors`: the same, as GGUF stores it.
-- `sliding_window`: attention limited to the last N positions (Mistral v0.1).
+- `rope_scaling`: linear, llama3 (Llama 3.1+), yarn (Qwen2.5 long context) or dynamic (NTK) frequency scaling;
+  `rope_freq_factors`: llama3's, as GGUF stores it.
+- `sliding_window`: attention limited to the last N positions (Mistral v0.1); `layer_types`: on some layers only
+  (Qwen2/3 with `use_sliding_window`).
 - `head_dim`: explicit when not hidden_size / num_attention_heads (Qwen3, some Mistrals).
 
 References: Touvron et al. 2023 (Llama 2), Meta Llama 3 model card and reference code, Jiang et al. 2023 (Mistral),
@@ -30,8 +32,11 @@ from tinkerlm.models.base import (
     check_positive,
     config_from_dict,
     make_mask,
+    rope_attention_factor,
     rope_cos_sin,
+    rope_dynamic_seq_len,
     rope_inv_freq,
+    rope_type,
     swiglu,
 )
 
@@ -47,6 +52,8 @@ BOUNDS = {
     "max_position_embeddings": limits.MAX_CONTEXT,
     "sliding_window": limits.MAX_CONTEXT,
 }
+SLIDING, FULL = "sliding_attention", "full_attention"  # transformers' `layer_types`
+QWEN_MAX_WINDOW_LAYERS = 28  # transformers' default for Qwen2/3 configs that omit `max_window_layers`
 
 
 @dataclass
@@ -71,6 +78,8 @@ class LlamaConfig:
     # Per model_type defaults (Qwen2: attention_bias on q/k/v only; Qwen3: qk_norm) are the spec's
     # (tinkerlm/formats/specs/llama.py), filled in by `tinkerlm.models.build` before this dataclass.
     sliding_window: int | None = None
+    # The layers `sliding_window` applies to (SLIDING or FULL each) when not all of them; None: every layer.
+    layer_types: list[str] | None = None
     hidden_act: str = "silu"
     model_type: str = "llama"
 
@@ -86,14 +95,18 @@ class LlamaConfig:
         scaling = d.get("rope_scaling")
         if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "default":
             d["rope_scaling"] = None
-        # Qwen configs carry a sliding_window that is off unless use_sliding_window is set, and then per layer.
-        if "use_sliding_window" in d or "layer_types" in d:
-            layer_types = d.get("layer_types")
-            layer_types = layer_types if isinstance(layer_types, list) else []
-            if d.get("use_sliding_window") or "sliding_attention" in layer_types:
-                raise TinkerError(f"{source}: per-layer sliding-window attention (layer_types) is not supported yet")
+        # Qwen configs carry a sliding_window that is off unless use_sliding_window is set, and then on the layers
+        # `layer_types` names (transformers derives them when absent: the layers from `max_window_layers` on).
+        layer_types = d.pop("layer_types", None)
+        if "use_sliding_window" in d and not d["use_sliding_window"]:
             d["sliding_window"] = None
         cfg = config_from_dict(cls, d, source, bounds=BOUNDS)
+        if cfg.sliding_window is not None and (layer_types is not None or "use_sliding_window" in d):
+            cfg.layer_types = _layer_types(d, layer_types, cfg.num_hidden_layers, source)
+            if cfg.layer_types.count(SLIDING) in (0, len(cfg.layer_types)):  # the same on every layer
+                cfg.sliding_window = cfg.sliding_window if cfg.layer_types[0] == SLIDING else None
+                cfg.layer_types = None
+        _fill_rope_scaling(cfg, d)
         check_positive(source, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads)
         if cfg.num_key_value_heads is None:
             cfg.num_key_value_heads = cfg.num_attention_heads
@@ -124,6 +137,34 @@ class LlamaConfig:
         if cfg.hidden_act != "silu":
             raise TinkerError(f"{source}: hidden_act '{cfg.hidden_act}' is not supported (supported: silu)")
         return cfg
+
+
+def _layer_types(d: dict[str, Any], layer_types, n_layers: int, source: str) -> list[str]:
+    if layer_types is None:  # as transformers' Qwen2Config derives them
+        first = d.get("max_window_layers", QWEN_MAX_WINDOW_LAYERS)
+        if isinstance(first, bool) or not isinstance(first, int):
+            raise TinkerError(f"{source}: config key 'max_window_layers' is {first!r:.40}, expected an integer")
+        layer_types = [SLIDING if i >= first else FULL for i in range(n_layers)]
+    if not isinstance(layer_types, list) or len(layer_types) != n_layers or not set(layer_types) <= {SLIDING, FULL}:
+        raise TinkerError(
+            f"{source}: config key 'layer_types' must list '{SLIDING}' or '{FULL}' for each of the {n_layers} layers "
+            "(fix config.json)"
+        )
+    return layer_types
+
+
+def _fill_rope_scaling(cfg: LlamaConfig, d: dict[str, Any]) -> None:
+    """The context lengths RoPE scaling is measured against, where the config leaves them implicit, as transformers'
+    `standardize_rope_params` and `_compute_*_parameters` take them."""
+    scaling, kind = cfg.rope_scaling, rope_type(cfg.rope_scaling)
+    if kind == "dynamic":  # measured against max_position_embeddings, whatever else the dict says
+        cfg.rope_scaling = dict(scaling, original_max_position_embeddings=cfg.max_position_embeddings)
+    elif kind in ("yarn", "llama3"):
+        old_ctx = d.get("original_max_position_embeddings")  # a top-level key wins (Phi-3 style configs)
+        old_ctx = old_ctx or scaling.get("original_max_position_embeddings") or cfg.max_position_embeddings
+        cfg.rope_scaling = dict(scaling, original_max_position_embeddings=old_ctx)
+        if kind == "yarn" and scaling.get("factor") is None and isinstance(old_ctx, int) and old_ctx > 0:
+            cfg.rope_scaling["factor"] = cfg.max_position_embeddings / old_ctx  # DeepSeek-V3 style: the ratio
 
 
 class Attention(nn.Module):
@@ -205,11 +246,21 @@ class LlamaForCausalLM(CausalLM):
         self.n_layers, self.n_kv_heads, self.head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
         self.max_context = cfg.max_position_embeddings
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_freq_factors, source)
+        self.rope_scale = rope_attention_factor(cfg.rope_scaling)  # YaRN's: multiplies cos and sin
+        if rope_type(cfg.rope_scaling) in ("yarn", "dynamic"):  # made to run `factor` times the original context
+            scaling = cfg.rope_scaling  # its values were checked by rope_inv_freq
+            longest = int(float(scaling["factor"]) * float(scaling["original_max_position_embeddings"]))
+            self.max_context = min(max(self.max_context, longest), limits.MAX_CONTEXT)
         self.tie_weights()
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def layer_windows(self) -> list[int | None]:
+        """Each layer's attention window (None: every earlier position), from the config as it is now."""
+        cfg = self.config
+        return [cfg.sliding_window if t == SLIDING else None for t in cfg.layer_types or [SLIDING] * self.n_layers]
 
     # A fused one-token decode step (tinkerlm.quant.decode) attached to quantized models; None runs the modules.
     fused_decode = None
@@ -226,15 +277,22 @@ class LlamaForCausalLM(CausalLM):
         B, T = input_ids.shape
         if self.fused_decode is not None and T == 1 and cache is not None:
             return self.fused_decode(input_ids, cache)
-        window = self.config.sliding_window
+        cfg, windows = self.config, self.layer_windows()
         positions, k_pos, kv_len = self.step_inputs(input_ids, cache, self.max_context, self.source)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        if segments is not None:
-            positions, mask = self.segment_inputs(segments, window)
-        else:
-            mask = make_mask(positions, k_pos, cache, window)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            x = self.run_layer(layer, x, cos, sin, mask, cache, i, positions, kv_len)
+        masks = {}  # one mask per distinct window
+        for window in set(windows):
+            if segments is not None:
+                positions, masks[window] = self.segment_inputs(segments, window)
+            else:
+                masks[window] = make_mask(positions, k_pos, cache, window)
+        inv_freq, seq_len = self.inv_freq, rope_dynamic_seq_len(cfg.rope_scaling, positions)
+        if seq_len is not None:  # dynamic NTK: frequencies for this forward's longest sequence, as transformers
+            inv_freq = rope_inv_freq(
+                cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_freq_factors, seq_len=seq_len
+            )
+        cos, sin = rope_cos_sin(inv_freq, positions, x.dtype, self.rope_scale)
+        for i, (layer, window) in enumerate(zip(self.model.layers, windows)):
+            x = self.run_layer(layer, x, cos, sin, masks[window], cache, i, positions, kv_len)
         x = self.model.norm(self.select(x, logits_at))
         return self.lm_head(x) if head else x

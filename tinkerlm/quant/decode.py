@@ -10,7 +10,8 @@ record's scale once per key, so no float copy of the cache is made.
 Which models it runs is decided by structure, not by class: a model opts in by declaring a `fused_decode`
 attribute (its forward hands one-token steps to it; declare it only where the layers compute what `llama_decode`
 does), and `supports` checks the rest: pre-norm RMSNorm layers of packed q/k/v/o and gate/up/down projections, no
-output or MLP biases, float32.
+output or MLP biases, float32, one attention window for every layer, and RoPE tables the step can compute itself
+from `inv_freq` (not YaRN's attention factor on cos and sin, nor dynamic NTK's per-length frequencies).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from tinkerlm import kernels
-from tinkerlm.models.base import KVCache, RMSNorm
+from tinkerlm.models.base import KVCache, RMSNorm, rope_type
 from tinkerlm.quant.linear import QEmbedding, QLinear
 
 EMPTY = torch.empty(0)
@@ -44,6 +45,11 @@ class FusedLlamaDecoder:
             return False
         if getattr(cfg, "attention_out_bias", True) or getattr(cfg, "mlp_bias", True):
             return False
+        windows = model.layer_windows() if hasattr(model, "layer_windows") else [getattr(cfg, "sliding_window", None)]
+        if len(set(windows)) > 1 or windows[0] != getattr(cfg, "sliding_window", None):  # the step takes one window
+            return False
+        if getattr(model, "rope_scale", 1.0) != 1.0 or rope_type(getattr(cfg, "rope_scaling", None)) == "dynamic":
+            return False  # the step computes cos and sin from inv_freq alone
         for layer in backbone.layers:
             a, f = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
             norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))

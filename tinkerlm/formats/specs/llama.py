@@ -2,7 +2,9 @@
 
 GGUF files name these architectures "llama" (Llama 2/3, SmolLM, most Mistrals), "mistral", "qwen2" and "qwen3";
 HF uses the same names as `model_type`. Writers give Mistral "llama", as llama.cpp's converter does: llama.cpp has
-no "mistral" architecture (and no sliding window for "llama", so Mistral v0.1's `sliding_window` is not written). llama.cpp's converter interleaves the two rotary halves of each head's
+no "mistral" architecture (and no sliding window for "llama", so Mistral v0.1's `sliding_window` is not written;
+Qwen's per-layer windows, which would change the results, are refused). llama.cpp's converter interleaves the two
+rotary halves of each head's
 q/k rows for llama and mistral (it undoes HF's own permutation of Meta's checkpoints); `rope_rows` is that
 permutation, read back here and inverted for writers.
 
@@ -33,6 +35,8 @@ ROPE_FREQS = "rope_freqs.weight"
 ROPE_PERMUTED = ("llama", "mistral")
 _QK = re.compile(r"model\.layers\.\d+\.self_attn\.([qk])_proj\.(weight|bias)")
 _HEADS = {"q": "num_attention_heads", "k": "num_key_value_heads"}
+# YaRN's optional GGUF keys (`{arch}.rope.scaling.*`, as llama.cpp's converter writes them) -> HF rope_scaling keys.
+YARN_KEYS = {"yarn_beta_fast": "beta_fast", "yarn_beta_slow": "beta_slow", "yarn_attn_factor": "attention_factor"}
 
 
 def rope_rows(hf_name: str, config: dict, rows: int) -> np.ndarray | None:
@@ -57,11 +61,27 @@ def _rope_scaling(g: GGUFMetadata) -> dict | None:
         kind, factor = "linear", legacy
     if kind is None or kind == "none":
         return None
+    if kind not in ("linear", "yarn"):
+        raise TinkerError(f"{g.path}: {arch}.rope.scaling.type {kind!r} is not supported (supported: linear, yarn)")
+    if factor is None:
+        raise TinkerError(f"{g.path}: {arch}.rope.scaling.type is {kind} but rope.scaling.factor is missing")
     if kind == "linear":
-        if factor is None:
-            raise TinkerError(f"{g.path}: {arch}.rope.scaling.type is linear but rope.scaling.factor is missing")
         return {"rope_type": "linear", "factor": float(factor)}
-    raise TinkerError(f"{g.path}: {arch}.rope.scaling.type {kind!r} is not supported (supported: linear)")
+    # llama.cpp: the original context defaults to the training context; the ext factor (1 for YaRN) is not HF's.
+    if g.arch_key("rope.scaling.yarn_ext_factor", 1.0, kind=float) != 1.0:
+        raise TinkerError(f"{g.path}: {arch}.rope.scaling.yarn_ext_factor other than 1 is not supported")
+    old_ctx = g.arch_key("rope.scaling.original_context_length", None, limit=limits.MAX_CONTEXT)
+    scaling = {
+        "rope_type": "yarn",
+        "factor": float(factor),
+        "original_max_position_embeddings": old_ctx or g.arch_key("context_length", limit=limits.MAX_CONTEXT),
+    }
+    for key, hf_key in YARN_KEYS.items():
+        if (value := g.arch_key(f"rope.scaling.{key}", None, kind=float)) is not None:
+            scaling[hf_key] = float(value)
+    if log_mul := g.arch_key("rope.scaling.yarn_log_multiplier", None, kind=float):  # llama.cpp assumes mscale 1
+        scaling.update(mscale=1.0, mscale_all_dim=float(log_mul))
+    return scaling
 
 
 def gguf_config(g: GGUFMetadata) -> dict:
@@ -133,6 +153,37 @@ def _rope(config: dict) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
+def _sliding_layers(config: dict) -> bool:
+    """Whether a Qwen2/3 config has sliding-window layers (as transformers' Qwen2Config derives `layer_types`)."""
+    if not config.get("use_sliding_window") or not config.get("sliding_window"):
+        return False
+    types = config.get("layer_types")
+    if types is None:
+        return config["num_hidden_layers"] > config.get("max_window_layers", 28)
+    return "sliding_attention" in types
+
+
+def _yarn_metadata(arch: str, config: dict, scaling: dict) -> dict:
+    """The `{arch}.rope.scaling.*` keys of YaRN, as llama.cpp's converter writes them (plus `yarn_log_multiplier`
+    for `mscale_all_dim`, which llama.cpp reads with mscale 1)."""
+    if not scaling.get("truncate", True):
+        raise TinkerError("config: YaRN with truncate false cannot be written to GGUF (llama.cpp always truncates)")
+    old_ctx = scaling.get("original_max_position_embeddings") or config.get("max_position_embeddings", 2048)
+    meta = {
+        f"{arch}.rope.scaling.type": "yarn",
+        f"{arch}.rope.scaling.factor": float(scaling.get("factor") or config["max_position_embeddings"] / old_ctx),
+        f"{arch}.rope.scaling.original_context_length": old_ctx,
+    }
+    for key, hf_key in YARN_KEYS.items():
+        if scaling.get(hf_key) is not None:
+            meta[f"{arch}.rope.scaling.{key}"] = float(scaling[hf_key])
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        if scaling["mscale"] != 1:
+            raise TinkerError("config: YaRN mscale other than 1 cannot be written to GGUF (llama.cpp assumes 1)")
+        meta[f"{arch}.rope.scaling.yarn_log_multiplier"] = float(scaling["mscale_all_dim"])
+    return meta
+
+
 def _head_dim(config: dict) -> int:
     return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
@@ -143,12 +194,18 @@ def gguf_metadata(config: dict) -> dict:
     tensors the file holds; llama3 RoPE scaling goes into the `rope_freqs.weight` tensor (`gguf_extra_tensors`).
 
     Raises:
-        TinkerError: a RoPE scaling other than linear or llama3, which GGUF (as tinkerlm reads it) cannot hold.
+        TinkerError: a RoPE scaling other than linear, llama3 or yarn (dynamic NTK has no GGUF form in llama.cpp),
+            or Qwen's per-layer sliding windows (llama.cpp's qwen2/qwen3 have none).
     """
     model_type = config.get("model_type")
     arch = WRITE_ARCHITECTURES.get(model_type, model_type)
     if arch not in GGUF_ARCHITECTURES:
         raise TinkerError(f"config: model_type {model_type!r} is not a Llama-family model")
+    if _sliding_layers(config):
+        raise TinkerError(
+            "config: sliding-window layers (use_sliding_window) cannot be written to GGUF: llama.cpp's qwen2 and qwen3 "
+            "attend over every position (export a config without them)"
+        )
     heads = config["num_attention_heads"]
     theta, scaling = _rope(config)
     meta = {
@@ -170,10 +227,12 @@ def gguf_metadata(config: dict) -> dict:
     if kind == "linear":
         meta[f"{arch}.rope.scaling.type"] = "linear"
         meta[f"{arch}.rope.scaling.factor"] = float(scaling["factor"])
+    elif kind == "yarn":
+        meta.update(_yarn_metadata(arch, config, scaling))
     elif kind not in (None, "llama3"):
         raise TinkerError(
-            f"config: rope scaling type {kind!r} cannot be written to GGUF (supported: linear, llama3); "
-            "export a model without it"
+            f"config: rope scaling type {kind!r} cannot be written to GGUF (supported: linear, llama3, yarn; llama.cpp "
+            "has no dynamic NTK scaling); export a model without it"
         )
     return meta
 

@@ -369,7 +369,10 @@ void matmul_swiglu(const PW& wg, const PW& wu, const XQ& x, float* out, bool gel
                 tile(wu, g, x, t, n, yu, GR);
                 for (int64_t i = 0; i < n; i++) {
                     float* o = out + (t + i) * I + g * GR;
-                    (gelu ? gelu_mul_group : silu_mul_group)(yg + i * GR, yu + i * GR, o, valid);
+                    if (gelu)
+                        gelu_mul_group(yg + i * GR, yu + i * GR, o, valid);
+                    else
+                        silu_mul_group(yg + i * GR, yu + i * GR, o, valid);
                 }
             }
         }

@@ -18,6 +18,7 @@ from tinkerlm.errors import TinkerError
 from tinkerlm.export import export
 from tinkerlm.formats.gguf import read_gguf
 from tinkerlm.models.gemma import GemmaConfig
+from tinkerlm.quant.decode import FusedGemmaDecoder, FusedLlamaDecoder
 
 PROMPTS = [
     "The capital of France is",
@@ -109,8 +110,10 @@ def test_real_greedy_answers_equal_transformers(prompt, hf_gemma, gemma_fp32, ge
         logits = hf_gemma(torch.tensor([ids + native])).logits[0, len(ids) - 1 : -1]  # (n, V): the step of each
     gaps = logits.max(-1).values - logits[torch.arange(n), torch.tensor(native)]
     assert len(native) == n and gaps.max() < 0.1, gaps
-    # Llama's fused decode step must not be attached to Gemma's different layers; q/k/v run as one packed call.
-    assert getattr(gemma_native.model, "fused_decode", None) is None
+    # Decoding ran through Gemma's fused step, never Llama's (its layers compute something else); q/k/v (prefill)
+    # run as one packed call.
+    assert isinstance(gemma_native.model.fused_decode, FusedGemmaDecoder)
+    assert not FusedLlamaDecoder.supports(gemma_native.model)
     assert gemma_native.model.model.layers[0].self_attn.fused_qkv is not None
 
 

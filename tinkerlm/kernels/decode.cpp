@@ -1,6 +1,9 @@
 // The fused decode step: a whole Llama-family forward for one new token per sequence in one call, so a token
 // costs the weights' memory traffic rather than thousands of PyTorch dispatches (tinkerlm/quant/decode.py builds
 // its arguments). Built from the products (quantized.cpp) and the per-vector helpers (elementwise.cpp).
+// Gemma 3 runs through the same step: its extra norms are optional fields of a layer, its window and RoPE table
+// are per layer, and its GELU, embedding, query and logit scales are arguments (Llama's are SiLU, 1, 1/sqrt(hd)
+// and none); its (1 + w) norms arrive with the 1 added.
 
 #pragma once
 
@@ -18,15 +21,18 @@ struct PackedMatrix {
 
 PW as_pw(const PackedMatrix& m) { return as_pw(m.data, m.fmt, m.rows); }
 
-// One layer's weights. Norm weights and biases are float32; the biases (Qwen2) and the per-head q/k norms (Qwen3)
-// may be empty tensors.
+// One layer's weights. Norm weights and biases are float32; the biases (Qwen2), the per-head q/k norms (Qwen3,
+// Gemma) and the norms of the attention and MLP outputs (Gemma's sandwich) may be empty tensors.
 struct DecodeLayer {
     at::Tensor input_norm;
     PackedMatrix wq, wk, wv;
     at::Tensor bq, bk, bv, q_norm, k_norm;
     PackedMatrix wo;
-    at::Tensor post_norm;
+    at::Tensor attn_out_norm, post_norm;  // post_norm: the MLP's input norm
     PackedMatrix w_gate, w_up, w_down;
+    at::Tensor mlp_out_norm;
+    at::Tensor inv_freq;  // this layer's RoPE frequencies (hd / 2,): Gemma's local and global layers differ
+    int64_t window;       // sliding-window length, 0: the whole context
 };
 
 // The weights outside the layers: the final norm, the output head and the embedding table.
@@ -95,13 +101,21 @@ inline void axpy_i8(float a, const int8_t* x, float* y, int64_t n) {
     for (; i < n; i++) y[i] += a * (float)x[i];
 }
 
+// x += y for B rows of C, y first RMS-normed by `norm` where it is not empty (Gemma's post-attention and
+// post-MLP norms; in place in y).
+inline void add_normed(float* x, float* y, const at::Tensor& norm, int64_t B, int64_t C, float eps) {
+    if (norm.numel())
+        for (int64_t b = 0; b < B; b++) rmsnorm(y + b * C, norm.data_ptr<float>(), y + b * C, C, eps);
+    for (int64_t i = 0; i < B * C; i++) x[i] += y[i];
+}
+
 }  // namespace
 
 // Seconds spent in each phase of llama_decode since profiling was switched on (decode_profile(true)); the
 // phases are named in DECODE_PHASES. Off by default: a clock read costs ~20 ns, 8 a layer.
 constexpr int N_PHASES = 7;
 const char* DECODE_PHASES[N_PHASES] = {"norms, rounding, residuals", "q/k/v products", "RoPE, cache write, attention",
-                                      "o products", "gate/up products + SwiGLU", "down products", "output head"};
+                                      "o products", "gate/up products + GLU", "down products", "output head"};
 bool PROFILING = false;
 double PROFILE[N_PHASES] = {};
 
@@ -114,11 +128,13 @@ std::vector<std::pair<std::string, double>> decode_profile(bool on) {
 }
 
 // One decode step of a Llama-family model for B sequences, one new token each, written at `positions` into cache
-// rows `rows`: each layer's weights in `layers`, the final norm, output head and embedding in `head`. Returns (B, V).
+// rows `rows`: each layer's weights in `layers`, the final norm, output head and embedding in `head`. `scale`
+// multiplies the attention scores, `embed_scale` the embedding rows; `gelu`: the MLP is GELU-tanh gated, not
+// SiLU; `softcap` > 0: logits become tanh(logits / softcap) * softcap. Returns (B, V).
 at::Tensor llama_decode(at::Tensor tokens, at::Tensor positions, at::Tensor rows, const std::vector<DecodeLayer>& layers,
-                        const DecodeHead& head,
-                        std::vector<at::Tensor> k_cache, std::vector<at::Tensor> v_cache, at::Tensor inv_freq,
-                        int64_t n_heads, int64_t n_kv, int64_t hd, double eps, int64_t window) {
+                        const DecodeHead& head, std::vector<at::Tensor> k_cache, std::vector<at::Tensor> v_cache,
+                        int64_t n_heads, int64_t n_kv, int64_t hd, double eps, double scale, double embed_scale,
+                        bool gelu, double softcap) {
     const int64_t B = tokens.size(0);
     const int64_t L = (int64_t)layers.size();
     const int64_t* tok = tokens.data_ptr<int64_t>();
@@ -141,15 +157,33 @@ at::Tensor llama_decode(at::Tensor tokens, at::Tensor positions, at::Tensor rows
             for (int64_t b = 0; b < B; b++) TORCH_CHECK(row[b] >= 0 && row[b] < c.size(0), "cache row out of range");
         }
     std::vector<float> x(B * C), h(B * C), q(B * q_dim), k(B * kv_dim), v(B * kv_dim), att(B * q_dim), tmp(B * C);
-    std::vector<float> gate, cs(B * half), sn(B * half);
+    std::vector<float> gate;
     for (int64_t b = 0; b < B; b++) {
         TORCH_CHECK(tok[b] >= 0 && tok[b] < emb.rows, "token id ", tok[b], " out of range");
         packed_dequant_rows(emb, tok[b], tok[b] + 1, x.data() + b * C);
-        for (int64_t i = 0; i < half; i++) {  // RoPE tables: one position per row, shared by every layer
-            const float f = (float)pos[b] * inv_freq.data_ptr<float>()[i];
-            cs[b * half + i] = std::cos(f);
-            sn[b * half + i] = std::sin(f);
-        }
+        if (embed_scale != 1.0)
+            for (int64_t i = 0; i < C; i++) x[b * C + i] *= (float)embed_scale;
+    }
+    // RoPE tables (cos, sin), one position per row, for each distinct frequency tensor of the layers (one for
+    // Llama, local and global for Gemma); `table[l]` is layer l's.
+    std::vector<const float*> freqs;
+    std::vector<std::vector<float>> cs, sn;
+    std::vector<size_t> table(L);
+    for (int64_t l = 0; l < L; l++) {
+        const at::Tensor& f = layers[l].inv_freq;
+        TORCH_CHECK(f.scalar_type() == at::kFloat && f.is_contiguous() && f.numel() == half, "inv_freq must be (hd / 2,) float32");
+        const float* fp = f.data_ptr<float>();
+        table[l] = std::find(freqs.begin(), freqs.end(), fp) - freqs.begin();
+        if (table[l] < freqs.size()) continue;
+        freqs.push_back(fp);
+        cs.emplace_back(B * half);
+        sn.emplace_back(B * half);
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t i = 0; i < half; i++) {
+                const float a = (float)pos[b] * fp[i];
+                cs.back()[b * half + i] = std::cos(a);
+                sn.back()[b * half + i] = std::sin(a);
+            }
     }
     XQ xq;
     auto last = std::chrono::steady_clock::now();
@@ -175,19 +209,21 @@ at::Tensor llama_decode(at::Tensor tokens, at::Tensor positions, at::Tensor rows
             for (int64_t b = 0; b < B; b++)
                 for (int64_t j = 0; j < n; j++) y[b * n + j] += bias.data_ptr<float>()[j];
         }
+        const float* lcs = cs[table[l]].data();
+        const float* lsn = sn[table[l]].data();
         for (int64_t b = 0; b < B; b++) {
             float* qb = q.data() + b * q_dim;
             float* kb = k.data() + b * kv_dim;
             const float* vb = v.data() + b * kv_dim;
             for (int64_t hh = 0; hh < n_heads; hh++) {
-                if (layer.q_norm.numel()) rmsnorm(qb + hh * hd, layer.q_norm.data_ptr<float>(), qb + hh * hd, hd, feps);  // Qwen3
-                rope(qb + hh * hd, hd, cs.data() + b * half, sn.data() + b * half);
+                if (layer.q_norm.numel()) rmsnorm(qb + hh * hd, layer.q_norm.data_ptr<float>(), qb + hh * hd, hd, feps);  // Qwen3, Gemma
+                rope(qb + hh * hd, hd, lcs + b * half, lsn + b * half);
             }
             const int64_t S = k_cache[l].size(2);
             TORCH_CHECK(pos[b] < S, "position ", pos[b], " beyond the cache of ", S);
             for (int64_t hh = 0; hh < n_kv; hh++) {
                 if (layer.k_norm.numel()) rmsnorm(kb + hh * hd, layer.k_norm.data_ptr<float>(), kb + hh * hd, hd, feps);
-                rope(kb + hh * hd, hd, cs.data() + b * half, sn.data() + b * half);
+                rope(kb + hh * hd, hd, lcs + b * half, lsn + b * half);
                 const int64_t slot = (row[b] * n_kv + hh) * S + pos[b];
                 if (q8) {
                     kv_quantize(kb + hh * hd, hd, k_cache[l].data_ptr<int8_t>() + slot * rec);
@@ -199,6 +235,8 @@ at::Tensor llama_decode(at::Tensor tokens, at::Tensor positions, at::Tensor rows
             }
         }
         // each row attends over its own keys; (row, head) pairs across threads
+        const int64_t window = layer.window;
+        const float fscale = (float)scale;
         at::parallel_for(0, B * n_heads, 1, [&](int64_t i0, int64_t i1) {
             std::vector<float> sc;
             for (int64_t i = i0; i < i1; i++) {
@@ -208,18 +246,17 @@ at::Tensor llama_decode(at::Tensor tokens, at::Tensor positions, at::Tensor rows
                 const float* qv = q.data() + b * q_dim + hh * hd;
                 const int64_t first = (row[b] * n_kv + g) * S + start;  // the slot of key `start`
                 sc.resize(n);
-                const float scale = 1.f / std::sqrt((float)hd);
                 float mx = -INFINITY;
                 if (q8) {  // 8-bit records read in place: the scale applies to the whole score
                     const int8_t* kb = k_cache[l].data_ptr<int8_t>() + first * rec;
                     for (int64_t j = 0; j < n; j++) {
-                        sc[j] = dot_i8(qv, kb + j * rec, hd) * (kv_scale(kb + j * rec, hd) * scale);
+                        sc[j] = dot_i8(qv, kb + j * rec, hd) * (kv_scale(kb + j * rec, hd) * fscale);
                         mx = std::max(mx, sc[j]);
                     }
                 } else {
                     const float* kb = k_cache[l].data_ptr<float>() + first * hd;
                     for (int64_t j = 0; j < n; j++) {
-                        sc[j] = dot(qv, kb + j * hd, hd) * scale;
+                        sc[j] = dot(qv, kb + j * hd, hd) * fscale;
                         mx = std::max(mx, sc[j]);
                     }
                 }
@@ -241,7 +278,7 @@ at::Tensor llama_decode(at::Tensor tokens, at::Tensor positions, at::Tensor rows
         lap(0);
         matmul_multi({as_pw(layer.wo)}, xq, {tmp.data()});
         lap(3);
-        for (int64_t i = 0; i < B * C; i++) x[i] += tmp[i];
+        add_normed(x.data(), tmp.data(), layer.attn_out_norm, B, C, feps);
         // MLP
         for (int64_t b = 0; b < B; b++) rmsnorm(x.data() + b * C, layer.post_norm.data_ptr<float>(), h.data() + b * C, C, feps);
         PW wg = as_pw(layer.w_gate), wu = as_pw(layer.w_up), wd = as_pw(layer.w_down);
@@ -249,19 +286,24 @@ at::Tensor llama_decode(at::Tensor tokens, at::Tensor positions, at::Tensor rows
         gate.resize(B * I);
         quantize_acts(h.data(), B, C, xq);
         lap(0);
-        matmul_swiglu(wg, wu, xq, gate.data());
+        matmul_swiglu(wg, wu, xq, gate.data(), gelu);
         lap(4);
         quantize_acts(gate.data(), B, I, xq);
         lap(0);
         matmul_multi({wd}, xq, {tmp.data()});
         lap(5);
-        for (int64_t i = 0; i < B * C; i++) x[i] += tmp[i];
+        add_normed(x.data(), tmp.data(), layer.mlp_out_norm, B, C, feps);
     }
     for (int64_t b = 0; b < B; b++) rmsnorm(x.data() + b * C, head.final_norm.data_ptr<float>(), h.data() + b * C, C, feps);
     PW lm = as_pw(head.lm_head);
     auto logits = at::empty({B, lm.rows}, at::kFloat);
     quantize_acts(h.data(), B, C, xq);
     matmul_multi({lm}, xq, {logits.data_ptr<float>()});
+    if (softcap > 0) {
+        float* lp = logits.data_ptr<float>();
+        const float c = (float)softcap;
+        for (int64_t i = 0; i < B * lm.rows; i++) lp[i] = std::tanh(lp[i] / c) * c;
+    }
     lap(6);
     return logits;
 }

@@ -67,6 +67,13 @@ inline __m512 sigmoid16(__m512 g) {
 
 inline __m512 silu_mul16(__m512 g, __m512 u) { return _mm512_mul_ps(_mm512_mul_ps(g, sigmoid16(g)), u); }
 
+// GELU-tanh (Gemma's MLP), 0.5 g (1 + tanh(a)) with a = sqrt(2 / pi) (g + 0.044715 g^3), written as g sigmoid(2a).
+inline __m512 gelu_mul16(__m512 g, __m512 u) {
+    const __m512 g3 = _mm512_mul_ps(_mm512_mul_ps(g, g), g);
+    const __m512 a2 = _mm512_mul_ps(_mm512_fmadd_ps(g3, _mm512_set1_ps(0.044715f), g), _mm512_set1_ps(1.5957691216057308f));
+    return _mm512_mul_ps(_mm512_mul_ps(g, sigmoid16(a2)), u);
+}
+
 // Bit p of every 16-bit lane of the fifth-bit plane, moved to bit 4 (the value 16 or 0).
 inline __m512i fifth_bits(__m512i plane, int p) {
     const __m512i moved = p >= 4 ? _mm512_srli_epi16(plane, (unsigned)(p - 4)) : _mm512_slli_epi16(plane, (unsigned)(4 - p));
@@ -228,6 +235,11 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
 // o[0 .. valid) = silu(g) * u for one group's 16 outputs (matmul_swiglu).
 inline void silu_mul_group(const float* g, const float* u, float* o, int64_t valid) {
     const __m512 h = silu_mul16(_mm512_loadu_ps(g), _mm512_loadu_ps(u));
+    _mm512_mask_storeu_ps(o, (__mmask16)((1u << valid) - 1), h);
+}
+
+inline void gelu_mul_group(const float* g, const float* u, float* o, int64_t valid) {
+    const __m512 h = gelu_mul16(_mm512_loadu_ps(g), _mm512_loadu_ps(u));
     _mm512_mask_storeu_ps(o, (__mmask16)((1u << valid) - 1), h);
 }
 

@@ -5,6 +5,7 @@
 //   round_block            32 activations rounded to int16                   (quantized.cpp: quantize_acts)
 //   group_rows<FMT, T>     T activation rows times one group of 16 rows      (quantized.cpp: the products)
 //   silu_mul_group         silu(gate) * up for one group's outputs           (quantized.cpp: matmul_swiglu)
+//   gelu_mul_group         gelu_tanh(gate) * up, the same for Gemma          (quantized.cpp: matmul_swiglu)
 //   dot_vec, axpy_vec, max_vec, exp_sum_vec, swiglu_fwd_vec, swiglu_bwd_vec: the vector part of a loop whose
 //                          scalar tail is its caller's (here: nothing, the tail does it all)
 //   scores_tile, scores_tile2, pv_tile: attention's register tiles           (attention.cpp)
@@ -77,6 +78,13 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
 
 inline void silu_mul_group(const float* g, const float* u, float* o, int64_t valid) {
     for (int64_t j = 0; j < valid; j++) o[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
+}
+
+inline void gelu_mul_group(const float* g, const float* u, float* o, int64_t valid) {  // GELU-tanh, as torch's
+    for (int64_t j = 0; j < valid; j++) {
+        const float x = g[j], a = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+        o[j] = 0.5f * x * (1.f + std::tanh(a)) * u[j];
+    }
 }
 
 inline float dot_vec(const float*, const float*, int64_t, int64_t&) { return 0.f; }

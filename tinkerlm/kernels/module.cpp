@@ -39,18 +39,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     py::class_<DecodeLayer>(mod, "DecodeLayer", py::module_local())
         .def(py::init([](at::Tensor input_norm, PackedMatrix wq, PackedMatrix wk, PackedMatrix wv, at::Tensor bq,
                          at::Tensor bk, at::Tensor bv, at::Tensor q_norm, at::Tensor k_norm, PackedMatrix wo,
-                         at::Tensor post_norm, PackedMatrix w_gate, PackedMatrix w_up, PackedMatrix w_down) {
-                 return DecodeLayer{input_norm, wq, wk, wv, bq, bk, bv, q_norm, k_norm, wo, post_norm, w_gate, w_up, w_down};
+                         at::Tensor attn_out_norm, at::Tensor post_norm, PackedMatrix w_gate, PackedMatrix w_up,
+                         PackedMatrix w_down, at::Tensor mlp_out_norm, at::Tensor inv_freq, int64_t window) {
+                 return DecodeLayer{input_norm, wq, wk, wv, bq, bk, bv, q_norm, k_norm,
+                                    wo, attn_out_norm, post_norm, w_gate, w_up, w_down, mlp_out_norm, inv_freq, window};
              }),
              py::kw_only(), py::arg("input_norm"), py::arg("wq"), py::arg("wk"), py::arg("wv"), py::arg("bq"),
-             py::arg("bk"), py::arg("bv"), py::arg("q_norm"), py::arg("k_norm"), py::arg("wo"), py::arg("post_norm"),
-             py::arg("w_gate"), py::arg("w_up"), py::arg("w_down"));
+             py::arg("bk"), py::arg("bv"), py::arg("q_norm"), py::arg("k_norm"), py::arg("wo"),
+             py::arg("attn_out_norm"), py::arg("post_norm"), py::arg("w_gate"), py::arg("w_up"), py::arg("w_down"),
+             py::arg("mlp_out_norm"), py::arg("inv_freq"), py::arg("window"));
     py::class_<DecodeHead>(mod, "DecodeHead", py::module_local())
         .def(py::init([](at::Tensor final_norm, PackedMatrix lm_head, PackedMatrix embedding) {
                  return DecodeHead{final_norm, lm_head, embedding};
              }),
              py::kw_only(), py::arg("final_norm"), py::arg("lm_head"), py::arg("embedding"));
-    mod.def("llama_decode", &llama_decode, "one fused decode step of a Llama-family model");
+    mod.def("llama_decode", &llama_decode, "one fused decode step of a Llama-family or Gemma 3 model");
     mod.def("decode_profile", &decode_profile, "seconds per llama_decode phase since the last call; on: keep timing");
     mod.attr("isa") = ISA;  // from the instruction set's header
 }

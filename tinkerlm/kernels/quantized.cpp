@@ -353,9 +353,9 @@ void matmul_multi(const std::vector<PW>& ws, const XQ& x, const std::vector<floa
     });
 }
 
-// out (T, I) = silu(x @ Wg^T) * (x @ Wu^T): gate and up computed group by group into a small buffer and combined
-// there, so neither (T, I) product goes to memory.
-void matmul_swiglu(const PW& wg, const PW& wu, const XQ& x, float* out) {
+// out (T, I) = silu(x @ Wg^T) * (x @ Wu^T) (gelu: gelu_tanh for silu): gate and up computed group by group into a
+// small buffer and combined there, so neither (T, I) product goes to memory.
+void matmul_swiglu(const PW& wg, const PW& wu, const XQ& x, float* out, bool gelu = false) {
     const int64_t I = wg.rows;
     TORCH_CHECK(wu.rows == I && wu.K == wg.K, "gate and up projections differ in shape");
     const int64_t grain = std::max<int64_t>(1, wg.groups / (4 * at::get_num_threads()));
@@ -369,7 +369,10 @@ void matmul_swiglu(const PW& wg, const PW& wu, const XQ& x, float* out) {
                 tile(wu, g, x, t, n, yu, GR);
                 for (int64_t i = 0; i < n; i++) {
                     float* o = out + (t + i) * I + g * GR;
-                    silu_mul_group(yg + i * GR, yu + i * GR, o, valid);
+                    if (gelu)
+                        gelu_mul_group(yg + i * GR, yu + i * GR, o, valid);
+                    else
+                        silu_mul_group(yg + i * GR, yu + i * GR, o, valid);
                 }
             }
         }

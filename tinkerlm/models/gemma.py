@@ -159,6 +159,8 @@ class GemmaRMSNorm(RMSNorm):
     """RMSNorm scaled by `(1 + weight)`: Gemma's weights are offsets from 1 (initialised to 0), in HF files as
     here. (GGUF files store `1 + weight`; the spec's `shift` converts at the boundary.)"""
 
+    unit_offset = True  # read by tinkerlm.quant.decode, whose kernel multiplies by the weight: it adds the 1
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__(dim, eps)
         nn.init.zeros_(self.weight)
@@ -252,10 +254,9 @@ class GemmaForCausalLM(CausalLM):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    # No `fused_decode` attribute on purpose: tinkerlm.quant.decode's step computes Llama's layers, so declaring one
-    # would attach it here. Quantized Gemma decodes through its modules (QLinear on packed weights). The step
-    # would need the (1 + w) norms (foldable into its weights at attach), the post-attention and post-MLP norms,
-    # GELU-tanh, the embedding scale, the query scale, and a window and RoPE table per layer.
+    # A fused one-token decode step (tinkerlm.quant.decode.FusedGemmaDecoder) attached to quantized models; None runs
+    # the modules.
+    fused_decode = None
 
     def forward(
         self,
@@ -267,6 +268,8 @@ class GemmaForCausalLM(CausalLM):
     ):
         """Logits (B, T, V) for `input_ids` (B, T), or (B, 1, V) at per-row index `logits_at` (B,); see CausalLM."""
         cfg = self.config
+        if self.fused_decode is not None and input_ids.shape[1] == 1 and cache is not None and head:
+            return self.fused_decode(input_ids, cache)
         positions, k_pos, kv_len = self.step_inputs(input_ids, cache, self.max_context, self.source)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         x = x * torch.tensor(self.embed_scale, dtype=x.dtype)  # rounded to the activation dtype, as HF does

@@ -119,7 +119,7 @@ def fuse(model: nn.Module) -> bool:
     """Speed transforms for inference over packed weights: q/k/v and gate/up as one kernel call each (prefill),
     and the fused C++ decode step where the model allows it (returned: whether it was attached)."""
     from tinkerlm.kernels import ops
-    from tinkerlm.quant.decode import FusedLlamaDecoder
+    from tinkerlm.quant.decode import FusedGemmaDecoder, FusedLlamaDecoder
     from tinkerlm.quant.linear import FusedGateUp, FusedQKV
 
     if ops() is None:
@@ -135,10 +135,11 @@ def fuse(model: nn.Module) -> bool:
             and module.up_proj.bias is None
         ):
             module.fused_gate_up = FusedGateUp(module.gate_proj, module.up_proj)
-    if not FusedLlamaDecoder.supports(model):
-        return False
-    model.fused_decode = FusedLlamaDecoder(model)
-    return True
+    for decoder in (FusedLlamaDecoder, FusedGemmaDecoder):
+        if decoder.supports(model):
+            model.fused_decode = decoder(model)
+            return True
+    return False
 
 
 def unfuse(model: nn.Module) -> None:

@@ -10,23 +10,27 @@
 #include "quantize.cpp"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-    mod.def("rms_norm_fwd", &rms_norm_fwd, "RMSNorm forward: {y, 1/rms}");
-    mod.def("rms_norm_bwd", &rms_norm_bwd, "RMSNorm input gradient");
-    mod.def("rope_apply", &rope_apply, "rotate-half RoPE on (B, T, H, hd), or its inverse");
-    mod.def("swiglu_fwd", &swiglu_fwd, "silu(gate) * up");
-    mod.def("swiglu_bwd", &swiglu_bwd, "SwiGLU gradients {d gate, d up}");
-    mod.def("pack", &pack, "GGUF blocks -> the packed layout the products read");
-    mod.def("unpack", &unpack, "packed layout -> GGUF blocks, bit for bit");
-    mod.def("qmatmul", &qmatmul, "y = x @ W.T, W packed, x rounded to int16 blocks");
-    mod.def("qmatmul_multi", &qmatmul_multi, "[x @ W_i.T], x rounded once");
-    mod.def("qmatmul_swiglu", &qmatmul_swiglu, "silu(x @ Wg.T) * (x @ Wu.T)");
-    mod.def("round_acts", &round_acts, "x rounded to int16 blocks, as qmatmul sees it");
-    mod.def("dequantize", &dequantize, "GGUF blocks -> float32 (rows, K)");
-    mod.def("dequantize_packed", &dequantize_packed, "packed weight -> float32 (rows, K)");
-    mod.def("embed", &embed, "embedding rows from a packed table");
+    // The kernels run without the GIL (their arguments are converted before, their results after): a server's event
+    // loop and other Python threads go on while a product or a decode step runs.
+    const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
+    mod.def("rms_norm_fwd", &rms_norm_fwd, "RMSNorm forward: {y, 1/rms}", nogil);
+    mod.def("rms_norm_bwd", &rms_norm_bwd, "RMSNorm input gradient", nogil);
+    mod.def("rope_apply", &rope_apply, "rotate-half RoPE on (B, T, H, hd), or its inverse", nogil);
+    mod.def("swiglu_fwd", &swiglu_fwd, "silu(gate) * up", nogil);
+    mod.def("swiglu_bwd", &swiglu_bwd, "SwiGLU gradients {d gate, d up}", nogil);
+    mod.def("pack", &pack, "GGUF blocks -> the packed layout the products read", nogil);
+    mod.def("unpack", &unpack, "packed layout -> GGUF blocks, bit for bit", nogil);
+    mod.def("qmatmul", &qmatmul, "y = x @ W.T, W packed, x rounded to int16 blocks", nogil);
+    mod.def("qmatmul_multi", &qmatmul_multi, "[x @ W_i.T], x rounded once", nogil);
+    mod.def("qmatmul_swiglu", &qmatmul_swiglu, "silu(x @ Wg.T) * (x @ Wu.T)", nogil);
+    mod.def("round_acts", &round_acts, "x rounded to int16 blocks, as qmatmul sees it", nogil);
+    mod.def("dequantize", &dequantize, "GGUF blocks -> float32 (rows, K)", nogil);
+    mod.def("dequantize_packed", &dequantize_packed, "packed weight -> float32 (rows, K)", nogil);
+    mod.def("embed", &embed, "embedding rows from a packed table", nogil);
     mod.def("quantize_rows", &quantize_rows, "float32 (rows, K) -> ggml blocks, as ggml_quantize_chunk",
-            pybind11::arg("x"), pybind11::arg("ggml_type"), pybind11::arg("imatrix") = pybind11::none());
-    mod.def("attention_causal", &attention_causal, "causal grouped-query attention for prefill -> (B, T, H, hd)");
+            pybind11::arg("x"), pybind11::arg("ggml_type"), pybind11::arg("imatrix") = pybind11::none(), nogil);
+    mod.def("attention_causal", &attention_causal, "causal grouped-query attention for prefill -> (B, T, H, hd)",
+            nogil);
     // The decode step's weights, built once per model (tinkerlm/quant/decode.py). module_local: builds for two
     // instruction sets can be loaded in one process (the tests do) without their types colliding.
     namespace py = pybind11;
@@ -53,7 +57,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
                  return DecodeHead{final_norm, lm_head, embedding};
              }),
              py::kw_only(), py::arg("final_norm"), py::arg("lm_head"), py::arg("embedding"));
-    mod.def("llama_decode", &llama_decode, "one fused decode step of a Llama-family or Gemma 3 model");
+    mod.def("llama_decode", &llama_decode, "one fused decode step of a Llama-family or Gemma 3 model", nogil);
     mod.def("decode_profile", &decode_profile, "seconds per llama_decode phase since the last call; on: keep timing");
     mod.attr("isa") = ISA;  // from the instruction set's header
 }

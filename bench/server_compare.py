@@ -79,6 +79,7 @@ def loadavg() -> str:
 def start_tinkerlm(model: str, port: int, a, log) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tinkerlm", "serve", model, "--port", str(port), "--threads", str(a.threads)]
     cmd += ["--max-batch", str(a.slots), "--max-queue", str(a.slots), "--max-context", str(a.slot_context)]
+    cmd += ["--prefill-chunk", str(a.prefill_chunk)]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -329,6 +330,9 @@ if __name__ == "__main__":
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in tokens")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per answer (temperature 0)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of each server")
+    p.add_argument(
+        "--prefill-chunk", type=int, default=256, help="tinkerlm serve --prefill-chunk (0: whole prompts at once)"
+    )
     p.add_argument("--rounds", type=int, default=1, help="rounds over all client counts (medians reported)")
     p.add_argument("--out", help="write the report as JSON here")
     args = p.parse_args()

@@ -67,6 +67,7 @@ def worker_tinkerlm(spec: dict) -> dict:
     path = Path(spec["gguf"] if spec["quant"] == "native" else spec["hf_dir"])
     model, _, _ = load_checkpoint(path, quant=spec["quant"])
     lora.apply_lora(model, lora.LoRAConfig(rank=8, alpha=16, targets=TARGETS), seed=0)
+    model.checkpoint_layers = spec.get("checkpoint", False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
     model.train()
@@ -179,6 +180,8 @@ def main(argv=None) -> int:
         ("transformers + peft, fp32", "peft", {}),
         ("tinkerlm, fp32", "tinkerlm", {"quant": "fp32"}),
         ("tinkerlm, Q4_1 base (QLoRA)", "tinkerlm", {"quant": "native"}),
+        ("tinkerlm, fp32, layers recomputed", "tinkerlm", {"quant": "fp32", "checkpoint": True}),
+        ("tinkerlm, Q4_1 base, layers recomputed", "tinkerlm", {"quant": "native", "checkpoint": True}),
     ]
     if args.bf16:
         configs += [

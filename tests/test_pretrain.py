@@ -332,3 +332,11 @@ def test_stored_model_loads_generates_and_records_its_making(tok):
     for name in ("Datasets", "Training code", "Data preprocessing code", "Data card", "Model metadata"):
         assert ev[name].source == "confirmed", name
     assert ev["Datasets"].licence == "PSF-2.0"
+
+
+def test_example_recipe_is_valid_and_names_the_stdlib():
+    r = resolve(str(ROOT / "examples" / "pretrain" / "stdlib-code.yaml"), out="x")
+    assert r.data == ["stdlib"] and r.license == "Apache-2.0" and r.hidden_size % r.num_attention_heads == 0
+    sources = shards.expand(r.data)
+    assert len(sources) > 100 and all(s.license == "PSF-2.0" for s in sources)
+    assert not any("site-packages" in s.path.parts or "test" in s.path.parts for s in sources)

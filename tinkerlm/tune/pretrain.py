@@ -199,33 +199,25 @@ def resolve(config: str | None = None, **flags) -> PretrainRecipe:
 
 
 def load_tokenizer(name: str):
-    """(Tokenizer, record for the manifest) for a tokenizer.json, an HF directory, or a store name.
+    """(Tokenizer, record for the manifest) for a tokenizer.json, an HF directory, a .gguf, or a store name (a
+    model's tokenizer, pulled if it is a catalogue name).
 
     Raises:
         TinkerError: nothing of that name, or no tokenizer in it.
     """
+    from tinkerlm.api import resolve as resolve_model
     from tinkerlm.formats.tokenizer import Tokenizer
     from tinkerlm.tune import shards
 
     p = Path(name).expanduser()
-    if p.is_file() and p.name == "tokenizer.json":
-        p = p.parent
-    if p.is_dir():
-        tok, where = Tokenizer.from_hf_dir(p), str(p.resolve())
+    path, manifest = resolve_model(str(p.parent) if p.is_file() and p.name == "tokenizer.json" else name)
+    if path.is_dir():
+        tok = Tokenizer.from_hf_dir(path)
     else:
-        from tinkerlm import store
+        from tinkerlm.formats.gguf import read_gguf
 
-        m = store.find(name)
-        if m is None:
-            raise TinkerError(f"tokenizer: {name} is neither a tokenizer file or directory nor a stored model")
-        path = store.model_path(m)
-        if path.is_dir():
-            tok = Tokenizer.from_hf_dir(path)
-        else:
-            from tinkerlm.formats.gguf import read_gguf
-
-            tok = read_gguf(path).tokenizer()
-        where = m.ref
+        tok = read_gguf(path).tokenizer()
+    where = manifest.ref if manifest is not None else str(path.resolve())
     return tok, {"name": where, "sha256": shards.tokenizer_sha256(tok), "vocab_size": tok.vocab_size}
 
 

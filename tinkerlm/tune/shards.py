@@ -6,7 +6,8 @@
 
 A source entry is a file, a directory (every UTF-8 file under it, hidden and cache directories skipped), a glob
 (`**` recursive), or `stdlib[/GLOB]`: the Python standard library's own source (`sysconfig`'s stdlib directory,
-*.py outside site-packages, PSF-2.0), real text that ships with every Python. Entries may be mappings with
+*.py outside site-packages, and for plain `stdlib` outside the test suites; PSF-2.0), real text that ships with
+every Python. Entries may be mappings with
 `path`, `license` (SPDX) and `provenance`, recorded with every file's sha256.
 
 Each document is its tokens plus the tokenizer's end-of-text token; documents are concatenated into one stream
@@ -43,6 +44,7 @@ SHARD_BYTES = 8 << 20  # source bytes per shard
 INDEX = "index.json"
 SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", "node_modules", ".git"}
 STDLIB_LICENSE = "PSF-2.0"
+STDLIB_TESTS = {"test", "tests", "idle_test"}
 
 
 @dataclass
@@ -102,8 +104,9 @@ def expand(entries: list, license: str | None = None, provenance: str | None = N
         explicit = False
         if entry == "stdlib" or entry.startswith("stdlib/"):
             root = stdlib_dir()
-            files = _walk(root, entry[len("stdlib/") :] or "**/*.py")
-            files = [f for f in files if f.suffix == ".py"]
+            files = [f for f in _walk(root, entry[len("stdlib/") :] or "**/*.py") if f.suffix == ".py"]
+            if entry == "stdlib":  # the library itself, not its test suites (most of the bytes, much of it data)
+                files = [f for f in files if not STDLIB_TESTS & set(f.relative_to(root).parts)]
             lic = lic or STDLIB_LICENSE
             prov = prov or (
                 f"Python {sys.version.split()[0]} standard library source ({root}), "

@@ -332,6 +332,7 @@ def test_stored_model_loads_generates_and_records_its_making(tok):
     for name in ("Datasets", "Training code", "Data preprocessing code", "Data card", "Model metadata"):
         assert ev[name].source == "confirmed", name
     assert ev["Datasets"].licence == "PSF-2.0"
+    assert "pretrained here from scratch on" in store.format_manifest(m)
 
 
 def test_example_recipe_is_valid_and_names_the_stdlib():

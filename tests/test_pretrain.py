@@ -341,3 +341,16 @@ def test_example_recipe_is_valid_and_names_the_stdlib():
     sources = shards.expand(r.data)
     assert len(sources) > 100 and all(s.license == "PSF-2.0" for s in sources)
     assert not any("site-packages" in s.path.parts or "test" in s.path.parts for s in sources)
+
+
+def test_a_tokenizer_trained_into_the_store_is_used_by_name(tmp_path):
+    from tinkerlm.tokenizer_train import train_tokenizer
+
+    json_dir = Path(__import__("sysconfig").get_paths()["stdlib"]) / "json"
+    trained = train_tokenizer([str(json_dir)], 300, "jsontok", compare="none", license="PSF-2.0", progress=False)
+    tok = store.model_path(trained.manifest)
+    m = pretrain(**dict(TINY, data=DATA, tokenizer="jsontok", out="bytok", max_steps=2))
+    rec = m.source["tokenizer"]
+    assert rec["name"] == trained.manifest.ref and rec["store_sha256"] == store.digest(trained.manifest)
+    tokenizer, _ = load_tokenizer(str(tok))
+    assert rec["sha256"] == shards.tokenizer_sha256(tokenizer) and m.source["model_config"]["vocab_size"] == 320

@@ -199,26 +199,33 @@ def resolve(config: str | None = None, **flags) -> PretrainRecipe:
 
 
 def load_tokenizer(name: str):
-    """(Tokenizer, record for the manifest) for a tokenizer.json, an HF directory, a .gguf, or a store name (a
-    model's tokenizer, pulled if it is a catalogue name).
+    """(Tokenizer, record for the manifest) for a tokenizer.json, an HF directory, a .gguf, a tokenizer in the store
+    (`tinkerlm tokenizer train`), or a stored model's name (its tokenizer; a catalogue name is pulled).
 
     Raises:
         TinkerError: nothing of that name, or no tokenizer in it.
     """
+    from tinkerlm import store
     from tinkerlm.api import resolve as resolve_model
     from tinkerlm.formats.tokenizer import Tokenizer
     from tinkerlm.tune import shards
 
     p = Path(name).expanduser()
-    path, manifest = resolve_model(str(p.parent) if p.is_file() and p.name == "tokenizer.json" else name)
+    stored = None if p.exists() else store.find(name)
+    if stored is not None and stored.format == "tokenizer":
+        path, manifest = store.model_path(stored), stored
+    else:
+        path, manifest = resolve_model(str(p.parent) if p.is_file() and p.name == "tokenizer.json" else name)
     if path.is_dir():
         tok = Tokenizer.from_hf_dir(path)
     else:
         from tinkerlm.formats.gguf import read_gguf
 
         tok = read_gguf(path).tokenizer()
-    where = manifest.ref if manifest is not None else str(path.resolve())
-    return tok, {"name": where, "sha256": shards.tokenizer_sha256(tok), "vocab_size": tok.vocab_size}
+    record = {"name": str(path.resolve()), "sha256": shards.tokenizer_sha256(tok), "vocab_size": tok.vocab_size}
+    if manifest is not None:  # the store entry, named by its files' digest, as lineage records name parents
+        record.update(name=manifest.ref, store_sha256=store.digest(manifest), license=manifest.license)
+    return tok, record
 
 
 def code_version() -> dict:

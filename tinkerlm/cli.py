@@ -247,6 +247,7 @@ def parser() -> argparse.ArgumentParser:
     _model_flags(s)
     _kv_cache_flag(s)
     _finetune_parser(sub, fmt)
+    _pretrain_parser(sub, fmt)
     _merge_parser(sub, fmt)
     _eval_parser(sub, fmt)
     _compare_parser(sub, fmt)
@@ -479,6 +480,86 @@ def cmd_openness(a) -> None:
     from tinkerlm.openness.report import main
 
     main(a)
+
+
+def _pretrain_parser(sub, fmt) -> None:
+    # Defaults live in tinkerlm.tune.pretrain.PretrainRecipe (shown in help); None means "not given", so a YAML
+    # recipe's value stands unless the flag is passed.
+    from tinkerlm.tune.pretrain import PretrainRecipe
+
+    d = PretrainRecipe()
+    s = sub.add_parser(
+        "pretrain",
+        help="train a new Llama-family model from scratch on text files",
+        description="Pretrain a model from scratch: the data is tokenized once into token shards (reused while "
+        "data and tokenizer are unchanged), then AdamW with warmup and cosine decay trains a Llama-family model of "
+        "the recipe's shape; the result is stored with its data's sha256s, tokenizer, recipe and code version. A "
+        "YAML recipe (-c) takes the same names as the flags; flags override it.",
+    )
+    s.add_argument("-c", "--config", default=None, help="YAML recipe with the fields below")
+    s.add_argument(
+        "--data",
+        nargs="+",
+        default=None,
+        help="text files, directories, globs, or stdlib[/GLOB] (the Python standard library's source)",
+    )
+    s.add_argument("--tokenizer", default=None, help="tokenizer.json, HF tokenizer directory or store name")
+    s.add_argument("--out", default=None, help="store name for the result NAME[:TAG]")
+    s.add_argument("--resume", action="store_true", help="continue the run writing --out from its last checkpoint")
+    s.add_argument("--force", action="store_true", help="replace a model already stored as --out")
+    flags = {
+        "model (Hugging Face config names)": [
+            ("hidden_size", int, "model width"),
+            ("intermediate_size", int, "MLP width"),
+            ("num_hidden_layers", int, "layers"),
+            ("num_attention_heads", int, "attention heads; must divide hidden_size"),
+            ("num_key_value_heads", int, "key/value heads; must divide the heads (default: the heads)"),
+            ("max_position_embeddings", int, "context length"),
+            ("rope_theta", float, "RoPE base"),
+            ("vocab_size", int, "embedding rows (default: the tokenizer's, rounded up to 64)"),
+            ("init_std", float, "weights drawn from normal(0, this)"),
+        ],
+        "data": [
+            ("data_license", str, "SPDX licence of sources that name none"),
+            ("data_provenance", str, "where sources that do not say came from"),
+            ("eval_fraction", float, "fraction of rows held out"),
+            ("eval_max_rows", int, "held-out rows evaluated"),
+            ("shards_dir", str, "where token shards go (default: STORE/shards)"),
+            ("license", str, "SPDX licence of the trained weights"),
+            ("save_dtype", str, "dtype of saved weights: float32 or bfloat16"),
+        ],
+        "optimisation": [
+            ("seq_len", int, "tokens per row"),
+            ("batch_size", int, "rows per micro-batch"),
+            ("grad_accum", int, "micro-batches per step"),
+            ("max_steps", int, "optimizer steps"),
+            ("max_tokens", int, "token budget (instead of --max-steps; neither: one pass)"),
+            ("lr", float, "peak learning rate"),
+            ("min_lr_ratio", float, "cosine decays to lr x this"),
+            ("warmup_steps", int, "linear warmup steps"),
+            ("weight_decay", float, "AdamW weight decay"),
+            ("adam_beta2", float, "AdamW beta2"),
+            ("max_grad_norm", float, "clip gradients to this norm; 0 off"),
+            ("seed", int, "random seed"),
+            ("eval_every", int, "steps between evaluations; 0 at the end"),
+            ("save_every", int, "steps between checkpoints; 0 at the end"),
+            ("threads", int, "CPU threads (default: physical cores)"),
+        ],
+    }
+    for title, items in flags.items():
+        g = s.add_argument_group(title)
+        for name, typ, help_ in items:
+            flag = "--" + name.replace("_", "-")
+            g.add_argument(flag, type=typ, default=None, help=f"{help_} (default: {getattr(d, name)})")
+        if title.startswith("model"):
+            g.add_argument(
+                "--tie-word-embeddings",
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"share the embedding and output head (default: {d.tie_word_embeddings})",
+            )
+    g.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast for matmuls")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
 
 
 def _finetune_parser(sub, fmt) -> None:  # plain formatter: the help texts show the Recipe defaults
@@ -730,6 +811,12 @@ def cmd_finetune(a) -> None:
     main(a)
 
 
+def cmd_pretrain(a) -> None:
+    from tinkerlm.tune.pretrain import main
+
+    main(a)
+
+
 def cmd_fuse(a) -> None:
     from tinkerlm.tune import fuse_main
 
@@ -901,6 +988,7 @@ COMMANDS = {
     "serve": cmd_serve,
     "bench": cmd_bench,
     "finetune": cmd_finetune,
+    "pretrain": cmd_pretrain,
     "fuse": cmd_fuse,
     "merge": cmd_merge,
     "export": cmd_export,

@@ -133,9 +133,11 @@ def own(manifest, model_dir: Path | None) -> dict[str, Evidence]:
         out["Model card"] = Evidence(weights, f"{manifest.ref}: README.md", CONFIRMED, "licence: the model's")
         out.update(card_claims(manifest, readme))
     stype = (manifest.source or {}).get("type")
-    if stype in ("finetune", "merge", "quantize", "fuse"):
+    if stype in ("finetune", "merge", "quantize", "fuse", "pretrain"):
         # The card is written from the store's record (`tinkerlm card`), under the model's licence.
         out["Model card"] = Evidence(weights, f"tinkerlm card {manifest.ref}", CONFIRMED, "written from the store")
+    if stype == "pretrain":  # made here from scratch: no parents, its own training step is all of its history
+        out.update(remix_step(manifest, model_dir))
     evals = {k: v for k, v in (manifest.evaluations or {}).items() if isinstance(v, dict)}
     if evals:
         names = sorted(evals)
@@ -212,22 +214,41 @@ def remix_step(manifest, model_dir: Path | None) -> dict[str, Evidence]:
     stype = source.get("type")
     weights = spdx_of(manifest.license)
     out: dict[str, Evidence] = {}
-    if stype == "finetune":
-        out["Training code"] = _tinkerlm(f"tinkerlm/tune/ ({source.get('method', 'fine-tune')})")
-        out["Data preprocessing code"] = _tinkerlm("tinkerlm/tune/data.py")
+    if stype in ("finetune", "pretrain"):
+        pre = stype == "pretrain"
+        out["Training code"] = _tinkerlm(
+            "tinkerlm/tune/pretrain.py, tinkerlm/tune/trainer.py"
+            if pre
+            else f"tinkerlm/tune/ ({source.get('method', 'fine-tune')})"
+        )
+        out["Data preprocessing code"] = _tinkerlm("tinkerlm/tune/shards.py" if pre else "tinkerlm/tune/data.py")
         out["Supporting libraries and tools"] = Evidence(TINKERLM_LICENCE, LIBRARIES, CONFIRMED)
         recipe = source.get("recipe") or {}
         data = source.get("data") or []
         names = [f"{d.get('path', '?')} (sha256 {str(d.get('sha256', ''))[:12]})" for d in data if isinstance(d, dict)]
-        data_licence = _task_licence(recipe.get("data_license")) if recipe.get("data_license") else None
+        if len(names) > 5:  # a pretraining corpus may be thousands of files: the manifest lists them all
+            names = [*names[:3], f"... {len(names)} files in all, each with its sha256 in the manifest"]
+        declared_licence = source.get("data_license") if pre else recipe.get("data_license")
+        data_licence = (
+            _and(*(_task_licence(p) for p in re.split(r"\s+AND\s+", declared_licence))) if declared_licence else None
+        )
         if names:
             out["Datasets"] = Evidence(
                 data_licence,
                 "; ".join(names),
                 CONFIRMED,
-                None if data_licence else "no licence declared for the training data (recipe: data_license)",
+                None
+                if data_licence
+                else "no licence declared for the training data (recipe: "
+                + ("data_license, or a licence per source)" if pre else "data_license)"),
             )
-            out["Data card"] = Evidence(weights, f"tinkerlm card {manifest.ref}: data files, sizes, sha256", CONFIRMED)
+            card = "DATA.md" if any(f.get("path") == "DATA.md" for f in manifest.files) else None
+            where = (
+                f"{manifest.ref}: DATA.md (every source's sha256, licence, provenance)"
+                if card
+                else f"tinkerlm card {manifest.ref}: data files, sizes, sha256"
+            )
+            out["Data card"] = Evidence(weights, where, CONFIRMED)
         out["Model metadata"] = Evidence(weights, f"{manifest.ref}: recipe.yaml, loss.csv", CONFIRMED)
         ckpt = _checkpoints(manifest)
         if ckpt:
@@ -251,7 +272,7 @@ def _checkpoints(manifest) -> str | None:
     from tinkerlm import store
 
     run = store.home() / "runs" / manifest.name / manifest.tag
-    found = sorted(p.name for p in run.glob("step-*")) if run.is_dir() else []
+    found = sorted(p.name for p in [*run.glob("step-*"), *run.glob("checkpoints/step-*")]) if run.is_dir() else []
     return f"{run}: {len(found)} checkpoints" if found else None
 
 

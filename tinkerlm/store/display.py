@@ -41,6 +41,12 @@ def _source_text(src: dict) -> str:
     if kind == "tokenizer":
         n, vocab = len(src.get("data", [])), src.get("vocab_size_trained")
         return f"{src.get('method')} tokenizer trained here on {n} file{'s' * (n != 1)}, vocab {vocab}"
+    if kind == "pretrain":
+        data, tok = src.get("data") or [], src.get("tokenizer") or {}
+        return (
+            f"pretrained here from scratch on {len(data)} files ({src.get('tokens', 0):,} tokens seen, "
+            f"{src.get('steps')} steps; licence {src.get('data_license') or 'not given'}), tokenizer {tok.get('name')}"
+        )
     if kind == "merge":
         return f"merge ({src.get('method')})"
     if kind == "fuse":
@@ -70,7 +76,9 @@ def format_manifest(m: Manifest) -> str:
     lines = [f"{k + ':':<{width}} {v}" for k, v in rows]
     lines.append("files:")
     lines += [f"  {f['path']}  {format_size(f['size'])}  sha256:{f['sha256']}" for f in m.files]
-    lines.append("parents:" if m.parents else "parents:        none (pulled as published, not derived here)")
+    made = (m.source or {}).get("type") == "pretrain"
+    orphan = "none (pretrained here from scratch)" if made else "none (pulled as published, not derived here)"
+    lines.append("parents:" if m.parents else f"parents:        {orphan}")
     lines += [f"  {p.get('relation', '?')}: {p.get('name')}  sha256:{p.get('sha256')}" for p in m.parents]
     if m.obligations:
         lines.append("obligations:")

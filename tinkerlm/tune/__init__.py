@@ -11,6 +11,9 @@ with (`chat_template.jinja`, which serving uses too), and a manifest naming the 
 obligations it brings. A base whose licence forbids derivatives is refused unless `accept_licence_conflict` is set
 (`tinkerlm.openness.remix`).
 
+`tinkerlm pretrain` (a new model from scratch on text files) is `tinkerlm.tune.pretrain`, its token shards
+`tinkerlm.tune.shards`; it shares the loop, checkpoints and curves of trainer.py and `save_full`.
+
 Modules: recipe.py (the flags), data.py (JSONL -> packed rows), trainer.py (the loop, checkpoints); the LoRA
 module swap is `tinkerlm.lora`, the adapter files `tinkerlm.formats.peft`, model loading `tinkerlm.loading`.
 """
@@ -29,7 +32,7 @@ from tinkerlm.tune.recipe import Recipe, dump_yaml, resolve
 
 log = logging.getLogger(__name__)
 
-__all__ = ["finetune", "fuse", "save_full", "Recipe"]
+__all__ = ["finetune", "fuse", "save_full", "Recipe"]  # `pretrain`: tinkerlm.tune.pretrain
 
 
 def _base(name_or_path: str):
@@ -237,15 +240,18 @@ def finetune(
     return m
 
 
-def save_full(model, tokenizer, gen_config: dict, base_path: Path, model_dir: Path, dtype=None) -> None:
-    """Write `model` as a Hugging Face directory: config.json, model.safetensors, tokenizer files."""
+def save_full(
+    model, tokenizer, gen_config: dict, base_path: Path | None, model_dir: Path, dtype=None, config: dict | None = None
+) -> None:
+    """Write `model` as a Hugging Face directory: config.json, model.safetensors, tokenizer files; the config is
+    `config` when given (a model made from scratch), else the base checkpoint's."""
     import torch
 
     from tinkerlm.formats import hf
     from tinkerlm.loading import checkpoint_config
 
     dtype = dtype or torch.float32
-    config = checkpoint_config(base_path)
+    config = dict(config) if config is not None else checkpoint_config(base_path)
     config["torch_dtype"] = "bfloat16" if dtype == torch.bfloat16 else "float32"
     state = {}
     seen = {}

@@ -259,6 +259,18 @@ class Rows:
     def __len__(self) -> int:
         return self.ids.shape[0]
 
+    @property
+    def seq_len(self) -> int:
+        return self.ids.shape[1]
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(ids, segments, target) of rows `idx`, as `trainer.loss_sum` takes them."""
+        return self.ids[idx], self.segments[idx], self.target[idx]
+
+    def count_targets(self, idx: torch.Tensor) -> int:
+        """Tokens of rows `idx` that carry loss."""
+        return int(self.target[idx][:, 1:].sum())
+
 
 def pack(examples: list[Example], seq_len: int, pad_id: int) -> Rows:
     """First-fit packing, in order, of whole examples into rows of `seq_len` tokens."""

@@ -153,17 +153,28 @@ def _short(value: Any) -> str:
 FIELDS = {f.name: f for f in fields(Recipe)}
 
 
-def _coerce(name: str, value: Any, where: str) -> Any:
-    default = Recipe().__getattribute__(name)
+def _kind(cls, name: str, default: Any) -> type:
+    """The scalar type of field `name`: its default's, or for a None default the annotation's (`int | None`)."""
+    if default is not None:
+        return type(default)
+    note = str(cls.__dataclass_fields__[name].type)
+    return next((t for t in (bool, int, float) if t.__name__ in note.split(" | ")), str)
+
+
+def _coerce(name: str, value: Any, where: str, cls: type = None) -> Any:
+    cls = cls or Recipe
+    default = getattr(cls(), name)
     if value is None:
         return None
-    if name == "lora_targets":
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise TinkerError(f"{where}: lora_targets must be a list of module names")
+    if isinstance(default, list):
+        if isinstance(value, str):  # a flag: comma-separated module names, or one data source
+            value = [v.strip() for v in value.split(",") if v.strip()] if name == "lora_targets" else [value]
+        if not isinstance(value, list) or (name == "lora_targets" and not all(isinstance(v, str) for v in value)):
+            raise TinkerError(
+                f"{where}: {name} must be a list" + (" of module names" if name == "lora_targets" else "")
+            )
         return value
-    kind = type(default) if default is not None else {"max_steps": int, "threads": int}.get(name, str)
+    kind = _kind(cls, name, default)
     if kind is bool:
         if not isinstance(value, bool):
             raise TinkerError(f"{where}: {name} must be true or false, got {value!r}")
@@ -179,8 +190,8 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         raise bad from None
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """The recipe fields a YAML file sets, checked and typed.
+def load_yaml(path: str | Path, cls: type = None) -> dict[str, Any]:
+    """The recipe fields (of `cls`, default `Recipe`) a YAML file sets, checked and typed.
 
     Raises:
         TinkerError: unreadable YAML, unknown keys (with the closest known name), values of the wrong type.
@@ -193,33 +204,38 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     data = safe_yaml.load(path) or {}
     if not isinstance(data, dict):
         raise TinkerError(f"{path}: expected a mapping of recipe fields at the top level")
+    cls = cls or Recipe
+    known = {f.name for f in fields(cls)}
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
-        if name not in FIELDS:
-            close = difflib.get_close_matches(name, list(FIELDS), n=1)
+        if name not in known:
+            close = difflib.get_close_matches(name, list(known), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise TinkerError(f"{path}: unknown recipe field {key!r}{hint}")
-        out[name] = _coerce(name, value, f"{path}: {key}")
+        out[name] = _coerce(name, value, f"{path}: {key}", cls)
     return out
 
 
-def resolve(config: str | None = None, **flags) -> Recipe:
-    """Defaults, then the YAML file's values, then flags that were given (not None)."""
+def resolve(config: str | None = None, cls: type = None, **flags):
+    """Defaults, then the YAML file's values, then flags that were given (not None); a `cls` recipe (default
+    `Recipe`; `tinkerlm.tune.pretrain.PretrainRecipe`), checked."""
+    cls = cls or Recipe
+    known = {f.name for f in fields(cls)}
     values: dict[str, Any] = {}
     if config:
-        values.update(load_yaml(config))
+        values.update(load_yaml(config, cls))
     for k, v in flags.items():
-        if k not in FIELDS:
+        if k not in known:
             raise TypeError(f"unknown recipe field {k}")
         if v is not None:
-            values[k] = _coerce(k, v, k)
-    recipe = Recipe(**values)
+            values[k] = _coerce(k, v, k, cls)
+    recipe = cls(**values)
     recipe.check()
     return recipe
 
 
-def dump_yaml(recipe: Recipe) -> str:
+def dump_yaml(recipe) -> str:
     import yaml
 
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

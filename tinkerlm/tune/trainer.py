@@ -17,6 +17,10 @@ place, so a kill during a save leaves the previous checkpoint whole; the newest 
 
 The loss is computed only where it counts: the decoder returns hidden states and the output head runs on the
 target positions alone, in chunks that are recomputed in the backward pass rather than kept.
+
+The data is anything with `len()`, `seq_len`, `batch(idx)` -> (ids, segments, target) and `count_targets(idx)`:
+fine-tuning's packed `Rows` (documents masked apart, loss on the target tokens), or pretraining's rows cut from
+memory-mapped token shards (`tinkerlm.tune.shards.TokenRows`: plain causal rows, loss on every token).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from tinkerlm.tune.data import Rows
 CKPT_PREFIX = "step-"
 KEEP_CHECKPOINTS = 2
 HEAD_CHUNK = 2048  # target rows per output-head chunk: bounds the (rows, vocab) logits kept at once
-HISTORY_FIELDS = ("step", "epoch", "lr", "loss", "eval_loss", "tokens", "seconds")
+HISTORY_FIELDS = ("step", "epoch", "lr", "loss", "eval_loss", "tokens", "seconds", "tokens_per_s")
 
 
 @dataclass
@@ -58,6 +62,7 @@ class TrainConfig:
     bf16: bool = False
     eval_every: int = 0
     save_every: int = 0
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's; pretraining usually takes (0.9, 0.95)
 
 
 @dataclass
@@ -111,14 +116,23 @@ def _head_ce(head: nn.Module, h: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
 
 def loss_sum(
-    model: nn.Module, ids: torch.Tensor, segments: torch.Tensor, target: torch.Tensor, bf16: bool = False
+    model: nn.Module,
+    ids: torch.Tensor,
+    segments: torch.Tensor | None,
+    target: torch.Tensor | None,
+    bf16: bool = False,
 ) -> torch.Tensor:
-    """Summed cross-entropy over the target tokens of packed rows (B, T)."""
+    """Summed cross-entropy over the target tokens of packed rows (B, T); `segments` None: each row is one causal
+    sequence, `target` None: every token after the first carries loss (pretraining)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         h = model(ids, segments=segments, head=False)  # (B, T, C)
-        want = target[:, 1:]  # token t + 1 is predicted at position t
-        hs = h[:, :-1][want]  # (N, C)
-        labels = ids[:, 1:][want]  # (N,)
+        if target is None:
+            hs = h[:, :-1].reshape(-1, h.shape[-1])  # (B * (T - 1), C)
+            labels = ids[:, 1:].reshape(-1)
+        else:
+            want = target[:, 1:]  # token t + 1 is predicted at position t
+            hs = h[:, :-1][want]  # (N, C)
+            labels = ids[:, 1:][want]  # (N,)
         total = h.new_zeros((), dtype=torch.float32)
         for a in range(0, hs.shape[0], HEAD_CHUNK):
             chunk, lab = hs[a : a + HEAD_CHUNK], labels[a : a + HEAD_CHUNK]
@@ -133,14 +147,14 @@ def loss_sum(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, rows: Rows, batch_size: int, bf16: bool = False) -> float:
-    """Mean cross-entropy per target token over all `rows`."""
+    """Mean cross-entropy per target token over all `rows` (see the module docstring for what rows may be)."""
     was = model.training
     model.eval()
     total, count = 0.0, 0
     for a in range(0, len(rows), batch_size):
-        sl = slice(a, a + batch_size)
-        total += float(loss_sum(model, rows.ids[sl], rows.segments[sl], rows.target[sl], bf16))
-        count += int(rows.target[sl, 1:].sum())
+        idx = torch.arange(a, min(a + batch_size, len(rows)))
+        total += float(loss_sum(model, *rows.batch(idx), bf16))
+        count += rows.count_targets(idx)
     model.train(was)
     return total / max(count, 1)
 
@@ -183,6 +197,7 @@ def save_checkpoint(
             moments[f"{name}.step"] = torch.as_tensor(s["step"], dtype=torch.float32).reshape(1)
     moments["rng.torch"] = torch.get_rng_state()
     save_file(moments, str(tmp / "optimizer.safetensors"))
+    # The data position is the step: the rows of step s are a function of (seed, s) alone (`step_rows`).
     info = {"step": state.step, "tokens": state.tokens, "seconds": state.seconds, "history": state.history, **meta}
     (tmp / "state.json").write_text(json.dumps(info, indent=1) + "\n")
     with open(tmp / "state.json", "rb") as f:
@@ -280,21 +295,31 @@ def history_csv(history: list[dict]) -> str:
     return buf.getvalue()
 
 
-def plot_history(history: list[dict], path: Path, title: str) -> None:
-    """Train and eval loss against step, as a PNG."""
+def plot_history(history: list[dict], path: Path, title: str, throughput: bool = False) -> None:
+    """Train and eval loss against step, as a PNG; `throughput` adds a panel of training tokens/s."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if throughput:
+        fig, (ax, tx) = plt.subplots(2, 1, figsize=(7, 6), dpi=110, sharex=True, height_ratios=(2, 1))
+        speed = [(r["step"], r["tokens_per_s"]) for r in history if r.get("tokens_per_s") not in (None, "")]
+        if speed:
+            tx.plot(*zip(*speed), lw=1.0, color="tab:green")
+        tx.set_xlabel("step")
+        tx.set_ylabel("tokens/s")
+        tx.grid(alpha=0.3)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     train = [(r["step"], r["loss"]) for r in history if r.get("loss") not in (None, "")]
     evals = [(r["step"], r["eval_loss"]) for r in history if r.get("eval_loss") not in (None, "")]
     if train:
         ax.plot(*zip(*train), label="train loss", lw=1.2)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.5)
-    ax.set_xlabel("step")
+    if not throughput:
+        ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy per target token")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -322,6 +347,7 @@ def train(
     meta: dict | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    desc: str = "fine-tune",
 ) -> State:
     """Train `params` (the trainable tensors of `model`, by name) and return the final State.
 
@@ -330,6 +356,7 @@ def train(
         resume: continue from the newest checkpoint in `run_dir` (its `meta` must equal this run's).
         meta: what identifies the run (recipe, data hashes); stored in checkpoints and compared on resume.
         stop_after: end after this global step as if interrupted (for tests), without a final save.
+        desc: the progress bar's label.
     """
     from tqdm.auto import tqdm
 
@@ -338,7 +365,7 @@ def train(
     decay = [p for n, p in params.items() if p.ndim >= 2]
     no_decay = [p for n, p in params.items() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=1e-8, foreach=True)
     state = State()
     if resume:
         ckpt = latest_checkpoint(run_dir)
@@ -361,7 +388,7 @@ def train(
     bar = tqdm(
         total=cfg.total_steps,
         initial=state.step,
-        desc="fine-tune",
+        desc=desc,
         unit="step",
         disable=not progress or rank,
         dynamic_ncols=True,
@@ -372,12 +399,12 @@ def train(
             t0 = time.perf_counter()
             step = state.step
             rows = step_rows(step, len(train_rows), cfg)
-            n_target = int(train_rows.target[rows][:, 1:].sum())  # over the whole step, every rank
+            n_target = train_rows.count_targets(rows)  # over the whole step, every rank
             total = 0.0
             mine = rows[rank::world]
             for a in range(0, len(mine), cfg.batch_size):
                 r = mine[a : a + cfg.batch_size]
-                loss = loss_sum(model, train_rows.ids[r], train_rows.segments[r], train_rows.target[r], cfg.bf16)
+                loss = loss_sum(model, *train_rows.batch(r), cfg.bf16)
                 (loss / max(n_target, 1)).backward()
                 total += float(loss.detach())
             if world > 1:  # every rank's share of the step's gradient and loss, summed
@@ -396,7 +423,8 @@ def train(
             opt.zero_grad(set_to_none=True)
 
             state.step += 1
-            state.tokens += int(train_rows.ids[rows].numel())
+            step_tokens = len(rows) * train_rows.seq_len
+            state.tokens += step_tokens
             dt = time.perf_counter() - t0
             state.seconds += dt
             row = {
@@ -407,6 +435,7 @@ def train(
                 "eval_loss": None,
                 "tokens": state.tokens,
                 "seconds": round(state.seconds, 3),
+                "tokens_per_s": round(step_tokens / dt, 1),  # training only: evaluation is not timed
             }
             if val_rows is not None and (state.step % eval_every == 0 or state.step == cfg.total_steps):
                 row["eval_loss"] = evaluate(model, val_rows, cfg.batch_size, cfg.bf16)
@@ -414,7 +443,7 @@ def train(
             bar.update(1)
             bar.set_postfix(
                 loss=f"{row['loss']:.3f}",
-                tok_s=f"{train_rows.ids[rows].numel() / dt:,.0f}",
+                tok_s=f"{step_tokens / dt:,.0f}",
                 **({"eval": f"{row['eval_loss']:.3f}"} if row["eval_loss"] is not None else {}),
             )
             if stop_after is not None and state.step >= stop_after:

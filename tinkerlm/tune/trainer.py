@@ -8,6 +8,9 @@ Written out by hand so every step is visible:
             loss.backward()
         all-reduce grads (torch.distributed only), clip, lr = schedule(step), AdamW step
 
+What a step sums is its objective's: SFT's token cross-entropy (`TokenCE` below) or a preference loss over pairs
+(`tinkerlm.tune.preference`), each with the same small interface (`Objective`).
+
 The data order is a function of (seed, epoch), the schedule of the step, and dropout draws from torch's global
 generator whose state is checkpointed, so a resumed run reproduces an uninterrupted one loss for loss.
 
@@ -110,25 +113,78 @@ def _head_ce(head: nn.Module, h: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return F.cross_entropy(head(h).float(), labels, reduction="sum")
 
 
-def loss_sum(
-    model: nn.Module, ids: torch.Tensor, segments: torch.Tensor, target: torch.Tensor, bf16: bool = False
-) -> torch.Tensor:
-    """Summed cross-entropy over the target tokens of packed rows (B, T)."""
+def _head_logps(head: nn.Module, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(head(h).float(), labels, reduction="none")
+
+
+def _over_targets(fn, model: nn.Module, ids, segments, target, bf16: bool) -> list[torch.Tensor]:
+    """`fn(head, hidden, labels)` over the target positions of packed rows, chunk by chunk; the chunks are recomputed
+    in the backward pass rather than kept."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         h = model(ids, segments=segments, head=False)  # (B, T, C)
         want = target[:, 1:]  # token t + 1 is predicted at position t
         hs = h[:, :-1][want]  # (N, C)
         labels = ids[:, 1:][want]  # (N,)
-        total = h.new_zeros((), dtype=torch.float32)
+        out = []
         for a in range(0, hs.shape[0], HEAD_CHUNK):
             chunk, lab = hs[a : a + HEAD_CHUNK], labels[a : a + HEAD_CHUNK]
             if torch.is_grad_enabled() and hs.requires_grad:
                 from torch.utils.checkpoint import checkpoint
 
-                total = total + checkpoint(_head_ce, model.lm_head, chunk, lab, use_reentrant=False)
+                out.append(checkpoint(fn, model.lm_head, chunk, lab, use_reentrant=False))
             else:
-                total = total + _head_ce(model.lm_head, chunk, lab)
+                out.append(fn(model.lm_head, chunk, lab))
+    return out
+
+
+def loss_sum(
+    model: nn.Module, ids: torch.Tensor, segments: torch.Tensor, target: torch.Tensor, bf16: bool = False
+) -> torch.Tensor:
+    """Summed cross-entropy over the target tokens of packed rows (B, T)."""
+    total = torch.zeros((), dtype=torch.float32)
+    for part in _over_targets(_head_ce, model, ids, segments, target, bf16):
+        total = total + part
     return total
+
+
+def token_logps(
+    model: nn.Module, ids: torch.Tensor, segments: torch.Tensor, target: torch.Tensor, bf16: bool = False
+) -> torch.Tensor:
+    """Log-probability (fp32) of each target token of packed rows (B, T), in row-major order: (N,)."""
+    parts = _over_targets(_head_logps, model, ids, segments, target, bf16)
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+class TokenCE:
+    """SFT's objective over packed rows: summed cross-entropy, per target token of the step.
+
+    An objective is what the loop needs of the data: `len()` items to draw steps from, each step's normaliser
+    (`step_size`), the summed loss of some items with metrics as (sum, count) pairs (`batch`), and `evaluate`.
+    """
+
+    columns = ("eval_loss",)
+
+    def __init__(self, rows: Rows):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def step_size(self, items: torch.Tensor) -> int:
+        return int(self.rows.target[items][:, 1:].sum())
+
+    def tokens(self, items: torch.Tensor) -> int:
+        return int(self.rows.ids[items].numel())
+
+    def batch(self, model: nn.Module, items: torch.Tensor, bf16: bool) -> tuple[torch.Tensor, dict]:
+        r = self.rows
+        return loss_sum(model, r.ids[items], r.segments[items], r.target[items], bf16), {}
+
+    def summarise(self, sums: dict[str, list[float]]) -> dict[str, float | None]:
+        return {k: (s / c if c else None) for k, (s, c) in sums.items()}
+
+    def evaluate(self, model: nn.Module, batch_size: int, bf16: bool) -> dict[str, float]:
+        return {"eval_loss": evaluate(model, self.rows, batch_size, bf16)}
 
 
 @torch.no_grad()
@@ -272,11 +328,15 @@ def load_checkpoint(path: Path, params: dict[str, nn.Parameter], opt: torch.opti
 
 
 def history_csv(history: list[dict]) -> str:
+    """HISTORY_FIELDS, then any other columns the objective logged (rewards, accuracy ...) in order of appearance."""
+    fields = list(HISTORY_FIELDS)
+    for row in history:
+        fields += [k for k in row if k not in fields]
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     w.writeheader()
     for row in history:
-        w.writerow({k: row.get(k, "") for k in HISTORY_FIELDS})
+        w.writerow({k: row.get(k, "") for k in fields})
     return buf.getvalue()
 
 
@@ -313,8 +373,8 @@ def plot_history(history: list[dict], path: Path, title: str) -> None:
 def train(
     model: nn.Module,
     params: dict[str, nn.Parameter],
-    train_rows: Rows,
-    val_rows: Rows | None,
+    train_data,
+    val_data,
     cfg: TrainConfig,
     run_dir: Path,
     *,
@@ -326,6 +386,8 @@ def train(
     """Train `params` (the trainable tensors of `model`, by name) and return the final State.
 
     Args:
+        train_data, val_data: packed `Rows` (SFT) or an objective (`TokenCE`, `tinkerlm.tune.preference`); no
+            `val_data` (None) skips evaluation.
         run_dir: where checkpoints and `loss.csv` go.
         resume: continue from the newest checkpoint in `run_dir` (its `meta` must equal this run's).
         meta: what identifies the run (recipe, data hashes); stored in checkpoints and compared on resume.
@@ -334,6 +396,8 @@ def train(
     from tqdm.auto import tqdm
 
     meta = meta or {}
+    train_obj = TokenCE(train_data) if isinstance(train_data, Rows) else train_data
+    val_obj = TokenCE(val_data) if isinstance(val_data, Rows) else val_data
     rank, world = _dist()
     decay = [p for n, p in params.items() if p.ndim >= 2]
     no_decay = [p for n, p in params.items() if p.ndim < 2]
@@ -355,7 +419,7 @@ def train(
             shutil.rmtree(run_dir / "checkpoints")
         torch.manual_seed(cfg.seed + 1)  # dropout's draws; a resumed run restores the generator instead
 
-    per_epoch = steps_per_epoch(len(train_rows), cfg.batch_size, cfg.grad_accum)
+    per_epoch = steps_per_epoch(len(train_obj), cfg.batch_size, cfg.grad_accum)
     eval_every = cfg.eval_every or per_epoch
     model.train()
     bar = tqdm(
@@ -371,22 +435,27 @@ def train(
         while state.step < cfg.total_steps:
             t0 = time.perf_counter()
             step = state.step
-            rows = step_rows(step, len(train_rows), cfg)
-            n_target = int(train_rows.target[rows][:, 1:].sum())  # over the whole step, every rank
+            rows = step_rows(step, len(train_obj), cfg)
+            n_target = train_obj.step_size(rows)  # over the whole step, every rank
             total = 0.0
+            sums: dict[str, list[float]] = {}  # metric: [sum, count]
             mine = rows[rank::world]
             for a in range(0, len(mine), cfg.batch_size):
                 r = mine[a : a + cfg.batch_size]
-                loss = loss_sum(model, train_rows.ids[r], train_rows.segments[r], train_rows.target[r], cfg.bf16)
+                loss, metrics = train_obj.batch(model, r, cfg.bf16)
                 (loss / max(n_target, 1)).backward()
                 total += float(loss.detach())
-            if world > 1:  # every rank's share of the step's gradient and loss, summed
+                for k, (v, c) in metrics.items():
+                    acc = sums.setdefault(k, [0.0, 0])
+                    acc[0], acc[1] = acc[0] + v, acc[1] + c
+            if world > 1:  # every rank's share of the step's gradient, loss and metrics, summed
                 for p in params.values():
                     if p.grad is not None:
                         torch.distributed.all_reduce(p.grad)
-                summed = torch.tensor([total], dtype=torch.float64)
+                summed = torch.tensor([total, *(x for v in sums.values() for x in v)], dtype=torch.float64)
                 torch.distributed.all_reduce(summed)
-                total = float(summed)
+                total = float(summed[0])
+                sums = {k: [float(summed[1 + 2 * i]), float(summed[2 + 2 * i])] for i, k in enumerate(sums)}
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
             lr = lr_at(step, cfg)
@@ -396,7 +465,7 @@ def train(
             opt.zero_grad(set_to_none=True)
 
             state.step += 1
-            state.tokens += int(train_rows.ids[rows].numel())
+            state.tokens += train_obj.tokens(rows)
             dt = time.perf_counter() - t0
             state.seconds += dt
             row = {
@@ -407,14 +476,15 @@ def train(
                 "eval_loss": None,
                 "tokens": state.tokens,
                 "seconds": round(state.seconds, 3),
+                **train_obj.summarise(sums),
             }
-            if val_rows is not None and (state.step % eval_every == 0 or state.step == cfg.total_steps):
-                row["eval_loss"] = evaluate(model, val_rows, cfg.batch_size, cfg.bf16)
+            if val_obj is not None and (state.step % eval_every == 0 or state.step == cfg.total_steps):
+                row.update(val_obj.evaluate(model, cfg.batch_size, cfg.bf16))
             state.history.append(row)
             bar.update(1)
             bar.set_postfix(
                 loss=f"{row['loss']:.3f}",
-                tok_s=f"{train_rows.ids[rows].numel() / dt:,.0f}",
+                tok_s=f"{train_obj.tokens(rows) / dt:,.0f}",
                 **({"eval": f"{row['eval_loss']:.3f}"} if row["eval_loss"] is not None else {}),
             )
             if stop_after is not None and state.step >= stop_after:

@@ -235,13 +235,19 @@ def test_orpo_loss_and_gradients_equal_trl(bases, tmp_path):
     assert_same(loss / n, trl_loss, model, pm, names)
     m = obj.summarise({k: list(v) for k, v in metrics.items()})
     assert m["rejected_reward"] == pytest.approx(trl_metrics["rewards/rejected"], abs=1e-5)
+    # A random model's answers are improbable, where odds are almost probabilities; near log-prob 0 they are not.
+    chosen = torch.tensor([-0.01, -0.3, -0.69, -0.7, -2.0, -9.0])
+    rejected = torch.tensor([-0.02, -0.05, -1.5, -0.6, -2.5, -8.0])
+    t.beta = 1.0
+    torch.testing.assert_close(preference.orpo_ratio(chosen, rejected), t.odds_ratio_loss(chosen, rejected)[0])
     assert m["margin"] == pytest.approx(trl_metrics["rewards/margins"], abs=1e-5)
 
 
-def test_kto_loss_and_gradients_equal_trl(bases, tmp_path):
+@pytest.mark.parametrize("seed", [1, 4])  # the KL estimate of the batch is positive, and negative (clamped to 0)
+def test_kto_loss_and_gradients_equal_trl(bases, tmp_path, seed):
     from trl import KTOTrainer
 
-    model, tok, cfg, names = policy(bases["llama"])
+    model, tok, cfg, names = policy(bases["llama"], seed)
     prefs, _ = preference.load(write_pairs(tmp_path / "k.jsonl", 6, kto=True), tok, SEQ, "kto")
     n, pad, beta = len(prefs), tok.pad_token_id, 0.4
     assert 0 < int(prefs.labels.sum()) < n
@@ -269,6 +275,7 @@ def test_kto_loss_and_gradients_equal_trl(bases, tmp_path):
     assert_same(loss / n, trl_loss, model, pm, names)
     m = obj.summarise({k: list(v) for k, v in metrics.items()})
     assert m["kl"] == pytest.approx(t._metrics["train"]["kl"][-1], abs=1e-5)
+    assert (m["kl"] > 0.01) == (seed == 1) and m["kl"] >= 0
     assert m["margin"] == pytest.approx(t._metrics["train"]["rewards/margins"][-1], abs=1e-5)
 
 

@@ -306,6 +306,7 @@ class Preference:
         self.prefs, self.items, self.method = prefs, list(items), method
         self.beta, self.seq_len, self.pad = beta, seq_len, pad
         self.dpo_loss, self.label_smoothing, self.ref = dpo_loss, label_smoothing, ref
+        self.metrics = ("chosen_reward", "rejected_reward", "accuracy") + (("kl",) if method == "kto" else ())
 
     def __len__(self) -> int:
         return len(self.items)
@@ -378,13 +379,13 @@ class Preference:
         """eval_loss (per item) and the eval_ metrics over all items; accuracy is the preference accuracy."""
         was = model.training
         model.eval()
-        total, sums = 0.0, {}
+        total, sums = 0.0, {k: [0.0, 0] for k in self.metrics}
         for a in range(0, len(self.items), batch_size):
             loss, metrics = self.batch(model, torch.arange(a, min(a + batch_size, len(self.items))), bf16)
             total += float(loss)
             for k, (v, c) in metrics.items():
-                acc = sums.setdefault(k, [0.0, 0])
-                acc[0], acc[1] = acc[0] + v, acc[1] + c
+                sums[k][0] += v
+                sums[k][1] += c
         model.train(was)
         out = {"eval_loss": total / max(len(self.items), 1)}
         out.update({f"eval_{k}": v for k, v in self.summarise(sums).items()})

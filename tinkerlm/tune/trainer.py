@@ -159,10 +159,10 @@ class TokenCE:
     """SFT's objective over packed rows: summed cross-entropy, per target token of the step.
 
     An objective is what the loop needs of the data: `len()` items to draw steps from, each step's normaliser
-    (`step_size`), the summed loss of some items with metrics as (sum, count) pairs (`batch`), and `evaluate`.
+    (`step_size`), the summed loss of some items with its `metrics` as (sum, count) pairs (`batch`), and `evaluate`.
     """
 
-    columns = ("eval_loss",)
+    metrics: tuple[str, ...] = ()  # what `batch` reports besides the loss
 
     def __init__(self, rows: Rows):
         self.rows = rows
@@ -438,7 +438,7 @@ def train(
             rows = step_rows(step, len(train_obj), cfg)
             n_target = train_obj.step_size(rows)  # over the whole step, every rank
             total = 0.0
-            sums: dict[str, list[float]] = {}  # metric: [sum, count]
+            sums = {k: [0.0, 0] for k in train_obj.metrics}  # the same keys on every rank, even one with no rows
             mine = rows[rank::world]
             for a in range(0, len(mine), cfg.batch_size):
                 r = mine[a : a + cfg.batch_size]
@@ -446,8 +446,8 @@ def train(
                 (loss / max(n_target, 1)).backward()
                 total += float(loss.detach())
                 for k, (v, c) in metrics.items():
-                    acc = sums.setdefault(k, [0.0, 0])
-                    acc[0], acc[1] = acc[0] + v, acc[1] + c
+                    sums[k][0] += v
+                    sums[k][1] += c
             if world > 1:  # every rank's share of the step's gradient, loss and metrics, summed
                 for p in params.values():
                     if p.grad is not None:

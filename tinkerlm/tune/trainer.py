@@ -9,7 +9,7 @@ Written out by hand so every step is visible:
         all-reduce grads (torch.distributed only), clip, lr = schedule(step), AdamW step
 
 What a step sums is its objective's: SFT's token cross-entropy (`TokenCE` below) or a preference loss over pairs
-(`tinkerlm.tune.preference`), each with the same small interface (`Objective`).
+(`tinkerlm.tune.preference.Preference`); both have the small interface `TokenCE`'s docstring describes.
 
 The data order is a function of (seed, epoch), the schedule of the step, and dropout draws from torch's global
 generator whose state is checkpointed, so a resumed run reproduces an uninterrupted one loss for loss.

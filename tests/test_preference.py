@@ -243,21 +243,39 @@ def test_orpo_loss_and_gradients_equal_trl(bases, tmp_path):
     assert m["margin"] == pytest.approx(trl_metrics["rewards/margins"], abs=1e-5)
 
 
-@pytest.mark.parametrize("seed", [1, 4])  # the KL estimate of the batch is positive, and negative (clamped to 0)
-def test_kto_loss_and_gradients_equal_trl(bases, tmp_path, seed):
+@pytest.mark.parametrize(
+    ("seed", "weights"),
+    [(1, (1.0, 1.0)), (4, (1.0, 1.0)), (1, (1.3, 0.6))],  # KL estimate positive, negative (clamped); weighted
+)
+def test_kto_loss_and_gradients_equal_trl(bases, tmp_path, seed, weights):
     from trl import KTOTrainer
 
     model, tok, cfg, names = policy(bases["llama"], seed)
     prefs, _ = preference.load(write_pairs(tmp_path / "k.jsonl", 6, kto=True), tok, SEQ, "kto")
     n, pad, beta = len(prefs), tok.pad_token_id, 0.4
     assert 0 < int(prefs.labels.sum()) < n
-    obj = preference.Preference(prefs, range(n), "kto", beta=beta, seq_len=SEQ, pad=pad)
+    obj = preference.Preference(
+        prefs,
+        range(n),
+        "kto",
+        beta=beta,
+        seq_len=SEQ,
+        pad=pad,
+        desirable_weight=weights[0],
+        undesirable_weight=weights[1],
+    )
     loss, metrics = obj.batch(model, torch.arange(n), False)
     (loss / n).backward()
 
     pm = trl_peft_model(bases["llama"], model, cfg, names, tmp_path)
     t = trainer_stub(
-        KTOTrainer, pm, calculate_KL=True, loss_type="kto", beta=beta, desirable_weight=1.0, undesirable_weight=1.0
+        KTOTrainer,
+        pm,
+        calculate_KL=True,
+        loss_type="kto",
+        beta=beta,
+        desirable_weight=weights[0],
+        undesirable_weight=weights[1],
     )
     ids, att, comp = padded(prefs.seqs[0::2], pad)
     kl_ids, kl_att, kl_comp = padded(prefs.seqs[1::2], pad)  # the previous line's answer to each prompt
@@ -418,6 +436,8 @@ def test_recipe_checks_preference_fields():
         resolve(**base, method="dpo", dpo_loss="robust", label_smoothing=0.5)
     with pytest.raises(TinkerError, match="ref: --method orpo uses no reference"):
         resolve(**base, method="orpo", ref="x")
+    with pytest.raises(TinkerError, match="apply to --method kto only"):
+        resolve(**base, method="dpo", desirable_weight=2.0)
     with pytest.raises(TinkerError, match="beta: must be in"):
         resolve(**base, method="dpo", beta=0)
 

@@ -562,6 +562,13 @@ def _finetune_parser(sub, fmt) -> None:  # plain formatter: the help texts show 
         help="reference model for dpo/kto (store name or path; its log-probs are computed once and cached) "
         "(default: the base; under LoRA the base is the model with its adapters switched off)",
     )
+    for flag, help_ in (("--desirable-weight", "desirable"), ("--undesirable-weight", "undesirable")):
+        g.add_argument(
+            flag,
+            type=float,
+            default=None,
+            help=f"KTO: weight of {help_} answers' losses, to balance a skewed data set (default: 1)",
+        )
     g = s.add_argument_group("optimisation")
     for flag, typ, help_ in [
         ("--epochs", float, "passes over the data"),

@@ -18,7 +18,7 @@ reference's log-probs log pi_ref(y|x), r(y) = beta * (log pi(y|x) - log pi_ref(y
   beta * mean log sigmoid(log odds(y_w) - log odds(y_l)), the odds taken of the per-token mean log-probability;
 - KTO (Ethayarajh et al. 2024, https://arxiv.org/abs/2402.01306): 1 - sigmoid(beta (log-ratio - z)) for desirable
   answers, 1 - sigmoid(beta (z - log-ratio)) for undesirable ones, z = max(0, mean log-ratio of mismatched pairs
-  in the batch), detached. Each prompt's mismatched answer is the previous line's (the first takes the last's), as
+  in the batch), detached; `desirable_weight` and `undesirable_weight` scale the two kinds. Each prompt's mismatched answer is the previous line's (the first takes the last's), as
   TRL rotates completions; TRL does that within each batch-sized chunk of the file and then reads the file in order,
   here it is done once over the file, which is then shuffled, so a batch's mismatched answers are not exactly its
   own answers. On one batch the two are the same (the parity test).
@@ -217,11 +217,21 @@ def orpo_ratio(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor) -> torch.
 
 
 def kto_loss(
-    logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.Tensor, kl: torch.Tensor, beta: float
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    labels: torch.Tensor,
+    kl: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-answer losses and (detached) rewards; `kl` is the batch's detached, clamped KL estimate."""
+    """Per-answer (weighted) losses and (detached) rewards; `kl` is the batch's detached, clamped KL estimate."""
     lr = logps - ref_logps
-    losses = torch.where(labels, 1 - torch.sigmoid(beta * (lr - kl)), 1 - torch.sigmoid(beta * (kl - lr)))
+    losses = torch.where(
+        labels,
+        desirable_weight * (1 - torch.sigmoid(beta * (lr - kl))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (kl - lr))),
+    )
     return losses, beta * lr.detach()
 
 
@@ -299,6 +309,8 @@ class Preference:
         pad: int,
         dpo_loss: str = "sigmoid",
         label_smoothing: float = 0.0,
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
         ref: torch.Tensor | None = None,
     ):
         """`ref`: cached reference log-probs of all of `prefs`' sequences; None with DPO or KTO means the model
@@ -306,6 +318,7 @@ class Preference:
         self.prefs, self.items, self.method = prefs, list(items), method
         self.beta, self.seq_len, self.pad = beta, seq_len, pad
         self.dpo_loss, self.label_smoothing, self.ref = dpo_loss, label_smoothing, ref
+        self.weights = (desirable_weight, undesirable_weight)
         self.metrics = ("chosen_reward", "rejected_reward", "accuracy") + (("kl",) if method == "kto" else ())
 
     def __len__(self) -> int:
@@ -359,7 +372,7 @@ class Preference:
         kl_ref = self._reference(model, kl_batch, kl_where, bf16)
         kl = (kl_logps - kl_ref).mean().detach().clamp(min=0)
         labels = self.prefs.labels[items]
-        losses, rewards = kto_loss(logps, ref, labels, kl, self.beta)
+        losses, rewards = kto_loss(logps, ref, labels, kl, self.beta, *self.weights)
         return losses.sum(), {
             "chosen_reward": (float(rewards[labels].sum()), int(labels.sum())),
             "rejected_reward": (float(rewards[~labels].sum()), int((~labels).sum())),
@@ -434,6 +447,8 @@ def prepare(recipe, model: nn.Module, tokenizer, *, adapter_ref: bool, ref_sha25
         pad=pad,
         dpo_loss=recipe.dpo_loss,
         label_smoothing=recipe.label_smoothing,
+        desirable_weight=recipe.desirable_weight,
+        undesirable_weight=recipe.undesirable_weight,
     )
     prefs, stats = loaded[0][1], loaded[0][2]
     if recipe.eval_data:

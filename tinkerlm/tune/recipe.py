@@ -41,6 +41,8 @@ class Recipe:
     dpo_loss: str = "sigmoid"  # sigmoid (DPO), ipo, robust (rDPO)
     label_smoothing: float = 0.0  # sigmoid: conservative DPO (cDPO); robust: the assumed rate of flipped labels
     ref: str | None = None  # reference model (store name or path); default the base (LoRA: adapter switched off)
+    desirable_weight: float = 1.0  # KTO: weight of desirable answers' losses (balance a skewed data set)
+    undesirable_weight: float = 1.0  # KTO: weight of undesirable answers' losses
     # optimisation
     epochs: float = 3.0
     max_steps: int | None = None  # overrides epochs
@@ -118,6 +120,8 @@ class Recipe:
             "epochs": (0.0, limits.MAX_EPOCHS, self.max_steps is None, False),
             "beta": (0.0, 1e6, True, False),
             "label_smoothing": (0.0, 0.5, False, True),
+            "desirable_weight": (0.0, 1e6, True, False),
+            "undesirable_weight": (0.0, 1e6, True, False),
         }
         for name, (lo, hi, open_lo, open_hi) in floats.items():
             value = getattr(self, name)
@@ -134,6 +138,8 @@ class Recipe:
             raise TinkerError(f"dpo_loss: must be one of {', '.join(DPO_LOSSES)}, got {_short(self.dpo_loss)}")
         if self.label_smoothing and (self.method != "dpo" or self.dpo_loss == "ipo"):
             raise TinkerError("label_smoothing: applies to --method dpo with --dpo-loss sigmoid or robust only")
+        if (self.desirable_weight, self.undesirable_weight) != (1.0, 1.0) and self.method != "kto":
+            raise TinkerError("desirable_weight, undesirable_weight: apply to --method kto only")
         if self.ref is not None and self.method in ("sft", "orpo"):
             raise TinkerError(f"ref: --method {self.method} uses no reference model; drop --ref")
         if self.save_dtype not in ("float32", "bfloat16"):

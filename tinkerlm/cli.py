@@ -571,9 +571,9 @@ def _finetune_parser(sub, fmt) -> None:  # plain formatter: the help texts show 
     s = sub.add_parser(
         "finetune",
         help="fine-tune a model (LoRA or full) on JSONL data",
-        description="Fine-tune a model on chat ({messages}), prompt/completion or text JSONL. LoRA by "
-        "default (the adapter is stored in peft's layout; `tinkerlm run` applies it); --full trains "
-        "every weight. A YAML recipe (-c) takes the same names as the flags; flags override it.",
+        description="Fine-tune a model on chat ({messages}), prompt/completion or text JSONL, or on preference "
+        "data with --method dpo|orpo|kto. LoRA by default (the adapter is stored in peft's layout; `tinkerlm run` "
+        "applies it); --full trains every weight. A YAML recipe (-c) takes the same names as the flags; flags override it.",
     )
     s.add_argument("base", nargs="?", default=None, help="model to fine-tune: store name, .gguf or HF directory")
     s.add_argument("-c", "--config", default=None, help="YAML recipe with the fields below")
@@ -610,6 +610,46 @@ def _finetune_parser(sub, fmt) -> None:  # plain formatter: the help texts show 
         choices=["native", "fp32", "bf16"],
         help=f"base weights under LoRA: native keeps a GGUF's quantization (QLoRA) (default: {d.quant})",
     )
+    g = s.add_argument_group("preference tuning (docs/finetune.md#preference-tuning)")
+    g.add_argument(
+        "--method",
+        default=None,
+        choices=["sft", "dpo", "orpo", "kto"],
+        help="sft on examples; dpo or orpo on {prompt|messages, chosen, rejected} pairs; kto on {prompt|messages, "
+        f"completion, label}} lines (default: {d.method})",
+    )
+    g.add_argument(
+        "--beta",
+        type=float,
+        default=None,
+        help=f"DPO/IPO/KTO: pull towards the reference; ORPO: weight of the odds-ratio term (default: {d.beta:g})",
+    )
+    g.add_argument(
+        "--dpo-loss",
+        default=None,
+        choices=["sigmoid", "ipo", "robust"],
+        help=f"DPO's loss: sigmoid (DPO), ipo, robust (rDPO) (default: {d.dpo_loss})",
+    )
+    g.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=None,
+        help="DPO: assumed rate of flipped labels, conservative DPO with sigmoid, rDPO with robust "
+        f"(default: {d.label_smoothing:g})",
+    )
+    g.add_argument(
+        "--ref",
+        default=None,
+        help="reference model for dpo/kto (store name or path; its log-probs are computed once and cached) "
+        "(default: the base; under LoRA the base is the model with its adapters switched off)",
+    )
+    for flag, help_ in (("--desirable-weight", "desirable"), ("--undesirable-weight", "undesirable")):
+        g.add_argument(
+            flag,
+            type=float,
+            default=None,
+            help=f"KTO: weight of {help_} answers' losses, to balance a skewed data set (default: 1)",
+        )
     g = s.add_argument_group("optimisation")
     for flag, typ, help_ in [
         ("--epochs", float, "passes over the data"),

@@ -4,7 +4,8 @@
 `nn.Linear` or quantized `QLinear`, QLoRA-style) plus a trainable low-rank update, y = base(x) + s * B(A(drop(x))),
 with s = alpha / rank (alpha / sqrt(rank) with rsLoRA). A starts like nn.Linear's default init and B at zero, so
 a fresh adapter leaves the model unchanged. `fuse_lora` folds s * B @ A into float weights and swaps the plain
-layers back; `unwrap_lora` drops the adapters.
+layers back; `unwrap_lora` drops the adapters; `adapters_off` switches them off for a while (the reference model of preference
+tuning is the base itself, without a second copy of its weights).
 
 On disk an adapter is what `peft` writes (`tinkerlm.formats.peft`: the file format, `read_adapter`);
 `save_adapter` and `load_adapter` here move a model's adapters to and from it.
@@ -15,6 +16,7 @@ References: Hu et al. 2021, "LoRA" (https://arxiv.org/abs/2106.09685); Dettmers 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -53,9 +55,12 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's (and peft's) default for A
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True  # False inside `adapters_off`: the base layer alone (no dropout draw either)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if not self.enabled:
+            return y
         h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., rank)
         if y.dtype != h.dtype:
             return y + (F.linear(h, self.lora_B) * self.scaling).to(y.dtype)
@@ -162,6 +167,19 @@ def fuse_lora(model: nn.Module) -> int:
         _swap(model, name, base)
         fused += 1
     return fused
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """Within the block, every LoRALinear of `model` is its base layer alone: the model is the base model."""
+    mods = list(lora_modules(model).values())
+    for m in mods:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.enabled = True
 
 
 def unwrap_lora(model: nn.Module) -> None:

@@ -11,10 +11,13 @@ with (`chat_template.jinja`, which serving uses too), and a manifest naming the 
 obligations it brings. A base whose licence forbids derivatives is refused unless `accept_licence_conflict` is set
 (`tinkerlm.openness.remix`).
 
-`tinkerlm pretrain` (a new model from scratch on text files) is `tinkerlm.tune.pretrain`, its token shards
-`tinkerlm.tune.shards`; it shares the loop, checkpoints and curves of trainer.py and `save_full`.
+`method` (sft by default) picks the objective: `dpo`, `orpo` or `kto` tune on preference data (preference.py), with
+a `rewards.png` beside the loss curve. `tinkerlm pretrain` (a new model from scratch on text files) is
+`tinkerlm.tune.pretrain`, its token shards `tinkerlm.tune.shards`; it shares the loop, checkpoints and curves of
+trainer.py and `save_full`.
 
-Modules: recipe.py (the flags), data.py (JSONL -> packed rows), trainer.py (the loop, checkpoints); the LoRA
+Modules: recipe.py (the flags), data.py (JSONL -> packed rows), preference.py (preference data, losses, reference
+log-probs), trainer.py (the loop, checkpoints); the LoRA
 module swap is `tinkerlm.lora`, the adapter files `tinkerlm.formats.peft`, model loading `tinkerlm.loading`.
 """
 
@@ -96,7 +99,6 @@ def finetune(
     from tinkerlm import lora, store
     from tinkerlm.loading import load_checkpoint, physical_cores
     from tinkerlm.openness import remix
-    from tinkerlm.tune import data as data_mod
     from tinkerlm.tune import trainer
 
     recipe = resolve(config, **flags)
@@ -136,28 +138,30 @@ def finetune(
     if recipe.seq_len > model.max_context:
         print(f"seq_len: {recipe.seq_len} is beyond the model's context; using {model.max_context}", file=sys.stderr)
         recipe.seq_len = model.max_context
-    examples, stats = data_mod.load_examples(recipe.data, tokenizer, recipe.seq_len)
-    print(f"data: {stats.summary()}", file=sys.stderr)
-    if recipe.eval_data:
-        val, val_stats = data_mod.load_examples(recipe.eval_data, tokenizer, recipe.seq_len)
-        print(f"eval data: {val_stats.summary()}", file=sys.stderr)
-        train_ex = examples
+    ref_record = None
+    if recipe.method == "sft":
+        train_data, val_data, stats = _sft_data(recipe, tokenizer)
     else:
-        train_ex, val = data_mod.split(examples, recipe.val_fraction, recipe.seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    train_rows = data_mod.pack(train_ex, recipe.seq_len, pad)
-    val_rows = data_mod.pack(val, recipe.seq_len, pad)
-    print(
-        f"packed {len(train_ex)} training examples into {len(train_rows)} rows of {recipe.seq_len} tokens; "
-        f"{len(val)} held out for evaluation",
-        file=sys.stderr,
-    )
+        from tinkerlm.tune import preference
+
+        ref_sha, load_ref = base_record["sha256"], None
+        if recipe.ref is not None:
+            ref_path, _, ref_record = _base(recipe.ref)
+            ref_sha, load_ref = ref_record["sha256"], lambda: _reference_model(ref_path, tokenizer)
+        train_data, val_data, stats = preference.prepare(
+            recipe,
+            model,
+            tokenizer,
+            adapter_ref=method == "lora" and recipe.ref is None,
+            ref_sha256=ref_sha,
+            load_ref=load_ref,
+        )
 
     model.checkpoint_layers = recipe.grad_checkpointing
     n_train = sum(p.numel() for p in params.values())
     print(f"{method}: training {n_train:,} parameters", file=sys.stderr)
 
-    per_epoch = trainer.steps_per_epoch(len(train_rows), recipe.batch_size, recipe.grad_accum)
+    per_epoch = trainer.steps_per_epoch(len(train_data), recipe.batch_size, recipe.grad_accum)
     total = recipe.max_steps or max(1, round(recipe.epochs * per_epoch))
     tcfg = trainer.TrainConfig(
         total_steps=total,
@@ -182,8 +186,8 @@ def finetune(
     state = trainer.train(
         model,
         params,
-        train_rows,
-        val_rows,
+        train_data,
+        val_data,
         tcfg,
         run_dir,
         resume=resume,
@@ -210,12 +214,18 @@ def finetune(
             (model_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
         (model_dir / "recipe.yaml").write_text(dump_yaml(recipe))
         (model_dir / "loss.csv").write_text(trainer.history_csv(state.history))
-        trainer.plot_history(state.history, model_dir / "loss.png", f"{recipe.out}: {method} fine-tune of {base_ref}")
+        title = f"{recipe.out}: {method} {'' if recipe.method == 'sft' else recipe.method + ' '}fine-tune of {base_ref}"
+        trainer.plot_history(state.history, model_dir / "loss.png", title)
+        if recipe.method != "sft":
+            from tinkerlm.tune.preference import plot_rewards
+
+            plot_rewards(state.history, model_dir / "rewards.png", title)
 
     source = {
         "type": "finetune",
         "uri": f"finetune:{run_dir.name}",
         "method": method,
+        "objective": recipe.method,
         "recipe": recipe.to_dict(),
         "data": data_records,
         "data_stats": stats.__dict__,
@@ -224,6 +234,11 @@ def finetune(
         "eval_loss": next((r["eval_loss"] for r in reversed(state.history) if r.get("eval_loss") is not None), None),
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
     }
+    if recipe.method != "sft":
+        last_eval = next((r for r in reversed(state.history) if r.get("eval_loss") is not None), {})
+        source["eval_accuracy"] = last_eval.get("eval_accuracy")
+        source["eval_margin"] = last_eval.get("eval_margin")
+        source["reference"] = ref_record or ("adapters off" if method == "lora" else "base")
     parents = [base_record]
     m = store.add(
         recipe.out,
@@ -238,6 +253,40 @@ def finetune(
     print(f"stored {m.ref} ({m.format}); base {base_ref}; licence {m.license or 'unknown'}", file=sys.stderr)
     remix.announce(m.ref, terms)
     return m
+
+
+def _sft_data(recipe, tokenizer):
+    """SFT's training and held-out rows, packed, and the data stats."""
+    from tinkerlm.tune import data as data_mod
+
+    examples, stats = data_mod.load_examples(recipe.data, tokenizer, recipe.seq_len)
+    print(f"data: {stats.summary()}", file=sys.stderr)
+    if recipe.eval_data:
+        val, val_stats = data_mod.load_examples(recipe.eval_data, tokenizer, recipe.seq_len)
+        print(f"eval data: {val_stats.summary()}", file=sys.stderr)
+        train_ex = examples
+    else:
+        train_ex, val = data_mod.split(examples, recipe.val_fraction, recipe.seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    train_rows = data_mod.pack(train_ex, recipe.seq_len, pad)
+    val_rows = data_mod.pack(val, recipe.seq_len, pad)
+    print(
+        f"packed {len(train_ex)} training examples into {len(train_rows)} rows of {recipe.seq_len} tokens; "
+        f"{len(val)} held out for evaluation",
+        file=sys.stderr,
+    )
+    return train_rows, val_rows, stats
+
+
+def _reference_model(path: Path, tokenizer):
+    """A preference run's `--ref` model, in fp32; it must share the base's tokenizer (log-probs of the same ids)."""
+    from tinkerlm.loading import load_checkpoint
+
+    ref, ref_tok, _ = load_checkpoint(path, quant="fp32")
+    if ref_tok.backend.get_vocab() != tokenizer.backend.get_vocab():
+        raise TinkerError(f"ref: {path} has another tokenizer than the base; the reference must score the same tokens")
+    ref.eval()
+    return ref
 
 
 def save_full(

@@ -148,8 +148,9 @@ def _mask_by_spans(tokenizer, text: str, spans: list[tuple[int, int]]) -> Exampl
     return Example(list(enc.ids), target)
 
 
-def chat_example(tokenizer, messages: list[dict], where: str) -> Example:
-    """Render with the chat template; the assistant turns (as the template writes them) carry loss.
+def chat_example(tokenizer, messages: list[dict], where: str, last_only: bool = False) -> Example:
+    """Render with the chat template; the assistant turns (as the template writes them) carry loss, or only the last
+    one with `last_only` (preference tuning: the answer being compared, not earlier turns of the conversation).
 
     Each assistant turn's text is where the conversation rendered up to and including it extends the render up to
     the turn before with the generation prompt. Templates that do not render conversations as growing prefixes
@@ -160,7 +161,7 @@ def chat_example(tokenizer, messages: list[dict], where: str) -> Example:
     full = render(tokenizer, messages, add_generation_prompt=False)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or (last_only and i != len(messages) - 1):
             continue
         before = render(tokenizer, messages[:i], add_generation_prompt=True)
         upto = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
@@ -255,6 +256,7 @@ class Rows:
     ids: torch.Tensor  # (N, T) long
     segments: torch.Tensor  # (N, T) long
     target: torch.Tensor  # (N, T) bool: token t carries loss (predicted from position t - 1 of its own document)
+    example: torch.Tensor | None = None  # (N, T) long: index of the token's example in the packed list, -1 for padding
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -274,29 +276,32 @@ class Rows:
 
 def pack(examples: list[Example], seq_len: int, pad_id: int) -> Rows:
     """First-fit packing, in order, of whole examples into rows of `seq_len` tokens."""
-    rows: list[list[Example]] = []
+    rows: list[list[int]] = []  # example indices per row
     room: list[int] = []
-    for ex in examples:
+    for i, ex in enumerate(examples):
         n = len(ex.ids)
-        for i, free in enumerate(room):
+        for r, free in enumerate(room):
             if free >= n:
-                rows[i].append(ex)
-                room[i] -= n
+                rows[r].append(i)
+                room[r] -= n
                 break
         else:
-            rows.append([ex])
+            rows.append([i])
             room.append(seq_len - n)
     ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
     segments = torch.full((len(rows), seq_len), -1, dtype=torch.long)
     target = torch.zeros((len(rows), seq_len), dtype=torch.bool)
+    example = torch.full((len(rows), seq_len), -1, dtype=torch.long)
     for r, row in enumerate(rows):
         at = 0
-        for s, ex in enumerate(row):
+        for s, i in enumerate(row):
+            ex = examples[i]
             n = len(ex.ids)
             ids[r, at : at + n] = torch.tensor(ex.ids)
             segments[r, at : at + n] = s
+            example[r, at : at + n] = i
             t = torch.tensor(ex.target)
             t[0] = False  # a document's first token has nothing before it to be predicted from
             target[r, at : at + n] = t
             at += n
-    return Rows(ids, segments, target)
+    return Rows(ids, segments, target, example)

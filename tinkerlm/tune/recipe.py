@@ -35,6 +35,14 @@ class Recipe:
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     rslora: bool = False
     quant: str = "native"  # base weights for LoRA: native keeps a GGUF quantized (QLoRA), fp32/bf16 dequantize
+    # objective (tinkerlm.tune.preference): sft, or preference tuning on pairs (dpo, orpo) or labelled answers (kto)
+    method: str = "sft"
+    beta: float = 0.1  # DPO/IPO/KTO: strength of the pull towards the reference; ORPO: weight of the odds-ratio term
+    dpo_loss: str = "sigmoid"  # sigmoid (DPO), ipo, robust (rDPO)
+    label_smoothing: float = 0.0  # sigmoid: conservative DPO (cDPO); robust: the assumed rate of flipped labels
+    ref: str | None = None  # reference model (store name or path); default the base (LoRA: adapter switched off)
+    desirable_weight: float = 1.0  # KTO: weight of desirable answers' losses (balance a skewed data set)
+    undesirable_weight: float = 1.0  # KTO: weight of undesirable answers' losses
     # optimisation
     epochs: float = 3.0
     max_steps: int | None = None  # overrides epochs
@@ -69,7 +77,7 @@ class Recipe:
             raise TinkerError("data: a training JSONL file is required (--data train.jsonl)")
         if not self.out:
             raise TinkerError("out: a store name for the result is required (--out NAME)")
-        for name in ("base", "data", "out", "eval_data", "data_license", "quant", "save_dtype"):
+        for name in ("base", "data", "out", "eval_data", "data_license", "quant", "save_dtype", "method", "ref"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or len(value) > 4096 or "\0" in value):
                 raise TinkerError(f"{name}: must be a string (a name or path), got {_short(value)}")
@@ -110,6 +118,10 @@ class Recipe:
             "weight_decay": (0.0, 1e3, False, False),
             "max_grad_norm": (0.0, 1e9, False, False),  # 0: no clipping
             "epochs": (0.0, limits.MAX_EPOCHS, self.max_steps is None, False),
+            "beta": (0.0, 1e6, True, False),
+            "label_smoothing": (0.0, 0.5, False, True),
+            "desirable_weight": (0.0, 1e6, True, False),
+            "undesirable_weight": (0.0, 1e6, True, False),
         }
         for name, (lo, hi, open_lo, open_hi) in floats.items():
             value = getattr(self, name)
@@ -120,6 +132,16 @@ class Recipe:
                 raise TinkerError(f"{name}: must be in {span}, got {_short(value)}")
         if self.quant not in ("native", "fp32", "bf16"):
             raise TinkerError(f"quant: must be native, fp32 or bf16, got {self.quant!r}")
+        if self.method not in METHODS:
+            raise TinkerError(f"method: must be one of {', '.join(METHODS)}, got {_short(self.method)}")
+        if self.dpo_loss not in DPO_LOSSES:
+            raise TinkerError(f"dpo_loss: must be one of {', '.join(DPO_LOSSES)}, got {_short(self.dpo_loss)}")
+        if self.label_smoothing and (self.method != "dpo" or self.dpo_loss == "ipo"):
+            raise TinkerError("label_smoothing: applies to --method dpo with --dpo-loss sigmoid or robust only")
+        if (self.desirable_weight, self.undesirable_weight) != (1.0, 1.0) and self.method != "kto":
+            raise TinkerError("desirable_weight, undesirable_weight: apply to --method kto only")
+        if self.ref is not None and self.method in ("sft", "orpo"):
+            raise TinkerError(f"ref: --method {self.method} uses no reference model; drop --ref")
         if self.save_dtype not in ("float32", "bfloat16"):
             raise TinkerError(f"save_dtype: must be float32 or bfloat16, got {self.save_dtype!r}")
         targets = self.lora_targets
@@ -133,6 +155,9 @@ class Recipe:
                 f"lora_targets: must be a non-empty list of module names (such as q_proj, v_proj), got {_short(targets)}"
             )
 
+
+METHODS = ("sft", "dpo", "orpo", "kto")
+DPO_LOSSES = ("sigmoid", "ipo", "robust")
 
 # An SPDX licence id (LicenseRef-... included) or a simple expression of them joined by AND / OR / WITH.
 _SPDX_ID = r"[A-Za-z0-9][A-Za-z0-9.+-]{0,99}"

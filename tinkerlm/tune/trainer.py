@@ -8,6 +8,9 @@ Written out by hand so every step is visible:
             loss.backward()
         all-reduce grads (torch.distributed only), clip, lr = schedule(step), AdamW step
 
+What a step sums is its objective's: SFT's token cross-entropy (`TokenCE` below) or a preference loss over pairs
+(`tinkerlm.tune.preference.Preference`); both have the small interface `TokenCE`'s docstring describes.
+
 The data order is a function of (seed, epoch), the schedule of the step, and dropout draws from torch's global
 generator whose state is checkpointed, so a resumed run reproduces an uninterrupted one loss for loss.
 
@@ -115,15 +118,14 @@ def _head_ce(head: nn.Module, h: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return F.cross_entropy(head(h).float(), labels, reduction="sum")
 
 
-def loss_sum(
-    model: nn.Module,
-    ids: torch.Tensor,
-    segments: torch.Tensor | None,
-    target: torch.Tensor | None,
-    bf16: bool = False,
-) -> torch.Tensor:
-    """Summed cross-entropy over the target tokens of packed rows (B, T); `segments` None: each row is one causal
-    sequence, `target` None: every token after the first carries loss (pretraining)."""
+def _head_logps(head: nn.Module, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(head(h).float(), labels, reduction="none")
+
+
+def _over_targets(fn, model: nn.Module, ids, segments, target, bf16: bool) -> list[torch.Tensor]:
+    """`fn(head, hidden, labels)` over the target positions of packed rows, chunk by chunk; the chunks are recomputed
+    in the backward pass rather than kept. `segments` None: each row is one causal sequence; `target` None: every
+    token after the first carries loss (pretraining)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         h = model(ids, segments=segments, head=False)  # (B, T, C)
         if target is None:
@@ -133,16 +135,71 @@ def loss_sum(
             want = target[:, 1:]  # token t + 1 is predicted at position t
             hs = h[:, :-1][want]  # (N, C)
             labels = ids[:, 1:][want]  # (N,)
-        total = h.new_zeros((), dtype=torch.float32)
+        out = []
         for a in range(0, hs.shape[0], HEAD_CHUNK):
             chunk, lab = hs[a : a + HEAD_CHUNK], labels[a : a + HEAD_CHUNK]
             if torch.is_grad_enabled() and hs.requires_grad:
                 from torch.utils.checkpoint import checkpoint
 
-                total = total + checkpoint(_head_ce, model.lm_head, chunk, lab, use_reentrant=False)
+                out.append(checkpoint(fn, model.lm_head, chunk, lab, use_reentrant=False))
             else:
-                total = total + _head_ce(model.lm_head, chunk, lab)
+                out.append(fn(model.lm_head, chunk, lab))
+    return out
+
+
+def loss_sum(
+    model: nn.Module,
+    ids: torch.Tensor,
+    segments: torch.Tensor | None,
+    target: torch.Tensor | None,
+    bf16: bool = False,
+) -> torch.Tensor:
+    """Summed cross-entropy over the target tokens of packed rows (B, T) (see `_over_targets` for None)."""
+    total = torch.zeros((), dtype=torch.float32)
+    for part in _over_targets(_head_ce, model, ids, segments, target, bf16):
+        total = total + part
     return total
+
+
+def token_logps(
+    model: nn.Module, ids: torch.Tensor, segments: torch.Tensor, target: torch.Tensor, bf16: bool = False
+) -> torch.Tensor:
+    """Log-probability (fp32) of each target token of packed rows (B, T), in row-major order: (N,)."""
+    parts = _over_targets(_head_logps, model, ids, segments, target, bf16)
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+class TokenCE:
+    """SFT's and pretraining's objective: summed cross-entropy, per target token of the step, over rows that give
+    `batch(items)` -> (ids, segments, target) and `count_targets(items)` (fine-tuning's packed `Rows`, pretraining's
+    memory-mapped token rows).
+
+    An objective is what the loop needs of the data: `len()` items to draw steps from, each step's normaliser
+    (`step_size`), the summed loss of some items with its `metrics` as (sum, count) pairs (`batch`), and `evaluate`.
+    """
+
+    metrics: tuple[str, ...] = ()  # what `batch` reports besides the loss
+
+    def __init__(self, rows: Rows):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def step_size(self, items: torch.Tensor) -> int:
+        return self.rows.count_targets(items)
+
+    def tokens(self, items: torch.Tensor) -> int:
+        return len(items) * self.rows.seq_len
+
+    def batch(self, model: nn.Module, items: torch.Tensor, bf16: bool) -> tuple[torch.Tensor, dict]:
+        return loss_sum(model, *self.rows.batch(items), bf16), {}
+
+    def summarise(self, sums: dict[str, list[float]]) -> dict[str, float | None]:
+        return {k: (s / c if c else None) for k, (s, c) in sums.items()}
+
+    def evaluate(self, model: nn.Module, batch_size: int, bf16: bool) -> dict[str, float]:
+        return {"eval_loss": evaluate(model, self.rows, batch_size, bf16)}
 
 
 @torch.no_grad()
@@ -287,11 +344,15 @@ def load_checkpoint(path: Path, params: dict[str, nn.Parameter], opt: torch.opti
 
 
 def history_csv(history: list[dict]) -> str:
+    """HISTORY_FIELDS, then any other columns the objective logged (rewards, accuracy ...) in order of appearance."""
+    fields = list(HISTORY_FIELDS)
+    for row in history:
+        fields += [k for k in row if k not in fields]
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     w.writeheader()
     for row in history:
-        w.writerow({k: row.get(k, "") for k in HISTORY_FIELDS})
+        w.writerow({k: row.get(k, "") for k in fields})
     return buf.getvalue()
 
 
@@ -338,8 +399,8 @@ def plot_history(history: list[dict], path: Path, title: str, throughput: bool =
 def train(
     model: nn.Module,
     params: dict[str, nn.Parameter],
-    train_rows: Rows,
-    val_rows: Rows | None,
+    train_data,
+    val_data,
     cfg: TrainConfig,
     run_dir: Path,
     *,
@@ -352,6 +413,8 @@ def train(
     """Train `params` (the trainable tensors of `model`, by name) and return the final State.
 
     Args:
+        train_data, val_data: packed `Rows` (SFT) or an objective (`TokenCE`, `tinkerlm.tune.preference`); no
+            `val_data` (None) skips evaluation.
         run_dir: where checkpoints and `loss.csv` go.
         resume: continue from the newest checkpoint in `run_dir` (its `meta` must equal this run's).
         meta: what identifies the run (recipe, data hashes); stored in checkpoints and compared on resume.
@@ -361,6 +424,8 @@ def train(
     from tqdm.auto import tqdm
 
     meta = meta or {}
+    train_obj = train_data if hasattr(train_data, "step_size") else TokenCE(train_data)  # rows, or an objective
+    val_obj = val_data if val_data is None or hasattr(val_data, "step_size") else TokenCE(val_data)
     rank, world = _dist()
     decay = [p for n, p in params.items() if p.ndim >= 2]
     no_decay = [p for n, p in params.items() if p.ndim < 2]
@@ -382,7 +447,7 @@ def train(
             shutil.rmtree(run_dir / "checkpoints")
         torch.manual_seed(cfg.seed + 1)  # dropout's draws; a resumed run restores the generator instead
 
-    per_epoch = steps_per_epoch(len(train_rows), cfg.batch_size, cfg.grad_accum)
+    per_epoch = steps_per_epoch(len(train_obj), cfg.batch_size, cfg.grad_accum)
     eval_every = cfg.eval_every or per_epoch
     model.train()
     bar = tqdm(
@@ -398,22 +463,27 @@ def train(
         while state.step < cfg.total_steps:
             t0 = time.perf_counter()
             step = state.step
-            rows = step_rows(step, len(train_rows), cfg)
-            n_target = train_rows.count_targets(rows)  # over the whole step, every rank
+            rows = step_rows(step, len(train_obj), cfg)
+            n_target = train_obj.step_size(rows)  # over the whole step, every rank
             total = 0.0
+            sums = {k: [0.0, 0] for k in train_obj.metrics}  # the same keys on every rank, even one with no rows
             mine = rows[rank::world]
             for a in range(0, len(mine), cfg.batch_size):
                 r = mine[a : a + cfg.batch_size]
-                loss = loss_sum(model, *train_rows.batch(r), cfg.bf16)
+                loss, metrics = train_obj.batch(model, r, cfg.bf16)
                 (loss / max(n_target, 1)).backward()
                 total += float(loss.detach())
-            if world > 1:  # every rank's share of the step's gradient and loss, summed
+                for k, (v, c) in metrics.items():
+                    sums[k][0] += v
+                    sums[k][1] += c
+            if world > 1:  # every rank's share of the step's gradient, loss and metrics, summed
                 for p in params.values():
                     if p.grad is not None:
                         torch.distributed.all_reduce(p.grad)
-                summed = torch.tensor([total], dtype=torch.float64)
+                summed = torch.tensor([total, *(x for v in sums.values() for x in v)], dtype=torch.float64)
                 torch.distributed.all_reduce(summed)
-                total = float(summed)
+                total = float(summed[0])
+                sums = {k: [float(summed[1 + 2 * i]), float(summed[2 + 2 * i])] for i, k in enumerate(sums)}
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
             lr = lr_at(step, cfg)
@@ -423,7 +493,7 @@ def train(
             opt.zero_grad(set_to_none=True)
 
             state.step += 1
-            step_tokens = len(rows) * train_rows.seq_len
+            step_tokens = train_obj.tokens(rows)
             state.tokens += step_tokens
             dt = time.perf_counter() - t0
             state.seconds += dt
@@ -436,9 +506,10 @@ def train(
                 "tokens": state.tokens,
                 "seconds": round(state.seconds, 3),
                 "tokens_per_s": round(step_tokens / dt, 1),  # training only: evaluation is not timed
+                **train_obj.summarise(sums),
             }
-            if val_rows is not None and (state.step % eval_every == 0 or state.step == cfg.total_steps):
-                row["eval_loss"] = evaluate(model, val_rows, cfg.batch_size, cfg.bf16)
+            if val_obj is not None and (state.step % eval_every == 0 or state.step == cfg.total_steps):
+                row.update(val_obj.evaluate(model, cfg.batch_size, cfg.bf16))
             state.history.append(row)
             bar.update(1)
             bar.set_postfix(

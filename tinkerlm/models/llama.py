@@ -216,12 +216,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    """Pre-norm: x + attention(norm(x)), then x + mlp(norm(x)); another family may bring its own attention and MLP
+    modules of the same call signature (Phi-3's fused projections)."""
+
+    def __init__(self, cfg: LlamaConfig, attention: type[nn.Module] = Attention, mlp: type[nn.Module] = MLP):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = mlp(cfg)
 
     def forward(self, x, cos, sin, mask, cache, layer, positions, kv_len):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, positions, kv_len)
@@ -229,10 +232,10 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, attention: type[nn.Module] = Attention, mlp: type[nn.Module] = MLP):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, attention, mlp) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 

@@ -1,7 +1,7 @@
 """Phi-3 and Phi-4-mini (HF `phi3`): Phi-3-mini/small/medium 4k and 128k, Phi-3.5-mini, Phi-4-mini.
 
 A Llama-shaped decoder (pre-norm RMSNorm, grouped-query attention, SwiGLU) whose differences change its data flow
-enough for a file of its own (it reuses base.py's blocks and llama.py's config checks):
+enough for a file of its own (it reuses base.py's blocks and llama.py's config checks, layers and backbone):
 - q, k and v come from one fused projection `qkv_proj` (rows q | k | v), gate and up from one `gate_up_proj`
   (rows gate | up), as HF stores them and GGUF's `attn_qkv` / `ffn_up` do, so loading stays a pass-through;
 - `partial_rotary_factor` (Phi-4-mini: 0.75): RoPE turns only the first `head_dim * factor` dims of each head;
@@ -34,10 +34,10 @@ from torch import nn
 
 from tinkerlm import limits
 from tinkerlm.errors import TinkerError
+from tinkerlm.models import llama
 from tinkerlm.models.base import (
     CausalLM,
     KVCache,
-    RMSNorm,
     apply_rope,
     attend,
     make_mask,
@@ -180,33 +180,12 @@ class MLP(nn.Module):
         return self.down_proj(swiglu(gate.contiguous(), up.contiguous()))
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Phi3Config):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
-
-    def forward(self, x, cos, sin, mask, cache, layer, positions, kv_len):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, positions, kv_len)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class Backbone(nn.Module):
-    def __init__(self, cfg: Phi3Config):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
 class Phi3ForCausalLM(CausalLM):
     def __init__(self, cfg: Phi3Config, source: str = "model"):
         super().__init__()
         self.config = cfg
         self.source = source
-        self.model = Backbone(cfg)
+        self.model = llama.Backbone(cfg, Attention, MLP)  # Llama's layers with Phi-3's fused projections
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.n_layers, self.n_kv_heads, self.head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
         self.max_context = cfg.max_position_embeddings

@@ -28,6 +28,9 @@ NOT_OPTIONS = {
     "user",
     "max_completion_tokens",
     "top_logprobs",
+    "tools",  # tool calling (tinkerlm.toolcalls): what to call, not how to sample
+    "tool_choice",
+    "parallel_tool_calls",
 }
 MODEL_FLAGS = {"dtype", "quant", "threads", "kv_cache"}  # options of loading, listed beside sampling's
 

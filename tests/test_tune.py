@@ -176,6 +176,36 @@ def test_lora_on_a_fused_quantized_model_trains_every_target(bases):
         assert m.lora_A.grad is not None and m.lora_A.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("quant", ["fp32", "int4"])
+def test_recomputed_layers_give_the_same_loss_and_gradients_bit_for_bit(bases, tmp_path, quant, monkeypatch):
+    """`--grad-checkpointing` (layers recomputed in the backward pass) trades memory for time, never the maths."""
+    import torch.utils.checkpoint as ckpt
+
+    calls = []
+    real = ckpt.checkpoint
+    monkeypatch.setattr(ckpt, "checkpoint", lambda fn, *a, **kw: calls.append(fn) or real(fn, *a, **kw))
+    model, tok, _ = load_checkpoint(bases["llama"], quant=quant)
+    lora.apply_lora(model, lora.LoRAConfig(rank=4, alpha=8, targets=["all-linear"]), seed=0)
+    randomise_lora(model)
+    model.train()
+    examples, _ = data_mod.load_examples(write_chat_data(tmp_path / "d.jsonl", 9), tok, 64)
+    rows = data_mod.pack(examples, 64, tok.pad_token_id)
+    out = []
+    for recompute in (False, True):
+        model.checkpoint_layers = recompute
+        model.zero_grad(set_to_none=True)
+        loss = trainer.loss_sum(model, rows.ids, rows.segments, rows.target)
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss0, grads0), (loss1, grads1) = out
+    layers = [c for c in calls if c in list(model.model.layers)]
+    assert len(layers) == len(model.model.layers)  # every layer went through the recomputing path, once
+    assert torch.equal(loss0, loss1) and grads0.keys() == grads1.keys() and len(grads0) > 0
+    for name in grads0:
+        assert torch.equal(grads0[name], grads1[name]), name
+    assert any(g.abs().sum() > 0 for g in grads0.values())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Data: masks, packing, errors
 

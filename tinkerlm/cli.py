@@ -560,6 +560,12 @@ def _pretrain_parser(sub, fmt) -> None:
             )
     g.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast for matmuls")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument(
+        "--distributed",
+        default=None,
+        choices=["ddp", "fsdp"],
+        help=f"under torchrun: replicas (ddp) or a sharded model (fsdp); docs/distributed.md (default: {d.distributed})",
+    )
 
 
 def _finetune_parser(sub, fmt) -> None:  # plain formatter: the help texts show the Recipe defaults
@@ -682,6 +688,12 @@ def _finetune_parser(sub, fmt) -> None:  # plain formatter: the help texts show 
         default=None,
         choices=["float32", "bfloat16"],
         help=f"dtype of the saved weights (default: {d.save_dtype})",
+    )
+    g.add_argument(
+        "--distributed",
+        default=None,
+        choices=["ddp", "fsdp"],
+        help=f"under torchrun: replicas (ddp) or a sharded model (fsdp); docs/distributed.md (default: {d.distributed})",
     )
 
     s = sub.add_parser(

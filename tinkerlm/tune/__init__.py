@@ -93,19 +93,28 @@ def finetune(
     Raises:
         TinkerError: bad recipe, data or base model; `out` already taken without `force`; the base's licence
             forbids fine-tunes and `accept_licence_conflict` is not set.
+
+    Under torchrun the process group is set up here (`tinkerlm.tune.dist.session`; docs/distributed.md).
     """
+    from tinkerlm.tune import dist
+
+    with dist.session():
+        return _finetune(config, resume, force, progress, stop_after, accept_licence_conflict, flags)
+
+
+def _finetune(config, resume, force, progress, stop_after, accept_licence_conflict, flags):
     import torch
 
     from tinkerlm import lora, store
     from tinkerlm.loading import load_checkpoint, physical_cores
     from tinkerlm.openness import remix
-    from tinkerlm.tune import trainer
+    from tinkerlm.tune import dist, trainer
 
     recipe = resolve(config, **flags)
     out_name, out_tag = store.parse_name(recipe.out)
     if not force and store.find(f"{out_name}:{out_tag}") is not None:
         raise TinkerError(f"out: {out_name}:{out_tag} is already in the store; pick another name or pass --force")
-    torch.set_num_threads(recipe.threads or physical_cores())
+    torch.set_num_threads(recipe.threads or dist.threads_per_process(physical_cores()))
 
     path, base_manifest, base_record = _base(recipe.base)
     terms = remix.check(
@@ -194,8 +203,13 @@ def finetune(
         meta={"identity": identity, "recipe": recipe.to_dict()},
         progress=progress,
         stop_after=stop_after,
+        distributed=recipe.distributed,
     )
-    if stop_after is not None or trainer.rank() != 0:
+    if stop_after is not None:
+        return None
+    full_state = dist.full_state_dict(model)  # FSDP: every rank helps gather the shards
+    dist.gather_model(model, full_state)
+    if trainer.rank() != 0:
         return None  # under torchrun only rank 0 stores the result
 
     template = tokenizer.chat_template
@@ -209,7 +223,7 @@ def finetune(
                 model, model_dir, lora.peft_config(cfg, wrapped, base_ref, fan_in_fan_out), dtype=save_dtype
             )
         else:
-            save_full(model, tokenizer, gen_config, path, model_dir, save_dtype)
+            save_full(model, tokenizer, gen_config, path, model_dir, save_dtype, state=full_state)
         if template is not None:
             (model_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
         (model_dir / "recipe.yaml").write_text(dump_yaml(recipe))
@@ -290,10 +304,18 @@ def _reference_model(path: Path, tokenizer):
 
 
 def save_full(
-    model, tokenizer, gen_config: dict, base_path: Path | None, model_dir: Path, dtype=None, config: dict | None = None
+    model,
+    tokenizer,
+    gen_config: dict,
+    base_path: Path | None,
+    model_dir: Path,
+    dtype=None,
+    config: dict | None = None,
+    state: dict | None = None,
 ) -> None:
     """Write `model` as a Hugging Face directory: config.json, model.safetensors, tokenizer files; the config is
-    `config` when given (a model made from scratch), else the base checkpoint's."""
+    `config` when given (a model made from scratch), else the base checkpoint's. `state`: the model's tensors when
+    not its own `state_dict()` (gathered from FSDP shards, `tinkerlm.tune.dist.full_state_dict`)."""
     import torch
 
     from tinkerlm.formats import hf
@@ -302,9 +324,9 @@ def save_full(
     dtype = dtype or torch.float32
     config = dict(config) if config is not None else checkpoint_config(base_path)
     config["torch_dtype"] = "bfloat16" if dtype == torch.bfloat16 else "float32"
-    state = {}
+    tensors, state = state if state is not None else model.state_dict(), {}
     seen = {}
-    for name, t in model.state_dict().items():
+    for name, t in tensors.items():
         if name == "inv_freq" or name.endswith(".inv_freq"):
             continue
         key = (t.data_ptr(), tuple(t.shape))

@@ -78,9 +78,19 @@ class PretrainRecipe:
     eval_every: int = 0  # steps between evaluations; 0: at the end only
     save_every: int = 0  # steps between checkpoints; 0: at the end only
     threads: int | None = None
+    distributed: str = "ddp"  # under torchrun: ddp (replicas) or fsdp (sharded); docs/distributed.md
 
-    # Fields a resumed run may change without invalidating its checkpoint.
-    RESUMABLE_CHANGES = ("max_steps", "max_tokens", "eval_every", "save_every", "threads", "compile", "license")
+    # Fields a resumed run may change without invalidating its checkpoint (the number of processes is free too).
+    RESUMABLE_CHANGES = (
+        "max_steps",
+        "max_tokens",
+        "eval_every",
+        "save_every",
+        "threads",
+        "compile",
+        "license",
+        "distributed",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,6 +172,9 @@ class PretrainRecipe:
                 raise TinkerError(f"{name}: must be an SPDX licence id such as Apache-2.0, got {_short(value)}")
         if self.save_dtype not in ("float32", "bfloat16"):
             raise TinkerError(f"save_dtype: must be float32 or bfloat16, got {self.save_dtype!r}")
+        from tinkerlm.tune.recipe import check_distributed
+
+        check_distributed(self.distributed)
 
     def model_config(self, tokenizer) -> dict:
         """The Hugging Face config.json of the model this recipe describes, for `tokenizer`."""
@@ -320,28 +333,38 @@ def pretrain(
         resume: continue from the newest checkpoint of the run writing `out`.
         force: replace a model already stored as `out`.
         stop_after: stop after this step without storing a result, as if killed (tests of resume).
+    Under torchrun the process group is set up here (`tinkerlm.tune.dist.session`): rank 0 alone tokenizes the
+    shards, writes checkpoints and stores the result; `distributed` picks DDP or FSDP.
+
     Raises:
         TinkerError: a bad recipe (shapes that do not divide, ranges), missing or empty data, too little disk for
             the shards, `out` already taken without `force`.
     """
+    from tinkerlm.tune import dist
+
+    with dist.session():
+        return _pretrain(config=config, resume=resume, force=force, progress=progress, stop_after=stop_after, **flags)
+
+
+def _pretrain(*, config, resume, force, progress, stop_after, **flags):
     import torch
 
     from tinkerlm import models, store
     from tinkerlm.loading import physical_cores
-    from tinkerlm.tune import save_full, shards, trainer
+    from tinkerlm.tune import dist, save_full, shards, trainer
     from tinkerlm.tune.recipe import dump_yaml
 
     recipe = resolve(config, **flags)
     out_name, out_tag = store.parse_name(recipe.out)
     if not force and store.find(f"{out_name}:{out_tag}") is not None:
         raise TinkerError(f"out: {out_name}:{out_tag} is already in the store; pick another name or pass --force")
-    torch.set_num_threads(recipe.threads or physical_cores())
+    torch.set_num_threads(recipe.threads or dist.threads_per_process(physical_cores()))
 
     tokenizer, tok_record = load_tokenizer(recipe.tokenizer)
     config_dict = recipe.model_config(tokenizer)
     sources = shards.expand(recipe.data, recipe.data_license, recipe.data_provenance)
     root = Path(recipe.shards_dir).expanduser() if recipe.shards_dir else store.home() / "shards"
-    data = shards.prepare(sources, tokenizer, root, progress)
+    data = dist.rank0_first(lambda: shards.prepare(sources, tokenizer, root, progress))  # the others reuse them
     print(
         f"data: {len(sources)} files, {sum(s.bytes for s in sources):,} bytes -> {data.tokens:,} tokens "
         f"({'reused' if data.reused else 'tokenized into'} {data.dir})",
@@ -407,8 +430,12 @@ def pretrain(
         progress=progress,
         stop_after=stop_after,
         desc="pretrain",
+        distributed=recipe.distributed,
     )
-    if stop_after is not None or trainer.rank() != 0:
+    if stop_after is not None:
+        return None
+    full_state = dist.full_state_dict(model)  # FSDP: every rank helps gather the shards; rank 0 stores the model
+    if trainer.rank() != 0:
         return None
 
     save_dtype = torch.bfloat16 if recipe.save_dtype == "bfloat16" else torch.float32
@@ -419,7 +446,7 @@ def pretrain(
         r["tokens"] = by_sha.get(r["sha256"], {}).get("tokens")
 
     def fill(model_dir: Path) -> None:
-        save_full(model, tokenizer, gen_config, None, model_dir, save_dtype, config=config_dict)
+        save_full(model, tokenizer, gen_config, None, model_dir, save_dtype, config=config_dict, state=full_state)
         (model_dir / "recipe.yaml").write_text(dump_yaml(recipe))
         (model_dir / "DATA.md").write_text(data_card(recipe.out, records, tok_record, data.index), encoding="utf-8")
         (model_dir / "loss.csv").write_text(trainer.history_csv(state.history))

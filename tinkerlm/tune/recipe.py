@@ -62,12 +62,13 @@ class Recipe:
     save_every: int = 0  # steps between checkpoints; 0 = only at the end
     threads: int | None = None
     save_dtype: str = "float32"  # dtype of saved weights: float32 or bfloat16
+    distributed: str = "ddp"  # under torchrun: ddp (replicas) or fsdp (sharded); docs/distributed.md
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     # Fields a resumed run may change without invalidating its checkpoint.
-    RESUMABLE_CHANGES = ("max_steps", "epochs", "eval_every", "save_every", "threads", "data_license")
+    RESUMABLE_CHANGES = ("max_steps", "epochs", "eval_every", "save_every", "threads", "data_license", "distributed")
 
     def check(self) -> None:
         """Raises TinkerError naming the first field of the wrong type or out of range (`tinkerlm.limits`)."""
@@ -132,6 +133,7 @@ class Recipe:
                 raise TinkerError(f"{name}: must be in {span}, got {_short(value)}")
         if self.quant not in ("native", "fp32", "bf16"):
             raise TinkerError(f"quant: must be native, fp32 or bf16, got {self.quant!r}")
+        check_distributed(self.distributed)
         if self.method not in METHODS:
             raise TinkerError(f"method: must be one of {', '.join(METHODS)}, got {_short(self.method)}")
         if self.dpo_loss not in DPO_LOSSES:
@@ -264,3 +266,11 @@ def dump_yaml(recipe) -> str:
     import yaml
 
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+DISTRIBUTED = ("ddp", "fsdp")  # tinkerlm.tune.dist.STRATEGIES (this module imports no torch)
+
+
+def check_distributed(value) -> None:
+    if value not in DISTRIBUTED:
+        raise TinkerError(f"distributed: must be one of {', '.join(DISTRIBUTED)}, got {_short(value)}")

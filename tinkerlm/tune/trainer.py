@@ -6,7 +6,7 @@ Written out by hand so every step is visible:
         for micro-batch in accumulation batch:      # rows of this step, sharded by rank under torchrun
             loss = sum CE over target tokens / target tokens of the whole step
             loss.backward()
-        all-reduce grads (torch.distributed only), clip, lr = schedule(step), AdamW step
+        sum grads across ranks (torchrun only), clip, lr = schedule(step), AdamW step
 
 What a step sums is its objective's: SFT's token cross-entropy (`TokenCE` below) or a preference loss over pairs
 (`tinkerlm.tune.preference.Preference`); both have the small interface `TokenCE`'s docstring describes.
@@ -15,7 +15,8 @@ The data order is a function of (seed, epoch), the schedule of the step, and dro
 generator whose state is checkpointed, so a resumed run reproduces an uninterrupted one loss for loss.
 
 Checkpoints (`RUN/checkpoints/step-NNNNNN/`) hold the trainable tensors, AdamW's moments and the RNG state as
-safetensors (never pickle) and the counters as JSON. Each is written into a temporary directory and renamed into
+safetensors (never pickle) and the counters as JSON; under FSDP the shards are gathered into full tensors first,
+so a checkpoint is the same whatever the number of processes that wrote it or resume it. Each is written into a temporary directory and renamed into
 place, so a kill during a save leaves the previous checkpoint whole; the newest two are kept.
 
 The loss is computed only where it counts: the decoder returns hidden states and the output head runs on the
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinkerlm.errors import TinkerError
+from tinkerlm.tune import dist
 from tinkerlm.tune.data import Rows
 
 CKPT_PREFIX = "step-"
@@ -100,14 +102,19 @@ def step_rows(step: int, n_rows: int, cfg: TrainConfig) -> torch.Tensor:
     return order[i * size : (i + 1) * size]
 
 
+def rank_rows(rows: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's share of a step's rows: every world-th row from `rank`, so the ranks together see each once."""
+    return rows[rank::world]
+
+
+def micro_batches(n_rows: int, batch_size: int, world: int) -> int:
+    """Micro-batches every rank runs in a step of `n_rows`: the same count on all ranks (FSDP's collectives run
+    in each forward and backward), enough for the rank with the most rows."""
+    return math.ceil(math.ceil(n_rows / world) / batch_size)
+
+
 def rank() -> int:
-    return _dist()[0]
-
-
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    return dist.rank_world()[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,23 +242,27 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def save_checkpoint(
     run_dir: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer, state: State, meta: dict
-) -> Path:
+) -> Path | None:
+    """Write a checkpoint (rank 0; the others only help gather sharded tensors and return None)."""
     from safetensors.torch import save_file
 
+    weights = {k: dist.full(p.detach()).contiguous() for k, p in params.items()}  # every rank: gathers
+    moments = {}
+    for name, p in params.items():
+        s = opt.state.get(p)
+        if s:
+            moments[f"{name}.exp_avg"] = dist.full(s["exp_avg"]).contiguous()
+            moments[f"{name}.exp_avg_sq"] = dist.full(s["exp_avg_sq"]).contiguous()
+            moments[f"{name}.step"] = torch.as_tensor(s["step"], dtype=torch.float32).reshape(1)
+    if rank() != 0:
+        return None
     ckpts = run_dir / "checkpoints"
     ckpts.mkdir(parents=True, exist_ok=True)
     final = ckpts / f"{CKPT_PREFIX}{state.step:06d}"
     tmp = ckpts / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: p.detach().contiguous() for k, p in params.items()}, str(tmp / "trainable.safetensors"))
-    moments = {}
-    for name, p in params.items():
-        s = opt.state.get(p)
-        if s:
-            moments[f"{name}.exp_avg"] = s["exp_avg"].contiguous()
-            moments[f"{name}.exp_avg_sq"] = s["exp_avg_sq"].contiguous()
-            moments[f"{name}.step"] = torch.as_tensor(s["step"], dtype=torch.float32).reshape(1)
+    save_file(weights, str(tmp / "trainable.safetensors"))
     moments["rng.torch"] = torch.get_rng_state()
     save_file(moments, str(tmp / "optimizer.safetensors"))
     # The data position is the step: the rows of step s are a function of (seed, s) alone (`step_rows`).
@@ -270,7 +281,8 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer) -> tuple[State, dict]:
-    """Restore parameters, AdamW moments and the RNG from a checkpoint; returns its State and metadata.
+    """Restore parameters, AdamW moments and the RNG from a checkpoint; returns its State and metadata. Under
+    torchrun every rank reads the (full) tensors and keeps its shard of each sharded parameter.
 
     Everything is checked before anything is restored (safetensors only, never pickle), so a truncated or foreign
     checkpoint is an error that names it, and the run's tensors are untouched.
@@ -323,13 +335,13 @@ def load_checkpoint(path: Path, params: dict[str, nn.Parameter], opt: torch.opti
         raise bad("rng.torch is missing or not a random generator state")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(weights[name])
+            p.copy_(dist.like(weights[name], p))
     for name, p in params.items():
         if f"{name}.exp_avg" in moments:
             opt.state[p] = {
                 "step": moments[f"{name}.step"].reshape(-1)[0].clone(),
-                "exp_avg": moments[f"{name}.exp_avg"].to(p.dtype),
-                "exp_avg_sq": moments[f"{name}.exp_avg_sq"].to(p.dtype),
+                "exp_avg": dist.like(moments[f"{name}.exp_avg"].to(p.dtype), p),
+                "exp_avg_sq": dist.like(moments[f"{name}.exp_avg_sq"].to(p.dtype), p),
             }
     try:
         torch.set_rng_state(rng)
@@ -409,6 +421,7 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     desc: str = "fine-tune",
+    distributed: str = "ddp",
 ) -> State:
     """Train `params` (the trainable tensors of `model`, by name) and return the final State.
 
@@ -420,13 +433,19 @@ def train(
         meta: what identifies the run (recipe, data hashes); stored in checkpoints and compared on resume.
         stop_after: end after this global step as if interrupted (for tests), without a final save.
         desc: the progress bar's label.
+        distributed: under torchrun, `ddp` (gradients summed across ranks) or `fsdp` (the model sharded in place
+            with `tinkerlm.tune.dist.shard`; `params` are then its DTensor parameters); see tinkerlm.tune.dist.
     """
     from tqdm.auto import tqdm
 
     meta = meta or {}
     train_obj = train_data if hasattr(train_data, "step_size") else TokenCE(train_data)  # rows, or an objective
     val_obj = val_data if val_data is None or hasattr(val_data, "step_size") else TokenCE(val_data)
-    rank, world = _dist()
+    rank, world = dist.rank_world()
+    fsdp = world > 1 and distributed == "fsdp"
+    if fsdp:
+        dist.shard(model)  # replaces the parameters with sharded ones, under the same names
+        params = {n: p for n, p in model.named_parameters() if n in params}
     decay = [p for n, p in params.items() if p.ndim >= 2]
     no_decay = [p for n, p in params.items() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -467,25 +486,29 @@ def train(
             n_target = train_obj.step_size(rows)  # over the whole step, every rank
             total = 0.0
             sums = {k: [0.0, 0] for k in train_obj.metrics}  # the same keys on every rank, even one with no rows
-            mine = rows[rank::world]
-            for a in range(0, len(mine), cfg.batch_size):
-                r = mine[a : a + cfg.batch_size]
+            mine = rank_rows(rows, rank, world)
+            n_micro = micro_batches(len(rows), cfg.batch_size, world) if fsdp else -(-len(mine) // cfg.batch_size)
+            for i in range(n_micro):
+                r = mine[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+                if not len(r):  # FSDP: a rank short of rows runs one with no weight, to join the collectives
+                    loss, _ = train_obj.batch(model, rows[:1], cfg.bf16)
+                    (loss * 0.0).backward()
+                    continue
                 loss, metrics = train_obj.batch(model, r, cfg.bf16)
-                (loss / max(n_target, 1)).backward()
+                (loss * (world if fsdp else 1) / max(n_target, 1)).backward()  # FSDP averages over ranks
                 total += float(loss.detach())
                 for k, (v, c) in metrics.items():
                     sums[k][0] += v
                     sums[k][1] += c
-            if world > 1:  # every rank's share of the step's gradient, loss and metrics, summed
-                for p in params.values():
-                    if p.grad is not None:
-                        torch.distributed.all_reduce(p.grad)
+            if world > 1:  # every rank's share of the step's gradient (FSDP: reduce-scattered already), loss, metrics
+                if not fsdp:
+                    dist.all_reduce_grads(list(params.values()))
                 summed = torch.tensor([total, *(x for v in sums.values() for x in v)], dtype=torch.float64)
                 torch.distributed.all_reduce(summed)
                 total = float(summed[0])
                 sums = {k: [float(summed[1 + 2 * i]), float(summed[2 + 2 * i])] for i, k in enumerate(sums)}
             if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+                dist.clip_grad_norm(list(params.values()), cfg.max_grad_norm)
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -519,13 +542,14 @@ def train(
             )
             if stop_after is not None and state.step >= stop_after:
                 return state
-            if rank == 0 and cfg.save_every and state.step % cfg.save_every == 0:
-                save_checkpoint(run_dir, params, opt, state, meta)
-                _atomic_write(run_dir / "loss.csv", history_csv(state.history).encode())
+            if cfg.save_every and state.step % cfg.save_every == 0:
+                save_checkpoint(run_dir, params, opt, state, meta)  # every rank: FSDP gathers the shards
+                if rank == 0:
+                    _atomic_write(run_dir / "loss.csv", history_csv(state.history).encode())
                 last_save = state.step
     finally:
         bar.close()
-    if rank == 0 and last_save != state.step:
+    if last_save != state.step:
         save_checkpoint(run_dir, params, opt, state, meta)
     if rank == 0:
         _atomic_write(run_dir / "loss.csv", history_csv(state.history).encode())

@@ -150,6 +150,37 @@ def test_resume_with_another_number_of_processes(tmp_path):
     _assert_golden(_losses("b"))
 
 
+@pytest.mark.parametrize("how", ["lora", "full"])
+def test_finetune_under_fsdp_equals_one_process(tmp_path, how):
+    """torchrun -m tinkerlm finetune --distributed fsdp, LoRA (the frozen base sharded with its adapters) and full:
+    3 rows a step over 2 ranks, so rank 1 runs a weightless micro-batch to join the collectives; the losses and
+    the stored weights equal one process's."""
+    from test_tune import write_chat_data
+    from tiny import make_hf_model
+
+    from tinkerlm.tune import finetune
+
+    make_hf_model("llama", tmp_path / "base")
+    (tmp_path / "base" / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
+    data = write_chat_data(tmp_path / "d.jsonl", 40)
+    opts = dict(seq_len=64, batch_size=1, grad_accum=3, max_steps=4, lr=5e-3, warmup_steps=2, threads=1)
+    opts["full"] = how == "full"
+    finetune(base=str(tmp_path / "base"), data=str(data), out="one", progress=False, **opts)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items() if k != "full"] + ["--full"] * opts["full"]
+    r = _torchrun(
+        ["finetune", str(tmp_path / "base"), "--data", str(data), "--out", "two", *flags, "--distributed=fsdp"]
+    )
+    assert r.stderr.count("stored two:latest") == 1
+    assert _losses("two") == pytest.approx(_losses("one"), rel=1e-5)
+    from safetensors.torch import load_file
+
+    files = {n: next(store.model_path(store.get(n)).glob("*.safetensors")) for n in ("one", "two")}
+    a, b = load_file(str(files["one"])), load_file(str(files["two"]))
+    assert sorted(a) == sorted(b) and files["one"].name == files["two"].name
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
 def test_ranks_see_each_row_once_per_epoch_across_a_restart():
     """The rows of step s are a function of (seed, s): split by rank, 2 ranks for the first steps and 3 after a
     restart, the union over ranks and steps is the one-process run's rows, each exactly once per epoch."""

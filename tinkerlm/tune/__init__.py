@@ -207,10 +207,10 @@ def _finetune(config, resume, force, progress, stop_after, accept_licence_confli
     )
     if stop_after is not None:
         return None
-    full_state = dist.full_state_dict(model)  # FSDP: every rank helps gather the shards
-    dist.gather_model(model, full_state)
+    full_state = dist.full_state_dict(model)  # FSDP: every rank helps gather the shards, rank 0 keeps them
     if trainer.rank() != 0:
         return None  # under torchrun only rank 0 stores the result
+    dist.gather_model(model, full_state)
 
     template = tokenizer.chat_template
     save_dtype = torch.bfloat16 if recipe.save_dtype == "bfloat16" else torch.float32

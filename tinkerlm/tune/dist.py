@@ -216,19 +216,22 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
-    """`model.state_dict()` with every sharded tensor gathered whole (a collective: every rank calls it); None
-    when nothing is sharded. A tensor under two names (a tied head) stays one tensor."""
+    """`model.state_dict()` with every sharded tensor gathered whole, on rank 0 (a collective: every rank calls it,
+    tensor by tensor, and only rank 0 keeps them); None on the other ranks and when nothing is sharded. A tensor
+    under two names (a tied head) stays one tensor."""
     sd = model.state_dict()
     if not any(is_dtensor(t) for t in sd.values()):
         return None
+    keep = rank_world()[0] == 0
     # state_dict() makes a DTensor per name; the parameters themselves show which names are one tensor.
     ident = {n: id(p) for n, p in model.named_parameters(remove_duplicate=False)}
     done: dict[int, torch.Tensor] = {}
     for k, t in sd.items():
         key = ident.get(k, id(t))
         if key not in done:
-            done[key] = full(t.detach())
-    return {k: done[ident.get(k, id(t))] for k, t in sd.items()}
+            whole = full(t.detach())
+            done[key] = whole if keep else None
+    return {k: done[ident.get(k, id(t))] for k, t in sd.items()} if keep else None
 
 
 def gather_model(model: nn.Module, state: dict[str, torch.Tensor] | None) -> None:

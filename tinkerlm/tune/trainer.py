@@ -246,15 +246,20 @@ def save_checkpoint(
     """Write a checkpoint (rank 0; the others only help gather sharded tensors and return None)."""
     from safetensors.torch import save_file
 
-    weights = {k: dist.full(p.detach()).contiguous() for k, p in params.items()}  # every rank: gathers
-    moments = {}
+    keep = rank() == 0  # every rank takes part in gathering each sharded tensor; rank 0 keeps and writes them
+    weights, moments = {}, {}
     for name, p in params.items():
+        t = dist.full(p.detach())
+        if keep:
+            weights[name] = t.contiguous()
         s = opt.state.get(p)
         if s:
-            moments[f"{name}.exp_avg"] = dist.full(s["exp_avg"]).contiguous()
-            moments[f"{name}.exp_avg_sq"] = dist.full(s["exp_avg_sq"]).contiguous()
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = dist.full(s[key])
+                if keep:
+                    moments[f"{name}.{key}"] = t.contiguous()
             moments[f"{name}.step"] = torch.as_tensor(s["step"], dtype=torch.float32).reshape(1)
-    if rank() != 0:
+    if not keep:
         return None
     ckpts = run_dir / "checkpoints"
     ckpts.mkdir(parents=True, exist_ok=True)
@@ -434,7 +439,8 @@ def train(
         stop_after: end after this global step as if interrupted (for tests), without a final save.
         desc: the progress bar's label.
         distributed: under torchrun, `ddp` (gradients summed across ranks) or `fsdp` (the model sharded in place
-            with `tinkerlm.tune.dist.shard`; `params` are then its DTensor parameters); see tinkerlm.tune.dist.
+            with `tinkerlm.tune.dist.shard`; `params` is updated in place to its DTensor parameters); see
+            tinkerlm.tune.dist.
     """
     from tqdm.auto import tqdm
 
@@ -445,7 +451,9 @@ def train(
     fsdp = world > 1 and distributed == "fsdp"
     if fsdp:
         dist.shard(model)  # replaces the parameters with sharded ones, under the same names
-        params = {n: p for n, p in model.named_parameters() if n in params}
+        sharded = {n: p for n, p in model.named_parameters() if n in params}
+        params.clear()  # in place: the caller's dict holds no full tensor any more, so their memory is freed
+        params.update(sharded)
     decay = [p for n, p in params.items() if p.ndim >= 2]
     no_decay = [p for n, p in params.items() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -17,7 +17,7 @@ a `rewards.png` beside the loss curve. `tinkerlm pretrain` (a new model from scr
 trainer.py and `save_full`.
 
 Modules: recipe.py (the flags), data.py (JSONL -> packed rows), preference.py (preference data, losses, reference
-log-probs), trainer.py (the loop, checkpoints); the LoRA
+log-probs), trainer.py (the loop, checkpoints), dist.py (torchrun: DDP and FSDP, docs/distributed.md); the LoRA
 module swap is `tinkerlm.lora`, the adapter files `tinkerlm.formats.peft`, model loading `tinkerlm.loading`.
 """
 

@@ -94,7 +94,7 @@ def test_prompts_deterministic_unique_and_disjoint(rule):
 
 
 def test_committed_prompts_equal_generator():
-    train, heldout = mp.make("words", 160, 80)
+    train, heldout = mp.make("words", mp.N_TRAIN, mp.N_HELDOUT)
     for name, lines in (("train_prompts.jsonl", train), ("heldout_prompts.jsonl", heldout)):
         got = [json.loads(x) for x in (HERE / "data" / name).read_text(encoding="utf-8").splitlines()]
         assert got == lines, name
@@ -105,7 +105,7 @@ def test_too_many_prompts_is_an_error():
         mp.make("json", 10, 1000)  # 30 held-out topics x 6 key sets
 
 
-def test_pairs_zip_passing_with_failing_once_each():
+def test_pairs_every_passing_with_every_failing():
     rows = [
         {"i": 0, "prompt": "p0", "answer": "ok a", "pass": True},
         {"i": 0, "prompt": "p0", "answer": "bad a", "pass": False},
@@ -119,7 +119,10 @@ def test_pairs_zip_passing_with_failing_once_each():
     ]
     assert sample.pairs(rows) == [
         {"prompt": "p0", "chosen": "ok a", "rejected": "bad a"},
+        {"prompt": "p0", "chosen": "ok b", "rejected": "bad a"},
         {"prompt": "p2", "chosen": "ok y", "rejected": "bad x"},
+        {"prompt": "p2", "chosen": "ok y", "rejected": "bad w"},
+        {"prompt": "p2", "chosen": "ok z", "rejected": "bad x"},
         {"prompt": "p2", "chosen": "ok z", "rejected": "bad w"},
     ]
 

@@ -2,18 +2,18 @@
 
     .venv/bin/python examples/preference/demo.py                  # samples, tunes, evaluates, compares; ~30-40 min
     .venv/bin/python examples/preference/demo.py --skip-sample    # reuse data/train and data/heldout
-    .venv/bin/python examples/preference/demo.py --skip-sample --skip-train --compare-limit 0
+    .venv/bin/python examples/preference/demo.py --skip-sample --skip-train --skip-eval   # compare, write results
 
 Steps (each a plain script of this folder or a tinkerlm API call, the same as the CLI verbs):
-1. make_prompts.py: 160 train and 80 held-out prompts "Answer in at most N words: <question>", N in 5/10/15/20,
+1. make_prompts.py: 64 train and 40 held-out prompts "Answer in at most N words: <question>", N in 5/10/15/20,
    disjoint by topic;
-2. sample.py: 4 answers per prompt from SmolLM2-135M-Instruct at temperature 0.8 (40 tokens at most), each scored
+2. sample.py: 4 answers per prompt from SmolLM2-135M-Instruct at temperature 0.8 (32 tokens at most; a cut answer fails), each scored
    by the word limit; pairs (passing, failing) of one prompt's answers. Train prompts give the training pairs;
    held-out prompts give held-out pairs (the trainer's evaluation split) and the base's sampled pass rate;
 3. `tinkerlm finetune -c recipe.yaml` (DPO, LoRA over the Q4_1 weights, beta 0.5);
-4. evaluate.py on the base and on the DPO adapter: the rule's pass rate on held-out prompts (greedy; and 4 samples
-   per prompt with the seed of step 2), preference accuracy on the held-out pairs;
-5. `tinkerlm compare smollm2 smollm2-dpo-words --tasks arc_easy,hellaswag --limit N`: what it cost elsewhere.
+4. evaluate.py on the base and on the DPO adapter: the rule's pass rate on held-out prompts (greedy; and, for the
+   adapter, EVAL_K samples per prompt: the base's sampled rate is step 2's), preference accuracy on held-out pairs;
+5. `tinkerlm compare smollm2 smollm2-dpo-words --tasks arc_easy --limit 100`: what it cost elsewhere.
 
 Writes examples/preference/results.json and results.md.
 """
@@ -39,9 +39,10 @@ DATA = HERE / "data"
 BASE = "smollm2"
 OUT = "smollm2-dpo-words"
 RECIPE = HERE / "recipe.yaml"
-K, TEMPERATURE, MAX_TOKENS = 4, 0.8, 40
+K, TEMPERATURE, MAX_TOKENS = 4, 0.8, 32
+EVAL_K = 2  # samples per held-out prompt for the tuned model (the base's come from step 2)
 TRAIN_SEED, HELDOUT_SEED = 0, 1000
-TASKS = "arc_easy,hellaswag"
+TASKS = "arc_easy"
 
 
 def trainer_evals(manifest) -> list[dict]:
@@ -57,9 +58,9 @@ def trainer_evals(manifest) -> list[dict]:
     return [{k: float(r[k]) for k in keep if r.get(k)} for r in rows if r.get("eval_loss")]
 
 
-def compare(limit: int) -> dict:
+def compare(limit: int, tasks: str = TASKS) -> dict:
     """`tinkerlm compare` of the base and the DPO adapter; its JSON, the command and the time it took."""
-    cmd = [sys.executable, "-m", "tinkerlm", "compare", BASE, OUT, "--tasks", TASKS, "--limit", str(limit)]
+    cmd = [sys.executable, "-m", "tinkerlm", "compare", BASE, OUT, "--tasks", tasks, "--limit", str(limit)]
     out = DATA / "compare.json"
     t = time.perf_counter()
     proc = subprocess.run(cmd + ["--out", str(out)], cwd=ROOT, capture_output=True, text=True)
@@ -93,7 +94,7 @@ def markdown(res: dict) -> str:
         "| held-out measure | base | DPO (LoRA) |",
         "|---|---:|---:|",
         f"| pass rate, greedy | {fmt(b['greedy'])} | {fmt(a['greedy'])} |",
-        f"| pass rate, {K} samples at T={TEMPERATURE} | {fmt(res['heldout']['pass'])} | {fmt(a['sampled'])} |",
+        f"| pass rate, sampled at T={TEMPERATURE} | {fmt(res['heldout']['pass'])} | {fmt(a['sampled'])} |",
         f"| mean words, greedy | {b['greedy_mean_words']} | {a['greedy_mean_words']} |",
         f"| pairs preferred by log-prob (sum) | {b['preference']['logp_sum']:.0%} | {a['preference']['logp_sum']:.0%} |",
         f"| pairs preferred by log-prob per token | {b['preference']['logp_mean']:.0%} | "
@@ -129,7 +130,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--skip-sample", action="store_true", help="reuse data/train and data/heldout (pairs, summaries)")
     p.add_argument("--skip-train", action="store_true", help=f"reuse the stored {OUT}")
-    p.add_argument("--compare-limit", type=int, default=200, help="items per general task; 0 skips (default: 200)")
+    p.add_argument(
+        "--skip-eval", action="store_true", help="reuse data/eval_base.json and data/eval_dpo.json (evaluate.py)"
+    )
+    p.add_argument("--compare-limit", type=int, default=100, help="items per general task; 0 skips (default: 100)")
+    p.add_argument("--compare-tasks", default=TASKS, help=f"general tasks for tinkerlm compare (default: {TASKS})")
     args = p.parse_args(argv)
 
     import tinkerlm
@@ -150,22 +155,39 @@ def main(argv=None) -> int:
     print(f"train: {res['train']['pairs']} pairs, pass {fmt(res['train']['pass'])}", flush=True)
 
     t = time.perf_counter()
-    manifest = store.get(OUT) if args.skip_train else finetune(config=str(RECIPE), force=True)
+    manifest = (
+        store.get(OUT)
+        if args.skip_train
+        else finetune(
+            config=str(RECIPE),
+            data=str(DATA / "train/pairs.jsonl"),
+            eval_data=str(DATA / "heldout/pairs.jsonl"),
+            force=True,
+        )
+    )
     timings["finetune"] = time.perf_counter() - t
     res["trainer_eval"] = trainer_evals(manifest)
 
     t = time.perf_counter()
-    llm = tinkerlm.load(BASE)
-    res["base"], base_lp = evaluate.evaluate(llm, k=0, max_tokens=MAX_TOKENS, seed=HELDOUT_SEED)
-    del llm
-    llm = tinkerlm.load(OUT)
-    res["dpo"], _ = evaluate.evaluate(
-        llm, k=K, temperature=TEMPERATURE, max_tokens=MAX_TOKENS, seed=HELDOUT_SEED, base_logps=base_lp
-    )
-    del llm
+    if not args.skip_eval:
+        import torch
+
+        llm = tinkerlm.load(BASE)
+        base, base_lp = evaluate.evaluate(llm, k=0, max_tokens=MAX_TOKENS)
+        (DATA / "eval_base.json").write_text(json.dumps(base, indent=2) + "\n")
+        torch.save(base_lp, DATA / "base_logps.pt")
+        del llm
+        llm = tinkerlm.load(OUT)
+        dpo, _ = evaluate.evaluate(
+            llm, k=EVAL_K, temperature=TEMPERATURE, max_tokens=MAX_TOKENS, seed=HELDOUT_SEED, base_logps=base_lp
+        )
+        (DATA / "eval_dpo.json").write_text(json.dumps(dpo, indent=2) + "\n")
+        del llm
+    res["base"] = json.loads((DATA / "eval_base.json").read_text())
+    res["dpo"] = json.loads((DATA / "eval_dpo.json").read_text())
     timings["evaluate"] = time.perf_counter() - t
     if args.compare_limit:
-        res["compare"] = compare(args.compare_limit)
+        res["compare"] = compare(args.compare_limit, args.compare_tasks)
     res["seconds"] = {k: round(v) for k, v in timings.items()}
     (HERE / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     (HERE / "results.md").write_text(markdown(res))

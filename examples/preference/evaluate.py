@@ -103,7 +103,7 @@ def evaluate(
     *,
     k: int = 0,
     temperature: float = 0.8,
-    max_tokens: int = 40,
+    max_tokens: int = 32,
     seed: int = 1000,
     base_logps: dict | None = None,
 ) -> tuple[dict, dict]:
@@ -124,10 +124,13 @@ def main(argv=None) -> None:
     ap.add_argument("--pairs", default=str(DATA / "heldout" / "pairs.jsonl"), help="held-out pairs JSONL")
     ap.add_argument("--k", type=int, default=0, help="sampled answers per prompt, besides the greedy one (default: 0)")
     ap.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: 0.8)")
-    ap.add_argument("--max-tokens", type=int, default=40, help="answer budget in tokens (default: 40)")
+    ap.add_argument(
+        "--max-tokens", type=int, default=32, help="answer budget in tokens; a cut answer fails (default: 32)"
+    )
     ap.add_argument("--seed", type=int, default=1000, help="sampling seed (default: 1000)")
     ap.add_argument("--save-logps", type=Path, default=None, help="save this model's pair log-probs here (torch)")
     ap.add_argument("--base-logps", type=Path, default=None, help="the base's saved log-probs: adds reward accuracy")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     args = ap.parse_args(argv)
 
     import torch
@@ -135,7 +138,7 @@ def main(argv=None) -> None:
     import tinkerlm
 
     base = torch.load(args.base_logps, weights_only=True) if args.base_logps else None
-    llm = tinkerlm.load(args.model)
+    llm = tinkerlm.load(args.model, threads=args.threads)
     result, lp = evaluate(
         llm,
         args.prompts,

@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 
 SEED = 19
+N_TRAIN, N_HELDOUT = 64, 40  # small: sampling on a shared 2-core CPU is the slow part of the demo
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "data"
 
@@ -251,8 +252,8 @@ def write(path: Path, lines: list[dict]) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rule", default="words", choices=["words", "json"], help="prompt family (default: words)")
-    ap.add_argument("--train", type=int, default=160, help="train prompts (default: 160)")
-    ap.add_argument("--heldout", type=int, default=80, help="held-out prompts (default: 80)")
+    ap.add_argument("--train", type=int, default=N_TRAIN, help=f"train prompts (default: {N_TRAIN})")
+    ap.add_argument("--heldout", type=int, default=N_HELDOUT, help=f"held-out prompts (default: {N_HELDOUT})")
     ap.add_argument("--out", type=Path, default=OUT, help=f"folder to write (default: {OUT})")
     args = ap.parse_args(argv)
     train, heldout = make(args.rule, args.train, args.heldout)

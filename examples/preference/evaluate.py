@@ -31,8 +31,11 @@ import sample  # noqa: E402
 DATA = HERE / "data"
 
 
-def pass_rates(llm, lines: list[dict], k: int, temperature: float, max_tokens: int, seed: int) -> dict:
-    """{"greedy": pass rate, "sampled": pass rate (k > 0), "greedy_words": mean words, "examples": a few}."""
+def pass_rates(
+    llm, lines: list[dict], k: int, temperature: float, max_tokens: int, seed: int, sample_limit: int | None = None
+) -> dict:
+    """{"greedy": pass rate, "sampled": pass rate (k > 0, over the first `sample_limit` prompts), "greedy_words":
+    mean words, "examples": a few}."""
     ids = [llm.chat_ids(x["prompt"]) for x in lines]
     outs = []
     for a in range(0, len(ids), 128):
@@ -48,8 +51,13 @@ def pass_rates(llm, lines: list[dict], k: int, temperature: float, max_tokens: i
         "examples": [{"prompt": lines[r["i"]]["prompt"], "answer": r["answer"], "pass": r["pass"]} for r in rows[::16]],
     }
     if k:
-        srows = sample.sample(llm, lines, k, temperature=temperature, max_tokens=max_tokens, seed=seed)
-        result["sampled"] = {**sample.pass_rate(srows), "k": k, "temperature": temperature}
+        srows = sample.sample(llm, lines[:sample_limit], k, temperature=temperature, max_tokens=max_tokens, seed=seed)
+        result["sampled"] = {
+            **sample.pass_rate(srows),
+            "k": k,
+            "temperature": temperature,
+            "prompts": len(lines[:sample_limit]),
+        }
     return result
 
 
@@ -105,12 +113,17 @@ def evaluate(
     temperature: float = 0.8,
     max_tokens: int = 32,
     seed: int = 1000,
+    sample_limit: int | None = None,
     base_logps: dict | None = None,
 ) -> tuple[dict, dict]:
     """(results, this model's pair log-probs) of a loaded model; see the module docstring."""
     t0 = time.perf_counter()
     lines = sample.read_jsonl(prompts_path)
-    result = {"model": llm.name, "prompts": len(lines), **pass_rates(llm, lines, k, temperature, max_tokens, seed)}
+    result = {
+        "model": llm.name,
+        "prompts": len(lines),
+        **pass_rates(llm, lines, k, temperature, max_tokens, seed, sample_limit),
+    }
     lp = pair_logps(llm, pairs_path)
     result["preference"] = accuracies(lp, base_logps)
     result["seconds"] = round(time.perf_counter() - t0, 1)
@@ -128,6 +141,7 @@ def main(argv=None) -> None:
         "--max-tokens", type=int, default=32, help="answer budget in tokens; a cut answer fails (default: 32)"
     )
     ap.add_argument("--seed", type=int, default=1000, help="sampling seed (default: 1000)")
+    ap.add_argument("--sample-limit", type=int, default=None, help="sample only the first N prompts (default: all)")
     ap.add_argument("--save-logps", type=Path, default=None, help="save this model's pair log-probs here (torch)")
     ap.add_argument("--base-logps", type=Path, default=None, help="the base's saved log-probs: adds reward accuracy")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
@@ -147,6 +161,7 @@ def main(argv=None) -> None:
         temperature=args.temperature,
         max_tokens=args.max_tokens,
         seed=args.seed,
+        sample_limit=args.sample_limit,
         base_logps=base,
     )
     if args.save_logps:

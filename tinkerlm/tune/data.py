@@ -266,12 +266,20 @@ class Rows:
         return self.ids.shape[1]
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(ids, segments, target) of rows `idx`, as `trainer.loss_sum` takes them."""
-        return self.ids[idx], self.segments[idx], self.target[idx]
+        """(ids, segments, target) of rows `idx`, as `trainer.loss_sum` takes them, cut after the last column any of
+        them uses: padding every row shares costs matrix work and saved activations and changes nothing."""
+        return trim(self.ids[idx], self.segments[idx], self.target[idx])
 
     def count_targets(self, idx: torch.Tensor) -> int:
         """Tokens of rows `idx` that carry loss."""
         return int(self.target[idx][:, 1:].sum())
+
+
+def trim(ids: torch.Tensor, segments: torch.Tensor, target: torch.Tensor):
+    """Rows (B, T) cut after the last column holding a token of any row (segment >= 0)."""
+    used = (segments >= 0).any(0).nonzero()
+    end = int(used[-1]) + 1 if len(used) else segments.shape[1]
+    return ids[:, :end], segments[:, :end], target[:, :end]
 
 
 def pack(examples: list[Example], seq_len: int, pad_id: int) -> Rows:

@@ -246,7 +246,7 @@ def seq_logps(
     from tinkerlm.tune import trainer
 
     rows = data_mod.pack(seqs, seq_len, pad)
-    lp = trainer.token_logps(model, rows.ids, rows.segments, rows.target, bf16)  # (N,)
+    lp = trainer.token_logps(model, *rows.batch(torch.arange(len(rows))), bf16)  # (N,), padding columns cut
     owner = rows.example[:, 1:][rows.target[:, 1:]]  # (N,) sequence of each target token
     sums = torch.zeros(len(seqs), dtype=torch.float32).index_add(0, owner, lp)
     return sums, torch.bincount(owner, minlength=len(seqs))

@@ -5,14 +5,14 @@ activation part of fine-tuning's peak memory.
     .venv/bin/python bench/activation_memory.py --quant native --batch-size 2
 
 Runs one forward of `trainer.loss_sum` (layers not recomputed), then walks the autograd graph from the loss and
-sums the bytes of each distinct storage a node saved, attributed to the first node type that saved it.
+sums the bytes of each distinct storage a node saved, attributed to the first node type that saved it (the model's
+own weights, which matmuls save too, are not counted).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import os
 import sys
 from pathlib import Path
 
@@ -20,12 +20,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def saved_by_node(loss) -> tuple[collections.Counter, collections.Counter]:
+SHOW_SHAPES = False
+shapes: collections.Counter = collections.Counter()
+
+
+def saved_by_node(loss, weights: set[int]) -> tuple[collections.Counter, collections.Counter]:
+    """Bytes and tensor counts saved per autograd node type; storages in `weights` (the model's own) not counted."""
     import torch
 
     seen, bytes_by, count_by = set(), collections.Counter(), collections.Counter()
-    global shapes
-    shapes = collections.Counter()
     stack, visited = [loss.grad_fn], set()
     while stack:
         node = stack.pop()
@@ -53,14 +56,12 @@ def saved_by_node(loss) -> tuple[collections.Counter, collections.Counter]:
             except Exception:  # noqa: BLE001
                 pass
         for t in tensors:
-            if t.requires_grad and t.is_leaf:  # parameters: not activations
-                continue
             key = t.untyped_storage().data_ptr()
-            if key in seen:
+            if key in seen or key in weights:  # counted already, or a weight (kept anyway): not an activation
                 continue
             seen.add(key)
             bytes_by[name] += t.untyped_storage().nbytes()
-            if os.environ.get("SHAPES"):
+            if SHOW_SHAPES:
                 shapes[(name, tuple(t.shape), t.untyped_storage().nbytes())] += 1
             count_by[name] += 1
         stack += [f for f, _ in node.next_functions]
@@ -74,7 +75,10 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", default=str(ROOT / "examples/data/dates/train.jsonl"))
+    p.add_argument("--shapes", action="store_true", help="also list the saved tensors by op, shape and bytes")
     args = p.parse_args(argv)
+    global SHOW_SHAPES
+    SHOW_SHAPES = args.shapes
 
     import torch
 
@@ -91,10 +95,10 @@ def main(argv=None) -> int:
     rows = data.pack(examples, args.seq_len, tok.pad_token_id or 0)
     B = args.batch_size
     lora.apply_lora(model, lora.LoRAConfig(rank=8, alpha=16, targets=list(lora.DEFAULT_TARGETS)), seed=0)
-    lora.apply_lora  # noqa: B018
     model.train()
     loss = trainer.loss_sum(model, rows.ids[:B], rows.segments[:B], rows.target[:B])
-    bytes_by, count_by = saved_by_node(loss)
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    bytes_by, count_by = saved_by_node(loss, weights)
     total = sum(bytes_by.values())
     print(f"{B} x {args.seq_len} tokens, quant {args.quant}: {total / 2**20:.0f} MiB saved for backward")
     for name, b in bytes_by.most_common():

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/finetune_bench.py                     # SmolLM2-135M, dates data, 12 steps each
     .venv/bin/python bench/finetune_bench.py --steps 20 --seq-len 512 --batch-size 4
+    .venv/bin/python bench/finetune_bench.py --base /work/gguf/llama1b-q4_0.gguf --batch-size 2 --steps 3  # QLoRA 1B
 
 Both sides get the same fp32 weights (the default SmolLM2 GGUF dequantized and written as a Hugging Face
 directory, which transformers loads), the same packed rows (the chat data rendered with SmolLM2's template and

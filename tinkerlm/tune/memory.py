@@ -1,9 +1,10 @@
 """Fine-tuning's memory plan: when to recompute activations, and the C allocator's settings.
 
 Two things decide a LoRA run's peak memory besides the weights: the activations autograd keeps for the backward
-pass, and what the C heap keeps after freeing them. `recompute(...)` picks the recomputation mode from the size
-of a micro-batch's activations; `lean_malloc()` sets glibc's malloc so freed activation buffers go back to the system
-instead of staying in a fragmented heap.
+pass, and what the C heap keeps after freeing them. `recompute(...)` picks whether to recompute from the size of a
+micro-batch's activations. `lean_malloc()` lowers glibc's mmap threshold so large freed buffers go back to the
+system; measured (bench/finetune_bench.py --lean-malloc) it did not lower the peak with recomputation on, so
+`finetune` does not call it: it is kept for the benchmark.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def activation_bytes(config, tokens: int) -> int:
     """About what one micro-batch of `tokens` keeps for the backward pass without recomputation (fp32): per token
     and layer, the residual stream and norms' outputs (4 x hidden), the attention's q, k, v and output (2 x hidden
     + 2 x kv width), and the MLP's gate, up and product (3 x intermediate). Measured on SmolLM2-135M at 4 x 512
-    tokens (bench/activation_memory.py): 2.1 GiB kept, this says 2.0."""
+    tokens (bench/activation_memory.py): 2.1 GiB kept, this says 1.9."""
     hidden = config.hidden_size
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads

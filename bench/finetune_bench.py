@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/finetune_bench.py                     # SmolLM2-135M, dates data, 12 steps each
     .venv/bin/python bench/finetune_bench.py --steps 20 --seq-len 512 --batch-size 4
+    .venv/bin/python bench/finetune_bench.py --base /work/gguf/llama1b-q4_0.gguf --batch-size 2 --steps 3  # QLoRA 1B
 
 Both sides get the same fp32 weights (the default SmolLM2 GGUF dequantized and written as a Hugging Face
 directory, which transformers loads), the same packed rows (the chat data rendered with SmolLM2's template and
@@ -63,6 +64,10 @@ def worker_tinkerlm(spec: dict) -> dict:
     from tinkerlm.tune import trainer
 
     torch.set_num_threads(spec["threads"])
+    if spec.get("lean_malloc"):
+        from tinkerlm.tune import memory
+
+        memory.lean_malloc()
     ids, seg, target = _rows(spec)
     path = Path(spec["gguf"] if spec["quant"] == "native" else spec["hf_dir"])
     model, _, _ = load_checkpoint(path, quant=spec["quant"])
@@ -120,8 +125,13 @@ WORKERS = {"tinkerlm": worker_tinkerlm, "peft": worker_peft}
 
 
 def run(engine: str, spec: dict) -> dict:
+    env = {**os.environ, **spec.get("env", {})}
     out = subprocess.run(
-        [sys.executable, __file__, "--worker", engine, json.dumps(spec)], capture_output=True, text=True, timeout=3600
+        [sys.executable, __file__, "--worker", engine, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        env=env,
     )
     if out.returncode != 0:
         raise RuntimeError(f"{engine} failed:\n{out.stderr[-3000:]}")
@@ -170,17 +180,45 @@ def main(argv=None) -> int:
     p.add_argument("--bf16", action="store_true", help="also compare with bfloat16 autocast on both sides")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "tinkerlm-bench"), help="where the HF export goes")
     p.add_argument("--write", action="store_true", help="replace the Fine-tuning section of BENCHMARKS.md")
+    p.add_argument("--base", default=None, help="GGUF for the quantized-base (QLoRA) runs only, e.g. a random 1B")
+    p.add_argument("--lean-malloc", action="store_true", help="tinkerlm runs set glibc malloc as `finetune` does")
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(WORKERS[args.worker](json.loads(args.spec))))
         return 0
 
     spec = prepare(args)
+    spec["lean_malloc"] = args.lean_malloc
+    if args.base:  # a bigger quantized model: its QLoRA memory, without the peer or fp32 rows
+        spec["gguf"] = str(Path(args.base).resolve())
+        configs = [
+            (f"tinkerlm, {Path(args.base).name} (QLoRA)", "tinkerlm", {"quant": "native"}),
+            (
+                f"tinkerlm, {Path(args.base).name} (QLoRA), matmuls kept",
+                "tinkerlm",
+                {"quant": "native", "checkpoint": "selective"},
+            ),
+            (
+                f"tinkerlm, {Path(args.base).name} (QLoRA), layers recomputed",
+                "tinkerlm",
+                {"quant": "native", "checkpoint": True},
+            ),
+        ]
+        for label, engine, extra in configs:
+            r = run(engine, {**spec, **extra})
+            print(f"{label:60s} {r['tok_s']:8.0f} tok/s  peak RSS {r['peak_rss_mb']:6.0f} MiB", flush=True)
+        return 0
     configs = [
         ("transformers + peft, fp32", "peft", {}),
         ("tinkerlm, fp32", "tinkerlm", {"quant": "fp32"}),
         ("tinkerlm, Q4_1 base (QLoRA)", "tinkerlm", {"quant": "native"}),
+        ("tinkerlm, fp32, matmuls kept, rest recomputed", "tinkerlm", {"quant": "fp32", "checkpoint": "selective"}),
         ("tinkerlm, fp32, layers recomputed", "tinkerlm", {"quant": "fp32", "checkpoint": True}),
+        (
+            "tinkerlm, Q4_1 base, matmuls kept, rest recomputed",
+            "tinkerlm",
+            {"quant": "native", "checkpoint": "selective"},
+        ),
         ("tinkerlm, Q4_1 base, layers recomputed", "tinkerlm", {"quant": "native", "checkpoint": True}),
     ]
     if args.bf16:
@@ -199,7 +237,7 @@ def main(argv=None) -> int:
         )
     peer = {False: results[0][1]}
     if args.bf16:
-        peer[True] = results[3][1]
+        peer[True] = results[7][1]
     lines = [
         "## Fine-tuning (LoRA training throughput)",
         "",

@@ -176,24 +176,37 @@ def test_lora_on_a_fused_quantized_model_trains_every_target(bases):
         assert m.lora_A.grad is not None and m.lora_A.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("quant", ["fp32", "int4"])
-def test_recomputed_layers_give_the_same_loss_and_gradients_bit_for_bit(bases, tmp_path, quant, monkeypatch):
-    """`--grad-checkpointing` (layers recomputed in the backward pass) trades memory for time, never the maths."""
+@pytest.mark.parametrize(
+    "quant, mode, dropout",
+    [
+        ("fp32", True, 0.0),
+        ("int4", True, 0.0),
+        ("fp32", "selective", 0.0),
+        ("int4", "selective", 0.1),
+        ("fp32", True, 0.1),
+    ],
+)
+def test_recomputed_layers_give_the_same_loss_and_gradients_bit_for_bit(
+    bases, tmp_path, quant, mode, dropout, monkeypatch
+):
+    """`--grad-checkpointing` (layers recomputed in the backward pass, whole or all but their matmuls) trades memory
+    for time, never the maths: LoRA's dropout masks are drawn again the same."""
     import torch.utils.checkpoint as ckpt
 
     calls = []
     real = ckpt.checkpoint
     monkeypatch.setattr(ckpt, "checkpoint", lambda fn, *a, **kw: calls.append(fn) or real(fn, *a, **kw))
     model, tok, _ = load_checkpoint(bases["llama"], quant=quant)
-    lora.apply_lora(model, lora.LoRAConfig(rank=4, alpha=8, targets=["all-linear"]), seed=0)
+    lora.apply_lora(model, lora.LoRAConfig(rank=4, alpha=8, dropout=dropout, targets=["all-linear"]), seed=0)
     randomise_lora(model)
     model.train()
     examples, _ = data_mod.load_examples(write_chat_data(tmp_path / "d.jsonl", 9), tok, 64)
     rows = data_mod.pack(examples, 64, tok.pad_token_id)
     out = []
-    for recompute in (False, True):
+    for recompute in (False, mode):
         model.checkpoint_layers = recompute
         model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
         loss = trainer.loss_sum(model, rows.ids, rows.segments, rows.target)
         loss.backward()
         out.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
@@ -204,6 +217,70 @@ def test_recomputed_layers_give_the_same_loss_and_gradients_bit_for_bit(bases, t
     for name in grads0:
         assert torch.equal(grads0[name], grads1[name]), name
     assert any(g.abs().sum() > 0 for g in grads0.values())
+
+
+def test_lora_dropout_keeps_the_mask_not_a_copy_and_matches_nn_dropout(bases):
+    """LoRA's dropout is one op with A's product: the same outputs and gradients as nn.Dropout then A, bit for bit,
+    with a 1-byte mask kept for the backward pass instead of a dropped fp32 copy of the input."""
+    layer = lora.LoRALinear(torch.nn.Linear(48, 40), rank=4, alpha=8, dropout=0.25)
+    randomise_lora(layer)
+    layer.train()
+    x = torch.randn(3, 70, 48, requires_grad=True)
+    g = torch.randn(3, 70, 40)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        torch.manual_seed(5)
+        y = layer(x)
+    (y * g).sum().backward()
+    ours = (y.detach(), x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+    x.grad = layer.lora_A.grad = layer.lora_B.grad = None
+    torch.manual_seed(5)
+    h = torch.nn.functional.linear(torch.nn.Dropout(0.25)(x), layer.lora_A)
+    y_ref = layer.base(x) + torch.nn.functional.linear(h, layer.lora_B) * layer.scaling
+    (y_ref * g).sum().backward()
+    torch.testing.assert_close(ours[0], y_ref.detach(), rtol=1e-6, atol=1e-6)  # addmm vs add: rounding only
+    assert torch.equal(ours[2], layer.lora_A.grad)
+    torch.testing.assert_close(ours[1], x.grad, rtol=1e-5, atol=1e-6)
+    big = {t.data_ptr(): t.dtype for t in saved if t.numel() == x.numel()}  # x itself and the mask
+    assert sorted(map(str, big.values())) == ["torch.bool", "torch.float32"]
+
+
+def test_quantized_head_is_dequantized_block_by_block(bases, monkeypatch):
+    """A frozen quantized weight too large to dequantize whole (a 1B model's output head) runs a block of rows at a
+    time, forward and backward, with the same results as the whole dequantized weight."""
+    from tinkerlm.quant import linear as qlinear
+    from tinkerlm.quant.qops import dequantize
+
+    model, _, _ = load_checkpoint(bases["llama"], quant="int4")
+    layer = model.model.layers[0].mlp.up_proj
+    x = torch.randn(2, 7, layer.in_features, requires_grad=True)
+    g = torch.randn(2, 7, layer.out_features)
+    monkeypatch.setattr(qlinear, "BLOCK_BYTES", 16 * layer.in_features * 4)  # 16 rows a block
+    assert qlinear._block_rows(layer) == 16 < layer.out_features
+    seen = []
+    real = qlinear.qops.dequantize
+    monkeypatch.setattr(qlinear.qops, "dequantize", lambda w: seen.append(w.shape) or real(w))
+    y = layer(x)
+    (y * g).sum().backward()
+    assert seen and max(s[0] for s in seen) == 16
+    x2 = x.detach().clone().requires_grad_(True)
+    y2 = torch.nn.functional.linear(x2, dequantize(layer.qweight))
+    (y2 * g).sum().backward()
+    torch.testing.assert_close(y, y2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-5)
+
+
+def test_recomputation_is_on_by_default_when_activations_are_large(bases):
+    """grad_checkpointing unset: recompute when a micro-batch would keep more than the budget; set: as asked."""
+    from tinkerlm.tune import memory
+
+    model, _, _ = load_checkpoint(bases["llama"])
+    small = memory.activation_bytes(model.config, 64)
+    assert 0 < small < memory.ACTIVATION_BUDGET
+    assert memory.recompute(model.config, 64, None) is False
+    many = memory.ACTIVATION_BUDGET // small * 64 + 64
+    assert memory.recompute(model.config, many, None) is True
+    assert memory.recompute(model.config, many, False) is False and memory.recompute(model.config, 64, True) is True
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -679,9 +679,9 @@ def _finetune_parser(sub, fmt) -> None:  # plain formatter: the help texts show 
     g.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast for matmuls")
     g.add_argument(
         "--grad-checkpointing",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="recompute activations in the backward pass (less memory, ~30%% slower)",
+        help="recompute activations in the backward pass (less memory, slower); default: when they would be large",
     )
     g.add_argument(
         "--save-dtype",

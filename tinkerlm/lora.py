@@ -54,14 +54,20 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's (and peft's) default for A
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout
         self.enabled = True  # False inside `adapters_off`: the base layer alone (no dropout draw either)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if not self.enabled:
             return y
-        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., rank)
+        x = x.to(self.lora_A.dtype)
+        if self.dropout > 0 and self.training and not torch.is_autocast_enabled("cpu"):
+            h = _DropoutLinear.apply(x, self.lora_A, self.dropout)  # (..., rank)
+        elif self.dropout > 0 and self.training:
+            h = F.linear(F.dropout(x, self.dropout, True), self.lora_A)
+        else:
+            h = F.linear(x, self.lora_A)  # (..., rank)
         if y.dtype != h.dtype:
             return y + (F.linear(h, self.lora_B) * self.scaling).to(y.dtype)
         # y + h @ (s B)^T in one GEMM call: scaling the small B instead of the (tokens, out) product saves a pass
@@ -77,6 +83,29 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.lora_A.shape[0]}, scaling={self.scaling:g}"
+
+
+class _DropoutLinear(torch.autograd.Function):
+    """dropout(x) @ A^T keeping only x (which the base layer keeps anyway) and the 1-byte mask for the backward
+    pass, not the dropped copy of x: it is rebuilt there, bit for bit (x * mask * 1/(1-p), as nn.Dropout)."""
+
+    @staticmethod
+    def forward(ctx, x, A, p):
+        dropped, mask = torch.native_dropout(x, p, True)
+        ctx.save_for_backward(x, A, mask)
+        ctx.scale = 1.0 / (1.0 - p)
+        return F.linear(dropped, A)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, A, mask = ctx.saved_tensors
+        gx = gA = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.native_dropout_backward(grad @ A, mask, ctx.scale)
+        if ctx.needs_input_grad[1]:
+            dropped = torch.ops.aten.native_dropout_backward(x, mask, ctx.scale)
+            gA = grad.reshape(-1, grad.shape[-1]).t() @ dropped.reshape(-1, x.shape[-1])
+        return gx, gA, None
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -586,13 +586,18 @@ class CausalLM(nn.Module):
         k_pos = torch.arange(kv_len, dtype=torch.long).expand(B, kv_len)
         return pos, k_pos, kv_len
 
-    # Recompute each layer's activations in the backward pass instead of keeping them (set by the trainer).
-    checkpoint_layers = False
+    # Recompute activations in the backward pass instead of keeping them (set by the trainer): False keeps them all;
+    # True or "full" keeps each layer's input only and reruns the layer; "selective" keeps the layer's matmul and
+    # attention outputs and reruns only the cheap ops between them (norms, RoPE, SwiGLU, LoRA's sums, gathers).
+    checkpoint_layers: bool | str = False
 
     def run_layer(self, layer: nn.Module, *args) -> torch.Tensor:
-        if self.checkpoint_layers and self.training and torch.is_grad_enabled():
+        mode = self.checkpoint_layers
+        if mode and self.training and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
+            if mode == "selective":
+                return checkpoint(layer, *args, use_reentrant=False, context_fn=_keep_matmuls)
             return checkpoint(layer, *args, use_reentrant=False)
         return layer(*args)
 
@@ -618,6 +623,32 @@ class CausalLM(nn.Module):
         if logits_at is None:
             return h
         return h[torch.arange(h.shape[0]), logits_at][:, None]
+
+
+LOW_RANK = 128  # a product with an inner dimension up to this is recomputed by selective recomputation
+
+
+def _keep_matmuls():
+    """Selective recomputation's rule: the outputs of matrix products and attention are kept, the rest recomputed,
+    low-rank products included (LoRA's `y + h @ (s B)^T`, inner dimension the rank: cheap to redo, large to keep)."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    aten = torch.ops.aten
+    kept = {
+        aten.mm.default,
+        aten.addmm.default,
+        aten.bmm.default,
+        aten._scaled_dot_product_flash_attention_for_cpu.default,
+        aten._scaled_dot_product_efficient_attention.default,
+        aten._scaled_dot_product_flash_attention.default,
+    }
+
+    def policy(ctx, op, *args, **kwargs):
+        if op in kept and not (op == aten.addmm.default and args[1].shape[-1] <= LOW_RANK):
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 def make_mask(positions, k_pos, cache: KVCache | None, window: int | None):

@@ -55,16 +55,53 @@ class QLinear(_Quantized):
 
 class _FrozenQLinear(torch.autograd.Function):
     """x @ W.T with a frozen packed W, differentiable in x only. The dequantized W is not kept for the backward
-    pass (it is dequantized again there), so training memory holds the packed weights alone, as in QLoRA."""
+    pass (it is dequantized again there), so training memory holds the packed weights alone, as in QLoRA. A weight
+    whose fp32 copy would exceed BLOCK_BYTES (a 1B model's 128k-token output head: 1 GB) is dequantized and used
+    a block of rows at a time, so no fp32 copy of it ever exists whole."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: QLinear) -> torch.Tensor:
         ctx.layer = layer
-        return F.linear(x.float(), qops.dequantize(layer.quantized), layer.bias)
+        x = x.float()
+        if _block_rows(layer) is None:
+            return F.linear(x, qops.dequantize(layer.quantized), layer.bias)
+        y = x.new_empty(*x.shape[:-1], layer.out_features)
+        for a, b, w in _row_blocks(layer):
+            y[..., a:b] = F.linear(x, w, None if layer.bias is None else layer.bias[a:b])
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad @ qops.dequantize(ctx.layer.quantized), None
+        layer = ctx.layer
+        if _block_rows(layer) is None:
+            return grad @ qops.dequantize(layer.quantized), None
+        gx = None
+        for a, b, w in _row_blocks(layer):
+            part = grad[..., a:b] @ w
+            gx = part if gx is None else gx.add_(part)
+        return gx, None
+
+
+BLOCK_BYTES = 64 << 20  # largest fp32 weight QLoRA dequantizes whole
+
+
+def _block_rows(layer: QLinear) -> int | None:
+    """Rows per dequantized block for `layer`'s weight (a multiple of 16, the packed row group), None: all at once."""
+    full = layer.out_features * layer.in_features * 4
+    if full <= BLOCK_BYTES:
+        return None
+    return max(16, BLOCK_BYTES // (layer.in_features * 4) // 16 * 16)
+
+
+def _row_blocks(layer: QLinear):
+    """(first row, end row, dequantized fp32 rows) of the layer's weight, block by block."""
+    w, step = layer.quantized, _block_rows(layer)
+    for a in range(0, layer.out_features, step):
+        b = min(a + step, layer.out_features)
+        part = (
+            Packed(w.data[a // 16 : -(-b // 16)], w.qtype, b - a, w.K) if isinstance(w, Packed) else w.rows(slice(a, b))
+        )
+        yield a, b, qops.dequantize(part)
 
 
 class QEmbedding(_Quantized):

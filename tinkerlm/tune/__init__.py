@@ -108,7 +108,7 @@ def _finetune(config, resume, force, progress, stop_after, accept_licence_confli
     from tinkerlm import lora, store
     from tinkerlm.loading import load_checkpoint, physical_cores
     from tinkerlm.openness import remix
-    from tinkerlm.tune import dist, trainer
+    from tinkerlm.tune import dist, memory, trainer
 
     recipe = resolve(config, **flags)
     out_name, out_tag = store.parse_name(recipe.out)
@@ -166,7 +166,9 @@ def _finetune(config, resume, force, progress, stop_after, accept_licence_confli
             load_ref=load_ref,
         )
 
-    model.checkpoint_layers = recipe.grad_checkpointing
+    model.checkpoint_layers = memory.recompute(
+        model.config, recipe.batch_size * recipe.seq_len, recipe.grad_checkpointing
+    )
     n_train = sum(p.numel() for p in params.values())
     print(f"{method}: training {n_train:,} parameters", file=sys.stderr)
 

@@ -55,7 +55,7 @@ class Recipe:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     bf16: bool = False  # bfloat16 autocast for matmuls
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool | None = None  # recompute activations; None: when they would be large (tune/memory.py)
     seed: int = 0
     # bookkeeping
     eval_every: int = 0  # steps between evaluations; 0 = once per epoch and at the end
@@ -88,7 +88,9 @@ class Recipe:
                 f"Apache-2.0 AND CC-BY-4.0, got {_short(self.data_license)}"
             )
         for name in ("full", "rslora", "bf16", "grad_checkpointing"):
-            if not isinstance(getattr(self, name), bool):
+            if not isinstance(getattr(self, name), bool) and not (
+                name == "grad_checkpointing" and self.grad_checkpointing is None
+            ):
                 raise TinkerError(f"{name}: must be true or false, got {_short(getattr(self, name))}")
         ints = {  # name: (lowest, highest)
             "lora_rank": (1, limits.MAX_LORA_RANK),

@@ -1,0 +1,57 @@
+"""Fine-tuning's memory plan: when to recompute activations, and the C allocator's settings.
+
+Two things decide a LoRA run's peak memory besides the weights: the activations autograd keeps for the backward
+pass, and what the C heap keeps after freeing them. `recompute(...)` picks whether to recompute from the size of a
+micro-batch's activations. `lean_malloc()` lowers glibc's mmap threshold so large freed buffers go back to the
+system; measured (bench/finetune_bench.py --lean-malloc) it did not lower the peak with recomputation on, so
+`finetune` does not call it: it is kept for the benchmark.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -2, -3, -8
+
+
+def lean_malloc(mmap_threshold: int = 8 << 20, trim_threshold: int | None = None, arena_max: int | None = None) -> bool:
+    """Set glibc malloc for training; returns False where the C library is not glibc (nothing is changed)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold))
+    if trim_threshold is not None:
+        ok &= bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
+    if arena_max is not None:
+        ok &= bool(mallopt(M_ARENA_MAX, arena_max))
+    return ok
+
+
+ACTIVATION_BUDGET = 512 << 20  # bytes of kept activations above which a run recomputes by default
+
+
+def activation_bytes(config, tokens: int) -> int:
+    """About what one micro-batch of `tokens` keeps for the backward pass without recomputation (fp32): per token
+    and layer, the residual stream and norms' outputs (4 x hidden), the attention's q, k, v and output (2 x hidden
+    + 2 x kv width), and the MLP's gate, up and product (3 x intermediate). Measured on SmolLM2-135M at 4 x 512
+    tokens (bench/activation_memory.py): 2.1 GiB kept, this says 1.9."""
+    hidden = config.hidden_size
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    per = 6 * hidden + 2 * kv * head_dim + 3 * config.intermediate_size
+    return 4 * tokens * config.num_hidden_layers * per
+
+
+def recompute(config, tokens: int, asked: bool | None) -> bool | str:
+    """The model's `checkpoint_layers` for a run: `asked` (the recipe's grad_checkpointing) when given, else
+    recomputation when a micro-batch's activations would exceed ACTIVATION_BUDGET."""
+    if asked is not None:
+        return asked
+    return activation_bytes(config, tokens) > ACTIVATION_BUDGET

@@ -547,10 +547,10 @@ def main(argv=None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
+            if args.out:  # after every run, so a long comparison stopped early keeps what it measured
+                Path(args.out).write_text(json.dumps({"spec": spec, "results": results}, indent=1))
     text = report(results, spec, args)
     print(text)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"spec": spec, "results": results}, indent=1))
     if args.chart:
         plot(results, spec, Path(args.chart))
     return 0

@@ -23,8 +23,10 @@ Engines, each in a fresh process (peak RSS = the child's ru_maxrss from wait4, s
   `litgpt-eager` is the same run with compilation off. LitGPT sees rows[:, :-1] as input and rows[:, 1:] as
   targets (T-1 positions where the others run T); its weight decay also covers the norms. Its own venv:
       python3 -m venv /work/litgpt-venv && /work/litgpt-venv/bin/pip install torch==2.13.0 && \\
-          /work/litgpt-venv/bin/pip install litgpt
-  (resolved here: litgpt 0.5.13, lightning 2.6.6, torch 2.13.0+cpu, no extras needed); `--litgpt-python` names it.
+          /work/litgpt-venv/bin/pip install litgpt requests
+  (resolved here: litgpt 0.5.13, lightning 2.6.6, jsonargparse 4.41.0, torch 2.13.0+cpu; `requests` is not a
+  declared dependency but its final checkpoint save needs it); `--litgpt-python` names that venv's Python.
+  `setup()` re-parses sys.argv as its CLI's when it saves, so the worker sets argv to `litgpt pretrain NAME`.
 
 Tokens/s: rows x seq_len per optimizer step, over the intervals between optimizer steps (a global
 `register_optimizer_step_post_hook`, the same clock in every engine) after the first `--warmup` steps (which take

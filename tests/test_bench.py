@@ -148,3 +148,39 @@ def test_cli_bench_table(tiny):
         "peak RSS",
     ):
         assert label in proc.stdout
+
+
+def test_pretrain_bench_tinkerlm_engine(tmp_path):
+    """bench/pretrain_bench.py's tinkerlm engine, 2 steps of a tiny model in a fresh process: the script cannot rot."""
+    import argparse
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import pretrain_bench
+    from tiny import write_tokenizer
+
+    (tmp_path / "tok").mkdir()
+    write_tokenizer(tmp_path / "tok")
+    args = argparse.Namespace(
+        cache=str(tmp_path / "cache"),
+        data=["stdlib/json/*.py"],
+        tokenizer=str(tmp_path / "tok"),
+        vocab=0,
+        seq_len=32,
+        batch_size=2,
+        grad_accum=2,
+        steps=2,
+        lr_warmup=1,
+        threads=1,
+    )
+    tiny = dict(
+        pretrain_bench.MODEL, hidden_size=32, intermediate_size=64, num_hidden_layers=1, max_position_embeddings=32
+    )
+    tiny.update(num_attention_heads=4, num_key_value_heads=2)
+    spec = pretrain_bench.prepare(args, model=tiny)
+    assert np.load(spec["rows"]).shape == (2, 4, 32)  # steps, rows per step, seq_len: what every engine is fed
+    r = pretrain_bench.run("tinkerlm", spec, warmup=0)
+    assert len(r["losses"]) == 2 and all(4 < x < 7 for x in r["losses"])  # ln(320) = 5.77 at the start
+    assert len(r["step_tok_s"]) == 1 and r["step_tok_s"][0] > 0  # the interval between the two optimizer steps
+    assert r["peak_rss_mb"] > 50 and r["threads"] == 1 and r["tokens_per_step"] == 2 * 2 * 32

@@ -162,10 +162,66 @@ def loss_sum(
     bf16: bool = False,
 ) -> torch.Tensor:
     """Summed cross-entropy over the target tokens of packed rows (B, T) (see `_over_targets` for None)."""
+    if _fused_head_ok(model, bf16):
+        return _fused_loss_sum(model, ids, segments, target)
     total = torch.zeros((), dtype=torch.float32)
     for part in _over_targets(_head_ce, model, ids, segments, target, bf16):
         total = total + part
     return total
+
+
+def _fused_head_ok(model: nn.Module, bf16: bool) -> bool:
+    """The fused head applies to a plain fp32 Linear head, in training, in one process (FSDP shards the weight)."""
+    head = model.lm_head
+    return (
+        type(head) is nn.Linear
+        and head.bias is None
+        and head.weight.dtype == torch.float32
+        and not bf16
+        and torch.is_grad_enabled()
+        and not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    )
+
+
+def _fused_loss_sum(model: nn.Module, ids, segments, target) -> torch.Tensor:
+    """`loss_sum` through `_FusedHeadCE`: the same value, no logits kept and no head recomputed."""
+    h = model(ids, segments=segments, head=False)  # (B, T, C)
+    if target is None:
+        hs, labels = h[:, :-1].reshape(-1, h.shape[-1]), ids[:, 1:].reshape(-1)  # (B * (T - 1), C)
+    else:
+        want = target[:, 1:]  # token t + 1 is predicted at position t
+        hs, labels = h[:, :-1][want], ids[:, 1:][want]  # (N, C), (N,)
+    return _FusedHeadCE.apply(hs, model.lm_head.weight, labels)
+
+
+class _FusedHeadCE(torch.autograd.Function):
+    """Summed cross-entropy of `h @ weight.T` (fp32) against `labels`, its gradients computed chunk by chunk in the
+    forward pass (the fused linear cross-entropy of Liger-Kernel, Hsu et al. 2024): at most HEAD_CHUNK rows of
+    logits exist at once, and the head costs three products per chunk instead of four (forward, its recomputation
+    and two in the backward). The backward scales the stored gradients by the loss's."""
+
+    @staticmethod
+    def forward(ctx, h, weight, labels):
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.float32)
+        for a in range(0, h.shape[0], HEAD_CHUNK):
+            x, y = h[a : a + HEAD_CHUNK], labels[a : a + HEAD_CHUNK]
+            logits = x @ weight.T  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            total += (lse - logits.gather(1, y[:, None])[:, 0]).sum()
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place: d(sum CE)/d(logits) = softmax - one-hot
+            g[torch.arange(len(y)), y] -= 1.0
+            grad_h[a : a + HEAD_CHUNK] = g @ weight
+            if grad_w is not None:
+                grad_w.addmm_(g.T, x)
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad, None if grad_w is None else grad_w * grad, None
 
 
 def token_logps(

@@ -1,0 +1,77 @@
+"""The trainer's fused output head (`trainer._FusedHeadCE`): the same summed cross-entropy and the same gradients as
+the chunked, recomputed head it replaces in fp32 training, for pretraining rows and packed SFT rows, tied and
+untied heads, a frozen head (LoRA), and more rows than one chunk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tinkerlm import models
+from tinkerlm.tune import trainer
+
+CONFIG = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    hidden_act="silu",
+)
+
+
+def _model(tied: bool):
+    torch.manual_seed(0)
+    model = models.build(dict(CONFIG, tie_word_embeddings=tied), "test", device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model.train()
+
+
+def _loss_and_grads(model, fused: bool, ids, segments, target):
+    model.zero_grad(set_to_none=True)
+    if fused:
+        assert trainer._fused_head_ok(model, False)
+        loss = trainer.loss_sum(model, ids, segments, target)
+    else:
+        loss = sum(trainer._over_targets(trainer._head_ce, model, ids, segments, target, False))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_head_equals_recomputed_head(tied, packed, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 96, (3, 40), generator=g)
+    segments = target = None
+    if packed:  # two documents per row, loss on the second half of each
+        segments = torch.cat([torch.zeros(3, 24), torch.ones(3, 16)], dim=1).long()
+        target = torch.rand(3, 40, generator=g) > 0.4
+    monkeypatch.setattr(trainer, "HEAD_CHUNK", 25)  # several chunks, the last one short
+    model = _model(tied)
+    ref, ref_grads = _loss_and_grads(model, False, ids, segments, target)
+    got, grads = _loss_and_grads(model, True, ids, segments, target)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    assert grads.keys() == ref_grads.keys() and "lm_head.weight" in grads or tied
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fused_head_frozen_head_and_when_it_stands_aside():
+    model = _model(False)
+    model.lm_head.weight.requires_grad_(False)  # as under LoRA: no gradient for the head, the rest still gets one
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(2))
+    ref, ref_grads = _loss_and_grads(model, False, ids, None, None)
+    got, grads = _loss_and_grads(model, True, ids, None, None)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    assert model.lm_head.weight.grad is None and grads.keys() == ref_grads.keys()
+    assert not trainer._fused_head_ok(model, True)  # bf16 autocast: the plain path
+    with torch.no_grad():
+        assert not trainer._fused_head_ok(model, False)  # evaluation: the plain path

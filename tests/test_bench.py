@@ -184,3 +184,38 @@ def test_pretrain_bench_tinkerlm_engine(tmp_path):
     assert len(r["losses"]) == 2 and all(4 < x < 7 for x in r["losses"])  # ln(320) = 5.77 at the start
     assert len(r["step_tok_s"]) == 1 and r["step_tok_s"][0] > 0  # the interval between the two optimizer steps
     assert r["peak_rss_mb"] > 50 and r["threads"] == 1 and r["tokens_per_step"] == 2 * 2 * 32
+
+
+def test_preference_bench_tinkerlm_worker(tiny, tmp_path):
+    """bench/preference_bench.py's tinkerlm engine, 2 steps on the tiny model: it runs, counts the real tokens TRL's
+    chat-template tokenization gives (prompt + chosen, prompt + rejected), and starts from policy = reference."""
+    import math
+
+    import transformers
+
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    from bench import preference_bench as pb
+
+    small = dict(seed=0, prompt_words=3, answer_words=(2, 6), instruction="Go on:")  # fits 128 byte tokens
+    data = pb.make_pairs(tmp_path / "pairs.jsonl", 4, **small)
+    assert data.read_text() == pb.make_pairs(tmp_path / "again.jsonl", 4, **small).read_text()
+    spec = {"model": str(tiny), "data": str(data), "seq_len": 128, "batch_size": 2, "steps": 2, "threads": 1}
+    r = pb.worker_tinkerlm(spec)
+    hf = transformers.AutoTokenizer.from_pretrained(tiny)
+    want = []
+    for line in data.read_text().splitlines():
+        pair = json.loads(line)
+        prompt = [{"role": "user", "content": pair["prompt"]}]
+        n = [
+            len(
+                hf.apply_chat_template(
+                    prompt + [{"role": "assistant", "content": pair[k]}], tokenize=True, return_dict=True
+                )["input_ids"]
+            )
+            for k in ("chosen", "rejected")
+        ]
+        assert max(n) < spec["seq_len"]  # nothing cut: the counts compare whole sequences
+        want.append(sum(n))
+    assert r["tokens"] == [want[0] + want[1], want[2] + want[3]]
+    assert r["losses"][0] == pytest.approx(math.log(2), abs=1e-5)  # LoRA B = 0: the policy is the reference
+    assert all(math.isfinite(x) for x in r["losses"]) and len(r["times"]) == 2 and r["peak_rss_mb"] > 0

@@ -177,8 +177,9 @@ def test_finetune_under_fsdp_equals_one_process(tmp_path, how):
     files = {n: next(store.model_path(store.get(n)).glob("*.safetensors")) for n in ("one", "two")}
     a, b = load_file(str(files["one"])), load_file(str(files["two"]))
     assert sorted(a) == sorted(b) and files["one"].name == files["two"].name
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    for k in a:  # AdamW divides by sqrt(v): a gradient summed in another order can move a near-zero weight by
+        # a small fraction of one step (lr 5e-3); a rank's missing gradient moves it by whole steps
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)
 
 
 def test_ranks_see_each_row_once_per_epoch_across_a_restart():

@@ -1,6 +1,6 @@
 """Train a small Python code model from scratch on this machine, and show what it writes before and after.
 
-    python examples/pretrain/demo.py --threads 2     # tokenizer, pretraining, samples: ~35 min on 2 quiet cores
+    python examples/pretrain/demo.py --threads 2     # tokenizer, pretraining, samples: 40 min measured on 2 shared cores
 
 The stages, each timed:
 1. an 8,192-token byte-level BPE tokenizer trained on the Python standard library's top-level modules

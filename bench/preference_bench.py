@@ -113,7 +113,8 @@ def worker_tinkerlm(spec: dict) -> dict:
         losses.append(float(loss.detach()) / len(idx))
         tokens.append(obj.tokens(idx))
         seqs = [prefs.seqs[2 * i + k] for k in (0, 1) for i in idx.tolist()]
-        padded.append(data_mod.pack(seqs, spec["seq_len"], pad).ids.numel())  # positions the model runs on
+        rows = data_mod.pack(seqs, spec["seq_len"], pad)
+        padded.append(rows.batch(torch.arange(len(rows)))[0].numel())  # positions run (trailing padding cut)
     return {"times": times, "losses": losses, "tokens": tokens, "padded": padded, "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -207,6 +208,7 @@ ROWS = {  # key: (label, engine, spec overrides); the first row present is the p
     "trl": ("TRL DPOTrainer + peft, fp32", "trl", {}),
     "trl-gc": ("TRL DPOTrainer + peft, fp32, gradient checkpointing (TRL's default)", "trl", {"checkpoint": True}),
     "tinkerlm": ("tinkerlm DPO, fp32", "tinkerlm", {}),
+    "tinkerlm-sel": ("tinkerlm DPO, fp32, matmuls kept, rest recomputed", "tinkerlm", {"checkpoint": "selective"}),
     "tinkerlm-gc": ("tinkerlm DPO, fp32, --grad-checkpointing", "tinkerlm", {"checkpoint": True}),
 }
 

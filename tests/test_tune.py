@@ -271,7 +271,8 @@ def test_quantized_head_is_dequantized_block_by_block(bases, monkeypatch):
 
 
 def test_recomputation_is_on_by_default_when_activations_are_large(bases):
-    """grad_checkpointing unset: recompute when a micro-batch would keep more than the budget; set: as asked."""
+    """grad_checkpointing unset: the cheap ops recomputed when a micro-batch would keep more than the budget, whole
+    layers above the larger one; set: as asked."""
     from tinkerlm.tune import memory
 
     model, _, _ = load_checkpoint(bases["llama"])
@@ -279,7 +280,9 @@ def test_recomputation_is_on_by_default_when_activations_are_large(bases):
     assert 0 < small < memory.ACTIVATION_BUDGET
     assert memory.recompute(model.config, 64, None) is False
     many = memory.ACTIVATION_BUDGET // small * 64 + 64
-    assert memory.recompute(model.config, many, None) is True
+    assert memory.recompute(model.config, many, None) == "selective"
+    most = memory.WHOLE_LAYER_BUDGET // small * 64 + 64
+    assert memory.recompute(model.config, most, None) is True
     assert memory.recompute(model.config, many, False) is False and memory.recompute(model.config, 64, True) is True
 
 

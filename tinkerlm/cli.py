@@ -681,7 +681,7 @@ def _finetune_parser(sub, fmt) -> None:  # plain formatter: the help texts show 
         "--grad-checkpointing",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="recompute activations in the backward pass (less memory, slower); default: when they would be large",
+        help="recompute whole layers in the backward pass (less memory, slower); default: by size (docs/finetune.md, Memory)",
     )
     g.add_argument(
         "--save-dtype",

@@ -34,7 +34,8 @@ def lean_malloc(mmap_threshold: int = 8 << 20, trim_threshold: int | None = None
     return ok
 
 
-ACTIVATION_BUDGET = 512 << 20  # bytes of kept activations above which a run recomputes by default
+ACTIVATION_BUDGET = 512 << 20  # kept activations above which a run recomputes norms, RoPE, SwiGLU (~10% slower)
+WHOLE_LAYER_BUDGET = 2 << 30  # ... and above which it recomputes whole layers, keeping only their inputs (~35%)
 
 
 def activation_bytes(config, tokens: int) -> int:
@@ -50,8 +51,13 @@ def activation_bytes(config, tokens: int) -> int:
 
 
 def recompute(config, tokens: int, asked: bool | None) -> bool | str:
-    """The model's `checkpoint_layers` for a run: `asked` (the recipe's grad_checkpointing) when given, else
-    recomputation when a micro-batch's activations would exceed ACTIVATION_BUDGET."""
+    """The model's `checkpoint_layers` for a run: `asked` (the recipe's grad_checkpointing) when given, else by the
+    size of a micro-batch's activations: all kept up to ACTIVATION_BUDGET, then "selective" (matmul and attention
+    outputs kept, the cheap ops rerun: measured on SmolLM2 at 4 x 512, 5.9 -> 3.6 GB for 9% of the speed), then
+    whole layers above WHOLE_LAYER_BUDGET (1.9 GB for 37%)."""
     if asked is not None:
         return asked
-    return activation_bytes(config, tokens) > ACTIVATION_BUDGET
+    kept = activation_bytes(config, tokens)
+    if kept > WHOLE_LAYER_BUDGET:
+        return True
+    return "selective" if kept > ACTIVATION_BUDGET else False

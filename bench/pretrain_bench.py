@@ -140,7 +140,10 @@ def worker_tinkerlm(spec: dict) -> dict:
         threads=spec["threads"],
         force=True,
         progress=False,
+        distributed=spec.get("distributed", "ddp"),
     )
+    if m is None:  # a rank other than 0 under torchrun: rank 0 stores and reports
+        return {}
     rows = (store.model_path(m) / "loss.csv").read_text().splitlines()
     col = rows[0].split(",").index("loss")
     return _result(stamps, [float(r.split(",")[col]) for r in rows[1:]], spec)
@@ -304,7 +307,11 @@ WORKERS = {
     "transformers": worker_transformers,
     "litgpt": worker_litgpt,
     "litgpt-eager": lambda spec: worker_litgpt({**spec, "compile": False}),
+    # two processes under torchrun, the cores split between them (--threads each / 2); rank 0 reports
+    "tinkerlm-ddp2": lambda spec: worker_tinkerlm({**spec, "distributed": "ddp"}),
+    "tinkerlm-fsdp2": lambda spec: worker_tinkerlm({**spec, "distributed": "fsdp"}),
 }
+NPROC = {"tinkerlm-ddp2": 2, "tinkerlm-fsdp2": 2}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -376,10 +383,18 @@ def run(engine: str, spec: dict, python: str | None = None, warmup: int = 3) -> 
     env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"  # no compile worker pool: the child's RSS is the whole story
     env.pop("TINKERLM_HOME", None)
     before = uptime()
+    cmd = [python or sys.executable, __file__, "--worker", engine]
+    if engine in NPROC:  # ru_maxrss of torchrun's wait is then the largest of its processes: peak RSS per process
+        n = NPROC[engine]
+        spec = {**spec, "threads": max(1, spec["threads"] // n)}
+        env.update(OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
+        port = str(29500 + os.getpid() % 1000)
+        cmd[1:1] = ["-m", "torch.distributed.run", f"--nproc-per-node={n}", "--master-addr=127.0.0.1"]
+        cmd[5:5] = [f"--master-port={port}"]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         p = subprocess.Popen(
-            [python or sys.executable, __file__, "--worker", engine, json.dumps(spec)],
+            [*cmd, json.dumps(spec)],
             stdout=out,
             stderr=err,
             env=env,
@@ -526,7 +541,9 @@ def main(argv=None) -> int:
     p.add_argument("--chart", default=None, help="write loss and tokens/s curves as a PNG here")
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(WORKERS[args.worker](json.loads(args.spec))))
+        r = WORKERS[args.worker](json.loads(args.spec))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+            print(json.dumps(r))
         return 0
 
     spec = prepare(args)

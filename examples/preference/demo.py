@@ -199,12 +199,12 @@ def main(argv=None) -> int:
 
     t = time.perf_counter()
     if not args.skip_eval:
-        import torch
+        from safetensors.torch import save_file
 
         llm = tinkerlm.load(BASE, threads=args.threads)
         base, base_lp = evaluate.evaluate(llm, k=0, max_tokens=MAX_TOKENS)
         (DATA / "eval_base.json").write_text(json.dumps(base, indent=2) + "\n")
-        torch.save(base_lp, DATA / "base_logps.pt")
+        save_file(base_lp, str(DATA / "base_logps.safetensors"))
         del llm
         llm = tinkerlm.load(OUT, threads=args.threads)
         dpo, _ = evaluate.evaluate(

@@ -10,8 +10,8 @@ Two measurements, both on data no training step saw (make_prompts.py splits by t
   accuracy of DPO's implicit reward beta (log pi - log pi_ref), `reward`: the quantity the trainer's `accuracy`
   column reports (beta > 0 does not change the sign).
 
-    python examples/preference/evaluate.py smollm2 --save-logps base_logps.pt
-    python examples/preference/evaluate.py smollm2-dpo-words --base-logps base_logps.pt
+    python examples/preference/evaluate.py smollm2 --save-logps base_logps.safetensors
+    python examples/preference/evaluate.py smollm2-dpo-words --base-logps base_logps.safetensors
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def pair_logps(llm, pairs_path: str | Path, seq_len: int = 256) -> dict:
             sums.append(s)
             lens.append(n)
     s, n = torch.cat(sums), torch.cat(lens)
-    return {"chosen": s[0::2], "rejected": s[1::2], "chosen_len": n[0::2], "rejected_len": n[1::2]}
+    out = {"chosen": s[0::2], "rejected": s[1::2], "chosen_len": n[0::2], "rejected_len": n[1::2]}
+    return {k: v.contiguous() for k, v in out.items()}  # safetensors stores whole tensors, not strided views
 
 
 def accuracies(lp: dict, base: dict | None = None) -> dict:
@@ -142,16 +143,16 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--seed", type=int, default=1000, help="sampling seed (default: 1000)")
     ap.add_argument("--sample-limit", type=int, default=None, help="sample only the first N prompts (default: all)")
-    ap.add_argument("--save-logps", type=Path, default=None, help="save this model's pair log-probs here (torch)")
+    ap.add_argument("--save-logps", type=Path, default=None, help="save this model's pair log-probs here (safetensors)")
     ap.add_argument("--base-logps", type=Path, default=None, help="the base's saved log-probs: adds reward accuracy")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     args = ap.parse_args(argv)
 
-    import torch
+    from safetensors.torch import load_file, save_file
 
     import tinkerlm
 
-    base = torch.load(args.base_logps, weights_only=True) if args.base_logps else None
+    base = load_file(str(args.base_logps)) if args.base_logps else None  # safetensors: no pickle
     llm = tinkerlm.load(args.model, threads=args.threads)
     result, lp = evaluate(
         llm,
@@ -165,7 +166,7 @@ def main(argv=None) -> None:
         base_logps=base,
     )
     if args.save_logps:
-        torch.save(lp, args.save_logps)
+        save_file(lp, str(args.save_logps))
     print(json.dumps(result, indent=2))
 
 

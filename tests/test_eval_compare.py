@@ -265,6 +265,7 @@ def test_cli_results_files_end_to_end(tmp_path, capsys):
         (["--results", str(fa), str(fc)], "arc_easy: the runs differ in limit: base:x has None, short:x has 100"),
         (["--results", str(fa), str(tmp_path / "none.json")], "none.json: cannot read it"),
         (["--results", str(fa), str(fa), "--limit", "3"], "--limit applies when models are evaluated"),
+        (["--results", str(fa), str(fa), "--threads", "1"], "--threads applies when models are evaluated"),
         (["--results", str(fa)], "at least two --results files"),
         (["--results", str(fa), str(fb), "--tasks", "piqa"], "piqa: not in the results of base:x"),
         (["smollm2"], "at least two models"),

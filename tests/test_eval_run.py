@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -375,6 +376,21 @@ def test_cli_table_json_and_out(tiny_dir, qa, tmp_path, capsys):
     assert cli.main(["eval", str(tiny_dir), "--tasks", str(qa), "--limit", "1", "--json", "--no-store"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["tasks"]["qa"]["items"][0]["ll"] == pytest.approx(written["tasks"]["qa"]["items"][0]["ll"])
+
+
+def test_cli_threads_sets_torch_and_refuses_zero(tiny_dir, qa, capsys):
+    before = torch.get_num_threads()
+    try:
+        assert (
+            cli.main(["eval", str(tiny_dir), "--tasks", str(qa), "--limit", "1", "--no-store", "--threads", "1"]) == 0
+        )
+        assert torch.get_num_threads() == 1
+        capsys.readouterr()
+        assert cli.main(["eval", str(tiny_dir), "--tasks", str(qa), "--no-store", "--threads", "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "threads: must be >= 1" in err and "\n" not in err
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(

@@ -372,6 +372,7 @@ def _eval_parser(sub, fmt) -> None:
         help="weight format: native keeps a GGUF's quantization; int8/int4 quantize; bf16/fp32 dequantize",
     )
     s.add_argument("--reference", default=None, help="the model the kl task compares against")
+    s.add_argument("--threads", type=int, default=None, help="CPU threads (default: the number of physical cores)")
     s.add_argument("--out", default=None, help="write the results (with per-item records) to this JSON file")
     s.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     s.add_argument(
@@ -426,6 +427,7 @@ def _compare_parser(sub, fmt) -> None:  # plain formatter: the help texts say th
         help="weight format every model is loaded with (default: native)",
     )
     g.add_argument("--reference", default=None, help="the model the kl task measures against (default: none)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: the physical cores)")
     g.add_argument(
         "--no-store",
         dest="store",

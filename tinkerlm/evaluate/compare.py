@@ -451,7 +451,7 @@ def plot(results: Sequence[dict], path: str | Path, *, title: str = "") -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 # `tinkerlm compare`
 
-EVAL_FLAGS = ("limit", "shots", "chat", "batch_size", "seed", "quant", "reference")
+EVAL_FLAGS = ("limit", "shots", "chat", "batch_size", "seed", "quant", "reference", "threads")
 
 
 def _flag(name: str) -> str:

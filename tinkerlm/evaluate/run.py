@@ -395,11 +395,11 @@ def _write_records(path: Path, key: str, entry: dict) -> None:
 # The runner
 
 
-def _load(model, quant: str):
+def _load(model, quant: str, threads: int | None = None):
     if isinstance(model, (str, Path)):
         import tinkerlm
 
-        return tinkerlm.load(str(model), quant=quant)
+        return tinkerlm.load(str(model), quant=quant, threads=threads)
     if not hasattr(model, "model") or not hasattr(model, "tokenizer"):
         raise TinkerError(f"model: expected a store name, a path or a loaded LLM, got {type(model).__name__}")
     return model
@@ -492,6 +492,7 @@ def evaluate(
     progress: bool = False,
     store: bool = True,
     reuse: bool = True,
+    threads: int | None = None,
 ) -> dict:
     """Evaluate one model on `tasks` and return the results (format `tinkerlm-eval/1`).
 
@@ -511,6 +512,8 @@ def evaluate(
         progress: progress bars with an ETA on stderr.
         store: for store models, keep per-item records under ROOT/evals/ and the summary in the manifest.
         reuse: read stored per-item records of an identical request instead of scoring again.
+        threads: CPU threads for models loaded here (default: the physical cores); not part of the records'
+            identity, as the scores do not depend on it beyond float rounding.
     Returns:
         {"format", "model": {"ref", "sha256", "quant"}, "created", "tinkerlm", "seconds", "settings", "tasks":
         {name: {"kind", "source", "licence", "split", "shots", "n", "seconds", "main", "higher_is_better",
@@ -540,7 +543,7 @@ def evaluate(
         dup = next(x for x in labels if labels.count(x) > 1)
         raise TinkerError(f"tasks: two tasks are named {dup!r} (rename one of the files)")
 
-    llm = _load(model, quant)
+    llm = _load(model, quant, threads)
     _check_scores(llm)
     manifest = getattr(llm, "manifest", None)
     model_sha = _model_identity(manifest)
@@ -566,7 +569,7 @@ def evaluate(
             entry = {**entry, "reused": True}
         else:
             if spec.kind == "kl" and ref_llm is None:
-                ref_llm = _load(reference, quant)
+                ref_llm = _load(reference, quant, threads)
                 _check_scores(ref_llm)
             entry = _run_task(llm, spec, settings=settings, reference=ref_llm, progress=progress)
             if store and reusable:
@@ -673,6 +676,7 @@ def main(a) -> None:
         progress=True,
         store=getattr(a, "store", True),
         reuse=getattr(a, "store", True),
+        threads=getattr(a, "threads", None),
     )
     if a.out:
         out = Path(a.out)

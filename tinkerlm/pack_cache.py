@@ -10,11 +10,12 @@ cost page-cache reads, and resident memory is the pages touched.
     pack_cache.save(path, config, state_dict, tokenizer)
 
 A cache is used only if it matches, else it is rebuilt:
-- the GGUF's identity: resolved path, size, mtime, inode and a sha256 of its first and last MiB;
-- the code that made it: a sha256 of tinkerlm's formats/, models/, quant/ and kernels/ sources and of this file, and
-  of the CPU's feature flags (the kernels are compiled for them). A change to the packed layouts, the GGUF reader
-  or the name mapping therefore invalidates every cache, with no version to bump by hand (`FORMAT` versions only
-  this file's container);
+- the GGUF's identity: resolved path, size, mtime, inode and a sha256 of its first and last MiB (hashing all of it
+  would cost what the cache saves; the store's sha256 of a pulled file is checked at the pull, not at each load);
+- the code that made it: a sha256 of tinkerlm's formats/, models/, quant/ and kernels/ sources and of this file, of
+  the CPU's feature flags (the kernels are compiled for them), the kernels' instruction set and `tokenizers`'
+  version. A change to the packed layouts, the GGUF reader or the name mapping therefore invalidates every cache,
+  with no version to bump by hand (`FORMAT` versions only this file's container);
 - its own bytes: the data must end exactly where the header says (a cut file fails) and every 32 MiB chunk must
   have the crc32 recorded at writing (a corrupt one fails); packed tensors must have the byte size their shape
   implies. Writes go to a temporary file renamed into place, so a killed writer leaves no partial cache.
@@ -95,6 +96,10 @@ def code_key() -> str:
 
 def identity(gguf: Path) -> dict:
     """What must match for a cache to be this GGUF's: path, size, mtime, inode, its ends' sha256, the code key."""
+    import tokenizers
+
+    from tinkerlm import kernels
+
     resolved = Path(gguf).resolve()
     st = resolved.stat()
     with open(resolved, "rb") as f:
@@ -109,6 +114,8 @@ def identity(gguf: Path) -> dict:
         "inode": st.st_ino,
         "ends_sha256": hashlib.sha256(ends).hexdigest(),
         "code": code_key(),
+        "isa": getattr(kernels.ops(), "isa", None),  # the layout is the same for every build; a guard all the same
+        "tokenizers": tokenizers.__version__,  # the saved tokenizer is its JSON
     }
 
 
@@ -128,7 +135,7 @@ def load(gguf: Path):
     try:
         meta, tensors = _read(path, identity(gguf))
         return None if meta is None else _restore(meta, tensors)
-    except (Invalid, ValueError, KeyError, TypeError, OSError) as e:
+    except Exception as e:  # whatever makes a cache unreadable (cut, corrupt, an old format), it is rebuilt
         log.warning("tinkerlm: %s is unusable (%s); repacking and rewriting it", path, str(e).splitlines()[0][:200])
         return None
 

@@ -133,16 +133,21 @@ def load(gguf: Path):
     if not enabled() or not path.is_file():
         return None
     try:
-        meta, tensors = _read(path, identity(gguf))
-        return None if meta is None else _restore(meta, tensors)
+        meta, tensors, verify = _read(path, identity(gguf))
+        if meta is None:
+            return None
+        restored = _restore(meta, tensors)  # the tokenizer is built while the checksums run
+        verify()
+        return restored
     except Exception as e:  # whatever makes a cache unreadable (cut, corrupt, an old format), it is rebuilt
         log.warning("tinkerlm: %s is unusable (%s); repacking and rewriting it", path, str(e).splitlines()[0][:200])
         return None
 
 
-def _read(path: Path, want: dict) -> tuple[dict | None, dict]:
-    """(metadata, name -> tensor over the map) of a safetensors file whose identity is `want`, its bytes checked
-    against their crc32s; (None, {}) if the identity differs (a stale cache)."""
+def _read(path: Path, want: dict):
+    """(metadata, name -> tensor over the map, verify) of a safetensors file whose identity is `want`; `verify()`
+    waits for the crc32s of its bytes (computed meanwhile) and raises `Invalid` on a mismatch. (None, {}, None) if
+    the identity differs (a stale cache)."""
     import torch
 
     with open(path, "rb") as f:
@@ -156,7 +161,7 @@ def _read(path: Path, want: dict) -> tuple[dict | None, dict]:
         meta = header.pop("__metadata__", {})
         if json.loads(meta.get("identity", "null")) != want:
             log.info("tinkerlm: %s is stale (the GGUF or tinkerlm changed); repacking", path)
-            return None, {}
+            return None, {}, None
         # a private (copy-on-write) map: tensors over it are writable without writing the file
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     start, end = 8 + n, 8 + n
@@ -179,17 +184,22 @@ def _read(path: Path, want: dict) -> tuple[dict | None, dict]:
     if len(crcs) != len(chunks):
         raise Invalid(f"{len(crcs)} checksums for {len(chunks)} chunks")
     view = memoryview(mm)
-    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:  # zlib releases the GIL: chunks in parallel
-        got = list(pool.map(lambda at: zlib.crc32(view[at : at + CHUNK]), chunks))
-    view.release()
-    if got != crcs:
-        bad = next(i for i, (a, b) in enumerate(zip(got, crcs)) if a != b)
-        raise Invalid(f"checksum mismatch in bytes {start + bad * CHUNK}.. (file corrupt)")
+    pool = ThreadPoolExecutor(max(1, torch.get_num_threads()))  # zlib releases the GIL: chunks in parallel
+    pending = [pool.submit(zlib.crc32, view[at : at + CHUNK]) for at in chunks]
+    pool.shutdown(wait=False)
+
+    def verify() -> None:
+        got = [f.result() for f in pending]
+        view.release()
+        if got != crcs:
+            bad = next(i for i, (a, b) in enumerate(zip(got, crcs)) if a != b)
+            raise Invalid(f"checksum mismatch in bytes {start + bad * CHUNK}.. (file corrupt)")
+
     tensors = {}
     for begin, stop, name, dtype, shape in spans:
         flat = torch.frombuffer(mm, dtype=torch.uint8, count=stop - begin, offset=begin) if stop > begin else None
         tensors[name] = (flat.view(dtype) if flat is not None else torch.empty(0, dtype=dtype)).reshape(shape)
-    return meta, tensors
+    return meta, tensors, verify
 
 
 def _restore(meta: dict, tensors: dict):

@@ -34,14 +34,17 @@ VARIANTS = ("first", "second", "off")
 CHILD = """
 import json, resource, sys, time
 import tinkerlm
-from tinkerlm import kernels
+from tinkerlm import kernels, quant
 kernels.ops()
+packs, real = [], quant.packed_state_dict
+quant.packed_state_dict = lambda ckpt: packs.append(1) or real(ckpt)  # counts the repacks
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t, c = time.perf_counter(), time.process_time()
 llm = tinkerlm.load(sys.argv[1])
 wall, cpu = time.perf_counter() - t, time.process_time() - c
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"where": tinkerlm.__file__, "wall": wall, "cpu": cpu, "peak_kib": peak, "base_kib": base}))
+out = {"where": tinkerlm.__file__, "wall": wall, "cpu": cpu, "peak_kib": peak, "base_kib": base, "packs": len(packs)}
+print(json.dumps(out))
 """
 
 
@@ -77,6 +80,7 @@ def run(path: Path, variant: str) -> dict:
     assert result["where"].startswith(str(ROOT)), result["where"]  # this checkout's tinkerlm
     if variant != "off":
         assert pack_cache.cache_path(path).is_file(), f"{variant}: no cache written"
+    assert result["packs"] == (variant != "second"), f"{variant}: repacked {result['packs']} times (edited mid-run?)"
     return result
 
 

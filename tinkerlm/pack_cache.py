@@ -170,10 +170,10 @@ def _read(path: Path, want: dict):
         begin, stop = (8 + n + int(o) for o in info["data_offsets"])
         dtype = getattr(torch, DTYPES[info["dtype"]])
         shape = [int(d) for d in info["shape"]]
-        want = dtype.itemsize
+        nbytes = dtype.itemsize
         for d in shape:
-            want *= d
-        if not (8 + n <= begin <= stop <= size) or stop - begin != want:
+            nbytes *= d
+        if not (8 + n <= begin <= stop <= size) or stop - begin != nbytes:
             raise Invalid(f"tensor {name}: offsets {info['data_offsets']} do not fit its shape or the file")
         spans.append((begin, stop, name, dtype, shape))
         end = max(end, stop)
@@ -362,7 +362,7 @@ def _crcs(tensors: dict) -> list[int]:
 
 
 def _write(path: Path, header: bytes, tensors) -> None:
-    """header + tensors to a temporary file beside `path`, flushed to disk, then renamed to `path`."""
+    """header + tensors to a temporary file beside `path`, then renamed to `path`."""
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a writer that was killed
         pid = stale.name.rpartition("-")[2]
         if not pid.isdigit() or not _alive(int(pid)):
@@ -374,8 +374,7 @@ def _write(path: Path, header: bytes, tensors) -> None:
             f.write(header)
             for t in tensors:
                 f.write(_bytes(t))
-            f.flush()
-            os.fsync(f.fileno())
+        # no fsync: a cache the OS lost part of (a power cut) fails its checks at the next load and is rebuilt
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

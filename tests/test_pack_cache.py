@@ -109,7 +109,7 @@ def test_a_changed_gguf_is_repacked(gguf, packs):
     load_checkpoint(gguf)  # the rewritten cache serves the touched file
     assert len(packs) == 2
 
-    # same size, same mtime, same inode, one weight changed in place: the sha256 of the file's ends differs
+    # same size, mtime and inode, one weight changed in place: its ctime (and the sha256 of its ends) differ
     st = gguf.stat()
     with open(gguf, "r+b") as f:
         f.seek(st.st_size - 100)

@@ -10,8 +10,8 @@ cost page-cache reads, and resident memory is the pages touched.
     pack_cache.save(path, config, state_dict, tokenizer)
 
 A cache is used only if it matches, else it is rebuilt:
-- the GGUF's identity: resolved path, size, mtime, inode and a sha256 of its first and last MiB (hashing all of it
-  would cost what the cache saves; the store's sha256 of a pulled file is checked at the pull, not at each load);
+- the GGUF's identity: resolved path, size, mtime, ctime, inode and a sha256 of its first and last MiB (hashing all
+  of it would cost what the cache saves; the store's sha256 of a pulled file is checked at the pull, not each load);
 - the code that made it: a sha256 of tinkerlm's formats/, models/, quant/ and kernels/ sources and of this file, of
   the CPU's feature flags (the kernels are compiled for them), the kernels' instruction set and `tokenizers`'
   version. A change to the packed layouts, the GGUF reader or the name mapping therefore invalidates every cache,
@@ -95,7 +95,7 @@ def code_key() -> str:
 
 
 def identity(gguf: Path) -> dict:
-    """What must match for a cache to be this GGUF's: path, size, mtime, inode, its ends' sha256, the code key."""
+    """What must match for a cache to be this GGUF's: path, size, times, inode, its ends' sha256, the code key."""
     import tokenizers
 
     from tinkerlm import kernels
@@ -111,6 +111,7 @@ def identity(gguf: Path) -> dict:
         "path": str(resolved),
         "size": st.st_size,
         "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,  # changes with any write, and cannot be set back (unlike mtime: `touch -d`)
         "inode": st.st_ino,
         "ends_sha256": hashlib.sha256(ends).hexdigest(),
         "code": code_key(),

@@ -22,6 +22,7 @@ TABLE = [
     ("models", "quant", "lora"),  # architectures; module swaps for quantization and LoRA
     (
         "loading",
+        "pack_cache",
         "sampling",
         "generate",
         "batching",

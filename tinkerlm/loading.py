@@ -85,18 +85,25 @@ def checkpoint_config(path: Path) -> dict:
     return read_gguf(path).config()
 
 
-def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, quant: str = "native"):
+def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, quant: str = "native", pack_cache: bool = True):
     """(model, tokenizer, generation_config) from a GGUF file or a Hugging Face model directory.
 
     `quant` picks the weight format (see `prepare`); quantized layers are module swaps from `tinkerlm.quant`.
+    A GGUF loaded packed for the kernels (quant "native", float32) goes through `tinkerlm.pack_cache` unless
+    `pack_cache` is False (or TINKERLM_PACK_CACHE=0): the first load saves the packed weights, config and tokenizer,
+    later ones map them from that file instead of reading and repacking the GGUF.
     """
-    from tinkerlm import models
+    from tinkerlm import kernels, models
+    from tinkerlm import pack_cache as pc
     from tinkerlm import quant as q
     from tinkerlm.formats.tokenizer import Tokenizer
 
     source = str(path)
     if quant in ("bf16", "fp32"):
         dtype = torch.bfloat16 if quant == "bf16" else torch.float32
+    packed = quant == "native" and dtype == torch.float32  # GGUF blocks packed for the kernels
+    cache = pack_cache and packed and not path.is_dir() and kernels.ops() is not None
+    cached = pc.load(path) if cache else None
     if path.is_dir():
         from tinkerlm.formats import hf
 
@@ -108,11 +115,15 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, quant: str =
     else:
         from tinkerlm.formats.gguf import read_gguf
 
-        ckpt = read_gguf(path)
-        config = ckpt.config()
-        model = models.build(config, source)
-        state_dict = q.packed_state_dict(ckpt) if quant == "native" and dtype == torch.float32 else ckpt.state_dict()
-        tokenizer = ckpt.tokenizer()
+        if cached is not None:
+            config, state_dict, tokenizer = cached
+            model = models.build(config, source)
+        else:
+            ckpt = read_gguf(path)
+            config = ckpt.config()
+            model = models.build(config, source)
+            state_dict = q.packed_state_dict(ckpt) if packed else ckpt.state_dict()
+            tokenizer = ckpt.tokenizer()
         gen_config = {}
     # A token id past the embedding would fail only at generation (an index error mid-stream): refuse it here.
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -120,14 +131,16 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, quant: str =
             f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding (vocab_size) has "
             f"{model.config.vocab_size} rows (tokenizer and weights from different models?)"
         )
-    packed = {k: v for k, v in state_dict.items() if isinstance(v, (q.QTensor, q.Packed))}
-    plain = {k: v for k, v in state_dict.items() if k not in packed}
-    models.load_weights(model, plain, source, dtype, provided=set(packed))
-    q.attach(model, packed, source)
+    blocks = {k: v for k, v in state_dict.items() if isinstance(v, (q.QTensor, q.Packed))}
+    plain = {k: v for k, v in state_dict.items() if k not in blocks}
+    models.load_weights(model, plain, source, dtype, provided=set(blocks))
+    q.attach(model, blocks, source)
     if quant in ("int8", "int4"):
         q.quantize(model, 8 if quant == "int8" else 4)
     assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers())), "weights left unset"
     q.fuse(model)
+    if cache and cached is None:
+        pc.save(path, config, state_dict, tokenizer)  # once the weights have loaded without complaint
     return model, tokenizer, gen_config
 
 

@@ -292,7 +292,8 @@ def get(name: str) -> Manifest:
 
 
 def rm(name: str) -> Manifest:
-    """Remove a stored model and return its manifest. The directory is renamed into tmp/ first, then deleted.
+    """Remove a stored model and return its manifest. The directory is renamed into tmp/ first, then deleted; a GGUF
+    model's packed-weight cache (`tinkerlm.pack_cache`) goes too.
 
     Symbolic links are never followed: a model directory (`models/NAME/TAG`) that is a link is unlinked, its target
     untouched; a `models/NAME` link is unlinked when the model is its only tag, and refused otherwise (deleting
@@ -303,6 +304,13 @@ def rm(name: str) -> Manifest:
     """
     m = get(name)
     d = _model_dir(m.name, m.tag)
+    if m.format == "gguf":  # its packed weights, kept apart by `tinkerlm.pack_cache`
+        from tinkerlm import pack_cache
+
+        try:
+            pack_cache.remove(model_path(m))
+        except TinkerError:  # a manifest without its one .gguf: no cache was made for it
+            pass
     if d.parent.is_symlink():
         tags = [p.name for p in d.parent.iterdir()]
         if tags != [d.name]:

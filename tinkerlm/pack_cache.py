@@ -1,0 +1,391 @@
+"""The packed-weight cache: a GGUF's weights as the kernels hold them, saved on its first load, mapped on later ones.
+
+Loading a quantized GGUF parses its header (vocabulary included), builds the tokenizer and repacks every quantized
+tensor into the kernels' layout (`tinkerlm.quant.packed_state_dict`): about a second a GB. The first load writes
+what that produced (the packed buffers, the float tensors, the HF config and the tokenizer) to one safetensors file
+under `$TINKERLM_HOME/packed/`; later loads memory-map it and build tensors over the map without copying, so they
+cost page-cache reads, and resident memory is the pages touched.
+
+    cached = pack_cache.load(path)          # (config, state_dict, tokenizer), or None: load the GGUF instead
+    pack_cache.save(path, config, state_dict, tokenizer)
+
+A cache is used only if it matches, else it is rebuilt:
+- the GGUF's identity: resolved path, size, mtime, ctime, inode and a sha256 of its first and last MiB (hashing all
+  of it would cost what the cache saves; the store's sha256 of a pulled file is checked at the pull, not each load);
+- the code that made it: a sha256 of tinkerlm's formats/, models/, quant/ and kernels/ sources and of this file, of
+  the CPU's feature flags (the kernels are compiled for them), the kernels' instruction set and `tokenizers`'
+  version. A change to the packed layouts, the GGUF reader or the name mapping therefore invalidates every cache,
+  with no version to bump by hand (`FORMAT` versions only this file's container);
+- its own bytes: the data must end exactly where the header says (a cut file fails) and every 32 MiB chunk must
+  have the crc32 recorded at writing (a corrupt one fails); packed tensors must have the byte size their shape
+  implies. Writes go to a temporary file renamed into place, so a killed writer leaves no partial cache.
+`TINKERLM_PACK_CACHE=0` turns the cache off. `tinkerlm rm` deletes a stored model's cache (`remove`). Not enough disk
+space: the cache is skipped with a one-line warning. The file holds no pickle: tensors are raw bytes, the rest JSON.
+
+Format: safetensors (https://huggingface.co/docs/safetensors): 8-byte header length, a JSON header (tensor dtypes,
+shapes, offsets and `__metadata__`), then the bytes; written here rather than by `safetensors.torch.save_file`,
+which would first copy every tensor into a Python bytes object (a second copy of the model at the peak).
+
+This module imports no torch at import time (the store's `rm` uses it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mmap
+import os
+import platform
+import shutil
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+FORMAT = "1"  # this file's container; the packed layouts are covered by the source hash (`code_key`)
+ENV = "TINKERLM_PACK_CACHE"  # "0" turns the cache off
+SAMPLE = 1 << 20  # bytes hashed at each end of the GGUF for its identity
+CHUNK = 32 << 20  # bytes per crc32 of the data
+ALIGN = 64  # data starts at a multiple of this (the first tensors are the packed ones)
+MAX_HEADER = 100 << 20  # as safetensors' own reader allows
+SPARE = 64 << 20  # free disk space left after writing
+TOKENIZER, CONFIG = "__tokenizer__", "__config__"  # JSON blobs stored as uint8 tensors, so the crc32 covers them
+DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U8": "uint8", "I32": "int32", "I64": "int64"}
+ROOT = Path(__file__).resolve().parent
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1") != "0"
+
+
+def cache_path(gguf: Path) -> Path:
+    """Where the cache of this GGUF lives: `$TINKERLM_HOME/packed/<file stem>-<sha256 of its resolved path>`."""
+    home = os.environ.get("TINKERLM_HOME")  # as `tinkerlm.store.home` (a layer above this one)
+    root = Path(home).expanduser() if home else Path.home() / ".cache" / "tinkerlm"
+    resolved = Path(gguf).resolve()
+    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:16]
+    return root / "packed" / f"{resolved.stem[:80]}-{digest}.safetensors"
+
+
+def remove(gguf: Path) -> None:
+    """Delete the cache of this GGUF, if any (`tinkerlm rm`)."""
+    cache_path(gguf).unlink(missing_ok=True)
+
+
+@lru_cache(maxsize=1)
+def code_key() -> str:
+    """sha256 of the sources that decide what a load produces, and of this CPU's feature flags."""
+    digest = hashlib.sha256(FORMAT.encode())
+    files = [ROOT / "loading.py", Path(__file__).resolve()]
+    for package in ("formats", "models", "quant", "kernels"):
+        files += sorted(p for p in (ROOT / package).rglob("*") if p.suffix in (".py", ".cpp", ".h"))
+    for f in files:
+        digest.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    digest.update(platform.machine().encode())
+    try:
+        with open("/proc/cpuinfo") as f:
+            digest.update(next((line for line in f if line.startswith(("flags", "Features"))), "").encode())
+    except OSError:
+        pass
+    return digest.hexdigest()
+
+
+def identity(gguf: Path) -> dict:
+    """What must match for a cache to be this GGUF's: path, size, times, inode, its ends' sha256, the code key."""
+    import tokenizers
+
+    from tinkerlm import kernels
+
+    resolved = Path(gguf).resolve()
+    st = resolved.stat()
+    with open(resolved, "rb") as f:
+        ends = f.read(SAMPLE)
+        f.seek(max(0, st.st_size - SAMPLE))
+        ends += f.read(SAMPLE)
+    return {
+        "format": FORMAT,
+        "path": str(resolved),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,  # changes with any write, and cannot be set back (unlike mtime: `touch -d`)
+        "inode": st.st_ino,
+        "ends_sha256": hashlib.sha256(ends).hexdigest(),
+        "code": code_key(),
+        "isa": getattr(kernels.ops(), "isa", None),  # the layout is the same for every build; a guard all the same
+        "tokenizers": tokenizers.__version__,  # the saved tokenizer is its JSON
+    }
+
+
+# -- reading ----------------------------------------------------------------------------------------------------
+
+
+class Invalid(Exception):
+    """The cache file is cut, corrupt or not this cache's format (it is then rebuilt)."""
+
+
+def load(gguf: Path):
+    """(config, state_dict, tokenizer) from the cache of `gguf`, tensors over a memory map of it; None when there
+    is no valid cache for this file as it is now (missing, stale, cut or corrupt: the reason is logged)."""
+    path = cache_path(gguf)
+    if not enabled() or not path.is_file():
+        return None
+    try:
+        meta, tensors, verify = _read(path, identity(gguf))
+        if meta is None:
+            return None
+        restored = _restore(meta, tensors)  # the tokenizer is built while the checksums run
+        verify()
+        return restored
+    except Exception as e:  # whatever makes a cache unreadable (cut, corrupt, an old format), it is rebuilt
+        log.warning("tinkerlm: %s is unusable (%s); repacking and rewriting it", path, str(e).splitlines()[0][:200])
+        return None
+
+
+def _read(path: Path, want: dict):
+    """(metadata, name -> tensor over the map, verify) of a safetensors file whose identity is `want`; `verify()`
+    waits for the crc32s of its bytes (computed meanwhile) and raises `Invalid` on a mismatch. (None, {}, None) if
+    the identity differs (a stale cache)."""
+    import torch
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise Invalid(f"{size} bytes, shorter than a header")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > min(MAX_HEADER, size - 8):
+            raise Invalid(f"header of {n} bytes in a file of {size}")
+        header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", {})
+        if json.loads(meta.get("identity", "null")) != want:
+            log.info("tinkerlm: %s is stale (the GGUF or tinkerlm changed); repacking", path)
+            return None, {}, None
+        # a private (copy-on-write) map: tensors over it are writable without writing the file
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    start, end = 8 + n, 8 + n
+    spans = []
+    for name, info in header.items():
+        begin, stop = (8 + n + int(o) for o in info["data_offsets"])
+        dtype = getattr(torch, DTYPES[info["dtype"]])
+        shape = [int(d) for d in info["shape"]]
+        nbytes = dtype.itemsize
+        for d in shape:
+            nbytes *= d
+        if not (8 + n <= begin <= stop <= size) or stop - begin != nbytes:
+            raise Invalid(f"tensor {name}: offsets {info['data_offsets']} do not fit its shape or the file")
+        spans.append((begin, stop, name, dtype, shape))
+        end = max(end, stop)
+    if end != size:  # a cut file (or bytes appended): the header says where the data ends
+        raise Invalid(f"the data ends at byte {end} but the file has {size}")
+    crcs = json.loads(meta.get("crc32", "[]"))
+    chunks = range(start, size, CHUNK)
+    if len(crcs) != len(chunks):
+        raise Invalid(f"{len(crcs)} checksums for {len(chunks)} chunks")
+    view = memoryview(mm)
+    pool = ThreadPoolExecutor(max(1, torch.get_num_threads()))  # zlib releases the GIL: chunks in parallel
+    pending = [pool.submit(zlib.crc32, view[at : at + CHUNK]) for at in chunks]
+    pool.shutdown(wait=False)
+
+    def verify() -> None:
+        got = [f.result() for f in pending]
+        view.release()
+        if got != crcs:
+            bad = next(i for i, (a, b) in enumerate(zip(got, crcs)) if a != b)
+            raise Invalid(f"checksum mismatch in bytes {start + bad * CHUNK}.. (file corrupt)")
+
+    tensors = {}
+    for begin, stop, name, dtype, shape in spans:
+        flat = torch.frombuffer(mm, dtype=torch.uint8, count=stop - begin, offset=begin) if stop > begin else None
+        tensors[name] = (flat.view(dtype) if flat is not None else torch.empty(0, dtype=dtype)).reshape(shape)
+    return meta, tensors, verify
+
+
+def _restore(meta: dict, tensors: dict):
+    import tokenizers
+
+    from tinkerlm.formats.tokenizer import Tokenizer
+    from tinkerlm.quant import Packed
+
+    config = json.loads(bytes(tensors.pop(CONFIG).numpy()))
+    tok = json.loads(bytes(tensors.pop(TOKENIZER).numpy()))
+    tokenizer = Tokenizer(
+        tokenizers.Tokenizer.from_str(tok["backend"]),
+        bos_token=tok["bos_token"],
+        eos_token=tok["eos_token"],
+        unk_token=tok["unk_token"],
+        pad_token=tok["pad_token"],
+        extra_stop_ids=tok["stop_token_ids"],
+        chat_template=tok["chat_template"],
+        clean_up_spaces=tok["clean_up_spaces"],
+    )
+    packed = json.loads(meta["packed"])
+    widths = _group_bytes()
+    state_dict = {}
+    for name, t in tensors.items():
+        if name not in packed:
+            state_dict[name] = t
+            continue
+        qtype, rows, K = packed[name]
+        p = Packed(t, qtype, int(rows), int(K))
+        # the kernels trust a packed tensor's size: it must be what its rows and K imply
+        if t.dim() != 2 or t.shape[0] != -(-p.rows // 16) or t.shape[1] != p.K // 32 * widths[p.fmt]:
+            raise Invalid(f"tensor {name}: {list(t.shape)} bytes do not fit {qtype} ({p.rows}, {p.K})")
+        state_dict[name] = p
+    return config, state_dict, tokenizer
+
+
+@lru_cache(maxsize=1)
+def _group_bytes() -> dict[int, int]:
+    """Bytes per 32 columns of a 16-row group, per packed format, asked of the kernels (one tiny pack each)."""
+    import torch
+
+    from tinkerlm.quant import QTensor, qops
+    from tinkerlm.quant.qtensor import BLOCK_BYTES, K_TYPES, PACKED_FORMATS
+
+    out = {}
+    for qtype, fmt in PACKED_FORMATS.items():
+        K = 256 if qtype in K_TYPES else 32
+        per_row = K_TYPES[qtype][1] if qtype in K_TYPES else BLOCK_BYTES[qtype]
+        p = qops.pack(QTensor(torch.zeros(16, per_row, dtype=torch.uint8), qtype, K))
+        out[fmt] = p.data.shape[1] // (K // 32)
+    return out
+
+
+# -- writing ----------------------------------------------------------------------------------------------------
+
+
+def save(gguf: Path, config: dict, state_dict: dict, tokenizer) -> Path | None:
+    """Write the cache of `gguf` (atomically: a temporary file renamed into place); returns its path, or None
+    where it was skipped (turned off, a value it cannot hold, no disk space, an unwritable directory: logged)."""
+    import torch
+
+    from tinkerlm.quant import Packed
+
+    if not enabled():
+        return None
+    path = cache_path(gguf)
+    if json.loads(json.dumps(config)) != config:
+        log.info("tinkerlm: config of %s does not survive JSON; not caching its packed weights", gguf)
+        return None
+    if tokenizer._gguf_source is None:  # only tokenizers read from the GGUF (the `tokenizer.*` keys) are cached
+        return None
+    tensors, packed = {}, {}
+    for name, v in state_dict.items():
+        if isinstance(v, Packed):
+            tensors[name], packed[name] = v.data, (v.qtype, v.rows, v.K)
+        elif isinstance(v, torch.Tensor) and str(v.dtype).removeprefix("torch.") in DTYPES.values():
+            tensors[name] = v
+        else:  # QTensor blocks (no kernels): those are views of the GGUF already, nothing to save
+            return None
+    order = sorted(tensors, key=lambda k: (k not in packed, k))  # packed first: aligned to ALIGN
+    tensors = {k: tensors[k].contiguous() for k in order}
+    tensors[CONFIG] = _blob(json.dumps(config))
+    tensors[TOKENIZER] = _blob(json.dumps(_tokenizer_record(tokenizer)))
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        dtype = next(k for k, v in DTYPES.items() if getattr(torch, v) == t.dtype)
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    crcs = _crcs(tensors)
+    header["__metadata__"] = {
+        "identity": json.dumps(identity(gguf)),
+        "packed": json.dumps(packed),
+        "crc32": json.dumps(crcs),
+    }
+    text = json.dumps(header).encode()
+    text += b" " * (-(8 + len(text)) % ALIGN)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        need = 8 + len(text) + offset
+        if need + SPARE > free:
+            log.warning(
+                "tinkerlm: not caching packed weights of %s: needs %d MB, %d MB free in %s",
+                Path(gguf).name,
+                need >> 20,
+                free >> 20,
+                path.parent,
+            )
+            return None
+        _write(path, text, tensors.values())
+    except OSError as e:
+        log.warning("tinkerlm: cannot write %s (%s); loads will repack", path, e)
+        return None
+    return path
+
+
+def _blob(text: str):
+    import torch
+
+    return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
+
+
+def _tokenizer_record(tok) -> dict:
+    return {
+        "backend": tok.backend.to_str(),
+        "bos_token": tok.bos_token,
+        "eos_token": tok.eos_token,
+        "unk_token": tok.unk_token,
+        "pad_token": tok.pad_token,
+        "stop_token_ids": tok.stop_token_ids,
+        "chat_template": tok.chat_template,
+        "clean_up_spaces": tok._clean_up_spaces,
+    }
+
+
+def _bytes(t) -> memoryview:
+    """The bytes of a contiguous tensor, without a copy."""
+    import torch
+
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _crcs(tensors: dict) -> list[int]:
+    """crc32 of each CHUNK of the data as it will lie in the file (chunks may straddle tensors)."""
+    crcs, crc, filled = [], 0, 0
+    for t in tensors.values():
+        view = _bytes(t)
+        at = 0
+        while at < len(view):
+            take = min(CHUNK - filled, len(view) - at)
+            crc = zlib.crc32(view[at : at + take], crc)
+            at, filled = at + take, filled + take
+            if filled == CHUNK:
+                crcs.append(crc)
+                crc, filled = 0, 0
+    if filled:
+        crcs.append(crc)
+    return crcs
+
+
+def _write(path: Path, header: bytes, tensors) -> None:
+    """header + tensors to a temporary file beside `path`, then renamed to `path`."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a writer that was killed
+        pid = stale.name.rpartition("-")[2]
+        if not pid.isdigit() or not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(header)))
+            f.write(header)
+            for t in tensors:
+                f.write(_bytes(t))
+        # no fsync: a cache the OS lost part of (a power cut) fails its checks at the next load and is rebuilt
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -68,9 +68,7 @@ def run(path: Path, variant: str) -> dict:
     from tinkerlm import pack_cache
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("TINKERLM_PACK_CACHE", None)
-    if variant == "off":
-        env["TINKERLM_PACK_CACHE"] = "0"
+    env["TINKERLM_PACK_CACHE"] = "0" if variant == "off" else "1"  # "1": GGUFs given by path are cached too
     if variant == "first":
         pack_cache.cache_path(path).unlink(missing_ok=True)
     out = subprocess.run([sys.executable, "-c", CHILD, str(path)], env=env, cwd=ROOT, capture_output=True, text=True)

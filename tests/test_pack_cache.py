@@ -24,6 +24,12 @@ pytestmark = pytest.mark.skipif(kernels.ops() is None, reason="the cache holds t
 IDS = torch.tensor([[1, 17, 400, 4000, 30000, 12, 9]])
 
 
+@pytest.fixture(autouse=True)
+def cache_any_path(monkeypatch):
+    """These tests load GGUFs by path, which are cached only when asked (by default only store models are)."""
+    monkeypatch.setenv("TINKERLM_PACK_CACHE", "1")
+
+
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory, smollm2_gguf) -> Path:
     """A random Llama 3 layout in Q4_K_M (Q4_K, Q6_K and F32 tensors), SmolLM2's tokenizer."""
@@ -163,6 +169,20 @@ def test_a_cut_or_corrupt_cache_is_detected_and_rebuilt(gguf, packs, damage, cap
     assert len(packs) == 3
 
 
+def test_by_default_only_store_models_are_cached(gguf, packs, monkeypatch, tmp_path):
+    monkeypatch.delenv("TINKERLM_PACK_CACHE")
+    load_checkpoint(gguf)  # a GGUF given by path: not copied into the cache unasked
+    assert not pack_cache.cache_path(gguf).exists()
+    monkeypatch.setenv("TINKERLM_HOME", str(tmp_path / "home"))
+    stored = tmp_path / "home" / "models" / "tiny" / "latest" / "model.gguf"
+    stored.parent.mkdir(parents=True)
+    stored.write_bytes(gguf.read_bytes())
+    load_checkpoint(stored)
+    assert pack_cache.cache_path(stored).is_file() and len(packs) == 2
+    load_checkpoint(stored)
+    assert len(packs) == 2  # mapped, not repacked
+
+
 def test_opt_out(gguf, packs, monkeypatch):
     load_checkpoint(gguf, pack_cache=False)
     assert not pack_cache.cache_path(gguf).exists()
@@ -170,7 +190,7 @@ def test_opt_out(gguf, packs, monkeypatch):
     load_checkpoint(gguf)
     load_checkpoint(gguf)
     assert not pack_cache.cache_path(gguf).exists() and len(packs) == 3
-    monkeypatch.delenv("TINKERLM_PACK_CACHE")
+    monkeypatch.setenv("TINKERLM_PACK_CACHE", "1")
     load_checkpoint(gguf)
     load_checkpoint(gguf, pack_cache=False)  # an existing cache is not read either
     assert pack_cache.cache_path(gguf).exists() and len(packs) == 5

@@ -90,8 +90,9 @@ def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32, quant: str =
 
     `quant` picks the weight format (see `prepare`); quantized layers are module swaps from `tinkerlm.quant`.
     A GGUF loaded packed for the kernels (quant "native", float32) goes through `tinkerlm.pack_cache` unless
-    `pack_cache` is False (or TINKERLM_PACK_CACHE=0): the first load saves the packed weights, config and tokenizer,
-    later ones map them from that file instead of reading and repacking the GGUF.
+    `pack_cache` is False (see `pack_cache.enabled`: store models by default, TINKERLM_PACK_CACHE=1 any file, =0
+    none): the first load saves the packed weights, config and tokenizer, later ones map them from that file
+    instead of reading and repacking the GGUF.
     """
     from tinkerlm import kernels, models
     from tinkerlm import pack_cache as pc

@@ -19,7 +19,7 @@ A cache is used only if it matches, else it is rebuilt:
 - its own bytes: the data must end exactly where the header says (a cut file fails) and every 32 MiB chunk must
   have the crc32 recorded at writing (a corrupt one fails); packed tensors must have the byte size their shape
   implies. Writes go to a temporary file renamed into place, so a killed writer leaves no partial cache.
-`TINKERLM_PACK_CACHE=0` turns the cache off. `tinkerlm rm` deletes a stored model's cache (`remove`). Not enough disk
+Store models are cached by default; `TINKERLM_PACK_CACHE=1` caches any GGUF, `=0` none. `tinkerlm rm` deletes a stored model's cache (`remove`). Not enough disk
 space: the cache is skipped with a one-line warning. The file holds no pickle: tensors are raw bytes, the rest JSON.
 
 Format: safetensors (https://huggingface.co/docs/safetensors): 8-byte header length, a JSON header (tensor dtypes,
@@ -58,17 +58,28 @@ DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U8": "uint8",
 ROOT = Path(__file__).resolve().parent
 
 
-def enabled() -> bool:
-    return os.environ.get(ENV, "1") != "0"
+def enabled(gguf: Path) -> bool:
+    """Whether `gguf` is cached: TINKERLM_PACK_CACHE=0 never, =1 always; unset, only a store model's file. A GGUF
+    given by path is not copied into the cache unasked (it would double its disk use where nothing cleans it up,
+    which a llama.cpp user does not expect); `tinkerlm rm` removes a store model's cache with it."""
+    value = os.environ.get(ENV, "")
+    if value in ("0", "1"):
+        return value == "1"
+    models = _home() / "models"
+    given = Path(gguf).absolute()
+    return given.is_relative_to(models) or given.resolve().is_relative_to(models.resolve())
+
+
+def _home() -> Path:
+    home = os.environ.get("TINKERLM_HOME")  # as `tinkerlm.store.home` (a layer above this one)
+    return Path(home).expanduser() if home else Path.home() / ".cache" / "tinkerlm"
 
 
 def cache_path(gguf: Path) -> Path:
     """Where the cache of this GGUF lives: `$TINKERLM_HOME/packed/<file stem>-<sha256 of its resolved path>`."""
-    home = os.environ.get("TINKERLM_HOME")  # as `tinkerlm.store.home` (a layer above this one)
-    root = Path(home).expanduser() if home else Path.home() / ".cache" / "tinkerlm"
     resolved = Path(gguf).resolve()
     digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:16]
-    return root / "packed" / f"{resolved.stem[:80]}-{digest}.safetensors"
+    return _home() / "packed" / f"{resolved.stem[:80]}-{digest}.safetensors"
 
 
 def remove(gguf: Path) -> None:
@@ -131,7 +142,7 @@ def load(gguf: Path):
     """(config, state_dict, tokenizer) from the cache of `gguf`, tensors over a memory map of it; None when there
     is no valid cache for this file as it is now (missing, stale, cut or corrupt: the reason is logged)."""
     path = cache_path(gguf)
-    if not enabled() or not path.is_file():
+    if not enabled(gguf) or not path.is_file():
         return None
     try:
         meta, tensors, verify = _read(path, identity(gguf))
@@ -264,7 +275,7 @@ def save(gguf: Path, config: dict, state_dict: dict, tokenizer) -> Path | None:
 
     from tinkerlm.quant import Packed
 
-    if not enabled():
+    if not enabled(gguf):
         return None
     path = cache_path(gguf)
     if json.loads(json.dumps(config)) != config:

@@ -126,7 +126,7 @@ def head_chunk(vocab: int) -> int:
     """Rows of hidden states taken through the output head at once: HEAD_CHUNK, or fewer so that the chunk's
     logits stay within HEAD_LOGITS (2,048 rows at a vocabulary of 8,192, 341 at 49,152). Large chunks run the
     head's products fastest; the bound keeps the logits of a 100k+ vocabulary from taking gigabytes."""
-    return max(1, min(HEAD_CHUNK, HEAD_LOGITS // vocab))
+    return max(1, min(HEAD_CHUNK, HEAD_LOGITS // vocab)) if vocab > 0 else HEAD_CHUNK
 
 
 def _head_ce(head: nn.Module, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -151,7 +151,7 @@ def _over_targets(fn, model: nn.Module, ids, segments, target, bf16: bool) -> li
             hs = h[:, :-1][want]  # (N, C)
             labels = ids[:, 1:][want]  # (N,)
         out = []
-        n = head_chunk(model.lm_head.weight.shape[0])
+        n = head_chunk(getattr(model.lm_head, "out_features", 0))  # (a Linear, quantized or LoRA-wrapped)
         for a in range(0, hs.shape[0], n):
             chunk, lab = hs[a : a + n], labels[a : a + n]
             if torch.is_grad_enabled() and hs.requires_grad:

@@ -312,10 +312,13 @@ def training_data(m: Manifest) -> list[Path]:
 def _store_shards(m: Manifest) -> str | None:
     """The key of the token shards (`STORE/shards/KEY`) a pretrained model was trained on; None for any other
     model, or shards kept in a `shards_dir` of the user's."""
-    src = m.source or {}
-    if src.get("type") != "pretrain" or (src.get("recipe") or {}).get("shards_dir"):
+    src = m.source if isinstance(m.source, dict) else {}
+    recipe, shards = src.get("recipe"), src.get("shards")
+    if src.get("type") != "pretrain" or not isinstance(shards, dict):
         return None
-    key = (src.get("shards") or {}).get("key")
+    if not isinstance(recipe, dict) or recipe.get("shards_dir"):  # (a manifest of unknown make: leave the shards)
+        return None
+    key = shards.get("key")
     return key if isinstance(key, str) and re.fullmatch(r"[0-9a-f]{8,64}", key) else None
 
 

@@ -17,6 +17,8 @@ for LitGPT), so the losses are compared as curves against tokens, not step by st
 Engines, each in a fresh process (peak RSS = the child's ru_maxrss from wait4, so imports count):
 - tinkerlm: `tinkerlm.tune.pretrain.pretrain(...)`, the `tinkerlm pretrain` path end to end (shards reused, the
   model stored at the end), one process.
+- tinkerlm-compiled: the same with `compile: true` (torch.compile, inductor; the C++ kernels as custom ops,
+  `tinkerlm.tune.compile_ops`); its compilation falls in the `--warmup` steps.
 - transformers: `Trainer` with `LlamaForCausalLM` (sdpa attention), `lr_scheduler_type="cosine_with_min_lr"`.
 - litgpt: `litgpt.pretrain.setup(...)` (what `litgpt pretrain` runs) with a `litgpt.Config` of the same shape,
   `precision="32-true"`, a DataModule over the same rows. LitGPT's pretraining always `torch.compile`s the model;
@@ -141,6 +143,7 @@ def worker_tinkerlm(spec: dict) -> dict:
         force=True,
         progress=False,
         distributed=spec.get("distributed", "ddp"),
+        compile=spec.get("compile", False),
     )
     if m is None:  # a rank other than 0 under torchrun: rank 0 stores and reports
         return {}
@@ -307,6 +310,7 @@ WORKERS = {
     "transformers": worker_transformers,
     "litgpt": worker_litgpt,
     "litgpt-eager": lambda spec: worker_litgpt({**spec, "compile": False}),
+    "tinkerlm-compiled": lambda spec: worker_tinkerlm({**spec, "compile": True}),  # `compile: true` (inductor)
     # two processes under torchrun, the cores split between them (--threads each / 2); rank 0 reports
     "tinkerlm-ddp2": lambda spec: worker_tinkerlm({**spec, "distributed": "ddp"}),
     "tinkerlm-fsdp2": lambda spec: worker_tinkerlm({**spec, "distributed": "fsdp"}),

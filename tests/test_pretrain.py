@@ -354,3 +354,31 @@ def test_a_tokenizer_trained_into_the_store_is_used_by_name(tmp_path):
     assert rec["name"] == trained.manifest.ref and rec["store_sha256"] == store.digest(trained.manifest)
     tokenizer, _ = load_tokenizer(str(tok))
     assert rec["sha256"] == shards.tokenizer_sha256(tokenizer) and m.source["model_config"]["vocab_size"] == 320
+
+
+def test_rm_removes_the_run_and_the_shards_no_other_model_uses(tok, tmp_path, capsys):
+    from tinkerlm.cli import main as cli_main
+
+    steps = dict(max_steps=1, eval_fraction=0.0)
+    a, b = _run(tok, "a", **steps), _run(tok, "b", **steps)  # the same data: one set of shards
+    own = tmp_path / "mine"
+    c = _run(tok, "c", shards_dir=str(own), **steps)  # shards in a directory of the user's own
+    key = a.source["shards"]["key"]
+    assert b.source["shards"]["key"] == c.source["shards"]["key"] == key
+    run_a, run_b, shared = (
+        store.home() / "runs" / "a" / "latest",
+        store.home() / "runs" / "b" / "latest",
+        store.home() / "shards" / key,
+    )
+    assert (run_a / "checkpoints").is_dir() and run_b.is_dir() and shared.is_dir() and (own / key).is_dir()
+
+    assert store.training_data(a) == [run_a]  # b still uses the shards
+    store.rm("a")
+    assert store.find("a") is None and not run_a.exists() and not (store.home() / "runs" / "a").exists()
+    assert shared.is_dir() and run_b.is_dir()
+
+    assert cli_main(["rm", "b"]) in (None, 0)  # the last model on them: the shards go too
+    assert not run_b.exists() and not shared.exists()
+    assert f"removed {shared} (" in capsys.readouterr().out
+    store.rm("c")
+    assert (own / key).is_dir()  # the user's shards_dir is theirs

@@ -948,8 +948,13 @@ def cmd_show(a) -> None:
 def cmd_rm(a) -> None:
     from tinkerlm import store
 
+    extra = [
+        (p, sum(f.stat().st_size for f in p.rglob("*") if f.is_file())) for p in store.training_data(store.get(a.name))
+    ]
     m = store.rm(a.name)
     print(f"removed {m.ref}")
+    for p, size in extra:  # its checkpoints and the token shards no other stored model uses
+        print(f"removed {p} ({store.format_size(size)})")
 
 
 def _load_options(a) -> dict:

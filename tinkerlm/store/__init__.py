@@ -36,6 +36,7 @@ from tinkerlm.store.manifest import (
     parse_name,
     rm,
     sha256_file,
+    training_data,
     update,
     write_json_atomic,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "rm",
     "safetensors_header",
     "sha256_file",
+    "training_data",
     "update",
     "write_json_atomic",
 ]

@@ -291,9 +291,41 @@ def get(name: str) -> Manifest:
     return m
 
 
+def training_data(m: Manifest) -> list[Path]:
+    """What training `m` left in the store for it alone, which `rm` removes with it: the run directory
+    (`runs/NAME/TAG`: checkpoints with optimizer moments, loss.csv) and, for a pretrained model, its token shards
+    (`shards/KEY`) when no other stored model was trained on them. Shards are a cache keyed by the data and the
+    tokenizer, shared by every run on them (and remade when missing); shards in a `shards_dir` of the user's own
+    are theirs and stay, as nanoGPT's and LitGPT's prepared data stays when a checkpoint is deleted."""
+    found = []
+    run = home() / "runs" / m.name / m.tag
+    if run.is_dir() and not run.is_symlink():
+        found.append(run)
+    key = _store_shards(m)
+    if key and not any(o.ref != m.ref and _store_shards(o) == key for o in list_models()):
+        d = home() / "shards" / key
+        if d.is_dir() and not d.is_symlink():
+            found.append(d)
+    return found
+
+
+def _store_shards(m: Manifest) -> str | None:
+    """The key of the token shards (`STORE/shards/KEY`) a pretrained model was trained on; None for any other
+    model, or shards kept in a `shards_dir` of the user's."""
+    src = m.source if isinstance(m.source, dict) else {}
+    recipe, shards = src.get("recipe"), src.get("shards")
+    if src.get("type") != "pretrain" or not isinstance(shards, dict):
+        return None
+    if not isinstance(recipe, dict) or recipe.get("shards_dir"):  # (a manifest of unknown make: leave the shards)
+        return None
+    key = shards.get("key")
+    return key if isinstance(key, str) and re.fullmatch(r"[0-9a-f]{8,64}", key) else None
+
+
 def rm(name: str) -> Manifest:
-    """Remove a stored model and return its manifest. The directory is renamed into tmp/ first, then deleted; a GGUF
-    model's packed-weight cache (`tinkerlm.pack_cache`) goes too.
+    """Remove a stored model and return its manifest, with what training it left for it alone (`training_data`)
+    and, for a GGUF model, its packed-weight cache (`tinkerlm.pack_cache`). The directory is renamed into tmp/
+    first, then deleted.
 
     Symbolic links are never followed: a model directory (`models/NAME/TAG`) that is a link is unlinked, its target
     untouched; a `models/NAME` link is unlinked when the model is its only tag, and refused otherwise (deleting
@@ -303,6 +335,7 @@ def rm(name: str) -> Manifest:
         TinkerError: not in the store (the message lists close matches), or reached through a shared link.
     """
     m = get(name)
+    leftovers = training_data(m)
     d = _model_dir(m.name, m.tag)
     if m.format == "gguf":  # its packed weights, kept apart by `tinkerlm.pack_cache`
         from tinkerlm import pack_cache
@@ -319,18 +352,29 @@ def rm(name: str) -> Manifest:
                 f"tinkerlm does not delete through links: remove the link yourself"
             )
         d.parent.unlink()
-        return m
-    if d.is_symlink():
-        d.unlink()
     else:
-        trash = _new_tmp_dir("rm")
-        os.rename(d, trash / "model")
-        shutil.rmtree(trash, ignore_errors=True)  # (rmtree unlinks links inside, never following them)
-    try:
-        d.parent.rmdir()  # the NAME directory, once its last tag is gone
-    except OSError:
-        pass
+        if d.is_symlink():
+            d.unlink()
+        else:
+            _delete(d)
+        try:
+            d.parent.rmdir()  # the NAME directory, once its last tag is gone
+        except OSError:
+            pass
+    for extra in leftovers:
+        _delete(extra)
+        try:
+            extra.parent.rmdir()  # runs/NAME, once its last tag's run is gone
+        except OSError:
+            pass
     return m
+
+
+def _delete(d: Path) -> None:
+    """Rename `d` into tmp/, then delete it (a kill midway leaves no half-deleted directory in place)."""
+    trash = _new_tmp_dir("rm")
+    os.rename(d, trash / "gone")
+    shutil.rmtree(trash, ignore_errors=True)  # (rmtree unlinks links inside, never following them)
 
 
 def describe(path: Path) -> dict:

@@ -33,6 +33,8 @@ from typing import Any
 from tinkerlm import limits
 from tinkerlm.errors import TinkerError
 
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for `compile: true`
+
 
 @dataclass
 class PretrainRecipe:
@@ -397,7 +399,10 @@ def _pretrain(*, config, resume, force, progress, stop_after, **flags):
         file=sys.stderr,
     )
     if recipe.compile:
-        model.compile()  # in place: the parameters keep their names and tensors
+        from tinkerlm.tune import compile_ops
+
+        compile_ops.register()  # the C++ kernels as custom ops: one graph per forward, no breaks at each kernel
+        model.compile(backend=COMPILE_BACKEND)  # in place: the parameters keep their names and tensors
 
     tcfg = trainer.TrainConfig(
         total_steps=total,

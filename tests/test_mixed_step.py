@@ -1,0 +1,104 @@
+"""The mixed batching step with the real default model (SmolLM2-135M-Instruct GGUF): while answers decode, a prompt
+piece and every running row's next token go through ONE forward pass, and what comes out equals prefilling and
+decoding separately: the logits of a step, and the greedy answers of requests arriving at different steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tinkerlm
+from tinkerlm.batching import BatchGenerator, MixedStep
+
+PROMPTS = [
+    "Name three primary colours.",
+    "Write a haiku about the sea, then explain every line of it to a child in simple words.",
+    "What is 2+2?",
+    "List the planets of the solar system in order from the sun, with one fact about each of them.",
+]
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_gguf):
+    return tinkerlm.load(str(smollm2_gguf), prefix_cache_mb=0)
+
+
+def ids(llm, prompt: str) -> list[int]:
+    return llm.chat_ids(prompt)
+
+
+@torch.inference_mode()
+def test_mixed_logits_equal_separate_prefill_and_decode(llm):
+    model = llm.model
+    a, b = ids(llm, PROMPTS[0]), ids(llm, PROMPTS[1])
+    cache = model.new_cache(3, 256)
+    model(torch.tensor([a]), cache=cache.rows(0, 1))  # row 0: a's prompt in, decoding
+    model(torch.tensor([b[:7]]), cache=cache.rows(1, 2))  # row 1: b's first 7 tokens in, prefilling
+    cache.lengths = [len(a), 7, 0]
+    cache.k[0][2] = 1.5  # row 2: idle, stale values that must stay as they are
+    stale = cache.k[0][2].clone()
+    mixed = model.new_cache(3, 256)
+    for dst, src in zip(mixed.k + mixed.v, cache.k + cache.v):
+        dst.copy_(src)
+    mixed.lengths = list(cache.lengths)
+
+    # separately, through the modules: the next piece of b (tokens 7..19) in row 1, then the batched decode step
+    # over rows [0, 2) (row 1's dummy token lands past its prompt, then the piece is written again). The fused decode
+    # kernel is left out: it rounds activations to 8 bits in its own order, so its logits differ by ~2e-3.
+    fused, model.fused_decode = model.fused_decode, None
+    try:
+        piece = model(torch.tensor([b[7:20]]), cache=cache.rows(1, 2))[0]  # (13, V)
+        dec = model(torch.tensor([[a[-1]], [0]]), cache=cache.rows(0, 2))[0, -1]
+        model(torch.tensor([b[7:20]]), cache=cache.rows(1, 2))
+    finally:
+        model.fused_decode = fused
+
+    step = MixedStep(mixed, [0], [len(a)], [(1, 7, 13)])
+    at = torch.tensor([0, 5, 13])  # the decode token, a middle token of the piece, the piece's last
+    out = model(torch.tensor([[a[-1], *b[7:20]]]), cache=step, logits_at=at)[:, -1]  # (3, V)
+    assert (out[0] - dec).abs().max() < 1e-4
+    assert (out[1] - piece[4]).abs().max() < 1e-4 and (out[2] - piece[12]).abs().max() < 1e-4
+    # both rows' keys and values written where the separate forwards wrote them; the idle row untouched
+    for layer in range(model.n_layers):
+        assert (mixed.k[layer][0, :, len(a)] - cache.k[layer][0, :, len(a)]).abs().max() < 1e-4
+        assert (mixed.v[layer][1, :, 7:20] - cache.v[layer][1, :, 7:20]).abs().max() < 1e-4
+    assert torch.equal(mixed.k[0][2], stale)
+
+
+def alone(llm, prompt: list[int], max_tokens: int) -> list[int]:
+    bg = BatchGenerator(llm.model, llm.tokenizer, max_batch=1, prefix_cache_mb=0)
+    bg.submit(prompt, llm.sampling(max_tokens=max_tokens, logprobs=0))
+    return [t.id for ev in bg.events() for t in ev.tokens]
+
+
+def test_requests_arriving_at_different_steps_equal_each_alone_one_forward_per_step(llm):
+    """Four prompts of different lengths join at steps 0, 1, 3 and 4, prefilled 16 tokens a step while the
+    others decode; the third is cancelled in the middle of its prefill. Every step with both kinds of work runs one
+    forward; each answer equals the same request decoded alone."""
+    prompts = [ids(llm, p) for p in PROMPTS]
+    bg = BatchGenerator(llm.model, llm.tokenizer, max_batch=4, prefill_chunk=16, prefix_cache_mb=0)
+    forwards = []
+    hook = llm.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    out: dict[int, list[int]] = {}
+    emit = lambda ev: out.setdefault(ev.index, []).extend(t.id for t in ev.tokens)  # noqa: E731
+    seqs, arrivals, mixed_steps, step = [], {0: 0, 1: 1, 3: 2, 4: 3}, 0, 0
+    try:
+        while step in arrivals or bg.pending():
+            if step in arrivals:
+                seqs.append(bg.submit(prompts[arrivals[step]], llm.sampling(max_tokens=12, logprobs=0), emit=emit))
+            if len(seqs) > 2 and seqs[2].prefilled >= 16 and seqs[2].prefilling:
+                seqs[2].cancel()
+            live = [s for s in seqs if not s.cancelled and not s.finished]
+            both = any(s.prefilling for s in live) and any(s.slot >= 0 and not s.prefilling for s in live)
+            before = len(forwards)
+            bg.step()
+            if both:
+                mixed_steps += 1
+                assert len(forwards) - before == 1
+            step += 1
+    finally:
+        hook.remove()
+    assert mixed_steps >= 5 and bg.slots == [None] * 4 and bg.stats["cancelled"] == 1
+    assert seqs[2].index not in out  # cancelled before its first token
+    for i in (0, 1, 3):
+        assert out[seqs[i].index] == alone(llm, prompts[i], 12), PROMPTS[i]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tinkerlm
-from tinkerlm.batching import BatchGenerator, MixedStep
+from tinkerlm.batching import BatchGenerator, MixedStep, mixed_forward
 
 PROMPTS = [
     "Name three primary colours.",
@@ -27,9 +27,12 @@ def ids(llm, prompt: str) -> list[int]:
     return llm.chat_ids(prompt)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "modules"])
 @torch.inference_mode()
-def test_mixed_logits_equal_separate_prefill_and_decode(llm):
-    model = llm.model
+def test_mixed_logits_equal_separate_prefill_and_decode(llm, fused):
+    """A step decoding row 0 and prefilling a piece of row 1's prompt, against the two forwards the engine ran
+    before (the piece alone, then the batched decode over rows [0, 2)), through the fused kernel or the modules."""
+    model, kernel = llm.model, llm.model.fused_decode
     a, b = ids(llm, PROMPTS[0]), ids(llm, PROMPTS[1])
     cache = model.new_cache(3, 256)
     model(torch.tensor([a]), cache=cache.rows(0, 1))  # row 0: a's prompt in, decoding
@@ -42,26 +45,28 @@ def test_mixed_logits_equal_separate_prefill_and_decode(llm):
         dst.copy_(src)
     mixed.lengths = list(cache.lengths)
 
-    # separately, through the modules: the next piece of b (tokens 7..19) in row 1, then the batched decode step
-    # over rows [0, 2) (row 1's dummy token lands past its prompt, then the piece is written again). The fused decode
-    # kernel is left out: it rounds activations to 8 bits in its own order, so its logits differ by ~2e-3.
-    fused, model.fused_decode = model.fused_decode, None
-    try:
-        piece = model(torch.tensor([b[7:20]]), cache=cache.rows(1, 2))[0]  # (13, V)
-        dec = model(torch.tensor([[a[-1]], [0]]), cache=cache.rows(0, 2))[0, -1]
-        model(torch.tensor([b[7:20]]), cache=cache.rows(1, 2))
-    finally:
-        model.fused_decode = fused
+    def prefill():  # b's tokens 7..19 into row 1: logits (13, V)
+        if fused:
+            return kernel.run_row(torch.tensor(b[7:20]), cache, row=1)
+        return model(torch.tensor([b[7:20]]), cache=cache.rows(1, 2))[0]
 
-    step = MixedStep(mixed, [0], [len(a)], [(1, 7, 13)])
-    at = torch.tensor([0, 5, 13])  # the decode token, a middle token of the piece, the piece's last
-    out = model(torch.tensor([[a[-1], *b[7:20]]]), cache=step, logits_at=at)[:, -1]  # (3, V)
+    if not fused:
+        model.fused_decode = None
+    try:
+        piece = prefill()
+        dec = model(torch.tensor([[a[-1]], [0]]), cache=cache.rows(0, 2))[0, -1]  # row 1's dummy lands at 7
+        prefill()  # row 1's piece written again over it
+        step = MixedStep(mixed, [0], [len(a)], [(1, 7, 13)])
+        # the decode token, a middle token of the piece, the piece's last
+        out = mixed_forward(model, mixed, step, [a[-1], *b[7:20]], [0, 5, 13])  # (3, V)
+    finally:
+        model.fused_decode = kernel
     assert (out[0] - dec).abs().max() < 1e-4
     assert (out[1] - piece[4]).abs().max() < 1e-4 and (out[2] - piece[12]).abs().max() < 1e-4
     # both rows' keys and values written where the separate forwards wrote them; the idle row untouched
     for layer in range(model.n_layers):
-        assert (mixed.k[layer][0, :, len(a)] - cache.k[layer][0, :, len(a)]).abs().max() < 1e-4
-        assert (mixed.v[layer][1, :, 7:20] - cache.v[layer][1, :, 7:20]).abs().max() < 1e-4
+        assert (mixed.k[layer][0, :, len(a)].float() - cache.k[layer][0, :, len(a)].float()).abs().max() < 1e-4
+        assert (mixed.v[layer][1, :, 7:20].float() - cache.v[layer][1, :, 7:20].float()).abs().max() < 1e-4
     assert torch.equal(mixed.k[0][2], stale)
 
 
@@ -77,8 +82,9 @@ def test_requests_arriving_at_different_steps_equal_each_alone_one_forward_per_s
     forward; each answer equals the same request decoded alone."""
     prompts = [ids(llm, p) for p in PROMPTS]
     bg = BatchGenerator(llm.model, llm.tokenizer, max_batch=4, prefill_chunk=16, prefix_cache_mb=0)
-    forwards = []
+    forwards, kernel = [], llm.model.fused_decode  # forward passes: calls of the model and of the fused kernel
     hook = llm.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    kernel.entries = lambda *args: forwards.append(1) or type(kernel).entries(kernel, *args)
     out: dict[int, list[int]] = {}
     emit = lambda ev: out.setdefault(ev.index, []).extend(t.id for t in ev.tokens)  # noqa: E731
     seqs, arrivals, mixed_steps, step = [], {0: 0, 1: 1, 3: 2, 4: 3}, 0, 0
@@ -98,6 +104,7 @@ def test_requests_arriving_at_different_steps_equal_each_alone_one_forward_per_s
             step += 1
     finally:
         hook.remove()
+        del kernel.entries
     assert mixed_steps >= 5 and bg.slots == [None] * 4 and bg.stats["cancelled"] == 1
     assert seqs[2].index not in out  # cancelled before its first token
     for i in (0, 1, 3):

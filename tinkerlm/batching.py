@@ -200,6 +200,16 @@ class MixedMask:
         return out
 
 
+def mixed_forward(model, cache: KVCache, step: MixedStep, tokens: list[int], at: list[int]) -> torch.Tensor:
+    """Logits (len(at), V) at token indices `at` of a mixed step's one forward over `tokens` (laid out as `step`).
+    Quantized models with a fused decode step run it as one call of the fused kernel, a token per entry (each
+    entry's arithmetic that of a decode step: pure decode steps and mixed ones agree); the others their modules."""
+    fused = getattr(model, "fused_decode", None)
+    if hasattr(fused, "entries"):
+        return fused.entries(torch.tensor(tokens), step.pos, step.row_of, cache)[at]
+    return model(torch.tensor([tokens]), cache=step, logits_at=torch.tensor(at))[:, -1]
+
+
 class BatchGenerator:
     """Continuous batching for one model: `submit` sequences from any thread, get their `Event`s.
 
@@ -480,7 +490,7 @@ class BatchGenerator:
         for p in pieces:
             end += p.n
             at.append(end - 1)
-        logits = self.model(torch.tensor([tokens]), cache=step, logits_at=torch.tensor(at))[:, -1]  # (len(at), V)
+        logits = mixed_forward(self.model, self.cache, step, tokens, at)
         for s in busy:
             lengths[s.slot] += 1
             s.fed.append(s.last)

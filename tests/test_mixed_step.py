@@ -30,44 +30,46 @@ def ids(llm, prompt: str) -> list[int]:
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "modules"])
 @torch.inference_mode()
 def test_mixed_logits_equal_separate_prefill_and_decode(llm, fused):
-    """A step decoding row 0 and prefilling a piece of row 1's prompt, against the two forwards the engine ran
-    before (the piece alone, then the batched decode over rows [0, 2)), through the fused kernel or the modules."""
+    """A step decoding rows 0 and 3 (of different lengths) and prefilling a piece of row 2's prompt, row 1 idle,
+    against the forwards the engine ran before (the piece alone, then the batched decode over rows [0, 4)), through
+    the fused kernel or the modules."""
     model, kernel = llm.model, llm.model.fused_decode
-    a, b = ids(llm, PROMPTS[0]), ids(llm, PROMPTS[1])
-    cache = model.new_cache(3, 256)
+    a, b, c = ids(llm, PROMPTS[0]), ids(llm, PROMPTS[1]), ids(llm, PROMPTS[2])[:20]
+    cache = model.new_cache(4, 256)
     model(torch.tensor([a]), cache=cache.rows(0, 1))  # row 0: a's prompt in, decoding
-    model(torch.tensor([b[:7]]), cache=cache.rows(1, 2))  # row 1: b's first 7 tokens in, prefilling
-    cache.lengths = [len(a), 7, 0]
-    cache.k[0][2] = 1.5  # row 2: idle, stale values that must stay as they are
-    stale = cache.k[0][2].clone()
-    mixed = model.new_cache(3, 256)
+    cache.k[0][1] = 1.5  # row 1: idle, stale values that must stay as they are
+    model(torch.tensor([b[:7]]), cache=cache.rows(2, 3))  # row 2: b's first 7 tokens in, prefilling
+    model(torch.tensor([c]), cache=cache.rows(3, 4))  # row 3: 20 tokens in, decoding
+    cache.lengths = [len(a), 0, 7, len(c)]
+    mixed = model.new_cache(4, 256)
     for dst, src in zip(mixed.k + mixed.v, cache.k + cache.v):
         dst.copy_(src)
     mixed.lengths = list(cache.lengths)
 
-    def prefill():  # b's tokens 7..19 into row 1: logits (13, V)
+    def prefill():  # b's tokens 7..44 into row 2 (past both decoding rows' ends): logits (38, V)
         if fused:
-            return kernel.run_row(torch.tensor(b[7:20]), cache, row=1)
-        return model(torch.tensor([b[7:20]]), cache=cache.rows(1, 2))[0]
+            return kernel.run_row(torch.tensor(b[7:45]), cache, row=2)
+        return model(torch.tensor([b[7:45]]), cache=cache.rows(2, 3))[0]
 
     if not fused:
         model.fused_decode = None
     try:
         piece = prefill()
-        dec = model(torch.tensor([[a[-1]], [0]]), cache=cache.rows(0, 2))[0, -1]  # row 1's dummy lands at 7
-        prefill()  # row 1's piece written again over it
-        step = MixedStep(mixed, [0], [len(a)], [(1, 7, 13)])
-        # the decode token, a middle token of the piece, the piece's last
-        out = mixed_forward(model, mixed, step, [a[-1], *b[7:20]], [0, 5, 13])  # (3, V)
+        dec = model(torch.tensor([[a[-1]], [0], [0], [c[-1]]]), cache=cache.rows(0, 4))[:, -1]  # (4, V)
+        prefill()  # row 2's piece written again over its dummy token
+        step = MixedStep(mixed, [0, 3], [len(a), len(c)], [(2, 7, 38)])
+        # the decode tokens, a middle token of the piece, the piece's last
+        out = mixed_forward(model, mixed, step, [a[-1], c[-1], *b[7:45]], [0, 1, 6, 39])  # (4, V)
     finally:
         model.fused_decode = kernel
-    assert (out[0] - dec).abs().max() < 1e-4
-    assert (out[1] - piece[4]).abs().max() < 1e-4 and (out[2] - piece[12]).abs().max() < 1e-4
-    # both rows' keys and values written where the separate forwards wrote them; the idle row untouched
+    assert (out[0] - dec[0]).abs().max() < 1e-4 and (out[1] - dec[3]).abs().max() < 1e-4
+    assert (out[2] - piece[4]).abs().max() < 1e-4 and (out[3] - piece[37]).abs().max() < 1e-4
+    # every row's keys and values written where the separate forwards wrote them; the idle row untouched
     for layer in range(model.n_layers):
-        assert (mixed.k[layer][0, :, len(a)].float() - cache.k[layer][0, :, len(a)].float()).abs().max() < 1e-4
-        assert (mixed.v[layer][1, :, 7:20].float() - cache.v[layer][1, :, 7:20].float()).abs().max() < 1e-4
-    assert torch.equal(mixed.k[0][2], stale)
+        for row, slots in ((0, slice(len(a), len(a) + 1)), (3, slice(len(c), len(c) + 1)), (2, slice(7, 45))):
+            for x, y in ((mixed.k, cache.k), (mixed.v, cache.v)):
+                assert (x[layer][row, :, slots].float() - y[layer][row, :, slots].float()).abs().max() < 1e-4
+    assert (mixed.k[0][1] == 1.5).all()
 
 
 def alone(llm, prompt: list[int], max_tokens: int) -> list[int]:

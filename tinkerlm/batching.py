@@ -169,12 +169,12 @@ class MixedMask:
 
     def __init__(self, step: MixedStep, window: int | None):
         self.step, self.window = step, window
-        R, S = step.k[0].shape[0], step.kv_len
+        R, self.keys = step.k[0].shape[0], max(step.decode_pos, default=0) + 1  # the keys decode tokens read
         self.decode = None
         if step.decode_rows:
             q_pos = torch.zeros(R, 1, dtype=torch.long)  # rows without a decode token see key 0 only
             q_pos[step.decode_rows, 0] = torch.tensor(step.decode_pos)
-            self.decode = attention_mask(q_pos, torch.arange(S).expand(R, S), window)  # (R, 1, 1, S)
+            self.decode = attention_mask(q_pos, torch.arange(self.keys).expand(R, self.keys), window)  # (R, 1, 1, S)
         self.pieces = []
         for _, start, n in step.pieces:
             if start == 0 and (window is None or window >= n):
@@ -191,7 +191,8 @@ class MixedMask:
             rows = step.decode_rows
             qd = q.new_zeros(k.shape[0], q.shape[1], 1, q.shape[3])  # (R, H, 1, hd)
             qd[rows] = q[0, :, :D].transpose(0, 1)[:, :, None]
-            out[0, :, :D] = attend(qd, k, v, self.decode, scale)[rows, :, 0].transpose(0, 1)
+            kd, vd = k[:, :, : self.keys], v[:, :, : self.keys]
+            out[0, :, :D] = attend(qd, kd, vd, self.decode, scale)[rows, :, 0].transpose(0, 1)
         a = D
         for (row, start, n), mask in zip(step.pieces, self.pieces):
             kr, vr = k[row : row + 1, :, : start + n], v[row : row + 1, :, : start + n]

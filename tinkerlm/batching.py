@@ -273,6 +273,7 @@ class BatchGenerator:
             finished=0,
         )
         self.thread: threading.Thread | None = None
+        self.mixed_steps = True  # False: prefill pieces and decode as separate forwards (bench/mixed_step.py)
 
     # -- submitting (any thread) -------------------------------------------------------------------------------
     def token_bytes(self) -> list[bytes | None]:
@@ -417,7 +418,7 @@ class BatchGenerator:
             self._isolated(s, self._admit, s)
         self._free_cancelled()
         busy = [s for s in self.slots if s is not None and not s.prefilling]
-        pieces = self._pieces() if busy else []
+        pieces = self._pieces() if busy and self.mixed_steps else []
         if pieces:
             try:
                 return self._mixed(busy, pieces)

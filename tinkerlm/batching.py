@@ -6,10 +6,15 @@ the big cache, so no copy), then join the shared decode step: one forward with i
 [0, highest busy slot], idle slots fed a dummy token and ignored. Slots are taken lowest first, so a lone request
 decodes as a batch of one, exactly the computation `tinkerlm run` does.
 
-Chunked prefill: while other sequences are decoding, a step prefills at most `prefill_chunk` prompt tokens (the
-oldest admitted prompt first, in pieces at their true positions) before the decode step, so a burst of new or long
-prompts delays the running answers' next token by one chunk's prefill, not by every prompt's. When nothing is
-decoding, admitted prompts are prefilled whole, as one forward each.
+Mixed steps (chunked prefill): while other sequences are decoding, a step carries at most `prefill_chunk` prompt
+tokens (the oldest admitted prompt first, in pieces at their true positions) in the SAME forward as the decode
+tokens, as llama-server and vLLM do: one (1, N) input, decode tokens then pieces, each token written into its own
+row and slot and attending over its own row's keys (`MixedStep`, `MixedMask`); quantized models with a fused decode
+step run it as one call of the fused kernel, a token per entry. So a burst of new or long prompts delays the running
+answers' next token by one chunk's share of a forward, not by every prompt's prefill, and the weights are read once
+for both kinds of work. Steps without prefill work keep the plain decode forward (the fused kernel of quantized
+models); when nothing is decoding, admitted prompts are prefilled whole, one forward each. A mixed step that fails
+runs again as separate forwards, so a failure stays with its sequence.
 
 Each sequence samples through the sampling engine (sampling.py) with its own settings and its own generator,
 consumed exactly as `generate_step` consumes it for a batch of one, so an answer equals `LLM.chat(..., seed=s)` for
@@ -38,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tinkerlm.errors import TinkerError
+from tinkerlm.models.base import CAUSAL, KVCache, attend, attention_mask, dequantize_kv, quantize_kv
 from tinkerlm.prefix_cache import DEFAULT_MB, PrefixCache
 from tinkerlm.sampling import Sampler, SamplingParams, TextStream, TokenLogprob, new_generator, token_bytes
 
@@ -104,6 +110,108 @@ class Sequence:
         self.cancelled = True
 
 
+@dataclass
+class Piece:
+    """The next `n` prompt tokens of `seq`, from prompt position `start`, inside a mixed step."""
+
+    seq: Sequence
+    start: int
+    n: int
+
+
+class MixedStep(KVCache):
+    """One forward over the decode tokens of running rows and prompt pieces of prefilling rows, laid out as a
+    single row (1, N): decode tokens first (one per row in `decode_rows`, at positions `decode_pos`), then each
+    piece's tokens. A view of the engine's cache rows [0, R) (no copy) that the model's forward uses as its cache:
+    `prepare` gives every token its own position, `update` writes each token's keys and values into its own row and
+    slot, and `step_mask` gives `attend` a `MixedMask` that runs each row's attention over that row's keys alone.
+    """
+
+    def __init__(
+        self, cache: KVCache, decode_rows: list[int], decode_pos: list[int], pieces: list[tuple[int, int, int]]
+    ):
+        # pieces: (row, start position, tokens) each
+        rows = [*decode_rows, *(r for r, _, n in pieces for _ in range(n))]
+        pos = [*decode_pos, *(p + i for _, p, n in pieces for i in range(n))]
+        R = max(rows) + 1
+        view = cache.rows(0, R)
+        self.k, self.v, self.max_len, self.lengths = view.k, view.v, view.max_len, view.lengths
+        self.dtype, self.quantized = cache.dtype, cache.quantized
+        self.row_of = torch.tensor(rows)  # (N,)
+        self.pos = torch.tensor(pos)  # (N,)
+        self.decode_rows, self.decode_pos, self.pieces = decode_rows, decode_pos, pieces
+        self.kv_len = max(pos) + 1
+
+    def prepare(self, n_new: int, source: str = "model") -> tuple[torch.Tensor, int]:
+        assert n_new == len(self.pos), "a mixed step's input is its own token layout"
+        if self.kv_len > self.max_len:
+            raise TinkerError(f"{source}: {self.kv_len} tokens do not fit the context of {self.max_len}")
+        self.uniform_start = None
+        return self.pos[None], self.kv_len  # (1, N)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, kv_len: int):
+        """Write token t's keys and values (1, n_kv, N, hd) at (row_of[t], pos[t]); return rows [0, R) up to kv_len."""
+        kc, vc = self.k[layer], self.v[layer]
+        if self.quantized:
+            k, v = quantize_kv(k), quantize_kv(v)
+        kc[self.row_of, :, self.pos] = k[0].transpose(0, 1)  # indexed view is (N, n_kv, hd)
+        vc[self.row_of, :, self.pos] = v[0].transpose(0, 1)
+        if self.quantized:
+            return dequantize_kv(kc[:, :, :kv_len], self.dtype), dequantize_kv(vc[:, :, :kv_len], self.dtype)
+        return kc[:, :, :kv_len], vc[:, :, :kv_len]
+
+    def step_mask(self, window: int | None) -> MixedMask:
+        return MixedMask(self, window)
+
+
+class MixedMask:
+    """Attention for a `MixedStep`: the decode tokens as one batch over rows [0, R) (a query per row, rows without
+    one given a zero query whose output is dropped), each piece over its own row's keys, causally."""
+
+    def __init__(self, step: MixedStep, window: int | None):
+        self.step, self.window = step, window
+        R, self.keys = step.k[0].shape[0], max(step.decode_pos, default=0) + 1  # the keys decode tokens read
+        self.decode = None
+        if step.decode_rows:
+            q_pos = torch.zeros(R, 1, dtype=torch.long)  # rows without a decode token see key 0 only
+            q_pos[step.decode_rows, 0] = torch.tensor(step.decode_pos)
+            self.decode = attention_mask(q_pos, torch.arange(self.keys).expand(R, self.keys), window)  # (R, 1, 1, S)
+        self.pieces = []
+        for _, start, n in step.pieces:
+            if start == 0 and (window is None or window >= n):
+                self.pieces.append(CAUSAL)
+            else:
+                q_pos = torch.arange(start, start + n)[None]
+                self.pieces.append(attention_mask(q_pos, torch.arange(start + n)[None], window))  # (1, 1, n, S)
+
+    def attend(self, q, k, v, scale):
+        """q (1, H, N, hd), k/v (R, n_kv, S, hd) -> (1, H, N, hd)."""
+        step, out = self.step, torch.empty_like(q)
+        D = len(step.decode_rows)
+        if D:
+            rows = step.decode_rows
+            qd = q.new_zeros(k.shape[0], q.shape[1], 1, q.shape[3])  # (R, H, 1, hd)
+            qd[rows] = q[0, :, :D].transpose(0, 1)[:, :, None]
+            kd, vd = k[:, :, : self.keys], v[:, :, : self.keys]
+            out[0, :, :D] = attend(qd, kd, vd, self.decode, scale)[rows, :, 0].transpose(0, 1)
+        a = D
+        for (row, start, n), mask in zip(step.pieces, self.pieces):
+            kr, vr = k[row : row + 1, :, : start + n], v[row : row + 1, :, : start + n]
+            out[:, :, a : a + n] = attend(q[:, :, a : a + n], kr, vr, mask, scale)
+            a += n
+        return out
+
+
+def mixed_forward(model, cache: KVCache, step: MixedStep, tokens: list[int], at: list[int]) -> torch.Tensor:
+    """Logits (len(at), V) at token indices `at` of a mixed step's one forward over `tokens` (laid out as `step`).
+    Quantized models with a fused decode step run it as one call of the fused kernel, a token per entry (each
+    entry's arithmetic that of a decode step: pure decode steps and mixed ones agree); the others their modules."""
+    fused = getattr(model, "fused_decode", None)
+    if hasattr(fused, "entries"):
+        return fused.entries(torch.tensor(tokens), step.pos, step.row_of, cache)[at]
+    return model(torch.tensor([tokens]), cache=step, logits_at=torch.tensor(at))[:, -1]
+
+
 class BatchGenerator:
     """Continuous batching for one model: `submit` sequences from any thread, get their `Event`s.
 
@@ -165,6 +273,7 @@ class BatchGenerator:
             finished=0,
         )
         self.thread: threading.Thread | None = None
+        self.mixed_steps = True  # False: prefill pieces and decode as separate forwards (bench/mixed_step.py)
 
     # -- submitting (any thread) -------------------------------------------------------------------------------
     def token_bytes(self) -> list[bytes | None]:
@@ -289,8 +398,9 @@ class BatchGenerator:
     # -- one step ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit waiting sequences into free slots, drop cancelled ones, prefill (whole prompts, or one chunk
-        while others decode), decode one token for every sequence whose prompt is in.
+        """Admit waiting sequences into free slots, drop cancelled ones, then one forward carrying a token for
+        every decoding sequence and up to `prefill_chunk` prompt tokens (a mixed step); with nothing decoding,
+        prefill whole prompts, then decode one token for every sequence whose prompt is in.
 
         Failures are isolated: an exception while serving one sequence (its prefill, its sampling, its text) ends
         that sequence with an error event and the others go on; only a failing shared forward pass (a bug, out of
@@ -307,6 +417,13 @@ class BatchGenerator:
         for s in admit:
             self._isolated(s, self._admit, s)
         self._free_cancelled()
+        busy = [s for s in self.slots if s is not None and not s.prefilling]
+        pieces = self._pieces() if busy and self.mixed_steps else []
+        if pieces:
+            try:
+                return self._mixed(busy, pieces)
+            except Exception:  # nothing was advanced: the same work goes as separate forwards, failures isolated
+                log.exception("engine %s: mixed step failed; prefilling and decoding separately", self.name)
         self._prefill()
         try:
             self._decode()
@@ -349,6 +466,48 @@ class BatchGenerator:
         s.prefilled = self.prefix_cache.restore(self.cache, s.slot, s.prompt)  # 0 on a miss
         self.cache.lengths[s.slot] = s.prefilled
 
+    def _pieces(self) -> list[Piece]:
+        """The prompt pieces of a mixed step: up to `prefill_chunk` tokens in all (0: no limit), oldest prompt first."""
+        budget = self.prefill_chunk or self.context
+        pieces = []
+        for s in sorted((s for s in self.slots if s is not None and s.prefilling), key=lambda s: s.submitted_at):
+            if budget <= 0:
+                break
+            n = min(len(s.prompt) - s.prefilled, budget)
+            pieces.append(Piece(s, s.prefilled, n))
+            budget -= n
+        return pieces
+
+    def _mixed(self, busy: list[Sequence], pieces: list[Piece]) -> None:
+        """One forward for the decode tokens of `busy` and the prompt `pieces` (see `MixedStep`); then every busy
+        sequence, and every sequence whose prompt is now in, samples its next token."""
+        lengths = self.cache.lengths
+        step = MixedStep(
+            self.cache,
+            [s.slot for s in busy],
+            [lengths[s.slot] for s in busy],
+            [(p.seq.slot, p.start, p.n) for p in pieces],
+        )
+        tokens = [s.last for s in busy] + [t for p in pieces for t in p.seq.prompt[p.start : p.start + p.n]]
+        at, end = list(range(len(busy))), len(busy)  # logits of each decode token and each piece's last token
+        for p in pieces:
+            end += p.n
+            at.append(end - 1)
+        logits = mixed_forward(self.model, self.cache, step, tokens, at)
+        for s in busy:
+            lengths[s.slot] += 1
+            s.fed.append(s.last)
+        self.stats["decode_steps"] += 1
+        self.stats["decode_rows"] += len(busy)
+        for i, p in enumerate(pieces, len(busy)):
+            s = p.seq
+            s.prefilled = lengths[s.slot] = p.start + p.n
+            self.stats["prefill_chunks"] += 1
+            if not s.prefilling:
+                self._isolated(s, self._prompt_done, s, logits[i : i + 1])
+        for i, s in enumerate(busy):
+            self._isolated(s, self._next_token, s, logits[i : i + 1])
+
     def _prefill(self) -> None:
         """Prefill admitted prompts, oldest first: all of them whole when nothing decodes, else up to
         `prefill_chunk` tokens in all (at least one piece, so a prompt always advances)."""
@@ -375,10 +534,13 @@ class BatchGenerator:
         logits = self.model(piece, cache=row, logits_at=torch.tensor([stop - start - 1]))[:, -1]  # (1, V)
         s.prefilled = self.cache.lengths[s.slot] = stop
         self.stats["prefill_chunks"] += 1
-        if stop < n:
-            return
+        if stop == n:
+            self._prompt_done(s, logits)
+
+    def _prompt_done(self, s: Sequence, logits: torch.Tensor) -> None:
+        """`s`'s prompt is in its slot: cache it, count it, sample the first token from the last one's logits (1, V)."""
         self._keep(s)  # the prompt, for requests that share it while this one decodes
-        self.stats["prompt_tokens"] += n
+        self.stats["prompt_tokens"] += len(s.prompt)
         self.stats["ttft_sum"] += time.perf_counter() - s.submitted_at
         self.stats["ttft_count"] += 1
         self._next_token(s, logits)

@@ -532,7 +532,10 @@ def _attend_packed(q, k, v, docs: PackedDocs, scale: float | None) -> torch.Tens
 def attend(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention with grouped-query heads: q (B, H, T, hd), k/v (B, n_kv, S, hd).
 
-    `mask` is a boolean (B, 1, T, S) tensor, None (every key visible), CAUSAL, or PackedDocs (training rows)."""
+    `mask` is a boolean (B, 1, T, S) tensor, None (every key visible), CAUSAL, PackedDocs (training rows), or an
+    object with its own `attend` (a batching step mixing rows, see `make_mask`)."""
+    if hasattr(mask, "attend"):
+        return mask.attend(q, k, v, scale)
     if isinstance(mask, PackedDocs):
         return _attend_packed(q, k, v, mask, scale)
     causal = isinstance(mask, str)
@@ -653,7 +656,10 @@ def _keep_matmuls():
 
 def make_mask(positions, k_pos, cache: KVCache | None, window: int | None):
     """The cheapest correct mask: None for one aligned sequence decoding one token, CAUSAL when every row starts at
-    position 0 with no window in play (prefill), else an explicit boolean mask."""
+    position 0 with no window in play (prefill), else an explicit boolean mask. A cache that lays out its own step
+    (batching.py's mixed prefill and decode step) gives its own mask, for `attend`, through `step_mask`."""
+    if hasattr(cache, "step_mask"):
+        return cache.step_mask(window)
     B, T = positions.shape
     if B == 1 and T == 1 and window is None and cache is not None:
         return None

@@ -178,9 +178,23 @@ class FusedLlamaDecoder:
         start = cache.lengths[row]
         T = tokens.shape[0]
         positions = torch.arange(start, start + T, dtype=torch.long)
-        rows = torch.full((T,), row, dtype=torch.long)
+        return self.entries(tokens, positions, torch.full((T,), row, dtype=torch.long), cache)
+
+    def entries(
+        self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, cache: KVCache
+    ) -> torch.Tensor:
+        """Logits (N, V) for N new tokens (N,), token i written at `positions[i]` of cache row `rows[i]`: any mix of
+        one-token steps and runs of successive positions (as `run_row`), e.g. a batching step's decode tokens and
+        prompt pieces in one call. The caller checks the slots fit and advances `cache.lengths`."""
         return kernels.ops().llama_decode(
-            tokens.contiguous(), positions, rows, self.layers, self.head, cache.k, cache.v, *self.args
+            tokens.contiguous(),
+            positions.contiguous(),
+            rows.contiguous(),
+            self.layers,
+            self.head,
+            cache.k,
+            cache.v,
+            *self.args,
         )
 
 

@@ -3,6 +3,7 @@
     .venv/bin/python bench/finetune_bench.py                     # SmolLM2-135M, dates data, 12 steps each
     .venv/bin/python bench/finetune_bench.py --steps 20 --seq-len 512 --batch-size 4
     .venv/bin/python bench/finetune_bench.py --base /work/gguf/llama1b-q4_0.gguf --batch-size 2 --steps 3  # QLoRA 1B
+    .venv/bin/python bench/finetune_bench.py --allocators --steps 4 --runs 3   # glibc vs the caching allocator
 
 Both sides get the same fp32 weights (the default SmolLM2 GGUF dequantized and written as a Hugging Face
 directory, which transformers loads), the same packed rows (the chat data rendered with SmolLM2's template and
@@ -13,7 +14,9 @@ the steps after the first, which warms up allocators.
 
 The peer's batch is given as plain causal rows (no per-document mask): that is what a transformers user
 packing data gets by default, and it is cheaper than tinkerlm's exact per-document attention. An extra row shows
-tinkerlm's LoRA over the GGUF's own Q4_1 weights (QLoRA-style), its default.
+tinkerlm's LoRA over the GGUF's own Q4_1 weights (QLoRA-style), its default. tinkerlm's runs use the caching CPU
+allocator as `finetune` does (tinkerlm/tune/memory.py); `--allocators` instead compares it with glibc malloc on the
+fp32 rows (everything kept, selective, whole layers recomputed), the two alternating, `--runs` times each.
 """
 
 from __future__ import annotations
@@ -64,10 +67,12 @@ def worker_tinkerlm(spec: dict) -> dict:
     from tinkerlm.tune import trainer
 
     torch.set_num_threads(spec["threads"])
-    if spec.get("lean_malloc"):
-        from tinkerlm.tune import memory
+    from tinkerlm.tune import memory
 
+    if spec.get("lean_malloc"):
         memory.lean_malloc()
+    if spec.get("allocator", True):
+        memory.caching_allocator(True)
     ids, seg, target = _rows(spec)
     path = Path(spec["gguf"] if spec["quant"] == "native" else spec["hf_dir"])
     model, _, _ = load_checkpoint(path, quant=spec["quant"])
@@ -141,6 +146,37 @@ def run(engine: str, spec: dict) -> dict:
     return r
 
 
+def compare_allocators(spec: dict, runs: int) -> int:
+    """tinkerlm fp32 LoRA, each recomputation mode with glibc malloc and with the caching allocator, alternating."""
+    import statistics
+
+    modes = [("everything kept", False), ("selective", "selective"), ("whole layers", True)]
+    got = {}
+    for i in range(runs):
+        for mode, ckpt in modes:
+            for alloc in (False, True) if i % 2 == 0 else (True, False):
+                r = run("tinkerlm", {**spec, "quant": "fp32", "checkpoint": ckpt, "allocator": alloc})
+                got.setdefault((mode, alloc), []).append(r)
+                print(
+                    f"  run {i + 1}: {mode}, {'caching' if alloc else 'glibc'}: {r['tok_s']:.0f} tok/s, peak RSS "
+                    f"{r['peak_rss_mb']:.0f} MiB, load {os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
+    print("\n| recomputation | allocator | train tok/s (median, min-max) | vs glibc | peak RSS MiB | final loss |")
+    print("|---|---|---:|---:|---:|---:|")
+    for mode, _ in modes:
+        base = statistics.median(r["tok_s"] for r in got[(mode, False)])
+        for alloc in (False, True):
+            rs = got[(mode, alloc)]
+            tok = [r["tok_s"] for r in rs]
+            print(
+                f"| {mode} | {'caching' if alloc else 'glibc'} | {statistics.median(tok):.0f} ({min(tok):.0f}-"
+                f"{max(tok):.0f}) | {statistics.median(tok) / base:.2f}x | "
+                f"{statistics.median(r['peak_rss_mb'] for r in rs):.0f} | {rs[0]['losses'][-1]:.4f} |"
+            )
+    return 0
+
+
 def prepare(args) -> dict:
     """Export the default model's GGUF to an fp32 Hugging Face directory (once) and return the worker spec."""
     from tinkerlm import store
@@ -181,7 +217,9 @@ def main(argv=None) -> int:
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "tinkerlm-bench"), help="where the HF export goes")
     p.add_argument("--write", action="store_true", help="replace the Fine-tuning section of BENCHMARKS.md")
     p.add_argument("--base", default=None, help="GGUF for the quantized-base (QLoRA) runs only, e.g. a random 1B")
-    p.add_argument("--lean-malloc", action="store_true", help="tinkerlm runs set glibc malloc as `finetune` does")
+    p.add_argument("--lean-malloc", action="store_true", help="tinkerlm runs lower glibc's mmap threshold")
+    p.add_argument("--allocators", action="store_true", help="only tinkerlm fp32: glibc vs the caching allocator")
+    p.add_argument("--runs", type=int, default=1, help="with --allocators: runs of each row (medians shown)")
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(WORKERS[args.worker](json.loads(args.spec))))
@@ -189,6 +227,8 @@ def main(argv=None) -> int:
 
     spec = prepare(args)
     spec["lean_malloc"] = args.lean_malloc
+    if args.allocators:
+        return compare_allocators(spec, args.runs)
     if args.base:  # a bigger quantized model: its QLoRA memory, without the peer or fp32 rows
         spec["gguf"] = str(Path(args.base).resolve())
         configs = [

@@ -210,11 +210,18 @@ ROWS = {  # key: (label, engine, spec overrides); the first row present is the p
     "tinkerlm": ("tinkerlm DPO, fp32", "tinkerlm", {}),
     "tinkerlm-sel": ("tinkerlm DPO, fp32, matmuls kept, rest recomputed", "tinkerlm", {"checkpoint": "selective"}),
     "tinkerlm-gc": ("tinkerlm DPO, fp32, --grad-checkpointing", "tinkerlm", {"checkpoint": True}),
+    # the rows above run with the caching CPU allocator, as training does (tinkerlm/tune/memory.py); these without
+    "tinkerlm-glibc": ("tinkerlm DPO, fp32, glibc malloc", "tinkerlm", {"env": {"TINKERLM_CACHING_ALLOCATOR": "0"}}),
+    "tinkerlm-sel-glibc": (
+        "tinkerlm DPO, fp32, matmuls kept, rest recomputed, glibc malloc",
+        "tinkerlm",
+        {"checkpoint": "selective", "env": {"TINKERLM_CACHING_ALLOCATOR": "0"}},
+    ),
 }
 
 
 def run(engine: str, spec: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), TOKENIZERS_PARALLELISM="false", **spec.get("env", {}))
     load = os.getloadavg()
     out = subprocess.run(
         [sys.executable, __file__, "--worker", engine, json.dumps(spec)],
@@ -276,7 +283,9 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=512, help="max tokens per sequence (prompt + answer)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--runs", type=int, default=3, help="runs per configuration, engines alternating")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows to run: {', '.join(ROWS)}")
+    p.add_argument(
+        "--rows", default=",".join(k for k in ROWS if "glibc" not in k), help=f"rows to run: {', '.join(ROWS)}"
+    )
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "tinkerlm-bench"), help="where the HF export goes")
     p.add_argument("--profile", action="store_true", help="profile one tinkerlm step instead of benchmarking")
     p.add_argument("--json", default=None, help="also write every run's figures to this file")

@@ -4,7 +4,8 @@ One source per concern: quantized.cpp (pack/unpack incl. K-quant super-blocks, d
 prefill attention), elementwise.cpp (RMSNorm, RoPE, SwiGLU forward and backward), decode.cpp (the fused Llama decode
 step), quantize.cpp (float rows -> ggml's block formats, as llama.cpp quantizes them); common.h (block formats
 and the packed layout) and one header per instruction set (isa_avx512.h, isa_avx2.h, isa_plain.h) holding the
-inner loops, chosen at compile time. module.cpp compiles them as one translation unit.
+inner loops, chosen at compile time; alloc.cpp (a caching CPU allocator for training: `caching_allocator()`). module.cpp
+compiles them as one translation unit.
 
 `ops()` returns the compiled module, or None where it cannot be built (no compiler) or is turned off with
 TINKERLM_KERNELS=0; callers then take their PyTorch fallbacks (tinkerlm.quant.qops for the quantized ops,
@@ -82,3 +83,28 @@ def _build_hash(flags: tuple[str, ...]) -> str:
     for path in sources():
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return hashlib.sha256(digest.digest() + repr(flags).encode() + cpu.encode()).hexdigest()[:12]
+
+
+def caching_allocator(enable: bool = True, cap_bytes: int | None = None) -> bool:
+    """Make alloc.cpp's caching allocator PyTorch's CPU allocator (enable=False: the default one back) for tensors
+    allocated from now on; blocks of 256 KiB and more are then reused by size class instead of going through glibc
+    malloc, and at most `cap_bytes` (default 1 GiB) of freed blocks are kept. Returns False (nothing changed) where
+    the kernels are unavailable. Tensors free through the allocator that made them, whichever is installed."""
+    mod = ops()
+    if mod is None:
+        return False
+    mod.alloc_install(enable, -1 if cap_bytes is None else cap_bytes)
+    return True
+
+
+def allocator_stats() -> dict[str, int]:
+    """The caching allocator's live_bytes, cached_bytes, peak_live_bytes, peak_footprint_bytes (live + cached),
+    hits, misses, unmaps, cap_bytes, live_blocks, installed (0/1); {} without the kernels."""
+    mod = ops()
+    return {} if mod is None else {**mod.alloc_stats(), "installed": int(mod.alloc_installed())}
+
+
+def allocator_release() -> int:
+    """Unmap every cached-but-free block of the caching allocator; returns the bytes given back."""
+    mod = ops()
+    return 0 if mod is None else mod.alloc_release()

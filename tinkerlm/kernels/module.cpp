@@ -8,6 +8,7 @@
 #include "elementwise.cpp"
 #include "decode.cpp"
 #include "quantize.cpp"
+#include "alloc.cpp"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     // The kernels run without the GIL (their arguments are converted before, their results after): a server's event
@@ -59,5 +60,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
              py::kw_only(), py::arg("final_norm"), py::arg("lm_head"), py::arg("embedding"));
     mod.def("llama_decode", &llama_decode, "one fused decode step of a Llama-family or Gemma 3 model", nogil);
     mod.def("decode_profile", &decode_profile, "seconds per llama_decode phase since the last call; on: keep timing");
+    // The caching CPU allocator (alloc.cpp); tinkerlm/kernels/__init__.py wraps these.
+    mod.def("alloc_install", &alloc_install, "install (or uninstall) the caching CPU allocator; cap < 0 keeps it",
+            pybind11::arg("enable"), pybind11::arg("cap_bytes"));
+    mod.def("alloc_installed", &alloc_installed, "whether the caching allocator is PyTorch's CPU allocator now");
+    mod.def("alloc_release", &alloc_release, "unmap every cached block; returns the bytes", nogil);
+    mod.def("alloc_stats", &alloc_stats, "live/cached/peak bytes, hits, misses, unmaps, cap, live blocks");
+    mod.def("alloc_cached_classes", &alloc_cached_classes, "size class -> cached blocks");
+    mod.def("alloc_reset_peak", &alloc_reset_peak, "peaks back to the current live (and live + cached) bytes");
     mod.attr("isa") = ISA;  // from the instruction set's header
 }

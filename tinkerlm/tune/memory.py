@@ -1,17 +1,38 @@
-"""Fine-tuning's memory plan: when to recompute activations, and the C allocator's settings.
+"""Fine-tuning's memory plan: when to recompute activations, and which allocator holds them.
 
 Two things decide a LoRA run's peak memory besides the weights: the activations autograd keeps for the backward
 pass, and what the C heap keeps after freeing them. `recompute(...)` picks whether to recompute from the size of a
-micro-batch's activations. `lean_malloc()` lowers glibc's mmap threshold so large freed buffers go back to the
-system; measured (bench/finetune_bench.py --lean-malloc) it did not lower the peak with recomputation on, so
-`finetune` does not call it: it is kept for the benchmark.
+micro-batch's activations. `caching_allocator(True)`, called by `trainer.train` for every training run (fine-tuning,
+preference methods, pretraining) unless TINKERLM_CACHING_ALLOCATOR=0, makes tinkerlm/kernels/alloc.cpp's allocator
+PyTorch's CPU allocator: blocks of 256 KiB and more reused by size class, where glibc malloc fragments and keeps
+freed activations (measured: bench/finetune_bench.py). `lean_malloc()` lowers glibc's mmap threshold instead, which
+returns freed blocks but pays a page fault per page of every new one (~30% of the speed); it is kept for the
+benchmark.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
+
+ALLOCATOR_CAP = 1 << 30  # cached-but-free bytes the caching allocator keeps at most
+
+
+def caching_allocator(on: bool) -> bool:
+    """Install (on) or uninstall and empty the caching allocator for a training run; returns whether it changed
+    anything: False where TINKERLM_CACHING_ALLOCATOR=0 or the C++ kernels are unavailable (glibc malloc then)."""
+    if os.environ.get("TINKERLM_CACHING_ALLOCATOR", "1") == "0":
+        return False
+    from tinkerlm import kernels
+
+    if not kernels.caching_allocator(on, ALLOCATOR_CAP):
+        return False
+    if not on:
+        kernels.allocator_release()
+    return True
+
 
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -2, -3, -8
@@ -53,8 +74,10 @@ def activation_bytes(config, tokens: int) -> int:
 def recompute(config, tokens: int, asked: bool | None) -> bool | str:
     """The model's `checkpoint_layers` for a run: `asked` (the recipe's grad_checkpointing) when given, else by the
     size of a micro-batch's activations: all kept up to ACTIVATION_BUDGET, then "selective" (matmul and attention
-    outputs kept, the cheap ops rerun: measured on SmolLM2 at 4 x 512, 5.9 -> 3.6 GB for 9% of the speed), then
-    whole layers above WHOLE_LAYER_BUDGET (1.9 GB for 37%)."""
+    outputs kept, the cheap ops rerun: measured on SmolLM2 at 4 x 512 with the caching allocator, 3.4 -> 2.8 GB for
+    9% of the speed), then whole layers above WHOLE_LAYER_BUDGET (1.44 GB for 37%). The budgets were kept when
+    the caching allocator came: it lowers every mode's peak at no cost in speed, so the trade between them is
+    unchanged (bench/finetune_bench.py --allocators)."""
     if asked is not None:
         return asked
     kept = activation_bytes(config, tokens)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinkerlm.errors import TinkerError
-from tinkerlm.tune import dist
+from tinkerlm.tune import dist, memory
 from tinkerlm.tune.data import Rows
 
 CKPT_PREFIX = "step-"
@@ -563,6 +563,7 @@ def train(
         dynamic_ncols=True,
     )
     last_save = state.step
+    memory.caching_allocator(True)  # until the end of training: see tinkerlm/tune/memory.py
     try:
         while state.step < cfg.total_steps:
             t0 = time.perf_counter()
@@ -634,6 +635,7 @@ def train(
                 last_save = state.step
     finally:
         bar.close()
+        memory.caching_allocator(False)
     if last_save != state.step:
         save_checkpoint(run_dir, params, opt, state, meta)
     if rank == 0:

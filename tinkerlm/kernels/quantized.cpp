@@ -135,6 +135,18 @@ inline void put_block(uint8_t* gb, int fmt, int j, const KBlock& kb) {
     for (int i = 0; i < nscales; i++) std::memcpy(gb + 32 * i + 2 * j, &kb.s[i], 2);
     const uint8_t* u = kb.u;
     uint8_t* payload = gb + PAYLOAD[fmt];
+    if (fmt == X6) {  // half h, parity e: the 8 fields of columns 2(8h+f)+e as one 48-bit number (see x6_place)
+        for (int h = 0; h < 2; h++)
+            for (int e = 0; e < 2; e++) {
+                uint64_t bits = 0;
+                for (int f = 0; f < 8; f++) bits |= (uint64_t)u[2 * (8 * h + f) + e] << (6 * f);
+                for (int i = 0; i < 3; i++) {
+                    const uint16_t word = (uint16_t)(bits >> (16 * i));
+                    std::memcpy(payload + 64 * (3 * h + i) + 2 * (2 * j + e), &word, 2);
+                }
+            }
+        return;
+    }
 #if defined(__AVX2__) && defined(__BMI2__)
     // Output byte 4c + 2e + h = u[8c+e+4h] | u[8c+2+e+4h] << 4: two byte shuffles of each 16-value half, one OR.
     const __m128i A = _mm_loadu_si128((const __m128i*)u), B = _mm_loadu_si128((const __m128i*)(u + 16));
@@ -146,14 +158,12 @@ inline void put_block(uint8_t* gb, int fmt, int j, const KBlock& kb) {
     alignas(16) uint32_t words[4];
     _mm_store_si128((__m128i*)words, _mm_or_si128(lo, _mm_slli_epi16(hi, 4)));
     for (int c = 0; c < 4; c++) std::memcpy(payload + 64 * c + 4 * j, &words[c], 4);
-    if (fmt == X5 || fmt == X6) {  // bit p of word 2j+e: that bit of column 2p+e, from a byte mask and pext
+    if (fmt == X5) {  // bit p of word 2j+e: the fifth bit of column 2p+e, from a byte mask and pext
         const __m256i uv = _mm256_loadu_si256((const __m256i*)u);
-        for (int plane = 0; plane < (fmt == X6 ? 2 : 1); plane++) {
-            const uint32_t bits = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(uv, 3 - plane));  // bit 4+plane -> 7
-            const uint16_t even = (uint16_t)_pext_u32(bits, 0x55555555u), odd = (uint16_t)_pext_u32(bits, 0xAAAAAAAAu);
-            std::memcpy(gb + X5_PLANE + 64 * plane + 4 * j, &even, 2);
-            std::memcpy(gb + X5_PLANE + 64 * plane + 4 * j + 2, &odd, 2);
-        }
+        const uint32_t bits = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(uv, 3));  // bit 4 -> 7
+        const uint16_t even = (uint16_t)_pext_u32(bits, 0x55555555u), odd = (uint16_t)_pext_u32(bits, 0xAAAAAAAAu);
+        std::memcpy(gb + X5_PLANE + 4 * j, &even, 2);
+        std::memcpy(gb + X5_PLANE + 4 * j + 2, &odd, 2);
     }
 #else
     for (int c = 0; c < 4; c++)  // chunk c, word 2j+e: nibble i holds column 2(4c+i)+e (see x4_place)
@@ -162,13 +172,12 @@ inline void put_block(uint8_t* gb, int fmt, int j, const KBlock& kb) {
                                              ((u[8 * c + 4 + e] & 0x0F) << 8) | ((u[8 * c + 6 + e] & 0x0F) << 12));
             std::memcpy(payload + 64 * c + 2 * (2 * j + e), &word, 2);
         }
-    if (fmt == X5 || fmt == X6)  // word 2j+e of a plane: bit p = that bit of column 2p+e (see x5_place)
-        for (int plane = 0; plane < (fmt == X6 ? 2 : 1); plane++)
-            for (int e = 0; e < 2; e++) {
-                uint16_t word = 0;
-                for (int p = 0; p < 16; p++) word |= (uint16_t)(((u[2 * p + e] >> (4 + plane)) & 1) << p);
-                std::memcpy(gb + X5_PLANE + 64 * plane + 2 * (2 * j + e), &word, 2);
-            }
+    if (fmt == X5)  // word 2j+e of the plane: bit p = the fifth bit of column 2p+e (see x5_place)
+        for (int e = 0; e < 2; e++) {
+            uint16_t word = 0;
+            for (int p = 0; p < 16; p++) word |= (uint16_t)(((u[2 * p + e] >> 4) & 1) << p);
+            std::memcpy(gb + X5_PLANE + 2 * (2 * j + e), &word, 2);
+        }
 #endif
 }
 
@@ -288,6 +297,7 @@ void quantize_acts(const float* x, int64_t T, int64_t K, XQ& out) {
     out.dx.resize(T * out.nb);
     out.sx.resize(T * out.nb);
     out.sh.resize(T * out.nb);
+    out.hs.resize(2 * T * out.nb);
     auto block = [&](int64_t i) {  // i: block index over all rows
         const float* xb = x + i * QK;
         int16_t* qb = out.q.data() + i * QK;
@@ -299,6 +309,8 @@ void quantize_acts(const float* x, int64_t T, int64_t K, XQ& out) {
         int32_t h = 0;
         for (int k = 0; k < 16; k++) h += qb[k];
         out.sh[i] = out.dx[i] * (float)h;
+        out.hs[2 * i] = h;
+        out.hs[2 * i + 1] = s - h;
     };
     const int64_t n = T * out.nb;
     if (n < 1024) { for (int64_t i = 0; i < n; i++) block(i); return; }

@@ -90,8 +90,10 @@ inline void block_floats(const uint8_t* blk, int type, float* out) {
 // At load a block matrix is repacked into groups of 16 rows. For each group and each 32-column block the group
 // holds 16 fp16 scales d, (4-bit only) 16 fp16 offsets m, then the 16 x 32 integers arranged so that one vector
 // load gives, in each 32-bit lane j, row j's integers for two neighbouring columns (2p, 2p+1):
-//   4-bit (Q4_0 as m = -8d, Q4_1): 4 chunks of 64 bytes; in chunk c, 16-bit word 2j+e holds in its nibble i the
+//   4-bit (Q4_1, Q4_K): 4 chunks of 64 bytes; in chunk c, 16-bit word 2j+e holds in its nibble i the
 //          integer of row j, column 2(4c+i)+e. One load, three shifts and three ANDs give 4 vectors of int16 pairs.
+//   X4S (Q4_0, symmetric): the 16 scales d, then the 4-bit layout of u (0..15); integer = u - 8, the 8 taken
+//          off the block's integer activation sum (as X6's 32 below): 18 bytes per 32 weights, as the file.
 //   8-bit (Q8_0): 16 chunks of 32 bytes; chunk p, byte 2j+e = row j, column 2p+e (sign-extended to int16 pairs).
 //   5-bit (Q5_1, Q5_K): the 4-bit layout for the low four bits, then a 64-byte plane of fifth bits: 16-bit word
 //          2j+e, bit p = row j, column 2p+e; two shifts, an AND and a ternary-logic OR add it to each int16 vector.
@@ -116,12 +118,12 @@ inline void block_floats(const uint8_t* blk, int type, float* out) {
 //   y[row] += d * dx * sum_k(u * xq)  +  m * sx       (sx = dx * sum_k(xq), the block's activation sum)
 // (X6, X3, X2: the same per half block, with the half blocks' activation sums for X2's offsets.)
 constexpr int GR = 16;  // rows per group
-enum Fmt { X4 = 0, X8 = 1, X5 = 2, X6 = 3, X3 = 4, X2 = 5 };
-constexpr int N_FMT = 6;
-constexpr int64_t GBLOCK_BYTES[] = {64 + 256, 32 + 512, 64 + 256 + 64, 64 + 256 + 128, 64 + 256, 128 + 256};
+enum Fmt { X4 = 0, X8 = 1, X5 = 2, X6 = 3, X3 = 4, X2 = 5, X4S = 6 };
+constexpr int N_FMT = 7;
+constexpr int64_t GBLOCK_BYTES[] = {64 + 256, 32 + 512, 64 + 256 + 64, 64 + 256 + 128, 64 + 256, 128 + 256, 32 + 256};
 // Where the 4-bit payload starts in a group block (after the scale rows).
-constexpr int64_t PAYLOAD[] = {64, 32, 64, 64, 64, 128};
-constexpr bool HALVES[] = {false, false, false, true, true, true};  // a scale per 16-column half block
+constexpr int64_t PAYLOAD[] = {64, 32, 64, 64, 64, 128, 32};
+constexpr bool HALVES[] = {false, false, false, true, true, true, false};  // a scale per 16-column half block
 
 struct PW {  // a packed weight matrix
     const uint8_t* data;
@@ -164,7 +166,7 @@ inline void x6_place(int j, int k, int& byte, int& bit) {
     byte = 64 * 3 * h + 2 * (2 * j + k % 2);
     bit = 6 * (p % 8);
 }
-constexpr int BIAS[] = {0, 0, 0, 32, 4, 0};  // what the stored integers exceed the values by (X6, X3)
+constexpr int BIAS[] = {0, 0, 0, 32, 4, 0, 8};  // what the stored integers exceed the values by (X6, X3, X4S)
 
 // Row r's value at column k of block b, as integer and scales (for unpacking and embedding lookups).
 inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float& d, float& m) {
@@ -204,7 +206,8 @@ inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float
         return;
     }
     d = load_half(gb + 2 * j);
-    m = load_half(gb + 32 + 2 * j);
+    m = w.fmt == X4S ? 0.f : load_half(gb + 32 + 2 * j);
+    q -= BIAS[w.fmt];
 }
 
 void packed_dequant_rows(const PW& w, int64_t r0, int64_t r1, float* out) {

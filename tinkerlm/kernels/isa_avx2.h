@@ -92,7 +92,7 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
                 __m256i hb = _mm256_setzero_si256();
                 if (FMT == X5) hb = _mm256_loadu_si256((const __m256i*)(gb + X5_PLANE + 32 * hf));
                 for (int c = 0; c < 4; c++) {
-                    const __m256i v = _mm256_loadu_si256((const __m256i*)(gb + 64 + 64 * c + 32 * hf));
+                    const __m256i v = _mm256_loadu_si256((const __m256i*)(gb + PAYLOAD[FMT] + 64 * c + 32 * hf));
                     for (int i = 0; i < 4; i++) {
                         __m256i wi = _mm256_and_si256(_mm256_srli_epi16(v, 4 * i), low);
                         if (FMT == X5) wi = _mm256_or_si256(wi, fifth_bits(hb, 4 * c + i));
@@ -109,9 +109,10 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
             const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 16 * hf)));
             for (int t = 0; t < T; t++) {
                 const int64_t xi = (t0 + t) * x.nb + b;
+                if (BIAS[FMT]) tmp[t] = _mm256_sub_epi32(tmp[t], _mm256_set1_epi32(BIAS[FMT] * (x.hs[2 * xi] + x.hs[2 * xi + 1])));
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tmp[t]), _mm256_mul_ps(dv, _mm256_set1_ps(x.dx[xi])), acc[t]);
             }
-            if (FMT != X8) {
+            if (FMT != X8 && FMT != X4S) {
                 const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 + 16 * hf)));
                 for (int t = 0; t < T; t++) acc[t] = _mm256_fmadd_ps(mv, _mm256_set1_ps(x.sx[(t0 + t) * x.nb + b]), acc[t]);
             }

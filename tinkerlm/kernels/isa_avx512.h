@@ -130,7 +130,9 @@ void packed_dequant_group(const PW& w, int64_t g, float* out) {
     for (int64_t b = 0; b < w.nb; b++) {
         const uint8_t* gb = w.data + (g * w.nb + b) * GB;
         const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)gb));
-        const __m512 mv = w.fmt != X8 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + 32))) : _mm512_setzero_ps();
+        const __m512 mv = w.fmt == X8 ? _mm512_setzero_ps()
+                          : w.fmt == X4S ? _mm512_mul_ps(dv, _mm512_set1_ps(-8.f))  // d (u - 8) = d u - 8 d, exactly
+                                         : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + 32)));
         const __m512 d_lo = _mm512_permutexvar_ps(pairs_lo, dv), d_hi = _mm512_permutexvar_ps(pairs_hi, dv);
         const __m512 m_lo = _mm512_permutexvar_ps(pairs_lo, mv), m_hi = _mm512_permutexvar_ps(pairs_hi, mv);
         auto put = [&](__m512i words, int p) {  // 32 int16: rows 0..15 x columns (2p, 2p+1)
@@ -141,9 +143,9 @@ void packed_dequant_group(const PW& w, int64_t g, float* out) {
             _mm512_i64scatter_pd(base, idx_hi, _mm512_castps_pd(hi), 8);
         };
         if (w.fmt != X8) {
-            const __m512i hb = _mm512_loadu_si512((const void*)(gb + X5_PLANE));
+            const __m512i hb = w.fmt == X5 ? _mm512_loadu_si512((const void*)(gb + X5_PLANE)) : _mm512_setzero_si512();
             for (int c = 0; c < 4; c++) {
-                const __m512i v = _mm512_loadu_si512((const void*)(gb + 64 + 64 * c));
+                const __m512i v = _mm512_loadu_si512((const void*)(gb + PAYLOAD[w.fmt] + 64 * c));
                 for (int i = 0; i < 4; i++) {
                     __m512i wi = _mm512_and_si512(_mm512_srli_epi16(v, 4 * i), low);
                     if (w.fmt == X5) wi = _mm512_or_si512(wi, fifth_bits(hb, 4 * c + i));
@@ -226,7 +228,7 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
             __m512i hb = _mm512_setzero_si512();  // 5-bit: the plane of fifth bits
             if (FMT == X5) hb = _mm512_loadu_si512((const void*)(gb + X5_PLANE));
             for (int c = 0; c < 4; c++) {
-                const __m512i v = _mm512_loadu_si512((const void*)(gb + 64 + 64 * c));
+                const __m512i v = _mm512_loadu_si512((const void*)(gb + PAYLOAD[FMT] + 64 * c));
                 for (int i = 0; i < 4; i++) {  // nibble i: the int16 pairs of columns 2(4c+i), 2(4c+i)+1
                     __m512i wi;
                     if constexpr (FMT == X5)  // ((v >> 4i) & 0x0F) | (fifth bit << 4): the AND and OR as one ternary op
@@ -243,14 +245,19 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
                 for (int t = 0; t < T; t++) tmp[t][p % NC] = _mm512_dpwssd_epi32(tmp[t][p % NC], wv, _mm512_set1_epi32(xp[t][p]));
             }
         }
-        for (int t = 0; t < T; t++)
+        for (int t = 0; t < T; t++) {
             for (int c = 1; c < NC; c++) tmp[t][0] = _mm512_add_epi32(tmp[t][0], tmp[t][c]);
+            if (BIAS[FMT]) {  // X4S: take 8 * the block's activation sum off
+                const int64_t xi = (t0 + t) * x.nb + b;
+                tmp[t][0] = _mm512_sub_epi32(tmp[t][0], _mm512_set1_epi32(BIAS[FMT] * (x.hs[2 * xi] + x.hs[2 * xi + 1])));
+            }
+        }
         const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)gb));
         for (int t = 0; t < T; t++) {
             const int64_t xi = (t0 + t) * x.nb + b;
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tmp[t][0]), _mm512_mul_ps(dv, _mm512_set1_ps(x.dx[xi])), acc[t]);
         }
-        if (FMT != X8) {
+        if (FMT != X8 && FMT != X4S) {
             const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + 32)));
             for (int t = 0; t < T; t++) acc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(x.sx[(t0 + t) * x.nb + b]), acc[t]);
         }

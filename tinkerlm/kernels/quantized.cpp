@@ -207,11 +207,13 @@ at::Tensor pack_k(const at::Tensor& data, int64_t type) {
     return out;
 }
 
+constexpr int PACKED[] = {X8, X4S, X4, X5};  // the packed format of each QType
+
 // GGUF blocks (QType) or K-quant super-blocks (KType) -> the packed layout.
 at::Tensor pack(at::Tensor data, int64_t type) {
     if (type >= K_Q4 && type <= K_Q2) return pack_k(data, type);
     QW w = as_qw(data, type);
-    const int fmt = type == Q8_0 ? X8 : type == Q5_1 ? X5 : X4;
+    const int fmt = PACKED[type];
     const int64_t groups = (w.rows + GR - 1) / GR, GB = GBLOCK_BYTES[fmt];
     auto out = at::zeros({groups, w.nb * GB}, at::kByte);
     uint8_t* o = out.data_ptr<uint8_t>();
@@ -226,12 +228,7 @@ at::Tensor pack(at::Tensor data, int64_t type) {
                         for (int p = 0; p < 16; p++) std::memcpy(gb + 32 + 32 * p + 2 * j, blk + 2 + 2 * p, 2);
                         continue;
                     }
-                    if (type == Q4_1 || type == Q5_1) {
-                        std::memcpy(gb + 32 + 2 * j, blk + 2, 2);
-                    } else {  // Q4_0: d * (u - 8) = d * u + m with m = -8d (exact in fp16)
-                        const at::Half m = at::Half(-8.f * load_half(blk));
-                        std::memcpy(gb + 32 + 2 * j, &m, 2);
-                    }
+                    if (type == Q4_1 || type == Q5_1) std::memcpy(gb + 32 + 2 * j, blk + 2, 2);
                     const uint8_t* qs = blk + (type == Q5_1 ? 8 : type == Q4_1 ? 4 : 2);
                     uint8_t u[QK];
                     for (int k = 0; k < 16; k++) {
@@ -243,7 +240,7 @@ at::Tensor pack(at::Tensor data, int64_t type) {
                         for (int e = 0; e < 2; e++) {
                             const uint16_t word = (uint16_t)(u[8 * c + e] | (u[8 * c + 2 + e] << 4) |
                                                              (u[8 * c + 4 + e] << 8) | (u[8 * c + 6 + e] << 12));
-                            std::memcpy(gb + 64 + 64 * c + 2 * (2 * j + e), &word, 2);
+                            std::memcpy(gb + PAYLOAD[fmt] + 64 * c + 2 * (2 * j + e), &word, 2);
                         }
                     if (type == Q5_1) {  // word 2j+e of the plane: bit p = fifth bit of column 2p+e (see x5_place)
                         uint32_t qh;
@@ -263,7 +260,7 @@ at::Tensor pack(at::Tensor data, int64_t type) {
 // The inverse of pack: GGUF blocks of `type` again, bit for bit.
 at::Tensor unpack(at::Tensor data, int64_t fmt, int64_t rows, int64_t type) {
     PW w = as_pw(data, fmt, rows);
-    TORCH_CHECK(type >= 0 && type <= 3 && fmt == (type == Q8_0 ? X8 : type == Q5_1 ? X5 : X4),
+    TORCH_CHECK(type >= 0 && type <= 3 && fmt == PACKED[type],
                 "unpack: packed format ", fmt, " has no GGUF block type ", type);
     auto out = at::zeros({rows, w.nb * BLOCK_BYTES[type]}, at::kByte);
     uint8_t* o = out.data_ptr<uint8_t>();
@@ -280,6 +277,7 @@ at::Tensor unpack(at::Tensor data, int64_t fmt, int64_t rows, int64_t type) {
             for (int k = 0; k < QK; k++) {
                 int q; float d, m;
                 packed_entry(w, r, b, k, q, d, m);
+                q += BIAS[w.fmt];  // Q4_0: u again
                 if (type == Q5_1) qh |= (uint32_t)(q >> 4) << k;
                 if (type == Q8_0) qs[k] = (uint8_t)(int8_t)q;
                 else if (k < 16) qs[k] |= (uint8_t)(q & 0x0F);
@@ -340,6 +338,7 @@ inline void tile(const PW& w, int64_t g, const XQ& x, int64_t t0, int64_t n, flo
         case X6: group_tile<X6>(w, g, x, t0, n, y, ystride); break;
         case X3: group_tile<X3>(w, g, x, t0, n, y, ystride); break;
         case X2: group_tile<X2>(w, g, x, t0, n, y, ystride); break;
+        case X4S: group_tile<X4S>(w, g, x, t0, n, y, ystride); break;
         default: group_tile<X8>(w, g, x, t0, n, y, ystride); break;
     }
 }

@@ -102,8 +102,9 @@ class QTensor:
         return QTensor(torch.cat([p.data for p in parts]), parts[0].qtype, parts[0].K)
 
 
-# The packed format of each block type, as kernels/common.h numbers them: X4, X8, X5, X6, X3, X2.
-PACKED_FORMATS = {"Q4_0": 0, "Q4_1": 0, "Q8_0": 1, "Q5_1": 2, "Q4_K": 0, "Q5_K": 2, "Q6_K": 3, "Q3_K": 4, "Q2_K": 5}
+# The packed format of each block type, as kernels/common.h numbers them: X4, X8, X5, X6, X3, X2, X4S (Q4_0: no
+# offsets, 18 bytes per 32 weights).
+PACKED_FORMATS = {"Q4_0": 6, "Q4_1": 0, "Q8_0": 1, "Q5_1": 2, "Q4_K": 0, "Q5_K": 2, "Q6_K": 3, "Q3_K": 4, "Q2_K": 5}
 
 
 @dataclass

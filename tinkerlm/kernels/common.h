@@ -92,8 +92,9 @@ inline void block_floats(const uint8_t* blk, int type, float* out) {
 // load gives, in each 32-bit lane j, row j's integers for two neighbouring columns (2p, 2p+1):
 //   4-bit (Q4_1, Q4_K): 4 chunks of 64 bytes; in chunk c, 16-bit word 2j+e holds in its nibble i the
 //          integer of row j, column 2(4c+i)+e. One load, three shifts and three ANDs give 4 vectors of int16 pairs.
-//   X4S (Q4_0, symmetric): the 16 scales d, then the 4-bit layout of u (0..15); integer = u - 8, the 8 taken
-//          off the block's integer activation sum (as X6's 32 below): 18 bytes per 32 weights, as the file.
+//   X4S (Q4_0, symmetric): the 16 scales d and the 4-bit layout of u (0..15), no offsets (blocks in pairs,
+//          two scale rows then two payloads: scales_at); integer = u - 8, the 8 taken off the block's integer
+//          activation sum (as X6's 32 below): 18 bytes per 32 weights, as the file.
 //   8-bit (Q8_0): 16 chunks of 32 bytes; chunk p, byte 2j+e = row j, column 2p+e (sign-extended to int16 pairs).
 //   5-bit (Q5_1, Q5_K): the 4-bit layout for the low four bits, then a 64-byte plane of fifth bits: 16-bit word
 //          2j+e, bit p = row j, column 2p+e; two shifts, an AND and a ternary-logic OR add it to each int16 vector.
@@ -145,6 +146,17 @@ PW as_pw(const at::Tensor& data, int64_t fmt, int64_t rows) {
     return w;
 }
 
+// Block b of the group whose row starts at gp: where its scale rows and its payload start. X4S keeps its blocks
+// in pairs, the two scale rows (64 bytes) then the two payloads (a lone last block: 32 bytes of scales, then its
+// payload), so that the 256-byte payloads stay on 64-byte lines in one stream; the other formats keep each block
+// whole.
+inline const uint8_t* scales_at(const uint8_t* gp, int fmt, int64_t nb, int64_t b) {
+    return fmt == X4S ? gp + 576 * (b / 2) + 32 * (b % 2) : gp + b * GBLOCK_BYTES[fmt];
+}
+inline const uint8_t* payload_at(const uint8_t* gp, int fmt, int64_t nb, int64_t b) {
+    return fmt == X4S ? gp + 576 * (b / 2) + ((b | 1) < nb ? 64 : 32) + 256 * (b % 2) : gp + b * GBLOCK_BYTES[fmt] + PAYLOAD[fmt];
+}
+
 // Where row j, column k of a group-block lives: 4-bit (byte offset, nibble shift) inside the payload.
 inline void x4_place(int j, int k, int& byte, int& shift) {
     const int p = k / 2, e = k % 2, c = p / 4, i = p % 4;
@@ -171,7 +183,8 @@ constexpr int BIAS[] = {0, 0, 0, 32, 4, 0, 8};  // what the stored integers exce
 // Row r's value at column k of block b, as integer and scales (for unpacking and embedding lookups).
 inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float& d, float& m) {
     const int64_t GB = GBLOCK_BYTES[w.fmt];
-    const uint8_t* gb = w.data + ((r / GR) * w.nb + b) * GB;
+    const uint8_t* gp = w.data + (r / GR) * w.nb * GB;
+    const uint8_t *gb = scales_at(gp, w.fmt, w.nb, b), *pl = payload_at(gp, w.fmt, w.nb, b);
     const int j = (int)(r % GR);
     if (w.fmt == X8) {
         d = load_half(gb + 2 * j);
@@ -185,13 +198,13 @@ inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float
         uint64_t bits = 0;
         for (int i = 0; i < 3; i++) {
             uint16_t word;
-            std::memcpy(&word, gb + PAYLOAD[X6] + byte + 64 * i, 2);
+            std::memcpy(&word, pl + byte + 64 * i, 2);
             bits |= (uint64_t)word << (16 * i);
         }
         q = (int)((bits >> shift) & 63);
     } else {
         x4_place(j, k, byte, shift);
-        q = (gb[PAYLOAD[w.fmt] + byte] >> shift) & 0x0F;
+        q = (pl[byte] >> shift) & 0x0F;
     }
     if (w.fmt == X5) {
         int hbyte, bit;

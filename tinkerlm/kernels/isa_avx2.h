@@ -50,7 +50,7 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
         __m256 acc[T];
         for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
         for (int64_t b = 0; b < nb; b++) {
-            const uint8_t* gb = gp + b * GB;
+            const uint8_t *gb = scales_at(gp, FMT, nb, b), *pl = payload_at(gp, FMT, nb, b);
             const int32_t* xp[T];
             for (int t = 0; t < T; t++) xp[t] = (const int32_t*)(x.q.data() + (t0 + t) * x.K + b * QK);
             __m256i tmp[T];
@@ -59,11 +59,11 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
                 for (int h = 0; h < 2; h++) {
                     if constexpr (FMT == X6) {
                         __m256i w6[3];
-                        for (int i = 0; i < 3; i++) w6[i] = _mm256_loadu_si256((const __m256i*)(gb + PAYLOAD[FMT] + 64 * (3 * h + i) + 32 * hf));
+                        for (int i = 0; i < 3; i++) w6[i] = _mm256_loadu_si256((const __m256i*)(pl + 64 * (3 * h + i) + 32 * hf));
                         x6_half<T>(w6, tmp, xp, h, std::make_integer_sequence<int, 8>{});
                     } else {
                         for (int c = 2 * h; c < 2 * h + 2; c++) {
-                            const __m256i v = _mm256_loadu_si256((const __m256i*)(gb + PAYLOAD[FMT] + 64 * c + 32 * hf));
+                            const __m256i v = _mm256_loadu_si256((const __m256i*)(pl + 64 * c + 32 * hf));
                             for (int i = 0; i < 4; i++) {
                                 const __m256i wi = _mm256_and_si256(_mm256_srli_epi16(v, 4 * i), low);
                                 for (int t = 0; t < T; t++)
@@ -92,7 +92,7 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
                 __m256i hb = _mm256_setzero_si256();
                 if (FMT == X5) hb = _mm256_loadu_si256((const __m256i*)(gb + X5_PLANE + 32 * hf));
                 for (int c = 0; c < 4; c++) {
-                    const __m256i v = _mm256_loadu_si256((const __m256i*)(gb + PAYLOAD[FMT] + 64 * c + 32 * hf));
+                    const __m256i v = _mm256_loadu_si256((const __m256i*)(pl + 64 * c + 32 * hf));
                     for (int i = 0; i < 4; i++) {
                         __m256i wi = _mm256_and_si256(_mm256_srli_epi16(v, 4 * i), low);
                         if (FMT == X5) wi = _mm256_or_si256(wi, fifth_bits(hb, 4 * c + i));

@@ -128,7 +128,8 @@ void packed_dequant_group(const PW& w, int64_t g, float* out) {
     const __m512i idx_hi = _mm512_add_epi64(idx_lo, _mm512_set1_epi64(8 * w.K / 2));
     const __m512i low = _mm512_set1_epi16(0x0F);
     for (int64_t b = 0; b < w.nb; b++) {
-        const uint8_t* gb = w.data + (g * w.nb + b) * GB;
+        const uint8_t* gp = w.data + g * w.nb * GB;
+        const uint8_t *gb = scales_at(gp, w.fmt, w.nb, b), *pl = payload_at(gp, w.fmt, w.nb, b);
         const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)gb));
         const __m512 mv = w.fmt == X8 ? _mm512_setzero_ps()
                           : w.fmt == X4S ? _mm512_mul_ps(dv, _mm512_set1_ps(-8.f))  // d (u - 8) = d u - 8 d, exactly
@@ -145,7 +146,7 @@ void packed_dequant_group(const PW& w, int64_t g, float* out) {
         if (w.fmt != X8) {
             const __m512i hb = w.fmt == X5 ? _mm512_loadu_si512((const void*)(gb + X5_PLANE)) : _mm512_setzero_si512();
             for (int c = 0; c < 4; c++) {
-                const __m512i v = _mm512_loadu_si512((const void*)(gb + PAYLOAD[w.fmt] + 64 * c));
+                const __m512i v = _mm512_loadu_si512((const void*)(pl + 64 * c));
                 for (int i = 0; i < 4; i++) {
                     __m512i wi = _mm512_and_si512(_mm512_srli_epi16(v, 4 * i), low);
                     if (w.fmt == X5) wi = _mm512_or_si512(wi, fifth_bits(hb, 4 * c + i));
@@ -179,7 +180,7 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
     for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
     const __m512i low = _mm512_set1_epi16(0x0F);
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t* gb = gp + b * GB;
+        const uint8_t *gb = scales_at(gp, FMT, nb, b), *pl = payload_at(gp, FMT, nb, b);
         const int32_t* xp[T];
         for (int t = 0; t < T; t++) xp[t] = (const int32_t*)(x.q.data() + (t0 + t) * x.K + b * QK);
         // NC independent sums per row: a vpdpwssd waits ~5 cycles for its accumulator, so with few rows one
@@ -192,11 +193,11 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
             for (int h = 0; h < 2; h++) {
                 if constexpr (FMT == X6) {  // the half's three 6-bit words
                     __m512i w6[3];
-                    for (int i = 0; i < 3; i++) w6[i] = _mm512_loadu_si512((const void*)(gb + PAYLOAD[FMT] + 64 * (3 * h + i)));
+                    for (int i = 0; i < 3; i++) w6[i] = _mm512_loadu_si512((const void*)(pl + 64 * (3 * h + i)));
                     x6_half<T, NC>(w6, tmp, xp, h, std::make_integer_sequence<int, 8>{});
                 } else {
                     for (int c = 2 * h; c < 2 * h + 2; c++) {  // chunks 2h, 2h+1 of the 4-bit layout
-                        const __m512i v = _mm512_loadu_si512((const void*)(gb + PAYLOAD[FMT] + 64 * c));
+                        const __m512i v = _mm512_loadu_si512((const void*)(pl + 64 * c));
                         for (int i = 0; i < 4; i++) {
                             const __m512i wi = i == 3 ? _mm512_srli_epi16(v, 12) : _mm512_and_si512(_mm512_srli_epi16(v, 4 * i), low);
                             for (int t = 0; t < T; t++)
@@ -228,7 +229,7 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
             __m512i hb = _mm512_setzero_si512();  // 5-bit: the plane of fifth bits
             if (FMT == X5) hb = _mm512_loadu_si512((const void*)(gb + X5_PLANE));
             for (int c = 0; c < 4; c++) {
-                const __m512i v = _mm512_loadu_si512((const void*)(gb + PAYLOAD[FMT] + 64 * c));
+                const __m512i v = _mm512_loadu_si512((const void*)(pl + 64 * c));
                 for (int i = 0; i < 4; i++) {  // nibble i: the int16 pairs of columns 2(4c+i), 2(4c+i)+1
                     __m512i wi;
                     if constexpr (FMT == X5)  // ((v >> 4i) & 0x0F) | (fifth bit << 4): the AND and OR as one ternary op

@@ -220,7 +220,9 @@ at::Tensor pack(at::Tensor data, int64_t type) {
     at::parallel_for(0, groups, 16, [&](int64_t g0, int64_t g1) {
         for (int64_t g = g0; g < g1; g++)
             for (int64_t b = 0; b < w.nb; b++) {
-                uint8_t* gb = o + (g * w.nb + b) * GB;
+                uint8_t* gp = o + g * w.nb * GB;
+                uint8_t* gb = const_cast<uint8_t*>(scales_at(gp, fmt, w.nb, b));
+                uint8_t* pl = const_cast<uint8_t*>(payload_at(gp, fmt, w.nb, b));
                 for (int j = 0; j < GR && g * GR + j < w.rows; j++) {
                     const uint8_t* blk = w.data + (g * GR + j) * w.row_bytes + b * BLOCK_BYTES[type];
                     std::memcpy(gb + 2 * j, blk, 2);  // d, bit for bit
@@ -240,7 +242,7 @@ at::Tensor pack(at::Tensor data, int64_t type) {
                         for (int e = 0; e < 2; e++) {
                             const uint16_t word = (uint16_t)(u[8 * c + e] | (u[8 * c + 2 + e] << 4) |
                                                              (u[8 * c + 4 + e] << 8) | (u[8 * c + 6 + e] << 12));
-                            std::memcpy(gb + PAYLOAD[fmt] + 64 * c + 2 * (2 * j + e), &word, 2);
+                            std::memcpy(pl + 64 * c + 2 * (2 * j + e), &word, 2);
                         }
                     if (type == Q5_1) {  // word 2j+e of the plane: bit p = fifth bit of column 2p+e (see x5_place)
                         uint32_t qh;
@@ -268,7 +270,7 @@ at::Tensor unpack(at::Tensor data, int64_t fmt, int64_t rows, int64_t type) {
     for (int64_t r = 0; r < rows; r++)
         for (int64_t b = 0; b < w.nb; b++) {
             uint8_t* blk = o + r * w.nb * BLOCK_BYTES[type] + b * BLOCK_BYTES[type];
-            const uint8_t* gb = w.data + ((r / GR) * w.nb + b) * GB;
+            const uint8_t* gb = scales_at(w.data + (r / GR) * w.nb * GB, w.fmt, w.nb, b);
             const int j = (int)(r % GR);
             std::memcpy(blk, gb + 2 * j, 2);
             if (type == Q4_1 || type == Q5_1) std::memcpy(blk + 2, gb + 32 + 2 * j, 2);

@@ -90,16 +90,23 @@ inline void block_floats(const uint8_t* blk, int type, float* out) {
 // At load a block matrix is repacked into groups of 16 rows. For each group and each 32-column block the group
 // holds 16 fp16 scales d, (4-bit only) 16 fp16 offsets m, then the 16 x 32 integers arranged so that one vector
 // load gives, in each 32-bit lane j, row j's integers for two neighbouring columns (2p, 2p+1):
-//   4-bit (Q4_0 as m = -8d, Q4_1): 4 chunks of 64 bytes; in chunk c, 16-bit word 2j+e holds in its nibble i the
+//   4-bit (Q4_1, Q4_K): 4 chunks of 64 bytes; in chunk c, 16-bit word 2j+e holds in its nibble i the
 //          integer of row j, column 2(4c+i)+e. One load, three shifts and three ANDs give 4 vectors of int16 pairs.
+//   X4S (Q4_0, symmetric): the 16 scales d and the 4-bit layout of u (0..15), no offsets (blocks in pairs,
+//          two scale rows then two payloads: scales_at); integer = u - 8, the 8 taken off the block's integer
+//          activation sum (as X6's 32 below): 18 bytes per 32 weights, as the file.
 //   8-bit (Q8_0): 16 chunks of 32 bytes; chunk p, byte 2j+e = row j, column 2p+e (sign-extended to int16 pairs).
 //   5-bit (Q5_1, Q5_K): the 4-bit layout for the low four bits, then a 64-byte plane of fifth bits: 16-bit word
 //          2j+e, bit p = row j, column 2p+e; two shifts, an AND and a ternary-logic OR add it to each int16 vector.
 // The K-quants with 16-value sub-blocks (Q6_K, Q3_K, Q2_K) keep a scale per half block (columns 0-15 are chunks
 // 0-1 of the 4-bit layout, columns 16-31 chunks 2-3), so their two halves are summed apart and scaled apart:
-//   X6 (Q6_K): 16 fp16 scales of columns 0-15, 16 of columns 16-31 (d * sc), the 4-bit layout of the low four
-//          bits, the fifth-bit plane, then a plane of sixth bits (same places); integer = u - 32. 7 bits a weight.
-//   X3 (Q3_K): the two scale rows (d * (sc - 32)), then the 4-bit layout of u (0..7); integer = u - 4. 5 bits.
+//   X6 (Q6_K): 16 fp16 scales of columns 0-15, 16 of columns 16-31 (d * sc), then per half h six 64-byte
+//          vectors 3h, 3h+1, 3h+2 of 6-bit fields: 16-bit word 2j+e of the three, read as one 48-bit number, holds
+//          row j's u (0..63) of column 2(8h+f)+e at bits 6f .. 6f+5 (x6_place). A field is one or two shifts
+//          (a funnel shift where it straddles two words) and an AND; integer = u - 32, the 32 taken off the
+//          half block's integer sum as 32 * the activations' (XQ::hs). 7 bits a weight.
+//   X3 (Q3_K): the two scale rows (d * (sc - 32)), then the 4-bit layout of u (0..7); integer = u - 4 (the 4
+//          taken off as X6's 32). 5 bits.
 //   X2 (Q2_K): the two scale rows (d * sc), two offset rows (-dmin * mn) for the halves, then the 4-bit layout
 //          of u (0..3); value = scale * u + offset, the offset times the half block's activation sum. 6 bits.
 // Q4_K and Q5_K (32-value sub-blocks) are X4 and X5 with d = d * sc, m = -dmin * mn. K-quant scales are
@@ -112,12 +119,12 @@ inline void block_floats(const uint8_t* blk, int type, float* out) {
 //   y[row] += d * dx * sum_k(u * xq)  +  m * sx       (sx = dx * sum_k(xq), the block's activation sum)
 // (X6, X3, X2: the same per half block, with the half blocks' activation sums for X2's offsets.)
 constexpr int GR = 16;  // rows per group
-enum Fmt { X4 = 0, X8 = 1, X5 = 2, X6 = 3, X3 = 4, X2 = 5 };
-constexpr int N_FMT = 6;
-constexpr int64_t GBLOCK_BYTES[] = {64 + 256, 32 + 512, 64 + 256 + 64, 64 + 256 + 128, 64 + 256, 128 + 256};
+enum Fmt { X4 = 0, X8 = 1, X5 = 2, X6 = 3, X3 = 4, X2 = 5, X4S = 6 };
+constexpr int N_FMT = 7;
+constexpr int64_t GBLOCK_BYTES[] = {64 + 256, 32 + 512, 64 + 256 + 64, 64 + 256 + 128, 64 + 256, 128 + 256, 32 + 256};
 // Where the 4-bit payload starts in a group block (after the scale rows).
-constexpr int64_t PAYLOAD[] = {64, 32, 64, 64, 64, 128};
-constexpr bool HALVES[] = {false, false, false, true, true, true};  // a scale per 16-column half block
+constexpr int64_t PAYLOAD[] = {64, 32, 64, 64, 64, 128, 32};
+constexpr bool HALVES[] = {false, false, false, true, true, true, false};  // a scale per 16-column half block
 
 struct PW {  // a packed weight matrix
     const uint8_t* data;
@@ -139,6 +146,17 @@ PW as_pw(const at::Tensor& data, int64_t fmt, int64_t rows) {
     return w;
 }
 
+// Block b of the group whose row starts at gp: where its scale rows and its payload start. X4S keeps its blocks
+// in pairs, the two scale rows (64 bytes) then the two payloads (a lone last block: 32 bytes of scales, then its
+// payload), so that the 256-byte payloads stay on 64-byte lines in one stream; the other formats keep each block
+// whole.
+inline const uint8_t* scales_at(const uint8_t* gp, int fmt, int64_t nb, int64_t b) {
+    return fmt == X4S ? gp + 576 * (b / 2) + 32 * (b % 2) : gp + b * GBLOCK_BYTES[fmt];
+}
+inline const uint8_t* payload_at(const uint8_t* gp, int fmt, int64_t nb, int64_t b) {
+    return fmt == X4S ? gp + 576 * (b / 2) + ((b | 1) < nb ? 64 : 32) + 256 * (b % 2) : gp + b * GBLOCK_BYTES[fmt] + PAYLOAD[fmt];
+}
+
 // Where row j, column k of a group-block lives: 4-bit (byte offset, nibble shift) inside the payload.
 inline void x4_place(int j, int k, int& byte, int& shift) {
     const int p = k / 2, e = k % 2, c = p / 4, i = p % 4;
@@ -152,13 +170,21 @@ inline void x5_place(int j, int k, int& byte, int& bit) {
     byte = word * 2 + p / 8;
     bit = p % 8;
 }
-constexpr int X5_PLANE = 64 + 256;  // where the fifth bits start in a 5-bit group block (and X6)
-constexpr int X6_PLANE = X5_PLANE + 64;  // X6's sixth bits
+constexpr int X5_PLANE = 64 + 256;  // where the fifth bits start in a 5-bit group block
+// X6: row j, column k's (byte offset in the payload of the word holding bit 0 of the 48-bit number, bit of the
+// field in that number).
+inline void x6_place(int j, int k, int& byte, int& bit) {
+    const int p = k / 2, h = p / 8;
+    byte = 64 * 3 * h + 2 * (2 * j + k % 2);
+    bit = 6 * (p % 8);
+}
+constexpr int BIAS[] = {0, 0, 0, 32, 4, 0, 8};  // what the stored integers exceed the values by (X6, X3, X4S)
 
 // Row r's value at column k of block b, as integer and scales (for unpacking and embedding lookups).
 inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float& d, float& m) {
     const int64_t GB = GBLOCK_BYTES[w.fmt];
-    const uint8_t* gb = w.data + ((r / GR) * w.nb + b) * GB;
+    const uint8_t* gp = w.data + (r / GR) * w.nb * GB;
+    const uint8_t *gb = scales_at(gp, w.fmt, w.nb, b), *pl = payload_at(gp, w.fmt, w.nb, b);
     const int j = (int)(r % GR);
     if (w.fmt == X8) {
         d = load_half(gb + 2 * j);
@@ -167,23 +193,34 @@ inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float
         return;
     }
     int byte, shift;
-    x4_place(j, k, byte, shift);
-    q = (gb[PAYLOAD[w.fmt] + byte] >> shift) & 0x0F;
-    if (w.fmt == X5 || w.fmt == X6) {
+    if (w.fmt == X6) {
+        x6_place(j, k, byte, shift);
+        uint64_t bits = 0;
+        for (int i = 0; i < 3; i++) {
+            uint16_t word;
+            std::memcpy(&word, pl + byte + 64 * i, 2);
+            bits |= (uint64_t)word << (16 * i);
+        }
+        q = (int)((bits >> shift) & 63);
+    } else {
+        x4_place(j, k, byte, shift);
+        q = (pl[byte] >> shift) & 0x0F;
+    }
+    if (w.fmt == X5) {
         int hbyte, bit;
         x5_place(j, k, hbyte, bit);
         q |= ((gb[X5_PLANE + hbyte] >> bit) & 1) << 4;
-        if (w.fmt == X6) q = (q | (((gb[X6_PLANE + hbyte] >> bit) & 1) << 5)) - 32;
     }
     if (HALVES[w.fmt]) {
         const int h = k / 16;
         d = load_half(gb + 32 * h + 2 * j);
         m = w.fmt == X2 ? load_half(gb + 64 + 32 * h + 2 * j) : 0.f;
-        if (w.fmt == X3) q -= 4;
+        q -= BIAS[w.fmt];
         return;
     }
     d = load_half(gb + 2 * j);
-    m = load_half(gb + 32 + 2 * j);
+    m = w.fmt == X4S ? 0.f : load_half(gb + 32 + 2 * j);
+    q -= BIAS[w.fmt];
 }
 
 void packed_dequant_rows(const PW& w, int64_t r0, int64_t r1, float* out) {
@@ -199,6 +236,7 @@ void packed_dequant_rows(const PW& w, int64_t r0, int64_t r1, float* out) {
 struct XQ {  // activations as int16 blocks: T rows of K, with a scale and a sum per 32-value block
     std::vector<int16_t> q;
     std::vector<float> dx, sx, sh;  // sh: dx * the sum of the block's first 16 values (X2's half-block offsets)
+    std::vector<int32_t> hs;  // the integer sums of each block's two 16-value halves (X6's and X3's biases)
     int64_t T = 0, K = 0, nb = 0;
 };
 

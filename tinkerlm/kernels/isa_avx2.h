@@ -17,6 +17,27 @@ inline __m256i fifth_bits(__m256i plane, int p) {
     return _mm256_and_si256(moved, _mm256_set1_epi16(0x10));
 }
 
+// X6: field F (0..7) of the three 6-bit words w[0..2] (common.h, x6_place), as int16 values 0..63.
+template <int F>
+inline __m256i x6_field(const __m256i* w) {
+    constexpr int bit = 6 * F, lo = bit / 16, sh = bit % 16;
+    const __m256i m = _mm256_set1_epi16(63);
+    if constexpr (sh + 6 > 16)
+        return _mm256_and_si256(_mm256_or_si256(_mm256_slli_epi16(w[lo + 1], 16 - sh), _mm256_srli_epi16(w[lo], sh)), m);
+    else if constexpr (sh + 6 == 16)
+        return _mm256_srli_epi16(w[lo], sh);
+    else
+        return _mm256_and_si256(_mm256_srli_epi16(w[lo], sh), m);
+}
+
+template <int T, int... F>
+inline void x6_half(const __m256i* w, __m256i (&tmp)[T], const int32_t* const* xp, int h, std::integer_sequence<int, F...>) {
+    auto one = [&](int f, __m256i wi) {
+        for (int t = 0; t < T; t++) tmp[t] = _mm256_add_epi32(tmp[t], _mm256_madd_epi16(wi, _mm256_set1_epi32(xp[t][8 * h + f])));
+    };
+    (one(F, x6_field<F>(w)), ...);
+}
+
 // y[t][0 .. 15] = rows g*16 .. g*16+15 of x[t0 + t] @ W^T for t < T: one group of 16 weight rows.
 template <int FMT, int T>
 void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64_t ystride) {
@@ -29,36 +50,31 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
         __m256 acc[T];
         for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
         for (int64_t b = 0; b < nb; b++) {
-            const uint8_t* gb = gp + b * GB;
+            const uint8_t *gb = scales_at(gp, FMT, nb, b), *pl = payload_at(gp, FMT, nb, b);
             const int32_t* xp[T];
             for (int t = 0; t < T; t++) xp[t] = (const int32_t*)(x.q.data() + (t0 + t) * x.K + b * QK);
             __m256i tmp[T];
             for (int t = 0; t < T; t++) tmp[t] = _mm256_setzero_si256();
-            if constexpr (HALVES[FMT]) {  // X6/X3/X2: each 16-column half (chunks 2h, 2h+1) scaled apart
-                __m256i h5 = _mm256_setzero_si256(), h6 = _mm256_setzero_si256();
-                if (FMT == X6) {
-                    h5 = _mm256_loadu_si256((const __m256i*)(gb + X5_PLANE + 32 * hf));
-                    h6 = _mm256_loadu_si256((const __m256i*)(gb + X6_PLANE + 32 * hf));
-                }
-                const __m256i bias = _mm256_set1_epi16(FMT == X6 ? 32 : FMT == X3 ? 4 : 0);
+            if constexpr (HALVES[FMT]) {  // X6/X3/X2: each 16-column half scaled apart
                 for (int h = 0; h < 2; h++) {
-                    for (int c = 2 * h; c < 2 * h + 2; c++) {
-                        const __m256i v = _mm256_loadu_si256((const __m256i*)(gb + PAYLOAD[FMT] + 64 * c + 32 * hf));
-                        for (int i = 0; i < 4; i++) {
-                            const int p = 4 * c + i;
-                            __m256i wi = _mm256_and_si256(_mm256_srli_epi16(v, 4 * i), low);
-                            if (FMT == X6) {
-                                const __m256i b6 = p >= 5 ? _mm256_srli_epi16(h6, p - 5) : _mm256_slli_epi16(h6, 5 - p);
-                                wi = _mm256_or_si256(_mm256_or_si256(wi, fifth_bits(h5, p)), _mm256_and_si256(b6, _mm256_set1_epi16(0x20)));
+                    if constexpr (FMT == X6) {
+                        __m256i w6[3];
+                        for (int i = 0; i < 3; i++) w6[i] = _mm256_loadu_si256((const __m256i*)(pl + 64 * (3 * h + i) + 32 * hf));
+                        x6_half<T>(w6, tmp, xp, h, std::make_integer_sequence<int, 8>{});
+                    } else {
+                        for (int c = 2 * h; c < 2 * h + 2; c++) {
+                            const __m256i v = _mm256_loadu_si256((const __m256i*)(pl + 64 * c + 32 * hf));
+                            for (int i = 0; i < 4; i++) {
+                                const __m256i wi = _mm256_and_si256(_mm256_srli_epi16(v, 4 * i), low);
+                                for (int t = 0; t < T; t++)
+                                    tmp[t] = _mm256_add_epi32(tmp[t], _mm256_madd_epi16(wi, _mm256_set1_epi32(xp[t][4 * c + i])));
                             }
-                            wi = _mm256_sub_epi16(wi, bias);
-                            for (int t = 0; t < T; t++)
-                                tmp[t] = _mm256_add_epi32(tmp[t], _mm256_madd_epi16(wi, _mm256_set1_epi32(xp[t][p])));
                         }
                     }
                     const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 * h + 16 * hf)));
                     for (int t = 0; t < T; t++) {
                         const int64_t xi = (t0 + t) * x.nb + b;
+                        if (BIAS[FMT]) tmp[t] = _mm256_sub_epi32(tmp[t], _mm256_set1_epi32(BIAS[FMT] * x.hs[2 * xi + h]));
                         acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tmp[t]), _mm256_mul_ps(dv, _mm256_set1_ps(x.dx[xi])), acc[t]);
                         tmp[t] = _mm256_setzero_si256();
                     }
@@ -76,7 +92,7 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
                 __m256i hb = _mm256_setzero_si256();
                 if (FMT == X5) hb = _mm256_loadu_si256((const __m256i*)(gb + X5_PLANE + 32 * hf));
                 for (int c = 0; c < 4; c++) {
-                    const __m256i v = _mm256_loadu_si256((const __m256i*)(gb + 64 + 64 * c + 32 * hf));
+                    const __m256i v = _mm256_loadu_si256((const __m256i*)(pl + 64 * c + 32 * hf));
                     for (int i = 0; i < 4; i++) {
                         __m256i wi = _mm256_and_si256(_mm256_srli_epi16(v, 4 * i), low);
                         if (FMT == X5) wi = _mm256_or_si256(wi, fifth_bits(hb, 4 * c + i));
@@ -93,9 +109,10 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
             const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 16 * hf)));
             for (int t = 0; t < T; t++) {
                 const int64_t xi = (t0 + t) * x.nb + b;
+                if (BIAS[FMT]) tmp[t] = _mm256_sub_epi32(tmp[t], _mm256_set1_epi32(BIAS[FMT] * (x.hs[2 * xi] + x.hs[2 * xi + 1])));
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tmp[t]), _mm256_mul_ps(dv, _mm256_set1_ps(x.dx[xi])), acc[t]);
             }
-            if (FMT != X8) {
+            if (FMT != X8 && FMT != X4S) {
                 const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 + 16 * hf)));
                 for (int t = 0; t < T; t++) acc[t] = _mm256_fmadd_ps(mv, _mm256_set1_ps(x.sx[(t0 + t) * x.nb + b]), acc[t]);
             }

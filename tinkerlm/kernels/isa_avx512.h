@@ -80,6 +80,38 @@ inline __m512i fifth_bits(__m512i plane, int p) {
     return _mm512_and_si512(moved, _mm512_set1_epi16(0x10));
 }
 
+// X6: field F (0..7) of the three 6-bit words w[0..2] (common.h, x6_place), as int16 values 0..63: one or two
+// ops (a field that straddles two words: one funnel shift) and an AND.
+template <int F>
+inline __m512i x6_field(const __m512i* w) {
+    constexpr int bit = 6 * F, lo = bit / 16, sh = bit % 16;
+    const __m512i m = _mm512_set1_epi16(63);
+    if constexpr (sh + 6 > 16) {
+#ifdef __AVX512VBMI2__
+        return _mm512_and_si512(_mm512_shldi_epi16(w[lo + 1], w[lo], 16 - sh), m);
+#else  // (high word << (16 - sh) | low word >> sh) & 63 as one ternary op
+        return _mm512_ternarylogic_epi32(_mm512_slli_epi16(w[lo + 1], 16 - sh), _mm512_srli_epi16(w[lo], sh), m, 0xA8);
+#endif
+    } else if constexpr (sh + 6 == 16) {
+        return _mm512_srli_epi16(w[lo], sh);
+    } else if constexpr (sh == 0) {
+        return _mm512_and_si512(w[lo], m);
+    } else {
+        return _mm512_and_si512(_mm512_srli_epi16(w[lo], sh), m);
+    }
+}
+
+// tmp[t][f % NC] += the 8 fields of w (columns pairs 8h .. 8h+7) times their activation pairs xp[t][8h + f].
+template <int T, int NC, int... F>
+inline void x6_half(const __m512i* w, __m512i (&tmp)[T][NC], const int32_t* const* xp, int h,
+                    std::integer_sequence<int, F...>) {
+    auto one = [&](auto f, __m512i wi) {
+        for (int t = 0; t < T; t++)
+            tmp[t][f % NC] = _mm512_dpwssd_epi32(tmp[t][f % NC], wi, _mm512_set1_epi32(xp[t][8 * h + f]));
+    };
+    (one(F, x6_field<F>(w)), ...);
+}
+
 // All 16 rows of group g as floats into out (16, K), vectorized (QLoRA dequantizes every weight twice a step).
 // Each int16 pair vector holds rows j = 0..15 at columns (2p, 2p+1): scaled in 32-bit lanes, then each row's
 // pair goes to its place with a 64-bit scatter.
@@ -96,9 +128,12 @@ void packed_dequant_group(const PW& w, int64_t g, float* out) {
     const __m512i idx_hi = _mm512_add_epi64(idx_lo, _mm512_set1_epi64(8 * w.K / 2));
     const __m512i low = _mm512_set1_epi16(0x0F);
     for (int64_t b = 0; b < w.nb; b++) {
-        const uint8_t* gb = w.data + (g * w.nb + b) * GB;
+        const uint8_t* gp = w.data + g * w.nb * GB;
+        const uint8_t *gb = scales_at(gp, w.fmt, w.nb, b), *pl = payload_at(gp, w.fmt, w.nb, b);
         const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)gb));
-        const __m512 mv = w.fmt != X8 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + 32))) : _mm512_setzero_ps();
+        const __m512 mv = w.fmt == X8 ? _mm512_setzero_ps()
+                          : w.fmt == X4S ? _mm512_mul_ps(dv, _mm512_set1_ps(-8.f))  // d (u - 8) = d u - 8 d, exactly
+                                         : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + 32)));
         const __m512 d_lo = _mm512_permutexvar_ps(pairs_lo, dv), d_hi = _mm512_permutexvar_ps(pairs_hi, dv);
         const __m512 m_lo = _mm512_permutexvar_ps(pairs_lo, mv), m_hi = _mm512_permutexvar_ps(pairs_hi, mv);
         auto put = [&](__m512i words, int p) {  // 32 int16: rows 0..15 x columns (2p, 2p+1)
@@ -109,9 +144,9 @@ void packed_dequant_group(const PW& w, int64_t g, float* out) {
             _mm512_i64scatter_pd(base, idx_hi, _mm512_castps_pd(hi), 8);
         };
         if (w.fmt != X8) {
-            const __m512i hb = _mm512_loadu_si512((const void*)(gb + X5_PLANE));
+            const __m512i hb = w.fmt == X5 ? _mm512_loadu_si512((const void*)(gb + X5_PLANE)) : _mm512_setzero_si512();
             for (int c = 0; c < 4; c++) {
-                const __m512i v = _mm512_loadu_si512((const void*)(gb + 64 + 64 * c));
+                const __m512i v = _mm512_loadu_si512((const void*)(pl + 64 * c));
                 for (int i = 0; i < 4; i++) {
                     __m512i wi = _mm512_and_si512(_mm512_srli_epi16(v, 4 * i), low);
                     if (w.fmt == X5) wi = _mm512_or_si512(wi, fifth_bits(hb, 4 * c + i));
@@ -145,7 +180,7 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
     for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
     const __m512i low = _mm512_set1_epi16(0x0F);
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t* gb = gp + b * GB;
+        const uint8_t *gb = scales_at(gp, FMT, nb, b), *pl = payload_at(gp, FMT, nb, b);
         const int32_t* xp[T];
         for (int t = 0; t < T; t++) xp[t] = (const int32_t*)(x.q.data() + (t0 + t) * x.K + b * QK);
         // NC independent sums per row: a vpdpwssd waits ~5 cycles for its accumulator, so with few rows one
@@ -154,32 +189,28 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
         __m512i tmp[T][NC];
         for (int t = 0; t < T; t++)
             for (int c = 0; c < NC; c++) tmp[t][c] = _mm512_setzero_si512();
-        if (HALVES[FMT]) {  // X6/X3/X2: each 16-column half (chunks 2h, 2h+1) summed, then scaled, apart
-            __m512i h5 = _mm512_setzero_si512(), h6 = _mm512_setzero_si512();
-            if (FMT == X6) {
-                h5 = _mm512_loadu_si512((const void*)(gb + X5_PLANE));
-                h6 = _mm512_loadu_si512((const void*)(gb + X6_PLANE));
-            }
-            const __m512i bias = _mm512_set1_epi16(FMT == X6 ? 32 : FMT == X3 ? 4 : 0);
+        if (HALVES[FMT]) {  // X6/X3/X2: each 16-column half summed, then scaled, apart
             for (int h = 0; h < 2; h++) {
-                for (int c = 2 * h; c < 2 * h + 2; c++) {
-                    const __m512i v = _mm512_loadu_si512((const void*)(gb + PAYLOAD[FMT] + 64 * c));
-                    for (int i = 0; i < 4; i++) {
-                        const int p = 4 * c + i;
-                        __m512i wi = i == 3 ? _mm512_srli_epi16(v, 12) : _mm512_and_si512(_mm512_srli_epi16(v, 4 * i), low);
-                        if (FMT == X6) {  // | fifth bit << 4 | sixth bit << 5, as one ternary op
-                            const __m512i b6 = p >= 5 ? _mm512_srli_epi16(h6, (unsigned)(p - 5)) : _mm512_slli_epi16(h6, (unsigned)(5 - p));
-                            wi = _mm512_ternarylogic_epi32(wi, fifth_bits(h5, p), _mm512_and_si512(b6, _mm512_set1_epi16(0x20)), 0xFE);
+                if constexpr (FMT == X6) {  // the half's three 6-bit words
+                    __m512i w6[3];
+                    for (int i = 0; i < 3; i++) w6[i] = _mm512_loadu_si512((const void*)(pl + 64 * (3 * h + i)));
+                    x6_half<T, NC>(w6, tmp, xp, h, std::make_integer_sequence<int, 8>{});
+                } else {
+                    for (int c = 2 * h; c < 2 * h + 2; c++) {  // chunks 2h, 2h+1 of the 4-bit layout
+                        const __m512i v = _mm512_loadu_si512((const void*)(pl + 64 * c));
+                        for (int i = 0; i < 4; i++) {
+                            const __m512i wi = i == 3 ? _mm512_srli_epi16(v, 12) : _mm512_and_si512(_mm512_srli_epi16(v, 4 * i), low);
+                            for (int t = 0; t < T; t++)
+                                tmp[t][i % NC] = _mm512_dpwssd_epi32(tmp[t][i % NC], wi, _mm512_set1_epi32(xp[t][4 * c + i]));
                         }
-                        if (FMT != X2) wi = _mm512_sub_epi16(wi, bias);
-                        for (int t = 0; t < T; t++)
-                            tmp[t][i % NC] = _mm512_dpwssd_epi32(tmp[t][i % NC], wi, _mm512_set1_epi32(xp[t][p]));
                     }
                 }
                 const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + 32 * h)));
                 for (int t = 0; t < T; t++) {
                     for (int c = 1; c < NC; c++) tmp[t][0] = _mm512_add_epi32(tmp[t][0], tmp[t][c]);
                     const int64_t xi = (t0 + t) * x.nb + b;
+                    if (BIAS[FMT])  // the stored integers are value + BIAS: take BIAS * the half's activation sum off
+                        tmp[t][0] = _mm512_sub_epi32(tmp[t][0], _mm512_set1_epi32(BIAS[FMT] * x.hs[2 * xi + h]));
                     acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tmp[t][0]), _mm512_mul_ps(dv, _mm512_set1_ps(x.dx[xi])), acc[t]);
                     for (int c = 0; c < NC; c++) tmp[t][c] = _mm512_setzero_si512();
                 }
@@ -198,7 +229,7 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
             __m512i hb = _mm512_setzero_si512();  // 5-bit: the plane of fifth bits
             if (FMT == X5) hb = _mm512_loadu_si512((const void*)(gb + X5_PLANE));
             for (int c = 0; c < 4; c++) {
-                const __m512i v = _mm512_loadu_si512((const void*)(gb + 64 + 64 * c));
+                const __m512i v = _mm512_loadu_si512((const void*)(pl + 64 * c));
                 for (int i = 0; i < 4; i++) {  // nibble i: the int16 pairs of columns 2(4c+i), 2(4c+i)+1
                     __m512i wi;
                     if constexpr (FMT == X5)  // ((v >> 4i) & 0x0F) | (fifth bit << 4): the AND and OR as one ternary op
@@ -215,14 +246,19 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
                 for (int t = 0; t < T; t++) tmp[t][p % NC] = _mm512_dpwssd_epi32(tmp[t][p % NC], wv, _mm512_set1_epi32(xp[t][p]));
             }
         }
-        for (int t = 0; t < T; t++)
+        for (int t = 0; t < T; t++) {
             for (int c = 1; c < NC; c++) tmp[t][0] = _mm512_add_epi32(tmp[t][0], tmp[t][c]);
+            if (BIAS[FMT]) {  // X4S: take 8 * the block's activation sum off
+                const int64_t xi = (t0 + t) * x.nb + b;
+                tmp[t][0] = _mm512_sub_epi32(tmp[t][0], _mm512_set1_epi32(BIAS[FMT] * (x.hs[2 * xi] + x.hs[2 * xi + 1])));
+            }
+        }
         const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)gb));
         for (int t = 0; t < T; t++) {
             const int64_t xi = (t0 + t) * x.nb + b;
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tmp[t][0]), _mm512_mul_ps(dv, _mm512_set1_ps(x.dx[xi])), acc[t]);
         }
-        if (FMT != X8) {
+        if (FMT != X8 && FMT != X4S) {
             const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + 32)));
             for (int t = 0; t < T; t++) acc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(x.sx[(t0 + t) * x.nb + b]), acc[t]);
         }

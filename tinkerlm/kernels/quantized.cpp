@@ -135,6 +135,18 @@ inline void put_block(uint8_t* gb, int fmt, int j, const KBlock& kb) {
     for (int i = 0; i < nscales; i++) std::memcpy(gb + 32 * i + 2 * j, &kb.s[i], 2);
     const uint8_t* u = kb.u;
     uint8_t* payload = gb + PAYLOAD[fmt];
+    if (fmt == X6) {  // half h, parity e: the 8 fields of columns 2(8h+f)+e as one 48-bit number (see x6_place)
+        for (int h = 0; h < 2; h++)
+            for (int e = 0; e < 2; e++) {
+                uint64_t bits = 0;
+                for (int f = 0; f < 8; f++) bits |= (uint64_t)u[2 * (8 * h + f) + e] << (6 * f);
+                for (int i = 0; i < 3; i++) {
+                    const uint16_t word = (uint16_t)(bits >> (16 * i));
+                    std::memcpy(payload + 64 * (3 * h + i) + 2 * (2 * j + e), &word, 2);
+                }
+            }
+        return;
+    }
 #if defined(__AVX2__) && defined(__BMI2__)
     // Output byte 4c + 2e + h = u[8c+e+4h] | u[8c+2+e+4h] << 4: two byte shuffles of each 16-value half, one OR.
     const __m128i A = _mm_loadu_si128((const __m128i*)u), B = _mm_loadu_si128((const __m128i*)(u + 16));
@@ -146,14 +158,12 @@ inline void put_block(uint8_t* gb, int fmt, int j, const KBlock& kb) {
     alignas(16) uint32_t words[4];
     _mm_store_si128((__m128i*)words, _mm_or_si128(lo, _mm_slli_epi16(hi, 4)));
     for (int c = 0; c < 4; c++) std::memcpy(payload + 64 * c + 4 * j, &words[c], 4);
-    if (fmt == X5 || fmt == X6) {  // bit p of word 2j+e: that bit of column 2p+e, from a byte mask and pext
+    if (fmt == X5) {  // bit p of word 2j+e: the fifth bit of column 2p+e, from a byte mask and pext
         const __m256i uv = _mm256_loadu_si256((const __m256i*)u);
-        for (int plane = 0; plane < (fmt == X6 ? 2 : 1); plane++) {
-            const uint32_t bits = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(uv, 3 - plane));  // bit 4+plane -> 7
-            const uint16_t even = (uint16_t)_pext_u32(bits, 0x55555555u), odd = (uint16_t)_pext_u32(bits, 0xAAAAAAAAu);
-            std::memcpy(gb + X5_PLANE + 64 * plane + 4 * j, &even, 2);
-            std::memcpy(gb + X5_PLANE + 64 * plane + 4 * j + 2, &odd, 2);
-        }
+        const uint32_t bits = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(uv, 3));  // bit 4 -> 7
+        const uint16_t even = (uint16_t)_pext_u32(bits, 0x55555555u), odd = (uint16_t)_pext_u32(bits, 0xAAAAAAAAu);
+        std::memcpy(gb + X5_PLANE + 4 * j, &even, 2);
+        std::memcpy(gb + X5_PLANE + 4 * j + 2, &odd, 2);
     }
 #else
     for (int c = 0; c < 4; c++)  // chunk c, word 2j+e: nibble i holds column 2(4c+i)+e (see x4_place)
@@ -162,13 +172,12 @@ inline void put_block(uint8_t* gb, int fmt, int j, const KBlock& kb) {
                                              ((u[8 * c + 4 + e] & 0x0F) << 8) | ((u[8 * c + 6 + e] & 0x0F) << 12));
             std::memcpy(payload + 64 * c + 2 * (2 * j + e), &word, 2);
         }
-    if (fmt == X5 || fmt == X6)  // word 2j+e of a plane: bit p = that bit of column 2p+e (see x5_place)
-        for (int plane = 0; plane < (fmt == X6 ? 2 : 1); plane++)
-            for (int e = 0; e < 2; e++) {
-                uint16_t word = 0;
-                for (int p = 0; p < 16; p++) word |= (uint16_t)(((u[2 * p + e] >> (4 + plane)) & 1) << p);
-                std::memcpy(gb + X5_PLANE + 64 * plane + 2 * (2 * j + e), &word, 2);
-            }
+    if (fmt == X5)  // word 2j+e of the plane: bit p = the fifth bit of column 2p+e (see x5_place)
+        for (int e = 0; e < 2; e++) {
+            uint16_t word = 0;
+            for (int p = 0; p < 16; p++) word |= (uint16_t)(((u[2 * p + e] >> 4) & 1) << p);
+            std::memcpy(gb + X5_PLANE + 2 * (2 * j + e), &word, 2);
+        }
 #endif
 }
 
@@ -198,18 +207,22 @@ at::Tensor pack_k(const at::Tensor& data, int64_t type) {
     return out;
 }
 
+constexpr int PACKED[] = {X8, X4S, X4, X5};  // the packed format of each QType
+
 // GGUF blocks (QType) or K-quant super-blocks (KType) -> the packed layout.
 at::Tensor pack(at::Tensor data, int64_t type) {
     if (type >= K_Q4 && type <= K_Q2) return pack_k(data, type);
     QW w = as_qw(data, type);
-    const int fmt = type == Q8_0 ? X8 : type == Q5_1 ? X5 : X4;
+    const int fmt = PACKED[type];
     const int64_t groups = (w.rows + GR - 1) / GR, GB = GBLOCK_BYTES[fmt];
     auto out = at::zeros({groups, w.nb * GB}, at::kByte);
     uint8_t* o = out.data_ptr<uint8_t>();
     at::parallel_for(0, groups, 16, [&](int64_t g0, int64_t g1) {
         for (int64_t g = g0; g < g1; g++)
             for (int64_t b = 0; b < w.nb; b++) {
-                uint8_t* gb = o + (g * w.nb + b) * GB;
+                uint8_t* gp = o + g * w.nb * GB;
+                uint8_t* gb = const_cast<uint8_t*>(scales_at(gp, fmt, w.nb, b));
+                uint8_t* pl = const_cast<uint8_t*>(payload_at(gp, fmt, w.nb, b));
                 for (int j = 0; j < GR && g * GR + j < w.rows; j++) {
                     const uint8_t* blk = w.data + (g * GR + j) * w.row_bytes + b * BLOCK_BYTES[type];
                     std::memcpy(gb + 2 * j, blk, 2);  // d, bit for bit
@@ -217,12 +230,7 @@ at::Tensor pack(at::Tensor data, int64_t type) {
                         for (int p = 0; p < 16; p++) std::memcpy(gb + 32 + 32 * p + 2 * j, blk + 2 + 2 * p, 2);
                         continue;
                     }
-                    if (type == Q4_1 || type == Q5_1) {
-                        std::memcpy(gb + 32 + 2 * j, blk + 2, 2);
-                    } else {  // Q4_0: d * (u - 8) = d * u + m with m = -8d (exact in fp16)
-                        const at::Half m = at::Half(-8.f * load_half(blk));
-                        std::memcpy(gb + 32 + 2 * j, &m, 2);
-                    }
+                    if (type == Q4_1 || type == Q5_1) std::memcpy(gb + 32 + 2 * j, blk + 2, 2);
                     const uint8_t* qs = blk + (type == Q5_1 ? 8 : type == Q4_1 ? 4 : 2);
                     uint8_t u[QK];
                     for (int k = 0; k < 16; k++) {
@@ -234,7 +242,7 @@ at::Tensor pack(at::Tensor data, int64_t type) {
                         for (int e = 0; e < 2; e++) {
                             const uint16_t word = (uint16_t)(u[8 * c + e] | (u[8 * c + 2 + e] << 4) |
                                                              (u[8 * c + 4 + e] << 8) | (u[8 * c + 6 + e] << 12));
-                            std::memcpy(gb + 64 + 64 * c + 2 * (2 * j + e), &word, 2);
+                            std::memcpy(pl + 64 * c + 2 * (2 * j + e), &word, 2);
                         }
                     if (type == Q5_1) {  // word 2j+e of the plane: bit p = fifth bit of column 2p+e (see x5_place)
                         uint32_t qh;
@@ -254,7 +262,7 @@ at::Tensor pack(at::Tensor data, int64_t type) {
 // The inverse of pack: GGUF blocks of `type` again, bit for bit.
 at::Tensor unpack(at::Tensor data, int64_t fmt, int64_t rows, int64_t type) {
     PW w = as_pw(data, fmt, rows);
-    TORCH_CHECK(type >= 0 && type <= 3 && fmt == (type == Q8_0 ? X8 : type == Q5_1 ? X5 : X4),
+    TORCH_CHECK(type >= 0 && type <= 3 && fmt == PACKED[type],
                 "unpack: packed format ", fmt, " has no GGUF block type ", type);
     auto out = at::zeros({rows, w.nb * BLOCK_BYTES[type]}, at::kByte);
     uint8_t* o = out.data_ptr<uint8_t>();
@@ -262,7 +270,7 @@ at::Tensor unpack(at::Tensor data, int64_t fmt, int64_t rows, int64_t type) {
     for (int64_t r = 0; r < rows; r++)
         for (int64_t b = 0; b < w.nb; b++) {
             uint8_t* blk = o + r * w.nb * BLOCK_BYTES[type] + b * BLOCK_BYTES[type];
-            const uint8_t* gb = w.data + ((r / GR) * w.nb + b) * GB;
+            const uint8_t* gb = scales_at(w.data + (r / GR) * w.nb * GB, w.fmt, w.nb, b);
             const int j = (int)(r % GR);
             std::memcpy(blk, gb + 2 * j, 2);
             if (type == Q4_1 || type == Q5_1) std::memcpy(blk + 2, gb + 32 + 2 * j, 2);
@@ -271,6 +279,7 @@ at::Tensor unpack(at::Tensor data, int64_t fmt, int64_t rows, int64_t type) {
             for (int k = 0; k < QK; k++) {
                 int q; float d, m;
                 packed_entry(w, r, b, k, q, d, m);
+                q += BIAS[w.fmt];  // Q4_0: u again
                 if (type == Q5_1) qh |= (uint32_t)(q >> 4) << k;
                 if (type == Q8_0) qs[k] = (uint8_t)(int8_t)q;
                 else if (k < 16) qs[k] |= (uint8_t)(q & 0x0F);
@@ -288,6 +297,7 @@ void quantize_acts(const float* x, int64_t T, int64_t K, XQ& out) {
     out.dx.resize(T * out.nb);
     out.sx.resize(T * out.nb);
     out.sh.resize(T * out.nb);
+    out.hs.resize(2 * T * out.nb);
     auto block = [&](int64_t i) {  // i: block index over all rows
         const float* xb = x + i * QK;
         int16_t* qb = out.q.data() + i * QK;
@@ -299,6 +309,8 @@ void quantize_acts(const float* x, int64_t T, int64_t K, XQ& out) {
         int32_t h = 0;
         for (int k = 0; k < 16; k++) h += qb[k];
         out.sh[i] = out.dx[i] * (float)h;
+        out.hs[2 * i] = h;
+        out.hs[2 * i + 1] = s - h;
     };
     const int64_t n = T * out.nb;
     if (n < 1024) { for (int64_t i = 0; i < n; i++) block(i); return; }
@@ -328,6 +340,7 @@ inline void tile(const PW& w, int64_t g, const XQ& x, int64_t t0, int64_t n, flo
         case X6: group_tile<X6>(w, g, x, t0, n, y, ystride); break;
         case X3: group_tile<X3>(w, g, x, t0, n, y, ystride); break;
         case X2: group_tile<X2>(w, g, x, t0, n, y, ystride); break;
+        case X4S: group_tile<X4S>(w, g, x, t0, n, y, ystride); break;
         default: group_tile<X8>(w, g, x, t0, n, y, ystride); break;
     }
 }

@@ -9,7 +9,8 @@ A `QTensor` is a (rows, K) matrix stored as rows of 32-value blocks (layouts as 
 The K-quants (Q4_K, Q5_K, Q6_K, Q3_K, Q2_K: 256-value super-blocks) are held as the file's super-blocks, zero-copy,
 and `qops.pack` converts them in C++, in one pass, straight into the kernels' layout (kernels/common.h):
 - Q4_K -> X4 and Q5_K -> X5 (as Q4_1/Q5_1 blocks): each 32-value sub-block is d * sc * u - dmin * mn.
-- Q6_K -> X6 (7 bits a weight): the 6-bit integers u - 32 kept, a scale per 16-value sub-block.
+- Q6_K -> X6 (7 bits a weight): the 6-bit integers u kept (the products take the 32 off), a scale per 16-value
+  sub-block.
 - Q3_K -> X3 (5 bits a weight): the 3-bit integers u - 4 in nibbles, a scale per 16-value sub-block.
 - Q2_K -> X2 (6 bits a weight): the 2-bit integers in nibbles, a scale and an offset per 16-value sub-block.
 The integers are exact; only each sub-block's scale d * sc (and offset -dmin * mn) is rounded, to fp16 (relative
@@ -17,7 +18,8 @@ error <= 2^-11 of the scale). Other GGUF types (IQ...) are dequantized and requa
 `quantize` makes Q8_0 (int8) or Q4_1 (int4) blocks from float weights.
 
 A `Packed` tensor is a QTensor rearranged into the layout the C++ products read (groups of 16 rows; kernels/common.h,
-"Packed weights"), losslessly for the 32-value block types; `qops.pack` and `qops.unpack` convert between the two
+"Packed weights"; Q4_0 as X4S, its blocks' scales and nibbles without an offset, 18 bytes per 32 weights as in the
+file), losslessly for the 32-value block types; `qops.pack` and `qops.unpack` convert between the two
 (Q6_K, Q3_K and Q2_K do not unpack: `qops.dequantize` them).
 """
 
@@ -102,8 +104,9 @@ class QTensor:
         return QTensor(torch.cat([p.data for p in parts]), parts[0].qtype, parts[0].K)
 
 
-# The packed format of each block type, as kernels/common.h numbers them: X4, X8, X5, X6, X3, X2.
-PACKED_FORMATS = {"Q4_0": 0, "Q4_1": 0, "Q8_0": 1, "Q5_1": 2, "Q4_K": 0, "Q5_K": 2, "Q6_K": 3, "Q3_K": 4, "Q2_K": 5}
+# The packed format of each block type, as kernels/common.h numbers them: X4, X8, X5, X6, X3, X2, X4S (Q4_0: no
+# offsets, 18 bytes per 32 weights).
+PACKED_FORMATS = {"Q4_0": 6, "Q4_1": 0, "Q8_0": 1, "Q5_1": 2, "Q4_K": 0, "Q5_K": 2, "Q6_K": 3, "Q3_K": 4, "Q2_K": 5}
 
 
 @dataclass

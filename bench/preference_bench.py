@@ -86,7 +86,6 @@ def worker_tinkerlm(spec: dict) -> dict:
 
     from tinkerlm import lora
     from tinkerlm.loading import load_checkpoint
-    from tinkerlm.tune import data as data_mod
     from tinkerlm.tune import preference
 
     torch.set_num_threads(spec["threads"])
@@ -113,7 +112,7 @@ def worker_tinkerlm(spec: dict) -> dict:
         losses.append(float(loss.detach()) / len(idx))
         tokens.append(obj.tokens(idx))
         seqs = [prefs.seqs[2 * i + k] for k in (0, 1) for i in idx.tolist()]
-        rows = data_mod.pack(seqs, spec["seq_len"], pad)
+        rows, _ = preference.pack_seqs(seqs, spec["seq_len"], pad)  # as `seq_logps` packs them
         padded.append(rows.batch(torch.arange(len(rows)))[0].numel())  # positions run (trailing padding cut)
     return {"times": times, "losses": losses, "tokens": tokens, "padded": padded, "peak_rss_mb": _peak_rss_mb()}
 

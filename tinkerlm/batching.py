@@ -202,12 +202,18 @@ class MixedMask:
         return out
 
 
+FUSED_PIECES = 32  # prompt tokens in a mixed step up to which quantized models run it through the fused kernel
+
+
 def mixed_forward(model, cache: KVCache, step: MixedStep, tokens: list[int], at: list[int]) -> torch.Tensor:
     """Logits (len(at), V) at token indices `at` of a mixed step's one forward over `tokens` (laid out as `step`).
-    Quantized models with a fused decode step run it as one call of the fused kernel, a token per entry (each
-    entry's arithmetic that of a decode step: pure decode steps and mixed ones agree); the others their modules."""
+    Quantized models with a fused decode step run a step with at most FUSED_PIECES prompt tokens as one call of
+    the fused kernel, a token per entry (each entry's arithmetic that of a decode step: pure decode steps and mixed
+    ones agree); bigger pieces, and other models, go through the modules, whose prefill kernels multiply many rows
+    at once (the fused kernel treats each prompt token as a decode step, with the whole vocabulary's logits: 1.7x
+    the time of separate forwards for 2 x 128 prompt tokens beside 14 answers, `bench/mixed_step.py`)."""
     fused = getattr(model, "fused_decode", None)
-    if hasattr(fused, "entries"):
+    if hasattr(fused, "entries") and sum(n for _, _, n in step.pieces) <= FUSED_PIECES:
         return fused.entries(torch.tensor(tokens), step.pos, step.row_of, cache)[at]
     return model(torch.tensor([tokens]), cache=step, logits_at=torch.tensor(at))[:, -1]
 

@@ -239,15 +239,25 @@ def kto_loss(
 # Log-probs of whole sequences
 
 
+def pack_seqs(seqs: list[Example], seq_len: int, pad: int) -> tuple[data_mod.Rows, torch.Tensor]:
+    """`seqs` packed, longest first, into rows as wide as the longest of them (per-document attention keeps them
+    apart), and the index in `seqs` of each packed example: never more positions than padding each sequence to the
+    longest, as TRL does, and fewer where short ones share a row. (Packing into `seq_len`-wide rows made one row
+    holding two sequences set the width of every row.)"""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].ids))
+    width = min(seq_len, max(len(s.ids) for s in seqs))
+    return data_mod.pack([seqs[i] for i in order], width, pad), torch.tensor(order)
+
+
 def seq_logps(
     model: nn.Module, seqs: list[Example], seq_len: int, pad: int, bf16: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed answer-token log-probs (fp32) and answer lengths of `seqs`, packed into rows of `seq_len` tokens."""
+    """Summed answer-token log-probs (fp32) and answer lengths of `seqs` (each at most `seq_len` tokens)."""
     from tinkerlm.tune import trainer
 
-    rows = data_mod.pack(seqs, seq_len, pad)
+    rows, order = pack_seqs(seqs, seq_len, pad)
     lp = trainer.token_logps(model, *rows.batch(torch.arange(len(rows))), bf16)  # (N,), padding columns cut
-    owner = rows.example[:, 1:][rows.target[:, 1:]]  # (N,) sequence of each target token
+    owner = order[rows.example[:, 1:][rows.target[:, 1:]]]  # (N,) sequence of each target token
     sums = torch.zeros(len(seqs), dtype=torch.float32).index_add(0, owner, lp)
     return sums, torch.bincount(owner, minlength=len(seqs))
 

@@ -10,7 +10,7 @@ Mixed steps (chunked prefill): while other sequences are decoding, a step carrie
 tokens (the oldest admitted prompt first, in pieces at their true positions) in the SAME forward as the decode
 tokens, as llama-server and vLLM do: one (1, N) input, decode tokens then pieces, each token written into its own
 row and slot and attending over its own row's keys (`MixedStep`, `MixedMask`); quantized models with a fused decode
-step run it as one call of the fused kernel, a token per entry. So a burst of new or long prompts delays the running
+step run a step with few prompt tokens as one call of the fused kernel, a token per entry (`mixed_forward`). So a burst of new or long prompts delays the running
 answers' next token by one chunk's share of a forward, not by every prompt's prefill, and the weights are read once
 for both kinds of work. Steps without prefill work keep the plain decode forward (the fused kernel of quantized
 models); when nothing is decoding, admitted prompts are prefilled whole, one forward each. A mixed step that fails

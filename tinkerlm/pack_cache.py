@@ -36,7 +36,6 @@ import json
 import logging
 import mmap
 import os
-import platform
 import shutil
 import struct
 import zlib
@@ -89,19 +88,16 @@ def remove(gguf: Path) -> None:
 
 @lru_cache(maxsize=1)
 def code_key() -> str:
-    """sha256 of the sources that decide what a load produces, and of this CPU's feature flags."""
-    digest = hashlib.sha256(FORMAT.encode())
+    """sha256 of the Python sources that decide what a load produces, and of the kernels' build key (their C++
+    sources and this CPU's feature flags, as `tinkerlm.kernels` names its builds)."""
+    from tinkerlm import kernels
+
+    digest = hashlib.sha256(FORMAT.encode() + kernels._build_hash(()).encode())
     files = [ROOT / "loading.py", Path(__file__).resolve()]
     for package in ("formats", "models", "quant", "kernels"):
-        files += sorted(p for p in (ROOT / package).rglob("*") if p.suffix in (".py", ".cpp", ".h"))
+        files += sorted((ROOT / package).rglob("*.py"))
     for f in files:
         digest.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    digest.update(platform.machine().encode())
-    try:
-        with open("/proc/cpuinfo") as f:
-            digest.update(next((line for line in f if line.startswith(("flags", "Features"))), "").encode())
-    except OSError:
-        pass
     return digest.hexdigest()
 
 

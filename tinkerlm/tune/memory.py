@@ -74,10 +74,10 @@ def activation_bytes(config, tokens: int) -> int:
 def recompute(config, tokens: int, asked: bool | None) -> bool | str:
     """The model's `checkpoint_layers` for a run: `asked` (the recipe's grad_checkpointing) when given, else by the
     size of a micro-batch's activations: all kept up to ACTIVATION_BUDGET, then "selective" (matmul and attention
-    outputs kept, the cheap ops rerun: measured on SmolLM2 at 4 x 512 with the caching allocator, 3.4 -> 2.8 GB for
-    9% of the speed), then whole layers above WHOLE_LAYER_BUDGET (1.44 GB for 37%). The budgets were kept when
-    the caching allocator came: it lowers every mode's peak at no cost in speed, so the trade between them is
-    unchanged (bench/finetune_bench.py --allocators)."""
+    outputs kept, the cheap ops rerun: measured quiet on SmolLM2 at 4 x 512 with the caching allocator, 3.2 -> 2.6 GB
+    peak for 10% of the speed), then whole layers above WHOLE_LAYER_BUDGET (1.26 GB for 29%). The budgets were kept
+    when the caching allocator came: it lowers every mode's peak, so the trade between them is unchanged
+    (bench/finetune_bench.py --allocators, BENCHMARKS.md)."""
     if asked is not None:
         return asked
     kept = activation_bytes(config, tokens)

@@ -1,6 +1,6 @@
 """The trainer's fused output head (`trainer._FusedHeadCE`): the same summed cross-entropy and the same gradients as
 the chunked, recomputed head it replaces in fp32 training, for pretraining rows and packed SFT rows, tied and
-untied heads, a frozen head (LoRA), and more rows than one chunk."""
+untied heads, a frozen head (LoRA), and more rows than one chunk; under bf16 autocast, the autocast head's."""
 
 from __future__ import annotations
 
@@ -34,13 +34,13 @@ def _model(tied: bool):
     return model.train()
 
 
-def _loss_and_grads(model, fused: bool, ids, segments, target):
+def _loss_and_grads(model, fused: bool, ids, segments, target, bf16: bool = False):
     model.zero_grad(set_to_none=True)
     if fused:
-        assert trainer._fused_head_ok(model, False)
-        loss = trainer.loss_sum(model, ids, segments, target)
+        assert trainer._fused_head_ok(model, bf16)
+        loss = trainer.loss_sum(model, ids, segments, target, bf16)
     else:
-        loss = sum(trainer._over_targets(trainer._head_ce, model, ids, segments, target, False))
+        loss = sum(trainer._over_targets(trainer._head_ce, model, ids, segments, target, bf16))
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -72,6 +72,29 @@ def test_fused_head_frozen_head_and_when_it_stands_aside():
     got, grads = _loss_and_grads(model, True, ids, None, None)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
     assert model.lm_head.weight.grad is None and grads.keys() == ref_grads.keys()
-    assert not trainer._fused_head_ok(model, True)  # bf16 autocast: the plain path
     with torch.no_grad():
         assert not trainer._fused_head_ok(model, False)  # evaluation: the plain path
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("chunk", [None, 25])
+def test_fused_head_under_bf16_equals_the_autocast_head(tied, chunk, monkeypatch):
+    """Mixed precision: the fused head rounds what autocast's Linear rounds (inputs, weight, logits, the logits'
+    gradient) to bf16, so in one chunk it gives the autocast path's loss and gradients; over several chunks it sums
+    the head's gradient in fp32 where autocast sums it in bf16, so its error from fp32 is no larger (in norm)."""
+    ids = torch.randint(0, 96, (3, 40), generator=torch.Generator().manual_seed(3))
+    if chunk:
+        monkeypatch.setattr(trainer, "HEAD_CHUNK", chunk)
+    model = _model(tied)
+    ref, ref_grads = _loss_and_grads(model, False, ids, None, None, bf16=True)
+    got, grads = _loss_and_grads(model, True, ids, None, None, bf16=True)
+    _, fp32 = _loss_and_grads(model, True, ids, None, None)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    head = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    assert (ref_grads[head] - fp32[head]).abs().max() > 1e-3  # bf16 products, not fp32's
+    for name in ref_grads:
+        if chunk is None:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-6, atol=1e-6, msg=name)
+        else:
+            assert (grads[name] - fp32[name]).norm() <= 1.01 * (ref_grads[name] - fp32[name]).norm(), name

@@ -172,7 +172,7 @@ def loss_sum(
 ) -> torch.Tensor:
     """Summed cross-entropy over the target tokens of packed rows (B, T) (see `_over_targets` for None)."""
     if _fused_head_ok(model, bf16):
-        return _fused_loss_sum(model, ids, segments, target)
+        return _fused_loss_sum(model, ids, segments, target, bf16)
     total = torch.zeros((), dtype=torch.float32)
     for part in _over_targets(_head_ce, model, ids, segments, target, bf16):
         total = total + part
@@ -180,27 +180,28 @@ def loss_sum(
 
 
 def _fused_head_ok(model: nn.Module, bf16: bool) -> bool:
-    """The fused head applies to a plain fp32 Linear head, in training, in one process (FSDP shards the weight)."""
+    """The fused head applies to a plain fp32 Linear head (its products in bf16 under `bf16`), in training, in one
+    process (FSDP shards the weight)."""
     head = model.lm_head
     return (
         type(head) is nn.Linear
         and head.bias is None
         and head.weight.dtype == torch.float32
-        and not bf16
         and torch.is_grad_enabled()
         and not (torch.distributed.is_available() and torch.distributed.is_initialized())
     )
 
 
-def _fused_loss_sum(model: nn.Module, ids, segments, target) -> torch.Tensor:
+def _fused_loss_sum(model: nn.Module, ids, segments, target, bf16: bool = False) -> torch.Tensor:
     """`loss_sum` through `_FusedHeadCE`: the same value, no logits kept and no head recomputed."""
-    h = model(ids, segments=segments, head=False)  # (B, T, C)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        h = model(ids, segments=segments, head=False)  # (B, T, C)
     if target is None:
         hs, labels = h[:, :-1].reshape(-1, h.shape[-1]), ids[:, 1:].reshape(-1)  # (B * (T - 1), C)
     else:
         want = target[:, 1:]  # token t + 1 is predicted at position t
         hs, labels = h[:, :-1][want], ids[:, 1:][want]  # (N, C), (N,)
-    return _FusedHeadCE.apply(hs, model.lm_head.weight, labels)
+    return _FusedHeadCE.apply(hs, model.lm_head.weight, labels, torch.bfloat16 if bf16 else None)
 
 
 class _FusedHeadCE(torch.autograd.Function):
@@ -208,17 +209,23 @@ class _FusedHeadCE(torch.autograd.Function):
     forward pass (the fused linear cross-entropy of Liger-Kernel, Hsu et al. 2024): at most `head_chunk` rows of
     logits exist at once, and the head costs three products per chunk instead of four (forward, its recomputation
     and two in the backward). The softmax is made in place in the logits, its exponentials computed once and its
-    sum giving the log-sum-exp (no (n, V) temporary). The backward scales the stored gradients by the loss's."""
+    sum giving the log-sum-exp (no (n, V) temporary). The backward scales the stored gradients by the loss's.
+
+    `dtype` bf16 (mixed precision) runs the three products as autocast runs a Linear: inputs and weight rounded to
+    bf16, the logits and the softmax's gradient rounded to bf16 at the products; the softmax, the sums and the
+    accumulation of the weight's gradient over chunks stay in fp32."""
 
     @staticmethod
-    def forward(ctx, h, weight, labels):
+    def forward(ctx, h, weight, labels, dtype=None):
         grad_h = torch.empty_like(h)
         grad_w = None
         total = torch.zeros((), dtype=torch.float32)
         n = head_chunk(weight.shape[0])
+        w = weight if dtype is None else weight.to(dtype)
         for a in range(0, h.shape[0], n):
             x, y = h[a : a + n], labels[a : a + n]
-            logits = x @ weight.T  # (n, V)
+            x = x if dtype is None else x.to(dtype)
+            logits = (x @ w.T).float()  # (n, V); fp32: no copy
             picked = logits.gather(1, y[:, None])  # (n, 1), before the logits become the softmax
             top = logits.amax(-1, keepdim=True)  # (n, 1)
             g = logits.sub_(top).exp_()  # exp(logit - max)
@@ -226,9 +233,14 @@ class _FusedHeadCE(torch.autograd.Function):
             total += (top + s.log() - picked).sum()  # log-sum-exp - target logit
             g.div_(s)  # softmax, in place: d(sum CE)/d(logits) = softmax - one-hot
             g[torch.arange(len(y)), y] -= 1.0
-            grad_h[a : a + n] = g @ weight
+            g = g if dtype is None else g.to(dtype)
+            grad_h[a : a + n] = g @ w
             if ctx.needs_input_grad[1]:
-                grad_w = g.T @ x if grad_w is None else grad_w.addmm_(g.T, x)  # (V, C)
+                if dtype is not None:
+                    part = (g.T @ x).float()  # (V, C)
+                    grad_w = part if grad_w is None else grad_w.add_(part)
+                else:
+                    grad_w = g.T @ x if grad_w is None else grad_w.addmm_(g.T, x)  # (V, C)
         if grad_w is None and ctx.needs_input_grad[1]:  # no rows
             grad_w = torch.zeros_like(weight)
         ctx.save_for_backward(grad_h, grad_w)
@@ -237,7 +249,7 @@ class _FusedHeadCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad, None if grad_w is None else grad_w * grad, None
+        return grad_h * grad, None if grad_w is None else grad_w * grad, None, None
 
 
 def token_logps(

@@ -2,10 +2,13 @@
 
     .venv/bin/python bench/pretrain_bench.py                       # the stdlib-code example's model, 30 steps x 3 runs
     .venv/bin/python bench/pretrain_bench.py --steps 12 --runs 1 --engines tinkerlm,transformers
+    .venv/bin/python bench/pretrain_bench.py --precision bf16          # bf16 mixed precision in every engine
 
 The same model: the shape of examples/pretrain/stdlib-code.yaml (hidden 192, 4 layers, 6 heads, 2 KV heads, MLP
 512, tied embeddings, RMSNorm eps 1e-5, RoPE theta 1e4), vocabulary 8,192 (a byte-level BPE tokenizer trained here
-by `tinkerlm tokenizer train` on the Python standard library's top-level modules), fp32 everywhere.
+by `tinkerlm tokenizer train` on the Python standard library's top-level modules), fp32 everywhere, or with
+`--precision bf16` each engine's bf16 mixed precision: fp32 weights, gradients and optimizer, products under bf16
+autocast (tinkerlm's `bf16: true`, the Trainer's `bf16=True`, LitGPT's `precision="bf16-mixed"`).
 The same data: tinkerlm's token shards of those modules, cut into rows of `--seq-len` tokens; the rows of each step
 are the ones tinkerlm's loop draws (`trainer.step_rows`), written once to a .npy file and fed in that order to the
 peers (a sequential sampler for the Trainer, a plain DataLoader for LitGPT).
@@ -66,6 +69,7 @@ MODEL = dict(
     rms_norm_eps=1e-5,
     tie_word_embeddings=True,
 )
+PRECISION = {"fp32": "fp32", "bf16": "bf16 mixed precision (fp32 weights, bf16 autocast)"}
 OPT = dict(lr=2e-3, min_lr_ratio=0.1, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0, seed=0)
 
 
@@ -144,6 +148,7 @@ def worker_tinkerlm(spec: dict) -> dict:
         progress=False,
         distributed=spec.get("distributed", "ddp"),
         compile=spec.get("compile", False),
+        bf16=spec.get("precision") == "bf16",
     )
     if m is None:  # a rank other than 0 under torchrun: rank 0 stores and reports
         return {}
@@ -206,7 +211,7 @@ def worker_transformers(spec: dict) -> dict:
             dataloader_num_workers=0,
             disable_tqdm=True,
             seed=OPT["seed"],
-            bf16=False,
+            bf16=spec.get("precision") == "bf16",  # autocast on the CPU, fp32 master weights
         )
         trainer = InOrder(model=model, args=args, train_dataset=Rows())
         trainer.train()
@@ -277,7 +282,7 @@ def worker_litgpt(spec: dict) -> dict:
             model_name="pretrain-bench",
             model_config=config,
             out_dir=Path(out),
-            precision="32-true",
+            precision="bf16-mixed" if spec.get("precision") == "bf16" else "32-true",
             data=Rows(),
             train=TrainArgs(
                 save_interval=None,
@@ -374,6 +379,7 @@ def prepare(args, model: dict = MODEL) -> dict:
         "steps": args.steps,
         "lr_warmup": args.lr_warmup,
         "threads": args.threads,
+        "precision": args.precision,
     }
 
 
@@ -459,7 +465,7 @@ def plot(results: list[dict], spec: dict, path: Path) -> None:
     ax.set_ylabel("train loss (cross-entropy per token)")
     ax.set_title(
         f"Same Llama ({MODEL['hidden_size']}x{MODEL['num_hidden_layers']}, vocab {spec['vocab_size']}), "
-        "same rows, fp32, 2 threads"
+        f"same rows, {spec['precision']}, {spec['threads']} threads"
     )
     ax.grid(alpha=0.3)
     ax.legend()
@@ -490,12 +496,13 @@ def report(results: list[dict], spec: dict, args) -> str:
         "## Pretraining (training throughput from scratch)",
         "",
         f"`.venv/bin/python bench/pretrain_bench.py --steps {spec['steps']} --runs {args.runs} --threads "
-        f"{spec['threads']} --engines {','.join(engines)}` on {cpu}, {os.cpu_count()} CPUs, torch "
+        f"{spec['threads']} --precision {spec['precision']} --engines {','.join(engines)}` on {cpu}, {os.cpu_count()} CPUs, torch "
         f"{torch.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         f"examples/pretrain/stdlib-code.yaml's Llama ({MODEL['hidden_size']} wide, {MODEL['num_hidden_layers']} layers, "
         f"{MODEL['num_attention_heads']} heads / {MODEL['num_key_value_heads']} KV, MLP {MODEL['intermediate_size']}, "
-        f"tied embeddings, vocabulary {spec['vocab_size']}), fp32, the same rows in the same order: "
+        f"tied embeddings, vocabulary {spec['vocab_size']}), {PRECISION[spec['precision']]}, the same rows in the "
+        "same order: "
         f"{spec['batch_size']} x {spec['grad_accum']} rows of {spec['seq_len']} tokens per step ({per_step:,} tokens), "
         f"AdamW, warmup {spec['lr_warmup']} steps then cosine, {spec['threads']} threads. Tokens/s over steps "
         f"{args.warmup + 2}..{spec['steps']} of each run (median, min-max over all those steps of all runs); peak "
@@ -536,6 +543,7 @@ def main(argv=None) -> int:
     p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per row")
     p.add_argument("--threads", type=int, default=2, help="torch threads in every engine")
+    p.add_argument("--precision", choices=list(PRECISION), default="fp32", help="fp32, or bf16 mixed precision")
     p.add_argument("--data", nargs="+", default=["stdlib/*.py"], help="pretraining sources (as `tinkerlm pretrain`)")
     p.add_argument("--vocab", type=int, default=8192, help="vocabulary of the tokenizer trained on --data")
     p.add_argument("--tokenizer", default=None, help="use this tokenizer instead of training one")

@@ -382,3 +382,33 @@ def test_rm_removes_the_run_and_the_shards_no_other_model_uses(tok, tmp_path, ca
     assert f"removed {shared} (" in capsys.readouterr().out
     store.rm("c")
     assert (own / key).is_dir()  # the user's shards_dir is theirs
+
+
+def test_bf16_mixed_precision_trains_through_the_fused_head(tok, monkeypatch):
+    """`bf16: true`: autocast products, fp32 weights and optimizer; the fused head takes the bf16 path, the loss
+    falls as fp32's does, close to it but not equal (the products did run in bf16)."""
+    calls = []
+    real = trainer._FusedHeadCE.apply
+    monkeypatch.setattr(trainer._FusedHeadCE, "apply", lambda *a: calls.append(a[-1]) or real(*a))
+    steps = dict(max_steps=6, eval_fraction=0.0, lr=1e-2)
+    fp32 = _losses(_run(tok, "f32", **steps))
+    bf16 = _losses(_run(tok, "b16", bf16=True, **steps))
+    assert calls.count(torch.bfloat16) == 6 * 2 and calls.count(None) == 6 * 2  # 2 micro-batches per step
+    assert bf16[-1] < bf16[0] - 0.3
+    assert max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.05
+    assert bf16 != fp32
+
+
+def test_attention_under_autocast_runs_in_fp32():
+    """Mixed precision with fp32 weights: RoPE gives q and k in fp32 and attention keeps them there (autocast would
+    round them to bf16); bf16 activations (bf16 models) are left to autocast."""
+    from tinkerlm.models.base import CAUSAL, attend
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 16, 8, generator=g), torch.randn(2, 2, 16, 8, generator=g)
+    v = torch.randn(2, 2, 16, 8, generator=g).bfloat16()  # from a Linear under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attend(q, k, v, CAUSAL)
+        y16 = attend(q.bfloat16(), k.bfloat16(), v, CAUSAL)
+    assert y.dtype == torch.float32 and y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y, attend(q, k, v.float(), CAUSAL), rtol=1e-6, atol=1e-6)

@@ -20,6 +20,7 @@ from tiny import write_tokenizer
 
 from tinkerlm import store
 from tinkerlm.errors import TinkerError
+from tinkerlm.kernels import ops
 from tinkerlm.tune import shards, trainer
 from tinkerlm.tune.pretrain import init_weights, load_tokenizer, pretrain, resolve, split_rows
 
@@ -412,3 +413,30 @@ def test_attention_under_autocast_runs_in_fp32():
         y16 = attend(q.bfloat16(), k.bfloat16(), v, CAUSAL)
     assert y.dtype == torch.float32 and y16.dtype == torch.bfloat16
     torch.testing.assert_close(y, attend(q, k, v.float(), CAUSAL), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(ops() is None, reason="the C++ kernels are not built here")
+def test_rope_of_bf16_activations_with_fp32_tables_equals_the_formula(monkeypatch):
+    """Under autocast q and k come out of their Linear in bf16 while the tables are fp32: the kernel then runs on
+    their fp32 copies, the values and gradients of the PyTorch formula (which promotes to fp32 the same way)."""
+    from tinkerlm import kernels
+    from tinkerlm.models import base
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 4, 8, generator=g).bfloat16()
+    positions = torch.arange(16).expand(2, 16)
+    cos, sin = base.rope_cos_sin(base.rope_inv_freq(8, 10000.0), positions, torch.float32)
+
+    def run():
+        xi = x.clone().requires_grad_()
+        y = base.apply_rope(xi, cos, sin)
+        (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        return y, xi.grad
+
+    y, grad = run()
+    assert type(y.grad_fn).__name__ == "_RopeFnBackward"  # the kernel ran
+    monkeypatch.setattr(kernels, "ops", lambda: None)  # the PyTorch formula
+    y_ref, grad_ref = run()
+    assert y.dtype == y_ref.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, grad_ref, rtol=0, atol=0)

@@ -297,6 +297,8 @@ class _RopeFn(torch.autograd.Function):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate (B, T, H, hd) by the tables (B, T, hd/2), in HF's rotate-half layout (first half pairs with second)."""
+    if cos.dtype == torch.float32 and x.dtype != torch.float32 and x.device.type == "cpu":
+        x = x.float()  # bf16 q, k under autocast with fp32 tables: the formula below would promote them to fp32 too
     if _kernels(x, cos, sin) is not None:
         return _RopeFn.apply(x, cos, sin)
     half = x.shape[-1] // 2

@@ -98,3 +98,28 @@ def test_fused_head_under_bf16_equals_the_autocast_head(tied, chunk, monkeypatch
             torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-6, atol=1e-6, msg=name)
         else:
             assert (grads[name] - fp32[name]).norm() <= 1.01 * (ref_grads[name] - fp32[name]).norm(), name
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_fused_head_rows_whose_target_probability_underflows(dtype):
+    """A target 200 nats below the best logit has probability 0 in fp32: its loss comes from the log-sum-exp of
+    its recomputed logits, finite and equal to cross_entropy's, gradients too."""
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(6, 8, generator=g)
+    w = torch.randn(16, 8, generator=g)
+    h[2] = w[3] * 30.0  # row 2's logit for token 3 towers over the others (by ~100s)
+    labels = torch.tensor([1, 5, 7, 0, 9, 15])
+    hd, wd = (h, w) if dtype is None else (h.to(dtype).float(), w.to(dtype).float())  # autocast's rounding
+    logits = (hd @ wd.T).to(dtype or torch.float32).float()
+    assert torch.softmax(logits, -1)[2, 7] == 0  # the case at hand
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    got = trainer._FusedHeadCE.apply(h1, w1, labels, dtype)
+    got.backward()
+    ref = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+    assert torch.isfinite(got) and float(ref) > 100
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-4)
+    if dtype is None:
+        h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+        torch.nn.functional.cross_entropy(h2 @ w2.T, labels, reduction="sum").backward()
+        torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-5)

@@ -51,6 +51,7 @@ CKPT_PREFIX = "step-"
 KEEP_CHECKPOINTS = 2
 HEAD_CHUNK = 2048  # target rows per output-head chunk at most...
 HEAD_LOGITS = 1 << 24  # ...and fewer for large vocabularies: (rows, vocab) fp32 logits of 64 MiB at most at once
+SOFTMAX_TINY = torch.finfo(torch.float32).tiny  # the fused head's probabilities below this are recomputed
 HISTORY_FIELDS = ("step", "epoch", "lr", "loss", "eval_loss", "tokens", "seconds", "tokens_per_s")
 
 
@@ -208,8 +209,10 @@ class _FusedHeadCE(torch.autograd.Function):
     """Summed cross-entropy of `h @ weight.T` (fp32) against `labels`, its gradients computed chunk by chunk in the
     forward pass (the fused linear cross-entropy of Liger-Kernel, Hsu et al. 2024): at most `head_chunk` rows of
     logits exist at once, and the head costs three products per chunk instead of four (forward, its recomputation
-    and two in the backward). The softmax is made in place in the logits, its exponentials computed once and its
-    sum giving the log-sum-exp (no (n, V) temporary). The backward scales the stored gradients by the loss's.
+    and two in the backward). The softmax is one fused pass of torch's kernel, row by row in cache (in place in
+    fp32 logits), and each row's loss is -log of its target's probability; a row whose probability underflows
+    (below fp32's smallest normal) takes log-sum-exp - target logit from its logits recomputed. The backward scales
+    the stored gradients by the loss's.
 
     `dtype` bf16 (mixed precision) runs the three products as autocast runs a Linear: inputs and weight rounded to
     bf16, the logits and the softmax's gradient rounded to bf16 at the products; the softmax, the sums and the
@@ -225,14 +228,20 @@ class _FusedHeadCE(torch.autograd.Function):
         for a in range(0, h.shape[0], n):
             x, y = h[a : a + n], labels[a : a + n]
             x = x if dtype is None else x.to(dtype)
-            logits = (x @ w.T).float()  # (n, V); fp32: no copy
-            picked = logits.gather(1, y[:, None])  # (n, 1), before the logits become the softmax
-            top = logits.amax(-1, keepdim=True)  # (n, 1)
-            g = logits.sub_(top).exp_()  # exp(logit - max)
-            s = g.sum(-1, keepdim=True)  # (n, 1)
-            total += (top + s.log() - picked).sum()  # log-sum-exp - target logit
-            g.div_(s)  # softmax, in place: d(sum CE)/d(logits) = softmax - one-hot
-            g[torch.arange(len(y)), y] -= 1.0
+            logits = x @ w.T  # (n, V), bf16 under `dtype` as autocast rounds them
+            if dtype is None:
+                g = torch.ops.aten._softmax.out(logits, -1, False, out=logits)  # in place (rows read, then written)
+            else:
+                g = torch.softmax(logits, -1, dtype=torch.float32)  # (n, V) fp32
+            p = g.gather(1, y[:, None])  # (n, 1)
+            ce = -p.log()
+            low = p[:, 0] < SOFTMAX_TINY
+            if low.any():  # so small a probability has lost digits or become 0: log-sum-exp - target logit
+                rows = low.nonzero()[:, 0]
+                again = (x[rows] @ w.T).float()  # (r, V)
+                ce[rows] = torch.logsumexp(again, -1, keepdim=True) - again.gather(1, y[rows, None])
+            total += ce.sum()
+            g[torch.arange(len(y)), y] -= 1.0  # d(sum CE)/d(logits) = softmax - one-hot
             g = g if dtype is None else g.to(dtype)
             grad_h[a : a + n] = g @ w
             if ctx.needs_input_grad[1]:

@@ -233,6 +233,7 @@ class _FusedHeadCE(torch.autograd.Function):
                 g = torch.ops.aten._softmax.out(logits, -1, False, out=logits)  # in place (rows read, then written)
             else:
                 g = torch.softmax(logits, -1, dtype=torch.float32)  # (n, V) fp32
+                del logits  # its memory serves g's bf16 copy below
             p = g.gather(1, y[:, None])  # (n, 1)
             ce = -p.log()
             low = p[:, 0] < SOFTMAX_TINY

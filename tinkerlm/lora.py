@@ -5,7 +5,9 @@
 with s = alpha / rank (alpha / sqrt(rank) with rsLoRA). A starts like nn.Linear's default init and B at zero, so
 a fresh adapter leaves the model unchanged. `fuse_lora` folds s * B @ A into float weights and swaps the plain
 layers back; `unwrap_lora` drops the adapters; `adapters_off` switches them off for a while (the reference model of preference
-tuning is the base itself, without a second copy of its weights).
+tuning is the base itself, without a second copy of its weights). `bf16_bases` holds the frozen linear weights in
+bfloat16 for a run under bf16 autocast: the copy autocast would make at every product, made once in place of the
+fp32 weights (the same numbers; the adapters stay fp32).
 
 On disk an adapter is what `peft` writes (`tinkerlm.formats.peft`: the file format, `read_adapter`);
 `save_adapter` and `load_adapter` here move a model's adapters to and from it.
@@ -167,6 +169,39 @@ def apply_lora(model: nn.Module, config: LoRAConfig, seed: int | None = None) ->
         if seed is not None:
             torch.random.set_rng_state(gen_state)
     return names
+
+
+def bf16_bases(model: nn.Module) -> int:
+    """Hold the frozen float linear layers' weights and biases in bfloat16, for training under bf16 autocast; returns
+    how many bytes that frees.
+
+    Autocast runs every linear layer in bf16, casting its fp32 weight at each call (and, the weight being frozen, not
+    caching the cast: a new copy per product, kept for the backward pass). Cast once here instead, autocast casts
+    nothing, so the losses and gradients are the same bit for bit, with half the weight bytes and no copies. Weights
+    shared with another module (a head tied to the embedding, which autocast does not cast) and trainable ones
+    stay as they are; so do the adapters (fp32 masters). Outside autocast the cast layers want bf16 inputs.
+    The frozen weights left in fp32 are copied off the checkpoint's memory map, if any: the cast read every page
+    of it, and the map (all of a safetensors file) lives as long as one tensor in it does.
+    """
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    freed = 0
+    for m in model.modules():
+        if type(m) is not nn.Linear:
+            continue
+        params = [p for p in (m.weight, m.bias) if p is not None]
+        if any(p.requires_grad or p.dtype != torch.float32 or uses[id(p)] > 1 for p in params):
+            continue
+        for name, p in (("weight", m.weight), ("bias", m.bias)):
+            if p is not None:
+                setattr(m, name, nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False))
+                freed += p.numel() * 2
+    if freed:
+        for p in model.parameters():
+            if not p.requires_grad and p.dtype == torch.float32:
+                p.data = p.detach().clone()  # the same Parameter (ties kept), in memory of its own
+    return freed
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

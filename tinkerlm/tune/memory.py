@@ -59,8 +59,9 @@ ACTIVATION_BUDGET = 512 << 20  # kept activations above which a run recomputes n
 WHOLE_LAYER_BUDGET = 2 << 30  # ... and above which it recomputes whole layers, keeping only their inputs (~35%)
 
 
-def activation_bytes(config, tokens: int) -> int:
-    """About what one micro-batch of `tokens` keeps for the backward pass without recomputation (fp32): per token
+def activation_bytes(config, tokens: int, bf16: bool = False) -> int:
+    """About what one micro-batch of `tokens` keeps for the backward pass without recomputation (fp32, or bf16
+    autocast's half-size products: counted at 2 bytes each, though the residual stream stays fp32): per token
     and layer, the residual stream and norms' outputs (4 x hidden), the attention's q, k, v and output (2 x hidden
     + 2 x kv width), and the MLP's gate, up and product (3 x intermediate). Measured on SmolLM2-135M at 4 x 512
     tokens (bench/activation_memory.py): 2.1 GiB kept, this says 1.9."""
@@ -68,10 +69,10 @@ def activation_bytes(config, tokens: int) -> int:
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     per = 6 * hidden + 2 * kv * head_dim + 3 * config.intermediate_size
-    return 4 * tokens * config.num_hidden_layers * per
+    return (2 if bf16 else 4) * tokens * config.num_hidden_layers * per
 
 
-def recompute(config, tokens: int, asked: bool | None) -> bool | str:
+def recompute(config, tokens: int, asked: bool | None, bf16: bool = False) -> bool | str:
     """The model's `checkpoint_layers` for a run: `asked` (the recipe's grad_checkpointing) when given, else by the
     size of a micro-batch's activations: all kept up to ACTIVATION_BUDGET, then "selective" (matmul and attention
     outputs kept, the cheap ops rerun: measured quiet on SmolLM2 at 4 x 512 with the caching allocator, 3.2 -> 2.6 GB
@@ -80,7 +81,7 @@ def recompute(config, tokens: int, asked: bool | None) -> bool | str:
     (bench/finetune_bench.py --allocators, BENCHMARKS.md)."""
     if asked is not None:
         return asked
-    kept = activation_bytes(config, tokens)
+    kept = activation_bytes(config, tokens, bf16)
     if kept > WHOLE_LAYER_BUDGET:
         return True
     return "selective" if kept > ACTIVATION_BUDGET else False

@@ -60,16 +60,12 @@ class LoRALinear(nn.Module):
         self.enabled = True  # False inside `adapters_off`: the base layer alone (no dropout draw either)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if not self.enabled:
-            return y
-        x = x.to(self.lora_A.dtype)
-        if self.dropout > 0 and self.training and not torch.is_autocast_enabled("cpu"):
-            h = _DropoutLinear.apply(x, self.lora_A, self.dropout)  # (..., rank)
-        elif self.dropout > 0 and self.training:
-            h = F.linear(F.dropout(x, self.dropout, True), self.lora_A)
-        else:
-            h = F.linear(x, self.lora_A)  # (..., rank)
+            return self.base(x)
+        if torch.is_autocast_enabled("cpu") and type(self.base) is nn.Linear:
+            return self._forward_bf16(x)
+        y = self.base(x)
+        h = self._down(x)  # (..., rank)
         if y.dtype != h.dtype:
             return y + (F.linear(h, self.lora_B) * self.scaling).to(y.dtype)
         # y + h @ (s B)^T in one GEMM call: scaling the small B instead of the (tokens, out) product saves a pass
@@ -78,6 +74,25 @@ class LoRALinear(nn.Module):
             y.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), (self.lora_B * self.scaling).t()
         )
         return out.view(y.shape)
+
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        """A(drop(x)): (..., in) -> (..., rank)."""
+        x = x.to(self.lora_A.dtype)
+        if self.dropout > 0 and self.training and not torch.is_autocast_enabled("cpu"):
+            return _DropoutLinear.apply(x, self.lora_A, self.dropout)
+        if self.dropout > 0 and self.training:
+            return F.linear(F.dropout(x, self.dropout, True), self.lora_A)
+        return F.linear(x, self.lora_A)
+
+    def _forward_bf16(self, x: torch.Tensor) -> torch.Tensor:
+        """Under bf16 autocast: the low-rank update first, then added inside the base's GEMM (fp32 accumulation),
+        so the sum is rounded to bf16 once. Added to the base's bf16 output instead, an update smaller than half
+        its rounding step (a young adapter's) would be rounded away: LoRA would barely train."""
+        h = self._down(x)  # (..., rank)
+        d = F.linear(h, self.lora_B * self.scaling)  # (..., out), bf16: a low-rank product, recomputed when saved
+        out = torch.addmm(d.reshape(-1, self.out_features), x.reshape(-1, self.in_features), self.base.weight.t())
+        out = out.view(*x.shape[:-1], self.out_features)
+        return out if self.base.bias is None else out + self.base.bias
 
     def delta(self) -> torch.Tensor:
         """s * B @ A, the (out, in) change to the base weight, in fp32."""

@@ -88,9 +88,10 @@ class LoRALinear(nn.Module):
         """Under bf16 autocast: the low-rank update first, then added inside the base's GEMM (fp32 accumulation),
         so the sum is rounded to bf16 once. Added to the base's bf16 output instead, an update smaller than half
         its rounding step (a young adapter's) would be rounded away: LoRA would barely train."""
-        h = self._down(x)  # (..., rank)
+        xb = x.to(torch.get_autocast_dtype("cpu"))  # autocast's cast of x, made once for both products
+        h = self._down(x) if self.dropout > 0 and self.training else F.linear(xb, self.lora_A)  # (..., rank)
         d = F.linear(h, self.lora_B * self.scaling)  # (..., out), bf16: a low-rank product, recomputed when saved
-        out = torch.addmm(d.reshape(-1, self.out_features), x.reshape(-1, self.in_features), self.base.weight.t())
+        out = torch.addmm(d.reshape(-1, self.out_features), xb.reshape(-1, self.in_features), self.base.weight.t())
         out = out.view(*x.shape[:-1], self.out_features)
         return out if self.base.bias is None else out + self.base.bias
 

@@ -110,14 +110,18 @@ def test_bf16_saves_bf16_activations(bases, tmp_path):
     assert by_dtype.get(torch.bfloat16, 0) > 2 * by_dtype.get(torch.float32, 0)
 
 
-def test_recompute_budget_counts_bf16_bytes(bases):
+def test_recompute_budget_counts_bf16_bytes_and_skips_selective(bases):
+    """bf16: activations at 2 bytes; above the budget whole layers rerun (the matmuls are cheap to redo in bf16)."""
     model, _, _ = load_checkpoint(bases["llama"])
     fp32 = memory.activation_bytes(model.config, 64)
     assert memory.activation_bytes(model.config, 64, bf16=True) * 2 == fp32
-    tokens = memory.WHOLE_LAYER_BUDGET // fp32 * 64 + 64  # whole layers in fp32, the matmuls kept in bf16
-    assert memory.recompute(model.config, tokens, None) is True
-    assert memory.recompute(model.config, tokens, None, bf16=True) == "selective"
-    assert memory.recompute(model.config, tokens, False, bf16=True) is False
+    under = memory.ACTIVATION_BUDGET // fp32 * 64 + 64  # over the budget in fp32, under it in bf16
+    assert memory.recompute(model.config, under, None) == "selective"
+    assert memory.recompute(model.config, under, None, bf16=True) is False
+    over = 2 * under
+    assert memory.recompute(model.config, over, None) == "selective"
+    assert memory.recompute(model.config, over, None, bf16=True) is True
+    assert memory.recompute(model.config, over, "selective", bf16=True) == "selective"
 
 
 def test_finetune_bf16_equals_autocast_over_fp32_weights(bases, tmp_path, monkeypatch):

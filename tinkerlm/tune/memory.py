@@ -55,7 +55,8 @@ def lean_malloc(mmap_threshold: int = 8 << 20, trim_threshold: int | None = None
     return ok
 
 
-ACTIVATION_BUDGET = 512 << 20  # kept activations above which a run recomputes norms, RoPE, SwiGLU (~10% slower)
+ACTIVATION_BUDGET = 512 << 20  # kept activations above which a run recomputes norms, RoPE, SwiGLU (~10% slower;
+# whole layers in bf16, see `recompute`)
 WHOLE_LAYER_BUDGET = 2 << 30  # ... and above which it recomputes whole layers, keeping only their inputs (~35%)
 
 
@@ -78,10 +79,16 @@ def recompute(config, tokens: int, asked: bool | None, bf16: bool = False) -> bo
     outputs kept, the cheap ops rerun: measured quiet on SmolLM2 at 4 x 512 with the caching allocator, 3.2 -> 2.6 GB
     peak for 10% of the speed), then whole layers above WHOLE_LAYER_BUDGET (1.26 GB for 29%). The budgets were kept
     when the caching allocator came: it lowers every mode's peak, so the trade between them is unchanged
-    (bench/finetune_bench.py --allocators, BENCHMARKS.md)."""
+    (bench/finetune_bench.py --allocators, BENCHMARKS.md).
+
+    Under bf16 autocast (`bf16`, frozen weights in bf16: `lora.bf16_bases`) the activations are counted at 2 bytes
+    and the selective step is skipped: above ACTIVATION_BUDGET whole layers are rerun. The products being ~4x
+    cheaper in bf16 (AVX512-BF16), rerunning them costs little, and selective recomputation kept too much: on
+    SmolLM2 at 4 x 512 (bench/finetune_bench.py --bf16-rows, a loaded machine) selective peaked at 1.96 GB for
+    1.2-1.3x the speed of fp32 with everything kept, whole layers at 1.29 GB for 0.84-0.89x."""
     if asked is not None:
         return asked
     kept = activation_bytes(config, tokens, bf16)
-    if kept > WHOLE_LAYER_BUDGET:
+    if kept > WHOLE_LAYER_BUDGET or (bf16 and kept > ACTIVATION_BUDGET):
         return True
     return "selective" if kept > ACTIVATION_BUDGET else False

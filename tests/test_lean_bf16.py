@@ -62,8 +62,8 @@ def test_frozen_weights_held_once_in_bf16_and_autocast_gives_the_same_numbers(ba
     frozen = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and not n.endswith("lm_head")}
     assert frozen and all(m.weight.dtype == torch.bfloat16 for m in frozen.values())
     assert all(m.bias is None or m.bias.dtype == torch.bfloat16 for m in frozen.values())
-    # A head tied to the embedding stays fp32 (autocast does not cast an embedding lookup); an untied one is cast.
-    assert model.lm_head.weight.dtype == (torch.float32 if tied else torch.bfloat16)
+    # The head stays fp32, tied to the embedding (which autocast does not cast) or not (the trainer's head casts it).
+    assert model.lm_head.weight.dtype == torch.float32
     assert model.model.embed_tokens.weight.dtype == torch.float32
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)

@@ -193,9 +193,10 @@ def bf16_bases(model: nn.Module) -> int:
 
     Autocast runs every linear layer in bf16, casting its fp32 weight at each call (and, the weight being frozen, not
     caching the cast: a new copy per product, kept for the backward pass). Cast once here instead, autocast casts
-    nothing, so the losses and gradients are the same bit for bit, with half the weight bytes and no copies. Weights
-    shared with another module (a head tied to the embedding, which autocast does not cast) and trainable ones
-    stay as they are; so do the adapters (fp32 masters). Outside autocast the cast layers want bf16 inputs.
+    nothing, so the losses and gradients are the same bit for bit, with half the weight bytes and no copies. The
+    output head (the trainer's fused head takes an fp32 one and casts it chunk by chunk), weights shared with
+    another module (an embedding, which autocast does not cast) and trainable ones stay as they are; so do the
+    adapters (fp32 masters). Outside autocast the cast layers want bf16 inputs.
     The frozen weights left in fp32 are copied off the checkpoint's memory map, if any: the cast read every page
     of it, and the map (all of a safetensors file) lives as long as one tensor in it does.
     """
@@ -203,8 +204,9 @@ def bf16_bases(model: nn.Module) -> int:
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
     freed = 0
+    head = getattr(model, "lm_head", None)  # left to the trainer's output head, which casts it chunk by chunk
     for m in model.modules():
-        if type(m) is not nn.Linear:
+        if type(m) is not nn.Linear or m is head:
             continue
         params = [p for p in (m.weight, m.bias) if p is not None]
         if any(p.requires_grad or p.dtype != torch.float32 or uses[id(p)] > 1 for p in params):

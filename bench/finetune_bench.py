@@ -4,6 +4,7 @@
     .venv/bin/python bench/finetune_bench.py --steps 20 --seq-len 512 --batch-size 4
     .venv/bin/python bench/finetune_bench.py --base /work/gguf/llama1b-q4_0.gguf --batch-size 2 --steps 3  # QLoRA 1B
     .venv/bin/python bench/finetune_bench.py --allocators --steps 4 --runs 3   # glibc vs the caching allocator
+    .venv/bin/python bench/finetune_bench.py --bf16-rows --steps 5 --runs 1   # bf16 LoRA against fp32, all kept
 
 Both sides get the same fp32 weights (the default SmolLM2 GGUF dequantized and written as a Hugging Face
 directory, which transformers loads), the same packed rows (the chat data rendered with SmolLM2's template and
@@ -17,6 +18,9 @@ packing data gets by default, and it is cheaper than tinkerlm's exact per-docume
 tinkerlm's LoRA over the GGUF's own Q4_1 weights (QLoRA-style), its default. tinkerlm's runs use the caching CPU
 allocator as `finetune` does (tinkerlm/tune/memory.py); `--allocators` instead compares it with glibc malloc on the
 fp32 rows (everything kept, selective, whole layers recomputed), the two alternating, `--runs` times each.
+`--bf16-rows` runs tinkerlm alone: fp32 with everything kept (the reference) against bf16 autocast with the frozen
+weights cast once (`lora.bf16_bases`, as `finetune --bf16` does) in each recomputation mode, and bf16 autocast over
+the fp32 weights; the losses are compared with the reference's step by step.
 """
 
 from __future__ import annotations
@@ -77,14 +81,19 @@ def worker_tinkerlm(spec: dict) -> dict:
     path = Path(spec["gguf"] if spec["quant"] == "native" else spec["hf_dir"])
     model, _, _ = load_checkpoint(path, quant=spec["quant"])
     lora.apply_lora(model, lora.LoRAConfig(rank=8, alpha=16, targets=TARGETS), seed=0)
-    model.checkpoint_layers = spec.get("checkpoint", False)
+    if spec["bf16"] and spec.get("cast_once", True):
+        lora.bf16_bases(model)  # as finetune does under bf16 autocast
+    ckpt = spec.get("checkpoint", False)
+    if ckpt == "default":  # what `finetune` picks for this batch
+        ckpt = memory.recompute(model.config, spec["batch_size"] * spec["seq_len"], None, spec["bf16"])
+    model.checkpoint_layers = ckpt
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
     model.train()
     B = spec["batch_size"]
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     for s in range(spec["steps"]):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         sl = slice(s * B, (s + 1) * B)
         n = int(target[sl, 1:].sum())
         loss = trainer.loss_sum(model, ids[sl], seg[sl], target[sl], spec["bf16"]) / n
@@ -92,8 +101,16 @@ def worker_tinkerlm(spec: dict) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         losses.append(float(loss))
-    return {"times": times, "losses": losses, "tokens_per_step": B * ids.shape[1], "peak_rss_mb": _peak_rss_mb()}
+    return {
+        "times": times,
+        "cpu": cpu,
+        "losses": losses,
+        "tokens_per_step": B * ids.shape[1],
+        "peak_rss_mb": _peak_rss_mb(),
+        "checkpoint": ckpt,
+    }
 
 
 def worker_peft(spec: dict) -> dict:
@@ -143,6 +160,8 @@ def run(engine: str, spec: dict) -> dict:
     r = json.loads(out.stdout.strip().splitlines()[-1])
     t = r["times"][1:]
     r["tok_s"] = r["tokens_per_step"] * len(t) / sum(t)
+    if "cpu" in r:  # tokens per CPU-second of the process (all threads): steadier than tok/s on a shared machine
+        r["tok_cpu_s"] = r["tokens_per_step"] * len(t) / sum(r["cpu"][1:])
     return r
 
 
@@ -174,6 +193,55 @@ def compare_allocators(spec: dict, runs: int) -> int:
                 f"{max(tok):.0f}) | {statistics.median(tok) / base:.2f}x | "
                 f"{statistics.median(r['peak_rss_mb'] for r in rs):.0f} | {rs[0]['losses'][-1]:.4f} |"
             )
+    return 0
+
+
+BF16_ROWS = [
+    ("fp32, everything kept", {"checkpoint": False}),
+    ("bf16, everything kept", {"bf16": True, "checkpoint": False}),
+    ("bf16, selective", {"bf16": True, "checkpoint": "selective"}),
+    ("bf16, whole layers", {"bf16": True, "checkpoint": True}),
+    ("bf16, finetune's default", {"bf16": True, "checkpoint": "default"}),
+    ("bf16 autocast over fp32 weights, selective", {"bf16": True, "checkpoint": "selective", "cast_once": False}),
+]
+
+
+def compare_bf16(spec: dict, runs: int, only: list[str] | None) -> int:
+    """tinkerlm LoRA in bf16 (frozen weights cast once) in each recomputation mode against fp32 with everything kept,
+    the rows' order reversed every other run."""
+    import statistics
+
+    rows = [r for i, r in enumerate(BF16_ROWS) if not only or str(i) in only or i == 0]
+    got = {}
+    for i in range(runs):
+        for label, extra in rows if i % 2 == 0 else rows[::-1]:
+            r = run("tinkerlm", {**spec, "quant": "fp32", **extra})
+            got.setdefault(label, []).append(r)
+            print(
+                f"  run {i + 1}: {label} ({r['checkpoint']}): {r['tok_s']:.0f} tok/s, {r['tok_cpu_s']:.0f} tok/CPU-s, "
+                f"peak RSS "
+                f"{r['peak_rss_mb']:.0f} MiB, losses {' '.join(f'{x:.4f}' for x in r['losses'])}, load "
+                f"{os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
+    ref = got[rows[0][0]]
+    base = statistics.median(r["tok_s"] for r in ref)
+    cpu_base = statistics.median(r["tok_cpu_s"] for r in ref)
+    print(
+        "\n| run | recomputation | train tok/s (median, min-max) | vs fp32 kept | tok/CPU-s | vs fp32 kept | "
+        "peak RSS MiB | largest loss change |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for label, _ in rows:
+        rs = got[label]
+        tok, cpu = [r["tok_s"] for r in rs], [r["tok_cpu_s"] for r in rs]
+        diff = max(abs(a - b) for a, b in zip(rs[0]["losses"], ref[0]["losses"]))
+        print(
+            f"| {label} | {rs[0]['checkpoint']} | {statistics.median(tok):.0f} ({min(tok):.0f}-{max(tok):.0f}) | "
+            f"{statistics.median(tok) / base:.2f}x | {statistics.median(cpu):.0f} | {statistics.median(cpu) / cpu_base:.2f}x | "
+            f"{statistics.median(r['peak_rss_mb'] for r in rs):.0f} | "
+            f"{diff:.4f} |"
+        )
     return 0
 
 
@@ -219,7 +287,11 @@ def main(argv=None) -> int:
     p.add_argument("--base", default=None, help="GGUF for the quantized-base (QLoRA) runs only, e.g. a random 1B")
     p.add_argument("--lean-malloc", action="store_true", help="tinkerlm runs lower glibc's mmap threshold")
     p.add_argument("--allocators", action="store_true", help="only tinkerlm fp32: glibc vs the caching allocator")
-    p.add_argument("--runs", type=int, default=1, help="with --allocators: runs of each row (medians shown)")
+    p.add_argument("--bf16-rows", action="store_true", help="only tinkerlm: bf16 LoRA's rows against fp32 kept")
+    p.add_argument(
+        "--rows", default=None, help="with --bf16-rows: the rows to run, by index in BF16_ROWS, e.g. 2,4 (0 always)"
+    )
+    p.add_argument("--runs", type=int, default=1, help="with --allocators or --bf16-rows: runs of each row (medians)")
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(WORKERS[args.worker](json.loads(args.spec))))
@@ -229,6 +301,8 @@ def main(argv=None) -> int:
     spec["lean_malloc"] = args.lean_malloc
     if args.allocators:
         return compare_allocators(spec, args.runs)
+    if args.bf16_rows:
+        return compare_bf16(spec, args.runs, args.rows.split(",") if args.rows else None)
     if args.base:  # a bigger quantized model: its QLoRA memory, without the peer or fp32 rows
         spec["gguf"] = str(Path(args.base).resolve())
         configs = [
@@ -264,7 +338,7 @@ def main(argv=None) -> int:
     if args.bf16:
         configs += [
             ("transformers + peft, bf16 autocast", "peft", {"bf16": True}),
-            ("tinkerlm, fp32 weights, bf16 autocast", "tinkerlm", {"quant": "fp32", "bf16": True}),
+            ("tinkerlm, fp32 weights, bf16 autocast", "tinkerlm", {"quant": "fp32", "bf16": True, "cast_once": False}),
         ]
     results = []
     for label, engine, extra in configs:

@@ -5,7 +5,9 @@
 with s = alpha / rank (alpha / sqrt(rank) with rsLoRA). A starts like nn.Linear's default init and B at zero, so
 a fresh adapter leaves the model unchanged. `fuse_lora` folds s * B @ A into float weights and swaps the plain
 layers back; `unwrap_lora` drops the adapters; `adapters_off` switches them off for a while (the reference model of preference
-tuning is the base itself, without a second copy of its weights).
+tuning is the base itself, without a second copy of its weights). `bf16_bases` holds the frozen linear weights in
+bfloat16 for a run under bf16 autocast: the copy autocast would make at every product, made once in place of the
+fp32 weights (the same numbers; the adapters stay fp32).
 
 On disk an adapter is what `peft` writes (`tinkerlm.formats.peft`: the file format, `read_adapter`);
 `save_adapter` and `load_adapter` here move a model's adapters to and from it.
@@ -58,16 +60,12 @@ class LoRALinear(nn.Module):
         self.enabled = True  # False inside `adapters_off`: the base layer alone (no dropout draw either)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if not self.enabled:
-            return y
-        x = x.to(self.lora_A.dtype)
-        if self.dropout > 0 and self.training and not torch.is_autocast_enabled("cpu"):
-            h = _DropoutLinear.apply(x, self.lora_A, self.dropout)  # (..., rank)
-        elif self.dropout > 0 and self.training:
-            h = F.linear(F.dropout(x, self.dropout, True), self.lora_A)
-        else:
-            h = F.linear(x, self.lora_A)  # (..., rank)
+            return self.base(x)
+        if torch.is_autocast_enabled("cpu") and type(self.base) is nn.Linear:
+            return self._forward_bf16(x)
+        y = self.base(x)
+        h = self._down(x)  # (..., rank)
         if y.dtype != h.dtype:
             return y + (F.linear(h, self.lora_B) * self.scaling).to(y.dtype)
         # y + h @ (s B)^T in one GEMM call: scaling the small B instead of the (tokens, out) product saves a pass
@@ -76,6 +74,26 @@ class LoRALinear(nn.Module):
             y.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), (self.lora_B * self.scaling).t()
         )
         return out.view(y.shape)
+
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        """A(drop(x)): (..., in) -> (..., rank)."""
+        x = x.to(self.lora_A.dtype)
+        if self.dropout > 0 and self.training and not torch.is_autocast_enabled("cpu"):
+            return _DropoutLinear.apply(x, self.lora_A, self.dropout)
+        if self.dropout > 0 and self.training:
+            return F.linear(F.dropout(x, self.dropout, True), self.lora_A)
+        return F.linear(x, self.lora_A)
+
+    def _forward_bf16(self, x: torch.Tensor) -> torch.Tensor:
+        """Under bf16 autocast: the low-rank update first, then added inside the base's GEMM (fp32 accumulation),
+        so the sum is rounded to bf16 once. Added to the base's bf16 output instead, an update smaller than half
+        its rounding step (a young adapter's) would be rounded away: LoRA would barely train."""
+        xb = x.to(torch.get_autocast_dtype("cpu"))  # autocast's cast of x, made once for both products
+        h = self._down(x) if self.dropout > 0 and self.training else F.linear(xb, self.lora_A)  # (..., rank)
+        d = F.linear(h, self.lora_B * self.scaling)  # (..., out), bf16: a low-rank product, recomputed when saved
+        out = torch.addmm(d.reshape(-1, self.out_features), xb.reshape(-1, self.in_features), self.base.weight.t())
+        out = out.view(*x.shape[:-1], self.out_features)
+        return out if self.base.bias is None else out + self.base.bias
 
     def delta(self) -> torch.Tensor:
         """s * B @ A, the (out, in) change to the base weight, in fp32."""
@@ -167,6 +185,41 @@ def apply_lora(model: nn.Module, config: LoRAConfig, seed: int | None = None) ->
         if seed is not None:
             torch.random.set_rng_state(gen_state)
     return names
+
+
+def bf16_bases(model: nn.Module) -> int:
+    """Hold the frozen float linear layers' weights and biases in bfloat16, for training under bf16 autocast; returns
+    how many bytes that frees.
+
+    Autocast runs every linear layer in bf16, casting its fp32 weight at each call (and, the weight being frozen, not
+    caching the cast: a new copy per product, kept for the backward pass). Cast once here instead, autocast casts
+    nothing, so the losses and gradients are the same bit for bit, with half the weight bytes and no copies. The
+    output head (the trainer's fused head takes an fp32 one and casts it chunk by chunk), weights shared with
+    another module (an embedding, which autocast does not cast) and trainable ones stay as they are; so do the
+    adapters (fp32 masters). Outside autocast the cast layers want bf16 inputs.
+    The frozen weights left in fp32 are copied off the checkpoint's memory map, if any: the cast read every page
+    of it, and the map (all of a safetensors file) lives as long as one tensor in it does.
+    """
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    freed = 0
+    head = getattr(model, "lm_head", None)  # left to the trainer's output head, which casts it chunk by chunk
+    for m in model.modules():
+        if type(m) is not nn.Linear or m is head:
+            continue
+        params = [p for p in (m.weight, m.bias) if p is not None]
+        if any(p.requires_grad or p.dtype != torch.float32 or uses[id(p)] > 1 for p in params):
+            continue
+        for name, p in (("weight", m.weight), ("bias", m.bias)):
+            if p is not None:
+                setattr(m, name, nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False))
+                freed += p.numel() * 2
+    if freed:
+        for p in model.parameters():
+            if not p.requires_grad and p.dtype == torch.float32:
+                p.data = p.detach().clone()  # the same Parameter (ties kept), in memory of its own
+    return freed
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

@@ -640,7 +640,8 @@ LOW_RANK = 128  # a product with an inner dimension up to this is recomputed by 
 
 def _keep_matmuls():
     """Selective recomputation's rule: the outputs of matrix products and attention are kept, the rest recomputed,
-    low-rank products included (LoRA's `y + h @ (s B)^T`, inner dimension the rank: cheap to redo, large to keep)."""
+    low-rank products included (LoRA's `y + h @ (s B)^T`, or `h @ (s B)^T` under bf16 autocast, inner dimension the
+    rank: cheap to redo, large to keep)."""
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
     aten = torch.ops.aten
@@ -654,7 +655,8 @@ def _keep_matmuls():
     }
 
     def policy(ctx, op, *args, **kwargs):
-        if op in kept and not (op == aten.addmm.default and args[1].shape[-1] <= LOW_RANK):
+        low = op in (aten.mm.default, aten.addmm.default) and args[op == aten.addmm.default].shape[-1] <= LOW_RANK
+        if op in kept and not low:
             return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
 

@@ -136,6 +136,8 @@ def _finetune(config, resume, force, progress, stop_after, accept_licence_confli
             recipe.lora_rank, recipe.lora_alpha, recipe.lora_dropout, recipe.lora_targets, recipe.rslora
         )
         wrapped = lora.apply_lora(model, cfg, seed=recipe.seed)
+        if recipe.bf16 and not (dist.rank_world()[1] > 1 and recipe.distributed == "fsdp"):  # FSDP2: one dtype
+            lora.bf16_bases(model)  # the bf16 copy autocast would make of the frozen weights, made once
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         method = "lora"
     data_files = [("train", Path(recipe.data))] + ([("eval", Path(recipe.eval_data))] if recipe.eval_data else [])
@@ -167,7 +169,7 @@ def _finetune(config, resume, force, progress, stop_after, accept_licence_confli
         )
 
     model.checkpoint_layers = memory.recompute(
-        model.config, recipe.batch_size * recipe.seq_len, recipe.grad_checkpointing
+        model.config, recipe.batch_size * recipe.seq_len, recipe.grad_checkpointing, recipe.bf16
     )
     n_train = sum(p.numel() for p in params.values())
     print(f"{method}: training {n_train:,} parameters", file=sys.stderr)

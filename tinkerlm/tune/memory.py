@@ -55,12 +55,14 @@ def lean_malloc(mmap_threshold: int = 8 << 20, trim_threshold: int | None = None
     return ok
 
 
-ACTIVATION_BUDGET = 512 << 20  # kept activations above which a run recomputes norms, RoPE, SwiGLU (~10% slower)
+ACTIVATION_BUDGET = 512 << 20  # kept activations above which a run recomputes norms, RoPE, SwiGLU (~10% slower;
+# whole layers in bf16, see `recompute`)
 WHOLE_LAYER_BUDGET = 2 << 30  # ... and above which it recomputes whole layers, keeping only their inputs (~35%)
 
 
-def activation_bytes(config, tokens: int) -> int:
-    """About what one micro-batch of `tokens` keeps for the backward pass without recomputation (fp32): per token
+def activation_bytes(config, tokens: int, bf16: bool = False) -> int:
+    """About what one micro-batch of `tokens` keeps for the backward pass without recomputation (fp32, or bf16
+    autocast's half-size products: counted at 2 bytes each, though the residual stream stays fp32): per token
     and layer, the residual stream and norms' outputs (4 x hidden), the attention's q, k, v and output (2 x hidden
     + 2 x kv width), and the MLP's gate, up and product (3 x intermediate). Measured on SmolLM2-135M at 4 x 512
     tokens (bench/activation_memory.py): 2.1 GiB kept, this says 1.9."""
@@ -68,19 +70,26 @@ def activation_bytes(config, tokens: int) -> int:
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     per = 6 * hidden + 2 * kv * head_dim + 3 * config.intermediate_size
-    return 4 * tokens * config.num_hidden_layers * per
+    return (2 if bf16 else 4) * tokens * config.num_hidden_layers * per
 
 
-def recompute(config, tokens: int, asked: bool | None) -> bool | str:
+def recompute(config, tokens: int, asked: bool | None, bf16: bool = False) -> bool | str:
     """The model's `checkpoint_layers` for a run: `asked` (the recipe's grad_checkpointing) when given, else by the
     size of a micro-batch's activations: all kept up to ACTIVATION_BUDGET, then "selective" (matmul and attention
     outputs kept, the cheap ops rerun: measured quiet on SmolLM2 at 4 x 512 with the caching allocator, 3.2 -> 2.6 GB
     peak for 10% of the speed), then whole layers above WHOLE_LAYER_BUDGET (1.26 GB for 29%). The budgets were kept
     when the caching allocator came: it lowers every mode's peak, so the trade between them is unchanged
-    (bench/finetune_bench.py --allocators, BENCHMARKS.md)."""
+    (bench/finetune_bench.py --allocators, BENCHMARKS.md).
+
+    Under bf16 autocast (`bf16`, frozen weights in bf16: `lora.bf16_bases`) the activations are counted at 2 bytes
+    and the selective step is skipped: above ACTIVATION_BUDGET whole layers are rerun. The products being ~4x
+    cheaper in bf16 (AVX512-BF16), rerunning them costs little, and selective recomputation keeps too much: on
+    SmolLM2 at 4 x 512 (bench/finetune_bench.py --bf16-rows, a loaded 2-core machine) selective peaked at 1.95 GB
+    for 2.07x the speed of fp32 with everything kept (1.11x per CPU-second), whole layers at 1.27 GB for 2.33x
+    (1.36x)."""
     if asked is not None:
         return asked
-    kept = activation_bytes(config, tokens)
-    if kept > WHOLE_LAYER_BUDGET:
+    kept = activation_bytes(config, tokens, bf16)
+    if kept > WHOLE_LAYER_BUDGET or (bf16 and kept > ACTIVATION_BUDGET):
         return True
     return "selective" if kept > ACTIVATION_BUDGET else False

@@ -185,3 +185,24 @@ def test_a_young_adapter_is_not_rounded_away_under_bf16(bias):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         y, out = base(x).double(), m(x).double()
     assert out.dtype == torch.float64 and ((out - y) * d).sum() / (d * d).sum() > 0.8
+
+
+def test_a_young_adapter_on_a_quantized_base_is_not_rounded_away_under_bf16():
+    """QLoRA under bf16: the update is added inside the dequantized product too, and its gradients flow."""
+    from tinkerlm.quant.linear import QLinear
+    from tinkerlm.quant.qtensor import quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(512, 256) * 0.2
+    base = QLinear(quantize(w, 4), bias=torch.randn(512) * 0.1)
+    m = lora.LoRALinear(base, 8, 16)
+    with torch.no_grad():
+        m.lora_B.normal_(0.0, 1e-4)
+    x = torch.randn(64, 256, requires_grad=True)
+    d = (F.linear(x.detach(), m.lora_A) @ (m.lora_B * m.scaling).t()).double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, out = base(x.detach()).double(), m(x)
+    assert out.dtype == torch.bfloat16
+    assert ((out.double() - y) * d).sum() / (d * d).sum() > 0.8
+    out.float().square().sum().backward()
+    assert x.grad is not None and m.lora_A.grad is not None and m.lora_B.grad.abs().sum() > 0

@@ -62,7 +62,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base(x)
-        if torch.is_autocast_enabled("cpu") and type(self.base) is nn.Linear:
+        if torch.is_autocast_enabled("cpu") and (type(self.base) is nn.Linear or _is_qlinear(self.base)):
             return self._forward_bf16(x)
         y = self.base(x)
         h = self._down(x)  # (..., rank)
@@ -91,6 +91,8 @@ class LoRALinear(nn.Module):
         xb = x.to(torch.get_autocast_dtype("cpu"))  # autocast's cast of x, made once for both products
         h = self._down(x) if self.dropout > 0 and self.training else F.linear(xb, self.lora_A)  # (..., rank)
         d = F.linear(h, self.lora_B * self.scaling)  # (..., out), bf16: a low-rank product, recomputed when saved
+        if _is_qlinear(self.base):  # QLoRA: the packed weight dequantized in the product, the update added there
+            return self.base(x, add=d)
         out = torch.addmm(d.reshape(-1, self.out_features), xb.reshape(-1, self.in_features), self.base.weight.t())
         out = out.view(*x.shape[:-1], self.out_features)
         return out if self.base.bias is None else out + self.base.bias
@@ -124,6 +126,12 @@ class _DropoutLinear(torch.autograd.Function):
             dropped = torch.ops.aten.native_dropout_backward(x, mask, ctx.scale)
             gA = grad.reshape(-1, grad.shape[-1]).t() @ dropped.reshape(-1, x.shape[-1])
         return gx, gA, None
+
+
+def _is_qlinear(module: nn.Module) -> bool:
+    from tinkerlm.quant.linear import QLinear
+
+    return isinstance(module, QLinear)
 
 
 def _is_linear(module: nn.Module) -> bool:

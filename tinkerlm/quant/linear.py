@@ -43,9 +43,10 @@ class QLinear(_Quantized):
         self._hold(weight)
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad and torch.is_grad_enabled():  # training through a frozen quantized layer (QLoRA)
-            return _FrozenQLinear.apply(x, self)
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W.T (+ bias); `add` (training only: LoRA's update) is added inside the product (_FrozenQLinear)."""
+        if add is not None or (x.requires_grad and torch.is_grad_enabled()):  # training through a frozen layer (QLoRA)
+            return _FrozenQLinear.apply(x, self, add)
         y = qops.qmatmul(x, self.quantized)
         return y if self.bias is None else y + self.bias
 
@@ -60,26 +61,42 @@ class _FrozenQLinear(torch.autograd.Function):
     a block of rows at a time, so no fp32 copy of it ever exists whole."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: QLinear) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, layer: QLinear, add: torch.Tensor | None = None) -> torch.Tensor:
+        """`add` (..., out), e.g. LoRA's update, is added inside the product, so under bf16 autocast the sum is
+        rounded once (added to the rounded product instead, an update under half its rounding step is lost)."""
         ctx.layer = layer
         x = x.float()
         if _block_rows(layer) is None:
-            return F.linear(x, qops.dequantize(layer.quantized), layer.bias)
-        y = x.new_empty(*x.shape[:-1], layer.out_features)
+            return _product(x, qops.dequantize(layer.quantized), layer.bias, add)
+        y = None
         for a, b, w in _row_blocks(layer):
-            y[..., a:b] = F.linear(x, w, None if layer.bias is None else layer.bias[a:b])
+            part = _product(
+                x, w, None if layer.bias is None else layer.bias[a:b], None if add is None else add[..., a:b]
+            )
+            y = x.new_empty(*x.shape[:-1], layer.out_features, dtype=part.dtype) if y is None else y
+            y[..., a:b] = part
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         layer = ctx.layer
+        gadd = grad if ctx.needs_input_grad[2] else None
         if _block_rows(layer) is None:
-            return grad @ qops.dequantize(layer.quantized), None
+            return grad @ qops.dequantize(layer.quantized).to(grad.dtype), None, gadd
         gx = None
         for a, b, w in _row_blocks(layer):
-            part = grad[..., a:b] @ w
+            part = grad[..., a:b] @ w.to(grad.dtype)
             gx = part if gx is None else gx.add_(part)
-        return gx, None
+        return gx, None, gadd
+
+
+def _product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, add: torch.Tensor | None) -> torch.Tensor:
+    """x @ w.T (+ bias) (+ add), the add inside the GEMM (autocast's dtype where autocast is on)."""
+    if add is None:
+        return F.linear(x, w, bias)
+    if bias is not None:
+        add = add + bias.to(add.dtype)
+    return torch.addmm(add.reshape(-1, w.shape[0]), x.reshape(-1, x.shape[-1]), w.t()).view(*x.shape[:-1], w.shape[0])
 
 
 BLOCK_BYTES = 64 << 20  # largest fp32 weight QLoRA dequantizes whole

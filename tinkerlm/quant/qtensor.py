@@ -8,18 +8,20 @@ A `QTensor` is a (rows, K) matrix stored as rows of 32-value blocks (layouts as 
 (4-bit: byte j holds value j in its low nibble and value j + 16 in its high one.)
 The K-quants (Q4_K, Q5_K, Q6_K, Q3_K, Q2_K: 256-value super-blocks) are held as the file's super-blocks, zero-copy,
 and `qops.pack` converts them in C++, in one pass, straight into the kernels' layout (kernels/common.h):
-- Q4_K -> X4 and Q5_K -> X5 (as Q4_1/Q5_1 blocks): each 32-value sub-block is d * sc * u - dmin * mn.
+- Q4_K -> X4K, the file's own bits (144 bytes per 256 weights): per super-block d, dmin and the 6-bit scales and
+  mins as they are, the products folding each sub-block's min into its activation sum (d * sc * u - dmin * mn).
+- Q5_K -> X5 (as Q5_1 blocks): each 32-value sub-block is d * sc * u - dmin * mn.
 - Q6_K -> X6 (7 bits a weight): the 6-bit integers u kept (the products take the 32 off), a scale per 16-value
   sub-block.
 - Q3_K -> X3 (5 bits a weight): the 3-bit integers u - 4 in nibbles, a scale per 16-value sub-block.
 - Q2_K -> X2 (6 bits a weight): the 2-bit integers in nibbles, a scale and an offset per 16-value sub-block.
-The integers are exact; only each sub-block's scale d * sc (and offset -dmin * mn) is rounded, to fp16 (relative
-error <= 2^-11 of the scale). Other GGUF types (IQ...) are dequantized and requantized to Q8_0 at load.
+The integers are exact; but for Q4_K (exact), each sub-block's scale d * sc (and offset -dmin * mn) is rounded, to
+fp16 (relative error <= 2^-11 of the scale). Other GGUF types (IQ...) are dequantized and requantized to Q8_0 at load.
 `quantize` makes Q8_0 (int8) or Q4_1 (int4) blocks from float weights.
 
 A `Packed` tensor is a QTensor rearranged into the layout the C++ products read (groups of 16 rows; kernels/common.h,
 "Packed weights"; Q4_0 as X4S, its blocks' scales and nibbles without an offset, 18 bytes per 32 weights as in the
-file), losslessly for the 32-value block types; `qops.pack` and `qops.unpack` convert between the two
+file), losslessly for the 32-value block types and Q4_K; `qops.pack` and `qops.unpack` convert between the two
 (Q6_K, Q3_K and Q2_K do not unpack: `qops.dequantize` them).
 """
 
@@ -105,15 +107,15 @@ class QTensor:
 
 
 # The packed format of each block type, as kernels/common.h numbers them: X4, X8, X5, X6, X3, X2, X4S (Q4_0: no
-# offsets, 18 bytes per 32 weights).
-PACKED_FORMATS = {"Q4_0": 6, "Q4_1": 0, "Q8_0": 1, "Q5_1": 2, "Q4_K": 0, "Q5_K": 2, "Q6_K": 3, "Q3_K": 4, "Q2_K": 5}
+# offsets, 18 bytes per 32 weights), X4K (Q4_K in its own bits, 144 bytes per 256).
+PACKED_FORMATS = {"Q4_0": 6, "Q4_1": 0, "Q8_0": 1, "Q5_1": 2, "Q4_K": 7, "Q5_K": 2, "Q6_K": 3, "Q3_K": 4, "Q2_K": 5}
 
 
 @dataclass
 class Packed:
     data: torch.Tensor  # uint8 (ceil(rows / 16), K // 32 * group block bytes)
-    qtype: str  # the block type it was packed from; unpacking gives those blocks back bit for bit (Q4_K and Q5_K
-    # are packed as Q4_1 and Q5_1 blocks; Q6_K, Q3_K and Q2_K have no blocks to unpack to)
+    qtype: str  # the block type it was packed from; unpacking gives those blocks back bit for bit (Q4_K its
+    # super-blocks; Q5_K is packed as Q5_1 blocks; Q6_K, Q3_K and Q2_K have no blocks to unpack to)
     rows: int
     K: int
 

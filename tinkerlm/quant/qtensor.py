@@ -208,8 +208,9 @@ def q5_k_to_q5_1(raw: np.ndarray, rows: int, K: int) -> np.ndarray:
     return out.reshape(rows, K // QK * 24)
 
 
-def _k_scales(sb: np.ndarray) -> np.ndarray:
-    """Q4_K/Q5_K super-blocks -> each sub-block's fp16 scale d * sc and offset -dmin * mn, as bytes (n, 8, 4)."""
+def _k_scale_min(sb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K super-blocks -> each sub-block's scale d * sc and offset -dmin * mn in float32 (n, 8), exact (an
+    fp16 times a 6-bit integer)."""
     d = sb[:, 0:2].copy().view(np.float16).astype(np.float32)  # (n, 1)
     dmin = sb[:, 2:4].copy().view(np.float16).astype(np.float32)
     s = sb[:, 4:16].astype(np.uint8)
@@ -218,9 +219,15 @@ def _k_scales(sb: np.ndarray) -> np.ndarray:
     sc[:, :4], mn[:, :4] = s[:, 0:4] & 63, s[:, 4:8] & 63
     sc[:, 4:] = (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)
     mn[:, 4:] = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
+    return d * sc, -dmin * mn
+
+
+def _k_scales(sb: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K super-blocks -> each sub-block's fp16 scale d * sc and offset -dmin * mn, as bytes (n, 8, 4)."""
+    scale, offset = _k_scale_min(sb)
     out = np.empty((len(sb), 8, 4), np.uint8)
-    out[..., 0:2] = (d * sc).astype(np.float16)[..., None].view(np.uint8)
-    out[..., 2:4] = (-dmin * mn).astype(np.float16)[..., None].view(np.uint8)
+    out[..., 0:2] = scale.astype(np.float16)[..., None].view(np.uint8)
+    out[..., 2:4] = offset.astype(np.float16)[..., None].view(np.uint8)
     return out
 
 
@@ -230,8 +237,15 @@ def _f16(x: np.ndarray) -> np.ndarray:
 
 def k_dequantize(raw: np.ndarray, qtype: str, rows: int, K: int) -> np.ndarray:
     """K-quant super-blocks (rows, K / 256 * bytes) as float32 (rows, K), the scales rounded to fp16 as the
-    packed layout holds them (kernels/quantized.cpp, k_blocks); the reference for the kernels' dequantization."""
-    if qtype in ("Q4_K", "Q5_K"):
+    packed layout holds them (kernels/quantized.cpp, k_blocks; Q4_K's X4K keeps them exact, as gguf computes
+    them); the reference for the kernels' dequantization."""
+    if qtype == "Q4_K":
+        sb = np.ascontiguousarray(raw).reshape(-1, 144)
+        scale, offset = _k_scale_min(sb)
+        qs = sb[:, 16:].reshape(-1, 4, 32)
+        u = np.stack((qs & 0x0F, qs >> 4), axis=2).reshape(-1, 8, 32).astype(np.float32)  # (n, sub-block, value)
+        return (scale[..., None] * u + offset[..., None]).reshape(rows, K)
+    if qtype == "Q5_K":
         return QTensor(torch.from_numpy(np.ascontiguousarray(raw)), qtype, K).as_blocks().dequantize().numpy()
     sb = np.ascontiguousarray(raw).reshape(-1, K_TYPES[qtype][1])
     n = len(sb)

@@ -115,6 +115,11 @@ inline void block_floats(const uint8_t* blk, int type, float* out) {
 //          in the file), then the 8 blocks' payloads in the 4-bit layout of u (0..15). Value = (d sc) u -
 //          (dmin mn): the products turn the head into the 8 blocks' fp32 scale and offset rows once per
 //          super-block (exact: an fp16 times a 6-bit integer), the offset times the block's activation sum as X4.
+//   X6K (Q6_K): the file's own scales, 212 bytes per row and 256 columns (the file: 210). Per group and
+//          super-block (8 blocks, 3392 bytes, 53 whole 64-byte lines): a 320-byte head of 16 fp16 d, then the 16
+//          int8 scales of each 16-value sub-block k (16 bytes, row j at byte j), 32 bytes of padding; then the 8
+//          blocks' X6 payloads (384 bytes each). The products turn the head into the 16 sub-blocks' fp32 scale
+//          rows d * sc once per super-block (exact: an fp16 times an int8).
 // Q5_K (32-value sub-blocks) is X5 with d = d * sc, m = -dmin * mn. K-quant scales are
 // products rounded to fp16 (relative error <= 2^-11 of the scale); the integers are kept exactly.
 // Activations are rounded per 32-value block to int16 with their own scale (amax / 32767): relative error
@@ -125,14 +130,15 @@ inline void block_floats(const uint8_t* blk, int type, float* out) {
 //   y[row] += d * dx * sum_k(u * xq)  +  m * sx       (sx = dx * sum_k(xq), the block's activation sum)
 // (X6, X3, X2: the same per half block, with the half blocks' activation sums for X2's offsets.)
 constexpr int GR = 16;  // rows per group
-enum Fmt { X4 = 0, X8 = 1, X5 = 2, X6 = 3, X3 = 4, X2 = 5, X4S = 6, X4K = 7 };
-constexpr int N_FMT = 8;
+enum Fmt { X4 = 0, X8 = 1, X5 = 2, X6 = 3, X3 = 4, X2 = 5, X4S = 6, X4K = 7, X6K = 8 };
+constexpr int N_FMT = 9;
 constexpr int64_t X4K_SB = 256 + 8 * 256;  // an X4K group's super-block: the head, then 8 payloads
-// Bytes of a group per 32 columns (X4K: on average; its blocks come in eights, X4K_SB bytes).
-constexpr int64_t GBLOCK_BYTES[] = {64 + 256, 32 + 512, 64 + 256 + 64, 64 + 256 + 128, 64 + 256, 128 + 256, 32 + 256, X4K_SB / 8};
+constexpr int64_t X6K_HEAD = 320, X6K_SB = X6K_HEAD + 8 * 384;  // X6K's: the head, then 8 X6 payloads
+// Bytes of a group per 32 columns (X4K, X6K: on average; their blocks come in eights, X4K_SB / X6K_SB bytes).
+constexpr int64_t GBLOCK_BYTES[] = {64 + 256, 32 + 512, 64 + 256 + 64, 64 + 256 + 128, 64 + 256, 128 + 256, 32 + 256, X4K_SB / 8, X6K_SB / 8};
 // Where the 4-bit payload starts in a group block (after the scale rows).
-constexpr int64_t PAYLOAD[] = {64, 32, 64, 64, 64, 128, 32, 0};
-constexpr bool HALVES[] = {false, false, false, true, true, true, false, false};  // a scale per 16-column half block
+constexpr int64_t PAYLOAD[] = {64, 32, 64, 64, 64, 128, 32, 0, 0};
+constexpr bool HALVES[] = {false, false, false, true, true, true, false, false, true};  // a scale per 16-column half block
 
 struct PW {  // a packed weight matrix
     const uint8_t* data;
@@ -151,7 +157,7 @@ PW as_pw(const at::Tensor& data, int64_t fmt, int64_t rows) {
     w.nb = data.size(1) / GBLOCK_BYTES[fmt];
     w.K = w.nb * QK;
     TORCH_CHECK(w.groups == (rows + GR - 1) / GR && data.size(1) == w.nb * GBLOCK_BYTES[fmt], "packed weight has the wrong size");
-    TORCH_CHECK(fmt != X4K || w.nb % 8 == 0, "packed X4K weight is not whole super-blocks");
+    TORCH_CHECK((fmt != X4K && fmt != X6K) || w.nb % 8 == 0, "packed X4K/X6K weight is not whole super-blocks");
     return w;
 }
 
@@ -161,10 +167,12 @@ PW as_pw(const at::Tensor& data, int64_t fmt, int64_t rows) {
 // super-block's head; the other formats keep each block whole.
 inline const uint8_t* scales_at(const uint8_t* gp, int fmt, int64_t nb, int64_t b) {
     if (fmt == X4K) return gp + X4K_SB * (b / 8);
+    if (fmt == X6K) return gp + X6K_SB * (b / 8);
     return fmt == X4S ? gp + 576 * (b / 2) + 32 * (b % 2) : gp + b * GBLOCK_BYTES[fmt];
 }
 inline const uint8_t* payload_at(const uint8_t* gp, int fmt, int64_t nb, int64_t b) {
     if (fmt == X4K) return gp + X4K_SB * (b / 8) + 256 + 256 * (b % 8);
+    if (fmt == X6K) return gp + X6K_SB * (b / 8) + X6K_HEAD + 384 * (b % 8);
     return fmt == X4S ? gp + 576 * (b / 2) + ((b | 1) < nb ? 64 : 32) + 256 * (b % 2) : gp + b * GBLOCK_BYTES[fmt] + PAYLOAD[fmt];
 }
 
@@ -211,7 +219,7 @@ inline void x6_place(int j, int k, int& byte, int& bit) {
     byte = 64 * 3 * h + 2 * (2 * j + k % 2);
     bit = 6 * (p % 8);
 }
-constexpr int BIAS[] = {0, 0, 0, 32, 4, 0, 8, 0};  // what the stored integers exceed the values by (X6, X3, X4S)
+constexpr int BIAS[] = {0, 0, 0, 32, 4, 0, 8, 0, 32};  // what the stored integers exceed the values by (X6, X3, X4S)
 
 // Row r's value at column k of block b, as integer and scales (for unpacking and embedding lookups).
 inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float& d, float& m) {
@@ -226,7 +234,7 @@ inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float
         return;
     }
     int byte, shift;
-    if (w.fmt == X6) {
+    if (w.fmt == X6 || w.fmt == X6K) {
         x6_place(j, k, byte, shift);
         uint64_t bits = 0;
         for (int i = 0; i < 3; i++) {
@@ -243,6 +251,12 @@ inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float
         int hbyte, bit;
         x5_place(j, k, hbyte, bit);
         q |= ((gb[X5_PLANE + hbyte] >> bit) & 1) << 4;
+    }
+    if (w.fmt == X6K) {  // sub-block 2 (b % 8) + k / 16's int8 scale times the super-block's d
+        d = load_half(gb + 2 * j) * (float)(int8_t)gb[32 + 16 * (2 * (b % 8) + k / 16) + j];
+        m = 0.f;
+        q -= BIAS[w.fmt];
+        return;
     }
     if (HALVES[w.fmt]) {
         const int h = k / 16;

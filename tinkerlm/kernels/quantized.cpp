@@ -34,7 +34,7 @@ void dequant_rows(const QW& w, int64_t r0, int64_t r1, float* out) {
 // GGUF K-quant types as pack() numbers them (after the 32-value block types of common.h's QType).
 enum KType { K_Q4 = 4, K_Q5 = 5, K_Q6 = 6, K_Q3 = 7, K_Q2 = 8 };
 constexpr int64_t SB_BYTES[] = {0, 0, 0, 0, 144, 176, 210, 110, 84};  // bytes of a 256-value super-block
-constexpr int KFMT[] = {0, 0, 0, 0, X4K, X5, X6, X3, X2};
+constexpr int KFMT[] = {0, 0, 0, 0, X4K, X5, X6K, X3, X2};
 
 #ifdef __F16C__
 inline uint16_t f16_bits(float v) { return (uint16_t)_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); }
@@ -126,11 +126,11 @@ void k_blocks(const uint8_t* sb, int type, KBlock* out) {
 // Row j's block into group block gb (format fmt): the scale rows, the nibbles, the bit planes.
 // (X4K: gb is the block's payload; its scales are the super-block head's, put_x4k_head.)
 inline void put_block(uint8_t* gb, int fmt, int j, const KBlock& kb) {
-    const int nscales = fmt == X4K ? 0 : fmt == X2 ? 4 : 2;
+    const int nscales = fmt == X4K || fmt == X6K ? 0 : fmt == X2 ? 4 : 2;
     for (int i = 0; i < nscales; i++) std::memcpy(gb + 32 * i + 2 * j, &kb.s[i], 2);
     const uint8_t* u = kb.u;
     uint8_t* payload = gb + PAYLOAD[fmt];
-    if (fmt == X6) {  // half h, parity e: the 8 fields of columns 2(8h+f)+e as one 48-bit number (see x6_place)
+    if (fmt == X6 || fmt == X6K) {  // half h, parity e: the 8 fields of columns 2(8h+f)+e as one 48-bit number (see x6_place)
         for (int h = 0; h < 2; h++)
             for (int e = 0; e < 2; e++) {
                 uint64_t bits = 0;
@@ -176,7 +176,7 @@ inline void put_block(uint8_t* gb, int fmt, int j, const KBlock& kb) {
 #endif
 }
 
-// K-quant super-blocks (rows, K / 256 * SB_BYTES) -> packed (X4K for Q4_K, X5 Q5_K, X6 Q6_K, X3 Q3_K, X2 Q2_K), in
+// K-quant super-blocks (rows, K / 256 * SB_BYTES) -> packed (X4K for Q4_K, X5 Q5_K, X6K Q6_K, X3 Q3_K, X2 Q2_K), in
 // one pass, groups of rows in parallel.
 at::Tensor pack_k(const at::Tensor& data, int64_t type) {
     TORCH_CHECK(data.dim() == 2 && data.stride(1) == 1 && data.scalar_type() == at::kByte, "weight blocks must be uint8 rows");
@@ -202,6 +202,14 @@ at::Tensor pack_k(const at::Tensor& data, int64_t type) {
                         std::memcpy(head + 32 + 2 * j, sb + 2, 2);
                         for (int i = 0; i < 3; i++) std::memcpy(x4k_dword(head, j, i), sb + 4 + 4 * i, 4);
                         for (int i = 0; i < 8; i++) put_block(head + 256 + 256 * i, fmt, j, kb[i]);
+                        continue;
+                    }
+                    if (fmt == X6K) {  // the head's row j: d and the 16 int8 scales as they are; then the payloads
+                        uint8_t* head = o + g * nb * GB + s * X6K_SB;
+                        std::memcpy(head + 2 * j, sb + 208, 2);
+                        for (int k = 0; k < 16; k++) head[32 + 16 * k + j] = sb[192 + k];
+                        if (j == 0) std::memset(head + 32 + 256, 0, X6K_HEAD - 32 - 256);  // the padding
+                        for (int i = 0; i < 8; i++) put_block(head + X6K_HEAD + 384 * i, fmt, j, kb[i]);
                         continue;
                     }
                     for (int i = 0; i < 8; i++) put_block(o + (g * nb + 8 * s + i) * GB, fmt, j, kb[i]);
@@ -371,6 +379,7 @@ inline void tile(const PW& w, int64_t g, const XQ& x, int64_t t0, int64_t n, flo
         case X2: group_tile<X2>(w, g, x, t0, n, y, ystride); break;
         case X4S: group_tile<X4S>(w, g, x, t0, n, y, ystride); break;
         case X4K: group_tile<X4K>(w, g, x, t0, n, y, ystride); break;
+        case X6K: group_tile<X6K>(w, g, x, t0, n, y, ystride); break;
         default: group_tile<X8>(w, g, x, t0, n, y, ystride); break;
     }
 }

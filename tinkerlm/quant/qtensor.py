@@ -11,12 +11,12 @@ and `qops.pack` converts them in C++, in one pass, straight into the kernels' la
 - Q4_K -> X4K, the file's own bits (144 bytes per 256 weights): per super-block d, dmin and the 6-bit scales and
   mins as they are, the products folding each sub-block's min into its activation sum (d * sc * u - dmin * mn).
 - Q5_K -> X5 (as Q5_1 blocks): each 32-value sub-block is d * sc * u - dmin * mn.
-- Q6_K -> X6 (7 bits a weight): the 6-bit integers u kept (the products take the 32 off), a scale per 16-value
-  sub-block.
+- Q6_K -> X6K (6.625 bits a weight; the file: 6.5625): the 6-bit integers u kept (the products take the 32 off),
+  the file's fp16 d and int8 scale per 16-value sub-block.
 - Q3_K -> X3 (5 bits a weight): the 3-bit integers u - 4 in nibbles, a scale per 16-value sub-block.
 - Q2_K -> X2 (6 bits a weight): the 2-bit integers in nibbles, a scale and an offset per 16-value sub-block.
-The integers are exact; but for Q4_K (exact), each sub-block's scale d * sc (and offset -dmin * mn) is rounded, to
-fp16 (relative error <= 2^-11 of the scale). Other GGUF types (IQ...) are dequantized and requantized to Q8_0 at load.
+The integers are exact; but for Q4_K and Q6_K (exact), each sub-block's scale d * sc (and offset -dmin * mn) is
+rounded, to fp16 (relative error <= 2^-11 of the scale). Other GGUF types (IQ...) are dequantized and requantized to Q8_0 at load.
 `quantize` makes Q8_0 (int8) or Q4_1 (int4) blocks from float weights.
 
 A `Packed` tensor is a QTensor rearranged into the layout the C++ products read (groups of 16 rows; kernels/common.h,
@@ -107,8 +107,9 @@ class QTensor:
 
 
 # The packed format of each block type, as kernels/common.h numbers them: X4, X8, X5, X6, X3, X2, X4S (Q4_0: no
-# offsets, 18 bytes per 32 weights), X4K (Q4_K in its own bits, 144 bytes per 256).
-PACKED_FORMATS = {"Q4_0": 6, "Q4_1": 0, "Q8_0": 1, "Q5_1": 2, "Q4_K": 7, "Q5_K": 2, "Q6_K": 3, "Q3_K": 4, "Q2_K": 5}
+# offsets, 18 bytes per 32 weights), X4K (Q4_K in its own bits, 144 bytes per 256), X6K (Q6_K's 6-bit integers,
+# fp16 d and int8 scales: 212 bytes per 256; X6 is no longer packed).
+PACKED_FORMATS = {"Q4_0": 6, "Q4_1": 0, "Q8_0": 1, "Q5_1": 2, "Q4_K": 7, "Q5_K": 2, "Q6_K": 8, "Q3_K": 4, "Q2_K": 5}
 
 
 @dataclass
@@ -257,7 +258,7 @@ def k_dequantize(raw: np.ndarray, qtype: str, rows: int, K: int) -> np.ndarray:
         low = np.stack((ql[:, :, 0] & 15, ql[:, :, 1] & 15, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4), axis=2)
         high = (qh >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]) & 3
         v = (low | (high << 4)).astype(np.int32) - 32
-        scale = _f16(d * sb[:, 192:208].view(np.int8).astype(np.float32).reshape(n, 2, 4, 2))
+        scale = d * sb[:, 192:208].view(np.int8).astype(np.float32).reshape(n, 2, 4, 2)  # X6K: exact
     elif qtype == "Q3_K":
         hm, qs = sb[:, :32], sb[:, 32:96].reshape(n, 2, 1, 32)
         d = sb[:, 108:110].copy().view(np.float16).astype(np.float32).reshape(n, 1, 1, 1)

@@ -60,13 +60,6 @@ inline void x4k_scales(const uint8_t* head, int hf, __m256* sc, __m256* mn) {
     }
 }
 
-// X6K: rows 8 hf .. 8 hf + 7 of the 16 sub-blocks' scale rows d * sc from a super-block head (common.h).
-inline void x6k_scales(const uint8_t* head, int hf, __m256* sc) {
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(head + 16 * hf)));
-    for (int k = 0; k < 16; k++)
-        sc[k] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(head + 32 + 16 * k + 8 * hf)))));
-}
-
 // y[t][0 .. 15] = rows g*16 .. g*16+15 of x[t0 + t] @ W^T for t < T: one group of 16 weight rows.
 template <int FMT, int T>
 void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64_t ystride) {
@@ -78,11 +71,10 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
     for (int hf = 0; hf < 2 && hf * 8 < valid; hf++) {
         __m256 acc[T];
         for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
-        __m256 ksc[16], kmn[8];  // X4K: the super-block's scale and offset rows (X6K: 16 scale rows)
+        __m256 ksc[8], kmn[8];  // X4K: the super-block's scale and offset rows
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *gb = scales_at(gp, FMT, nb, b), *pl = payload_at(gp, FMT, nb, b);
             if (FMT == X4K && b % 8 == 0) x4k_scales(gb, hf, ksc, kmn);
-            if (FMT == X6K && b % 8 == 0) x6k_scales(gb, hf, ksc);
             if (FMT == X4K && hf == 0)  // as isa_avx512.h: four blocks ahead (the second half reads from cache)
                 for (int c = 0; c < 4; c++) _mm_prefetch((const char*)(pl + 1024 + 64 * c), _MM_HINT_T0);
             const int32_t* xp[T];
@@ -105,7 +97,12 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
                             }
                         }
                     }
-                    const __m256 dv = FMT == X6K ? ksc[2 * (b % 8) + h] : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 * h + 16 * hf)));
+                    __m256 dv;
+                    if constexpr (FMT == X6K)  // d * the sub-block's int8 scales (exact)
+                        dv = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 16 * hf))),
+                                           _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(gb + 32 + 16 * (2 * (b % 8) + h) + 8 * hf)))));
+                    else
+                        dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 * h + 16 * hf)));
                     for (int t = 0; t < T; t++) {
                         const int64_t xi = (t0 + t) * x.nb + b;
                         if (BIAS[FMT]) tmp[t] = _mm256_sub_epi32(tmp[t], _mm256_set1_epi32(BIAS[FMT] * x.hs[2 * xi + h]));

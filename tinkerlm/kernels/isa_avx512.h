@@ -135,13 +135,6 @@ inline void x4k_scales(const uint8_t* head, __m512* sc, __m512* mn) {
     }
 }
 
-// X6K: the 16 sub-blocks' scale rows d * sc (16 rows each) from a super-block head (common.h).
-inline void x6k_scales(const uint8_t* head, __m512* sc) {
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)head));
-    for (int k = 0; k < 16; k++)
-        sc[k] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(head + 32 + 16 * k)))));
-}
-
 // All 16 rows of group g as floats into out (16, K), vectorized (QLoRA dequantizes every weight twice a step).
 // Each int16 pair vector holds rows j = 0..15 at columns (2p, 2p+1): scaled in 32-bit lanes, then each row's
 // pair goes to its place with a 64-bit scatter.
@@ -212,13 +205,12 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
     __m512 acc[T];
     for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
     const __m512i low = _mm512_set1_epi16(0x0F);
-    __m512 ksc[16], kmn[8];  // X4K: the super-block's scale and offset rows, made once per 8 blocks (X6K: 16 scales)
+    __m512 ksc[8], kmn[8];  // X4K: the super-block's scale and offset rows, made once per 8 blocks
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = scales_at(gp, FMT, nb, b), *pl = payload_at(gp, FMT, nb, b);
         if (FMT == X4K && b % 8 == 0) x4k_scales(gb, ksc, kmn);
-        if (FMT == X6K && b % 8 == 0) x6k_scales(gb, ksc);
-        if (FMT == X6K)  // as X4K's below
-            for (int c = 0; c < 6; c++) _mm_prefetch((const char*)(pl + 4 * 384 + 64 * c), _MM_HINT_T0);
+        __m512 d6 = _mm512_setzero_ps();  // X6K: the super-block's d
+        if constexpr (FMT == X6K) d6 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)gb));
         // X4K: the hardware prefetcher alone left one row product out of cache at 2.3x X4S's time for the same
         // bytes (bench/matvec_bench.py); four blocks ahead it is within 10%.
         if (FMT == X4K)
@@ -247,7 +239,12 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
                         }
                     }
                 }
-                const __m512 dv = FMT == X6K ? ksc[2 * (b % 8) + h] : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + 32 * h)));
+                __m512 dv;
+                if constexpr (FMT == X6K)  // d * the sub-block's int8 scales (exact; made here, not once per
+                    // super-block as X4K's: one multiply a half block is cheaper than keeping 16 rows)
+                    dv = _mm512_mul_ps(d6, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(gb + 32 + 16 * (2 * (b % 8) + h))))));
+                else
+                    dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + 32 * h)));
                 for (int t = 0; t < T; t++) {
                     for (int c = 1; c < NC; c++) tmp[t][0] = _mm512_add_epi32(tmp[t][0], tmp[t][c]);
                     const int64_t xi = (t0 + t) * x.nb + b;

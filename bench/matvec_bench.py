@@ -6,8 +6,9 @@ shapes: milliseconds and GB/s of packed bytes read, in cache (the same matrix ag
     .venv/bin/python bench/matvec_bench.py --types Q6_K --threads 1 --calls 50
 
 The weights are random blocks with a fixed fp16 scale (the products' speed does not depend on the values), packed
-by the kernels as a GGUF's would be (X4, X6, X8: kernels/common.h). Each figure is the median of --reps repetitions
-of --calls calls; the spread (min-max over repetitions) is printed beside it. On a shared machine, compare formats
+by the kernels as a GGUF's would be (Q4_0 as X4S, Q4_K as X4K, Q6_K as X6K, Q8_0 as X8: kernels/common.h). Each
+figure is the median of --reps repetitions of --calls calls; the spread (min-max over repetitions) is printed beside
+it. On a shared machine, compare formats
 within one run and note `uptime`'s load average (printed first); --threads 1 --cpu-time there.
 """
 

@@ -354,7 +354,8 @@ def test_unsupported_rope_scaling(tmp_path, rng):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Q4_K, the usual 4-bit K-quant: kept 4-bit (as Q4_1 blocks), not requantized to 8 bits
+# Q4_K, the usual 4-bit K-quant: kept 4-bit (packed in its own bits, X4K; without the kernels as Q4_1 blocks), not
+# requantized to 8 bits
 
 
 def test_q4_k_tensor_becomes_q4_1_blocks(rng):
@@ -376,7 +377,7 @@ def test_q4_k_tensor_becomes_q4_1_blocks(rng):
     assert (err <= bound).all() and err.max() > 0
 
 
-@pytest.mark.parametrize("qtype,held", [(Q.Q4_K, "Q4_1"), (Q.Q5_0, "Q5_1")], ids=["Q4_K", "Q5_0"])
+@pytest.mark.parametrize("qtype,held", [(Q.Q4_K, "Q4_K"), (Q.Q5_0, "Q5_1")], ids=["Q4_K", "Q5_0"])
 def test_k_and_5_bit_models_run_native_close_to_fp32(tmp_path, rng, qtype, held):
     import tinkerlm
     from tinkerlm.quant import QLinear

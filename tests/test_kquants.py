@@ -1,5 +1,6 @@
 """K-quants kept in their own bits: Q4_K, Q5_K, Q6_K, Q3_K and Q2_K super-blocks packed straight into the kernels'
-layout (X4, X5, X6, X3, X2: kernels/common.h), their integers exact and their sub-block scales rounded to fp16.
+layout (X4K, X5, X6K, X3, X2: kernels/common.h), their integers exact and (but for X4K and X6K, which keep the
+file's d, dmin and sub-block scales and so dequantize exactly as gguf) their sub-block scales rounded to fp16.
 
 Bounds used below. Packing changes a weight only through its sub-block's scale d * sc and offset -dmin * mn, each
 rounded to fp16 (relative error <= 2^-11), so |w_ours - w_ref| <= 2^-11 * (|w_ref - offset| + |offset|) + fp32
@@ -23,7 +24,7 @@ from tinkerlm.quant.qtensor import PACKED_FORMATS, _k_scales, from_gguf, k_dequa
 pytestmark = pytest.mark.skipif(kernels.ops() is None, reason="needs the C++ kernels")
 
 TYPES = ["Q6_K", "Q3_K", "Q2_K", "Q4_K", "Q5_K"]
-BITS = {"Q6_K": 7.0, "Q3_K": 5.0, "Q2_K": 6.0, "Q4_K": 5.0, "Q5_K": 6.0}  # packed bits a weight (scales included)
+BITS = {"Q6_K": 6.625, "Q3_K": 5.0, "Q2_K": 6.0, "Q4_K": 4.5, "Q5_K": 6.0}  # packed bits a weight (scales included)
 EPS = 2.0**-11
 
 
@@ -62,7 +63,7 @@ def loaded(qtype: str, rows: int, K: int, seed: int = 0):
 def test_packed_k_quants_dequantize_as_gguf_within_the_fp16_scale_rounding(qtype, rows):
     qt, packed, ref, bound = loaded(qtype, rows, 512)
     assert qt.qtype == qtype and packed.fmt == PACKED_FORMATS[qtype]
-    assert packed.qtype == {"Q4_K": "Q4_1", "Q5_K": "Q5_1"}.get(qtype, qtype)
+    assert packed.qtype == {"Q5_K": "Q5_1"}.get(qtype, qtype)
     assert packed.nbytes * 8 / (-(-rows // 16) * 16 * 512) == BITS[qtype]
     ours = qops.dequantize(packed)
     assert ours.shape == ref.shape
@@ -72,8 +73,77 @@ def test_packed_k_quants_dequantize_as_gguf_within_the_fp16_scale_rounding(qtype
     assert torch.equal(qops.embed(ids, packed), ours[ids])
     torch.testing.assert_close(qt.dequantize(), ours, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(torch.from_numpy(k_dequantize(qt.data.numpy(), qtype, rows, 512)), ours)
-    if qtype in ("Q4_K", "Q5_K"):  # as the 32-value blocks they pack as, bit for bit
+    if qtype == "Q5_K":  # as the 32-value blocks it packs as, bit for bit
         assert torch.equal(qops.unpack(packed).dequantize(), ours)
+    if qtype in ("Q4_K", "Q6_K"):  # X4K, X6K: gguf's values exactly
+        assert torch.equal(ours, ref)
+    if qtype == "Q4_K":  # and the file's super-blocks back bit for bit
+        assert torch.equal(qops.unpack(packed).data, qt.data)
+
+
+def extreme_q4_k(rows: int, K: int, seed: int) -> np.ndarray:
+    """Random Q4_K super-blocks whose d and dmin run from fp16 subnormals to 2^15 (and zero), with the 6-bit scales
+    and mins random, all 63 or all 0, so every bit of the scale bytes and every min matters."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows, K // 256, 144), dtype=np.uint8)
+    scales = np.array([0.0, 6e-8, 3e-5, 1e-3, 0.5, 7.0, 1000.0, 32768.0], np.float16)
+    raw[..., 0:2] = rng.choice(scales, size=raw.shape[:2])[..., None].view(np.uint8)
+    raw[..., 2:4] = rng.choice(scales, size=raw.shape[:2])[..., None].view(np.uint8)
+    raw[:, 0, 4:16] = 0xFF  # every sc and mn 63
+    raw[:, -1, 4:16] = 0x00  # every sc and mn 0
+    return raw.reshape(rows, -1)
+
+
+def extreme_q6_k(rows: int, K: int, seed: int) -> np.ndarray:
+    """Random Q6_K super-blocks whose d runs from fp16 subnormals to 2^15 (and zero), int8 scales random, all -128
+    or all 127."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows, K // 256, 210), dtype=np.uint8)
+    scales = np.array([0.0, 6e-8, 3e-5, 1e-3, 0.5, 7.0, 1000.0, 32768.0], np.float16)
+    raw[..., 208:210] = rng.choice(scales, size=raw.shape[:2])[..., None].view(np.uint8)
+    raw[:, 0, 192:208] = 0x80  # every scale -128
+    raw[:, -1, 192:208] = 0x7F  # every scale 127
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("rows", [16, 37])
+def test_x6k_on_extreme_scales_matches_gguf(rows):
+    K = 768
+    raw = extreme_q6_k(rows, K, seed=rows)
+    qt = from_gguf(raw, "Q6_K", (rows, K))
+    ref = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q6_K).reshape(rows, K))
+    packed = qops.pack(qt)
+    assert packed.fmt == PACKED_FORMATS["Q6_K"] and packed.nbytes == -(-rows // 16) * 16 * K // 256 * 212
+    assert torch.equal(qops.dequantize(packed), ref)
+    assert torch.equal(qops.embed(torch.tensor([rows - 1, 0]), packed), ref[[rows - 1, 0]])
+    g = torch.Generator().manual_seed(rows)
+    for T in (1, 2, 12, 13):
+        x = torch.randn(T, K, generator=g) * torch.logspace(-2, 3, K)
+        xr = qops.round_acts(x)
+        want = xr.double() @ ref.double().T
+        tol = 1e-5 * (xr.abs() @ ref.abs().T).double() + 1e-30
+        assert ((qops.qmatmul(x, packed).double() - want).abs() <= tol).all(), T
+
+
+@pytest.mark.parametrize("rows", [16, 37])
+def test_x4k_on_extreme_scales_and_mins_matches_gguf(rows):
+    K = 768
+    raw = extreme_q4_k(rows, K, seed=rows)
+    qt = from_gguf(raw, "Q4_K", (rows, K))
+    ref = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K).reshape(rows, K))
+    packed = qops.pack(qt)
+    assert packed.fmt == PACKED_FORMATS["Q4_K"] and packed.nbytes == -(-rows // 16) * 16 * K // 256 * 144
+    assert torch.equal(qops.dequantize(packed), ref)
+    assert torch.equal(qops.embed(torch.tensor([rows - 1, 0]), packed), ref[[rows - 1, 0]])
+    assert torch.equal(qops.unpack(packed).data, qt.data)
+    g = torch.Generator().manual_seed(rows)
+    for T in (1, 2, 12, 13):
+        x = torch.randn(T, K, generator=g) * torch.logspace(-2, 3, K)
+        xr = qops.round_acts(x)
+        want = xr.double() @ ref.double().T
+        # exact weights: only fp32 rounding of the block products and their sum
+        tol = 1e-5 * (xr.abs() @ ref.abs().T).double() + 1e-30
+        assert ((qops.qmatmul(x, packed).double() - want).abs() <= tol).all(), T
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -108,8 +178,14 @@ def test_portable_builds_compute_the_k_formats_as_the_vector_build(isa):
     fast, slow = kernels.ops(), kernels.build(PORTABLE[isa])
     assert slow.isa == isa
     x = torch.randn(13, 512) * torch.logspace(0, 3, 512)
-    for qtype in TYPES:
-        qt, packed, _, _ = loaded(qtype, 37, 512)
+    extreme = {
+        "extreme Q4_K": from_gguf(extreme_q4_k(37, 512, seed=3), "Q4_K", (37, 512)),
+        "extreme Q6_K": from_gguf(extreme_q6_k(37, 512, seed=3), "Q6_K", (37, 512)),
+    }
+    for qtype in [*TYPES, *extreme]:
+        qt, packed, _, _ = (
+            loaded(qtype, 37, 512) if qtype in TYPES else (extreme[qtype], qops.pack(extreme[qtype]), 0, 0)
+        )
         assert torch.equal(slow.pack(qt.data, qt.code), packed.data)
         assert torch.equal(slow.dequantize_packed(packed.data, packed.fmt, 37), qops.dequantize(packed))
         for n in (1, 13):
@@ -207,7 +283,7 @@ def test_llama_cpp_agrees_on_a_k_quant_model(mix, tmp_path):
     want = torch.from_numpy(np.asarray(llm.scores[: len(ids)]).copy())
     ours = tinkerlm.load(str(path))
     held = {m.qtype for m in ours.model.modules() if hasattr(m, "qtype")}
-    assert held == {{"Q4_K": "Q4_1", "Q5_K": "Q5_1"}.get(t, t) for t in types}
+    assert held == {{"Q5_K": "Q5_1"}.get(t, t) for t in types}
     with torch.no_grad():
         got = ours.model(torch.tensor([ids]))[0]
     tol = 0.03 * (want.max() - want.min())

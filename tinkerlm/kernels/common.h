@@ -109,7 +109,18 @@ inline void block_floats(const uint8_t* blk, int type, float* out) {
 //          taken off as X6's 32). 5 bits.
 //   X2 (Q2_K): the two scale rows (d * sc), two offset rows (-dmin * mn) for the halves, then the 4-bit layout
 //          of u (0..3); value = scale * u + offset, the offset times the half block's activation sum. 6 bits.
-// Q4_K and Q5_K (32-value sub-blocks) are X4 and X5 with d = d * sc, m = -dmin * mn. K-quant scales are
+//   X4K (Q4_K): the file's own bits, 144 bytes per row and 256 columns as in the file. Per group and super-block
+//          (8 blocks, 2304 bytes, 36 whole 64-byte lines): a 256-byte head of 16 fp16 d, 16 fp16 dmin and three
+//          64-byte vectors whose 32-bit lane j is dword i of row j's 12 scale bytes (ggml's 6-bit sc and mn, as
+//          in the file), then the 8 blocks' payloads in the 4-bit layout of u (0..15). Value = (d sc) u -
+//          (dmin mn): the products turn the head into the 8 blocks' fp32 scale and offset rows once per
+//          super-block (exact: an fp16 times a 6-bit integer), the offset times the block's activation sum as X4.
+//   X6K (Q6_K): the file's own scales, 212 bytes per row and 256 columns (the file: 210). Per group and
+//          super-block (8 blocks, 3392 bytes, 53 whole 64-byte lines): a 320-byte head of 16 fp16 d, then the 16
+//          int8 scales of each 16-value sub-block k (16 bytes, row j at byte j), 32 bytes of padding; then the 8
+//          blocks' X6 payloads (384 bytes each). The products turn the head into the 16 sub-blocks' fp32 scale
+//          rows d * sc once per super-block (exact: an fp16 times an int8).
+// Q5_K (32-value sub-blocks) is X5 with d = d * sc, m = -dmin * mn. K-quant scales are
 // products rounded to fp16 (relative error <= 2^-11 of the scale); the integers are kept exactly.
 // Activations are rounded per 32-value block to int16 with their own scale (amax / 32767): relative error
 // 2^-16 of the block's largest value, finer than bfloat16 for the values that matter and safe for the outlier
@@ -119,12 +130,15 @@ inline void block_floats(const uint8_t* blk, int type, float* out) {
 //   y[row] += d * dx * sum_k(u * xq)  +  m * sx       (sx = dx * sum_k(xq), the block's activation sum)
 // (X6, X3, X2: the same per half block, with the half blocks' activation sums for X2's offsets.)
 constexpr int GR = 16;  // rows per group
-enum Fmt { X4 = 0, X8 = 1, X5 = 2, X6 = 3, X3 = 4, X2 = 5, X4S = 6 };
-constexpr int N_FMT = 7;
-constexpr int64_t GBLOCK_BYTES[] = {64 + 256, 32 + 512, 64 + 256 + 64, 64 + 256 + 128, 64 + 256, 128 + 256, 32 + 256};
+enum Fmt { X4 = 0, X8 = 1, X5 = 2, X6 = 3, X3 = 4, X2 = 5, X4S = 6, X4K = 7, X6K = 8 };
+constexpr int N_FMT = 9;
+constexpr int64_t X4K_SB = 256 + 8 * 256;  // an X4K group's super-block: the head, then 8 payloads
+constexpr int64_t X6K_HEAD = 320, X6K_SB = X6K_HEAD + 8 * 384;  // X6K's: the head, then 8 X6 payloads
+// Bytes of a group per 32 columns (X4K, X6K: on average; their blocks come in eights, X4K_SB / X6K_SB bytes).
+constexpr int64_t GBLOCK_BYTES[] = {64 + 256, 32 + 512, 64 + 256 + 64, 64 + 256 + 128, 64 + 256, 128 + 256, 32 + 256, X4K_SB / 8, X6K_SB / 8};
 // Where the 4-bit payload starts in a group block (after the scale rows).
-constexpr int64_t PAYLOAD[] = {64, 32, 64, 64, 64, 128, 32};
-constexpr bool HALVES[] = {false, false, false, true, true, true, false};  // a scale per 16-column half block
+constexpr int64_t PAYLOAD[] = {64, 32, 64, 64, 64, 128, 32, 0, 0};
+constexpr bool HALVES[] = {false, false, false, true, true, true, false, false, true};  // a scale per 16-column half block
 
 struct PW {  // a packed weight matrix
     const uint8_t* data;
@@ -143,18 +157,45 @@ PW as_pw(const at::Tensor& data, int64_t fmt, int64_t rows) {
     w.nb = data.size(1) / GBLOCK_BYTES[fmt];
     w.K = w.nb * QK;
     TORCH_CHECK(w.groups == (rows + GR - 1) / GR && data.size(1) == w.nb * GBLOCK_BYTES[fmt], "packed weight has the wrong size");
+    TORCH_CHECK((fmt != X4K && fmt != X6K) || w.nb % 8 == 0, "packed X4K/X6K weight is not whole super-blocks");
     return w;
 }
 
 // Block b of the group whose row starts at gp: where its scale rows and its payload start. X4S keeps its blocks
 // in pairs, the two scale rows (64 bytes) then the two payloads (a lone last block: 32 bytes of scales, then its
-// payload), so that the 256-byte payloads stay on 64-byte lines in one stream; the other formats keep each block
-// whole.
+// payload), so that the 256-byte payloads stay on 64-byte lines in one stream; X4K's "scales" are its
+// super-block's head; the other formats keep each block whole.
 inline const uint8_t* scales_at(const uint8_t* gp, int fmt, int64_t nb, int64_t b) {
+    if (fmt == X4K) return gp + X4K_SB * (b / 8);
+    if (fmt == X6K) return gp + X6K_SB * (b / 8);
     return fmt == X4S ? gp + 576 * (b / 2) + 32 * (b % 2) : gp + b * GBLOCK_BYTES[fmt];
 }
 inline const uint8_t* payload_at(const uint8_t* gp, int fmt, int64_t nb, int64_t b) {
+    if (fmt == X4K) return gp + X4K_SB * (b / 8) + 256 + 256 * (b % 8);
+    if (fmt == X6K) return gp + X6K_SB * (b / 8) + X6K_HEAD + 384 * (b % 8);
     return fmt == X4S ? gp + 576 * (b / 2) + ((b | 1) < nb ? 64 : 32) + 256 * (b % 2) : gp + b * GBLOCK_BYTES[fmt] + PAYLOAD[fmt];
+}
+
+// Q4_K/Q5_K 6-bit scale and min of sub-block i from a super-block's 12 scale bytes q (ggml's get_scale_min_k4).
+inline void k4_scale_min(const uint8_t* q, int i, int& sc, int& mn) {
+    if (i < 4) { sc = q[i] & 63; mn = q[i + 4] & 63; }
+    else { sc = (q[i + 4] & 0x0F) | ((q[i - 4] >> 6) << 4); mn = (q[i + 4] >> 4) | ((q[i] >> 6) << 4); }
+}
+
+// X4K: row j's 12 scale bytes from a super-block head (dword i in lane j of the head's vector i), and the place of
+// dword i.
+inline uint8_t* x4k_dword(uint8_t* head, int j, int i) { return head + 64 + 64 * i + 4 * j; }
+inline void x4k_scale_bytes(const uint8_t* head, int j, uint8_t* q) {
+    for (int i = 0; i < 3; i++) std::memcpy(q + 4 * i, head + 64 + 64 * i + 4 * j, 4);
+}
+// Row j's scale d * sc and offset -dmin * mn of block s (0..7) of a super-block head.
+inline void x4k_scale(const uint8_t* head, int j, int s, float& d, float& m) {
+    uint8_t q[12];
+    x4k_scale_bytes(head, j, q);
+    int sc, mn;
+    k4_scale_min(q, s, sc, mn);
+    d = load_half(head + 2 * j) * (float)sc;
+    m = -load_half(head + 32 + 2 * j) * (float)mn;
 }
 
 // Where row j, column k of a group-block lives: 4-bit (byte offset, nibble shift) inside the payload.
@@ -178,7 +219,7 @@ inline void x6_place(int j, int k, int& byte, int& bit) {
     byte = 64 * 3 * h + 2 * (2 * j + k % 2);
     bit = 6 * (p % 8);
 }
-constexpr int BIAS[] = {0, 0, 0, 32, 4, 0, 8};  // what the stored integers exceed the values by (X6, X3, X4S)
+constexpr int BIAS[] = {0, 0, 0, 32, 4, 0, 8, 0, 32};  // what the stored integers exceed the values by (X6, X3, X4S)
 
 // Row r's value at column k of block b, as integer and scales (for unpacking and embedding lookups).
 inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float& d, float& m) {
@@ -193,7 +234,7 @@ inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float
         return;
     }
     int byte, shift;
-    if (w.fmt == X6) {
+    if (w.fmt == X6 || w.fmt == X6K) {
         x6_place(j, k, byte, shift);
         uint64_t bits = 0;
         for (int i = 0; i < 3; i++) {
@@ -211,6 +252,12 @@ inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float
         x5_place(j, k, hbyte, bit);
         q |= ((gb[X5_PLANE + hbyte] >> bit) & 1) << 4;
     }
+    if (w.fmt == X6K) {  // sub-block 2 (b % 8) + k / 16's int8 scale times the super-block's d
+        d = load_half(gb + 2 * j) * (float)(int8_t)gb[32 + 16 * (2 * (b % 8) + k / 16) + j];
+        m = 0.f;
+        q -= BIAS[w.fmt];
+        return;
+    }
     if (HALVES[w.fmt]) {
         const int h = k / 16;
         d = load_half(gb + 32 * h + 2 * j);
@@ -218,9 +265,13 @@ inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float
         q -= BIAS[w.fmt];
         return;
     }
+    q -= BIAS[w.fmt];
+    if (w.fmt == X4K) {
+        x4k_scale(gb, j, (int)(b % 8), d, m);
+        return;
+    }
     d = load_half(gb + 2 * j);
     m = w.fmt == X4S ? 0.f : load_half(gb + 32 + 2 * j);
-    q -= BIAS[w.fmt];
 }
 
 void packed_dequant_rows(const PW& w, int64_t r0, int64_t r1, float* out) {

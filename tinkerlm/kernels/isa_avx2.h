@@ -38,6 +38,28 @@ inline void x6_half(const __m256i* w, __m256i (&tmp)[T], const int32_t* const* x
     (one(F, x6_field<F>(w)), ...);
 }
 
+// X4K: rows 8 hf .. 8 hf + 7 of the 8 blocks' scale rows d * sc and offset rows -dmin * mn from a super-block
+// head (common.h; isa_avx512.h's x4k_scales, half a group).
+inline void x4k_scales(const uint8_t* head, int hf, __m256* sc, __m256* mn) {
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(head + 16 * hf)));
+    const __m256 dmin = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(head + 32 + 16 * hf))));
+    const __m256i q0 = _mm256_loadu_si256((const __m256i*)(head + 64 + 32 * hf));
+    const __m256i q1 = _mm256_loadu_si256((const __m256i*)(head + 128 + 32 * hf));
+    const __m256i q2 = _mm256_loadu_si256((const __m256i*)(head + 192 + 32 * hf));
+    const __m256i m6 = _mm256_set1_epi32(63), m4 = _mm256_set1_epi32(15), hi2 = _mm256_set1_epi32(0x30);
+    for (int i = 0; i < 4; i++) {
+        const __m128i c = _mm_cvtsi32_si128(8 * i), c2 = _mm_cvtsi32_si128(8 * i + 2), c4 = _mm_cvtsi32_si128(8 * i + 4);
+        const __m256i s_lo = _mm256_and_si256(_mm256_srl_epi32(q0, c), m6);
+        const __m256i m_lo = _mm256_and_si256(_mm256_srl_epi32(q1, c), m6);
+        const __m256i s_hi = _mm256_or_si256(_mm256_and_si256(_mm256_srl_epi32(q2, c), m4), _mm256_and_si256(_mm256_srl_epi32(q0, c2), hi2));
+        const __m256i m_hi = _mm256_or_si256(_mm256_and_si256(_mm256_srl_epi32(q2, c4), m4), _mm256_and_si256(_mm256_srl_epi32(q1, c2), hi2));
+        sc[i] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(s_lo));
+        mn[i] = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(m_lo));
+        sc[i + 4] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(s_hi));
+        mn[i + 4] = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(m_hi));
+    }
+}
+
 // y[t][0 .. 15] = rows g*16 .. g*16+15 of x[t0 + t] @ W^T for t < T: one group of 16 weight rows.
 template <int FMT, int T>
 void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64_t ystride) {
@@ -49,15 +71,19 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
     for (int hf = 0; hf < 2 && hf * 8 < valid; hf++) {
         __m256 acc[T];
         for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+        __m256 ksc[8], kmn[8];  // X4K: the super-block's scale and offset rows
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *gb = scales_at(gp, FMT, nb, b), *pl = payload_at(gp, FMT, nb, b);
+            if (FMT == X4K && b % 8 == 0) x4k_scales(gb, hf, ksc, kmn);
+            if (FMT == X4K && hf == 0)  // as isa_avx512.h: four blocks ahead (the second half reads from cache)
+                for (int c = 0; c < 4; c++) _mm_prefetch((const char*)(pl + 1024 + 64 * c), _MM_HINT_T0);
             const int32_t* xp[T];
             for (int t = 0; t < T; t++) xp[t] = (const int32_t*)(x.q.data() + (t0 + t) * x.K + b * QK);
             __m256i tmp[T];
             for (int t = 0; t < T; t++) tmp[t] = _mm256_setzero_si256();
             if constexpr (HALVES[FMT]) {  // X6/X3/X2: each 16-column half scaled apart
                 for (int h = 0; h < 2; h++) {
-                    if constexpr (FMT == X6) {
+                    if constexpr (FMT == X6 || FMT == X6K) {
                         __m256i w6[3];
                         for (int i = 0; i < 3; i++) w6[i] = _mm256_loadu_si256((const __m256i*)(pl + 64 * (3 * h + i) + 32 * hf));
                         x6_half<T>(w6, tmp, xp, h, std::make_integer_sequence<int, 8>{});
@@ -71,7 +97,12 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
                             }
                         }
                     }
-                    const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 * h + 16 * hf)));
+                    __m256 dv;
+                    if constexpr (FMT == X6K)  // d * the sub-block's int8 scales (exact)
+                        dv = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 16 * hf))),
+                                           _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(gb + 32 + 16 * (2 * (b % 8) + h) + 8 * hf)))));
+                    else
+                        dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 * h + 16 * hf)));
                     for (int t = 0; t < T; t++) {
                         const int64_t xi = (t0 + t) * x.nb + b;
                         if (BIAS[FMT]) tmp[t] = _mm256_sub_epi32(tmp[t], _mm256_set1_epi32(BIAS[FMT] * x.hs[2 * xi + h]));
@@ -106,14 +137,14 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
                     for (int t = 0; t < T; t++) tmp[t] = _mm256_add_epi32(tmp[t], _mm256_madd_epi16(wv, _mm256_set1_epi32(xp[t][p])));
                 }
             }
-            const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 16 * hf)));
+            const __m256 dv = FMT == X4K ? ksc[b % 8] : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 16 * hf)));
             for (int t = 0; t < T; t++) {
                 const int64_t xi = (t0 + t) * x.nb + b;
                 if (BIAS[FMT]) tmp[t] = _mm256_sub_epi32(tmp[t], _mm256_set1_epi32(BIAS[FMT] * (x.hs[2 * xi] + x.hs[2 * xi + 1])));
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tmp[t]), _mm256_mul_ps(dv, _mm256_set1_ps(x.dx[xi])), acc[t]);
             }
             if (FMT != X8 && FMT != X4S) {
-                const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 + 16 * hf)));
+                const __m256 mv = FMT == X4K ? kmn[b % 8] : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 + 16 * hf)));
                 for (int t = 0; t < T; t++) acc[t] = _mm256_fmadd_ps(mv, _mm256_set1_ps(x.sx[(t0 + t) * x.nb + b]), acc[t]);
             }
         }

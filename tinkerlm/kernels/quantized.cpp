@@ -34,7 +34,7 @@ void dequant_rows(const QW& w, int64_t r0, int64_t r1, float* out) {
 // GGUF K-quant types as pack() numbers them (after the 32-value block types of common.h's QType).
 enum KType { K_Q4 = 4, K_Q5 = 5, K_Q6 = 6, K_Q3 = 7, K_Q2 = 8 };
 constexpr int64_t SB_BYTES[] = {0, 0, 0, 0, 144, 176, 210, 110, 84};  // bytes of a 256-value super-block
-constexpr int KFMT[] = {0, 0, 0, 0, X4, X5, X6, X3, X2};
+constexpr int KFMT[] = {0, 0, 0, 0, X4K, X5, X6K, X3, X2};
 
 #ifdef __F16C__
 inline uint16_t f16_bits(float v) { return (uint16_t)_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); }
@@ -48,12 +48,6 @@ struct KBlock {
     uint8_t u[QK];
     uint16_t s[4];
 };
-
-// Q4_K/Q5_K 6-bit scale and min of sub-block i (ggml's get_scale_min_k4).
-inline void k4_scale_min(const uint8_t* q, int i, int& sc, int& mn) {
-    if (i < 4) { sc = q[i] & 63; mn = q[i + 4] & 63; }
-    else { sc = (q[i + 4] & 0x0F) | ((q[i - 4] >> 6) << 4); mn = (q[i + 4] >> 4) | ((q[i] >> 6) << 4); }
-}
 
 // The 8 32-column blocks of one super-block (ggml-common.h layouts, dequantized as ggml's dequantize_row_*).
 void k_blocks(const uint8_t* sb, int type, KBlock* out) {
@@ -130,12 +124,13 @@ void k_blocks(const uint8_t* sb, int type, KBlock* out) {
 }
 
 // Row j's block into group block gb (format fmt): the scale rows, the nibbles, the bit planes.
+// (X4K: gb is the block's payload; its scales are the super-block head's, put_x4k_head.)
 inline void put_block(uint8_t* gb, int fmt, int j, const KBlock& kb) {
-    const int nscales = fmt == X2 ? 4 : 2;
+    const int nscales = fmt == X4K || fmt == X6K ? 0 : fmt == X2 ? 4 : 2;
     for (int i = 0; i < nscales; i++) std::memcpy(gb + 32 * i + 2 * j, &kb.s[i], 2);
     const uint8_t* u = kb.u;
     uint8_t* payload = gb + PAYLOAD[fmt];
-    if (fmt == X6) {  // half h, parity e: the 8 fields of columns 2(8h+f)+e as one 48-bit number (see x6_place)
+    if (fmt == X6 || fmt == X6K) {  // half h, parity e: the 8 fields of columns 2(8h+f)+e as one 48-bit number (see x6_place)
         for (int h = 0; h < 2; h++)
             for (int e = 0; e < 2; e++) {
                 uint64_t bits = 0;
@@ -181,7 +176,7 @@ inline void put_block(uint8_t* gb, int fmt, int j, const KBlock& kb) {
 #endif
 }
 
-// K-quant super-blocks (rows, K / 256 * SB_BYTES) -> packed (X4 for Q4_K, X5 Q5_K, X6 Q6_K, X3 Q3_K, X2 Q2_K), in
+// K-quant super-blocks (rows, K / 256 * SB_BYTES) -> packed (X4K for Q4_K, X5 Q5_K, X6K Q6_K, X3 Q3_K, X2 Q2_K), in
 // one pass, groups of rows in parallel.
 at::Tensor pack_k(const at::Tensor& data, int64_t type) {
     TORCH_CHECK(data.dim() == 2 && data.stride(1) == 1 && data.scalar_type() == at::kByte, "weight blocks must be uint8 rows");
@@ -199,7 +194,24 @@ at::Tensor pack_k(const at::Tensor& data, int64_t type) {
             for (int j = 0; j < GR && g * GR + j < rows; j++) {
                 const uint8_t* row = src + (g * GR + j) * row_bytes;
                 for (int64_t s = 0; s < nsb; s++) {
-                    k_blocks(row + s * SB_BYTES[type], (int)type, kb);
+                    const uint8_t* sb = row + s * SB_BYTES[type];
+                    k_blocks(sb, (int)type, kb);
+                    if (fmt == X4K) {  // the head's row j: d, dmin and the 12 scale bytes as they are; then the nibbles
+                        uint8_t* head = o + g * nb * GB + s * X4K_SB;
+                        std::memcpy(head + 2 * j, sb, 2);
+                        std::memcpy(head + 32 + 2 * j, sb + 2, 2);
+                        for (int i = 0; i < 3; i++) std::memcpy(x4k_dword(head, j, i), sb + 4 + 4 * i, 4);
+                        for (int i = 0; i < 8; i++) put_block(head + 256 + 256 * i, fmt, j, kb[i]);
+                        continue;
+                    }
+                    if (fmt == X6K) {  // the head's row j: d and the 16 int8 scales as they are; then the payloads
+                        uint8_t* head = o + g * nb * GB + s * X6K_SB;
+                        std::memcpy(head + 2 * j, sb + 208, 2);
+                        for (int k = 0; k < 16; k++) head[32 + 16 * k + j] = sb[192 + k];
+                        if (j == 0) std::memset(head + 32 + 256, 0, X6K_HEAD - 32 - 256);  // the padding
+                        for (int i = 0; i < 8; i++) put_block(head + X6K_HEAD + 384 * i, fmt, j, kb[i]);
+                        continue;
+                    }
                     for (int i = 0; i < 8; i++) put_block(o + (g * nb + 8 * s + i) * GB, fmt, j, kb[i]);
                 }
             }
@@ -259,9 +271,34 @@ at::Tensor pack(at::Tensor data, int64_t type) {
     return out;
 }
 
-// The inverse of pack: GGUF blocks of `type` again, bit for bit.
+// X4K -> the Q4_K super-blocks it was packed from, bit for bit.
+at::Tensor unpack_x4k(const PW& w) {
+    const int64_t nsb = w.nb / 8;
+    auto out = at::empty({w.rows, nsb * SB_BYTES[K_Q4]}, at::kByte);
+    uint8_t* o = out.data_ptr<uint8_t>();
+    for (int64_t r = 0; r < w.rows; r++)
+        for (int64_t s = 0; s < nsb; s++) {
+            uint8_t* sb = o + (r * nsb + s) * SB_BYTES[K_Q4];
+            const uint8_t* head = w.data + (r / GR) * w.nb * GBLOCK_BYTES[X4K] + s * X4K_SB;
+            const int j = (int)(r % GR);
+            std::memcpy(sb, head + 2 * j, 2);
+            std::memcpy(sb + 2, head + 32 + 2 * j, 2);
+            x4k_scale_bytes(head, j, sb + 4);
+            std::memset(sb + 16, 0, 128);
+            for (int i = 0; i < 8; i++)  // sub-block i: 32-byte chunk i/2, low (even i) or high nibbles
+                for (int l = 0; l < QK; l++) {
+                    int q; float d, m;
+                    packed_entry(w, r, 8 * s + i, l, q, d, m);
+                    sb[16 + 32 * (i / 2) + l] |= (uint8_t)(q << (4 * (i % 2)));
+                }
+        }
+    return out;
+}
+
+// The inverse of pack: GGUF blocks of `type` (Q4_K: its super-blocks) again, bit for bit.
 at::Tensor unpack(at::Tensor data, int64_t fmt, int64_t rows, int64_t type) {
     PW w = as_pw(data, fmt, rows);
+    if (type == K_Q4 && fmt == X4K) return unpack_x4k(w);
     TORCH_CHECK(type >= 0 && type <= 3 && fmt == PACKED[type],
                 "unpack: packed format ", fmt, " has no GGUF block type ", type);
     auto out = at::zeros({rows, w.nb * BLOCK_BYTES[type]}, at::kByte);
@@ -341,6 +378,8 @@ inline void tile(const PW& w, int64_t g, const XQ& x, int64_t t0, int64_t n, flo
         case X3: group_tile<X3>(w, g, x, t0, n, y, ystride); break;
         case X2: group_tile<X2>(w, g, x, t0, n, y, ystride); break;
         case X4S: group_tile<X4S>(w, g, x, t0, n, y, ystride); break;
+        case X4K: group_tile<X4K>(w, g, x, t0, n, y, ystride); break;
+        case X6K: group_tile<X6K>(w, g, x, t0, n, y, ystride); break;
         default: group_tile<X8>(w, g, x, t0, n, y, ystride); break;
     }
 }

@@ -8,18 +8,20 @@ A `QTensor` is a (rows, K) matrix stored as rows of 32-value blocks (layouts as 
 (4-bit: byte j holds value j in its low nibble and value j + 16 in its high one.)
 The K-quants (Q4_K, Q5_K, Q6_K, Q3_K, Q2_K: 256-value super-blocks) are held as the file's super-blocks, zero-copy,
 and `qops.pack` converts them in C++, in one pass, straight into the kernels' layout (kernels/common.h):
-- Q4_K -> X4 and Q5_K -> X5 (as Q4_1/Q5_1 blocks): each 32-value sub-block is d * sc * u - dmin * mn.
-- Q6_K -> X6 (7 bits a weight): the 6-bit integers u kept (the products take the 32 off), a scale per 16-value
-  sub-block.
+- Q4_K -> X4K, the file's own bits (144 bytes per 256 weights): per super-block d, dmin and the 6-bit scales and
+  mins as they are, the products folding each sub-block's min into its activation sum (d * sc * u - dmin * mn).
+- Q5_K -> X5 (as Q5_1 blocks): each 32-value sub-block is d * sc * u - dmin * mn.
+- Q6_K -> X6K (6.625 bits a weight; the file: 6.5625): the 6-bit integers u kept (the products take the 32 off),
+  the file's fp16 d and int8 scale per 16-value sub-block.
 - Q3_K -> X3 (5 bits a weight): the 3-bit integers u - 4 in nibbles, a scale per 16-value sub-block.
 - Q2_K -> X2 (6 bits a weight): the 2-bit integers in nibbles, a scale and an offset per 16-value sub-block.
-The integers are exact; only each sub-block's scale d * sc (and offset -dmin * mn) is rounded, to fp16 (relative
-error <= 2^-11 of the scale). Other GGUF types (IQ...) are dequantized and requantized to Q8_0 at load.
+The integers are exact; but for Q4_K and Q6_K (exact), each sub-block's scale d * sc (and offset -dmin * mn) is
+rounded, to fp16 (relative error <= 2^-11 of the scale). Other GGUF types (IQ...) are dequantized and requantized to Q8_0 at load.
 `quantize` makes Q8_0 (int8) or Q4_1 (int4) blocks from float weights.
 
 A `Packed` tensor is a QTensor rearranged into the layout the C++ products read (groups of 16 rows; kernels/common.h,
 "Packed weights"; Q4_0 as X4S, its blocks' scales and nibbles without an offset, 18 bytes per 32 weights as in the
-file), losslessly for the 32-value block types; `qops.pack` and `qops.unpack` convert between the two
+file), losslessly for the 32-value block types and Q4_K; `qops.pack` and `qops.unpack` convert between the two
 (Q6_K, Q3_K and Q2_K do not unpack: `qops.dequantize` them).
 """
 
@@ -105,15 +107,16 @@ class QTensor:
 
 
 # The packed format of each block type, as kernels/common.h numbers them: X4, X8, X5, X6, X3, X2, X4S (Q4_0: no
-# offsets, 18 bytes per 32 weights).
-PACKED_FORMATS = {"Q4_0": 6, "Q4_1": 0, "Q8_0": 1, "Q5_1": 2, "Q4_K": 0, "Q5_K": 2, "Q6_K": 3, "Q3_K": 4, "Q2_K": 5}
+# offsets, 18 bytes per 32 weights), X4K (Q4_K in its own bits, 144 bytes per 256), X6K (Q6_K's 6-bit integers,
+# fp16 d and int8 scales: 212 bytes per 256; X6 is no longer packed).
+PACKED_FORMATS = {"Q4_0": 6, "Q4_1": 0, "Q8_0": 1, "Q5_1": 2, "Q4_K": 7, "Q5_K": 2, "Q6_K": 8, "Q3_K": 4, "Q2_K": 5}
 
 
 @dataclass
 class Packed:
     data: torch.Tensor  # uint8 (ceil(rows / 16), K // 32 * group block bytes)
-    qtype: str  # the block type it was packed from; unpacking gives those blocks back bit for bit (Q4_K and Q5_K
-    # are packed as Q4_1 and Q5_1 blocks; Q6_K, Q3_K and Q2_K have no blocks to unpack to)
+    qtype: str  # the block type it was packed from; unpacking gives those blocks back bit for bit (Q4_K its
+    # super-blocks; Q5_K is packed as Q5_1 blocks; Q6_K, Q3_K and Q2_K have no blocks to unpack to)
     rows: int
     K: int
 
@@ -206,8 +209,9 @@ def q5_k_to_q5_1(raw: np.ndarray, rows: int, K: int) -> np.ndarray:
     return out.reshape(rows, K // QK * 24)
 
 
-def _k_scales(sb: np.ndarray) -> np.ndarray:
-    """Q4_K/Q5_K super-blocks -> each sub-block's fp16 scale d * sc and offset -dmin * mn, as bytes (n, 8, 4)."""
+def _k_scale_min(sb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K super-blocks -> each sub-block's scale d * sc and offset -dmin * mn in float32 (n, 8), exact (an
+    fp16 times a 6-bit integer)."""
     d = sb[:, 0:2].copy().view(np.float16).astype(np.float32)  # (n, 1)
     dmin = sb[:, 2:4].copy().view(np.float16).astype(np.float32)
     s = sb[:, 4:16].astype(np.uint8)
@@ -216,9 +220,15 @@ def _k_scales(sb: np.ndarray) -> np.ndarray:
     sc[:, :4], mn[:, :4] = s[:, 0:4] & 63, s[:, 4:8] & 63
     sc[:, 4:] = (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)
     mn[:, 4:] = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
+    return d * sc, -dmin * mn
+
+
+def _k_scales(sb: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K super-blocks -> each sub-block's fp16 scale d * sc and offset -dmin * mn, as bytes (n, 8, 4)."""
+    scale, offset = _k_scale_min(sb)
     out = np.empty((len(sb), 8, 4), np.uint8)
-    out[..., 0:2] = (d * sc).astype(np.float16)[..., None].view(np.uint8)
-    out[..., 2:4] = (-dmin * mn).astype(np.float16)[..., None].view(np.uint8)
+    out[..., 0:2] = scale.astype(np.float16)[..., None].view(np.uint8)
+    out[..., 2:4] = offset.astype(np.float16)[..., None].view(np.uint8)
     return out
 
 
@@ -228,8 +238,15 @@ def _f16(x: np.ndarray) -> np.ndarray:
 
 def k_dequantize(raw: np.ndarray, qtype: str, rows: int, K: int) -> np.ndarray:
     """K-quant super-blocks (rows, K / 256 * bytes) as float32 (rows, K), the scales rounded to fp16 as the
-    packed layout holds them (kernels/quantized.cpp, k_blocks); the reference for the kernels' dequantization."""
-    if qtype in ("Q4_K", "Q5_K"):
+    packed layout holds them (kernels/quantized.cpp, k_blocks; Q4_K's X4K keeps them exact, as gguf computes
+    them); the reference for the kernels' dequantization."""
+    if qtype == "Q4_K":
+        sb = np.ascontiguousarray(raw).reshape(-1, 144)
+        scale, offset = _k_scale_min(sb)
+        qs = sb[:, 16:].reshape(-1, 4, 32)
+        u = np.stack((qs & 0x0F, qs >> 4), axis=2).reshape(-1, 8, 32).astype(np.float32)  # (n, sub-block, value)
+        return (scale[..., None] * u + offset[..., None]).reshape(rows, K)
+    if qtype == "Q5_K":
         return QTensor(torch.from_numpy(np.ascontiguousarray(raw)), qtype, K).as_blocks().dequantize().numpy()
     sb = np.ascontiguousarray(raw).reshape(-1, K_TYPES[qtype][1])
     n = len(sb)
@@ -241,7 +258,7 @@ def k_dequantize(raw: np.ndarray, qtype: str, rows: int, K: int) -> np.ndarray:
         low = np.stack((ql[:, :, 0] & 15, ql[:, :, 1] & 15, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4), axis=2)
         high = (qh >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]) & 3
         v = (low | (high << 4)).astype(np.int32) - 32
-        scale = _f16(d * sb[:, 192:208].view(np.int8).astype(np.float32).reshape(n, 2, 4, 2))
+        scale = d * sb[:, 192:208].view(np.int8).astype(np.float32).reshape(n, 2, 4, 2)  # X6K: exact
     elif qtype == "Q3_K":
         hm, qs = sb[:, :32], sb[:, 32:96].reshape(n, 2, 1, 32)
         d = sb[:, 108:110].copy().view(np.float16).astype(np.float32).reshape(n, 1, 1, 1)

@@ -93,12 +93,17 @@ def test_second_load_maps_the_cache_with_the_same_logits(gguf, packs):
     blocks = model2.model.layers[0].mlp.down_proj.blocks
     assert mapped_files(blocks) == {str(path)}
     assert str(path) in mapped_files(model2.model.norm.weight)
-    # the same tokenizer, rebuilt from its saved JSON
+    # the same tokenizer, rebuilt from its saved JSON on first use (its special ids and size come from the record)
+    assert isinstance(tok2.backend, pack_cache.LazyBackend) and tok2.backend._built is None
+    assert tok2.eos_token_id == tok1.eos_token_id and tok2.backend._built is None
     text = "<|im_start|>user\nHello, wörld! 12345<|im_end|>"
     assert tok2.encode(text) == tok1.encode(text)
     assert tok2.decode(tok2.encode(text), skip_special_tokens=False) == tok1.decode(tok1.encode(text), False)
     for attr in ("vocab_size", "bos_token_id", "eos_token_id", "stop_token_ids", "chat_template", "pad_token"):
         assert getattr(tok2, attr) == getattr(tok1, attr), attr
+    assert tok2.backend._built is not None and tok2.backend.get_vocab() == tok1.backend.get_vocab()
+    assert tok2.backend.get_vocab_size(False) == tok1.backend.get_vocab_size(False)
+    assert tok2.backend.token_to_id("Hello") == tok1.backend.token_to_id("Hello")
     # a valid safetensors file: the library reads the same packed bytes
     from safetensors import safe_open
 

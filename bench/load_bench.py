@@ -7,10 +7,11 @@ packed-weight cache), second load (mapping the cache) and the cache turned off, 
 Arguments are GGUF paths or store names. Each run is a new Python process that imports tinkerlm and the (already
 built) kernels first, then times `tinkerlm.load` alone, wall-clock and CPU (all threads; the machine's neighbours
 change the first, much less the second). Imports are excluded, as in compare.py's load column, and shown apart;
-so is the first `tokenizer.encode` after the load (where the tokenizer is still being built, it waits for it). Variants, alternated within each run:
+so is the first `tokenizer.encode` after the load (a cached load builds the tokenizer then, on first use).
+Variants, alternated within each run:
 - `first`: no cache: read the header, build the tokenizer, repack every quantized tensor (in C++), build the model,
   then write the cache (`tinkerlm.pack_cache`);
-- `second`: the cache of the previous `first`: map it, check its crc32s, build the model over the map;
+- `second`: the cache of the previous `first`: map it, check its checksums, build the model over the map;
 - `off`: TINKERLM_PACK_CACHE=0, the load without a cache (what `first` costs less the writing).
 The GGUF's pages are warmed by one untimed read first, so the figures are the conversion's, not the disk's (the cache
 is in the page cache after being written). Caches go to a temporary TINKERLM_HOME, deleted at the end. Peak RSS is

@@ -24,7 +24,7 @@ A cache is used only if it matches, else it is rebuilt:
   while the tensors are built, and all of them before `load` returns: no tensor of a corrupt cache is used.
   Writes go to a temporary file renamed into place, so a killed writer leaves no partial cache.
 The tokenizer comes back unbuilt (`LazyBackend`): its JSON, checksummed with the rest, is parsed on first use, since
-building a 128k-token BPE costs 0.2-0.35 s with the GIL held (the cached load was a third tokenizer otherwise).
+building a 128k-token BPE costs 0.2-0.35 s with the GIL held (half of a 1B model's cached load otherwise).
 Store models are cached by default; `TINKERLM_PACK_CACHE=1` caches any GGUF, `=0` none. `tinkerlm rm` deletes a
 stored model's cache (`remove`). Not enough disk space: the cache is skipped with a one-line warning. The file holds
 no pickle: tensors are raw bytes, the rest JSON.
@@ -192,8 +192,8 @@ def load(gguf: Path):
 
 def _read(path: Path, want: dict):
     """(metadata, name -> tensor over the map, verify) of a safetensors file whose identity is `want`; `verify()`
-    waits for the checksums of its bytes (computed meanwhile in threads) and raises `Invalid` on a mismatch. (None, {}, None) if
-    the identity differs (a stale cache)."""
+    waits for the checksums of its bytes (computed meanwhile in threads) and raises `Invalid` on a mismatch.
+    (None, {}, None) if the identity differs (a stale cache)."""
     import torch
 
     with open(path, "rb") as f:

@@ -6,10 +6,12 @@ packed-weight cache), second load (mapping the cache) and the cache turned off, 
 
 Arguments are GGUF paths or store names. Each run is a new Python process that imports tinkerlm and the (already
 built) kernels first, then times `tinkerlm.load` alone, wall-clock and CPU (all threads; the machine's neighbours
-change the first, much less the second). Variants, alternated within each run:
+change the first, much less the second). Imports are excluded, as in compare.py's load column, and shown apart;
+so is the first `tokenizer.encode` after the load (a cached load builds the tokenizer then, on first use).
+Variants, alternated within each run:
 - `first`: no cache: read the header, build the tokenizer, repack every quantized tensor (in C++), build the model,
   then write the cache (`tinkerlm.pack_cache`);
-- `second`: the cache of the previous `first`: map it, check its crc32s, build the model over the map;
+- `second`: the cache of the previous `first`: map it, check its checksums, build the model over the map;
 - `off`: TINKERLM_PACK_CACHE=0, the load without a cache (what `first` costs less the writing).
 The GGUF's pages are warmed by one untimed read first, so the figures are the conversion's, not the disk's (the cache
 is in the page cache after being written). Caches go to a temporary TINKERLM_HOME, deleted at the end. Peak RSS is
@@ -33,9 +35,11 @@ VARIANTS = ("first", "second", "off")
 
 CHILD = """
 import json, resource, sys, time
-import tinkerlm
+t = time.perf_counter()
+import tinkerlm, tinkerlm.api
 from tinkerlm import kernels, quant
 kernels.ops()
+imports = time.perf_counter() - t
 packs, real = [], quant.packed_state_dict
 quant.packed_state_dict = lambda ckpt: packs.append(1) or real(ckpt)  # counts the repacks
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -43,7 +47,11 @@ t, c = time.perf_counter(), time.process_time()
 llm = tinkerlm.load(sys.argv[1])
 wall, cpu = time.perf_counter() - t, time.process_time() - c
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+llm.tokenizer.encode("Hello")
+encode = time.perf_counter() - t
 out = {"where": tinkerlm.__file__, "wall": wall, "cpu": cpu, "peak_kib": peak, "base_kib": base, "packs": len(packs)}
+out.update(imports=imports, encode=encode)
 print(json.dumps(out))
 """
 
@@ -114,10 +122,13 @@ def main() -> None:
             wall, cpu = [r["wall"] for r in rs], [r["cpu"] for r in rs]
             peak = statistics.median(r["peak_kib"] for r in rs) / 1024
             base = statistics.median(r["base_kib"] for r in rs) / 1024
+            imports = statistics.median(r["imports"] for r in rs)
+            encode = statistics.median(r["encode"] for r in rs) * 1e3
             print(
                 f"  {variant:6s} wall {spread(wall)} s = {statistics.median(wall) / gb:.3f} s/GB, "
                 f"cpu {spread(cpu)} s = {statistics.median(cpu) / gb:.3f} s/GB; "
-                f"peak RSS {peak:.0f} MiB ({peak / (size / 2**20):.2f}x the file; {base:.0f} MiB before loading)"
+                f"peak RSS {peak:.0f} MiB ({peak / (size / 2**20):.2f}x the file; {base:.0f} MiB before loading); "
+                f"imports {imports:.2f} s, first encode {encode:.0f} ms"
             )
     print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
 

@@ -93,12 +93,17 @@ def test_second_load_maps_the_cache_with_the_same_logits(gguf, packs):
     blocks = model2.model.layers[0].mlp.down_proj.blocks
     assert mapped_files(blocks) == {str(path)}
     assert str(path) in mapped_files(model2.model.norm.weight)
-    # the same tokenizer, rebuilt from its saved JSON
+    # the same tokenizer, rebuilt from its saved JSON on first use (its special ids and size come from the record)
+    assert isinstance(tok2.backend, pack_cache.LazyBackend) and tok2.backend._built is None
+    assert tok2.eos_token_id == tok1.eos_token_id and tok2.backend._built is None
     text = "<|im_start|>user\nHello, wörld! 12345<|im_end|>"
     assert tok2.encode(text) == tok1.encode(text)
     assert tok2.decode(tok2.encode(text), skip_special_tokens=False) == tok1.decode(tok1.encode(text), False)
     for attr in ("vocab_size", "bos_token_id", "eos_token_id", "stop_token_ids", "chat_template", "pad_token"):
         assert getattr(tok2, attr) == getattr(tok1, attr), attr
+    assert tok2.backend._built is not None and tok2.backend.get_vocab() == tok1.backend.get_vocab()
+    assert tok2.backend.get_vocab_size(False) == tok1.backend.get_vocab_size(False)
+    assert tok2.backend.token_to_id("Hello") == tok1.backend.token_to_id("Hello")
     # a valid safetensors file: the library reads the same packed bytes
     from safetensors import safe_open
 
@@ -169,6 +174,42 @@ def test_a_cut_or_corrupt_cache_is_detected_and_rebuilt(gguf, packs, damage, cap
     assert len(packs) == 3
 
 
+def _checksums_of(path: Path) -> dict:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(json.loads(f.read(n))["__metadata__"]["checksums"])
+
+
+@pytest.mark.parametrize("name", list(pack_cache.HASHES))
+def test_each_checksum_catches_a_flipped_bit(gguf, packs, name, monkeypatch, caplog):
+    """xxh3_64 where xxhash is installed, crc32 without it: the cache names its checksum and either catches one
+    flipped bit in a packed weight (which nothing else checks)."""
+    monkeypatch.setattr(pack_cache, "HASHES", {name: pack_cache.HASHES[name]})
+    fresh = logits(gguf, pack_cache=False)
+    load_checkpoint(gguf)
+    path = pack_cache.cache_path(gguf)
+    assert _checksums_of(path)["hash"] == name
+    assert torch.equal(logits(gguf), fresh) and len(packs) == 2  # mapped and checked
+    data = bytearray(path.read_bytes())
+    data[8 + int.from_bytes(data[:8], "little") + 1000] ^= 0x10  # the first tensors are the packed ones
+    path.write_bytes(data)
+    with caplog.at_level(logging.WARNING, logger="tinkerlm.pack_cache"):
+        assert torch.equal(logits(gguf), fresh)
+    assert len(packs) == 3 and "checksum mismatch" in caplog.text
+
+
+def test_a_cache_whose_checksum_cannot_be_computed_here_is_rebuilt(gguf, packs, monkeypatch, caplog):
+    load_checkpoint(gguf)
+    written = _checksums_of(pack_cache.cache_path(gguf))["hash"]
+    # as if xxhash were uninstalled: a checksum named otherwise
+    monkeypatch.setattr(pack_cache, "HASHES", {"other": pack_cache.HASHES["crc32"]})
+    with caplog.at_level(logging.WARNING, logger="tinkerlm.pack_cache"):
+        load_checkpoint(gguf)
+    assert len(packs) == 2 and f"written with {written} checksums" in caplog.text
+    load_checkpoint(gguf)  # rewritten with the checksum this install has
+    assert len(packs) == 2 and _checksums_of(pack_cache.cache_path(gguf))["hash"] == "other"
+
+
 def test_by_default_only_store_models_are_cached(gguf, packs, monkeypatch, tmp_path):
     monkeypatch.delenv("TINKERLM_PACK_CACHE")
     load_checkpoint(gguf)  # a GGUF given by path: not copied into the cache unasked
@@ -222,7 +263,7 @@ from pathlib import Path
 from tinkerlm import pack_cache
 from tinkerlm.loading import load_checkpoint
 
-real_bytes, real_crcs, written = pack_cache._bytes, pack_cache._crcs, []
+real_bytes, real_checksums, written = pack_cache._bytes, pack_cache._checksums, []
 
 def dies_at_the_tenth_tensor(t):
     written.append(t)
@@ -231,11 +272,11 @@ def dies_at_the_tenth_tensor(t):
     return real_bytes(t)
 
 def checksums_then_arm(tensors):  # the checksums read every tensor first; the writing comes after
-    crcs = real_crcs(tensors)
+    sums = real_checksums(tensors)
     pack_cache._bytes = dies_at_the_tenth_tensor
-    return crcs
+    return sums
 
-pack_cache._crcs = checksums_then_arm
+pack_cache._checksums = checksums_then_arm
 load_checkpoint(Path(sys.argv[1]))
 """
 

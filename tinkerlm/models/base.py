@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import mmap
 from typing import Any
 
 import torch
@@ -332,6 +333,16 @@ def dequantize_kv(r: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.
     return (r[..., :hd].to(torch.float32) * scale).to(dtype)
 
 
+def untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros that take memory only where written: an anonymous map, whose pages the OS gives zeroed on first
+    touch. `torch.zeros` writes every byte up front, so a cache sized for a whole context (a server's slots) would
+    be resident before its first token. Small ones (under 1 MiB) come from torch's allocator."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < 1 << 20:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)  # the tensor keeps the map alive
+
+
 class KVCache:
     """Preallocated keys and values for every layer, written in place; one row per sequence.
 
@@ -365,8 +376,8 @@ class KVCache:
     ):
         shape = (batch, n_kv_heads, max_len, head_dim + 4 if quantized else head_dim)
         store = torch.int8 if quantized else dtype
-        self.k = [torch.zeros(shape, dtype=store) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=store) for _ in range(n_layers)]
+        self.k = [untouched_zeros(shape, store) for _ in range(n_layers)]
+        self.v = [untouched_zeros(shape, store) for _ in range(n_layers)]
         self.max_len = max_len
         self.dtype, self.quantized = dtype, quantized  # dtype: what `update` returns
         self.lengths = [0] * batch  # tokens stored per row (python ints: no host sync to read them)

@@ -1093,7 +1093,8 @@ def serve(
         llms[name] = tinkerlm.load(
             name, dtype=dtype, quant=quant, threads=threads, prefix_cache_mb=0, kv_cache=kv_cache
         )
-        llms[name].tokenizer.encode("warm up")  # a cached model's tokenizer is built on first use: now, not in a request
+        # A cached model's tokenizer is built on first use: now, not in the first request.
+        llms[name].tokenizer.encode("warm up")
     app = create_app(
         llms,
         api_key=api_key,

@@ -173,6 +173,7 @@ def test_pretrain_bench_tinkerlm_engine(tmp_path):
         steps=2,
         lr_warmup=1,
         threads=1,
+        precision="fp32",
     )
     tiny = dict(
         pretrain_bench.MODEL, hidden_size=32, intermediate_size=64, num_hidden_layers=1, max_position_embeddings=32

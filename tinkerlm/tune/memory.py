@@ -84,9 +84,8 @@ def recompute(config, tokens: int, asked: bool | None, bf16: bool = False) -> bo
     Under bf16 autocast (`bf16`, frozen weights in bf16: `lora.bf16_bases`) the activations are counted at 2 bytes
     and the selective step is skipped: above ACTIVATION_BUDGET whole layers are rerun. The products being ~4x
     cheaper in bf16 (AVX512-BF16), rerunning them costs little, and selective recomputation keeps too much: on
-    SmolLM2 at 4 x 512 (bench/finetune_bench.py --bf16-rows, a loaded 2-core machine) selective peaked at 1.95 GB
-    for 2.07x the speed of fp32 with everything kept (1.11x per CPU-second), whole layers at 1.27 GB for 2.33x
-    (1.36x)."""
+    SmolLM2 at 4 x 512 (bench/finetune_bench.py --bf16-rows, quiet 2-core machine) selective peaked at 1.92 GB
+    for 2.40x the speed of fp32 with everything kept, whole layers at 1.19 GB for 2.12x."""
     if asked is not None:
         return asked
     kept = activation_bytes(config, tokens, bf16)

@@ -666,7 +666,10 @@ def _keep_matmuls():
     }
 
     def policy(ctx, op, *args, **kwargs):
-        low = op in (aten.mm.default, aten.addmm.default) and args[op == aten.addmm.default].shape[-1] <= LOW_RANK
+        low = False
+        if op in (aten.mm.default, aten.addmm.default):
+            left = args[1] if op == aten.addmm.default else args[0]  # the (tokens, inner) operand
+            low = left.shape[-1] <= LOW_RANK
         if op in kept and not low:
             return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE

@@ -30,13 +30,34 @@ fi
 
 target="."
 [ -n "$extra" ] && target=".[${extra}]"
-# llama-cpp-python compiles llama.cpp: for a fixed instruction set (AVX-512 with VNNI, which every machine of this
-# project has), never -march=native, whose build crashes on a machine with more features (AMX) or fewer.
-if [[ ",$extra," == *",llamacpp,"* || ",$extra," == *",bench,"* ]] && [ -z "${CMAKE_ARGS:-}" ]; then
-    export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
--DGGML_AVX512_VNNI=ON -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF"
-    if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
-        echo "tinkerlm setup: installing llama-cpp-python (built from source once, ~10 minutes; pip caches it)" >&2
+# llama-cpp-python compiles llama.cpp, never with -march=native (a wheel built natively on one machine crashed with
+# an illegal instruction on another) but for an explicit instruction set chosen from this CPU's flags: AVX-512 with
+# VNNI where present, else AVX2 (these machines differ between sessions). The wheel is built once per instruction set
+# into our own cache (pip's wheel cache is keyed by the source, not the flags, and would hand an AVX-512 wheel to an
+# AVX2 machine); .venv/.llamacpp-isa records which one this environment holds.
+if [[ ",$extra," == *",llamacpp,"* || ",$extra," == *",bench,"* ]]; then
+    llamacpp="$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml | head -1)"
+    cpu=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true) "
+    isa="avx2"
+    args="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+    if [[ "$cpu" == *" avx512f "* && "$cpu" == *" avx512bw "* && "$cpu" == *" avx512vl "* \
+          && "$cpu" == *" avx512_vnni "* ]]; then
+        isa="avx512vnni"
+        args="$args -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON"
+    fi
+    args="$args -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF"
+    [ -n "${CMAKE_ARGS:-}" ] && { isa="custom"; args="$CMAKE_ARGS"; }
+    if [ "$(cat .venv/.llamacpp-isa 2>/dev/null)" != "$llamacpp $isa" ]; then
+        wheels="${XDG_CACHE_HOME:-$HOME/.cache}/tinkerlm/wheels/${llamacpp/==/-}-$isa"
+        if [ "$isa" = "custom" ] || ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+            echo "tinkerlm setup: building $llamacpp for $isa (once per instruction set, ~10 minutes)" >&2
+            rm -rf "$wheels.tmp" && mkdir -p "$wheels.tmp"
+            CMAKE_ARGS="$args" .venv/bin/python -m pip wheel --quiet --disable-pip-version-check --no-deps \
+                --no-cache-dir --no-binary llama-cpp-python -w "$wheels.tmp" "$llamacpp"
+            rm -rf "$wheels" && mv "$wheels.tmp" "$wheels"
+        fi
+        "${pip[@]}" --force-reinstall --no-deps "$wheels"/llama_cpp_python-*.whl
+        echo "$llamacpp $isa" > .venv/.llamacpp-isa
     fi
 fi
 "${pip[@]}" -e "$target"

@@ -51,8 +51,10 @@ def exports(smollm2_gguf, eval_text, tmp_path_factory):
 
 # llama.cpp rounds activations to 8 bits for quantized products, so on the very same file its logits and tinkerlm's
 # differ slightly (by up to ~0.8 on single logits of llama.cpp's own Q4_1 file of SmolLM2; 0.007 on an F32 file).
-# Where tinkerlm's top two tokens are closer than NEAR_TIE, either engine's pick is right (measured: every
-# disagreement on these files was at a top-2 margin under 0.23 in both engines); everywhere else they must agree.
+# Where either engine's top two tokens are closer than NEAR_TIE, either engine's pick is right; everywhere else they
+# must agree. (Measured: on AVX-512 every disagreement on these files was at a top-2 margin under 0.23 in both
+# engines. On an AVX2-only Zen 3, llama.cpp's AVX2 build and tinkerlm disagreed once on the Q2_K file at margins of
+# 0.32 (tinkerlm) and 0.04 (llama.cpp), with single logits 0.8 apart: a near tie for llama.cpp.)
 NEAR_TIE = 0.25
 
 
@@ -66,13 +68,16 @@ def greedy_against_llamacpp(path, prompt: str, n: int = STEPS) -> int:
     ours = [s[0] for s in generate_step(llm.model, [ids], max_tokens=n, sampling=SamplingParams(temperature=0))]
     with torch.no_grad():
         logits = llm.model(torch.tensor([ids + ours]))[0, len(ids) - 1 : len(ids) - 1 + n]
-    top2 = torch.topk(logits, 2).values
-    sure = (top2[:, 0] - top2[:, 1]) >= NEAR_TIE
     cpp = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, n_batch=256, logits_all=True, verbose=False)
     cpp.eval(ids + ours)
-    theirs = np.asarray(cpp.scores[len(ids) - 1 : len(ids) - 1 + n])[:, : logits.shape[1]].argmax(-1)
+    scores = torch.as_tensor(np.asarray(cpp.scores[len(ids) - 1 : len(ids) - 1 + n])[:, : logits.shape[1]])
+    theirs = scores.argmax(-1)
+    sure = torch.ones(n, dtype=torch.bool)
+    for engine in (logits, scores):
+        top2 = torch.topk(engine, 2).values
+        sure &= (top2[:, 0] - top2[:, 1]) >= NEAR_TIE
     picked = torch.as_tensor(ours)
-    assert torch.equal(torch.as_tensor(theirs)[sure], picked[sure]), (prompt, theirs.tolist(), ours)
+    assert torch.equal(theirs[sure], picked[sure]), (prompt, theirs.tolist(), ours)
     first_tie = int((~sure).nonzero()[0]) if (~sure).any() else n
     cpp.reset()
     free = []

@@ -11,6 +11,7 @@
 namespace {
 
 constexpr const char* ISA = "avx512-vnni";
+constexpr int TILE_ROWS = 12;  // activation rows per pass over a group: 2 of the 32 zmm registers per row
 
 // A block's 32 values as floats (d * u + m): values 0..15 in lo, 16..31 in hi.
 template <int TYPE>

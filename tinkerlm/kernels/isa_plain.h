@@ -37,6 +37,7 @@ inline void round_block(const float* xb, int16_t* qb, float& amax, int32_t& s) {
 
 #ifndef TINKER_ISA_PRODUCTS
 constexpr const char* ISA = "scalar";
+constexpr int TILE_ROWS = 12;  // activation rows per pass over a group
 
 // y[t][0 .. 15] = rows g*16 .. g*16+15 of x[t0 + t] @ W^T for t < T: one group of 16 weight rows.
 template <int FMT, int T>

@@ -354,7 +354,7 @@ void quantize_acts(const float* x, int64_t T, int64_t K, XQ& out) {
     at::parallel_for(0, n, 256, [&](int64_t i0, int64_t i1) { for (int64_t i = i0; i < i1; i++) block(i); });
 }
 
-constexpr int TT = 12;  // activation rows per pass over a group (registers: 2 per row)
+constexpr int TT = TILE_ROWS;  // activation rows per pass over a group (the instruction set's register tile)
 
 // Rows t0 .. t0+n-1 (1 <= n <= TT) of one group: the register tile for n, from a table of group_rows<FMT, 1..TT>.
 using GroupFn = void (*)(const PW&, int64_t, const XQ&, int64_t, float*, int64_t);

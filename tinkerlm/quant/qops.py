@@ -12,7 +12,6 @@ import torch
 
 from tinkerlm import kernels
 from tinkerlm.errors import TinkerError
-from tinkerlm.kernels import FULL_ISA
 from tinkerlm.quant.qtensor import K_TYPES, TYPE_CODES, Packed, QTensor
 
 # The 32-value blocks Q5_K is packed as (each sub-block d * sc * u - dmin * mn, the scale and offset rounded to
@@ -55,14 +54,16 @@ def round_acts(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(xb * inv) * (amax / 32767)).reshape(x.shape)
 
 
-# Builds without AVX-512 (the AVX2 or plain C++ loops) are for decoding: products of more activation rows than
-# this dequantize the weight and use BLAS instead, as does attention (torch's).
+# The plain C++ build (no AVX2) is for decoding: products of more activation rows than this dequantize the weight and
+# use BLAS instead. The vector builds keep every product in their integer kernels: on AVX2 the int16 products of a
+# 5-row tile run about as fast as fp32 BLAS on the dequantized weight, and skip dequantizing it on every call (which
+# halved BLAS's speed there; BENCHMARKS.md "AVX2").
 PORTABLE_MAX_ROWS = 16
 
 
 def prefer_blas(k, x: torch.Tensor) -> bool:
-    """Whether these kernels should hand this product to BLAS (a portable build and a prefill-sized x)."""
-    return k.isa != FULL_ISA and x.numel() // x.shape[-1] > PORTABLE_MAX_ROWS
+    """Whether these kernels should hand this product to BLAS (the plain build and a prefill-sized x)."""
+    return k.isa == "scalar" and x.numel() // x.shape[-1] > PORTABLE_MAX_ROWS
 
 
 def qmatmul(x: torch.Tensor, w: QTensor | Packed) -> torch.Tensor:

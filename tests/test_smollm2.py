@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from peers import transformers_from_gguf
 
 import tinkerlm
 from tinkerlm.generate import generate_step
@@ -21,12 +22,7 @@ def ours(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def reference(smollm2_gguf):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kw = dict(gguf_file=smollm2_gguf.name)
-    tok = AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kw)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **kw).eval()
-    return tok, model
+    return transformers_from_gguf(smollm2_gguf, "tokenizer"), transformers_from_gguf(smollm2_gguf)
 
 
 def test_chat_prompt_matches_transformers(ours, reference):

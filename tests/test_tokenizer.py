@@ -9,6 +9,7 @@ import shutil
 import gguf
 import numpy as np
 import pytest
+from peers import transformers_from_gguf
 
 from tinkerlm.errors import TinkerError
 from tinkerlm.formats.gguf import read_gguf
@@ -34,9 +35,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def reference(smollm2_gguf):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    return transformers_from_gguf(smollm2_gguf, "tokenizer")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,68 @@
+"""Peers' readings of the real models, shared by the parity tests (and the test cache they are kept in)."""
+
+import os
+from pathlib import Path
+
+CACHE = Path(os.environ.get("TINKERLM_TEST_CACHE", Path.home() / ".cache" / "tinkerlm-test"))
+
+
+def transformers_from_gguf(path: Path, kind: str = "model", **kw):
+    """transformers' own reading of a GGUF, the peer of the parity tests: `kind` "model" (AutoModelForCausalLM, fp32)
+    or "tokenizer" (AutoTokenizer). Its GGUF loader dequantizes with numpy and rebuilds the tokenizer each time (80 s
+    for Gemma 3 270M, 40 s for SmolLM2 here), so what it read is saved once under the test cache (the tokenizer as
+    transformers saves it; the model's config and weights as safetensors, since transformers refuses to save a model
+    read from a GGUF), keyed by the file's sha256 and transformers' version, and later runs load
+    that. A cache written by another version, or of another file, is never read."""
+    import hashlib
+    import shutil
+
+    import torch
+    import transformers
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    folder = CACHE / "transformers" / f"{path.stem}-{kind}-{transformers.__version__}-{digest.hexdigest()[:16]}"
+    if kind == "model":
+        cls, kw = transformers.AutoModelForCausalLM, {"dtype": torch.float32, **kw}
+    else:
+        cls = transformers.AutoTokenizer
+    if (folder / "done").exists():
+        return _load_saved(folder, kind, kw)
+    loaded = cls.from_pretrained(str(path.parent), gguf_file=path.name, **kw)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if kind == "model":  # transformers will not save a model it read from a GGUF: its config and weights as they are
+        import json
+
+        from safetensors.torch import save_model
+
+        config = loaded.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config))
+        save_model(loaded, str(tmp / "model.safetensors"))
+    else:
+        loaded.save_pretrained(str(tmp))
+    (tmp / "done").touch()
+    try:
+        tmp.rename(folder)
+    except OSError:  # another run saved it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return loaded.eval() if kind == "model" else loaded
+
+
+def _load_saved(folder: Path, kind: str, kw: dict):
+    """What `transformers_from_gguf` saved: a tokenizer as transformers saved it, or a model of the class its config
+    names (built by transformers from the config) with the weights it had read."""
+    import transformers
+
+    if kind != "model":
+        return transformers.AutoTokenizer.from_pretrained(str(folder), **kw)
+    from safetensors.torch import load_model
+
+    config = transformers.AutoConfig.from_pretrained(str(folder))
+    model = transformers.AutoModelForCausalLM.from_config(config, **kw)
+    load_model(model, str(folder / "model.safetensors"))
+    return model.eval()

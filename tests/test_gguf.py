@@ -264,8 +264,10 @@ def test_real_file_dequantizes_like_gguf(smollm2_gguf):
 def test_kernel_dequantization_is_ggufs_bit_for_bit(type_name):
     """GGUF tensors of these types are dequantized by the C++ kernels (5x faster than gguf's numpy on a real file),
     which must give gguf's own fp32 bits: exports check the tensors they keep exact against the source with
-    torch.equal, and parity tests compare against gguf. Random blocks, every byte random but the scales (random
-    finite fp16 of both signs, down to subnormals), for rows that are and are not whole groups of 16."""
+    torch.equal, and parity tests compare against gguf. The products d * q are exact in fp32, so every build (fused
+    multiply-adds or not) rounds as gguf; a self-check per process would fall back to gguf otherwise, and this test
+    fails then too. Random blocks, every byte random but the scales (random finite fp16 of both signs, down to
+    subnormals), for rows that are and are not whole groups of 16."""
     from tinkerlm import kernels
     from tinkerlm.formats import gguf as ours
 
@@ -281,7 +283,8 @@ def test_kernel_dequantization_is_ggufs_bit_for_bit(type_name):
         raw = raw.reshape(rows, -1)
         got = ours._kernel_dequantize(raw, type_name, (rows, K))
         want = gguf.quants.dequantize(raw, Q[type_name]).reshape(rows, K).astype(np.float32)
-        assert got is not None and got.dtype == torch.float32
+        assert got is not None, f"{kernels.ops().isa} build: the kernels do not dequantize {type_name} as gguf"
+        assert got.dtype == torch.float32
         assert np.array_equal(got.numpy().view(np.uint32), want.view(np.uint32)), (type_name, rows, K)
     assert ours._kernel_dequantize(raw, "Q6_K", (rows, K)) is None  # not bit-exact (signed zeros): gguf's path
 

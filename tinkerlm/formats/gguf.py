@@ -16,6 +16,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
@@ -359,25 +360,27 @@ class GGUFCheckpoint:
         return Tokenizer.from_gguf_metadata(self.metadata, self.path)
 
 
-# Block types the C++ kernels dequantize to the same fp32 bits as the gguf package (tests/test_gguf.py checks it),
-# by their codes in the kernels (`dequantize` for 32-value blocks, `pack` then `dequantize_packed` for Q4_K's
-# super-blocks, packed format X4K). gguf's numpy dequantizer costs about 2 s per pass over a 135M-parameter Q4_1
-# file in row groups; an export reads a model four times (write, read back, exact tensors, comparison).
-KERNEL_DEQUANT = {
-    "Q8_0": (0, None, 32, 34),
-    "Q4_1": (2, None, 32, 20),
-    "Q4_K": (4, 7, 256, 144),
-}  # + block values, bytes
+# Block types the C++ kernels may dequantize instead of the gguf package, by their codes in the kernels (`dequantize`
+# for 32-value blocks; `pack` then `dequantize_packed` for Q4_K's super-blocks, packed format X4K), with their block
+# values and bytes. gguf's numpy dequantizer costs about 2 s per pass over a 135M-parameter Q4_1 file; an export reads
+# a model four times (write, read back, exact tensors, comparison). Each value is d * q (+ m) with d an fp16 (times
+# a 6-bit sub-block scale for Q4_K) and q of at most 8 bits, so the product is exact in fp32 and a fused multiply-add
+# rounds as gguf's multiply-then-add does: the kernels give gguf's own bits (not for Q4_0 and Q6_K, whose zeros may
+# differ in sign). `_kernel_exact` checks that once per process all the same, and gguf's dequantizer runs if not.
+KERNEL_DEQUANT = {"Q8_0": (0, None, 32, 34), "Q4_1": (2, None, 32, 20), "Q4_K": (4, 7, 256, 144)}
 
 
-def _kernel_dequantize(data: np.ndarray, type_name: str, shape) -> torch.Tensor | None:
+def _kernel_dequantize(data: np.ndarray, type_name: str, shape, check: bool = True) -> torch.Tensor | None:
     """The blocks `data` of `type_name` as an fp32 tensor of `shape` by the kernels, or None (not one of
-    KERNEL_DEQUANT's types, no kernels, or not whole rows of blocks): then gguf's dequantizer runs."""
+    KERNEL_DEQUANT's types, no kernels, not gguf's bits on this build, or not whole rows of blocks): then gguf's
+    dequantizer runs."""
     import torch
 
     from tinkerlm import kernels
 
     if type_name not in KERNEL_DEQUANT or not shape or (k := kernels.ops()) is None:
+        return None
+    if check and not _kernel_exact(type_name):
         return None
     code, packed, per, nbytes = KERNEL_DEQUANT[type_name]
     array = np.asarray(data)
@@ -392,6 +395,26 @@ def _kernel_dequantize(data: np.ndarray, type_name: str, shape) -> torch.Tensor 
     else:
         out = k.dequantize_packed(k.pack(blocks, code), packed, rows)
     return out.reshape(shape)
+
+
+@functools.cache
+def _kernel_exact(type_name: str) -> bool:
+    """Whether this build's kernels dequantize `type_name` to gguf's bits: checked once per process on 37 rows of
+    random blocks (random finite scales of both signs, a few milliseconds)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    _, _, per, nbytes = KERNEL_DEQUANT[type_name]
+    rng = np.random.default_rng(0)
+    rows, K = 37, 4 * max(per, 64)
+    raw = rng.integers(0, 256, (rows, K // per, nbytes), dtype=np.uint8)
+    for at in (0, 2) if type_name != "Q8_0" else (0,):
+        scale = rng.normal(0, 1, raw.shape[:2]) * 10.0 ** rng.integers(-4, 2, raw.shape[:2])
+        raw[:, :, at : at + 2] = scale.astype(np.float16)[..., None].view(np.uint8)
+    raw = raw.reshape(rows, -1)
+    ours = _kernel_dequantize(raw, type_name, (rows, K), check=False)
+    want = dequantize(raw, GGMLQuantizationType[type_name]).reshape(rows, K).astype(np.float32)
+    return ours is not None and np.array_equal(ours.numpy().view(np.uint32), want.view(np.uint32))
 
 
 def _shape(tensor: _TensorInfo) -> tuple[int, ...]:

@@ -26,8 +26,9 @@ A cache is used only if it matches, else it is rebuilt:
 The tokenizer comes back unbuilt (`LazyBackend`): its JSON, checksummed with the rest, is parsed on first use, since
 building a 128k-token BPE costs 0.2-0.35 s with the GIL held (half of a 1B model's cached load otherwise).
 Store models are cached by default; `TINKERLM_PACK_CACHE=1` caches any GGUF, `=0` none. `tinkerlm rm` deletes a
-stored model's cache (`remove`); every write first deletes the caches of GGUFs that are gone (`prune`). Not enough disk space: the cache is skipped with a one-line warning. The file holds
-no pickle: tensors are raw bytes, the rest JSON.
+stored model's cache (`remove`); every write first deletes the caches of GGUFs that are gone (`prune`). Not enough
+disk space: the cache is skipped with a one-line warning. The file holds no pickle: tensors are raw bytes, the rest
+JSON.
 
 Format: safetensors (https://huggingface.co/docs/safetensors): 8-byte header length, a JSON header (tensor dtypes,
 shapes, offsets and `__metadata__`), then the bytes; written here rather than by `safetensors.torch.save_file`,

@@ -1,5 +1,6 @@
 """Peers' readings of the real models, shared by the parity tests (and the test cache they are kept in)."""
 
+import functools
 import os
 from pathlib import Path
 
@@ -11,24 +12,19 @@ def transformers_from_gguf(path: Path, kind: str = "model", **kw):
     or "tokenizer" (AutoTokenizer). Its GGUF loader dequantizes with numpy and rebuilds the tokenizer each time (80 s
     for Gemma 3 270M, 40 s for SmolLM2 here), so what it read is saved once under the test cache (the tokenizer as
     transformers saves it; the model's config and weights as safetensors, since transformers refuses to save a model
-    read from a GGUF), keyed by the file's sha256 and transformers' version, and later runs load
-    that. A cache written by another version, or of another file, is never read."""
-    import hashlib
+    read from a GGUF), keyed by the file's sha256 and transformers' version, and later runs load that. A cache
+    written by another version, or of another file, is never read; one is renamed into place only when complete."""
     import shutil
 
     import torch
     import transformers
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    folder = CACHE / "transformers" / f"{path.stem}-{kind}-{transformers.__version__}-{digest.hexdigest()[:16]}"
+    folder = CACHE / "transformers" / f"{path.stem}-{kind}-{transformers.__version__}-{_sha256(path)[:16]}"
     if kind == "model":
         cls, kw = transformers.AutoModelForCausalLM, {"dtype": torch.float32, **kw}
     else:
         cls = transformers.AutoTokenizer
-    if (folder / "done").exists():
+    if folder.is_dir():
         return _load_saved(folder, kind, kw)
     loaded = cls.from_pretrained(str(path.parent), gguf_file=path.name, **kw)
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
@@ -45,7 +41,6 @@ def transformers_from_gguf(path: Path, kind: str = "model", **kw):
         save_model(loaded, str(tmp / "model.safetensors"))
     else:
         loaded.save_pretrained(str(tmp))
-    (tmp / "done").touch()
     try:
         tmp.rename(folder)
     except OSError:  # another run saved it first
@@ -66,3 +61,15 @@ def _load_saved(folder: Path, kind: str, kw: dict):
     model = transformers.AutoModelForCausalLM.from_config(config, **kw)
     load_model(model, str(folder / "model.safetensors"))
     return model.eval()
+
+
+@functools.cache
+def _sha256(path: Path) -> str:
+    """The file's sha256, hashed once per test session (the tests sharing a peer ask again and again)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -17,7 +17,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tinkerlm"
 
 # The layers, lowest first; a module may import its own line and the lines above it.
 TABLE = [
-    ("errors", "limits", "kernels"),  # the one exception type; resource bounds; C++ kernels
+    (
+        "errors",
+        "limits",
+        "fileio",
+        "kernels",
+    ),  # the one exception type; resource bounds; whole-file writes; C++ kernels
     ("formats",),  # gguf, hf (+ the one HF writer), peft adapter files, tokenizer, specs
     ("models", "quant", "lora"),  # architectures; module swaps for quantization and LoRA
     (

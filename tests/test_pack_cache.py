@@ -306,7 +306,7 @@ def test_a_writer_killed_mid_write_leaves_no_cache(gguf, packs):
     out = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(gguf)], env=env, capture_output=True, text=True)
     assert out.returncode == -9, out.stderr
     path = pack_cache.cache_path(gguf)
-    partial = list(path.parent.glob(f".{path.name}.tmp-*"))
+    partial = list(path.parent.glob(f".{path.name}.*.tmp"))
     assert not path.exists() and len(partial) == 1 and partial[0].stat().st_size > 0
     fresh = logits(gguf, pack_cache=False)
     assert torch.equal(logits(gguf), fresh) and len(packs) == 2  # repacked and written whole

@@ -52,6 +52,8 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
+from tinkerlm.fileio import atomic_path
+
 log = logging.getLogger(__name__)
 
 FORMAT = "2"  # this file's container; the packed layouts are covered by the source hash (`code_key`)
@@ -486,29 +488,11 @@ def _checksums(tensors: dict) -> dict:
 
 
 def _write(path: Path, header: bytes, tensors) -> None:
-    """header + tensors to a temporary file beside `path`, then renamed to `path`."""
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a writer that was killed
-        pid = stale.name.rpartition("-")[2]
-        if not pid.isdigit() or not _alive(int(pid)):
-            stale.unlink(missing_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(header)))
-            f.write(header)
-            for t in tensors:
-                f.write(_bytes(t))
-        # no fsync: a cache the OS lost part of (a power cut) fails its checks at the next load and is rebuilt
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """header + tensors to a temporary file beside `path`, then renamed to `path` (a killed writer's temporary file
+    is removed by the next write)."""
+    # no fsync: a cache the OS lost part of (a power cut) fails its checks at the next load and is rebuilt
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        for t in tensors:
+            f.write(_bytes(t))

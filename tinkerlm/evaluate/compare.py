@@ -27,6 +27,7 @@ import numpy as np
 
 from tinkerlm.errors import TinkerError
 from tinkerlm.evaluate import stats
+from tinkerlm.fileio import write_json
 
 FORMAT = "tinkerlm-eval/1"
 COMPARE_FORMAT = "tinkerlm-compare/1"
@@ -463,18 +464,6 @@ def _check_out(path: str | None, flag: str) -> None:
         raise TinkerError(f"{flag}: {Path(path).parent} is not a directory")
 
 
-def _write_json(path: str | Path, data: dict) -> None:
-    import os
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def main(a) -> None:
     """`tinkerlm compare` (see cli.py for the flags): evaluate the models (or read --results files), compare, print."""
     import sys
@@ -515,7 +504,7 @@ def main(a) -> None:
     results = compare_runs(runs, tasks=tasks, n_boot=a.n_boot, seed=a.boot_seed)
     record = report(results, runs)
     if a.out:
-        _write_json(a.out, record)
+        write_json(a.out, record, ensure_ascii=False)
     if a.plot:
         plot(results, a.plot)
     if a.json:

@@ -43,6 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from tinkerlm.errors import TinkerError
+from tinkerlm.fileio import write_json
 
 FORMAT = "tinkerlm-eval/1"
 # Bump when prompts, tokenization or metrics change (here or in tasks.py): stored records are then not reused.
@@ -385,10 +386,8 @@ def _read_records(path: Path, key: str) -> dict | None:
 
 
 def _write_records(path: Path, key: str, entry: dict) -> None:
-    from tinkerlm import store
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    store.write_json_atomic(path, {"format": FORMAT, "key": key, "task": entry})
+    write_json(path, {"format": FORMAT, "key": key, "task": entry})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -661,8 +660,6 @@ def format_table(results: dict) -> str:
 
 def main(a) -> None:
     """`tinkerlm eval` (see cli.py for the flags)."""
-    from tinkerlm import store as store_mod
-
     results = evaluate(
         a.model,
         a.tasks,
@@ -682,7 +679,7 @@ def main(a) -> None:
         out = Path(a.out)
         if out.parent and not out.parent.is_dir():
             raise TinkerError(f"--out: {out.parent} is not a directory")
-        store_mod.write_json_atomic(out, results)
+        write_json(out, results)
     if a.json:
         print(json.dumps(results, indent=2))
     else:

@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from tinkerlm.errors import TinkerError
+from tinkerlm.fileio import atomic_path
 
 EXACT_BELOW = 25  # discordant pairs below which McNemar uses the exact binomial test
 MAX_DISTINCT = 256  # distinct (a_i, b_i) pairs up to which the bootstrap draws multinomial counts
@@ -455,11 +456,9 @@ def plot_scores(results: Sequence[dict], path: str | os.PathLike, *, title: str 
     fig.tight_layout(rect=(0, (0.12 + 0.19 * legend_rows) / fig.get_figheight(), 1, 1))  # room for the legend
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path

@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from tinkerlm.errors import TinkerError
+from tinkerlm.fileio import write_atomic
 from tinkerlm.store.display import format_verification
 
 VERIFY_TOKENS = 1024  # tokens of the evaluation text compared (two windows of 512 on SmolLM2: seconds)
@@ -226,10 +227,7 @@ def export(
             shutil.rmtree(out_path)
         os.replace(tmp, out_path)
         if ollama:
-            mf = out_path.with_name("Modelfile")
-            mf_tmp = _tmp_beside(mf)
-            mf_tmp.write_text(text, encoding="utf-8")
-            os.replace(mf_tmp, mf)
+            mf = write_atomic(out_path.with_name("Modelfile"), text)
             _log(f"wrote {mf} (ollama create NAME -f {mf})")
     finally:
         if tmp.is_dir():

@@ -18,13 +18,12 @@ breaks escaped.
 from __future__ import annotations
 
 import math
-import os
 import re
-import secrets
 import sys
 from pathlib import Path
 
 from tinkerlm.errors import TinkerError
+from tinkerlm.fileio import write_atomic
 from tinkerlm.openness import licences
 from tinkerlm.store.display import format_verification
 
@@ -517,17 +516,6 @@ def store_card(
         evaluations=m.evaluations if evaluations else None,
         openness=openness,
     )
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file beside it and one `os.replace`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(3)}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def card(name: str, *, out: str = "README.md", declaration: str | None = None, force: bool = False) -> Path:

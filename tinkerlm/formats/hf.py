@@ -14,6 +14,7 @@ from typing import Any
 
 from tinkerlm import limits
 from tinkerlm.errors import TinkerError
+from tinkerlm.fileio import write_json
 from tinkerlm.formats import specs
 
 INDEX = "model.safetensors.index.json"
@@ -275,13 +276,7 @@ class SafetensorsWriter:
 
 def save_config(model_dir: str | Path, config: dict[str, Any]) -> Path:
     """Write `config.json` (sorted keys, indented) atomically: to a tmp name, then renamed."""
-    import os
-
-    path = Path(model_dir) / "config.json"
-    tmp = path.with_name("config.json.tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_json(Path(model_dir) / "config.json", config, sort_keys=True)
 
 
 def write_model(

@@ -38,7 +38,6 @@ from tinkerlm.store.manifest import (
     sha256_file,
     training_data,
     update,
-    write_json_atomic,
 )
 from tinkerlm.store.pulls import import_model, pull
 from tinkerlm.store.staging import HF_OPTIONAL_FILES, add, check_space
@@ -73,5 +72,4 @@ __all__ = [
     "sha256_file",
     "training_data",
     "update",
-    "write_json_atomic",
 ]

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from tinkerlm.errors import TinkerError
+from tinkerlm.fileio import pid_alive, write_json
 from tinkerlm.formats import describe as formats_describe
 from tinkerlm.store.catalogue import CATALOGUE
 
@@ -187,18 +188,6 @@ def _read_manifest(path: Path) -> Manifest:
         raise TinkerError(f"{path}: unreadable manifest ({e}); remove the model with `tinkerlm rm` and pull it again")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, ValueError):  # not a pid this system could have
-        return False
-    return True
-
-
 def _recover_replacements() -> None:
     """Put back a model whose replacement (`pull --force`, `merge --force`, ...) was killed halfway.
 
@@ -213,7 +202,7 @@ def _recover_replacements() -> None:
         return
     for d in entries:
         pid = d.name.split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             _restore_aside(d)
 
 
@@ -433,19 +422,6 @@ def sha256_file(path: Path) -> str:
 # Updating a stored model's record (scores, verification figures): locked read-modify-write, atomic rename
 
 
-def write_json_atomic(path: Path, data) -> None:
-    """Write `data` as JSON to `path` through a temporary file in the same directory and one `os.replace`, so a
-    reader sees the old file or the new one, never half of one; the temporary file is removed on any failure."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 @contextmanager
 def _locked(name: str, tag: str):
     """An exclusive lock on one model's manifest across processes (`ROOT/locks/NAME@TAG.lock`, flock); no-op where
@@ -495,5 +471,5 @@ def update(name: str, *, expect_sha256: str | None = None, **changes) -> Manifes
         for key, value in changes.items():
             d[key] = {**d[key], **value} if isinstance(d.get(key), dict) and isinstance(value, dict) else value
         new = Manifest.from_json(d)
-        write_json_atomic(_model_dir(base, tag) / MANIFEST, new.to_json())
+        write_json(_model_dir(base, tag) / MANIFEST, new.to_json())
     return new

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from tinkerlm.errors import TinkerError
+from tinkerlm.fileio import pid_alive
 from tinkerlm.store.display import _source_text, format_size
 from tinkerlm.store.manifest import (
     _CHUNK,
@@ -30,7 +31,6 @@ from tinkerlm.store.manifest import (
     Manifest,
     _model_dir,
     _new_tmp_dir,
-    _pid_alive,
     _restore_aside,
     describe,
     find,
@@ -69,7 +69,7 @@ def _clean_stale_tmp() -> None:
         if pid.isdigit():
             if int(pid) == os.getpid():
                 continue
-            stale = not _pid_alive(int(pid)) or age > _STALE_TMP_S
+            stale = not pid_alive(int(pid)) or age > _STALE_TMP_S
         else:
             stale = age > 3600
         if stale:

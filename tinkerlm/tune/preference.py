@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinkerlm.errors import TinkerError
+from tinkerlm.fileio import atomic_path
 from tinkerlm.tune import data as data_mod
 from tinkerlm.tune.data import DataStats, Example
 
@@ -295,9 +295,8 @@ def cached_reference(key: str, n: int, compute) -> tuple[torch.Tensor, bool]:
             return logps, True
     logps = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"logps": logps.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"logps": logps.contiguous()}, str(tmp))
     return logps, False
 
 
@@ -510,7 +509,8 @@ def plot_rewards(history: list[dict], path: Path, title: str) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)

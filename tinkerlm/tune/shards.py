@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from tinkerlm.errors import TinkerError
+from tinkerlm.fileio import atomic_path, write_json
 
 FORMAT = "tinkerlm-shards/1"
 SHARD_BYTES = 8 << 20  # source bytes per shard
@@ -234,8 +235,7 @@ def prepare(sources: list[Source], tokenizer, root: Path, progress: bool = True)
                     bar.update(sum(sources[i].bytes for i in members))
                     continue
             counts = []
-            tmp = d / f".{name}.bin.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
+            with atomic_path(d / f"{name}.bin") as tmp, open(tmp, "wb") as f:
                 for a in range(0, len(members), 64):  # a batch of files at a time: the tokenizer runs them in parallel
                     batch = members[a : a + 64]
                     texts = [sources[i].path.read_bytes().decode("utf-8") for i in batch]
@@ -247,9 +247,8 @@ def prepare(sources: list[Source], tokenizer, root: Path, progress: bool = True)
                         bar.update(sources[i].bytes)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, d / f"{name}.bin")
             meta = {"tokens": sum(counts), "source_tokens": counts}
-            _write_json(meta_file, meta)
+            write_json(meta_file, meta, indent=1)
             shard_list.append({"file": f"{name}.bin", "tokens": meta["tokens"]})
     finally:
         bar.close()
@@ -263,14 +262,8 @@ def prepare(sources: list[Source], tokenizer, root: Path, progress: bool = True)
         "shards": shard_list,
         "sources": records,
     }
-    _write_json(d / INDEX, index)
+    write_json(d / INDEX, index, indent=1)
     return Shards(d, index, reused=False)
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 class TokenRows:

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinkerlm.errors import TinkerError
+from tinkerlm.fileio import atomic_path, write_atomic
 from tinkerlm.tune import dist, memory
 from tinkerlm.tune.data import Rows
 
@@ -321,12 +322,6 @@ def evaluate(model: nn.Module, rows: Rows, batch_size: int, bf16: bool = False) 
 # Checkpoints
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint (directories are only complete once renamed to step-NNNNNN)."""
     d = run_dir / "checkpoints"
@@ -497,10 +492,11 @@ def plot_history(history: list[dict], path: Path, title: str, throughput: bool =
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -653,7 +649,7 @@ def train(
             if cfg.save_every and state.step % cfg.save_every == 0:
                 save_checkpoint(run_dir, params, opt, state, meta)  # every rank: FSDP gathers the shards
                 if rank == 0:
-                    _atomic_write(run_dir / "loss.csv", history_csv(state.history).encode())
+                    write_atomic(run_dir / "loss.csv", history_csv(state.history))
                 last_save = state.step
     finally:
         bar.close()
@@ -661,5 +657,5 @@ def train(
     if last_save != state.step:
         save_checkpoint(run_dir, params, opt, state, meta)
     if rank == 0:
-        _atomic_write(run_dir / "loss.csv", history_csv(state.history).encode())
+        write_atomic(run_dir / "loss.csv", history_csv(state.history))
     return state

@@ -1,10 +1,34 @@
 """Peers' readings of the real models, shared by the parity tests (and the test cache they are kept in)."""
 
+import contextlib
+import fcntl
 import functools
 import os
 from pathlib import Path
 
 CACHE = Path(os.environ.get("TINKERLM_TEST_CACHE", Path.home() / ".cache" / "tinkerlm-test"))
+
+
+@contextlib.contextmanager
+def cache_lock(name: str):
+    """One process at a time fills an entry of the test cache: scripts/test.sh runs the suite in several pytest
+    processes (pytest-xdist), and each asks for the session's real models at its start."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f".{name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def llama_cpp_model(path, **kw):
+    """llama.cpp's model of a GGUF (llama-cpp-python), with as many threads as this process has cores: its default
+    counts the host's CPUs, and its spinning threads crawl where a test process may use fewer (scripts/test.sh pins
+    each pytest worker to its share of the CPUs)."""
+    import llama_cpp
+
+    from tinkerlm.loading import physical_cores
+
+    threads = physical_cores()
+    return llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, **kw)
 
 
 def transformers_from_gguf(path: Path, kind: str = "model", **kw):
@@ -14,8 +38,6 @@ def transformers_from_gguf(path: Path, kind: str = "model", **kw):
     transformers saves it; the model's config and weights as safetensors, since transformers refuses to save a model
     read from a GGUF), keyed by the file's sha256 and transformers' version, and later runs load that. A cache
     written by another version, or of another file, is never read; one is renamed into place only when complete."""
-    import shutil
-
     import torch
     import transformers
 
@@ -24,8 +46,16 @@ def transformers_from_gguf(path: Path, kind: str = "model", **kw):
         cls, kw = transformers.AutoModelForCausalLM, {"dtype": torch.float32, **kw}
     else:
         cls = transformers.AutoTokenizer
-    if folder.is_dir():
-        return _load_saved(folder, kind, kw)
+    with cache_lock(f"transformers-{path.stem}-{kind}"):  # one process converts, the others wait and load it
+        if folder.is_dir():
+            return _load_saved(folder, kind, kw)
+        return _convert(cls, path, kind, kw, folder)
+
+
+def _convert(cls, path: Path, kind: str, kw: dict, folder: Path):
+    """Read `path` with transformers and save what it read into `folder` (renamed into place when complete)."""
+    import shutil
+
     loaded = cls.from_pretrained(str(path.parent), gguf_file=path.name, **kw)
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -43,7 +73,7 @@ def transformers_from_gguf(path: Path, kind: str = "model", **kw):
         loaded.save_pretrained(str(tmp))
     try:
         tmp.rename(folder)
-    except OSError:  # another run saved it first
+    except OSError:  # another run, not under this cache's lock, saved it first
         shutil.rmtree(tmp, ignore_errors=True)
     return loaded.eval() if kind == "model" else loaded
 

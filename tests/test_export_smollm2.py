@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from peers import llama_cpp_model
 
 import tinkerlm
 from tinkerlm import store
@@ -62,13 +63,13 @@ def greedy_against_llamacpp(path, prompt: str, n: int = STEPS) -> int:
     """Decode `prompt` greedily with tinkerlm (n tokens, through any end of turn), then check llama.cpp on the same
     file: fed the same tokens, it picks the same next token at every position that is not a near tie, and decoding
     freely it produces the same tokens up to the first near tie. Returns the number of positions checked."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     llm = tinkerlm.load(str(path))
     ids = llm.tokenizer.encode(prompt)
     ours = [s[0] for s in generate_step(llm.model, [ids], max_tokens=n, sampling=SamplingParams(temperature=0))]
     with torch.no_grad():
         logits = llm.model(torch.tensor([ids + ours]))[0, len(ids) - 1 : len(ids) - 1 + n]
-    cpp = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, n_batch=256, logits_all=True, verbose=False)
+    cpp = llama_cpp_model(path, n_ctx=256, n_batch=256, logits_all=True, verbose=False)
     cpp.eval(ids + ours)
     scores = torch.as_tensor(np.asarray(cpp.scores[len(ids) - 1 : len(ids) - 1 + n])[:, : logits.shape[1]])
     theirs = scores.argmax(-1)

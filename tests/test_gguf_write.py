@@ -13,6 +13,7 @@ import gguf
 import numpy as np
 import pytest
 from ggufwriter import quantize_q4_k
+from peers import llama_cpp_model
 from tiny import CONFIGS, VOCAB, write_tokenizer
 
 from tinkerlm.errors import TinkerError
@@ -460,7 +461,7 @@ def test_llama_cpp_runs_a_written_model_as_transformers_does(tmp_path, kind):
     import torch
     from tiny import make_hf_model
 
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     model = make_hf_model(kind, tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     spec = specs.for_model_type(config["model_type"])
@@ -479,7 +480,7 @@ def test_llama_cpp_runs_a_written_model_as_transformers_does(tmp_path, kind):
     plans += [plan(name, "F32", array) for name, array in spec.gguf_extra_tensors(config).items()]
     path = write_gguf(tmp_path / "m.gguf", metadata, plans)
 
-    llm = llama_cpp.Llama(str(path), n_ctx=32, logits_all=True, verbose=False)
+    llm = llama_cpp_model(path, n_ctx=32, logits_all=True, verbose=False)
     text = "hé 🙂"  # 8 byte tokens: within Mistral's window of 8, which llama.cpp does not apply
     ids = tok.encode(text, add_special_tokens=False)
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids

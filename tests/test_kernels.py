@@ -1,5 +1,11 @@
 """The kernels package's build cache: its key covers every C++ source and header, so editing any of them (an
-instruction-set header included) builds anew instead of importing a stale module."""
+instruction-set header included) builds anew instead of importing a stale module. And the thread count the kernels get, from the CPUs this process may use."""
+
+import os
+import subprocess
+import sys
+
+import pytest
 
 from tinkerlm import kernels
 
@@ -64,8 +70,6 @@ def test_kernels_run_without_the_gil():
 def test_a_killed_builds_lock_is_cleared_and_a_live_ones_waited_for(tmp_path):
     """torch's builder waits forever on the `lock` file a killed build leaves; tinkerlm's builds hold a flock while
     that file exists, so one found under the flock is stale and removed, while a live builder's is waited for."""
-    import subprocess
-    import sys
     import time
 
     (tmp_path / "lock").touch()  # left by a build that was killed
@@ -112,3 +116,20 @@ def test_flags_for_features_the_cpu_lacks_name_the_native_build(monkeypatch):
         except RuntimeError:
             pass
     assert seen == [(), ("-mno-avx2", "-mno-fma")]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_thread_count_follows_the_affinity_mask():
+    """`taskset -c N` or a container's cpuset gives tinkerlm one core's worth of threads, not the whole host's.
+    The child first widens its mask to every CPU it may use (a test worker is pinned to one)."""
+    code = (
+        "import os; from tinkerlm.loading import physical_cores; os.sched_setaffinity(0, range(os.cpu_count())); "
+        "n = len(os.sched_getaffinity(0)); full = physical_cores(); "
+        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); print(n, full, physical_cores())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    n, full, pinned = map(int, out)
+    if n < 2:
+        pytest.skip("one CPU")
+    assert pinned == 1
+    assert 1 <= full <= n

@@ -14,6 +14,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from peers import llama_cpp_model
 from tiny import VOCAB, write_tokenizer
 
 from tinkerlm import kernels
@@ -231,7 +232,7 @@ def test_llama_cpp_agrees_on_a_k_quant_model(mix, tmp_path):
     from tinkerlm.formats.gguf_write import TensorPlan, write_gguf
     from tinkerlm.formats.tokenizer import Tokenizer
 
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, bos_token_id=256, eos_token_id=258,
@@ -263,7 +264,7 @@ def test_llama_cpp_agrees_on_a_k_quant_model(mix, tmp_path):
     assert set(types) <= written
 
     ids = list(range(40, 64))
-    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False)
+    llm = llama_cpp_model(path, n_ctx=64, logits_all=True, verbose=False)
     llm.eval(ids)
     want = torch.from_numpy(np.asarray(llm.scores[: len(ids)]).copy())
     ours = tinkerlm.load(str(path))

@@ -14,6 +14,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 from ggufwriter import llamacpp_permute
+from peers import llama_cpp_model
 from safetensors.torch import save_file
 from tiny import CONFIGS, make_hf_model
 
@@ -295,11 +296,11 @@ def test_fused_decode_takes_the_dense_model_but_not_moe(hf, tmp_path):
 def test_llama_cpp_runs_the_same_moe_file(kind, qtype, tol, hf, tmp_path):
     """llama.cpp on the same file: F32 logits equal transformers'; quantized ones equal tinkerlm's within the
     engines' different activation rounding (relative error of the logits)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     path, ref = hf[kind]
     write_moe_gguf(tmp_path / "m.gguf", kind, ref, path, qtype)
     ids = IDS[0].tolist()
-    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0)
+    llm = llama_cpp_model(tmp_path / "m.gguf", n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0)
     llm.eval(ids)
     theirs = np.asarray(llm.scores[: len(ids)])
     ours = logits(tinkerlm.load(str(tmp_path / "m.gguf")).model, IDS[:1])[0].numpy()

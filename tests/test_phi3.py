@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from peers import llama_cpp_model
 from tiny import VOCAB, write_tokenizer
 
 import tinkerlm
@@ -205,14 +206,14 @@ def test_llama_cpp_runs_the_written_phi3_as_transformers_does(tmp_path, monkeypa
     """llama.cpp reads our phi3 GGUF (fused q/k/v and gate/up, partial rotary, the factor tensors, the attention
     factor) as transformers means it. llama.cpp picks the factors by its context size (padded to 256), so each case
     sets the original length where both choose the same ones."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     ref = make_phi3(tmp_path / "hf", partial=0.75, tied=True, orig=orig, max_pos=4 * orig)
     out = tmp_path / "m.gguf"
     # A relative source: general.name is "hf", whatever the temporary path (llama.cpp fails to load this test
     # vocabulary under a general.name that contains "phi3", as a --basetemp may).
     monkeypatch.chdir(tmp_path)
     export("./hf", to="gguf", type="f32", out=str(out), progress=False)
-    llm = llama_cpp.Llama(str(out), n_ctx=n_ctx, logits_all=True, verbose=False)
+    llm = llama_cpp_model(out, n_ctx=n_ctx, logits_all=True, verbose=False)
     ids = ids_of(1, n, seed=6)[0].tolist()
     llm.eval(ids)
     with torch.no_grad():

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from peers import llama_cpp_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import random_gguf  # noqa: E402
@@ -24,7 +25,7 @@ def test_random_gguf_same_logits_in_llama_cpp_and_tinkerlm(tmp_path, smollm2_ggu
     """Same logits at every position of a 24-token prompt: exactly (fp32 weights) or within what the engines'
     different activation rounding allows (llama.cpp rounds activations to 8 bits, tinkerlm to 16: measured 1.0%
     for Q8_0 and 1.8% for Q4_K_M)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     path = random_gguf.write("tiny-llama3", file_type, tmp_path / "r.gguf", seed=1, tokenizer_gguf=smollm2_gguf)
     g = read_gguf(path)
     config = random_gguf.SHAPES["tiny-llama3"]
@@ -35,7 +36,7 @@ def test_random_gguf_same_logits_in_llama_cpp_and_tinkerlm(tmp_path, smollm2_ggu
 
     ids = tinkerlm.load(str(path)).tokenizer.encode("The quick brown fox jumps over the lazy dog, twice over.")[:24]
     # fp32 keys and values (llama.cpp's default is fp16), so the fp32 file's logits can agree to rounding
-    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0)
+    llm = llama_cpp_model(path, n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0)
     llm.eval(ids)
     want = np.asarray(llm.scores[: len(ids)])
 

@@ -14,6 +14,7 @@ import json
 
 import pytest
 import torch
+from peers import llama_cpp_model
 from tiny import COMMON, write_tokenizer
 
 import tinkerlm
@@ -384,12 +385,12 @@ def test_llama_cpp_runs_a_yarn_gguf_as_tinkerlm_does(tmp_path):
 
     from tinkerlm.export import export
 
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
     hf_model(tmp_path / "hf", "LlamaConfig", head_dim=32, rope_scaling=yarn)
     export(str(tmp_path / "hf"), to="gguf", type="f32", out=str(tmp_path / "m.gguf"), progress=False, verify=False)
     ids = ids_of(1, 40, 8)[0].tolist()
-    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0)
+    llm = llama_cpp_model(tmp_path / "m.gguf", n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0)
     llm.eval(ids)
     want = np.asarray(llm.scores[: len(ids)])
     with torch.no_grad():

@@ -30,21 +30,27 @@ DTYPES = {
 
 
 def physical_cores() -> int:
-    """Physical CPU cores (hyperthreads share a core's vector units, so they slow matrix work down)."""
+    """Physical CPU cores this process may run on (hyperthreads share a core's vector units, so they slow matrix work
+    down). Counts only the CPUs in the process's affinity mask, so `taskset -c 0` or a container's cpuset means one
+    thread, not one per core of the host."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
         cores = set()
-        phys = core = None
+        cpu = phys = None
         for line in open("/proc/cpuinfo"):
-            if line.startswith("physical id"):
-                phys = line.split(":")[1].strip()
-            elif line.startswith("core id"):
-                core = line.split(":")[1].strip()
-                cores.add((phys, core))
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "processor":
+                cpu = int(value)
+            elif key == "physical id":
+                phys = value.strip()
+            elif key == "core id" and (allowed is None or cpu in allowed):
+                cores.add((phys, value.strip()))
         if cores:
             return len(cores)
-    except OSError:
+    except (OSError, ValueError):
         pass
-    return os.cpu_count() or 1
+    return len(allowed) if allowed else os.cpu_count() or 1
 
 
 def prepare(

@@ -286,21 +286,25 @@ def test_llama_cpp_agrees_on_a_k_quant_model(mix, tmp_path):
     assert (step - got[-1]).abs().max() <= 1e-3 * tol  # ours, both paths: the same int16 products
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q6_K", "Q5_K"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q6_K", "Q5_K", "Q3_K", "Q2_K"])
 def test_a_row_alone_is_the_same_product_as_in_a_tile(qtype):
     """Decode (one activation row) and prefill (tiles of rows) run register tiles of different sizes (a table of
     group_rows<FMT, 1..TILE_ROWS>), and a decode-only inner loop is the obvious next speed-up. The integer sums are
     exact and each row's scales are applied alike, so a row's output must be bit for bit the same alone as in a
     tile (batched and single-stream serving then agree), down to the extremes of the integer lanes' partial sums:
     every nibble 15 against activations all at +amax or -amax. (An AVX2 decode loop on byte products that let its
-    int16 partial sums overflow failed here.)"""
+    int16 partial sums overflow failed here.) 27 rows: AVX2 prefill unpacks each half group once for all its tiles
+    (from two tiles up), so that path is held to the same bits."""
     rows, K = 40, 512
     rng = np.random.default_rng(7)
-    nbytes = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}.get(qtype) or dict(Q4_K=144, Q6_K=210, Q5_K=176)[qtype]
+    nbytes = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}.get(qtype) or dict(Q4_K=144, Q6_K=210, Q5_K=176, Q3_K=110, Q2_K=84)[
+        qtype
+    ]
     per_row = K // (32 if nbytes in (18, 20, 34) else 256)
     raw = rng.integers(0, 256, (rows, per_row, nbytes), dtype=np.uint8)
     half = lambda v: np.frombuffer(np.float16(v).tobytes(), np.uint8)  # noqa: E731
-    scale_at = {"Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [208], "Q5_K": [0, 2]}[qtype]
+    scale_at = {"Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [208], "Q5_K": [0, 2], "Q3_K": [108],
+                "Q2_K": [80, 82]}[qtype]  # fmt: skip
     for at in scale_at:  # finite scales
         raw[:, :, at : at + 2] = half(0.01)
     if qtype in ("Q4_0", "Q4_1"):
@@ -310,7 +314,7 @@ def test_a_row_alone_is_the_same_product_as_in_a_tile(qtype):
     raw = raw.reshape(rows, per_row * nbytes)
     packed = qops.pack(from_gguf(raw, qtype, (rows, K)))
     g = torch.Generator().manual_seed(3)
-    x = torch.cat([torch.ones(1, K), -torch.ones(1, K), torch.randn(5, K, generator=g) * torch.logspace(0, 3, K)])
+    x = torch.cat([torch.ones(1, K), -torch.ones(1, K), torch.randn(25, K, generator=g) * torch.logspace(0, 3, K)])
     together = qops.qmatmul(x, packed)
     for i in range(len(x)):
         assert torch.equal(qops.qmatmul(x[i : i + 1], packed), together[i : i + 1]), i

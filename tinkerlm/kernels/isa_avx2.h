@@ -1,10 +1,13 @@
 // AVX2 inner loops (with FMA and F16C) for CPUs without AVX-512: the quantized products only, half a group (8
-// rows, one 256-bit register) at a time; everything else is the plain loops (isa_plain.h, included below). Builds
-// without AVX-512 are for decoding: prefill-sized products go to BLAS and attention to torch's (quant/qops.py).
+// rows, one 256-bit register) at a time; everything else is the plain loops (isa_plain.h, included below). Prefill
+// products run on each half group unpacked once to int8 (unpack_half, below).
 
 #pragma once
 
 #include <immintrin.h>
+
+#include <array>
+#include <vector>
 
 #include "common.h"
 
@@ -157,6 +160,171 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
             _mm256_storeu_ps(out, acc[t]);
             std::copy(out, out + n, y + t * ystride + 8 * hf);
         }
+    }
+}
+
+// Prefill (two tiles of activation rows or more): each half group's weights are unpacked once into the int8 values
+// the products multiply (less the format's bias, so no bias is taken off the sums), and its scale and offset rows
+// into fp32, and every tile of rows then reads them from L1 (24 KB a half group at K = 2048). The nibble shifts and
+// masks, the 6-bit field assembly and the scale rows are paid once per half group instead of once per tile. The
+// integer sums are the same (sum (u - bias) x = sum u x - bias sum x, exactly), and the fp32 operations the same, in
+// the same order, as group_rows: bit for bit its results.
+#define TINKER_UNPACKED_TILES
+constexpr int UNPACKED_TILE = TILE_ROWS;  // rows per pass (6 and 7 measured slower on Zen 3)
+constexpr int UBLOCK = 16 * 16 + 4 * 32;  // bytes per block: 16 column pairs' 16 int8 weights, then dv[2] and mv[2]
+
+template <int... F>
+inline void x6_store(const __m256i* w6, __m256i* out, std::integer_sequence<int, F...>) {
+    ((out[F] = x6_field<F>(w6)), ...);
+}
+
+template <int FMT>
+void unpack_half(const PW& w, int64_t g, int hf, uint8_t* buf) {
+    const int64_t nb = w.nb;
+    const uint8_t* gp = w.data + g * nb * GBLOCK_BYTES[FMT];
+    const __m256i low = _mm256_set1_epi16(0x0F), bias = _mm256_set1_epi16(BIAS[FMT]);
+    __m256 ksc[8], kmn[8];
+    __m256i wi[16];
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *gb = scales_at(gp, FMT, nb, b), *pl = payload_at(gp, FMT, nb, b);
+        uint8_t* wb = buf + b * UBLOCK;
+        float* fb = (float*)(wb + 256);
+        if constexpr (HALVES[FMT]) {
+            for (int h = 0; h < 2; h++) {
+                if constexpr (FMT == X6 || FMT == X6K) {
+                    __m256i w6[3];
+                    for (int i = 0; i < 3; i++) w6[i] = _mm256_loadu_si256((const __m256i*)(pl + 64 * (3 * h + i) + 32 * hf));
+                    x6_store(w6, wi + 8 * h, std::make_integer_sequence<int, 8>{});
+                } else {
+                    for (int c = 2 * h; c < 2 * h + 2; c++) {
+                        const __m256i v = _mm256_loadu_si256((const __m256i*)(pl + 64 * c + 32 * hf));
+                        for (int i = 0; i < 4; i++) wi[4 * c + i] = _mm256_and_si256(_mm256_srli_epi16(v, 4 * i), low);
+                    }
+                }
+                if constexpr (FMT == X6K)
+                    _mm256_storeu_ps(fb + 8 * h, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 16 * hf))),
+                                                               _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(gb + 32 + 16 * (2 * (b % 8) + h) + 8 * hf))))));
+                else
+                    _mm256_storeu_ps(fb + 8 * h, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 * h + 16 * hf))));
+                if constexpr (FMT == X2) _mm256_storeu_ps(fb + 16 + 8 * h, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 64 + 32 * h + 16 * hf))));
+            }
+        } else {
+            if constexpr (FMT == X4K)
+                if (b % 8 == 0) x4k_scales(gb, hf, ksc, kmn);
+            if constexpr (FMT != X8) {
+                __m256i hb = _mm256_setzero_si256();
+                if constexpr (FMT == X5) hb = _mm256_loadu_si256((const __m256i*)(gb + X5_PLANE + 32 * hf));
+                for (int c = 0; c < 4; c++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i*)(pl + 64 * c + 32 * hf));
+                    for (int i = 0; i < 4; i++) {
+                        wi[4 * c + i] = _mm256_and_si256(_mm256_srli_epi16(v, 4 * i), low);
+                        if constexpr (FMT == X5) wi[4 * c + i] = _mm256_or_si256(wi[4 * c + i], fifth_bits(hb, 4 * c + i));
+                    }
+                }
+            } else {
+                for (int p = 0; p < 16; p++) wi[p] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(gb + 32 + 32 * p + 16 * hf)));
+            }
+            _mm256_storeu_ps(fb, FMT == X4K ? ksc[b % 8] : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 16 * hf))));
+            if constexpr (FMT != X8 && FMT != X4S)
+                _mm256_storeu_ps(fb + 16, FMT == X4K ? kmn[b % 8] : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 + 16 * hf))));
+        }
+        for (int p = 0; p < 16; p += 2) {  // pairs p and p+1 as 16 int8 each, in lane order
+            const __m256i packed = _mm256_packs_epi16(_mm256_sub_epi16(wi[p], bias), _mm256_sub_epi16(wi[p + 1], bias));
+            _mm256_storeu_si256((__m256i*)(wb + 16 * p), _mm256_permute4x64_epi64(packed, 0xD8));
+        }
+    }
+}
+
+// y[t][0 .. n-1] = the half group's n rows of x[t0 + t] @ W^T for t < T, from its unpacked buffer.
+template <int FMT, int T>
+void unpacked_rows(const uint8_t* buf, int64_t nb, const XQ& x, int64_t t0, float* y, int64_t ystride, int64_t n) {
+    __m256 acc[T];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* wb = buf + b * UBLOCK;
+        const float* fb = (const float*)(wb + 256);
+        const int32_t* xp[T];
+        for (int t = 0; t < T; t++) xp[t] = (const int32_t*)(x.q.data() + (t0 + t) * x.K + b * QK);
+        __m256i tmp[T];
+        for (int t = 0; t < T; t++) tmp[t] = _mm256_setzero_si256();
+        if constexpr (HALVES[FMT]) {
+            for (int h = 0; h < 2; h++) {
+                for (int p = 8 * h; p < 8 * h + 8; p++) {
+                    const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wb + 16 * p)));
+                    for (int t = 0; t < T; t++) tmp[t] = _mm256_add_epi32(tmp[t], _mm256_madd_epi16(wv, _mm256_set1_epi32(xp[t][p])));
+                }
+                const __m256 dv = _mm256_loadu_ps(fb + 8 * h);
+                for (int t = 0; t < T; t++) {
+                    const int64_t xi = (t0 + t) * x.nb + b;
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tmp[t]), _mm256_mul_ps(dv, _mm256_set1_ps(x.dx[xi])), acc[t]);
+                    tmp[t] = _mm256_setzero_si256();
+                }
+                if constexpr (FMT == X2) {
+                    const __m256 mv = _mm256_loadu_ps(fb + 16 + 8 * h);
+                    for (int t = 0; t < T; t++) {
+                        const int64_t xi = (t0 + t) * x.nb + b;
+                        acc[t] = _mm256_fmadd_ps(mv, _mm256_set1_ps(h == 0 ? x.sh[xi] : x.sx[xi] - x.sh[xi]), acc[t]);
+                    }
+                }
+            }
+            continue;
+        }
+        for (int p = 0; p < 16; p++) {
+            const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(wb + 16 * p)));
+            for (int t = 0; t < T; t++) tmp[t] = _mm256_add_epi32(tmp[t], _mm256_madd_epi16(wv, _mm256_set1_epi32(xp[t][p])));
+        }
+        const __m256 dv = _mm256_loadu_ps(fb);
+        for (int t = 0; t < T; t++) {
+            const int64_t xi = (t0 + t) * x.nb + b;
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tmp[t]), _mm256_mul_ps(dv, _mm256_set1_ps(x.dx[xi])), acc[t]);
+        }
+        if constexpr (FMT != X8 && FMT != X4S) {
+            const __m256 mv = _mm256_loadu_ps(fb + 16);
+            for (int t = 0; t < T; t++) acc[t] = _mm256_fmadd_ps(mv, _mm256_set1_ps(x.sx[(t0 + t) * x.nb + b]), acc[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        float out[8];
+        _mm256_storeu_ps(out, acc[t]);
+        std::copy(out, out + n, y + t * ystride);
+    }
+}
+
+using UnpackedFn = void (*)(const uint8_t*, int64_t, const XQ&, int64_t, float*, int64_t, int64_t);
+
+template <int FMT, int... N>
+constexpr std::array<UnpackedFn, sizeof...(N)> unpacked_table(std::integer_sequence<int, N...>) {
+    return {&unpacked_rows<FMT, N + 1>...};
+}
+
+// Rows [t0, t1) of x times group g of W into y (row t0, column g*16; ystride between rows), a half group at a time.
+template <int FMT>
+void unpacked_group_fmt(const PW& w, int64_t g, const XQ& x, int64_t t0, int64_t t1, float* y, int64_t ystride) {
+    static constexpr auto table = unpacked_table<FMT>(std::make_integer_sequence<int, UNPACKED_TILE>{});
+    thread_local std::vector<uint8_t> buf;
+    if ((int64_t)buf.size() < w.nb * UBLOCK) buf.resize(w.nb * UBLOCK);
+    const int64_t valid = std::min<int64_t>(GR, w.rows - g * GR);
+    for (int hf = 0; hf < 2 && hf * 8 < valid; hf++) {
+        unpack_half<FMT>(w, g, hf, buf.data());
+        const int64_t n = std::min<int64_t>(8, valid - hf * 8);
+        for (int64_t t = t0; t < t1; t += UNPACKED_TILE) {
+            const int64_t m = std::min<int64_t>(UNPACKED_TILE, t1 - t);
+            table[m - 1](buf.data(), w.nb, x, t, y + (t - t0) * ystride + 8 * hf, ystride, n);
+        }
+    }
+}
+
+inline void unpacked_group(const PW& w, int64_t g, const XQ& x, int64_t t0, int64_t t1, float* y, int64_t ystride) {
+    switch (w.fmt) {
+        case X4: unpacked_group_fmt<X4>(w, g, x, t0, t1, y, ystride); break;
+        case X5: unpacked_group_fmt<X5>(w, g, x, t0, t1, y, ystride); break;
+        case X6: unpacked_group_fmt<X6>(w, g, x, t0, t1, y, ystride); break;
+        case X3: unpacked_group_fmt<X3>(w, g, x, t0, t1, y, ystride); break;
+        case X2: unpacked_group_fmt<X2>(w, g, x, t0, t1, y, ystride); break;
+        case X4S: unpacked_group_fmt<X4S>(w, g, x, t0, t1, y, ystride); break;
+        case X4K: unpacked_group_fmt<X4K>(w, g, x, t0, t1, y, ystride); break;
+        case X6K: unpacked_group_fmt<X6K>(w, g, x, t0, t1, y, ystride); break;
+        default: unpacked_group_fmt<X8>(w, g, x, t0, t1, y, ystride); break;
     }
 }
 

@@ -355,6 +355,10 @@ void quantize_acts(const float* x, int64_t T, int64_t K, XQ& out) {
 }
 
 constexpr int TT = TILE_ROWS;  // activation rows per pass over a group (the instruction set's register tile)
+#ifdef TINKER_UNPACKED_TILES
+// From two tiles of rows up, a half group's weights are unpacked once (isa_avx2.h), for chunks of this many rows.
+constexpr int64_t UNPACK_MIN_ROWS = 2 * TT, UNPACK_CHUNK = 96 * TT;
+#endif
 
 // Rows t0 .. t0+n-1 (1 <= n <= TT) of one group: the register tile for n, from a table of group_rows<FMT, 1..TT>.
 using GroupFn = void (*)(const PW&, int64_t, const XQ&, int64_t, float*, int64_t);
@@ -386,6 +390,14 @@ inline void tile(const PW& w, int64_t g, const XQ& x, int64_t t0, int64_t n, flo
 
 // Groups [g0, g1) of W for every activation row: y (T, w.rows). A group's weights stay in L1 across row tiles.
 void groups_rows(const PW& w, int64_t g0, int64_t g1, const XQ& x, float* y) {
+#ifdef TINKER_UNPACKED_TILES
+    if (x.T >= UNPACK_MIN_ROWS) {  // each half group unpacked once per chunk of rows (the chunk stays in cache)
+        for (int64_t t = 0; t < x.T; t += UNPACK_CHUNK)
+            for (int64_t g = g0; g < g1; g++)
+                unpacked_group(w, g, x, t, std::min<int64_t>(x.T, t + UNPACK_CHUNK), y + t * w.rows + g * GR, w.rows);
+        return;
+    }
+#endif
     for (int64_t g = g0; g < g1; g++)
         for (int64_t t = 0; t < x.T; t += TT) tile(w, g, x, t, std::min<int64_t>(TT, x.T - t), y + t * w.rows + g * GR, w.rows);
 }
@@ -411,6 +423,29 @@ void matmul_swiglu(const PW& wg, const PW& wu, const XQ& x, float* out, bool gel
     const int64_t I = wg.rows;
     TORCH_CHECK(wu.rows == I && wu.K == wg.K, "gate and up projections differ in shape");
     const int64_t grain = std::max<int64_t>(1, wg.groups / (4 * at::get_num_threads()));
+#ifdef TINKER_UNPACKED_TILES
+    if (x.T >= UNPACK_MIN_ROWS) {
+        at::parallel_for(0, wg.groups, grain, [&](int64_t g0, int64_t g1) {
+            std::vector<float> yg(std::min<int64_t>(x.T, UNPACK_CHUNK) * GR), yu(yg.size());
+            for (int64_t t = 0; t < x.T; t += UNPACK_CHUNK) {
+                const int64_t t1 = std::min<int64_t>(x.T, t + UNPACK_CHUNK);
+                for (int64_t g = g0; g < g1; g++) {
+                    const int64_t valid = std::min<int64_t>(GR, I - g * GR);
+                    unpacked_group(wg, g, x, t, t1, yg.data(), GR);
+                    unpacked_group(wu, g, x, t, t1, yu.data(), GR);
+                    for (int64_t i = 0; i < t1 - t; i++) {
+                        float* o = out + (t + i) * I + g * GR;
+                        if (gelu)
+                            gelu_mul_group(yg.data() + i * GR, yu.data() + i * GR, o, valid);
+                        else
+                            silu_mul_group(yg.data() + i * GR, yu.data() + i * GR, o, valid);
+                    }
+                }
+            }
+        });
+        return;
+    }
+#endif
     at::parallel_for(0, wg.groups, grain, [&](int64_t g0, int64_t g1) {
         float yg[TT * GR], yu[TT * GR];
         for (int64_t g = g0; g < g1; g++) {

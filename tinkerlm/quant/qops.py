@@ -56,8 +56,8 @@ def round_acts(x: torch.Tensor) -> torch.Tensor:
 
 # The plain C++ build (no AVX2) is for decoding: products of more activation rows than this dequantize the weight and
 # use BLAS instead. The vector builds keep every product in their integer kernels: on AVX2 the int16 products of a
-# 5-row tile run about as fast as fp32 BLAS on the dequantized weight, and skip dequantizing it on every call (which
-# halved BLAS's speed there; BENCHMARKS.md "AVX2").
+# 5-row tile, on weights unpacked once per half group, run 1.05-1.2x as fast as fp32 BLAS on the dequantized weight,
+# and skip dequantizing it on every call (which halved BLAS's speed there; BENCHMARKS.md "AVX2").
 PORTABLE_MAX_ROWS = 16
 
 

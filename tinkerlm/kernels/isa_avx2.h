@@ -89,18 +89,36 @@ void group_row_pair(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y) {
         __m256i hb[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
         if (FMT == X5)
             for (int hf = 0; hf < 2; hf++) hb[hf] = _mm256_loadu_si256((const __m256i*)(gb + X5_PLANE + 32 * hf));
-        for (int c = 0; c < 4; c++) {
-            const __m256i v0 = _mm256_loadu_si256((const __m256i*)(pl + 64 * c)), v1 = _mm256_loadu_si256((const __m256i*)(pl + 64 * c + 32));
-            for (int i = 0; i < 4; i++) {
-                __m256i w0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4 * i), low), w1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4 * i), low);
-                if (FMT == X5) {
-                    w0 = _mm256_or_si256(w0, fifth_bits(hb[0], 4 * c + i));
-                    w1 = _mm256_or_si256(w1, fifth_bits(hb[1], 4 * c + i));
+        if constexpr (FMT == X5) {
+            for (int c = 0; c < 4; c++) {
+                const __m256i v0 = _mm256_loadu_si256((const __m256i*)(pl + 64 * c)), v1 = _mm256_loadu_si256((const __m256i*)(pl + 64 * c + 32));
+                for (int i = 0; i < 4; i++) {
+                    const __m256i w0 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 4 * i), low), fifth_bits(hb[0], 4 * c + i));
+                    const __m256i w1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v1, 4 * i), low), fifth_bits(hb[1], 4 * c + i));
+                    const __m256i xv = _mm256_set1_epi32(xp[4 * c + i]);
+                    tmp[0] = _mm256_add_epi32(tmp[0], _mm256_madd_epi16(w0, xv));
+                    tmp[1] = _mm256_add_epi32(tmp[1], _mm256_madd_epi16(w1, xv));
                 }
-                const __m256i xv = _mm256_set1_epi32(xp[4 * c + i]);
-                tmp[0] = _mm256_add_epi32(tmp[0], _mm256_madd_epi16(w0, xv));
-                tmp[1] = _mm256_add_epi32(tmp[1], _mm256_madd_epi16(w1, xv));
             }
+        } else {
+            // Nibble i of each 16-bit word is used in place, as 16^i times its value (masked, not shifted; the top
+            // one shifted, not masked), into a sum per i taken back down by 16^i at the end of the block: exact,
+            // as the sums are multiples of 16^i, and within int32 (4 * 2 * 3840 * 32767 < 2^31).
+            const __m256i m1 = _mm256_set1_epi16(0xF0), m2 = _mm256_set1_epi16(0xF00);
+            __m256i s1[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}, s2[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+            for (int c = 0; c < 4; c++) {
+                const __m256i v[2] = {_mm256_loadu_si256((const __m256i*)(pl + 64 * c)), _mm256_loadu_si256((const __m256i*)(pl + 64 * c + 32))};
+                const __m256i x0 = _mm256_set1_epi32(xp[4 * c]), x1 = _mm256_set1_epi32(xp[4 * c + 1]);
+                const __m256i x2 = _mm256_set1_epi32(xp[4 * c + 2]), x3 = _mm256_set1_epi32(xp[4 * c + 3]);
+                for (int hf = 0; hf < 2; hf++) {
+                    tmp[hf] = _mm256_add_epi32(tmp[hf], _mm256_madd_epi16(_mm256_and_si256(v[hf], low), x0));
+                    s1[hf] = _mm256_add_epi32(s1[hf], _mm256_madd_epi16(_mm256_and_si256(v[hf], m1), x1));
+                    s2[hf] = _mm256_add_epi32(s2[hf], _mm256_madd_epi16(_mm256_and_si256(v[hf], m2), x2));
+                    tmp[hf] = _mm256_add_epi32(tmp[hf], _mm256_madd_epi16(_mm256_srli_epi16(v[hf], 12), x3));
+                }
+            }
+            for (int hf = 0; hf < 2; hf++)
+                tmp[hf] = _mm256_add_epi32(tmp[hf], _mm256_add_epi32(_mm256_srai_epi32(s1[hf], 4), _mm256_srai_epi32(s2[hf], 8)));
         }
         const int64_t xi = t0 * x.nb + b;
         for (int hf = 0; hf < 2; hf++) {

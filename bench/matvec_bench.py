@@ -4,6 +4,10 @@ shapes: milliseconds and GB/s of packed bytes read, in cache (the same matrix ag
 
     .venv/bin/python bench/matvec_bench.py                       # Q4_0 Q4_K Q6_K Q8_0, 2 threads
     .venv/bin/python bench/matvec_bench.py --types Q6_K --threads 1 --calls 50
+    .venv/bin/python bench/matvec_bench.py --rows 256 --threads 1  # prefill: GMAC/s against fp32 BLAS
+
+With --rows N > 1 each product is N activation rows (a prefill's), timed in cache only and reported as billions of
+multiply-adds a second beside torch's fp32 matmul on the dequantized weight, the same rows and threads.
 
 The weights are random blocks with a fixed fp16 scale (the products' speed does not depend on the values), packed
 by the kernels as a GGUF's would be (Q4_0 as X4S, Q4_K as X4K, Q6_K as X6K, Q8_0 as X8: kernels/common.h). Each
@@ -72,6 +76,7 @@ def main() -> None:
         "--cpu-time", action="store_true", help="time by the process's CPU time (a loaded machine, 1 thread)"
     )
     p.add_argument("--rotate-mb", type=int, default=256, help="out of cache: total MB of copies rotated through")
+    p.add_argument("--rows", type=int, default=1, help="activation rows per product (above 1: prefill, GMAC/s)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     k = kernels.ops()
@@ -79,6 +84,8 @@ def main() -> None:
     print(
         f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}; isa {k.isa}; threads {args.threads}; {clock}"
     )
+    if args.rows > 1:
+        return prefill_table(k, args)
     print("| type | fmt | shape | MB | in cache ms | GB/s | out of cache ms | GB/s |")
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     for name in args.shapes.split(","):
@@ -100,6 +107,35 @@ def main() -> None:
                 row += [f"{med:.3f} ({min(ms):.3f}-{max(ms):.3f})", f"{w.nbytes / med / 1e6:.0f}"]
             print("| " + " | ".join(row) + " |", flush=True)
             del rotation, w
+
+
+def prefill_table(k, args) -> None:
+    """--rows N: N activation rows times each matrix, against fp32 BLAS on the dequantized weight."""
+    print(f"{args.rows} activation rows per product")
+    print("| type | fmt | shape | ms | GMAC/s | fp32 BLAS ms | GMAC/s | packed / BLAS |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    for name in args.shapes.split(","):
+        rows, K = SHAPES[name]
+        if rows * K > 64 * 2**20:
+            continue  # the output head: no prefill computes it for every row
+        x = torch.randn(args.rows, K)
+        for qtype in args.types.split(","):
+            w = qops.pack(random_weight(qtype, rows, K, 0))
+            dense = qops.dequantize(w)
+            calls = max(2, args.calls // 10)
+            k.qmatmul(x, w.data, w.fmt, w.rows)
+            packed = statistics.median(time_calls(k, x, [w], calls, args.reps, clock))
+            times = []
+            for _ in range(args.reps):
+                start = clock()
+                for _ in range(calls):
+                    x @ dense.T
+                times.append((clock() - start) / calls * 1e3)
+            blas = statistics.median(times)
+            mac = args.rows * rows * K / 1e6
+            row = [qtype, str(w.fmt), name, f"{packed:.1f}", f"{mac / packed:.1f}", f"{blas:.1f}", f"{mac / blas:.1f}"]
+            print("| " + " | ".join(row) + f" | {blas / packed:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -85,8 +85,10 @@ void group_row_pair(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y) {
             x4k_scales(gb, 0, ksc[0], kmn[0]);
             x4k_scales(gb, 1, ksc[1], kmn[1]);
         }
-        if (FMT == X4K)
+        if constexpr (FMT == X4K)
             for (int c = 0; c < 4; c++) _mm_prefetch((const char*)(pl + PF4 + 64 * c), _MM_HINT_T0);
+        else  // X4, X4S, X5: a block's scales and payload together, four blocks ahead
+            for (int c = 0; c < (GB + 63) / 64; c++) _mm_prefetch((const char*)(gb + 4 * GB + 64 * c), _MM_HINT_T0);
         const int32_t* xp = (const int32_t*)(x.q.data() + t0 * x.K + b * QK);
         __m256i tmp[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
         __m256i hb[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};

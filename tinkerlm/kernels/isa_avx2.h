@@ -66,12 +66,13 @@ inline void x4k_scales(const uint8_t* head, int hf, __m256* sc, __m256* mn) {
     }
 }
 
+// Decode's prefetch distance: four blocks ahead (X4K: 256-byte payloads, X6K: 384; the others whole blocks). It
+// took a Q6_K output head out of cache from 8.7 to 7.0-7.6 ms (2 threads); further ahead measured no better.
+constexpr int PF4 = 1024, PF6 = 1536;
+
 // Decode (one activation row) of the formats with one scale per block: both half groups at once, so each block's
 // 64-byte lines are read once, each activation pair broadcast once for two products, and the two halves' sums are
 // independent chains. The same operations per half as group_rows below, so the same bits.
-// Decode's prefetch distance: four blocks ahead (X4K: 256-byte payloads, X6K: 384). For Q6_K it took an output head
-// out of cache from 8.7 to 7.0-7.6 ms (2 threads); further ahead measured no better.
-constexpr int PF4 = 1024, PF6 = 1536;
 template <int FMT>
 void group_row_pair(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y) {
     const int64_t nb = w.nb, GB = GBLOCK_BYTES[FMT];

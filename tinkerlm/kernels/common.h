@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -290,6 +291,23 @@ struct XQ {  // activations as int16 blocks: T rows of K, with a scale and a sum
     std::vector<int32_t> hs;  // the integer sums of each block's two 16-value halves (X6's and X3's biases)
     int64_t T = 0, K = 0, nb = 0;
 };
+
+// f(std::integral_constant<int, FMT>{}) for the packed format fmt: the one switch from a run-time format to the
+// templates instantiated per format.
+template <typename F>
+inline void with_fmt(int64_t fmt, F&& f) {
+    switch (fmt) {
+        case X4: f(std::integral_constant<int, X4>{}); break;
+        case X5: f(std::integral_constant<int, X5>{}); break;
+        case X6: f(std::integral_constant<int, X6>{}); break;
+        case X3: f(std::integral_constant<int, X3>{}); break;
+        case X2: f(std::integral_constant<int, X2>{}); break;
+        case X4S: f(std::integral_constant<int, X4S>{}); break;
+        case X4K: f(std::integral_constant<int, X4K>{}); break;
+        case X6K: f(std::integral_constant<int, X6K>{}); break;
+        default: f(std::integral_constant<int, X8>{}); break;
+    }
+}
 
 }  // namespace
 

@@ -463,17 +463,7 @@ void unpacked_group_fmt(const PW& w, int64_t g, const XQ& x, int64_t t0, int64_t
 }
 
 inline void unpacked_group(const PW& w, int64_t g, const XQ& x, int64_t t0, int64_t t1, float* y, int64_t ystride) {
-    switch (w.fmt) {
-        case X4: unpacked_group_fmt<X4>(w, g, x, t0, t1, y, ystride); break;
-        case X5: unpacked_group_fmt<X5>(w, g, x, t0, t1, y, ystride); break;
-        case X6: unpacked_group_fmt<X6>(w, g, x, t0, t1, y, ystride); break;
-        case X3: unpacked_group_fmt<X3>(w, g, x, t0, t1, y, ystride); break;
-        case X2: unpacked_group_fmt<X2>(w, g, x, t0, t1, y, ystride); break;
-        case X4S: unpacked_group_fmt<X4S>(w, g, x, t0, t1, y, ystride); break;
-        case X4K: unpacked_group_fmt<X4K>(w, g, x, t0, t1, y, ystride); break;
-        case X6K: unpacked_group_fmt<X6K>(w, g, x, t0, t1, y, ystride); break;
-        default: unpacked_group_fmt<X8>(w, g, x, t0, t1, y, ystride); break;
-    }
+    with_fmt(w.fmt, [&](auto f) { unpacked_group_fmt<decltype(f)::value>(w, g, x, t0, t1, y, ystride); });
 }
 
 }  // namespace

@@ -375,17 +375,7 @@ void group_tile(const PW& w, int64_t g, const XQ& x, int64_t t0, int64_t n, floa
 }
 
 inline void tile(const PW& w, int64_t g, const XQ& x, int64_t t0, int64_t n, float* y, int64_t ystride) {
-    switch (w.fmt) {
-        case X4: group_tile<X4>(w, g, x, t0, n, y, ystride); break;
-        case X5: group_tile<X5>(w, g, x, t0, n, y, ystride); break;
-        case X6: group_tile<X6>(w, g, x, t0, n, y, ystride); break;
-        case X3: group_tile<X3>(w, g, x, t0, n, y, ystride); break;
-        case X2: group_tile<X2>(w, g, x, t0, n, y, ystride); break;
-        case X4S: group_tile<X4S>(w, g, x, t0, n, y, ystride); break;
-        case X4K: group_tile<X4K>(w, g, x, t0, n, y, ystride); break;
-        case X6K: group_tile<X6K>(w, g, x, t0, n, y, ystride); break;
-        default: group_tile<X8>(w, g, x, t0, n, y, ystride); break;
-    }
+    with_fmt(w.fmt, [&](auto f) { group_tile<decltype(f)::value>(w, g, x, t0, n, y, ystride); });
 }
 
 // Groups [g0, g1) of W for every activation row: y (T, w.rows). A group's weights stay in L1 across row tiles.

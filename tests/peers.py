@@ -46,10 +46,10 @@ def transformers_from_gguf(path: Path, kind: str = "model", **kw):
         cls, kw = transformers.AutoModelForCausalLM, {"dtype": torch.float32, **kw}
     else:
         cls = transformers.AutoTokenizer
-    with cache_lock(f"transformers-{path.stem}-{kind}"):  # one process converts, the others wait and load it
-        if folder.is_dir():
-            return _load_saved(folder, kind, kw)
-        return _convert(cls, path, kind, kw, folder)
+    with cache_lock(f"transformers-{path.stem}-{kind}"):  # one process converts, the others wait, then load it
+        if not folder.is_dir():
+            return _convert(cls, path, kind, kw, folder)
+    return _load_saved(folder, kind, kw)
 
 
 def _convert(cls, path: Path, kind: str, kw: dict, folder: Path):

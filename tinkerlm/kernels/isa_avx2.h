@@ -92,10 +92,8 @@ void group_row_pair(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y) {
             for (int c = 0; c < (GB + 63) / 64; c++) _mm_prefetch((const char*)(gb + 4 * GB + 64 * c), _MM_HINT_T0);
         const int32_t* xp = (const int32_t*)(x.q.data() + t0 * x.K + b * QK);
         __m256i tmp[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-        __m256i hb[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-        if (FMT == X5)
-            for (int hf = 0; hf < 2; hf++) hb[hf] = _mm256_loadu_si256((const __m256i*)(gb + X5_PLANE + 32 * hf));
         if constexpr (FMT == X5) {
+            const __m256i hb[2] = {_mm256_loadu_si256((const __m256i*)(gb + X5_PLANE)), _mm256_loadu_si256((const __m256i*)(gb + X5_PLANE + 32))};
             for (int c = 0; c < 4; c++) {
                 const __m256i v0 = _mm256_loadu_si256((const __m256i*)(pl + 64 * c)), v1 = _mm256_loadu_si256((const __m256i*)(pl + 64 * c + 32));
                 for (int i = 0; i < 4; i++) {

@@ -1,6 +1,6 @@
 """K-quants kept in their own bits: Q4_K, Q5_K, Q6_K, Q3_K and Q2_K super-blocks packed straight into the kernels'
-layout (X4K, X5, X6K, X3, X2: kernels/common.h), their integers exact and (but for X4K and X6K, which keep the
-file's d, dmin and sub-block scales and so dequantize exactly as gguf) their sub-block scales rounded to fp16.
+layout (X4K, X5K, X6K, X3, X2: kernels/common.h), their integers exact and (but for X4K, X5K and X6K, which keep
+the file's d, dmin and sub-block scales and so dequantize exactly as gguf) their sub-block scales rounded to fp16.
 
 Bounds used below. Packing changes a weight only through its sub-block's scale d * sc and offset -dmin * mn, each
 rounded to fp16 (relative error <= 2^-11), so |w_ours - w_ref| <= 2^-11 * (|w_ref - offset| + |offset|) + fp32
@@ -25,7 +25,7 @@ from tinkerlm.quant.qtensor import PACKED_FORMATS, _k_scales, from_gguf, k_dequa
 pytestmark = pytest.mark.skipif(kernels.ops() is None, reason="needs the C++ kernels")
 
 TYPES = ["Q6_K", "Q3_K", "Q2_K", "Q4_K", "Q5_K"]
-BITS = {"Q6_K": 6.625, "Q3_K": 5.0, "Q2_K": 6.0, "Q4_K": 4.5, "Q5_K": 6.0}  # packed bits a weight (scales included)
+BITS = {"Q6_K": 6.625, "Q3_K": 5.0, "Q2_K": 6.0, "Q4_K": 4.5, "Q5_K": 5.5}  # packed bits a weight (scales included)
 EPS = 2.0**-11
 
 
@@ -64,7 +64,7 @@ def loaded(qtype: str, rows: int, K: int, seed: int = 0):
 def test_packed_k_quants_dequantize_as_gguf_within_the_fp16_scale_rounding(qtype, rows):
     qt, packed, ref, bound = loaded(qtype, rows, 512)
     assert qt.qtype == qtype and packed.fmt == PACKED_FORMATS[qtype]
-    assert packed.qtype == {"Q5_K": "Q5_1"}.get(qtype, qtype)
+    assert packed.qtype == qtype
     assert packed.nbytes * 8 / (-(-rows // 16) * 16 * 512) == BITS[qtype]
     ours = qops.dequantize(packed)
     assert ours.shape == ref.shape
@@ -74,11 +74,9 @@ def test_packed_k_quants_dequantize_as_gguf_within_the_fp16_scale_rounding(qtype
     assert torch.equal(qops.embed(ids, packed), ours[ids])
     torch.testing.assert_close(qt.dequantize(), ours, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(torch.from_numpy(k_dequantize(qt.data.numpy(), qtype, rows, 512)), ours)
-    if qtype == "Q5_K":  # as the 32-value blocks it packs as, bit for bit
-        assert torch.equal(qops.unpack(packed).dequantize(), ours)
-    if qtype in ("Q4_K", "Q6_K"):  # X4K, X6K: gguf's values exactly
+    if qtype in ("Q4_K", "Q5_K", "Q6_K"):  # X4K, X5K, X6K: gguf's values exactly
         assert torch.equal(ours, ref)
-    if qtype == "Q4_K":  # and the file's super-blocks back bit for bit
+    if qtype in ("Q4_K", "Q5_K"):  # and the file's super-blocks back bit for bit
         assert torch.equal(qops.unpack(packed).data, qt.data)
 
 
@@ -95,6 +93,19 @@ def extreme_q4_k(rows: int, K: int, seed: int) -> np.ndarray:
     return raw.reshape(rows, -1)
 
 
+def extreme_q5_k(rows: int, K: int, seed: int) -> np.ndarray:
+    """Q5_K super-blocks as extreme_q4_k's (the same head) with random fifth bits, all set in the first super-block
+    and all clear in the last: every 5-bit integer from 0 to 31 at the extremes of the scales."""
+    q4 = extreme_q4_k(rows, K, seed).reshape(rows, K // 256, 144)
+    rng = np.random.default_rng(seed + 1)
+    raw = np.concatenate(
+        (q4[..., :16], rng.integers(0, 256, size=(rows, K // 256, 32), dtype=np.uint8), q4[..., 16:]), -1
+    )
+    raw[:, 0, 16:48] = 0xFF
+    raw[:, -1, 16:48] = 0x00
+    return raw.reshape(rows, -1)
+
+
 def extreme_q6_k(rows: int, K: int, seed: int) -> np.ndarray:
     """Random Q6_K super-blocks whose d runs from fp16 subnormals to 2^15 (and zero), int8 scales random, all -128
     or all 127."""
@@ -107,11 +118,15 @@ def extreme_q6_k(rows: int, K: int, seed: int) -> np.ndarray:
     return raw.reshape(rows, -1)
 
 
-@pytest.mark.parametrize("qtype, extreme, per_256", [("Q6_K", "extreme_q6_k", 212), ("Q4_K", "extreme_q4_k", 144)])
+@pytest.mark.parametrize(
+    "qtype, extreme, per_256",
+    [("Q6_K", "extreme_q6_k", 212), ("Q4_K", "extreme_q4_k", 144), ("Q5_K", "extreme_q5_k", 176)],
+)
 @pytest.mark.parametrize("rows", [16, 37])
 def test_own_bits_formats_on_extreme_blocks_match_gguf(qtype, extreme, per_256, rows):
-    """X6K (Q6_K: every scale -128 or 127) and X4K (Q4_K: extreme d, dmin, scales and mins): packed bytes, exact
-    dequantization and embedding rows, Q4_K's unpack to the file's blocks, products within fp32 rounding."""
+    """X6K (Q6_K: every scale -128 or 127), X4K and X5K (Q4_K, Q5_K: extreme d, dmin, scales and mins): packed
+    bytes, exact dequantization and embedding rows, Q4_K's and Q5_K's unpack to the file's blocks, products within
+    fp32 rounding."""
     K = 768
     raw = globals()[extreme](rows, K, seed=rows)
     qt = from_gguf(raw, qtype, (rows, K))
@@ -120,7 +135,7 @@ def test_own_bits_formats_on_extreme_blocks_match_gguf(qtype, extreme, per_256, 
     assert packed.fmt == PACKED_FORMATS[qtype] and packed.nbytes == -(-rows // 16) * 16 * K // 256 * per_256
     assert torch.equal(qops.dequantize(packed), ref)
     assert torch.equal(qops.embed(torch.tensor([rows - 1, 0]), packed), ref[[rows - 1, 0]])
-    if qtype == "Q4_K":
+    if qtype in ("Q4_K", "Q5_K"):
         assert torch.equal(qops.unpack(packed).data, qt.data)
     g = torch.Generator().manual_seed(rows)
     for T in (1, 2, 12, 13):
@@ -167,6 +182,7 @@ def test_portable_builds_compute_the_k_formats_as_the_vector_build(isa):
     extreme = {
         "extreme Q4_K": from_gguf(extreme_q4_k(37, 512, seed=3), "Q4_K", (37, 512)),
         "extreme Q6_K": from_gguf(extreme_q6_k(37, 512, seed=3), "Q6_K", (37, 512)),
+        "extreme Q5_K": from_gguf(extreme_q5_k(37, 512, seed=3), "Q5_K", (37, 512)),
     }
     for qtype in [*TYPES, *extreme]:
         qt, packed, _, _ = (
@@ -269,7 +285,7 @@ def test_llama_cpp_agrees_on_a_k_quant_model(mix, tmp_path):
     want = torch.from_numpy(np.asarray(llm.scores[: len(ids)]).copy())
     ours = tinkerlm.load(str(path))
     held = {m.qtype for m in ours.model.modules() if hasattr(m, "qtype")}
-    assert held == {{"Q5_K": "Q5_1"}.get(t, t) for t in types}
+    assert held == set(types)
     with torch.no_grad():
         got = ours.model(torch.tensor([ids]))[0]
     tol = 0.03 * (want.max() - want.min())
@@ -309,7 +325,7 @@ def test_a_row_alone_is_the_same_product_as_in_a_tile(qtype):
         raw[:, :, at : at + 2] = half(0.01)
     if qtype in ("Q4_0", "Q4_1"):
         raw[:16, :, len(scale_at) * 2 :] = 0xFF  # the first group: every nibble 15
-    elif qtype == "Q4_K":
+    elif qtype in ("Q4_K", "Q5_K"):  # (Q5_K: every fifth bit too, so every integer 31)
         raw[:16, :, 16:] = 0xFF
     raw = raw.reshape(rows, per_row * nbytes)
     packed = qops.pack(from_gguf(raw, qtype, (rows, K)))

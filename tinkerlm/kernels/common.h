@@ -98,7 +98,10 @@ inline void block_floats(const uint8_t* blk, int type, float* out) {
 //          activation sum (as X6's 32 below): 18 bytes per 32 weights, as the file.
 //   8-bit (Q8_0): 16 chunks of 32 bytes; chunk p, byte 2j+e = row j, column 2p+e (sign-extended to int16 pairs).
 //   5-bit (Q5_1, Q5_K): the 4-bit layout for the low four bits, then a 64-byte plane of fifth bits: 16-bit word
-//          2j+e, bit p = row j, column 2p+e; two shifts, an AND and a ternary-logic OR add it to each int16 vector.
+//          2j+e holds row j's fifth bits of columns 2p+e (p = 4c+i: chunk c, nibble i) at bit 4((i+1) % 4) + c
+//          (x5_bit). Shifted right by c, the plane has chunk c's fifth bit of nibble i just above that nibble's
+//          top (bit 4(i+1)) for i < 3, so one AND of each and an OR make 16^i times the 5-bit value in place
+//          (AVX2 decode); the top nibble's is at bit 0. Elsewhere two shifts and an AND move any bit to bit 4.
 // The K-quants with 16-value sub-blocks (Q6_K, Q3_K, Q2_K) keep a scale per half block (columns 0-15 are chunks
 // 0-1 of the 4-bit layout, columns 16-31 chunks 2-3), so their two halves are summed apart and scaled apart:
 //   X6 (Q6_K): 16 fp16 scales of columns 0-15, 16 of columns 16-31 (d * sc), then per half h six 64-byte
@@ -121,8 +124,11 @@ inline void block_floats(const uint8_t* blk, int type, float* out) {
 //          int8 scales of each 16-value sub-block k (16 bytes, row j at byte j), 32 bytes of padding; then the 8
 //          blocks' X6 payloads (384 bytes each). The products turn the head into the 16 sub-blocks' fp32 scale
 //          rows d * sc once per super-block (exact: an fp16 times an int8).
-// Q5_K (32-value sub-blocks) is X5 with d = d * sc, m = -dmin * mn. K-quant scales are
-// products rounded to fp16 (relative error <= 2^-11 of the scale); the integers are kept exactly.
+//   X5K (Q5_K): X4K with each block's 64-byte plane of fifth bits (as X5's) after its payload: 176 bytes per row
+//          and 256 columns, as the file. Per group and super-block (2816 bytes, 44 whole 64-byte lines): X4K's
+//          256-byte head, then the 8 blocks' 4-bit payloads of the low bits, each followed by its plane.
+// Every format's plane of fifth bits starts 256 bytes after its payload (plane_at). The other K-quants' scales
+// (Q3_K, Q2_K) are products rounded to fp16 (relative error <= 2^-11 of the scale); the integers are kept exactly.
 // Activations are rounded per 32-value block to int16 with their own scale (amax / 32767): relative error
 // 2^-16 of the block's largest value, finer than bfloat16 for the values that matter and safe for the outlier
 // channels (values near 10^4) that 8-bit activations lose. Products run on AVX512-VNNI's vpdpwssd, 32
@@ -131,15 +137,20 @@ inline void block_floats(const uint8_t* blk, int type, float* out) {
 //   y[row] += d * dx * sum_k(u * xq)  +  m * sx       (sx = dx * sum_k(xq), the block's activation sum)
 // (X6, X3, X2: the same per half block, with the half blocks' activation sums for X2's offsets.)
 constexpr int GR = 16;  // rows per group
-enum Fmt { X4 = 0, X8 = 1, X5 = 2, X6 = 3, X3 = 4, X2 = 5, X4S = 6, X4K = 7, X6K = 8 };
-constexpr int N_FMT = 9;
+enum Fmt { X4 = 0, X8 = 1, X5 = 2, X6 = 3, X3 = 4, X2 = 5, X4S = 6, X4K = 7, X6K = 8, X5K = 9 };
+constexpr int N_FMT = 10;
 constexpr int64_t X4K_SB = 256 + 8 * 256;  // an X4K group's super-block: the head, then 8 payloads
 constexpr int64_t X6K_HEAD = 320, X6K_SB = X6K_HEAD + 8 * 384;  // X6K's: the head, then 8 X6 payloads
-// Bytes of a group per 32 columns (X4K, X6K: on average; their blocks come in eights, X4K_SB / X6K_SB bytes).
-constexpr int64_t GBLOCK_BYTES[] = {64 + 256, 32 + 512, 64 + 256 + 64, 64 + 256 + 128, 64 + 256, 128 + 256, 32 + 256, X4K_SB / 8, X6K_SB / 8};
+constexpr int64_t X5K_SB = 256 + 8 * 320;  // X5K's: X4K's head, then 8 payloads each with its plane
+// Bytes of a group per 32 columns (X4K, X6K, X5K: on average; their blocks come in eights of *_SB bytes).
+constexpr int64_t GBLOCK_BYTES[] = {64 + 256, 32 + 512, 64 + 256 + 64, 64 + 256 + 128, 64 + 256, 128 + 256, 32 + 256, X4K_SB / 8, X6K_SB / 8, X5K_SB / 8};
 // Where the 4-bit payload starts in a group block (after the scale rows).
-constexpr int64_t PAYLOAD[] = {64, 32, 64, 64, 64, 128, 32, 0, 0};
-constexpr bool HALVES[] = {false, false, false, true, true, true, false, false, true};  // a scale per 16-column half block
+constexpr int64_t PAYLOAD[] = {64, 32, 64, 64, 64, 128, 32, 0, 0, 0};
+constexpr bool HALVES[] = {false, false, false, true, true, true, false, false, true, false};  // a scale per 16-column half block
+constexpr bool K4_HEAD[] = {false, false, false, false, false, false, false, true, false, true};  // X4K, X5K: Q4_K's scale head
+constexpr bool FIFTH[] = {false, false, true, false, false, false, false, false, false, true};  // X5, X5K: a plane of fifth bits
+// Super-block bytes of a group for the formats whose blocks come in eights (X4K, X6K, X5K), else 0.
+constexpr int64_t SUPER_BYTES[] = {0, 0, 0, 0, 0, 0, 0, X4K_SB, X6K_SB, X5K_SB};
 
 struct PW {  // a packed weight matrix
     const uint8_t* data;
@@ -158,24 +169,26 @@ PW as_pw(const at::Tensor& data, int64_t fmt, int64_t rows) {
     w.nb = data.size(1) / GBLOCK_BYTES[fmt];
     w.K = w.nb * QK;
     TORCH_CHECK(w.groups == (rows + GR - 1) / GR && data.size(1) == w.nb * GBLOCK_BYTES[fmt], "packed weight has the wrong size");
-    TORCH_CHECK((fmt != X4K && fmt != X6K) || w.nb % 8 == 0, "packed X4K/X6K weight is not whole super-blocks");
+    TORCH_CHECK(!SUPER_BYTES[fmt] || w.nb % 8 == 0, "packed X4K/X5K/X6K weight is not whole super-blocks");
     return w;
 }
 
 // Block b of the group whose row starts at gp: where its scale rows and its payload start. X4S keeps its blocks
 // in pairs, the two scale rows (64 bytes) then the two payloads (a lone last block: 32 bytes of scales, then its
 // payload), so that the 256-byte payloads stay on 64-byte lines in one stream; X4K's "scales" are its
-// super-block's head; the other formats keep each block whole.
+// super-block's head (X5K's, X6K's: theirs); the other formats keep each block whole.
 inline const uint8_t* scales_at(const uint8_t* gp, int fmt, int64_t nb, int64_t b) {
-    if (fmt == X4K) return gp + X4K_SB * (b / 8);
-    if (fmt == X6K) return gp + X6K_SB * (b / 8);
+    if (SUPER_BYTES[fmt]) return gp + SUPER_BYTES[fmt] * (b / 8);
     return fmt == X4S ? gp + 576 * (b / 2) + 32 * (b % 2) : gp + b * GBLOCK_BYTES[fmt];
 }
 inline const uint8_t* payload_at(const uint8_t* gp, int fmt, int64_t nb, int64_t b) {
     if (fmt == X4K) return gp + X4K_SB * (b / 8) + 256 + 256 * (b % 8);
+    if (fmt == X5K) return gp + X5K_SB * (b / 8) + 256 + 320 * (b % 8);
     if (fmt == X6K) return gp + X6K_SB * (b / 8) + X6K_HEAD + 384 * (b % 8);
     return fmt == X4S ? gp + 576 * (b / 2) + ((b | 1) < nb ? 64 : 32) + 256 * (b % 2) : gp + b * GBLOCK_BYTES[fmt] + PAYLOAD[fmt];
 }
+// X5, X5K: the block's plane of fifth bits, right after its 256-byte payload.
+inline const uint8_t* plane_at(const uint8_t* pl) { return pl + 256; }
 
 // Q4_K/Q5_K 6-bit scale and min of sub-block i from a super-block's 12 scale bytes q (ggml's get_scale_min_k4).
 inline void k4_scale_min(const uint8_t* q, int i, int& sc, int& mn) {
@@ -183,7 +196,7 @@ inline void k4_scale_min(const uint8_t* q, int i, int& sc, int& mn) {
     else { sc = (q[i + 4] & 0x0F) | ((q[i - 4] >> 6) << 4); mn = (q[i + 4] >> 4) | ((q[i] >> 6) << 4); }
 }
 
-// X4K: row j's 12 scale bytes from a super-block head (dword i in lane j of the head's vector i), and the place of
+// X4K, X5K: row j's 12 scale bytes from a super-block head (dword i in lane j of the head's vector i), and the place of
 // dword i.
 inline uint8_t* x4k_dword(uint8_t* head, int j, int i) { return head + 64 + 64 * i + 4 * j; }
 inline void x4k_scale_bytes(const uint8_t* head, int j, uint8_t* q) {
@@ -206,13 +219,28 @@ inline void x4_place(int j, int k, int& byte, int& shift) {
     shift = (i % 2) * 4;
 }
 inline int x8_place(int j, int k) { return (k / 2) * 32 + 2 * j + k % 2; }
+// 5-bit: the plane word's bit holding the fifth bit of column pair p = 4c + i (see "Packed weights").
+constexpr int x5_bit(int p) { return 4 * ((p % 4 + 1) % 4) + p / 4; }
+// A 16-bit word whose bit p is column pair p's fifth bit, in the plane's order (two byte tables).
+struct X5Order { uint16_t lo[256], hi[256]; };
+constexpr X5Order make_x5_order() {
+    X5Order t{};
+    for (int v = 0; v < 256; v++)
+        for (int p = 0; p < 8; p++)
+            if ((v >> p) & 1) {
+                t.lo[v] = (uint16_t)(t.lo[v] | (1 << x5_bit(p)));
+                t.hi[v] = (uint16_t)(t.hi[v] | (1 << x5_bit(p + 8)));
+            }
+    return t;
+}
+constexpr X5Order X5_ORDER = make_x5_order();
+inline uint16_t x5_word(uint16_t bits) { return (uint16_t)(X5_ORDER.lo[bits & 0xFF] | X5_ORDER.hi[bits >> 8]); }
 // 5-bit: the fifth bit's (byte offset inside the plane, bit).
 inline void x5_place(int j, int k, int& byte, int& bit) {
-    const int word = 2 * j + k % 2, p = k / 2;
-    byte = word * 2 + p / 8;
-    bit = p % 8;
+    const int word = 2 * j + k % 2, q = x5_bit(k / 2);
+    byte = word * 2 + q / 8;
+    bit = q % 8;
 }
-constexpr int X5_PLANE = 64 + 256;  // where the fifth bits start in a 5-bit group block
 // X6: row j, column k's (byte offset in the payload of the word holding bit 0 of the 48-bit number, bit of the
 // field in that number).
 inline void x6_place(int j, int k, int& byte, int& bit) {
@@ -248,10 +276,10 @@ inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float
         x4_place(j, k, byte, shift);
         q = (pl[byte] >> shift) & 0x0F;
     }
-    if (w.fmt == X5) {
+    if (FIFTH[w.fmt]) {
         int hbyte, bit;
         x5_place(j, k, hbyte, bit);
-        q |= ((gb[X5_PLANE + hbyte] >> bit) & 1) << 4;
+        q |= ((plane_at(pl)[hbyte] >> bit) & 1) << 4;
     }
     if (w.fmt == X6K) {  // sub-block 2 (b % 8) + k / 16's int8 scale times the super-block's d
         d = load_half(gb + 2 * j) * (float)(int8_t)gb[32 + 16 * (2 * (b % 8) + k / 16) + j];
@@ -267,7 +295,7 @@ inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float
         return;
     }
     q -= BIAS[w.fmt];
-    if (w.fmt == X4K) {
+    if (K4_HEAD[w.fmt]) {
         x4k_scale(gb, j, (int)(b % 8), d, m);
         return;
     }
@@ -305,6 +333,7 @@ inline void with_fmt(int64_t fmt, F&& f) {
         case X4S: f(std::integral_constant<int, X4S>{}); break;
         case X4K: f(std::integral_constant<int, X4K>{}); break;
         case X6K: f(std::integral_constant<int, X6K>{}); break;
+        case X5K: f(std::integral_constant<int, X5K>{}); break;
         default: f(std::integral_constant<int, X8>{}); break;
     }
 }

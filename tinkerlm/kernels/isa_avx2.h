@@ -18,8 +18,10 @@ constexpr const char* ISA = "avx2";  // the products only; attention and element
 // spilled here and ran a 2048x2048 Q4_0/Q8_0 product of 64 rows at about half the speed of 4 to 6 (Zen 3, 1 thread).
 constexpr int TILE_ROWS = 5;
 
+// Column pair p's fifth bit (plane bit x5_bit(p)) moved to bit 4 of every 16-bit lane (the value 16 or 0).
 inline __m256i fifth_bits(__m256i plane, int p) {
-    const __m256i moved = p >= 4 ? _mm256_srli_epi16(plane, p - 4) : _mm256_slli_epi16(plane, 4 - p);
+    const int q = x5_bit(p);
+    const __m256i moved = q >= 4 ? _mm256_srli_epi16(plane, q - 4) : _mm256_slli_epi16(plane, 4 - q);
     return _mm256_and_si256(moved, _mm256_set1_epi16(0x10));
 }
 
@@ -66,9 +68,9 @@ inline void x4k_scales(const uint8_t* head, int hf, __m256* sc, __m256* mn) {
     }
 }
 
-// Decode's prefetch distance: four blocks ahead (X4K: 256-byte payloads, X6K: 384; the others whole blocks). It
+// Decode's prefetch distance: four blocks ahead (X4K: 256-byte payloads, X5K: 320, X6K: 384; the others whole blocks). It
 // took a Q6_K output head out of cache from 8.7 to 7.0-7.6 ms (2 threads); further ahead measured no better.
-constexpr int PF4 = 1024, PF6 = 1536;
+constexpr int PF4 = 1024, PF5 = 1280, PF6 = 1536;
 
 // Decode (one activation row) of the formats with one scale per block: both half groups at once, so each block's
 // 64-byte lines are read once, each activation pair broadcast once for two products, and the two halves' sums are
@@ -82,55 +84,59 @@ void group_row_pair(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y) {
     __m256 ksc[2][8], kmn[2][8];
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = scales_at(gp, FMT, nb, b), *pl = payload_at(gp, FMT, nb, b);
-        if (FMT == X4K && b % 8 == 0) {
+        if (K4_HEAD[FMT] && b % 8 == 0) {
             x4k_scales(gb, 0, ksc[0], kmn[0]);
             x4k_scales(gb, 1, ksc[1], kmn[1]);
         }
         if constexpr (FMT == X4K)
             for (int c = 0; c < 4; c++) _mm_prefetch((const char*)(pl + PF4 + 64 * c), _MM_HINT_T0);
+        else if constexpr (FMT == X5K)  // a payload and its plane: 5 lines a block
+            for (int c = 0; c < 5; c++) _mm_prefetch((const char*)(pl + PF5 + 64 * c), _MM_HINT_T0);
         else  // X4, X4S, X5: a block's scales and payload together, four blocks ahead
             for (int c = 0; c < (GB + 63) / 64; c++) _mm_prefetch((const char*)(gb + 4 * GB + 64 * c), _MM_HINT_T0);
         const int32_t* xp = (const int32_t*)(x.q.data() + t0 * x.K + b * QK);
         __m256i tmp[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-        if constexpr (FMT == X5) {
-            const __m256i hb[2] = {_mm256_loadu_si256((const __m256i*)(gb + X5_PLANE)), _mm256_loadu_si256((const __m256i*)(gb + X5_PLANE + 32))};
-            for (int c = 0; c < 4; c++) {
-                const __m256i v0 = _mm256_loadu_si256((const __m256i*)(pl + 64 * c)), v1 = _mm256_loadu_si256((const __m256i*)(pl + 64 * c + 32));
-                for (int i = 0; i < 4; i++) {
-                    const __m256i w0 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 4 * i), low), fifth_bits(hb[0], 4 * c + i));
-                    const __m256i w1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v1, 4 * i), low), fifth_bits(hb[1], 4 * c + i));
-                    const __m256i xv = _mm256_set1_epi32(xp[4 * c + i]);
-                    tmp[0] = _mm256_add_epi32(tmp[0], _mm256_madd_epi16(w0, xv));
-                    tmp[1] = _mm256_add_epi32(tmp[1], _mm256_madd_epi16(w1, xv));
-                }
-            }
-        } else {
-            // Nibble i of each 16-bit word is used in place, as 16^i times its value (masked, not shifted; the top
-            // one shifted, not masked), into a sum per i taken back down by 16^i at the end of the block: exact,
-            // as the sums are multiples of 16^i, and within int32 (4 * 2 * 3840 * 32767 < 2^31).
-            const __m256i m1 = _mm256_set1_epi16(0xF0), m2 = _mm256_set1_epi16(0xF00);
-            __m256i s1[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}, s2[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-            for (int c = 0; c < 4; c++) {
-                const __m256i v[2] = {_mm256_loadu_si256((const __m256i*)(pl + 64 * c)), _mm256_loadu_si256((const __m256i*)(pl + 64 * c + 32))};
-                const __m256i x0 = _mm256_set1_epi32(xp[4 * c]), x1 = _mm256_set1_epi32(xp[4 * c + 1]);
-                const __m256i x2 = _mm256_set1_epi32(xp[4 * c + 2]), x3 = _mm256_set1_epi32(xp[4 * c + 3]);
-                for (int hf = 0; hf < 2; hf++) {
-                    tmp[hf] = _mm256_add_epi32(tmp[hf], _mm256_madd_epi16(_mm256_and_si256(v[hf], low), x0));
-                    s1[hf] = _mm256_add_epi32(s1[hf], _mm256_madd_epi16(_mm256_and_si256(v[hf], m1), x1));
-                    s2[hf] = _mm256_add_epi32(s2[hf], _mm256_madd_epi16(_mm256_and_si256(v[hf], m2), x2));
-                    tmp[hf] = _mm256_add_epi32(tmp[hf], _mm256_madd_epi16(_mm256_srli_epi16(v[hf], 12), x3));
-                }
-            }
-            for (int hf = 0; hf < 2; hf++)
-                tmp[hf] = _mm256_add_epi32(tmp[hf], _mm256_add_epi32(_mm256_srai_epi32(s1[hf], 4), _mm256_srai_epi32(s2[hf], 8)));
+        // Nibble i of each 16-bit word is used in place, as 16^i times its value (masked, not shifted; the top
+        // one shifted, not masked), into a sum per i taken back down by 16^i at the end of the block: exact, as
+        // the sums are multiples of 16^i, and within int32 (4 * 2 * 7936 * 32767 < 2^31). 5-bit: the plane
+        // shifted right by c holds each nibble's fifth bit just above it (common.h, x5_bit), ANDed and ORed in.
+        const __m256i m1 = _mm256_set1_epi16(0xF0), m2 = _mm256_set1_epi16(0xF00);
+        const __m256i h0 = _mm256_set1_epi16(0x10), h1 = _mm256_set1_epi16(0x100), h2 = _mm256_set1_epi16(0x1000);
+        __m256i hb[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        if constexpr (FIFTH[FMT]) {
+            hb[0] = _mm256_loadu_si256((const __m256i*)plane_at(pl));
+            hb[1] = _mm256_loadu_si256((const __m256i*)(plane_at(pl) + 32));
         }
+        __m256i s1[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}, s2[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int c = 0; c < 4; c++) {
+            const __m256i v[2] = {_mm256_loadu_si256((const __m256i*)(pl + 64 * c)), _mm256_loadu_si256((const __m256i*)(pl + 64 * c + 32))};
+            const __m256i x0 = _mm256_set1_epi32(xp[4 * c]), x1 = _mm256_set1_epi32(xp[4 * c + 1]);
+            const __m256i x2 = _mm256_set1_epi32(xp[4 * c + 2]), x3 = _mm256_set1_epi32(xp[4 * c + 3]);
+            for (int hf = 0; hf < 2; hf++) {
+                __m256i w0 = _mm256_and_si256(v[hf], low), w1 = _mm256_and_si256(v[hf], m1);
+                __m256i w2 = _mm256_and_si256(v[hf], m2), w3 = _mm256_srli_epi16(v[hf], 12);
+                if constexpr (FIFTH[FMT]) {
+                    const __m256i hc = _mm256_srli_epi16(hb[hf], c);
+                    w0 = _mm256_or_si256(w0, _mm256_and_si256(hc, h0));
+                    w1 = _mm256_or_si256(w1, _mm256_and_si256(hc, h1));
+                    w2 = _mm256_or_si256(w2, _mm256_and_si256(hc, h2));
+                    w3 = _mm256_or_si256(w3, _mm256_and_si256(_mm256_slli_epi16(hc, 4), h0));
+                }
+                tmp[hf] = _mm256_add_epi32(tmp[hf], _mm256_madd_epi16(w0, x0));
+                s1[hf] = _mm256_add_epi32(s1[hf], _mm256_madd_epi16(w1, x1));
+                s2[hf] = _mm256_add_epi32(s2[hf], _mm256_madd_epi16(w2, x2));
+                tmp[hf] = _mm256_add_epi32(tmp[hf], _mm256_madd_epi16(w3, x3));
+            }
+        }
+        for (int hf = 0; hf < 2; hf++)
+            tmp[hf] = _mm256_add_epi32(tmp[hf], _mm256_add_epi32(_mm256_srai_epi32(s1[hf], 4), _mm256_srai_epi32(s2[hf], 8)));
         const int64_t xi = t0 * x.nb + b;
         for (int hf = 0; hf < 2; hf++) {
-            const __m256 dv = FMT == X4K ? ksc[hf][b % 8] : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 16 * hf)));
+            const __m256 dv = K4_HEAD[FMT] ? ksc[hf][b % 8] : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 16 * hf)));
             if (BIAS[FMT]) tmp[hf] = _mm256_sub_epi32(tmp[hf], _mm256_set1_epi32(BIAS[FMT] * (x.hs[2 * xi] + x.hs[2 * xi + 1])));
             acc[hf] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tmp[hf]), _mm256_mul_ps(dv, _mm256_set1_ps(x.dx[xi])), acc[hf]);
             if (FMT != X4S) {
-                const __m256 mv = FMT == X4K ? kmn[hf][b % 8] : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 + 16 * hf)));
+                const __m256 mv = K4_HEAD[FMT] ? kmn[hf][b % 8] : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 + 16 * hf)));
                 acc[hf] = _mm256_fmadd_ps(mv, _mm256_set1_ps(x.sx[xi]), acc[hf]);
             }
         }
@@ -223,12 +229,14 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
     for (int hf = 0; hf < 2 && hf * 8 < valid; hf++) {
         __m256 acc[T];
         for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
-        __m256 ksc[8], kmn[8];  // X4K: the super-block's scale and offset rows
+        __m256 ksc[8], kmn[8];  // X4K, X5K: the super-block's scale and offset rows
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *gb = scales_at(gp, FMT, nb, b), *pl = payload_at(gp, FMT, nb, b);
-            if (FMT == X4K && b % 8 == 0) x4k_scales(gb, hf, ksc, kmn);
+            if (K4_HEAD[FMT] && b % 8 == 0) x4k_scales(gb, hf, ksc, kmn);
             if (FMT == X4K && hf == 0)  // as isa_avx512.h: four blocks ahead (the second half reads from cache)
-                for (int c = 0; c < 4; c++) _mm_prefetch((const char*)(pl + 1024 + 64 * c), _MM_HINT_T0);
+                for (int c = 0; c < 4; c++) _mm_prefetch((const char*)(pl + PF4 + 64 * c), _MM_HINT_T0);
+            if (FMT == X5K && hf == 0)
+                for (int c = 0; c < 5; c++) _mm_prefetch((const char*)(pl + PF5 + 64 * c), _MM_HINT_T0);
             const int32_t* xp[T];
             for (int t = 0; t < T; t++) xp[t] = (const int32_t*)(x.q.data() + (t0 + t) * x.K + b * QK);
             __m256i tmp[T];
@@ -273,12 +281,12 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
             }
             if (FMT != X8) {
                 __m256i hb = _mm256_setzero_si256();
-                if (FMT == X5) hb = _mm256_loadu_si256((const __m256i*)(gb + X5_PLANE + 32 * hf));
+                if (FIFTH[FMT]) hb = _mm256_loadu_si256((const __m256i*)(plane_at(pl) + 32 * hf));
                 for (int c = 0; c < 4; c++) {
                     const __m256i v = _mm256_loadu_si256((const __m256i*)(pl + 64 * c + 32 * hf));
                     for (int i = 0; i < 4; i++) {
                         __m256i wi = _mm256_and_si256(_mm256_srli_epi16(v, 4 * i), low);
-                        if (FMT == X5) wi = _mm256_or_si256(wi, fifth_bits(hb, 4 * c + i));
+                        if (FIFTH[FMT]) wi = _mm256_or_si256(wi, fifth_bits(hb, 4 * c + i));
                         for (int t = 0; t < T; t++)
                             tmp[t] = _mm256_add_epi32(tmp[t], _mm256_madd_epi16(wi, _mm256_set1_epi32(xp[t][4 * c + i])));
                     }
@@ -289,14 +297,14 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
                     for (int t = 0; t < T; t++) tmp[t] = _mm256_add_epi32(tmp[t], _mm256_madd_epi16(wv, _mm256_set1_epi32(xp[t][p])));
                 }
             }
-            const __m256 dv = FMT == X4K ? ksc[b % 8] : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 16 * hf)));
+            const __m256 dv = K4_HEAD[FMT] ? ksc[b % 8] : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 16 * hf)));
             for (int t = 0; t < T; t++) {
                 const int64_t xi = (t0 + t) * x.nb + b;
                 if (BIAS[FMT]) tmp[t] = _mm256_sub_epi32(tmp[t], _mm256_set1_epi32(BIAS[FMT] * (x.hs[2 * xi] + x.hs[2 * xi + 1])));
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tmp[t]), _mm256_mul_ps(dv, _mm256_set1_ps(x.dx[xi])), acc[t]);
             }
             if (FMT != X8 && FMT != X4S) {
-                const __m256 mv = FMT == X4K ? kmn[b % 8] : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 + 16 * hf)));
+                const __m256 mv = K4_HEAD[FMT] ? kmn[b % 8] : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 + 16 * hf)));
                 for (int t = 0; t < T; t++) acc[t] = _mm256_fmadd_ps(mv, _mm256_set1_ps(x.sx[(t0 + t) * x.nb + b]), acc[t]);
             }
         }
@@ -355,24 +363,24 @@ void unpack_half(const PW& w, int64_t g, int hf, uint8_t* buf) {
                 if constexpr (FMT == X2) _mm256_storeu_ps(fb + 16 + 8 * h, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 64 + 32 * h + 16 * hf))));
             }
         } else {
-            if constexpr (FMT == X4K)
+            if constexpr (K4_HEAD[FMT])
                 if (b % 8 == 0) x4k_scales(gb, hf, ksc, kmn);
             if constexpr (FMT != X8) {
                 __m256i hb = _mm256_setzero_si256();
-                if constexpr (FMT == X5) hb = _mm256_loadu_si256((const __m256i*)(gb + X5_PLANE + 32 * hf));
+                if constexpr (FIFTH[FMT]) hb = _mm256_loadu_si256((const __m256i*)(plane_at(pl) + 32 * hf));
                 for (int c = 0; c < 4; c++) {
                     const __m256i v = _mm256_loadu_si256((const __m256i*)(pl + 64 * c + 32 * hf));
                     for (int i = 0; i < 4; i++) {
                         wi[4 * c + i] = _mm256_and_si256(_mm256_srli_epi16(v, 4 * i), low);
-                        if constexpr (FMT == X5) wi[4 * c + i] = _mm256_or_si256(wi[4 * c + i], fifth_bits(hb, 4 * c + i));
+                        if constexpr (FIFTH[FMT]) wi[4 * c + i] = _mm256_or_si256(wi[4 * c + i], fifth_bits(hb, 4 * c + i));
                     }
                 }
             } else {
                 for (int p = 0; p < 16; p++) wi[p] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(gb + 32 + 32 * p + 16 * hf)));
             }
-            _mm256_storeu_ps(fb, FMT == X4K ? ksc[b % 8] : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 16 * hf))));
+            _mm256_storeu_ps(fb, K4_HEAD[FMT] ? ksc[b % 8] : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 16 * hf))));
             if constexpr (FMT != X8 && FMT != X4S)
-                _mm256_storeu_ps(fb + 16, FMT == X4K ? kmn[b % 8] : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 + 16 * hf))));
+                _mm256_storeu_ps(fb + 16, K4_HEAD[FMT] ? kmn[b % 8] : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 + 16 * hf))));
         }
         for (int p = 0; p < 16; p += 2) {  // pairs p and p+1 as 16 int8 each, in lane order
             const __m256i packed = _mm256_packs_epi16(_mm256_sub_epi16(wi[p], bias), _mm256_sub_epi16(wi[p + 1], bias));

@@ -75,9 +75,10 @@ inline __m512 gelu_mul16(__m512 g, __m512 u) {
     return _mm512_mul_ps(_mm512_mul_ps(g, sigmoid16(a2)), u);
 }
 
-// Bit p of every 16-bit lane of the fifth-bit plane, moved to bit 4 (the value 16 or 0).
+// Column pair p's fifth bit (plane bit x5_bit(p)) moved to bit 4 of every 16-bit lane (the value 16 or 0).
 inline __m512i fifth_bits(__m512i plane, int p) {
-    const __m512i moved = p >= 4 ? _mm512_srli_epi16(plane, (unsigned)(p - 4)) : _mm512_slli_epi16(plane, (unsigned)(4 - p));
+    const int q = x5_bit(p);
+    const __m512i moved = q >= 4 ? _mm512_srli_epi16(plane, (unsigned)(q - 4)) : _mm512_slli_epi16(plane, (unsigned)(4 - q));
     return _mm512_and_si512(moved, _mm512_set1_epi16(0x10));
 }
 
@@ -151,15 +152,15 @@ void packed_dequant_group(const PW& w, int64_t g, float* out) {
     const __m512i idx_lo = _mm512_mullo_epi64(rows_lo, _mm512_set1_epi64(w.K / 2));  // in 8-byte units
     const __m512i idx_hi = _mm512_add_epi64(idx_lo, _mm512_set1_epi64(8 * w.K / 2));
     const __m512i low = _mm512_set1_epi16(0x0F);
-    __m512 ksc[8], kmn[8];  // X4K: the super-block's scale and offset rows
+    __m512 ksc[8], kmn[8];  // X4K, X5K: the super-block's scale and offset rows
     for (int64_t b = 0; b < w.nb; b++) {
         const uint8_t* gp = w.data + g * w.nb * GB;
         const uint8_t *gb = scales_at(gp, w.fmt, w.nb, b), *pl = payload_at(gp, w.fmt, w.nb, b);
-        if (w.fmt == X4K && b % 8 == 0) x4k_scales(gb, ksc, kmn);
-        const __m512 dv = w.fmt == X4K ? ksc[b % 8] : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)gb));
+        if (K4_HEAD[w.fmt] && b % 8 == 0) x4k_scales(gb, ksc, kmn);
+        const __m512 dv = K4_HEAD[w.fmt] ? ksc[b % 8] : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)gb));
         const __m512 mv = w.fmt == X8 ? _mm512_setzero_ps()
                           : w.fmt == X4S ? _mm512_mul_ps(dv, _mm512_set1_ps(-8.f))  // d (u - 8) = d u - 8 d, exactly
-                          : w.fmt == X4K ? kmn[b % 8]
+                          : K4_HEAD[w.fmt] ? kmn[b % 8]
                                          : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + 32)));
         const __m512 d_lo = _mm512_permutexvar_ps(pairs_lo, dv), d_hi = _mm512_permutexvar_ps(pairs_hi, dv);
         const __m512 m_lo = _mm512_permutexvar_ps(pairs_lo, mv), m_hi = _mm512_permutexvar_ps(pairs_hi, mv);
@@ -171,12 +172,12 @@ void packed_dequant_group(const PW& w, int64_t g, float* out) {
             _mm512_i64scatter_pd(base, idx_hi, _mm512_castps_pd(hi), 8);
         };
         if (w.fmt != X8) {
-            const __m512i hb = w.fmt == X5 ? _mm512_loadu_si512((const void*)(gb + X5_PLANE)) : _mm512_setzero_si512();
+            const __m512i hb = FIFTH[w.fmt] ? _mm512_loadu_si512((const void*)plane_at(pl)) : _mm512_setzero_si512();
             for (int c = 0; c < 4; c++) {
                 const __m512i v = _mm512_loadu_si512((const void*)(pl + 64 * c));
                 for (int i = 0; i < 4; i++) {
                     __m512i wi = _mm512_and_si512(_mm512_srli_epi16(v, 4 * i), low);
-                    if (w.fmt == X5) wi = _mm512_or_si512(wi, fifth_bits(hb, 4 * c + i));
+                    if (FIFTH[w.fmt]) wi = _mm512_or_si512(wi, fifth_bits(hb, 4 * c + i));
                     put(wi, 4 * c + i);
                 }
             }
@@ -206,16 +207,18 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
     __m512 acc[T];
     for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
     const __m512i low = _mm512_set1_epi16(0x0F);
-    __m512 ksc[8], kmn[8];  // X4K: the super-block's scale and offset rows, made once per 8 blocks
+    __m512 ksc[8], kmn[8];  // X4K, X5K: the super-block's scale and offset rows, made once per 8 blocks
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = scales_at(gp, FMT, nb, b), *pl = payload_at(gp, FMT, nb, b);
-        if (FMT == X4K && b % 8 == 0) x4k_scales(gb, ksc, kmn);
+        if (K4_HEAD[FMT] && b % 8 == 0) x4k_scales(gb, ksc, kmn);
         __m512 d6 = _mm512_setzero_ps();  // X6K: the super-block's d
         if constexpr (FMT == X6K) d6 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)gb));
         // X4K: the hardware prefetcher alone left one row product out of cache at 2.3x X4S's time for the same
         // bytes (bench/matvec_bench.py); four blocks ahead it is within 10%.
         if (FMT == X4K)
             for (int c = 0; c < 4; c++) _mm_prefetch((const char*)(pl + 1024 + 64 * c), _MM_HINT_T0);
+        if (FMT == X5K)  // (its payloads and planes: 320 bytes a block)
+            for (int c = 0; c < 5; c++) _mm_prefetch((const char*)(pl + 1280 + 64 * c), _MM_HINT_T0);
         const int32_t* xp[T];
         for (int t = 0; t < T; t++) xp[t] = (const int32_t*)(x.q.data() + (t0 + t) * x.K + b * QK);
         // NC independent sums per row: a vpdpwssd waits ~5 cycles for its accumulator, so with few rows one
@@ -267,12 +270,12 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
         }
         if (FMT != X8) {
             __m512i hb = _mm512_setzero_si512();  // 5-bit: the plane of fifth bits
-            if (FMT == X5) hb = _mm512_loadu_si512((const void*)(gb + X5_PLANE));
+            if (FIFTH[FMT]) hb = _mm512_loadu_si512((const void*)plane_at(pl));
             for (int c = 0; c < 4; c++) {
                 const __m512i v = _mm512_loadu_si512((const void*)(pl + 64 * c));
                 for (int i = 0; i < 4; i++) {  // nibble i: the int16 pairs of columns 2(4c+i), 2(4c+i)+1
                     __m512i wi;
-                    if constexpr (FMT == X5)  // ((v >> 4i) & 0x0F) | (fifth bit << 4): the AND and OR as one ternary op
+                    if constexpr (FIFTH[FMT])  // ((v >> 4i) & 0x0F) | (fifth bit << 4): the AND and OR as one ternary op
                         wi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4 * i), low, fifth_bits(hb, 4 * c + i), 0xEA);
                     else
                         wi = i == 3 ? _mm512_srli_epi16(v, 12) : _mm512_and_si512(_mm512_srli_epi16(v, 4 * i), low);
@@ -293,13 +296,13 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
                 tmp[t][0] = _mm512_sub_epi32(tmp[t][0], _mm512_set1_epi32(BIAS[FMT] * (x.hs[2 * xi] + x.hs[2 * xi + 1])));
             }
         }
-        const __m512 dv = FMT == X4K ? ksc[b % 8] : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)gb));
+        const __m512 dv = K4_HEAD[FMT] ? ksc[b % 8] : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)gb));
         for (int t = 0; t < T; t++) {
             const int64_t xi = (t0 + t) * x.nb + b;
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tmp[t][0]), _mm512_mul_ps(dv, _mm512_set1_ps(x.dx[xi])), acc[t]);
         }
         if (FMT != X8 && FMT != X4S) {
-            const __m512 mv = FMT == X4K ? kmn[b % 8] : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + 32)));
+            const __m512 mv = K4_HEAD[FMT] ? kmn[b % 8] : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + 32)));
             for (int t = 0; t < T; t++) acc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(x.sx[(t0 + t) * x.nb + b]), acc[t]);
         }
     }

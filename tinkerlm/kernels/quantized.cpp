@@ -34,7 +34,7 @@ void dequant_rows(const QW& w, int64_t r0, int64_t r1, float* out) {
 // GGUF K-quant types as pack() numbers them (after the 32-value block types of common.h's QType).
 enum KType { K_Q4 = 4, K_Q5 = 5, K_Q6 = 6, K_Q3 = 7, K_Q2 = 8 };
 constexpr int64_t SB_BYTES[] = {0, 0, 0, 0, 144, 176, 210, 110, 84};  // bytes of a 256-value super-block
-constexpr int KFMT[] = {0, 0, 0, 0, X4K, X5, X6K, X3, X2};
+constexpr int KFMT[] = {0, 0, 0, 0, X4K, X5K, X6K, X3, X2};
 
 #ifdef __F16C__
 inline uint16_t f16_bits(float v) { return (uint16_t)_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); }
@@ -124,9 +124,9 @@ void k_blocks(const uint8_t* sb, int type, KBlock* out) {
 }
 
 // Row j's block into group block gb (format fmt): the scale rows, the nibbles, the bit planes.
-// (X4K: gb is the block's payload; its scales are the super-block head's, put_x4k_head.)
+// (X4K, X5K, X6K: gb is the block's payload; its scales are in the super-block's head, written by pack_k.)
 inline void put_block(uint8_t* gb, int fmt, int j, const KBlock& kb) {
-    const int nscales = fmt == X4K || fmt == X6K ? 0 : fmt == X2 ? 4 : 2;
+    const int nscales = SUPER_BYTES[fmt] ? 0 : fmt == X2 ? 4 : 2;
     for (int i = 0; i < nscales; i++) std::memcpy(gb + 32 * i + 2 * j, &kb.s[i], 2);
     const uint8_t* u = kb.u;
     uint8_t* payload = gb + PAYLOAD[fmt];
@@ -153,12 +153,12 @@ inline void put_block(uint8_t* gb, int fmt, int j, const KBlock& kb) {
     alignas(16) uint32_t words[4];
     _mm_store_si128((__m128i*)words, _mm_or_si128(lo, _mm_slli_epi16(hi, 4)));
     for (int c = 0; c < 4; c++) std::memcpy(payload + 64 * c + 4 * j, &words[c], 4);
-    if (fmt == X5) {  // bit p of word 2j+e: the fifth bit of column 2p+e, from a byte mask and pext
+    if (FIFTH[fmt]) {  // word 2j+e: the fifth bits of columns 2p+e, from a byte mask and pext, in the plane's order
         const __m256i uv = _mm256_loadu_si256((const __m256i*)u);
         const uint32_t bits = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(uv, 3));  // bit 4 -> 7
-        const uint16_t even = (uint16_t)_pext_u32(bits, 0x55555555u), odd = (uint16_t)_pext_u32(bits, 0xAAAAAAAAu);
-        std::memcpy(gb + X5_PLANE + 4 * j, &even, 2);
-        std::memcpy(gb + X5_PLANE + 4 * j + 2, &odd, 2);
+        const uint16_t even = x5_word((uint16_t)_pext_u32(bits, 0x55555555u)), odd = x5_word((uint16_t)_pext_u32(bits, 0xAAAAAAAAu));
+        std::memcpy(payload + 256 + 4 * j, &even, 2);
+        std::memcpy(payload + 256 + 4 * j + 2, &odd, 2);
     }
 #else
     for (int c = 0; c < 4; c++)  // chunk c, word 2j+e: nibble i holds column 2(4c+i)+e (see x4_place)
@@ -167,16 +167,16 @@ inline void put_block(uint8_t* gb, int fmt, int j, const KBlock& kb) {
                                              ((u[8 * c + 4 + e] & 0x0F) << 8) | ((u[8 * c + 6 + e] & 0x0F) << 12));
             std::memcpy(payload + 64 * c + 2 * (2 * j + e), &word, 2);
         }
-    if (fmt == X5)  // word 2j+e of the plane: bit p = the fifth bit of column 2p+e (see x5_place)
+    if (FIFTH[fmt])  // word 2j+e of the plane: the fifth bits of columns 2p+e (see x5_place)
         for (int e = 0; e < 2; e++) {
             uint16_t word = 0;
-            for (int p = 0; p < 16; p++) word |= (uint16_t)(((u[2 * p + e] >> 4) & 1) << p);
-            std::memcpy(gb + X5_PLANE + 2 * (2 * j + e), &word, 2);
+            for (int p = 0; p < 16; p++) word |= (uint16_t)(((u[2 * p + e] >> 4) & 1) << x5_bit(p));
+            std::memcpy(payload + 256 + 2 * (2 * j + e), &word, 2);
         }
 #endif
 }
 
-// K-quant super-blocks (rows, K / 256 * SB_BYTES) -> packed (X4K for Q4_K, X5 Q5_K, X6K Q6_K, X3 Q3_K, X2 Q2_K), in
+// K-quant super-blocks (rows, K / 256 * SB_BYTES) -> packed (X4K for Q4_K, X5K Q5_K, X6K Q6_K, X3 Q3_K, X2 Q2_K), in
 // one pass, groups of rows in parallel.
 at::Tensor pack_k(const at::Tensor& data, int64_t type) {
     TORCH_CHECK(data.dim() == 2 && data.stride(1) == 1 && data.scalar_type() == at::kByte, "weight blocks must be uint8 rows");
@@ -196,12 +196,13 @@ at::Tensor pack_k(const at::Tensor& data, int64_t type) {
                 for (int64_t s = 0; s < nsb; s++) {
                     const uint8_t* sb = row + s * SB_BYTES[type];
                     k_blocks(sb, (int)type, kb);
-                    if (fmt == X4K) {  // the head's row j: d, dmin and the 12 scale bytes as they are; then the nibbles
-                        uint8_t* head = o + g * nb * GB + s * X4K_SB;
+                    if (K4_HEAD[fmt]) {  // the head's row j: d, dmin and the 12 scale bytes as they are; then the
+                        // payloads (X5K: each followed by its plane)
+                        uint8_t* head = o + g * nb * GB + s * SUPER_BYTES[fmt];
                         std::memcpy(head + 2 * j, sb, 2);
                         std::memcpy(head + 32 + 2 * j, sb + 2, 2);
                         for (int i = 0; i < 3; i++) std::memcpy(x4k_dword(head, j, i), sb + 4 + 4 * i, 4);
-                        for (int i = 0; i < 8; i++) put_block(head + 256 + 256 * i, fmt, j, kb[i]);
+                        for (int i = 0; i < 8; i++) put_block(head + 256 + (fmt == X5K ? 320 : 256) * i, fmt, j, kb[i]);
                         continue;
                     }
                     if (fmt == X6K) {  // the head's row j: d and the 16 int8 scales as they are; then the payloads
@@ -256,13 +257,13 @@ at::Tensor pack(at::Tensor data, int64_t type) {
                                                              (u[8 * c + 4 + e] << 8) | (u[8 * c + 6 + e] << 12));
                             std::memcpy(pl + 64 * c + 2 * (2 * j + e), &word, 2);
                         }
-                    if (type == Q5_1) {  // word 2j+e of the plane: bit p = fifth bit of column 2p+e (see x5_place)
+                    if (type == Q5_1) {  // word 2j+e of the plane: the fifth bits of columns 2p+e (see x5_place)
                         uint32_t qh;
                         std::memcpy(&qh, blk + 4, 4);
                         for (int e = 0; e < 2; e++) {
                             uint16_t word = 0;
-                            for (int p = 0; p < 16; p++) word |= (uint16_t)(((qh >> (2 * p + e)) & 1) << p);
-                            std::memcpy(gb + X5_PLANE + 2 * (2 * j + e), &word, 2);
+                            for (int p = 0; p < 16; p++) word |= (uint16_t)(((qh >> (2 * p + e)) & 1) << x5_bit(p));
+                            std::memcpy(pl + 256 + 2 * (2 * j + e), &word, 2);
                         }
                     }
                 }
@@ -271,34 +272,35 @@ at::Tensor pack(at::Tensor data, int64_t type) {
     return out;
 }
 
-// X4K -> the Q4_K super-blocks it was packed from, bit for bit.
-at::Tensor unpack_x4k(const PW& w) {
-    const int64_t nsb = w.nb / 8;
-    auto out = at::empty({w.rows, nsb * SB_BYTES[K_Q4]}, at::kByte);
+// X4K, X5K -> the Q4_K, Q5_K super-blocks they were packed from, bit for bit.
+at::Tensor unpack_k4(const PW& w) {
+    const int64_t nsb = w.nb / 8, SB = SB_BYTES[w.fmt == X5K ? K_Q5 : K_Q4];
+    const int qs = w.fmt == X5K ? 48 : 16;  // where the low nibbles start (Q5_K: after 32 bytes of fifth bits)
+    auto out = at::zeros({w.rows, nsb * SB}, at::kByte);
     uint8_t* o = out.data_ptr<uint8_t>();
     for (int64_t r = 0; r < w.rows; r++)
         for (int64_t s = 0; s < nsb; s++) {
-            uint8_t* sb = o + (r * nsb + s) * SB_BYTES[K_Q4];
-            const uint8_t* head = w.data + (r / GR) * w.nb * GBLOCK_BYTES[X4K] + s * X4K_SB;
+            uint8_t* sb = o + (r * nsb + s) * SB;
+            const uint8_t* head = w.data + (r / GR) * w.nb * GBLOCK_BYTES[w.fmt] + s * SUPER_BYTES[w.fmt];
             const int j = (int)(r % GR);
             std::memcpy(sb, head + 2 * j, 2);
             std::memcpy(sb + 2, head + 32 + 2 * j, 2);
             x4k_scale_bytes(head, j, sb + 4);
-            std::memset(sb + 16, 0, 128);
-            for (int i = 0; i < 8; i++)  // sub-block i: 32-byte chunk i/2, low (even i) or high nibbles
-                for (int l = 0; l < QK; l++) {
+            for (int i = 0; i < 8; i++)  // sub-block i: 32-byte chunk i/2, low (even i) or high nibbles; Q5_K's
+                for (int l = 0; l < QK; l++) {  // fifth bit of value l is bit i of byte l
                     int q; float d, m;
                     packed_entry(w, r, 8 * s + i, l, q, d, m);
-                    sb[16 + 32 * (i / 2) + l] |= (uint8_t)(q << (4 * (i % 2)));
+                    sb[qs + 32 * (i / 2) + l] |= (uint8_t)((q & 0x0F) << (4 * (i % 2)));
+                    if (w.fmt == X5K) sb[16 + l] |= (uint8_t)((q >> 4) << i);
                 }
         }
     return out;
 }
 
-// The inverse of pack: GGUF blocks of `type` (Q4_K: its super-blocks) again, bit for bit.
+// The inverse of pack: GGUF blocks of `type` (Q4_K, Q5_K: their super-blocks) again, bit for bit.
 at::Tensor unpack(at::Tensor data, int64_t fmt, int64_t rows, int64_t type) {
     PW w = as_pw(data, fmt, rows);
-    if (type == K_Q4 && fmt == X4K) return unpack_x4k(w);
+    if ((type == K_Q4 && fmt == X4K) || (type == K_Q5 && fmt == X5K)) return unpack_k4(w);
     TORCH_CHECK(type >= 0 && type <= 3 && fmt == PACKED[type],
                 "unpack: packed format ", fmt, " has no GGUF block type ", type);
     auto out = at::zeros({rows, w.nb * BLOCK_BYTES[type]}, at::kByte);

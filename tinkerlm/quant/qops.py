@@ -14,27 +14,25 @@ from tinkerlm import kernels
 from tinkerlm.errors import TinkerError
 from tinkerlm.quant.qtensor import K_TYPES, TYPE_CODES, Packed, QTensor
 
-# The 32-value blocks Q5_K is packed as (each sub-block d * sc * u - dmin * mn, the scale and offset rounded to
-# fp16): a packed one is a Packed of those, and unpacks to them. Q4_K packs in its own bits (X4K) and unpacks to its
-# super-blocks; without the kernels it becomes Q4_1 blocks (QTensor.as_blocks).
-AS_BLOCKS = {"Q5_K": "Q5_1"}
-UNPACKS_TO_ITSELF = {"Q4_K"}  # K-quants whose packed form gives their super-blocks back
+# Q4_K and Q5_K pack in their own bits (X4K, X5K) and unpack to their super-blocks; without the kernels they become
+# Q4_1 and Q5_1 blocks (QTensor.as_blocks: each sub-block d * sc * u - dmin * mn, the scale and offset rounded to fp16).
+UNPACKS_TO_ITSELF = {"Q4_K", "Q5_K"}  # K-quants whose packed form gives their super-blocks back
 
 
 def pack(w: QTensor | Packed) -> QTensor | Packed:
     """The kernels' layout of `w` (a copy), or `w` itself where already packed or the kernels are unavailable.
-    K-quant super-blocks are converted in C++ in one pass (Q5_K comes back as Packed Q5_1); without the kernels
+    K-quant super-blocks are converted in C++ in one pass; without the kernels
     Q4_K and Q5_K become Q4_1 and Q5_1 blocks in numpy, the other K-quants stay super-blocks."""
     k = kernels.ops()
     if isinstance(w, Packed):
         return w
     if k is None:
         return w.as_blocks() if w.qtype in ("Q4_K", "Q5_K") else w
-    return Packed(k.pack(w.data, w.code), AS_BLOCKS.get(w.qtype, w.qtype), *w.shape)
+    return Packed(k.pack(w.data, w.code), w.qtype, *w.shape)
 
 
 def unpack(w: QTensor | Packed) -> QTensor:
-    """GGUF blocks again (bit for bit) from either form (Q4_K: its super-blocks; Q5_K: the Q5_1 blocks packed).
+    """GGUF blocks again (bit for bit) from either form (Q4_K, Q5_K: their super-blocks).
 
     Raises:
         TinkerError: a packed Q6_K, Q3_K or Q2_K (its super-blocks' scales cannot be recovered; use `dequantize`).

@@ -10,18 +10,18 @@ The K-quants (Q4_K, Q5_K, Q6_K, Q3_K, Q2_K: 256-value super-blocks) are held as 
 and `qops.pack` converts them in C++, in one pass, straight into the kernels' layout (kernels/common.h):
 - Q4_K -> X4K, the file's own bits (144 bytes per 256 weights): per super-block d, dmin and the 6-bit scales and
   mins as they are, the products folding each sub-block's min into its activation sum (d * sc * u - dmin * mn).
-- Q5_K -> X5 (as Q5_1 blocks): each 32-value sub-block is d * sc * u - dmin * mn.
+- Q5_K -> X5K, the file's own bits (176 bytes per 256 weights): X4K with each block's fifth bits beside it.
 - Q6_K -> X6K (6.625 bits a weight; the file: 6.5625): the 6-bit integers u kept (the products take the 32 off),
   the file's fp16 d and int8 scale per 16-value sub-block.
 - Q3_K -> X3 (5 bits a weight): the 3-bit integers u - 4 in nibbles, a scale per 16-value sub-block.
 - Q2_K -> X2 (6 bits a weight): the 2-bit integers in nibbles, a scale and an offset per 16-value sub-block.
-The integers are exact; but for Q4_K and Q6_K (exact), each sub-block's scale d * sc (and offset -dmin * mn) is
+The integers are exact; but for Q4_K, Q5_K and Q6_K (exact), each sub-block's scale d * sc (and offset -dmin * mn) is
 rounded, to fp16 (relative error <= 2^-11 of the scale). Other GGUF types (IQ...) are dequantized and requantized to Q8_0 at load.
 `quantize` makes Q8_0 (int8) or Q4_1 (int4) blocks from float weights.
 
 A `Packed` tensor is a QTensor rearranged into the layout the C++ products read (groups of 16 rows; kernels/common.h,
 "Packed weights"; Q4_0 as X4S, its blocks' scales and nibbles without an offset, 18 bytes per 32 weights as in the
-file), losslessly for the 32-value block types and Q4_K; `qops.pack` and `qops.unpack` convert between the two
+file), losslessly for the 32-value block types, Q4_K and Q5_K; `qops.pack` and `qops.unpack` convert between the two
 (Q6_K, Q3_K and Q2_K do not unpack: `qops.dequantize` them).
 """
 
@@ -96,7 +96,7 @@ class QTensor:
         return w.reshape(self.shape)
 
     def as_blocks(self) -> QTensor:
-        """Q4_K and Q5_K super-blocks as the Q4_1 and Q5_1 blocks the kernels pack them as (numpy; a copy)."""
+        """Q4_K and Q5_K super-blocks as Q4_1 and Q5_1 blocks (numpy; a copy): how they are held without the kernels."""
         convert = {"Q4_K": (q4_k_to_q4_1, "Q4_1"), "Q5_K": (q5_k_to_q5_1, "Q5_1")}[self.qtype]
         return QTensor(torch.from_numpy(convert[0](self.data.numpy(), *self.shape)), convert[1], self.K)
 
@@ -108,15 +108,15 @@ class QTensor:
 
 # The packed format of each block type, as kernels/common.h numbers them: X4, X8, X5, X6, X3, X2, X4S (Q4_0: no
 # offsets, 18 bytes per 32 weights), X4K (Q4_K in its own bits, 144 bytes per 256), X6K (Q6_K's 6-bit integers,
-# fp16 d and int8 scales: 212 bytes per 256; X6 is no longer packed).
-PACKED_FORMATS = {"Q4_0": 6, "Q4_1": 0, "Q8_0": 1, "Q5_1": 2, "Q4_K": 7, "Q5_K": 2, "Q6_K": 8, "Q3_K": 4, "Q2_K": 5}
+# fp16 d and int8 scales: 212 bytes per 256; X6 is no longer packed), X5K (Q5_K in its own bits, 176 per 256).
+PACKED_FORMATS = {"Q4_0": 6, "Q4_1": 0, "Q8_0": 1, "Q5_1": 2, "Q4_K": 7, "Q5_K": 9, "Q6_K": 8, "Q3_K": 4, "Q2_K": 5}
 
 
 @dataclass
 class Packed:
     data: torch.Tensor  # uint8 (ceil(rows / 16), K // 32 * group block bytes)
     qtype: str  # the block type it was packed from; unpacking gives those blocks back bit for bit (Q4_K its
-    # super-blocks; Q5_K is packed as Q5_1 blocks; Q6_K, Q3_K and Q2_K have no blocks to unpack to)
+    # and Q5_K their super-blocks; Q6_K, Q3_K and Q2_K have no blocks to unpack to)
     rows: int
     K: int
 
@@ -238,16 +238,16 @@ def _f16(x: np.ndarray) -> np.ndarray:
 
 def k_dequantize(raw: np.ndarray, qtype: str, rows: int, K: int) -> np.ndarray:
     """K-quant super-blocks (rows, K / 256 * bytes) as float32 (rows, K), the scales rounded to fp16 as the
-    packed layout holds them (kernels/quantized.cpp, k_blocks; Q4_K's X4K keeps them exact, as gguf computes
-    them); the reference for the kernels' dequantization."""
-    if qtype == "Q4_K":
-        sb = np.ascontiguousarray(raw).reshape(-1, 144)
+    packed layout holds them (kernels/quantized.cpp, k_blocks; Q4_K's X4K and Q5_K's X5K keep them exact, as gguf
+    computes them); the reference for the kernels' dequantization."""
+    if qtype in ("Q4_K", "Q5_K"):
+        sb = np.ascontiguousarray(raw).reshape(-1, K_TYPES[qtype][1])
         scale, offset = _k_scale_min(sb)
-        qs = sb[:, 16:].reshape(-1, 4, 32)
-        u = np.stack((qs & 0x0F, qs >> 4), axis=2).reshape(-1, 8, 32).astype(np.float32)  # (n, sub-block, value)
-        return (scale[..., None] * u + offset[..., None]).reshape(rows, K)
-    if qtype == "Q5_K":
-        return QTensor(torch.from_numpy(np.ascontiguousarray(raw)), qtype, K).as_blocks().dequantize().numpy()
+        qs = sb[:, -128:].reshape(-1, 4, 32)
+        u = np.stack((qs & 0x0F, qs >> 4), axis=2).reshape(-1, 8, 32)  # (n, sub-block, value)
+        if qtype == "Q5_K":  # bit s of byte l of the 32 after the scales: sub-block s, value l's fifth bit
+            u = u | (((sb[:, None, 16:48] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1) << 4)
+        return (scale[..., None] * u.astype(np.float32) + offset[..., None]).reshape(rows, K)
     sb = np.ascontiguousarray(raw).reshape(-1, K_TYPES[qtype][1])
     n = len(sb)
     # values v (n, 2, 4, 32): 128-value half, 32-value run j (shift 2j, ...), element; scales (n, 2, 4, 2)

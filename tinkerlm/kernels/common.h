@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <array>
+#include <iterator>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -104,7 +105,8 @@ inline void block_floats(const uint8_t* blk, int type, float* out) {
 //          (AVX2 decode); the top nibble's is at bit 0. Elsewhere two shifts and an AND move any bit to bit 4.
 // The K-quants with 16-value sub-blocks (Q6_K, Q3_K, Q2_K) keep a scale per half block (columns 0-15 are chunks
 // 0-1 of the 4-bit layout, columns 16-31 chunks 2-3), so their two halves are summed apart and scaled apart:
-//   X6 (Q6_K): 16 fp16 scales of columns 0-15, 16 of columns 16-31 (d * sc), then per half h six 64-byte
+//   X6 (Q6_K, no longer packed: X6K below keeps its payloads with the file's own scales): 16 fp16 scales of
+//          columns 0-15, 16 of columns 16-31 (d * sc), then per half h six 64-byte
 //          vectors 3h, 3h+1, 3h+2 of 6-bit fields: 16-bit word 2j+e of the three, read as one 48-bit number, holds
 //          row j's u (0..63) of column 2(8h+f)+e at bits 6f .. 6f+5 (x6_place). A field is one or two shifts
 //          (a funnel shift where it straddles two words) and an AND; integer = u - 32, the 32 taken off the
@@ -160,7 +162,7 @@ struct PW {  // a packed weight matrix
 
 PW as_pw(const at::Tensor& data, int64_t fmt, int64_t rows) {
     TORCH_CHECK(data.dim() == 2 && data.is_contiguous() && data.scalar_type() == at::kByte, "packed weight must be contiguous uint8");
-    TORCH_CHECK(fmt >= 0 && fmt < N_FMT, "unknown packed format ", fmt);
+    TORCH_CHECK(fmt >= 0 && fmt < N_FMT && fmt != X6, "unknown packed format ", fmt);  // (X6: replaced by X6K)
     PW w;
     w.data = data.data_ptr<uint8_t>();
     w.fmt = (int)fmt;
@@ -248,7 +250,11 @@ inline void x6_place(int j, int k, int& byte, int& bit) {
     byte = 64 * 3 * h + 2 * (2 * j + k % 2);
     bit = 6 * (p % 8);
 }
-constexpr int BIAS[] = {0, 0, 0, 32, 4, 0, 8, 0, 32};  // what the stored integers exceed the values by (X6, X3, X4S)
+constexpr int BIAS[] = {0, 0, 0, 32, 4, 0, 8, 0, 32, 0};  // what the stored integers exceed the values by (X6K, X3, X4S)
+static_assert(std::size(GBLOCK_BYTES) == N_FMT && std::size(PAYLOAD) == N_FMT && std::size(HALVES) == N_FMT &&
+                  std::size(K4_HEAD) == N_FMT && std::size(FIFTH) == N_FMT && std::size(SUPER_BYTES) == N_FMT &&
+                  std::size(BIAS) == N_FMT,
+              "a per-format table lacks a format");
 
 // Row r's value at column k of block b, as integer and scales (for unpacking and embedding lookups).
 inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float& d, float& m) {
@@ -263,7 +269,7 @@ inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float
         return;
     }
     int byte, shift;
-    if (w.fmt == X6 || w.fmt == X6K) {
+    if (w.fmt == X6K) {
         x6_place(j, k, byte, shift);
         uint64_t bits = 0;
         for (int i = 0; i < 3; i++) {
@@ -327,7 +333,6 @@ inline void with_fmt(int64_t fmt, F&& f) {
     switch (fmt) {
         case X4: f(std::integral_constant<int, X4>{}); break;
         case X5: f(std::integral_constant<int, X5>{}); break;
-        case X6: f(std::integral_constant<int, X6>{}); break;
         case X3: f(std::integral_constant<int, X3>{}); break;
         case X2: f(std::integral_constant<int, X2>{}); break;
         case X4S: f(std::integral_constant<int, X4S>{}); break;

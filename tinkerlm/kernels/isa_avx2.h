@@ -173,7 +173,7 @@ void group_row_pair_halves(const PW& w, int64_t g, const XQ& x, int64_t t0, floa
             for (int c = 0; c < 6; c++) _mm_prefetch((const char*)(pl + PF6 + 64 * c), _MM_HINT_T0);
         for (int h = 0; h < 2; h++) {
             __m256i tmp[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-            if constexpr (FMT == X6 || FMT == X6K) {
+            if constexpr (FMT == X6K) {
                 __m256i w6[2][3];
                 for (int hf = 0; hf < 2; hf++)
                     for (int i = 0; i < 3; i++) w6[hf][i] = _mm256_loadu_si256((const __m256i*)(pl + 64 * (3 * h + i) + 32 * hf));
@@ -243,7 +243,7 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
             for (int t = 0; t < T; t++) tmp[t] = _mm256_setzero_si256();
             if constexpr (HALVES[FMT]) {  // X6/X3/X2: each 16-column half scaled apart
                 for (int h = 0; h < 2; h++) {
-                    if constexpr (FMT == X6 || FMT == X6K) {
+                    if constexpr (FMT == X6K) {
                         __m256i w6[3];
                         for (int i = 0; i < 3; i++) w6[i] = _mm256_loadu_si256((const __m256i*)(pl + 64 * (3 * h + i) + 32 * hf));
                         x6_half<T>(w6, tmp, xp, h, std::make_integer_sequence<int, 8>{});
@@ -345,7 +345,7 @@ void unpack_half(const PW& w, int64_t g, int hf, uint8_t* buf) {
         float* fb = (float*)(wb + 256);
         if constexpr (HALVES[FMT]) {
             for (int h = 0; h < 2; h++) {
-                if constexpr (FMT == X6 || FMT == X6K) {
+                if constexpr (FMT == X6K) {
                     __m256i w6[3];
                     for (int i = 0; i < 3; i++) w6[i] = _mm256_loadu_si256((const __m256i*)(pl + 64 * (3 * h + i) + 32 * hf));
                     x6_store(w6, wi + 8 * h, std::make_integer_sequence<int, 8>{});

@@ -229,7 +229,7 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
             for (int c = 0; c < NC; c++) tmp[t][c] = _mm512_setzero_si512();
         if (HALVES[FMT]) {  // X6/X3/X2: each 16-column half summed, then scaled, apart
             for (int h = 0; h < 2; h++) {
-                if constexpr (FMT == X6 || FMT == X6K) {  // the half's three 6-bit words
+                if constexpr (FMT == X6K) {  // the half's three 6-bit words
                     __m512i w6[3];
                     for (int i = 0; i < 3; i++) w6[i] = _mm512_loadu_si512((const void*)(pl + 64 * (3 * h + i)));
                     x6_half<T, NC>(w6, tmp, xp, h, std::make_integer_sequence<int, 8>{});

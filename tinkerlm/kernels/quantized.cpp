@@ -130,7 +130,7 @@ inline void put_block(uint8_t* gb, int fmt, int j, const KBlock& kb) {
     for (int i = 0; i < nscales; i++) std::memcpy(gb + 32 * i + 2 * j, &kb.s[i], 2);
     const uint8_t* u = kb.u;
     uint8_t* payload = gb + PAYLOAD[fmt];
-    if (fmt == X6 || fmt == X6K) {  // half h, parity e: the 8 fields of columns 2(8h+f)+e as one 48-bit number (see x6_place)
+    if (fmt == X6K) {  // half h, parity e: the 8 fields of columns 2(8h+f)+e as one 48-bit number (see x6_place)
         for (int h = 0; h < 2; h++)
             for (int e = 0; e < 2; e++) {
                 uint64_t bits = 0;

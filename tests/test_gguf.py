@@ -260,7 +260,7 @@ def test_real_file_dequantizes_like_gguf(smollm2_gguf):
         assert torch.equal(sd[hf], torch.from_numpy(np.array(expected, dtype=np.float32))), hf
 
 
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_1", "Q4_K"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_1", "Q4_K", "Q5_K"])
 def test_kernel_dequantization_is_ggufs_bit_for_bit(type_name):
     """GGUF tensors of these types are dequantized by the C++ kernels (5x faster than gguf's numpy on a real file),
     which must give gguf's own fp32 bits: exports check the tensors they keep exact against the source with
@@ -273,7 +273,8 @@ def test_kernel_dequantization_is_ggufs_bit_for_bit(type_name):
 
     if kernels.ops() is None:
         pytest.skip("no kernels: gguf's dequantizer runs")
-    per, nbytes, scales = {"Q8_0": (32, 34, [0]), "Q4_1": (32, 20, [0, 2]), "Q4_K": (256, 144, [0, 2])}[type_name]
+    per, nbytes, scales = {"Q8_0": (32, 34, [0]), "Q4_1": (32, 20, [0, 2]), "Q4_K": (256, 144, [0, 2]),
+                           "Q5_K": (256, 176, [0, 2])}[type_name]  # fmt: skip
     rng = np.random.default_rng(5)
     for rows, K in [(48, 512), (37, 768), (1, 256)]:
         raw = rng.integers(0, 256, (rows, K // per, nbytes), dtype=np.uint8)

@@ -361,13 +361,18 @@ class GGUFCheckpoint:
 
 
 # Block types the C++ kernels may dequantize instead of the gguf package, by their codes in the kernels (`dequantize`
-# for 32-value blocks; `pack` then `dequantize_packed` for Q4_K's super-blocks, packed format X4K), with their block
+# for 32-value blocks; `pack` then `dequantize_packed` for Q4_K's and Q5_K's super-blocks, packed formats X4K and X5K), with their block
 # values and bytes. gguf's numpy dequantizer costs about 2 s per pass over a 135M-parameter Q4_1 file; an export reads
 # a model four times (write, read back, exact tensors, comparison). Each value is d * q (+ m) with d an fp16 (times
-# a 6-bit sub-block scale for Q4_K) and q of at most 8 bits, so the product is exact in fp32 and a fused multiply-add
+# a 6-bit sub-block scale for Q4_K and Q5_K) and q of at most 8 bits, so the product is exact in fp32 and a fused multiply-add
 # rounds as gguf's multiply-then-add does: the kernels give gguf's own bits (not for Q4_0 and Q6_K, whose zeros may
 # differ in sign). `_kernel_exact` checks that once per process all the same, and gguf's dequantizer runs if not.
-KERNEL_DEQUANT = {"Q8_0": (0, None, 32, 34), "Q4_1": (2, None, 32, 20), "Q4_K": (4, 7, 256, 144)}
+KERNEL_DEQUANT = {
+    "Q8_0": (0, None, 32, 34),
+    "Q4_1": (2, None, 32, 20),
+    "Q4_K": (4, 7, 256, 144),
+    "Q5_K": (5, 9, 256, 176),
+}
 
 
 def _kernel_dequantize(data: np.ndarray, type_name: str, shape, check: bool = True) -> torch.Tensor | None:

@@ -17,11 +17,11 @@
 
 #include <algorithm>
 #include <array>
-#include <iterator>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <type_traits>
 #include <utility>
 #include <vector>

@@ -81,7 +81,14 @@ inline void block_floats(const uint8_t* blk, int type, float* out) {
         return;
     }
     const uint8_t* qs = blk + (type == Q4_1 ? 4 : 2);
-    const float m = type == Q4_1 ? load_half(blk + 2) : -8.f * d;
+    if (type == Q4_0) {  // d * (u - 8), as gguf: the zeros keep d's sign
+        for (int k = 0; k < 16; k++) {
+            out[k] = d * (float)((qs[k] & 0x0F) - 8);
+            out[k + 16] = d * (float)((qs[k] >> 4) - 8);
+        }
+        return;
+    }
+    const float m = load_half(blk + 2);
     for (int k = 0; k < 16; k++) {
         out[k] = d * (float)(qs[k] & 0x0F) + m;
         out[k + 16] = d * (float)(qs[k] >> 4) + m;
@@ -151,6 +158,7 @@ constexpr int64_t PAYLOAD[] = {64, 32, 64, 64, 64, 128, 32, 0, 0, 0};
 constexpr bool HALVES[] = {false, false, false, true, true, true, false, false, true, false};  // a scale per 16-column half block
 constexpr bool K4_HEAD[] = {false, false, false, false, false, false, false, true, false, true};  // X4K, X5K: Q4_K's scale head
 constexpr bool FIFTH[] = {false, false, true, false, false, false, false, false, false, true};  // X5, X5K: a plane of fifth bits
+constexpr bool HAS_OFFSET[] = {true, false, true, false, false, true, false, true, false, true};  // value d * q + m, not d * q
 // Super-block bytes of a group for the formats whose blocks come in eights (X4K, X6K, X5K), else 0.
 constexpr int64_t SUPER_BYTES[] = {0, 0, 0, 0, 0, 0, 0, X4K_SB, X6K_SB, X5K_SB};
 
@@ -253,7 +261,7 @@ inline void x6_place(int j, int k, int& byte, int& bit) {
 constexpr int BIAS[] = {0, 0, 0, 32, 4, 0, 8, 0, 32, 0};  // what the stored integers exceed the values by (X6K, X3, X4S)
 static_assert(std::size(GBLOCK_BYTES) == N_FMT && std::size(PAYLOAD) == N_FMT && std::size(HALVES) == N_FMT &&
                   std::size(K4_HEAD) == N_FMT && std::size(FIFTH) == N_FMT && std::size(SUPER_BYTES) == N_FMT &&
-                  std::size(BIAS) == N_FMT,
+                  std::size(BIAS) == N_FMT && std::size(HAS_OFFSET) == N_FMT,
               "a per-format table lacks a format");
 
 // Row r's value at column k of block b, as integer and scales (for unpacking and embedding lookups).
@@ -314,8 +322,8 @@ void packed_dequant_rows(const PW& w, int64_t r0, int64_t r1, float* out) {
         for (int64_t b = 0; b < w.nb; b++)
             for (int k = 0; k < QK; k++) {
                 int q; float d, m;
-                packed_entry(w, r, b, k, q, d, m);
-                out[(r - r0) * w.K + b * QK + k] = d * (float)q + m;
+                packed_entry(w, r, b, k, q, d, m);  // (no offset: d * q alone, so a zero keeps d's sign, as gguf's)
+                out[(r - r0) * w.K + b * QK + k] = HAS_OFFSET[w.fmt] ? d * (float)q + m : d * (float)q;
             }
 }
 

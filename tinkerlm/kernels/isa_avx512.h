@@ -21,10 +21,16 @@ inline void expand_floats(const uint8_t* blk, __m512& lo, __m512& hi) {
         const __m256i qv = _mm256_loadu_si256((const __m256i*)(blk + 2));
         lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(qv))));
         hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(qv, 1))));
+    } else if (TYPE == Q4_0) {  // d * (u - 8), as gguf: the zeros keep d's sign
+        const __m128i low = _mm_set1_epi8(0x0F);
+        const __m128i qs = _mm_loadu_si128((const __m128i*)(blk + 2));
+        const __m512i eight = _mm512_set1_epi32(8);
+        lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(qs, low)), eight)));
+        hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(qs, 4), low)), eight)));
     } else {
         const __m128i low = _mm_set1_epi8(0x0F);
-        const __m128i qs = _mm_loadu_si128((const __m128i*)(blk + (TYPE == Q4_1 ? 4 : 2)));
-        const __m512 m = TYPE == Q4_1 ? _mm512_set1_ps(load_half(blk + 2)) : _mm512_mul_ps(d, _mm512_set1_ps(-8.f));
+        const __m128i qs = _mm_loadu_si128((const __m128i*)(blk + 4));
+        const __m512 m = _mm512_set1_ps(load_half(blk + 2));
         lo = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(qs, low))), m);
         hi = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(qs, 4), low))), m);
     }

@@ -1,6 +1,6 @@
 """K-quants kept in their own bits: Q4_K, Q5_K, Q6_K, Q3_K and Q2_K super-blocks packed straight into the kernels'
-layout (X4K, X5K, X6K, X3, X2: kernels/common.h), their integers exact and (but for X4K, X5K and X6K, which keep
-the file's d, dmin and sub-block scales and so dequantize exactly as gguf) their sub-block scales rounded to fp16.
+layout (X4K, X5K, X6K, X3K, X2: kernels/common.h), their integers exact and (but for X4K, X5K, X6K and X3K, which
+keep the file's d, dmin and sub-block scales and so dequantize exactly as gguf) their sub-block scales rounded to fp16.
 
 Bounds used below. Packing changes a weight only through its sub-block's scale d * sc and offset -dmin * mn, each
 rounded to fp16 (relative error <= 2^-11), so |w_ours - w_ref| <= 2^-11 * (|w_ref - offset| + |offset|) + fp32
@@ -25,7 +25,7 @@ from tinkerlm.quant.qtensor import PACKED_FORMATS, _k_scales, from_gguf, k_dequa
 pytestmark = pytest.mark.skipif(kernels.ops() is None, reason="needs the C++ kernels")
 
 TYPES = ["Q6_K", "Q3_K", "Q2_K", "Q4_K", "Q5_K"]
-BITS = {"Q6_K": 6.625, "Q3_K": 5.0, "Q2_K": 6.0, "Q4_K": 4.5, "Q5_K": 5.5}  # packed bits a weight (scales included)
+BITS = {"Q6_K": 6.625, "Q3_K": 3.625, "Q2_K": 6.0, "Q4_K": 4.5, "Q5_K": 5.5}  # packed bits a weight (scales included)
 EPS = 2.0**-11
 
 
@@ -74,9 +74,9 @@ def test_packed_k_quants_dequantize_as_gguf_within_the_fp16_scale_rounding(qtype
     assert torch.equal(qops.embed(ids, packed), ours[ids])
     torch.testing.assert_close(qt.dequantize(), ours, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(torch.from_numpy(k_dequantize(qt.data.numpy(), qtype, rows, 512)), ours)
-    if qtype in ("Q4_K", "Q5_K", "Q6_K"):  # X4K, X5K, X6K: gguf's values exactly
+    if qtype in ("Q4_K", "Q5_K", "Q6_K", "Q3_K"):  # X4K, X5K, X6K, X3K: gguf's values exactly
         assert torch.equal(ours, ref)
-    if qtype in ("Q4_K", "Q5_K"):  # and the file's super-blocks back bit for bit
+    if qtype in ("Q4_K", "Q5_K", "Q3_K"):  # and the file's super-blocks back bit for bit
         assert torch.equal(qops.unpack(packed).data, qt.data)
 
 
@@ -118,15 +118,33 @@ def extreme_q6_k(rows: int, K: int, seed: int) -> np.ndarray:
     return raw.reshape(rows, -1)
 
 
+def extreme_q3_k(rows: int, K: int, seed: int) -> np.ndarray:
+    """Random Q3_K super-blocks whose d runs from fp16 subnormals to 2^15 (and zero), with the 6-bit scales random,
+    all 63 or all 0 (sc - 32 = 31 or -32) and the high bits and low bits all set in the first super-block, all clear
+    in the last: every 3-bit integer from 0 to 7 at the extremes of the scales."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows, K // 256, 110), dtype=np.uint8)
+    scales = np.array([0.0, 6e-8, 3e-5, 1e-3, 0.5, 7.0, 1000.0, 32768.0, -0.5, -32768.0], np.float16)
+    raw[..., 108:110] = rng.choice(scales, size=raw.shape[:2])[..., None].view(np.uint8)
+    raw[:, 0, :108] = 0xFF  # every u 7, every sc 63
+    raw[:, -1, :108] = 0x00  # every u 0, every sc 0
+    return raw.reshape(rows, -1)
+
+
 @pytest.mark.parametrize(
     "qtype, extreme, per_256",
-    [("Q6_K", "extreme_q6_k", 212), ("Q4_K", "extreme_q4_k", 144), ("Q5_K", "extreme_q5_k", 176)],
+    [
+        ("Q6_K", "extreme_q6_k", 212),
+        ("Q4_K", "extreme_q4_k", 144),
+        ("Q5_K", "extreme_q5_k", 176),
+        ("Q3_K", "extreme_q3_k", 116),
+    ],
 )
 @pytest.mark.parametrize("rows", [16, 37])
 def test_own_bits_formats_on_extreme_blocks_match_gguf(qtype, extreme, per_256, rows):
-    """X6K (Q6_K: every scale -128 or 127), X4K and X5K (Q4_K, Q5_K: extreme d, dmin, scales and mins): packed
-    bytes, exact dequantization and embedding rows, Q4_K's and Q5_K's unpack to the file's blocks, products within
-    fp32 rounding."""
+    """X6K (Q6_K: every scale -128 or 127), X4K and X5K (Q4_K, Q5_K: extreme d, dmin, scales and mins), X3K (Q3_K:
+    extreme d of both signs, every scale 63 or 0, every integer 7 or 0): packed bytes, exact dequantization and
+    embedding rows, Q4_K's, Q5_K's and Q3_K's unpack to the file's blocks, products within fp32 rounding."""
     K = 768
     raw = globals()[extreme](rows, K, seed=rows)
     qt = from_gguf(raw, qtype, (rows, K))
@@ -135,7 +153,7 @@ def test_own_bits_formats_on_extreme_blocks_match_gguf(qtype, extreme, per_256, 
     assert packed.fmt == PACKED_FORMATS[qtype] and packed.nbytes == -(-rows // 16) * 16 * K // 256 * per_256
     assert torch.equal(qops.dequantize(packed), ref)
     assert torch.equal(qops.embed(torch.tensor([rows - 1, 0]), packed), ref[[rows - 1, 0]])
-    if qtype in ("Q4_K", "Q5_K"):
+    if qtype in ("Q4_K", "Q5_K", "Q3_K"):
         assert torch.equal(qops.unpack(packed).data, qt.data)
     g = torch.Generator().manual_seed(rows)
     for T in (1, 2, 12, 13):
@@ -183,6 +201,7 @@ def test_portable_builds_compute_the_k_formats_as_the_vector_build(isa):
         "extreme Q4_K": from_gguf(extreme_q4_k(37, 512, seed=3), "Q4_K", (37, 512)),
         "extreme Q6_K": from_gguf(extreme_q6_k(37, 512, seed=3), "Q6_K", (37, 512)),
         "extreme Q5_K": from_gguf(extreme_q5_k(37, 512, seed=3), "Q5_K", (37, 512)),
+        "extreme Q3_K": from_gguf(extreme_q3_k(37, 512, seed=3), "Q3_K", (37, 512)),
     }
     for qtype in [*TYPES, *extreme]:
         qt, packed, _, _ = (
@@ -327,6 +346,8 @@ def test_a_row_alone_is_the_same_product_as_in_a_tile(qtype):
         raw[:16, :, len(scale_at) * 2 :] = 0xFF  # the first group: every nibble 15
     elif qtype in ("Q4_K", "Q5_K"):  # (Q5_K: every fifth bit too, so every integer 31)
         raw[:16, :, 16:] = 0xFF
+    elif qtype == "Q3_K":  # every high and low bit: every integer 7 (u - 4 = 3)
+        raw[:16, :, :96] = 0xFF
     raw = raw.reshape(rows, per_row * nbytes)
     packed = qops.pack(from_gguf(raw, qtype, (rows, K)))
     g = torch.Generator().manual_seed(3)

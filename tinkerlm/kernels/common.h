@@ -5,9 +5,9 @@
 //
 // GGUF weights arrive as rows of 32-value blocks (an fp16 scale d, for Q4_1 an fp16 offset m, 32 integers) or of
 // 256-value K-quant super-blocks (Q2_K ... Q6_K: quantized.cpp, k_blocks). At load they are repacked, their
-// integers kept exactly (the K-quants' sub-block scales rounded to fp16), into groups of 16 rows (see "Packed weights" below) so that the products
-// run on AVX512-VNNI integer dot products with int16 activation blocks and each group's 16 outputs land in one
-// register. Not llama.cpp's 8-bit activations: small models' hidden states carry outliers near 10^4, and 8-bit
+// integers kept exactly (and their scales, but Q2_K's: rounded to fp16), into groups of 16 rows (see "Packed
+// weights" below) so that the products run on AVX512-VNNI integer dot products with int16 activation blocks and
+// each group's 16 outputs land in one register. Not llama.cpp's 8-bit activations: small models' hidden states carry outliers near 10^4, and 8-bit
 // blocks then cost ~1% error per projection, enough to change greedy answers; int16 blocks keep 16 bits.
 
 #pragma once
@@ -136,8 +136,15 @@ inline void block_floats(const uint8_t* blk, int type, float* out) {
 //   X5K (Q5_K): X4K with each block's 64-byte plane of fifth bits (as X5's) after its payload: 176 bytes per row
 //          and 256 columns, as the file. Per group and super-block (2816 bytes, 44 whole 64-byte lines): X4K's
 //          256-byte head, then the 8 blocks' 4-bit payloads of the low bits, each followed by its plane.
-// Every format's plane of fifth bits starts 256 bytes after its payload (plane_at). The other K-quants' scales
-// (Q3_K, Q2_K) are products rounded to fp16 (relative error <= 2^-11 of the scale); the integers are kept exactly.
+//   X3K (Q3_K): the file's own scales and 3-bit integers, 116 bytes per row and 256 columns (the file: 110). Per
+//          group and super-block (1856 bytes, 29 whole 64-byte lines): X6K's 320-byte head (16 fp16 d, then the
+//          16 sub-blocks' int8 scales sc - 32, row j at byte j), then the 8 blocks' payloads of three 64-byte
+//          vectors: 16-bit word 2j+e of the three, read as one 48-bit number, holds row j's u = the file's two low
+//          bits | its high bit << 2 (0..7) of column 2p+e at bits 3p .. 3p+2 (x3_place; p = 0..15, half p / 8).
+//          A field is a shift and an AND (two of the 16 straddle two words: a funnel shift); integer = u - 4, the
+//          4 taken off the half block's integer activation sum as X6K's 32.
+// Every format's plane of fifth bits starts 256 bytes after its payload (plane_at). The scales of Q2_K (X2) are
+// products rounded to fp16 (relative error <= 2^-11 of the scale); the integers are kept exactly.
 // Activations are rounded per 32-value block to int16 with their own scale (amax / 32767): relative error
 // 2^-16 of the block's largest value, finer than bfloat16 for the values that matter and safe for the outlier
 // channels (values near 10^4) that 8-bit activations lose. Products run on AVX512-VNNI's vpdpwssd, 32
@@ -146,21 +153,23 @@ inline void block_floats(const uint8_t* blk, int type, float* out) {
 //   y[row] += d * dx * sum_k(u * xq)  +  m * sx       (sx = dx * sum_k(xq), the block's activation sum)
 // (X6, X3, X2: the same per half block, with the half blocks' activation sums for X2's offsets.)
 constexpr int GR = 16;  // rows per group
-enum Fmt { X4 = 0, X8 = 1, X5 = 2, X6 = 3, X3 = 4, X2 = 5, X4S = 6, X4K = 7, X6K = 8, X5K = 9 };
-constexpr int N_FMT = 10;
+enum Fmt { X4 = 0, X8 = 1, X5 = 2, X6 = 3, X3 = 4, X2 = 5, X4S = 6, X4K = 7, X6K = 8, X5K = 9, X3K = 10 };
+constexpr int N_FMT = 11;
 constexpr int64_t X4K_SB = 256 + 8 * 256;  // an X4K group's super-block: the head, then 8 payloads
 constexpr int64_t X6K_HEAD = 320, X6K_SB = X6K_HEAD + 8 * 384;  // X6K's: the head, then 8 X6 payloads
 constexpr int64_t X5K_SB = 256 + 8 * 320;  // X5K's: X4K's head, then 8 payloads each with its plane
-// Bytes of a group per 32 columns (X4K, X6K, X5K: on average; their blocks come in eights of *_SB bytes).
-constexpr int64_t GBLOCK_BYTES[] = {64 + 256, 32 + 512, 64 + 256 + 64, 64 + 256 + 128, 64 + 256, 128 + 256, 32 + 256, X4K_SB / 8, X6K_SB / 8, X5K_SB / 8};
+constexpr int64_t X3K_SB = X6K_HEAD + 8 * 192;  // X3K's: X6K's head, then 8 payloads of 3-bit fields
+// Bytes of a group per 32 columns (X4K, X6K, X5K, X3K: on average; their blocks come in eights of *_SB bytes).
+constexpr int64_t GBLOCK_BYTES[] = {64 + 256, 32 + 512, 64 + 256 + 64, 64 + 256 + 128, 64 + 256, 128 + 256, 32 + 256, X4K_SB / 8, X6K_SB / 8, X5K_SB / 8, X3K_SB / 8};
 // Where the 4-bit payload starts in a group block (after the scale rows).
-constexpr int64_t PAYLOAD[] = {64, 32, 64, 64, 64, 128, 32, 0, 0, 0};
-constexpr bool HALVES[] = {false, false, false, true, true, true, false, false, true, false};  // a scale per 16-column half block
-constexpr bool K4_HEAD[] = {false, false, false, false, false, false, false, true, false, true};  // X4K, X5K: Q4_K's scale head
-constexpr bool FIFTH[] = {false, false, true, false, false, false, false, false, false, true};  // X5, X5K: a plane of fifth bits
-constexpr bool HAS_OFFSET[] = {true, false, true, false, false, true, false, true, false, true};  // value d * q + m, not d * q
-// Super-block bytes of a group for the formats whose blocks come in eights (X4K, X6K, X5K), else 0.
-constexpr int64_t SUPER_BYTES[] = {0, 0, 0, 0, 0, 0, 0, X4K_SB, X6K_SB, X5K_SB};
+constexpr int64_t PAYLOAD[] = {64, 32, 64, 64, 64, 128, 32, 0, 0, 0, 0};
+constexpr bool HALVES[] = {false, false, false, true, true, true, false, false, true, false, true};  // a scale per 16-column half block
+constexpr bool K4_HEAD[] = {false, false, false, false, false, false, false, true, false, true, false};  // X4K, X5K: Q4_K's scale head
+constexpr bool K6_HEAD[] = {false, false, false, false, false, false, false, false, true, false, true};  // X6K, X3K: d, int8 scales
+constexpr bool FIFTH[] = {false, false, true, false, false, false, false, false, false, true, false};  // X5, X5K: a plane of fifth bits
+constexpr bool HAS_OFFSET[] = {true, false, true, false, false, true, false, true, false, true, false};  // value d * q + m, not d * q
+// Super-block bytes of a group for the formats whose blocks come in eights (X4K, X6K, X5K, X3K), else 0.
+constexpr int64_t SUPER_BYTES[] = {0, 0, 0, 0, 0, 0, 0, X4K_SB, X6K_SB, X5K_SB, X3K_SB};
 
 struct PW {  // a packed weight matrix
     const uint8_t* data;
@@ -170,7 +179,7 @@ struct PW {  // a packed weight matrix
 
 PW as_pw(const at::Tensor& data, int64_t fmt, int64_t rows) {
     TORCH_CHECK(data.dim() == 2 && data.is_contiguous() && data.scalar_type() == at::kByte, "packed weight must be contiguous uint8");
-    TORCH_CHECK(fmt >= 0 && fmt < N_FMT && fmt != X6, "unknown packed format ", fmt);  // (X6: replaced by X6K)
+    TORCH_CHECK(fmt >= 0 && fmt < N_FMT && fmt != X6 && fmt != X3, "unknown packed format ", fmt);  // (X6, X3: by X6K, X3K)
     PW w;
     w.data = data.data_ptr<uint8_t>();
     w.fmt = (int)fmt;
@@ -179,7 +188,7 @@ PW as_pw(const at::Tensor& data, int64_t fmt, int64_t rows) {
     w.nb = data.size(1) / GBLOCK_BYTES[fmt];
     w.K = w.nb * QK;
     TORCH_CHECK(w.groups == (rows + GR - 1) / GR && data.size(1) == w.nb * GBLOCK_BYTES[fmt], "packed weight has the wrong size");
-    TORCH_CHECK(!SUPER_BYTES[fmt] || w.nb % 8 == 0, "packed X4K/X5K/X6K weight is not whole super-blocks");
+    TORCH_CHECK(!SUPER_BYTES[fmt] || w.nb % 8 == 0, "packed X4K/X5K/X6K/X3K weight is not whole super-blocks");
     return w;
 }
 
@@ -195,6 +204,7 @@ inline const uint8_t* payload_at(const uint8_t* gp, int fmt, int64_t nb, int64_t
     if (fmt == X4K) return gp + X4K_SB * (b / 8) + 256 + 256 * (b % 8);
     if (fmt == X5K) return gp + X5K_SB * (b / 8) + 256 + 320 * (b % 8);
     if (fmt == X6K) return gp + X6K_SB * (b / 8) + X6K_HEAD + 384 * (b % 8);
+    if (fmt == X3K) return gp + X3K_SB * (b / 8) + X6K_HEAD + 192 * (b % 8);
     return fmt == X4S ? gp + 576 * (b / 2) + ((b | 1) < nb ? 64 : 32) + 256 * (b % 2) : gp + b * GBLOCK_BYTES[fmt] + PAYLOAD[fmt];
 }
 // X5, X5K: the block's plane of fifth bits, right after its 256-byte payload.
@@ -258,10 +268,27 @@ inline void x6_place(int j, int k, int& byte, int& bit) {
     byte = 64 * 3 * h + 2 * (2 * j + k % 2);
     bit = 6 * (p % 8);
 }
-constexpr int BIAS[] = {0, 0, 0, 32, 4, 0, 8, 0, 32, 0};  // what the stored integers exceed the values by (X6K, X3, X4S)
+// X3K: the same for the 3-bit fields (all 16 column pairs in one 48-bit number).
+inline void x3_place(int j, int k, int& byte, int& bit) {
+    byte = 2 * (2 * j + k % 2);
+    bit = 3 * (k / 2);
+}
+// X6K, X3K in the products: the field width, the three words of half h of a block's payload pl (X6K: the half's
+// own; X3K: the block's), and f(std::integral_constant<int, OFF>{}) with half h's first field OFF in them (X3K: 8h).
+template <int FMT>
+constexpr int KBITS = FMT == X6K ? 6 : 3;
+template <int FMT>
+inline const uint8_t* kwords(const uint8_t* pl, int h) { return FMT == X6K ? pl + 192 * h : pl; }
+template <int FMT, typename G>
+inline void k_off(int h, G&& f) {
+    if constexpr (FMT == X6K) f(std::integral_constant<int, 0>{});
+    else if (h == 0) f(std::integral_constant<int, 0>{});
+    else f(std::integral_constant<int, 8>{});
+}
+constexpr int BIAS[] = {0, 0, 0, 32, 4, 0, 8, 0, 32, 0, 4};  // what the stored integers exceed the values by (X6K, X3, X4S, X3K)
 static_assert(std::size(GBLOCK_BYTES) == N_FMT && std::size(PAYLOAD) == N_FMT && std::size(HALVES) == N_FMT &&
                   std::size(K4_HEAD) == N_FMT && std::size(FIFTH) == N_FMT && std::size(SUPER_BYTES) == N_FMT &&
-                  std::size(BIAS) == N_FMT && std::size(HAS_OFFSET) == N_FMT,
+                  std::size(BIAS) == N_FMT && std::size(HAS_OFFSET) == N_FMT && std::size(K6_HEAD) == N_FMT,
               "a per-format table lacks a format");
 
 // Row r's value at column k of block b, as integer and scales (for unpacking and embedding lookups).
@@ -277,15 +304,16 @@ inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float
         return;
     }
     int byte, shift;
-    if (w.fmt == X6K) {
-        x6_place(j, k, byte, shift);
+    if (K6_HEAD[w.fmt]) {  // X6K, X3K: a field of the 48-bit number of three words
+        if (w.fmt == X6K) x6_place(j, k, byte, shift);
+        else x3_place(j, k, byte, shift);
         uint64_t bits = 0;
         for (int i = 0; i < 3; i++) {
             uint16_t word;
             std::memcpy(&word, pl + byte + 64 * i, 2);
             bits |= (uint64_t)word << (16 * i);
         }
-        q = (int)((bits >> shift) & 63);
+        q = (int)((bits >> shift) & (w.fmt == X6K ? 63 : 7));
     } else {
         x4_place(j, k, byte, shift);
         q = (pl[byte] >> shift) & 0x0F;
@@ -295,7 +323,7 @@ inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float
         x5_place(j, k, hbyte, bit);
         q |= ((plane_at(pl)[hbyte] >> bit) & 1) << 4;
     }
-    if (w.fmt == X6K) {  // sub-block 2 (b % 8) + k / 16's int8 scale times the super-block's d
+    if (K6_HEAD[w.fmt]) {  // sub-block 2 (b % 8) + k / 16's int8 scale times the super-block's d
         d = load_half(gb + 2 * j) * (float)(int8_t)gb[32 + 16 * (2 * (b % 8) + k / 16) + j];
         m = 0.f;
         q -= BIAS[w.fmt];
@@ -341,11 +369,11 @@ inline void with_fmt(int64_t fmt, F&& f) {
     switch (fmt) {
         case X4: f(std::integral_constant<int, X4>{}); break;
         case X5: f(std::integral_constant<int, X5>{}); break;
-        case X3: f(std::integral_constant<int, X3>{}); break;
         case X2: f(std::integral_constant<int, X2>{}); break;
         case X4S: f(std::integral_constant<int, X4S>{}); break;
         case X4K: f(std::integral_constant<int, X4K>{}); break;
         case X6K: f(std::integral_constant<int, X6K>{}); break;
+        case X3K: f(std::integral_constant<int, X3K>{}); break;
         case X5K: f(std::integral_constant<int, X5K>{}); break;
         default: f(std::integral_constant<int, X8>{}); break;
     }

@@ -25,25 +25,36 @@ inline __m256i fifth_bits(__m256i plane, int p) {
     return _mm256_and_si256(moved, _mm256_set1_epi16(0x10));
 }
 
-// X6: field F (0..7) of the three 6-bit words w[0..2] (common.h, x6_place), as int16 values 0..63.
-template <int F>
-inline __m256i x6_field(const __m256i* w) {
-    constexpr int bit = 6 * F, lo = bit / 16, sh = bit % 16;
-    const __m256i m = _mm256_set1_epi16(63);
-    if constexpr (sh + 6 > 16)
+// X6K, X3K: field F of W bits in the three words w[0..2] read as one 48-bit number (common.h: x6_place, F = 0..7 of
+// a half's words; x3_place, F = 0..15 of a block's), as int16 values 0 .. 2^W - 1.
+template <int W, int F>
+inline __m256i kfield(const __m256i* w) {
+    constexpr int bit = W * F, lo = bit / 16, sh = bit % 16;
+    const __m256i m = _mm256_set1_epi16((1 << W) - 1);
+    if constexpr (sh + W > 16)
         return _mm256_and_si256(_mm256_or_si256(_mm256_slli_epi16(w[lo + 1], 16 - sh), _mm256_srli_epi16(w[lo], sh)), m);
-    else if constexpr (sh + 6 == 16)
+    else if constexpr (sh + W == 16)
         return _mm256_srli_epi16(w[lo], sh);
+    else if constexpr (sh == 0)
+        return _mm256_and_si256(w[lo], m);
     else
         return _mm256_and_si256(_mm256_srli_epi16(w[lo], sh), m);
 }
 
-template <int T, int... F>
-inline void x6_half(const __m256i* w, __m256i (&tmp)[T], const int32_t* const* xp, int h, std::integer_sequence<int, F...>) {
+// tmp[t] += half h's 8 fields (column pairs 8h + F; X3K's the fields 8h + F of the block's number, OFF = 8h) times
+// their activation pairs.
+template <int W, int OFF, int T, int... F>
+inline void k_half(const __m256i* w, __m256i (&tmp)[T], const int32_t* const* xp, int h, std::integer_sequence<int, F...>) {
     auto one = [&](int f, __m256i wi) {
         for (int t = 0; t < T; t++) tmp[t] = _mm256_add_epi32(tmp[t], _mm256_madd_epi16(wi, _mm256_set1_epi32(xp[t][8 * h + f])));
     };
-    (one(F, x6_field<F>(w)), ...);
+    (one(F, kfield<W, OFF + F>(w)), ...);
+}
+
+// X6K, X3K: half h's fp32 scale rows of half group hf, d * the sub-block's int8 scales (exact).
+inline __m256 k6_scales(const uint8_t* head, int64_t b, int h, int hf) {
+    return _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(head + 16 * hf))),
+                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(head + 32 + 16 * (2 * (b % 8) + h) + 8 * hf)))));
 }
 
 // X4K: rows 8 hf .. 8 hf + 7 of the 8 blocks' scale rows d * sc and offset rows -dmin * mn from a super-block
@@ -68,9 +79,10 @@ inline void x4k_scales(const uint8_t* head, int hf, __m256* sc, __m256* mn) {
     }
 }
 
-// Decode's prefetch distance: four blocks ahead (X4K: 256-byte payloads, X5K: 320, X6K: 384; the others whole blocks). It
-// took a Q6_K output head out of cache from 8.7 to 7.0-7.6 ms (2 threads); further ahead measured no better.
-constexpr int PF4 = 1024, PF5 = 1280, PF6 = 1536;
+// Decode's prefetch distance: four blocks ahead (X4K: 256-byte payloads, X5K: 320, X6K: 384, X3K: 192; the others
+// whole blocks). It took a Q6_K output head out of cache from 8.7 to 7.0-7.6 ms (2 threads); further ahead measured
+// no better.
+constexpr int PF4 = 1024, PF5 = 1280, PF6 = 1536, PF3 = 768;
 
 // Decode (one activation row) of the formats with one scale per block: both half groups at once, so each block's
 // 64-byte lines are read once, each activation pair broadcast once for two products, and the two halves' sums are
@@ -148,17 +160,17 @@ void group_row_pair(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y) {
     std::copy(out, out + valid, y);
 }
 
-template <int... F>
-inline void x6_pair_half(const __m256i (&w6)[2][3], __m256i (&tmp)[2], const int32_t* xp, int h, std::integer_sequence<int, F...>) {
+template <int W, int OFF, int... F>
+inline void k_pair_half(const __m256i (&wk)[2][3], __m256i (&tmp)[2], const int32_t* xp, int h, std::integer_sequence<int, F...>) {
     auto one = [&](int f, __m256i w0, __m256i w1) {
         const __m256i xv = _mm256_set1_epi32(xp[8 * h + f]);
         tmp[0] = _mm256_add_epi32(tmp[0], _mm256_madd_epi16(w0, xv));
         tmp[1] = _mm256_add_epi32(tmp[1], _mm256_madd_epi16(w1, xv));
     };
-    (one(F, x6_field<F>(w6[0]), x6_field<F>(w6[1])), ...);
+    (one(F, kfield<W, OFF + F>(wk[0]), kfield<W, OFF + F>(wk[1])), ...);
 }
 
-// The same for the formats with a scale per 16-column half block (X6K, X3, X2).
+// The same for the formats with a scale per 16-column half block (X6K, X3K, X2).
 template <int FMT>
 void group_row_pair_halves(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y) {
     const int64_t nb = w.nb, GB = GBLOCK_BYTES[FMT];
@@ -171,13 +183,15 @@ void group_row_pair_halves(const PW& w, int64_t g, const XQ& x, int64_t t0, floa
         const int64_t xi = t0 * x.nb + b;
         if constexpr (FMT == X6K)
             for (int c = 0; c < 6; c++) _mm_prefetch((const char*)(pl + PF6 + 64 * c), _MM_HINT_T0);
+        if constexpr (FMT == X3K)
+            for (int c = 0; c < 3; c++) _mm_prefetch((const char*)(pl + PF3 + 64 * c), _MM_HINT_T0);
         for (int h = 0; h < 2; h++) {
             __m256i tmp[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-            if constexpr (FMT == X6K) {
-                __m256i w6[2][3];
+            if constexpr (K6_HEAD[FMT]) {
+                __m256i wk[2][3];
                 for (int hf = 0; hf < 2; hf++)
-                    for (int i = 0; i < 3; i++) w6[hf][i] = _mm256_loadu_si256((const __m256i*)(pl + 64 * (3 * h + i) + 32 * hf));
-                x6_pair_half(w6, tmp, xp, h, std::make_integer_sequence<int, 8>{});
+                    for (int i = 0; i < 3; i++) wk[hf][i] = _mm256_loadu_si256((const __m256i*)(kwords<FMT>(pl, h) + 64 * i + 32 * hf));
+                k_off<FMT>(h, [&](auto off) { k_pair_half<KBITS<FMT>, decltype(off)::value>(wk, tmp, xp, h, std::make_integer_sequence<int, 8>{}); });
             } else {
                 for (int c = 2 * h; c < 2 * h + 2; c++) {
                     const __m256i v0 = _mm256_loadu_si256((const __m256i*)(pl + 64 * c)), v1 = _mm256_loadu_si256((const __m256i*)(pl + 64 * c + 32));
@@ -189,12 +203,7 @@ void group_row_pair_halves(const PW& w, int64_t g, const XQ& x, int64_t t0, floa
                 }
             }
             for (int hf = 0; hf < 2; hf++) {
-                __m256 dv;
-                if constexpr (FMT == X6K)
-                    dv = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 16 * hf))),
-                                       _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(gb + 32 + 16 * (2 * (b % 8) + h) + 8 * hf)))));
-                else
-                    dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 * h + 16 * hf)));
+                const __m256 dv = K6_HEAD[FMT] ? k6_scales(gb, b, h, hf) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 * h + 16 * hf)));
                 if (BIAS[FMT]) tmp[hf] = _mm256_sub_epi32(tmp[hf], _mm256_set1_epi32(BIAS[FMT] * x.hs[2 * xi + h]));
                 acc[hf] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tmp[hf]), _mm256_mul_ps(dv, _mm256_set1_ps(x.dx[xi])), acc[hf]);
                 if (FMT == X2) {
@@ -241,12 +250,12 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
             for (int t = 0; t < T; t++) xp[t] = (const int32_t*)(x.q.data() + (t0 + t) * x.K + b * QK);
             __m256i tmp[T];
             for (int t = 0; t < T; t++) tmp[t] = _mm256_setzero_si256();
-            if constexpr (HALVES[FMT]) {  // X6/X3/X2: each 16-column half scaled apart
+            if constexpr (HALVES[FMT]) {  // X6K/X3K/X2: each 16-column half scaled apart
                 for (int h = 0; h < 2; h++) {
-                    if constexpr (FMT == X6K) {
-                        __m256i w6[3];
-                        for (int i = 0; i < 3; i++) w6[i] = _mm256_loadu_si256((const __m256i*)(pl + 64 * (3 * h + i) + 32 * hf));
-                        x6_half<T>(w6, tmp, xp, h, std::make_integer_sequence<int, 8>{});
+                    if constexpr (K6_HEAD[FMT]) {
+                        __m256i wk[3];
+                        for (int i = 0; i < 3; i++) wk[i] = _mm256_loadu_si256((const __m256i*)(kwords<FMT>(pl, h) + 64 * i + 32 * hf));
+                        k_off<FMT>(h, [&](auto off) { k_half<KBITS<FMT>, decltype(off)::value, T>(wk, tmp, xp, h, std::make_integer_sequence<int, 8>{}); });
                     } else {
                         for (int c = 2 * h; c < 2 * h + 2; c++) {
                             const __m256i v = _mm256_loadu_si256((const __m256i*)(pl + 64 * c + 32 * hf));
@@ -257,12 +266,7 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
                             }
                         }
                     }
-                    __m256 dv;
-                    if constexpr (FMT == X6K)  // d * the sub-block's int8 scales (exact)
-                        dv = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 16 * hf))),
-                                           _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(gb + 32 + 16 * (2 * (b % 8) + h) + 8 * hf)))));
-                    else
-                        dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 * h + 16 * hf)));
+                    const __m256 dv = K6_HEAD[FMT] ? k6_scales(gb, b, h, hf) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 * h + 16 * hf)));
                     for (int t = 0; t < T; t++) {
                         const int64_t xi = (t0 + t) * x.nb + b;
                         if (BIAS[FMT]) tmp[t] = _mm256_sub_epi32(tmp[t], _mm256_set1_epi32(BIAS[FMT] * x.hs[2 * xi + h]));
@@ -327,9 +331,9 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
 constexpr int UNPACKED_TILE = TILE_ROWS;  // rows per pass (6 and 7 measured slower on Zen 3)
 constexpr int UBLOCK = 16 * 16 + 4 * 32;  // bytes per block: 16 column pairs' 16 int8 weights, then dv[2] and mv[2]
 
-template <int... F>
-inline void x6_store(const __m256i* w6, __m256i* out, std::integer_sequence<int, F...>) {
-    ((out[F] = x6_field<F>(w6)), ...);
+template <int W, int OFF, int... F>
+inline void k_store(const __m256i* w, __m256i* out, std::integer_sequence<int, F...>) {
+    ((out[F] = kfield<W, OFF + F>(w)), ...);
 }
 
 template <int FMT>
@@ -345,19 +349,18 @@ void unpack_half(const PW& w, int64_t g, int hf, uint8_t* buf) {
         float* fb = (float*)(wb + 256);
         if constexpr (HALVES[FMT]) {
             for (int h = 0; h < 2; h++) {
-                if constexpr (FMT == X6K) {
-                    __m256i w6[3];
-                    for (int i = 0; i < 3; i++) w6[i] = _mm256_loadu_si256((const __m256i*)(pl + 64 * (3 * h + i) + 32 * hf));
-                    x6_store(w6, wi + 8 * h, std::make_integer_sequence<int, 8>{});
+                if constexpr (K6_HEAD[FMT]) {
+                    __m256i wk[3];
+                    for (int i = 0; i < 3; i++) wk[i] = _mm256_loadu_si256((const __m256i*)(kwords<FMT>(pl, h) + 64 * i + 32 * hf));
+                    k_off<FMT>(h, [&](auto off) { k_store<KBITS<FMT>, decltype(off)::value>(wk, wi + 8 * h, std::make_integer_sequence<int, 8>{}); });
                 } else {
                     for (int c = 2 * h; c < 2 * h + 2; c++) {
                         const __m256i v = _mm256_loadu_si256((const __m256i*)(pl + 64 * c + 32 * hf));
                         for (int i = 0; i < 4; i++) wi[4 * c + i] = _mm256_and_si256(_mm256_srli_epi16(v, 4 * i), low);
                     }
                 }
-                if constexpr (FMT == X6K)
-                    _mm256_storeu_ps(fb + 8 * h, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 16 * hf))),
-                                                               _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(gb + 32 + 16 * (2 * (b % 8) + h) + 8 * hf))))));
+                if constexpr (K6_HEAD[FMT])
+                    _mm256_storeu_ps(fb + 8 * h, k6_scales(gb, b, h, hf));
                 else
                     _mm256_storeu_ps(fb + 8 * h, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 * h + 16 * hf))));
                 if constexpr (FMT == X2) _mm256_storeu_ps(fb + 16 + 8 * h, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 64 + 32 * h + 16 * hf))));

@@ -88,19 +88,20 @@ inline __m512i fifth_bits(__m512i plane, int p) {
     return _mm512_and_si512(moved, _mm512_set1_epi16(0x10));
 }
 
-// X6: field F (0..7) of the three 6-bit words w[0..2] (common.h, x6_place), as int16 values 0..63: one or two
-// ops (a field that straddles two words: one funnel shift) and an AND.
-template <int F>
-inline __m512i x6_field(const __m512i* w) {
-    constexpr int bit = 6 * F, lo = bit / 16, sh = bit % 16;
-    const __m512i m = _mm512_set1_epi16(63);
-    if constexpr (sh + 6 > 16) {
+// X6K, X3K: field F of W bits in the three words w[0..2] read as one 48-bit number (common.h: x6_place, F = 0..7 of
+// a half's words; x3_place, F = 0..15 of a block's), as int16 values 0 .. 2^W - 1: one or two ops (a field that
+// straddles two words: one funnel shift) and an AND.
+template <int W, int F>
+inline __m512i kfield(const __m512i* w) {
+    constexpr int bit = W * F, lo = bit / 16, sh = bit % 16;
+    const __m512i m = _mm512_set1_epi16((1 << W) - 1);
+    if constexpr (sh + W > 16) {
 #ifdef __AVX512VBMI2__
         return _mm512_and_si512(_mm512_shldi_epi16(w[lo + 1], w[lo], 16 - sh), m);
 #else  // (high word << (16 - sh) | low word >> sh) & 63 as one ternary op
         return _mm512_ternarylogic_epi32(_mm512_slli_epi16(w[lo + 1], 16 - sh), _mm512_srli_epi16(w[lo], sh), m, 0xA8);
 #endif
-    } else if constexpr (sh + 6 == 16) {
+    } else if constexpr (sh + W == 16) {
         return _mm512_srli_epi16(w[lo], sh);
     } else if constexpr (sh == 0) {
         return _mm512_and_si512(w[lo], m);
@@ -109,15 +110,16 @@ inline __m512i x6_field(const __m512i* w) {
     }
 }
 
-// tmp[t][f % NC] += the 8 fields of w (columns pairs 8h .. 8h+7) times their activation pairs xp[t][8h + f].
-template <int T, int NC, int... F>
-inline void x6_half(const __m512i* w, __m512i (&tmp)[T][NC], const int32_t* const* xp, int h,
-                    std::integer_sequence<int, F...>) {
+
+// tmp[t][f % NC] += the 8 fields OFF + f of w (columns pairs 8h .. 8h+7) times their activation pairs xp[t][8h + f].
+template <int W, int OFF, int T, int NC, int... F>
+inline void k_half(const __m512i* w, __m512i (&tmp)[T][NC], const int32_t* const* xp, int h,
+                   std::integer_sequence<int, F...>) {
     auto one = [&](auto f, __m512i wi) {
         for (int t = 0; t < T; t++)
             tmp[t][f % NC] = _mm512_dpwssd_epi32(tmp[t][f % NC], wi, _mm512_set1_epi32(xp[t][8 * h + f]));
     };
-    (one(F, x6_field<F>(w)), ...);
+    (one(F, kfield<W, OFF + F>(w)), ...);
 }
 
 // X4K: the 8 blocks' scale rows d * sc and offset rows -dmin * mn (16 rows each) from a super-block head
@@ -147,7 +149,7 @@ inline void x4k_scales(const uint8_t* head, __m512* sc, __m512* mn) {
 // Each int16 pair vector holds rows j = 0..15 at columns (2p, 2p+1): scaled in 32-bit lanes, then each row's
 // pair goes to its place with a 64-bit scatter.
 void packed_dequant_group(const PW& w, int64_t g, float* out) {
-    if (HALVES[w.fmt]) {  // X6/X3/X2 (K-quants with 16-value sub-blocks): the scalar loop
+    if (HALVES[w.fmt]) {  // X6K/X3K/X2 (K-quants with 16-value sub-blocks): the scalar loop
         packed_dequant_rows(w, g * GR, std::min<int64_t>(w.rows, g * GR + GR), out);
         return;
     }
@@ -217,14 +219,16 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = scales_at(gp, FMT, nb, b), *pl = payload_at(gp, FMT, nb, b);
         if (K4_HEAD[FMT] && b % 8 == 0) x4k_scales(gb, ksc, kmn);
-        __m512 d6 = _mm512_setzero_ps();  // X6K: the super-block's d
-        if constexpr (FMT == X6K) d6 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)gb));
+        __m512 d6 = _mm512_setzero_ps();  // X6K, X3K: the super-block's d
+        if constexpr (K6_HEAD[FMT]) d6 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)gb));
         // X4K: the hardware prefetcher alone left one row product out of cache at 2.3x X4S's time for the same
         // bytes (bench/matvec_bench.py); four blocks ahead it is within 10%.
         if (FMT == X4K)
             for (int c = 0; c < 4; c++) _mm_prefetch((const char*)(pl + 1024 + 64 * c), _MM_HINT_T0);
         if (FMT == X5K)  // (its payloads and planes: 320 bytes a block)
             for (int c = 0; c < 5; c++) _mm_prefetch((const char*)(pl + 1280 + 64 * c), _MM_HINT_T0);
+        if (FMT == X3K)  // (192 bytes a block)
+            for (int c = 0; c < 3; c++) _mm_prefetch((const char*)(pl + 768 + 64 * c), _MM_HINT_T0);
         const int32_t* xp[T];
         for (int t = 0; t < T; t++) xp[t] = (const int32_t*)(x.q.data() + (t0 + t) * x.K + b * QK);
         // NC independent sums per row: a vpdpwssd waits ~5 cycles for its accumulator, so with few rows one
@@ -233,12 +237,12 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
         __m512i tmp[T][NC];
         for (int t = 0; t < T; t++)
             for (int c = 0; c < NC; c++) tmp[t][c] = _mm512_setzero_si512();
-        if (HALVES[FMT]) {  // X6/X3/X2: each 16-column half summed, then scaled, apart
+        if (HALVES[FMT]) {  // X6K/X3K/X2: each 16-column half summed, then scaled, apart
             for (int h = 0; h < 2; h++) {
-                if constexpr (FMT == X6K) {  // the half's three 6-bit words
-                    __m512i w6[3];
-                    for (int i = 0; i < 3; i++) w6[i] = _mm512_loadu_si512((const void*)(pl + 64 * (3 * h + i)));
-                    x6_half<T, NC>(w6, tmp, xp, h, std::make_integer_sequence<int, 8>{});
+                if constexpr (K6_HEAD[FMT]) {  // the half's three words of 6-bit fields (X3K: the block's, 3-bit)
+                    __m512i wk[3];
+                    for (int i = 0; i < 3; i++) wk[i] = _mm512_loadu_si512((const void*)(kwords<FMT>(pl, h) + 64 * i));
+                    k_off<FMT>(h, [&](auto off) { k_half<KBITS<FMT>, decltype(off)::value, T, NC>(wk, tmp, xp, h, std::make_integer_sequence<int, 8>{}); });
                 } else {
                     for (int c = 2 * h; c < 2 * h + 2; c++) {  // chunks 2h, 2h+1 of the 4-bit layout
                         const __m512i v = _mm512_loadu_si512((const void*)(pl + 64 * c));
@@ -250,7 +254,7 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
                     }
                 }
                 __m512 dv;
-                if constexpr (FMT == X6K)  // d * the sub-block's int8 scales (exact; made here, not once per
+                if constexpr (K6_HEAD[FMT])  // d * the sub-block's int8 scales (exact; made here, not once per
                     // super-block as X4K's: one multiply a half block is cheaper than keeping 16 rows)
                     dv = _mm512_mul_ps(d6, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(gb + 32 + 16 * (2 * (b % 8) + h))))));
                 else

@@ -34,7 +34,7 @@ void dequant_rows(const QW& w, int64_t r0, int64_t r1, float* out) {
 // GGUF K-quant types as pack() numbers them (after the 32-value block types of common.h's QType).
 enum KType { K_Q4 = 4, K_Q5 = 5, K_Q6 = 6, K_Q3 = 7, K_Q2 = 8 };
 constexpr int64_t SB_BYTES[] = {0, 0, 0, 0, 144, 176, 210, 110, 84};  // bytes of a 256-value super-block
-constexpr int KFMT[] = {0, 0, 0, 0, X4K, X5K, X6K, X3, X2};
+constexpr int KFMT[] = {0, 0, 0, 0, X4K, X5K, X6K, X3K, X2};
 
 #ifdef __F16C__
 inline uint16_t f16_bits(float v) { return (uint16_t)_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); }
@@ -124,7 +124,7 @@ void k_blocks(const uint8_t* sb, int type, KBlock* out) {
 }
 
 // Row j's block into group block gb (format fmt): the scale rows, the nibbles, the bit planes.
-// (X4K, X5K, X6K: gb is the block's payload; its scales are in the super-block's head, written by pack_k.)
+// (X4K, X5K, X6K, X3K: gb is the block's payload; its scales are in the super-block's head, written by pack_k.)
 inline void put_block(uint8_t* gb, int fmt, int j, const KBlock& kb) {
     const int nscales = SUPER_BYTES[fmt] ? 0 : fmt == X2 ? 4 : 2;
     for (int i = 0; i < nscales; i++) std::memcpy(gb + 32 * i + 2 * j, &kb.s[i], 2);
@@ -140,6 +140,17 @@ inline void put_block(uint8_t* gb, int fmt, int j, const KBlock& kb) {
                     std::memcpy(payload + 64 * (3 * h + i) + 2 * (2 * j + e), &word, 2);
                 }
             }
+        return;
+    }
+    if (fmt == X3K) {  // parity e: the 16 fields of columns 2p+e as one 48-bit number (see x3_place)
+        for (int e = 0; e < 2; e++) {
+            uint64_t bits = 0;
+            for (int p = 0; p < 16; p++) bits |= (uint64_t)u[2 * p + e] << (3 * p);
+            for (int i = 0; i < 3; i++) {
+                const uint16_t word = (uint16_t)(bits >> (16 * i));
+                std::memcpy(payload + 64 * i + 2 * (2 * j + e), &word, 2);
+            }
+        }
         return;
     }
 #if defined(__AVX2__) && defined(__BMI2__)
@@ -176,7 +187,19 @@ inline void put_block(uint8_t* gb, int fmt, int j, const KBlock& kb) {
 #endif
 }
 
-// K-quant super-blocks (rows, K / 256 * SB_BYTES) -> packed (X4K for Q4_K, X5K Q5_K, X6K Q6_K, X3 Q3_K, X2 Q2_K), in
+// Q3_K's 16 6-bit scales (0..63) from its 12 scale bytes q (ggml's dequantize_row_q3_K), and back (its quantizer).
+inline void k3_scales(const uint8_t* q, int* sc) {
+    for (int i = 0; i < 16; i++) sc[i] = ((q[i % 8] >> (4 * (i / 8))) & 0x0F) | (((q[8 + i % 4] >> (2 * (i / 4))) & 3) << 4);
+}
+inline void k3_scale_bytes(const int* sc, uint8_t* q) {
+    std::memset(q, 0, 12);
+    for (int i = 0; i < 16; i++) {
+        q[i % 8] |= (uint8_t)((sc[i] & 0x0F) << (4 * (i / 8)));
+        q[8 + i % 4] |= (uint8_t)((sc[i] >> 4) << (2 * (i / 4)));
+    }
+}
+
+// K-quant super-blocks (rows, K / 256 * SB_BYTES) -> packed (X4K for Q4_K, X5K Q5_K, X6K Q6_K, X3K Q3_K, X2 Q2_K), in
 // one pass, groups of rows in parallel.
 at::Tensor pack_k(const at::Tensor& data, int64_t type) {
     TORCH_CHECK(data.dim() == 2 && data.stride(1) == 1 && data.scalar_type() == at::kByte, "weight blocks must be uint8 rows");
@@ -205,12 +228,20 @@ at::Tensor pack_k(const at::Tensor& data, int64_t type) {
                         for (int i = 0; i < 8; i++) put_block(head + 256 + (fmt == X5K ? 320 : 256) * i, fmt, j, kb[i]);
                         continue;
                     }
-                    if (fmt == X6K) {  // the head's row j: d and the 16 int8 scales as they are; then the payloads
-                        uint8_t* head = o + g * nb * GB + s * X6K_SB;
-                        std::memcpy(head + 2 * j, sb + 208, 2);
-                        for (int k = 0; k < 16; k++) head[32 + 16 * k + j] = sb[192 + k];
+                    if (K6_HEAD[fmt]) {  // the head's row j: d and the 16 int8 scales (Q6_K: as they are; Q3_K:
+                        // its 6-bit sc - 32); then the payloads
+                        uint8_t* head = o + g * nb * GB + s * SUPER_BYTES[fmt];
+                        if (fmt == X6K) {
+                            std::memcpy(head + 2 * j, sb + 208, 2);
+                            for (int k = 0; k < 16; k++) head[32 + 16 * k + j] = sb[192 + k];
+                        } else {
+                            std::memcpy(head + 2 * j, sb + 108, 2);
+                            int sc[16];
+                            k3_scales(sb + 96, sc);
+                            for (int k = 0; k < 16; k++) head[32 + 16 * k + j] = (uint8_t)(int8_t)(sc[k] - 32);
+                        }
                         if (j == 0) std::memset(head + 32 + 256, 0, X6K_HEAD - 32 - 256);  // the padding
-                        for (int i = 0; i < 8; i++) put_block(head + X6K_HEAD + 384 * i, fmt, j, kb[i]);
+                        for (int i = 0; i < 8; i++) put_block(head + X6K_HEAD + (fmt == X6K ? 384 : 192) * i, fmt, j, kb[i]);
                         continue;
                     }
                     for (int i = 0; i < 8; i++) put_block(o + (g * nb + 8 * s + i) * GB, fmt, j, kb[i]);
@@ -297,10 +328,37 @@ at::Tensor unpack_k4(const PW& w) {
     return out;
 }
 
-// The inverse of pack: GGUF blocks of `type` (Q4_K, Q5_K: their super-blocks) again, bit for bit.
+// X3K -> the Q3_K super-blocks it was packed from, bit for bit.
+at::Tensor unpack_k3(const PW& w) {
+    const int64_t nsb = w.nb / 8, SB = SB_BYTES[K_Q3];
+    auto out = at::zeros({w.rows, nsb * SB}, at::kByte);
+    uint8_t* o = out.data_ptr<uint8_t>();
+    for (int64_t r = 0; r < w.rows; r++)
+        for (int64_t s = 0; s < nsb; s++) {
+            uint8_t* sb = o + (r * nsb + s) * SB;
+            const uint8_t* head = w.data + (r / GR) * w.nb * GBLOCK_BYTES[X3K] + s * X3K_SB;
+            const int j = (int)(r % GR);
+            int sc[16];
+            for (int k = 0; k < 16; k++) sc[k] = (int8_t)head[32 + 16 * k + j] + 32;
+            k3_scale_bytes(sc, sb + 96);
+            std::memcpy(sb + 108, head + 2 * j, 2);
+            for (int i = 0; i < 8; i++)  // sub-block i = 4n + m: 2-bit field m of byte 32n + l, high bit i of hmask byte l
+                for (int l = 0; l < QK; l++) {
+                    int q; float d, mm;
+                    packed_entry(w, r, 8 * s + i, l, q, d, mm);
+                    q += BIAS[X3K];
+                    sb[32 + 32 * (i / 4) + l] |= (uint8_t)((q & 3) << (2 * (i % 4)));
+                    sb[l] |= (uint8_t)((q >> 2) << i);
+                }
+        }
+    return out;
+}
+
+// The inverse of pack: GGUF blocks of `type` (Q4_K, Q5_K, Q3_K: their super-blocks) again, bit for bit.
 at::Tensor unpack(at::Tensor data, int64_t fmt, int64_t rows, int64_t type) {
     PW w = as_pw(data, fmt, rows);
     if ((type == K_Q4 && fmt == X4K) || (type == K_Q5 && fmt == X5K)) return unpack_k4(w);
+    if (type == K_Q3 && fmt == X3K) return unpack_k3(w);
     TORCH_CHECK(type >= 0 && type <= 3 && fmt == PACKED[type],
                 "unpack: packed format ", fmt, " has no GGUF block type ", type);
     auto out = at::zeros({rows, w.nb * BLOCK_BYTES[type]}, at::kByte);

@@ -14,9 +14,10 @@ from tinkerlm import kernels
 from tinkerlm.errors import TinkerError
 from tinkerlm.quant.qtensor import K_TYPES, TYPE_CODES, Packed, QTensor
 
-# Q4_K and Q5_K pack in their own bits (X4K, X5K) and unpack to their super-blocks; without the kernels they become
-# Q4_1 and Q5_1 blocks (QTensor.as_blocks: each sub-block d * sc * u - dmin * mn, the scale and offset rounded to fp16).
-UNPACKS_TO_ITSELF = {"Q4_K", "Q5_K"}  # K-quants whose packed form gives their super-blocks back
+# Q4_K, Q5_K and Q3_K pack in their own bits (X4K, X5K, X3K) and unpack to their super-blocks; without the kernels
+# Q4_K and Q5_K become Q4_1 and Q5_1 blocks (QTensor.as_blocks: each sub-block d * sc * u - dmin * mn, the scale and
+# offset rounded to fp16).
+UNPACKS_TO_ITSELF = {"Q4_K", "Q5_K", "Q3_K"}  # K-quants whose packed form gives their super-blocks back
 
 
 def pack(w: QTensor | Packed) -> QTensor | Packed:
@@ -32,10 +33,10 @@ def pack(w: QTensor | Packed) -> QTensor | Packed:
 
 
 def unpack(w: QTensor | Packed) -> QTensor:
-    """GGUF blocks again (bit for bit) from either form (Q4_K, Q5_K: their super-blocks).
+    """GGUF blocks again (bit for bit) from either form (Q4_K, Q5_K, Q3_K: their super-blocks).
 
     Raises:
-        TinkerError: a packed Q6_K, Q3_K or Q2_K (its super-blocks' scales cannot be recovered; use `dequantize`).
+        TinkerError: a packed Q6_K or Q2_K (its super-blocks cannot be recovered bit for bit; use `dequantize`).
     """
     if isinstance(w, QTensor):
         return w

@@ -260,7 +260,7 @@ def test_real_file_dequantizes_like_gguf(smollm2_gguf):
         assert torch.equal(sd[hf], torch.from_numpy(np.array(expected, dtype=np.float32))), hf
 
 
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q3_K"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K"])
 def test_kernel_dequantization_is_ggufs_bit_for_bit(type_name):
     """GGUF tensors of these types are dequantized by the C++ kernels (5x faster than gguf's numpy on a real file),
     which must give gguf's own fp32 bits: exports check the tensors they keep exact against the source with
@@ -276,7 +276,8 @@ def test_kernel_dequantization_is_ggufs_bit_for_bit(type_name):
         pytest.skip("no kernels: gguf's dequantizer runs")
     per, nbytes, scales = {"Q8_0": (32, 34, [0]), "Q4_0": (32, 18, [0]), "Q4_1": (32, 20, [0, 2]),
                            "Q4_K": (256, 144, [0, 2]), "Q5_K": (256, 176, [0, 2]),
-                           "Q6_K": (256, 210, [208]), "Q3_K": (256, 110, [108])}[type_name]  # fmt: skip
+                           "Q6_K": (256, 210, [208]), "Q3_K": (256, 110, [108]),
+                           "Q2_K": (256, 84, [80, 82])}[type_name]  # fmt: skip
     rng = np.random.default_rng(5)
     for rows, K in [(48, 512), (37, 768), (1, 256)]:
         raw = rng.integers(0, 256, (rows, K // per, nbytes), dtype=np.uint8)
@@ -291,7 +292,7 @@ def test_kernel_dequantization_is_ggufs_bit_for_bit(type_name):
         assert np.array_equal(got.numpy().view(np.uint32), want.view(np.uint32)), (type_name, rows, K)
         if type_name in ("Q4_0", "Q6_K", "Q3_K"):
             assert (np.signbit(want) & (want == 0)).any()  # negative zeros were there to get right
-    assert ours._kernel_dequantize(np.zeros((16, 84), np.uint8), "Q2_K", (16, 256)) is None  # (X2 rounds its scales)
+    assert ours._kernel_dequantize(np.zeros((16, 136), np.uint8), "IQ4_NL", (16, 256)) is None  # no kernels' type
 
 
 # --- bad input: one TinkerError naming the file ---

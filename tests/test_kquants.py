@@ -1,6 +1,6 @@
 """K-quants kept in their own bits: Q4_K, Q5_K, Q6_K, Q3_K and Q2_K super-blocks packed straight into the kernels'
-layout (X4K, X5K, X6K, X3K, X2: kernels/common.h), their integers exact and (but for X4K, X5K, X6K and X3K, which
-keep the file's d, dmin and sub-block scales and so dequantize exactly as gguf) their sub-block scales rounded to fp16.
+layout (X4K, X5K, X6K, X3K, X2K: kernels/common.h) with the file's integers, d, dmin and sub-block scales, so that
+they dequantize exactly as gguf does and unpack to the file's super-blocks.
 
 Bounds used below. Packing changes a weight only through its sub-block's scale d * sc and offset -dmin * mn, each
 rounded to fp16 (relative error <= 2^-11), so |w_ours - w_ref| <= 2^-11 * (|w_ref - offset| + |offset|) + fp32
@@ -25,7 +25,7 @@ from tinkerlm.quant.qtensor import PACKED_FORMATS, _k_scales, from_gguf, k_dequa
 pytestmark = pytest.mark.skipif(kernels.ops() is None, reason="needs the C++ kernels")
 
 TYPES = ["Q6_K", "Q3_K", "Q2_K", "Q4_K", "Q5_K"]
-BITS = {"Q6_K": 6.625, "Q3_K": 3.625, "Q2_K": 6.0, "Q4_K": 4.5, "Q5_K": 5.5}  # packed bits a weight (scales included)
+BITS = {"Q6_K": 6.625, "Q3_K": 3.625, "Q2_K": 2.625, "Q4_K": 4.5, "Q5_K": 5.5}  # packed bits a weight (scales included)
 EPS = 2.0**-11
 
 
@@ -74,10 +74,8 @@ def test_packed_k_quants_dequantize_as_gguf_within_the_fp16_scale_rounding(qtype
     assert torch.equal(qops.embed(ids, packed), ours[ids])
     torch.testing.assert_close(qt.dequantize(), ours, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(torch.from_numpy(k_dequantize(qt.data.numpy(), qtype, rows, 512)), ours)
-    if qtype in ("Q4_K", "Q5_K", "Q6_K", "Q3_K"):  # X4K, X5K, X6K, X3K: gguf's values exactly
-        assert torch.equal(ours, ref)
-    if qtype in ("Q4_K", "Q5_K", "Q3_K"):  # and the file's super-blocks back bit for bit
-        assert torch.equal(qops.unpack(packed).data, qt.data)
+    assert torch.equal(ours, ref)  # the file's scales: gguf's values exactly
+    assert torch.equal(qops.unpack(packed).data, qt.data)  # and the file's super-blocks back bit for bit
 
 
 def extreme_q4_k(rows: int, K: int, seed: int) -> np.ndarray:
@@ -131,6 +129,19 @@ def extreme_q3_k(rows: int, K: int, seed: int) -> np.ndarray:
     return raw.reshape(rows, -1)
 
 
+def extreme_q2_k(rows: int, K: int, seed: int) -> np.ndarray:
+    """Random Q2_K super-blocks whose d and dmin run from fp16 subnormals to 2^15 (zero, and negative), with every
+    4-bit scale and min and every 2-bit integer random, all at its top (15, 3) or all 0."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows, K // 256, 84), dtype=np.uint8)
+    scales = np.array([0.0, 6e-8, 3e-5, 1e-3, 0.5, 7.0, 1000.0, 32768.0, -0.5, -32768.0], np.float16)
+    raw[..., 80:82] = rng.choice(scales, size=raw.shape[:2])[..., None].view(np.uint8)
+    raw[..., 82:84] = rng.choice(scales, size=raw.shape[:2])[..., None].view(np.uint8)
+    raw[:, 0, :80] = 0xFF
+    raw[:, -1, :80] = 0x00
+    return raw.reshape(rows, -1)
+
+
 @pytest.mark.parametrize(
     "qtype, extreme, per_256",
     [
@@ -138,13 +149,15 @@ def extreme_q3_k(rows: int, K: int, seed: int) -> np.ndarray:
         ("Q4_K", "extreme_q4_k", 144),
         ("Q5_K", "extreme_q5_k", 176),
         ("Q3_K", "extreme_q3_k", 116),
+        ("Q2_K", "extreme_q2_k", 84),
     ],
 )
 @pytest.mark.parametrize("rows", [16, 37])
 def test_own_bits_formats_on_extreme_blocks_match_gguf(qtype, extreme, per_256, rows):
     """X6K (Q6_K: every scale -128 or 127), X4K and X5K (Q4_K, Q5_K: extreme d, dmin, scales and mins), X3K (Q3_K:
-    extreme d of both signs, every scale 63 or 0, every integer 7 or 0): packed bytes, exact dequantization and
-    embedding rows, Q4_K's, Q5_K's and Q3_K's unpack to the file's blocks, products within fp32 rounding."""
+    extreme d of both signs, every scale 63 or 0, every integer 7 or 0), X2K (Q2_K: the same for d, dmin, its scales,
+    mins and integers): packed bytes, exact dequantization and embedding rows, unpacking to the file's blocks,
+    products within fp32 rounding."""
     K = 768
     raw = globals()[extreme](rows, K, seed=rows)
     qt = from_gguf(raw, qtype, (rows, K))
@@ -153,8 +166,7 @@ def test_own_bits_formats_on_extreme_blocks_match_gguf(qtype, extreme, per_256, 
     assert packed.fmt == PACKED_FORMATS[qtype] and packed.nbytes == -(-rows // 16) * 16 * K // 256 * per_256
     assert torch.equal(qops.dequantize(packed), ref)
     assert torch.equal(qops.embed(torch.tensor([rows - 1, 0]), packed), ref[[rows - 1, 0]])
-    if qtype in ("Q4_K", "Q5_K", "Q3_K"):
-        assert torch.equal(qops.unpack(packed).data, qt.data)
+    assert torch.equal(qops.unpack(packed).data, qt.data)
     g = torch.Generator().manual_seed(rows)
     for T in (1, 2, 12, 13):
         x = torch.randn(T, K, generator=g) * torch.logspace(-2, 3, K)
@@ -202,6 +214,7 @@ def test_portable_builds_compute_the_k_formats_as_the_vector_build(isa):
         "extreme Q6_K": from_gguf(extreme_q6_k(37, 512, seed=3), "Q6_K", (37, 512)),
         "extreme Q5_K": from_gguf(extreme_q5_k(37, 512, seed=3), "Q5_K", (37, 512)),
         "extreme Q3_K": from_gguf(extreme_q3_k(37, 512, seed=3), "Q3_K", (37, 512)),
+        "extreme Q2_K": from_gguf(extreme_q2_k(37, 512, seed=3), "Q2_K", (37, 512)),
     }
     for qtype in [*TYPES, *extreme]:
         qt, packed, _, _ = (
@@ -213,14 +226,6 @@ def test_portable_builds_compute_the_k_formats_as_the_vector_build(isa):
             want = fast.qmatmul(x[:n], packed.data, packed.fmt, 37)
             got = slow.qmatmul(x[:n], packed.data, packed.fmt, 37)
             assert (got - want).abs().max() <= 1e-5 * want.abs().max(), qtype
-
-
-def test_packed_q6_k_cannot_be_unpacked_to_blocks():
-    from tinkerlm.errors import TinkerError
-
-    _, packed, _, _ = loaded("Q6_K", 16, 256)
-    with pytest.raises(TinkerError, match="dequantize it instead"):
-        qops.unpack(packed)
 
 
 def test_other_types_still_requantize_to_8_bits():
@@ -348,6 +353,8 @@ def test_a_row_alone_is_the_same_product_as_in_a_tile(qtype):
         raw[:16, :, 16:] = 0xFF
     elif qtype == "Q3_K":  # every high and low bit: every integer 7 (u - 4 = 3)
         raw[:16, :, :96] = 0xFF
+    elif qtype == "Q2_K":  # every scale and min 15, every integer 3
+        raw[:16, :, :80] = 0xFF
     raw = raw.reshape(rows, per_row * nbytes)
     packed = qops.pack(from_gguf(raw, qtype, (rows, K)))
     g = torch.Generator().manual_seed(3)

@@ -361,14 +361,15 @@ class GGUFCheckpoint:
 
 
 # Block types the C++ kernels may dequantize instead of the gguf package, by their codes in the kernels (`dequantize`
-# for 32-value blocks; `pack` then `dequantize_packed` for the K-quants' super-blocks, packed formats X4K, X5K, X6K
-# and X3K), with their block values and bytes. gguf's numpy dequantizer costs about 2 s per pass over a 135M-parameter
-# Q4_1 file; an export reads a model four times (write, read back, exact tensors, comparison). The kernels compute
-# each value as gguf does: d * q + m (Q4_1, Q4_K, Q5_K; d an fp16, times a 6-bit sub-block scale for the K-quants,
-# and q of at most 5 bits, so d * q is exact in fp32 and a fused multiply-add rounds as gguf's multiply-then-add),
-# d * q (Q8_0), d * (q - 8) (Q4_0), (d * sc) * (q - 32) (Q6_K) and (d * (sc - 32)) * (q - 4) (Q3_K; d * sc exact),
-# with no offset added where there is none, so a zero keeps d's sign as in gguf. `_kernel_exact` checks gguf's bits
-# once per process all the same, and gguf's dequantizer runs if they differ.
+# for 32-value blocks; `pack` then `dequantize_packed` for the K-quants' super-blocks, packed formats X4K, X5K, X6K,
+# X3K and X2K), with their block values and bytes. gguf's numpy dequantizer costs about 2 s per pass over a
+# 135M-parameter Q4_1 file; an export reads a model four times (write, read back, exact tensors, comparison). The
+# kernels compute each value as gguf does: d * q + m (Q4_1, Q4_K, Q5_K, Q2_K; d an fp16, times a sub-block scale of
+# at most 6 bits for the K-quants, and q of at most 5 bits, so d * q is exact in fp32 and a fused multiply-add rounds
+# as gguf's multiply-then-add), d * q (Q8_0), d * (q - 8) (Q4_0), (d * sc) * (q - 32) (Q6_K) and
+# (d * (sc - 32)) * (q - 4) (Q3_K; d * sc exact), with no offset added where there is none, so a zero keeps d's sign
+# as in gguf. `_kernel_exact` checks gguf's bits once per process all the same, and gguf's dequantizer runs if they
+# differ.
 KERNEL_DEQUANT = {
     "Q8_0": (0, None, 32, 34),
     "Q4_0": (1, None, 32, 18),
@@ -377,6 +378,7 @@ KERNEL_DEQUANT = {
     "Q5_K": (5, 9, 256, 176),
     "Q6_K": (6, 8, 256, 210),
     "Q3_K": (7, 10, 256, 110),
+    "Q2_K": (8, 11, 256, 84),
 }
 _SCALES_AT = {
     "Q8_0": (0,),
@@ -386,7 +388,8 @@ _SCALES_AT = {
     "Q5_K": (0, 2),
     "Q6_K": (208,),
     "Q3_K": (108,),
-}  # fp16 d, m
+    "Q2_K": (80, 82),
+}  # where the fp16 scales d (and dmin or m) are
 
 
 def _kernel_dequantize(data: np.ndarray, type_name: str, shape, check: bool = True) -> torch.Tensor | None:

@@ -110,18 +110,15 @@ inline void block_floats(const uint8_t* blk, int type, float* out) {
 //          (x5_bit). Shifted right by c, the plane has chunk c's fifth bit of nibble i just above that nibble's
 //          top (bit 4(i+1)) for i < 3, so one AND of each and an OR make 16^i times the 5-bit value in place
 //          (AVX2 decode); the top nibble's is at bit 0. Elsewhere two shifts and an AND move any bit to bit 4.
-// The K-quants with 16-value sub-blocks (Q6_K, Q3_K, Q2_K) keep a scale per half block (columns 0-15 are chunks
-// 0-1 of the 4-bit layout, columns 16-31 chunks 2-3), so their two halves are summed apart and scaled apart:
+// The K-quants with 16-value sub-blocks (Q6_K, Q3_K, Q2_K) keep a scale per half block (columns 0-15, 16-31),
+// so their two halves are summed apart and scaled apart:
 //   X6 (Q6_K, no longer packed: X6K below keeps its payloads with the file's own scales): 16 fp16 scales of
 //          columns 0-15, 16 of columns 16-31 (d * sc), then per half h six 64-byte
 //          vectors 3h, 3h+1, 3h+2 of 6-bit fields: 16-bit word 2j+e of the three, read as one 48-bit number, holds
 //          row j's u (0..63) of column 2(8h+f)+e at bits 6f .. 6f+5 (x6_place). A field is one or two shifts
 //          (a funnel shift where it straddles two words) and an AND; integer = u - 32, the 32 taken off the
 //          half block's integer sum as 32 * the activations' (XQ::hs). 7 bits a weight.
-//   X3 (Q3_K): the two scale rows (d * (sc - 32)), then the 4-bit layout of u (0..7); integer = u - 4 (the 4
-//          taken off as X6's 32). 5 bits.
-//   X2 (Q2_K): the two scale rows (d * sc), two offset rows (-dmin * mn) for the halves, then the 4-bit layout
-//          of u (0..3); value = scale * u + offset, the offset times the half block's activation sum. 6 bits.
+//   (X3 and X2, no longer packed either, held Q3_K's and Q2_K's integers in the 4-bit layout with fp16 scale rows.)
 //   X4K (Q4_K): the file's own bits, 144 bytes per row and 256 columns as in the file. Per group and super-block
 //          (8 blocks, 2304 bytes, 36 whole 64-byte lines): a 256-byte head of 16 fp16 d, 16 fp16 dmin and three
 //          64-byte vectors whose 32-bit lane j is dword i of row j's 12 scale bytes (ggml's 6-bit sc and mn, as
@@ -143,33 +140,41 @@ inline void block_floats(const uint8_t* blk, int type, float* out) {
 //          bits | its high bit << 2 (0..7) of column 2p+e at bits 3p .. 3p+2 (x3_place; p = 0..15, half p / 8).
 //          A field is a shift and an AND (two of the 16 straddle two words: a funnel shift); integer = u - 4, the
 //          4 taken off the half block's integer activation sum as X6K's 32.
-// Every format's plane of fifth bits starts 256 bytes after its payload (plane_at). The scales of Q2_K (X2) are
-// products rounded to fp16 (relative error <= 2^-11 of the scale); the integers are kept exactly.
+//   X2K (Q2_K): the file's own bits, 84 bytes per row and 256 columns as in the file. Per group and super-block
+//          (1344 bytes, 21 whole 64-byte lines): X6K's head but for its bytes (16 fp16 d; then each sub-block's
+//          byte of the file, its 4-bit scale sc low, its 4-bit min mn high, row j at byte j; then 16 fp16 dmin in
+//          what is X6K's padding), then the 8 blocks' payloads of two 64-byte vectors: word 2j+e of the two, read
+//          as one 32-bit number, holds row j's u (0..3) of column 2p+e at bits 2p, 2p+1. Value = (d sc) u -
+//          (dmin mn): the offset times the half block's activation sum.
+// Every format's plane of fifth bits starts 256 bytes after its payload (plane_at). The K-quants keep the file's
+// integers and scales exactly.
 // Activations are rounded per 32-value block to int16 with their own scale (amax / 32767): relative error
 // 2^-16 of the block's largest value, finer than bfloat16 for the values that matter and safe for the outlier
 // channels (values near 10^4) that 8-bit activations lose. Products run on AVX512-VNNI's vpdpwssd, 32
 // multiply-adds an instruction at two instructions a cycle, so the 16 rows of a group come out in the 16 lanes of
 // one register with no horizontal sums; the fp32 scales are applied once per block:
 //   y[row] += d * dx * sum_k(u * xq)  +  m * sx       (sx = dx * sum_k(xq), the block's activation sum)
-// (X6, X3, X2: the same per half block, with the half blocks' activation sums for X2's offsets.)
+// (X6K, X3K, X2K: the same per half block, with the half blocks' activation sums for X2K's offsets.)
 constexpr int GR = 16;  // rows per group
-enum Fmt { X4 = 0, X8 = 1, X5 = 2, X6 = 3, X3 = 4, X2 = 5, X4S = 6, X4K = 7, X6K = 8, X5K = 9, X3K = 10 };
-constexpr int N_FMT = 11;
+enum Fmt { X4 = 0, X8 = 1, X5 = 2, X6 = 3, X3 = 4, X2 = 5, X4S = 6, X4K = 7, X6K = 8, X5K = 9, X3K = 10, X2K = 11 };
+constexpr int N_FMT = 12;
 constexpr int64_t X4K_SB = 256 + 8 * 256;  // an X4K group's super-block: the head, then 8 payloads
 constexpr int64_t X6K_HEAD = 320, X6K_SB = X6K_HEAD + 8 * 384;  // X6K's: the head, then 8 X6 payloads
 constexpr int64_t X5K_SB = 256 + 8 * 320;  // X5K's: X4K's head, then 8 payloads each with its plane
 constexpr int64_t X3K_SB = X6K_HEAD + 8 * 192;  // X3K's: X6K's head, then 8 payloads of 3-bit fields
-// Bytes of a group per 32 columns (X4K, X6K, X5K, X3K: on average; their blocks come in eights of *_SB bytes).
-constexpr int64_t GBLOCK_BYTES[] = {64 + 256, 32 + 512, 64 + 256 + 64, 64 + 256 + 128, 64 + 256, 128 + 256, 32 + 256, X4K_SB / 8, X6K_SB / 8, X5K_SB / 8, X3K_SB / 8};
+constexpr int64_t X2K_SB = X6K_HEAD + 8 * 128;  // X2K's: its head, then 8 payloads of 2-bit fields
+constexpr int64_t X2K_DMIN = 288;  // where X2K's head keeps dmin
+// Bytes of a group per 32 columns (X4K, X6K, X5K, X3K, X2K: on average; their blocks come in eights of *_SB bytes).
+constexpr int64_t GBLOCK_BYTES[] = {64 + 256, 32 + 512, 64 + 256 + 64, 64 + 256 + 128, 64 + 256, 128 + 256, 32 + 256, X4K_SB / 8, X6K_SB / 8, X5K_SB / 8, X3K_SB / 8, X2K_SB / 8};
 // Where the 4-bit payload starts in a group block (after the scale rows).
-constexpr int64_t PAYLOAD[] = {64, 32, 64, 64, 64, 128, 32, 0, 0, 0, 0};
-constexpr bool HALVES[] = {false, false, false, true, true, true, false, false, true, false, true};  // a scale per 16-column half block
-constexpr bool K4_HEAD[] = {false, false, false, false, false, false, false, true, false, true, false};  // X4K, X5K: Q4_K's scale head
-constexpr bool K6_HEAD[] = {false, false, false, false, false, false, false, false, true, false, true};  // X6K, X3K: d, int8 scales
-constexpr bool FIFTH[] = {false, false, true, false, false, false, false, false, false, true, false};  // X5, X5K: a plane of fifth bits
-constexpr bool HAS_OFFSET[] = {true, false, true, false, false, true, false, true, false, true, false};  // value d * q + m, not d * q
-// Super-block bytes of a group for the formats whose blocks come in eights (X4K, X6K, X5K, X3K), else 0.
-constexpr int64_t SUPER_BYTES[] = {0, 0, 0, 0, 0, 0, 0, X4K_SB, X6K_SB, X5K_SB, X3K_SB};
+constexpr int64_t PAYLOAD[] = {64, 32, 64, 64, 64, 128, 32, 0, 0, 0, 0, 0};
+constexpr bool HALVES[] = {false, false, false, true, true, true, false, false, true, false, true, true};  // a scale per 16-column half block
+constexpr bool K4_HEAD[] = {false, false, false, false, false, false, false, true, false, true, false, false};  // X4K, X5K: Q4_K's scale head
+constexpr bool K6_HEAD[] = {false, false, false, false, false, false, false, false, true, false, true, true};  // X6K, X3K, X2K: d, a byte a sub-block
+constexpr bool FIFTH[] = {false, false, true, false, false, false, false, false, false, true, false, false};  // X5, X5K: a plane of fifth bits
+constexpr bool HAS_OFFSET[] = {true, false, true, false, false, true, false, true, false, true, false, true};  // value d * q + m, not d * q
+// Super-block bytes of a group for the formats whose blocks come in eights (X4K, X6K, X5K, X3K, X2K), else 0.
+constexpr int64_t SUPER_BYTES[] = {0, 0, 0, 0, 0, 0, 0, X4K_SB, X6K_SB, X5K_SB, X3K_SB, X2K_SB};
 
 struct PW {  // a packed weight matrix
     const uint8_t* data;
@@ -179,7 +184,7 @@ struct PW {  // a packed weight matrix
 
 PW as_pw(const at::Tensor& data, int64_t fmt, int64_t rows) {
     TORCH_CHECK(data.dim() == 2 && data.is_contiguous() && data.scalar_type() == at::kByte, "packed weight must be contiguous uint8");
-    TORCH_CHECK(fmt >= 0 && fmt < N_FMT && fmt != X6 && fmt != X3, "unknown packed format ", fmt);  // (X6, X3: by X6K, X3K)
+    TORCH_CHECK(fmt >= 0 && fmt < N_FMT && fmt != X6 && fmt != X3 && fmt != X2, "unknown packed format ", fmt);  // (by X6K, X3K, X2K)
     PW w;
     w.data = data.data_ptr<uint8_t>();
     w.fmt = (int)fmt;
@@ -188,7 +193,7 @@ PW as_pw(const at::Tensor& data, int64_t fmt, int64_t rows) {
     w.nb = data.size(1) / GBLOCK_BYTES[fmt];
     w.K = w.nb * QK;
     TORCH_CHECK(w.groups == (rows + GR - 1) / GR && data.size(1) == w.nb * GBLOCK_BYTES[fmt], "packed weight has the wrong size");
-    TORCH_CHECK(!SUPER_BYTES[fmt] || w.nb % 8 == 0, "packed X4K/X5K/X6K/X3K weight is not whole super-blocks");
+    TORCH_CHECK(!SUPER_BYTES[fmt] || w.nb % 8 == 0, "packed K-quant weight is not whole super-blocks");
     return w;
 }
 
@@ -205,6 +210,7 @@ inline const uint8_t* payload_at(const uint8_t* gp, int fmt, int64_t nb, int64_t
     if (fmt == X5K) return gp + X5K_SB * (b / 8) + 256 + 320 * (b % 8);
     if (fmt == X6K) return gp + X6K_SB * (b / 8) + X6K_HEAD + 384 * (b % 8);
     if (fmt == X3K) return gp + X3K_SB * (b / 8) + X6K_HEAD + 192 * (b % 8);
+    if (fmt == X2K) return gp + X2K_SB * (b / 8) + X6K_HEAD + 128 * (b % 8);
     return fmt == X4S ? gp + 576 * (b / 2) + ((b | 1) < nb ? 64 : 32) + 256 * (b % 2) : gp + b * GBLOCK_BYTES[fmt] + PAYLOAD[fmt];
 }
 // X5, X5K: the block's plane of fifth bits, right after its 256-byte payload.
@@ -268,15 +274,22 @@ inline void x6_place(int j, int k, int& byte, int& bit) {
     byte = 64 * 3 * h + 2 * (2 * j + k % 2);
     bit = 6 * (p % 8);
 }
-// X3K: the same for the 3-bit fields (all 16 column pairs in one 48-bit number).
+// X3K, X2K: the same for the 3- and 2-bit fields (all 16 column pairs in one 48- or 32-bit number).
 inline void x3_place(int j, int k, int& byte, int& bit) {
     byte = 2 * (2 * j + k % 2);
     bit = 3 * (k / 2);
 }
-// X6K, X3K in the products: the field width, the three words of half h of a block's payload pl (X6K: the half's
-// own; X3K: the block's), and f(std::integral_constant<int, OFF>{}) with half h's first field OFF in them (X3K: 8h).
+inline void x2_place(int j, int k, int& byte, int& bit) {
+    byte = 2 * (2 * j + k % 2);
+    bit = 2 * (k / 2);
+}
+// X6K, X3K, X2K in the products: the field width, the words of half h of a block's payload pl (X6K: the half's
+// own; X3K, X2K: the block's), and f(std::integral_constant<int, OFF>{}) with half h's first field OFF in them
+// (X3K, X2K: 8h).
 template <int FMT>
-constexpr int KBITS = FMT == X6K ? 6 : 3;
+constexpr int KBITS = FMT == X6K ? 6 : FMT == X3K ? 3 : 2;
+template <int FMT>
+constexpr int KWORDS = FMT == X2K ? 2 : 3;
 template <int FMT>
 inline const uint8_t* kwords(const uint8_t* pl, int h) { return FMT == X6K ? pl + 192 * h : pl; }
 template <int FMT, typename G>
@@ -285,7 +298,7 @@ inline void k_off(int h, G&& f) {
     else if (h == 0) f(std::integral_constant<int, 0>{});
     else f(std::integral_constant<int, 8>{});
 }
-constexpr int BIAS[] = {0, 0, 0, 32, 4, 0, 8, 0, 32, 0, 4};  // what the stored integers exceed the values by (X6K, X3, X4S, X3K)
+constexpr int BIAS[] = {0, 0, 0, 32, 4, 0, 8, 0, 32, 0, 4, 0};  // what the stored integers exceed the values by (X6K, X3, X4S, X3K)
 static_assert(std::size(GBLOCK_BYTES) == N_FMT && std::size(PAYLOAD) == N_FMT && std::size(HALVES) == N_FMT &&
                   std::size(K4_HEAD) == N_FMT && std::size(FIFTH) == N_FMT && std::size(SUPER_BYTES) == N_FMT &&
                   std::size(BIAS) == N_FMT && std::size(HAS_OFFSET) == N_FMT && std::size(K6_HEAD) == N_FMT,
@@ -304,16 +317,17 @@ inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float
         return;
     }
     int byte, shift;
-    if (K6_HEAD[w.fmt]) {  // X6K, X3K: a field of the 48-bit number of three words
+    if (K6_HEAD[w.fmt]) {  // X6K, X3K, X2K: a field of the 48-bit (X2K: 32-bit) number of three (two) words
         if (w.fmt == X6K) x6_place(j, k, byte, shift);
-        else x3_place(j, k, byte, shift);
+        else if (w.fmt == X3K) x3_place(j, k, byte, shift);
+        else x2_place(j, k, byte, shift);
         uint64_t bits = 0;
-        for (int i = 0; i < 3; i++) {
+        for (int i = 0; i < (w.fmt == X2K ? 2 : 3); i++) {
             uint16_t word;
             std::memcpy(&word, pl + byte + 64 * i, 2);
             bits |= (uint64_t)word << (16 * i);
         }
-        q = (int)((bits >> shift) & (w.fmt == X6K ? 63 : 7));
+        q = (int)((bits >> shift) & (w.fmt == X6K ? 63 : w.fmt == X3K ? 7 : 3));
     } else {
         x4_place(j, k, byte, shift);
         q = (pl[byte] >> shift) & 0x0F;
@@ -323,16 +337,11 @@ inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float
         x5_place(j, k, hbyte, bit);
         q |= ((plane_at(pl)[hbyte] >> bit) & 1) << 4;
     }
-    if (K6_HEAD[w.fmt]) {  // sub-block 2 (b % 8) + k / 16's int8 scale times the super-block's d
-        d = load_half(gb + 2 * j) * (float)(int8_t)gb[32 + 16 * (2 * (b % 8) + k / 16) + j];
-        m = 0.f;
-        q -= BIAS[w.fmt];
-        return;
-    }
-    if (HALVES[w.fmt]) {
-        const int h = k / 16;
-        d = load_half(gb + 32 * h + 2 * j);
-        m = w.fmt == X2 ? load_half(gb + 64 + 32 * h + 2 * j) : 0.f;
+    if (K6_HEAD[w.fmt]) {  // sub-block 2 (b % 8) + k / 16's int8 scale times the super-block's d (X2K: its byte's
+        // 4-bit scale times d, its 4-bit min times -dmin)
+        const uint8_t sb = gb[32 + 16 * (2 * (b % 8) + k / 16) + j];
+        d = load_half(gb + 2 * j) * (w.fmt == X2K ? (float)(sb & 0x0F) : (float)(int8_t)sb);
+        m = w.fmt == X2K ? -load_half(gb + X2K_DMIN + 2 * j) * (float)(sb >> 4) : 0.f;
         q -= BIAS[w.fmt];
         return;
     }
@@ -357,7 +366,7 @@ void packed_dequant_rows(const PW& w, int64_t r0, int64_t r1, float* out) {
 
 struct XQ {  // activations as int16 blocks: T rows of K, with a scale and a sum per 32-value block
     std::vector<int16_t> q;
-    std::vector<float> dx, sx, sh;  // sh: dx * the sum of the block's first 16 values (X2's half-block offsets)
+    std::vector<float> dx, sx, sh;  // sh: dx * the sum of the block's first 16 values (X2K's half-block offsets)
     std::vector<int32_t> hs;  // the integer sums of each block's two 16-value halves (X6's and X3's biases)
     int64_t T = 0, K = 0, nb = 0;
 };
@@ -369,11 +378,11 @@ inline void with_fmt(int64_t fmt, F&& f) {
     switch (fmt) {
         case X4: f(std::integral_constant<int, X4>{}); break;
         case X5: f(std::integral_constant<int, X5>{}); break;
-        case X2: f(std::integral_constant<int, X2>{}); break;
         case X4S: f(std::integral_constant<int, X4S>{}); break;
         case X4K: f(std::integral_constant<int, X4K>{}); break;
         case X6K: f(std::integral_constant<int, X6K>{}); break;
         case X3K: f(std::integral_constant<int, X3K>{}); break;
+        case X2K: f(std::integral_constant<int, X2K>{}); break;
         case X5K: f(std::integral_constant<int, X5K>{}); break;
         default: f(std::integral_constant<int, X8>{}); break;
     }

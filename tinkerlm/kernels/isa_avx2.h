@@ -51,10 +51,19 @@ inline void k_half(const __m256i* w, __m256i (&tmp)[T], const int32_t* const* xp
     (one(F, kfield<W, OFF + F>(w)), ...);
 }
 
-// X6K, X3K: half h's fp32 scale rows of half group hf, d * the sub-block's int8 scales (exact).
-inline __m256 k6_scales(const uint8_t* head, int64_t b, int h, int hf) {
-    return _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(head + 16 * hf))),
-                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(head + 32 + 16 * (2 * (b % 8) + h) + 8 * hf)))));
+// X6K, X3K, X2K: half h's fp32 scale rows of half group hf from the head, d * the sub-block's int8 scales (X2K:
+// d * its 4-bit scales, and in mv its offset rows -dmin * its 4-bit mins); exact.
+template <int FMT>
+inline __m256 k6_scales(const uint8_t* head, int64_t b, int h, int hf, __m256* mv = nullptr) {
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(head + 16 * hf)));
+    const __m128i bytes = _mm_loadl_epi64((const __m128i*)(head + 32 + 16 * (2 * (b % 8) + h) + 8 * hf));
+    if constexpr (FMT == X2K) {
+        const __m256i u = _mm256_cvtepu8_epi32(bytes), m4 = _mm256_set1_epi32(15);
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(head + X2K_DMIN + 16 * hf)));
+        *mv = _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), dmin), _mm256_cvtepi32_ps(_mm256_srli_epi32(u, 4)));
+        return _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_and_si256(u, m4)));
+    }
+    return _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
 }
 
 // X4K: rows 8 hf .. 8 hf + 7 of the 8 blocks' scale rows d * sc and offset rows -dmin * mn from a super-block
@@ -79,10 +88,10 @@ inline void x4k_scales(const uint8_t* head, int hf, __m256* sc, __m256* mn) {
     }
 }
 
-// Decode's prefetch distance: four blocks ahead (X4K: 256-byte payloads, X5K: 320, X6K: 384, X3K: 192; the others
+// Decode's prefetch distance: four blocks ahead (X4K: 256-byte payloads, X5K: 320, X6K: 384, X3K: 192, X2K: 128; the others
 // whole blocks). It took a Q6_K output head out of cache from 8.7 to 7.0-7.6 ms (2 threads); further ahead measured
 // no better.
-constexpr int PF4 = 1024, PF5 = 1280, PF6 = 1536, PF3 = 768;
+constexpr int PF4 = 1024, PF5 = 1280, PF6 = 1536, PF3 = 768, PF2 = 512;
 
 // Decode (one activation row) of the formats with one scale per block: both half groups at once, so each block's
 // 64-byte lines are read once, each activation pair broadcast once for two products, and the two halves' sums are
@@ -170,12 +179,11 @@ inline void k_pair_half(const __m256i (&wk)[2][3], __m256i (&tmp)[2], const int3
     (one(F, kfield<W, OFF + F>(wk[0]), kfield<W, OFF + F>(wk[1])), ...);
 }
 
-// The same for the formats with a scale per 16-column half block (X6K, X3K, X2).
+// The same for the formats with a scale per 16-column half block (X6K, X3K, X2K).
 template <int FMT>
 void group_row_pair_halves(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y) {
     const int64_t nb = w.nb, GB = GBLOCK_BYTES[FMT];
     const uint8_t* gp = w.data + g * nb * GB;
-    const __m256i low = _mm256_set1_epi16(0x0F);
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = scales_at(gp, FMT, nb, b), *pl = payload_at(gp, FMT, nb, b);
@@ -185,31 +193,21 @@ void group_row_pair_halves(const PW& w, int64_t g, const XQ& x, int64_t t0, floa
             for (int c = 0; c < 6; c++) _mm_prefetch((const char*)(pl + PF6 + 64 * c), _MM_HINT_T0);
         if constexpr (FMT == X3K)
             for (int c = 0; c < 3; c++) _mm_prefetch((const char*)(pl + PF3 + 64 * c), _MM_HINT_T0);
+        if constexpr (FMT == X2K)
+            for (int c = 0; c < 2; c++) _mm_prefetch((const char*)(pl + PF2 + 64 * c), _MM_HINT_T0);
         for (int h = 0; h < 2; h++) {
             __m256i tmp[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-            if constexpr (K6_HEAD[FMT]) {
-                __m256i wk[2][3];
-                for (int hf = 0; hf < 2; hf++)
-                    for (int i = 0; i < 3; i++) wk[hf][i] = _mm256_loadu_si256((const __m256i*)(kwords<FMT>(pl, h) + 64 * i + 32 * hf));
-                k_off<FMT>(h, [&](auto off) { k_pair_half<KBITS<FMT>, decltype(off)::value>(wk, tmp, xp, h, std::make_integer_sequence<int, 8>{}); });
-            } else {
-                for (int c = 2 * h; c < 2 * h + 2; c++) {
-                    const __m256i v0 = _mm256_loadu_si256((const __m256i*)(pl + 64 * c)), v1 = _mm256_loadu_si256((const __m256i*)(pl + 64 * c + 32));
-                    for (int i = 0; i < 4; i++) {
-                        const __m256i xv = _mm256_set1_epi32(xp[4 * c + i]);
-                        tmp[0] = _mm256_add_epi32(tmp[0], _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4 * i), low), xv));
-                        tmp[1] = _mm256_add_epi32(tmp[1], _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4 * i), low), xv));
-                    }
-                }
-            }
+            __m256i wk[2][3];
+            for (int hf = 0; hf < 2; hf++)
+                for (int i = 0; i < KWORDS<FMT>; i++) wk[hf][i] = _mm256_loadu_si256((const __m256i*)(kwords<FMT>(pl, h) + 64 * i + 32 * hf));
+            k_off<FMT>(h, [&](auto off) { k_pair_half<KBITS<FMT>, decltype(off)::value>(wk, tmp, xp, h, std::make_integer_sequence<int, 8>{}); });
             for (int hf = 0; hf < 2; hf++) {
-                const __m256 dv = K6_HEAD[FMT] ? k6_scales(gb, b, h, hf) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 * h + 16 * hf)));
+                __m256 mv;
+                const __m256 dv = k6_scales<FMT>(gb, b, h, hf, &mv);
                 if (BIAS[FMT]) tmp[hf] = _mm256_sub_epi32(tmp[hf], _mm256_set1_epi32(BIAS[FMT] * x.hs[2 * xi + h]));
                 acc[hf] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tmp[hf]), _mm256_mul_ps(dv, _mm256_set1_ps(x.dx[xi])), acc[hf]);
-                if (FMT == X2) {
-                    const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 64 + 32 * h + 16 * hf)));
+                if constexpr (HAS_OFFSET[FMT])  // X2K: the offsets times the half's activation sum
                     acc[hf] = _mm256_fmadd_ps(mv, _mm256_set1_ps(h == 0 ? x.sh[xi] : x.sx[xi] - x.sh[xi]), acc[hf]);
-                }
             }
         }
     }
@@ -250,31 +248,20 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
             for (int t = 0; t < T; t++) xp[t] = (const int32_t*)(x.q.data() + (t0 + t) * x.K + b * QK);
             __m256i tmp[T];
             for (int t = 0; t < T; t++) tmp[t] = _mm256_setzero_si256();
-            if constexpr (HALVES[FMT]) {  // X6K/X3K/X2: each 16-column half scaled apart
+            if constexpr (HALVES[FMT]) {  // X6K/X3K/X2K: each 16-column half scaled apart
                 for (int h = 0; h < 2; h++) {
-                    if constexpr (K6_HEAD[FMT]) {
-                        __m256i wk[3];
-                        for (int i = 0; i < 3; i++) wk[i] = _mm256_loadu_si256((const __m256i*)(kwords<FMT>(pl, h) + 64 * i + 32 * hf));
-                        k_off<FMT>(h, [&](auto off) { k_half<KBITS<FMT>, decltype(off)::value, T>(wk, tmp, xp, h, std::make_integer_sequence<int, 8>{}); });
-                    } else {
-                        for (int c = 2 * h; c < 2 * h + 2; c++) {
-                            const __m256i v = _mm256_loadu_si256((const __m256i*)(pl + 64 * c + 32 * hf));
-                            for (int i = 0; i < 4; i++) {
-                                const __m256i wi = _mm256_and_si256(_mm256_srli_epi16(v, 4 * i), low);
-                                for (int t = 0; t < T; t++)
-                                    tmp[t] = _mm256_add_epi32(tmp[t], _mm256_madd_epi16(wi, _mm256_set1_epi32(xp[t][4 * c + i])));
-                            }
-                        }
-                    }
-                    const __m256 dv = K6_HEAD[FMT] ? k6_scales(gb, b, h, hf) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 * h + 16 * hf)));
+                    __m256i wk[3];
+                    for (int i = 0; i < KWORDS<FMT>; i++) wk[i] = _mm256_loadu_si256((const __m256i*)(kwords<FMT>(pl, h) + 64 * i + 32 * hf));
+                    k_off<FMT>(h, [&](auto off) { k_half<KBITS<FMT>, decltype(off)::value, T>(wk, tmp, xp, h, std::make_integer_sequence<int, 8>{}); });
+                    __m256 mv;
+                    const __m256 dv = k6_scales<FMT>(gb, b, h, hf, &mv);
                     for (int t = 0; t < T; t++) {
                         const int64_t xi = (t0 + t) * x.nb + b;
                         if (BIAS[FMT]) tmp[t] = _mm256_sub_epi32(tmp[t], _mm256_set1_epi32(BIAS[FMT] * x.hs[2 * xi + h]));
                         acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tmp[t]), _mm256_mul_ps(dv, _mm256_set1_ps(x.dx[xi])), acc[t]);
                         tmp[t] = _mm256_setzero_si256();
                     }
-                    if (FMT == X2) {
-                        const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 64 + 32 * h + 16 * hf)));
+                    if constexpr (HAS_OFFSET[FMT]) {
                         for (int t = 0; t < T; t++) {
                             const int64_t xi = (t0 + t) * x.nb + b;
                             acc[t] = _mm256_fmadd_ps(mv, _mm256_set1_ps(h == 0 ? x.sh[xi] : x.sx[xi] - x.sh[xi]), acc[t]);
@@ -349,21 +336,12 @@ void unpack_half(const PW& w, int64_t g, int hf, uint8_t* buf) {
         float* fb = (float*)(wb + 256);
         if constexpr (HALVES[FMT]) {
             for (int h = 0; h < 2; h++) {
-                if constexpr (K6_HEAD[FMT]) {
-                    __m256i wk[3];
-                    for (int i = 0; i < 3; i++) wk[i] = _mm256_loadu_si256((const __m256i*)(kwords<FMT>(pl, h) + 64 * i + 32 * hf));
-                    k_off<FMT>(h, [&](auto off) { k_store<KBITS<FMT>, decltype(off)::value>(wk, wi + 8 * h, std::make_integer_sequence<int, 8>{}); });
-                } else {
-                    for (int c = 2 * h; c < 2 * h + 2; c++) {
-                        const __m256i v = _mm256_loadu_si256((const __m256i*)(pl + 64 * c + 32 * hf));
-                        for (int i = 0; i < 4; i++) wi[4 * c + i] = _mm256_and_si256(_mm256_srli_epi16(v, 4 * i), low);
-                    }
-                }
-                if constexpr (K6_HEAD[FMT])
-                    _mm256_storeu_ps(fb + 8 * h, k6_scales(gb, b, h, hf));
-                else
-                    _mm256_storeu_ps(fb + 8 * h, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 32 * h + 16 * hf))));
-                if constexpr (FMT == X2) _mm256_storeu_ps(fb + 16 + 8 * h, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 64 + 32 * h + 16 * hf))));
+                __m256i wk[3];
+                for (int i = 0; i < KWORDS<FMT>; i++) wk[i] = _mm256_loadu_si256((const __m256i*)(kwords<FMT>(pl, h) + 64 * i + 32 * hf));
+                k_off<FMT>(h, [&](auto off) { k_store<KBITS<FMT>, decltype(off)::value>(wk, wi + 8 * h, std::make_integer_sequence<int, 8>{}); });
+                __m256 mv;
+                _mm256_storeu_ps(fb + 8 * h, k6_scales<FMT>(gb, b, h, hf, &mv));
+                if constexpr (HAS_OFFSET[FMT]) _mm256_storeu_ps(fb + 16 + 8 * h, mv);
             }
         } else {
             if constexpr (K4_HEAD[FMT])
@@ -416,7 +394,7 @@ void unpacked_rows(const uint8_t* buf, int64_t nb, const XQ& x, int64_t t0, floa
                     acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(tmp[t]), _mm256_mul_ps(dv, _mm256_set1_ps(x.dx[xi])), acc[t]);
                     tmp[t] = _mm256_setzero_si256();
                 }
-                if constexpr (FMT == X2) {
+                if constexpr (HAS_OFFSET[FMT]) {  // X2K
                     const __m256 mv = _mm256_loadu_ps(fb + 16 + 8 * h);
                     for (int t = 0; t < T; t++) {
                         const int64_t xi = (t0 + t) * x.nb + b;

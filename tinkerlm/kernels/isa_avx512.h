@@ -149,7 +149,7 @@ inline void x4k_scales(const uint8_t* head, __m512* sc, __m512* mn) {
 // Each int16 pair vector holds rows j = 0..15 at columns (2p, 2p+1): scaled in 32-bit lanes, then each row's
 // pair goes to its place with a 64-bit scatter.
 void packed_dequant_group(const PW& w, int64_t g, float* out) {
-    if (HALVES[w.fmt]) {  // X6K/X3K/X2 (K-quants with 16-value sub-blocks): the scalar loop
+    if (HALVES[w.fmt]) {  // X6K/X3K/X2K (K-quants with 16-value sub-blocks): the scalar loop
         packed_dequant_rows(w, g * GR, std::min<int64_t>(w.rows, g * GR + GR), out);
         return;
     }
@@ -219,16 +219,17 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *gb = scales_at(gp, FMT, nb, b), *pl = payload_at(gp, FMT, nb, b);
         if (K4_HEAD[FMT] && b % 8 == 0) x4k_scales(gb, ksc, kmn);
-        __m512 d6 = _mm512_setzero_ps();  // X6K, X3K: the super-block's d
+        __m512 d6 = _mm512_setzero_ps(), dmin6 = _mm512_setzero_ps();  // X6K, X3K, X2K: the super-block's d (-dmin)
         if constexpr (K6_HEAD[FMT]) d6 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)gb));
+        if constexpr (FMT == X2K) dmin6 = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + X2K_DMIN))));
         // X4K: the hardware prefetcher alone left one row product out of cache at 2.3x X4S's time for the same
         // bytes (bench/matvec_bench.py); four blocks ahead it is within 10%.
         if (FMT == X4K)
             for (int c = 0; c < 4; c++) _mm_prefetch((const char*)(pl + 1024 + 64 * c), _MM_HINT_T0);
         if (FMT == X5K)  // (its payloads and planes: 320 bytes a block)
             for (int c = 0; c < 5; c++) _mm_prefetch((const char*)(pl + 1280 + 64 * c), _MM_HINT_T0);
-        if (FMT == X3K)  // (192 bytes a block)
-            for (int c = 0; c < 3; c++) _mm_prefetch((const char*)(pl + 768 + 64 * c), _MM_HINT_T0);
+        if (FMT == X3K || FMT == X2K)  // (192 and 128 bytes a block)
+            for (int c = 0; c < KWORDS<FMT>; c++) _mm_prefetch((const char*)(pl + 4 * 64 * KWORDS<FMT> + 64 * c), _MM_HINT_T0);
         const int32_t* xp[T];
         for (int t = 0; t < T; t++) xp[t] = (const int32_t*)(x.q.data() + (t0 + t) * x.K + b * QK);
         // NC independent sums per row: a vpdpwssd waits ~5 cycles for its accumulator, so with few rows one
@@ -237,28 +238,23 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
         __m512i tmp[T][NC];
         for (int t = 0; t < T; t++)
             for (int c = 0; c < NC; c++) tmp[t][c] = _mm512_setzero_si512();
-        if (HALVES[FMT]) {  // X6K/X3K/X2: each 16-column half summed, then scaled, apart
+        if constexpr (HALVES[FMT]) {  // X6K/X3K/X2K: each 16-column half summed, then scaled, apart
             for (int h = 0; h < 2; h++) {
-                if constexpr (K6_HEAD[FMT]) {  // the half's three words of 6-bit fields (X3K: the block's, 3-bit)
-                    __m512i wk[3];
-                    for (int i = 0; i < 3; i++) wk[i] = _mm512_loadu_si512((const void*)(kwords<FMT>(pl, h) + 64 * i));
-                    k_off<FMT>(h, [&](auto off) { k_half<KBITS<FMT>, decltype(off)::value, T, NC>(wk, tmp, xp, h, std::make_integer_sequence<int, 8>{}); });
+                // the half's three words of 6-bit fields (X3K: the block's three, 3-bit; X2K: its two, 2-bit)
+                __m512i wk[3];
+                for (int i = 0; i < KWORDS<FMT>; i++) wk[i] = _mm512_loadu_si512((const void*)(kwords<FMT>(pl, h) + 64 * i));
+                k_off<FMT>(h, [&](auto off) { k_half<KBITS<FMT>, decltype(off)::value, T, NC>(wk, tmp, xp, h, std::make_integer_sequence<int, 8>{}); });
+                // d * the sub-block's int8 scales (X2K: 4-bit scales, and -dmin * its 4-bit mins); exact, made here,
+                // not once per super-block as X4K's: one multiply a half block is cheaper than keeping 16 rows
+                const __m128i bytes = _mm_loadu_si128((const __m128i*)(gb + 32 + 16 * (2 * (b % 8) + h)));
+                __m512 dv, mv = _mm512_setzero_ps();
+                if constexpr (FMT == X2K) {
+                    const __m512i u = _mm512_cvtepu8_epi32(bytes);
+                    dv = _mm512_mul_ps(d6, _mm512_cvtepi32_ps(_mm512_and_si512(u, _mm512_set1_epi32(15))));
+                    mv = _mm512_mul_ps(dmin6, _mm512_cvtepi32_ps(_mm512_srli_epi32(u, 4)));
                 } else {
-                    for (int c = 2 * h; c < 2 * h + 2; c++) {  // chunks 2h, 2h+1 of the 4-bit layout
-                        const __m512i v = _mm512_loadu_si512((const void*)(pl + 64 * c));
-                        for (int i = 0; i < 4; i++) {
-                            const __m512i wi = i == 3 ? _mm512_srli_epi16(v, 12) : _mm512_and_si512(_mm512_srli_epi16(v, 4 * i), low);
-                            for (int t = 0; t < T; t++)
-                                tmp[t][i % NC] = _mm512_dpwssd_epi32(tmp[t][i % NC], wi, _mm512_set1_epi32(xp[t][4 * c + i]));
-                        }
-                    }
+                    dv = _mm512_mul_ps(d6, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)));
                 }
-                __m512 dv;
-                if constexpr (K6_HEAD[FMT])  // d * the sub-block's int8 scales (exact; made here, not once per
-                    // super-block as X4K's: one multiply a half block is cheaper than keeping 16 rows)
-                    dv = _mm512_mul_ps(d6, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(gb + 32 + 16 * (2 * (b % 8) + h))))));
-                else
-                    dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + 32 * h)));
                 for (int t = 0; t < T; t++) {
                     for (int c = 1; c < NC; c++) tmp[t][0] = _mm512_add_epi32(tmp[t][0], tmp[t][c]);
                     const int64_t xi = (t0 + t) * x.nb + b;
@@ -267,8 +263,7 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
                     acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tmp[t][0]), _mm512_mul_ps(dv, _mm512_set1_ps(x.dx[xi])), acc[t]);
                     for (int c = 0; c < NC; c++) tmp[t][c] = _mm512_setzero_si512();
                 }
-                if (FMT == X2) {
-                    const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + 64 + 32 * h)));
+                if constexpr (HAS_OFFSET[FMT]) {  // X2K: the offsets times the half's activation sum
                     for (int t = 0; t < T; t++) {
                         const int64_t xi = (t0 + t) * x.nb + b;
                         const float s = h == 0 ? x.sh[xi] : x.sx[xi] - x.sh[xi];

@@ -34,102 +34,57 @@ void dequant_rows(const QW& w, int64_t r0, int64_t r1, float* out) {
 // GGUF K-quant types as pack() numbers them (after the 32-value block types of common.h's QType).
 enum KType { K_Q4 = 4, K_Q5 = 5, K_Q6 = 6, K_Q3 = 7, K_Q2 = 8 };
 constexpr int64_t SB_BYTES[] = {0, 0, 0, 0, 144, 176, 210, 110, 84};  // bytes of a 256-value super-block
-constexpr int KFMT[] = {0, 0, 0, 0, X4K, X5K, X6K, X3K, X2};
+constexpr int KFMT[] = {0, 0, 0, 0, X4K, X5K, X6K, X3K, X2K};
 
-#ifdef __F16C__
-inline uint16_t f16_bits(float v) { return (uint16_t)_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); }
-#else
-inline uint16_t f16_bits(float v) { return at::Half(v).x; }
-#endif
-
-// One row's 32-column block as the packer writes it: the unsigned integers u and the fp16 scale rows (X4/X5: d, m;
-// X6/X3: the halves' scales; X2: the halves' scales then offsets).
+// One row's 32-column block of a super-block: its unsigned integers u (the scales go to the super-block's head).
 struct KBlock {
     uint8_t u[QK];
-    uint16_t s[4];
 };
 
-// The 8 32-column blocks of one super-block (ggml-common.h layouts, dequantized as ggml's dequantize_row_*).
+// The 8 32-column blocks of one super-block (ggml-common.h layouts, as ggml's dequantize_row_* reads them).
 void k_blocks(const uint8_t* sb, int type, KBlock* out) {
     if (type == K_Q4 || type == K_Q5) {  // d, dmin, 12 scale bytes, (Q5_K: 32 bytes of fifth bits), 128 nibbles
-        const float d = load_half(sb), dmin = load_half(sb + 2);
         const uint8_t* qh = sb + 16;
         const uint8_t* qs = sb + (type == K_Q5 ? 48 : 16);
-        for (int s = 0; s < 8; s++) {  // 32-byte chunk s/2: sub-block s in the low (even s) or high nibbles
-            int sc, mn;
-            k4_scale_min(sb + 4, s, sc, mn);
-            KBlock& o = out[s];
-            o.s[0] = f16_bits(d * (float)sc);
-            o.s[1] = f16_bits(-dmin * (float)mn);
+        for (int s = 0; s < 8; s++)  // 32-byte chunk s/2: sub-block s in the low (even s) or high nibbles
             for (int l = 0; l < QK; l++) {
                 int u = (qs[32 * (s / 2) + l] >> (4 * (s % 2))) & 0x0F;
                 if (type == K_Q5) u |= ((qh[l] >> s) & 1) << 4;
-                o.u[l] = (uint8_t)u;
+                out[s].u[l] = (uint8_t)u;
             }
-        }
         return;
     }
     if (type == K_Q6) {  // 128 low-nibble bytes, 64 bytes of 2-bit highs, 16 int8 scales, d
         const uint8_t* ql = sb;
         const uint8_t* qh = sb + 128;
-        const int8_t* sc = (const int8_t*)(sb + 192);
-        const float d = load_half(sb + 208);
-        for (int n = 0; n < 2; n++)  // 128-value halves: ql += 64, qh += 32, sc += 8 each
+        for (int n = 0; n < 2; n++)  // 128-value halves: ql += 64, qh += 32
             for (int j = 0; j < 4; j++) {  // 32 values l of half n: value 32j + l
-                KBlock& o = out[4 * n + j];
                 const uint8_t* lq = ql + 64 * n + (j % 2) * 32;
                 for (int l = 0; l < QK; l++)
-                    o.u[l] = (uint8_t)(((lq[l] >> (4 * (j / 2))) & 0x0F) | (((qh[32 * n + l] >> (2 * j)) & 3) << 4));
-                o.s[0] = f16_bits(d * (float)sc[8 * n + 2 * j]);
-                o.s[1] = f16_bits(d * (float)sc[8 * n + 2 * j + 1]);
+                    out[4 * n + j].u[l] = (uint8_t)(((lq[l] >> (4 * (j / 2))) & 0x0F) | (((qh[32 * n + l] >> (2 * j)) & 3) << 4));
             }
         return;
     }
     if (type == K_Q3) {  // 32 bytes of high bits, 64 bytes of 2-bit lows, 12 bytes of 6-bit scales, d
         const uint8_t* hm = sb;
         const uint8_t* qs = sb + 32;
-        const float d = load_half(sb + 108);
-        uint32_t aux[4];
-        std::memcpy(aux, sb + 96, 12);
-        const uint32_t k1 = 0x03030303, k2 = 0x0f0f0f0f, tmp = aux[2];
-        aux[2] = ((aux[0] >> 4) & k2) | (((tmp >> 4) & k1) << 4);
-        aux[3] = ((aux[1] >> 4) & k2) | (((tmp >> 6) & k1) << 4);
-        aux[0] = (aux[0] & k2) | (((tmp >> 0) & k1) << 4);
-        aux[1] = (aux[1] & k2) | (((tmp >> 2) & k1) << 4);
-        const int8_t* scales = (const int8_t*)aux;
         for (int n = 0; n < 2; n++)
-            for (int j = 0; j < 4; j++) {  // shift 2j, high-bit mask 1 << (4n + j)
-                KBlock& o = out[4 * n + j];
+            for (int j = 0; j < 4; j++)  // shift 2j, high-bit mask 1 << (4n + j)
                 for (int l = 0; l < QK; l++)
-                    o.u[l] = (uint8_t)(((qs[32 * n + l] >> (2 * j)) & 3) | (((hm[l] >> (4 * n + j)) & 1) << 2));
-                o.s[0] = f16_bits(d * (float)(scales[8 * n + 2 * j] - 32));
-                o.s[1] = f16_bits(d * (float)(scales[8 * n + 2 * j + 1] - 32));
-            }
+                    out[4 * n + j].u[l] = (uint8_t)(((qs[32 * n + l] >> (2 * j)) & 3) | (((hm[l] >> (4 * n + j)) & 1) << 2));
         return;
     }
     // Q2_K: 16 bytes of 4-bit scale (low) and min (high), 64 bytes of 2-bit values, d, dmin
-    const uint8_t* sc = sb;
     const uint8_t* qs = sb + 16;
-    const float d = load_half(sb + 80), dmin = load_half(sb + 82);
     for (int n = 0; n < 2; n++)
-        for (int j = 0; j < 4; j++) {
-            KBlock& o = out[4 * n + j];
-            for (int l = 0; l < QK; l++) o.u[l] = (uint8_t)((qs[32 * n + l] >> (2 * j)) & 3);
-            for (int h = 0; h < 2; h++) {
-                const uint8_t b = sc[8 * n + 2 * j + h];
-                o.s[h] = f16_bits(d * (float)(b & 0x0F));
-                o.s[2 + h] = f16_bits(-dmin * (float)(b >> 4));
-            }
-        }
+        for (int j = 0; j < 4; j++)
+            for (int l = 0; l < QK; l++) out[4 * n + j].u[l] = (uint8_t)((qs[32 * n + l] >> (2 * j)) & 3);
 }
 
-// Row j's block into group block gb (format fmt): the scale rows, the nibbles, the bit planes.
-// (X4K, X5K, X6K, X3K: gb is the block's payload; its scales are in the super-block's head, written by pack_k.)
-inline void put_block(uint8_t* gb, int fmt, int j, const KBlock& kb) {
-    const int nscales = SUPER_BYTES[fmt] ? 0 : fmt == X2 ? 4 : 2;
-    for (int i = 0; i < nscales; i++) std::memcpy(gb + 32 * i + 2 * j, &kb.s[i], 2);
+// Row j's block into its payload (format fmt): the nibbles and bit planes, or the fields. (Its scales are in the
+// super-block's head, written by pack_k.)
+inline void put_block(uint8_t* payload, int fmt, int j, const KBlock& kb) {
     const uint8_t* u = kb.u;
-    uint8_t* payload = gb + PAYLOAD[fmt];
     if (fmt == X6K) {  // half h, parity e: the 8 fields of columns 2(8h+f)+e as one 48-bit number (see x6_place)
         for (int h = 0; h < 2; h++)
             for (int e = 0; e < 2; e++) {
@@ -142,11 +97,13 @@ inline void put_block(uint8_t* gb, int fmt, int j, const KBlock& kb) {
             }
         return;
     }
-    if (fmt == X3K) {  // parity e: the 16 fields of columns 2p+e as one 48-bit number (see x3_place)
+    if (fmt == X3K || fmt == X2K) {  // parity e: the 16 fields of columns 2p+e as one 48- or 32-bit number (see
+        // x3_place, x2_place)
+        const int W = fmt == X3K ? 3 : 2;
         for (int e = 0; e < 2; e++) {
             uint64_t bits = 0;
-            for (int p = 0; p < 16; p++) bits |= (uint64_t)u[2 * p + e] << (3 * p);
-            for (int i = 0; i < 3; i++) {
+            for (int p = 0; p < 16; p++) bits |= (uint64_t)u[2 * p + e] << (W * p);
+            for (int i = 0; i < W; i++) {
                 const uint16_t word = (uint16_t)(bits >> (16 * i));
                 std::memcpy(payload + 64 * i + 2 * (2 * j + e), &word, 2);
             }
@@ -199,7 +156,7 @@ inline void k3_scale_bytes(const int* sc, uint8_t* q) {
     }
 }
 
-// K-quant super-blocks (rows, K / 256 * SB_BYTES) -> packed (X4K for Q4_K, X5K Q5_K, X6K Q6_K, X3K Q3_K, X2 Q2_K), in
+// K-quant super-blocks (rows, K / 256 * SB_BYTES) -> packed (X4K for Q4_K, X5K Q5_K, X6K Q6_K, X3K Q3_K, X2K Q2_K), in
 // one pass, groups of rows in parallel.
 at::Tensor pack_k(const at::Tensor& data, int64_t type) {
     TORCH_CHECK(data.dim() == 2 && data.stride(1) == 1 && data.scalar_type() == at::kByte, "weight blocks must be uint8 rows");
@@ -219,32 +176,30 @@ at::Tensor pack_k(const at::Tensor& data, int64_t type) {
                 for (int64_t s = 0; s < nsb; s++) {
                     const uint8_t* sb = row + s * SB_BYTES[type];
                     k_blocks(sb, (int)type, kb);
-                    if (K4_HEAD[fmt]) {  // the head's row j: d, dmin and the 12 scale bytes as they are; then the
-                        // payloads (X5K: each followed by its plane)
-                        uint8_t* head = o + g * nb * GB + s * SUPER_BYTES[fmt];
+                    uint8_t* gp = o + g * nb * GB;
+                    uint8_t* head = gp + s * SUPER_BYTES[fmt];
+                    for (int i = 0; i < 8; i++) put_block(const_cast<uint8_t*>(payload_at(gp, fmt, nb, 8 * s + i)), fmt, j, kb[i]);
+                    if (K4_HEAD[fmt]) {  // the head's row j: d, dmin and the 12 scale bytes as they are
                         std::memcpy(head + 2 * j, sb, 2);
                         std::memcpy(head + 32 + 2 * j, sb + 2, 2);
                         for (int i = 0; i < 3; i++) std::memcpy(x4k_dword(head, j, i), sb + 4 + 4 * i, 4);
-                        for (int i = 0; i < 8; i++) put_block(head + 256 + (fmt == X5K ? 320 : 256) * i, fmt, j, kb[i]);
-                        continue;
-                    }
-                    if (K6_HEAD[fmt]) {  // the head's row j: d and the 16 int8 scales (Q6_K: as they are; Q3_K:
-                        // its 6-bit sc - 32); then the payloads
-                        uint8_t* head = o + g * nb * GB + s * SUPER_BYTES[fmt];
+                    } else {  // d and the 16 sub-blocks' int8 scales (Q6_K: as they are; Q3_K: its 6-bit sc - 32;
+                        // Q2_K: its 16 bytes of 4-bit scale and min as they are, and dmin)
                         if (fmt == X6K) {
                             std::memcpy(head + 2 * j, sb + 208, 2);
                             for (int k = 0; k < 16; k++) head[32 + 16 * k + j] = sb[192 + k];
+                        } else if (fmt == X2K) {
+                            std::memcpy(head + 2 * j, sb + 80, 2);
+                            std::memcpy(head + X2K_DMIN + 2 * j, sb + 82, 2);
+                            for (int k = 0; k < 16; k++) head[32 + 16 * k + j] = sb[k];
                         } else {
                             std::memcpy(head + 2 * j, sb + 108, 2);
                             int sc[16];
                             k3_scales(sb + 96, sc);
                             for (int k = 0; k < 16; k++) head[32 + 16 * k + j] = (uint8_t)(int8_t)(sc[k] - 32);
                         }
-                        if (j == 0) std::memset(head + 32 + 256, 0, X6K_HEAD - 32 - 256);  // the padding
-                        for (int i = 0; i < 8; i++) put_block(head + X6K_HEAD + (fmt == X6K ? 384 : 192) * i, fmt, j, kb[i]);
-                        continue;
+                        if (j == 0 && fmt != X2K) std::memset(head + 32 + 256, 0, X6K_HEAD - 32 - 256);  // the padding
                     }
-                    for (int i = 0; i < 8; i++) put_block(o + (g * nb + 8 * s + i) * GB, fmt, j, kb[i]);
                 }
             }
     });
@@ -328,37 +283,54 @@ at::Tensor unpack_k4(const PW& w) {
     return out;
 }
 
-// X3K -> the Q3_K super-blocks it was packed from, bit for bit.
-at::Tensor unpack_k3(const PW& w) {
-    const int64_t nsb = w.nb / 8, SB = SB_BYTES[K_Q3];
+// X6K, X3K, X2K -> the Q6_K, Q3_K, Q2_K super-blocks they were packed from, bit for bit.
+at::Tensor unpack_k6(const PW& w) {
+    const bool q6 = w.fmt == X6K, q3 = w.fmt == X3K;
+    const int64_t nsb = w.nb / 8, SB = SB_BYTES[q6 ? K_Q6 : q3 ? K_Q3 : K_Q2];
+    const int lows = q3 ? 32 : 16;  // where the 2-bit fields start (Q3_K: after 32 bytes of high bits)
     auto out = at::zeros({w.rows, nsb * SB}, at::kByte);
     uint8_t* o = out.data_ptr<uint8_t>();
     for (int64_t r = 0; r < w.rows; r++)
         for (int64_t s = 0; s < nsb; s++) {
             uint8_t* sb = o + (r * nsb + s) * SB;
-            const uint8_t* head = w.data + (r / GR) * w.nb * GBLOCK_BYTES[X3K] + s * X3K_SB;
+            const uint8_t* head = w.data + (r / GR) * w.nb * GBLOCK_BYTES[w.fmt] + s * SUPER_BYTES[w.fmt];
             const int j = (int)(r % GR);
-            int sc[16];
-            for (int k = 0; k < 16; k++) sc[k] = (int8_t)head[32 + 16 * k + j] + 32;
-            k3_scale_bytes(sc, sb + 96);
-            std::memcpy(sb + 108, head + 2 * j, 2);
-            for (int i = 0; i < 8; i++)  // sub-block i = 4n + m: 2-bit field m of byte 32n + l, high bit i of hmask byte l
-                for (int l = 0; l < QK; l++) {
+            if (q6) {
+                for (int k = 0; k < 16; k++) sb[192 + k] = head[32 + 16 * k + j];
+                std::memcpy(sb + 208, head + 2 * j, 2);
+            } else if (q3) {
+                int sc[16];
+                for (int k = 0; k < 16; k++) sc[k] = (int8_t)head[32 + 16 * k + j] + 32;
+                k3_scale_bytes(sc, sb + 96);
+                std::memcpy(sb + 108, head + 2 * j, 2);
+            } else {
+                for (int k = 0; k < 16; k++) sb[k] = head[32 + 16 * k + j];
+                std::memcpy(sb + 80, head + 2 * j, 2);
+                std::memcpy(sb + 82, head + X2K_DMIN + 2 * j, 2);
+            }
+            for (int i = 0; i < 8; i++)  // sub-block i = 4n + m: 2-bit field m of byte 32n + l (Q3_K: its high bit,
+                for (int l = 0; l < QK; l++) {  // bit i of hmask byte l)
                     int q; float d, mm;
                     packed_entry(w, r, 8 * s + i, l, q, d, mm);
-                    q += BIAS[X3K];
-                    sb[32 + 32 * (i / 4) + l] |= (uint8_t)((q & 3) << (2 * (i % 4)));
-                    sb[l] |= (uint8_t)((q >> 2) << i);
+                    q += BIAS[w.fmt];
+                    const int n = i / 4, m = i % 4;
+                    if (q6) {  // low nibble: byte 64n + 32 (m % 2) + l, high nibble for m >= 2; top bits: 2m of 128 + 32n + l
+                        sb[64 * n + 32 * (m % 2) + l] |= (uint8_t)((q & 0x0F) << (4 * (m / 2)));
+                        sb[128 + 32 * n + l] |= (uint8_t)((q >> 4) << (2 * m));
+                        continue;
+                    }
+                    sb[lows + 32 * n + l] |= (uint8_t)((q & 3) << (2 * m));
+                    if (q3) sb[l] |= (uint8_t)((q >> 2) << i);
                 }
         }
     return out;
 }
 
-// The inverse of pack: GGUF blocks of `type` (Q4_K, Q5_K, Q3_K: their super-blocks) again, bit for bit.
+// The inverse of pack: GGUF blocks of `type` (the K-quants: their super-blocks) again, bit for bit.
 at::Tensor unpack(at::Tensor data, int64_t fmt, int64_t rows, int64_t type) {
     PW w = as_pw(data, fmt, rows);
     if ((type == K_Q4 && fmt == X4K) || (type == K_Q5 && fmt == X5K)) return unpack_k4(w);
-    if (type == K_Q3 && fmt == X3K) return unpack_k3(w);
+    if ((type == K_Q6 && fmt == X6K) || (type == K_Q3 && fmt == X3K) || (type == K_Q2 && fmt == X2K)) return unpack_k6(w);
     TORCH_CHECK(type >= 0 && type <= 3 && fmt == PACKED[type],
                 "unpack: packed format ", fmt, " has no GGUF block type ", type);
     auto out = at::zeros({rows, w.nb * BLOCK_BYTES[type]}, at::kByte);

@@ -11,13 +11,11 @@ from __future__ import annotations
 import torch
 
 from tinkerlm import kernels
-from tinkerlm.errors import TinkerError
 from tinkerlm.quant.qtensor import K_TYPES, TYPE_CODES, Packed, QTensor
 
-# Q4_K, Q5_K and Q3_K pack in their own bits (X4K, X5K, X3K) and unpack to their super-blocks; without the kernels
+# The K-quants pack in their own bits (X4K, X5K, X6K, X3K, X2K) and unpack to their super-blocks; without the kernels
 # Q4_K and Q5_K become Q4_1 and Q5_1 blocks (QTensor.as_blocks: each sub-block d * sc * u - dmin * mn, the scale and
 # offset rounded to fp16).
-UNPACKS_TO_ITSELF = {"Q4_K", "Q5_K", "Q3_K"}  # K-quants whose packed form gives their super-blocks back
 
 
 def pack(w: QTensor | Packed) -> QTensor | Packed:
@@ -33,15 +31,9 @@ def pack(w: QTensor | Packed) -> QTensor | Packed:
 
 
 def unpack(w: QTensor | Packed) -> QTensor:
-    """GGUF blocks again (bit for bit) from either form (Q4_K, Q5_K, Q3_K: their super-blocks).
-
-    Raises:
-        TinkerError: a packed Q6_K or Q2_K (its super-blocks cannot be recovered bit for bit; use `dequantize`).
-    """
+    """GGUF blocks again (bit for bit) from either form (the K-quants: their super-blocks)."""
     if isinstance(w, QTensor):
         return w
-    if w.qtype in K_TYPES and w.qtype not in UNPACKS_TO_ITSELF:
-        raise TinkerError(f"a packed {w.qtype} weight has no GGUF blocks to unpack to (dequantize it instead)")
     return QTensor(kernels.ops().unpack(w.data, w.fmt, w.rows, TYPE_CODES[w.qtype]), w.qtype, w.K)
 
 

@@ -15,15 +15,14 @@ and `qops.pack` converts them in C++, in one pass, straight into the kernels' la
   the file's fp16 d and int8 scale per 16-value sub-block.
 - Q3_K -> X3K (3.625 bits a weight; the file: 3.4375): the 3-bit integers u (the products take the 4 off) as
   3-bit fields, with X6K's head: the file's fp16 d and each 16-value sub-block's 6-bit scale, as an int8 sc - 32.
-- Q2_K -> X2 (6 bits a weight): the 2-bit integers in nibbles, a scale and an offset per 16-value sub-block.
-The integers are exact; but for Q4_K, Q5_K, Q6_K and Q3_K (exact), each sub-block's scale d * sc (and offset
--dmin * mn) is rounded, to fp16 (relative error <= 2^-11 of the scale). Other GGUF types (IQ...) are dequantized and requantized to Q8_0 at load.
+- Q2_K -> X2K, the file's own bits (84 bytes per 256 weights): X6K's head holding the file's d, dmin and each
+  16-value sub-block's byte of 4-bit scale and min, then 2-bit fields.
+Integers and scales are the file's: every K-quant dequantizes exactly as gguf does, and unpacks to its super-blocks. Other GGUF types (IQ...) are dequantized and requantized to Q8_0 at load.
 `quantize` makes Q8_0 (int8) or Q4_1 (int4) blocks from float weights.
 
 A `Packed` tensor is a QTensor rearranged into the layout the C++ products read (groups of 16 rows; kernels/common.h,
 "Packed weights"; Q4_0 as X4S, its blocks' scales and nibbles without an offset, 18 bytes per 32 weights as in the
-file), losslessly for the 32-value block types, Q4_K, Q5_K and Q3_K; `qops.pack` and `qops.unpack` convert between
-the two (Q6_K and Q2_K do not unpack: `qops.dequantize` them).
+file), losslessly for every type it holds; `qops.pack` and `qops.unpack` convert between the two.
 """
 
 from __future__ import annotations
@@ -110,15 +109,16 @@ class QTensor:
 # The packed format of each block type, as kernels/common.h numbers them: X4, X8, X5, X6, X3, X2, X4S (Q4_0: no
 # offsets, 18 bytes per 32 weights), X4K (Q4_K in its own bits, 144 bytes per 256), X6K (Q6_K's 6-bit integers,
 # fp16 d and int8 scales: 212 bytes per 256; X6 is no longer packed), X5K (Q5_K in its own bits, 176 per 256), X3K
-# (Q3_K's 3-bit integers and its own scales, 116 bytes per 256; X3 is no longer packed).
-PACKED_FORMATS = {"Q4_0": 6, "Q4_1": 0, "Q8_0": 1, "Q5_1": 2, "Q4_K": 7, "Q5_K": 9, "Q6_K": 8, "Q3_K": 10, "Q2_K": 5}
+# (Q3_K's 3-bit integers and its own scales, 116 bytes per 256; X3 is no longer packed), X2K (Q2_K in its own bits,
+# 84 bytes per 256; nor is X2).
+PACKED_FORMATS = {"Q4_0": 6, "Q4_1": 0, "Q8_0": 1, "Q5_1": 2, "Q4_K": 7, "Q5_K": 9, "Q6_K": 8, "Q3_K": 10, "Q2_K": 11}
 
 
 @dataclass
 class Packed:
     data: torch.Tensor  # uint8 (ceil(rows / 16), K // 32 * group block bytes)
     qtype: str  # the block type it was packed from; unpacking gives those blocks back bit for bit (Q4_K its
-    # Q5_K and Q3_K their super-blocks; Q6_K and Q2_K have no blocks to unpack to)
+    # the K-quants their super-blocks)
     rows: int
     K: int
 
@@ -234,14 +234,10 @@ def _k_scales(sb: np.ndarray) -> np.ndarray:
     return out
 
 
-def _f16(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float32).astype(np.float16).astype(np.float32)
-
-
 def k_dequantize(raw: np.ndarray, qtype: str, rows: int, K: int) -> np.ndarray:
-    """K-quant super-blocks (rows, K / 256 * bytes) as float32 (rows, K), the scales rounded to fp16 as the
-    packed layout holds them (kernels/quantized.cpp, k_blocks; X4K, X5K, X6K and X3K keep Q4_K's, Q5_K's, Q6_K's
-    and Q3_K's exact, as gguf computes them); the reference for the kernels' dequantization."""
+    """K-quant super-blocks (rows, K / 256 * bytes) as float32 (rows, K), exactly as gguf computes them (the
+    packed formats X4K, X5K, X6K, X3K and X2K keep the file's scales); the reference for the kernels'
+    dequantization."""
     if qtype in ("Q4_K", "Q5_K"):
         sb = np.ascontiguousarray(raw).reshape(-1, K_TYPES[qtype][1])
         scale, offset = _k_scale_min(sb)
@@ -280,7 +276,7 @@ def k_dequantize(raw: np.ndarray, qtype: str, rows: int, K: int) -> np.ndarray:
         d = sb[:, 80:82].copy().view(np.float16).astype(np.float32).reshape(n, 1, 1, 1)
         dmin = sb[:, 82:84].copy().view(np.float16).astype(np.float32).reshape(n, 1, 1, 1)
         v = ((qs >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]) & 3).astype(np.int32)
-        scale, offset = _f16(d * (sc & 15).astype(np.float32)), _f16(-dmin * (sc >> 4).astype(np.float32))
+        scale, offset = d * (sc & 15).astype(np.float32), -dmin * (sc >> 4).astype(np.float32)  # X2K: exact
     else:
         raise ValueError(qtype)
     half = np.arange(32) // 16  # each element's sub-block within its 32-value run

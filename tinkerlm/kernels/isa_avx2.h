@@ -51,6 +51,9 @@ inline void k_half(const __m256i* w, __m256i (&tmp)[T], const int32_t* const* xp
     (one(F, kfield<W, OFF + F>(w)), ...);
 }
 
+// -v with the sign flipped, as the scalar code's unary minus (0 - v would make -(+0) +0 where gguf has -0).
+inline __m256 neg(__m256 v) { return _mm256_xor_ps(v, _mm256_set1_ps(-0.f)); }
+
 // X6K, X3K, X2K: half h's fp32 scale rows of half group hf from the head, d * the sub-block's int8 scales (X2K:
 // d * its 4-bit scales, and in mv its offset rows -dmin * its 4-bit mins); exact.
 template <int FMT>
@@ -60,7 +63,7 @@ inline __m256 k6_scales(const uint8_t* head, int64_t b, int h, int hf, __m256* m
     if constexpr (FMT == X2K) {
         const __m256i u = _mm256_cvtepu8_epi32(bytes), m4 = _mm256_set1_epi32(15);
         const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(head + X2K_DMIN + 16 * hf)));
-        *mv = _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), dmin), _mm256_cvtepi32_ps(_mm256_srli_epi32(u, 4)));
+        *mv = _mm256_mul_ps(neg(dmin), _mm256_cvtepi32_ps(_mm256_srli_epi32(u, 4)));
         return _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_and_si256(u, m4)));
     }
     return _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
@@ -70,7 +73,7 @@ inline __m256 k6_scales(const uint8_t* head, int64_t b, int h, int hf, __m256* m
 // head (common.h; isa_avx512.h's x4k_scales, half a group).
 inline void x4k_scales(const uint8_t* head, int hf, __m256* sc, __m256* mn) {
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(head + 16 * hf)));
-    const __m256 dmin = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(head + 32 + 16 * hf))));
+    const __m256 dmin = neg(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(head + 32 + 16 * hf))));
     const __m256i q0 = _mm256_loadu_si256((const __m256i*)(head + 64 + 32 * hf));
     const __m256i q1 = _mm256_loadu_si256((const __m256i*)(head + 128 + 32 * hf));
     const __m256i q2 = _mm256_loadu_si256((const __m256i*)(head + 192 + 32 * hf));
@@ -451,6 +454,36 @@ void unpacked_group_fmt(const PW& w, int64_t g, const XQ& x, int64_t t0, int64_t
 
 inline void unpacked_group(const PW& w, int64_t g, const XQ& x, int64_t t0, int64_t t1, float* y, int64_t ystride) {
     with_fmt(w.fmt, [&](auto f) { unpacked_group_fmt<decltype(f)::value>(w, g, x, t0, t1, y, ystride); });
+}
+
+// All 16 rows of group g as floats into out (16, K) (quantized.cpp: dequantize_packed; exports, fp32 loads and
+// QLoRA read every weight this way): each half group unpacked as for prefill, then each value d * q (+ m) from its
+// int8 integer and fp32 scale rows, the same operations as packed_dequant_rows (common.h) and so its bits, 10-20x
+// faster than looking each value up in the packed layout.
+#define TINKER_ISA_DEQUANT
+template <int FMT>
+void packed_dequant_group_fmt(const PW& w, int64_t g, float* out) {
+    thread_local std::vector<uint8_t> buf;
+    if ((int64_t)buf.size() < w.nb * UBLOCK) buf.resize(w.nb * UBLOCK);
+    for (int hf = 0; hf < 2; hf++) {
+        unpack_half<FMT>(w, g, hf, buf.data());
+        for (int64_t b = 0; b < w.nb; b++) {
+            const int8_t* wb = (const int8_t*)(buf.data() + b * UBLOCK);
+            const float* fb = (const float*)(wb + 256);  // scale rows (per half for HALVES), then offset rows
+            for (int j = 0; j < 8; j++) {
+                float* o = out + (8 * hf + j) * w.K + b * QK;
+                for (int k = 0; k < QK; k++) {  // column k = 2p + e: byte 2j + e of pair p's 16
+                    const int h = HALVES[FMT] ? k / 16 : 0;
+                    const float d = fb[8 * h + j], q = (float)wb[16 * (k / 2) + 2 * j + k % 2];
+                    o[k] = HAS_OFFSET[FMT] ? d * q + fb[16 + 8 * h + j] : d * q;
+                }
+            }
+        }
+    }
+}
+
+inline void packed_dequant_group(const PW& w, int64_t g, float* out) {
+    with_fmt(w.fmt, [&](auto f) { packed_dequant_group_fmt<decltype(f)::value>(w, g, out); });
 }
 
 }  // namespace

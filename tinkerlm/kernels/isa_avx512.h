@@ -122,11 +122,14 @@ inline void k_half(const __m512i* w, __m512i (&tmp)[T][NC], const int32_t* const
     (one(F, kfield<W, OFF + F>(w)), ...);
 }
 
+// -v with the sign flipped, as the scalar code's unary minus (0 - v would make -(+0) +0 where gguf has -0).
+inline __m512 neg(__m512 v) { return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32((int)0x80000000))); }
+
 // X4K: the 8 blocks' scale rows d * sc and offset rows -dmin * mn (16 rows each) from a super-block head
 // (common.h): the 6-bit fields of the three dword vectors, as k4_scale_min reads them, times d and -dmin.
 inline void x4k_scales(const uint8_t* head, __m512* sc, __m512* mn) {
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)head));
-    const __m512 dmin = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(head + 32))));
+    const __m512 dmin = neg(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(head + 32))));
     const __m512i q0 = _mm512_loadu_si512((const void*)(head + 64)), q1 = _mm512_loadu_si512((const void*)(head + 128));
     const __m512i q2 = _mm512_loadu_si512((const void*)(head + 192));
     const __m512i m6 = _mm512_set1_epi32(63), m4 = _mm512_set1_epi32(15), hi2 = _mm512_set1_epi32(0x30);
@@ -166,15 +169,17 @@ void packed_dequant_group(const PW& w, int64_t g, float* out) {
         const uint8_t *gb = scales_at(gp, w.fmt, w.nb, b), *pl = payload_at(gp, w.fmt, w.nb, b);
         if (K4_HEAD[w.fmt] && b % 8 == 0) x4k_scales(gb, ksc, kmn);
         const __m512 dv = K4_HEAD[w.fmt] ? ksc[b % 8] : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)gb));
-        const __m512 mv = w.fmt == X8 ? _mm512_setzero_ps()
-                          : w.fmt == X4S ? _mm512_mul_ps(dv, _mm512_set1_ps(-8.f))  // d (u - 8) = d u - 8 d, exactly
+        // d q + m (X4S: d (u - 8), no offset: a zero keeps d's sign, as gguf's)
+        const __m512 mv = !HAS_OFFSET[w.fmt] ? _mm512_setzero_ps()
                           : K4_HEAD[w.fmt] ? kmn[b % 8]
                                          : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + 32)));
         const __m512 d_lo = _mm512_permutexvar_ps(pairs_lo, dv), d_hi = _mm512_permutexvar_ps(pairs_hi, dv);
         const __m512 m_lo = _mm512_permutexvar_ps(pairs_lo, mv), m_hi = _mm512_permutexvar_ps(pairs_hi, mv);
         auto put = [&](__m512i words, int p) {  // 32 int16: rows 0..15 x columns (2p, 2p+1)
-            const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(words))), d_lo, m_lo);
-            const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(words, 1))), d_hi, m_hi);
+            __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(words)));
+            __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(words, 1)));
+            lo = HAS_OFFSET[w.fmt] ? _mm512_fmadd_ps(lo, d_lo, m_lo) : _mm512_mul_ps(lo, d_lo);
+            hi = HAS_OFFSET[w.fmt] ? _mm512_fmadd_ps(hi, d_hi, m_hi) : _mm512_mul_ps(hi, d_hi);
             double* base = (double*)(out + b * QK + 2 * p);
             _mm512_i64scatter_pd(base, idx_lo, _mm512_castps_pd(lo), 8);
             _mm512_i64scatter_pd(base, idx_hi, _mm512_castps_pd(hi), 8);
@@ -186,6 +191,7 @@ void packed_dequant_group(const PW& w, int64_t g, float* out) {
                 for (int i = 0; i < 4; i++) {
                     __m512i wi = _mm512_and_si512(_mm512_srli_epi16(v, 4 * i), low);
                     if (FIFTH[w.fmt]) wi = _mm512_or_si512(wi, fifth_bits(hb, 4 * c + i));
+                    if (w.fmt == X4S) wi = _mm512_sub_epi16(wi, _mm512_set1_epi16(BIAS[X4S]));
                     put(wi, 4 * c + i);
                 }
             }
@@ -221,7 +227,7 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
         if (K4_HEAD[FMT] && b % 8 == 0) x4k_scales(gb, ksc, kmn);
         __m512 d6 = _mm512_setzero_ps(), dmin6 = _mm512_setzero_ps();  // X6K, X3K, X2K: the super-block's d (-dmin)
         if constexpr (K6_HEAD[FMT]) d6 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)gb));
-        if constexpr (FMT == X2K) dmin6 = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + X2K_DMIN))));
+        if constexpr (FMT == X2K) dmin6 = neg(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gb + X2K_DMIN))));
         // X4K: the hardware prefetcher alone left one row product out of cache at 2.3x X4S's time for the same
         // bytes (bench/matvec_bench.py); four blocks ahead it is within 10%.
         if (FMT == X4K)

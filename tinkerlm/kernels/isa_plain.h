@@ -22,10 +22,12 @@ inline void dequant_block(const uint8_t* blk, float* o) {
     block_floats(blk, TYPE, o);
 }
 
+#ifndef TINKER_ISA_DEQUANT
 // All 16 rows of group g as floats into out (16, K).
 inline void packed_dequant_group(const PW& w, int64_t g, float* out) {
     packed_dequant_rows(w, g * GR, g * GR + GR, out);
 }
+#endif
 
 inline void round_block(const float* xb, int16_t* qb, float& amax, int32_t& s) {
     amax = 0.f;

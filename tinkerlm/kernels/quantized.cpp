@@ -258,10 +258,10 @@ at::Tensor pack(at::Tensor data, int64_t type) {
     return out;
 }
 
-// X4K, X5K -> the Q4_K, Q5_K super-blocks they were packed from, bit for bit.
-at::Tensor unpack_k4(const PW& w) {
-    const int64_t nsb = w.nb / 8, SB = SB_BYTES[w.fmt == X5K ? K_Q5 : K_Q4];
-    const int qs = w.fmt == X5K ? 48 : 16;  // where the low nibbles start (Q5_K: after 32 bytes of fifth bits)
+// A packed K-quant (X4K, X5K, X6K, X3K, X2K) -> the super-blocks of `type` it was packed from, bit for bit: each
+// row's scales from its super-block's head back where the file keeps them, then every integer back in its fields.
+at::Tensor unpack_k(const PW& w, int64_t type) {
+    const int64_t nsb = w.nb / 8, SB = SB_BYTES[type];
     auto out = at::zeros({w.rows, nsb * SB}, at::kByte);
     uint8_t* o = out.data_ptr<uint8_t>();
     for (int64_t r = 0; r < w.rows; r++)
@@ -269,58 +269,42 @@ at::Tensor unpack_k4(const PW& w) {
             uint8_t* sb = o + (r * nsb + s) * SB;
             const uint8_t* head = w.data + (r / GR) * w.nb * GBLOCK_BYTES[w.fmt] + s * SUPER_BYTES[w.fmt];
             const int j = (int)(r % GR);
-            std::memcpy(sb, head + 2 * j, 2);
-            std::memcpy(sb + 2, head + 32 + 2 * j, 2);
-            x4k_scale_bytes(head, j, sb + 4);
-            for (int i = 0; i < 8; i++)  // sub-block i: 32-byte chunk i/2, low (even i) or high nibbles; Q5_K's
-                for (int l = 0; l < QK; l++) {  // fifth bit of value l is bit i of byte l
-                    int q; float d, m;
-                    packed_entry(w, r, 8 * s + i, l, q, d, m);
-                    sb[qs + 32 * (i / 2) + l] |= (uint8_t)((q & 0x0F) << (4 * (i % 2)));
-                    if (w.fmt == X5K) sb[16 + l] |= (uint8_t)((q >> 4) << i);
-                }
-        }
-    return out;
-}
-
-// X6K, X3K, X2K -> the Q6_K, Q3_K, Q2_K super-blocks they were packed from, bit for bit.
-at::Tensor unpack_k6(const PW& w) {
-    const bool q6 = w.fmt == X6K, q3 = w.fmt == X3K;
-    const int64_t nsb = w.nb / 8, SB = SB_BYTES[q6 ? K_Q6 : q3 ? K_Q3 : K_Q2];
-    const int lows = q3 ? 32 : 16;  // where the 2-bit fields start (Q3_K: after 32 bytes of high bits)
-    auto out = at::zeros({w.rows, nsb * SB}, at::kByte);
-    uint8_t* o = out.data_ptr<uint8_t>();
-    for (int64_t r = 0; r < w.rows; r++)
-        for (int64_t s = 0; s < nsb; s++) {
-            uint8_t* sb = o + (r * nsb + s) * SB;
-            const uint8_t* head = w.data + (r / GR) * w.nb * GBLOCK_BYTES[w.fmt] + s * SUPER_BYTES[w.fmt];
-            const int j = (int)(r % GR);
-            if (q6) {
+            if (K4_HEAD[w.fmt]) {  // Q4_K, Q5_K: d, dmin, the 12 scale bytes
+                std::memcpy(sb, head + 2 * j, 2);
+                std::memcpy(sb + 2, head + 32 + 2 * j, 2);
+                x4k_scale_bytes(head, j, sb + 4);
+            } else if (w.fmt == X6K) {  // Q6_K: 16 int8 scales, then d
                 for (int k = 0; k < 16; k++) sb[192 + k] = head[32 + 16 * k + j];
                 std::memcpy(sb + 208, head + 2 * j, 2);
-            } else if (q3) {
+            } else if (w.fmt == X3K) {  // Q3_K: 12 bytes of 6-bit scales, then d
                 int sc[16];
                 for (int k = 0; k < 16; k++) sc[k] = (int8_t)head[32 + 16 * k + j] + 32;
                 k3_scale_bytes(sc, sb + 96);
                 std::memcpy(sb + 108, head + 2 * j, 2);
-            } else {
+            } else {  // Q2_K: 16 bytes of 4-bit scale and min first, d and dmin last
                 for (int k = 0; k < 16; k++) sb[k] = head[32 + 16 * k + j];
                 std::memcpy(sb + 80, head + 2 * j, 2);
                 std::memcpy(sb + 82, head + X2K_DMIN + 2 * j, 2);
             }
-            for (int i = 0; i < 8; i++)  // sub-block i = 4n + m: 2-bit field m of byte 32n + l (Q3_K: its high bit,
-                for (int l = 0; l < QK; l++) {  // bit i of hmask byte l)
+            for (int i = 0; i < 8; i++)  // sub-block i (32 values l): n = i / 4, m = i % 4 as ggml's loops
+                for (int l = 0; l < QK; l++) {
                     int q; float d, mm;
                     packed_entry(w, r, 8 * s + i, l, q, d, mm);
                     q += BIAS[w.fmt];
                     const int n = i / 4, m = i % 4;
-                    if (q6) {  // low nibble: byte 64n + 32 (m % 2) + l, high nibble for m >= 2; top bits: 2m of 128 + 32n + l
+                    if (K4_HEAD[w.fmt]) {  // 32-byte chunk i/2, low (even i) or high nibbles; Q5_K's fifth bit of
+                        // value l is bit i of byte 16 + l, its nibbles after those 32 bytes
+                        sb[(w.fmt == X5K ? 48 : 16) + 32 * (i / 2) + l] |= (uint8_t)((q & 0x0F) << (4 * (i % 2)));
+                        if (w.fmt == X5K) sb[16 + l] |= (uint8_t)((q >> 4) << i);
+                    } else if (w.fmt == X6K) {  // low nibble in byte 64n + 32 (m % 2) + l (high half for m >= 2), top
+                        // two bits at 2m of byte 128 + 32n + l
                         sb[64 * n + 32 * (m % 2) + l] |= (uint8_t)((q & 0x0F) << (4 * (m / 2)));
                         sb[128 + 32 * n + l] |= (uint8_t)((q >> 4) << (2 * m));
-                        continue;
+                    } else {  // two bits at 2m of byte 32n + l after the high bits (Q3_K: 32 bytes) or scales (Q2_K:
+                        // 16); Q3_K's high bit is bit i of byte l
+                        sb[(w.fmt == X3K ? 32 : 16) + 32 * n + l] |= (uint8_t)((q & 3) << (2 * m));
+                        if (w.fmt == X3K) sb[l] |= (uint8_t)((q >> 2) << i);
                     }
-                    sb[lows + 32 * n + l] |= (uint8_t)((q & 3) << (2 * m));
-                    if (q3) sb[l] |= (uint8_t)((q >> 2) << i);
                 }
         }
     return out;
@@ -329,8 +313,7 @@ at::Tensor unpack_k6(const PW& w) {
 // The inverse of pack: GGUF blocks of `type` (the K-quants: their super-blocks) again, bit for bit.
 at::Tensor unpack(at::Tensor data, int64_t fmt, int64_t rows, int64_t type) {
     PW w = as_pw(data, fmt, rows);
-    if ((type == K_Q4 && fmt == X4K) || (type == K_Q5 && fmt == X5K)) return unpack_k4(w);
-    if ((type == K_Q6 && fmt == X6K) || (type == K_Q3 && fmt == X3K) || (type == K_Q2 && fmt == X2K)) return unpack_k6(w);
+    if (type >= K_Q4 && type <= K_Q2 && fmt == KFMT[type]) return unpack_k(w, type);
     TORCH_CHECK(type >= 0 && type <= 3 && fmt == PACKED[type],
                 "unpack: packed format ", fmt, " has no GGUF block type ", type);
     auto out = at::zeros({rows, w.nb * BLOCK_BYTES[type]}, at::kByte);

@@ -25,8 +25,9 @@ inline __m256i fifth_bits(__m256i plane, int p) {
     return _mm256_and_si256(moved, _mm256_set1_epi16(0x10));
 }
 
-// X6K, X3K: field F of W bits in the three words w[0..2] read as one 48-bit number (common.h: x6_place, F = 0..7 of
-// a half's words; x3_place, F = 0..15 of a block's), as int16 values 0 .. 2^W - 1.
+// X6K, X3K, X2K: field F of W bits in the words w[0..2] read as one 48-bit (X2K: w[0..1], 32-bit) number
+// (common.h: x6_place, F = 0..7 of a half's words; x3_place, x2_place, F = 0..15 of a block's), as int16 values
+// 0 .. 2^W - 1.
 template <int W, int F>
 inline __m256i kfield(const __m256i* w) {
     constexpr int bit = W * F, lo = bit / 16, sh = bit % 16;
@@ -91,10 +92,10 @@ inline void x4k_scales(const uint8_t* head, int hf, __m256* sc, __m256* mn) {
     }
 }
 
-// Decode's prefetch distance: four blocks ahead (X4K: 256-byte payloads, X5K: 320, X6K: 384, X3K: 192, X2K: 128; the others
+// Decode's prefetch distance: four blocks ahead (X4K: 256-byte payloads, X5K: 320; X6K, X3K, X2K: below; the others
 // whole blocks). It took a Q6_K output head out of cache from 8.7 to 7.0-7.6 ms (2 threads); further ahead measured
 // no better.
-constexpr int PF4 = 1024, PF5 = 1280, PF6 = 1536, PF3 = 768, PF2 = 512;
+constexpr int PF4 = 1024, PF5 = 1280;
 
 // Decode (one activation row) of the formats with one scale per block: both half groups at once, so each block's
 // 64-byte lines are read once, each activation pair broadcast once for two products, and the two halves' sums are
@@ -192,12 +193,8 @@ void group_row_pair_halves(const PW& w, int64_t g, const XQ& x, int64_t t0, floa
         const uint8_t *gb = scales_at(gp, FMT, nb, b), *pl = payload_at(gp, FMT, nb, b);
         const int32_t* xp = (const int32_t*)(x.q.data() + t0 * x.K + b * QK);
         const int64_t xi = t0 * x.nb + b;
-        if constexpr (FMT == X6K)
-            for (int c = 0; c < 6; c++) _mm_prefetch((const char*)(pl + PF6 + 64 * c), _MM_HINT_T0);
-        if constexpr (FMT == X3K)
-            for (int c = 0; c < 3; c++) _mm_prefetch((const char*)(pl + PF3 + 64 * c), _MM_HINT_T0);
-        if constexpr (FMT == X2K)
-            for (int c = 0; c < 2; c++) _mm_prefetch((const char*)(pl + PF2 + 64 * c), _MM_HINT_T0);
+        constexpr int lines = FMT == X6K ? 6 : KWORDS<FMT>;  // a block's payload (384, 192, 128 bytes), 4 blocks on
+        for (int c = 0; c < lines; c++) _mm_prefetch((const char*)(pl + 4 * 64 * lines + 64 * c), _MM_HINT_T0);
         for (int h = 0; h < 2; h++) {
             __m256i tmp[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
             __m256i wk[2][3];

@@ -88,9 +88,9 @@ inline __m512i fifth_bits(__m512i plane, int p) {
     return _mm512_and_si512(moved, _mm512_set1_epi16(0x10));
 }
 
-// X6K, X3K: field F of W bits in the three words w[0..2] read as one 48-bit number (common.h: x6_place, F = 0..7 of
-// a half's words; x3_place, F = 0..15 of a block's), as int16 values 0 .. 2^W - 1: one or two ops (a field that
-// straddles two words: one funnel shift) and an AND.
+// X6K, X3K, X2K: field F of W bits in the words w[0..2] read as one 48-bit (X2K: w[0..1], 32-bit) number
+// (common.h: x6_place, F = 0..7 of a half's words; x3_place, x2_place, F = 0..15 of a block's), as int16 values
+// 0 .. 2^W - 1: one or two ops (a field that straddles two words: one funnel shift) and an AND.
 template <int W, int F>
 inline __m512i kfield(const __m512i* w) {
     constexpr int bit = W * F, lo = bit / 16, sh = bit % 16;

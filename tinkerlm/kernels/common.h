@@ -5,9 +5,9 @@
 //
 // GGUF weights arrive as rows of 32-value blocks (an fp16 scale d, for Q4_1 an fp16 offset m, 32 integers) or of
 // 256-value K-quant super-blocks (Q2_K ... Q6_K: quantized.cpp, k_blocks). At load they are repacked, their
-// integers kept exactly (and their scales, but Q2_K's: rounded to fp16), into groups of 16 rows (see "Packed
-// weights" below) so that the products run on AVX512-VNNI integer dot products with int16 activation blocks and
-// each group's 16 outputs land in one register. Not llama.cpp's 8-bit activations: small models' hidden states carry outliers near 10^4, and 8-bit
+// integers and scales kept exactly, into groups of 16 rows (see "Packed weights" below) so that the products run
+// on AVX512-VNNI integer dot products with int16 activation blocks and each group's 16 outputs land in one
+// register. Not llama.cpp's 8-bit activations: small models' hidden states carry outliers near 10^4, and 8-bit
 // blocks then cost ~1% error per projection, enough to change greedy answers; int16 blocks keep 16 bits.
 
 #pragma once
@@ -137,7 +137,7 @@ inline void block_floats(const uint8_t* blk, int type, float* out) {
 //          group and super-block (1856 bytes, 29 whole 64-byte lines): X6K's 320-byte head (16 fp16 d, then the
 //          16 sub-blocks' int8 scales sc - 32, row j at byte j), then the 8 blocks' payloads of three 64-byte
 //          vectors: 16-bit word 2j+e of the three, read as one 48-bit number, holds row j's u = the file's two low
-//          bits | its high bit << 2 (0..7) of column 2p+e at bits 3p .. 3p+2 (x3_place; p = 0..15, half p / 8).
+//          bits | its high bit << 2 (0..7) of column 2p+e at bits 3p .. 3p+2 (xk_place; p = 0..15, half p / 8).
 //          A field is a shift and an AND (two of the 16 straddle two words: a funnel shift); integer = u - 4, the
 //          4 taken off the half block's integer activation sum as X6K's 32.
 //   X2K (Q2_K): the file's own bits, 84 bytes per row and 256 columns as in the file. Per group and super-block
@@ -274,14 +274,10 @@ inline void x6_place(int j, int k, int& byte, int& bit) {
     byte = 64 * 3 * h + 2 * (2 * j + k % 2);
     bit = 6 * (p % 8);
 }
-// X3K, X2K: the same for the 3- and 2-bit fields (all 16 column pairs in one 48- or 32-bit number).
-inline void x3_place(int j, int k, int& byte, int& bit) {
+// X3K, X2K: the same for the W-bit fields (3 or 2; all 16 column pairs in one 48- or 32-bit number).
+inline void xk_place(int j, int k, int W, int& byte, int& bit) {
     byte = 2 * (2 * j + k % 2);
-    bit = 3 * (k / 2);
-}
-inline void x2_place(int j, int k, int& byte, int& bit) {
-    byte = 2 * (2 * j + k % 2);
-    bit = 2 * (k / 2);
+    bit = W * (k / 2);
 }
 // X6K, X3K, X2K in the products: the field width, the words of half h of a block's payload pl (X6K: the half's
 // own; X3K, X2K: the block's), and f(std::integral_constant<int, OFF>{}) with half h's first field OFF in them
@@ -319,8 +315,7 @@ inline void packed_entry(const PW& w, int64_t r, int64_t b, int k, int& q, float
     int byte, shift;
     if (K6_HEAD[w.fmt]) {  // X6K, X3K, X2K: a field of the 48-bit (X2K: 32-bit) number of three (two) words
         if (w.fmt == X6K) x6_place(j, k, byte, shift);
-        else if (w.fmt == X3K) x3_place(j, k, byte, shift);
-        else x2_place(j, k, byte, shift);
+        else xk_place(j, k, w.fmt == X3K ? 3 : 2, byte, shift);
         uint64_t bits = 0;
         for (int i = 0; i < (w.fmt == X2K ? 2 : 3); i++) {
             uint16_t word;

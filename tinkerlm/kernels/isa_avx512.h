@@ -89,7 +89,7 @@ inline __m512i fifth_bits(__m512i plane, int p) {
 }
 
 // X6K, X3K, X2K: field F of W bits in the words w[0..2] read as one 48-bit (X2K: w[0..1], 32-bit) number
-// (common.h: x6_place, F = 0..7 of a half's words; x3_place, x2_place, F = 0..15 of a block's), as int16 values
+// (common.h: x6_place, F = 0..7 of a half's words; xk_place, F = 0..15 of a block's), as int16 values
 // 0 .. 2^W - 1: one or two ops (a field that straddles two words: one funnel shift) and an AND.
 template <int W, int F>
 inline __m512i kfield(const __m512i* w) {

@@ -98,7 +98,7 @@ inline void put_block(uint8_t* payload, int fmt, int j, const KBlock& kb) {
         return;
     }
     if (fmt == X3K || fmt == X2K) {  // parity e: the 16 fields of columns 2p+e as one 48- or 32-bit number (see
-        // x3_place, x2_place)
+        // xk_place)
         const int W = fmt == X3K ? 3 : 2;
         for (int e = 0; e < 2; e++) {
             uint64_t bits = 0;

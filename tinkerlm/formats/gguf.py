@@ -362,7 +362,7 @@ class GGUFCheckpoint:
 
 # Block types the C++ kernels may dequantize instead of the gguf package, by their codes in the kernels (`dequantize`
 # for 32-value blocks; `pack` then `dequantize_packed` for the K-quants' super-blocks, packed formats X4K, X5K, X6K,
-# X3K and X2K), with where each block keeps its fp16 scales (d, and dmin or m). gguf's numpy dequantizer costs about 2 s per pass over a
+# X3K and X2K), with their block values and bytes. gguf's numpy dequantizer costs about 2 s per pass over a
 # 135M-parameter Q4_1 file; an export reads a model four times (write, read back, exact tensors, comparison). The
 # kernels compute each value as gguf does: d * q + m (Q4_1, Q4_K, Q5_K, Q2_K; d an fp16, times a sub-block scale of
 # at most 6 bits for the K-quants, and q of at most 5 bits, so d * q is exact in fp32 and a fused multiply-add rounds
@@ -371,6 +371,16 @@ class GGUFCheckpoint:
 # as in gguf. `_kernel_exact` checks gguf's bits once per process all the same, and gguf's dequantizer runs if they
 # differ.
 KERNEL_DEQUANT = {
+    "Q8_0": (0, None, 32, 34),
+    "Q4_0": (1, None, 32, 18),
+    "Q4_1": (2, None, 32, 20),
+    "Q4_K": (4, 7, 256, 144),
+    "Q5_K": (5, 9, 256, 176),
+    "Q6_K": (6, 8, 256, 210),
+    "Q3_K": (7, 10, 256, 110),
+    "Q2_K": (8, 11, 256, 84),
+}
+_SCALES_AT = {
     "Q8_0": (0,),
     "Q4_0": (0,),
     "Q4_1": (0, 2),
@@ -379,17 +389,7 @@ KERNEL_DEQUANT = {
     "Q6_K": (208,),
     "Q3_K": (108,),
     "Q2_K": (80, 82),
-}
-
-
-def _kernel_layout(type_name: str) -> tuple[int, int | None, int, int]:
-    """`type_name`'s code in the kernels, its packed format (None: 32-value blocks, dequantized as they are), values
-    and bytes per block, from the quantized tensors' tables."""
-    from tinkerlm.quant.qtensor import BLOCK_BYTES, K_TYPES, PACKED_FORMATS, TYPE_CODES
-
-    if type_name in K_TYPES:
-        return TYPE_CODES[type_name], PACKED_FORMATS[type_name], 256, K_TYPES[type_name][1]
-    return TYPE_CODES[type_name], None, 32, BLOCK_BYTES[type_name]
+}  # where the fp16 scales d (and dmin or m) are
 
 
 def _kernel_dequantize(data: np.ndarray, type_name: str, shape, check: bool = True) -> torch.Tensor | None:
@@ -404,7 +404,7 @@ def _kernel_dequantize(data: np.ndarray, type_name: str, shape, check: bool = Tr
         return None
     if check and not _kernel_exact(type_name):
         return None
-    code, packed, per, nbytes = _kernel_layout(type_name)
+    code, packed, per, nbytes = KERNEL_DEQUANT[type_name]
     array = np.asarray(data)
     rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
     if array.dtype != np.uint8 or shape[-1] % per or array.size != rows * (shape[-1] // per) * nbytes:
@@ -426,11 +426,11 @@ def _kernel_exact(type_name: str) -> bool:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    _, _, per, nbytes = _kernel_layout(type_name)
+    _, _, per, nbytes = KERNEL_DEQUANT[type_name]
     rng = np.random.default_rng(0)
     rows, K = 37, 4 * max(per, 64)
     raw = rng.integers(0, 256, (rows, K // per, nbytes), dtype=np.uint8)
-    for at in KERNEL_DEQUANT[type_name]:
+    for at in _SCALES_AT[type_name]:
         scale = rng.normal(0, 1, raw.shape[:2]) * 10.0 ** rng.integers(-4, 2, raw.shape[:2])
         raw[:, :, at : at + 2] = scale.astype(np.float16)[..., None].view(np.uint8)
     raw = raw.reshape(rows, -1)

@@ -4,7 +4,8 @@ prefill attention kernel against torch's scaled_dot_product_attention."""
 import pytest
 import torch
 
-from tinkerlm.kernels import FULL_ISA, ops
+from tinkerlm import kernels
+from tinkerlm.kernels import ATTENTION_ISAS, ops
 from tinkerlm.models import base
 
 pytestmark = pytest.mark.skipif(ops() is None, reason="C++ kernels unavailable (no compiler)")
@@ -63,6 +64,31 @@ def test_swiglu_matches_formula(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= kernels._cpu_flags(), reason="no AVX2 on this CPU")
+def test_avx2_vector_math_gives_the_vector_builds_bits():
+    """The AVX2 build's exp (2^k applied as two exact powers of two, AVX2 having no scalef) and SwiGLU give the
+    native build's bits (AVX-512 or AVX2 itself) over the whole range, underflow and overflow included, within
+    2e-6 of float64 (isa_plain.h's std::exp loops ran before); its attention tiles agree with torch's."""
+    avx2 = kernels.build(("-mno-avx512f",))
+    assert avx2.isa == "avx2"
+    g = torch.cat([torch.linspace(-120, 120, 48_000), torch.tensor([88.37, 88.38, 88.8, -87.4, -88.4, -104.0, 0.0])])
+    g = torch.cat([g, torch.zeros(-len(g) % 16)])  # whole 16-value chunks: the AVX-512 loop's scalar tail is 16 wide
+    u, d = torch.randn(2, len(g), generator=torch.Generator().manual_seed(0))
+    fwd, (dg, du) = avx2.swiglu_fwd(g, u), avx2.swiglu_bwd(d, g, u)
+    assert torch.equal(fwd, ops().swiglu_fwd(g, u))
+    for a, b in zip((dg, du), ops().swiglu_bwd(d, g, u)):
+        assert torch.equal(a, b)
+    g64, u64 = g.double().requires_grad_(), u.double().requires_grad_()
+    want = torch.nn.functional.silu(g64) * u64
+    want.backward(d.double())
+    # d gate's factor 1 + g (1 - s) cancels near g = -1.28: its error is relative to |d u|, not to itself
+    for got, ref, scale in ((fwd, want.detach(), 0), (dg, g64.grad, (d * u).abs()), (du, u64.grad, 0)):
+        assert ((got.double() - ref).abs() <= 2e-6 * (ref.abs() + scale) + 1e-33).all()  # exp clamps at +-88.38
+    q, k, v = torch.randn(3, 1, 4, 45, 32, generator=torch.Generator().manual_seed(1))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(avx2.attention_causal(q, k, v, 32**-0.5).transpose(1, 2), want, atol=2e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "B,H,n_kv,T,S,hd", [(1, 9, 3, 77, 77, 64), (2, 4, 2, 37, 50, 32), (1, 2, 1, 5, 5, 128), (1, 6, 6, 16, 40, 48)]
 )
@@ -77,8 +103,8 @@ def test_causal_attention_kernel_matches_sdpa(B, H, n_kv, T, S, hd, monkeypatch)
     got = ops().attention_causal(q, k, v, hd**-0.5).transpose(1, 2)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
     if S == T:  # the model-level entry point takes the kernel for CAUSAL masks where the build has the vector
-        # attention (AVX-512; elsewhere it is torch's, the fallback), and the fallback agrees
+        # attention (AVX-512, AVX2; elsewhere it is torch's, the fallback), and the fallback agrees
         with torch.no_grad():
-            if ops().isa == FULL_ISA:
+            if ops().isa in ATTENTION_ISAS:
                 assert torch.equal(base.attend(q, k, v, base.CAUSAL), got)
             torch.testing.assert_close(eager(monkeypatch, base.attend, q, k, v, base.CAUSAL), got, atol=2e-6, rtol=1e-5)

@@ -1,6 +1,6 @@
-// AVX2 inner loops (with FMA and F16C) for CPUs without AVX-512: the quantized products only, half a group (8
-// rows, one 256-bit register) at a time; everything else is the plain loops (isa_plain.h, included below). Prefill
-// products run on each half group unpacked once to int8 (unpack_half, below).
+// AVX2 inner loops (with FMA and F16C) for CPUs without AVX-512: the quantized products, half a group (8 rows, one
+// 256-bit register) at a time, prefill's on each half group unpacked once to int8 (unpack_half); and the vector
+// math (exp, SwiGLU, softmax loops, attention tiles; below). The rest is isa_plain.h's loops (included below).
 
 #pragma once
 
@@ -483,7 +483,175 @@ inline void packed_dequant_group(const PW& w, int64_t g, float* out) {
     with_fmt(w.fmt, [&](auto f) { packed_dequant_group_fmt<decltype(f)::value>(w, g, out); });
 }
 
+// ----- Vector math: the SwiGLU/GELU epilogues, the softmax loops and attention's register tiles -----------------
+// The same operations as isa_avx512.h's, 8 floats at a time (its 16-wide tiles as two 256-bit halves): exp, SiLU,
+// GELU and SwiGLU give its bits; the sums (dot, softmax) add in another order. Before these, the AVX2 build ran
+// isa_plain.h's scalar loops (std::exp is not vectorized without -ffast-math).
+
+// exp over 8 floats, as isa_avx512.h's exp16: 2^k * e^r with k = round(x / ln 2), e^r from Cephes' degree-6
+// polynomial. AVX2 has no scalef: 2^k (k in -128 .. 128 after the clamp) is applied as two exact powers of two
+// 2^(k >> 1) and 2^(k - (k >> 1)), each a normal float, so only the last product rounds, as scalef does.
+inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i ki = _mm256_cvtps_epi32(k), k1 = _mm256_srai_epi32(ki, 1), k2 = _mm256_sub_epi32(ki, k1);
+    const __m256i e127 = _mm256_set1_epi32(127);
+    const __m256 f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k1, e127), 23));
+    const __m256 f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k2, e127), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, f1), f2);
+}
+
+inline __m256 sigmoid8(__m256 g) {
+    const __m256 one = _mm256_set1_ps(1.f);
+    return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+}
+
+inline __m256 silu_mul8(__m256 g, __m256 u) { return _mm256_mul_ps(_mm256_mul_ps(g, sigmoid8(g)), u); }
+
+// GELU-tanh as g sigmoid(2a), a = sqrt(2 / pi) (g + 0.044715 g^3) (isa_avx512.h's gelu_mul16).
+inline __m256 gelu_mul8(__m256 g, __m256 u) {
+    const __m256 g3 = _mm256_mul_ps(_mm256_mul_ps(g, g), g);
+    const __m256 a2 = _mm256_mul_ps(_mm256_fmadd_ps(g3, _mm256_set1_ps(0.044715f), g), _mm256_set1_ps(1.5957691216057308f));
+    return _mm256_mul_ps(_mm256_mul_ps(g, sigmoid8(a2)), u);
+}
+
+// o[0 .. valid) = silu(g) * u (gelu_mul_group: GELU) for one group's 16 outputs; g and u hold 16 floats.
+template <bool GELU>
+inline void act_mul_group(const float* g, const float* u, float* o, int64_t valid) {
+    auto f = [](__m256 a, __m256 b) { return GELU ? gelu_mul8(a, b) : silu_mul8(a, b); };
+    const __m256 h0 = f(_mm256_loadu_ps(g), _mm256_loadu_ps(u)), h1 = f(_mm256_loadu_ps(g + 8), _mm256_loadu_ps(u + 8));
+    if (valid == GR) {
+        _mm256_storeu_ps(o, h0);
+        _mm256_storeu_ps(o + 8, h1);
+        return;
+    }
+    float tmp[16];
+    _mm256_storeu_ps(tmp, h0);
+    _mm256_storeu_ps(tmp + 8, h1);
+    std::copy(tmp, tmp + valid, o);
+}
+
+inline void silu_mul_group(const float* g, const float* u, float* o, int64_t valid) { act_mul_group<false>(g, u, o, valid); }
+inline void gelu_mul_group(const float* g, const float* u, float* o, int64_t valid) { act_mul_group<true>(g, u, o, valid); }
+
+inline float hsum8(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+inline float hmax8(__m256 v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+
+// The vector parts of loops whose scalar tails live with their callers: whole 8-float chunks from i.
+inline float dot_vec(const float* a, const float* b, int64_t n, int64_t& i) {
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    return hsum8(acc);
+}
+
+inline void axpy_vec(float a, const float* x, float* y, int64_t n, int64_t& i) {
+    const __m256 av = _mm256_set1_ps(a);
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+}
+
+inline float max_vec(const float* s, int64_t n, int64_t& j) {  // softmax: the row's maximum
+    __m256 m8 = _mm256_set1_ps(-INFINITY);
+    for (; j + 8 <= n; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s + j));
+    return hmax8(m8);
+}
+
+inline float exp_sum_vec(float* s, int64_t n, float mx, int64_t& j) {  // softmax: s = exp(s - mx), returns the sum
+    __m256 d8 = _mm256_setzero_ps();
+    const __m256 mxv = _mm256_set1_ps(mx);
+    for (; j + 8 <= n; j += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mxv));
+        _mm256_storeu_ps(s + j, e);
+        d8 = _mm256_add_ps(d8, e);
+    }
+    return hsum8(d8);
+}
+
+inline void swiglu_fwd_vec(const float* gp, const float* up_, float* op, int64_t i1, int64_t& i) {
+    for (; i + 8 <= i1; i += 8) _mm256_storeu_ps(op + i, silu_mul8(_mm256_loadu_ps(gp + i), _mm256_loadu_ps(up_ + i)));
+}
+
+inline void swiglu_bwd_vec(const float* dp, const float* gp, const float* up_, float* dgp, float* dup, int64_t i1,
+                           int64_t& i) {
+    const __m256 one = _mm256_set1_ps(1.f);
+    for (; i + 8 <= i1; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gp + i), d = _mm256_loadu_ps(dp + i), s = sigmoid8(g);
+        _mm256_storeu_ps(dup + i, _mm256_mul_ps(d, _mm256_mul_ps(g, s)));
+        const __m256 t = _mm256_fmadd_ps(g, _mm256_sub_ps(one, s), one);  // d * up * s * (1 + g * (1 - s))
+        _mm256_storeu_ps(dgp + i, _mm256_mul_ps(_mm256_mul_ps(d, _mm256_loadu_ps(up_ + i)), _mm256_mul_ps(s, t)));
+    }
+}
+
+// Attention's register tiles (attention.cpp; isa_avx512.h explains the layouts), a 16-key or 16-column unit as two
+// 256-bit halves. scores_tile: s[r][0..15] = scale * q_r . k_j for 16 keys j, from a (hd, 16) tile of transposed keys.
+template <int NR>
+inline void scores_tile(const float* q, int64_t qs, const float* kt, int64_t ks, int64_t hd, float scale, float* s) {
+    __m256 acc[NR][2];
+    for (int r = 0; r < NR; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < hd; d++) {
+        const __m256 k0 = _mm256_loadu_ps(kt + d * 16), k1 = _mm256_loadu_ps(kt + d * 16 + 8);
+        for (int r = 0; r < NR; r++) {
+            const __m256 qv = _mm256_set1_ps(q[r * qs + d]);
+            acc[r][0] = _mm256_fmadd_ps(qv, k0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(qv, k1, acc[r][1]);
+        }
+    }
+    const __m256 sv = _mm256_set1_ps(scale);
+    for (int r = 0; r < NR; r++) {
+        _mm256_storeu_ps(s + r * ks, _mm256_mul_ps(acc[r][0], sv));
+        _mm256_storeu_ps(s + r * ks + 8, _mm256_mul_ps(acc[r][1], sv));
+    }
+}
+
+// 32 keys: two 16-key tiles one after the other (four accumulators a row would not fit 16 registers at 4 rows).
+template <int NR>
+inline void scores_tile2(const float* q, int64_t qs, const float* kt, int64_t ks, int64_t hd, float scale, float* s) {
+    scores_tile<NR>(q, qs, kt, ks, hd, scale, s);
+    scores_tile<NR>(q, qs, kt + hd * 16, ks, hd, scale, s + 16);
+}
+
+// pv_tile: o[r][0 .. 16*ND) = sum_j p[r][j] * v_j[0 .. 16*ND) over keys j < n, one 16-column unit at a time (the
+// probabilities re-read from L1 per unit; all of them at once would spill).
+template <int NR, int ND>
+inline void pv_tile(const float* p, int64_t ps, const float* v, int64_t vs, int64_t n, float* o, int64_t os) {
+    for (int c = 0; c < ND; c++) {
+        __m256 acc[NR][2];
+        for (int r = 0; r < NR; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < n; j++) {
+            const __m256 v0 = _mm256_loadu_ps(v + j * vs + 16 * c), v1 = _mm256_loadu_ps(v + j * vs + 16 * c + 8);
+            for (int r = 0; r < NR; r++) {
+                const __m256 pv = _mm256_set1_ps(p[r * ps + j]);
+                acc[r][0] = _mm256_fmadd_ps(pv, v0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(pv, v1, acc[r][1]);
+            }
+        }
+        for (int r = 0; r < NR; r++) {
+            _mm256_storeu_ps(o + r * os + 16 * c, acc[r][0]);
+            _mm256_storeu_ps(o + r * os + 16 * c + 8, acc[r][1]);
+        }
+    }
+}
+
 }  // namespace
 
+#define TINKER_ISA_VECTOR_MATH  // isa_plain.h: the vector math above replaces its loops
 #define TINKER_ISA_PRODUCTS  // isa_plain.h: the products above replace its group_rows
 #include "isa_plain.h"

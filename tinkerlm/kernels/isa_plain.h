@@ -1,4 +1,4 @@
-// Plain C++ inner loops, for CPUs with neither AVX-512 nor AVX2 (and, but for the products, the AVX2 build):
+// Plain C++ inner loops, for CPUs with neither AVX-512 nor AVX2 (and the AVX2 build's dequantization and rounding):
 // what the compiler vectorizes by itself. Every instruction-set header defines these functions:
 //   dequant_block<TYPE>    one GGUF block as 32 floats                       (quantized.cpp: dequantize)
 //   packed_dequant_group   16 packed rows as floats                          (quantized.cpp: dequantize_packed)
@@ -79,6 +79,7 @@ void group_rows(const PW& w, int64_t g, const XQ& x, int64_t t0, float* y, int64
 }
 #endif
 
+#ifndef TINKER_ISA_VECTOR_MATH
 inline void silu_mul_group(const float* g, const float* u, float* o, int64_t valid) {
     for (int64_t j = 0; j < valid; j++) o[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
 }
@@ -122,5 +123,7 @@ inline void pv_tile(const float* p, int64_t ps, const float* v, int64_t vs, int6
             o[r * os + d] = a;
         }
 }
+
+#endif  // TINKER_ISA_VECTOR_MATH
 
 }  // namespace

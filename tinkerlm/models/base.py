@@ -559,9 +559,9 @@ def attend(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
     causal = isinstance(mask, str)
     if causal and q.shape[-1] % 16 == 0 and not (torch.is_grad_enabled() and q.requires_grad):
         ops = _kernels(q, k, v)
-        from tinkerlm.kernels import FULL_ISA
+        from tinkerlm.kernels import ATTENTION_ISAS
 
-        if ops is not None and ops.isa == FULL_ISA:  # fp32 inference: ~1.5x torch's flash attention here
+        if ops is not None and ops.isa in ATTENTION_ISAS:  # fp32 inference: 1.15-1.5x torch's flash attention
             return ops.attention_causal(q, k, v, scale or q.shape[-1] ** -0.5).transpose(1, 2)  # (B, H, T, hd)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=None if causal else mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]

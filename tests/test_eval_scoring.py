@@ -162,8 +162,9 @@ def test_smollm2_equals_full_forward(smollm2_fp32):
     ours = loglikelihoods(model, reqs, batch_size=8)
     close(ours, [reference(model, c, k) for c, k in reqs], 1e-4)
     assert ours[0][0] > max(lp for lp, _ in ours[1:4])  # Paris wins
-    # Same batch size: only the sharing differs (measured 6e-6 on 23-nat scores).
-    close(ours, loglikelihoods(model, reqs, batch_size=8, share_prefix=False), 1e-5)
+    # Same batch size: only the sharing differs, and with it the attention kernel (shared rows: torch's, for packed
+    # documents; plain rows: the C++ causal one where the build has it): measured 6e-6 to 1.05e-5 on 23-nat scores.
+    close(ours, loglikelihoods(model, reqs, batch_size=8, share_prefix=False), 2e-5)
     # Other batch shapes change the fp32 rounding of the matmuls (measured 1.5e-5 at batch 1).
     close(ours, loglikelihoods(model, reqs, batch_size=1), 5e-5)
 

@@ -260,8 +260,9 @@ at::Tensor llama_decode(at::Tensor tokens, at::Tensor positions, at::Tensor rows
                         mx = std::max(mx, sc[j]);
                     }
                 }
-                float den = 0.f;
-                for (int64_t j = 0; j < n; j++) { sc[j] = std::exp(sc[j] - mx); den += sc[j]; }
+                int64_t j = 0;  // exp over whole vectors (isa_*.h), the scalar tail here
+                float den = exp_sum_vec(sc.data(), n, mx, j);
+                for (; j < n; j++) { sc[j] = std::exp(sc[j] - mx); den += sc[j]; }
                 float* out = att.data() + b * q_dim + hh * hd;
                 std::fill(out, out + hd, 0.f);
                 if (q8) {  // and to the whole value's softmax weight

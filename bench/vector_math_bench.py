@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     )
     print("|---|---:|---:|---:|---:|---:|")
     for name, fn, ref in cases:
-        fast, slow = (ms(lambda b=b: fn(b), a.reps) for b in builds.values())
+        fast, slow = (ms(lambda b=b, fn=fn: fn(b), a.reps) for b in builds.values())
         torch_ms = ms(ref, a.reps) if ref is not None else None
         vs = f"{torch_ms / fast:.2f}x" if torch_ms else ""
         tcol = f"{torch_ms:.2f}" if torch_ms else ""

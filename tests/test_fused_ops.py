@@ -89,6 +89,20 @@ def test_avx2_vector_math_gives_the_vector_builds_bits():
     torch.testing.assert_close(avx2.attention_causal(q, k, v, 32**-0.5).transpose(1, 2), want, atol=2e-6, rtol=1e-5)
 
 
+def test_attention_kernel_taken_up_to_the_builds_key_limit(monkeypatch):
+    """base.attend takes the C++ causal kernel up to the build's key limit (kernels.ATTENTION_ISAS; AVX2: 1,024,
+    where torch's flash attention overtakes it), torch's beyond it."""
+    monkeypatch.setitem(kernels.ATTENTION_ISAS, ops().isa, 16)
+    g = torch.Generator().manual_seed(0)
+    for T, taken in ((16, True), (17, False)):
+        q, k, v = torch.randn(3, 1, 2, T, 32, generator=g)
+        kernel = ops().attention_causal(q, k, v, 32**-0.5).transpose(1, 2)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert not torch.equal(kernel, sdpa)  # the two differ in the last bits, so the test can tell them apart
+        with torch.no_grad():
+            assert torch.equal(base.attend(q, k, v, base.CAUSAL), kernel if taken else sdpa), T
+
+
 @pytest.mark.parametrize(
     "B,H,n_kv,T,S,hd", [(1, 9, 3, 77, 77, 64), (2, 4, 2, 37, 50, 32), (1, 2, 1, 5, 5, 128), (1, 6, 6, 16, 40, 48)]
 )

@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 MODULE = HERE / "module.cpp"  # includes every other source
 FULL_ISA = "avx512-vnni"  # `ops().isa` of the build with every vector path (prefill products, attention)
-# Builds whose causal attention kernel (attention.cpp) beats torch's flash attention for CPU: AVX-512 ~1.5x, AVX2
-# 1.15-1.3x (Zen 3, 2 threads, heads of 32 and 64). The scalar build's tiles are ~10x slower than torch's.
-ATTENTION_ISAS = (FULL_ISA, "avx2")
+# Builds whose causal attention kernel (attention.cpp) beats torch's flash attention for CPU, and up to how many keys
+# (None: any): AVX-512 ~1.5x; AVX2 (Zen 3, 2 threads, grouped heads of 64) 1.35-2.1x up to 512 keys, 1.1x at 1,024,
+# 0.87-0.94x at 2,048 (its score rows outgrow the cache). The scalar build's tiles are 10-18x slower than torch's.
+ATTENTION_ISAS = {FULL_ISA: None, "avx2": 1024}
 # Every build's flags (part of the cache key). Functions start on 64-byte lines: a hot loop's place within its
 # lines then no longer moves with edits elsewhere in the file (one such 16-byte shift cost AVX2 prefill products
 # 7% on Zen 3: 49.5 -> 46 GMAC/s; bench/matvec_bench.py --rows 256).

@@ -621,13 +621,6 @@ inline void scores_tile(const float* q, int64_t qs, const float* kt, int64_t ks,
     }
 }
 
-// 32 keys: two 16-key tiles one after the other (four accumulators a row would not fit 16 registers at 4 rows).
-template <int NR>
-inline void scores_tile2(const float* q, int64_t qs, const float* kt, int64_t ks, int64_t hd, float scale, float* s) {
-    scores_tile<NR>(q, qs, kt, ks, hd, scale, s);
-    scores_tile<NR>(q, qs, kt + hd * 16, ks, hd, scale, s + 16);
-}
-
 // pv_tile: o[r][0 .. 16*ND) = sum_j p[r][j] * v_j[0 .. 16*ND) over keys j < n, one 16-column unit at a time (the
 // probabilities re-read from L1 per unit; all of them at once would spill).
 template <int NR, int ND>

@@ -108,12 +108,6 @@ inline void scores_tile(const float* q, int64_t qs, const float* kt, int64_t ks,
         }
 }
 
-template <int NR>
-inline void scores_tile2(const float* q, int64_t qs, const float* kt, int64_t ks, int64_t hd, float scale, float* s) {
-    scores_tile<NR>(q, qs, kt, ks, hd, scale, s);
-    scores_tile<NR>(q, qs, kt + hd * 16, ks, hd, scale, s + 16);
-}
-
 template <int NR, int ND>
 inline void pv_tile(const float* p, int64_t ps, const float* v, int64_t vs, int64_t n, float* o, int64_t os) {
     for (int r = 0; r < NR; r++)
@@ -125,5 +119,13 @@ inline void pv_tile(const float* p, int64_t ps, const float* v, int64_t vs, int6
 }
 
 #endif  // TINKER_ISA_VECTOR_MATH
+
+// 32 keys as two 16-key tiles, one after the other (here and on AVX2, where four accumulators a row would not fit
+// 16 registers at 4 rows; isa_avx512.h has its own, each query value broadcast once for both tiles).
+template <int NR>
+inline void scores_tile2(const float* q, int64_t qs, const float* kt, int64_t ks, int64_t hd, float scale, float* s) {
+    scores_tile<NR>(q, qs, kt, ks, hd, scale, s);
+    scores_tile<NR>(q, qs, kt + hd * 16, ks, hd, scale, s + 16);
+}
 
 }  // namespace
